@@ -1,0 +1,1 @@
+"""One module per `visto` sub-command; see visto/cli.py for the contract."""

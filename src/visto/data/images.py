@@ -1,0 +1,76 @@
+"""Bounded, safe decoding of untrusted image files: one function every reader uses.
+
+Limits are checked before pixels are decoded (Pillow reads the header first), so a
+decompression bomb costs a header read, not gigabytes of memory.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from visto.errors import UserError
+
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # 20 MiB of encoded bytes
+MAX_IMAGE_PIXELS = 40_000_000  # 40 Mpx, e.g. 8000 x 5000
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+class BadImage(UserError):
+    """An image that is corrupt, unsupported, or over the limits."""
+
+
+def open_image(
+    source: bytes | str | os.PathLike,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> Image.Image:
+    """Decode `source` (bytes or a path) to an RGB image with EXIF orientation applied."""
+    name = "image bytes"
+    if not isinstance(source, (bytes, bytearray)):
+        path = Path(source)
+        name = str(path)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise BadImage(f"image file not found: {path}") from None
+        if size > max_bytes:
+            raise BadImage(f"{name} is {size:,} bytes; the limit is {max_bytes:,}")
+        source = path.read_bytes()
+    if len(source) > max_bytes:
+        raise BadImage(f"{name} is {len(source):,} bytes; the limit is {max_bytes:,}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(source))
+            if image.format not in ALLOWED_FORMATS:
+                raise BadImage(
+                    f"{name}: format {image.format} is not supported; use one of {ALLOWED_FORMATS}"
+                )
+            w, h = image.size
+            if w * h > max_pixels:
+                raise BadImage(
+                    f"{name} is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}"
+                )
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except BadImage:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage(f"{name} is not a readable image (corrupt, or not an image format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"{name} could not be decoded: {e}") from None
+    if image.mode != "RGB":
+        if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
+            # Composite onto white so transparent areas do not turn black.
+            rgba = image.convert("RGBA")
+            background = Image.new("RGB", rgba.size, (255, 255, 255))
+            background.paste(rgba, mask=rgba.getchannel("A"))
+            image = background
+        else:
+            image = image.convert("RGB")
+    return image
