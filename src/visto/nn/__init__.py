@@ -1,0 +1,1 @@
+"""Parts that know nothing of model families: attention, blocks, vision and text towers."""

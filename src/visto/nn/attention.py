@@ -1,0 +1,259 @@
+"""Attention: self and cross, grouped-query heads, rotary positions, an explicit KV cache.
+
+One `Attention` module serves every tower:
+
+    attn = Attention(dim=256, n_heads=8, n_kv_heads=2)           # GQA, Llama naming
+    y = attn(x, causal=True, rope=rope(position_ids))             # self-attention
+    y = attn(x, context=image_feats)                              # cross-attention
+    y = attn(x, causal=True, rope=..., cache=kv.layers[i])        # decode with a cache
+
+Masks are boolean, True = may attend, broadcastable to (B, n_heads, T_q, T_k). Padding is
+expressed by the caller (see `padding_mask_to_attention_mask`), so batched generation with
+left padding needs no special case here: the decoder passes a mask and position ids.
+
+The KV cache is a small dataclass the caller owns and passes in (nanoVLM style): each layer's
+`LayerCache` grows by concatenation as tokens are appended. Simple and exact; a fixed-size
+preallocated buffer would avoid the copies, but at our sequence lengths they are cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embeddings (RoFormer, Su et al. 2021), in the Llama "rotate half" layout so
+# that weights exported to transformers' Llama produce the same numbers.
+
+
+class RotaryEmbedding(nn.Module):
+    """Maps position ids (B, T) to the (cos, sin) pair that `apply_rotary` consumes."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        assert head_dim % 2 == 0, f"rotary needs an even head_dim, got {head_dim}"
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (head_dim/2,)
+
+    def forward(
+        self, position_ids: Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, Tensor]:
+        assert position_ids.ndim == 2, (
+            f"position_ids must be (B, T), got {tuple(position_ids.shape)}"
+        )
+        freqs = position_ids.float()[..., None] * self.inv_freq  # (B, T, head_dim/2)
+        angles = torch.cat([freqs, freqs], dim=-1)  # (B, T, head_dim)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, H, T, hd) by the angles for its positions; cos/sin are (B, T, hd)."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): the same rotation for every head
+    return x * cos + _rotate_half(x) * sin
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache
+
+
+@dataclass
+class LayerCache:
+    """Keys and values one attention layer has seen so far, each (B, n_kv_heads, T_past, hd)."""
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add the new positions and return all keys/values (past + new)."""
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            assert self.v is not None
+            self.k = torch.cat([self.k, k], dim=2)
+            self.v = torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+
+@dataclass
+class KVCache:
+    """The cache of a whole decoder: one `LayerCache` per layer, passed in and updated."""
+
+    layers: list[LayerCache] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, n_layers: int) -> KVCache:
+        return cls([LayerCache() for _ in range(n_layers)])
+
+    @property
+    def length(self) -> int:
+        """Number of positions cached (including left padding)."""
+        return self.layers[0].length if self.layers else 0
+
+    def select(self, rows: Tensor) -> KVCache:
+        """Keep only batch rows `rows` (e.g. drop finished sequences, reorder beams)."""
+        return KVCache(
+            [
+                LayerCache(None if c.k is None else c.k[rows], None if c.v is None else c.v[rows])
+                for c in self.layers
+            ]
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Masks for padded batches
+
+
+def padding_mask_to_attention_mask(
+    padding_mask: Tensor, q_len: int | None = None, causal: bool = True
+) -> Tensor:
+    """(B, T_k) with 1 = real token, 0 = padding  ->  (B, 1, T_q, T_k) boolean attention mask.
+
+    The queries are the last `q_len` positions of the keys (prefill: q_len = T_k; one decode
+    step: q_len = 1), so causality is aligned bottom-right. Works for left and right padding.
+    """
+    assert padding_mask.ndim == 2, f"padding mask must be (B, T), got {tuple(padding_mask.shape)}"
+    B, T_k = padding_mask.shape
+    q_len = T_k if q_len is None else q_len
+    mask = padding_mask.bool()[:, None, None, :].expand(B, 1, q_len, T_k)  # (B, 1, T_q, T_k)
+    if causal:
+        mask = mask & causal_mask(q_len, T_k, padding_mask.device)
+    return mask
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> Tensor:
+    """(T_q, T_k) boolean: query i (the (k_len - q_len + i)-th position) sees keys up to itself."""
+    offset = k_len - q_len
+    q = torch.arange(q_len, device=device)[:, None] + offset
+    k = torch.arange(k_len, device=device)[None, :]
+    return k <= q
+
+
+def position_ids_from_padding(padding_mask: Tensor, past_length: int = 0) -> Tensor:
+    """Positions that skip left padding: the first real token of every row is position 0.
+
+    `padding_mask` covers past + new tokens (B, past_length + T); returns (B, T) for the new ones.
+    """
+    positions = padding_mask.long().cumsum(-1) - 1
+    positions = positions.clamp(min=0)
+    return positions[:, past_length:]
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads (Ainslie et al. 2023).
+
+    n_kv_heads < n_heads shares each key/value head among n_heads // n_kv_heads query heads
+    (n_kv_heads = 1 is multi-query attention). `kv_dim` sets the width of the sequence keys and
+    values come from in cross-attention (defaults to `dim`). `out_name` names the output
+    projection: "o_proj" (Llama) or "out_proj" (CLIP/SigLIP), so state dicts export by a key map.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        kv_dim: int | None = None,
+        bias: bool = False,
+        out_bias: bool | None = None,
+        out_name: str = "o_proj",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        if head_dim is None:
+            assert dim % n_heads == 0, f"dim {dim} is not divisible by n_heads {n_heads}"
+            head_dim = dim // n_heads
+        assert n_heads % n_kv_heads == 0, (
+            f"n_heads {n_heads} not a multiple of n_kv_heads {n_kv_heads}"
+        )
+        assert out_name in ("o_proj", "out_proj"), out_name
+        kv_dim = kv_dim or dim
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.dropout = dropout
+        self.out_name = out_name
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(kv_dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(kv_dim, n_kv_heads * head_dim, bias=bias)
+        out_bias = bias if out_bias is None else out_bias
+        setattr(self, out_name, nn.Linear(n_heads * head_dim, dim, bias=out_bias))
+
+    @property
+    def out(self) -> nn.Linear:
+        return getattr(self, self.out_name)
+
+    def _heads(self, x: Tensor, proj: nn.Linear, n: int) -> Tensor:
+        B, T, _ = x.shape
+        return proj(x).view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, hd)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        rope: tuple[Tensor, Tensor] | None = None,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
+        """x (B, T, dim) -> (B, T, dim).
+
+        context: (B, S, kv_dim) for cross-attention; keys/values come from it (no rotary,
+            no causality between the two sequences).
+        mask: boolean, True = attend, broadcastable to (B, n_heads, T_q, T_k).
+        causal: each query sees keys up to its own position (aligned to the end when a cache
+            holds earlier positions).
+        rope: (cos, sin) from `RotaryEmbedding` for the positions of x.
+        cache: this layer's `LayerCache`; the new keys/values are appended to it in place.
+        """
+        assert x.ndim == 3, f"attention input must be (B, T, C), got {tuple(x.shape)}"
+        B, T, _ = x.shape
+        q = self._heads(x, self.q_proj, self.n_heads)  # (B, H, T, hd)
+        source = x if context is None else context
+        k = self._heads(source, self.k_proj, self.n_kv_heads)  # (B, H_kv, S, hd)
+        v = self._heads(source, self.v_proj, self.n_kv_heads)
+        if rope is not None and context is None:
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, H_kv, T_past + T, hd)
+
+        is_causal = False
+        if causal and context is None:
+            if mask is None and k.shape[2] == T:
+                is_causal = True  # let SDPA pick its fast causal path
+            else:
+                cm = causal_mask(T, k.shape[2], x.device)
+                mask = cm if mask is None else (mask & cm)
+        if mask is not None:
+            mask = mask.bool()
+            # A query that may attend to nothing (a padding position) would give NaN; let it
+            # attend everywhere instead: its output is ignored by the loss and by generation.
+            mask = mask | ~mask.any(dim=-1, keepdim=True)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)
+        return self.out(y)
