@@ -17,7 +17,7 @@ pip_() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@"; 
 if [ "$TORCH" != "skip" ]; then
   echo "[setup] installing $TORCH"
   # shellcheck disable=SC2086  # TORCH may carry pip options on purpose
-  pip_ $TORCH
+  pip_ $TORCH numpy
 fi
 # Keep whatever torch is now installed: a constraint stops pip from replacing it.
 "$VENV/bin/python" -c "import torch; print(f'torch=={torch.__version__}')" > "$VENV/torch-constraint.txt"
