@@ -1,0 +1,505 @@
+"""The processor: one `Sample` in, the tensors a model trains on out.
+
+    Sample(images, turns)
+      -> chat template (visto.data.chat)          <s><|user|><image>\\nHow many?<|end|><|assistant|>2<|end|>
+      -> placeholder expansion                     <image> -> <im_start> <image>*n <im_end>
+      -> tokenizer (visto.data.tokenizer)          input_ids, and labels = ids on answer tokens only
+      -> truncation that never cuts an image       pixel_values for the images still in the text
+      -> Collator                                  padded batch + attention mask + image index
+
+Invariants every model may rely on (property-tested in tests/test_processor_props.py):
+
+- `(input_ids == tokenizer.image_id).sum() == sum(image_token_counts)`: one `<image>` id per
+  visual feature vector, in order; the model overwrites those embeddings with its features.
+- `pixel_values` holds exactly the images whose spans are in `input_ids` (see below for the
+  "patch" mode layout).
+- Labels are *not shifted* (the model shifts, as in transformers): `labels[t] == input_ids[t]`
+  on the content tokens of assistant turns and on the `<|end|>` closing each of them, -100
+  everywhere else (bos, role markers, system and user turns, image spans, padding).
+
+Truncation to `max_length` keeps a prefix. If the cut would fall inside an image span
+(`<im_start> ... <im_end>`), it moves back to just before that span, so the sequence may come
+out shorter than `max_length`; images whose spans are gone are dropped from `pixel_values`.
+Labels are cut at the same place: an answer cut in the middle keeps its loss on the tokens
+that remain (it has no `<|end|>`), and an answer cut away entirely contributes nothing, so a
+heavily truncated sample can have no label at all (`Encoded.num_loss_tokens == 0`).
+In inference mode (`train=False`) a prompt is never truncated: a `UserError` says it is too long.
+
+Image modes (`ProcessorConfig.resize_mode`):
+- "pad" (LLaVA's expand2square): resize keeping the aspect ratio so the longer side is
+  `image_size`, centre on a square filled with the mean colour (about 0 after normalizing).
+- "resize": plain resize to `image_size` x `image_size` (CLIP-style; distorts the aspect).
+- "patch" (Fuyu, Bavishi et al. 2023): keep the aspect ratio, shrink only if the longer side
+  exceeds `image_size`, pad right/bottom to a multiple of `patch_size`. An image becomes a grid
+  of rows x cols patches; its span is `<im_start> (<image>*cols <im_newline>)*rows <im_end>`, and
+  `pixel_values` holds the flattened patches, (sum of rows*cols, 3*p*p), row-major, each patch
+  flattened as (channel, y, x) like a Conv2d(kernel=stride=p) weight viewed as (D, 3*p*p).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from visto.config import from_dict, to_dict
+from visto.data.chat import JINJA_CHAT_TEMPLATE, render_chat
+from visto.data.images import open_image
+from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from visto.data.tokenizer import (
+    DEFAULT_LOC_BINS,
+    Tokenizer,
+    corpus_texts,
+    format_box,
+    parse_boxes,
+    train_tokenizer,
+)
+from visto.errors import UserError
+from visto.utils.io import atomic_write_json
+
+__all__ = [
+    "IGNORE_INDEX",
+    "JINJA_CHAT_TEMPLATE",
+    "Batch",
+    "Collator",
+    "Encoded",
+    "Processor",
+    "ProcessorConfig",
+    "Tokenizer",
+    "corpus_texts",
+    "format_box",
+    "image_transform",
+    "load_rgb",
+    "parse_boxes",
+    "patch_image_transform",
+    "patchify",
+    "render_chat",
+    "train_tokenizer",
+]
+
+IGNORE_INDEX = -100  # the label value torch's cross_entropy skips
+RESIZE_MODES = ("pad", "resize", "patch")
+ImageSource = Image.Image | bytes | str | os.PathLike
+
+
+@dataclass
+class ProcessorConfig:
+    image_size: int = 64  # square side for "pad"/"resize"; longest side cap for "patch"
+    resize_mode: str = "pad"  # one of RESIZE_MODES (module docstring)
+    patch_size: int = 8  # "patch" mode pads each side to a multiple of this
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_tokens: int = 16  # visual feature vectors per image ("pad"/"resize" modes)
+    image_delimiters: bool = True  # wrap each image in <im_start> ... <im_end>
+    max_length: int | None = None  # default truncation length for encode()
+    loc_bins: int = DEFAULT_LOC_BINS  # number of <loc_k> box tokens
+    vocab_size: int = 1024  # target size when training the tokenizer
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.resize_mode not in RESIZE_MODES:
+            problems.append(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.image_size < 1 or self.patch_size < 1 or self.image_tokens < 1:
+            problems.append("image_size, patch_size and image_tokens must be positive")
+        if self.resize_mode == "patch" and self.image_size < self.patch_size:
+            problems.append(
+                f"image_size {self.image_size} is smaller than patch_size {self.patch_size}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            problems.append("mean and std need 3 values each (R, G, B), std > 0")
+        if self.max_length is not None and self.max_length < 1:
+            problems.append(f"max_length must be positive or null, got {self.max_length}")
+        if not 1 <= self.loc_bins <= 1000:
+            problems.append(f"loc_bins must be in 1..1000, got {self.loc_bins}")
+        if problems:
+            raise UserError("processor config: " + "; ".join(problems))
+        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
+        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def load_rgb(source: ImageSource) -> Image.Image:
+    """An RGB image from a PIL image, encoded bytes or a path, EXIF orientation applied.
+
+    Bytes and paths go through `open_image` (bounded decoding of untrusted input).
+    """
+    if not isinstance(source, Image.Image):
+        return open_image(source)
+    # Idempotent: open_image already transposed (and dropped the tag); a raw Image.open has not.
+    image = ImageOps.exif_transpose(source)
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")  # composite on white, as open_image does
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def _fill_colour(mean: Sequence[float]) -> tuple[int, int, int]:
+    # Pad with the mean colour so padding normalizes to ~0 (LLaVA's expand2square does the same).
+    r, g, b = (round(255 * m) for m in mean)
+    return (r, g, b)
+
+
+def _normalize(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3) uint8
+    x = x.permute(2, 0, 1).float().div_(255.0)  # (3, H, W) in [0, 1]
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / s
+
+
+def letterbox_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(new_w, new_h, left, top): the aspect-preserving fit of an image centred in size x size."""
+    scale = size / max(width, height)
+    new_w = min(size, max(1, round(width * scale)))
+    new_h = min(size, max(1, round(height * scale)))
+    return new_w, new_h, (size - new_w) // 2, (size - new_h) // 2
+
+
+def image_transform(source: ImageSource, config: ProcessorConfig) -> torch.Tensor:
+    """One image -> float32 (3, image_size, image_size), "pad" or "resize" mode."""
+    assert config.resize_mode in ("pad", "resize"), "use patch_image_transform for patch mode"
+    image = load_rgb(source)
+    size = config.image_size
+    if config.resize_mode == "resize":
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    else:
+        new_w, new_h, left, top = letterbox_geometry(image.width, image.height, size)
+        canvas = Image.new("RGB", (size, size), _fill_colour(config.mean))
+        canvas.paste(image.resize((new_w, new_h), Image.Resampling.BICUBIC), (left, top))
+        image = canvas
+    return _normalize(image, config.mean, config.std)
+
+
+def patch_geometry(width: int, height: int, max_size: int, patch: int) -> tuple[int, int, int, int]:
+    """(new_w, new_h, rows, cols) for "patch" mode: shrink to fit max_size, never enlarge."""
+    scale = min(1.0, max_size / max(width, height))
+    new_w = max(1, round(width * scale))
+    new_h = max(1, round(height * scale))
+    return new_w, new_h, math.ceil(new_h / patch), math.ceil(new_w / patch)
+
+
+def patch_image_transform(
+    source: ImageSource, config: ProcessorConfig
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One image -> float32 (3, rows*p, cols*p) padded right/bottom, and its grid (rows, cols)."""
+    image = load_rgb(source)
+    p = config.patch_size
+    new_w, new_h, rows, cols = patch_geometry(image.width, image.height, config.image_size, p)
+    canvas = Image.new("RGB", (cols * p, rows * p), _fill_colour(config.mean))
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    canvas.paste(image, (0, 0))
+    return _normalize(canvas, config.mean, config.std), (rows, cols)
+
+
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(3, rows*p, cols*p) -> (rows*cols, 3*p*p), patches row-major, each as (channel, y, x)."""
+    c, h, w = x.shape
+    assert h % patch == 0 and w % patch == 0, f"image {h}x{w} is not a multiple of patch {patch}"
+    rows, cols = h // patch, w // patch
+    x = x.view(c, rows, patch, cols, patch).permute(1, 3, 0, 2, 4)  # (rows, cols, 3, p, p)
+    return x.reshape(rows * cols, c * patch * patch)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class Encoded:
+    """One encoded sample (see the module docstring for the invariants)."""
+
+    input_ids: torch.Tensor  # (T,) int64
+    labels: torch.Tensor  # (T,) int64, IGNORE_INDEX off the answers
+    pixel_values: torch.Tensor  # (N_img, 3, H, W); "patch" mode: (sum rows*cols, 3*p*p)
+    image_token_counts: list[int]  # <image> ids (= feature vectors) per kept image
+    image_grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, cols), patch mode
+    truncated: bool = False  # True if max_length cut anything (tokens or images)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T) 1 on real tokens, 0 on padding
+    position_ids: torch.Tensor  # (B, T) 0.. over real tokens (matters with left padding)
+    labels: torch.Tensor  # (B, T) IGNORE_INDEX on padding
+    pixel_values: torch.Tensor  # all images of the batch, concatenated along dim 0
+    image_sample_index: torch.Tensor  # (N_img,) which row of the batch each image belongs to
+    image_token_counts: torch.Tensor  # (N_img,) feature vectors per image
+    image_grids: torch.Tensor | None = None  # (N_img, 2) rows, cols in "patch" mode
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
+        """Move to `device`; `dtype` (e.g. bf16 on GPU) applies to pixel_values only."""
+        moved = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device) if isinstance(value, torch.Tensor) else value
+        if dtype is not None:
+            moved["pixel_values"] = moved["pixel_values"].to(dtype)
+        return Batch(**moved)
+
+
+@dataclass
+class Collator:
+    """Pads encoded samples into a batch: right padding for training, left for generation."""
+
+    pad_id: int
+    padding_side: str = "right"
+
+    def __post_init__(self) -> None:
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+
+    def __call__(self, items: Sequence[Encoded]) -> Batch:
+        assert items, "cannot collate an empty batch"
+        width = max(len(e.input_ids) for e in items)
+        b = len(items)
+        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((b, width), dtype=torch.long)
+        for row, e in enumerate(items):
+            n = len(e.input_ids)
+            cols = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
+            input_ids[row, cols] = e.input_ids
+            labels[row, cols] = e.labels
+            attention_mask[row, cols] = 1
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_(min=0)
+        counts = [c for e in items for c in e.image_token_counts]
+        grids = [g for e in items for g in e.image_grids]
+        return Batch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            pixel_values=torch.cat([e.pixel_values for e in items], dim=0),
+            image_sample_index=torch.tensor(
+                [row for row, e in enumerate(items) for _ in e.image_token_counts], dtype=torch.long
+            ),
+            image_token_counts=torch.tensor(counts, dtype=torch.long),
+            image_grids=torch.tensor(grids, dtype=torch.long).view(-1, 2) if grids else None,
+        )
+
+
+class Processor:
+    """Image transform + chat template + tokenizer + placeholder expansion + label mask."""
+
+    def __init__(self, config: ProcessorConfig, tokenizer: Tokenizer):
+        if tokenizer.loc_bins != config.loc_bins:
+            raise UserError(
+                f"the tokenizer has {tokenizer.loc_bins} location tokens but the processor config "
+                f"says loc_bins={config.loc_bins}; retrain the tokenizer or fix processor.json"
+            )
+        self.config = config
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def train(cls, texts: Iterable[str], config: ProcessorConfig) -> Processor:
+        """Train the tokenizer on `texts` (e.g. `corpus_texts(samples)`) with `config`'s sizes."""
+        return cls(config, train_tokenizer(texts, config.vocab_size, loc_bins=config.loc_bins))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def collator(self, padding_side: str = "right") -> Collator:
+        return Collator(pad_id=self.tokenizer.pad_id, padding_side=padding_side)
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """Generated ids -> answer text (turn and image tokens dropped, `<loc_k>` kept)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(ids, skip_special=True)
+
+    def render(self, turns: Sequence[Turn], add_generation_prompt: bool = False) -> str:
+        """The chat template text, before placeholder expansion (what HF clients see)."""
+        return render_chat(turns, add_generation_prompt)
+
+    # -- images
+
+    def _image_span(self, count: int, grid: tuple[int, int] | None) -> list[int]:
+        tok = self.tokenizer
+        if grid is None:
+            body = [tok.image_id] * count
+        else:
+            rows, cols = grid
+            body = ([tok.image_id] * cols + [tok.im_newline_id]) * rows
+        if self.config.image_delimiters:
+            return [tok.im_start_id, *body, tok.im_end_id]
+        return body
+
+    def pixel_values(
+        self, images: Sequence[ImageSource]
+    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Images -> the `pixel_values` tensor of `Encoded` (and grids in "patch" mode)."""
+        cfg = self.config
+        if cfg.resize_mode == "patch":
+            p = cfg.patch_size
+            out = [patch_image_transform(im, cfg) for im in images]
+            grids = [grid for _, grid in out]
+            if not out:
+                return torch.zeros(0, 3 * p * p), []
+            return torch.cat([patchify(x, p) for x, _ in out], dim=0), grids
+        if not images:
+            return torch.zeros(0, 3, cfg.image_size, cfg.image_size), []
+        return torch.stack([image_transform(im, cfg) for im in images]), []
+
+    # -- text
+
+    def encode(
+        self,
+        sample: Sample,
+        max_length: int | None = None,
+        train: bool = True,
+        image_token_counts: Sequence[int] | None = None,
+    ) -> Encoded:
+        """A sample -> ids, labels and pixels.
+
+        `train=True`: the whole conversation, with labels on the assistant answers.
+        `train=False`: a prompt for generation: a final assistant turn (a reference answer) is
+        left out, the generation prompt is added, and labels are all IGNORE_INDEX.
+        `max_length` (default `config.max_length`) truncates as the module docstring says.
+        `image_token_counts` overrides `config.image_tokens` per image, for models whose
+        feature count varies by image ("pad"/"resize" modes only).
+        """
+        try:
+            sample = sample.normalized()
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        cfg = self.config
+        tok = self.tokenizer
+        max_length = cfg.max_length if max_length is None else max_length
+        turns = list(sample.turns)
+        if not train and turns and turns[-1].role == "assistant":
+            turns.pop()
+        n_images = sum(t.content.count(IMAGE_PLACEHOLDER) for t in turns)
+        images = list(sample.images[:n_images])
+
+        # Per-image feature counts are known before any pixel work (patch mode: from the size).
+        grids: list[tuple[int, int] | None]
+        if cfg.resize_mode == "patch":
+            if image_token_counts is not None:
+                raise ValueError(
+                    "patch mode derives token counts from image sizes; do not pass them"
+                )
+            images = [load_rgb(im) for im in images]
+            grids = [
+                patch_geometry(im.width, im.height, cfg.image_size, cfg.patch_size)[2:]
+                for im in images
+            ]
+            counts = [rows * cols for rows, cols in grids]  # type: ignore[misc]
+        else:
+            grids = [None] * len(images)
+            counts = (
+                list(image_token_counts)
+                if image_token_counts is not None
+                else [cfg.image_tokens] * len(images)
+            )
+            if len(counts) != len(images) or min(counts, default=1) < 1:
+                raise ValueError(
+                    f"need one positive token count per image ({len(images)}), got {counts}"
+                )
+
+        ids: list[int] = [tok.bos_id]
+        labels: list[int] = [IGNORE_INDEX]
+        spans: list[tuple[int, int]] = []  # [start, end) of each image span in ids
+        for turn in turns:
+            learn = train and turn.role == "assistant"
+            ids.append(tok.role_ids[turn.role])
+            labels.append(IGNORE_INDEX)
+            for j, piece in enumerate(turn.content.split(IMAGE_PLACEHOLDER)):
+                if j > 0:
+                    i = len(spans)
+                    span = self._image_span(counts[i], grids[i])
+                    spans.append((len(ids), len(ids) + len(span)))
+                    ids += span
+                    labels += [IGNORE_INDEX] * len(span)  # features are inputs, never targets
+                if piece:
+                    piece_ids = tok.encode(piece)
+                    ids += piece_ids
+                    labels += piece_ids if learn else [IGNORE_INDEX] * len(piece_ids)
+            ids.append(tok.end_id)
+            labels.append(tok.end_id if learn else IGNORE_INDEX)
+        if not train:
+            ids.append(tok.role_ids["assistant"])
+            labels.append(IGNORE_INDEX)
+        assert len(spans) == len(images) and len(ids) == len(labels)
+
+        truncated = False
+        if max_length is not None and len(ids) > max_length:
+            if not train:
+                raise UserError(
+                    f"the prompt is {len(ids)} tokens (images included) but max_length is "
+                    f"{max_length}; shorten the text, send fewer images, or raise max_length"
+                )
+            cut = max_length
+            for start, end in spans:
+                if start < cut < end:
+                    cut = start  # never split an image span
+            ids, labels = ids[:cut], labels[:cut]
+            kept = sum(1 for _, end in spans if end <= cut)
+            images, counts, grids = images[:kept], counts[:kept], grids[:kept]
+            truncated = True
+
+        pixel_values, pixel_grids = self.pixel_values(images)
+        return Encoded(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            labels=torch.tensor(labels, dtype=torch.long),
+            pixel_values=pixel_values,
+            image_token_counts=counts,
+            image_grids=pixel_grids,
+            truncated=truncated,
+        )
+
+    def encode_text(self, text: str, max_length: int | None = None) -> torch.Tensor:
+        """Plain text -> (T,) ids `<s> text </s>`, for text encoders (CLIP) and caption-only LM data.
+
+        Truncation keeps `</s>` as the last token, since text towers read their summary there.
+        """
+        ids = self.tokenizer.encode(text)
+        if max_length is not None:
+            assert max_length >= 2, "room for <s> and </s> is needed"
+            ids = ids[: max_length - 2]
+        return torch.tensor([self.tokenizer.bos_id, *ids, self.tokenizer.eos_id], dtype=torch.long)
+
+    # -- persistence
+
+    def save(self, directory: str | Path) -> Path:
+        """Write processor.json and tokenizer.json into `directory` (each file atomically)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(directory / "processor.json", to_dict(self.config))
+        self.tokenizer.save(directory / "tokenizer.json")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Processor:
+        directory = Path(directory)
+        path = directory / "processor.json"
+        if not path.is_file():
+            raise UserError(
+                f"{path} not found; a checkpoint directory holds processor.json and tokenizer.json"
+            )
+        try:
+            data: Any = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON: {e}") from None
+        config = from_dict(ProcessorConfig, data, where=str(path))
+        return cls(config, Tokenizer.load(directory / "tokenizer.json"))
