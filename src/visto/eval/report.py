@@ -1,0 +1,213 @@
+"""The run report: `report.md` with a metrics table and PNG plots, for any model family.
+
+Everything here reads the same flat `eval.json` dict (name -> number) and a run's
+`metrics.jsonl`, so a new family gets a report by producing those, not by writing plots.
+Metric names follow DESIGN.md: `<group>.<name>` with `heldout.` in front for the unseen
+colour-shape pairs (`zeroshot.shape`, `heldout.zeroshot.shape`, `vqa.count`, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from visto.utils.io import atomic_write_bytes, atomic_write_text
+
+HELDOUT = "heldout."
+
+
+def format_value(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return f"{value:.3f}"
+
+
+def split_heldout(name: str) -> tuple[str, bool]:
+    """'heldout.zeroshot.shape' -> ('zeroshot.shape', True)."""
+    if name.startswith(HELDOUT):
+        return name[len(HELDOUT) :], True
+    return name, False
+
+
+def metrics_table(metrics: Mapping[str, float]) -> str:
+    """A markdown table with one row per metric and a column for seen and for held-out."""
+    rows: dict[str, dict[bool, float]] = {}
+    for name, value in metrics.items():
+        base, held = split_heldout(name)
+        rows.setdefault(base, {})[held] = value
+    has_heldout = any(True in r for r in rows.values())
+    if has_heldout:
+        lines = ["| metric | seen | held-out |", "|---|---:|---:|"]
+        for base, r in rows.items():
+            lines.append(
+                f"| `{base}` | {format_value(r.get(False))} | {format_value(r.get(True))} |"
+            )
+    else:
+        lines = ["| metric | value |", "|---|---:|"]
+        lines += [f"| `{base}` | {format_value(r[False])} |" for base, r in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _save_figure(fig, path: Path) -> Path:  # noqa: ANN001 - a matplotlib Figure
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_group_bars(
+    metrics: Mapping[str, float], group: str, path: str | os.PathLike, title: str | None = None
+) -> Path | None:
+    """Bars for every `<group>.<name>` metric, seen beside held-out where there is one.
+
+    E.g. group 'zeroshot' plots shape / colour / class; group 'vqa' plots one bar per
+    question type. Returns None (and writes nothing) when the group has no metrics.
+    """
+    prefix = group.rstrip(".") + "."
+    names: list[str] = []
+    seen: dict[str, float] = {}
+    held: dict[str, float] = {}
+    for name, value in metrics.items():
+        base, is_held = split_heldout(name)
+        if not base.startswith(prefix):
+            continue
+        short = base[len(prefix) :]
+        if short not in names:
+            names.append(short)
+        (held if is_held else seen)[short] = value
+    if not names:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 1.5), 3.2))
+    width = 0.38 if held else 0.6
+    xs = list(range(len(names)))
+    nan = float("nan")
+    ax.bar(
+        [x - (width / 2 if held else 0) for x in xs],
+        [seen.get(n, nan) for n in names],
+        width,
+        label="seen",
+        color="#4C78A8",
+    )
+    if held:
+        ax.bar(
+            [x + width / 2 for x in xs],
+            [held.get(n, nan) for n in names],
+            width,
+            label="held-out",
+            color="#F58518",
+        )
+        ax.legend(frameon=False)
+    ax.set_xticks(xs, names)
+    values = [v for v in [*seen.values(), *held.values()] if not math.isnan(v)]
+    if values and max(values) <= 1.0 and min(values) >= 0.0:
+        ax.set_ylim(0, 1)
+    ax.set_title(title or group)
+    ax.grid(axis="y", alpha=0.3)
+    path = _save_figure(fig, Path(path))
+    plt.close(fig)
+    return path
+
+
+def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The training curve: one JSON object per line; unreadable lines are skipped."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash must not hide the rest of the curve
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def plot_curve(
+    rows: Sequence[Mapping], path: str | os.PathLike, x: str = "step", max_panels: int = 6
+) -> Path | None:
+    """One small panel per numeric series in the rows (loss first), against `x`."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for i, row in enumerate(rows):
+        xv = row.get(x, i)
+        for key, value in row.items():
+            if key == x or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            xs, ys = series.setdefault(key, ([], []))
+            xs.append(float(xv))
+            ys.append(float(value))
+    # Loss curves first; skip bookkeeping series that only ever grow (time, epoch, tokens).
+    skip = {"time", "elapsed", "elapsed_s", "epoch", "tokens", "samples", "wall_s"}
+    keys = sorted((k for k in series if k not in skip), key=lambda k: ("loss" not in k, k))
+    keys = [k for k in keys if len(series[k][0]) >= 2][:max_panels]
+    if not keys:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.8 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        xs, ys = series[key]
+        ax.plot(xs, ys, lw=1.2)
+        ax.set_title(key)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = _save_figure(fig, Path(path))
+    plt.close(fig)
+    return path
+
+
+def metric_groups(metrics: Mapping[str, float]) -> list[str]:
+    """'zeroshot', 'retrieval.t2i', 'cluster', ...: the name without its last part, in order."""
+    groups: list[str] = []
+    for name in metrics:
+        base, _ = split_heldout(name)
+        group = base.rsplit(".", 1)[0] if "." in base else base
+        if group not in groups:
+            groups.append(group)
+    return groups
+
+
+def write_report(
+    out_dir: str | os.PathLike,
+    title: str,
+    metrics: Mapping[str, float],
+    notes: Sequence[str] = (),
+    curve: Sequence[Mapping] | None = None,
+) -> Path:
+    """Write `report.md` and one PNG per metric group (plus `curve.png`) into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [f"# {title}\n", metrics_table(metrics)]
+    if notes:
+        parts.append("\n".join(f"- {n}" for n in notes) + "\n")
+    for group in metric_groups(metrics):
+        png = plot_group_bars(metrics, group, out / f"{group.replace('.', '_')}.png")
+        if png is not None:
+            parts.append(f"![{group}]({png.name})\n")
+    if curve:
+        png = plot_curve(curve, out / "curve.png")
+        if png is not None:
+            parts.append("## Training curve\n\n![training curve](curve.png)\n")
+    return atomic_write_text(out / "report.md", "\n".join(parts))
