@@ -1,0 +1,153 @@
+"""Training data: an endless, seeded, shuffled stream of collated batches over any sample source.
+
+A *source* is a function `role -> Iterable[Sample]` ("train" or "val": the synthetic world, or
+`visto.data.formats.read_samples` on a file). `BatchStream` reads it epoch after epoch,
+keeps every `world_size`-th sample for its rank (data parallel), shuffles through a bounded
+buffer seeded by (seed, epoch), and turns micro-batches into tensors with `model.collate`.
+Its position (epoch, samples taken) is part of the trainer state, so a resumed run sees
+exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from visto.data.sample import Sample
+from visto.errors import UserError
+
+SampleSource = Callable[[str], Iterable[Sample]]
+Collate = Callable[[list[Sample]], dict[str, Any]]
+
+
+def source_from_spec(spec: Any, seed: int) -> tuple[SampleSource, bool]:
+    """The sample source a recipe's `data` section (a `DataSpec`) names, and whether it has
+    validation data. The source answers two roles: "train" and "val".
+
+    The synthetic world has splits (data.split, data.val_split); a file in a real format is
+    one split, so its validation data is another file (data.val_source).
+    """
+    from visto.data.formats import infer_format, read_samples
+
+    if not spec.source:
+        raise UserError(
+            "the recipe names no data: set data.source to a dataset path "
+            "(e.g. --set data.source=runs/world after `visto data synth --out runs/world`)"
+        )
+    fmt = spec.format or infer_format(spec.source)
+    if fmt == "synth":
+        splits = {"train": spec.split, "val": spec.val_split}
+
+        def synth(role: str) -> Iterable[Sample]:
+            return read_samples(spec.source, "synth", split=splits[role], tasks=spec.tasks, seed=seed)
+
+        return synth, spec.val_split is not None
+    if spec.tasks is not None:
+        raise UserError(f"data.tasks selects tasks of the synthetic world; {spec.source} is {fmt} data")
+    paths = {"train": spec.source, "val": spec.val_source}
+
+    def files(role: str) -> Iterable[Sample]:
+        return read_samples(paths[role], fmt if role == "train" else None)
+
+    return files, spec.val_source is not None
+
+
+def buffered_shuffle(items: Iterable[Sample], buffer_size: int, rng: random.Random) -> Iterator[Sample]:
+    """Shuffle a stream with a bounded buffer (a full shuffle when it fits in the buffer)."""
+    buffer: list[Sample] = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        j = rng.randrange(buffer_size)
+        yield buffer[j]
+        buffer[j] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class BatchStream:
+    """Endless batches of `batch_size` samples from one split: shuffled, sharded, collated."""
+
+    def __init__(
+        self,
+        source: SampleSource,
+        split: str,
+        collate: Collate,
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle_buffer: int,
+        rank: int = 0,
+        world_size: int = 1,
+        state: dict[str, int] | None = None,
+    ) -> None:
+        assert batch_size >= 1 and 0 <= rank < world_size
+        self.source, self.split, self.collate = source, split, collate
+        self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
+        self.rank, self.world_size = rank, world_size
+        # Position: the epoch being read and how many of its (shuffled) samples were taken.
+        self.epoch = state["epoch"] if state else 0
+        self.taken = state["taken"] if state else 0
+        self._samples = self._endless()
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "taken": self.taken}
+
+    def _epoch(self, epoch: int) -> Iterator[Sample]:
+        mine = (s for i, s in enumerate(self.source(self.split)) if i % self.world_size == self.rank)
+        return buffered_shuffle(mine, self.shuffle_buffer, random.Random(f"{self.seed}/{epoch}"))
+
+    def _endless(self) -> Iterator[Sample]:
+        skip = self.taken  # resuming mid-epoch: replay the same shuffle, drop what was seen
+        while True:
+            count = 0
+            for i, sample in enumerate(self._epoch(self.epoch)):
+                count += 1
+                if i < skip:
+                    continue
+                self.taken = i + 1
+                yield sample
+            if count == 0:
+                raise UserError(
+                    f"split {self.split!r} has no samples"
+                    + (f" for rank {self.rank} of {self.world_size}" if self.world_size > 1 else "")
+                )
+            self.epoch, self.taken, skip = self.epoch + 1, 0, 0
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        samples = [next(self._samples) for _ in range(self.batch_size)]
+        return self.collate(samples)
+
+
+def first_batches(
+    source: SampleSource,
+    split: str,
+    collate: Collate,
+    batch_size: int,
+    num_batches: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[dict[str, Any]]:
+    """The first `num_batches` batches of a split, in file order (for evaluation).
+
+    Fewer when the split is smaller; the last batch may be short.
+    """
+    batches, pending = [], []
+    for i, sample in enumerate(source(split)):
+        if i % world_size != rank:
+            continue
+        pending.append(sample)
+        if len(pending) == batch_size:
+            batches.append(collate(pending))
+            pending = []
+            if len(batches) == num_batches:
+                return batches
+    if pending:
+        batches.append(collate(pending))
+    return batches

@@ -1,0 +1,693 @@
+"""The one training loop. Every family and every stage trains through `train(recipe, run_dir)`.
+
+Read it top to bottom (in the spirit of nanoGPT's train.py and torchtitan's trainer):
+
+    setup      seed, threads, device, model (fresh, from a checkpoint, or resumed), frozen
+               modules and per-module learning rates, AdamW, data streams
+    loop       train_step (forward, loss / grad_accum, backward, clip, step), the lr schedule,
+               a metrics row every log_every steps, evaluation every eval_every steps,
+               a checkpoint every checkpoint_every steps
+    finish     final evaluation, final checkpoint, plots and report.md
+
+A run is a directory:
+    RUN/config.json          the resolved recipe (what --resume reads back)
+    RUN/metrics.jsonl        one JSON object per log step / evaluation
+    RUN/checkpoints/step_N   periodic checkpoints (the last keep_checkpoints are kept)
+    RUN/checkpoint           the latest (at the end: final) checkpoint, with trainer_state.pt
+    RUN/report.md, RUN/plots/*.png
+
+Models are written for one device. Under torchrun (WORLD_SIZE > 1) the model is wrapped in
+DistributedDataParallel from outside and each rank reads its own shard of the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from visto.checkpoint import (
+    build_from_config,
+    is_checkpoint,
+    load,
+    load_trainer_state,
+    save_checkpoint,
+)
+from visto.config import format_config, to_dict
+from visto.device import pick_device
+from visto.errors import UserError
+from visto.train.data import BatchStream, SampleSource, first_batches, source_from_spec
+from visto.train.recipe import Recipe, recipe_from_dict
+from visto.train.report import write_report
+from visto.utils.io import atomic_directory, atomic_write_json, atomic_write_text
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def schedule_progress(recipe: Recipe, step: int, elapsed_s: float) -> float:
+    """How far through the post-warmup budget a run is, in [0, 1] (steps or minutes)."""
+    progress = 0.0
+    if recipe.max_steps is not None:
+        span = max(1, recipe.max_steps - recipe.schedule.warmup_steps)
+        progress = (step - recipe.schedule.warmup_steps) / span
+    if recipe.max_minutes is not None:
+        progress = max(progress, elapsed_s / (60 * recipe.max_minutes))
+    return min(1.0, max(0.0, progress))
+
+
+def lr_factor(step: int, progress: float, warmup_steps: int, min_lr_ratio: float) -> float:
+    """The multiplier on each group's lr for optimizer step `step` (0-based).
+
+    Linear warmup over `warmup_steps` (the first step already gets 1/warmup_steps), then a
+    cosine from 1 down to `min_lr_ratio` as `progress` goes from 0 to 1.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1 - min_lr_ratio) * cosine
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def module_lr(name: str, base_lr: float, module_lrs: dict[str, float]) -> float:
+    """The lr for parameter `name`: the longest prefix in module_lrs that matches it whole."""
+    best, best_len = base_lr, -1
+    for prefix, lr in module_lrs.items():
+        if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len:
+            best, best_len = lr, len(prefix)
+    return best
+
+
+def build_param_groups(
+    model: nn.Module, base_lr: float, module_lrs: dict[str, float], weight_decay: float
+) -> list[dict[str, Any]]:
+    """AdamW groups by (lr, decayed?). Parameters whose lr is 0 are frozen and left out.
+
+    Only matrices (dim >= 2: linear and embedding weights) are decayed; biases and norm
+    gains are not (as in GPT-2/nanoGPT). Each group records its `peak_lr` for the schedule.
+    """
+    names_by_param: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_by_param.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    all_names = [n for names in names_by_param.values() for n in names]
+    unmatched = [
+        prefix for prefix in module_lrs
+        if not any(n == prefix or n.startswith(prefix + ".") for n in all_names)
+    ]
+    if unmatched:
+        top = sorted({n.split(".")[0] for n in all_names})
+        raise UserError(
+            f"optim.module_lrs names {unmatched}, which match no parameter of this model; "
+            f"its top-level modules are {top}"
+        )
+
+    groups: dict[tuple[float, bool], dict[str, Any]] = {}
+    for key, p in params.items():
+        names = names_by_param[key]
+        lrs = {module_lr(n, base_lr, module_lrs) for n in names}
+        if len(lrs) > 1:
+            raise UserError(
+                f"parameters {names} are one tied weight but optim.module_lrs gives them "
+                f"different learning rates {sorted(lrs)}; give them the same one"
+            )
+        lr = lrs.pop()
+        if lr == 0:
+            p.requires_grad_(False)  # frozen: no gradient is computed, AdamW never sees it
+            continue
+        p.requires_grad_(True)
+        decay = p.ndim >= 2
+        group = groups.setdefault(
+            (lr, decay),
+            {"params": [], "names": [], "lr": lr, "peak_lr": lr,
+             "weight_decay": weight_decay if decay else 0.0},
+        )
+        group["params"].append(p)
+        group["names"].append(names[0])
+    if not groups:
+        raise UserError("every parameter is frozen (lr 0): there is nothing to train")
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.AdamW:
+    o = recipe.optim
+    groups = build_param_groups(model, o.lr, o.module_lrs, o.weight_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * factor
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Distributed:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); else single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def all_reduce_sums(values: dict[str, float], dist_info: Distributed) -> dict[str, float]:
+    """Sum each value over ranks (keys must be the same on every rank)."""
+    if not dist_info.enabled or not values:
+        return values
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def barrier(dist_info: Distributed) -> None:
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+
+
+def scalar_outputs(out: dict[str, Any]) -> dict[str, float]:
+    """The scalar entries of a forward's output ("loss", "acc", ...) as floats."""
+    scalars = {}
+    for k, v in out.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            scalars[k] = float(v.detach().float())
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            scalars[k] = float(v)
+    return scalars
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    # fp32 weights everywhere; bf16 matmuls on GPU only (bf16 is ~50x slower on our CPUs).
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict[str, Any]],
+    grad_clip: float | None,
+    device: torch.device,
+) -> dict[str, float]:
+    """One optimizer step over `micro_batches` (gradient accumulation); returns mean scalars.
+
+    Each micro-batch's loss is divided by their number, so accumulating k micro-batches of
+    B samples gives the gradient of one batch of k*B (for losses that are means over samples).
+    """
+    sums: dict[str, float] = {}
+    n = len(micro_batches)
+    for i, batch in enumerate(micro_batches):
+        # Under DDP only the last micro-batch all-reduces gradients.
+        last = i == n - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(device):
+                out = model(to_device(batch, device))
+            assert "loss" in out and out["loss"].ndim == 0, "forward must return a scalar 'loss'"
+            (out["loss"] / n).backward()
+        for k, v in scalar_outputs(out).items():
+            sums[k] = sums.get(k, 0.0) + v / n
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    # clip_grad_norm_ with max_norm=inf only measures: the norm is worth logging either way.
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sums["grad_norm"] = float(grad_norm)
+    return sums
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: list[dict[str, Any]], device: torch.device, dist_info: Distributed
+) -> dict[str, float]:
+    """Scalar outputs averaged over the evaluation batches (weighted by batch size), all ranks."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    count = 0.0
+    for batch in batches:
+        size = batch_size_of(batch)
+        with autocast(device):
+            out = model(to_device(batch, device))
+        for k, v in scalar_outputs(out).items():
+            sums[k] = sums.get(k, 0.0) + v * size
+        count += size
+    model.train(was_training)
+    sums["_count"] = count
+    sums = all_reduce_sums(sums, dist_info)
+    count = sums.pop("_count")
+    return {k: v / count for k, v in sums.items()} if count else {}
+
+
+def batch_size_of(batch: dict[str, Any]) -> int:
+    for v in batch.values():
+        if isinstance(v, torch.Tensor) and v.ndim > 0:
+            return int(v.shape[0])
+    raise AssertionError("a batch needs at least one tensor with a batch dimension")
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class LogWindow:
+    """Sums of step scalars since the last metrics row."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+
+    def add(self, scalars: dict[str, float], samples: int, seconds: float) -> None:
+        for k, v in scalars.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.samples += samples
+        self.seconds += seconds
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    model: nn.Module
+    val_metrics: dict[str, float]
+    train_metrics: dict[str, float]
+    stopped_early: bool = False  # Ctrl-C: a checkpoint was saved, --resume continues
+
+
+class _StopRequest:
+    """First Ctrl-C: finish the current step, save a checkpoint and stop. Second: abort."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopRequest:
+        with contextlib.suppress(ValueError):  # not the main thread: no handler
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def load_run_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """The recipe a run was started with (RUN/config.json), with `--set` overrides applied."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a training run: it has no config.json to resume from")
+    return recipe_from_dict(json.loads(path.read_text()), overrides, where=str(path))
+
+
+def train(
+    recipe: Recipe,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    source: SampleSource | None = None,
+    console: Any = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train `recipe` into `run_dir`; with `resume`, continue from `run_dir/checkpoint`.
+
+    `source` (role "train"/"val" -> samples) replaces the recipe's data section, for training
+    on samples built in Python. Returns the trained model and the final metrics.
+    """
+    from rich.console import Console
+
+    run_dir = Path(run_dir)
+    console = console or Console()
+    dist_info = init_distributed()
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise UserError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+            "or pass another --out"
+        )
+    ckpt_dir = run_dir / "checkpoint"
+    if resume and not is_checkpoint(ckpt_dir):
+        raise UserError(f"cannot resume {run_dir}: it has no checkpoint yet ({ckpt_dir})")
+
+    # ---- setup: seed, threads, device
+    seed_everything(recipe.seed)
+    if recipe.num_threads:
+        torch.set_num_threads(recipe.num_threads)
+    device = pick_device(recipe.device)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+        torch.cuda.set_device(device)
+
+    # ---- model: resumed, started from a checkpoint, or fresh
+    if resume:
+        model = load(ckpt_dir)
+        trainer_state = load_trainer_state(ckpt_dir)
+    elif recipe.model.init_from:
+        model = load(recipe.model.init_from)
+        trainer_state = None
+    else:
+        model = build_from_config(recipe.model.family, recipe.model.config)
+        trainer_state = None
+    if recipe.model.family and model.family != recipe.model.family:
+        raise UserError(
+            f"model.family is {recipe.model.family!r} but the checkpoint holds a {model.family!r} model"
+        )
+    model.to(device).train()
+    optimizer = build_optimizer(model, recipe)
+    if trainer_state is not None:
+        # The recipe (possibly changed with --set on resume) sets the lrs, not the saved state.
+        peak_lrs = [g["peak_lr"] for g in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(trainer_state["optimizer"])
+        except ValueError as e:
+            raise UserError(
+                f"cannot resume {run_dir}: the trained/frozen parameters differ from the "
+                f"checkpoint's ({e}); keep optim.module_lrs' zeros as they were"
+            ) from None
+        for group, peak in zip(optimizer.param_groups, peak_lrs, strict=True):
+            group["peak_lr"] = peak
+    # Data parallel is applied from outside; the model never knows about it.
+    train_model: nn.Module = model
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    # ---- data
+    if source is None:
+        source, has_val = source_from_spec(recipe.data, recipe.seed)
+    else:
+        has_val = True
+    stream = BatchStream(
+        source, "train", model.collate, recipe.micro_batch_size,
+        seed=recipe.seed, shuffle_buffer=recipe.data.shuffle_buffer,
+        rank=dist_info.rank, world_size=dist_info.world_size,
+        state=trainer_state["data"] if trainer_state else None,
+    )
+    val_batches: list[dict[str, Any]] | None = None  # read once, at the first evaluation
+
+    # ---- run directory, state
+    step = trainer_state["step"] if trainer_state else 0
+    elapsed_before = trainer_state["elapsed_s"] if trainer_state else 0.0
+    window = LogWindow(**trainer_state["log_window"]) if trainer_state else LogWindow()
+    if trainer_state:
+        set_rng_state(trainer_state["rng"])
+    else:
+        # Each rank draws different dropout masks; rank 0 draws what a single process would.
+        torch.manual_seed(recipe.seed + dist_info.rank)
+    metrics_path = run_dir / "metrics.jsonl"
+    recipe_dict = to_dict(recipe)
+    if dist_info.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", recipe_dict)
+        if resume:
+            _truncate_metrics(metrics_path, step)
+        console.print(format_config(recipe, title=f"recipe ({run_dir})"))
+        n_train = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        console.print(
+            f"model: {model.family}, {sum(p.numel() for p in model.parameters()):,} parameters "
+            f"({n_train:,} trained) on {device}"
+            + (f", {dist_info.world_size} processes" if dist_info.enabled else "")
+            + (f"; resuming at step {step}" if resume else "")
+        )
+    metrics_file = open(metrics_path, "a") if dist_info.main else None  # noqa: SIM115
+
+    def log_row(row: dict[str, Any]) -> None:
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+
+    def save(path: Path, val_metrics: dict[str, float]) -> None:
+        if dist_info.main:
+            state = {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "rng": rng_state(),
+                "data": stream.state(),
+                "elapsed_s": elapsed(),
+                "log_window": to_dict(window),
+            }
+            card = {
+                "recipe": recipe.name or "(unnamed)",
+                "data": to_dict(recipe.data),
+                "training": {"steps": step, "minutes": round(elapsed() / 60, 2),
+                             "batch_size": recipe.batch_size * dist_info.world_size},
+            }
+            if val_metrics:
+                card["metrics (val)"] = val_metrics
+            save_checkpoint(model, path, card=card, trainer_state=state)
+        barrier(dist_info)
+
+    start = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - start
+
+    def done() -> bool:
+        over = (recipe.max_steps is not None and step >= recipe.max_steps) or (
+            recipe.max_minutes is not None and elapsed() >= 60 * recipe.max_minutes
+        )
+        if dist_info.enabled:  # every rank must stop at the same step
+            flag = all_reduce_sums({"over": float(over or stop.requested)}, dist_info)["over"]
+            return flag > 0
+        return over or stop.requested
+
+    def run_eval() -> dict[str, float]:
+        nonlocal val_batches
+        if not has_val or recipe.eval_batches == 0:
+            return {}
+        if val_batches is None:
+            val_batches = first_batches(
+                source, "val", model.collate, recipe.micro_batch_size,
+                recipe.eval_batches, rank=dist_info.rank, world_size=dist_info.world_size,
+            )
+        metrics = evaluate(model, val_batches, device, dist_info)
+        if metrics:
+            log_row({"step": step, "split": "val", **metrics, "elapsed_s": round(elapsed(), 3)})
+        return metrics
+
+    def log_window(factor: float) -> dict[str, float]:
+        """Write the train row for the steps since the last one; return its means."""
+        nonlocal window
+        means = all_reduce_sums(window.sums, dist_info)
+        means = {k: v / (window.steps * dist_info.world_size) for k, v in means.items()}
+        rate = window.samples / max(window.seconds, 1e-9)
+        log_row({
+            "step": step, "split": "train", **means, "lr": recipe.optim.lr * factor,
+            "samples_per_s": round(rate, 2), "elapsed_s": round(elapsed(), 3),
+        })
+        window = LogWindow()
+        return {**means, "_rate": rate}
+
+    # ---- the loop
+    val_metrics: dict[str, float] = {}
+    train_metrics: dict[str, float] = {}
+    evaluated_at = -1
+    factor = lr_factor(step, schedule_progress(recipe, step, elapsed()),
+                       recipe.schedule.warmup_steps, recipe.schedule.min_lr_ratio)
+    with _StopRequest() as stop, _progress(console, show_progress and dist_info.main) as bar:
+        task = bar.add_task("train", total=1.0, loss=float("nan"), rate=0.0, step=step)
+        while not done():
+            t0 = time.perf_counter()
+            factor = lr_factor(
+                step, schedule_progress(recipe, step, elapsed()),
+                recipe.schedule.warmup_steps, recipe.schedule.min_lr_ratio,
+            )
+            set_lr(optimizer, factor)
+            micro_batches = [next(stream) for _ in range(recipe.grad_accum)]
+            scalars = train_step(train_model, optimizer, micro_batches, recipe.optim.grad_clip, device)
+            step += 1
+            window.add(scalars, recipe.batch_size * dist_info.world_size, time.perf_counter() - t0)
+
+            if step % recipe.log_every == 0:
+                train_metrics = log_window(factor)
+                bar.update(task, loss=train_metrics["loss"], rate=train_metrics["_rate"])
+            if recipe.eval_every and step % recipe.eval_every == 0:
+                val_metrics, evaluated_at = run_eval(), step
+            if recipe.checkpoint_every and step % recipe.checkpoint_every == 0:
+                _save_periodic(save, run_dir, step, val_metrics, recipe.keep_checkpoints, dist_info)
+            bar.update(task, completed=_budget_fraction(recipe, step, elapsed()), step=step)
+
+        # ---- finish
+        if window.steps:
+            train_metrics = log_window(factor)
+        stopped_early = stop.requested and not _budget_fraction(recipe, step, elapsed()) >= 1
+        if evaluated_at != step and not stopped_early:
+            val_metrics = run_eval()
+        save(ckpt_dir, val_metrics)
+    if metrics_file is not None:
+        metrics_file.close()
+    if dist_info.main:
+        summary = {
+            "family": model.family,
+            "steps": step,
+            "minutes": round(elapsed() / 60, 2),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "checkpoint": str(ckpt_dir),
+        }
+        report = write_report(run_dir, recipe_dict, summary)
+        if stopped_early:
+            console.print(f"stopped at step {step}; continue with: visto train --resume {run_dir}")
+        console.print(f"checkpoint: {ckpt_dir}\nreport: {report}")
+    train_metrics = {k: v for k, v in train_metrics.items() if not k.startswith("_")}
+    return TrainResult(run_dir, step, model, val_metrics, train_metrics, stopped_early)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _budget_fraction(recipe: Recipe, step: int, elapsed_s: float) -> float:
+    fraction = 0.0
+    if recipe.max_steps is not None:
+        fraction = step / recipe.max_steps
+    if recipe.max_minutes is not None:
+        fraction = max(fraction, elapsed_s / (60 * recipe.max_minutes))
+    return min(1.0, fraction)
+
+
+def _save_periodic(save: Any, run_dir: Path, step: int, val_metrics: dict[str, float],
+                   keep: int, dist_info: Distributed) -> None:
+    """RUN/checkpoints/step_N (the last `keep` of them) and a copy as RUN/checkpoint."""
+    latest = run_dir / "checkpoint"
+    if keep <= 0:
+        save(latest, val_metrics)
+        return
+    step_dir = run_dir / "checkpoints" / f"step_{step}"
+    save(step_dir, val_metrics)
+    if dist_info.main:
+        with atomic_directory(latest) as tmp:
+            shutil.copytree(step_dir, tmp, dirs_exist_ok=True)
+        old = sorted(
+            (p for p in step_dir.parent.glob("step_*") if p.name[5:].isdigit()),
+            key=lambda p: int(p.name[5:]),
+        )
+        for path in old[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+    barrier(dist_info)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint being resumed (they will be logged again)."""
+    if not path.exists():
+        return
+    kept = [
+        line for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _progress(console: Any, enabled: bool) -> Any:
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("step {task.fields[step]}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[rate]:.1f} samples/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )

@@ -1,0 +1,204 @@
+"""A recipe: everything one training run needs, as a typed, nested dataclass.
+
+Recipes live as JSON (`src/visto/train/recipes/NAME.json`, or any path) and are tweaked from
+the command line with `--set a.b=value`. Unknown keys are errors, so a typo never silently
+trains with a default. The resolved recipe is printed at the start of a run and saved as
+`RUN/config.json`, which is what `--resume` reads back.
+
+Training stages (pretrain the connector, then fine-tune everything) are recipes that differ
+in `optim.module_lrs` (0 = frozen), `data` and `model.init_from`, not separate programs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from visto.config import from_dict, to_dict
+from visto.errors import UserError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class ModelSpec:
+    family: str = ""
+    config: dict[str, Any] = field(default_factory=dict)  # the family's config fields
+    # Start from this checkpoint's weights (and config) instead of a fresh init: stage 2
+    # starts from stage 1. `config` is then ignored.
+    init_from: str | None = None
+
+
+@dataclass
+class DataSpec:
+    # A dataset path: a synthetic-world directory, LLaVA JSON, COCO, WebDataset, parquet.
+    source: str = ""
+    format: str | None = None  # None = detect from the path; see visto.data.formats
+    # The synthetic world has splits and tasks ("vqa", "caption", ...; None = its default).
+    split: str = "train"
+    val_split: str | None = "val"  # None = no evaluation
+    tasks: list[str] | None = None
+    # Real formats hold one split per file: validation data is another path (None = none).
+    val_source: str | None = None
+    shuffle_buffer: int = 4096  # samples held for shuffling; >= dataset size = a full shuffle
+
+
+@dataclass
+class OptimSpec:
+    lr: float = 1e-3
+    # {"module.prefix": lr}: the longest matching prefix of a parameter's name sets its lr.
+    # lr 0 freezes: requires_grad False, no gradient and no optimizer state.
+    module_lrs: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.1  # on matrices only; biases, norms and gains are not decayed
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0  # max global grad norm; None = no clipping
+
+
+@dataclass
+class ScheduleSpec:
+    # Linear warmup, then a cosine from each group's lr down to min_lr_ratio x that lr
+    # (Loshchilov & Hutter 2017, SGDR, without restarts).
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class Recipe:
+    name: str = ""
+    description: str = ""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    batch_size: int = 32  # samples per optimizer step on each process (all micro-batches)
+    grad_accum: int = 1  # micro-batches per step; each holds batch_size / grad_accum samples
+    # Budgets: training stops at whichever comes first. With max_minutes the schedule's
+    # progress is the larger of step / max_steps and elapsed / max_minutes, so the cosine
+    # reaches its floor when the clock runs out (Li et al. 2020, "Budgeted Training").
+    max_steps: int | None = 1000
+    max_minutes: float | None = None
+    log_every: int = 10
+    eval_every: int | None = 100  # None = only at the end
+    eval_batches: int = 8
+    checkpoint_every: int | None = None  # None = only at the end
+    keep_checkpoints: int = 2  # step_N directories kept under RUN/checkpoints
+    seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads; None = torch's default
+    device: str | None = None  # None = cuda if present, else cpu
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.model.family and not self.model.init_from:
+            problems.append("model.family (or model.init_from) must be set")
+        if self.max_steps is None and self.max_minutes is None:
+            problems.append("set max_steps or max_minutes (or both): a run needs a budget")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            problems.append(f"max_minutes must be > 0, got {self.max_minutes}")
+        if self.grad_accum < 1 or self.batch_size < 1:
+            problems.append("batch_size and grad_accum must be >= 1")
+        elif self.batch_size % self.grad_accum:
+            problems.append(
+                f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}"
+            )
+        for name, lr in {"optim.lr": self.optim.lr, **self.optim.module_lrs}.items():
+            if lr < 0:
+                problems.append(f"learning rate for {name!r} must be >= 0, got {lr}")
+        if not 0 <= self.schedule.min_lr_ratio <= 1:
+            problems.append("schedule.min_lr_ratio must be in [0, 1]")
+        for name in ("log_every", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be >= 1 (or null), got {value}")
+        if problems:
+            raise UserError(f"recipe {self.name or '(unnamed)'}: " + "; ".join(problems))
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+
+def list_recipes() -> dict[str, str]:
+    """Shipped recipe names -> their one-line descriptions."""
+    out = {}
+    for path in sorted(RECIPES_DIR.glob("*.json")):
+        try:
+            out[path.stem] = json.loads(path.read_text()).get("description", "")
+        except json.JSONDecodeError:
+            out[path.stem] = "(invalid JSON)"
+    return out
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A shipped recipe by name ("clip-synth"), or a JSON file by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise UserError(f"recipe file not found: {path}")
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path}.json"
+    if not shipped.is_file():
+        names = ", ".join(list_recipes()) or "(none)"
+        raise UserError(
+            f"no recipe named {name_or_path!r}; shipped recipes: {names} (or pass a JSON path)"
+        )
+    return shipped
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'optim.lr=3e-4' -> (['optim', 'lr'], 0.0003). Values are JSON when they parse, else strings.
+
+    Keys under optim.module_lrs may themselves contain dots:
+    'optim.module_lrs.vision.encoder=0' sets the prefix 'vision.encoder'.
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set expects key=value (e.g. optim.lr=3e-4), got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    parts = key.strip().split(".")
+    if parts[:2] == ["optim", "module_lrs"] and len(parts) > 3:
+        parts = parts[:2] + [".".join(parts[2:])]
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of the recipe dict with each 'a.b=value' applied (validated later by from_dict)."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {text}: {'.'.join(parts[: i + 1])} is not a group of settings")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None, where: str = "recipe") -> Recipe:
+    return from_dict(Recipe, apply_overrides(data, overrides or []), where=where)
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    path = recipe_path(name_or_path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"recipe {path} is not valid JSON: {e}") from None
+    data.setdefault("name", path.stem)
+    return recipe_from_dict(data, overrides, where=f"recipe {path.name}")
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return to_dict(recipe)
