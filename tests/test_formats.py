@@ -235,3 +235,14 @@ def test_synth_world_reads_and_converts(tmp_path):
     # The synthetic world converts to a real format and back unchanged.
     write_samples(via_formats, tmp_path / "shards", "webdataset")
     assert_same(direct, list(read_samples(tmp_path / "shards")))
+
+
+def test_gzipped_shards_are_read(tmp_path):
+    import gzip
+
+    write_samples(conversation_samples(), tmp_path / "w", "webdataset")
+    shard = tmp_path / "w" / "shard-000000.tar"
+    (tmp_path / "w" / "shard-000000.tar.gz").write_bytes(gzip.compress(shard.read_bytes()))
+    shard.unlink()
+    assert infer_format(tmp_path / "w") == "webdataset"
+    assert_same(conversation_samples(), list(read_samples(tmp_path / "w")))

@@ -65,11 +65,12 @@ def test_llava_json_skips_each_kind_of_bad_record(tmp_path, caplog):
 
 def test_llava_jsonl_skips_bad_json_lines(tmp_path, caplog):
     good = {"id": "a", "conversations": human_gpt("Hi")}
-    lines = [json.dumps(good), "{this is not json", "", json.dumps({**good, "id": "b"})]
-    (tmp_path / "d.jsonl").write_text("\n".join(lines))
+    lines = [json.dumps(good).encode(), b"{this is not json", b"", b'{"id": "\xff\xfe"}']
+    lines.append(json.dumps({**good, "id": "b"}).encode())
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines))
     samples, stats = read_all(tmp_path / "d.jsonl")
     assert [s.id for s in samples] == ["a", "b"]
-    assert stats.reasons == {"bad json": 1}
+    assert stats.reasons == {"bad json": 2}  # the second: not UTF-8
     assert "d.jsonl: record line 2: not valid JSON" in caplog.text
 
 

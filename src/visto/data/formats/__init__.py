@@ -37,7 +37,7 @@ from .coco import read_coco, write_coco
 from .llava import read_llava, write_llava
 from .parquet import read_parquet, write_parquet
 from .stats import ReadStats
-from .webdataset import read_webdataset, write_webdataset
+from .webdataset import SHARD_SUFFIXES, read_webdataset, write_webdataset
 
 __all__ = ["FORMATS", "ReadStats", "infer_format", "read_samples", "write_samples"]
 
@@ -58,9 +58,11 @@ def infer_format(path: str | Path) -> str:
     if path.is_dir():
         if (path / "world.json").is_file():
             return "synth"
-        if any(path.glob("*.tar")):
+        # Only the top two levels are looked at: a LLaVA folder may hold 100k images.
+        names = [p.name for p in path.iterdir()]
+        if any(n.endswith(SHARD_SUFFIXES) for n in names):
             return "webdataset"
-        if any(path.rglob("*.parquet")):
+        if any(path.glob("*.parquet")) or any(path.glob("*/*.parquet")):
             return "parquet"
         if any(path.glob("*.jsonl")):
             return "llava"
@@ -72,7 +74,7 @@ def infer_format(path: str | Path) -> str:
             "(or give the annotation file itself)"
         )
     suffix = path.suffix.lower()
-    if suffix == ".tar":
+    if path.name.lower().endswith(SHARD_SUFFIXES):
         return "webdataset"
     if suffix == ".parquet":
         return "parquet"

@@ -82,7 +82,7 @@ def _json_list(json_path: Path) -> Iterator[tuple[str, Any]]:
 
 def _json_lines(json_path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        f = open(json_path, encoding="utf-8")
+        f = open(json_path, "rb")  # bytes: a line of bad UTF-8 is one bad record, not a crash
     except OSError as e:
         raise UserError(f"cannot read {json_path}: {e}") from None
     with f:
@@ -91,7 +91,7 @@ def _json_lines(json_path: Path) -> Iterator[tuple[str, Any]]:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 yield f"line {number}", BadRecord(BAD_JSON, f"not valid JSON: {e}")
                 continue
             yield _key(record, f"line {number}"), record

@@ -11,7 +11,7 @@ first dot of the base name, WebDataset's own rule):
 Reading: `.json` gives the turns (LLaVA `"conversations"` and chat `"messages"` are accepted
 too); without it, `.txt` reads as a caption sample (see coco.py for the caption turns).
 Other extensions (`.cls`, `.npy`, ...) are ignored. Shards are streamed member by member
-(tarfile's stream mode), so a shard is never held in memory. A shard that is damaged part
+(tarfile's stream mode, which also reads `.tar.gz`), so a shard is never held in memory. A shard that is damaged part
 way is read up to the damage; the rest of it is counted as skipped.
 """
 
@@ -41,6 +41,7 @@ from ._common import (
 )
 from .stats import BAD_FIELDS, BAD_JSON, TRUNCATED, BadRecord, ReadStats
 
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # stream mode "r|*" reads gzip too
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 # WebDataset's split of a member name into (key, extension): the first dot of the base name.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]+)$")
@@ -56,7 +57,7 @@ def _shards(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        shards = sorted(path.glob("*.tar"))
+        shards = sorted(p for p in path.iterdir() if p.name.endswith(SHARD_SUFFIXES))
         if shards:
             return shards
         raise UserError(
