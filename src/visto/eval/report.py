@@ -113,11 +113,11 @@ def plot_group_bars(
             label="held-out",
             color="#F58518",
         )
-        ax.legend(frameon=False)
+        ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     ax.set_xticks(xs, names)
     values = [v for v in [*seen.values(), *held.values()] if not math.isnan(v)]
     if values and max(values) <= 1.0 and min(values) >= 0.0:
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.02)
     ax.set_title(title or group)
     ax.grid(axis="y", alpha=0.3)
     path = _save_figure(fig, Path(path))

@@ -13,13 +13,18 @@ to the synthetic world and returns the flat `eval.json` dict:
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from visto.eval import EvalResult
 
 EmbedTexts = Callable[[list[str]], torch.Tensor]
 
@@ -28,15 +33,18 @@ EmbedTexts = Callable[[list[str]], torch.Tensor]
 # ("prompt ensembling") adds more; `ensemble` is that idea at the scale of our world.
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "single": ("a photo of a {}.",),
+    # Generic photo prompts plus frames of the world's own captions ("One shape: a red
+    # circle.", "An image with ...", "... on a plain background."): CLIP's advice to
+    # write prompts that look like the training text.
     "ensemble": (
         "a photo of a {}.",
-        "a {} in the picture.",
-        "an image with a {}.",
         "a picture of a {}.",
-        "there is a {}.",
+        "an image with a {}.",
+        "one shape: a {}.",
+        "a {} on a plain background.",
     ),
-    # Phrasings chosen to share no frame with the world's captions: what a model that learned
-    # the concepts (not the caption grammar) should still match. Used by `visto eval --paraphrase`.
+    # Phrasings that share no frame with the world's captions: what a model that learned the
+    # concepts (not the caption grammar) should still match. Used by `visto eval --paraphrase`.
     "paraphrase": (
         "somewhere in this drawing you can spot a {}.",
         "look closely: a {} appears here.",
@@ -51,6 +59,14 @@ RECALL_KS: tuple[int, ...] = (1, 5, 10)
 
 # --------------------------------------------------------------------------- zero-shot
 
+_A_BEFORE_VOWEL = re.compile(r"\b([Aa]) (?=[aeiouAEIOU])")
+
+
+def fill_template(template: str, name: str) -> str:
+    """template.format(name) with 'a' made 'an' before a vowel: the captions say "an orange
+    circle", and a prompt that says "a orange circle" would be off-distribution for no reason."""
+    return _A_BEFORE_VOWEL.sub(r"\1n ", template.format(name))
+
 
 def class_text_embeddings(
     class_names: Sequence[str], embed_texts: EmbedTexts, templates: Sequence[str]
@@ -63,7 +79,7 @@ def class_text_embeddings(
     assert class_names and templates, "need at least one class and one template"
     for t in templates:
         assert t.count("{}") == 1, f"template {t!r} must contain exactly one '{{}}'"
-    prompts = [t.format(name) for name in class_names for t in templates]
+    prompts = [fill_template(t, name) for name in class_names for t in templates]
     emb = F.normalize(embed_texts(prompts).float(), dim=-1)  # (C*T, D)
     emb = emb.view(len(class_names), len(templates), -1).mean(dim=1)  # (C, D)
     return F.normalize(emb, dim=-1)
@@ -202,3 +218,153 @@ def cluster_metrics(
         "cluster.purity": purity(ids, labels),
         "cluster.nmi": float(normalized_mutual_info_score(list(labels), ids)),
     }
+
+
+# --------------------------------------------------------------------------- the world
+
+
+@dataclass
+class SplitData:
+    """The first `n` images of a split with what the metrics need from their ground truth."""
+
+    split: str
+    images: list  # PIL images
+    captions: RetrievalSet
+    single: list[int]  # indices of one-object images: one right answer for zero-shot
+    labels: list[dict]  # truth["label"] per image: {"shape", "colour", "class", "single"}
+
+
+def load_split(data_dir: str | os.PathLike, split: str, n: int) -> SplitData:
+    from visto.data.images import open_image
+    from visto.data.synth import iter_records
+
+    root = Path(data_dir)
+    images, labels, captions, owner = [], [], [], []
+    for i, record in enumerate(iter_records(root, split)):
+        if i >= n:
+            break
+        images.append(open_image(root / record["image"]))
+        labels.append(record["truth"]["label"])
+        for caption in record["tasks"]["captions"]:
+            captions.append(caption)
+            owner.append(i)
+    single = [i for i, lab in enumerate(labels) if lab.get("single")]
+    return SplitData(split, images, RetrievalSet(captions, owner, len(images)), single, labels)
+
+
+def embed_in_batches(
+    embed: Callable[[list], torch.Tensor], items: Sequence, batch_size: int
+) -> torch.Tensor:
+    """embed(items) in batches, concatenated on the CPU in fp32: (N, D)."""
+    assert len(items) > 0, "nothing to embed"
+    with torch.inference_mode():
+        parts = [
+            embed(list(items[i : i + batch_size])).float().cpu()
+            for i in range(0, len(items), batch_size)
+        ]
+    return torch.cat(parts)
+
+
+def zero_shot_metrics(
+    image_emb: torch.Tensor,
+    labels: Sequence[dict],
+    vocab: dict[str, list[str]],
+    embed_texts: EmbedTexts,
+    templates: Sequence[str],
+) -> dict[str, float]:
+    """Accuracy per attribute: shape (classes = shapes), colour, and the joint "colour shape"
+    class among all colour x shape pairs (held-out pairs included: they are valid answers)."""
+    shapes, colours = vocab["shapes"], vocab["colours"]
+    classes = [f"{c} {s}" for s in shapes for c in colours]
+    out = {}
+    for attribute, names in (("shape", shapes), ("colour", colours), ("class", classes)):
+        target = torch.tensor([names.index(lab[attribute]) for lab in labels])
+        pred = zero_shot_classify(image_emb, names, embed_texts, templates)
+        out[f"zeroshot.{attribute}"] = accuracy(pred, target)
+    return out
+
+
+def evaluate_two_tower(
+    model: Any,
+    data_dir: str | os.PathLike,
+    *,
+    split: str = "test",
+    n: int = 1000,
+    templates: Sequence[str] = TEMPLATE_SETS[DEFAULT_TEMPLATES],
+    paraphrase: bool = False,
+    batch_size: int = 64,
+    seed: int = 0,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> EvalResult:
+    """Zero-shot, retrieval and clustering on `split` and on the held-out split.
+
+    `model` needs embed_images(list[PIL]) and embed_texts(list[str]) returning (N, D).
+    Zero-shot and clustering use the one-object images among the first `n` (the world's
+    label rule: they have exactly one right answer); retrieval uses all `n` and their
+    captions (three per image).
+    """
+    from visto.data.synth import load_world
+
+    world = load_world(data_dir)
+    vocab = {"shapes": list(world["vocab"]["shapes"]), "colours": list(world["vocab"]["colours"])}
+    runs = [(split, "heldout." if split == "heldout" else "")]
+    if split != "heldout":
+        runs.append(("heldout", "heldout."))
+    metrics: dict[str, float] = {}
+    notes: list[str] = [f"templates: {' | '.join(templates)}"]
+    model.eval()
+    for split_name, prefix in runs:
+        data = load_split(data_dir, split_name, n)
+        if not data.images:
+            notes.append(f"split {split_name!r} is empty: no {prefix or 'seen'} figures")
+            continue
+        log(
+            f"{split_name}: embedding {len(data.images)} images and {len(data.captions.captions)} captions"
+        )
+        image_emb = embed_in_batches(model.embed_images, data.images, batch_size)  # (N, D)
+        text_emb = embed_in_batches(model.embed_texts, data.captions.captions, batch_size)
+        part = retrieval_metrics(image_emb, text_emb, data.captions)
+        notes.append(
+            f"{split_name}: retrieval over {len(data.images)} images and "
+            f"{len(data.captions.captions)} captions; zero-shot and clustering over "
+            f"{len(data.single)} one-object images"
+        )
+        if data.single:
+            single_emb = image_emb[data.single]
+            single_labels = [data.labels[i] for i in data.single]
+
+            def embed_texts(texts: list[str]) -> torch.Tensor:
+                return embed_in_batches(model.embed_texts, texts, batch_size)
+
+            part.update(zero_shot_metrics(single_emb, single_labels, vocab, embed_texts, templates))
+            if paraphrase:
+                para = zero_shot_metrics(
+                    single_emb, single_labels, vocab, embed_texts, TEMPLATE_SETS["paraphrase"]
+                )
+                part.update({f"paraphrase.{k}": v for k, v in para.items()})
+            if len(data.single) >= 2:
+                part.update(
+                    cluster_metrics(single_emb, [lab["class"] for lab in single_labels], seed)
+                )
+        metrics.update({prefix + k: v for k, v in part.items()})
+    if paraphrase:
+        notes.append(paraphrase_sentence(metrics))
+    return EvalResult(metrics=metrics, notes=notes)
+
+
+def paraphrase_sentence(metrics: dict[str, float]) -> str:
+    """One sentence on what changes when the prompts leave the training captions' phrasing."""
+    changes = []
+    for prefix, where in (("", "seen"), ("heldout.", "held-out")):
+        for attr in ("shape", "colour", "class"):
+            a = metrics.get(f"{prefix}zeroshot.{attr}")
+            b = metrics.get(f"{prefix}paraphrase.zeroshot.{attr}")
+            if a is not None and b is not None:
+                changes.append(f"{where} {attr} {a:.3f} -> {b:.3f} ({100 * (b - a):+.1f} pts)")
+    if not changes:
+        return "paraphrased prompts: no zero-shot figures to compare"
+    return (
+        "With paraphrased prompts that no training caption uses, zero-shot accuracy moves: "
+        + "; ".join(changes)
+        + "."
+    )
