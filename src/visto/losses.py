@@ -1,0 +1,71 @@
+"""The losses every family trains with.
+
+    clip_loss      symmetric InfoNCE over in-batch pairs (CLIP, Radford et al. 2021, Fig. 3)
+    siglip_loss    pairwise sigmoid loss with a learnable bias (SigLIP, Zhai et al. 2023, Alg. 1)
+    itm_loss       image-text matching as binary classification (ALBEF/BLIP, Li et al. 2021)
+    lm_loss        next-token cross-entropy on shifted labels, -100 = no loss (transformers'
+                   convention; the processor leaves labels unshifted)
+
+Embeddings given to the contrastive losses are L2-normalized (B, D); `logit_scale` is the
+multiplier itself (already exp'd and clamped by the model), not its log.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def contrastive_logits(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
+    """(B, D), (B, D) -> (B, B) scaled cosine similarities; row i is image i against all texts."""
+    assert image_emb.shape == text_emb.shape and image_emb.ndim == 2, (
+        f"embeddings must both be (B, D), got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+    )
+    return logit_scale * image_emb @ text_emb.t()
+
+
+def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
+    """Mean of image->text and text->image cross-entropy, the matching pair on the diagonal."""
+    logits = contrastive_logits(image_emb, text_emb, logit_scale)  # (B, B)
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+def siglip_loss(
+    image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, logit_bias: Tensor
+) -> Tensor:
+    """Every (image, text) pair is a binary question "do they match?": +1 on the diagonal,
+    -1 elsewhere; -sum(log sigmoid(label * (t * x.y + b))) / B, as in the paper's Algorithm 1."""
+    logits = contrastive_logits(image_emb, text_emb, logit_scale) + logit_bias  # (B, B)
+    B = logits.shape[0]
+    labels = 2 * torch.eye(B, device=logits.device, dtype=logits.dtype) - 1  # (B, B) of +-1
+    return -F.logsigmoid(labels * logits).sum() / B
+
+
+def itm_loss(logits: Tensor, is_match: Tensor) -> Tensor:
+    """logits (B,) for "this image and text match", is_match (B,) of 0/1 -> mean binary CE."""
+    assert logits.shape == is_match.shape, (tuple(logits.shape), tuple(is_match.shape))
+    return F.binary_cross_entropy_with_logits(logits, is_match.to(logits.dtype))
+
+
+def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Next-token cross-entropy: logits (B, T, V) at position t predict labels[t + 1].
+
+    The mean is over the labelled tokens of the whole batch; a batch with none gives 0 (with
+    a gradient path), not NaN, so one fully truncated sample cannot poison a run.
+    """
+    assert logits.ndim == 3 and labels.shape == logits.shape[:2], (
+        f"logits must be (B, T, V) and labels (B, T), got {tuple(logits.shape)} and "
+        f"{tuple(labels.shape)}"
+    )
+    V = logits.shape[-1]
+    shifted_logits = logits[:, :-1].reshape(-1, V)  # (B * (T-1), V)
+    shifted_labels = labels[:, 1:].reshape(-1)  # (B * (T-1),)
+    total = F.cross_entropy(
+        shifted_logits.float(), shifted_labels, ignore_index=ignore_index, reduction="sum"
+    )
+    count = (shifted_labels != ignore_index).sum().clamp(min=1)
+    return total / count
