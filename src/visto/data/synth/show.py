@@ -7,7 +7,6 @@ one object, a mask that leaks, a question whose answer is wrong.
 from __future__ import annotations
 
 import os
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +63,17 @@ def _draw_boxes(image: Image.Image, truth: dict) -> None:
         draw.rectangle((x1 - 2, y1 - 2, x2 + 1, y2 + 1), outline=(0, 120, 255), width=1)
 
 
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Greedy word wrap to `width` pixels as measured with `font`."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
 def _annotated(record: dict, root: Path, qa: dict | None) -> Image.Image:
     truth = record["truth"]
     image = open_image(root / record["image"]).resize((PANEL, PANEL), Image.NEAREST)
@@ -81,9 +91,14 @@ def _annotated(record: dict, root: Path, qa: dict | None) -> Image.Image:
     held_note = (
         f"  held-out: {', '.join(o['colour'] + ' ' + o['shape'] for o in held)}" if held else ""
     )
-    lines = [f"{record['id']} ({record['split']})  label: {truth['label']['class']}{held_note}"]
+    width = sheet.width - 8
+    lines = _wrap(
+        f"{record['id']} ({record['split']})  label: {truth['label']['class']}{held_note}",
+        font,
+        width,
+    )
     if qa is not None:
-        lines += textwrap.wrap(f"[{qa['type']}] Q: {qa['q']}  A: {qa['a']}", 78)
+        lines += _wrap(f"[{qa['type']}] Q: {qa['q']}  A: {qa['a']}", font, width)
     for k, line in enumerate(lines[:CAPTION_LINES]):
         draw.text((4, PANEL + 4 + 15 * k), line, font=font, fill=(0, 0, 0))
     return sheet
