@@ -29,7 +29,9 @@ WORDS = "how many red blue green circles squares triangles are there left of the
 def small_corpus(n: int = 300, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     extra = ["Ünïcödé façade", "数字 七 个", "emoji 😀 ok", "[12, 40, 300, 999]"]
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)] + extra
+    return [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)
+    ] + extra
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +214,10 @@ def test_hf_save_and_reload_offline(hf, tmp_path) -> None:
 
     hf.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)
-    messages = [{"role": "user", "content": "<image>how many?"}, {"role": "assistant", "content": "2"}]
+    messages = [
+        {"role": "user", "content": "<image>how many?"},
+        {"role": "assistant", "content": "2"},
+    ]
     assert again.apply_chat_template(messages, tokenize=False) == render_chat(
         [Turn("user", "<image>how many?"), Turn("assistant", "2")]
     )
