@@ -366,6 +366,44 @@ class Processor:
 
     # -- text
 
+    def _tokens(
+        self,
+        turns: Sequence[Turn],
+        counts: Sequence[int],
+        grids: Sequence[tuple[int, int] | None],
+        train: bool,
+    ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+        """The chat template as ids, its labels, and [start, end) of each image span.
+
+        Each content piece is tokenized alone; the template puts a special token at every
+        boundary, so this equals tokenizing the rendered string (tested against HF).
+        """
+        tok = self.tokenizer
+        ids: list[int] = [tok.bos_id]
+        labels: list[int] = [IGNORE_INDEX]
+        spans: list[tuple[int, int]] = []  # [start, end) of each image span in ids
+        for turn in turns:
+            learn = train and turn.role == "assistant"
+            ids.append(tok.role_ids[turn.role])
+            labels.append(IGNORE_INDEX)
+            for j, piece in enumerate(turn.content.split(IMAGE_PLACEHOLDER)):
+                if j > 0:
+                    i = len(spans)
+                    span = self._image_span(counts[i], grids[i])
+                    spans.append((len(ids), len(ids) + len(span)))
+                    ids += span
+                    labels += [IGNORE_INDEX] * len(span)  # features are inputs, never targets
+                if piece:
+                    piece_ids = tok.encode(piece)
+                    ids += piece_ids
+                    labels += piece_ids if learn else [IGNORE_INDEX] * len(piece_ids)
+            ids.append(tok.end_id)
+            labels.append(tok.end_id if learn else IGNORE_INDEX)
+        if not train:
+            ids.append(tok.role_ids["assistant"])
+            labels.append(IGNORE_INDEX)
+        return ids, labels, spans
+
     def encode(
         self,
         sample: Sample,
@@ -387,7 +425,6 @@ class Processor:
         except ValueError as e:
             raise UserError(str(e)) from None
         cfg = self.config
-        tok = self.tokenizer
         max_length = cfg.max_length if max_length is None else max_length
         turns = list(sample.turns)
         if not train and turns and turns[-1].role == "assistant":
@@ -420,29 +457,7 @@ class Processor:
                     f"need one positive token count per image ({len(images)}), got {counts}"
                 )
 
-        ids: list[int] = [tok.bos_id]
-        labels: list[int] = [IGNORE_INDEX]
-        spans: list[tuple[int, int]] = []  # [start, end) of each image span in ids
-        for turn in turns:
-            learn = train and turn.role == "assistant"
-            ids.append(tok.role_ids[turn.role])
-            labels.append(IGNORE_INDEX)
-            for j, piece in enumerate(turn.content.split(IMAGE_PLACEHOLDER)):
-                if j > 0:
-                    i = len(spans)
-                    span = self._image_span(counts[i], grids[i])
-                    spans.append((len(ids), len(ids) + len(span)))
-                    ids += span
-                    labels += [IGNORE_INDEX] * len(span)  # features are inputs, never targets
-                if piece:
-                    piece_ids = tok.encode(piece)
-                    ids += piece_ids
-                    labels += piece_ids if learn else [IGNORE_INDEX] * len(piece_ids)
-            ids.append(tok.end_id)
-            labels.append(tok.end_id if learn else IGNORE_INDEX)
-        if not train:
-            ids.append(tok.role_ids["assistant"])
-            labels.append(IGNORE_INDEX)
+        ids, labels, spans = self._tokens(turns, counts, grids, train)
         assert len(spans) == len(images) and len(ids) == len(labels)
 
         truncated = False
