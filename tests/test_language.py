@@ -54,7 +54,9 @@ def _inputs():
     return ids, mask
 
 
-@pytest.mark.parametrize("make", [lambda: _hf_llama(tie=False), lambda: _hf_llama(True, 5e5), _hf_qwen2])
+@pytest.mark.parametrize(
+    "make", [lambda: _hf_llama(tie=False), lambda: _hf_llama(True, 5e5), _hf_qwen2]
+)
 def test_transformers_checkpoint_loads_with_identical_logits(tmp_path, make):
     hf = make()
     hf.save_pretrained(tmp_path)
@@ -97,8 +99,12 @@ def test_parameter_names_are_llama_for_causal_lm():
     model = DecoderLM(DecoderConfig.preset("tiny", tie_word_embeddings=False))
     hf = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
-            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
         )
     )
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}

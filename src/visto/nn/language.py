@@ -115,7 +115,9 @@ class DecoderConfig:
                 "supported: llama (Llama, SmolLM, TinyLlama) and qwen2"
             )
         if hf.get("hidden_act", "silu") != "silu":
-            raise UserError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
+            raise UserError(
+                f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu only)"
+            )
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
@@ -307,11 +309,15 @@ class DecoderLM(nn.Module):
     # ---------------------------------------------------------------- engine protocol
 
     @torch.inference_mode()
-    def prefill_embeds(self, inputs_embeds: Tensor, attention_mask: Tensor) -> tuple[Tensor, DecoderState]:
+    def prefill_embeds(
+        self, inputs_embeds: Tensor, attention_mask: Tensor
+    ) -> tuple[Tensor, DecoderState]:
         """Run a left-padded prompt (B, T, C); return the last position's logits (B, V)."""
         kv = self.new_cache()
         logits, _ = self(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, kv_cache=kv,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            kv_cache=kv,
             num_logits_to_keep=1,
         )
         return logits[:, -1], DecoderState(kv, attention_mask)
@@ -349,9 +355,7 @@ class DecoderLM(nn.Module):
             keys += [f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"]
             for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 keys.append(f"{p}.self_attn.{proj}.weight")
-                has_bias = self.config.attention_bias or (
-                    self.config.qkv_bias and proj != "o_proj"
-                )
+                has_bias = self.config.attention_bias or (self.config.qkv_bias and proj != "o_proj")
                 if has_bias:
                     keys.append(f"{p}.self_attn.{proj}.bias")
             for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -364,7 +368,9 @@ class DecoderLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_hub_id: str | Path, device: str | torch.device = "cpu",
+        cls,
+        path_or_hub_id: str | Path,
+        device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> DecoderLM:
         """A transformers-format decoder (Llama / Qwen2 / SmolLM) from a directory or a hub id."""
@@ -406,7 +412,9 @@ class DecoderLM(nn.Module):
                         loaded.add(key)
         missing = sorted(set(key_map) - loaded)
         if missing:
-            raise UserError(f"{directory}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+            raise UserError(
+                f"{directory}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}"
+            )
         return model.to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -416,7 +424,9 @@ class DecoderLM(nn.Module):
         from visto.utils.io import atomic_directory, atomic_write_json
 
         state = self.state_dict()
-        tensors = {hf: state[ours].detach().contiguous().cpu() for ours, hf in self.hf_key_map().items()}
+        tensors = {
+            hf: state[ours].detach().contiguous().cpu() for ours, hf in self.hf_key_map().items()
+        }
         with atomic_directory(directory) as tmp:
             atomic_write_json(tmp / "config.json", self.config.to_hf())
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
