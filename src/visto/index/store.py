@@ -274,15 +274,18 @@ class VectorStore:
         norm = float(np.linalg.norm(vector))
         if not math.isfinite(norm) or norm == 0:
             raise UserError("the query vector is zero or not finite; cannot search with it")
+        # The ANN parameters are ignored by a flat scan, so they are always passed: no
+        # per-query round trip to ask whether an index exists.
+        s = self.settings
         query = (
             self._table.search(vector / norm, vector_column_name="vector")
             .distance_type("dot")
             .limit(k)
             .select(["id", "path", "metadata", "_distance"])
+            .nprobes(s.nprobes)
+            .ef(s.ef)
+            .refine_factor(s.refine_factor)
         )
-        if self.has_ann_index():
-            s = self.settings
-            query = query.nprobes(s.nprobes).ef(s.ef).refine_factor(s.refine_factor)
         table = query.to_arrow()
         # LanceDB's "dot" distance is 1 - dot product.
         scores = 1.0 - table.column("_distance").to_numpy()
