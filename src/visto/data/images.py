@@ -64,13 +64,16 @@ def open_image(
         raise BadImage(f"{name} is not a readable image (corrupt, or not an image format)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"{name} could not be decoded: {e}") from None
-    if image.mode != "RGB":
-        if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
-            # Composite onto white so transparent areas do not turn black.
-            rgba = image.convert("RGBA")
-            background = Image.new("RGB", rgba.size, (255, 255, 255))
-            background.paste(rgba, mask=rgba.getchannel("A"))
-            image = background
-        else:
-            image = image.convert("RGB")
-    return image
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as RGB; transparent areas are composited onto white so they do not turn black."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")

@@ -53,7 +53,7 @@ from PIL import Image, ImageOps
 
 from visto.config import from_dict, to_dict
 from visto.data.chat import JINJA_CHAT_TEMPLATE, render_chat
-from visto.data.images import open_image
+from visto.data.images import open_image, to_rgb
 from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
 from visto.data.tokenizer import (
     DEFAULT_LOC_BINS,
@@ -139,15 +139,7 @@ def load_rgb(source: ImageSource) -> Image.Image:
     if not isinstance(source, Image.Image):
         return open_image(source)
     # Idempotent: open_image already transposed (and dropped the tag); a raw Image.open has not.
-    image = ImageOps.exif_transpose(source)
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")  # composite on white, as open_image does
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
+    return to_rgb(ImageOps.exif_transpose(source))
 
 
 def _fill_colour(mean: Sequence[float]) -> tuple[int, int, int]:

@@ -95,5 +95,5 @@ def samples_equal(a: Sample, b: Sample) -> bool:
         and a.turns == b.turns
         and a.truth == b.truth
         and len(a.images) == len(b.images)
-        and all(same_pixels(x, y) for x, y in zip(a.images, b.images))
+        and all(same_pixels(x, y) for x, y in zip(a.images, b.images, strict=True))
     )
