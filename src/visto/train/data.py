@@ -151,3 +151,18 @@ def first_batches(
     if pending:
         batches.append(collate(pending))
     return batches
+
+
+def build_processor(spec: Any, source: SampleSource) -> Any:
+    """A processor from a recipe's `processor` section (a `ProcessorSpec`), see there."""
+    import itertools
+
+    from visto.config import from_dict
+    from visto.data.processor import Processor, ProcessorConfig
+    from visto.data.tokenizer import corpus_texts
+
+    if spec.path:
+        return Processor.load(spec.path)
+    config = from_dict(ProcessorConfig, spec.config, where="processor.config")
+    samples = itertools.islice(source("train"), spec.tokenizer_samples)
+    return Processor.train(corpus_texts(samples), config)

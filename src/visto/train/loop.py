@@ -47,7 +47,13 @@ from visto.checkpoint import (
 from visto.config import format_config, to_dict
 from visto.device import pick_device
 from visto.errors import UserError
-from visto.train.data import BatchStream, SampleSource, first_batches, source_from_spec
+from visto.train.data import (
+    BatchStream,
+    SampleSource,
+    build_processor,
+    first_batches,
+    source_from_spec,
+)
 from visto.train.recipe import Recipe, recipe_from_dict
 from visto.train.report import write_report
 from visto.utils.io import atomic_directory, atomic_write_json, atomic_write_text
@@ -93,7 +99,8 @@ def module_lr(name: str, base_lr: float, module_lrs: dict[str, float]) -> float:
 def build_param_groups(
     model: nn.Module, base_lr: float, module_lrs: dict[str, float], weight_decay: float
 ) -> list[dict[str, Any]]:
-    """AdamW groups by (lr, decayed?). Parameters whose lr is 0 are frozen and left out.
+    """AdamW groups by (lr, decayed?). Parameters whose lr is 0 are frozen and left out, as
+    are those the model itself keeps frozen (requires_grad False).
 
     Only matrices (dim >= 2: linear and embedding weights) are decayed; biases and norm
     gains are not (as in GPT-2/nanoGPT). Each group records its `peak_lr` for the schedule.
@@ -127,8 +134,8 @@ def build_param_groups(
         lr = lrs.pop()
         if lr == 0:
             p.requires_grad_(False)  # frozen: no gradient is computed, AdamW never sees it
+        if not p.requires_grad:  # frozen here, or locked by the model itself (LiT towers)
             continue
-        p.requires_grad_(True)
         decay = p.ndim >= 2
         group = groups.setdefault(
             (lr, decay),
@@ -438,6 +445,14 @@ def train(
     else:
         model = build_from_config(recipe.model.family, recipe.model.config)
         trainer_state = None
+    if source is None:
+        source, has_val = source_from_spec(recipe.data, recipe.seed)
+    else:
+        has_val = True
+    if trainer_state is None and recipe.processor is not None:
+        # A fresh model (or one from init_from) gets the recipe's processor; a resumed model
+        # keeps the one its checkpoint carries.
+        model.processor = build_processor(recipe.processor, source)
     if recipe.model.family and model.family != recipe.model.family:
         raise UserError(
             f"model.family is {recipe.model.family!r} but the checkpoint holds a {model.family!r} model"
@@ -465,11 +480,7 @@ def train(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    # ---- data
-    if source is None:
-        source, has_val = source_from_spec(recipe.data, recipe.seed)
-    else:
-        has_val = True
+    # ---- data (the source was opened above: a new processor may be trained on it)
     stream = BatchStream(
         source, "train", model.collate, recipe.micro_batch_size,
         seed=recipe.seed, shuffle_buffer=recipe.data.shuffle_buffer,

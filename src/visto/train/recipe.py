@@ -47,6 +47,20 @@ class DataSpec:
 
 
 @dataclass
+class ProcessorSpec:
+    """The processor (image transform + tokenizer) a fresh model is given.
+
+    `path`: an existing processor directory (processor.json + tokenizer.json). Otherwise a new
+    one with `config` (visto.data.processor.ProcessorConfig fields), its tokenizer trained on
+    the texts of the first `tokenizer_samples` training samples (deterministic).
+    """
+
+    path: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    tokenizer_samples: int = 5000
+
+
+@dataclass
 class OptimSpec:
     lr: float = 1e-3
     # {"module.prefix": lr}: the longest matching prefix of a parameter's name sets its lr.
@@ -72,6 +86,8 @@ class Recipe:
     description: str = ""
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
+    # None = the model needs none, or brings its own (a checkpoint's, a config's processor_dir).
+    processor: ProcessorSpec | None = None
     optim: OptimSpec = field(default_factory=OptimSpec)
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     batch_size: int = 32  # samples per optimizer step on each process (all micro-batches)
