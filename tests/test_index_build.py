@@ -101,8 +101,9 @@ def test_build_from_synthetic_world_stores_its_metadata(tmp_path, capsys):
     ]
 
 
-# A build that announces each committed batch and then pauses, so that the parent can kill it
-# at a known point: mid-build, with later batches not yet written.
+# A build that announces each committed batch. The parent kills it right after the third
+# announcement, while the fourth batch is being decoded, embedded or committed; the short
+# pause only keeps the child from finishing all eight batches before the kill lands.
 CHILD = textwrap.dedent(
     """
     import sys, time
@@ -114,13 +115,14 @@ CHILD = textwrap.dedent(
     store = VectorStore(sys.argv[2], model=embedder.name, dim=embedder.dim)
     def on_progress(n):
         print("committed", n, flush=True)
-        time.sleep(0.3)
+        time.sleep(0.05)
     build_index(store, folder_items(sys.argv[1]), embedder, batch_size=5, on_progress=on_progress)
     print("finished", flush=True)
     """
 )
 
 
+@pytest.mark.slow
 def test_killed_build_keeps_committed_batches_and_resumes(tmp_path):
     folder, db = tmp_path / "imgs", tmp_path / "db"
     make_images(folder, 40)
@@ -215,3 +217,13 @@ def test_cli_with_a_tiny_clip_checkpoint(tmp_path, capsys):
     # Another model's queries are refused.
     assert main(["search", "--db", str(db), "--image", str(first), "--model", "pixels"]) == 2
     assert "not comparable" in capsys.readouterr().err
+
+
+def test_a_folder_of_only_broken_files_is_an_error(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / "imgs" / name).write_bytes(b"\x89PNG garbage")
+    argv = ["index", "build", "--model", "pixels", "--images", str(tmp_path / "imgs")]
+    assert main([*argv, "--db", str(tmp_path / "db")]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 files could be read" in err and "a.png" in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -88,6 +90,8 @@ def test_ann_index_is_built_past_the_threshold_and_stays_accurate(tmp_path):
         store.add(rows_for(vectors)[start : start + 500])
     store.optimize()
     assert store.has_ann_index()
+    # Trained at 1000 rows, retrained once the table doubled (new partitions for new data).
+    assert json.loads((tmp_path / "db" / "ann_index.json").read_text())["trained_rows"] == 2000
     assert store.count() == 2000
     queries = unit_vectors(20, seed=3)
     recall = []

@@ -113,6 +113,13 @@ def run_build(args: argparse.Namespace) -> int:
         report = build_index(
             store, items, embedder, args.batch, lambda n: progress.advance(task, n)
         )
+    if store.count() == 0:
+        raise UserError(
+            f"none of the {report.seen:,} files could be read as an image, so the index is "
+            "empty; check the folder (the first problems: "
+            + "; ".join(f"{p}: {r}" for p, r in report.bad[:3])
+            + ")"
+        )
     for path, reason in report.bad[:20]:
         console.print(f"[yellow]skipped[/] {path}: {reason}")
     if len(report.bad) > 20:

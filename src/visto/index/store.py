@@ -26,15 +26,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from visto.errors import UserError
+from visto.utils.io import atomic_write_json
 
 TABLE = "images"
+ANN_FILE = "ann_index.json"  # rows the ANN partitions were trained on, and the settings
 FORMAT_VERSION = "1"
 _META_MODEL = b"visto.model"
 _META_DIM = b"visto.dim"
@@ -230,16 +232,16 @@ class VectorStore:
         self._table.optimize()  # compaction + folds unindexed rows into an existing index
         if n < self.settings.min_rows_for_index:
             return
-        stats = self._vector_index_stats()
-        trained_on = stats.num_indexed_rows if stats is not None else 0
-        if stats is None or n >= self.settings.retrain_growth * max(trained_on, 1):
+        # Lance folds new rows into the existing partitions (num_indexed_rows grows), so the
+        # size the partitions were trained on is kept beside the table.
+        if not self.has_ann_index() or n >= self.settings.retrain_growth * self._trained_rows():
             self._train_index(n)
 
-    def _vector_index_stats(self):
-        for ix in self._table.list_indices():
-            if ix.columns == ["vector"]:
-                return self._table.index_stats(ix.name)
-        return None
+    def _trained_rows(self) -> int:
+        try:
+            return int(json.loads((self.path / ANN_FILE).read_text())["trained_rows"])
+        except (OSError, ValueError, KeyError):
+            return 1  # unknown: retrain
 
     def _train_index(self, n: int) -> None:
         from lancedb import index
@@ -250,6 +252,7 @@ class VectorStore:
             distance_type="dot", num_partitions=max(1, int(math.sqrt(n)))
         )
         self._table.create_index("vector", config=config, replace=True)
+        atomic_write_json(self.path / ANN_FILE, {"trained_rows": n, **asdict(self.settings)})
 
     # ---- reading ---------------------------------------------------------------------
 
