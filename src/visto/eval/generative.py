@@ -1,0 +1,297 @@
+"""Evaluation of generative VLMs: ask every task's question, read the answers, score them.
+
+`evaluate_generative(generate, samples)` is independent of the engine: `generate` takes a
+batch of prompt Samples (the conversation up to the last user turn, images attached) and
+returns one answer string each. Samples are grouped by `sample.truth["task"]` (and
+`["qtype"]` for VQA), as the synthetic world's reader produces them, and scored with
+`visto.eval.metrics`. The flat names (DESIGN.md), each with `prefix` in front:
+
+    vqa.overall  vqa.<type>             VQA accuracy (normalized exact match), all and per type
+    count.acc                           counting questions, first number in the answer
+    pope.acc/precision/recall/f1/yes_ratio   the existence probes (half are absent objects)
+    ground.acc50                        referring expression -> box, IoU >= 0.5
+    refdesc.acc                         box -> description, normalized exact match
+    ocr.exact  ocr.cer                  read all text: exact match, character error rate
+    json.valid  json.field_acc          structured description: parses; fields right
+    detect.precision/recall/f1          the objects listed in that JSON, boxes at IoU 0.5
+    classify.acc                        the main object's colour and shape
+    caption.bleu4  caption.cider        one caption per image against all its references
+
+`evaluate_generative_world` runs it on a split of a synthetic world and on the held-out
+split (names with `heldout.` in front), the generative counterpart of `evaluate_two_tower`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from visto.data.sample import Sample
+from visto.data.tokenizer import parse_boxes
+from visto.eval import EvalResult
+from visto.eval import metrics as M
+from visto.tasks import classify as classify_task
+from visto.tasks import detect as detect_task
+
+GenerateFn = Callable[[list[Sample]], list[str]]
+# Tasks that `evaluate_generative` scores; others ("chat": multi-turn) are skipped.
+SCORED_TASKS = ("caption", "vqa", "count", "ground", "refdesc", "ocr", "json", "classify")
+
+
+@dataclass
+class Item:
+    """One question to ask: the prompt sample, its reference answer(s), what it tests."""
+
+    prompt: Sample
+    references: list[str]  # one answer, or every reference caption of the image
+    task: str
+    qtype: str | None
+    truth: dict
+
+
+def prompt_of(sample: Sample) -> Sample:
+    """The sample without its final assistant turn: what the model is asked."""
+    assert sample.turns and sample.turns[-1].role == "assistant", (
+        f"sample {sample.id!r} must end with the assistant's reference answer"
+    )
+    return dataclasses.replace(sample, turns=sample.turns[:-1])
+
+
+def build_items(samples: Iterable[Sample]) -> tuple[list[Item], dict[str, int]]:
+    """Items to ask, and how many samples were skipped per reason. Caption samples of one
+    image (one per reference caption) become one item with all captions as references."""
+    items: list[Item] = []
+    captions: dict[str, Item] = {}
+    skipped: dict[str, int] = defaultdict(int)
+    for sample in samples:
+        truth = sample.truth or {}
+        task = truth.get("task")
+        if task not in SCORED_TASKS:
+            skipped[f"task {task!r}"] += 1
+            continue
+        answer = sample.turns[-1].content
+        if task == "caption":
+            key = str(truth.get("image_id", sample.id))
+            if key in captions:
+                captions[key].references.append(answer)
+                continue
+            captions[key] = item = Item(prompt_of(sample), [answer], task, None, truth)
+        else:
+            item = Item(prompt_of(sample), [answer], task, truth.get("qtype"), truth)
+        items.append(item)
+    return items, dict(skipped)
+
+
+def generate_all(generate: GenerateFn, prompts: Sequence[Sample], batch_size: int) -> list[str]:
+    assert batch_size >= 1
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        batch = list(prompts[i : i + batch_size])
+        answers = generate(batch)
+        assert len(answers) == len(batch), (
+            f"generate returned {len(answers)} answers for {len(batch)} prompts"
+        )
+        out.extend(str(a) for a in answers)
+    return out
+
+
+def _present(item: Item) -> bool:
+    """Whether an existence probe's object is in the image (the item's facts, else 'yes')."""
+    facts = item.truth.get("item") or {}
+    if "present" in facts:
+        return bool(facts["present"])
+    return M.normalize_vqa_answer(item.references[0]) == "yes"
+
+
+def score_items(items: Sequence[Item], predictions: Sequence[str]) -> tuple[dict, list[float]]:
+    """(flat metrics without prefix, one per-item score: the figure that item contributes)."""
+    assert len(items) == len(predictions)
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for k, item in enumerate(items):
+        by_task[item.task].append(k)
+    scores: list[float] = [M.NAN] * len(items)
+    out: dict[str, float] = {}
+
+    vqa = by_task.get("vqa", [])
+    if vqa:
+        per_type = M.vqa_scores(
+            [predictions[k] for k in vqa],
+            [items[k].references for k in vqa],
+            [items[k].qtype or "other" for k in vqa],
+        )
+        out.update({f"vqa.{name}": v for name, v in per_type.items()})
+        for k in vqa:
+            scores[k] = M.vqa_accuracy(predictions[k], items[k].references)
+
+    counting = [k for k in vqa if items[k].qtype == "count"] + by_task.get("count", [])
+    if counting:
+        targets = [int(items[k].references[0]) for k in counting]
+        out["count.acc"] = M.count_accuracy([predictions[k] for k in counting], targets)
+        for k, t in zip(counting, targets, strict=True):
+            scores[k] = float(M.parse_count(predictions[k]) == t)
+
+    probes = [k for k in vqa if items[k].qtype == "exist"]
+    if probes:
+        pope = M.pope_metrics([predictions[k] for k in probes], [_present(items[k]) for k in probes])
+        out.update({f"pope.{name}": v for name, v in pope.items()})
+
+    ground = by_task.get("ground", [])
+    if ground:
+        pred_boxes, target_boxes = [], []
+        for k in ground:
+            [target] = parse_boxes(items[k].references[0])
+            found = parse_boxes(predictions[k])
+            pred_boxes.append(found[0] if found else None)
+            target_boxes.append(target)
+            scores[k] = M.box_iou(found[0], target) if found else 0.0
+        out["ground.acc50"] = M.grounding_accuracy(pred_boxes, target_boxes)
+
+    refdesc = by_task.get("refdesc", [])
+    if refdesc:
+        for k in refdesc:
+            scores[k] = M.vqa_accuracy(predictions[k], items[k].references)
+        out["refdesc.acc"] = M.mean_or_nan([scores[k] for k in refdesc])
+
+    ocr = by_task.get("ocr", [])
+    if ocr:
+        preds, refs = [predictions[k] for k in ocr], [items[k].references[0] for k in ocr]
+        out["ocr.exact"] = M.ocr_exact_match(preds, refs)
+        out["ocr.cer"] = M.character_error_rate(preds, refs)
+        for k in ocr:
+            scores[k] = M.character_error_rate([predictions[k]], items[k].references[:1])
+
+    out.update(_score_json(items, predictions, by_task.get("json", []), scores))
+
+    classify = by_task.get("classify", [])
+    if classify:
+        for k in classify:
+            label = classify_task.parse(predictions[k])
+            scores[k] = float(label == M.normalize_vqa_answer(items[k].references[0]))
+        out["classify.acc"] = M.mean_or_nan([scores[k] for k in classify])
+
+    caption = by_task.get("caption", [])
+    if caption:
+        hyps = [M.tokenize_caption(predictions[k]) for k in caption]
+        refs = [[M.tokenize_caption(r) for r in items[k].references] for k in caption]
+        out["caption.bleu4"] = M.bleu(hyps, refs)[3]
+        out["caption.cider"], per_image = M.cider_d(hyps, refs)
+        for k, s in zip(caption, per_image, strict=True):
+            scores[k] = s
+    return out, scores
+
+
+def _score_json(
+    items: Sequence[Item], predictions: Sequence[str], indices: list[int], scores: list[float]
+) -> dict[str, float]:
+    if not indices:
+        return {}
+    valid, field_acc = [], []
+    pred_boxes, target_boxes, pred_labels, target_labels = [], [], [], []
+    for k in indices:
+        target = json.loads(items[k].references[0])
+        ok, value = M.parse_json_answer(predictions[k])
+        valid.append(float(ok))
+        acc = M.json_field_accuracy(value, target) if ok else 0.0
+        field_acc.append(acc)
+        scores[k] = acc
+        # The same answer read as a detection: every listed object with its box and label.
+        found = detect_task.parse(predictions[k])
+        pred_boxes.append([b.norm for b in found])
+        pred_labels.append([b.label or "" for b in found])
+        objects = target.get("objects", []) if isinstance(target, dict) else []
+        target_boxes.append([o["box"] for o in objects])
+        target_labels.append([detect_task.object_label(o) or "" for o in objects])
+    out = {"json.valid": M.mean_or_nan(valid), "json.field_acc": M.mean_or_nan(field_acc)}
+    prf = M.detection_prf(pred_boxes, target_boxes, 0.5, pred_labels, target_labels)
+    out.update({f"detect.{name}": v for name, v in prf.items()})
+    return out
+
+
+def evaluate_generative(
+    model_generate_fn: GenerateFn,
+    samples: Iterable[Sample],
+    *,
+    prefix: str = "",
+    batch_size: int = 16,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """(flat metrics dict, one record per question asked) for `samples` with task truth.
+
+    Every metric name gets `prefix` in front ("heldout." for the held-out split). Each
+    prediction record: id, task, qtype, question (the last user turn), references,
+    prediction, score (that item's figure: accuracy, IoU, CER, field accuracy, CIDEr-D).
+    """
+    items, skipped = build_items(samples)
+    for reason, n in skipped.items():
+        log(f"skipped {n} sample(s) with {reason}: no generative metric for it")
+    if not items:
+        return {}, []
+    log(f"asking {len(items)} question(s) in batches of {batch_size}")
+    answers = generate_all(model_generate_fn, [it.prompt for it in items], batch_size)
+    flat, scores = score_items(items, answers)
+    metrics = {f"{prefix}{name}": float(v) for name, v in flat.items()}
+    records = [
+        {
+            "id": it.prompt.id,
+            "task": it.task,
+            "qtype": it.qtype,
+            "question": it.prompt.turns[-1].content if it.prompt.turns else "",
+            "references": it.references,
+            "prediction": answer,
+            "score": None if math.isnan(score) else score,
+        }
+        for it, answer, score in zip(items, answers, scores, strict=True)
+    ]
+    return metrics, records
+
+
+@dataclass
+class GenerativeEvalResult(EvalResult):
+    """An EvalResult that also carries the per-question predictions (for predictions.jsonl)."""
+
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def evaluate_generative_world(
+    model_generate_fn: GenerateFn,
+    data_dir: str | os.PathLike,
+    *,
+    split: str = "test",
+    n: int = 200,
+    tasks: Sequence[str] | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> GenerativeEvalResult:
+    """Every task on the first `n` images of `split` and of the held-out split.
+
+    `tasks` selects among the world's task kinds (default: the reader's DEFAULT_TASKS);
+    `seed` is the reader's (it only picks the questions of "chat", which is not scored).
+    """
+    from visto.data.synth import iter_samples
+
+    runs = [(split, "heldout." if split == "heldout" else "")]
+    if split != "heldout":
+        runs.append(("heldout", "heldout."))
+    metrics: dict[str, float] = {}
+    predictions: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for split_name, prefix in runs:
+        samples = list(iter_samples(data_dir, split_name, tasks=tasks, seed=seed, limit=n))
+        if not samples:
+            notes.append(f"split {split_name!r} is empty: no {prefix or 'seen'} figures")
+            continue
+        log(f"{split_name}: {len(samples)} sample(s)")
+        m, records = evaluate_generative(
+            model_generate_fn, samples, prefix=prefix, batch_size=batch_size, log=log
+        )
+        metrics.update(m)
+        predictions += [{**r, "split": split_name} for r in records]
+        notes.append(f"{split_name}: {len(records)} question(s) on the first {n} image(s)")
+    return GenerativeEvalResult(metrics=metrics, notes=notes, predictions=predictions)
