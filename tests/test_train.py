@@ -14,13 +14,12 @@ from test_train_fixture import TinyConfig, TinyModel, make_samples, tiny_family,
 from visto.checkpoint import load
 from visto.errors import UserError
 from visto.train.data import BatchStream, buffered_shuffle
-from visto.train.loop import (
+from visto.train.loop import train, train_step
+from visto.train.optim import (
     build_optimizer,
     build_param_groups,
     lr_factor,
     schedule_progress,
-    train,
-    train_step,
 )
 from visto.train.recipe import (
     Recipe,
@@ -93,6 +92,15 @@ def test_unknown_prefix_and_conflicting_tied_lrs_are_user_errors():
         build_param_groups(model, 1e-3, {"head": 0.0}, 0.1)
     with pytest.raises(UserError, match="nothing to train"):
         build_param_groups(model, 0.0, {}, 0.1)
+
+
+def test_modules_the_model_locks_itself_stay_out_of_the_optimizer():
+    model = TinyModel(TinyConfig())
+    model.stem.requires_grad_(False)  # as CLIP's lock_image does for its tower
+    groups = build_param_groups(model, 1e-3, {}, 0.1)
+    names = {name for g in groups for name in g["names"]}
+    assert "stem.weight" not in names and "embed.weight" in names
+    assert not model.stem.weight.requires_grad
 
 
 def test_frozen_modules_get_no_gradient_no_state_and_stay_bit_identical():
