@@ -177,7 +177,9 @@ def test_detection_prf_with_labels():
     assert out["recall"] == pytest.approx(1 / 3)
     assert out["f1"] == pytest.approx(1 / 3)
     no_labels = M.detection_prf(predicted, target)
-    assert no_labels["precision"] == pytest.approx(2 / 3) and no_labels["recall"] == pytest.approx(2 / 3)
+    assert no_labels["precision"] == pytest.approx(2 / 3) and no_labels["recall"] == pytest.approx(
+        2 / 3
+    )
 
 
 # ------------------------------------------------------------------------------ OCR

@@ -58,7 +58,11 @@ def test_world_captions_match_pycocoevalcap():
         ["A large green star on a striped background.", "One shape: a star.", "An image with a large green star in the centre."],
         ['A small pink hexagon on a graded background. The text "CAT" is written on it.', "One shape: a hexagon.", "An image with a small pink hexagon at the bottom."],
     ]  # fmt: skip
-    hyps = ["Two shapes: a red circle and a green square.", "A large green star.", "One shape: a pink hexagon."]
+    hyps = [
+        "Two shapes: a red circle and a green square.",
+        "A large green star.",
+        "One shape: a pink hexagon.",
+    ]
     tok_refs = [[M.tokenize_caption(r) for r in rs] for rs in refs]
     tok_hyps = [M.tokenize_caption(h) for h in hyps]
     from pycocoevalcap.bleu.bleu import Bleu
@@ -66,8 +70,12 @@ def test_world_captions_match_pycocoevalcap():
 
     gts = dict(enumerate(tok_refs))
     res = {i: [h] for i, h in enumerate(tok_hyps)}
-    assert M.bleu(tok_hyps, tok_refs) == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0])
-    assert M.cider_d(tok_hyps, tok_refs)[0] == pytest.approx(float(Cider().compute_score(gts, res)[0]))
+    assert M.bleu(tok_hyps, tok_refs) == pytest.approx(
+        Bleu(4).compute_score(gts, res, verbose=0)[0]
+    )
+    assert M.cider_d(tok_hyps, tok_refs)[0] == pytest.approx(
+        float(Cider().compute_score(gts, res)[0])
+    )
 
 
 @pytest.mark.slow

@@ -138,7 +138,9 @@ def score_items(items: Sequence[Item], predictions: Sequence[str]) -> tuple[dict
 
     probes = [k for k in vqa if items[k].qtype == "exist"]
     if probes:
-        pope = M.pope_metrics([predictions[k] for k in probes], [_present(items[k]) for k in probes])
+        pope = M.pope_metrics(
+            [predictions[k] for k in probes], [_present(items[k]) for k in probes]
+        )
         out.update({f"pope.{name}": v for name, v in pope.items()})
 
     ground = by_task.get("ground", [])

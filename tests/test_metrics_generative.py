@@ -1,0 +1,140 @@
+"""evaluate_generative end to end on a small synthetic world, with generate functions whose
+figures are known: one that answers with the reference (perfect), and known wrong ones."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from visto.data.sample import Sample
+from visto.data.synth import WorldConfig, generate_world, iter_samples
+from visto.eval import EvalResult
+from visto.eval import metrics as M
+from visto.eval.generative import evaluate_generative, evaluate_generative_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    cfg = WorldConfig(
+        n=40, size=64, seed=3, splits={"train": 0.2, "val": 0.05, "test": 0.4, "heldout": 0.35}
+    )
+    generate_world(cfg, root, workers=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def test_samples(world):
+    return list(iter_samples(world, "test"))
+
+
+def oracle_for(samples: list[Sample]):
+    """A generate function that answers each prompt with its sample's reference answer
+    (for captions: the first reference), checking what it is handed on the way."""
+    # A caption item is asked with its image's first caption sample, so ids map directly.
+    answers = {s.id: s.turns[-1].content for s in samples}
+    batches: list[int] = []
+
+    def generate(batch: list[Sample]) -> list[str]:
+        batches.append(len(batch))
+        out = []
+        for s in batch:
+            assert s.turns[-1].role == "user" and s.images, "prompts end with the user turn"
+            s.normalized()
+            out.append(answers[s.id])
+        return out
+
+    generate.batches = batches
+    return generate
+
+
+PERFECT = {
+    "count.acc": 1.0, "pope.acc": 1.0, "pope.precision": 1.0, "pope.recall": 1.0, "pope.f1": 1.0,
+    "ground.acc50": 1.0, "refdesc.acc": 1.0, "ocr.exact": 1.0, "ocr.cer": 0.0, "json.valid": 1.0,
+    "json.field_acc": 1.0, "detect.precision": 1.0, "detect.recall": 1.0, "detect.f1": 1.0,
+    "classify.acc": 1.0, "caption.bleu4": 1.0,
+}  # fmt: skip
+
+
+def test_reference_answers_score_perfectly(test_samples):
+    generate = oracle_for(test_samples)
+    metrics, records = evaluate_generative(generate, test_samples, batch_size=7)
+    assert max(generate.batches) <= 7
+    for name, value in PERFECT.items():
+        assert metrics[name] == pytest.approx(value), name
+    vqa_types = {s.truth["qtype"] for s in test_samples if s.truth["task"] == "vqa"}
+    assert {"count", "colour", "exist"} <= vqa_types
+    for qtype in vqa_types:
+        assert metrics[f"vqa.{qtype}"] == 1.0
+    assert metrics["vqa.overall"] == 1.0
+    # The world's probes are balanced, so an unbiased model says yes half the time.
+    assert metrics["pope.yes_ratio"] == pytest.approx(0.5)
+    # CIDEr-D of one reference caption against all three is what cider_d says directly.
+    caps: dict[str, list[str]] = {}
+    for s in test_samples:
+        if s.truth["task"] == "caption":
+            caps.setdefault(s.truth["image_id"], []).append(s.turns[-1].content)
+    hyps = [M.tokenize_caption(c[0]) for c in caps.values()]
+    refs = [[M.tokenize_caption(r) for r in c] for c in caps.values()]
+    assert metrics["caption.cider"] == pytest.approx(M.cider_d(hyps, refs)[0])
+    assert metrics["caption.cider"] > 2.0
+    # One record per question (captions: one per image), every score filled in.
+    assert len(records) == sum(s.truth["task"] != "caption" for s in test_samples) + len(caps)
+    assert all(r["score"] is not None for r in records)
+    assert {r["task"] for r in records} == {
+        "caption",
+        "vqa",
+        "ground",
+        "refdesc",
+        "ocr",
+        "json",
+        "classify",
+    }
+
+
+def test_empty_answers_have_known_figures(test_samples):
+    metrics, _ = evaluate_generative(lambda batch: [""] * len(batch), test_samples)
+    for name in ("vqa.overall", "count.acc", "ground.acc50", "refdesc.acc", "ocr.exact",
+                 "json.valid", "json.field_acc", "detect.recall", "classify.acc", "caption.bleu4",
+                 "caption.cider"):  # fmt: skip
+        assert metrics[name] == pytest.approx(0.0, abs=1e-9), name
+    assert metrics["ocr.cer"] == 1.0  # every reference character deleted
+    # POPE reads an answer without "no"/"not" as yes: always yes on balanced probes.
+    assert metrics["pope.yes_ratio"] == 1.0
+    assert metrics["pope.acc"] == pytest.approx(0.5)
+    assert metrics["pope.recall"] == 1.0 and metrics["pope.f1"] == pytest.approx(2 / 3)
+    assert math.isnan(metrics["detect.precision"])  # nothing predicted: no precision
+
+
+def test_always_no_scores_the_share_of_no_answers(test_samples):
+    metrics, records = evaluate_generative(lambda batch: ["No."] * len(batch), test_samples)
+    vqa = [s for s in test_samples if s.truth["task"] == "vqa"]
+    for qtype in ("exist", "relation"):
+        answers = [s.turns[-1].content for s in vqa if s.truth["qtype"] == qtype]
+        assert metrics[f"vqa.{qtype}"] == pytest.approx(answers.count("no") / len(answers))
+    assert metrics["pope.yes_ratio"] == 0.0 and metrics["pope.recall"] == 0.0
+    assert math.isnan(metrics["pope.precision"])  # never said yes
+    # "No." parses as the count 0: right exactly where the answer is "0".
+    counts = [s for s in vqa if s.truth["qtype"] == "count"]
+    assert metrics["count.acc"] == pytest.approx(
+        sum(s.turns[-1].content == "0" for s in counts) / len(counts)
+    )
+
+
+def test_world_run_adds_heldout_figures(world):
+    everything = list(iter_samples(world, "test")) + list(iter_samples(world, "heldout"))
+    result = evaluate_generative_world(oracle_for(everything), world, n=5, batch_size=32)
+    assert isinstance(result, EvalResult)
+    assert result.metrics["vqa.overall"] == 1.0 and result.metrics["heldout.vqa.overall"] == 1.0
+    assert result.metrics["heldout.ground.acc50"] == 1.0
+    assert {p["split"] for p in result.predictions} == {"test", "heldout"}
+    assert all(isinstance(v, float) for v in result.metrics.values())
+
+
+def test_samples_without_task_truth_are_skipped():
+    logged: list[str] = []
+    metrics, records = evaluate_generative(
+        lambda batch: ["x"] * len(batch), [Sample("a", [], [])], log=logged.append
+    )
+    assert metrics == {} and records == [] and "skipped 1" in logged[0]
