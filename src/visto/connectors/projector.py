@@ -1,0 +1,131 @@
+"""Projectors: vision features (B, N, D_v) -> visual tokens (B, N', D_lm) the language model reads.
+
+Three kinds, from the simplest up:
+
+    linear         one Linear                                  LLaVA 1.0 (Liu et al. 2023)
+    mlp            Linear -> GELU -> Linear                     LLaVA 1.5 (Liu et al. 2023b, "mlp2x_gelu")
+    pixel_shuffle  space-to-depth by r, then one Linear          nanoVLM / Idefics3 (Laurençon et al. 2024)
+
+Pixel shuffle folds each r x r block of neighbouring patches into one token of r*r*D_v
+channels, so an image costs N / r^2 tokens instead of N: fewer tokens, shorter sequences,
+faster training, which is what a CPU budget needs.
+
+Module names follow transformers' `LlavaMultiModalProjector` (`linear_1`, `act`, `linear_2`),
+so the `mlp` kind exports to that format by key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from visto.errors import UserError
+
+KINDS = ("linear", "mlp", "pixel_shuffle")
+
+
+@dataclass
+class ProjectorConfig:
+    # The input and output widths are not settings: the towers fix them (build_projector's
+    # input_dim = vision width D_v, output_dim = language model width D_lm).
+    kind: str = "mlp"  # one of KINDS
+    hidden_dim: int | None = None  # mlp only; default output_dim (as LLaVA 1.5)
+    scale_factor: int = 2  # pixel_shuffle only: r, tokens shrink by r^2
+    act: str = "gelu"  # mlp only: "gelu" (exact, erf) as transformers' projector_hidden_act
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UserError(f"projector kind must be one of {KINDS}, got {self.kind!r}")
+        if self.act not in ACTIVATIONS:
+            raise UserError(f"projector act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
+        if self.scale_factor < 1 or (self.hidden_dim is not None and self.hidden_dim < 1):
+            raise UserError("projector scale_factor and hidden_dim must be positive")
+
+    def num_tokens(self, num_patches: int) -> int:
+        """Visual tokens per image for `num_patches` vision features."""
+        if self.kind != "pixel_shuffle":
+            return num_patches
+        side = math.isqrt(num_patches)
+        r = self.scale_factor
+        if side * side != num_patches or side % r:
+            raise UserError(
+                f"pixel_shuffle needs a square grid of patches whose side is a multiple of "
+                f"scale_factor {r}; got {num_patches} patches"
+            )
+        return num_patches // (r * r)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
+
+
+def pixel_shuffle(x: Tensor, r: int) -> Tensor:
+    """Space-to-depth: (B, N, D) on a sqrt(N) x sqrt(N) grid -> (B, N / r^2, r^2 * D).
+
+    Output token (i, j) (row-major over the (side/r) x (side/r) grid) is the concatenation of
+    the features of patches (i*r + a, j*r + b) for a, b in 0..r-1, a outer (nanoVLM's order).
+    """
+    B, N, D = x.shape
+    side = math.isqrt(N)
+    assert side * side == N and side % r == 0, f"{N} patches are not a square grid divisible by {r}"
+    x = x.reshape(B, side // r, r, side // r, r, D)  # (B, h, a, w, b, D)
+    x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h, w, a, b, D)
+    return x.reshape(B, (side // r) ** 2, r * r * D)  # (B, N / r^2, r^2 * D)
+
+
+class LinearProjector(nn.Module):
+    def __init__(self, cfg: ProjectorConfig, input_dim: int, output_dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(input_dim, output_dim, bias=cfg.bias)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.linear_1(features)  # (B, N, D_lm)
+
+
+class MLPProjector(nn.Module):
+    def __init__(self, cfg: ProjectorConfig, input_dim: int, output_dim: int) -> None:
+        super().__init__()
+        hidden = cfg.hidden_dim or output_dim
+        self.linear_1 = nn.Linear(input_dim, hidden, bias=cfg.bias)
+        self.act = ACTIVATIONS[cfg.act]()
+        self.linear_2 = nn.Linear(hidden, output_dim, bias=cfg.bias)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))  # (B, N, D_lm)
+
+
+class PixelShuffleProjector(nn.Module):
+    def __init__(self, cfg: ProjectorConfig, input_dim: int, output_dim: int) -> None:
+        super().__init__()
+        self.scale_factor = cfg.scale_factor
+        self.linear_1 = nn.Linear(input_dim * cfg.scale_factor**2, output_dim, bias=cfg.bias)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.linear_1(pixel_shuffle(features, self.scale_factor))  # (B, N / r^2, D_lm)
+
+
+def build_projector(cfg: ProjectorConfig, input_dim: int, output_dim: int) -> nn.Module:
+    """A projector from `input_dim` vision features to `output_dim` visual tokens."""
+    assert input_dim >= 1 and output_dim >= 1, (input_dim, output_dim)
+    kinds = {"linear": LinearProjector, "mlp": MLPProjector, "pixel_shuffle": PixelShuffleProjector}
+    module = kinds[cfg.kind](cfg, input_dim, output_dim)
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
+__all__ = [
+    "KINDS",
+    "LinearProjector",
+    "MLPProjector",
+    "PixelShuffleProjector",
+    "ProjectorConfig",
+    "build_projector",
+    "pixel_shuffle",
+]

@@ -1,0 +1,483 @@
+"""LLaVA (Liu et al. 2023, "Visual Instruction Tuning"; 1.5: "Improved Baselines ..."):
+a vision tower, a projector, and a decoder that reads the projected patches as tokens.
+
+    pixels (N_img, 3, S, S) -> ViT, hidden state of vision_feature_layer, CLS dropped  (N_img, P, D_v)
+                            -> projector (linear | mlp | pixel_shuffle)                 (N_img, n, D_lm)
+    input_ids (B, T) -> embeddings (B, T, D_lm); the k-th `<image>` id, counted row-major
+                        over the batch, gets the k-th visual token (the processor puts
+                        exactly n `<image>` ids per image, images in batch order)
+                     -> decoder -> logits (B, T, V); loss on the answer tokens only (shifted)
+
+Any number of images per conversation, anywhere in any turn: the splice only counts ids.
+
+Parameter names are those of transformers' `LlavaForConditionalGeneration` as it saves them:
+`vision_tower.*` (CLIPVisionModel names), `multi_modal_projector.*` (linear_1, linear_2),
+`language_model.*` (Llama names), so `export_hf` is a short key map and from there vLLM serves
+the model. Transformers' format is exact for the `mlp` projector with processor settings
+`image_delimiters=False` and `image_tokens = (image_size / patch_size)^2` (its processor
+repeats `<image>` once per patch, with no start/end tokens around the run).
+
+Training stages are recipes (`llava-stage1.json`: projector only on captions;
+`llava-stage2.json`: projector + decoder on the instruction mix); the groups for
+`optim.module_lrs` are `PARAM_GROUPS` (0 = frozen).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from visto.connectors.projector import ProjectorConfig, build_projector
+from visto.data.processor import IGNORE_INDEX, Processor, ProcessorConfig
+from visto.data.sample import Sample
+from visto.data.tokenizer import IMAGE, SPECIAL_TOKENS, Tokenizer, corpus_texts, train_tokenizer
+from visto.errors import UserError
+from visto.losses import lm_loss
+from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
+from visto.nn.vision import ViT, ViTConfig, load_transformers_clip_vision
+
+IMAGE_TOKEN_ID = SPECIAL_TOKENS.index(IMAGE)  # fixed by visto's tokenizer layout (id 3)
+
+# Names for optim.module_lrs: group -> the parameter-name prefix it covers.
+PARAM_GROUPS = {
+    "vision": "vision_tower",
+    "projector": "multi_modal_projector",
+    "language": "language_model",
+}
+
+
+def _default_processor() -> ProcessorConfig:
+    # 64 px, 8 px patches -> 64 patches -> 64 visual tokens with the mlp projector; no
+    # delimiters, so the exported model reads the same ids transformers' LlavaProcessor makes.
+    return ProcessorConfig(image_size=64, image_tokens=64, image_delimiters=False, max_length=256)
+
+
+@dataclass
+class LlavaConfig:
+    vision: ViTConfig = field(default_factory=lambda: ViTConfig.preset("small"))
+    # Hidden state fed to the projector, indexed as transformers does (-1 last, -2 the
+    # penultimate layer, which LLaVA 1.5 uses: its last layer is tuned to CLIP's objective).
+    # The CLS token is always dropped (transformers' vision_feature_select_strategy "default").
+    vision_feature_layer: int = -2
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig.preset("small"))
+    processor: ProcessorConfig = field(default_factory=_default_processor)
+    # Where the tokenizer comes from when no processor is attached (a fresh model; a checkpoint
+    # carries its own): a directory holding tokenizer.json (e.g. a CLIP checkpoint trained on
+    # the same world), else a dataset path whose texts train one (synthetic world: every task
+    # of its train split), with processor.vocab_size and processor.loc_bins.
+    tokenizer_dir: str | None = None
+    tokenizer_corpus: str | None = None
+    # Pretrained towers, read when the model is built and then forgotten (the saved config
+    # holds the towers' configs, the weights hold their weights): a visto CLIP (or LLaVA)
+    # checkpoint or a transformers CLIP directory; a transformers Llama/Qwen2 directory
+    # (DecoderLM.from_pretrained) whose vocabulary is a visto tokenizer's.
+    vision_init: str | None = None
+    language_init: str | None = None
+
+    def __post_init__(self) -> None:
+        if not -self.vision.layers - 1 <= self.vision_feature_layer <= self.vision.layers:
+            raise UserError(
+                f"vision_feature_layer {self.vision_feature_layer} is outside the "
+                f"{self.vision.layers + 1} hidden states of the vision tower"
+            )
+        if self.processor.resize_mode == "patch":
+            raise UserError("LLaVA encodes square images: processor.resize_mode 'pad' or 'resize'")
+
+    @property
+    def image_tokens(self) -> int:
+        """Visual tokens per image: patches, divided by r^2 under pixel shuffle."""
+        return self.projector.num_tokens(self.vision.num_patches)
+
+    def check_processor(self) -> None:
+        """The processor must make the images and the `<image>` runs the towers expect."""
+        p, problems = self.processor, []
+        if p.image_size != self.vision.image_size:
+            problems.append(
+                f"processor.image_size is {p.image_size} but the vision tower takes "
+                f"{self.vision.image_size} px images"
+            )
+        if p.image_tokens != self.image_tokens:
+            problems.append(
+                f"processor.image_tokens is {p.image_tokens} but each image gives "
+                f"{self.image_tokens} visual tokens ({self.vision.num_patches} patches, "
+                f"projector {self.projector.kind})"
+            )
+        if p.vocab_size > self.decoder.vocab_size:
+            problems.append(
+                f"processor.vocab_size {p.vocab_size} exceeds decoder.vocab_size "
+                f"{self.decoder.vocab_size}"
+            )
+        if problems:
+            raise UserError("llava config: " + "; ".join(problems) + "; make them agree")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> LlavaConfig:
+        """`tiny` for unit tests (32 px, 16 visual tokens, 2+2 layers); `small` for the CPU."""
+        if name == "tiny":
+            base: dict[str, Any] = dict(
+                vision=ViTConfig.preset("tiny"),
+                vision_feature_layer=-1,
+                decoder=DecoderConfig.preset("tiny", vocab_size=400),
+                processor=ProcessorConfig(
+                    image_size=32, image_tokens=16, image_delimiters=False, vocab_size=400,
+                    loc_bins=32,
+                ),
+            )
+        elif name == "small":
+            base = {}
+        else:
+            raise UserError(f"unknown LLaVA preset {name!r}; choose 'tiny' or 'small'")
+        return cls(**{**base, **overrides})
+
+
+# ----------------------------------------------------------------------------- pretrained parts
+
+
+def load_vision_tower(path: str | Path) -> ViT:
+    """The ViT of a visto CLIP/LLaVA checkpoint, or of a transformers CLIP directory."""
+    from visto.checkpoint import is_checkpoint, load, read_config
+
+    path = Path(path)
+    if is_checkpoint(path):
+        config = json.loads((path / "config.json").read_text())
+        if "family" in config:
+            family = read_config(path)["family"]
+            model = load(path)
+            tower = {"clip": "vision_model", "llava": "vision_tower"}.get(family)
+            if tower is None:
+                raise UserError(f"{path} is a {family!r} checkpoint; vision_init needs clip or llava")
+            return getattr(model, tower)
+        return load_transformers_clip_vision(path)
+    raise UserError(
+        f"vision_init {path} is not a checkpoint directory (config.json + model.safetensors); "
+        "train one with `visto train --recipe clip-synth`"
+    )
+
+
+def tokenizer_from_corpus(corpus: str | Path, config: ProcessorConfig) -> Tokenizer:
+    """A tokenizer trained on every text of a dataset (synthetic world: all tasks, train split)."""
+    from visto.data.formats import infer_format, read_samples
+
+    fmt = infer_format(corpus)
+    if fmt == "synth":
+        from visto.data.synth import TASK_KINDS
+
+        samples = read_samples(corpus, "synth", split="train", tasks=list(TASK_KINDS))
+    else:
+        samples = read_samples(corpus, fmt)
+    return train_tokenizer(corpus_texts(samples), config.vocab_size, loc_bins=config.loc_bins)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def _field(batch: Any, name: str) -> Any:
+    """A batch entry from a collated dict or a processor `Batch` alike."""
+    return batch[name] if isinstance(batch, dict) else getattr(batch, name)
+
+
+class Llava(nn.Module):
+    family = "llava"
+    PARAM_GROUPS = PARAM_GROUPS
+
+    def __init__(self, config: LlavaConfig) -> None:
+        super().__init__()
+        vision = load_vision_tower(config.vision_init) if config.vision_init else None
+        language = DecoderLM.from_pretrained(config.language_init) if config.language_init else None
+        # Pretrained towers bring their own configs; the paths are consumed here, so that a
+        # saved checkpoint rebuilds without them.
+        self.init_sources = {"vision": config.vision_init, "language": config.language_init}
+        config = replace(
+            config,
+            vision=vision.config if vision is not None else config.vision,
+            decoder=language.config if language is not None else config.decoder,
+            vision_init=None,
+            language_init=None,
+        )
+        config.check_processor()
+        self.config = config
+        self.vision_tower = vision if vision is not None else ViT(config.vision)
+        self.multi_modal_projector = build_projector(
+            config.projector, config.vision.width, config.decoder.hidden_size
+        )
+        self.language_model = language if language is not None else DecoderLM(config.decoder)
+        self._processor: Processor | None = None
+
+    # -- processor
+
+    @property
+    def processor(self) -> Processor:
+        if self._processor is None:
+            cfg = self.config
+            if cfg.tokenizer_dir:
+                tokenizer = Tokenizer.load(cfg.tokenizer_dir)
+            elif cfg.tokenizer_corpus:
+                tokenizer = tokenizer_from_corpus(cfg.tokenizer_corpus, cfg.processor)
+            else:
+                raise UserError(
+                    "this LLaVA model has no tokenizer: set model.config.tokenizer_corpus to the "
+                    "training data (a tokenizer is trained on its texts) or tokenizer_dir to a "
+                    "directory with tokenizer.json"
+                )
+            self.processor = Processor(cfg.processor, tokenizer)
+        assert self._processor is not None
+        return self._processor
+
+    @processor.setter
+    def processor(self, processor: Processor) -> None:
+        vocab = processor.tokenizer.vocab_size
+        if vocab > self.config.decoder.vocab_size:
+            raise UserError(
+                f"the tokenizer has {vocab} tokens but decoder.vocab_size is "
+                f"{self.config.decoder.vocab_size}; set decoder.vocab_size >= {vocab}"
+            )
+        if processor.tokenizer.image_id != IMAGE_TOKEN_ID:
+            raise UserError(f"the tokenizer's <image> id must be {IMAGE_TOKEN_ID}")
+        if processor.config.image_tokens != self.config.image_tokens:
+            raise UserError(
+                f"the processor puts {processor.config.image_tokens} <image> ids per image but "
+                f"this model makes {self.config.image_tokens} visual tokens per image"
+            )
+        self._processor = processor
+
+    # -- the forward pass
+
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """(N_img, 3, S, S) -> visual tokens (N_img, n, D_lm)."""
+        features = self.vision_tower(
+            pixel_values, feature_layer=self.config.vision_feature_layer, pooled=False
+        ).features  # (N_img, P, D_v), CLS dropped
+        return self.multi_modal_projector(features)  # (N_img, n, D_lm)
+
+    def embed_inputs(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor,
+        image_sample_index: Tensor | None = None,
+    ) -> Tensor:
+        """Token embeddings (B, T, D_lm) with the visual tokens at the `<image>` positions."""
+        embeds = self.language_model.embed(input_ids)  # (B, T, C)
+        is_image = input_ids == IMAGE_TOKEN_ID  # (B, T)
+        n_img = pixel_values.shape[0]
+        expected = int(is_image.sum())
+        if n_img == 0:
+            assert expected == 0, f"{expected} <image> ids in the batch but no pixel_values"
+            return embeds
+        features = self.image_features(pixel_values)  # (N_img, n, C)
+        per_image = features.shape[1]
+        assert expected == n_img * per_image, (
+            f"the batch has {expected} <image> ids but {n_img} images x {per_image} visual tokens "
+            f"= {n_img * per_image}; the processor's image_tokens must equal the model's "
+            f"({self.config.image_tokens}) and every image needs its <image> run"
+        )
+        if image_sample_index is not None:
+            per_row = torch.bincount(image_sample_index, minlength=input_ids.shape[0]) * per_image
+            assert torch.equal(per_row.to(is_image.device), is_image.sum(dim=1)), (
+                f"<image> ids per row {is_image.sum(dim=1).tolist()} do not match the images per "
+                f"row x {per_image} = {per_row.tolist()}"
+            )
+        # masked_scatter fills the True positions in row-major order: row 0's images first.
+        features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # (N_img * n, C)
+        return embeds.masked_scatter(is_image[..., None], features)
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers)."""
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        embeds = self.embed_inputs(
+            input_ids, batch["pixel_values"], batch.get("image_sample_index")
+        )
+        logits, _ = self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
+        )  # (B, T, V)
+        loss = lm_loss(logits, labels)
+        with torch.no_grad():
+            target = labels[:, 1:]
+            scored = target != IGNORE_INDEX
+            hits = (logits[:, :-1].argmax(dim=-1) == target) & scored
+            token_acc = hits.sum() / scored.sum().clamp(min=1)
+        return {"loss": loss, "token_acc": token_acc}
+
+    def collate(self, samples: list[Sample]) -> dict[str, Tensor]:
+        """Training batch: whole conversations, labels on the answers, right padding."""
+        processor = self.processor
+        batch = processor.collator("right")([processor.encode(s, train=True) for s in samples])
+        out = {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "position_ids": batch.position_ids,
+            "labels": batch.labels,
+            "pixel_values": batch.pixel_values,
+            "image_sample_index": batch.image_sample_index,
+            "image_token_counts": batch.image_token_counts,
+        }
+        return out
+
+    # -- generation engine protocol (visto.infer.engine)
+
+    def prompt_batch(self, samples: list[Sample]) -> Any:
+        """Prompts for generation: a final assistant turn is dropped, left padding."""
+        processor = self.processor
+        encoded = [processor.encode(s, train=False) for s in samples]
+        return processor.collator("left")(encoded)
+
+    def prefill(self, batch: Any) -> tuple[Tensor, DecoderState]:
+        """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
+        device = self.language_model.lm_head.weight.device
+        with torch.inference_mode():
+            embeds = self.embed_inputs(
+                _field(batch, "input_ids").to(device),
+                _field(batch, "pixel_values").to(device, self.language_model.lm_head.weight.dtype),
+                _field(batch, "image_sample_index").to(device),
+            )
+        return self.language_model.prefill_embeds(embeds, _field(batch, "attention_mask").to(device))
+
+    def decode_step(self, next_ids: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
+        return self.language_model.decode_step(next_ids, state)
+
+
+# ----------------------------------------------------------------------------- transformers format
+
+
+def hf_key_map(model: Llava) -> dict[str, str]:
+    """Our state-dict key -> the key in a transformers (llava-hf) model.safetensors.
+
+    The layout of the llava-hf checkpoints on the hub (what vLLM reads):
+    `vision_tower.vision_model.*`, `multi_modal_projector.*`, `language_model.model.*`,
+    `language_model.lm_head.weight`.
+    """
+    out = {}
+    for key in model.vision_tower.state_dict():
+        out[f"vision_tower.{key}"] = f"vision_tower.vision_model.{key}"
+    for key in model.multi_modal_projector.state_dict():
+        out[f"multi_modal_projector.{key}"] = f"multi_modal_projector.{key}"
+    for ours, theirs in model.language_model.hf_key_map().items():
+        out[f"language_model.{ours}"] = f"language_model.{theirs}"
+    return out
+
+
+def hf_config(model: Llava) -> dict[str, Any]:
+    """transformers' LlavaConfig as a dict (CLIP vision config, Llama/Qwen2 text config)."""
+    cfg = model.config
+    v = cfg.vision
+    text = cfg.decoder.to_hf()
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": v.width,
+            "intermediate_size": v.mlp_hidden,
+            "num_hidden_layers": v.layers,
+            "num_attention_heads": v.heads,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "hidden_act": v.act,
+            "layer_norm_eps": v.eps,
+            "num_channels": 3,
+        },
+        "text_config": text,
+        "image_token_index": IMAGE_TOKEN_ID,
+        "image_seq_length": cfg.image_tokens,
+        "projector_hidden_act": cfg.projector.act,
+        "multimodal_projector_bias": cfg.projector.bias,
+        "vision_feature_layer": cfg.vision_feature_layer,
+        "vision_feature_select_strategy": "default",
+        "tie_word_embeddings": cfg.decoder.tie_word_embeddings,
+        "torch_dtype": "float32",
+    }
+
+
+def export_hf(model: Llava, directory: str | Path) -> Path:
+    """Write `directory` for `transformers.LlavaForConditionalGeneration.from_pretrained`
+    (and vLLM): config.json, model.safetensors, and the tokenizer with its chat template.
+
+    Exact for the `mlp` projector whose hidden width is the decoder's, with processor
+    `image_delimiters=False` (transformers' processor repeats `<image>` with no delimiters).
+    """
+    from safetensors.torch import save_file
+
+    from visto.utils.io import atomic_directory, atomic_write_json
+
+    cfg = model.config
+    problems = []
+    if cfg.projector.kind != "mlp" or cfg.projector.hidden_dim not in (None, cfg.decoder.hidden_size):
+        problems.append(
+            "transformers' Llava projector is linear_1 -> act -> linear_2 at the text width: "
+            "use projector kind 'mlp' with hidden_dim null"
+        )
+    if cfg.projector.act not in ("gelu", "silu", "gelu_tanh"):
+        problems.append(f"projector act {cfg.projector.act!r} has no transformers name")
+    if cfg.processor.image_delimiters:
+        problems.append(
+            "processor.image_delimiters must be false: transformers' LlavaProcessor puts no "
+            "<im_start>/<im_end> around the image tokens, so prompts would differ from training"
+        )
+    if problems:
+        raise UserError("cannot export this LLaVA to the transformers format: " + "; ".join(problems))
+
+    state = model.state_dict()
+    tensors = {
+        theirs: state[ours].detach().float().contiguous().cpu()
+        for ours, theirs in hf_key_map(model).items()
+    }
+    if cfg.vision.pos_embed == "sincos":
+        # transformers' CLIP learns its position table; ours is fixed, so store it as one.
+        table = model.vision_tower.embeddings.fixed_position_embedding
+        tensors["vision_tower.vision_model.embeddings.position_embedding.weight"] = (
+            table.detach().float().contiguous().cpu()
+        )
+    config = hf_config(model)
+    with atomic_directory(directory) as tmp:
+        atomic_write_json(tmp / "config.json", config)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if model._processor is not None or cfg.tokenizer_dir or cfg.tokenizer_corpus:
+            model.processor.tokenizer.to_hf_tokenizer().save_pretrained(str(tmp))
+            p = model.processor.config
+            atomic_write_json(
+                tmp / "preprocessor_config.json",
+                {
+                    "image_processor_type": "CLIPImageProcessor",
+                    "do_resize": True,
+                    "size": {"height": p.image_size, "width": p.image_size},
+                    "resample": 3,
+                    "do_center_crop": False,
+                    "do_rescale": True,
+                    "rescale_factor": 1 / 255,
+                    "do_normalize": True,
+                    "image_mean": list(p.mean),
+                    "image_std": list(p.std),
+                    "do_convert_rgb": True,
+                },
+            )
+            atomic_write_json(
+                tmp / "processor_config.json",
+                {
+                    "processor_class": "LlavaProcessor",
+                    "patch_size": cfg.vision.patch_size,
+                    "vision_feature_select_strategy": "default",
+                    "num_additional_image_tokens": 1,
+                    "image_token": IMAGE,
+                },
+            )
+    return Path(directory)
+
+
+__all__ = [
+    "IMAGE_TOKEN_ID",
+    "PARAM_GROUPS",
+    "Llava",
+    "LlavaConfig",
+    "export_hf",
+    "hf_config",
+    "hf_key_map",
+    "load_vision_tower",
+    "tokenizer_from_corpus",
+]
