@@ -1,0 +1,42 @@
+"""Model families: name -> (config dataclass, model class), and `build_model`.
+
+Every model class has `family: str`, `config` (its dataclass), `forward(batch) -> dict` with a
+scalar "loss", and `collate(samples) -> batch`; the training loop, checkpoints and export rely
+on nothing else. Add a family by adding one line here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from visto.config import from_dict
+from visto.errors import UserError
+from visto.models.clip import CLIP, CLIPConfig
+from visto.models.llava import Llava, LlavaConfig
+
+FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
+    "clip": (CLIPConfig, CLIP),
+    "llava": (LlavaConfig, Llava),
+}
+
+
+def build_model(family: str, config: Any = None, seed: int | None = None) -> nn.Module:
+    """A freshly initialised model of `family` from its config (dataclass, dict, or None for
+    the defaults). With `seed`, the initial weights depend on it alone, not on the global RNG."""
+    if family not in FAMILIES:
+        raise UserError(f"unknown model family {family!r}; known families: {sorted(FAMILIES)}")
+    config_cls, model_cls = FAMILIES[family]
+    if config is None:
+        config = config_cls()
+    elif isinstance(config, dict):
+        config = from_dict(config_cls, config, where=f"{family} config")
+    elif not isinstance(config, config_cls):
+        raise TypeError(f"{family} needs a {config_cls.__name__}, got {type(config).__name__}")
+    if seed is None:
+        return model_cls(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_cls(config)

@@ -1,0 +1,261 @@
+"""CLIP (Radford et al. 2021), SigLIP's loss (Zhai et al. 2023) and LiT's locked towers
+(Zhai et al. 2022): two towers and a contrastive loss, wired in one short file.
+
+    pixels (B, 3, S, S) -> ViT -> pooled (B, W_v) -> visual_projection -> L2 norm -> (B, E)
+    texts              -> text tower -> (B, W_t) -> text_projection  -> L2 norm -> (B, E)
+    logits = scale * image_emb @ text_emb.T      (B, B), the matching pairs on the diagonal
+    loss   = InfoNCE both ways (CLIP) | pairwise sigmoid with a learnable bias (SigLIP)
+
+The temperature is learned as log(1 / T), initialised at T = 0.07 and clipped so that the
+logit scale never exceeds 100 (CLIP, section 2.5). Names follow transformers' `CLIPModel`
+(`vision_model`, `text_model`, `visual_projection`, `text_projection`, `logit_scale`), so the
+vision tower, and with kind="transformer" the text tower too, export by key.
+
+A locked tower (LiT: `lock_image`, `lock_text`) runs without gradient and stays in eval mode;
+its projection head still trains, since it maps the locked features to the shared space.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from visto.data.sample import IMAGE_PLACEHOLDER, Sample
+from visto.errors import UserError
+from visto.losses import clip_loss, contrastive_logits, siglip_loss
+from visto.nn.text import TextConfig, build_text_encoder
+from visto.nn.vision import ViT, ViTConfig, images_to_tensor
+
+LOSSES = ("infonce", "siglip")
+
+
+@dataclass
+class CLIPConfig:
+    vision: ViTConfig = field(default_factory=lambda: ViTConfig.preset("small"))
+    text: TextConfig = field(default_factory=lambda: TextConfig.preset("small"))
+    embed_dim: int = 128
+    loss: str = "infonce"  # "infonce" (CLIP) | "siglip"
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0  # CLIP clips the learned scale here
+    init_logit_bias: float = -10.0  # SigLIP's initial bias (paper, section 3.2)
+    lock_image: bool = False  # LiT: a pretrained image tower, kept as it is
+    lock_text: bool = False
+    # A directory with processor.json + tokenizer.json (visto.data.processor.Processor.save),
+    # used when no processor is attached (a fresh model; a checkpoint carries its own).
+    processor_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise UserError(f"clip loss must be one of {LOSSES}, got {self.loss!r}")
+        if not 0 < self.init_temperature <= 1:
+            raise UserError(f"init_temperature must be in (0, 1], got {self.init_temperature}")
+        if 1 / self.init_temperature > self.max_logit_scale:
+            raise UserError(
+                f"init_temperature {self.init_temperature} gives a logit scale above "
+                f"max_logit_scale {self.max_logit_scale}"
+            )
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> CLIPConfig:
+        """`tiny` for unit tests; `small` for the synthetic world on a CPU."""
+        if name == "tiny":
+            base = dict(
+                vision=ViTConfig.preset("tiny"), text=TextConfig.preset("tiny"), embed_dim=32
+            )
+        elif name == "small":
+            base = dict(vision=ViTConfig.preset("small"), text=TextConfig.preset("small"))
+        else:
+            raise UserError(f"unknown CLIP preset {name!r}; choose 'tiny' or 'small'")
+        return cls(**{**base, **overrides})
+
+
+def caption_of(sample: Sample) -> str:
+    """The text paired with a sample's image: truth["caption"] (or the first of
+    truth["captions"]) where the source has one, else the last assistant turn."""
+    truth = sample.truth or {}
+    text = truth.get("caption")
+    if not text and truth.get("captions"):
+        text = truth["captions"][0]
+    if not text:
+        answers = [t.content for t in sample.turns if t.role == "assistant"]
+        text = answers[-1] if answers else ""
+    text = text.replace(IMAGE_PLACEHOLDER, "").strip()
+    if not text:
+        raise UserError(
+            f"sample {sample.id!r} has no caption for CLIP training: it needs truth['caption'] "
+            "or an assistant turn (use caption data, e.g. tasks ['caption'])"
+        )
+    return text
+
+
+class CLIP(nn.Module):
+    family = "clip"
+
+    def __init__(self, config: CLIPConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_model = ViT(config.vision)
+        self.text_model = build_text_encoder(config.text)
+        self.visual_projection = nn.Linear(
+            self.vision_model.output_dim, config.embed_dim, bias=False
+        )
+        self.text_projection = nn.Linear(self.text_model.output_dim, config.embed_dim, bias=False)
+        nn.init.normal_(self.visual_projection.weight, std=self.vision_model.output_dim**-0.5)
+        nn.init.normal_(self.text_projection.weight, std=self.text_model.output_dim**-0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
+        if config.loss == "siglip":
+            self.logit_bias = nn.Parameter(torch.tensor(config.init_logit_bias))
+        else:
+            self.logit_bias = None
+        for locked, tower in (
+            (config.lock_image, self.vision_model),
+            (config.lock_text, self.text_model),
+        ):
+            if locked:
+                tower.requires_grad_(False)
+                tower.eval()
+        self._processor: Any = None
+
+    # -- processor: image transform and tokenizer
+
+    @property
+    def processor(self) -> Any:
+        if self._processor is None and self.config.processor_dir:
+            from visto.data.processor import Processor
+
+            self.processor = Processor.load(self.config.processor_dir)
+        return self._processor
+
+    @processor.setter
+    def processor(self, processor: Any) -> None:
+        if processor is not None and self.config.text.kind == "transformer":
+            vocab = processor.tokenizer.vocab_size
+            if vocab > self.config.text.vocab_size:
+                raise UserError(
+                    f"the tokenizer has {vocab} tokens but the text tower's vocab_size is "
+                    f"{self.config.text.vocab_size}; set text.vocab_size >= {vocab}"
+                )
+            self.text_model.set_tokenizer(processor.tokenizer)
+        self._processor = processor
+
+    def train(self, mode: bool = True) -> CLIP:
+        super().train(mode)
+        if self.config.lock_image:
+            self.vision_model.eval()
+        if self.config.lock_text:
+            self.text_model.eval()
+        return self
+
+    # -- towers
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, S, S) normalized pixels -> (B, embed_dim), unit length."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.lock_image):
+            pooled = self.vision_model(pixel_values).pooled  # (B, W_v)
+        return F.normalize(self.visual_projection(pooled), dim=-1)
+
+    def encode_text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Tokenized text (B, T) -> (B, embed_dim), unit length."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.lock_text):
+            pooled = self.text_model(input_ids, attention_mask)  # (B, W_t)
+        return F.normalize(self.text_projection(pooled), dim=-1)
+
+    def encode_text(self, texts: list[str]) -> Tensor:
+        """Strings -> (B, embed_dim), unit length (tokenized by the text tower)."""
+        batch = self._to_device(self.text_model.tokenize(list(texts)))
+        return self.encode_text_tokens(batch["input_ids"], batch["attention_mask"])
+
+    def current_logit_scale(self) -> Tensor:
+        return self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+
+    # -- training
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """batch from `collate` -> {"loss", "logit_scale", "acc_i2t", "acc_t2i"[, "logit_bias"]}."""
+        if self.training:
+            # CLIP clips the parameter itself (open_clip clamps it after each optimizer step);
+            # doing it here, before use, keeps the clip inside the model for any training loop.
+            with torch.no_grad():
+                self.logit_scale.clamp_(0, math.log(self.config.max_logit_scale))
+        image_emb = self.encode_image(batch["pixel_values"])  # (B, E)
+        text_emb = self.encode_text_tokens(batch["input_ids"], batch["attention_mask"])  # (B, E)
+        scale = self.current_logit_scale()
+        if self.logit_bias is not None:
+            loss = siglip_loss(image_emb, text_emb, scale, self.logit_bias)
+        else:
+            loss = clip_loss(image_emb, text_emb, scale)
+        with torch.no_grad():
+            logits = contrastive_logits(image_emb, text_emb, scale)  # (B, B)
+            target = torch.arange(logits.shape[0], device=logits.device)
+            out = {
+                "loss": loss,
+                "logit_scale": scale.detach(),
+                "acc_i2t": (logits.argmax(dim=1) == target).float().mean(),
+                "acc_t2i": (logits.argmax(dim=0) == target).float().mean(),
+            }
+            if self.logit_bias is not None:
+                out["logit_bias"] = self.logit_bias.detach()
+        return out
+
+    def collate(self, samples: list[Sample]) -> dict[str, Tensor]:
+        """Samples -> {"pixel_values" (B,3,S,S), "input_ids" (B,T), "attention_mask" (B,T)}:
+        each sample's first image with its caption (see `caption_of`)."""
+        for s in samples:
+            if not s.images:
+                raise UserError(f"sample {s.id!r} has no image; CLIP trains on image-text pairs")
+        texts = [caption_of(s) for s in samples]
+        pixel_values = self.image_tensor([s.images[0] for s in samples])
+        return {"pixel_values": pixel_values, **self.text_model.tokenize(texts)}
+
+    # -- inference conveniences
+
+    def image_tensor(self, images: list[Image.Image]) -> Tensor:
+        """PIL images -> (N, 3, S, S): the processor's transform if attached, else resize +
+        normalize with the vision config's mean/std."""
+        size = self.config.vision.image_size
+        processor = self.processor
+        if processor is not None and processor.config.resize_mode != "patch":
+            if processor.config.image_size != size:
+                raise UserError(
+                    f"the processor makes {processor.config.image_size}px images but the vision "
+                    f"tower expects {size}px; make processor image_size and vision.image_size agree"
+                )
+            pixel_values, _ = processor.pixel_values(images)
+            return pixel_values
+        vision = self.config.vision
+        return images_to_tensor(images, size, vision.image_mean, vision.image_std)
+
+    @torch.no_grad()
+    def embed_images(self, images: list[Image.Image], batch_size: int = 64) -> Tensor:
+        """PIL images -> (N, embed_dim) unit vectors on the CPU."""
+        was_training = self.training
+        self.eval()
+        chunks = [
+            self.encode_image(self._to_device(self.image_tensor(images[i : i + batch_size])))
+            for i in range(0, len(images), batch_size)
+        ]
+        self.train(was_training)
+        return torch.cat(chunks).cpu() if chunks else torch.zeros(0, self.config.embed_dim)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str], batch_size: int = 256) -> Tensor:
+        """Strings -> (N, embed_dim) unit vectors on the CPU."""
+        was_training = self.training
+        self.eval()
+        chunks = [
+            self.encode_text(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)
+        ]
+        self.train(was_training)
+        return torch.cat(chunks).cpu() if chunks else torch.zeros(0, self.config.embed_dim)
+
+    def _to_device(self, x: Any) -> Any:
+        device = self.logit_scale.device
+        if isinstance(x, dict):
+            return {k: v.to(device) for k, v in x.items()}
+        return x.to(device, dtype=self.visual_projection.weight.dtype)
