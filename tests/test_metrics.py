@@ -157,11 +157,12 @@ def test_grounding_accuracy():
 
 
 def test_hungarian_matching_beats_greedy():
-    # Greedy by IoU pairs p0 with t0 (IoU 0.8) and leaves p1 with nothing (IoU(p1, t1) < 0.5);
-    # the optimal assignment pairs p0-t1 (0.6) and p1-t0 (0.55): two matches.
+    # Greedy by IoU takes p0-t0 (0.85) first and leaves p1 only t1 (IoU 0.33 < 0.5): one
+    # match. The optimal assignment pairs p0-t1 (0.79) and p1-t0 (0.54): two matches.
     t0, t1 = [0, 0, 100, 100], [20, 0, 120, 100]
-    p0 = [10, 0, 110, 100]  # IoU with t0: 90/110 = 0.818; with t1: 90/110 = 0.818 too
+    p0 = [8, 0, 108, 100]  # IoU with t0: 92/108 = 0.852; with t1: 88/112 = 0.786
     p1 = [-30, 0, 70, 100]  # IoU with t0: 70/130 = 0.538; with t1: 50/150 = 0.333
+    assert M.box_iou(p0, t0) > M.box_iou(p0, t1) > 0.5 > M.box_iou(p1, t1)
     pairs = M.match_boxes([p0, p1], [t0, t1])
     assert sorted(pairs) == [(0, 1), (1, 0)]
 
