@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 from visto.commands._common import add_command
 from visto.errors import UserError
@@ -40,16 +42,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", metavar="RUN_DIR", help="where eval.json and report.md go")
     p.add_argument(
-        "--n", type=int, default=1000, help="images per split (retrieval gallery; default 1000)"
+        "--n",
+        type=int,
+        help="images per split (two-tower: the retrieval gallery, default 1000)",
     )
-    p.add_argument(
+    two = p.add_argument_group("two-tower (clip) options")
+    two.add_argument(
         "--templates",
         action="append",
         metavar="SET_OR_TEMPLATE",
         help="prompt templates for zero-shot: a set name (single, ensemble, paraphrase) or a "
         "template with {} for the class name; repeat to combine (default: ensemble)",
     )
-    p.add_argument(
+    two.add_argument(
         "--paraphrase",
         action="store_true",
         help="also score zero-shot with paraphrased prompts no training caption uses "
@@ -78,6 +83,13 @@ def resolve_templates(values: list[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def kind_options(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The settings only one kind of evaluation takes, from the command line."""
+    if kind == "two_tower":
+        return {"templates": resolve_templates(args.templates), "paraphrase": args.paraphrase}
+    return {}
+
+
 def find_run_dir(checkpoint: Path) -> Path | None:
     """The run directory a checkpoint sits in: the nearest of it and its two parents that
     holds metrics.jsonl (runs/NAME/checkpoint, runs/NAME/checkpoints/step-100)."""
@@ -96,35 +108,36 @@ def run(args: argparse.Namespace) -> int:
     from visto.device import pick_device
     from visto.eval import evaluator_for
     from visto.eval.report import read_metrics_jsonl, write_report
-    from visto.utils.io import atomic_write_json
+    from visto.utils.io import atomic_write_json, atomic_write_text
 
     console = Console()
-    if args.n < 1:
+    if args.n is not None and args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     checkpoint = Path(args.model)
     family = read_config(checkpoint)["family"]
-    evaluate = evaluator_for(family)  # fails before the weights load when there is none
-    templates = resolve_templates(args.templates)
+    kind, evaluate = evaluator_for(family)  # fails before the weights load when there is none
+    options = kind_options(kind, args)
     run_dir = find_run_dir(checkpoint)
     out = Path(args.out) if args.out else (run_dir or Path("runs") / f"eval-{checkpoint.name}")
 
     model = visto.load(checkpoint, device=pick_device(args.device))
+    common: dict[str, Any] = {"split": args.split, "batch_size": args.batch_size, "seed": args.seed}
+    if args.n is not None:
+        common["n"] = args.n
     result = evaluate(
-        model,
-        args.data,
-        split=args.split,
-        n=args.n,
-        templates=templates,
-        paraphrase=args.paraphrase,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        log=lambda msg: console.print(f"[dim]{msg}[/dim]"),
+        model, args.data, **common, **options, log=lambda msg: console.print(f"[dim]{msg}[/dim]")
     )
     curve = read_metrics_jsonl(run_dir / "metrics.jsonl") if run_dir else None
     notes = [f"checkpoint: `{checkpoint}` ({family})", f"data: `{args.data}`", *result.notes]
     atomic_write_json(out / "eval.json", result.metrics)
+    predictions = getattr(result, "predictions", None)  # generative kinds: one row per question
+    if predictions:
+        atomic_write_text(
+            out / "predictions.jsonl",
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions),
+        )
     report = write_report(out, f"Evaluation: {checkpoint.name}", result.metrics, notes, curve)
 
     table = Table(title=f"visto eval: {checkpoint}")

@@ -1,9 +1,9 @@
 """Evaluation: metrics per model family and the run report (`visto eval`).
 
-`evaluator_for(family)` returns the evaluation function for a model family; each function
-returns an `EvalResult`: the flat `eval.json` dict (name -> number, DESIGN.md names) and
-notes for the report. Adding a family kind
-(generative VLMs: VQA, captioning, ...) means adding one module and one entry in `EVALUATORS`.
+`evaluator_for(family)` returns the kind and evaluation function for a model family; each
+function returns an `EvalResult`: the flat `eval.json` dict (name -> number, DESIGN.md
+names) and notes for the report. Adding a family kind (generative VLMs: VQA, captioning,
+...) means one module, one entry in `EVALUATORS`, and its families in `FAMILY_KIND`.
 """
 
 from __future__ import annotations
@@ -42,11 +42,17 @@ EVALUATORS: dict[str, Callable[[], Callable[..., Any]]] = {
 }
 
 
-def evaluator_for(family: str) -> Callable[..., Any]:
+def evaluator_for(family: str) -> tuple[str, Callable[..., EvalResult]]:
+    """(kind, evaluate) for a model family, where every evaluate is called as
+
+        evaluate(model, data_dir, *, split, n, batch_size, seed, log, **kind_options)
+
+    and kind_options are that kind's own settings (two-tower: templates, paraphrase).
+    """
     kind = FAMILY_KIND.get(family)
     if kind is None or kind not in EVALUATORS:
         known = ", ".join(sorted(FAMILY_KIND))
         raise UserError(
             f"`visto eval` has no evaluation for model family {family!r} yet; it evaluates: {known}"
         )
-    return EVALUATORS[kind]()
+    return kind, EVALUATORS[kind]()

@@ -144,20 +144,23 @@ def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
 def plot_curve(
     rows: Sequence[Mapping], path: str | os.PathLike, x: str = "step", max_panels: int = 6
 ) -> Path | None:
-    """One small panel per numeric series in the rows (loss first), against `x`."""
-    series: dict[str, tuple[list[float], list[float]]] = {}
+    """One small panel per numeric series (loss first) against `x`, one line per `split`
+    (the training loop logs "train" and "val" rows into the same metrics.jsonl)."""
+    # key -> split -> (xs, ys)
+    series: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
     for i, row in enumerate(rows):
         xv = row.get(x, i)
+        split = str(row.get("split", ""))
         for key, value in row.items():
             if key == x or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            xs, ys = series.setdefault(key, ([], []))
+            xs, ys = series.setdefault(key, {}).setdefault(split, ([], []))
             xs.append(float(xv))
             ys.append(float(value))
     # Loss curves first; skip bookkeeping series that only ever grow (time, epoch, tokens).
     skip = {"time", "elapsed", "elapsed_s", "epoch", "tokens", "samples", "wall_s"}
     keys = sorted((k for k in series if k not in skip), key=lambda k: ("loss" not in k, k))
-    keys = [k for k in keys if len(series[k][0]) >= 2][:max_panels]
+    keys = [k for k in keys if max(len(xs) for xs, _ in series[k].values()) >= 2][:max_panels]
     if not keys:
         return None
     plt = _pyplot()
@@ -165,8 +168,10 @@ def plot_curve(
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.8 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, keys, strict=False):
-        xs, ys = series[key]
-        ax.plot(xs, ys, lw=1.2)
+        for split, (xs, ys) in series[key].items():
+            ax.plot(xs, ys, lw=1.2, marker="o" if len(xs) < 8 else None, ms=3, label=split)
+        if len(series[key]) > 1:
+            ax.legend(frameon=False, fontsize=8)
         ax.set_title(key)
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
