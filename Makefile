@@ -15,7 +15,7 @@ quickstart: setup
 	$(VENV)/bin/visto quickstart
 
 test: setup
-	$(VENV)/bin/python -m pytest -n 2 --timeout 900 $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -n 2 --timeout 900 $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
