@@ -160,3 +160,25 @@ def test_shape_mismatch_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="shape"):
         DecoderLM.from_pretrained(tmp_path)
+
+
+def test_hub_id_resolves_through_the_hub_cache_offline(tmp_path, monkeypatch):
+    """A hub id goes through huggingface_hub's snapshot resolution; here the snapshot sits in
+    a local hub cache and the hub is offline, so no network is touched."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    hf = _hf_llama(tie=True)
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    commit = "0" * 40
+    hf.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    ours = DecoderLM.from_pretrained("tiny-org/tiny-llama")
+    ids, mask = _inputs()
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).logits
+        got, _ = ours(ids, attention_mask=mask)
+    assert (got[mask.bool()] - expected[mask.bool()]).abs().max() < 1e-4
+    with pytest.raises(UserError, match="could not fetch"):
+        DecoderLM.from_pretrained("tiny-org/not-cached")
