@@ -120,9 +120,7 @@ class _Row:
         self.generated.append(token)
         if token in self.stop_ids:
             self.finish_reason = "stop"
-            if stream or self.params.stop:
-                pass  # `text` already holds the content before this token
-            else:
+            if not (stream or self.params.stop):  # otherwise `text` is already up to date
                 self.text = tokenizer.decode(self.generated[:-1])
             return self.text[self.emitted :] if stream else ""
         if stream or self.params.stop:
