@@ -234,6 +234,37 @@ def test_resume_continues_with_the_same_loss_curve(tmp_path):
         assert torch.equal(load(cut / "checkpoint").state_dict()[k], v), k
 
 
+def test_ctrl_c_saves_a_checkpoint_that_resumes_the_same_curve(tmp_path):
+    import signal
+
+    recipe = tiny_recipe(max_steps=6, eval_every=None, **{"data.shuffle_buffer": 4})
+    full = tmp_path / "full"
+    train(recipe, full, source=tiny_source(), show_progress=False)
+
+    samples = tiny_source()
+    taken = {"train": 0}
+
+    def interrupted_once(role):
+        for sample in samples(role):
+            if role == "train":
+                taken["train"] += 1
+                # Step k reads up to sample 8k + 4 (4 wait in the shuffle buffer): so this
+                # is during step 3, as if Ctrl-C was pressed then.
+                if taken["train"] == 8 * 2 + 4 + 3:
+                    signal.raise_signal(signal.SIGINT)
+            yield sample
+
+    cut = tmp_path / "cut"
+    first = train(recipe, cut, source=interrupted_once, show_progress=False)
+    assert first.stopped_early and first.step == 3  # finished the step, saved, stopped
+    train(recipe, cut, resume=True, source=tiny_source(), show_progress=False)
+    def untimed(run):
+        return [{k: v for k, v in r.items() if k not in ("samples_per_s", "elapsed_s")}
+                for r in read_rows(run)]
+
+    assert untimed(cut) == untimed(full)
+
+
 def test_extend_a_finished_run_with_resume(tmp_path):
     run = tmp_path / "run"
     train(tiny_recipe(max_steps=4), run, source=tiny_source(), show_progress=False)

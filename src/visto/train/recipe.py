@@ -43,7 +43,9 @@ class DataSpec:
     tasks: list[str] | None = None
     # Real formats hold one split per file: validation data is another path (None = none).
     val_source: str | None = None
-    shuffle_buffer: int = 4096  # samples held for shuffling; >= dataset size = a full shuffle
+    # Samples held for shuffling (>= dataset size: a full shuffle). Each epoch starts by
+    # reading this many, so a larger buffer shuffles better but stalls longer.
+    shuffle_buffer: int = 1024
 
 
 @dataclass
