@@ -1,0 +1,110 @@
+"""Grammar-constrained decoding for `response_format`: JSON that always parses.
+
+At every step the allowed next tokens are those that keep the text a prefix of a string in
+the grammar (a JSON schema, or any JSON object); all others get logit -inf before sampling,
+and once the JSON is complete only the end-of-turn token is left (Willard & Louf 2023,
+"Efficient Guided Generation"; xgrammar, Dong et al. 2024, precomputes the token masks of a
+pushdown automaton so a step costs microseconds). It plugs into the engine through the
+per-request `SamplingParams.logits_processor` hook: the engine knows nothing of grammars.
+
+xgrammar reads our byte-level BPE through its transformers wrapper
+(`Tokenizer.to_hf_tokenizer()`). It treats visto's structural special tokens (`<image>`,
+`<|user|>`, ...) as plain text, so they are masked here as well: a constrained answer can
+only end with a stop token, never contain one.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from visto.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from visto.serve.errors import APIError
+
+
+class GrammarFactory:
+    """Compiles response formats for one tokenizer and vocabulary size; compiled grammars are
+    cached by xgrammar, so a repeated schema costs nothing."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_ids: list[int]) -> None:
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        self.vocab_size = vocab_size
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer.to_hf_tokenizer(), vocab_size=vocab_size, stop_token_ids=stop_ids
+        )
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self._lock = threading.Lock()  # compile from request threads one at a time
+        self._forbidden = torch.zeros(vocab_size, dtype=torch.bool)
+        self._forbidden[: len(SPECIAL_TOKENS)] = True
+        self._forbidden[stop_ids] = False
+
+    def compile(self, response_format: dict[str, Any]) -> Any:
+        """A compiled grammar for an OpenAI `response_format`, or None for plain text."""
+        kind = response_format.get("type")
+        with self._lock:
+            if kind == "text":
+                return None
+            if kind == "json_object":
+                return self._compiler.compile_builtin_json_grammar()
+            if kind == "json_schema":
+                spec = response_format.get("json_schema") or {}
+                schema = spec.get("schema")
+                if not isinstance(schema, dict):
+                    raise APIError(
+                        400,
+                        "response_format.json_schema.schema must be a JSON Schema object",
+                        "response_format.json_schema.schema",
+                    )
+                try:
+                    # No free whitespace: a small model could otherwise spend its whole budget
+                    # on spaces between tokens that the grammar allows.
+                    return self._compiler.compile_json_schema(
+                        json.dumps(schema), any_whitespace=False, strict_mode=True
+                    )
+                except Exception as e:  # xgrammar raises RuntimeError/InvalidJSONError/...
+                    raise APIError(
+                        400,
+                        f"the JSON schema could not be compiled into a grammar: {e}",
+                        "response_format.json_schema.schema",
+                    ) from None
+        raise APIError(
+            400,
+            f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+            "response_format.type",
+        )
+
+    def constraint(self, compiled: Any) -> JSONConstraint:
+        """A fresh logits processor for one generated sequence."""
+        return JSONConstraint(self._xgr, compiled, self.vocab_size, self._forbidden)
+
+
+class JSONConstraint:
+    """`(generated ids, logits (V,)) -> logits (V,)` with every token the grammar rejects at -inf."""
+
+    def __init__(self, xgr: Any, compiled: Any, vocab_size: int, forbidden: Tensor) -> None:
+        self._xgr = xgr
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self.forbidden = forbidden
+        self.consumed = 0  # generated tokens already fed to the matcher
+        self._shifts = torch.arange(32, dtype=torch.int32)
+
+    def __call__(self, generated: list[int], logits: Tensor) -> Tensor:
+        for token in generated[self.consumed :]:
+            accepted = self.matcher.accept_token(token)
+            assert accepted, f"token {token} was sampled although the grammar forbids it"
+        self.consumed = len(generated)
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        # The bitmask packs 32 tokens per int32, bit i of word w = token 32 * w + i. Unpacked
+        # here in torch: xgrammar's own CPU kernel hung when called from a server thread.
+        V = logits.shape[-1]
+        words = self.bitmask[0]  # (ceil(V / 32),) int32
+        allowed = ((words[:, None] >> self._shifts) & 1).bool().flatten()[:V]  # (V,)
+        blocked = ~allowed | self.forbidden[:V]
+        return logits.float().masked_fill(blocked, float("-inf"))

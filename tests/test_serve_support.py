@@ -1,0 +1,120 @@
+"""Shared by the test_serve* files: tiny real checkpoints and a uvicorn server in a thread.
+
+No tests here. The models are real (a tiny LLaVA and a tiny CLIP with trained tokenizers,
+saved and loaded through visto's checkpoint format); only their weights are random.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+WORDS = ["red", "blue", "green", "square", "circle", "triangle", "left", "right", "of", "the"]
+
+
+def corpus() -> list[str]:
+    return [
+        f"the {WORDS[i % 3]} {WORDS[3 + i % 3]} is {WORDS[6 + i % 2]} of the "
+        f'{WORDS[(i * 7) % 10]} {{"count": {i % 5}, "ok": true}}'
+        for i in range(300)
+    ]
+
+
+def make_llava_checkpoint(path: Path, seed: int = 0) -> Path:
+    from visto.checkpoint import save_checkpoint
+    from visto.data.processor import Processor
+    from visto.data.tokenizer import train_tokenizer
+    from visto.models import build_model
+    from visto.models.llava import LlavaConfig
+
+    config = LlavaConfig.preset("tiny")
+    tokenizer = train_tokenizer(
+        corpus(), vocab_size=config.processor.vocab_size, loc_bins=config.processor.loc_bins
+    )
+    model = build_model("llava", config, seed=seed)
+    model.processor = Processor(config.processor, tokenizer)
+    with torch.no_grad():  # larger weights than the init: peaked, image-dependent logits
+        g = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return save_checkpoint(model, path)
+
+
+def make_clip_checkpoint(path: Path) -> Path:
+    from visto.checkpoint import save_checkpoint
+    from visto.data.processor import Processor, ProcessorConfig
+    from visto.data.tokenizer import train_tokenizer
+    from visto.models import build_model
+    from visto.models.clip import CLIPConfig
+
+    config = ProcessorConfig(image_size=32, resize_mode="resize", loc_bins=4, vocab_size=300)
+    processor = Processor(config, train_tokenizer(corpus(), 300, loc_bins=4, min_frequency=1))
+    model = build_model("clip", CLIPConfig.preset("tiny"), seed=0)
+    model.processor = processor
+    return save_checkpoint(model, path)
+
+
+def make_index(db: Path, clip_ckpt: Path, images_dir: Path, n: int = 6) -> list[Path]:
+    from visto.index import VectorStore, load_embedder
+    from visto.index.build import build_index
+    from visto.index.sources import folder_items
+
+    images_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        colour = [(220, 30, 30), (30, 200, 30), (30, 30, 220)][i % 3]
+        im = Image.new("RGB", (40, 30), (250, 250, 250))
+        im.paste(colour, (4 + 3 * i, 4, 20 + 3 * i, 22))
+        p = images_dir / f"img{i}.png"
+        im.save(p)
+        paths.append(p)
+    embedder = load_embedder(str(clip_ckpt))
+    store = VectorStore(db, model=embedder.name, dim=embedder.dim, model_source=str(clip_ckpt))
+    build_index(store, folder_items(images_dir), embedder, batch_size=4)
+    return paths
+
+
+def png_bytes(colour=(200, 40, 40), size=(24, 16)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(app, timeout: float = 20.0) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
