@@ -344,12 +344,12 @@ DDP_SCRIPT = """
 import hashlib, json, os, sys
 import torch
 sys.path.insert(0, {tests!r})
-import visto.checkpoint
 from test_train_fixture import TinyConfig, TinyModel, tiny_source
+from visto.models import FAMILIES
 from visto.train.loop import train
 from visto.train.recipe import recipe_from_dict
 
-visto.checkpoint._registry = lambda: ({{"tiny": (TinyConfig, TinyModel)}}, lambda f, c: TinyModel(c))
+FAMILIES["tiny"] = (TinyConfig, TinyModel)
 recipe = recipe_from_dict({recipe!r})
 result = train(recipe, {run!r}, source=tiny_source(n_train=40), show_progress=False)
 digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in result.model.state_dict().values()))

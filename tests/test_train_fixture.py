@@ -96,14 +96,11 @@ def tiny_source(n_train: int = 48, n_val: int = 16, seed: int = 0):
 
 @pytest.fixture
 def tiny_family(monkeypatch):
-    """Make the "tiny" family known to `visto.checkpoint` (and so to `visto.load` and train)."""
-    import visto.checkpoint
+    """Register the "tiny" family in visto.models.FAMILIES for the test's duration."""
+    from visto.models import FAMILIES
 
-    families = {"tiny": (TinyConfig, TinyModel)}
-    monkeypatch.setattr(
-        visto.checkpoint, "_registry", lambda: (families, lambda family, cfg: TinyModel(cfg))
-    )
-    return families
+    monkeypatch.setitem(FAMILIES, "tiny", (TinyConfig, TinyModel))
+    return FAMILIES
 
 
 def test_fixture_model_follows_the_protocol():
