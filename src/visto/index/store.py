@@ -54,7 +54,7 @@ class IndexSettings:
     # Search parameters: partitions probed, HNSW beam width, and how many times k candidates
     # are re-ranked with the exact vectors.
     nprobes: int = 20
-    ef: int = 200
+    ef: int = 100
     refine_factor: int = 5
     # Re-optimize (compact files, fold new rows into the index) once this fraction of the
     # table was added since the last time; retrain the partitions when the table has grown
@@ -192,8 +192,10 @@ class VectorStore:
             },
             schema=self._table.schema,
         )
-        # merge_insert on the key is a single atomic commit (measured no slower than
-        # delete-then-add, which needs two commits and could lose rows between them).
+        # merge_insert on the key: one atomic commit, idempotent by construction. Measured
+        # (2 busy cores, 256 new rows into 50k): 29 ms, against 7 ms for a plain append (not
+        # idempotent) and 25 ms for delete-then-add (two commits: a crash between them loses
+        # rows); all small next to embedding the batch.
         result = (
             self._table.merge_insert("id")
             .when_matched_update_all()
