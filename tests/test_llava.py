@@ -261,3 +261,46 @@ def test_shipped_recipes_resolve(name, tokenizer_dir):
         assert trained == {"multi_modal_projector"}
     else:
         assert "language_model" in trained
+
+
+@pytest.mark.slow
+def test_two_stage_recipes_run_through_visto_train(tmp_path):
+    """Stage 1 (projector only, vision from a CLIP checkpoint) then stage 2 from stage 1's
+    checkpoint, on a tiny synthetic world, through the `visto train` command."""
+    import json
+
+    from visto.cli import main
+    from visto.data.synth import WorldConfig, generate_world
+    from visto.models.clip import CLIPConfig
+
+    world = tmp_path / "world"
+    generate_world(WorldConfig(n=24, size=48, seed=0), world)
+    clip = build_model("clip", CLIPConfig.preset("tiny"), seed=0)
+    save_checkpoint(clip, tmp_path / "clip")
+    tiny_cfg = LlavaConfig.preset("tiny")
+    common = ["--no-progress", "--set", "batch_size=4", "--set", "max_steps=3",
+              "--set", "eval_batches=1", "--set", "num_threads=1", "--set", f"data.source={world}"]
+    stage1 = [
+        "train", "--recipe", "llava-stage1", "--out", str(tmp_path / "s1"), *common,
+        "--set", f"model.config.vision_init={tmp_path / 'clip'}",
+        "--set", f"model.config.tokenizer_corpus={world}",
+        "--set", "model.config.vision_feature_layer=-1",
+        "--set", "model.config.decoder=" + json.dumps({**tiny_cfg.decoder.__dict__, "vocab_size": 1024}),
+        "--set", "model.config.processor=" + json.dumps(
+            {"image_size": 32, "image_tokens": 16, "image_delimiters": False, "vocab_size": 1024}
+        ),
+    ]
+    assert main(stage1) == 0
+    first = load(tmp_path / "s1" / "checkpoint")
+    for k, v in clip.vision_model.state_dict().items():  # frozen: still CLIP's tower
+        assert torch.equal(first.vision_tower.state_dict()[k], v), k
+    stage2 = ["train", "--recipe", "llava-stage2", "--out", str(tmp_path / "s2"), *common,
+              "--set", f"model.init_from={tmp_path / 's1' / 'checkpoint'}"]
+    assert main(stage2) == 0
+    second = load(tmp_path / "s2" / "checkpoint")
+    assert torch.equal(second.vision_tower.embeddings.patch_embedding.weight,
+                       first.vision_tower.embeddings.patch_embedding.weight)
+    assert not torch.equal(second.language_model.model.embed_tokens.weight,
+                           first.language_model.model.embed_tokens.weight)
+    rows = _rows(tmp_path / "s2")
+    assert any(r["split"] == "val" and "token_acc" in r for r in rows)
