@@ -265,6 +265,22 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_the_same_curve(tmp_path):
     assert untimed(cut) == untimed(full)
 
 
+def test_wall_clock_budget_stops_the_run(tmp_path):
+    recipe = tiny_recipe(max_steps=None, max_minutes=0.01, log_every=1000, eval_every=None)
+    result = train(recipe, tmp_path / "run", source=tiny_source(), show_progress=False)
+    rows = read_rows(tmp_path / "run")
+    assert result.step >= 1 and rows[0]["step"] == result.step  # the partial window is logged
+    assert rows[0]["elapsed_s"] >= 0.6
+    assert rows[0]["lr"] < 0.05 * 0.7  # the clock, not the step count, drove the cosine down
+    assert rows[-1]["split"] == "val"
+
+
+def test_a_diverging_loss_stops_with_a_clear_error(tmp_path):
+    recipe = tiny_recipe(**{"optim.lr": 1e30, "optim.grad_clip": None, "schedule.warmup_steps": 0})
+    with pytest.raises(UserError, match="loss became"):
+        train(recipe, tmp_path / "run", source=tiny_source(), show_progress=False)
+
+
 def test_extend_a_finished_run_with_resume(tmp_path):
     run = tmp_path / "run"
     train(tiny_recipe(max_steps=4), run, source=tiny_source(), show_progress=False)

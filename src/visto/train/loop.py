@@ -453,6 +453,11 @@ def train(
             micro_batches = [next(stream) for _ in range(recipe.grad_accum)]
             scalars = train_step(train_model, optimizer, micro_batches, recipe.optim.grad_clip, device)
             step += 1
+            if not math.isfinite(scalars["loss"]):
+                raise UserError(
+                    f"the loss became {scalars['loss']} at step {step}; lower optim.lr, raise "
+                    "schedule.warmup_steps or set optim.grad_clip (the last checkpoint is intact)"
+                )
             window.add(scalars, recipe.batch_size * dist_info.world_size, time.perf_counter() - t0)
 
             if step % recipe.log_every == 0:
