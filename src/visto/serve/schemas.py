@@ -83,6 +83,8 @@ class ChatCompletionRequest(Strict):
     logprobs: bool | None = None
     tools: list[Any] | None = None
     user: str | None = None
+    # vLLM's extension: generate max_tokens tokens, never stopping at end-of-turn (benchmarks).
+    ignore_eos: bool = False
 
 
 class EmbeddingRequest(Strict):

@@ -1,0 +1,125 @@
+"""`visto serve`: the OpenAI-compatible HTTP API and the web page."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from visto.commands._common import add_command
+from visto.errors import UserError
+
+ORDER = 70
+
+DESCRIPTION = """\
+Serve models over an OpenAI-compatible HTTP API, with a web page at /.
+
+  POST /v1/chat/completions   chat with images (data: URLs), streaming, n, seed, stop,
+                              response_format json_object / json_schema (always valid JSON)
+  POST /v1/embeddings         texts and images -> vectors (needs --clip)
+  POST /v1/search             text or image -> the closest images of an index (needs --db)
+  GET  /v1/models, /health, /metrics (Prometheus), /docs (the API schema)
+
+Any OpenAI client works: point its base_url at http://HOST:PORT/v1.
+Requests arriving together are batched into one generation (--max-batch, --batch-wait-ms);
+beyond --max-concurrency requests in flight the server answers 429.
+Remote image URLs are refused unless --allow-remote-images and the host is in --allowed-hosts.
+
+Examples:
+  visto serve --model runs/llava/checkpoint
+  visto serve --model runs/llava/checkpoint --clip runs/clip/checkpoint --db runs/index
+  visto serve --clip runs/clip/checkpoint --db runs/index --port 9000 --api-key secret
+  curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "llava", "messages": [{"role": "user", "content": "hello"}]}'
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "serve", "OpenAI-compatible API server and web page", DESCRIPTION)
+    p.add_argument("--model", type=Path, help="generative checkpoint (e.g. LLaVA) for chat")
+    p.add_argument("--clip", type=Path, help="two-tower checkpoint for /v1/embeddings and search")
+    p.add_argument("--db", type=Path, help="index directory (visto index build) for /v1/search")
+    p.add_argument("--name", help="model id for chat (default: the checkpoint's run name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--max-concurrency", type=int, default=32,
+                   help="chat requests in flight before 429 (default 32)")
+    p.add_argument("--max-batch", type=int, default=8, help="rows per batched generation (default 8)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a batch waits for more requests (default 5 ms)")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds per chat request before 504 (default 120)")
+    p.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (only from --allowed-hosts)")
+    p.add_argument("--allowed-hosts", default="",
+                   help="comma-separated host names remote images may come from")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    p.set_defaults(run=run_serve)
+
+
+def run_name(checkpoint: Path) -> str:
+    """runs/llava/checkpoint -> "llava"; anything else -> its directory name."""
+    path = checkpoint.resolve()
+    return path.parent.name if path.name == "checkpoint" else path.name
+
+
+def build_app(args: argparse.Namespace):
+    """The FastAPI app for parsed `visto serve` arguments (also used by tests)."""
+    import visto
+    from visto.serve import ChatModel, ImagePolicy, ServedModels, ServeSettings, create_app
+
+    if args.model is None and args.clip is None:
+        raise UserError("nothing to serve: give --model CKPT (chat) and/or --clip CKPT (embeddings)")
+    hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
+    if hosts and not args.allow_remote_images:
+        raise UserError("--allowed-hosts needs --allow-remote-images")
+    if args.allow_remote_images and not hosts:
+        raise UserError("--allow-remote-images needs --allowed-hosts HOST[,HOST...]")
+    for name in ("max_concurrency", "max_batch", "max_images"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.timeout <= 0 or args.batch_wait_ms < 0:
+        raise UserError("--timeout must be positive and --batch-wait-ms not negative")
+
+    chat = None
+    if args.model is not None:
+        from visto.device import pick_device
+
+        model = visto.load(args.model, device=pick_device(args.device))
+        chat = ChatModel.from_model(model, args.name or run_name(args.model))
+    embedder = store = None
+    if args.clip is not None or args.db is not None:
+        from visto.index import VectorStore, load_embedder
+
+        store = VectorStore(args.db) if args.db is not None else None
+        spec = str(args.clip) if args.clip is not None else (store.model_source if store else "")
+        if not spec:
+            raise UserError(f"the index at {args.db} does not record its model; pass --clip CKPT")
+        embedder = load_embedder(spec)
+    models = ServedModels(
+        chat=chat,
+        embedder=embedder,
+        embedder_name=run_name(Path(spec)) if embedder is not None else None,
+        store=store,
+    )
+    settings = ServeSettings(
+        api_key=args.api_key,
+        max_concurrency=args.max_concurrency,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        timeout_s=args.timeout,
+        images=ImagePolicy(
+            max_images=args.max_images, allow_remote=args.allow_remote_images, allowed_hosts=hosts
+        ),
+    )
+    return create_app(models, settings)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    app = build_app(args)
+    print(f"visto serve: http://{args.host}:{args.port}/  (API at /v1, docs at /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
