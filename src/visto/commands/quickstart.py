@@ -1,14 +1,8 @@
-"""`visto quickstart`: the whole pipeline on the synthetic world, one step after another.
-
-Each step is a function `(args, run_dir) -> None` in `STEPS`, run in order; a step reuses
-what an earlier run left in `run_dir` when its settings have not changed, so running the
-quickstart twice is quick the second time.
-"""
+"""`visto quickstart`: the whole pipeline on the synthetic world (see `visto.quickstart`)."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
 from visto.commands._common import add_command
@@ -16,95 +10,79 @@ from visto.commands._common import add_command
 ORDER = 10
 
 DESCRIPTION = """\
-Run the whole visto pipeline on the built-in synthetic world, offline, on a CPU.
+Train and evaluate a small vision-language model from nothing, offline, on a CPU
+(about 20 minutes on 2 idle cores with the defaults).
 
-Steps:
-  1. data   render the synthetic world into RUN/world (reused when it exists with the same
-            settings) and draw a contact sheet of it: RUN/world/show.png
+Stages (each writes a folder in RUN and is skipped on a re-run when its settings are
+unchanged; --fresh redoes everything):
+  1. data     render the synthetic world: RUN/world (+ RUN/world/show.png, look at it)
+  2. vision   pretrain the ViT on the world's dense labels (per-patch shape, colour,
+              size, object centres and boxes, characters of the texts): RUN/vision
+  3. stage1   LLaVA stage 1: captions, vision tower frozen: RUN/stage1
+  4. stage2   LLaVA stage 2: every question of an image packed into one multi-turn
+              conversation (VQA, counting, grounding with box tokens, OCR, JSON): RUN/stage2
+  5. eval     test split and held-out colour-shape pairs: RUN/eval.json, RUN/report.md
 
-Model training, evaluation and serving steps join this command as they land.
+The final model is RUN/checkpoint (open it with visto.load).
 
 Examples:
   visto quickstart
-  visto quickstart --out runs/qs --n 2000 --size 64
+  visto quickstart --out runs/qs --minutes 10
+  visto quickstart --minutes 2 --n 600 --eval-images 20     a smoke run in a few minutes
+  visto quickstart --until data                             only render the world
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "quickstart", "the whole pipeline on the synthetic world", DESCRIPTION)
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path("runs/quickstart"),
-        help="run directory (default runs/quickstart)",
-    )
+    p.add_argument("--out", type=Path, default=Path("runs/quickstart"),
+                   help="run directory (default runs/quickstart)")  # fmt: skip
+    p.add_argument("--minutes", type=float, default=18.0,
+                   help="training budget of the three training stages together (default 18)")  # fmt: skip
     p.add_argument("--n", type=int, default=5000, help="images in the world (default 5000)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--workers", type=int, default=2, help="processes for rendering (default 2)")
-    p.add_argument(
-        "--fresh", action="store_true", help="regenerate the world even if it is up to date"
-    )
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default 0: 1 on a busy machine, else all cores)")  # fmt: skip
+    p.add_argument("--eval-images", type=int, default=100,
+                   help="test and held-out images asked every question (default 100)")  # fmt: skip
+    p.add_argument("--until", choices=["data", "vision", "stage1", "stage2", "eval"],
+                   default="eval", help="stop after this stage (default: run them all)")  # fmt: skip
+    p.add_argument("--fresh", action="store_true", help="redo every stage, even unchanged ones")
     p.set_defaults(run=run)
 
 
-def world_is_current(world_dir: Path, cfg) -> bool:
-    """The world at `world_dir` was made by this version with exactly these settings."""
-    import json
-
-    from visto.config import to_dict
-    from visto.data.synth.config import WORLD_VERSION
-
-    try:
-        meta = json.loads((world_dir / "world.json").read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-    return meta.get("version") == WORLD_VERSION and meta.get("config") == to_dict(cfg)
-
-
-def step_data(args: argparse.Namespace, run_dir: Path) -> None:
+def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from visto.commands.data import synth_with_progress
-    from visto.data.synth import WorldConfig
-    from visto.data.synth.show import show_world
-
-    console = Console()
-    cfg = WorldConfig(n=args.n, seed=args.seed, size=args.size).validate()
-    world_dir = run_dir / "world"
-    if not args.fresh and world_is_current(world_dir, cfg):
-        console.print(f"[bold]data[/]: reusing {world_dir} (same settings)")
-    else:
-        console.print(
-            f"[bold]data[/]: rendering {cfg.n} images of {cfg.size}x{cfg.size} px into {world_dir}"
-        )
-        synth_with_progress(cfg, world_dir, args.workers)
-    sheet = show_world(world_dir, world_dir / "show.png", split="train", n=12)
-    console.print(f"[bold]data[/]: splits in {world_dir}: train/val/test/heldout .jsonl")
-    console.print(f"[bold]data[/]: look at the data first: {sheet}")
-
-
-STEPS: list[tuple[str, Callable[[argparse.Namespace, Path], None]]] = [("data", step_data)]
-
-
-def run(args: argparse.Namespace) -> int:
     from visto.errors import UserError
+    from visto.quickstart import HEADLINE, QuickstartConfig, run_quickstart
 
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
-    run_dir = args.out
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for _name, step in STEPS:
-        step(args, run_dir)
-    world = run_dir / "world"
-    print()
-    print("Done so far: the synthetic world and its contact sheet. What you can do with it now:")
-    print(
-        f"  visto data show {world} --split heldout      images with never-trained colour-shape pairs"
-    )
-    print(f"  visto data export {world} --split train --format llava --out {run_dir / 'llava'}")
-    print("Coming next in this quickstart: train a small VLM on this world, evaluate it")
-    print(
-        f"(counting, VQA, grounding, OCR, held-out pairs) and serve it; results land in {run_dir}."
-    )
+    if args.threads < 0:
+        raise UserError(f"--threads must be 0 (automatic) or more, got {args.threads}")
+    cfg = QuickstartConfig(
+        minutes=args.minutes, n=args.n, size=args.size, seed=args.seed, workers=args.workers,
+        threads=args.threads, eval_images=args.eval_images,
+    )  # fmt: skip
+    console = Console()
+    result = run_quickstart(cfg, args.out, fresh=args.fresh, console=console, until=args.until)
+    m = result.metrics
+    if args.until != "eval":
+        console.print(f"stopped after {args.until}: {result.checkpoint}")
+        return 0
+    console.print()
+    console.print("[bold]figures[/] (test | held-out colour-shape pairs):")
+    for key, label, _target in HEADLINE:
+        if key in m:
+            held = m.get("heldout." + key)
+            console.print(f"  {label:<20} {m[key]:.3f} | " + ("-" if held is None else f"{held:.3f}"))
+    total = sum(result.seconds.values())
+    console.print(f"time: {total / 60:.1f} min (" + ", ".join(
+        f"{s} {v:.0f} s" for s, v in result.seconds.items()) + ")")  # fmt: skip
+    console.print(f"report:     {result.report}")
+    console.print(f"checkpoint: {result.checkpoint}")
+    console.print(f"figures:    {result.run_dir / 'eval.json'}")
     return 0

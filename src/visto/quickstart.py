@@ -1,0 +1,715 @@
+"""The quickstart pipeline: synthetic world -> vision tower -> LLaVA stage 1 -> stage 2 -> eval.
+
+`visto quickstart` calls these functions in order; each stage writes its own directory under
+the run directory and a `done.json` with the settings it ran with, so a second run skips
+every stage whose settings did not change (and `--fresh` redoes them all):
+
+    RUN/config.json        the resolved QuickstartConfig
+    RUN/world/             the synthetic world (data step)
+    RUN/vision/            dense pretraining of the ViT (metrics.jsonl, checkpoint/)
+    RUN/stage1/            LLaVA stage 1 (a `visto.train` run: captions)
+    RUN/stage2/            LLaVA stage 2 (a `visto.train` run: packed instruction conversations)
+    RUN/checkpoint/        the final model (a copy of stage2/checkpoint)
+    RUN/eval.json          flat figures, test split and `heldout.` split
+    RUN/predictions.jsonl  every question asked at evaluation, with the answer and its score
+    RUN/metrics.jsonl      every stage's rows, with "stage" and run-wide "elapsed_s"
+    RUN/report.md, RUN/plots/*.png
+
+Where the CPU budget goes (DESIGN.md "What the compute budget buys"):
+- The vision tower learns from dense per-patch labels (`visto.train.dense`), not from the LM
+  loss: one image gives ~64 labelled patches instead of one answer.
+- Stage 2 packs every question of an image into one multi-turn conversation, so one vision
+  forward and one decoder pass supervise ~20 answers (the `chat` idea, taken all the way).
+- Boxes are 4 location tokens (Pix2Seq) instead of ~12 digit and comma tokens.
+- Torch threads: on a machine already busier than its cores, one thread per process beats
+  two (measured: 2.5 s vs 8 s per ViT step at load 10 on 2 cores), so `threads=0` picks that.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from visto.errors import UserError
+from visto.utils.io import atomic_directory, atomic_write_json, atomic_write_text
+
+STAGES = ("data", "vision", "stage1", "stage2", "eval")
+_PLAIN_BOX = re.compile(r"\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]")
+
+
+@dataclass
+class QuickstartConfig:
+    """Every setting of a quickstart run (saved as RUN/config.json)."""
+
+    minutes: float = 18.0  # training budget for the three training stages together
+    n: int = 5000  # images in the world
+    size: int = 128  # image side in pixels
+    seed: int = 0
+    workers: int = 2  # rendering processes
+    threads: int = 0  # torch threads; 0 = 1 when the machine is already busy, else all cores
+    # Shares of `minutes` for the training stages (the rest covers data, eval and overhead).
+    vision_share: float = 0.25
+    stage1_share: float = 0.08
+    stage2_share: float = 0.55
+    # Vision tower: 16 px patches -> 8x8 = 64 patches at 128 px.
+    patch_size: int = 16
+    vision_width: int = 128
+    vision_layers: int = 4
+    projector: str = "mlp"  # "mlp": 64 visual tokens; "pixel_shuffle": 16
+    decoder_width: int = 256
+    decoder_layers: int = 4
+    vocab_size: int = 1024
+    loc_bins: int = 100
+    max_length: int = 512
+    vision_batch: int = 64
+    stage1_batch: int = 32
+    stage2_batch: int = 16
+    vision_lr: float = 2e-3
+    stage1_lr: float = 2e-3
+    stage2_lr: float = 2e-3
+    eval_images: int = 100  # first images of the test split, and of the held-out split
+    eval_batch: int = 64
+
+    def validate(self) -> QuickstartConfig:
+        problems = []
+        if self.minutes <= 0:
+            problems.append(f"--minutes must be positive, got {self.minutes}")
+        if self.size % self.patch_size:
+            problems.append(f"--size {self.size} must be a multiple of patch_size {self.patch_size}")
+        if self.projector not in ("mlp", "pixel_shuffle"):
+            problems.append(f"projector must be 'mlp' or 'pixel_shuffle', got {self.projector!r}")
+        if self.eval_images < 1:
+            problems.append(f"eval_images must be at least 1, got {self.eval_images}")
+        if problems:
+            raise UserError("quickstart: " + "; ".join(problems))
+        return self
+
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        """The settings that change a stage's output (a changed one reruns it and later ones)."""
+        d = asdict(self)
+        data_keys = ("n", "size", "seed")
+        keys = {
+            "data": data_keys,
+            "vision": data_keys + ("minutes", "vision_share", "patch_size", "vision_width",
+                                   "vision_layers", "vision_batch", "vision_lr"),
+        }  # fmt: skip
+        if stage in keys:
+            return {k: d[k] for k in keys[stage]}
+        d.pop("workers")
+        d.pop("threads")
+        if stage != "eval":
+            d.pop("eval_images")
+            d.pop("eval_batch")
+        return d
+
+
+def pick_threads(requested: int) -> int:
+    """Torch intra-op threads: `requested`, or (0) 1 on a busy machine and all cores otherwise."""
+    cores = os.cpu_count() or 1
+    if requested > 0:
+        return requested
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return 1 if load >= cores else cores
+
+
+def machine_load() -> str:
+    try:
+        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def boxes_to_loc(text: str, loc_bins: int) -> str:
+    """Every plain "[x1, y1, x2, y2]" (0..999) in `text` -> four `<loc_k>` tokens."""
+    from visto.data.tokenizer import format_box
+
+    return _PLAIN_BOX.sub(lambda m: format_box([int(g) for g in m.groups()], loc_bins), text)
+
+
+def record_qas(record: dict, loc_bins: int) -> list[tuple[str, str]]:
+    """Every question of one image (VQA, grounding, box -> description, OCR, JSON) with its
+    answer; boxes outside JSON as location tokens (JSON keeps its plain int lists)."""
+    t = record["tasks"]
+    qas = [(qa["q"], qa["a"]) for qa in t["vqa"]]
+    qas += [(g["q"], boxes_to_loc(g["a"], loc_bins)) for g in t["ground"]]
+    qas += [(boxes_to_loc(r["q"], loc_bins), r["a"]) for r in t["refdesc"]]
+    if t["ocr"] is not None:
+        qas.append((t["ocr"]["q"], t["ocr"]["a"]))
+    qas.append((t["json"]["q"], t["json"]["a"]))
+    return qas
+
+
+def conversation(image: Any, qas: list[tuple[str, str]], sample_id: str) -> Sample:
+    turns: list[Turn] = []
+    for j, (q, a) in enumerate(qas):
+        turns.append(Turn("user", f"{IMAGE_PLACEHOLDER}\n{q}" if j == 0 else q))
+        turns.append(Turn("assistant", a))
+    return Sample(id=sample_id, images=[image], turns=turns, source="synth")
+
+
+def packed_samples(world_dir: Path, split: str, seed: int, epoch: int, loc_bins: int) -> Iterator[Sample]:
+    """One conversation per image holding all its questions, in an order drawn per epoch."""
+    from visto.data.images import open_image
+    from visto.data.synth import iter_records
+
+    for record in iter_records(world_dir, split):
+        rng = random.Random(f"visto-quickstart/{seed}/{epoch}/{record['id']}")
+        qas = record_qas(record, loc_bins)
+        rng.shuffle(qas)
+        yield conversation(open_image(world_dir / record["image"]), qas, record["id"])
+
+
+def caption_samples(world_dir: Path, split: str, seed: int, epoch: int) -> Iterator[Sample]:
+    """One caption conversation per image (a different phrasing each epoch)."""
+    from visto.data.images import open_image
+    from visto.data.synth import iter_records
+
+    prompts = ["Describe this image.", "Write a caption for this image.", "What do you see in this picture?"]
+    for record in iter_records(world_dir, split):
+        rng = random.Random(f"visto-quickstart-caption/{seed}/{epoch}/{record['id']}")
+        k = rng.randrange(len(record["tasks"]["captions"]))
+        qas = [(prompts[k % len(prompts)], record["tasks"]["captions"][k])]
+        yield conversation(open_image(world_dir / record["image"]), qas, record["id"])
+
+
+def epoch_source(make: Callable[[str, int], Iterator[Sample]]) -> Callable[[str], Iterator[Sample]]:
+    """A training source (role -> samples) whose every call on "train" is the next epoch."""
+    calls = {"train": 0, "val": 0}
+    splits = {"train": "train", "val": "val"}
+
+    def source(role: str) -> Iterator[Sample]:
+        epoch = calls[role]
+        calls[role] += 1
+        return make(splits[role], epoch)
+
+    return source
+
+
+# ----------------------------------------------------------------------------- stage bookkeeping
+
+
+def stage_done(stage_dir: Path, settings: dict[str, Any]) -> bool:
+    try:
+        done = json.loads((stage_dir / "done.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return done.get("settings") == settings
+
+
+def mark_done(stage_dir: Path, settings: dict[str, Any], seconds: float, extra: dict | None = None) -> None:
+    atomic_write_json(
+        stage_dir / "done.json",
+        {"settings": settings, "seconds": round(seconds, 2), "load": machine_load(), **(extra or {})},
+    )
+
+
+def stage_seconds(run_dir: Path) -> dict[str, float]:
+    out = {}
+    for stage in STAGES:
+        path = run_dir / ("world" if stage == "data" else stage) / "done.json"
+        if stage == "eval":
+            path = run_dir / "eval_done.json"
+        try:
+            out[stage] = float(json.loads(path.read_text())["seconds"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+    return out
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def run_data(cfg: QuickstartConfig, run_dir: Path, console: Any, fresh: bool) -> Path:
+    """Render the world into RUN/world (reused when its settings match) and its contact sheet."""
+    from visto.commands.data import synth_with_progress
+    from visto.data.synth import WorldConfig
+    from visto.data.synth.show import show_world
+
+    world_dir = run_dir / "world"
+    wcfg = WorldConfig(n=cfg.n, seed=cfg.seed, size=cfg.size).validate()
+    settings = cfg.stage_settings("data")
+    if not fresh and world_is_current(world_dir, wcfg) and stage_done(world_dir, settings):
+        console.print(f"[bold]data[/]: reusing {world_dir} (same settings)")
+        return world_dir
+    console.print(f"[bold]data[/]: rendering {wcfg.n} images of {wcfg.size} px into {world_dir}")
+    t0 = time.perf_counter()
+    synth_with_progress(wcfg, world_dir, cfg.workers)
+    show_world(world_dir, world_dir / "show.png", split="train", n=12)
+    mark_done(world_dir, settings, time.perf_counter() - t0)
+    console.print(f"[bold]data[/]: contact sheet {world_dir / 'show.png'}")
+    return world_dir
+
+
+def world_is_current(world_dir: Path, wcfg: Any) -> bool:
+    from visto.config import to_dict
+    from visto.data.synth.config import WORLD_VERSION
+
+    try:
+        meta = json.loads((world_dir / "world.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return meta.get("version") == WORLD_VERSION and meta.get("config") == to_dict(wcfg)
+
+
+def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
+    from visto.connectors.projector import ProjectorConfig
+    from visto.data.processor import ProcessorConfig
+    from visto.models.llava import LlavaConfig
+    from visto.nn.language import DecoderConfig
+    from visto.nn.vision import ViTConfig
+
+    vision = ViTConfig(
+        image_size=cfg.size, patch_size=cfg.patch_size, width=cfg.vision_width,
+        layers=cfg.vision_layers, heads=4, mlp_hidden=4 * cfg.vision_width,
+        image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+    )  # fmt: skip
+    projector = ProjectorConfig(kind=cfg.projector, scale_factor=2)
+    patches = vision.num_patches
+    decoder = DecoderConfig(
+        vocab_size=vocab_size, hidden_size=cfg.decoder_width, num_layers=cfg.decoder_layers,
+        num_heads=8, num_kv_heads=4, intermediate_size=3 * cfg.decoder_width,
+        max_position_embeddings=max(1024, cfg.max_length),
+    )  # fmt: skip
+    processor = ProcessorConfig(
+        image_size=cfg.size, resize_mode="resize", image_tokens=projector.num_tokens(patches),
+        image_delimiters=False, max_length=cfg.max_length, vocab_size=cfg.vocab_size,
+        loc_bins=cfg.loc_bins,
+    )  # fmt: skip
+    return LlavaConfig(
+        vision=vision, vision_feature_layer=-1, projector=projector, decoder=decoder,
+        processor=processor,
+    )  # fmt: skip
+
+
+def build_processor(cfg: QuickstartConfig, world_dir: Path) -> Any:
+    """A tokenizer trained on the texts the model will read and write (loc tokens included)."""
+    from visto.data.processor import Processor, ProcessorConfig
+    from visto.data.synth import iter_records
+
+    texts: list[str] = []
+    prompts = ["Describe this image.", "Write a caption for this image.", "What do you see in this picture?"]
+    texts += prompts
+    for k, record in enumerate(iter_records(world_dir, "train")):
+        if k >= 1500:
+            break
+        texts += record["tasks"]["captions"]
+        for q, a in record_qas(record, cfg.loc_bins):
+            texts += [q, a]
+    pcfg = ProcessorConfig(
+        image_size=cfg.size, resize_mode="resize", image_tokens=1, image_delimiters=False,
+        vocab_size=cfg.vocab_size, loc_bins=cfg.loc_bins,
+    )  # fmt: skip
+    return Processor.train(texts, pcfg).tokenizer
+
+
+def run_vision(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, console: Any, fresh: bool) -> Path:
+    """Dense pretraining of the ViT; saves a LLaVA checkpoint holding that tower (fresh
+    projector and decoder) and the quickstart's processor: stage 1 starts from it."""
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from visto.checkpoint import save_checkpoint
+    from visto.data.processor import Processor
+    from visto.models.llava import Llava
+    from visto.train.dense import load_dense_targets, pretrain_dense
+
+    stage_dir = run_dir / "vision"
+    settings = cfg.stage_settings("vision")
+    if not fresh and stage_done(stage_dir, settings):
+        console.print(f"[bold]vision[/]: reusing {stage_dir / 'checkpoint'}")
+        return stage_dir / "checkpoint"
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    tokenizer = build_processor(cfg, world_dir)
+    config = llava_config(cfg, tokenizer.vocab_size)
+    grid = cfg.size // cfg.patch_size
+    minutes = cfg.minutes * cfg.vision_share
+    console.print(
+        f"[bold]vision[/]: dense pretraining of the ViT ({grid}x{grid} patches: shape, colour, "
+        f"size, centre + box, characters) for {minutes:.1f} min"
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn())  # fmt: skip
+    rows: list[dict] = []
+    with Progress(*columns, console=console) as progress:
+        n_train = sum(1 for _ in open(world_dir / "train.jsonl"))  # noqa: SIM115
+        task = progress.add_task("reading images + masks", total=n_train, info="")
+        train = load_dense_targets(world_dir, "train", grid,
+                                   on_progress=lambda k: progress.update(task, completed=k))  # fmt: skip
+        has_val = any(True for _ in open(world_dir / "val.jsonl"))  # noqa: SIM115
+        val = load_dense_targets(world_dir, "val", grid) if has_val else None
+        progress.update(task, visible=False)
+        bar = progress.add_task("vision tower", total=1.0, info="")
+
+        def on_step(step: int, fraction: float, loss: float) -> None:
+            progress.update(bar, completed=fraction, info=f"step {step} loss {loss:.3f}")
+
+        result = pretrain_dense(
+            config.vision, train, val, minutes=minutes, batch_size=cfg.vision_batch,
+            lr=cfg.vision_lr, seed=cfg.seed, log=rows.append, on_step=on_step,
+        )  # fmt: skip
+    atomic_write_text(stage_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    torch.manual_seed(cfg.seed)
+    model = Llava(config)
+    model.vision_tower.load_state_dict(result.vit.state_dict())
+    model.processor = Processor(config.processor, tokenizer)
+    card = {"data": str(world_dir), "training": {"stage": "dense vision pretraining",
+            "steps": result.steps, "minutes": round(result.seconds / 60, 2)},
+            "metrics": result.val}  # fmt: skip
+    save_checkpoint(model, stage_dir / "checkpoint", card=card)
+    from visto.train.report import write_report
+
+    write_report(stage_dir, {"name": "quickstart-vision", "description": "dense ViT pretraining"},
+                 {"steps": result.steps, "minutes": round(result.seconds / 60, 2)})  # fmt: skip
+    mark_done(stage_dir, settings, time.perf_counter() - t0, {"steps": result.steps, "val": result.val})
+    console.print(
+        f"[bold]vision[/]: {result.steps} steps; val patch accuracy shape "
+        f"{result.val.get('shape_acc', math.nan):.3f}, colour {result.val.get('colour_acc', math.nan):.3f}, "
+        f"characters {result.val.get('char_acc', math.nan):.3f}"
+    )
+    return stage_dir / "checkpoint"
+
+
+def run_llava_stage(
+    stage: str, cfg: QuickstartConfig, run_dir: Path, world_dir: Path, init: Path,
+    console: Any, fresh: bool,
+) -> Path:  # fmt: skip
+    """LLaVA stage 1 (captions) or 2 (packed instruction conversations) through visto.train."""
+    from visto.train.loop import train
+    from visto.train.recipe import load_recipe
+
+    stage_dir = run_dir / stage
+    settings = cfg.stage_settings(stage)
+    if not fresh and stage_done(stage_dir, settings):
+        console.print(f"[bold]{stage}[/]: reusing {stage_dir / 'checkpoint'}")
+        return stage_dir / "checkpoint"
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    share = cfg.stage1_share if stage == "stage1" else cfg.stage2_share
+    batch = cfg.stage1_batch if stage == "stage1" else cfg.stage2_batch
+    lr = cfg.stage1_lr if stage == "stage1" else cfg.stage2_lr
+    recipe = load_recipe(
+        f"quickstart-{stage}",
+        [
+            f"model.init_from={json.dumps(str(init))}",
+            f"data.source={json.dumps(str(world_dir))}",
+            f"max_minutes={cfg.minutes * share}",
+            f"batch_size={batch}",
+            f"optim.lr={lr}",
+            f"seed={cfg.seed}",
+        ],
+    )
+    if stage == "stage1":
+        source = epoch_source(lambda split, epoch: caption_samples(world_dir, split, cfg.seed, epoch))
+        what = "captions"
+    else:
+        source = epoch_source(
+            lambda split, epoch: packed_samples(world_dir, split, cfg.seed, epoch, cfg.loc_bins)
+        )
+        what = "one packed conversation per image (VQA, boxes, OCR, JSON)"
+    console.print(f"[bold]{stage}[/]: {what}, {recipe.max_minutes:.1f} min, batch {batch}")
+    t0 = time.perf_counter()
+    result = train(recipe, stage_dir, source=source, console=console)
+    mark_done(stage_dir, settings, time.perf_counter() - t0, {"steps": result.step})
+    return stage_dir / "checkpoint"
+
+
+def make_generate(model: Any, loc_bins: int) -> Callable[[list[Sample]], list[str]]:
+    """The `generate` of visto.eval.generative for a LLaVA: greedy, boxes in prompts as
+    location tokens (as in training), a long budget only for JSON answers."""
+    import dataclasses
+
+    from visto.infer import Engine
+    from visto.infer.sampling import SamplingParams
+
+    engine = Engine(model, model.processor.tokenizer)
+    short, long = SamplingParams(max_new_tokens=24), SamplingParams(max_new_tokens=320)
+
+    def generate(samples: list[Sample]) -> list[str]:
+        prompts = [
+            dataclasses.replace(s, turns=[Turn(t.role, boxes_to_loc(t.content, loc_bins)) for t in s.turns])
+            for s in samples
+        ]
+        params = [long if "JSON" in s.turns[-1].content else short for s in samples]
+        batch = model.prompt_batch(prompts)
+        return [c.text.strip() for c in engine.generate_batch(batch, params)]
+
+    return generate
+
+
+def run_eval(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, ckpt: Path, console: Any,
+             fresh: bool) -> dict[str, float]:  # fmt: skip
+    """Every task on the first `eval_images` test and held-out images -> RUN/eval.json."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from visto.checkpoint import load
+    from visto.eval.generative import evaluate_generative_world
+
+    settings = cfg.stage_settings("eval")
+    done_path = run_dir / "eval_done.json"
+    if not fresh and (run_dir / "eval.json").is_file():
+        try:
+            if json.loads(done_path.read_text()).get("settings") == settings:
+                console.print(f"[bold]eval[/]: reusing {run_dir / 'eval.json'}")
+                return json.loads((run_dir / "eval.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+    t0 = time.perf_counter()
+    model = load(ckpt)
+    model.eval()
+    generate = make_generate(model, cfg.loc_bins)
+    tasks = ["vqa", "ground", "refdesc", "ocr", "json", "classify"]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress, torch.inference_mode():
+        bar = progress.add_task("eval: questions answered", total=None)
+
+        def counted(samples: list[Sample]) -> list[str]:
+            out = generate(samples)
+            progress.advance(bar, len(samples))
+            return out
+
+        def log(msg: str) -> None:
+            if msg.startswith("asking"):
+                n = int(msg.split()[1])
+                total = progress.tasks[0].total or 0
+                progress.update(bar, total=total + n)
+
+        result = evaluate_generative_world(
+            counted, world_dir, split="test", n=cfg.eval_images, tasks=tasks,
+            batch_size=cfg.eval_batch, seed=cfg.seed, log=log,
+        )  # fmt: skip
+    metrics = {k: round(v, 6) for k, v in sorted(result.metrics.items()) if not math.isnan(v)}
+    atomic_write_json(run_dir / "eval.json", metrics)
+    atomic_write_text(
+        run_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in result.predictions)
+    )
+    atomic_write_json(done_path, {"settings": settings, "seconds": round(time.perf_counter() - t0, 2),
+                                  "load": machine_load(), "notes": result.notes})  # fmt: skip
+    return metrics
+
+
+# ----------------------------------------------------------------------------- run summary
+
+HEADLINE = [
+    ("vqa.overall", "VQA overall", 0.95),
+    ("count.acc", "counting", 0.95),
+    ("ground.acc50", "grounding acc@0.5", 0.90),
+    ("ocr.exact", "OCR exact", 0.90),
+    ("pope.f1", "POPE F1", 0.95),
+    ("json.valid", "JSON validity", 1.0),
+]
+
+
+def merge_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every stage's metrics rows in one list, with "stage" and a run-wide "elapsed_s"."""
+    from visto.train.report import read_metrics
+
+    rows, offset = [], 0.0
+    seconds = stage_seconds(run_dir)
+    for stage in ("vision", "stage1", "stage2"):
+        stage_rows = read_metrics(run_dir / stage / "metrics.jsonl")
+        for r in stage_rows:
+            rows.append({**r, "stage": stage, "run_elapsed_s": round(offset + r.get("elapsed_s", 0), 2)})
+        offset += seconds.get(stage, 0.0)
+    return rows
+
+
+def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path | None:
+    """Training loss of every stage against run-wide minutes: one learning-curve figure."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from visto.utils.io import atomic_write_bytes
+
+    train_rows = [r for r in rows if r.get("split") == "train" and "loss" in r]
+    if not train_rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=100)
+    for stage in ("vision", "stage1", "stage2"):
+        rs = [r for r in train_rows if r["stage"] == stage]
+        if rs:
+            axes[0].plot([r["run_elapsed_s"] / 60 for r in rs], [r["loss"] for r in rs], label=stage)
+    axes[0].set_xlabel("minutes into training")
+    axes[0].set_ylabel("training loss")
+    axes[0].set_yscale("log")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend()
+    for key, label in (("shape_acc", "vision: patch shape"), ("colour_acc", "vision: patch colour"),
+                       ("char_acc", "vision: characters"), ("token_acc", "LLaVA: answer tokens")):  # fmt: skip
+        rs = [r for r in train_rows if isinstance(r.get(key), (int, float))]
+        if rs:
+            axes[1].plot([r["run_elapsed_s"] / 60 for r in rs], [r[key] for r in rs], label=label)
+    axes[1].set_xlabel("minutes into training")
+    axes[1].set_ylabel("training accuracy")
+    axes[1].set_ylim(0, 1)
+    axes[1].grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(out, buf.getvalue())
+
+
+def plot_figures(metrics: dict[str, float], out: Path) -> Path | None:
+    """Headline figures, test vs held-out, against their targets."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from visto.utils.io import atomic_write_bytes
+
+    names = [(k, label, target) for k, label, target in HEADLINE if k in metrics]
+    if not names:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 3.5), dpi=100)
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [metrics[k] for k, _, _ in names], 0.4, label="test")
+    ax.bar([x + 0.2 for x in xs], [metrics.get("heldout." + k, 0) for k, _, _ in names], 0.4,
+           label="held-out pairs")  # fmt: skip
+    ax.scatter(list(xs), [t for _, _, t in names], marker="_", s=400, color="black", label="target")
+    ax.set_xticks(list(xs), [label for _, label, _ in names], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(out, buf.getvalue())
+
+
+def write_run_report(cfg: QuickstartConfig, run_dir: Path, metrics: dict[str, float]) -> Path:
+    """RUN/metrics.jsonl (all stages), RUN/plots/*.png and RUN/report.md."""
+    rows = merge_metrics(run_dir)
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    curves = plot_curves(rows, run_dir / "plots" / "curves.png")
+    figures = plot_figures(metrics, run_dir / "plots" / "figures.png")
+    seconds = stage_seconds(run_dir)
+    lines = ["# visto quickstart", "",
+             f"Synthetic world of {cfg.n} images ({cfg.size} px), seed {cfg.seed}; "
+             f"training budget {cfg.minutes:g} min; {machine_load()} when the report was written.",
+             "", "## Figures", "", "| figure | test | held-out pairs | target |", "|---|---|---|---|"]  # fmt: skip
+    for key, label, target in HEADLINE:
+        if key in metrics:
+            held = metrics.get("heldout." + key)
+            lines.append(f"| {label} (`{key}`) | {metrics[key]:.3f} | "
+                         f"{'' if held is None else f'{held:.3f}'} | {target:g} |")  # fmt: skip
+    lines += ["", "Every figure (also in `eval.json`):", "", "| name | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
+    lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {s} | {v:.1f} |" for s, v in seconds.items()]
+    lines.append(f"| total | {sum(seconds.values()):.1f} |")
+    lines.append("")
+    if figures:
+        lines += ["![figures](plots/figures.png)", ""]
+    if curves:
+        lines += ["## Learning curves", "", "![curves](plots/curves.png)", ""]
+    for stage in ("vision", "stage1", "stage2"):
+        if (run_dir / stage / "report.md").is_file():
+            lines.append(f"- {stage}: [{stage}/report.md]({stage}/report.md)")
+    lines += ["", "Per-question answers: `predictions.jsonl`. Final model: `checkpoint/`.", "",
+              "## Settings", "", "```json", json.dumps(asdict(cfg), indent=2), "```", ""]  # fmt: skip
+    return atomic_write_text(run_dir / "report.md", "\n".join(lines))
+
+
+def _done_stamps(run_dir: Path) -> list[str]:
+    """The done.json of every training stage as text: any change means a stage just ran."""
+    out = []
+    for d in ("world", "vision", "stage1", "stage2"):
+        path = run_dir / d / "done.json"
+        out.append(path.read_text() if path.is_file() else "")
+    return out
+
+
+@dataclass
+class QuickstartResult:
+    run_dir: Path
+    checkpoint: Path
+    report: Path
+    metrics: dict[str, float]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_quickstart(cfg: QuickstartConfig, run_dir: str | Path, *, fresh: bool = False,
+                   console: Any = None, until: str = "eval") -> QuickstartResult:  # fmt: skip
+    """The whole pipeline into `run_dir` (stages already done with the same settings are kept);
+    `until` stops after that stage (one of STAGES)."""
+    import torch
+    from rich.console import Console
+
+    cfg.validate()
+    if until not in STAGES:
+        raise UserError(f"--until must be one of {', '.join(STAGES)}, got {until!r}")
+    console = console or Console()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    threads = pick_threads(cfg.threads)
+    torch.set_num_threads(threads)
+    console.print(f"[bold]quickstart[/]: {run_dir}, {threads} torch thread(s), {machine_load()}")
+    atomic_write_json(run_dir / "config.json", asdict(cfg))
+    # A stage that runs makes every later stage stale: `fresh` grows as the pipeline goes.
+    before = _done_stamps(run_dir)
+    world_dir = run_data(cfg, run_dir, console, fresh)
+    if until == "data":
+        return QuickstartResult(run_dir, world_dir, world_dir / "show.png", {}, stage_seconds(run_dir))
+    fresh = fresh or _done_stamps(run_dir) != before
+    vision = run_vision(cfg, run_dir, world_dir, console, fresh)
+    if until == "vision":
+        return QuickstartResult(run_dir, vision, vision / "README.md", {}, stage_seconds(run_dir))
+    fresh = fresh or _done_stamps(run_dir) != before
+    stage1 = run_llava_stage("stage1", cfg, run_dir, world_dir, vision, console, fresh)
+    if until == "stage1":
+        return QuickstartResult(run_dir, stage1, run_dir / "stage1" / "report.md", {},
+                                stage_seconds(run_dir))  # fmt: skip
+    fresh = fresh or _done_stamps(run_dir) != before
+    stage2 = run_llava_stage("stage2", cfg, run_dir, world_dir, stage1, console, fresh)
+    fresh = fresh or _done_stamps(run_dir) != before
+    final = run_dir / "checkpoint"
+    if fresh or not (final / "model.safetensors").is_file():
+        with atomic_directory(final) as tmp:
+            shutil.copytree(stage2, tmp, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("trainer_state.pt"))  # fmt: skip
+    metrics = run_eval(cfg, run_dir, world_dir, final, console, fresh)
+    report = write_run_report(cfg, run_dir, metrics)
+    return QuickstartResult(run_dir, final, report, metrics, stage_seconds(run_dir))
+
+
+__all__ = [
+    "HEADLINE",
+    "QuickstartConfig",
+    "QuickstartResult",
+    "boxes_to_loc",
+    "caption_samples",
+    "packed_samples",
+    "pick_threads",
+    "record_qas",
+    "run_quickstart",
+    "write_run_report",
+]
