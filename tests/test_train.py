@@ -287,6 +287,8 @@ def test_extend_a_finished_run_with_resume(tmp_path):
     result = train(tiny_recipe(max_steps=6), run, resume=True, source=tiny_source(), show_progress=False)
     assert result.step == 6
     assert [r["step"] for r in read_rows(run) if r["split"] == "train"] == list(range(1, 7))
+    with pytest.raises(UserError, match="already used its budget"):
+        train(tiny_recipe(max_steps=6), run, resume=True, source=tiny_source(), show_progress=False)
 
 
 def test_start_from_a_checkpoint_with_a_frozen_module(tmp_path):

@@ -433,15 +433,27 @@ def train(
             "samples_per_s": round(rate, 2), "elapsed_s": round(elapsed(), 3),
         })
         window = LogWindow()
+        if plain_log:  # no live bar (a log file, CI): one line per log row instead
+            console.print(
+                f"step {step}  loss {means['loss']:.4f}  lr {recipe.optim.lr * factor:.3g}  "
+                f"{rate:.1f} samples/s  {elapsed() / 60:.1f} min", highlight=False,
+            )
         return {**means, "_rate": rate}
 
     # ---- the loop
+    if resume and _budget_fraction(recipe, step, elapsed_before) >= 1:
+        raise UserError(
+            f"{run_dir} has already used its budget (step {step}); raise max_steps or "
+            "max_minutes with --set to train it further"
+        )
+    plain_log = show_progress and dist_info.main and not console.is_terminal
     val_metrics: dict[str, float] = {}
     train_metrics: dict[str, float] = {}
     evaluated_at = -1
     factor = lr_factor(step, schedule_progress(recipe, step, elapsed()),
                        recipe.schedule.warmup_steps, recipe.schedule.min_lr_ratio)
-    with _StopRequest() as stop, _progress(console, show_progress and dist_info.main) as bar:
+    live_bar = show_progress and dist_info.main and console.is_terminal
+    with _StopRequest() as stop, _progress(console, live_bar) as bar:
         task = bar.add_task("train", total=1.0, loss=float("nan"), rate=0.0, step=step)
         while not done():
             t0 = time.perf_counter()
