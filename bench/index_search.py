@@ -138,16 +138,16 @@ def run_dataset(kind: str, args: argparse.Namespace, settings: IndexSettings, ro
         result["median_cosine_to_cluster_centre"] = round(cos, 3)
     if args.sweep:
         result["sweep"] = []
-        for nprobes in (10, 20, 40, 80, 160):
-            for ef in (100, 200):
-                for refine in (1, 5):
-                    s = dataclasses.replace(settings, nprobes=nprobes, ef=ef, refine_factor=refine)
-                    ids, times, cpu = timed_queries(VectorStore(db, settings=s), queries, args.k)
-                    row = {"nprobes": nprobes, "ef": ef, "refine_factor": refine, **summary(times),
-                           "cpu_median_ms": round(cpu * 1000, 2),
-                           f"recall@{args.k}": round(recall_at_k(ids, truth, args.k), 4)}  # fmt: skip
-                    print("   sweep", kind, row, flush=True)
-                    result["sweep"].append(row)
+        hnsw = "HNSW" in settings.index_type
+        for nprobes in (5, 10, 20, 40, 80, 160):
+            for ef, refine in [(100, 1), (100, 5), (200, 5)] if hnsw else [(None, None)]:
+                s = dataclasses.replace(settings, nprobes=nprobes, ef=ef, refine_factor=refine)
+                ids, times, cpu = timed_queries(VectorStore(db, settings=s), queries, args.k)
+                row = {"nprobes": nprobes, "ef": ef, "refine_factor": refine, **summary(times),
+                       "cpu_median_ms": round(cpu * 1000, 2),
+                       f"recall@{args.k}": round(recall_at_k(ids, truth, args.k), 4)}  # fmt: skip
+                print("   sweep", kind, row, flush=True)
+                result["sweep"].append(row)
     return result
 
 

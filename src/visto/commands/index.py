@@ -30,7 +30,7 @@ its path and metadata (for --data: split, caption, objects, label), in the index
 Re-running is safe and cheap: images are keyed on path + content, so those already stored
 are skipped and nothing is duplicated; a build that was interrupted (Ctrl-C, a crash) keeps
 every finished batch and the next run completes it. Files that cannot be decoded are skipped
-and listed. Past 10,000 rows an approximate (IVF-HNSW) index is trained so that search stays
+and listed. Past 10,000 rows an approximate (IVF) index is trained so that search stays
 fast; below, search is exact.
 
 --model pixels uses an 8x8 colour thumbnail instead of a model: image-to-image search for
