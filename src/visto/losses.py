@@ -8,6 +8,14 @@
 
 Embeddings given to the contrastive losses are L2-normalized (B, D); `logit_scale` is the
 multiplier itself (already exp'd and clamped by the model), not its log.
+
+Duplicates: in a world where "One shape: a red circle." describes many images, a batch often
+holds the same caption (or the same image) twice. Plain InfoNCE then asks image i to prefer
+text i over an identical text k, which no model can do, and pushes apart what should match.
+`positives` (B, B) marks every matching pair (`pair_positives` builds it from caption and
+image ids): the contrastive losses keep the diagonal as the target and drop the other
+positives from the negatives (the "elimination" variant of false negative cancellation,
+Huynh et al. 2022); SigLIP's loss labels them +1 instead.
 """
 
 from __future__ import annotations
@@ -27,21 +35,59 @@ def contrastive_logits(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor)
     return logit_scale * image_emb @ text_emb.t()
 
 
-def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
-    """Mean of image->text and text->image cross-entropy, the matching pair on the diagonal."""
+def pair_positives(*group_ids: Tensor) -> Tensor:
+    """(B,) id tensors (e.g. caption ids, image ids) -> (B, B) bool: pair (i, j) matches when
+    any of the ids agree (same caption text, or the same image). The diagonal is always True."""
+    assert group_ids, "need at least one id tensor"
+    B = group_ids[0].shape[0]
+    out = torch.eye(B, dtype=torch.bool, device=group_ids[0].device)
+    for ids in group_ids:
+        assert ids.shape == (B,), f"ids must all be (B,) = ({B},), got {tuple(ids.shape)}"
+        out |= ids[:, None] == ids[None, :]
+    return out
+
+
+def _drop_other_positives(logits: Tensor, positives: Tensor | None) -> Tensor:
+    """logits with every off-diagonal positive set to -inf: not a negative, not a target."""
+    if positives is None:
+        return logits
+    assert positives.shape == logits.shape and positives.dtype == torch.bool, (
+        f"positives must be a (B, B) bool mask, got {tuple(positives.shape)} {positives.dtype}"
+    )
+    eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+    return logits.masked_fill(positives & ~eye, float("-inf"))
+
+
+def clip_loss(
+    image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, positives: Tensor | None = None
+) -> Tensor:
+    """Mean of image->text and text->image cross-entropy, the matching pair on the diagonal.
+
+    `positives` (B, B) bool: other pairs that also match (identical captions, the same image);
+    they are left out of the negatives of both directions (see the module docstring)."""
     logits = contrastive_logits(image_emb, text_emb, logit_scale)  # (B, B)
+    logits = _drop_other_positives(logits, positives)
     targets = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
 
 def siglip_loss(
-    image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, logit_bias: Tensor
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    positives: Tensor | None = None,
 ) -> Tensor:
-    """Every (image, text) pair is a binary question "do they match?": +1 on the diagonal,
-    -1 elsewhere; -sum(log sigmoid(label * (t * x.y + b))) / B, as in the paper's Algorithm 1."""
+    """Every (image, text) pair is a binary question "do they match?": +1 on the diagonal
+    (and on every pair `positives` marks), -1 elsewhere;
+    -sum(log sigmoid(label * (t * x.y + b))) / B, as in the paper's Algorithm 1."""
     logits = contrastive_logits(image_emb, text_emb, logit_scale) + logit_bias  # (B, B)
     B = logits.shape[0]
-    labels = 2 * torch.eye(B, device=logits.device, dtype=logits.dtype) - 1  # (B, B) of +-1
+    match = torch.eye(B, device=logits.device, dtype=torch.bool)
+    if positives is not None:
+        assert positives.shape == (B, B) and positives.dtype == torch.bool, positives.shape
+        match = match | positives
+    labels = 2 * match.to(logits.dtype) - 1  # (B, B) of +-1
     return -F.logsigmoid(labels * logits).sum() / B
 
 

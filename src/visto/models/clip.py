@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from visto.data.sample import IMAGE_PLACEHOLDER, Sample
 from visto.errors import UserError
-from visto.losses import clip_loss, contrastive_logits, siglip_loss
+from visto.losses import clip_loss, contrastive_logits, pair_positives, siglip_loss
 from visto.nn.text import TextConfig, build_text_encoder
 from visto.nn.vision import ViT, ViTConfig, images_to_tensor
 
@@ -92,6 +92,19 @@ def caption_of(sample: Sample) -> str:
             "or an assistant turn (use caption data, e.g. tasks ['caption'])"
         )
     return text
+
+
+def image_key(sample: Sample) -> str:
+    """What identifies a sample's image across samples: the source's image id (the synthetic
+    world gives each caption of an image its own sample), else the sample id."""
+    truth = sample.truth or {}
+    return str(truth.get("image_id") or sample.id)
+
+
+def batch_ids(keys: list[str]) -> Tensor:
+    """Keys -> (B,) ints, equal where the keys are equal (first-seen order)."""
+    index: dict[str, int] = {}
+    return torch.tensor([index.setdefault(k, len(index)) for k in keys], dtype=torch.long)
 
 
 class CLIP(nn.Module):
@@ -186,32 +199,46 @@ class CLIP(nn.Module):
         image_emb = self.encode_image(batch["pixel_values"])  # (B, E)
         text_emb = self.encode_text_tokens(batch["input_ids"], batch["attention_mask"])  # (B, E)
         scale = self.current_logit_scale()
+        # Pairs that match besides the diagonal: identical captions, the same image twice.
+        ids = [batch[k] for k in ("caption_ids", "image_ids") if k in batch]
+        positives = pair_positives(*ids) if ids else None  # (B, B) bool
         if self.logit_bias is not None:
-            loss = siglip_loss(image_emb, text_emb, scale, self.logit_bias)
+            loss = siglip_loss(image_emb, text_emb, scale, self.logit_bias, positives)
         else:
-            loss = clip_loss(image_emb, text_emb, scale)
+            loss = clip_loss(image_emb, text_emb, scale, positives)
         with torch.no_grad():
             logits = contrastive_logits(image_emb, text_emb, scale)  # (B, B)
-            target = torch.arange(logits.shape[0], device=logits.device)
+            B = logits.shape[0]
+            if positives is None:
+                positives = torch.eye(B, dtype=torch.bool, device=logits.device)
+            rows = torch.arange(B, device=logits.device)
+            # A hit is any matching pair: an identical caption is as right as the own one.
             out = {
                 "loss": loss,
                 "logit_scale": scale.detach(),
-                "acc_i2t": (logits.argmax(dim=1) == target).float().mean(),
-                "acc_t2i": (logits.argmax(dim=0) == target).float().mean(),
+                "acc_i2t": positives[rows, logits.argmax(dim=1)].float().mean(),
+                "acc_t2i": positives[logits.argmax(dim=0), rows].float().mean(),
             }
             if self.logit_bias is not None:
                 out["logit_bias"] = self.logit_bias.detach()
         return out
 
     def collate(self, samples: list[Sample]) -> dict[str, Tensor]:
-        """Samples -> {"pixel_values" (B,3,S,S), "input_ids" (B,T), "attention_mask" (B,T)}:
-        each sample's first image with its caption (see `caption_of`)."""
+        """Samples -> {"pixel_values" (B,3,S,S), "input_ids" (B,T), "attention_mask" (B,T),
+        "caption_ids" (B,), "image_ids" (B,)}: each sample's first image with its caption (see
+        `caption_of`). Equal ids mark identical captions / the same image within the batch
+        (the loss does not treat those pairs as negatives, see visto.losses)."""
         for s in samples:
             if not s.images:
                 raise UserError(f"sample {s.id!r} has no image; CLIP trains on image-text pairs")
         texts = [caption_of(s) for s in samples]
         pixel_values = self.image_tensor([s.images[0] for s in samples])
-        return {"pixel_values": pixel_values, **self.text_model.tokenize(texts)}
+        return {
+            "pixel_values": pixel_values,
+            **self.text_model.tokenize(texts),
+            "caption_ids": batch_ids(texts),
+            "image_ids": batch_ids([image_key(s) for s in samples]),
+        }
 
     # -- inference conveniences
 
