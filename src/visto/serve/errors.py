@@ -32,6 +32,7 @@ ERROR_TYPES = {
     415: "invalid_request_error",
     429: "rate_limit_exceeded",
     500: "server_error",
+    501: "server_error",
     503: "server_error",
     504: "timeout",
 }

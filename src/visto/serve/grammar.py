@@ -31,7 +31,15 @@ class GrammarFactory:
     cached by xgrammar, so a repeated schema costs nothing."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_ids: list[int]) -> None:
-        import xgrammar as xgr
+        try:
+            import xgrammar as xgr
+        except ImportError:
+            raise APIError(
+                501,
+                "response_format json_object/json_schema needs xgrammar on the server: "
+                "pip install --no-deps xgrammar apache-tvm-ffi",
+                "response_format",
+            ) from None
 
         self._xgr = xgr
         self.vocab_size = vocab_size
