@@ -77,7 +77,7 @@ class QuickstartConfig:
     vision_lr: float = 2e-3
     stage1_lr: float = 2e-3
     stage2_lr: float = 2e-3
-    eval_images: int = 100  # first images of the test split, and of the held-out split
+    eval_images: int = 50  # first images of the test split, and of the held-out split
     eval_batch: int = 64
 
     def validate(self) -> QuickstartConfig:

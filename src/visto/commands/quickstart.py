@@ -45,8 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="processes for rendering (default 2)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (default 0: 1 on a busy machine, else all cores)")  # fmt: skip
-    p.add_argument("--eval-images", type=int, default=100,
-                   help="test and held-out images asked every question (default 100)")  # fmt: skip
+    p.add_argument("--eval-images", type=int, default=50,
+                   help="test and held-out images asked every question (default 50)")  # fmt: skip
     p.add_argument("--until", choices=["data", "vision", "stage1", "stage2", "eval"],
                    default="eval", help="stop after this stage (default: run them all)")  # fmt: skip
     p.add_argument("--fresh", action="store_true", help="redo every stage, even unchanged ones")

@@ -262,7 +262,7 @@ def pretrain_dense(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        for k, v in {"loss": float(loss), **stats}.items():
+        for k, v in {"loss": float(loss.detach()), **stats}.items():
             if not math.isnan(v):
                 sums[k] = sums.get(k, 0.0) + v
         if step % log_every == 0:
@@ -271,7 +271,7 @@ def pretrain_dense(
                  "elapsed_s": round(time.perf_counter() - start, 2)})  # fmt: skip
             sums = {}
         if on_step is not None:
-            on_step(step, min(1.0, (time.perf_counter() - start) / budget), float(loss))
+            on_step(step, min(1.0, (time.perf_counter() - start) / budget), float(loss.detach()))
     val_stats: dict[str, float] = {}
     if val is not None:
         val_stats = evaluate_dense(vit, heads, val)

@@ -1,0 +1,99 @@
+"""The quickstart pipeline: its data helpers (fast) and the whole run on a tiny budget (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from visto.data.tokenizer import parse_boxes
+from visto.quickstart import QuickstartConfig, boxes_to_loc, record_qas, run_quickstart
+from visto.train.dense import CHARS, SHAPE_NAMES, record_targets
+
+
+def _record() -> dict:
+    # Two objects on a 64 px image (8 px patches -> 8x8 grid) and one word.
+    objects = [
+        {"shape": "square", "colour": "red", "size": "large", "box": [0, 0, 32, 32]},
+        {"shape": "star", "colour": "blue", "size": "small", "box": [40, 40, 56, 56]},
+    ]
+    texts = [{"text": "CAT", "box": [8, 48, 32, 56]}]
+    truth = {"width": 64, "height": 64, "objects": objects, "texts": texts}
+    return {"truth": truth}
+
+
+def test_dense_targets_follow_the_mask_boxes_and_text():
+    record = _record()
+    mask = np.zeros((64, 64), np.uint8)
+    mask[0:32, 0:32] = 1
+    mask[40:56, 40:56] = 2
+    t = record_targets(record, mask, grid=8)
+    shape = t["shape"].reshape(8, 8)
+    assert (shape[:4, :4] == 1 + SHAPE_NAMES.index("square")).all()
+    assert (shape[5:7, 5:7] == 1 + SHAPE_NAMES.index("star")).all()
+    assert shape[7, 0] == 0 and shape[0, 7] == 0  # background
+    # Centres: (16, 16) -> patch (2, 2); (48, 48) -> patch (6, 6); boxes as fractions there.
+    assert set(np.flatnonzero(t["centre"])) == {2 * 8 + 2, 6 * 8 + 6}
+    assert np.allclose(t["box"][2 * 8 + 2], [0, 0, 0.5, 0.5])
+    # "CAT" spans x 8..32 on row 6 (y 48..56), 8 px a letter: patches (6, 1..3) read C, A, T
+    # at both quarter points.
+    read = ["".join(CHARS[k - 1] for k in t["chars"][6 * 8 + col]) for col in (1, 2, 3)]
+    assert read == ["CC", "AA", "TT"]
+    assert t["chars"][0].tolist() == [0, 0]
+
+
+def test_boxes_become_location_tokens_outside_json_only():
+    text = "Where? [100, 200, 300, 999]"
+    loc = boxes_to_loc(text, 100)
+    assert loc == "Where? <loc_10><loc_20><loc_30><loc_99>"
+    assert parse_boxes(loc, 100) == [[104, 204, 304, 994]]  # the middle of each bin
+    record = {
+        "tasks": {
+            "vqa": [{"q": "How many?", "a": "2"}],
+            "ground": [{"q": "Find the star.", "a": "[1, 2, 3, 4]"}],
+            "refdesc": [{"q": "What is at [1, 2, 3, 4]?", "a": "a red star"}],
+            "ocr": None,
+            "json": {"q": "JSON?", "a": '{"objects":[{"box":[1,2,3,4]}]}'},
+        }
+    }
+    qas = dict(record_qas(record, 100))
+    assert qas["Find the star."] == "<loc_0><loc_0><loc_0><loc_0>"
+    assert "What is at <loc_0><loc_0><loc_0><loc_0>?" in qas
+    assert json.loads(qas["JSON?"])["objects"][0]["box"] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_and_reuses_stages(tmp_path: Path):
+    cfg = QuickstartConfig(
+        minutes=0.25, n=120, size=64, workers=1, threads=1, vision_width=32, vision_layers=1,
+        decoder_width=64, decoder_layers=1, vocab_size=600, max_length=320, vision_batch=16,
+        stage1_batch=8, stage2_batch=4, eval_images=6, eval_batch=32,
+    )  # fmt: skip
+    run = tmp_path / "qs"
+    result = run_quickstart(cfg, run)
+    for name in ("config.json", "eval.json", "report.md", "metrics.jsonl", "predictions.jsonl",
+                 "plots/curves.png", "plots/figures.png", "checkpoint/model.safetensors",
+                 "checkpoint/tokenizer.json", "world/show.png", "vision/checkpoint/config.json",
+                 "stage1/report.md", "stage2/report.md"):  # fmt: skip
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "eval.json").read_text())
+    assert metrics == result.metrics
+    for key in ("vqa.overall", "count.acc", "ground.acc50", "ocr.exact", "pope.f1", "json.valid"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+        assert 0.0 <= metrics["heldout." + key] <= 1.0, key
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in rows} == {"vision", "stage1", "stage2"}
+    assert "VQA overall" in (run / "report.md").read_text()
+    assert set(result.seconds) == {"data", "vision", "stage1", "stage2", "eval"}
+
+    # A second run with the same settings reuses every stage; a new eval setting reruns eval only.
+    stamp = (run / "stage2" / "checkpoint" / "model.safetensors").stat().st_mtime_ns
+    again = run_quickstart(cfg, run)
+    assert again.metrics == metrics
+    assert (run / "stage2" / "checkpoint" / "model.safetensors").stat().st_mtime_ns == stamp
+    cfg.eval_images = 3
+    run_quickstart(cfg, run)
+    assert (run / "stage2" / "checkpoint" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((run / "eval_done.json").read_text())["settings"]["eval_images"] == 3
