@@ -369,7 +369,9 @@ from visto.train.recipe import recipe_from_dict
 
 FAMILIES["tiny"] = (TinyConfig, TinyModel)
 recipe = recipe_from_dict({recipe!r})
-result = train(recipe, {run!r}, source=tiny_source(n_train=40), show_progress=False)
+train(recipe, {run!r}, source=tiny_source(n_train=40), show_progress=False)
+recipe.max_steps = 6  # then resume it, across both ranks, for two more steps
+result = train(recipe, {run!r}, resume=True, source=tiny_source(n_train=40), show_progress=False)
 digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in result.model.state_dict().values()))
 with open(os.path.join({run!r}, "rank%s.json" % os.environ["RANK"]), "w") as f:
     json.dump({{"digest": digest.hexdigest(), "step": result.step, "val": result.val_metrics}}, f)
@@ -378,7 +380,7 @@ with open(os.path.join({run!r}, "rank%s.json" % os.environ["RANK"]), "w") as f:
 
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tmp_path):
-    """torchrun --nproc_per_node 2 with gloo: both ranks end with the same weights."""
+    """torchrun --nproc_per_node 2 with gloo: train, resume; both ranks end with the same weights."""
     import os
     import subprocess
     import sys
@@ -401,8 +403,10 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((run / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["digest"] == ranks[1]["digest"]  # DDP kept the replicas identical
-    assert ranks[0]["step"] == ranks[1]["step"] == 4
+    assert ranks[0]["step"] == ranks[1]["step"] == 6
     assert ranks[0]["val"] == ranks[1]["val"] and "acc" in ranks[0]["val"]  # reduced over ranks
     rows = read_rows(run)
-    assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4]  # rank 0 alone writes
+    assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4, 6]  # rank 0 alone writes
+    state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert len(state["ranks"]) == 2 and state["ranks"][0]["rng"] != state["ranks"][1]["rng"]
     assert load(run / "checkpoint").stem.weight.shape == (8, 3)

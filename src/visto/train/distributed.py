@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -56,3 +57,14 @@ def barrier(dist_info: Distributed) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def gather_objects(obj: Any, dist_info: Distributed) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects)."""
+    if not dist_info.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist_info.world_size
+    dist.all_gather_object(out, obj)
+    return out

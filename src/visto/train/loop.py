@@ -56,7 +56,13 @@ from visto.train.data import (
     first_batches,
     source_from_spec,
 )
-from visto.train.distributed import Distributed, all_reduce_sums, barrier, init_distributed
+from visto.train.distributed import (
+    Distributed,
+    all_reduce_sums,
+    barrier,
+    gather_objects,
+    init_distributed,
+)
 from visto.train.optim import build_optimizer, lr_factor, schedule_progress, set_lr
 from visto.train.recipe import Recipe, recipe_from_dict
 from visto.train.report import write_report
@@ -158,29 +164,31 @@ def batch_size_of(batch: dict[str, Any]) -> int:
 
 
 def rng_state() -> dict[str, Any]:
+    """Every RNG a step may draw from, as plain lists and numbers (picklable, and readable by
+    torch.load(weights_only=True))."""
     import numpy as np
 
-    np_state = np.random.get_state()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "torch": torch.get_rng_state(),
+        "torch": torch.get_rng_state().tolist(),
         "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
 
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def seed_everything(seed: int) -> None:
@@ -334,11 +342,16 @@ def train(
         )
 
     # ---- data (the source was opened above: a new processor may be trained on it)
+    # This rank's saved RNG and data position (rank 0's when the world size changed).
+    rank_state = None
+    if trainer_state is not None:
+        ranks = trainer_state["ranks"]
+        rank_state = ranks[dist_info.rank] if len(ranks) == dist_info.world_size else ranks[0]
     stream = BatchStream(
         source, "train", model.collate, recipe.micro_batch_size,
         seed=recipe.seed, shuffle_buffer=recipe.data.shuffle_buffer,
         rank=dist_info.rank, world_size=dist_info.world_size,
-        state=trainer_state["data"] if trainer_state else None,
+        state=rank_state["data"] if rank_state else None,
     )
     val_batches: list[dict[str, Any]] | None = None  # read once, at the first evaluation
 
@@ -346,8 +359,8 @@ def train(
     step = trainer_state["step"] if trainer_state else 0
     elapsed_before = trainer_state["elapsed_s"] if trainer_state else 0.0
     window = LogWindow(**trainer_state["log_window"]) if trainer_state else LogWindow()
-    if trainer_state:
-        set_rng_state(trainer_state["rng"])
+    if rank_state:
+        set_rng_state(rank_state["rng"])
     else:
         # Each rank draws different dropout masks; rank 0 draws what a single process would.
         torch.manual_seed(recipe.seed + dist_info.rank)
@@ -374,12 +387,13 @@ def train(
             metrics_file.flush()
 
     def save(path: Path, val_metrics: dict[str, float]) -> None:
+        # Each rank's RNG and data position, so that every rank resumes where it was.
+        per_rank = gather_objects({"rng": rng_state(), "data": stream.state()}, dist_info)
         if dist_info.main:
             state = {
                 "step": step,
                 "optimizer": optimizer.state_dict(),
-                "rng": rng_state(),
-                "data": stream.state(),
+                "ranks": per_rank,
                 "elapsed_s": elapsed(),
                 "log_window": to_dict(window),
             }
