@@ -410,3 +410,19 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert len(state["ranks"]) == 2 and state["ranks"][0]["rng"] != state["ranks"][1]["rng"]
     assert load(run / "checkpoint").stem.weight.shape == (8, 3)
+
+
+def test_data_section_errors_and_no_validation(tmp_path):
+    from visto.data.formats import write_samples
+    from visto.train.data import source_from_spec
+
+    with pytest.raises(UserError, match="names no data"):
+        source_from_spec(tiny_recipe().data, 0)
+    write_samples(make_samples(16, seed=0), tmp_path / "data", "llava")
+    with pytest.raises(UserError, match="tasks of the synthetic world"):
+        source_from_spec(tiny_recipe(**{"data.source": str(tmp_path / "data"), "data.tasks": ["vqa"]}).data, 0)
+    recipe = tiny_recipe(max_steps=2, **{"data.source": str(tmp_path / "data")})
+    source, has_val = source_from_spec(recipe.data, 0)
+    assert not has_val and len(list(source("train"))) == 16
+    train(recipe, tmp_path / "run", show_progress=False)  # no val_source: trains, never evaluates
+    assert {r["split"] for r in read_rows(tmp_path / "run")} == {"train"}
