@@ -23,4 +23,8 @@ fi
 "$VENV/bin/python" -c "import torch; print(f'torch=={torch.__version__}')" > "$VENV/torch-constraint.txt"
 echo "[setup] installing visto[dev] (torch kept at $(cat "$VENV/torch-constraint.txt"))"
 pip_ -c "$VENV/torch-constraint.txt" -e ".[dev]"
+# Grammar-constrained decoding (response_format json_schema in `visto serve`). xgrammar's
+# declared needs include triton (~1 GB, GPU only): install it without, its other needs
+# (numpy, pydantic, torch, transformers) come with visto.
+pip_ --no-deps "xgrammar==0.2.8" "apache-tvm-ffi==0.1.15.post2"
 echo "[setup] done: $VENV/bin/visto --help"
