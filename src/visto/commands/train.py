@@ -30,7 +30,7 @@ Examples:
   visto train --list
   visto train --recipe clip-synth --set data.source=runs/world
   visto train --recipe my-recipe.json --out runs/exp1 --set optim.lr=3e-4 --set max_minutes=8
-  visto train --recipe clip-synth --set optim.module_lrs.vision=0      (freeze the vision tower)
+  visto train --recipe clip-synth --set optim.module_lrs.vision_model=0    (freeze the vision tower)
   visto train --resume runs/exp1
   visto train --resume runs/exp1 --set max_steps=2000                 (train it further)
   torchrun --nproc_per_node 2 -m visto.cli train --recipe clip-synth --out runs/ddp
