@@ -15,11 +15,13 @@ from torch import nn
 from visto.config import from_dict
 from visto.errors import UserError
 from visto.models.clip import CLIP, CLIPConfig
+from visto.models.fuyu import Fuyu, FuyuConfig
 from visto.models.llava import Llava, LlavaConfig
 
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "clip": (CLIPConfig, CLIP),
     "llava": (LlavaConfig, Llava),
+    "fuyu": (FuyuConfig, Fuyu),
 }
 
 

@@ -1,0 +1,384 @@
+"""Fuyu (Bavishi et al. 2023, "Fuyu-8B: A Multimodal Architecture for AI Agents"): no vision
+encoder at all. Each image patch is linearly projected straight into the decoder's width and
+read as a token; an `<im_newline>` token ends every row of patches, so the decoder sees the
+image's 2-D layout, and any image size or aspect ratio works (no resize to a square).
+
+    image (H, W) -> processor "patch" mode: shrink only if the longer side > image_size, pad
+                    right/bottom to the patch grid (rows, cols); the span in the text is
+                    (<image> * cols, <im_newline>) * rows
+    pixel_values (N_patches, 3*p*p)   every patch of every image of the batch, row-major
+                 -> vision_embed_tokens (a Linear)                       (N_patches, D_lm)
+    input_ids (B, T) -> embeddings (B, T, D_lm); the k-th `<image>` id, counted row-major
+                        over the batch, gets the k-th patch embedding; `<im_newline>` keeps
+                        its learned token embedding
+                     -> decoder -> logits (B, T, V); loss on the answer tokens only (shifted)
+
+Parameter names are those transformers' `FuyuForCausalLM` saves: `vision_embed_tokens.*` and
+`language_model.*` (Llama names). `from_transformers` reads such a directory. Transformers'
+Fuyu flattens a patch as (y, x, channel); visto's processor as (channel, y, x) (a Conv2d
+weight's layout), so the patch projection's input columns are permuted on the way in.
+
+The released Fuyu-8B's decoder is Persimmon, which a Llama decoder cannot reproduce (see
+`PERSIMMON_DIFFERENCES`); a transformers Fuyu whose text_config is Llama or Qwen2 loads exactly.
+
+Training stages are recipes (`fuyu-synth.json`); the groups for `optim.module_lrs` are
+`PARAM_GROUPS` (0 = frozen).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from visto.data.processor import IGNORE_INDEX, Processor, ProcessorConfig
+from visto.data.sample import Sample
+from visto.data.tokenizer import IMAGE, SPECIAL_TOKENS, Tokenizer
+from visto.errors import UserError
+from visto.losses import lm_loss
+from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
+
+IMAGE_TOKEN_ID = SPECIAL_TOKENS.index(IMAGE)  # fixed by visto's tokenizer layout (id 3)
+
+PARAM_GROUPS = {
+    "vision": "vision_embed_tokens",
+    "language": "language_model",
+}
+
+# Why transformers' Fuyu-8B (adept/fuyu-8b) cannot be mapped onto visto's Llama decoder: its
+# language model is Persimmon, which differs from Llama in every block, not by a renaming.
+PERSIMMON_DIFFERENCES = (
+    "LayerNorm with bias (input, post-attention and final norms) instead of RMSNorm",
+    "LayerNorm on the queries and keys of every head (qk_layernorm) before rotary",
+    "partial rotary: only the first partial_rotary_factor (0.5) of each head's dims rotate",
+    "one fused query_key_value projection with biases, interleaved per head, and a biased "
+    "`dense` output projection",
+    "a two-layer MLP (dense_h_to_4h -> squared ReLU -> dense_4h_to_h, with biases) instead "
+    "of SwiGLU",
+    "an untied lm_head",
+)
+
+
+def _default_processor() -> ProcessorConfig:
+    # Longest side capped at 64 px, 8 px patches: at most 8 x 8 patches (+ 8 newlines) per image.
+    # No <im_start>/<im_end>: Fuyu's prompt has only the patch and newline tokens.
+    return ProcessorConfig(
+        image_size=64, resize_mode="patch", patch_size=8, image_delimiters=False, max_length=256
+    )
+
+
+@dataclass
+class FuyuConfig:
+    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig.preset("small"))
+    processor: ProcessorConfig = field(default_factory=_default_processor)
+    # Where the tokenizer comes from when no processor is attached (as in LlavaConfig).
+    tokenizer_dir: str | None = None
+    tokenizer_corpus: str | None = None
+    # A transformers Llama/Qwen2 directory whose vocabulary is a visto tokenizer's; read when
+    # the model is built, then forgotten (the saved config holds the decoder's config).
+    language_init: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.processor.resize_mode != "patch":
+            raise UserError(
+                "Fuyu reads raw patches of any aspect ratio: set processor.resize_mode to 'patch'"
+            )
+
+    @property
+    def patch_dim(self) -> int:
+        """Inputs per patch: 3 channels x p x p pixels."""
+        return 3 * self.processor.patch_size**2
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> FuyuConfig:
+        """`tiny` for unit tests (longest side 32 px, 8 px patches, 2 layers); `small` for the CPU."""
+        if name == "tiny":
+            base: dict[str, Any] = dict(
+                decoder=DecoderConfig.preset("tiny", vocab_size=400),
+                processor=ProcessorConfig(
+                    image_size=32, resize_mode="patch", patch_size=8, image_delimiters=False,
+                    vocab_size=400, loc_bins=32,
+                ),
+            )
+        elif name == "small":
+            base = {}
+        else:
+            raise UserError(f"unknown Fuyu preset {name!r}; choose 'tiny' or 'small'")
+        return cls(**{**base, **overrides})
+
+
+def _field(batch: Any, name: str) -> Any:
+    """A batch entry from a collated dict or a processor `Batch` alike."""
+    return batch[name] if isinstance(batch, dict) else getattr(batch, name)
+
+
+class Fuyu(nn.Module):
+    family = "fuyu"
+    PARAM_GROUPS = PARAM_GROUPS
+
+    def __init__(self, config: FuyuConfig) -> None:
+        super().__init__()
+        language = DecoderLM.from_pretrained(config.language_init) if config.language_init else None
+        self.init_sources = {"language": config.language_init}
+        config = replace(
+            config,
+            decoder=language.config if language is not None else config.decoder,
+            language_init=None,
+        )
+        if config.processor.vocab_size > config.decoder.vocab_size:
+            raise UserError(
+                f"fuyu config: processor.vocab_size {config.processor.vocab_size} exceeds "
+                f"decoder.vocab_size {config.decoder.vocab_size}; make them agree"
+            )
+        self.config = config
+        # Named as in transformers' FuyuForCausalLM; initialised like the decoder's matrices.
+        self.vision_embed_tokens = nn.Linear(config.patch_dim, config.decoder.hidden_size)
+        DecoderLM._init_weights(self.vision_embed_tokens)
+        self.language_model = language if language is not None else DecoderLM(config.decoder)
+        self._processor: Processor | None = None
+
+    # -- processor
+
+    @property
+    def processor(self) -> Processor:
+        if self._processor is None:
+            cfg = self.config
+            if cfg.tokenizer_dir:
+                tokenizer = Tokenizer.load(cfg.tokenizer_dir)
+            elif cfg.tokenizer_corpus:
+                from visto.models.llava import tokenizer_from_corpus
+
+                tokenizer = tokenizer_from_corpus(cfg.tokenizer_corpus, cfg.processor)
+            else:
+                raise UserError(
+                    "this Fuyu model has no tokenizer: set model.config.tokenizer_corpus to the "
+                    "training data (a tokenizer is trained on its texts) or tokenizer_dir to a "
+                    "directory with tokenizer.json"
+                )
+            self.processor = Processor(cfg.processor, tokenizer)
+        assert self._processor is not None
+        return self._processor
+
+    @processor.setter
+    def processor(self, processor: Processor) -> None:
+        vocab = processor.tokenizer.vocab_size
+        if vocab > self.config.decoder.vocab_size:
+            raise UserError(
+                f"the tokenizer has {vocab} tokens but decoder.vocab_size is "
+                f"{self.config.decoder.vocab_size}; set decoder.vocab_size >= {vocab}"
+            )
+        if processor.tokenizer.image_id != IMAGE_TOKEN_ID:
+            raise UserError(f"the tokenizer's <image> id must be {IMAGE_TOKEN_ID}")
+        p = processor.config
+        if p.resize_mode != "patch" or p.patch_size != self.config.processor.patch_size:
+            raise UserError(
+                f"Fuyu needs a processor in 'patch' mode with patch_size "
+                f"{self.config.processor.patch_size}; got resize_mode {p.resize_mode!r}, "
+                f"patch_size {p.patch_size}"
+            )
+        self._processor = processor
+
+    # -- the forward pass
+
+    def embed_inputs(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor,
+        image_sample_index: Tensor | None = None,
+        image_token_counts: Tensor | None = None,
+    ) -> Tensor:
+        """Token embeddings (B, T, C) with one patch embedding at each `<image>` position.
+
+        pixel_values: (N_patches, 3*p*p), all patches of the batch in order (processor layout).
+        image_sample_index / image_token_counts: (N_img,) row and patch count of each image,
+            used only to check that every row got exactly its own images' patches.
+        """
+        embeds = self.language_model.embed(input_ids)  # (B, T, C)
+        is_image = input_ids == IMAGE_TOKEN_ID  # (B, T)
+        n_patches = pixel_values.shape[0]
+        expected = int(is_image.sum())
+        assert expected == n_patches, (
+            f"the batch has {expected} <image> ids but {n_patches} patches; every patch needs "
+            "its <image> id (use the processor in 'patch' mode)"
+        )
+        if n_patches == 0:
+            return embeds
+        assert pixel_values.shape[1] == self.config.patch_dim, (
+            f"patches must be (N, {self.config.patch_dim}) for {self.config.processor.patch_size} "
+            f"px patches, got {tuple(pixel_values.shape)}"
+        )
+        if image_sample_index is not None and image_token_counts is not None:
+            per_row = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+            per_row.index_add_(0, image_sample_index.to(per_row.device), image_token_counts.to(per_row.device))
+            assert torch.equal(per_row, is_image.sum(dim=1)), (
+                f"<image> ids per row {is_image.sum(dim=1).tolist()} do not match the patches of "
+                f"each row's images {per_row.tolist()}"
+            )
+        patches = self.vision_embed_tokens(pixel_values.to(embeds.dtype))  # (N_patches, C)
+        # masked_scatter fills the True positions in row-major order: row 0's patches first.
+        return embeds.masked_scatter(is_image[..., None], patches)
+
+    def _embed_batch(self, batch: Any, device: torch.device | None = None) -> Tensor:
+        def get(name: str) -> Any:
+            value = _field(batch, name)
+            return value.to(device) if device is not None and value is not None else value
+
+        return self.embed_inputs(
+            get("input_ids"), get("pixel_values"),
+            get("image_sample_index"), get("image_token_counts"),
+        )
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers)."""
+        labels = batch["labels"]
+        logits, _ = self.language_model(
+            inputs_embeds=self._embed_batch(batch),
+            attention_mask=batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
+        )  # (B, T, V)
+        loss = lm_loss(logits, labels)
+        with torch.no_grad():
+            target = labels[:, 1:]
+            scored = target != IGNORE_INDEX
+            hits = (logits[:, :-1].argmax(dim=-1) == target) & scored
+            token_acc = hits.sum() / scored.sum().clamp(min=1)
+        return {"loss": loss, "token_acc": token_acc}
+
+    def collate(self, samples: list[Sample]) -> dict[str, Tensor | None]:
+        """Training batch: whole conversations, labels on the answers, right padding."""
+        processor = self.processor
+        batch = processor.collator("right")([processor.encode(s, train=True) for s in samples])
+        return {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "position_ids": batch.position_ids,
+            "labels": batch.labels,
+            "pixel_values": batch.pixel_values,  # (N_patches, 3*p*p)
+            "image_sample_index": batch.image_sample_index,
+            "image_token_counts": batch.image_token_counts,
+            "image_grids": batch.image_grids,
+        }
+
+    # -- generation engine protocol (visto.infer.engine)
+
+    def prompt_batch(self, samples: list[Sample]) -> Any:
+        """Prompts for generation: a final assistant turn is dropped, left padding."""
+        processor = self.processor
+        return processor.collator("left")([processor.encode(s, train=False) for s in samples])
+
+    def prefill(self, batch: Any) -> tuple[Tensor, DecoderState]:
+        """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
+        device = self.language_model.lm_head.weight.device
+        with torch.inference_mode():
+            embeds = self._embed_batch(batch, device)
+        return self.language_model.prefill_embeds(embeds, _field(batch, "attention_mask").to(device))
+
+    def decode_step(self, next_ids: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
+        return self.language_model.decode_step(next_ids, state)
+
+
+# ----------------------------------------------------------------------------- transformers format
+
+
+def patch_columns_from_transformers(weight: Tensor, patch: int) -> Tensor:
+    """(D, p*p*3) columns in transformers' (y, x, channel) order -> visto's (channel, y, x)."""
+    d = weight.shape[0]
+    assert weight.shape[1] == 3 * patch * patch, (
+        f"patch projection has {weight.shape[1]} inputs, expected 3*{patch}*{patch}"
+    )
+    return weight.reshape(d, patch, patch, 3).permute(0, 3, 1, 2).reshape(d, 3 * patch * patch)
+
+
+def from_transformers(path: str | Path, processor: ProcessorConfig | None = None) -> Fuyu:
+    """A transformers `FuyuForCausalLM` directory (config.json + model.safetensors) as a visto
+    Fuyu. Its text_config must be Llama or Qwen2; Persimmon (Fuyu-8B) is refused with reasons.
+
+    `processor` sets the image settings (its patch_size must be the checkpoint's); by default,
+    "patch" mode at the checkpoint's patch size. Attach a tokenizer with `model.processor = ...`.
+    """
+    from safetensors import safe_open
+
+    from visto.nn.language import _safetensors_files
+
+    directory = Path(path)
+    config_path = directory / "config.json"
+    try:
+        hf = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {config_path}: {e}") from None
+    if hf.get("model_type") != "fuyu":
+        raise UserError(f"{config_path}: model_type {hf.get('model_type')!r} is not 'fuyu'")
+    text = hf.get("text_config") or {}
+    if text.get("model_type", "persimmon") == "persimmon":
+        raise UserError(
+            f"{config_path}: this Fuyu's language model is Persimmon, which visto's Llama decoder "
+            "cannot reproduce: " + "; ".join(PERSIMMON_DIFFERENCES)
+        )
+    if hf.get("image_token_id", IMAGE_TOKEN_ID) != IMAGE_TOKEN_ID:
+        raise UserError(
+            f"{config_path}: image_token_id is {hf['image_token_id']}; visto's <image> id is "
+            f"{IMAGE_TOKEN_ID}"
+        )
+    if hf.get("num_channels", 3) != 3:
+        raise UserError(f"{config_path}: num_channels must be 3 (RGB)")
+    patch = int(hf.get("patch_size", 30))
+    if processor is None:
+        processor = ProcessorConfig(
+            image_size=int(hf.get("image_size", 300)), resize_mode="patch", patch_size=patch,
+            image_delimiters=False, vocab_size=text["vocab_size"],
+        )
+    elif processor.patch_size != patch:
+        raise UserError(f"processor.patch_size {processor.patch_size} != the checkpoint's {patch}")
+    text = {**text, "tie_word_embeddings": hf.get("tie_word_embeddings", text.get("tie_word_embeddings"))}
+    model = Fuyu(FuyuConfig(decoder=DecoderConfig.from_hf(text, where=f"{config_path} text_config"),
+                            processor=processor))
+    ours = model.state_dict()
+    expected = {f"language_model.{k}" for k in model.language_model.hf_key_map()}
+    expected |= {"vision_embed_tokens.weight", "vision_embed_tokens.bias"}
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for file in _safetensors_files(directory):
+            with safe_open(str(file), framework="pt") as f:
+                for hf_key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    # transformers 5 writes the legacy layout (language_model.model.*,
+                    # vision_embed_tokens.*); its in-memory one has model.* and lm_head.
+                    key = hf_key.removeprefix("model.")
+                    if key == "lm_head.weight":
+                        key = "language_model.lm_head.weight"
+                    elif key.startswith("language_model.") and not key.startswith(
+                        ("language_model.model.", "language_model.lm_head.")
+                    ):
+                        key = "language_model.model." + key.removeprefix("language_model.")
+                    if key == "language_model.lm_head.weight" and model.config.decoder.tie_word_embeddings:
+                        continue
+                    if key not in expected:
+                        raise UserError(f"{file}: unexpected tensor {hf_key!r} for a Llama-text Fuyu")
+                    tensor = f.get_tensor(hf_key)
+                    if key == "vision_embed_tokens.weight":
+                        tensor = patch_columns_from_transformers(tensor, patch)
+                    if tensor.shape != ours[key].shape:
+                        raise UserError(
+                            f"{file}: {hf_key} has shape {tuple(tensor.shape)}, config.json "
+                            f"implies {tuple(ours[key].shape)}"
+                        )
+                    ours[key].copy_(tensor.to(ours[key].dtype))
+                    loaded.add(key)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise UserError(f"{directory}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    return model.eval()
+
+
+__all__ = [
+    "IMAGE_TOKEN_ID",
+    "PARAM_GROUPS",
+    "PERSIMMON_DIFFERENCES",
+    "Fuyu",
+    "FuyuConfig",
+    "from_transformers",
+    "patch_columns_from_transformers",
+]
