@@ -15,6 +15,7 @@ from torch import nn
 from visto.config import from_dict
 from visto.errors import UserError
 from visto.models.clip import CLIP, CLIPConfig
+from visto.models.cogvlm import CogVLM, CogVLMConfig
 from visto.models.fuyu import Fuyu, FuyuConfig
 from visto.models.llava import Llava, LlavaConfig
 
@@ -22,6 +23,7 @@ FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "clip": (CLIPConfig, CLIP),
     "llava": (LlavaConfig, Llava),
     "fuyu": (FuyuConfig, Fuyu),
+    "cogvlm": (CogVLMConfig, CogVLM),
 }
 
 
