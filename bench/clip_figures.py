@@ -160,6 +160,12 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=["clip-synth", "clip-lit-minilm"])
     parser.add_argument("--runs", type=Path, default=Path("runs/clip-figures"))
     parser.add_argument("--minutes", type=float, help="override the recipes' max_minutes")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="override the recipes' num_threads (they use 1: on a busy 2-core machine two "
+        "threads wait on each other; on an idle one, 2 is faster)",
+    )
     parser.add_argument("--n", type=int, default=1000, help="images per split in the eval")
     parser.add_argument("--skip-train", action="store_true", help="evaluate existing runs")
     parser.add_argument("--json", type=Path, default=Path("bench/out/clip_figures.json"))
@@ -185,6 +191,8 @@ def main() -> None:
                    "--set", f"data.source={args.world}"]  # fmt: skip
             if args.minutes:
                 cmd += ["--set", f"max_minutes={args.minutes}"]
+            if args.threads:
+                cmd += ["--set", f"num_threads={args.threads}"]
             entry["load_before"] = load_average()
             entry["train_wall_s"] = round(run(cmd, log), 1)
             entry["load_after"] = load_average()
