@@ -1,0 +1,680 @@
+"""BLIP-2 (Li et al. 2023, "BLIP-2: Bootstrapping Language-Image Pre-training with Frozen Image
+Encoders and Large Language Models"): a frozen vision tower, a Q-Former, a frozen decoder.
+
+    pixels (N, 3, S, S) -> frozen ViT, every token of the last layer, post_layernorm (N, 1 + P, D_v)
+                        -> Q-Former: Q learned queries cross-attend to them           (N, Q, D_q)
+
+Stage 1, representation learning (section 3.2; losses "itc", "itm", "itg"), on image-caption
+pairs, the decoder unused. One Q-Former pass per loss, each under its own mask (Fig. 2):
+    ITC  unimodal mask. Image-text similarity = the best of the Q query-text cosines
+         (max over queries); InfoNCE both ways with label smoothing, learned temperature.
+    ITM  bidirectional mask. For every text a hard negative image and for every image a hard
+         negative text, drawn from the ITC similarities (ALBEF's mining); a 2-way linear head
+         on every query output, averaged over the queries: match or not.
+    ITG  multimodal causal mask. The caption's first token is replaced by a "decode" marker
+         and the text predicts its next token, seeing every query but only earlier text; the
+         queries cannot see the text, so all they know of the image they must carry themselves.
+
+Stage 2, generative learning (section 3.3; loss "lm"): the query outputs go through
+`language_projection` and are spliced, as a soft visual prompt, into the frozen decoder's input
+at the `<image>` ids (the processor puts `num_queries` of them per image), then next-token CE
+on the answers. Generation is the LLaVA engine protocol: `prompt_batch`, `prefill`,
+`decode_step`, so `visto chat`, `visto eval` and `visto serve` need nothing BLIP-2-specific.
+
+Stages are recipes (`blip2-stage1.json`, `blip2-stage2.json`); stage 2 starts from stage 1 by
+`stage1_checkpoint`, which brings the towers' configs, weights and the processor, while the
+losses (and optionally a pretrained decoder) are stage 2's own. `PARAM_GROUPS` names the
+modules for `optim.module_lrs` (0 = frozen).
+
+Names follow transformers' `Blip2ForConditionalGeneration` / `Blip2ForImageTextRetrieval`
+(`vision_model`, `qformer`, `query_tokens`, `vision_projection`, `text_projection`, `itm_head`,
+`language_projection`, `language_model`), so `load_hf` is a short key map. Its vision tower is
+BLIP's ViT, which differs from visto's in three ways, all handled exactly: no LayerNorm before
+the blocks (`vision_pre_norm=False`), a bias on the patch convolution (folded into the position
+table: it adds the same vector to every patch), and a fused qkv projection (split).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from visto.connectors.qformer import QFormer, QFormerConfig
+from visto.data.processor import IGNORE_INDEX, Processor, ProcessorConfig
+from visto.data.sample import Sample
+from visto.errors import UserError
+from visto.losses import itm_loss, lm_loss, pair_positives
+from visto.models.clip import batch_ids, caption_of, image_key
+from visto.models.llava import IMAGE_TOKEN_ID, load_vision_tower, tokenizer_from_corpus
+from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
+from visto.nn.vision import CLIP_MEAN, CLIP_STD, ViT, ViTConfig
+
+STAGE1_LOSSES = ("itc", "itm", "itg")
+STAGE2_LOSSES = ("lm",)
+NEGATIVE_MINING = ("sample", "hardest")
+
+# Names for optim.module_lrs: group -> the parameter-name prefix it covers.
+PARAM_GROUPS = {
+    "vision": "vision_model",
+    "qformer": "qformer",
+    "itc_image": "vision_projection",
+    "itc_text": "text_projection",
+    "itc_temperature": "temp",
+    "itm": "itm_head",
+    "projection": "language_projection",
+    "language": "language_model",
+}
+
+
+def _tiny_qformer() -> QFormerConfig:
+    return QFormerConfig(
+        num_queries=8, hidden_size=32, layers=2, heads=4, intermediate_size=64, vocab_size=400,
+        max_text_len=24, dropout=0.0,
+    )
+
+
+def _default_processor() -> ProcessorConfig:
+    # image_tokens = the Q-Former's num_queries; no delimiters, as transformers' Blip2Processor.
+    return ProcessorConfig(
+        image_size=64, image_tokens=16, image_delimiters=False, resize_mode="resize",
+        max_length=192,
+    )
+
+
+@dataclass
+class Blip2Config:
+    vision: ViTConfig = field(default_factory=lambda: ViTConfig.preset("small"))
+    # False: no LayerNorm before the ViT blocks (BLIP's ViT, as transformers stores BLIP-2).
+    vision_pre_norm: bool = True
+    qformer: QFormerConfig = field(
+        default_factory=lambda: QFormerConfig(num_queries=16, max_text_len=48)
+    )
+    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig.preset("small"))
+    processor: ProcessorConfig = field(default_factory=_default_processor)
+    embed_dim: int = 64  # the ITC space (the paper's 256)
+    losses: list[str] = field(default_factory=lambda: list(STAGE1_LOSSES))
+    itm_negatives: str = "sample"  # "sample" ∝ exp(similarity) (ALBEF, BLIP-2) | "hardest"
+    itc_label_smoothing: float = 0.1  # as in BLIP-2's released training code
+    init_temperature: float = 0.07
+    # Where the tokenizer comes from when no processor is attached (see LlavaConfig).
+    tokenizer_dir: str | None = None
+    tokenizer_corpus: str | None = None
+    # Read when the model is built, then forgotten (the saved config holds what they brought):
+    # a visto CLIP/LLaVA checkpoint or transformers CLIP directory for the vision tower; a
+    # transformers Llama/Qwen2 directory for the decoder; a BLIP-2 stage-1 checkpoint for the
+    # vision tower, Q-Former, ITC/ITM heads and processor (and the decoder unless language_init).
+    vision_init: str | None = None
+    language_init: str | None = None
+    stage1_checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        losses = set(self.losses)
+        if not losses or not (losses <= set(STAGE1_LOSSES) or losses <= set(STAGE2_LOSSES)):
+            problems.append(
+                f"losses must be some of {list(STAGE1_LOSSES)} (stage 1) or {list(STAGE2_LOSSES)} "
+                f"(stage 2), not a mix; got {self.losses}"
+            )
+        if self.itm_negatives not in NEGATIVE_MINING:
+            problems.append(f"itm_negatives must be one of {NEGATIVE_MINING}")
+        if not 0 <= self.itc_label_smoothing < 1:
+            problems.append("itc_label_smoothing must be in [0, 1)")
+        if not 0 < self.init_temperature <= 0.5:
+            problems.append("init_temperature must be in (0, 0.5]")
+        if self.processor.resize_mode == "patch":
+            problems.append("BLIP-2 encodes square images: processor.resize_mode 'pad' or 'resize'")
+        if problems:
+            raise UserError("blip2 config: " + "; ".join(problems))
+
+    @property
+    def stage(self) -> int:
+        return 2 if self.losses == ["lm"] else 1
+
+    def check_sizes(self) -> None:
+        p, problems = self.processor, []
+        if p.image_size != self.vision.image_size:
+            problems.append(
+                f"processor.image_size {p.image_size} but the vision tower takes "
+                f"{self.vision.image_size} px"
+            )
+        if p.image_tokens != self.qformer.num_queries:
+            problems.append(
+                f"processor.image_tokens {p.image_tokens} but the Q-Former makes "
+                f"{self.qformer.num_queries} query outputs per image"
+            )
+        for name, size in (("decoder", self.decoder.vocab_size), ("qformer", self.qformer.vocab_size)):
+            if p.vocab_size > size:
+                problems.append(f"processor.vocab_size {p.vocab_size} exceeds {name}.vocab_size {size}")
+        if problems:
+            raise UserError("blip2 config: " + "; ".join(problems) + "; make them agree")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> Blip2Config:
+        """`tiny` for unit tests (32 px, 8 queries, 2-layer towers); `small` for the CPU world."""
+        if name == "tiny":
+            base: dict[str, Any] = dict(
+                vision=ViTConfig.preset("tiny"),
+                qformer=_tiny_qformer(),
+                decoder=DecoderConfig.preset("tiny", vocab_size=400),
+                processor=ProcessorConfig(
+                    image_size=32, image_tokens=8, image_delimiters=False, resize_mode="resize",
+                    vocab_size=400, loc_bins=32,
+                ),
+                embed_dim=16,
+            )
+        elif name == "small":
+            base = {}
+        else:
+            raise UserError(f"unknown BLIP-2 preset {name!r}; choose 'tiny' or 'small'")
+        return cls(**{**base, **overrides})
+
+
+# ----------------------------------------------------------------------------- stage-1 losses
+
+
+def itc_similarity(query_feats: Tensor, text_feats: Tensor) -> Tensor:
+    """(B_i, Q, E) unit query features, (B_t, E) unit text features -> (B_i, B_t): for each
+    pair, the highest similarity over the queries (paper, section 3.2, ITC)."""
+    return torch.einsum("iqe,te->itq", query_feats, text_feats).amax(dim=-1)
+
+
+def contrastive_ce(logits: Tensor, positives: Tensor, smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy of each row of logits (B, B) against its diagonal; the other positive
+    pairs (duplicate captions or images, see visto.losses) are neither target nor negative,
+    and label smoothing spreads `smoothing` over the remaining columns only."""
+    B = logits.shape[0]
+    eye = torch.eye(B, dtype=torch.bool, device=logits.device)
+    valid = ~(positives & ~eye)  # (B, B) columns that take part
+    log_probs = logits.masked_fill(~valid, float("-inf")).log_softmax(dim=-1)
+    off = (valid & ~eye).float()
+    targets = (1 - smoothing) * eye.float() + smoothing * (eye.float() + off) / valid.sum(1, keepdim=True)
+    return -(targets * log_probs.masked_fill(~valid, 0.0)).sum(dim=-1).mean()
+
+
+def mine_hard_negatives(
+    logits: Tensor, positives: Tensor, sample: bool = True, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Negatives for ITM from the ITC logits (B_img, B_txt), ALBEF-style (Li et al. 2021, 3.3).
+
+    Returns (image_for_text, text_has_negative, text_for_image, image_has_negative): for each
+    text the index of a non-matching image, and for each image a non-matching text, chosen as
+    the most similar one (`sample=False`) or drawn with probability softmax(logits) over the
+    non-matching ones (`sample=True`). A row whose every candidate matches has no negative.
+    """
+    blocked = logits.detach().float().masked_fill(positives, float("-inf"))
+
+    def pick(scores: Tensor) -> tuple[Tensor, Tensor]:  # scores (rows, candidates)
+        has = torch.isfinite(scores).any(dim=1)
+        scores = scores.masked_fill(~has[:, None], 0.0)  # rows with no negative: any index
+        if not sample:
+            return scores.argmax(dim=1), has
+        probs = scores.softmax(dim=1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1), has
+
+    image_for_text, text_has = pick(blocked.t())
+    text_for_image, image_has = pick(blocked)
+    return image_for_text, text_has, text_for_image, image_has
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def _field(batch: Any, name: str) -> Any:
+    return batch[name] if isinstance(batch, dict) else getattr(batch, name)
+
+
+class Blip2(nn.Module):
+    family = "blip2"
+    PARAM_GROUPS = PARAM_GROUPS
+
+    def __init__(self, config: Blip2Config) -> None:
+        super().__init__()
+        stage1 = _load_stage1(config.stage1_checkpoint) if config.stage1_checkpoint else None
+        vision = load_vision_tower(config.vision_init) if config.vision_init else None
+        language = DecoderLM.from_pretrained(config.language_init) if config.language_init else None
+        self.init_sources = {
+            "vision": config.vision_init, "language": config.language_init,
+            "stage1": config.stage1_checkpoint,
+        }
+        if stage1 is not None:
+            s = stage1.config
+            config = replace(
+                config, vision=s.vision, vision_pre_norm=s.vision_pre_norm, qformer=s.qformer,
+                embed_dim=s.embed_dim, processor=s.processor, decoder=s.decoder,
+                tokenizer_dir=s.tokenizer_dir, tokenizer_corpus=s.tokenizer_corpus,
+            )
+        config = replace(
+            config,
+            vision=vision.config if vision is not None else config.vision,
+            vision_pre_norm=True if vision is not None else config.vision_pre_norm,
+            decoder=language.config if language is not None else config.decoder,
+            vision_init=None, language_init=None, stage1_checkpoint=None,
+        )
+        config.check_sizes()
+        self.config = config
+        self.vision_model = vision if vision is not None else ViT(config.vision)
+        if not config.vision_pre_norm:
+            self.vision_model.pre_layrnorm = nn.Identity()  # BLIP's ViT has none
+        q = config.qformer
+        self.qformer = QFormer(q, config.vision.width)
+        self.vision_projection = nn.Linear(q.hidden_size, config.embed_dim)
+        self.text_projection = nn.Linear(q.hidden_size, config.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(config.init_temperature))
+        self.itm_head = nn.Linear(q.hidden_size, 2)  # (no match, match), as transformers'
+        self.language_projection = nn.Linear(q.hidden_size, config.decoder.hidden_size)
+        self.language_model = language if language is not None else DecoderLM(config.decoder)
+        for head in (self.vision_projection, self.text_projection, self.itm_head, self.language_projection):
+            nn.init.normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+        self._processor: Processor | None = None
+        if stage1 is not None:
+            self._adopt_stage1(stage1, keep_decoder=language is None)
+
+    def _adopt_stage1(self, stage1: Blip2, keep_decoder: bool) -> None:
+        """Copy the stage-1 weights (the decoder and its projection too unless replaced)."""
+        ours = self.state_dict()
+        with torch.no_grad():
+            for key, value in stage1.state_dict().items():
+                if key.startswith(("language_model.", "language_projection.")) and not keep_decoder:
+                    continue
+                ours[key].copy_(value)
+        if stage1._processor is not None:
+            self.processor = stage1._processor
+
+    # -- processor
+
+    @property
+    def processor(self) -> Processor:
+        if self._processor is None:
+            cfg = self.config
+            if cfg.tokenizer_dir:
+                from visto.data.tokenizer import Tokenizer
+
+                tokenizer = Tokenizer.load(cfg.tokenizer_dir)
+            elif cfg.tokenizer_corpus:
+                tokenizer = tokenizer_from_corpus(cfg.tokenizer_corpus, cfg.processor)
+            else:
+                raise UserError(
+                    "this BLIP-2 model has no tokenizer: set model.config.tokenizer_corpus to the "
+                    "training data or tokenizer_dir to a directory with tokenizer.json"
+                )
+            self.processor = Processor(cfg.processor, tokenizer)
+        assert self._processor is not None
+        return self._processor
+
+    @processor.setter
+    def processor(self, processor: Processor) -> None:
+        vocab, cfg = processor.tokenizer.vocab_size, self.config
+        if vocab > min(cfg.decoder.vocab_size, cfg.qformer.vocab_size):
+            raise UserError(
+                f"the tokenizer has {vocab} tokens but decoder.vocab_size is "
+                f"{cfg.decoder.vocab_size} and qformer.vocab_size {cfg.qformer.vocab_size}; "
+                f"set both >= {vocab}"
+            )
+        if processor.tokenizer.image_id != IMAGE_TOKEN_ID:
+            raise UserError(f"the tokenizer's <image> id must be {IMAGE_TOKEN_ID}")
+        if processor.config.image_tokens != cfg.qformer.num_queries:
+            raise UserError(
+                f"the processor puts {processor.config.image_tokens} <image> ids per image but the "
+                f"Q-Former makes {cfg.qformer.num_queries} query outputs; set processor.image_tokens "
+                f"= qformer.num_queries"
+            )
+        self._processor = processor
+
+    # -- towers
+
+    def image_embeds(self, pixel_values: Tensor) -> Tensor:
+        """(N, 3, S, S) -> every token of the ViT's last layer after post_layernorm, CLS
+        included, (N, 1 + P, D_v): what BLIP-2's Q-Former reads (transformers: `image_embeds`)."""
+        vit = self.vision_model
+        x = vit.pre_layrnorm(vit.embeddings(pixel_values))  # (N, 1 + P, D_v)
+        for block in vit.encoder.layers:
+            x = block(x)
+        return vit.post_layernorm(x)
+
+    def query_outputs(self, pixel_values: Tensor) -> Tensor:
+        """(N, 3, S, S) -> the Q-Former's query outputs (N, Q, D_q), no text."""
+        out = self.qformer(self.image_embeds(pixel_values))
+        assert out.queries is not None
+        return out.queries
+
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """(N, 3, S, S) -> the soft visual prompt (N, Q, D_lm)."""
+        return self.language_projection(self.query_outputs(pixel_values))
+
+    def embed_inputs(
+        self, input_ids: Tensor, pixel_values: Tensor, image_sample_index: Tensor | None = None
+    ) -> Tensor:
+        """Token embeddings (B, T, D_lm), the k-th `<image>` id (row-major) holding the k-th
+        visual prompt vector (images in batch order, Q ids each)."""
+        embeds = self.language_model.embed(input_ids)  # (B, T, C)
+        is_image = input_ids == IMAGE_TOKEN_ID  # (B, T)
+        expected, n_img = int(is_image.sum()), pixel_values.shape[0]
+        if n_img == 0:
+            assert expected == 0, f"{expected} <image> ids in the batch but no pixel_values"
+            return embeds
+        features = self.image_features(pixel_values)  # (N, Q, C)
+        Q = features.shape[1]
+        assert expected == n_img * Q, (
+            f"the batch has {expected} <image> ids but {n_img} images x {Q} queries = {n_img * Q}"
+        )
+        if image_sample_index is not None:
+            per_row = torch.bincount(image_sample_index, minlength=input_ids.shape[0]) * Q
+            assert torch.equal(per_row.to(is_image.device), is_image.sum(dim=1)), (
+                f"<image> ids per row {is_image.sum(dim=1).tolist()} do not match images per row "
+                f"x {Q} = {per_row.tolist()}"
+            )
+        features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # (N * Q, C)
+        return embeds.masked_scatter(is_image[..., None], features)
+
+    # -- training
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.config.stage == 2:
+            return self._generative_loss(batch)
+        return self._representation_losses(batch)
+
+    def _generative_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Stage 2: next-token CE on the answers, the visual prompt at the <image> ids."""
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        embeds = self.embed_inputs(input_ids, batch["pixel_values"], batch.get("image_sample_index"))
+        logits, _ = self.language_model(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
+        )  # (B, T, V)
+        loss = lm_loss(logits, labels)
+        with torch.no_grad():
+            target = labels[:, 1:]
+            scored = target != IGNORE_INDEX
+            hits = (logits[:, :-1].argmax(dim=-1) == target) & scored
+            token_acc = hits.sum() / scored.sum().clamp(min=1)
+        return {"loss": loss, "lm": loss.detach(), "token_acc": token_acc}
+
+    def _representation_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Stage 1: the sum of the configured ITC, ITM and ITG losses (module docstring)."""
+        losses = set(self.config.losses)
+        image = self.image_embeds(batch["pixel_values"])  # (B, 1 + P, D_v)
+        ids, mask = batch["text_ids"], batch["text_mask"]  # (B, T)
+        B = ids.shape[0]
+        ids_key = [batch[k] for k in ("caption_ids", "image_ids") if k in batch]
+        positives = pair_positives(*ids_key) if ids_key else torch.eye(B, dtype=torch.bool)
+        positives = positives.to(ids.device)
+        out: dict[str, Tensor] = {}
+        total = image.new_zeros(())
+
+        logits = None
+        if losses & {"itc", "itm"}:
+            # ITC: one pass under the unimodal mask = a query-only and a text-only pass.
+            uni = self.qformer(image, ids, mask, mode="unimodal")
+            assert uni.queries is not None and uni.text is not None
+            query_feats = F.normalize(self.vision_projection(uni.queries), dim=-1)  # (B, Q, E)
+            text_feats = F.normalize(self.text_projection(uni.text[:, 0]), dim=-1)  # (B, E) [CLS]
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)  # as BLIP-2's code, before use
+            logits = itc_similarity(query_feats, text_feats) / self.temp  # (B_img, B_txt)
+            if "itc" in losses:
+                smoothing = self.config.itc_label_smoothing
+                itc = (contrastive_ce(logits, positives, smoothing)
+                       + contrastive_ce(logits.t(), positives.t(), smoothing)) / 2  # fmt: skip
+                total = total + itc
+                out["itc"] = itc.detach()
+                with torch.no_grad():
+                    rows = torch.arange(B, device=ids.device)
+                    out["itc_acc"] = positives[rows, logits.argmax(dim=1)].float().mean()
+        if "itm" in losses:
+            assert logits is not None
+            itm, acc = self._itm(image, ids, mask, logits, positives)
+            total = total + itm
+            out["itm"], out["itm_acc"] = itm.detach(), acc
+        if "itg" in losses:
+            itg = self._itg(image, ids, mask)
+            total = total + itg
+            out["itg"] = itg.detach()
+        out["loss"] = total
+        out["temperature"] = self.temp.detach()
+        return out
+
+    def itm_logits(self, image: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+        """Match logit (B,) per (image embeds, text) pair: the 2-way head on every query
+        output under the bidirectional mask, averaged over queries, as log-odds."""
+        joint = self.qformer(image, ids, mask, mode="bidirectional")
+        assert joint.queries is not None
+        two_way = self.itm_head(joint.queries).mean(dim=1)  # (B, 2): (no match, match)
+        return two_way[:, 1] - two_way[:, 0]  # softmax CE over 2 classes = BCE on this
+
+    def _itm(self, image: Tensor, ids: Tensor, mask: Tensor, logits: Tensor,
+             positives: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+        sample = self.config.itm_negatives == "sample"
+        image_for_text, text_ok, text_for_image, image_ok = mine_hard_negatives(logits, positives, sample)
+        # Pairs: B positives, then (negative image, text j), then (image i, negative text).
+        images = torch.cat([image, image[image_for_text][text_ok], image[image_ok]])
+        texts = torch.cat([ids, ids[text_ok], ids[text_for_image][image_ok]])
+        masks = torch.cat([mask, mask[text_ok], mask[text_for_image][image_ok]])
+        labels = torch.zeros(texts.shape[0], device=ids.device)
+        labels[: ids.shape[0]] = 1
+        scores = self.itm_logits(images, texts, masks)
+        with torch.no_grad():
+            acc = ((scores > 0).float() == labels).float().mean()
+        return itm_loss(scores, labels), acc
+
+    def _itg(self, image: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+        """Image-grounded text generation: the caption with a decode marker in place of [CLS]."""
+        decode_marker = self.processor.tokenizer.role_ids["assistant"]
+        dec_ids = ids.clone()
+        dec_ids[:, 0] = decode_marker
+        causal = self.qformer(image, dec_ids, mask, mode="causal")
+        assert causal.text is not None
+        logits = self.qformer.lm_head(causal.text)  # (B, T, V)
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+        return lm_loss(logits, labels)
+
+    def collate(self, samples: list[Sample]) -> dict[str, Tensor]:
+        """Stage 1: each sample's first image with its caption (`<s> caption </s>`, right
+        padded; equal caption_ids / image_ids mark duplicates). Stage 2: whole conversations
+        with labels on the answers, as LLaVA."""
+        processor = self.processor
+        if self.config.stage == 2:
+            batch = processor.collator("right")([processor.encode(s, train=True) for s in samples])
+            return {
+                "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                "position_ids": batch.position_ids, "labels": batch.labels,
+                "pixel_values": batch.pixel_values, "image_sample_index": batch.image_sample_index,
+            }
+        for s in samples:
+            if not s.images:
+                raise UserError(f"sample {s.id!r} has no image; BLIP-2 stage 1 trains on image-text pairs")
+        texts = [caption_of(s) for s in samples]
+        tok, n = processor.tokenizer, self.config.qformer.max_text_len
+        rows = [[tok.bos_id, *tok.encode(t)[: n - 2], tok.eos_id] for t in texts]
+        width = max(len(r) for r in rows)
+        text_ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
+        text_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            text_ids[i, : len(r)] = torch.tensor(r)
+            text_mask[i, : len(r)] = 1
+        pixel_values, _ = processor.pixel_values([s.images[0] for s in samples])
+        return {
+            "pixel_values": pixel_values, "text_ids": text_ids, "text_mask": text_mask,
+            "caption_ids": batch_ids(texts), "image_ids": batch_ids([image_key(s) for s in samples]),
+        }
+
+    # -- generation engine protocol (visto.infer.engine)
+
+    def prompt_batch(self, samples: list[Sample]) -> Any:
+        """Prompts for generation: a final assistant turn is dropped, left padding."""
+        processor = self.processor
+        return processor.collator("left")([processor.encode(s, train=False) for s in samples])
+
+    def prefill(self, batch: Any) -> tuple[Tensor, DecoderState]:
+        device = self.language_model.lm_head.weight.device
+        dtype = self.language_model.lm_head.weight.dtype
+        with torch.inference_mode():
+            embeds = self.embed_inputs(
+                _field(batch, "input_ids").to(device),
+                _field(batch, "pixel_values").to(device, dtype),
+                _field(batch, "image_sample_index").to(device),
+            )
+        return self.language_model.prefill_embeds(embeds, _field(batch, "attention_mask").to(device))
+
+    def decode_step(self, next_ids: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
+        return self.language_model.decode_step(next_ids, state)
+
+
+def _load_stage1(path: str) -> Blip2:
+    from visto.checkpoint import load, read_config
+
+    family = read_config(path)["family"]
+    if family != "blip2":
+        raise UserError(f"stage1_checkpoint {path} holds a {family!r} model; it must be a blip2 one")
+    model = load(path)
+    assert isinstance(model, Blip2)
+    return model
+
+
+# ----------------------------------------------------------------------------- transformers format
+
+
+def hf_key_map(model: Blip2) -> dict[str, str]:
+    """Our key -> transformers' key, for every tensor stored under the same name and shape.
+    The vision tower's qkv, its patch bias and class/position shapes are handled in `load_hf`."""
+    out: dict[str, str] = {}
+    for ours, theirs in model.qformer.hf_key_map().items():
+        out[f"qformer.{ours}"] = theirs
+    for name in ("vision_projection", "text_projection", "itm_head", "language_projection"):
+        for key in getattr(model, name).state_dict():
+            out[f"{name}.{key}"] = f"{name}.{key}"
+    for ours, theirs in model.language_model.hf_key_map().items():
+        out[f"language_model.{ours}"] = f"language_model.{theirs}"
+    for key in model.vision_model.state_dict():
+        if ".self_attn." not in key and key.split(".")[1] not in ("class_embedding", "position_embedding"):
+            out[f"vision_model.{key}"] = f"vision_model.{key}"
+    return out
+
+
+def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Blip2Config:
+    """A Blip2Config (stage 2, BLIP's ViT) from transformers' Blip2Config dict."""
+    if hf.get("model_type") != "blip-2":
+        raise UserError(f"{where}: model_type {hf.get('model_type')!r} is not 'blip-2'")
+    v, q, text = hf["vision_config"], hf["qformer_config"], hf["text_config"]
+    image_token = hf.get("image_token_index")
+    if image_token != IMAGE_TOKEN_ID:
+        raise UserError(
+            f"{where}: image_token_index is {image_token}; visto splices the visual prompt at "
+            f"<image> = id {IMAGE_TOKEN_ID} (set image_token_index to {IMAGE_TOKEN_ID})"
+        )
+    vision = ViTConfig(
+        image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
+        layers=v["num_hidden_layers"], heads=v["num_attention_heads"],
+        mlp_hidden=v["intermediate_size"], act=v.get("hidden_act", "gelu"),
+        eps=float(v.get("layer_norm_eps", 1e-6)), image_mean=CLIP_MEAN, image_std=CLIP_STD,
+    )
+    qformer = QFormerConfig(
+        num_queries=hf.get("num_query_tokens", 32), hidden_size=q["hidden_size"],
+        layers=q["num_hidden_layers"], heads=q["num_attention_heads"],
+        intermediate_size=q["intermediate_size"],
+        cross_attention_frequency=q.get("cross_attention_frequency", 2),
+        vocab_size=q.get("vocab_size", 30522), max_text_len=q.get("max_position_embeddings", 512),
+        act=q.get("hidden_act", "gelu"), eps=float(q.get("layer_norm_eps", 1e-12)),
+        dropout=float(q.get("hidden_dropout_prob", 0.1)),
+    )
+    decoder = DecoderConfig.from_hf(text, where=f"{where} text_config")
+    processor = ProcessorConfig(
+        image_size=vision.image_size, image_tokens=qformer.num_queries, image_delimiters=False,
+        resize_mode="resize", mean=CLIP_MEAN, std=CLIP_STD,
+        vocab_size=min(decoder.vocab_size, qformer.vocab_size),
+    )
+    return Blip2Config(
+        vision=vision, vision_pre_norm=False, qformer=qformer, decoder=decoder,
+        processor=processor, embed_dim=hf.get("image_text_hidden_size", 256), losses=["lm"],
+    )
+
+
+# Ours, with no tensor in a `Blip2ForConditionalGeneration` file (kept at their init):
+# the Q-Former's text side (embeddings, text feed-forwards, ITG head) and the stage-1 heads.
+_STAGE1_ONLY = ("qformer.embeddings.", "qformer.lm_head.", "vision_projection.",
+                "text_projection.", "itm_head.", "temp")  # fmt: skip
+
+
+def load_hf(directory: str | Path) -> Blip2:
+    """A visto BLIP-2 from a transformers `Blip2ForConditionalGeneration` (or
+    `Blip2ForImageTextRetrieval`) directory with a Llama/Qwen2 text model. Every tensor in the
+    file is used, and every tensor of ours is loaded unless it is stage-1-only (`_STAGE1_ONLY`
+    and the Q-Former's text feed-forwards, absent without `use_qformer_text_input`)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+    for p in (config_path, weights_path):
+        if not p.is_file():
+            raise UserError(f"{directory} is not a transformers BLIP-2 directory: {p.name} missing")
+    model = Blip2(config_from_hf(json.loads(config_path.read_text()), where=str(config_path)))
+    hf = load_file(str(weights_path))
+    ours = model.state_dict()
+    loaded: set[str] = set()
+    used: set[str] = set()
+
+    def put(key: str, value: Tensor, *sources: str) -> None:
+        if value.shape != ours[key].shape:
+            raise UserError(f"{weights_path}: {sources} give {tuple(value.shape)} for {key}, "
+                            f"expected {tuple(ours[key].shape)}")  # fmt: skip
+        with torch.no_grad():
+            ours[key].copy_(value.to(ours[key].dtype))
+        loaded.add(key)
+        used.update(sources)
+
+    for key, theirs in hf_key_map(model).items():
+        if theirs in hf:
+            put(key, hf[theirs], theirs)
+    # BLIP's ViT: class (1, 1, D) and positions (1, 1 + P, D); the patch bias adds the same
+    # vector to every patch token, so it joins the patch rows of the position table.
+    e = "vision_model.embeddings."
+    put(e + "class_embedding", hf[e + "class_embedding"].reshape(-1), e + "class_embedding")
+    positions = hf[e + "position_embedding"][0].clone()  # (1 + P, D)
+    if e + "patch_embedding.bias" in hf:
+        positions[1:] += hf[e + "patch_embedding.bias"]
+        used.add(e + "patch_embedding.bias")
+    put(e + "position_embedding.weight", positions, e + "position_embedding")
+    for i in range(model.config.vision.layers):
+        p = f"vision_model.encoder.layers.{i}.self_attn."
+        weights = hf[p + "qkv.weight"].chunk(3, dim=0)
+        bias = hf.get(p + "qkv.bias")
+        biases = bias.chunk(3) if bias is not None else [torch.zeros(w.shape[0]) for w in weights]
+        for name, w, b in zip(("q_proj", "k_proj", "v_proj"), weights, biases, strict=True):
+            put(p + name + ".weight", w, p + "qkv.weight")
+            put(p + name + ".bias", b, *([p + "qkv.bias"] if bias is not None else []))
+        put(p + "out_proj.weight", hf[p + "projection.weight"], p + "projection.weight")
+        put(p + "out_proj.bias", hf[p + "projection.bias"], p + "projection.bias")
+
+    tied = model.config.decoder.tie_word_embeddings
+    unused = sorted(k for k in set(hf) - used if not (tied and k == "language_model.lm_head.weight"))
+    if unused:
+        raise UserError(f"{weights_path}: tensors visto does not read, e.g. {unused[:4]}")
+    text_ffn = (".intermediate.", ".output.")
+    if tied:
+        loaded.add("language_model.lm_head.weight")  # the embedding matrix itself
+    missing = sorted(
+        k for k in set(ours) - loaded
+        if not k.startswith(_STAGE1_ONLY) and not (k.startswith("qformer.") and any(s in k for s in text_ffn))
+    )
+    if missing:
+        raise UserError(f"{weights_path}: lacks {len(missing)} tensors, e.g. {missing[:4]}")
+    return model.eval()
+
+
+__all__ = [
+    "PARAM_GROUPS",
+    "Blip2",
+    "Blip2Config",
+    "config_from_hf",
+    "contrastive_ce",
+    "hf_key_map",
+    "itc_similarity",
+    "load_hf",
+    "mine_hard_negatives",
+]
