@@ -14,6 +14,7 @@ from torch import nn
 
 from visto.config import from_dict
 from visto.errors import UserError
+from visto.models.blip2 import Blip2, Blip2Config
 from visto.models.clip import CLIP, CLIPConfig
 from visto.models.cogvlm import CogVLM, CogVLMConfig
 from visto.models.fuyu import Fuyu, FuyuConfig
@@ -22,6 +23,7 @@ from visto.models.llava import Llava, LlavaConfig
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "clip": (CLIPConfig, CLIP),
     "llava": (LlavaConfig, Llava),
+    "blip2": (Blip2Config, Blip2),
     "fuyu": (FuyuConfig, Fuyu),
     "cogvlm": (CogVLMConfig, CogVLM),
 }
