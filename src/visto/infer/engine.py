@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from visto.errors import UserError
+from visto.infer.runner import DecoderRunner
 from visto.infer.sampling import SamplingParams, sample_token
 
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level decoder makes of an unfinished UTF-8 sequence
@@ -201,7 +202,7 @@ class Generation:
     def __iter__(self) -> Iterator[tuple[int, str]]:
         engine = self.engine
         start = time.perf_counter()
-        logits, state = engine.model.prefill(self.batch)
+        logits, state = engine.prefill(self.batch, max(r.params.max_new_tokens for r in self.rows))
         B = self.batch.input_ids.shape[0]
         assert logits.ndim == 2 and logits.shape[0] == B, (
             f"prefill must return last logits (B, V) with B = {B}, got {tuple(logits.shape)}"
@@ -227,7 +228,7 @@ class Generation:
                 assert hasattr(state, "select"), "the model's decode state needs select(rows)"
                 state = state.select(torch.tensor(keep, device=engine.device))
                 active = [active[pos] for pos in keep]
-            logits, state = engine.model.decode_step(next_ids, state)
+            logits, state = engine.decode_step(next_ids, state)
         self.completions = [
             Completion(
                 text=row.text,
@@ -272,8 +273,12 @@ class Engine:
         eos_token_ids: Sequence[int] | None = None,
         pad_id: int | None = None,
         device: torch.device | str | None = None,
+        fast: bool = True,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
+        # The fast path (runner.py) for models built on a DecoderLM; others (and fast=False)
+        # run through the model's own prefill/decode_step.
+        self.runner = DecoderRunner.for_model(model) if fast else None
         if isinstance(model, torch.nn.Module):
             model.eval()  # dropout off: the engine only ever runs inference
         if eos_token_ids is None:
@@ -290,6 +295,22 @@ class Engine:
             )
             device = first.device if first is not None else "cpu"
         self.device = torch.device(device)
+
+    @property
+    def can_join(self) -> bool:
+        """Whether requests can join a running generation (`ContinuousBatch`)."""
+        return self.runner is not None
+
+    def prefill(self, batch: Any, room: int) -> tuple[Tensor, Any]:
+        """Last logits (B, V) and the decode state; `room`: tokens the rows may still add."""
+        if self.runner is not None:
+            return self.runner.prefill(batch, room=room)
+        return self.model.prefill(batch)
+
+    def decode_step(self, next_ids: Tensor, state: Any) -> tuple[Tensor, Any]:
+        if self.runner is not None:
+            return self.runner.decode_step(next_ids, state)
+        return self.model.decode_step(next_ids, state)
 
     def _encode(self, prompts: Sequence[str | Sequence[int]]) -> PromptBatch:
         encoded = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]

@@ -328,8 +328,9 @@ class Llava(nn.Module):
         encoded = [processor.encode(s, train=False) for s in samples]
         return processor.collator("left")(encoded)
 
-    def prefill(self, batch: Any) -> tuple[Tensor, DecoderState]:
-        """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
+    def prefill_inputs(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """A left-padded batch (processor `Batch` or dict) -> the decoder's input embeddings
+        (B, T, C) and attention mask (B, T); the engine's fast path runs the decoder on them."""
         device = self.language_model.lm_head.weight.device
         with torch.inference_mode():
             embeds = self.embed_inputs(
@@ -337,7 +338,11 @@ class Llava(nn.Module):
                 _field(batch, "pixel_values").to(device, self.language_model.lm_head.weight.dtype),
                 _field(batch, "image_sample_index").to(device),
             )
-        return self.language_model.prefill_embeds(embeds, _field(batch, "attention_mask").to(device))
+        return embeds, _field(batch, "attention_mask").to(device)
+
+    def prefill(self, batch: Any) -> tuple[Tensor, DecoderState]:
+        """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
+        return self.language_model.prefill_embeds(*self.prefill_inputs(batch))
 
     def decode_step(self, next_ids: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
         return self.language_model.decode_step(next_ids, state)
