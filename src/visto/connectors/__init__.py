@@ -5,5 +5,16 @@ cross-attention join as their families land.
 """
 
 from visto.connectors.projector import ProjectorConfig, build_projector, pixel_shuffle
+from visto.connectors.resampler import PerceiverResampler, ResamplerConfig
+from visto.connectors.xattn import GatedCrossAttentionBlock, MediaConditioning, media_mask
 
-__all__ = ["ProjectorConfig", "build_projector", "pixel_shuffle"]
+__all__ = [
+    "GatedCrossAttentionBlock",
+    "MediaConditioning",
+    "PerceiverResampler",
+    "ProjectorConfig",
+    "ResamplerConfig",
+    "build_projector",
+    "media_mask",
+    "pixel_shuffle",
+]

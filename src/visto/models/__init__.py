@@ -17,6 +17,7 @@ from visto.errors import UserError
 from visto.models.blip2 import Blip2, Blip2Config
 from visto.models.clip import CLIP, CLIPConfig
 from visto.models.cogvlm import CogVLM, CogVLMConfig
+from visto.models.flamingo import Flamingo, FlamingoConfig
 from visto.models.fuyu import Fuyu, FuyuConfig
 from visto.models.llava import Llava, LlavaConfig
 
@@ -26,6 +27,7 @@ FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "blip2": (Blip2Config, Blip2),
     "fuyu": (FuyuConfig, Fuyu),
     "cogvlm": (CogVLMConfig, CogVLM),
+    "flamingo": (FlamingoConfig, Flamingo),
 }
 
 

@@ -1,0 +1,575 @@
+"""Flamingo (Alayrac et al. 2022, "Flamingo: a Visual Language Model for Few-Shot Learning"):
+a frozen vision encoder and a frozen language model, bridged by a Perceiver Resampler and
+gated cross-attention blocks. Images are never tokens of the text; the text reads them.
+
+    pixels (N_img, 3, S, S) -> ViT (frozen), one hidden state          (N_img, P, D_v)
+                            -> Perceiver Resampler (trained)            (N_img, R, D_v)
+                            -> per row, image after image                (B, M*R, D_v)
+    input_ids (B, T): one `<image>` id marks where each image sits in the interleaved text
+                    (processor image_tokens = 1: the marker is an ordinary, frozen token)
+                    -> media index = cumsum(input_ids == <image>)        (B, T)
+                    -> decoder (frozen); before every k-th layer a gated block (trained)
+                       cross-attends to the visual tokens of the image immediately before
+                       each token (tokens before any image read none)
+                    -> logits (B, T, V); loss on the answer tokens only (shifted)
+
+At initialisation every gate is tanh(0) = 0, so the model's logits are the language model's,
+exactly (tests/test_flamingo.py checks torch.equal). For generation the visual tokens are
+computed once at prefill and kept in `FlamingoState`, with each row's current media index;
+new tokens read the row's last image (a generated `<image>` id opens no new image: it has
+no pixels).
+
+Module names follow transformers' `IdeficsForVisionText2Text` (`vision_model`,
+`perceiver_resampler`, `gated_cross_attn_layers`) and LLaVA's `language_model`; `from_idefics`
+loads a transformers Idefics directory whose parts fit (see its docstring for what does not).
+Training is a recipe (`flamingo-synth.json`): vision and language at lr 0, the resampler and
+the gated blocks trained; the groups for `optim.module_lrs` are `PARAM_GROUPS`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from visto.connectors.resampler import PerceiverResampler, ResamplerConfig
+from visto.connectors.xattn import (
+    GATE_SHAPES,
+    GatedCrossAttentionBlock,
+    Media,
+    MediaConditioning,
+    media_mask,
+    num_gated_blocks,
+)
+from visto.data.processor import IGNORE_INDEX, Processor, ProcessorConfig
+from visto.data.sample import Sample
+from visto.data.tokenizer import IMAGE, SPECIAL_TOKENS, Tokenizer
+from visto.errors import UserError
+from visto.losses import lm_loss
+from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
+from visto.nn.vision import ViT, ViTConfig
+
+IMAGE_TOKEN_ID = SPECIAL_TOKENS.index(IMAGE)  # fixed by visto's tokenizer layout (id 3)
+
+PARAM_GROUPS = {
+    "vision": "vision_model",
+    "resampler": "perceiver_resampler",
+    "xattn": "gated_cross_attn_layers",
+    "language": "language_model",
+}
+
+
+def _default_processor() -> ProcessorConfig:
+    # One <image> marker per image, no delimiters: the paper's "<image>" tag in the text.
+    return ProcessorConfig(image_size=64, image_tokens=1, image_delimiters=False, max_length=256)
+
+
+@dataclass
+class FlamingoConfig:
+    vision: ViTConfig = field(default_factory=lambda: ViTConfig.preset("small"))
+    # Hidden state read by the resampler, indexed as transformers does (-1 = last layer).
+    vision_feature_layer: int = -1
+    # Keep the CLS token among the features (transformers' Idefics does: it resamples the
+    # whole last_hidden_state); visto's default drops it, as LLaVA does.
+    vision_cls_token: bool = False
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    # A gated block before decoder layers 0, k, 2k, ... (Idefics' cross_layer_interval).
+    cross_attn_every: int = 1
+    cross_attn_heads: int | None = None  # default: the decoder's num_heads
+    cross_attn_intermediate: int | None = None  # gated FFW width; default the decoder's
+    gate: str = "float"  # "float": one alpha per gate; "vector": one per channel
+    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig.preset("small"))
+    processor: ProcessorConfig = field(default_factory=_default_processor)
+    # As in LlavaConfig: the tokenizer's source for a fresh model, and pretrained towers read
+    # once when the model is built (a visto CLIP/LLaVA checkpoint or a transformers CLIP
+    # directory; a transformers Llama/Qwen2 directory), then forgotten.
+    tokenizer_dir: str | None = None
+    tokenizer_corpus: str | None = None
+    vision_init: str | None = None
+    language_init: str | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not -self.vision.layers - 1 <= self.vision_feature_layer <= self.vision.layers:
+            problems.append(
+                f"vision_feature_layer {self.vision_feature_layer} is outside the "
+                f"{self.vision.layers + 1} hidden states of the vision tower"
+            )
+        if self.cross_attn_every < 1:
+            problems.append(f"cross_attn_every must be >= 1, got {self.cross_attn_every}")
+        if self.gate not in GATE_SHAPES:
+            problems.append(f"gate must be one of {GATE_SHAPES}, got {self.gate!r}")
+        if self.processor.resize_mode == "patch":
+            problems.append("Flamingo encodes square images: processor.resize_mode 'pad' or 'resize'")
+        if self.processor.image_tokens != 1:
+            problems.append(
+                f"processor.image_tokens must be 1 (one <image> marker per image; the visual "
+                f"tokens are read by cross-attention), got {self.processor.image_tokens}"
+            )
+        if problems:
+            raise UserError("flamingo config: " + "; ".join(problems))
+
+    @property
+    def image_tokens(self) -> int:
+        """Visual tokens per image (what the gated blocks read), whatever the image size."""
+        return self.resampler.num_latents
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> FlamingoConfig:
+        """`tiny` for unit tests (32 px, 4 latents, 2+2 layers); `small` for the CPU."""
+        if name == "tiny":
+            base: dict[str, Any] = dict(
+                vision=ViTConfig.preset("tiny"),
+                resampler=ResamplerConfig(num_latents=4, depth=1, heads=2),
+                decoder=DecoderConfig.preset("tiny", vocab_size=400),
+                processor=ProcessorConfig(
+                    image_size=32, image_tokens=1, image_delimiters=False, vocab_size=400,
+                    loc_bins=32,
+                ),
+            )
+        elif name == "small":
+            base = {}
+        else:
+            raise UserError(f"unknown Flamingo preset {name!r}; choose 'tiny' or 'small'")
+        return cls(**{**base, **overrides})
+
+
+def _field(batch: Any, name: str) -> Any:
+    """A batch entry from a collated dict or a processor `Batch` alike."""
+    return batch[name] if isinstance(batch, dict) else getattr(batch, name)
+
+
+def vision_hidden_state(vit: ViT, pixel_values: Tensor, layer: int, keep_cls: bool) -> Tensor:
+    """(N, 3, S, S) -> hidden state `layer` (N, P, D), or (N, 1 + P, D) with the CLS token."""
+    if not keep_cls:
+        return vit(pixel_values, feature_layer=layer, pooled=False).features
+    # The ViT's own forward drops CLS; run its parts up to `layer` (no post_layernorm, as
+    # transformers' last_hidden_state).
+    layer = layer % (vit.config.layers + 1)
+    x = vit.pre_layrnorm(vit.embeddings(pixel_values))  # (N, 1 + P, D)
+    for block in vit.encoder.layers[:layer]:
+        x = block(x)
+    return x
+
+
+@dataclass
+class FlamingoState:
+    """Decoding state: the decoder's KV cache plus what the gated blocks read."""
+
+    decoder: DecoderState
+    visual: Tensor  # (B, M*R, D_v) visual tokens of each row's images, computed at prefill
+    media_index: Tensor  # (B,) the image the next token reads (1-based; 0 = none yet)
+
+    def select(self, rows: Tensor) -> FlamingoState:
+        return FlamingoState(self.decoder.select(rows), self.visual[rows], self.media_index[rows])
+
+
+class Flamingo(nn.Module):
+    family = "flamingo"
+    PARAM_GROUPS = PARAM_GROUPS
+
+    def __init__(self, config: FlamingoConfig) -> None:
+        super().__init__()
+        from visto.models.llava import load_vision_tower
+
+        vision = load_vision_tower(config.vision_init) if config.vision_init else None
+        language = DecoderLM.from_pretrained(config.language_init) if config.language_init else None
+        self.init_sources = {"vision": config.vision_init, "language": config.language_init}
+        config = replace(
+            config,
+            vision=vision.config if vision is not None else config.vision,
+            decoder=language.config if language is not None else config.decoder,
+            vision_init=None,
+            language_init=None,
+        )
+        if config.processor.image_size != config.vision.image_size:
+            raise UserError(
+                f"flamingo config: processor.image_size is {config.processor.image_size} but the "
+                f"vision tower takes {config.vision.image_size} px images; make them agree"
+            )
+        if config.processor.vocab_size > config.decoder.vocab_size:
+            raise UserError(
+                f"flamingo config: processor.vocab_size {config.processor.vocab_size} exceeds "
+                f"decoder.vocab_size {config.decoder.vocab_size}; make them agree"
+            )
+        self.config = config
+        dec, width = config.decoder, config.vision.width
+        self.vision_model = vision if vision is not None else ViT(config.vision)
+        self.perceiver_resampler = PerceiverResampler(width, config.resampler)
+        self.gated_cross_attn_layers = nn.ModuleList(
+            GatedCrossAttentionBlock(
+                dec.hidden_size,
+                kv_dim=width,
+                n_heads=config.cross_attn_heads or dec.num_heads,
+                mlp_hidden=config.cross_attn_intermediate or dec.intermediate_size,
+                eps=dec.rms_norm_eps,
+                gate=config.gate,
+            )
+            for _ in range(num_gated_blocks(dec.num_layers, config.cross_attn_every))
+        )
+        self.language_model = language if language is not None else DecoderLM(dec)
+        # Hooks on the decoder's layers run the gated blocks (see visto.connectors.xattn).
+        self.conditioning = MediaConditioning(
+            self.language_model.model.layers, self.gated_cross_attn_layers, config.cross_attn_every
+        )
+        self._processor: Processor | None = None
+
+    # -- processor
+
+    @property
+    def processor(self) -> Processor:
+        if self._processor is None:
+            cfg = self.config
+            if cfg.tokenizer_dir:
+                tokenizer = Tokenizer.load(cfg.tokenizer_dir)
+            elif cfg.tokenizer_corpus:
+                from visto.models.llava import tokenizer_from_corpus
+
+                tokenizer = tokenizer_from_corpus(cfg.tokenizer_corpus, cfg.processor)
+            else:
+                raise UserError(
+                    "this Flamingo model has no tokenizer: set model.config.tokenizer_corpus to "
+                    "the training data (a tokenizer is trained on its texts) or tokenizer_dir to "
+                    "a directory with tokenizer.json"
+                )
+            self.processor = Processor(cfg.processor, tokenizer)
+        assert self._processor is not None
+        return self._processor
+
+    @processor.setter
+    def processor(self, processor: Processor) -> None:
+        vocab = processor.tokenizer.vocab_size
+        if vocab > self.config.decoder.vocab_size:
+            raise UserError(
+                f"the tokenizer has {vocab} tokens but decoder.vocab_size is "
+                f"{self.config.decoder.vocab_size}; set decoder.vocab_size >= {vocab}"
+            )
+        if processor.tokenizer.image_id != IMAGE_TOKEN_ID:
+            raise UserError(f"the tokenizer's <image> id must be {IMAGE_TOKEN_ID}")
+        p = processor.config
+        if p.image_tokens != 1 or p.resize_mode == "patch":
+            raise UserError(
+                "Flamingo needs one <image> marker per image: a processor with image_tokens 1 "
+                f"and resize_mode 'pad' or 'resize' (got {p.image_tokens}, {p.resize_mode!r})"
+            )
+        if p.image_size != self.config.vision.image_size:
+            raise UserError(
+                f"the processor makes {p.image_size} px images but the vision tower takes "
+                f"{self.config.vision.image_size} px"
+            )
+        self._processor = processor
+
+    # -- visual tokens and the media mask
+
+    def visual_tokens(self, pixel_values: Tensor) -> Tensor:
+        """(N_img, 3, S, S) -> (N_img, R, D_v): a fixed number of tokens per image."""
+        features = vision_hidden_state(
+            self.vision_model, pixel_values, self.config.vision_feature_layer,
+            self.config.vision_cls_token,
+        )  # (N_img, P, D_v)
+        return self.perceiver_resampler(features)  # (N_img, R, D_v)
+
+    def row_visual_tokens(
+        self, input_ids: Tensor, pixel_values: Tensor, image_sample_index: Tensor
+    ) -> Tensor:
+        """Each row's images' visual tokens side by side, (B, M*R, D_v), M = most images in a
+        row (at least 1: a row without images gets a slot that no token may read)."""
+        b = input_ids.shape[0]
+        markers = (input_ids == IMAGE_TOKEN_ID).sum(dim=1)  # (B,)
+        per_row = torch.bincount(image_sample_index, minlength=b).to(markers.device)  # (B,)
+        assert torch.equal(per_row, markers), (
+            f"<image> markers per row {markers.tolist()} do not match the images per row "
+            f"{per_row.tolist()}; the processor must put one <image> id per image "
+            "(image_tokens 1)"
+        )
+        r, width = self.config.image_tokens, self.config.vision.width
+        m = max(1, int(per_row.max()) if b else 1)
+        dtype = self.language_model.lm_head.weight.dtype
+        rows = torch.zeros(b, m, r, width, device=input_ids.device, dtype=dtype)  # (B, M, R, D)
+        if pixel_values.shape[0]:
+            tokens = self.visual_tokens(pixel_values.to(dtype))  # (N_img, R, D_v)
+            index = image_sample_index.to(input_ids.device)
+            # Images arrive in batch order (row 0's first): slot = rank within its row.
+            first = torch.cumsum(per_row, 0) - per_row  # (B,) index of each row's first image
+            slot = torch.arange(len(index), device=index.device) - first[index]
+            rows = rows.index_put((index, slot), tokens.to(dtype))
+        return rows.reshape(b, m * r, width)  # (B, M*R, D_v)
+
+    def media(self, input_ids: Tensor, visual: Tensor) -> Media:
+        """Per-image attention for a whole sequence: token t reads the last image at or
+        before t (the `<image>` marker itself reads its own image)."""
+        media_index = torch.cumsum(input_ids == IMAGE_TOKEN_ID, dim=1)  # (B, T)
+        r = self.config.image_tokens
+        mask, has_media = media_mask(media_index, r, visual.shape[1] // r)
+        return Media(visual, mask, has_media)
+
+    # -- the forward pass
+
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """Next-token logits (B, T, V) for a collated (right-padded) batch."""
+        input_ids = batch["input_ids"]
+        visual = self.row_visual_tokens(
+            input_ids, batch["pixel_values"], batch["image_sample_index"]
+        )
+        embeds = self.language_model.embed(input_ids)  # (B, T, C)
+        with self.conditioning.use(self.media(input_ids, visual)):
+            logits, _ = self.language_model(
+                inputs_embeds=embeds,
+                attention_mask=batch["attention_mask"],
+                position_ids=batch.get("position_ids"),
+            )  # (B, T, V)
+        return logits
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers)."""
+        labels = batch["labels"]
+        logits = self.logits(batch)
+        loss = lm_loss(logits, labels)
+        with torch.no_grad():
+            target = labels[:, 1:]
+            scored = target != IGNORE_INDEX
+            hits = (logits[:, :-1].argmax(dim=-1) == target) & scored
+            token_acc = hits.sum() / scored.sum().clamp(min=1)
+        return {"loss": loss, "token_acc": token_acc}
+
+    def collate(self, samples: list[Sample]) -> dict[str, Tensor]:
+        """Training batch: whole conversations, labels on the answers, right padding."""
+        processor = self.processor
+        batch = processor.collator("right")([processor.encode(s, train=True) for s in samples])
+        return {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "position_ids": batch.position_ids,
+            "labels": batch.labels,
+            "pixel_values": batch.pixel_values,  # (N_img, 3, S, S)
+            "image_sample_index": batch.image_sample_index,
+            "image_token_counts": batch.image_token_counts,
+        }
+
+    # -- generation engine protocol (visto.infer.engine)
+
+    def prompt_batch(self, samples: list[Sample]) -> Any:
+        """Prompts for generation: a final assistant turn is dropped, left padding."""
+        processor = self.processor
+        return processor.collator("left")([processor.encode(s, train=False) for s in samples])
+
+    def prefill(self, batch: Any) -> tuple[Tensor, FlamingoState]:
+        """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
+        device = self.language_model.lm_head.weight.device
+        input_ids = _field(batch, "input_ids").to(device)
+        attention_mask = _field(batch, "attention_mask").to(device)
+        with torch.inference_mode():
+            visual = self.row_visual_tokens(
+                input_ids, _field(batch, "pixel_values").to(device),
+                _field(batch, "image_sample_index").to(device),
+            )
+            embeds = self.language_model.embed(input_ids)
+            media = self.media(input_ids, visual)
+            with self.conditioning.use(media):
+                logits, state = self.language_model.prefill_embeds(embeds, attention_mask)
+        last = torch.cumsum(input_ids == IMAGE_TOKEN_ID, dim=1)[:, -1]  # (B,)
+        return logits, FlamingoState(state, visual, last)
+
+    def decode_step(self, next_ids: Tensor, state: FlamingoState) -> tuple[Tensor, FlamingoState]:
+        """One token per row (B,): it reads the row's last image, as the tokens before it."""
+        r = self.config.image_tokens
+        mask, has_media = media_mask(state.media_index[:, None], r, state.visual.shape[1] // r)
+        with torch.inference_mode(), self.conditioning.use(Media(state.visual, mask, has_media)):
+            logits, decoder = self.language_model.decode_step(next_ids, state.decoder)
+        return logits, FlamingoState(decoder, state.visual, state.media_index)
+
+
+# ----------------------------------------------------------------------------- transformers Idefics
+
+# What a transformers `IdeficsForVisionText2Text` may have for `from_idefics` to reproduce it;
+# each entry: (config key, required value, why).
+IDEFICS_REQUIREMENTS = (
+    ("use_resampler", True, "without the resampler Idefics cross-attends to raw ViT patches"),
+    ("qk_layer_norms", False, "visto's attention has no RMSNorm on per-head queries/keys"),
+    ("hidden_act", "silu", "visto's decoder and gated blocks use SwiGLU (silu)"),
+)
+
+
+def from_idefics(path: str | Path, processor: ProcessorConfig | None = None) -> Flamingo:
+    """A transformers `IdeficsForVisionText2Text` directory (config.json + model.safetensors)
+    as a visto Flamingo, tensor for tensor.
+
+    The layouts agree: CLIP-named ViT (its whole last_hidden_state, CLS included, feeds the
+    resampler), Idefics' Perceiver Resampler (ReLU MLP, final LayerNorm), gated blocks before
+    decoder layers 0, k, 2k, ... with RMSNorm/SwiGLU and zero-initialised tanh gates, and a
+    Llama decoder (full multi-head attention). Idefics' decoupled embeddings (additional
+    vocabulary, e.g. its `<image>` token) are concatenated into one table and one head.
+    Refused: `IDEFICS_REQUIREMENTS`, a perceiver with qk layer norms, and rope scaling.
+    The media mask is visto's (token t reads the last image at or before it); Idefics takes
+    it as an input, which its processor builds the same way.
+    """
+    from safetensors import safe_open
+
+    from visto.nn.language import _safetensors_files
+
+    directory = Path(path)
+    config_path = directory / "config.json"
+    try:
+        hf = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {config_path}: {e}") from None
+    if hf.get("model_type") != "idefics":
+        raise UserError(f"{config_path}: model_type {hf.get('model_type')!r} is not 'idefics'")
+    problems = [
+        f"{key} must be {want!r} ({why})"
+        for key, want, why in IDEFICS_REQUIREMENTS
+        if hf.get(key, {"use_resampler": False, "qk_layer_norms": False, "hidden_act": "silu"}[key])
+        != want
+    ]
+    perceiver = hf.get("perceiver_config") or {}
+    if perceiver.get("qk_layer_norms_perceiver"):
+        problems.append("perceiver qk_layer_norms_perceiver must be false (no per-head norms)")
+    vision_hf = hf.get("vision_config") or {}
+    if vision_hf.get("hidden_act", "gelu") not in ("gelu", "quick_gelu", "gelu_pytorch_tanh"):
+        problems.append(f"vision hidden_act {vision_hf.get('hidden_act')!r} is not supported")
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        problems.append("rope scaling is not supported (plain rotary only)")
+    if problems:
+        raise UserError(f"{config_path}: cannot load this Idefics: " + "; ".join(problems))
+
+    extra = int(hf.get("additional_vocab_size", 0))
+    vocab = int(hf["vocab_size"]) + extra
+    decoder = DecoderConfig(
+        vocab_size=vocab,
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"],
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+    )
+    act = {"gelu_pytorch_tanh": "gelu_tanh"}.get(vision_hf.get("hidden_act", "gelu"))
+    vision = ViTConfig(
+        image_size=vision_hf.get("image_size", 224),
+        patch_size=vision_hf.get("patch_size", 14),
+        width=vision_hf.get("embed_dim", 768),
+        layers=vision_hf.get("num_hidden_layers", 32),
+        heads=vision_hf.get("num_attention_heads", 16),
+        mlp_hidden=vision_hf.get("intermediate_size", 5120),
+        act=act or vision_hf.get("hidden_act", "gelu"),
+        eps=float(vision_hf.get("layer_norm_eps", 1e-5)),
+    )
+    resampler = ResamplerConfig(
+        num_latents=perceiver.get("resampler_n_latents", 64),
+        depth=perceiver.get("resampler_depth", 6),
+        heads=perceiver.get("resampler_n_heads", 16),
+        head_dim=perceiver.get("resampler_head_dim", 96),
+        act="relu",
+    )
+    if processor is None:
+        processor = ProcessorConfig(
+            image_size=vision.image_size, image_tokens=1, image_delimiters=False,
+            resize_mode="resize", vocab_size=vocab,
+        )
+    config = FlamingoConfig(
+        vision=vision,
+        vision_feature_layer=-1,
+        vision_cls_token=True,
+        resampler=resampler,
+        cross_attn_every=int(hf.get("cross_layer_interval", 1)),
+        gate="vector" if hf.get("alpha_type", "float") == "vector" else "float",
+        decoder=decoder,
+        processor=processor,
+    )
+    if num_gated_blocks(decoder.num_layers, config.cross_attn_every) != (
+        decoder.num_layers // config.cross_attn_every
+    ):
+        raise UserError(
+            f"{config_path}: num_hidden_layers {decoder.num_layers} is not a multiple of "
+            f"cross_layer_interval {config.cross_attn_every}"
+        )
+    model = Flamingo(config)
+
+    # Their key -> our key, every tensor named.
+    theirs_to_ours: dict[str, str] = {}
+    for ours in model.vision_model.state_dict():
+        theirs_to_ours[f"model.vision_model.{ours}"] = f"vision_model.{ours}"
+    for ours, theirs in model.perceiver_resampler.hf_key_map().items():
+        theirs_to_ours[f"model.perceiver_resampler.{theirs}"] = f"perceiver_resampler.{ours}"
+    for j, block in enumerate(model.gated_cross_attn_layers):
+        for ours, theirs in block.hf_key_map().items():
+            theirs_to_ours[f"model.gated_cross_attn_layers.{j}.{theirs}"] = (
+                f"gated_cross_attn_layers.{j}.{ours}"
+            )
+    for ours in model.language_model.hf_key_map():
+        if ours == "lm_head.weight":
+            theirs_to_ours["lm_head.weight"] = "language_model.lm_head.weight"
+        else:
+            theirs_to_ours[ours] = f"language_model.{ours}"  # model.layers.*, model.norm, ...
+    # Decoupled embeddings: the additional rows go after the regular ones.
+    split_parts = {
+        "model.embed_tokens.weight": ("language_model.model.embed_tokens.weight", 0),
+        "model.embed_tokens.additional_embedding.weight": (
+            "language_model.model.embed_tokens.weight", 1),
+        "lm_head.weight": ("language_model.lm_head.weight", 0),
+        "lm_head.additional_fc.weight": ("language_model.lm_head.weight", 1),
+    }
+    ours_state = model.state_dict()
+    parts: dict[str, list[Tensor | None]] = {}
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for file in _safetensors_files(directory):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    if key.endswith(("rotary_emb.inv_freq", "position_ids")):
+                        continue  # recomputed
+                    if key in split_parts:
+                        target, part = split_parts[key]
+                        if target == "language_model.lm_head.weight" and decoder.tie_word_embeddings:
+                            continue
+                        parts.setdefault(target, [None, None])[part] = f.get_tensor(key)
+                        continue
+                    if key not in theirs_to_ours:
+                        raise UserError(f"{file}: unexpected tensor {key!r} for an Idefics visto reads")
+                    target = theirs_to_ours[key]
+                    tensor = f.get_tensor(key)
+                    if tensor.shape != ours_state[target].shape:
+                        raise UserError(
+                            f"{file}: {key} has shape {tuple(tensor.shape)}, config.json implies "
+                            f"{tuple(ours_state[target].shape)}"
+                        )
+                    ours_state[target].copy_(tensor.to(ours_state[target].dtype))
+                    loaded.add(target)
+        for target, (regular, additional) in parts.items():
+            if regular is None or (extra and additional is None):
+                raise UserError(f"{directory}: the {target} table is incomplete")
+            table = regular if not extra else torch.cat([regular, additional], dim=0)
+            if table.shape != ours_state[target].shape:
+                raise UserError(
+                    f"{directory}: {target} is {tuple(table.shape)} once joined, expected "
+                    f"{tuple(ours_state[target].shape)}"
+                )
+            ours_state[target].copy_(table.to(ours_state[target].dtype))
+            loaded.add(target)
+    expected = {k for k in ours_state if not (decoder.tie_word_embeddings and k.endswith("lm_head.weight"))}
+    missing = sorted(expected - loaded)
+    if missing:
+        raise UserError(f"{directory}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    return model.eval()
+
+
+__all__ = [
+    "IDEFICS_REQUIREMENTS",
+    "IMAGE_TOKEN_ID",
+    "PARAM_GROUPS",
+    "Flamingo",
+    "FlamingoConfig",
+    "FlamingoState",
+    "from_idefics",
+    "vision_hidden_state",
+]
