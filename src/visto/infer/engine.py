@@ -142,6 +142,33 @@ class _Row:
         return piece
 
 
+def choose_tokens(logits: Tensor, rows: Sequence[_Row], eos_ids: Sequence[int]) -> list[int]:
+    """The next token of every row; logits (B, V). A batch of plain greedy rows is one argmax
+    (one sync); rows with settings of their own are sampled one by one."""
+    suppress = [pos for pos, r in enumerate(rows) if r.params.ignore_eos] if eos_ids else []
+    if suppress:  # ignore_eos: the engine's eos ids are never chosen (batched, no sync)
+        logits = logits.clone()
+        logits[torch.tensor(suppress)[:, None], torch.tensor(list(eos_ids))] = float("-inf")
+    if all(r.params.plain_greedy for r in rows):
+        return logits.argmax(dim=-1).tolist()
+    logits = logits.float().cpu()
+    chosen = []
+    for pos, row in enumerate(rows):
+        seen = row.seen_ids() if row.params.repetition_penalty != 1.0 else row.prompt_ids[:0]
+        chosen.append(sample_token(logits[pos], row.params, row.generator, seen, row.generated))
+    return chosen
+
+
+def new_row(params: SamplingParams, eos_ids: Sequence[int], prompt_ids: Tensor) -> _Row:
+    """A request's progress, with its own seeded generator."""
+    g = torch.Generator()
+    g.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ()).item()))
+    stop_ids = frozenset(params.stop_token_ids)
+    if not params.ignore_eos:
+        stop_ids |= frozenset(eos_ids)
+    return _Row(params, stop_ids, prompt_ids, g)
+
+
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
     found = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(found) if found else None
@@ -179,25 +206,11 @@ class Generation:
         self.engine, self.batch, self.stream = engine, batch, stream
         mask = batch.attention_mask.bool().cpu()
         ids = batch.input_ids.cpu()
-        self.rows = []
-        for i, p in enumerate(params):
-            g = torch.Generator()
-            g.manual_seed(p.seed if p.seed is not None else int(torch.randint(2**62, ()).item()))
-            stop_ids = frozenset(engine.eos_token_ids) | frozenset(p.stop_token_ids)
-            self.rows.append(_Row(p, stop_ids, ids[i][mask[i]], g))
+        self.rows = [new_row(p, engine.eos_token_ids, ids[i][mask[i]]) for i, p in enumerate(params)]
         self.completions: list[Completion] = []
 
     def _choose(self, logits: Tensor, active: list[int]) -> list[int]:
-        """The next token of every active row; logits (B_active, V)."""
-        rows = [self.rows[r] for r in active]
-        if all(r.params.plain_greedy for r in rows):
-            return logits.argmax(dim=-1).tolist()
-        logits = logits.float().cpu()
-        chosen = []
-        for pos, row in enumerate(rows):
-            seen = row.seen_ids() if row.params.repetition_penalty != 1.0 else row.prompt_ids[:0]
-            chosen.append(sample_token(logits[pos], row.params, row.generator, seen, row.generated))
-        return chosen
+        return choose_tokens(logits, [self.rows[r] for r in active], self.engine.eos_token_ids)
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         engine = self.engine

@@ -35,6 +35,7 @@ class SamplingParams:
     stop: Sequence[str] = ()  # stop strings, matched on decoded text and trimmed from it
     stop_token_ids: Sequence[int] = ()  # added to the engine's end-of-sequence ids
     seed: int | None = None  # None: a fresh random seed per request
+    ignore_eos: bool = False  # the engine's eos ids neither end the request nor get chosen
     logits_processor: LogitsProcessor | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
