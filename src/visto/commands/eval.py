@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,11 @@ ORDER = 40
 
 DESCRIPTION = """\
 Evaluate a checkpoint on a synthetic world and write, into the run directory:
-  eval.json    the figures as one flat JSON object, name -> number (for scripts and CI)
-  report.md    the same figures as a table, bar plots seen vs held-out, the training curve
+  eval.json          the figures as one flat JSON object, name -> number (for scripts and CI)
+  report.md          the same figures as a table, bar plots seen vs held-out, the training curve
+  predictions.jsonl  generative families: every question asked, the answer, its score
+  examples.png       generative families: a page of test images with question, answer,
+                     reference, and predicted (dashed red) vs reference (black) boxes
 
 What is measured depends on the model family:
   two-tower (clip)   zero-shot classification of shape, colour and "colour shape" with a
@@ -23,12 +27,20 @@ What is measured depends on the model family:
                      k-means clustering of image embeddings (purity, NMI). Every figure is
                      also given on the held-out split (unseen colour-shape pairs) as
                      heldout.<name>.
+  generative (llava) every task of the world, asked in its own words and scored: VQA per
+                     question type (vqa.<type>), counting, POPE probes, grounding acc@0.5,
+                     box -> description, OCR exact/CER, JSON validity and fields, detection
+                     P/R/F1 from the JSON, classification, captions (BLEU-4, CIDEr-D); greedy
+                     decoding, JSON under the world's grammar when xgrammar is installed.
+                     Seen and held-out (heldout.<name>) on the first --n images (default 50).
 
 Examples:
   visto eval --model runs/clip/checkpoint --data runs/world
   visto eval --model runs/clip/checkpoint --data runs/world --n 500 --paraphrase
   visto eval --model runs/clip/checkpoint --data runs/world --templates single
   visto eval --model ckpt --data runs/world --templates "a drawing of a {}." --out runs/ev
+  visto eval --model runs/quickstart/checkpoint --data runs/quickstart/world --n 20
+  visto eval --model runs/llava/checkpoint --data runs/world --tasks vqa ground --examples 16
 
 --out defaults to the run directory holding the checkpoint (runs/NAME for
 runs/NAME/checkpoint, where metrics.jsonl lies), else runs/eval-<checkpoint name>.
@@ -44,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--n",
         type=int,
-        help="images per split (two-tower: the retrieval gallery, default 1000)",
+        help="images per split (two-tower: the retrieval gallery, default 1000; "
+        "generative: every question of each image, default 50)",
     )
     two = p.add_argument_group("two-tower (clip) options")
     two.add_argument(
@@ -60,7 +73,35 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also score zero-shot with paraphrased prompts no training caption uses "
         "(paraphrase.zeroshot.*) and say in the report what changed",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="images/texts per forward pass")
+    gen = p.add_argument_group("generative (llava) options")
+    gen.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        help="world tasks to ask (default: caption vqa ground refdesc ocr json classify)",
+    )
+    gen.add_argument(
+        "--max-tokens", type=int, default=24, help="new tokens per short answer (default 24)"
+    )
+    gen.add_argument(
+        "--json-max-tokens", type=int, default=400, help="new tokens per JSON answer (default 400)"
+    )
+    gen.add_argument(
+        "--no-constrain", action="store_true", help="decode JSON answers without the grammar"
+    )
+    gen.add_argument(
+        "--examples",
+        type=int,
+        default=12,
+        metavar="N",
+        help="images on the page of example predictions (default 12; 0 = none)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="images/texts per forward pass (two-tower, default 64) or questions per "
+        "generation batch (generative, default 16)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for k-means (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present, else cpu)")
     p.set_defaults(run=run)
@@ -87,7 +128,42 @@ def kind_options(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     """The settings only one kind of evaluation takes, from the command line."""
     if kind == "two_tower":
         return {"templates": resolve_templates(args.templates), "paraphrase": args.paraphrase}
+    if kind == "generative":
+        for name in ("max_tokens", "json_max_tokens"):
+            if getattr(args, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag} must be at least 1, got {getattr(args, name)}")
+        return {
+            "tasks": resolve_tasks(args.tasks),
+            "constrain_json": not args.no_constrain,
+            "max_new_tokens": args.max_tokens,
+            "json_max_new_tokens": args.json_max_tokens,
+        }
     return {}
+
+
+DEFAULT_BATCH = {"two_tower": 64, "generative": 16}
+
+
+def resolve_tasks(values: list[str] | None) -> list[str] | None:
+    """The world's task kinds to ask (None: the reader's default), checked before any work."""
+    if values is None:
+        return None
+    from visto.data.synth import TASK_KINDS
+
+    unknown = [t for t in values if t not in TASK_KINDS]
+    if unknown:
+        raise UserError(
+            f"unknown task(s) {unknown} for --tasks; choose from {', '.join(TASK_KINDS)}"
+        )
+    return list(dict.fromkeys(values))
+
+
+def finite_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], list[str]]:
+    """(the metrics that are numbers, the names without a figure): eval.json holds numbers
+    only, since NaN is not JSON; the report notes the names left out."""
+    kept = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+    return kept, [k for k in metrics if k not in kept]
 
 
 def find_run_dir(checkpoint: Path) -> Path | None:
@@ -113,8 +189,10 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     if args.n is not None and args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.examples < 0:
+        raise UserError(f"--examples must be 0 or more, got {args.examples}")
     checkpoint = Path(args.model)
     family = read_config(checkpoint)["family"]
     kind, evaluate = evaluator_for(family)  # fails before the weights load when there is none
@@ -123,30 +201,52 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (run_dir or Path("runs") / f"eval-{checkpoint.name}")
 
     model = visto.load(checkpoint, device=pick_device(args.device))
-    common: dict[str, Any] = {"split": args.split, "batch_size": args.batch_size, "seed": args.seed}
+    batch_size = args.batch_size or DEFAULT_BATCH.get(kind, 16)
+    common: dict[str, Any] = {"split": args.split, "batch_size": batch_size, "seed": args.seed}
     if args.n is not None:
         common["n"] = args.n
     result = evaluate(
         model, args.data, **common, **options, log=lambda msg: console.print(f"[dim]{msg}[/dim]")
     )
     curve = read_metrics_jsonl(run_dir / "metrics.jsonl") if run_dir else None
+    metrics, no_figure = finite_metrics(result.metrics)
     notes = [f"checkpoint: `{checkpoint}` ({family})", f"data: `{args.data}`", *result.notes]
-    atomic_write_json(out / "eval.json", result.metrics)
+    if no_figure and not any(n.startswith("no figure") for n in notes):
+        notes.append(f"no figure (nothing to divide by) for: {', '.join(no_figure)}")
+    atomic_write_json(out / "eval.json", metrics)
     predictions = getattr(result, "predictions", None)  # generative kinds: one row per question
+    examples = None
     if predictions:
         atomic_write_text(
             out / "predictions.jsonl",
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions),
         )
-    report = write_report(out, f"Evaluation: {checkpoint.name}", result.metrics, notes, curve)
+        if args.examples:
+            from visto.eval.examples import render_examples
+
+            examples = render_examples(
+                predictions, args.data, out / "examples.png", n=args.examples, seed=args.seed
+            )
+    report = write_report(out, f"Evaluation: {checkpoint.name}", metrics, notes, curve)
+    if examples is not None:
+        # The page of examples goes after the figures, as its own section of the report.
+        atomic_write_text(
+            report,
+            report.read_text()
+            + "\n## Example predictions\n\nReference boxes solid black, predicted boxes "
+            "dashed red; predictions.jsonl has every question.\n\n![example predictions]"
+            f"({examples.name})\n",
+        )
 
     table = Table(title=f"visto eval: {checkpoint}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for name, value in result.metrics.items():
+    for name, value in metrics.items():
         table.add_row(name, f"{value:.3f}")
     console.print(table)
-    for note in result.notes:
+    for note in notes[2:]:
         console.print(f"- {note}")
-    console.print(f"wrote {out / 'eval.json'} and {report}")
+    written = ["eval.json", *(["predictions.jsonl"] if predictions else []), "report.md"]
+    written += [examples.name] if examples is not None else []
+    console.print(f"wrote {', '.join(written)} to {out}")
     return 0

@@ -2,8 +2,14 @@
 
 `evaluator_for(family)` returns the kind and evaluation function for a model family; each
 function returns an `EvalResult`: the flat `eval.json` dict (name -> number, DESIGN.md
-names) and notes for the report. Adding a family kind (generative VLMs: VQA, captioning,
-...) means one module, one entry in `EVALUATORS`, and its families in `FAMILY_KIND`.
+names) and notes for the report. Two kinds exist:
+
+    two_tower    CLIP-like: zero-shot classification, retrieval, clustering (`eval.twotower`)
+    generative   image-to-text models: every task of the world asked and scored
+                 (`eval.generative`, driven by `visto.tasks.runner.make_generate`)
+
+A new family of an existing kind is one line in `FAMILY_KIND`; a new kind is one module and
+one entry in `EVALUATORS`.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ class EvalResult:
     notes: list[str] = field(default_factory=list)
 
 
-# family -> kind of evaluation. Two-tower models embed images and texts in one space.
+# family -> kind of evaluation. Two-tower models embed images and texts in one space;
+# generative ones answer questions through the engine protocol (prefill/decode_step).
 FAMILY_KIND: dict[str, str] = {
     "clip": "two_tower",
     "siglip": "two_tower",
+    "llava": "generative",
 }
 
 
@@ -36,9 +44,16 @@ def _two_tower() -> Callable[..., Any]:
     return evaluate_two_tower
 
 
+def _generative() -> Callable[..., Any]:
+    from visto.tasks.runner import evaluate_generative_model
+
+    return evaluate_generative_model
+
+
 # kind -> loader of its evaluation function (imported lazily: torch, sklearn are heavy).
 EVALUATORS: dict[str, Callable[[], Callable[..., Any]]] = {
     "two_tower": _two_tower,
+    "generative": _generative,
 }
 
 
@@ -47,7 +62,8 @@ def evaluator_for(family: str) -> tuple[str, Callable[..., EvalResult]]:
 
         evaluate(model, data_dir, *, split, n, batch_size, seed, log, **kind_options)
 
-    and kind_options are that kind's own settings (two-tower: templates, paraphrase).
+    and kind_options are that kind's own settings (two-tower: templates, paraphrase;
+    generative: tasks, constrain_json, max_new_tokens, json_max_new_tokens).
     """
     kind = FAMILY_KIND.get(family)
     if kind is None or kind not in EVALUATORS:
