@@ -347,6 +347,6 @@ def test_two_stage_recipes_run_through_visto_train(tmp_path):
     engine = Engine(second, second.processor.tokenizer)
     from visto.data.formats import read_samples
 
-    prompts = read_samples(world, "synth", split="val", tasks=["vqa"])[:2]
+    prompts = list(read_samples(world, "synth", split="val", tasks=["vqa"]))[:2]
     outs = engine.generate_batch(second.prompt_batch(prompts), SamplingParams(max_new_tokens=3))
     assert all(len(o.token_ids) >= 1 for o in outs)
