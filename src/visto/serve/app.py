@@ -319,7 +319,6 @@ class Server:
                 body.response_format.model_dump(by_alias=True, exclude_none=True)
             )
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        eos_ids = list(self.engine.eos_token_ids) if body.ignore_eos else []
         params = []
         for choice in range(body.n):
             constraint = (
@@ -333,7 +332,8 @@ class Server:
                 stop=tuple(stops),
                 # n choices of one seeded request differ, and each is reproducible.
                 seed=None if body.seed is None else (body.seed + choice) % (MAX_SEED + 1),
-                logits_processor=_without(eos_ids, constraint) if eos_ids else constraint,
+                ignore_eos=body.ignore_eos,  # eos neither ends nor is chosen (batched, fast)
+                logits_processor=constraint,
             ))
         return [encoded] * body.n, params, prompt_tokens
 
@@ -498,17 +498,6 @@ class Server:
         if processor is None:
             return sum(len(t.split()) for t in texts)
         return sum(len(processor.tokenizer.encode(t)) for t in texts)
-
-
-def _without(ids: list[int], inner: Any) -> Any:
-    """A logits processor that never picks `ids` (then applies `inner`, if any)."""
-
-    def processor(generated: list[int], logits: Any) -> Any:
-        logits = logits.clone()
-        logits[ids] = float("-inf")
-        return inner(generated, logits) if inner is not None else logits
-
-    return processor
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:

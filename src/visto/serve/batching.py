@@ -1,19 +1,21 @@
-"""Dynamic batching: requests that arrive together are generated together, in one thread.
+"""Batching: concurrent requests share the model's steps, in one worker thread.
 
-    handler (event loop) --Job--> queue --> worker thread: collect jobs for up to `wait_s`
-                                                  (or until `max_batch` rows), left-pad them
-                                                  into one batch, run one streaming generation
-    handler <--("piece", choice, text) / ("done", completions) / ("error", exc)-- worker
+    handler (event loop) --Job--> queue --> worker thread --("piece", choice, text) /
+    handler <-- ("done", completions) / ("error", exc) --/
 
-The engine cannot add rows to a generation already running (that would be continuous
-batching, Yu et al. 2022, "Orca"), so a request arriving mid-generation waits for the next
-batch; rows that finish early leave the batch (the engine drops them), so a short answer
-never waits on a long one to be *computed*, only to be *started*.
+Continuous batching (Yu et al. 2022, "Orca"), when the engine can add rows to a running
+generation (`engine.can_join`, any DecoderLM-based model): between two decode steps the worker
+takes every job waiting in the queue (up to `max_batch` rows in all), prefills them together
+and merges them into the running batch (`visto.infer.continuous.ContinuousBatch`); rows leave
+the moment they finish. A request arriving mid-generation waits one step, not a whole batch.
 
-A request can be stopped while its batch runs: client gone, or past its deadline. Each row's
-logits processor checks its job, and a stopped job's rows are forced to the stop token at
-their next step, so they leave the batch and cost nothing more. If every job in a batch is
-stopped the generation is abandoned at once.
+Dynamic batching otherwise: collect jobs for up to `wait_s` (or `max_batch` rows), run them as
+one generation; later arrivals wait for the next one.
+
+A request can be stopped while it runs: client gone, or past its deadline. Continuous: its rows
+are cancelled between steps (a flag; the other rows keep the batched greedy argmax). Dynamic:
+each row's logits processor checks its job and forces the stop token. Either way a stopped job
+stops costing compute at the next step.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor
 
 from visto.infer import Engine, SamplingParams
+from visto.infer.continuous import ContinuousBatch, Request
 
 log = logging.getLogger("visto.serve")
 
@@ -136,6 +139,9 @@ class Batcher:
         return [j for j in jobs if not j.stopped]
 
     def _run(self) -> None:
+        if self.engine.can_join:
+            self._run_continuous()
+            return
         while True:
             jobs = self._collect()
             if jobs is None:
@@ -172,3 +178,86 @@ class Batcher:
                 job.send(("error", e))
         finally:
             self.busy_rows = 0
+
+    # ---- continuous batching -----------------------------------------------------------
+
+    def _take(self, room: int, block: bool) -> list[Job] | None:
+        """Jobs waiting in the queue that fit in `room` rows (blocking for the first when
+        idle, then `wait_s` for company); None when told to stop."""
+        jobs: list[Job] = []
+        until = time.monotonic() + self.wait_s if block else 0.0
+        while room > 0:
+            if self._carry is not None:
+                job: Job | None = self._carry
+                self._carry = None
+            else:
+                try:
+                    if block and not jobs:
+                        job = self._queue.get()
+                    else:
+                        remaining = until - time.monotonic()
+                        job = (self._queue.get(timeout=remaining) if remaining > 0
+                               else self._queue.get_nowait())  # fmt: skip
+                except queue.Empty:
+                    break
+            if job is None:
+                if jobs:
+                    self._queue.put(None)  # stop after these
+                    break
+                return None
+            if len(job.prompts) > room and (jobs or not block):  # an idle worker takes any
+                self._carry = job
+                break
+            if not job.stopped:
+                jobs.append(job)
+                room -= len(job.prompts)
+        return jobs
+
+    def _run_continuous(self) -> None:
+        batch = ContinuousBatch(self.engine, stream=True)
+        running: dict[int, tuple[Job, list[Request]]] = {}  # id(job) -> its requests
+        while True:
+            jobs = self._take(self.max_batch - batch.rows, block=not batch.busy)
+            if jobs is None:
+                return
+            try:
+                if jobs:  # newcomers are prefilled together, as one left-padded batch
+                    owners = [(job, c) for job in jobs for c in range(len(job.prompts))]
+                    requests = batch.add(
+                        self.collate([job.prompts[c] for job, c in owners]),
+                        [job.params[c] for job, c in owners],
+                        owners,
+                    )
+                    for job in jobs:
+                        running[id(job)] = (job, [r for r in requests if r.tag[0] is job])
+                    rows = batch.rows
+                    for job in jobs:
+                        job.batch_size = rows
+                    if self.on_batch is not None:
+                        self.on_batch(rows)
+                for job, requests in running.values():
+                    if job.stopped:
+                        for r in requests:
+                            r.cancel()
+                self.busy_rows = batch.rows
+                pieces, finished = batch.step()
+            except Exception as e:  # a failed step answers its requests; the worker lives on
+                log.exception("generation failed")
+                for job, _ in running.values():
+                    job.send(("error", e))
+                running.clear()
+                batch = ContinuousBatch(self.engine, stream=True)
+                self.busy_rows = 0
+                continue
+            for request, piece in pieces:
+                job, choice = request.tag
+                if not job.stopped:
+                    job.send(("piece", choice, piece))
+            for request in finished:
+                job, _ = request.tag
+                entry = running.get(id(job))
+                if entry is not None and all(r.done for r in entry[1]):
+                    del running[id(job)]
+                    if not job.stopped:
+                        job.send(("done", [r.completion for r in entry[1]]))
+            self.busy_rows = batch.rows
