@@ -110,6 +110,10 @@ def test_engine_kv_cache_matches_full_forward_and_batching(tokenizer_dir, tmp_pa
     params = SamplingParams(max_new_tokens=6)
     batch = model.prompt_batch(samples)
     outs = engine.generate_batch(batch, params)
+    # The engine's fast path (fused decoder weights) runs Fuyu and equals its own decode.
+    assert engine.can_join
+    slow = Engine(model, model.processor.tokenizer, eos_token_ids=[], fast=False)
+    assert [o.token_ids for o in slow.generate_batch(batch, params)] == [o.token_ids for o in outs]
     # Each prompt alone gives the same tokens (left padding and grids do not leak across rows).
     for sample, out in zip(samples, outs, strict=True):
         [alone] = engine.generate_batch(model.prompt_batch([sample]), params)

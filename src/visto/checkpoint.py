@@ -1,7 +1,7 @@
 """A checkpoint is a directory; `save_checkpoint` writes one atomically, `load` opens it.
 
     my-checkpoint/
-      config.json          {"family", "config", "visto_version", "processor"?}
+      config.json          {"family", "config", "visto_version", "processor"?, "lora"?}
       model.safetensors    the weights (tied weights stored once)
       processor.json ...   whatever `model.processor.save(dir)` writes (tokenizer.json, ...)
       README.md            a short card: family, parameters, data, recipe, metrics
@@ -74,6 +74,9 @@ def save_checkpoint(
     }
     if processor is not None:
         meta["processor"] = _qualified_name(type(processor))
+    lora = getattr(model, "lora_config", None)
+    if lora is not None:  # unmerged LoRA adapters: load() re-applies them before the weights
+        meta["lora"] = to_dict(lora)
     with atomic_directory(path) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         # safetensors refuses two names for one storage; save_model keeps one name per
@@ -165,6 +168,11 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
     path = Path(path)
     meta = read_config(path)
     model = build_from_config(meta["family"], meta["config"])
+    if "lora" in meta:
+        from visto.config import from_dict
+        from visto.nn.lora import LoraConfig, apply_lora
+
+        apply_lora(model, from_dict(LoraConfig, meta["lora"], where=f"{path / CONFIG_FILE} lora"))
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(f"{path} has no {WEIGHTS_FILE}: the checkpoint is incomplete")

@@ -22,6 +22,10 @@ forward (`with model.routed(is_image): ...`). Generated tokens are text, so `dec
 unrouted. One model must therefore not run two forwards at once from two threads (the engine
 and the server's batcher run one at a time).
 
+The engine's fast path (`visto.infer.runner`, fused plain-decoder weights) would skip the
+routing, so a CogVLM offers none (no `prefill_inputs`) and decodes through its own
+prefill/decode_step; it cannot join a continuous batch.
+
 Not reproduced: CogVLM's position ids, which give all tokens of one image a single position;
 here every token has its own, as in LLaVA, so the engine's KV cache and positions need nothing
 special.
@@ -35,6 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -84,16 +89,24 @@ class TokenRoute:
 class RoutedLinear(nn.Linear):
     """The language projection (its own weight and bias), with image rows sent to `expert`.
 
-    The expert is held outside the module tree (it is registered under `visual_expert`), so
-    the language weights keep their state-dict names and their own learning rate.
+    The expert is registered under `visual_expert`, not here, so the language weights keep
+    their state-dict names and their own learning rate. It is looked up by (parent, name) at
+    each call, so whatever sits there now runs (e.g. the expert wrapped with LoRA adapters).
     """
 
-    def __init__(self, language: nn.Linear, expert: nn.Linear, route: TokenRoute) -> None:
+    def __init__(
+        self, language: nn.Linear, expert_parent: nn.Module, expert_name: str, route: TokenRoute
+    ) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = language.in_features, language.out_features
         self.weight, self.bias = language.weight, language.bias
-        self._expert = (expert,)  # a tuple: not registered as a submodule
+        self._expert_slot = (expert_parent, expert_name)  # a tuple: not registered as a submodule
         self._route = route
+
+    @property
+    def expert(self) -> nn.Module:
+        parent, name = self._expert_slot
+        return getattr(parent, name)
 
     def forward(self, x: Tensor) -> Tensor:
         mask = self._route.mask
@@ -104,7 +117,7 @@ class RoutedLinear(nn.Linear):
         )
         out = x.new_empty(*x.shape[:-1], self.out_features)  # (B, T, out)
         out[~mask] = F.linear(x[~mask], self.weight, self.bias)
-        out[mask] = self._expert[0](x[mask])
+        out[mask] = self.expert(x[mask])
         return out
 
 
@@ -125,9 +138,9 @@ class CogVLM(Llava):
                 parent = getattr(block, EXPERT_SLOTS[name])
                 language = getattr(parent, name)
                 assert type(language) is nn.Linear, f"{name} is already routed or not a Linear"
-                copied = copy.deepcopy(language)
-                setattr(getattr(expert, EXPERT_SLOTS[name]), name, copied)
-                setattr(parent, name, RoutedLinear(language, copied, self.route))
+                expert_parent = getattr(expert, EXPERT_SLOTS[name])
+                setattr(expert_parent, name, copy.deepcopy(language))
+                setattr(parent, name, RoutedLinear(language, expert_parent, name, self.route))
             self.visual_expert.layers.append(expert)
 
     @contextlib.contextmanager
@@ -145,11 +158,30 @@ class CogVLM(Llava):
         with self.routed(batch["input_ids"] == IMAGE_TOKEN_ID):
             return super().forward(batch)
 
+    @property
+    def prefill_inputs(self) -> Any:
+        # The engine's fast path (visto.infer.runner) runs a plain DecoderLM from its fused
+        # language weights, which would skip the expert routing. A model without
+        # `prefill_inputs` gets no fast path: the engine calls prefill/decode_step below.
+        raise AttributeError("CogVLM routes image positions to its visual expert: no fast path")
+
     def prefill(self, batch: Any) -> tuple[Tensor, DecoderState]:
-        input_ids = batch["input_ids"] if isinstance(batch, dict) else batch.input_ids
-        device = self.language_model.lm_head.weight.device
-        with self.routed(input_ids.to(device) == IMAGE_TOKEN_ID):
-            return super().prefill(batch)
+        """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
+
+        def get(name: str) -> Tensor:
+            return batch[name] if isinstance(batch, dict) else getattr(batch, name)
+
+        lm = self.language_model
+        device, dtype = lm.lm_head.weight.device, lm.lm_head.weight.dtype
+        input_ids = get("input_ids").to(device)
+        with torch.inference_mode():
+            embeds = self.embed_inputs(
+                input_ids,
+                get("pixel_values").to(device, dtype),
+                get("image_sample_index").to(device),
+            )
+        with self.routed(input_ids == IMAGE_TOKEN_ID):
+            return lm.prefill_embeds(embeds, get("attention_mask").to(device))
 
     # decode_step is Llava's: one new (text) token per row, no route set, language weights.
 

@@ -270,12 +270,17 @@ class Fuyu(nn.Module):
         processor = self.processor
         return processor.collator("left")([processor.encode(s, train=False) for s in samples])
 
-    def prefill(self, batch: Any) -> tuple[Tensor, DecoderState]:
-        """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
+    def prefill_inputs(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """A left-padded batch (processor `Batch` or dict) -> the decoder's input embeddings
+        (B, T, C) and attention mask (B, T); the engine's fast path runs the decoder on them."""
         device = self.language_model.lm_head.weight.device
         with torch.inference_mode():
             embeds = self._embed_batch(batch, device)
-        return self.language_model.prefill_embeds(embeds, _field(batch, "attention_mask").to(device))
+        return embeds, _field(batch, "attention_mask").to(device)
+
+    def prefill(self, batch: Any) -> tuple[Tensor, DecoderState]:
+        """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
+        return self.language_model.prefill_embeds(*self.prefill_inputs(batch))
 
     def decode_step(self, next_ids: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
         return self.language_model.decode_step(next_ids, state)
