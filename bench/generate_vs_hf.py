@@ -1,20 +1,31 @@
 """visto's generation engine against transformers' `generate`: same weights, same prompts, greedy.
 
-    .venv/bin/python bench/generate_vs_hf.py                  # plain decoder, batch 1 and 8
-    .venv/bin/python bench/generate_vs_hf.py --hidden 512 --layers 8 --new-tokens 64
+    .venv/bin/python bench/generate_vs_hf.py                  # LLaVA with an image, batch 1 and 8
+    .venv/bin/python bench/generate_vs_hf.py --family llava --preset tiny
+    .venv/bin/python bench/generate_vs_hf.py --family decoder --hidden 512 --layers 8
 
-A random Llama is built with transformers, saved, and loaded into visto's DecoderLM through
-`from_pretrained` (the same path a real checkpoint takes). Both sides then generate greedily
-from the same left-padded prompts (batch 8 mixes prompt lengths). The script asserts that the
-generated tokens are identical and prints, per batch size:
+--family llava (default): a visto LLaVA (`--preset small`, the quickstart's size) with random
+weights is exported by `visto.models.llava.export_hf` and loaded as transformers'
+`LlavaForConditionalGeneration`. Each timed call starts from the chat messages and a PIL image,
+so preprocessing is included on both sides: ours `Llava.prompt_batch` (our processor), theirs
+`LlavaProcessor` (chat template, `CLIPImageProcessorPil`, tokenizer) then `generate`.
+Batch 8 asks 8 different questions about the image (prompt lengths differ: left padding).
 
-    ttft       time to first token: a generate call with max_new_tokens=1 (prefill + 1 token)
+--family decoder: a random Llama built with transformers, saved, and loaded into visto's
+DecoderLM through `from_pretrained` (the same path a real checkpoint takes); token prompts.
+
+Both sides generate greedily. The script asserts that the generated tokens are identical and
+prints, per batch size:
+
+    ttft       time to first token: a generate call with max_new_tokens=1 (prefill + 1 token,
+               preprocessing included for llava)
     tok/s      decode throughput: B * (N - 1) / (time(N tokens) - time(1 token)), all rows
     ratio      ours / transformers (> 1: we are faster for tok/s; < 1: faster for ttft)
 
-Each figure is the median of --repeats runs after a warm-up, the two sides taking turns. The weights are drawn wider than
-the usual init so that greedy choices are not near-ties that float noise could flip. The
-machine load (`uptime`) is printed, since shared CPUs make timings noisy.
+Each figure is the median of --repeats runs after a warm-up, the two sides taking turns; the
+same figures from process CPU time (steadier than wall time on a shared machine) are printed
+beside them. The weights are drawn wider than the usual init so that greedy choices are not
+near-ties that float noise could flip. The machine load (`uptime`) is printed before and after.
 """
 
 from __future__ import annotations
@@ -24,27 +35,164 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 
 
-def interleaved_medians(fns: dict, repeats: int) -> dict:
-    """Median seconds of each function, run in turns (A, B, A, B, ...) after one warm-up each,
-    so that the load drift of a shared machine hits both sides alike."""
+def interleaved_medians(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Median wall and CPU seconds of each function, run in turns (A, B, A, B, ...) after one
+    warm-up each, so that the load drift of a shared machine hits both sides alike."""
     for fn in fns.values():
         fn()
-    times: dict = {name: [] for name in fns}
+    wall: dict = {name: [] for name in fns}
+    cpu: dict = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    med = statistics.median
+    return {n: med(t) for n, t in wall.items()}, {n: med(t) for n, t in cpu.items()}
+
+
+def report(B: int, N: int, wall: dict, cpu: dict, sides: tuple[str, str]) -> None:
+    """Rows of ttft and tok/s per side (wall, then CPU time), and the ratio ours / theirs."""
+    figures = {}
+    for side in sides:
+        row = []
+        for t in (wall, cpu):
+            ttft = t[(side, 1)]
+            row += [ttft, B * (N - 1) / max(t[(side, N)] - ttft, 1e-9)]
+        figures[side] = row
+        print(f"{B:>5} {side:>12} {row[0] * 1e3:>9.1f} {row[1]:>9.1f} {row[2] * 1e3:>11.1f} "
+              f"{row[3]:>10.1f}")  # fmt: skip
+    o, h = figures[sides[0]], figures[sides[1]]
+    print(
+        f"{B:>5} {'ratio':>12} {o[0] / h[0]:>9.2f} {o[1] / h[1]:>9.2f} {o[2] / h[2]:>11.2f} "
+        f"{o[3] / h[3]:>10.2f}   (ttft ours/hf: lower is better; tok/s ours/hf: higher is "
+        "better); tokens identical"
+    )
+
+
+HEADER = f"{'batch':>5} {'side':>12} {'ttft ms':>9} {'tok/s':>9} {'cpu ttft ms':>11} {'cpu tok/s':>10}"
+
+QUESTIONS = [
+    "what is in the image?",
+    "is the red square left of the circle?",
+    "what",
+    "the blue triangle is",
+    "what is left of the green circle",
+    "red",
+    "is it blue",
+    "what colour is the square in the image",
+]
+
+
+def bench_llava(args) -> None:
+    """Ours (processor + engine) against transformers (LlavaProcessor + generate)."""
+    import transformers
+    from PIL import Image
+
+    from visto.data.processor import ProcessorConfig
+    from visto.data.sample import Sample, Turn
+    from visto.data.tokenizer import train_tokenizer
+    from visto.infer import Engine, SamplingParams
+    from visto.models import build_model
+    from visto.models.llava import LlavaConfig, export_hf
+
+    words = " ".join(QUESTIONS).replace("?", "").split()
+    texts = [" ".join(words[(i * k) % len(words)] for k in range(1, 9)) for i in range(400)]
+    tmp = tempfile.mkdtemp()
+    tokenizer = train_tokenizer(texts, vocab_size=args.vocab, loc_bins=32, min_frequency=1)
+    tokenizer.save(f"{tmp}/tokenizer.json")
+    base = LlavaConfig.preset(args.preset)
+    # "resize" (not LLaVA's "pad"): transformers' CLIP image processor resizes plainly.
+    processor = ProcessorConfig(
+        image_size=base.vision.image_size, image_tokens=base.image_tokens, resize_mode="resize",
+        image_delimiters=False, vocab_size=tokenizer.vocab_size, loc_bins=32,
+    )  # fmt: skip
+    decoder = replace(base.decoder, vocab_size=tokenizer.vocab_size)
+    config = replace(base, processor=processor, decoder=decoder, tokenizer_dir=tmp)
+    model = build_model("llava", config, seed=args.seed).eval()
+    with torch.no_grad():  # wider than the init: peaked logits, no near-ties
+        g = torch.Generator().manual_seed(args.seed)
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+    export_hf(model, f"{tmp}/hf")
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(f"{tmp}/hf").eval()
+    hf_processor = transformers.AutoProcessor.from_pretrained(f"{tmp}/hf")
+    hf_processor.tokenizer.padding_side = "left"
+    size = base.vision.image_size * 3 // 2  # both sides resize it (PIL bicubic)
+    image = Image.new("RGB", (size, size), (200, 40, 40))
+    for x in range(0, size, 7):
+        for y in range(0, size, 5):
+            image.putpixel((x, y), ((x * 3) % 255, (y * 5) % 255, 90))
+    engine = Engine(model, model.processor.tokenizer, eos_token_ids=[])
+    print(f"uptime: {os.popen('uptime').read().strip()}")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, threads "
+        f"{torch.get_num_threads()}, LLaVA preset {args.preset}: "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+        f"{config.image_tokens} visual tokens, image processor "
+        f"{type(hf_processor.image_processor).__name__}, new tokens {args.new_tokens}, "
+        f"median of {args.repeats}"
+    )
+    print(HEADER)
+    N = args.new_tokens
+    for B in args.batches:
+        questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(B)]
+
+        def run_ours(n: int, questions=questions) -> list[list[int]]:
+            samples = [Sample("q", [image], [Turn("user", "<image>\n" + q)]) for q in questions]
+            done = engine.generate_batch(model.prompt_batch(samples), SamplingParams(max_new_tokens=n))
+            return [c.token_ids for c in done]
+
+        def run_hf(n: int, questions=questions) -> list[list[int]]:
+            texts = [
+                hf_processor.apply_chat_template(
+                    [{"role": "user", "content": "<image>\n" + q}],
+                    add_generation_prompt=True, tokenize=False,
+                )
+                for q in questions
+            ]  # fmt: skip
+            inputs = hf_processor(
+                text=texts, images=[image] * len(texts), padding=True, return_tensors="pt"
+            )
+            with torch.no_grad():
+                out = hf.generate(
+                    **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                    pad_token_id=tokenizer.pad_id, eos_token_id=None,
+                )  # fmt: skip
+            return out[:, inputs["input_ids"].shape[1] :].tolist()
+
+        check_same(run_ours(N), run_hf(N))
+        fns = {}
+        for side, fn in (("visto", run_ours), ("transformers", run_hf)):
+            fns[(side, 1)] = lambda fn=fn: fn(1)
+            fns[(side, N)] = lambda fn=fn: fn(N)
+        wall, cpu = interleaved_medians(fns, args.repeats)
+        report(B, N, wall, cpu, ("visto", "transformers"))
+    print(f"uptime: {os.popen('uptime').read().strip()}")
+
+
+def check_same(ours: list[list[int]], theirs: list[list[int]]) -> None:
+    if ours == theirs:
+        return
+    for row, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        if a != b:
+            step = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+            print(f"row {row} differs from step {step}: ours {a[step:][:5]} hf {b[step:][:5]}")
+    raise SystemExit("greedy tokens differ between visto and transformers")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--family", choices=["llava", "decoder"], default="llava")
+    parser.add_argument("--preset", choices=["tiny", "small"], default="small", help="llava size")
+    parser.add_argument("--vocab", type=int, default=None, help="default 1024 llava, 2048 decoder")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
@@ -61,13 +209,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.vocab = args.vocab or (1024 if args.family == "llava" else 2048)
+    if args.family == "llava":
+        bench_llava(args)
+    else:
+        bench_decoder(args)
+
+
+def bench_decoder(args) -> None:
     import transformers
 
     from visto.infer import Engine, PromptBatch, SamplingParams
     from visto.nn.language import DecoderLM
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     hf_config = transformers.LlamaConfig(
@@ -110,8 +266,7 @@ def main() -> None:
         f"prompt {args.prompt_len}, new tokens {args.new_tokens}, median of {args.repeats}"
     )
     gen = torch.Generator().manual_seed(args.seed + 1)
-    header = f"{'batch':>5} {'side':>12} {'ttft ms':>9} {'tok/s':>9}"
-    print(header)
+    print(HEADER)
     for B in args.batches:
         # Batch 8 mixes lengths: row i has prompt_len - 3 * i tokens (left-padded).
         lengths = [max(1, args.prompt_len - 3 * i) for i in range(B)]
@@ -135,34 +290,14 @@ def main() -> None:
                 )
 
         ours_tokens = [c.token_ids for c in run_ours(N)]
-        hf_tokens = run_hf(N)[:, batch.input_ids.shape[1] :].tolist()
-        if ours_tokens != hf_tokens:
-            for row, (a, b) in enumerate(zip(ours_tokens, hf_tokens, strict=True)):
-                if a != b:
-                    step = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
-                    print(
-                        f"row {row} differs from step {step}: ours {a[step:][:5]} hf {b[step:][:5]}"
-                    )
-            raise SystemExit("greedy tokens differ between visto and transformers")
-
+        check_same(ours_tokens, run_hf(N)[:, batch.input_ids.shape[1] :].tolist())
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        sides = {"visto": run_ours, "transformers": run_hf}
         fns = {}
-        for side, fn in sides.items():
+        for side, fn in (("visto", run_ours), ("transformers", run_hf)):
             fns[(side, 1)] = lambda fn=fn, sync=sync: (fn(1), sync())
             fns[(side, N)] = lambda fn=fn, sync=sync, N=N: (fn(N), sync())
-        t = interleaved_medians(fns, args.repeats)
-        figures = {}
-        for side in sides:
-            ttft = t[(side, 1)]
-            tok_s = B * (N - 1) / max(t[(side, N)] - ttft, 1e-9)
-            figures[side] = (ttft, tok_s)
-            print(f"{B:>5} {side:>12} {ttft * 1e3:>9.1f} {tok_s:>9.1f}")
-        (o_ttft, o_tok), (h_ttft, h_tok) = figures["visto"], figures["transformers"]
-        print(
-            f"{B:>5} {'ratio':>12} {o_ttft / h_ttft:>9.2f} {o_tok / h_tok:>9.2f}   "
-            f"(ttft ours/hf: lower is better; tok/s ours/hf: higher is better); tokens identical"
-        )
+        wall, cpu = interleaved_medians(fns, args.repeats)
+        report(B, N, wall, cpu, ("visto", "transformers"))
     print(f"uptime: {os.popen('uptime').read().strip()}")
 
 

@@ -1,4 +1,5 @@
-"""The benchmark script end to end at a tiny size: visto's greedy tokens equal transformers'."""
+"""The benchmark script end to end at a tiny size: visto's greedy tokens equal transformers',
+for a plain decoder and for LLaVA with an image (each side through its own processor)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,25 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "generate_vs_hf.py"
 
 
+def _run(args: list[str]) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCH), *args, "--repeats", "1", "--threads", "1"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 @pytest.mark.slow
 def test_generate_vs_hf_bench_runs_and_tokens_agree():
-    args = ["--vocab", "300", "--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2"]
-    args += ["--intermediate", "128", "--prompt-len", "12", "--new-tokens", "6", "--repeats", "1"]
-    args += ["--threads", "1"]
-    done = subprocess.run(
-        [sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("tokens identical") == 2  # batch 1 and batch 8
+    args = ["--family", "decoder", "--vocab", "300", "--hidden", "64", "--layers", "2"]
+    args += ["--heads", "4", "--kv-heads", "2", "--intermediate", "128", "--prompt-len", "12"]
+    out = _run([*args, "--new-tokens", "6"])
+    assert out.count("tokens identical") == 2  # batch 1 and batch 8
+
+
+@pytest.mark.slow
+def test_llava_with_images_gives_transformers_tokens():
+    out = _run(["--family", "llava", "--preset", "tiny", "--vocab", "400", "--new-tokens", "8"])
+    assert out.count("tokens identical") == 2
+    assert "CLIPImageProcessorPil" in out  # their own image preprocessing, inside the timing
