@@ -57,8 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "inputs",
         nargs="+",
-        metavar="IMAGE ... QUESTION",
-        help="one or more image files, then the question (optional with --interactive and "
+        metavar="IMAGE",
+        help="one or more image files, then the QUESTION (optional with --interactive and "
         "with tasks that need none)",
     )
     p.add_argument("--task", choices=TASK_CHOICES, help="ask with this task's prompt and parser")

@@ -121,6 +121,17 @@ def _short(text: str, width: int, lines: int) -> str:
     return "\n".join(wrapped)
 
 
+def _verdict(task: str, score: Any) -> str:
+    """ " ✓"/" ✗" where the score is pass/fail (accuracy; IoU >= 0.5 for grounding)."""
+    if (
+        not isinstance(score, (int, float))
+        or math.isnan(score)
+        or task in ("ocr", "json", "caption")
+    ):
+        return ""
+    return " ✓" if score >= (0.5 if task == "ground" else 1.0) else " ✗"
+
+
 def _caption(record: Mapping[str, Any]) -> str:
     question = str(record.get("question", "")).replace("<image>", "").strip()
     references = record.get("references") or [""]
@@ -133,7 +144,7 @@ def _caption(record: Mapping[str, Any]) -> str:
         "Q: " + _short(question, 40, 2).replace("\n", "\n    "),
         "pred: " + _short(record.get("prediction", ""), 38, 2).replace("\n", "\n      "),
         "ref: " + _short(references[0], 38, 2).replace("\n", "\n     "),
-        f"{SCORE_NAMES.get(task, 'acc')}: {score_text}",
+        f"{SCORE_NAMES.get(task, 'acc')}: {score_text}{_verdict(task, score)}",
     ]
     return "\n".join(lines)
 
