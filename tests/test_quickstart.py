@@ -64,12 +64,35 @@ def test_boxes_become_location_tokens_outside_json_only():
     assert json.loads(qas["JSON?"])["objects"][0]["box"] == [1, 2, 3, 4]
 
 
+def test_json_grammar_accepts_the_worlds_answers_and_nothing_after_them():
+    pytest.importorskip("xgrammar")
+    import torch
+
+    from visto.data.synth import WorldConfig, make_image
+    from visto.data.tokenizer import train_tokenizer
+    from visto.quickstart import json_constraints
+
+    records = [make_image(WorldConfig(n=8, size=64), i, "train")[2] for i in range(8)]
+    answers = [r["tasks"]["json"]["a"] for r in records]
+    tok = train_tokenizer(answers * 4, 500, loc_bins=10)
+    make = json_constraints(tok, tok.vocab_size)
+    assert make is not None
+    for answer in answers:
+        constraint, generated = make(), []
+        for token in tok.encode(answer):
+            logits = constraint(generated, torch.zeros(tok.vocab_size))
+            assert logits[token] == 0, f"{tok.decode([token])!r} refused in {answer}"
+            generated.append(token)
+        allowed = torch.isfinite(constraint(generated, torch.zeros(tok.vocab_size)))
+        assert allowed.nonzero().flatten().tolist() == [tok.end_id]
+
+
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end_and_reuses_stages(tmp_path: Path):
     cfg = QuickstartConfig(
         minutes=0.25, n=120, size=64, workers=1, threads=1, vision_width=32, vision_layers=1,
         decoder_width=64, decoder_layers=1, vocab_size=600, max_length=320, vision_batch=16,
-        stage1_batch=8, stage2_batch=4, eval_images=6, eval_batch=32,
+        stage1_batch=8, stage2_batch=4, eval_images=6, eval_batch=32, json_max_tokens=96,
     )  # fmt: skip
     run = tmp_path / "qs"
     result = run_quickstart(cfg, run)
