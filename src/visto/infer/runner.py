@@ -149,6 +149,8 @@ class DecoderRunner:
         self.head_dim = cfg.resolved_head_dim
         self.eps = cfg.rms_norm_eps
         self._signature: tuple | None = None
+        self._params: list[Tensor] | None = None
+        self._layers: list[dict[str, Tensor | None]] = []
         self._tables: tuple[Tensor, Tensor] | None = None
 
     @classmethod
@@ -169,14 +171,16 @@ class DecoderRunner:
 
     # -- weights, fused once and rebuilt when the model's parameters change
 
-    def _weights(self) -> list[dict[str, Tensor | None]]:
-        params = list(self.lm.parameters())
-        signature = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    def _refresh(self) -> None:
+        """Fuse the weights again if a parameter was replaced or changed in place since the
+        last prefill (checked per prefill, not per step: weights do not change mid-generation)."""
+        if self._params is None:
+            self._params = list(self.lm.parameters())
+        signature = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._params)
         if signature != self._signature:
             self._layers = [self._fuse(layer) for layer in self.lm.model.layers]
             self._signature = signature
             self._tables = None
-        return self._layers
 
     @staticmethod
     def _fuse(layer: Any) -> dict[str, Tensor | None]:
@@ -206,12 +210,15 @@ class DecoderRunner:
             }
 
     def _rope_tables(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos/sin (max_positions, hd), computed as `RotaryEmbedding` does (same floats)."""
+        """cos/sin (max_positions, hd), computed as `RotaryEmbedding` does (same floats), the
+        first half of sin negated."""
         if self._tables is None or self._tables[0].shape[0] < length:
             n = max(length, self.lm.config.max_position_embeddings)
             positions = torch.arange(n, device=device)[None]  # (1, n)
             cos, sin = self.lm.model.rotary(positions, dtype=self.lm.lm_head.weight.dtype)
-            self._tables = (cos[0], sin[0])
+            sin = sin[0].clone()
+            sin[:, : sin.shape[1] // 2] *= -1  # rotate_half's sign (see _forward)
+            self._tables = (cos[0], sin)
         return self._tables
 
     # -- the forward pass
@@ -226,25 +233,31 @@ class DecoderRunner:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * x.to(dtype)
 
-    def _forward(self, x: Tensor, positions: Tensor, state: RunnerState, mask: Tensor | None
-                 ) -> Tensor:  # fmt: skip
-        """x (B, T, C) for columns [end, end + T) at positions (B, T) -> last hidden (B, C)."""
+    def _forward(self, x: Tensor, positions: Tensor, state: RunnerState,
+                 mask: Tensor | bool | None) -> Tensor:  # fmt: skip
+        """x (B, T, C) for columns [end, end + T) at positions (B, T) -> last hidden (B, C).
+        mask: boolean (B, 1, T, W) over the window, None (see everything) or True (causal,
+        an empty cache before x)."""
+        causal = mask is True
+        mask = None if causal else mask
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
         lo, hi = state.start, state.end + T
-        cos_t, sin_t = self._rope_tables(int(positions.max()) + 1, x.device)
+        # A position never exceeds the columns written (no .item() sync to find the largest).
+        cos_t, sin_t = self._rope_tables(state.end + T, x.device)
         # (B, T, 1, hd); an embedding lookup is several times cheaper than tensor indexing here.
         cos = F.embedding(positions, cos_t)[:, :, None]
-        sin = F.embedding(positions, sin_t)[:, :, None]
+        sin = F.embedding(positions, sin_t)[:, :, None]  # sign-folded: see _rope_tables
         half = hd // 2
         gqa = H != Hkv
-        for i, w in enumerate(self._weights()):
+        for i, w in enumerate(self._layers):
             h = self._rms(x, w["ln1"])
             qkv = F.linear(h, w["qkv"], w["qkv_b"])  # (B, T, (H + 2 H_kv) hd)
             qk = qkv[..., : (H + Hkv) * hd].view(B, T, H + Hkv, hd)
-            # Rotary "rotate half" on q and k at once (RoFormer; Llama's layout).
-            rotated = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)
-            qk = qk * cos + rotated * sin
+            # Rotary on q and k at once (RoFormer; Llama's "rotate half" layout): rotate_half(x)
+            # = [-x2, x1] = roll(x, half) with the first half negated, and the sign lives in
+            # the sin table; the same floats as Llama's, in fewer ops.
+            qk = qk * cos + qk.roll(half, dims=-1) * sin
             q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
             k = qk[:, :, H:].transpose(1, 2)  # (B, H_kv, T, hd)
             v = qkv[..., (H + Hkv) * hd :].view(B, T, Hkv, hd).transpose(1, 2)
@@ -252,7 +265,8 @@ class DecoderRunner:
             kc[:, :, state.end : hi] = k
             vc[:, :, state.end : hi] = v
             y = F.scaled_dot_product_attention(
-                q, kc[:, :, lo:hi], vc[:, :, lo:hi], attn_mask=mask, enable_gqa=gqa
+                q, kc[:, :, lo:hi], vc[:, :, lo:hi], attn_mask=mask, is_causal=causal,
+                enable_gqa=gqa,
             )  # (B, H, T, hd)
             x = x + F.linear(y.transpose(1, 2).reshape(B, T, H * hd), w["o"], w["o_b"])
             gate, up = F.linear(self._rms(x, w["ln2"]), w["gate_up"], w["gate_up_b"]).chunk(2, -1)
@@ -260,7 +274,8 @@ class DecoderRunner:
         return x[:, -1]  # (B, C)
 
     def _logits(self, last: Tensor) -> Tensor:
-        return self.lm.lm_head(self.lm.model.norm(last))  # (B, V)
+        norm = self.lm.model.norm
+        return F.linear(self._rms(last, norm.weight), self.lm.lm_head.weight)  # (B, V)
 
     @torch.inference_mode()
     def prefill(self, batch: Any, room: int = 64) -> tuple[Tensor, RunnerState]:
@@ -270,7 +285,7 @@ class DecoderRunner:
         assert attention_mask.shape == (B, T), (
             f"attention_mask {tuple(attention_mask.shape)} must be (B, T) = {(B, T)}"
         )
-        self._weights()
+        self._refresh()
         w0 = self.lm.lm_head.weight
         state = RunnerState.allocate(
             len(self.lm.model.layers), B, self.n_kv, T + room, self.head_dim, w0.dtype, w0.device
@@ -280,13 +295,16 @@ class DecoderRunner:
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): padding-skipping
         # Causal and padding mask; a padding query that sees nothing would give NaN, so it
         # sees everything instead (its output is never used).
-        causal = torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()
-        mask = real[:, None, None, :] & causal  # (B, 1, T, T)
-        mask = mask | ~mask.any(dim=-1, keepdim=True)
+        padded = not bool(real.all())
+        mask: Tensor | bool = True  # no padding: SDPA's own causal path
+        if padded:
+            causal = torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()
+            mask = real[:, None, None, :] & causal  # (B, 1, T, T)
+            mask = mask | ~mask.any(dim=-1, keepdim=True)
         last = self._forward(embeds.to(w0.dtype), positions, state, mask)
         state.end = T
         state.positions = real.sum(dim=1)
-        state.padded = not bool(real.all())
+        state.padded = padded
         return self._logits(last), state
 
     @torch.inference_mode()
@@ -298,7 +316,7 @@ class DecoderRunner:
             state = state.grown(max(64, state.end - state.start))
         state.real[:, state.end] = True
         mask = state.real[:, None, None, state.start : state.end + 1] if state.padded else None
-        x = self.lm.model.embed_tokens(next_ids[:, None])  # (B, 1, C)
+        x = F.embedding(next_ids[:, None], self.lm.model.embed_tokens.weight)  # (B, 1, C)
         last = self._forward(x, state.positions[:, None], state, mask)
         state.end += 1
         state.positions += 1
