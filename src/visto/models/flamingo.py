@@ -385,12 +385,12 @@ class Flamingo(nn.Module):
 
 # ----------------------------------------------------------------------------- transformers Idefics
 
-# What a transformers `IdeficsForVisionText2Text` may have for `from_idefics` to reproduce it;
-# each entry: (config key, required value, why).
+# What a transformers `IdeficsForVisionText2Text` must have for `from_idefics` to reproduce
+# it; each entry: (config key, transformers' default, required value, why).
 IDEFICS_REQUIREMENTS = (
-    ("use_resampler", True, "without the resampler Idefics cross-attends to raw ViT patches"),
-    ("qk_layer_norms", False, "visto's attention has no RMSNorm on per-head queries/keys"),
-    ("hidden_act", "silu", "visto's decoder and gated blocks use SwiGLU (silu)"),
+    ("use_resampler", False, True, "without the resampler Idefics cross-attends to raw ViT patches"),
+    ("qk_layer_norms", False, False, "visto's attention has no RMSNorm on per-head queries/keys"),
+    ("hidden_act", "silu", "silu", "visto's decoder and gated blocks use SwiGLU (silu)"),
 )
 
 
@@ -421,9 +421,8 @@ def from_idefics(path: str | Path, processor: ProcessorConfig | None = None) -> 
         raise UserError(f"{config_path}: model_type {hf.get('model_type')!r} is not 'idefics'")
     problems = [
         f"{key} must be {want!r} ({why})"
-        for key, want, why in IDEFICS_REQUIREMENTS
-        if hf.get(key, {"use_resampler": False, "qk_layer_norms": False, "hidden_act": "silu"}[key])
-        != want
+        for key, default, want, why in IDEFICS_REQUIREMENTS
+        if hf.get(key, default) != want
     ]
     perceiver = hf.get("perceiver_config") or {}
     if perceiver.get("qk_layer_norms_perceiver"):
