@@ -404,8 +404,11 @@ def from_idefics(path: str | Path, processor: ProcessorConfig | None = None) -> 
     Llama decoder (full multi-head attention). Idefics' decoupled embeddings (additional
     vocabulary, e.g. its `<image>` token) are concatenated into one table and one head.
     Refused: `IDEFICS_REQUIREMENTS`, a perceiver with qk layer norms, and rope scaling.
-    The media mask is visto's (token t reads the last image at or before it); Idefics takes
-    it as an input, which its processor builds the same way.
+    The media mask is visto's (token t reads the last image at or before it, the `<image>`
+    marker its own); Idefics takes it as an input, and its processor builds it the same way
+    except that tokens after an end-of-document id read no image (packed documents). The
+    marker must be visto's `<image>` id (3): a real Idefics tokenizer's `<image>` (32001 in
+    idefics-9b) would need that id made configurable.
     """
     from safetensors import safe_open
 
