@@ -35,6 +35,10 @@ FAMILY_KIND: dict[str, str] = {
     "clip": "two_tower",
     "siglip": "two_tower",
     "llava": "generative",
+    "blip2": "generative",
+    "flamingo": "generative",
+    "fuyu": "generative",
+    "cogvlm": "generative",
 }
 
 

@@ -1,0 +1,77 @@
+"""`visto compare`: every family on the same world and budget, one report (see `visto.compare`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from visto.commands._common import add_command
+
+ORDER = 45
+
+DESCRIPTION = """\
+Train every architecture family on the same synthetic world for the same wall-clock
+budget, evaluate each through `visto eval`, and report them side by side.
+
+Held equal: the data (one packed conversation per image: VQA, grounding, box ->
+description, OCR, JSON and a caption), the image size and tokenizer, batch 16, the
+minutes of training, and the vision tower (the quickstart's dense-pretrained ViT,
+trained once and frozen in every family that has one). A family without a vision tower
+(Fuyu reads raw patches) is credited the tower's pretraining minutes (--no-credit to
+give it only --minutes).
+
+Writes into OUT (default runs/compare):
+  world/ vision/                       the world and the shared vision tower
+  <family>/train/                      the training run (recipe compare-<family>)
+  <family>/eval.json, predictions.jsonl   the `visto eval` figures and answers
+  compare.json                         every figure, the winner of every task
+  report.md, plots/accuracy_vs_time.png   tables per task (test, held-out), parameters,
+                                       visual tokens, samples/s, time to first token,
+                                       decode tokens/s, and VQA accuracy against
+                                       training time for every family on one plot
+A family already done with the same settings is reused: re-running adds what is missing.
+
+Examples:
+  visto compare --minutes 8
+  visto compare --families llava,fuyu --minutes 2 --n 800 --eval-images 20
+  visto compare --data runs/world --minutes 4 --out runs/compare-4min
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "compare", "train every family at one budget and compare them", DESCRIPTION)
+    p.add_argument("--families", default="llava,blip2,flamingo,fuyu,cogvlm",
+                   help="comma-separated families (default: llava,blip2,flamingo,fuyu,cogvlm)")  # fmt: skip
+    p.add_argument("--minutes", type=float, default=8.0, help="training minutes per family (default 8)")
+    p.add_argument("--data", metavar="DIR", help="an existing 128-px synthetic world (default: render one)")
+    p.add_argument("--n", type=int, default=2000, help="images of the rendered world (default 2000)")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory")
+    p.add_argument("--eval-images", type=int, default=50,
+                   help="test and held-out images evaluated per family (default 50)")  # fmt: skip
+    p.add_argument("--vision-minutes", type=float, default=2.0,
+                   help="dense pretraining of the shared ViT, once (default 2)")  # fmt: skip
+    p.add_argument("--no-credit", action="store_true",
+                   help="do not give tower-less families the tower's pretraining minutes")  # fmt: skip
+    p.add_argument("--probe-images", type=int, default=8,
+                   help="test images whose VQA questions draw the accuracy-vs-time curve (default 8)")  # fmt: skip
+    p.add_argument("--probe-points", type=int, default=5, help="checkpoints on that curve (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: 1 on a busy machine)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from visto.compare import CompareConfig, run_compare
+
+    cfg = CompareConfig(
+        families=[f.strip() for f in args.families.split(",") if f.strip()], minutes=args.minutes,
+        data=args.data, n=args.n, seed=args.seed, vision_minutes=args.vision_minutes,
+        credit_vision_time=not args.no_credit, eval_images=args.eval_images,
+        probe_images=args.probe_images, probe_points=args.probe_points, threads=args.threads,
+    )  # fmt: skip
+    console = Console()
+    result = run_compare(cfg, args.out, console=console)
+    console.print(f"report: {result.report}")
+    return 0
