@@ -48,6 +48,7 @@ class RunnerState:
     k: list[Tensor]  # per layer (B, H_kv, capacity, hd)
     v: list[Tensor]
     real: Tensor  # (B, capacity) bool: column holds a real token of that row
+    bias: Tensor  # (B, capacity) float: 0 where real, -inf elsewhere (the decode mask)
     positions: Tensor  # (B,) long: the position the row's next token gets
     start: int  # window of used columns [start, end)
     end: int
@@ -73,6 +74,7 @@ class RunnerState:
             k=[buf() for _ in range(layers)],
             v=[buf() for _ in range(layers)],
             real=torch.zeros(batch, capacity, dtype=torch.bool, device=device),
+            bias=torch.full((batch, capacity), float("-inf"), dtype=dtype, device=device),
             positions=torch.zeros(batch, dtype=torch.long, device=device),
             start=0,
             end=0,
@@ -97,8 +99,13 @@ class RunnerState:
         out.real[:, :width] = real if rows is None else real[rows]
         out.positions = self.positions.clone() if rows is None else self.positions[rows]
         out.end = width
-        out.padded = not bool(out.real[:, :width].all())
+        out.sync_mask()
         return out
+
+    def sync_mask(self) -> None:
+        """Recompute `bias` and `padded` from `real` (after rows or columns moved)."""
+        self.bias.fill_(0.0).masked_fill_(~self.real, float("-inf"))
+        self.padded = not bool(self.real[:, self.start : self.end].all())
 
     def select(self, rows: Tensor) -> RunnerState:
         """Keep batch rows `rows`; columns none of them uses are dropped from the window."""
@@ -131,7 +138,7 @@ class RunnerState:
             out.positions[row : row + b] = s.positions
             row += b
         out.end = width
-        out.padded = not bool(out.real[:, :width].all())
+        out.sync_mask()
         return out
 
 
@@ -304,7 +311,7 @@ class DecoderRunner:
         last = self._forward(embeds.to(w0.dtype), positions, state, mask)
         state.end = T
         state.positions = real.sum(dim=1)
-        state.padded = padded
+        state.sync_mask()
         return self._logits(last), state
 
     @torch.inference_mode()
@@ -315,7 +322,10 @@ class DecoderRunner:
         if state.end == state.capacity:
             state = state.grown(max(64, state.end - state.start))
         state.real[:, state.end] = True
-        mask = state.real[:, None, None, state.start : state.end + 1] if state.padded else None
+        state.bias[:, state.end] = 0.0
+        # Additive mask (B, 1, 1, W) over the window, a view: nothing is built per step (a
+        # boolean one is converted inside SDPA at every call).
+        mask = state.bias[:, None, None, state.start : state.end + 1] if state.padded else None
         x = F.embedding(next_ids[:, None], self.lm.model.embed_tokens.weight)  # (B, 1, C)
         last = self._forward(x, state.positions[:, None], state, mask)
         state.end += 1
