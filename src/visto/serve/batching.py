@@ -183,9 +183,10 @@ class Batcher:
 
     def _take(self, room: int, block: bool) -> list[Job] | None:
         """Jobs waiting in the queue that fit in `room` rows (blocking for the first when
-        idle, then `wait_s` for company); None when told to stop."""
+        idle); None when told to stop. No waiting for company: a request arriving a moment
+        later joins at the next step anyway, and waiting would add to every idle TTFT."""
         jobs: list[Job] = []
-        until = time.monotonic() + self.wait_s if block else 0.0
+        until = 0.0
         while room > 0:
             if self._carry is not None:
                 job: Job | None = self._carry
