@@ -76,7 +76,9 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 
 
 def test_quickstart_makes_and_then_reuses_the_world(tmp_path, capsys):
-    args = ["quickstart", "--out", str(tmp_path / "qs"), "--n", "16", "--workers", "1"]
+    # Only the data stage: the whole pipeline has its own test (tests/test_quickstart.py).
+    args = ["quickstart", "--out", str(tmp_path / "qs"), "--until", "data",
+            "--n", "16", "--workers", "1"]
     assert main(args) == 0
     world = tmp_path / "qs" / "world"
     assert (world / "world.json").is_file() and (world / "show.png").is_file()

@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     from visto.eval.report import read_metrics_jsonl, write_report
     from visto.utils.io import atomic_write_json, atomic_write_text
 
-    console = Console()
+    console = Console(soft_wrap=True)  # paths stay whole, copyable
     if args.n is not None and args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
     if args.batch_size is not None and args.batch_size < 1:

@@ -96,7 +96,7 @@ def run_build(args: argparse.Namespace) -> int:
 
     if args.batch < 1:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # paths stay whole, copyable
     items, total = _items_and_total(args)  # checks the source before loading a model
     embedder = load_embedder(args.model)
     source = str(Path(args.model).resolve()) if Path(args.model).is_dir() else embedder.name

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from visto.train.recipe import list_recipes, load_recipe
 
-    console = Console()
+    console = Console(soft_wrap=True)  # paths stay whole, copyable
     if args.list:
         for name, description in list_recipes().items():
             console.print(f"[bold]{name}[/bold]  {description}", highlight=False)

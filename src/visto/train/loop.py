@@ -276,7 +276,7 @@ def train(
     from rich.console import Console
 
     run_dir = Path(run_dir)
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     dist_info = init_distributed()
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise UserError(
