@@ -184,6 +184,28 @@ def test_trains_through_the_loop_from_a_lora_checkpoint(tokenizer_dir, tmp_path)
     assert changed and changed <= set(adapter_parameters(after_model))
 
 
+def test_recipe_lora_section_trains_adapters_only(tokenizer_dir, tmp_path):
+    """A recipe's `lora` section puts adapters on a plain model before the optimizer is built."""
+    save_checkpoint(tiny("llava", tokenizer_dir), tmp_path / "start")
+    recipe = recipe_from_dict({
+        "model": {"init_from": str(tmp_path / "start")},
+        "lora": {"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"],
+                 "modules": ["language_model"]},
+        "optim": {"lr": 1e-2},
+        "batch_size": 4, "max_steps": 3, "log_every": 1, "eval_every": None, "eval_batches": 1,
+        "num_threads": 1, "seed": 0,
+    })  # fmt: skip
+    data = {"train": colour_samples(16, seed=0), "val": colour_samples(4, seed=1)}
+    train(recipe, tmp_path / "run", source=lambda role: data[role], show_progress=False)
+    trained = load(tmp_path / "run" / "checkpoint")
+    assert has_lora(trained)
+    start = load(tmp_path / "start").state_dict()
+    after = {k.replace(".base_layer", ""): v for k, v in trained.state_dict().items()}
+    adapters = {k for k in after if ".lora_" in k}
+    assert all(torch.equal(start[k], after[k]) for k in start), "base weights must stay frozen"
+    assert any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in adapters if "lora_B" in k)
+
+
 def test_fewer_steps_train_step_moves_only_adapters(tokenizer_dir):
     model = tiny("fuyu", tokenizer_dir).train()
     apply_lora(model, lora_for("fuyu"))
@@ -208,7 +230,8 @@ def test_merged_llava_exports_to_transformers(tokenizer_dir, tmp_path):
             inputs_embeds=model.embed_inputs(batch["input_ids"], batch["pixel_values"]),
             attention_mask=batch["attention_mask"],
         )
-    export_hf(merge_lora(model), tmp_path / "hf")
+    export_hf(model, tmp_path / "hf")  # merges a copy on the way out
+    assert has_lora(model), "exporting must not merge the caller's model"
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         theirs = hf(

@@ -24,6 +24,7 @@ Training stages are recipes (`llava-stage1.json`: projector only on captions;
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -149,9 +150,13 @@ def load_vision_tower(path: str | Path) -> ViT:
         if "family" in config:
             family = read_config(path)["family"]
             model = load(path)
-            tower = {"clip": "vision_model", "llava": "vision_tower"}.get(family)
+            tower = {"clip": "vision_model", "llava": "vision_tower", "cogvlm": "vision_tower",
+                     "flamingo": "vision_model"}.get(family)  # fmt: skip
             if tower is None:
-                raise UserError(f"{path} is a {family!r} checkpoint; vision_init needs clip or llava")
+                raise UserError(
+                    f"{path} is a {family!r} checkpoint; vision_init needs one with a ViT "
+                    "(clip, llava, cogvlm, flamingo)"
+                )
             return getattr(model, tower)
         return load_transformers_clip_vision(path)
     raise UserError(
@@ -409,8 +414,12 @@ def export_hf(model: Llava, directory: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
+    from visto.nn.lora import has_lora, merge_lora
     from visto.utils.io import atomic_directory, atomic_write_json
 
+    if has_lora(model):
+        # transformers' Llava has no adapters: export the merged weights, leave `model` as is.
+        model = merge_lora(copy.deepcopy(model))
     cfg = model.config
     problems = []
     if cfg.projector.kind != "mlp" or cfg.projector.hidden_dim not in (None, cfg.decoder.hidden_size):

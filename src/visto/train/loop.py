@@ -49,6 +49,7 @@ from visto.checkpoint import (
 from visto.config import format_config, to_dict
 from visto.device import pick_device
 from visto.errors import UserError
+from visto.nn.lora import apply_lora, has_lora
 from visto.train.data import (
     BatchStream,
     SampleSource,
@@ -314,6 +315,9 @@ def train(
         # A fresh model (or one from init_from) gets the recipe's processor; a resumed model
         # keeps the one its checkpoint carries.
         model.processor = build_processor(recipe.processor, source)
+    if trainer_state is None and recipe.lora is not None and not has_lora(model):
+        # Adapters go in before the optimizer is built, so it sees only what LoRA trains.
+        apply_lora(model, recipe.lora)
     if recipe.model.family and model.family != recipe.model.family:
         raise UserError(
             f"model.family is {recipe.model.family!r} but the checkpoint holds a {model.family!r} model"

@@ -19,6 +19,7 @@ from typing import Any
 
 from visto.config import from_dict, to_dict
 from visto.errors import UserError
+from visto.nn.lora import LoraConfig
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -92,6 +93,9 @@ class Recipe:
     processor: ProcessorSpec | None = None
     optim: OptimSpec = field(default_factory=OptimSpec)
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    # Parameter-efficient fine-tuning: LoRA adapters on the named modules; everything else
+    # (but `lora.trainable`) is frozen. None = train the model's own weights.
+    lora: LoraConfig | None = None
     batch_size: int = 32  # samples per optimizer step on each process (all micro-batches)
     grad_accum: int = 1  # micro-batches per step; each holds batch_size / grad_accum samples
     # Budgets: training stops at whichever comes first. With max_minutes the schedule's
