@@ -91,6 +91,8 @@ def test_config_rejects_bad_settings(tmp_path):
         CompareConfig(families=["llava", "nope"]).validate()
     with pytest.raises(UserError, match="twice"):
         CompareConfig(families=["llava", "llava"]).validate()
+    with pytest.raises(UserError, match="unknown task"):
+        CompareConfig(tasks=["vqa", "poetry"]).validate()
     with pytest.raises(UserError, match="minutes must be positive"):
         CompareConfig(minutes=0).validate()
     with pytest.raises(UserError, match="not a synthetic world"):

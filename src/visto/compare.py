@@ -79,6 +79,7 @@ class CompareConfig:
     credit_vision_time: bool = True  # a family without a tower gets vision_minutes more
     eval_images: int = 50  # test and held-out images for the final evaluation
     eval_batch: int = 32
+    tasks: list[str] | None = None  # world tasks evaluated (None: visto eval's default, all)
     probe_images: int = 8  # test images whose VQA questions are asked at every checkpoint
     probe_points: int = 5  # checkpoints along the budget for the accuracy-vs-time curve
     latency_prompts: int = 8  # prompts timed one at a time for TTFT and decode tokens/s
@@ -98,6 +99,11 @@ class CompareConfig:
                 problems.append(f"unknown family {f!r} (known: {', '.join(sorted(FAMILIES))})")
             elif not (RECIPES_DIR / f"compare-{f}.json").is_file():
                 problems.append(f"family {f!r} has no compare-{f}.json recipe")
+        from visto.data.synth import TASK_KINDS
+
+        unknown = [t for t in self.tasks or [] if t not in TASK_KINDS]
+        if unknown:
+            problems.append(f"unknown task(s) {unknown}; choose from {', '.join(TASK_KINDS)}")
         if len(set(self.families)) != len(self.families):
             problems.append("--families names a family twice")
         for name in ("minutes", "vision_minutes"):
@@ -116,8 +122,8 @@ class CompareConfig:
     def family_settings(self) -> dict[str, Any]:
         """What changes a family's training (a change retrains it)."""
         d = asdict(self)
-        for k in ("families", "eval_images", "eval_batch", "latency_prompts", "latency_tokens",
-                  "workers", "threads"):  # fmt: skip
+        for k in ("families", "eval_images", "eval_batch", "tasks", "latency_prompts",
+                  "latency_tokens", "workers", "threads"):  # fmt: skip
             d.pop(k)
         return d
 
@@ -453,7 +459,8 @@ def evaluate_family(family: str, cfg: CompareConfig, out: Path, world_dir: Path,
 
     fam_dir = out / family
     settings = {"train": facts, "eval_images": cfg.eval_images, "eval_batch": cfg.eval_batch,
-                "latency": [cfg.latency_prompts, cfg.latency_tokens], "probe": cfg.probe_images}  # fmt: skip
+                "tasks": cfg.tasks, "latency": [cfg.latency_prompts, cfg.latency_tokens],
+                "probe": cfg.probe_images}  # fmt: skip
     stamp = fam_dir / "summary.json"
     if _stamp_matches(stamp, settings):
         console.print(f"[bold]{family}[/]: reusing {stamp}")
@@ -481,7 +488,7 @@ def evaluate_family(family: str, cfg: CompareConfig, out: Path, world_dir: Path,
             progress.update(bar, description=f"{family}: visto eval, {msg}")
 
         result = evaluate(model, world_dir, split="test", n=cfg.eval_images, batch_size=cfg.eval_batch,
-                          seed=cfg.seed, log=log)  # fmt: skip
+                          seed=cfg.seed, tasks=cfg.tasks, log=log)  # fmt: skip
     metrics = {}
     for k, v in sorted(result.metrics.items()):
         # POPE precision/F1 are 0/0 when a model never says "yes": 0, as the quickstart does.

@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory")
     p.add_argument("--eval-images", type=int, default=50,
                    help="test and held-out images evaluated per family (default 50)")  # fmt: skip
+    p.add_argument("--tasks", nargs="+", metavar="TASK",
+                   help="world tasks to evaluate (default: all of visto eval's)")  # fmt: skip
     p.add_argument("--vision-minutes", type=float, default=2.0,
                    help="dense pretraining of the shared ViT, once (default 2)")  # fmt: skip
     p.add_argument("--no-credit", action="store_true",
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = CompareConfig(
         families=[f.strip() for f in args.families.split(",") if f.strip()], minutes=args.minutes,
         data=args.data, n=args.n, seed=args.seed, vision_minutes=args.vision_minutes,
-        credit_vision_time=not args.no_credit, eval_images=args.eval_images,
+        credit_vision_time=not args.no_credit, eval_images=args.eval_images, tasks=args.tasks,
         probe_images=args.probe_images, probe_points=args.probe_points, threads=args.threads,
     )  # fmt: skip
     console = Console()

@@ -1,0 +1,49 @@
+"""visto compare end to end: two families, seconds-long budgets, one report; a re-run reuses."""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_compare_two_families_end_to_end(tmp_path):
+    from rich.console import Console
+
+    from visto.compare import CompareConfig, run_compare
+
+    cfg = CompareConfig(
+        families=["llava", "fuyu"], minutes=0.05, n=600, vision_minutes=0.05, eval_images=1,
+        eval_batch=64, tasks=["vqa", "ground"], probe_images=1, probe_points=2,
+        latency_prompts=1, latency_tokens=2, threads=1,
+    )  # fmt: skip
+    console = Console(record=True, width=120)
+    result = run_compare(cfg, tmp_path, console=console)
+
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert list(data["families"]) == ["llava", "fuyu"]
+    for family, s in data["families"].items():
+        assert (tmp_path / family / "eval.json").is_file()
+        assert "vqa.overall" in s["metrics"] and "heldout.vqa.overall" in s["metrics"]
+        assert s["parameters"] >= s["trained_parameters"] > 0
+        assert s["visual_tokens"] == 64  # 8x8 patches of 16 px either way
+        assert s["ttft_ms"] > 0 and s["steps"] >= 1
+        assert s["probe_curve"] and all(0 <= p["vqa"] <= 1 for p in s["probe_curve"])
+    # The shared tower is frozen in LLaVA; Fuyu trains everything and is credited its time.
+    assert data["families"]["llava"]["trained_parameters"] < data["families"]["llava"]["parameters"]
+    assert data["families"]["fuyu"]["budget_minutes"] > data["families"]["llava"]["budget_minutes"]
+    rows = {r["key"]: r for r in data["tasks"]}
+    assert set(rows["vqa.overall"]["values"]) == {"llava", "fuyu"}
+    assert all("winner" in r for r in data["tasks"])
+
+    report = result.report.read_text()
+    assert "| task | llava | fuyu | winner | by |" in report
+    assert "| VQA overall |" in report and "Held-out colour-shape combinations" in report
+    assert (tmp_path / "plots" / "accuracy_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Resumable: the same settings again train and evaluate nothing.
+    console = Console(record=True, width=120)
+    again = run_compare(cfg, tmp_path, console=console)
+    out = console.export_text()
+    assert "llava: reusing" in out and "fuyu: reusing" in out and "training" not in out
+    assert again.summaries == result.summaries
