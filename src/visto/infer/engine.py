@@ -17,6 +17,11 @@ and the `state` it returns must have `select(rows: LongTensor) -> state` keeping
 rows, so that finished requests stop costing compute. `DecoderLM` implements all three; a VLM
 computes its input embeddings and hands them to `DecoderLM.prefill_embeds`.
 
+A model built on a `DecoderLM` (the LM itself, or one exposing `language_model` and
+`prefill_inputs(batch)`, like LLaVA) runs on the engine's fast path instead (`runner.py`:
+preallocated KV cache written in place, fused projections; `Engine(..., fast=False)` opts
+out), which also lets requests join a running generation (`continuous.py`).
+
 Batches of prompts of different lengths are left-padded; the model derives position ids from
 the attention mask, so every row sees the same positions it would see alone. Each request has
 its own `SamplingParams` and its own seeded `torch.Generator`, and draws from it only for its
