@@ -134,3 +134,22 @@ def test_cancelling_one_row_leaves_the_others_unchanged(engine):
 def test_continuous_batching_needs_the_fast_path(model, tokenizer):  # noqa: F811
     with pytest.raises(UserError, match="DecoderLM"):
         ContinuousBatch(Engine(model, tokenizer, fast=False))
+
+
+def test_lora_adapters_keep_the_models_own_decode(model, tokenizer):  # noqa: F811
+    import copy
+
+    pytest.importorskip("peft")
+    from visto.nn.lora import LoraConfig, apply_lora
+
+    adapted = copy.deepcopy(model)
+    apply_lora(adapted, LoraConfig(rank=2, alpha=4, targets=["q_proj", "v_proj"], modules=["model"]))
+    with torch.no_grad():  # a non-zero adapter, so dropping it would change the tokens
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    engine = Engine(adapted, tokenizer, eos_token_ids=[])
+    assert engine.runner is None and not engine.can_join
+    slow = Engine(adapted, tokenizer, eos_token_ids=[], fast=False)
+    params = SamplingParams(max_new_tokens=8)
+    assert engine.generate(PROMPTS, params)[0].token_ids == slow.generate(PROMPTS, params)[0].token_ids

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from visto.nn.language import DecoderLM
 
@@ -165,13 +165,15 @@ class DecoderRunner:
         """A runner when the model is a DecoderLM, or exposes one as `language_model` together
         with `prefill_inputs(batch)`; None otherwise (the engine then uses the model's own
         prefill/decode_step)."""
+        lm = model if isinstance(model, DecoderLM) else getattr(model, "language_model", None)
+        if isinstance(lm, DecoderLM) and not _plain_linears(lm):
+            return None  # e.g. LoRA adapters (peft layers): the model's own forward applies them
         if isinstance(model, DecoderLM):
 
             def embed(batch: Any) -> tuple[Tensor, Tensor]:
                 return model.embed(batch.input_ids), batch.attention_mask
 
             return cls(model, embed)
-        lm = getattr(model, "language_model", None)
         if isinstance(lm, DecoderLM) and hasattr(model, "prefill_inputs"):
             return cls(lm, model.prefill_inputs)
         return None
@@ -189,8 +191,11 @@ class DecoderRunner:
             self._signature = signature
             self._tables = None
 
-    @staticmethod
-    def _fuse(layer: Any) -> dict[str, Tensor | None]:
+    def _fuse(self, layer: Any) -> dict[str, Tensor | None]:
+        assert _plain_linears(self.lm), (
+            "the decoder's projections are no longer plain nn.Linear (adapters added after the "
+            "engine was made?): make a new Engine"
+        )
         attn, mlp = layer.self_attn, layer.mlp
         projs = (attn.q_proj, attn.k_proj, attn.v_proj)
         with torch.no_grad():
@@ -331,3 +336,16 @@ class DecoderRunner:
         state.end += 1
         state.positions += 1
         return self._logits(last), state
+
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _plain_linears(lm: DecoderLM) -> bool:
+    """Whether every projection of the decoder is exactly `nn.Linear`: the runner reads their
+    `weight`/`bias`, which for a wrapped layer (LoRA) would silently drop the wrapper's part."""
+    return all(
+        type(module) is nn.Linear
+        for name, module in lm.named_modules()
+        if name.rsplit(".", 1)[-1] in _PROJECTIONS or name == "lm_head"
+    )
