@@ -335,7 +335,9 @@ def probe_accuracy(model: Any, samples: list[Sample], batch_size: int) -> float:
     from visto.eval.generative import evaluate_generative
     from visto.tasks.runner import make_generate
 
-    metrics, _ = evaluate_generative(make_generate(model), samples, batch_size=batch_size)
+    # VQA answers are short: no JSON grammar to compile for every checkpoint.
+    generate = make_generate(model, constrain_json=False)
+    metrics, _ = evaluate_generative(generate, samples, batch_size=batch_size)
     return float(metrics["vqa.overall"])
 
 
