@@ -242,12 +242,6 @@ def test_merged_llava_exports_to_transformers(tokenizer_dir, tmp_path):
     assert (ours[real] - theirs[real]).abs().max() < 1e-4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="visto.infer.runner fuses q/k/v from `.weight`, which on a peft LoRA layer is the base "
-    "weight: its fast path ignores unmerged adapters (fix: DecoderRunner.for_model returns None "
-    "unless every decoder Linear is a plain nn.Linear)",
-)
 def test_engine_fast_path_sees_adapters(tokenizer_dir):
     model = tiny("llava", tokenizer_dir).eval()
     apply_lora(model, lora_for("llava"))
