@@ -67,7 +67,8 @@ def load_average() -> list[float]:
 
 def run(cmd: list[str], log: Path) -> float:
     """Run a command with its output in `log`; return its wall-clock seconds."""
-    print("$", " ".join(cmd[2:] if cmd[:2] == VISTO[:2] else cmd), flush=True)
+    shown = ["visto", *cmd[len(VISTO) :]] if cmd[: len(VISTO)] == VISTO else cmd
+    print("$", " ".join(shown), flush=True)
     start = time.perf_counter()
     with open(log, "a") as f:
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, check=False)
@@ -179,8 +180,9 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     for recipe in args.recipes:
-        run_dir = args.runs / recipe
-        log = args.runs / f"{recipe}.log"
+        name = Path(recipe).stem  # a shipped recipe's name, or a JSON file's stem
+        run_dir = args.runs / name
+        log = args.runs / f"{name}.log"
         entry: dict = {"recipe": recipe, "run_dir": str(run_dir)}
         if not args.skip_train:
             if run_dir.exists():
@@ -210,7 +212,7 @@ def main() -> None:
         entry["paraphrase_note"] = next(
             (line.strip("- ").strip() for line in report.splitlines() if "paraphrased" in line), ""
         )
-        results[recipe] = entry
+        results[name] = entry
 
     print_table(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
