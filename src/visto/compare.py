@@ -494,7 +494,7 @@ def evaluate_family(family: str, cfg: CompareConfig, out: Path, world_dir: Path,
     metrics = {}
     for k, v in sorted(result.metrics.items()):
         # POPE precision/F1 are 0/0 when a model never says "yes": 0, as the quickstart does.
-        if math.isnan(v) and k.split(".", 1)[-1] in ("pope.precision", "pope.f1"):
+        if math.isnan(v) and k.removeprefix("heldout.") in ("pope.precision", "pope.f1"):
             v = 0.0
         if not math.isnan(v):
             metrics[k] = round(float(v), 6)
