@@ -51,7 +51,7 @@ from visto.data.sample import Sample
 from visto.errors import UserError
 from visto.losses import itm_loss, lm_loss, pair_positives
 from visto.models.clip import batch_ids, caption_of, image_key
-from visto.models.llava import IMAGE_TOKEN_ID, load_vision_tower, tokenizer_from_corpus
+from visto.models.llava import IMAGE_TOKEN_ID, load_vision_tower, processor_from_config
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 from visto.nn.vision import CLIP_MEAN, CLIP_STD, ViT, ViTConfig
 
@@ -292,19 +292,7 @@ class Blip2(nn.Module):
     @property
     def processor(self) -> Processor:
         if self._processor is None:
-            cfg = self.config
-            if cfg.tokenizer_dir:
-                from visto.data.tokenizer import Tokenizer
-
-                tokenizer = Tokenizer.load(cfg.tokenizer_dir)
-            elif cfg.tokenizer_corpus:
-                tokenizer = tokenizer_from_corpus(cfg.tokenizer_corpus, cfg.processor)
-            else:
-                raise UserError(
-                    "this BLIP-2 model has no tokenizer: set model.config.tokenizer_corpus to the "
-                    "training data or tokenizer_dir to a directory with tokenizer.json"
-                )
-            self.processor = Processor(cfg.processor, tokenizer)
+            self.processor = processor_from_config(self.config, "BLIP-2")
         assert self._processor is not None
         return self._processor
 

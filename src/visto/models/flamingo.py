@@ -47,9 +47,10 @@ from visto.connectors.xattn import (
 )
 from visto.data.processor import IGNORE_INDEX, Processor, ProcessorConfig
 from visto.data.sample import Sample
-from visto.data.tokenizer import IMAGE, SPECIAL_TOKENS, Tokenizer
+from visto.data.tokenizer import IMAGE, SPECIAL_TOKENS
 from visto.errors import UserError
 from visto.losses import lm_loss
+from visto.models.llava import check_tokenizer_fits, processor_from_config
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 from visto.nn.vision import ViT, ViTConfig
 
@@ -223,33 +224,13 @@ class Flamingo(nn.Module):
     @property
     def processor(self) -> Processor:
         if self._processor is None:
-            cfg = self.config
-            if cfg.tokenizer_dir:
-                tokenizer = Tokenizer.load(cfg.tokenizer_dir)
-            elif cfg.tokenizer_corpus:
-                from visto.models.llava import tokenizer_from_corpus
-
-                tokenizer = tokenizer_from_corpus(cfg.tokenizer_corpus, cfg.processor)
-            else:
-                raise UserError(
-                    "this Flamingo model has no tokenizer: set model.config.tokenizer_corpus to "
-                    "the training data (a tokenizer is trained on its texts) or tokenizer_dir to "
-                    "a directory with tokenizer.json"
-                )
-            self.processor = Processor(cfg.processor, tokenizer)
+            self.processor = processor_from_config(self.config, "Flamingo")
         assert self._processor is not None
         return self._processor
 
     @processor.setter
     def processor(self, processor: Processor) -> None:
-        vocab = processor.tokenizer.vocab_size
-        if vocab > self.config.decoder.vocab_size:
-            raise UserError(
-                f"the tokenizer has {vocab} tokens but decoder.vocab_size is "
-                f"{self.config.decoder.vocab_size}; set decoder.vocab_size >= {vocab}"
-            )
-        if processor.tokenizer.image_id != IMAGE_TOKEN_ID:
-            raise UserError(f"the tokenizer's <image> id must be {IMAGE_TOKEN_ID}")
+        check_tokenizer_fits(processor, self.config.decoder.vocab_size)
         p = processor.config
         if p.image_tokens != 1 or p.resize_mode == "patch":
             raise UserError(

@@ -179,6 +179,35 @@ def tokenizer_from_corpus(corpus: str | Path, config: ProcessorConfig) -> Tokeni
     return train_tokenizer(corpus_texts(samples), config.vocab_size, loc_bins=config.loc_bins)
 
 
+def processor_from_config(cfg: Any, family: str) -> Processor:
+    """The processor a family config names (every generative family shares these fields): its
+    tokenizer from `tokenizer_dir`, or trained on the texts of `tokenizer_corpus`."""
+    if cfg.tokenizer_dir:
+        tokenizer = Tokenizer.load(cfg.tokenizer_dir)
+    elif cfg.tokenizer_corpus:
+        tokenizer = tokenizer_from_corpus(cfg.tokenizer_corpus, cfg.processor)
+    else:
+        raise UserError(
+            f"this {family} model has no tokenizer: set model.config.tokenizer_corpus to the "
+            "training data (a tokenizer is trained on its texts) or tokenizer_dir to a "
+            "directory with tokenizer.json"
+        )
+    return Processor(cfg.processor, tokenizer)
+
+
+def check_tokenizer_fits(processor: Processor, decoder_vocab_size: int) -> None:
+    """The tokenizer's ids must index the decoder's embeddings, with `<image>` where the
+    families splice visual tokens."""
+    vocab = processor.tokenizer.vocab_size
+    if vocab > decoder_vocab_size:
+        raise UserError(
+            f"the tokenizer has {vocab} tokens but decoder.vocab_size is "
+            f"{decoder_vocab_size}; set decoder.vocab_size >= {vocab}"
+        )
+    if processor.tokenizer.image_id != IMAGE_TOKEN_ID:
+        raise UserError(f"the tokenizer's <image> id must be {IMAGE_TOKEN_ID}")
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -219,31 +248,13 @@ class Llava(nn.Module):
     @property
     def processor(self) -> Processor:
         if self._processor is None:
-            cfg = self.config
-            if cfg.tokenizer_dir:
-                tokenizer = Tokenizer.load(cfg.tokenizer_dir)
-            elif cfg.tokenizer_corpus:
-                tokenizer = tokenizer_from_corpus(cfg.tokenizer_corpus, cfg.processor)
-            else:
-                raise UserError(
-                    "this LLaVA model has no tokenizer: set model.config.tokenizer_corpus to the "
-                    "training data (a tokenizer is trained on its texts) or tokenizer_dir to a "
-                    "directory with tokenizer.json"
-                )
-            self.processor = Processor(cfg.processor, tokenizer)
+            self.processor = processor_from_config(self.config, "LLaVA")
         assert self._processor is not None
         return self._processor
 
     @processor.setter
     def processor(self, processor: Processor) -> None:
-        vocab = processor.tokenizer.vocab_size
-        if vocab > self.config.decoder.vocab_size:
-            raise UserError(
-                f"the tokenizer has {vocab} tokens but decoder.vocab_size is "
-                f"{self.config.decoder.vocab_size}; set decoder.vocab_size >= {vocab}"
-            )
-        if processor.tokenizer.image_id != IMAGE_TOKEN_ID:
-            raise UserError(f"the tokenizer's <image> id must be {IMAGE_TOKEN_ID}")
+        check_tokenizer_fits(processor, self.config.decoder.vocab_size)
         if processor.config.image_tokens != self.config.image_tokens:
             raise UserError(
                 f"the processor puts {processor.config.image_tokens} <image> ids per image but "
