@@ -55,6 +55,7 @@ from visto.serve.schemas import (
     EmbeddingRequest,
     SearchRequest,
 )
+from visto.tasks.runner import AnswerTokenizer, config_value
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -73,35 +74,6 @@ class ServeSettings:
     default_max_tokens: int = 256  # when the request gives no max_tokens
     max_n: int = 8  # choices per request
     images: ImagePolicy = field(default_factory=ImagePolicy)
-
-
-class _AnswerTokenizer:
-    """The processor's tokenizer as the engine sees it: answers decoded without turn or image
-    tokens (location tokens stay, so boxes survive)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tok = tokenizer
-        self.end_id, self.eos_id, self.pad_id = tokenizer.end_id, tokenizer.eos_id, tokenizer.pad_id
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special=True)
-
-
-def _config_value(config: Any, name: str, depth: int = 2) -> Any:
-    """`config.<name>`, or the first such field of a nested config (e.g. config.language)."""
-    if hasattr(config, name):
-        return getattr(config, name)
-    if depth == 0 or not hasattr(config, "__dict__"):
-        return None
-    for value in vars(config).values():
-        if hasattr(value, "__dict__"):
-            found = _config_value(value, name, depth - 1)
-            if found is not None:
-                return found
-    return None
 
 
 @dataclass
@@ -137,7 +109,7 @@ class ChatModel:
             name=name,
             # A plain decoder would read <image> placeholders as ordinary tokens.
             accepts_images=not isinstance(model, DecoderLM),
-            context_length=int(_config_value(config, "max_position_embeddings") or 2048),
+            context_length=int(config_value(config, "max_position_embeddings") or 2048),
             vocab_size=int(vocab),
         )
 
@@ -214,7 +186,7 @@ class Server:
         if chat is not None:
             from visto.infer import Engine
 
-            tokenizer = _AnswerTokenizer(chat.processor.tokenizer)
+            tokenizer = AnswerTokenizer(chat.processor.tokenizer)
             self.engine = Engine(chat.model, tokenizer)
             collator = chat.processor.collator(padding_side="left")
             device = self.engine.device

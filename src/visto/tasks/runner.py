@@ -114,11 +114,11 @@ def logits_width(model: Any) -> int:
 
 def context_length(model: Any) -> int:
     """Positions the decoder was built for (`max_position_embeddings` anywhere in its config)."""
-    found = _config_value(getattr(model, "config", None), "max_position_embeddings")
+    found = config_value(getattr(model, "config", None), "max_position_embeddings")
     return int(found) if found else 2048
 
 
-def _config_value(config: Any, name: str, depth: int = 2) -> Any:
+def config_value(config: Any, name: str, depth: int = 2) -> Any:
     if config is None:
         return None
     if hasattr(config, name):
@@ -127,7 +127,7 @@ def _config_value(config: Any, name: str, depth: int = 2) -> Any:
         return None
     for value in vars(config).values():
         if hasattr(value, "__dict__"):
-            found = _config_value(value, name, depth - 1)
+            found = config_value(value, name, depth - 1)
             if found is not None:
                 return found
     return None
