@@ -76,3 +76,22 @@ def test_images_to_tensor():
     x = images_to_tensor([img, img.convert("L")], size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
     assert x.shape == (2, 3, 16, 16)
     torch.testing.assert_close(x[0, :, 5, 5], torch.tensor([1.0, -1.0, -1.0]))
+
+
+def test_conv_stem_keeps_the_patch_grid_and_trains():
+    """The conv stem gives the same tokens as the patch embedding, its gradients reach the
+    first conv, and a patch size it cannot reach by halving is refused."""
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, width=32, layers=1, heads=4, mlp_hidden=64)
+    patch = ViT(cfg)
+    conv = ViT(ViTConfig(**{**cfg.__dict__, "stem": "conv"}))
+    x = torch.randn(2, 3, 32, 32)
+    out = conv(x)
+    assert out.features.shape == patch(x).features.shape == (2, 16, 32)
+    (out.pooled * torch.randn_like(out.pooled)).sum().backward()  # (a plain sum is 0 after LN)
+    first = conv.embeddings.patch_embedding[0]
+    assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
+    with pytest.raises(UserError, match="power of 2"):
+        ViTConfig(image_size=36, patch_size=6, stem="conv")
+    with pytest.raises(UserError, match="stem"):
+        ViTConfig(stem="hybrid")

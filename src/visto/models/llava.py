@@ -438,6 +438,11 @@ def export_hf(model: Llava, directory: str | Path) -> Path:
             "transformers' Llava projector is linear_1 -> act -> linear_2 at the text width: "
             "use projector kind 'mlp' with hidden_dim null"
         )
+    if cfg.vision.stem != "patch":
+        problems.append(
+            "transformers' CLIP vision tower embeds patches with one linear projection: "
+            "use vision stem 'patch' (the conv stem has no transformers counterpart)"
+        )
     if cfg.projector.act not in ("gelu", "silu", "gelu_tanh"):
         problems.append(f"projector act {cfg.projector.act!r} has no transformers name")
     if cfg.processor.image_delimiters:

@@ -42,6 +42,11 @@ class ViTConfig:
     eps: float = 1e-5
     pos_embed: str = "learned"  # "learned" | "sincos" (fixed 2-D, as in MAE)
     pool: str = "cls"  # "cls" | "mean" (over patch tokens)
+    # "patch": the linear patch embedding of ViT/CLIP (one strided conv). "conv": a stack of
+    # 3x3 stride-2 convolutions down to the same patch grid (Xiao et al. 2021, "Early
+    # convolutions help transformers see better"): same token count, faster to train from
+    # scratch on small shapes. Only "patch" exports to transformers' CLIPVisionModel.
+    stem: str = "patch"
     feature_layer: int = -1  # hidden_states index for patch features: -1 last, -2 penultimate
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
@@ -57,6 +62,13 @@ class ViTConfig:
         if self.pos_embed not in ("learned", "sincos"):
             raise UserError(
                 f"vision pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}"
+            )
+        if self.stem not in ("patch", "conv"):
+            raise UserError(f"vision stem must be 'patch' or 'conv', got {self.stem!r}")
+        if self.stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
+            raise UserError(
+                f"the conv stem halves the image per layer, so patch_size must be a power of 2 "
+                f"(>= 2), got {self.patch_size}"
             )
         if self.pool not in ("cls", "mean"):
             raise UserError(f"vision pool must be 'cls' or 'mean', got {self.pool!r}")
@@ -98,13 +110,28 @@ def sincos_position_embedding_2d(grid: int, dim: int) -> Tensor:
     return torch.cat([encode(ys), encode(xs)], dim=1).float()  # (N, dim)
 
 
+def conv_stem(width: int, patch_size: int) -> nn.Sequential:
+    """3x3 stride-2 convs + GELU, log2(patch_size) of them, channels doubling up to `width`,
+    then a 1x1 conv to `width`: (B, 3, H, W) -> (B, width, H / patch, W / patch)."""
+    n = patch_size.bit_length() - 1
+    channels = [3] + [max(8, width >> (n - 1 - i)) for i in range(n)]  # ..., width/2, width
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip(channels, channels[1:]):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
+    layers.append(nn.Conv2d(channels[-1], width, 1, bias=False))
+    return nn.Sequential(*layers)
+
+
 class ViTEmbeddings(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.cfg = cfg
         D = cfg.width
         self.class_embedding = nn.Parameter(torch.randn(D) * D**-0.5)
-        self.patch_embedding = nn.Conv2d(3, D, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        if cfg.stem == "conv":
+            self.patch_embedding: nn.Module = conv_stem(D, cfg.patch_size)
+        else:
+            self.patch_embedding = nn.Conv2d(3, D, cfg.patch_size, stride=cfg.patch_size, bias=False)
         if cfg.pos_embed == "learned":
             self.position_embedding = nn.Embedding(cfg.num_patches + 1, D)
         else:
@@ -123,7 +150,7 @@ class ViTEmbeddings(nn.Module):
         assert (C, H, W) == (3, size, size), (
             f"ViT expects pixels (B, 3, {size}, {size}), got {tuple(pixel_values.shape)}"
         )
-        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        patches = self.patch_embedding(pixel_values.to(self.class_embedding.dtype))
         patches = patches.flatten(2).transpose(1, 2)  # (B, N, D)
         cls = self.class_embedding.expand(B, 1, -1)  # (B, 1, D)
         return torch.cat([cls, patches], dim=1) + self.positions()  # (B, 1 + N, D)
@@ -155,6 +182,12 @@ class ViT(nn.Module):
         self.encoder = ViTEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.apply(_init_weights)
+        if cfg.stem == "conv":
+            # He init keeps the activation scale through the GELU convs (std 0.02 would shrink
+            # it about tenfold per layer).
+            for conv in self.embeddings.patch_embedding.modules():
+                if isinstance(conv, nn.Conv2d):
+                    nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
 
     @property
     def output_dim(self) -> int:
