@@ -63,6 +63,9 @@ class QuickstartConfig:
     stage2_share: float = 0.55
     # Vision tower: 16 px patches -> 8x8 = 64 patches at 128 px.
     patch_size: int = 16
+    # "patch" (linear patch embedding, exports to transformers) | "conv" (conv stem: learns
+    # shapes faster from scratch, bench/dense_stem.py; no transformers export)
+    vision_stem: str = "patch"
     vision_width: int = 128
     vision_layers: int = 4
     projector: str = "mlp"  # "mlp": 64 visual tokens; "pixel_shuffle": 16
@@ -89,6 +92,8 @@ class QuickstartConfig:
             problems.append(f"--minutes must be positive, got {self.minutes}")
         if self.size % self.patch_size:
             problems.append(f"--size {self.size} must be a multiple of patch_size {self.patch_size}")
+        if self.vision_stem not in ("patch", "conv"):
+            problems.append(f"vision_stem must be 'patch' or 'conv', got {self.vision_stem!r}")
         if self.projector not in ("mlp", "pixel_shuffle"):
             problems.append(f"projector must be 'mlp' or 'pixel_shuffle', got {self.projector!r}")
         if self.eval_images < 1:
@@ -103,7 +108,7 @@ class QuickstartConfig:
         data_keys = ("n", "size", "seed")
         keys = {
             "data": data_keys,
-            "vision": data_keys + ("minutes", "vision_share", "patch_size", "vision_width",
+            "vision": data_keys + ("minutes", "vision_share", "patch_size", "vision_stem", "vision_width",
                                    "vision_layers", "vision_batch", "vision_lr"),
         }  # fmt: skip
         if stage in keys:
@@ -279,7 +284,7 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
 
     vision = ViTConfig(
         image_size=cfg.size, patch_size=cfg.patch_size, width=cfg.vision_width,
-        layers=cfg.vision_layers, heads=4, mlp_hidden=4 * cfg.vision_width,
+        layers=cfg.vision_layers, heads=4, mlp_hidden=4 * cfg.vision_width, stem=cfg.vision_stem,
         image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
     )  # fmt: skip
     projector = ProjectorConfig(kind=cfg.projector, scale_factor=2)

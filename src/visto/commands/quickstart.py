@@ -47,6 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch threads (default 0: 1 on a busy machine, else all cores)")  # fmt: skip
     p.add_argument("--eval-images", type=int, default=50,
                    help="test and held-out images asked every question (default 50)")  # fmt: skip
+    p.add_argument("--vision-stem", choices=["patch", "conv"], default=None,
+                   help="how the ViT embeds patches: 'patch' (one linear projection, exports to "
+                        "transformers/vLLM) or 'conv' (3x3 stride-2 convs: learns shapes faster "
+                        "from scratch, no transformers export); default: the quickstart's")  # fmt: skip
     p.add_argument("--until", choices=["data", "vision", "stage1", "stage2", "eval"],
                    default="eval", help="stop after this stage (default: run them all)")  # fmt: skip
     p.add_argument("--fresh", action="store_true", help="redo every stage, even unchanged ones")
@@ -66,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = QuickstartConfig(
         minutes=args.minutes, n=args.n, size=args.size, seed=args.seed, workers=args.workers,
         threads=args.threads, eval_images=args.eval_images,
+        **({"vision_stem": args.vision_stem} if args.vision_stem else {}),
     )  # fmt: skip
     console = Console()
     result = run_quickstart(cfg, args.out, fresh=args.fresh, console=console, until=args.until)
