@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vision-stem", choices=["patch", "conv"], default=None,
                    help="how the ViT embeds patches: 'patch' (one linear projection, exports to "
                         "transformers/vLLM) or 'conv' (3x3 stride-2 convs: learns shapes faster "
-                        "from scratch, no transformers export); default: the quickstart's")  # fmt: skip
+                        "from scratch, no transformers export; default conv, bench/dense_stem.py)")  # fmt: skip
     p.add_argument("--until", choices=["data", "vision", "stage1", "stage2", "eval"],
                    default="eval", help="stop after this stage (default: run them all)")  # fmt: skip
     p.add_argument("--fresh", action="store_true", help="redo every stage, even unchanged ones")
