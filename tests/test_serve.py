@@ -298,8 +298,9 @@ def test_api_key_and_concurrency_limit(files):
         )  # fmt: skip
         first = next(iter(stream))
         assert first.choices[0].delta.role == "assistant"
-        with pytest.raises(openai.RateLimitError):
+        with pytest.raises(openai.RateLimitError) as info:
             client.chat.completions.create(model="tiny-llava", messages=msgs, max_tokens=2)
+        assert info.value.response.headers["retry-after"] == "1"  # the SDK waits that long
         stream.close()
 
 

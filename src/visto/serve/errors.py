@@ -36,6 +36,7 @@ ERROR_TYPES = {
     503: "server_error",
     504: "timeout",
 }
+RETRY_AFTER_S = 1  # seconds a client is told to wait after a 429 or 503
 
 
 class APIError(Exception):
@@ -61,7 +62,13 @@ def error_body(
 def error_response(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif status in (429, 503):
+        # A busy server is a passing state: clients (the openai SDK among them) wait this
+        # many seconds before their retry instead of their own backoff guess.
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
