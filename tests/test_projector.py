@@ -52,3 +52,17 @@ def test_pixel_shuffle_rejects_bad_grids():
         ProjectorConfig(kind="qformer")
     with pytest.raises(AssertionError):
         pixel_shuffle(torch.zeros(1, 12, 4), 2)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "pixel_shuffle"])
+def test_input_norm_makes_the_projection_blind_to_feature_scale_and_offset(kind):
+    """With norm on, features shifted and scaled per patch give the same visual tokens;
+    with norm off (the default) they do not, and no norm parameter exists."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8)
+    shifted = 30 * x + 5  # a tower whose features are large with a common offset
+    normed = build_projector(ProjectorConfig(kind=kind, norm=True), 8, 12)
+    torch.testing.assert_close(normed(shifted), normed(x), atol=1e-4, rtol=1e-4)
+    plain = build_projector(ProjectorConfig(kind=kind), 8, 12)
+    assert not torch.allclose(plain(shifted), plain(x))
+    assert not any("pre_norm" in k for k in plain.state_dict())

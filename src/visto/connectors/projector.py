@@ -35,6 +35,10 @@ class ProjectorConfig:
     scale_factor: int = 2  # pixel_shuffle only: r, tokens shrink by r^2
     act: str = "gelu"  # mlp only: "gelu" (exact, erf) as transformers' projector_hidden_act
     bias: bool = True
+    # LayerNorm on each vision feature before the projection (InternVL's projector does
+    # this): frozen features of a tower trained from scratch can be large and nearly
+    # collinear, which the language model then has trouble telling apart.
+    norm: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -75,35 +79,42 @@ def pixel_shuffle(x: Tensor, r: int) -> Tensor:
     return x.reshape(B, (side // r) ** 2, r * r * D)  # (B, N / r^2, r^2 * D)
 
 
+def input_norm(cfg: ProjectorConfig, input_dim: int) -> nn.Module:
+    return nn.LayerNorm(input_dim) if cfg.norm else nn.Identity()
+
+
 class LinearProjector(nn.Module):
     def __init__(self, cfg: ProjectorConfig, input_dim: int, output_dim: int) -> None:
         super().__init__()
+        self.pre_norm = input_norm(cfg, input_dim)
         self.linear_1 = nn.Linear(input_dim, output_dim, bias=cfg.bias)
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.linear_1(features)  # (B, N, D_lm)
+        return self.linear_1(self.pre_norm(features))  # (B, N, D_lm)
 
 
 class MLPProjector(nn.Module):
     def __init__(self, cfg: ProjectorConfig, input_dim: int, output_dim: int) -> None:
         super().__init__()
         hidden = cfg.hidden_dim or output_dim
+        self.pre_norm = input_norm(cfg, input_dim)
         self.linear_1 = nn.Linear(input_dim, hidden, bias=cfg.bias)
         self.act = ACTIVATIONS[cfg.act]()
         self.linear_2 = nn.Linear(hidden, output_dim, bias=cfg.bias)
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.linear_2(self.act(self.linear_1(features)))  # (B, N, D_lm)
+        return self.linear_2(self.act(self.linear_1(self.pre_norm(features))))  # (B, N, D_lm)
 
 
 class PixelShuffleProjector(nn.Module):
     def __init__(self, cfg: ProjectorConfig, input_dim: int, output_dim: int) -> None:
         super().__init__()
         self.scale_factor = cfg.scale_factor
+        self.pre_norm = input_norm(cfg, input_dim)
         self.linear_1 = nn.Linear(input_dim * cfg.scale_factor**2, output_dim, bias=cfg.bias)
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.linear_1(pixel_shuffle(features, self.scale_factor))  # (B, N / r^2, D_lm)
+        return self.linear_1(pixel_shuffle(self.pre_norm(features), self.scale_factor))  # (B, N / r^2, D_lm)
 
 
 def build_projector(cfg: ProjectorConfig, input_dim: int, output_dim: int) -> nn.Module:

@@ -438,6 +438,8 @@ def export_hf(model: Llava, directory: str | Path) -> Path:
             "transformers' Llava projector is linear_1 -> act -> linear_2 at the text width: "
             "use projector kind 'mlp' with hidden_dim null"
         )
+    if cfg.projector.norm:
+        problems.append("transformers' Llava projector has no input LayerNorm: use projector norm false")
     if cfg.vision.stem != "patch":
         problems.append(
             "transformers' CLIP vision tower embeds patches with one linear projection: "
