@@ -55,7 +55,9 @@ def test_langchain_chat_with_image_parts_and_structured_output(url):
 
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    st.none() | st.booleans() | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)  # httpx sends only standard JSON
+    | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=8,
 )
@@ -102,6 +104,18 @@ def test_fuzzed_bodies_get_4xx_or_a_valid_answer(url, case):
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+@pytest.mark.parametrize("number", ["Infinity", "-Infinity", "NaN", "1e999"])
+def test_non_finite_numbers_get_400(url, number):
+    """Python's json module reads these (non-standard) tokens; the server must not pass an
+    infinite temperature on to the sampler."""
+    body = ('{"model": "tiny-llava", "max_tokens": 2, "temperature": %s, '
+            '"messages": [{"role": "user", "content": "hi"}]}' % number)
+    r = httpx.post(url + "/v1/chat/completions", content=body, timeout=60,
+                   headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400, (r.status_code, r.text[:300])
+    assert "temperature" in r.json()["error"]["message"] + str(r.json()["error"]["param"])
 
 
 def test_server_survives_the_fuzz(url):

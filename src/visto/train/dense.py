@@ -272,6 +272,12 @@ def pretrain_dense(
             sums = {}
         if on_step is not None:
             on_step(step, min(1.0, (time.perf_counter() - start) / budget), float(loss.detach()))
+    if sums and step % log_every:
+        # The steps since the last log row: a short run (or a slow machine) still gets a row.
+        n_tail = step % log_every
+        last = {k: v / n_tail for k, v in sums.items()}
+        log({"step": step, "split": "train", **last, "lr": lr * factor,
+             "elapsed_s": round(time.perf_counter() - start, 2)})  # fmt: skip
     val_stats: dict[str, float] = {}
     if val is not None:
         val_stats = evaluate_dense(vit, heads, val)
