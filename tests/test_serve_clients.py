@@ -110,8 +110,8 @@ def test_fuzzed_bodies_get_4xx_or_a_valid_answer(url, case):
 def test_non_finite_numbers_get_400(url, number):
     """Python's json module reads these (non-standard) tokens; the server must not pass an
     infinite temperature on to the sampler."""
-    body = ('{"model": "tiny-llava", "max_tokens": 2, "temperature": %s, '
-            '"messages": [{"role": "user", "content": "hi"}]}' % number)
+    fields = '"model": "tiny-llava", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]'
+    body = "{" + fields + f', "temperature": {number}' + "}"
     r = httpx.post(url + "/v1/chat/completions", content=body, timeout=60,
                    headers={"content-type": "application/json"})  # fmt: skip
     assert r.status_code == 400, (r.status_code, r.text[:300])

@@ -2,14 +2,15 @@
 
     pixels (B, 3, H, W)
       -> patch embedding: conv with stride = patch  (B, N, D), N = (H / patch) * (W / patch)
+         (or, with stem="conv", 3x3 stride-2 convs down to the same grid)
       -> [CLS] + patches, + position embedding        (B, 1 + N, D)
       -> pre_layrnorm, L pre-norm EncoderBlocks
       -> pooled: post_layernorm([CLS]) or post_layernorm(mean of patches)   (B, D)
       -> features: patch tokens of a chosen layer (LLaVA uses the penultimate)   (B, N, D)
 
-The state dict of `ViT` is key-for-key that of transformers' `CLIPVisionModel` (without its
-`vision_model.` prefix), misspelled `pre_layrnorm` included, so `load_transformers_clip_vision`
-and export are a prefix away. Also here: a small PIL -> tensor transform of our own.
+With the default linear stem, the state dict of `ViT` is key-for-key that of transformers'
+`CLIPVisionModel` (without its `vision_model.` prefix), misspelled `pre_layrnorm` included, so
+`load_transformers_clip_vision` and export are a prefix away. Also here: a small PIL -> tensor transform of our own.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
     n = patch_size.bit_length() - 1
     channels = [3] + [max(8, width >> (n - 1 - i)) for i in range(n)]  # ..., width/2, width
     layers: list[nn.Module] = []
-    for c_in, c_out in zip(channels, channels[1:]):
+    for c_in, c_out in zip(channels, channels[1:], strict=False):
         layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
     layers.append(nn.Conv2d(channels[-1], width, 1, bias=False))
     return nn.Sequential(*layers)
