@@ -71,9 +71,13 @@ class GrammarFactory:
                     )
                 try:
                     # No free whitespace: a small model could otherwise spend its whole budget
-                    # on spaces between tokens that the grammar allows.
+                    # on spaces between tokens that the grammar allows. Compact separators, as
+                    # json.dumps(separators=(",", ":")) writes and the synthetic world trains:
+                    # xgrammar's default ", " / ": " forces a format the model never saw
+                    # and ~20% more tokens per answer.
                     return self._compiler.compile_json_schema(
-                        json.dumps(schema), any_whitespace=False, strict_mode=True
+                        json.dumps(schema), any_whitespace=False, strict_mode=True,
+                        separators=(",", ":"),
                     )
                 except Exception as e:  # xgrammar raises RuntimeError/InvalidJSONError/...
                     raise APIError(
