@@ -92,8 +92,10 @@ class QuickstartConfig:
             problems.append(f"--minutes must be positive, got {self.minutes}")
         if self.size % self.patch_size:
             problems.append(f"--size {self.size} must be a multiple of patch_size {self.patch_size}")
-        if self.vision_stem not in ("patch", "conv"):
-            problems.append(f"vision_stem must be 'patch' or 'conv', got {self.vision_stem!r}")
+        from visto.nn.vision import STEMS
+
+        if self.vision_stem not in STEMS:
+            problems.append(f"vision_stem must be one of {STEMS}, got {self.vision_stem!r}")
         if self.projector not in ("mlp", "pixel_shuffle"):
             problems.append(f"projector must be 'mlp' or 'pixel_shuffle', got {self.projector!r}")
         if self.eval_images < 1:

@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch threads (default 0: 1 on a busy machine, else all cores)")  # fmt: skip
     p.add_argument("--eval-images", type=int, default=50,
                    help="test and held-out images asked every question (default 50)")  # fmt: skip
-    p.add_argument("--vision-stem", choices=["patch", "conv"], default=None,
+    p.add_argument("--vision-stem", default=None, metavar="{patch,conv}",
                    help="how the ViT embeds patches: 'patch' (one linear projection, exports to "
                         "transformers/vLLM) or 'conv' (3x3 stride-2 convs: learns shapes faster "
                         "from scratch, no transformers export; default conv, bench/dense_stem.py)")  # fmt: skip

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from visto.errors import UserError
 from visto.nn.transformer import EncoderBlock
 
+STEMS = ("patch", "conv")  # ViTConfig.stem: linear patch embedding | 3x3 stride-2 conv stack
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization constants
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -64,8 +66,8 @@ class ViTConfig:
             raise UserError(
                 f"vision pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}"
             )
-        if self.stem not in ("patch", "conv"):
-            raise UserError(f"vision stem must be 'patch' or 'conv', got {self.stem!r}")
+        if self.stem not in STEMS:
+            raise UserError(f"vision stem must be one of {STEMS}, got {self.stem!r}")
         if self.stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
             raise UserError(
                 f"the conv stem halves the image per layer, so patch_size must be a power of 2 "
@@ -117,7 +119,7 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
     n = patch_size.bit_length() - 1
     channels = [3] + [max(8, width >> (n - 1 - i)) for i in range(n)]  # ..., width/2, width
     layers: list[nn.Module] = []
-    for c_in, c_out in zip(channels, channels[1:], strict=False):
+    for c_in, c_out in pairwise(channels):
         layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
     layers.append(nn.Conv2d(channels[-1], width, 1, bias=False))
     return nn.Sequential(*layers)
