@@ -138,3 +138,14 @@ def test_samples_without_task_truth_are_skipped():
         lambda batch: ["x"] * len(batch), [Sample("a", [], [])], log=logged.append
     )
     assert metrics == {} and records == [] and "skipped 1" in logged[0]
+
+
+def test_reportable_metrics_counts_never_yes_pope_as_zero_on_both_splits():
+    from visto.eval.generative import reportable_metrics
+
+    nan = float("nan")
+    metrics = {"pope.f1": nan, "pope.precision": nan, "heldout.pope.f1": nan, "pope.recall": nan,
+               "vqa.overall": 0.1234567}  # fmt: skip
+    assert reportable_metrics(metrics) == {
+        "heldout.pope.f1": 0.0, "pope.f1": 0.0, "pope.precision": 0.0, "vqa.overall": 0.123457,
+    }  # fmt: skip

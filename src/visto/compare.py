@@ -458,6 +458,7 @@ def evaluate_family(family: str, cfg: CompareConfig, out: Path, world_dir: Path,
     import visto
     from visto.checkpoint import read_config
     from visto.eval import evaluator_for
+    from visto.eval.generative import reportable_metrics
 
     fam_dir = out / family
     settings = {"train": facts, "eval_images": cfg.eval_images, "eval_batch": cfg.eval_batch,
@@ -491,13 +492,7 @@ def evaluate_family(family: str, cfg: CompareConfig, out: Path, world_dir: Path,
 
         result = evaluate(model, world_dir, split="test", n=cfg.eval_images, batch_size=cfg.eval_batch,
                           seed=cfg.seed, tasks=cfg.tasks, log=log)  # fmt: skip
-    metrics = {}
-    for k, v in sorted(result.metrics.items()):
-        # POPE precision/F1 are 0/0 when a model never says "yes": 0, as the quickstart does.
-        if math.isnan(v) and k.removeprefix("heldout.") in ("pope.precision", "pope.f1"):
-            v = 0.0
-        if not math.isnan(v):
-            metrics[k] = round(float(v), 6)
+    metrics = reportable_metrics(result.metrics)
     atomic_write_json(fam_dir / "eval.json", metrics)
     atomic_write_text(fam_dir / "predictions.jsonl",
                       "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result.predictions))  # fmt: skip

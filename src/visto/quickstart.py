@@ -541,7 +541,7 @@ def run_eval(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, ckpt: Path, 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from visto.checkpoint import load
-    from visto.eval.generative import evaluate_generative_world
+    from visto.eval.generative import evaluate_generative_world, reportable_metrics
 
     settings = cfg.stage_settings("eval")
     done_path = run_dir / "eval_done.json"
@@ -576,14 +576,7 @@ def run_eval(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, ckpt: Path, 
             counted, world_dir, split="test", n=cfg.eval_images, tasks=tasks,
             batch_size=cfg.eval_batch, seed=cfg.seed, log=log,
         )  # fmt: skip
-    # POPE precision and F1 are 0/0 when the model never says "yes": count them as 0
-    # (scikit-learn's zero_division=0); other undefined figures stay out of eval.json.
-    metrics = {}
-    for k, v in sorted(result.metrics.items()):
-        if math.isnan(v) and k.split(".", 1)[-1] in ("pope.precision", "pope.f1"):
-            v = 0.0
-        if not math.isnan(v):
-            metrics[k] = round(v, 6)
+    metrics = reportable_metrics(result.metrics)
     atomic_write_json(run_dir / "eval.json", metrics)
     atomic_write_text(
         run_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in result.predictions)

@@ -260,6 +260,19 @@ class GenerativeEvalResult(EvalResult):
     predictions: list[dict[str, Any]] = field(default_factory=list)
 
 
+def reportable_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The figures to write out, sorted and rounded: POPE precision and F1 are 0/0 when a model
+    never says "yes" and count as 0 (scikit-learn's zero_division=0), on either split; any
+    other undefined figure (NaN) is left out."""
+    out = {}
+    for key, value in sorted(metrics.items()):
+        if math.isnan(value) and key.removeprefix("heldout.") in ("pope.precision", "pope.f1"):
+            value = 0.0
+        if not math.isnan(value):
+            out[key] = round(float(value), 6)
+    return out
+
+
 def evaluate_generative_world(
     model_generate_fn: GenerateFn,
     data_dir: str | os.PathLike,
