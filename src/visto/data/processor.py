@@ -226,6 +226,10 @@ class Encoded:
     image_token_counts: list[int]  # <image> ids (= feature vectors) per kept image
     image_grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, cols), patch mode
     truncated: bool = False  # True if max_length cut anything (tokens or images)
+    # Samples with independent_turns: 0 on the shared prefix (up to the last image), k on the
+    # tokens of exchange k; positions restart after the prefix for every exchange.
+    segment_ids: torch.Tensor | None = None  # (T,) int64
+    position_ids: torch.Tensor | None = None  # (T,) int64
 
     @property
     def num_loss_tokens(self) -> int:
@@ -242,6 +246,9 @@ class Batch:
     image_sample_index: torch.Tensor  # (N_img,) which row of the batch each image belongs to
     image_token_counts: torch.Tensor  # (N_img,) feature vectors per image
     image_grids: torch.Tensor | None = None  # (N_img, 2) rows, cols in "patch" mode
+    # (B, T) when a sample has independent_turns: a token sees the prefix (0) and its own
+    # exchange only (the decoder's `segment_ids`); None = plain causal attention.
+    segment_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         """Move to `device`; `dtype` (e.g. bf16 on GPU) applies to pixel_values only."""
@@ -279,6 +286,16 @@ class Collator:
             labels[row, cols] = e.labels
             attention_mask[row, cols] = 1
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_(min=0)
+        segment_ids = None
+        if any(e.segment_ids is not None for e in items):
+            assert self.padding_side == "right", (
+                "independent_turns is a training layout (right padding)"
+            )
+            segment_ids = torch.zeros((b, width), dtype=torch.long)
+            for row, e in enumerate(items):
+                if e.segment_ids is not None:
+                    segment_ids[row, : len(e.segment_ids)] = e.segment_ids
+                    position_ids[row, : len(e.position_ids)] = e.position_ids
         counts = [c for e in items for c in e.image_token_counts]
         grids = [g for e in items for g in e.image_grids]
         return Batch(
@@ -292,6 +309,7 @@ class Collator:
             ),
             image_token_counts=torch.tensor(counts, dtype=torch.long),
             image_grids=torch.tensor(grids, dtype=torch.long).view(-1, 2) if grids else None,
+            segment_ids=segment_ids,
         )
 
 
@@ -423,33 +441,10 @@ class Processor:
         turns = list(sample.turns)
         if not train and turns and turns[-1].role == "assistant":
             turns.pop()
+        if train and sample.independent_turns:
+            return self._encode_independent(sample, max_length)
         n_images = sum(t.content.count(IMAGE_PLACEHOLDER) for t in turns)
-        images = list(sample.images[:n_images])
-
-        # Per-image feature counts are known before any pixel work (patch mode: from the size).
-        grids: list[tuple[int, int] | None]
-        if cfg.resize_mode == "patch":
-            if image_token_counts is not None:
-                raise ValueError(
-                    "patch mode derives token counts from image sizes; do not pass them"
-                )
-            images = [load_rgb(im) for im in images]
-            grids = [
-                patch_geometry(im.width, im.height, cfg.image_size, cfg.patch_size)[2:]
-                for im in images
-            ]
-            counts = [rows * cols for rows, cols in grids]  # type: ignore[misc]
-        else:
-            grids = [None] * len(images)
-            counts = (
-                list(image_token_counts)
-                if image_token_counts is not None
-                else [cfg.image_tokens] * len(images)
-            )
-            if len(counts) != len(images) or min(counts, default=1) < 1:
-                raise ValueError(
-                    f"need one positive token count per image ({len(images)}), got {counts}"
-                )
+        images, counts, grids = self._image_layout(sample.images[:n_images], image_token_counts)
 
         ids, labels, spans = self._tokens(turns, counts, grids, train)
         assert len(spans) == len(images) and len(ids) == len(labels)
@@ -478,6 +473,99 @@ class Processor:
             image_token_counts=counts,
             image_grids=pixel_grids,
             truncated=truncated,
+        )
+
+    def _image_layout(
+        self, images: list[ImageSource], image_token_counts: Sequence[int] | None
+    ) -> tuple[list[ImageSource], list[int], list[tuple[int, int] | None]]:
+        """The images, their feature counts and (patch mode) grids, known before any pixel
+        work (patch mode: from each image's size)."""
+        cfg = self.config
+        grids: list[tuple[int, int] | None]
+        if cfg.resize_mode == "patch":
+            if image_token_counts is not None:
+                raise ValueError(
+                    "patch mode derives token counts from image sizes; do not pass them"
+                )
+            images = [load_rgb(im) for im in images]
+            grids = [
+                patch_geometry(im.width, im.height, cfg.image_size, cfg.patch_size)[2:]
+                for im in images
+            ]
+            counts = [rows * cols for rows, cols in grids]  # type: ignore[misc]
+        else:
+            grids = [None] * len(images)
+            counts = (
+                list(image_token_counts)
+                if image_token_counts is not None
+                else [cfg.image_tokens] * len(images)
+            )
+            if len(counts) != len(images) or min(counts, default=1) < 1:
+                raise ValueError(
+                    f"need one positive token count per image ({len(images)}), got {counts}"
+                )
+        return images, counts, grids
+
+    def _encode_independent(self, sample: Sample, max_length: int | None) -> Encoded:
+        """Shared-prefix packing (`Sample.independent_turns`): the tokens up to the end of the
+        last image span once, then each exchange's tokens exactly as if it were the only one
+        (same ids, labels and positions), in a segment of its own. Exchanges that would pass
+        `max_length` are left out (`truncated`); if even the first does not fit, the sample
+        is the first exchange alone, truncated as usual."""
+        turns = list(sample.turns)
+        system = turns[:1] if turns and turns[0].role == "system" else []
+        pairs = turns[len(system) :]
+        roles = [t.role for t in pairs]
+        if not pairs or roles != ["user", "assistant"] * (len(pairs) // 2):
+            raise UserError(
+                f"sample {sample.id!r} has independent_turns, so its turns must be user/assistant "
+                f"pairs after an optional system turn; got roles {roles}"
+            )
+        first = pairs[0].content
+        lead_end = first.rfind(IMAGE_PLACEHOLDER) + len(IMAGE_PLACEHOLDER)
+        if lead_end < len(IMAGE_PLACEHOLDER) or any(
+            IMAGE_PLACEHOLDER in t.content for t in pairs[1:]
+        ):
+            raise UserError(
+                f"sample {sample.id!r} has independent_turns: its images belong at the start of "
+                f"the first user turn and nowhere else (every exchange shares them)"
+            )
+        while lead_end < len(first) and first[lead_end].isspace():
+            lead_end += 1
+        lead = first[:lead_end]
+        single = dataclasses.replace(sample, turns=system + pairs[:2], independent_turns=False)
+        n_images = lead.count(IMAGE_PLACEHOLDER)
+        images, counts, grids = self._image_layout(sample.images[:n_images], None)
+        ids, labels, spans = self._tokens(system + pairs[:2], counts, grids, True)
+        if len(spans) != len(images) or (max_length is not None and len(ids) > max_length):
+            return self.encode(single, max_length, train=True)
+        prefix = spans[-1][1]
+        segments = [0] * prefix + [1] * (len(ids) - prefix)
+        positions = list(range(len(ids)))
+        truncated = False
+        for k in range(2, len(pairs) // 2 + 1):
+            question, answer = pairs[2 * k - 2], pairs[2 * k - 1]
+            exchange = [*system, Turn("user", lead + question.content), answer]
+            ids_k, labels_k, _ = self._tokens(exchange, counts, grids, True)
+            assert ids_k[:prefix] == ids[:prefix], "exchanges must share the prefix"
+            tail = len(ids_k) - prefix
+            if max_length is not None and len(ids) + tail > max_length:
+                truncated = True
+                continue  # a shorter exchange further on may still fit
+            ids += ids_k[prefix:]
+            labels += labels_k[prefix:]
+            segments += [k] * tail
+            positions += range(prefix, prefix + tail)
+        pixel_values, pixel_grids = self.pixel_values(images)
+        return Encoded(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            labels=torch.tensor(labels, dtype=torch.long),
+            pixel_values=pixel_values,
+            image_token_counts=counts,
+            image_grids=pixel_grids,
+            truncated=truncated,
+            segment_ids=torch.tensor(segments, dtype=torch.long),
+            position_ids=torch.tensor(positions, dtype=torch.long),
         )
 
     def encode_text(self, text: str, max_length: int | None = None) -> torch.Tensor:

@@ -45,6 +45,11 @@ class Sample:
     #  "label", "split", "task", ...}. Boxes in pixels (x1, y1, x2, y2) of images[0].
     truth: dict[str, Any] | None = None
     source: str = ""
+    # Training only: each user/assistant exchange is a separate question about the same
+    # images, asked as the first one is (the later user turns get the first turn's leading
+    # image text). The processor encodes the images once and hides the exchanges from each
+    # other (`Encoded.segment_ids`): many answers per image, none readable from another.
+    independent_turns: bool = False
 
     def num_placeholders(self) -> int:
         return sum(t.content.count(IMAGE_PLACEHOLDER) for t in self.turns)

@@ -375,6 +375,7 @@ class Blip2(nn.Module):
         logits, _ = self.language_model(
             inputs_embeds=embeds, attention_mask=batch["attention_mask"],
             position_ids=batch.get("position_ids"),
+            segment_ids=batch.get("segment_ids"),
         )  # (B, T, V)
         loss = lm_loss(logits, labels)
         with torch.no_grad():
@@ -471,7 +472,8 @@ class Blip2(nn.Module):
             batch = processor.collator("right")([processor.encode(s, train=True) for s in samples])
             return {
                 "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                "position_ids": batch.position_ids, "labels": batch.labels,
+                "position_ids": batch.position_ids, "segment_ids": batch.segment_ids,
+                "labels": batch.labels,
                 "pixel_values": batch.pixel_values, "image_sample_index": batch.image_sample_index,
             }
         for s in samples:

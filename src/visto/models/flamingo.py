@@ -302,6 +302,7 @@ class Flamingo(nn.Module):
                 inputs_embeds=embeds,
                 attention_mask=batch["attention_mask"],
                 position_ids=batch.get("position_ids"),
+                segment_ids=batch.get("segment_ids"),
             )  # (B, T, V)
         return logits
 
@@ -325,6 +326,7 @@ class Flamingo(nn.Module):
             "input_ids": batch.input_ids,
             "attention_mask": batch.attention_mask,
             "position_ids": batch.position_ids,
+            "segment_ids": batch.segment_ids,
             "labels": batch.labels,
             "pixel_values": batch.pixel_values,  # (N_img, 3, S, S)
             "image_sample_index": batch.image_sample_index,

@@ -220,6 +220,7 @@ class Fuyu(nn.Module):
             inputs_embeds=self._embed_batch(batch),
             attention_mask=batch["attention_mask"],
             position_ids=batch.get("position_ids"),
+            segment_ids=batch.get("segment_ids"),
         )  # (B, T, V)
         loss = lm_loss(logits, labels)
         with torch.no_grad():
@@ -237,6 +238,7 @@ class Fuyu(nn.Module):
             "input_ids": batch.input_ids,
             "attention_mask": batch.attention_mask,
             "position_ids": batch.position_ids,
+            "segment_ids": batch.segment_ids,
             "labels": batch.labels,
             "pixel_values": batch.pixel_values,  # (N_patches, 3*p*p)
             "image_sample_index": batch.image_sample_index,

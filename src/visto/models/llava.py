@@ -312,6 +312,7 @@ class Llava(nn.Module):
             inputs_embeds=embeds,
             attention_mask=batch["attention_mask"],
             position_ids=batch.get("position_ids"),
+            segment_ids=batch.get("segment_ids"),
         )  # (B, T, V)
         loss = lm_loss(logits, labels)
         with torch.no_grad():
@@ -329,6 +330,7 @@ class Llava(nn.Module):
             "input_ids": batch.input_ids,
             "attention_mask": batch.attention_mask,
             "position_ids": batch.position_ids,
+            "segment_ids": batch.segment_ids,
             "labels": batch.labels,
             "pixel_values": batch.pixel_values,
             "image_sample_index": batch.image_sample_index,

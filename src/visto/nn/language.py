@@ -263,6 +263,7 @@ class DecoderLM(nn.Module):
         position_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
         num_logits_to_keep: int = 0,
+        segment_ids: Tensor | None = None,
     ) -> tuple[Tensor, KVCache | None]:
         """Next-token logits (B, T, V) for input_ids (B, T) or inputs_embeds (B, T, C).
 
@@ -272,6 +273,8 @@ class DecoderLM(nn.Module):
         kv_cache: keys/values of earlier positions, extended in place and returned.
         num_logits_to_keep: if > 0, only the last that many positions get logits (prefill
             needs one; the vocabulary projection is the largest matmul of a small model).
+        segment_ids: (B, T), shared-prefix packing (`Sample.independent_turns`): a token sees
+            the earlier tokens of segment 0 and of its own segment only. Training only.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -292,6 +295,13 @@ class DecoderLM(nn.Module):
             if not bool(attention_mask.all()):
                 # (B, 1, 1, T_k): padding keys hidden from every query; Attention adds causality.
                 mask = attention_mask.bool()[:, None, None, :]
+        if segment_ids is not None:
+            assert past == 0 and segment_ids.shape == (B, T), (
+                f"segment_ids must be (B, T) = {(B, T)} without a cache, got {tuple(segment_ids.shape)}"
+            )
+            keys, queries = segment_ids[:, None, None, :], segment_ids[:, None, :, None]
+            same = (keys == 0) | (keys == queries)  # (B, 1, T, T); Attention adds causality
+            mask = same if mask is None else mask & same
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
         assert position_ids.shape == (B, T), (
