@@ -16,6 +16,13 @@ text i over an identical text k, which no model can do, and pushes apart what sh
 image ids): the contrastive losses keep the diagonal as the target and drop the other
 positives from the negatives (the "elimination" variant of false negative cancellation,
 Huynh et al. 2022); SigLIP's loss labels them +1 instead.
+
+Hard negatives (NegCLIP, Yuksekgonul et al. 2023, section 4): `negative_emb` (N, D) are extra
+texts that have no image, e.g. a caption with one attribute word swapped. They join the texts
+each image is ranked against (image->text runs over B + N texts; text->image stays over the
+B images, a negative has no image to find) and, in SigLIP's loss, are N more pairs per image
+labelled -1. `negative_positives` (B, N) marks a negative that happens to match an image (the
+swap made another image's very caption, or this one's): left out, or labelled +1, likewise.
 """
 
 from __future__ import annotations
@@ -58,17 +65,50 @@ def _drop_other_positives(logits: Tensor, positives: Tensor | None) -> Tensor:
     return logits.masked_fill(positives & ~eye, float("-inf"))
 
 
+def _negative_logits(
+    image_emb: Tensor,
+    negative_emb: Tensor,
+    logit_scale: Tensor,
+    negative_positives: Tensor | None,
+) -> Tensor:
+    """(B, D), (N, D) -> (B, N) scaled similarities of every image to every extra negative."""
+    B, N = image_emb.shape[0], negative_emb.shape[0]
+    assert negative_emb.ndim == 2 and negative_emb.shape[1] == image_emb.shape[1], (
+        f"negative_emb must be (N, {image_emb.shape[1]}), got {tuple(negative_emb.shape)}"
+    )
+    logits = logit_scale * image_emb @ negative_emb.t()  # (B, N)
+    if negative_positives is not None:
+        assert negative_positives.shape == (B, N) and negative_positives.dtype == torch.bool, (
+            f"negative_positives must be a ({B}, {N}) bool mask, got "
+            f"{tuple(negative_positives.shape)} {negative_positives.dtype}"
+        )
+    return logits
+
+
 def clip_loss(
-    image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, positives: Tensor | None = None
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale: Tensor,
+    positives: Tensor | None = None,
+    negative_emb: Tensor | None = None,
+    negative_positives: Tensor | None = None,
 ) -> Tensor:
     """Mean of image->text and text->image cross-entropy, the matching pair on the diagonal.
 
     `positives` (B, B) bool: other pairs that also match (identical captions, the same image);
-    they are left out of the negatives of both directions (see the module docstring)."""
+    they are left out of the negatives of both directions (see the module docstring).
+    `negative_emb` (N, D): extra text-only negatives in the image->text softmax, minus those
+    `negative_positives` (B, N) marks as matching (see the module docstring)."""
     logits = contrastive_logits(image_emb, text_emb, logit_scale)  # (B, B)
     logits = _drop_other_positives(logits, positives)
     targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    t2i = F.cross_entropy(logits.t(), targets)
+    if negative_emb is not None:
+        extra = _negative_logits(image_emb, negative_emb, logit_scale, negative_positives)
+        if negative_positives is not None:
+            extra = extra.masked_fill(negative_positives, float("-inf"))
+        logits = torch.cat([logits, extra], dim=1)  # (B, B + N)
+    return (F.cross_entropy(logits, targets) + t2i) / 2
 
 
 def siglip_loss(
@@ -77,17 +117,26 @@ def siglip_loss(
     logit_scale: Tensor,
     logit_bias: Tensor,
     positives: Tensor | None = None,
+    negative_emb: Tensor | None = None,
+    negative_positives: Tensor | None = None,
 ) -> Tensor:
     """Every (image, text) pair is a binary question "do they match?": +1 on the diagonal
     (and on every pair `positives` marks), -1 elsewhere;
-    -sum(log sigmoid(label * (t * x.y + b))) / B, as in the paper's Algorithm 1."""
+    -sum(log sigmoid(label * (t * x.y + b))) / B, as in the paper's Algorithm 1.
+    `negative_emb` (N, D): B x N more pairs, labelled -1 (+1 where `negative_positives`)."""
     logits = contrastive_logits(image_emb, text_emb, logit_scale) + logit_bias  # (B, B)
     B = logits.shape[0]
     match = torch.eye(B, device=logits.device, dtype=torch.bool)
     if positives is not None:
         assert positives.shape == (B, B) and positives.dtype == torch.bool, positives.shape
         match = match | positives
-    labels = 2 * match.to(logits.dtype) - 1  # (B, B) of +-1
+    if negative_emb is not None:
+        extra = _negative_logits(image_emb, negative_emb, logit_scale, negative_positives)
+        logits = torch.cat([logits, extra + logit_bias], dim=1)  # (B, B + N)
+        if negative_positives is None:
+            negative_positives = torch.zeros_like(extra, dtype=torch.bool)
+        match = torch.cat([match, negative_positives], dim=1)
+    labels = 2 * match.to(logits.dtype) - 1  # (B, B [+ N]) of +-1
     return -F.logsigmoid(labels * logits).sum() / B
 
 

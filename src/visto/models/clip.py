@@ -13,11 +13,18 @@ vision tower, and with kind="transformer" the text tower too, export by key.
 
 A locked tower (LiT: `lock_image`, `lock_text`) runs without gradient and stays in eval mode;
 its projection head still trains, since it maps the locked features to the shared space.
+
+Hard negative captions (NegCLIP, Yuksekgonul et al. 2023): with `hard_negative_swaps` (lists
+of interchangeable words), `collate` adds to each caption one text-only negative with one word
+swapped for another of its list (visto.data.negatives), and the loss ranks every image against
+them too (visto.losses). Off (an empty list) by default.
 """
 
 from __future__ import annotations
 
 import math
+import random
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from visto.data.negatives import check_swap_groups, swap_word
 from visto.data.sample import IMAGE_PLACEHOLDER, Sample
 from visto.errors import UserError
 from visto.losses import clip_loss, contrastive_logits, pair_positives, siglip_loss
@@ -49,8 +57,15 @@ class CLIPConfig:
     # A directory with processor.json + tokenizer.json (visto.data.processor.Processor.save),
     # used when no processor is attached (a fresh model; a checkpoint carries its own).
     processor_dir: str | None = None
+    # NegCLIP's hard negatives: lists of interchangeable words (e.g. the world's shapes, its
+    # colours); each training caption gets one negative with a word swapped within its list.
+    # Empty = none (plain in-batch negatives).
+    hard_negative_swaps: list[list[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.hard_negative_swaps = check_swap_groups(
+            self.hard_negative_swaps, "clip hard_negative_swaps"
+        )
         if self.loss not in LOSSES:
             raise UserError(f"clip loss must be one of {LOSSES}, got {self.loss!r}")
         if not 0 < self.init_temperature <= 1:
@@ -105,6 +120,16 @@ def batch_ids(keys: list[str]) -> Tensor:
     """Keys -> (B,) ints, equal where the keys are equal (first-seen order)."""
     index: dict[str, int] = {}
     return torch.tensor([index.setdefault(k, len(index)) for k in keys], dtype=torch.long)
+
+
+def negative_matches(batch: dict[str, Tensor]) -> Tensor:
+    """(B, N) bool: the hard negatives that are in fact captions of an image. A swap can make
+    another image's very caption ("One shape: a star." -> "One shape: a circle."): that text
+    matches every image the real caption matches (the same image, see `pair_positives`)."""
+    caption_ids, negative_ids = batch["caption_ids"], batch["negative_caption_ids"]
+    same_image = pair_positives(batch["image_ids"])  # (B, B)
+    says = caption_ids[:, None] == negative_ids[None, :]  # (B, N): caption j is negative n
+    return (same_image.float() @ says.float()) > 0  # image i has a caption that is negative n
 
 
 class CLIP(nn.Module):
@@ -202,10 +227,17 @@ class CLIP(nn.Module):
         # Pairs that match besides the diagonal: identical captions, the same image twice.
         ids = [batch[k] for k in ("caption_ids", "image_ids") if k in batch]
         positives = pair_positives(*ids) if ids else None  # (B, B) bool
+        negative_emb = negative_positives = None
+        if "negative_input_ids" in batch:
+            negative_emb = self.encode_text_tokens(
+                batch["negative_input_ids"], batch["negative_attention_mask"]
+            )  # (N, E)
+            negative_positives = negative_matches(batch)  # (B, N) bool
+        extra = dict(negative_emb=negative_emb, negative_positives=negative_positives)
         if self.logit_bias is not None:
-            loss = siglip_loss(image_emb, text_emb, scale, self.logit_bias, positives)
+            loss = siglip_loss(image_emb, text_emb, scale, self.logit_bias, positives, **extra)
         else:
-            loss = clip_loss(image_emb, text_emb, scale, positives)
+            loss = clip_loss(image_emb, text_emb, scale, positives, **extra)
         with torch.no_grad():
             logits = contrastive_logits(image_emb, text_emb, scale)  # (B, B)
             B = logits.shape[0]
@@ -219,6 +251,12 @@ class CLIP(nn.Module):
                 "acc_i2t": positives[rows, logits.argmax(dim=1)].float().mean(),
                 "acc_t2i": positives[logits.argmax(dim=0), rows].float().mean(),
             }
+            if negative_emb is not None:
+                # Does each image score its caption above the caption's own swapped copy?
+                owner = batch["negative_of"]  # (N,) index of the caption each one swaps
+                own = (image_emb[owner] * text_emb[owner]).sum(-1)  # (N,)
+                swapped = (image_emb[owner] * negative_emb).sum(-1)  # (N,)
+                out["acc_hard_negative"] = (own > swapped).float().mean()
             if self.logit_bias is not None:
                 out["logit_bias"] = self.logit_bias.detach()
         return out
@@ -227,18 +265,35 @@ class CLIP(nn.Module):
         """Samples -> {"pixel_values" (B,3,S,S), "input_ids" (B,T), "attention_mask" (B,T),
         "caption_ids" (B,), "image_ids" (B,)}: each sample's first image with its caption (see
         `caption_of`). Equal ids mark identical captions / the same image within the batch
-        (the loss does not treat those pairs as negatives, see visto.losses)."""
+        (the loss does not treat those pairs as negatives, see visto.losses).
+
+        With `hard_negative_swaps`, also "negative_input_ids" (N, T'), "negative_attention_mask"
+        (N, T'), "negative_of" (N,) (the caption each negative swaps a word of) and
+        "negative_caption_ids" (N,) (in caption_ids' numbering, so a negative that equals a
+        real caption shares its id); N <= B, as a caption without a swappable word has none.
+        The swaps are drawn from a generator seeded by the samples' ids: the same batch gets
+        the same negatives, in a resumed run too."""
         for s in samples:
             if not s.images:
                 raise UserError(f"sample {s.id!r} has no image; CLIP trains on image-text pairs")
         texts = [caption_of(s) for s in samples]
         pixel_values = self.image_tensor([s.images[0] for s in samples])
-        return {
-            "pixel_values": pixel_values,
-            **self.text_model.tokenize(texts),
-            "caption_ids": batch_ids(texts),
-            "image_ids": batch_ids([image_key(s) for s in samples]),
-        }
+        batch = {"pixel_values": pixel_values, **self.text_model.tokenize(texts)}
+        if self.config.hard_negative_swaps:
+            rng = random.Random(zlib.crc32("\n".join(s.id for s in samples).encode()))
+            swaps = [swap_word(t, self.config.hard_negative_swaps, rng) for t in texts]
+            owners = [i for i, neg in enumerate(swaps) if neg is not None]
+            negatives = [swaps[i] for i in owners]
+            if negatives:
+                ids = batch_ids(texts + negatives)  # one numbering for captions and negatives
+                tokens = self.text_model.tokenize(negatives)
+                batch["negative_input_ids"] = tokens["input_ids"]
+                batch["negative_attention_mask"] = tokens["attention_mask"]
+                batch["negative_of"] = torch.tensor(owners, dtype=torch.long)
+                batch["negative_caption_ids"] = ids[len(texts) :]
+        batch["caption_ids"] = batch_ids(texts)
+        batch["image_ids"] = batch_ids([image_key(s) for s in samples])
+        return batch
 
     # -- inference conveniences
 
