@@ -164,3 +164,15 @@ def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) ->
     )
     count = (shifted_labels != ignore_index).sum().clamp(min=1)
     return total / count
+
+
+def answer_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """What a generative family's forward returns: {"loss": `lm_loss`, "token_acc": the share
+    of labelled next tokens that the argmax gets right (no gradient)}."""
+    loss = lm_loss(logits, labels)
+    with torch.no_grad():
+        target = labels[:, 1:]
+        scored = target != IGNORE_INDEX
+        hits = (logits[:, :-1].argmax(dim=-1) == target) & scored
+        token_acc = hits.sum() / scored.sum().clamp(min=1)
+    return {"loss": loss, "token_acc": token_acc}

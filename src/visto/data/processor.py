@@ -334,6 +334,12 @@ class Processor:
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
+    def training_batch(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor | None]:
+        """What every generative family's `collate` returns: whole conversations (or shared-prefix
+        packs), labels on the answers, right padding; the `Batch` fields as a dict."""
+        batch = self.collator("right")([self.encode(s, train=True) for s in samples])
+        return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+
     def collator(self, padding_side: str = "right") -> Collator:
         return Collator(pad_id=self.tokenizer.pad_id, padding_side=padding_side)
 

@@ -49,7 +49,7 @@ from visto.connectors.qformer import QFormer, QFormerConfig
 from visto.data.processor import IGNORE_INDEX, Processor, ProcessorConfig
 from visto.data.sample import Sample
 from visto.errors import UserError
-from visto.losses import itm_loss, lm_loss, pair_positives
+from visto.losses import answer_loss, itm_loss, lm_loss, pair_positives
 from visto.models.clip import batch_ids, caption_of, image_key
 from visto.models.llava import IMAGE_TOKEN_ID, load_vision_tower, processor_from_config
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
@@ -377,13 +377,8 @@ class Blip2(nn.Module):
             position_ids=batch.get("position_ids"),
             segment_ids=batch.get("segment_ids"),
         )  # (B, T, V)
-        loss = lm_loss(logits, labels)
-        with torch.no_grad():
-            target = labels[:, 1:]
-            scored = target != IGNORE_INDEX
-            hits = (logits[:, :-1].argmax(dim=-1) == target) & scored
-            token_acc = hits.sum() / scored.sum().clamp(min=1)
-        return {"loss": loss, "lm": loss.detach(), "token_acc": token_acc}
+        out = answer_loss(logits, labels)
+        return {**out, "lm": out["loss"].detach()}
 
     def _representation_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Stage 1: the sum of the configured ITC, ITM and ITG losses (module docstring)."""
@@ -469,13 +464,7 @@ class Blip2(nn.Module):
         with labels on the answers, as LLaVA."""
         processor = self.processor
         if self.config.stage == 2:
-            batch = processor.collator("right")([processor.encode(s, train=True) for s in samples])
-            return {
-                "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-                "position_ids": batch.position_ids, "segment_ids": batch.segment_ids,
-                "labels": batch.labels,
-                "pixel_values": batch.pixel_values, "image_sample_index": batch.image_sample_index,
-            }
+            return processor.training_batch(samples)
         for s in samples:
             if not s.images:
                 raise UserError(f"sample {s.id!r} has no image; BLIP-2 stage 1 trains on image-text pairs")

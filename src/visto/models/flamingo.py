@@ -45,11 +45,11 @@ from visto.connectors.xattn import (
     media_mask,
     num_gated_blocks,
 )
-from visto.data.processor import IGNORE_INDEX, Processor, ProcessorConfig
+from visto.data.processor import Processor, ProcessorConfig
 from visto.data.sample import Sample
 from visto.data.tokenizer import IMAGE, SPECIAL_TOKENS
 from visto.errors import UserError
-from visto.losses import lm_loss
+from visto.losses import answer_loss
 from visto.models.llava import check_tokenizer_fits, processor_from_config
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 from visto.nn.vision import ViT, ViTConfig
@@ -310,28 +310,11 @@ class Flamingo(nn.Module):
         """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers)."""
         labels = batch["labels"]
         logits = self.logits(batch)
-        loss = lm_loss(logits, labels)
-        with torch.no_grad():
-            target = labels[:, 1:]
-            scored = target != IGNORE_INDEX
-            hits = (logits[:, :-1].argmax(dim=-1) == target) & scored
-            token_acc = hits.sum() / scored.sum().clamp(min=1)
-        return {"loss": loss, "token_acc": token_acc}
+        return answer_loss(logits, labels)
 
-    def collate(self, samples: list[Sample]) -> dict[str, Tensor]:
+    def collate(self, samples: list[Sample]) -> dict[str, Tensor | None]:
         """Training batch: whole conversations, labels on the answers, right padding."""
-        processor = self.processor
-        batch = processor.collator("right")([processor.encode(s, train=True) for s in samples])
-        return {
-            "input_ids": batch.input_ids,
-            "attention_mask": batch.attention_mask,
-            "position_ids": batch.position_ids,
-            "segment_ids": batch.segment_ids,
-            "labels": batch.labels,
-            "pixel_values": batch.pixel_values,  # (N_img, 3, S, S)
-            "image_sample_index": batch.image_sample_index,
-            "image_token_counts": batch.image_token_counts,
-        }
+        return self.processor.training_batch(samples)
 
     # -- generation engine protocol (visto.infer.engine)
 

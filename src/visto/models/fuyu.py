@@ -35,11 +35,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from visto.data.processor import IGNORE_INDEX, Processor, ProcessorConfig
+from visto.data.processor import Processor, ProcessorConfig
 from visto.data.sample import Sample
 from visto.data.tokenizer import IMAGE, SPECIAL_TOKENS
 from visto.errors import UserError
-from visto.losses import lm_loss
+from visto.losses import answer_loss
 from visto.models.llava import check_tokenizer_fits, processor_from_config
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 
@@ -222,29 +222,11 @@ class Fuyu(nn.Module):
             position_ids=batch.get("position_ids"),
             segment_ids=batch.get("segment_ids"),
         )  # (B, T, V)
-        loss = lm_loss(logits, labels)
-        with torch.no_grad():
-            target = labels[:, 1:]
-            scored = target != IGNORE_INDEX
-            hits = (logits[:, :-1].argmax(dim=-1) == target) & scored
-            token_acc = hits.sum() / scored.sum().clamp(min=1)
-        return {"loss": loss, "token_acc": token_acc}
+        return answer_loss(logits, labels)
 
     def collate(self, samples: list[Sample]) -> dict[str, Tensor | None]:
         """Training batch: whole conversations, labels on the answers, right padding."""
-        processor = self.processor
-        batch = processor.collator("right")([processor.encode(s, train=True) for s in samples])
-        return {
-            "input_ids": batch.input_ids,
-            "attention_mask": batch.attention_mask,
-            "position_ids": batch.position_ids,
-            "segment_ids": batch.segment_ids,
-            "labels": batch.labels,
-            "pixel_values": batch.pixel_values,  # (N_patches, 3*p*p)
-            "image_sample_index": batch.image_sample_index,
-            "image_token_counts": batch.image_token_counts,
-            "image_grids": batch.image_grids,
-        }
+        return self.processor.training_batch(samples)
 
     # -- generation engine protocol (visto.infer.engine)
 

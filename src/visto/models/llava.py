@@ -34,11 +34,11 @@ import torch
 from torch import Tensor, nn
 
 from visto.connectors.projector import ProjectorConfig, build_projector
-from visto.data.processor import IGNORE_INDEX, Processor, ProcessorConfig
+from visto.data.processor import Processor, ProcessorConfig
 from visto.data.sample import Sample
 from visto.data.tokenizer import IMAGE, SPECIAL_TOKENS, Tokenizer, corpus_texts, train_tokenizer
 from visto.errors import UserError
-from visto.losses import lm_loss
+from visto.losses import answer_loss
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 from visto.nn.vision import ViT, ViTConfig, load_transformers_clip_vision
 
@@ -314,29 +314,11 @@ class Llava(nn.Module):
             position_ids=batch.get("position_ids"),
             segment_ids=batch.get("segment_ids"),
         )  # (B, T, V)
-        loss = lm_loss(logits, labels)
-        with torch.no_grad():
-            target = labels[:, 1:]
-            scored = target != IGNORE_INDEX
-            hits = (logits[:, :-1].argmax(dim=-1) == target) & scored
-            token_acc = hits.sum() / scored.sum().clamp(min=1)
-        return {"loss": loss, "token_acc": token_acc}
+        return answer_loss(logits, labels)
 
-    def collate(self, samples: list[Sample]) -> dict[str, Tensor]:
+    def collate(self, samples: list[Sample]) -> dict[str, Tensor | None]:
         """Training batch: whole conversations, labels on the answers, right padding."""
-        processor = self.processor
-        batch = processor.collator("right")([processor.encode(s, train=True) for s in samples])
-        out = {
-            "input_ids": batch.input_ids,
-            "attention_mask": batch.attention_mask,
-            "position_ids": batch.position_ids,
-            "segment_ids": batch.segment_ids,
-            "labels": batch.labels,
-            "pixel_values": batch.pixel_values,
-            "image_sample_index": batch.image_sample_index,
-            "image_token_counts": batch.image_token_counts,
-        }
-        return out
+        return self.processor.training_batch(samples)
 
     # -- generation engine protocol (visto.infer.engine)
 
