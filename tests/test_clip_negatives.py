@@ -177,3 +177,13 @@ def test_recipe_option_is_checked():
     recipe = load_recipe("clip-synth", ["model.config.hard_negative_swaps=shapes"])
     with pytest.raises(UserError, match="list of lists"):
         build_from_config("clip", recipe.model.config)
+
+
+def test_ablation_recipe_swaps_the_worlds_vocabulary():
+    from visto.checkpoint import build_from_config
+    from visto.train.recipe import load_recipe
+
+    recipe = load_recipe("clip-synth-negclip")
+    model = build_from_config("clip", recipe.model.config)
+    assert model.config.hard_negative_swaps == WORLD  # shapes, their plurals, colours
+    assert not load_recipe("clip-synth").model.config.get("hard_negative_swaps")
