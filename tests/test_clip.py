@@ -230,3 +230,27 @@ def test_lit_with_locked_minilm_text_tower(processor):
     assert model.text_projection.weight.grad is not None
     assert model.vision_model.embeddings.patch_embedding.weight.grad is not None
     assert model.embed_texts(["a red square"]).shape == (1, 32)
+
+
+def test_vision_init_brings_a_pretrained_tower_and_keeps_the_recipes_pooling(processor, tmp_path):
+    from visto.checkpoint import load, save_checkpoint
+
+    source = tiny_clip(processor, vision=ViTConfig.preset("tiny", image_size=32, layers=1, pool="cls"))
+    with torch.no_grad():
+        for p in source.vision_model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # as if trained: not a fresh init
+    save_checkpoint(source, tmp_path / "tower")
+    model = tiny_clip(processor, vision_init=str(tmp_path / "tower"),
+                      vision=ViTConfig.preset("tiny", image_size=32, pool="mean"))  # fmt: skip
+    assert model.config.vision_init is None and model.config.vision.layers == 1
+    assert model.config.vision.pool == "mean"  # architecture from the checkpoint, pooling from the recipe
+    for key, value in source.vision_model.state_dict().items():
+        assert torch.equal(model.vision_model.state_dict()[key], value), key
+    # The saved model rebuilds without the source (the path is consumed at build time).
+    save_checkpoint(model, tmp_path / "clip")
+    again = load(tmp_path / "clip")
+    pixels = model.collate(toy_samples())["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_image(pixels), model.eval().encode_image(pixels))
+    with pytest.raises(UserError, match="not a checkpoint"):
+        tiny_clip(processor, vision_init=str(tmp_path / "nowhere"))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import random
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -54,6 +54,11 @@ class CLIPConfig:
     init_logit_bias: float = -10.0  # SigLIP's initial bias (paper, section 3.2)
     lock_image: bool = False  # LiT: a pretrained image tower, kept as it is
     lock_text: bool = False
+    # A pretrained image tower: a visto checkpoint with a ViT (CLIP, LLaVA, e.g. the
+    # quickstart's dense-pretrained RUN/vision/checkpoint) or a transformers CLIP directory.
+    # Read when the model is built, then forgotten: its architecture replaces `vision`, all
+    # but `vision.pool` (pooling has no weights: "mean" suits a tower trained on patches).
+    vision_init: str | None = None
     # A directory with processor.json + tokenizer.json (visto.data.processor.Processor.save),
     # used when no processor is attached (a fresh model; a checkpoint carries its own).
     processor_dir: str | None = None
@@ -137,8 +142,15 @@ class CLIP(nn.Module):
 
     def __init__(self, config: CLIPConfig) -> None:
         super().__init__()
+        tower = None
+        if config.vision_init:
+            from visto.models.llava import load_vision_tower
+
+            tower = load_vision_tower(config.vision_init)
+            tower.config = replace(tower.config, pool=config.vision.pool)
+            config = replace(config, vision=tower.config, vision_init=None)
         self.config = config
-        self.vision_model = ViT(config.vision)
+        self.vision_model = tower if tower is not None else ViT(config.vision)
         self.text_model = build_text_encoder(config.text)
         self.visual_projection = nn.Linear(
             self.vision_model.output_dim, config.embed_dim, bias=False
