@@ -3,6 +3,8 @@
     .venv/bin/python bench/clip_figures.py                          # clip-synth and clip-lit-minilm
     .venv/bin/python bench/clip_figures.py --recipes clip-synth --minutes 3
     .venv/bin/python bench/clip_figures.py --skip-train             # re-evaluate the last runs
+    .venv/bin/python bench/clip_figures.py --recipes clip-synth-dense clip-lit-minilm \
+        --dense-minutes 4 --minutes 6     # a dense-pretrained image tower first, for every recipe
 
 For each recipe it runs exactly what a user runs:
 
@@ -167,6 +169,13 @@ def main() -> None:
         help="override the recipes' num_threads (they use 1: on a busy 2-core machine two "
         "threads wait on each other; on an idle one, 2 is faster)",
     )
+    parser.add_argument(
+        "--dense-minutes",
+        type=float,
+        help="first pretrain an image tower on the world's dense labels for this long "
+        "(`visto quickstart --until vision`, into RUNS/dense) and start every recipe's image "
+        "tower from it (model.config.vision_init)",
+    )
     parser.add_argument("--n", type=int, default=1000, help="images per split in the eval")
     parser.add_argument("--skip-train", action="store_true", help="evaluate existing runs")
     parser.add_argument("--json", type=Path, default=Path("bench/out/clip_figures.json"))
@@ -179,6 +188,23 @@ def main() -> None:
         print(f"world: {seconds:.0f} s")
 
     results: dict[str, dict] = {}
+    vision_init, dense = None, None
+    if args.dense_minutes:
+        from visto.quickstart import QuickstartConfig
+
+        dense_dir = args.runs / "dense"
+        minutes = args.dense_minutes / QuickstartConfig.vision_share  # the stage's share of the budget
+        cmd = [*VISTO, "quickstart", "--out", str(dense_dir), "--until", "vision", "--fresh",
+               "--minutes", str(minutes)]  # fmt: skip
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        dense_load = load_average()
+        seconds = run(cmd, args.runs / "dense.log")
+        vision_init = dense_dir / "vision" / "checkpoint"
+        done = json.loads((dense_dir / "vision" / "done.json").read_text())
+        dense = {"command": " ".join(cmd[2:]), "wall_s": round(seconds, 1), "load_before": dense_load,
+                            "vision_seconds": done["seconds"], "steps": done["steps"], "val": done["val"]}  # fmt: skip
+        print(f"dense pretraining: {done['seconds']:.0f} s, {done['steps']} steps, val {done['val']}")
     for recipe in args.recipes:
         name = Path(recipe).stem  # a shipped recipe's name, or a JSON file's stem
         run_dir = args.runs / name
@@ -195,6 +221,9 @@ def main() -> None:
                 cmd += ["--set", f"max_minutes={args.minutes}"]
             if args.threads:
                 cmd += ["--set", f"num_threads={args.threads}"]
+            if vision_init is not None:
+                cmd += ["--set", f"model.config.vision_init={json.dumps(str(vision_init))}"]
+                entry["vision_init"] = str(vision_init)
             entry["load_before"] = load_average()
             entry["train_wall_s"] = round(run(cmd, log), 1)
             entry["load_after"] = load_average()
@@ -218,7 +247,7 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     from visto.utils.io import atomic_write_json
 
-    atomic_write_json(args.json, {"cpu_count": os.cpu_count(), "results": results})
+    atomic_write_json(args.json, {"cpu_count": os.cpu_count(), "dense": dense, "results": results})
     print(f"\nwrote {args.json}")
 
 

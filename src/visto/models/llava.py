@@ -161,7 +161,8 @@ def load_vision_tower(path: str | Path) -> ViT:
         return load_transformers_clip_vision(path)
     raise UserError(
         f"vision_init {path} is not a checkpoint directory (config.json + model.safetensors); "
-        "train one with `visto train --recipe clip-synth`"
+        "make one with `visto quickstart --out DIR --until vision` (a ViT pretrained on the "
+        "synthetic world's dense labels: DIR/vision/checkpoint) or `visto train --recipe clip-synth`"
     )
 
 
