@@ -232,19 +232,30 @@ def test_lit_with_locked_minilm_text_tower(processor):
     assert model.embed_texts(["a red square"]).shape == (1, 32)
 
 
-def test_vision_init_brings_a_pretrained_tower_and_keeps_the_recipes_pooling(processor, tmp_path):
+@pytest.mark.parametrize("family", ["clip", "llava"])  # llava: what `visto quickstart --until vision` saves
+def test_vision_init_brings_a_pretrained_tower_and_keeps_the_recipes_pooling(processor, tmp_path, family):
     from visto.checkpoint import load, save_checkpoint
+    from visto.models.llava import LlavaConfig
 
-    source = tiny_clip(processor, vision=ViTConfig.preset("tiny", image_size=32, layers=1, pool="cls"))
+    tower_config = ViTConfig.preset("tiny", image_size=32, layers=1, pool="cls")
+    if family == "clip":
+        source = tiny_clip(processor, vision=tower_config)
+        source_tower = source.vision_model
+    else:
+        texts = ["a red square"] * 5
+        tok_dir = tmp_path / "tok"
+        train_tokenizer(texts, vocab_size=300, loc_bins=32, min_frequency=1).save(tok_dir / "tokenizer.json")
+        source = build_model("llava", LlavaConfig.preset("tiny", vision=tower_config, tokenizer_dir=str(tok_dir)))
+        source_tower = source.vision_tower
     with torch.no_grad():
-        for p in source.vision_model.parameters():
+        for p in source_tower.parameters():
             p.add_(0.1 * torch.randn_like(p))  # as if trained: not a fresh init
     save_checkpoint(source, tmp_path / "tower")
     model = tiny_clip(processor, vision_init=str(tmp_path / "tower"),
                       vision=ViTConfig.preset("tiny", image_size=32, pool="mean"))  # fmt: skip
     assert model.config.vision_init is None and model.config.vision.layers == 1
     assert model.config.vision.pool == "mean"  # architecture from the checkpoint, pooling from the recipe
-    for key, value in source.vision_model.state_dict().items():
+    for key, value in source_tower.state_dict().items():
         assert torch.equal(model.vision_model.state_dict()[key], value), key
     # The saved model rebuilds without the source (the path is consumed at build time).
     save_checkpoint(model, tmp_path / "clip")
