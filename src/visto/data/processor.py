@@ -216,6 +216,10 @@ def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- encoding
 
 
+def _long_tensor(values: list[int] | None) -> torch.Tensor | None:
+    return None if values is None else torch.tensor(values, dtype=torch.long)
+
+
 @dataclass
 class Encoded:
     """One encoded sample (see the module docstring for the invariants)."""
@@ -471,14 +475,28 @@ class Processor:
             images, counts, grids = images[:kept], counts[:kept], grids[:kept]
             truncated = True
 
+        return self._encoded(ids, labels, images, counts, truncated)
+
+    def _encoded(
+        self,
+        ids: list[int],
+        labels: list[int],
+        images: list[ImageSource],
+        counts: list[int],
+        truncated: bool,
+        segments: list[int] | None = None,
+        positions: list[int] | None = None,
+    ) -> Encoded:
         pixel_values, pixel_grids = self.pixel_values(images)
         return Encoded(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            labels=torch.tensor(labels, dtype=torch.long),
+            input_ids=_long_tensor(ids),
+            labels=_long_tensor(labels),
             pixel_values=pixel_values,
             image_token_counts=counts,
             image_grids=pixel_grids,
             truncated=truncated,
+            segment_ids=_long_tensor(segments),
+            position_ids=_long_tensor(positions),
         )
 
     def _image_layout(
@@ -562,17 +580,7 @@ class Processor:
             labels += labels_k[prefix:]
             segments += [k] * tail
             positions += range(prefix, prefix + tail)
-        pixel_values, pixel_grids = self.pixel_values(images)
-        return Encoded(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            labels=torch.tensor(labels, dtype=torch.long),
-            pixel_values=pixel_values,
-            image_token_counts=counts,
-            image_grids=pixel_grids,
-            truncated=truncated,
-            segment_ids=torch.tensor(segments, dtype=torch.long),
-            position_ids=torch.tensor(positions, dtype=torch.long),
-        )
+        return self._encoded(ids, labels, images, counts, truncated, segments, positions)
 
     def encode_text(self, text: str, max_length: int | None = None) -> torch.Tensor:
         """Plain text -> (T,) ids `<s> text </s>`, for text encoders (CLIP) and caption-only LM data.
