@@ -114,8 +114,9 @@ def test_collator_carries_segments_and_positions(tokenizer):
             Turn("assistant", "b"),
         ],
         [Turn("user", "<image>\nq"), Turn("user", "q2")],
+        [Turn("system", "<image>"), Turn("user", "<image>\nq"), Turn("assistant", "a")],
     ],
-    ids=["image-in-a-later-turn", "image-not-first", "roles-not-paired"],
+    ids=["image-in-a-later-turn", "image-not-first", "roles-not-paired", "image-in-the-system-turn"],
 )
 def test_layouts_that_cannot_share_a_prefix_are_user_errors(tokenizer, turns):
     n = sum(t.content.count(IMAGE_PLACEHOLDER) for t in turns)

@@ -35,9 +35,10 @@ IGNORE_INDEX = -100
 
 
 def contrastive_logits(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
-    """(B, D), (B, D) -> (B, B) scaled cosine similarities; row i is image i against all texts."""
-    assert image_emb.shape == text_emb.shape and image_emb.ndim == 2, (
-        f"embeddings must both be (B, D), got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+    """(B, D), (N, D) -> (B, N) scaled cosine similarities; row i is image i against all texts
+    (N = B for the batch's own captions, or the N extra hard negatives)."""
+    assert image_emb.ndim == text_emb.ndim == 2 and image_emb.shape[1] == text_emb.shape[1], (
+        f"embeddings must be (B, D) and (N, D), got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
     )
     return logit_scale * image_emb @ text_emb.t()
 
@@ -66,20 +67,14 @@ def _drop_other_positives(logits: Tensor, positives: Tensor | None) -> Tensor:
 
 
 def _negative_logits(
-    image_emb: Tensor,
-    negative_emb: Tensor,
-    logit_scale: Tensor,
-    negative_positives: Tensor | None,
+    image_emb: Tensor, negative_emb: Tensor, logit_scale: Tensor, negative_positives: Tensor | None
 ) -> Tensor:
-    """(B, D), (N, D) -> (B, N) scaled similarities of every image to every extra negative."""
-    B, N = image_emb.shape[0], negative_emb.shape[0]
-    assert negative_emb.ndim == 2 and negative_emb.shape[1] == image_emb.shape[1], (
-        f"negative_emb must be (N, {image_emb.shape[1]}), got {tuple(negative_emb.shape)}"
-    )
-    logits = logit_scale * image_emb @ negative_emb.t()  # (B, N)
+    """(B, N) scaled similarities of every image to every extra negative, after checking the
+    (B, N) mask of the negatives that match an image."""
+    logits = contrastive_logits(image_emb, negative_emb, logit_scale)  # (B, N)
     if negative_positives is not None:
-        assert negative_positives.shape == (B, N) and negative_positives.dtype == torch.bool, (
-            f"negative_positives must be a ({B}, {N}) bool mask, got "
+        assert negative_positives.shape == logits.shape and negative_positives.dtype == torch.bool, (
+            f"negative_positives must be a {tuple(logits.shape)} bool mask, got "
             f"{tuple(negative_positives.shape)} {negative_positives.dtype}"
         )
     return logits

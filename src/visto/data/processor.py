@@ -548,7 +548,7 @@ class Processor:
         first = pairs[0].content
         lead_end = first.rfind(IMAGE_PLACEHOLDER) + len(IMAGE_PLACEHOLDER)
         if lead_end < len(IMAGE_PLACEHOLDER) or any(
-            IMAGE_PLACEHOLDER in t.content for t in pairs[1:]
+            IMAGE_PLACEHOLDER in t.content for t in [*system, *pairs[1:]]
         ):
             raise UserError(
                 f"sample {sample.id!r} has independent_turns: its images belong at the start of "
@@ -557,11 +557,10 @@ class Processor:
         while lead_end < len(first) and first[lead_end].isspace():
             lead_end += 1
         lead = first[:lead_end]
-        single = dataclasses.replace(sample, turns=system + pairs[:2], independent_turns=False)
-        n_images = lead.count(IMAGE_PLACEHOLDER)
-        images, counts, grids = self._image_layout(sample.images[:n_images], None)
+        images, counts, grids = self._image_layout(sample.images[: lead.count(IMAGE_PLACEHOLDER)], None)
         ids, labels, spans = self._tokens(system + pairs[:2], counts, grids, True)
-        if len(spans) != len(images) or (max_length is not None and len(ids) > max_length):
+        if max_length is not None and len(ids) > max_length:
+            single = dataclasses.replace(sample, turns=system + pairs[:2], independent_turns=False)
             return self.encode(single, max_length, train=True)
         prefix = spans[-1][1]
         segments = [0] * prefix + [1] * (len(ids) - prefix)

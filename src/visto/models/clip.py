@@ -291,19 +291,20 @@ class CLIP(nn.Module):
         texts = [caption_of(s) for s in samples]
         pixel_values = self.image_tensor([s.images[0] for s in samples])
         batch = {"pixel_values": pixel_values, **self.text_model.tokenize(texts)}
+        owners, negatives = [], []
         if self.config.hard_negative_swaps:
             rng = random.Random(zlib.crc32("\n".join(s.id for s in samples).encode()))
             swaps = [swap_word(t, self.config.hard_negative_swaps, rng) for t in texts]
             owners = [i for i, neg in enumerate(swaps) if neg is not None]
             negatives = [swaps[i] for i in owners]
-            if negatives:
-                ids = batch_ids(texts + negatives)  # one numbering for captions and negatives
-                tokens = self.text_model.tokenize(negatives)
-                batch["negative_input_ids"] = tokens["input_ids"]
-                batch["negative_attention_mask"] = tokens["attention_mask"]
-                batch["negative_of"] = torch.tensor(owners, dtype=torch.long)
-                batch["negative_caption_ids"] = ids[len(texts) :]
-        batch["caption_ids"] = batch_ids(texts)
+        ids = batch_ids(texts + negatives)  # one numbering for captions and negatives
+        batch["caption_ids"] = ids[: len(texts)]
+        if negatives:
+            tokens = self.text_model.tokenize(negatives)
+            batch["negative_input_ids"] = tokens["input_ids"]
+            batch["negative_attention_mask"] = tokens["attention_mask"]
+            batch["negative_of"] = torch.tensor(owners, dtype=torch.long)
+            batch["negative_caption_ids"] = ids[len(texts) :]
         batch["image_ids"] = batch_ids([image_key(s) for s in samples])
         return batch
 
