@@ -219,6 +219,29 @@ def test_registry_and_config_checks(processor):
         too_small.processor = processor
 
 
+def test_locked_text_tower_encodes_each_caption_once(processor):
+    cached = tiny_clip(processor, lock_text=True)
+    plain = tiny_clip(processor, lock_text=True, text_cache_size=0)
+    plain.load_state_dict(cached.state_dict())
+    rows_encoded = []
+    cached.text_model.register_forward_hook(lambda m, args, out: rows_encoded.append(args[0].shape[0]))
+    samples = toy_samples()
+    batch = cached.collate(samples + samples[:2])  # two captions twice in one batch
+    cached.train(), plain.train()
+    for _ in range(2):
+        out = cached(batch)
+        torch.testing.assert_close(out["loss"], plain(batch)["loss"])
+    assert rows_encoded == [4]  # four distinct captions, encoded once, in the first step only
+    out["loss"].backward()
+    assert cached.text_projection.weight.grad is not None  # the head still trains
+    assert all(p.grad is None for p in cached.text_model.parameters())
+    # New weights make the cached features stale: loading a state dict empties the cache.
+    state = {k: v + 0.1 if k.startswith("text_model.") else v for k, v in cached.state_dict().items()}
+    cached.load_state_dict(state), plain.load_state_dict(state)
+    torch.testing.assert_close(cached(batch)["loss"], plain(batch)["loss"])
+    assert rows_encoded == [4, 4]
+
+
 @pytest.mark.slow
 def test_lit_with_locked_minilm_text_tower(processor):
     config = CLIPConfig.preset("tiny", text=TextConfig.preset("minilm"), lock_text=True)
