@@ -51,7 +51,7 @@ from visto.data.sample import Sample
 from visto.errors import UserError
 from visto.losses import answer_loss, itm_loss, lm_loss, pair_positives
 from visto.models.clip import batch_ids, caption_of, image_key
-from visto.models.llava import IMAGE_TOKEN_ID, load_vision_tower, processor_from_config
+from visto.models.llava import IMAGE_TOKEN_ID, load_pretrained_parts, processor_from_config
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 from visto.nn.vision import CLIP_MEAN, CLIP_STD, ViT, ViTConfig
 
@@ -236,12 +236,7 @@ class Blip2(nn.Module):
     def __init__(self, config: Blip2Config) -> None:
         super().__init__()
         stage1 = _load_stage1(config.stage1_checkpoint) if config.stage1_checkpoint else None
-        vision = load_vision_tower(config.vision_init) if config.vision_init else None
-        language = DecoderLM.from_pretrained(config.language_init) if config.language_init else None
-        self.init_sources = {
-            "vision": config.vision_init, "language": config.language_init,
-            "stage1": config.stage1_checkpoint,
-        }
+        stage1_source = config.stage1_checkpoint
         if stage1 is not None:
             s = stage1.config
             config = replace(
@@ -249,12 +244,11 @@ class Blip2(nn.Module):
                 embed_dim=s.embed_dim, processor=s.processor, decoder=s.decoder,
                 tokenizer_dir=s.tokenizer_dir, tokenizer_corpus=s.tokenizer_corpus,
             )
+        vision, language, config, sources = load_pretrained_parts(config)
+        self.init_sources = {**sources, "stage1": stage1_source}
         config = replace(
-            config,
-            vision=vision.config if vision is not None else config.vision,
+            config, stage1_checkpoint=None,
             vision_pre_norm=True if vision is not None else config.vision_pre_norm,
-            decoder=language.config if language is not None else config.decoder,
-            vision_init=None, language_init=None, stage1_checkpoint=None,
         )
         config.check_sizes()
         self.config = config

@@ -29,7 +29,7 @@ the gated blocks trained; the groups for `optim.module_lrs` are `PARAM_GROUPS`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from visto.data.sample import Sample
 from visto.data.tokenizer import IMAGE, SPECIAL_TOKENS
 from visto.errors import UserError
 from visto.losses import answer_loss
-from visto.models.llava import check_tokenizer_fits, processor_from_config
+from visto.models.llava import check_tokenizer_fits, load_pretrained_parts, processor_from_config
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 from visto.nn.vision import ViT, ViTConfig
 
@@ -175,18 +175,7 @@ class Flamingo(nn.Module):
 
     def __init__(self, config: FlamingoConfig) -> None:
         super().__init__()
-        from visto.models.llava import load_vision_tower
-
-        vision = load_vision_tower(config.vision_init) if config.vision_init else None
-        language = DecoderLM.from_pretrained(config.language_init) if config.language_init else None
-        self.init_sources = {"vision": config.vision_init, "language": config.language_init}
-        config = replace(
-            config,
-            vision=vision.config if vision is not None else config.vision,
-            decoder=language.config if language is not None else config.decoder,
-            vision_init=None,
-            language_init=None,
-        )
+        vision, language, config, self.init_sources = load_pretrained_parts(config)
         if config.processor.image_size != config.vision.image_size:
             raise UserError(
                 f"flamingo config: processor.image_size is {config.processor.image_size} but the "

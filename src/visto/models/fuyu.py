@@ -28,7 +28,7 @@ Training stages are recipes (`fuyu-synth.json`); the groups for `optim.module_lr
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from visto.data.sample import Sample
 from visto.data.tokenizer import IMAGE, SPECIAL_TOKENS
 from visto.errors import UserError
 from visto.losses import answer_loss
-from visto.models.llava import check_tokenizer_fits, processor_from_config
+from visto.models.llava import check_tokenizer_fits, load_pretrained_parts, processor_from_config
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 
 IMAGE_TOKEN_ID = SPECIAL_TOKENS.index(IMAGE)  # fixed by visto's tokenizer layout (id 3)
@@ -123,13 +123,7 @@ class Fuyu(nn.Module):
 
     def __init__(self, config: FuyuConfig) -> None:
         super().__init__()
-        language = DecoderLM.from_pretrained(config.language_init) if config.language_init else None
-        self.init_sources = {"language": config.language_init}
-        config = replace(
-            config,
-            decoder=language.config if language is not None else config.decoder,
-            language_init=None,
-        )
+        _, language, config, self.init_sources = load_pretrained_parts(config)
         if config.processor.vocab_size > config.decoder.vocab_size:
             raise UserError(
                 f"fuyu config: processor.vocab_size {config.processor.vocab_size} exceeds "

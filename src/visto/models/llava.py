@@ -25,10 +25,11 @@ Training stages are recipes (`llava-stage1.json`: projector only on captions;
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -166,6 +167,35 @@ def load_vision_tower(path: str | Path) -> ViT:
     )
 
 
+class PretrainedParts(NamedTuple):
+    vision: ViT | None  # the tower `vision_init` names, if any
+    language: DecoderLM | None  # the decoder `language_init` names, if any
+    config: Any  # the family config with their architectures in place and the paths consumed
+    sources: dict[str, str | None]  # where each part came from (None: built fresh)
+
+
+def load_pretrained_parts(config: Any) -> PretrainedParts:
+    """Load the pretrained vision tower and decoder a family config names (`vision_init`,
+    `language_init`, for the fields it has). They bring their own architectures; the paths are
+    consumed here, so that a saved checkpoint rebuilds without them."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    vision_init = getattr(config, "vision_init", None)
+    language_init = getattr(config, "language_init", None)
+    vision = load_vision_tower(vision_init) if vision_init else None
+    language = DecoderLM.from_pretrained(language_init) if language_init else None
+    changes: dict[str, Any] = {}
+    sources: dict[str, str | None] = {}
+    if "vision_init" in fields:
+        changes["vision_init"], sources["vision"] = None, vision_init
+        if vision is not None:
+            changes["vision"] = vision.config
+    if "language_init" in fields:
+        changes["language_init"], sources["language"] = None, language_init
+        if language is not None:
+            changes["decoder"] = language.config
+    return PretrainedParts(vision, language, replace(config, **changes), sources)
+
+
 def tokenizer_from_corpus(corpus: str | Path, config: ProcessorConfig) -> Tokenizer:
     """A tokenizer trained on every text of a dataset (synthetic world: all tasks, train split)."""
     from visto.data.formats import infer_format, read_samples
@@ -223,18 +253,7 @@ class Llava(nn.Module):
 
     def __init__(self, config: LlavaConfig) -> None:
         super().__init__()
-        vision = load_vision_tower(config.vision_init) if config.vision_init else None
-        language = DecoderLM.from_pretrained(config.language_init) if config.language_init else None
-        # Pretrained towers bring their own configs; the paths are consumed here, so that a
-        # saved checkpoint rebuilds without them.
-        self.init_sources = {"vision": config.vision_init, "language": config.language_init}
-        config = replace(
-            config,
-            vision=vision.config if vision is not None else config.vision,
-            decoder=language.config if language is not None else config.decoder,
-            vision_init=None,
-            language_init=None,
-        )
+        vision, language, config, self.init_sources = load_pretrained_parts(config)
         config.check_processor()
         self.config = config
         self.vision_tower = vision if vision is not None else ViT(config.vision)
