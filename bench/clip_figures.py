@@ -5,6 +5,8 @@
     .venv/bin/python bench/clip_figures.py --skip-train             # re-evaluate the last runs
     .venv/bin/python bench/clip_figures.py --recipes clip-synth-dense clip-lit-minilm \
         --dense-minutes 4 --minutes 6     # a dense-pretrained image tower first, for every recipe
+    .venv/bin/python bench/clip_figures.py --recipes clip-lit-minilm-dense \
+        --vision-init runs/clip-figures/dense/vision/checkpoint --minutes 6   # reuse that tower
 
 For each recipe it runs exactly what a user runs:
 
@@ -176,6 +178,12 @@ def main() -> None:
         "(`visto quickstart --until vision`, into RUNS/dense) and start every recipe's image "
         "tower from it (model.config.vision_init)",
     )
+    parser.add_argument(
+        "--vision-init",
+        type=Path,
+        help="start every recipe's image tower from this existing checkpoint (e.g. the RUNS/dense/"
+        "vision/checkpoint of an earlier --dense-minutes run) instead of pretraining one",
+    )
     parser.add_argument("--n", type=int, default=1000, help="images per split in the eval")
     parser.add_argument("--skip-train", action="store_true", help="evaluate existing runs")
     parser.add_argument("--json", type=Path, default=Path("bench/out/clip_figures.json"))
@@ -188,7 +196,15 @@ def main() -> None:
         print(f"world: {seconds:.0f} s")
 
     results: dict[str, dict] = {}
-    vision_init, dense = None, None
+    vision_init, dense = args.vision_init, None
+    if vision_init is not None and args.dense_minutes:
+        parser.error("--vision-init and --dense-minutes both name the image tower: give one")
+    if vision_init is not None:
+        done_path = vision_init.parent / "done.json"  # a quickstart vision stage's record
+        done = json.loads(done_path.read_text()) if done_path.is_file() else {}
+        dense = {"reused": str(vision_init), "vision_seconds": done.get("seconds"),
+                 "steps": done.get("steps"), "val": done.get("val")}  # fmt: skip
+        print(f"reusing the image tower {vision_init} ({done.get('seconds', '?')} s of dense pretraining)")
     if args.dense_minutes:
         from visto.quickstart import QuickstartConfig
 
