@@ -27,6 +27,10 @@ def test_generative_families_dispatch_to_the_generative_evaluation():
 def test_eval_json_keeps_numbers_only_and_tasks_are_checked():
     kept, dropped = finite_metrics({"a": 0.5, "b": float("nan"), "heldout.a": 1.0})
     assert kept == {"a": 0.5, "heldout.a": 1.0} and dropped == ["b"]
+    # A model that never says "yes": POPE precision and F1 are 0 (as quickstart and compare report).
+    never_yes = {"pope.f1": float("nan"), "heldout.pope.precision": float("nan"), "pope.recall": 0.0}
+    kept, dropped = finite_metrics(never_yes)
+    assert kept == {"pope.f1": 0.0, "heldout.pope.precision": 0.0, "pope.recall": 0.0} and dropped == []
     assert resolve_tasks(None) is None and resolve_tasks(["vqa", "vqa", "ocr"]) == ["vqa", "ocr"]
     with pytest.raises(UserError, match="unknown task"):
         resolve_tasks(["vqa", "poetry"])

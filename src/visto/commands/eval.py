@@ -161,7 +161,11 @@ def resolve_tasks(values: list[str] | None) -> list[str] | None:
 
 def finite_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], list[str]]:
     """(the metrics that are numbers, the names without a figure): eval.json holds numbers
-    only, since NaN is not JSON; the report notes the names left out."""
+    only, since NaN is not JSON; the report notes the names left out. A never-yes POPE's
+    precision and F1 are 0, as in `visto quickstart` and `visto compare`."""
+    from visto.eval.generative import zero_undefined_pope
+
+    metrics = zero_undefined_pope(metrics)
     kept = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
     return kept, [k for k in metrics if k not in kept]
 

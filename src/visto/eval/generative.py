@@ -260,17 +260,21 @@ class GenerativeEvalResult(EvalResult):
     predictions: list[dict[str, Any]] = field(default_factory=list)
 
 
+def zero_undefined_pope(metrics: dict[str, float]) -> dict[str, float]:
+    """POPE precision and F1 are 0/0 when a model never says "yes": they count as 0
+    (scikit-learn's zero_division=0), on either split, so a never-yes model is not left out
+    of a table it would lose."""
+    return {
+        k: 0.0 if math.isnan(v) and k.removeprefix("heldout.") in ("pope.precision", "pope.f1") else v
+        for k, v in metrics.items()
+    }
+
+
 def reportable_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The figures to write out, sorted and rounded: POPE precision and F1 are 0/0 when a model
-    never says "yes" and count as 0 (scikit-learn's zero_division=0), on either split; any
-    other undefined figure (NaN) is left out."""
-    out = {}
-    for key, value in sorted(metrics.items()):
-        if math.isnan(value) and key.removeprefix("heldout.") in ("pope.precision", "pope.f1"):
-            value = 0.0
-        if not math.isnan(value):
-            out[key] = round(float(value), 6)
-    return out
+    """The figures to write out, sorted and rounded: undefined POPE figures as 0
+    (`zero_undefined_pope`), any other undefined figure (NaN) left out."""
+    metrics = zero_undefined_pope(metrics)
+    return {k: round(float(v), 6) for k, v in sorted(metrics.items()) if not math.isnan(v)}
 
 
 def evaluate_generative_world(
