@@ -191,8 +191,12 @@ def test_cached_decoding_equals_uncached(tokenizer_dir):
     samples = [interleaved("red", "blue", "green"), colour_samples(1, seed=4)[0],
                Sample("text", [], [Turn("user", "Which came first?")])]
     prompt = model.prompt_batch(samples)  # left padded; rows with 3, 1 and 0 images
+    projections = []  # the gated block's key projection runs at prefill, never per step
+    model.gated_cross_attn_layers[0].cross_attn.k_proj.register_forward_hook(lambda *_: projections.append(1))
     logits, state = model.prefill(prompt)
+    assert len(projections) == 1 and set(state.visual_kv) == {0}
     torch.testing.assert_close(logits, _full_logits(model, prompt, [[]] * 3), rtol=1e-5, atol=1e-5)
+    projections.clear()
     tokens: list[list[int]] = [[] for _ in samples]
     for step in range(4):
         # An <image> id generated mid-answer must not shift the media either.
@@ -200,11 +204,15 @@ def test_cached_decoding_equals_uncached(tokenizer_dir):
         for r in range(3):
             tokens[r].append(int(next_ids[r]))
         logits, state = model.decode_step(next_ids, state)
+        assert not projections
         expected = _full_logits_generated(model, prompt, tokens)
+        projections.clear()
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-    # select keeps rows
+    # select keeps rows, of the images' keys and values too
     kept = state.select(torch.tensor([2, 0]))
     assert kept.visual.shape[0] == 2 and kept.media_index.tolist() == [0, 3]
+    k, v = state.visual_kv[0]
+    assert torch.equal(kept.visual_kv[0][0], k[[2, 0]]) and torch.equal(kept.visual_kv[0][1], v[[2, 0]])
 
 
 def _full_logits_generated(model: Flamingo, prompt, tokens: list[list[int]]) -> torch.Tensor:

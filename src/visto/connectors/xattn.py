@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,9 @@ class Media:
     tokens: Tensor  # (B, S, D_v): every image's visual tokens in the row, image after image
     mask: Tensor  # (B, 1, T, S) bool: text position t may read visual token s
     has_media: Tensor  # (B, T) bool: an image precedes t (others get no cross-attention output)
+    # Each gated block's keys and values of `tokens` (block index -> (k, v)), filled on first
+    # use: a decoding step reuses those of the prefill instead of projecting the images again.
+    kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 def media_mask(media_index: Tensor, tokens_per_image: int, num_images: int) -> tuple[Tensor, Tensor]:
@@ -85,13 +88,18 @@ class GatedCrossAttentionBlock(nn.Module):
                 if isinstance(linear, nn.Linear):
                     nn.init.normal_(linear.weight, std=0.02)
 
-    def forward(self, x: Tensor, media: Media) -> Tensor:
-        """x (B, T, C) -> (B, T, C)."""
+    def forward(self, x: Tensor, media: Media, index: int | None = None) -> Tensor:
+        """x (B, T, C) -> (B, T, C); `index` keys this block's keys/values in `media.kv`."""
         assert media.mask.shape[-2] == x.shape[1], (
             f"media mask covers {media.mask.shape[-2]} text positions, x has {x.shape[1]}"
         )
+        kv = media.kv.get(index) if index is not None else None
+        if kv is None:
+            kv = self.cross_attn.context_heads(media.tokens.to(x.dtype))
+            if index is not None:
+                media.kv[index] = kv
         attended = self.cross_attn(
-            self.input_layernorm(x), context=media.tokens.to(x.dtype), mask=media.mask
+            self.input_layernorm(x), context_kv=kv, mask=media.mask
         )  # (B, T, C)
         # Positions with no image before them attend to nothing: their output is zero.
         attended = attended.masked_fill(~media.has_media[..., None], 0.0)
@@ -110,15 +118,15 @@ class _GatedBlockFirst:
     hook along with the block and conditioning it points at.
     """
 
-    def __init__(self, block: GatedCrossAttentionBlock, conditioning: MediaConditioning) -> None:
-        self.block, self.conditioning = block, conditioning
+    def __init__(self, block: GatedCrossAttentionBlock, conditioning: MediaConditioning, index: int) -> None:
+        self.block, self.conditioning, self.index = block, conditioning, index
 
     def __call__(self, layer: nn.Module, args: tuple) -> tuple | None:
         media = self.conditioning.media
         if media is None:
             return None  # not conditioned: the plain language model
         x, *rest = args
-        return (self.block(x, media), *rest)
+        return (self.block(x, media, self.index), *rest)
 
 
 class MediaConditioning:
@@ -133,7 +141,7 @@ class MediaConditioning:
         )
         self.media: Media | None = None
         self.handles = [
-            layers[j * every].register_forward_pre_hook(_GatedBlockFirst(block, self))
+            layers[j * every].register_forward_pre_hook(_GatedBlockFirst(block, self, j))
             for j, block in enumerate(blocks)
         ]
 

@@ -164,9 +164,13 @@ class FlamingoState:
     decoder: DecoderState
     visual: Tensor  # (B, M*R, D_v) visual tokens of each row's images, computed at prefill
     media_index: Tensor  # (B,) the image the next token reads (1-based; 0 = none yet)
+    # Each gated block's keys and values of `visual` (block index -> (k, v) (B, H, M*R, hd)),
+    # from the prefill: decoding steps do not project the images again.
+    visual_kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def select(self, rows: Tensor) -> FlamingoState:
-        return FlamingoState(self.decoder.select(rows), self.visual[rows], self.media_index[rows])
+        kv = {j: (k[rows], v[rows]) for j, (k, v) in self.visual_kv.items()}
+        return FlamingoState(self.decoder.select(rows), self.visual[rows], self.media_index[rows], kv)
 
 
 class Flamingo(nn.Module):
@@ -327,15 +331,16 @@ class Flamingo(nn.Module):
             with self.conditioning.use(media):
                 logits, state = self.language_model.prefill_embeds(embeds, attention_mask)
         last = torch.cumsum(input_ids == IMAGE_TOKEN_ID, dim=1)[:, -1]  # (B,)
-        return logits, FlamingoState(state, visual, last)
+        return logits, FlamingoState(state, visual, last, media.kv)
 
     def decode_step(self, next_ids: Tensor, state: FlamingoState) -> tuple[Tensor, FlamingoState]:
         """One token per row (B,): it reads the row's last image, as the tokens before it."""
         r = self.config.image_tokens
         mask, has_media = media_mask(state.media_index[:, None], r, state.visual.shape[1] // r)
-        with torch.inference_mode(), self.conditioning.use(Media(state.visual, mask, has_media)):
+        media = Media(state.visual, mask, has_media, kv=state.visual_kv)
+        with torch.inference_mode(), self.conditioning.use(media):
             logits, decoder = self.language_model.decode_step(next_ids, state.decoder)
-        return logits, FlamingoState(decoder, state.visual, state.media_index)
+        return logits, FlamingoState(decoder, state.visual, state.media_index, state.visual_kv)
 
 
 # ----------------------------------------------------------------------------- transformers Idefics

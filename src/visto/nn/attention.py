@@ -202,6 +202,14 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         return proj(x).view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, hd)
 
+    def context_heads(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values of a cross-attention context (B, S, kv_dim), each
+        (B, H_kv, S, hd): computed once and passed as `context_kv` when the same context is
+        read again (every decoding step reads the same images)."""
+        return self._heads(context, self.k_proj, self.n_kv_heads), self._heads(
+            context, self.v_proj, self.n_kv_heads
+        )
+
     def forward(
         self,
         x: Tensor,
@@ -211,6 +219,7 @@ class Attention(nn.Module):
         causal: bool = False,
         rope: tuple[Tensor, Tensor] | None = None,
         cache: LayerCache | None = None,
+        context_kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """x (B, T, dim) -> (B, T, dim).
 
@@ -221,21 +230,27 @@ class Attention(nn.Module):
             holds earlier positions).
         rope: (cos, sin) from `RotaryEmbedding` for the positions of x.
         cache: this layer's `LayerCache`; the new keys/values are appended to it in place.
+        context_kv: `context_heads(context)`, computed earlier: used instead of projecting
+            `context` again.
         """
         assert x.ndim == 3, f"attention input must be (B, T, C), got {tuple(x.shape)}"
         B, T, _ = x.shape
         q = self._heads(x, self.q_proj, self.n_heads)  # (B, H, T, hd)
-        source = x if context is None else context
-        k = self._heads(source, self.k_proj, self.n_kv_heads)  # (B, H_kv, S, hd)
-        v = self._heads(source, self.v_proj, self.n_kv_heads)
-        if rope is not None and context is None:
+        cross = context is not None or context_kv is not None  # no rotary, no causality
+        if context_kv is not None:
+            k, v = context_kv  # (B, H_kv, S, hd)
+        else:
+            source = x if context is None else context
+            k = self._heads(source, self.k_proj, self.n_kv_heads)  # (B, H_kv, S, hd)
+            v = self._heads(source, self.v_proj, self.n_kv_heads)
+        if rope is not None and not cross:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H_kv, T_past + T, hd)
 
         is_causal = False
-        if causal and context is None:
+        if causal and not cross:
             if mask is None and k.shape[2] == T:
                 is_causal = True  # let SDPA pick its fast causal path
             else:
