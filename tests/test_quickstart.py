@@ -70,15 +70,16 @@ def test_json_grammar_accepts_the_worlds_answers_and_nothing_after_them():
 
     from visto.data.synth import WorldConfig, make_image
     from visto.data.tokenizer import train_tokenizer
-    from visto.quickstart import json_constraints
+    from visto.serve.grammar import GrammarFactory
+    from visto.tasks.runner import world_json_schema
 
-    records = [make_image(WorldConfig(n=8, size=64), i, "train")[2] for i in range(8)]
+    records = [make_image(WorldConfig(n=32, size=64), i, "train")[2] for i in range(32)]
     answers = [r["tasks"]["json"]["a"] for r in records]
     tok = train_tokenizer(answers * 4, 500, loc_bins=10)
-    make = json_constraints(tok, tok.vocab_size)
-    assert make is not None
+    factory = GrammarFactory(tok, tok.vocab_size, [tok.end_id])
+    compiled = factory.compile({"type": "json_schema", "json_schema": {"schema": world_json_schema()}})
     for answer in answers:
-        constraint, generated = make(), []
+        constraint, generated = factory.constraint(compiled), []
         for token in tok.encode(answer):
             logits = constraint(generated, torch.zeros(tok.vocab_size))
             assert logits[token] == 0, f"{tok.decode([token])!r} refused in {answer}"

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -41,10 +40,10 @@ from typing import Any
 
 from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
 from visto.errors import UserError
+from visto.tasks.runner import boxes_to_loc
 from visto.utils.io import atomic_directory, atomic_write_json, atomic_write_text
 
 STAGES = ("data", "vision", "stage1", "stage2", "eval")
-_PLAIN_BOX = re.compile(r"\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]")
 
 
 @dataclass
@@ -143,13 +142,6 @@ def machine_load() -> str:
 
 
 # ----------------------------------------------------------------------------- samples
-
-
-def boxes_to_loc(text: str, loc_bins: int) -> str:
-    """Every plain "[x1, y1, x2, y2]" (0..999) in `text` -> four `<loc_k>` tokens."""
-    from visto.data.tokenizer import format_box
-
-    return _PLAIN_BOX.sub(lambda m: format_box([int(g) for g in m.groups()], loc_bins), text)
 
 
 def record_qas(record: dict, loc_bins: int) -> list[tuple[str, str]]:
@@ -445,95 +437,6 @@ def run_llava_stage(
     return stage_dir / "checkpoint"
 
 
-def world_json_schema() -> dict[str, Any]:
-    """JSON Schema of the world's structured answers (`visto.data.synth.tasks.json_target`),
-    properties in the order the world writes them."""
-    from visto.data.synth import COLOURS, SHAPES, SIZES
-
-    box = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999},
-           "minItems": 4, "maxItems": 4}  # fmt: skip
-    obj = {
-        "type": "object",
-        "properties": {"shape": {"enum": list(SHAPES)}, "colour": {"enum": list(COLOURS)},
-                       "size": {"enum": list(SIZES)}, "box": box},  # fmt: skip
-        "required": ["shape", "colour", "size", "box"],
-        "additionalProperties": False,
-    }
-    counts = {
-        "type": "object",
-        "properties": {s: {"type": "integer", "minimum": 1, "maximum": 9} for s in SHAPES},
-        "additionalProperties": False,
-    }
-    text = {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 4}
-    return {
-        "type": "object",
-        "properties": {"objects": {"type": "array", "items": obj, "maxItems": 9},
-                       "counts": counts, "text": text},  # fmt: skip
-        "required": ["objects", "counts", "text"],
-        "additionalProperties": False,
-    }
-
-
-def json_constraints(tok: Any, vocab: int) -> Callable[[], Any] | None:
-    """A maker of per-request grammar constraints for the world's compact JSON (xgrammar, as
-    `visto serve` uses for response_format), or None without xgrammar."""
-    try:
-        import xgrammar as xgr
-    except ImportError:
-        return None
-    import torch
-
-    from visto.data.tokenizer import SPECIAL_TOKENS
-    from visto.serve.grammar import JSONConstraint
-
-    info = xgr.TokenizerInfo.from_huggingface(
-        tok.to_hf_tokenizer(), vocab_size=vocab, stop_token_ids=[tok.end_id]
-    )
-    # Compact separators: the world's JSON is written with (",", ":"), as the model learnt it.
-    compiled = xgr.GrammarCompiler(info, max_threads=1).compile_json_schema(
-        json.dumps(world_json_schema()), any_whitespace=False, separators=(",", ":"),
-        strict_mode=True,
-    )  # fmt: skip
-    forbidden = torch.zeros(vocab, dtype=torch.bool)
-    forbidden[: len(SPECIAL_TOKENS)] = True
-    forbidden[tok.end_id] = False
-    return lambda: JSONConstraint(xgr, compiled, vocab, forbidden)
-
-
-def make_generate(
-    model: Any, loc_bins: int, constrain_json: bool = True, json_max_tokens: int = 320
-) -> Callable[[list[Sample]], list[str]]:
-    """The `generate` of visto.eval.generative for a LLaVA: greedy, boxes in prompts as
-    location tokens (as in training), a long budget only for JSON answers, which follow the
-    world's JSON schema by grammar-constrained decoding when xgrammar is installed."""
-    import dataclasses
-
-    from visto.infer import Engine
-    from visto.infer.sampling import SamplingParams
-
-    engine = Engine(model, model.processor.tokenizer)
-    short = SamplingParams(max_new_tokens=24)
-    constraint = (
-        json_constraints(model.processor.tokenizer, model.config.decoder.vocab_size)
-        if constrain_json else None
-    )  # fmt: skip
-
-    def long() -> SamplingParams:
-        return SamplingParams(max_new_tokens=json_max_tokens,
-                              logits_processor=constraint() if constraint else None)  # fmt: skip
-
-    def generate(samples: list[Sample]) -> list[str]:
-        prompts = [
-            dataclasses.replace(s, turns=[Turn(t.role, boxes_to_loc(t.content, loc_bins)) for t in s.turns])
-            for s in samples
-        ]
-        params = [long() if "JSON" in s.turns[-1].content else short for s in samples]
-        batch = model.prompt_batch(prompts)
-        return [c.text.strip() for c in engine.generate_batch(batch, params)]
-
-    return generate
-
-
 def run_eval(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, ckpt: Path, console: Any,
              fresh: bool) -> dict[str, float]:  # fmt: skip
     """Every task on the first `eval_images` test and held-out images -> RUN/eval.json."""
@@ -542,6 +445,7 @@ def run_eval(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, ckpt: Path, 
 
     from visto.checkpoint import load
     from visto.eval.generative import evaluate_generative_world, reportable_metrics
+    from visto.tasks.runner import make_generate
 
     settings = cfg.stage_settings("eval")
     done_path = run_dir / "eval_done.json"
@@ -555,7 +459,7 @@ def run_eval(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, ckpt: Path, 
     t0 = time.perf_counter()
     model = load(ckpt)
     model.eval()
-    generate = make_generate(model, cfg.loc_bins, cfg.constrain_json, cfg.json_max_tokens)
+    generate = make_generate(model, cfg.loc_bins, cfg.constrain_json, json_max_new_tokens=cfg.json_max_tokens)
     tasks = ["vqa", "ground", "refdesc", "ocr", "json", "classify"]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress, torch.inference_mode():

@@ -135,7 +135,9 @@ def config_value(config: Any, name: str, depth: int = 2) -> Any:
 
 def world_json_schema() -> dict[str, Any]:
     """The JSON Schema of the synthetic world's structured answers
-    (`visto.data.synth.tasks.json_target`), keys in the order the world writes them."""
+    (`visto.data.synth.tasks.json_target`), keys in the order the world writes them, each as
+    tight as the world is (a count is 1..9 of a known shape): the grammar then leaves a small
+    model no room for answers the world never gives."""
     from visto.data.synth import COLOURS, SHAPES, SIZES
 
     obj = {
@@ -150,12 +152,17 @@ def world_json_schema() -> dict[str, Any]:
         "required": ["shape", "colour", "size", "box"],
         "additionalProperties": False,
     }  # fmt: skip
+    counts = {
+        "type": "object",
+        "properties": {s: {"type": "integer", "minimum": 1, "maximum": 9} for s in SHAPES},
+        "additionalProperties": False,
+    }
     return {
         "type": "object",
         "properties": {
             "objects": {"type": "array", "items": obj, "maxItems": 9},
-            "counts": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
-            "text": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+            "counts": counts,
+            "text": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 4},
         },
         "required": ["objects", "counts", "text"],
         "additionalProperties": False,
