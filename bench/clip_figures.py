@@ -184,6 +184,12 @@ def main() -> None:
         help="start every recipe's image tower from this existing checkpoint (e.g. the RUNS/dense/"
         "vision/checkpoint of an earlier --dense-minutes run) instead of pretraining one",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the training run (and of the dense phase's world and tower) instead of the "
+        "recipe's: repeat a figure with other seeds to report its median",
+    )
     parser.add_argument("--n", type=int, default=1000, help="images per split in the eval")
     parser.add_argument("--skip-train", action="store_true", help="evaluate existing runs")
     parser.add_argument("--json", type=Path, default=Path("bench/out/clip_figures.json"))
@@ -214,6 +220,8 @@ def main() -> None:
                "--minutes", str(minutes)]  # fmt: skip
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        if args.seed is not None:
+            cmd += ["--seed", str(args.seed)]
         dense_load = load_average()
         seconds = run(cmd, args.runs / "dense.log")
         vision_init = dense_dir / "vision" / "checkpoint"
@@ -237,6 +245,8 @@ def main() -> None:
                 cmd += ["--set", f"max_minutes={args.minutes}"]
             if args.threads:
                 cmd += ["--set", f"num_threads={args.threads}"]
+            if args.seed is not None:
+                cmd += ["--set", f"seed={args.seed}"]
             if vision_init is not None:
                 cmd += ["--set", f"model.config.vision_init={json.dumps(str(vision_init))}"]
                 entry["vision_init"] = str(vision_init)
