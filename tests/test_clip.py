@@ -235,11 +235,18 @@ def test_locked_text_tower_encodes_each_caption_once(processor):
     out["loss"].backward()
     assert cached.text_projection.weight.grad is not None  # the head still trains
     assert all(p.grad is None for p in cached.text_model.parameters())
+    # Features cached in inference mode (visto eval) serve a later training step too: the
+    # stacked features are a new, normal tensor that backward may save.
+    with torch.inference_mode():
+        cached.embed_texts(["a purple square"])
+    purple = Sample("p", samples[0].images, truth={"caption": "a purple square"})
+    cached(cached.collate([*samples, purple]))["loss"].backward()
+    assert rows_encoded == [4, 1]
     # New weights make the cached features stale: loading a state dict empties the cache.
     state = {k: v + 0.1 if k.startswith("text_model.") else v for k, v in cached.state_dict().items()}
     cached.load_state_dict(state), plain.load_state_dict(state)
     torch.testing.assert_close(cached(batch)["loss"], plain(batch)["loss"])
-    assert rows_encoded == [4, 4]
+    assert rows_encoded == [4, 1, 4]
 
 
 @pytest.mark.slow
