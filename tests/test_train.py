@@ -365,6 +365,7 @@ import torch
 sys.path.insert(0, {tests!r})
 from test_train_fixture import TinyConfig, TinyModel, tiny_source
 from visto.models import FAMILIES
+from visto.train.distributed import leave_process_group
 from visto.train.loop import train
 from visto.train.recipe import recipe_from_dict
 
@@ -376,6 +377,7 @@ result = train(recipe, {run!r}, resume=True, source=tiny_source(n_train=40), sho
 digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in result.model.state_dict().values()))
 with open(os.path.join({run!r}, "rank%s.json" % os.environ["RANK"]), "w") as f:
     json.dump({{"digest": digest.hexdigest(), "step": result.step, "val": result.val_metrics}}, f)
+leave_process_group()  # as `visto train` does: without it a rank can abort at exit
 """
 
 

@@ -78,4 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
         out = Path(args.out) if args.out else Path("runs") / (recipe.name or "train")
         result = train(recipe, out, console=console, show_progress=not args.no_progress)
+    from visto.train.distributed import leave_process_group
+
+    leave_process_group()  # under torchrun: a clean exit for every rank
     return 130 if result.stopped_early else 0

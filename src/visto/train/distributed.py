@@ -40,6 +40,18 @@ def init_distributed() -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def leave_process_group() -> None:
+    """Destroy torchrun's process group, if one is up, once a process has no more collective
+    work. Call it at the end of a program, never between two `train` calls (joining the same
+    rendezvous again hangs). Left to the interpreter's exit, gloo's threads can die mid-teardown
+    and abort a rank that has finished ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sums(values: dict[str, float], dist_info: Distributed) -> dict[str, float]:
     """Sum each value over ranks (keys must be the same on every rank)."""
     if not dist_info.enabled or not values:
