@@ -235,6 +235,10 @@ def test_locked_text_tower_encodes_each_caption_once(processor):
     out["loss"].backward()
     assert cached.text_projection.weight.grad is not None  # the head still trains
     assert all(p.grad is None for p in cached.text_model.parameters())
+    # Without the cache the locked tower runs without grad too, even with requires_grad back on.
+    plain.text_model.requires_grad_(True)
+    plain(batch)["loss"].backward()
+    assert all(p.grad is None for p in plain.text_model.parameters())
     # Features cached in inference mode (visto eval) serve a later training step too: the
     # stacked features are a new, normal tensor that backward may save.
     with torch.inference_mode():

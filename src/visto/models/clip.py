@@ -225,7 +225,8 @@ class CLIP(nn.Module):
         if self.config.lock_text and self.config.text_cache_size > 0:
             pooled = self._locked_text_features(input_ids, attention_mask)
         else:
-            pooled = self.text_model(input_ids, attention_mask)  # (B, W_t)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.lock_text):
+                pooled = self.text_model(input_ids, attention_mask)  # (B, W_t)
         return F.normalize(self.text_projection(pooled), dim=-1)
 
     @torch.no_grad()

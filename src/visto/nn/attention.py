@@ -237,12 +237,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q = self._heads(x, self.q_proj, self.n_heads)  # (B, H, T, hd)
         cross = context is not None or context_kv is not None  # no rotary, no causality
-        if context_kv is not None:
-            k, v = context_kv  # (B, H_kv, S, hd)
-        else:
-            source = x if context is None else context
-            k = self._heads(source, self.k_proj, self.n_kv_heads)  # (B, H_kv, S, hd)
-            v = self._heads(source, self.v_proj, self.n_kv_heads)
+        if context_kv is None:
+            context_kv = self.context_heads(x if context is None else context)
+        k, v = context_kv  # (B, H_kv, S, hd)
         if rope is not None and not cross:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
