@@ -53,6 +53,8 @@ TABLE_ROWS = (
     "zeroshot.shape",
     "zeroshot.colour",
     "zeroshot.class",
+    "zeroshot.shape_via_pair",
+    "zeroshot.colour_via_pair",
     "retrieval.t2i.r1",
     "retrieval.t2i.r5",
     "retrieval.i2t.r1",
@@ -179,6 +181,14 @@ def main() -> None:
         "tower from it (model.config.vision_init)",
     )
     parser.add_argument(
+        "--dense-n",
+        type=int,
+        default=20_000,
+        help="images in the dense phase's world (quickstart --n). The quickstart's default "
+        "5,000 overfits 4 minutes of dense pretraining: val patch shape 0.878 against 0.957 on "
+        "train; with 20,000 it is 0.927 against 0.932",
+    )
+    parser.add_argument(
         "--vision-init",
         type=Path,
         help="start every recipe's image tower from this existing checkpoint (e.g. the RUNS/dense/"
@@ -217,7 +227,7 @@ def main() -> None:
         dense_dir = args.runs / "dense"
         minutes = args.dense_minutes / QuickstartConfig.vision_share  # the stage's share of the budget
         cmd = [*VISTO, "quickstart", "--out", str(dense_dir), "--until", "vision", "--fresh",
-               "--minutes", str(minutes)]  # fmt: skip
+               "--minutes", str(minutes), "--n", str(args.dense_n)]  # fmt: skip
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         if args.seed is not None:

@@ -133,3 +133,41 @@ def test_metrics_table_pairs_seen_and_heldout():
     table = metrics_table({"zeroshot.shape": 0.5, "heldout.zeroshot.shape": 0.25, "x.y": math.nan})
     assert "| `zeroshot.shape` | 0.500 | 0.250 |" in table
     assert "| `x.y` | – | – |" in table
+
+
+def test_attributes_read_off_the_pair_prompts_escape_a_learned_colour_prior():
+    """A model whose shape-only prompts learned "circle is never orange" (as training without
+    orange circles teaches): an orange circle scores higher with another shape's prompt, while
+    the "orange circle" pair prompt still wins among the pairs."""
+    from visto.eval.twotower import zero_shot_metrics
+
+    shapes, colours = ["circle", "star", "hexagon"], ["orange", "blue", "red"]
+    never = {"circle": "orange", "star": "red", "hexagon": "blue"}  # the held-out pairs
+
+    def onehot(word: str) -> torch.Tensor:
+        return F.one_hot(torch.tensor((shapes + colours).index(word)), 6).float()
+
+    def embed_texts(texts: list[str]) -> torch.Tensor:
+        rows = []
+        for t in texts:
+            words = re.findall(r"[a-z]+", t.lower())
+            shape = next((w for w in words if w in shapes), None)
+            colour = next((w for w in words if w in colours), None)
+            if shape is None:  # a colour prompt
+                rows.append(onehot(colour))
+            elif colour is None:  # a shape prompt, with the prior
+                rows.append(onehot(shape) - 2.0 * onehot(never[shape]))
+            else:
+                rows.append(onehot(shape) + onehot(colour))
+        return F.normalize(torch.stack(rows), dim=-1)
+
+    labels = [{"shape": s, "colour": c, "class": f"{c} {s}"} for s, c in never.items()]
+    images = F.normalize(
+        torch.stack([onehot(lab["shape"]) + onehot(lab["colour"]) for lab in labels]), dim=-1
+    )
+    m = zero_shot_metrics(images, labels, {"shapes": shapes, "colours": colours}, embed_texts,
+                          ["a photo of a {}."])  # fmt: skip
+    assert m["zeroshot.shape"] == 0.0  # every held-out image gets another shape
+    assert (
+        m["zeroshot.class"] == m["zeroshot.shape_via_pair"] == m["zeroshot.colour_via_pair"] == 1.0
+    )

@@ -5,6 +5,7 @@ be checked on a hand-made input. `evaluate_two_tower` at the bottom wires them t
 to the synthetic world and returns the flat `eval.json` dict:
 
     zeroshot.shape  zeroshot.colour  zeroshot.class              accuracy per attribute
+    zeroshot.shape_via_pair  zeroshot.colour_via_pair             read off the class prediction
     retrieval.t2i.r1/r5/r10  retrieval.i2t.r1/r5/r10             recall@K, caption <-> image
     cluster.purity  cluster.nmi                                   k-means on image embeddings
     heldout.<any of the above>                                    the unseen colour-shape pairs
@@ -273,7 +274,15 @@ def zero_shot_metrics(
     templates: Sequence[str],
 ) -> dict[str, float]:
     """Accuracy per attribute: shape (classes = shapes), colour, and the joint "colour shape"
-    class among all colour x shape pairs (held-out pairs included: they are valid answers)."""
+    class among all colour x shape pairs (held-out pairs included: they are valid answers).
+
+    Also each attribute read off the joint prediction (`zeroshot.shape_via_pair`: the shape of
+    the best "colour shape" prompt), as compositional zero-shot work scores attributes. A
+    prompt that names one attribute alone ("a photo of a circle.") carries what training
+    taught about the other: no training image shows an orange circle, so "circle" learns to
+    point away from orange, and an orange circle scores higher with "hexagon". Naming both
+    attributes removes that prior; the gap between the two figures on held-out pairs measures it.
+    """
     shapes, colours = vocab["shapes"], vocab["colours"]
     classes = [f"{c} {s}" for s in shapes for c in colours]
     out = {}
@@ -281,6 +290,11 @@ def zero_shot_metrics(
         target = torch.tensor([names.index(lab[attribute]) for lab in labels])
         pred = zero_shot_classify(image_emb, names, embed_texts, templates)
         out[f"zeroshot.{attribute}"] = accuracy(pred, target)
+    # classes[k] is colour k % C of shape k // C.
+    shape_target = torch.tensor([shapes.index(lab["shape"]) for lab in labels])
+    colour_target = torch.tensor([colours.index(lab["colour"]) for lab in labels])
+    out["zeroshot.shape_via_pair"] = accuracy(pred // len(colours), shape_target)
+    out["zeroshot.colour_via_pair"] = accuracy(pred % len(colours), colour_target)
     return out
 
 
