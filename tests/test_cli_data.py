@@ -73,6 +73,8 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "not a synthetic world" in capsys.readouterr().err
     assert main(["data", "synth", "--out", str(tmp_path / "w"), "--n", "0"]) == 2
     assert "--n must be at least 1" in capsys.readouterr().err
+    assert main(["quickstart", "--out", str(tmp_path / "q"), "--vision-batch", "0"]) == 2
+    assert "--vision-batch must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_quickstart_makes_and_then_reuses_the_world(tmp_path, capsys):

@@ -97,6 +97,8 @@ class QuickstartConfig:
             problems.append(f"vision_stem must be one of {STEMS}, got {self.vision_stem!r}")
         if self.projector not in ("mlp", "pixel_shuffle"):
             problems.append(f"projector must be 'mlp' or 'pixel_shuffle', got {self.projector!r}")
+        if self.vision_batch < 1:
+            problems.append(f"--vision-batch must be at least 1, got {self.vision_batch}")
         if self.eval_images < 1:
             problems.append(f"eval_images must be at least 1, got {self.eval_images}")
         if problems:
