@@ -37,6 +37,9 @@ def test_dense_targets_follow_the_mask_boxes_and_text():
     # Centres: (16, 16) -> patch (2, 2); (48, 48) -> patch (6, 6); boxes as fractions there.
     assert set(np.flatnonzero(t["centre"])) == {2 * 8 + 2, 6 * 8 + 6}
     assert np.allclose(t["box"][2 * 8 + 2], [0, 0, 0.5, 0.5])
+    # The per-class centre map names each centre's shape and nothing else.
+    classed = {k: SHAPE_NAMES[v - 1] for k, v in enumerate(t["centre_shape"]) if v}
+    assert classed == {2 * 8 + 2: "square", 6 * 8 + 6: "star"}
     # "CAT" spans x 8..32 on row 6 (y 48..56), 8 px a letter: patches (6, 1..3) read C, A, T
     # at both quarter points.
     read = ["".join(CHARS[k - 1] for k in t["chars"][6 * 8 + col]) for col in (1, 2, 3)]

@@ -10,6 +10,9 @@ object is in its instance mask). Each patch of the ViT's grid gets (heads on the
     centre   1 on the patch holding an object's box centre (CenterNet,      binary CE
              Zhou et al. 2019 "Objects as Points"), with the object's
     box      (x1, y1, x2, y2) / image side regressed there                   L1
+    centre_shape  the shape of the object centred on the patch (0 = none):   cross-entropy
+             CenterNet's per-class centre heatmap, so that mean-pooled
+             features can hold "how many circles" linearly
     chars    the two characters of a text under the patch's left and right  cross-entropy
              quarter points (0 = no text): a reading signal for OCR
 
@@ -49,6 +52,7 @@ class DenseTargets:
     colour: Tensor  # (N, g*g)
     size: Tensor  # (N, g*g)
     centre: Tensor  # (N, g*g) float 0/1
+    centre_shape: Tensor  # (N, g*g) int64, 0 = no object centre, else 1 + shape
     box: Tensor  # (N, g*g, 4) float, box / side on centre patches (0 elsewhere)
     chars: Tensor  # (N, g*g, 2) int64, 0 = no text, else 1 + CHARS index
 
@@ -76,12 +80,14 @@ def record_targets(record: dict, mask: np.ndarray, grid: int) -> dict[str, np.nd
         colour[hit] = 1 + COLOUR_NAMES.index(o["colour"])
         size[hit] = 1 + SIZE_NAMES.index(o["size"])
     centre = np.zeros(grid * grid, np.float32)
+    centre_shape = np.zeros(grid * grid, np.int64)
     box = np.zeros((grid * grid, 4), np.float32)
     for o in objs:
         x1, y1, x2, y2 = o["box"]
         cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
         k = min(grid - 1, int(cy // p)) * grid + min(grid - 1, int(cx // p))
         centre[k] = 1.0
+        centre_shape[k] = 1 + SHAPE_NAMES.index(o["shape"])
         box[k] = np.asarray([x1, y1, x2, y2], np.float32) / side
     chars = np.zeros((grid * grid, 2), np.int64)
     for t in truth["texts"]:
@@ -97,8 +103,8 @@ def record_targets(record: dict, mask: np.ndarray, grid: int) -> dict[str, np.nd
                         c = text[min(len(text) - 1, int((qx - x1) / (x2 - x1) * len(text)))]
                         if c.upper() in CHARS:
                             chars[row * grid + col, j] = 1 + CHARS.index(c.upper())
-    return {"shape": shape, "colour": colour, "size": size, "centre": centre, "box": box,
-            "chars": chars}  # fmt: skip
+    return {"shape": shape, "colour": colour, "size": size, "centre": centre,
+            "centre_shape": centre_shape, "box": box, "chars": chars}  # fmt: skip
 
 
 def load_dense_targets(
@@ -137,6 +143,7 @@ class DenseHeads(nn.Module):
         self.colour = nn.Linear(width, 1 + len(COLOUR_NAMES))
         self.size = nn.Linear(width, 1 + len(SIZE_NAMES))
         self.centre = nn.Linear(width, 1)
+        self.centre_shape = nn.Linear(width, 1 + len(SHAPE_NAMES))
         self.box = nn.Linear(width, 4)
         self.chars = nn.Linear(width, 2 * (1 + len(CHARS)))
 
@@ -148,6 +155,7 @@ class DenseHeads(nn.Module):
             "colour": self.colour(x),  # (B, N, 9)
             "size": self.size(x),  # (B, N, 4)
             "centre": self.centre(x).squeeze(-1),  # (B, N)
+            "centre_shape": self.centre_shape(x),  # (B, N, 8)
             "box": self.box(x).sigmoid(),  # (B, N, 4) in 0..1
             "chars": self.chars(x).view(B, N, 2, 1 + len(CHARS)),  # (B, N, 2, 37)
         }
@@ -168,12 +176,17 @@ def dense_loss(out: dict[str, Tensor], t: dict[str, Tensor]) -> tuple[Tensor, di
     loss_centre = F.binary_cross_entropy_with_logits(
         out["centre"], t["centre"], pos_weight=torch.tensor(8.0)
     )
+    # Per-class centres: as rare as centres, weighted up alike.
+    centre_weight = torch.tensor([1.0] + [8.0] * len(SHAPE_NAMES))
+    loss_centre_shape = ce(
+        out["centre_shape"].flatten(0, 1), t["centre_shape"].flatten(), weight=centre_weight
+    )
     on = t["centre"] > 0  # (B, N)
     loss_box = (
         F.l1_loss(out["box"][on], t["box"][on], reduction="sum") / on.sum().clamp(min=1) * 4
     )
     loss_chars = ce(out["chars"].flatten(0, 2), t["chars"].flatten())
-    loss = loss_shape + loss_colour + loss_size + loss_centre + loss_box + loss_chars
+    loss = loss_shape + loss_colour + loss_size + loss_centre + loss_centre_shape + loss_box + loss_chars
     with torch.no_grad():
         obj = t["shape"] > 0
         texty = t["chars"] > 0
@@ -181,6 +194,9 @@ def dense_loss(out: dict[str, Tensor], t: dict[str, Tensor]) -> tuple[Tensor, di
             "shape_acc": float((out["shape"].argmax(-1) == t["shape"])[obj].float().mean()),
             "colour_acc": float((out["colour"].argmax(-1) == t["colour"])[obj].float().mean()),
             "centre_acc": float(((out["centre"] > 0) == on).float().mean()),
+            "centre_shape_acc": float(
+                (out["centre_shape"].argmax(-1) == t["centre_shape"])[on].float().mean()
+            ) if on.any() else float("nan"),
             "box_l1": float(loss_box) / 4,
             "char_acc": float((out["chars"].argmax(-1) == t["chars"])[texty].float().mean())
             if texty.any() else float("nan"),
@@ -189,7 +205,7 @@ def dense_loss(out: dict[str, Tensor], t: dict[str, Tensor]) -> tuple[Tensor, di
 
 
 def batch_of(targets: DenseTargets, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    fields = ("shape", "colour", "size", "centre", "box", "chars")
+    fields = ("shape", "colour", "size", "centre", "centre_shape", "box", "chars")
     return normalize_pixels(targets.pixels[index]), {f: getattr(targets, f)[index] for f in fields}
 
 
