@@ -183,9 +183,8 @@ def main() -> None:
     parser.add_argument(
         "--dense-n",
         type=int,
-        default=20_000,
-        help="images in the dense phase's world (quickstart --n). The quickstart's default "
-        "5,000 overfits 4 minutes of dense pretraining: val patch shape 0.878 against 0.957 on "
+        help="images in the dense phase's world (quickstart --n; default: --world-n). The "
+        "quickstart's default 5,000 overfits 4 minutes of dense pretraining: val patch shape 0.878 against 0.957 on "
         "train; with 20,000 it is 0.927 against 0.932",
     )
     parser.add_argument(
@@ -235,7 +234,7 @@ def main() -> None:
         dense_dir = args.runs / "dense"
         minutes = args.dense_minutes / QuickstartConfig.vision_share  # the stage's share of the budget
         cmd = [*VISTO, "quickstart", "--out", str(dense_dir), "--until", "vision", "--fresh",
-               "--minutes", str(minutes), "--n", str(args.dense_n),
+               "--minutes", str(minutes), "--n", str(args.dense_n or args.world_n),
                "--vision-batch", str(args.dense_batch)]  # fmt: skip
         if args.threads:
             cmd += ["--threads", str(args.threads)]

@@ -285,16 +285,15 @@ def zero_shot_metrics(
     """
     shapes, colours = vocab["shapes"], vocab["colours"]
     classes = [f"{c} {s}" for s in shapes for c in colours]
-    out = {}
+    out, preds, targets = {}, {}, {}
     for attribute, names in (("shape", shapes), ("colour", colours), ("class", classes)):
-        target = torch.tensor([names.index(lab[attribute]) for lab in labels])
-        pred = zero_shot_classify(image_emb, names, embed_texts, templates)
-        out[f"zeroshot.{attribute}"] = accuracy(pred, target)
+        targets[attribute] = torch.tensor([names.index(lab[attribute]) for lab in labels])
+        preds[attribute] = zero_shot_classify(image_emb, names, embed_texts, templates)
+        out[f"zeroshot.{attribute}"] = accuracy(preds[attribute], targets[attribute])
     # classes[k] is colour k % C of shape k // C.
-    shape_target = torch.tensor([shapes.index(lab["shape"]) for lab in labels])
-    colour_target = torch.tensor([colours.index(lab["colour"]) for lab in labels])
-    out["zeroshot.shape_via_pair"] = accuracy(pred // len(colours), shape_target)
-    out["zeroshot.colour_via_pair"] = accuracy(pred % len(colours), colour_target)
+    pair = preds["class"]
+    out["zeroshot.shape_via_pair"] = accuracy(pair // len(colours), targets["shape"])
+    out["zeroshot.colour_via_pair"] = accuracy(pair % len(colours), targets["colour"])
     return out
 
 
