@@ -261,11 +261,12 @@ def test_concurrent_requests_are_batched_and_match_single_runs(url, client):
     assert total > le1, "no batch held more than one request"
 
 
-def test_client_disconnect_stops_the_generation(url):
-    def metric(text: str, name: str) -> float:
-        return sum(float(line.split()[-1]) for line in text.splitlines()
-                   if line.startswith(name) and not line.startswith("#"))  # fmt: skip
+def metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))  # fmt: skip
 
+
+def test_client_disconnect_stops_the_generation(url):
     before = httpx.get(url + "/metrics").text
     body = {"model": "tiny-llava", "messages": [{"role": "user", "content": "the red"}],
             "max_tokens": 480, "stream": True, "ignore_eos": True}  # fmt: skip
@@ -284,8 +285,29 @@ def test_client_disconnect_stops_the_generation(url):
     assert httpx.get(url + "/health").json()["in_flight"] == 0
 
 
+
+def test_client_disconnect_stops_a_plain_request_too(url):
+    # Not streamed: the handler polls request.is_disconnected() (blind before the API-key and
+    # metrics middleware became plain ASGI), and stops the job when its client has gone.
+    name = 'visto_requests_cancelled_total{reason="client_disconnected"}'
+    before = metric(httpx.get(url + "/metrics").text, name)
+    body = {"model": "tiny-llava", "messages": [{"role": "user", "content": "the red"}],
+            "max_tokens": 480, "n": 8, "ignore_eos": True}  # fmt: skip
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", json=body, timeout=0.3)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if metric(httpx.get(url + "/metrics").text, name) > before:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the abandoned request was not cancelled")
+    while httpx.get(url + "/health").json()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(url + "/health").json()["in_flight"] == 0
+
 def test_api_key_and_concurrency_limit(files):
-    app = app_for(files, "--api-key", "sekret", "--max-concurrency", "1")
+    app = app_for(files, "--api-key", "sekret", "--max-concurrency", "1", "--max-queue", "0")
     with running(app) as base:
         msgs = [{"role": "user", "content": "the red"}]
         r = httpx.post(base + "/v1/chat/completions", json={"model": "tiny-llava", "messages": msgs})
@@ -294,7 +316,7 @@ def test_api_key_and_concurrency_limit(files):
             openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
         client = openai.OpenAI(base_url=base + "/v1", api_key="sekret", max_retries=0, timeout=30)
         assert client.models.list().data
-        # One long stream holds the only slot, so the next request gets 429.
+        # One long stream holds the only slot and nothing may wait, so the next request gets 429.
         stream = client.chat.completions.create(
             model="tiny-llava", messages=msgs, max_tokens=480, stream=True,
             extra_body={"ignore_eos": True},

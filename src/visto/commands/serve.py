@@ -20,8 +20,9 @@ Serve models over an OpenAI-compatible HTTP API, with a web page at /.
   GET  /v1/models, /health, /metrics (Prometheus), /docs (the API schema)
 
 Any OpenAI client works: point its base_url at http://HOST:PORT/v1.
-Requests arriving together are batched into one generation (--max-batch, --batch-wait-ms);
-beyond --max-concurrency requests in flight the server answers 429.
+Requests arriving together are batched into one generation (--max-batch, --batch-wait-ms).
+Beyond --max-concurrency requests in flight, up to --max-queue more wait in line (first come,
+first served); beyond that the server answers 429 with Retry-After.
 Remote image URLs are refused unless --allow-remote-images and the host is in --allowed-hosts.
 
 Examples:
@@ -43,12 +44,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--max-concurrency", type=int, default=32,
-                   help="chat requests in flight before 429 (default 32)")
+                   help="chat requests in flight at once; more wait in line (default 32)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="chat requests waiting in line for a slot before 429 (default 64)")
     p.add_argument("--max-batch", type=int, default=8, help="rows per batched generation (default 8)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long a batch waits for more requests (default 5 ms)")
     p.add_argument("--timeout", type=float, default=120.0,
-                   help="seconds per chat request before 504 (default 120)")
+                   help="seconds per chat request, waiting in line included, before 504 "
+                   "(default 120)")
     p.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (only from --allowed-hosts)")
@@ -79,6 +83,8 @@ def build_app(args: argparse.Namespace):
     for name in ("max_concurrency", "max_batch", "max_images"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_queue < 0:
+        raise UserError("--max-queue must be 0 (answer 429 as soon as the slots are full) or more")
     if args.timeout <= 0 or args.batch_wait_ms < 0:
         raise UserError("--timeout must be positive and --batch-wait-ms not negative")
 
@@ -106,6 +112,7 @@ def build_app(args: argparse.Namespace):
     settings = ServeSettings(
         api_key=args.api_key,
         max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
         timeout_s=args.timeout,

@@ -5,7 +5,7 @@
 
 Endpoints (all JSON; errors in OpenAI's `{"error": {...}}` shape, see errors.py):
 
-    GET  /health                  liveness, queue depth
+    GET  /health                  liveness, requests in flight and waiting, queue depth
     GET  /metrics                 Prometheus text
     GET  /v1/models               the served model ids
     POST /v1/chat/completions     text + images in, text out; streaming (SSE); n; seed; stop;
@@ -15,9 +15,10 @@ Endpoints (all JSON; errors in OpenAI's `{"error": {...}}` shape, see errors.py)
     GET  /                        the web page (static/)
 
 The server knows HTTP; it calls the layers below (processor, engine, embedder, store) and
-nothing calls it. Each chat request becomes a `Job` for the batcher's worker thread
-(batching.py); the handler awaits the job's events and writes them out, so the event loop is
-never blocked by the model.
+nothing calls it. A chat request first takes one of --max-concurrency slots, waiting in line
+for one (up to --max-queue requests wait; admission.py); then it becomes a `Job` for the
+batcher's worker thread (batching.py); the handler awaits the job's events and writes them
+out, so the event loop is never blocked by the model.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from visto.data.sample import Sample
 from visto.errors import UserError
+from visto.serve.admission import Admission, LeftQueue, QueueFull
 from visto.serve.batching import Batcher, Job
 from visto.serve.content import ImagePolicy, embedding_inputs, load_image, messages_to_turns
 from visto.serve.errors import APIError, error_body, error_response, install_error_handlers
@@ -66,10 +69,11 @@ STATIC_DIR = Path(__file__).parent / "static"
 @dataclass(frozen=True)
 class ServeSettings:
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer KEY"
-    max_concurrency: int = 32  # chat requests admitted at once (queued + running); more -> 429
+    max_concurrency: int = 32  # chat requests in flight at once (being prepared, batched, run)
+    max_queue: int = 64  # chat requests waiting in line for a slot; more -> 429 + Retry-After
     max_batch: int = 8  # rows (requests x n) per batched generation
     batch_wait_ms: float = 5.0  # how long the batcher waits for more requests to join a batch
-    timeout_s: float = 120.0  # per chat request, from admission to the last token
+    timeout_s: float = 120.0  # per chat request, from arrival (waiting included) to the last token
     max_body_bytes: int = 24 * 1024 * 1024  # larger bodies -> 413
     default_max_tokens: int = 256  # when the request gives no max_tokens
     max_n: int = 8  # choices per request
@@ -168,6 +172,45 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class Observe:
+    """Checks the API key on /v1/* and counts and times every request by endpoint and status.
+
+    Plain ASGI rather than Starlette's `@app.middleware("http")`: that one wraps `receive` so
+    that `request.is_disconnected()` never sees a client leave, and requests waiting in line
+    or for their completion poll it to give up their place when their client has gone.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, api_key: str | None) -> None:
+        self.app, self.metrics, self.api_key = app, metrics, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        path = scope["path"]
+        endpoint = path if path in _ENDPOINTS else "other"
+        if self.api_key and path.startswith("/v1/"):
+            given = Headers(scope=scope).get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                self.metrics.requests.labels(endpoint, "401").inc()
+                response = error_response(
+                    401,
+                    "missing or wrong API key: send the header 'Authorization: Bearer KEY' "
+                    "with the key the server was started with (--api-key)",
+                    None,
+                    "invalid_api_key",
+                )
+                return await response(scope, receive, send)
+
+        async def observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+                self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            await send(message)
+
+        await self.app(scope, receive, observed)
+
+
 # ----------------------------------------------------------------------------- the server
 
 
@@ -177,7 +220,9 @@ class Server:
     def __init__(self, models: ServedModels, settings: ServeSettings) -> None:
         self.models, self.settings = models, settings
         self.metrics = Metrics()
-        self.in_flight = 0
+        self.admission = Admission(settings.max_concurrency, settings.max_queue)
+        self.metrics.in_flight.set_function(lambda: self.admission.running)
+        self.metrics.waiting.set_function(lambda: self.admission.waiting)
         self.started = int(time.time())
         self.embed_lock = threading.Lock()  # one embedding/search computation at a time
         self.batcher: Batcher | None = None
@@ -309,23 +354,35 @@ class Server:
             ))
         return [encoded] * body.n, params, prompt_tokens
 
-    def admit(self) -> None:
-        if self.in_flight >= self.settings.max_concurrency:
+    @property
+    def in_flight(self) -> int:
+        return self.admission.running
+
+    async def admit(self, request: Request, deadline: float) -> None:
+        """Take a slot for a chat request, waiting in line for one; 429 when the line is full."""
+        arrived = time.perf_counter()
+        try:
+            await self.admission.acquire(request.is_disconnected, deadline)
+        except QueueFull:
             self.metrics.rejected.inc()
-            raise APIError(429, f"the server is busy ({self.in_flight} requests in flight, limit "
-                           f"{self.settings.max_concurrency}); retry shortly", None,
-                           "server_busy")
-        self.in_flight += 1
-        self.metrics.in_flight.set(self.in_flight)
+            raise APIError(429, f"the server is busy ({self.admission.running} requests in "
+                           f"flight, {self.admission.waiting} waiting; limits --max-concurrency "
+                           f"{self.settings.max_concurrency}, --max-queue "
+                           f"{self.settings.max_queue}); retry after the Retry-After seconds",
+                           None, "server_busy") from None
+        except LeftQueue as left:
+            self.metrics.cancelled.labels(left.reason).inc()
+            if left.reason == "timeout":
+                raise self._timeout_error() from None
+            raise APIError(499, "the client closed the connection") from None
+        self.metrics.queue_wait_seconds.observe(time.perf_counter() - arrived)
 
     def release(self) -> None:
-        self.in_flight -= 1
-        self.metrics.in_flight.set(self.in_flight)
+        self.admission.release()
 
-    def submit(self, prompts: list[Any], params: list[Any]) -> Job:
+    def submit(self, prompts: list[Any], params: list[Any], deadline: float) -> Job:
         assert self.batcher is not None
-        job = Job(prompts, params, asyncio.get_running_loop(),
-                  deadline=time.monotonic() + self.settings.timeout_s)
+        job = Job(prompts, params, asyncio.get_running_loop(), deadline=deadline)
         self.batcher.submit(job)
         self.metrics.queue_depth.set(self.batcher.queue_depth)
         return job
@@ -513,29 +570,13 @@ def create_app(models: ServedModels, settings: ServeSettings | None = None) -> F
     app.state.server = server
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Any) -> Response:
-        start = time.perf_counter()
-        path = request.url.path
-        endpoint = path if path in _ENDPOINTS else "other"
-        if settings.api_key and path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                response: Response = error_response(
-                    401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' "
-                    "with the key the server was started with (--api-key)", None, "invalid_api_key")
-                server.metrics.requests.labels(endpoint, "401").inc()
-                return response
-        response = await call_next(request)
-        server.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        server.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(Observe, metrics=server.metrics, api_key=settings.api_key)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         batcher = server.batcher
         return {"status": "ok", "models": server.model_ids(), "in_flight": server.in_flight,
+                "waiting": server.admission.waiting,
                 "queue_depth": batcher.queue_depth if batcher else 0,
                 "busy_rows": batcher.busy_rows if batcher else 0}
 
@@ -558,12 +599,13 @@ def create_app(models: ServedModels, settings: ServeSettings | None = None) -> F
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         server.chat_model(body.model)  # 404 before any work
-        server.admit()
+        deadline = time.monotonic() + settings.timeout_s
+        await server.admit(request, deadline)
         handed_off = False
         try:
             prompts, params, prompt_tokens = await run_in_threadpool(server.prepare_chat, body)
             start = time.perf_counter()
-            job = server.submit(prompts, params)
+            job = server.submit(prompts, params, deadline)
             if body.stream:
                 handed_off = True  # the stream releases the slot when it ends
                 return StreamingResponse(

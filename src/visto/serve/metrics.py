@@ -32,7 +32,7 @@ class Metrics:
             "visto_requests_cancelled", "chat requests stopped early", ["reason"], registry=r
         )
         self.rejected = Counter(
-            "visto_requests_rejected", "requests refused with 429 (server full)", registry=r
+            "visto_requests_rejected", "requests refused with 429 (slots and line full)", registry=r
         )
         self.batch_rows = Histogram(
             "visto_batch_rows", "rows per batched generation", buckets=(1, 2, 4, 8, 16, 32, 64),
@@ -41,6 +41,13 @@ class Metrics:
         self.queue_depth = Gauge("visto_queue_depth", "requests waiting for a batch", registry=r)
         self.in_flight = Gauge(
             "visto_requests_in_flight", "chat requests admitted and not yet answered", registry=r
+        )
+        self.waiting = Gauge(
+            "visto_requests_waiting", "chat requests waiting in line for a slot", registry=r
+        )
+        self.queue_wait_seconds = Histogram(
+            "visto_queue_wait_seconds", "time a chat request waited for a slot",
+            buckets=LATENCY_BUCKETS, registry=r,
         )
 
     def render(self) -> bytes:
