@@ -31,6 +31,7 @@ Examples:
   visto train --recipe clip-synth --set data.source=runs/world
   visto train --recipe my-recipe.json --out runs/exp1 --set optim.lr=3e-4 --set max_minutes=8
   visto train --recipe clip-synth --set optim.module_lrs.vision_model=0    (freeze the vision tower)
+  visto train --recipe my-llava.json --set data.source=llava_v1_5_mix665k.json --image-root data/
   visto train --resume runs/exp1
   visto train --resume runs/exp1 --set max_steps=2000                 (train it further)
   torchrun --nproc_per_node 2 -m visto.cli train --recipe clip-synth --out runs/ddp
@@ -45,6 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a recipe setting, e.g. optim.lr=3e-4 or data.tasks='[\"vqa\"]' (repeatable)",
     )
+    p.add_argument(
+        "--image-root", metavar="DIR",
+        help="where the data's image paths point (LLaVA's --image_folder, COCO's image folder); "
+        "same as --set data.image_root=DIR",
+    )
+    p.add_argument("--caption-key", metavar="NAME", help="same as --set data.caption_key=NAME")
+    p.add_argument("--image-key", metavar="NAME", help="same as --set data.image_key=NAME")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its latest checkpoint")
     p.add_argument("--list", action="store_true", help="list the shipped recipes and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -57,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from visto.train.recipe import list_recipes, load_recipe
 
     console = Console(soft_wrap=True)  # paths stay whole, copyable
+    args.overrides = [*args.overrides, *data_flag_overrides(args)]
     if args.list:
         for name, description in list_recipes().items():
             console.print(f"[bold]{name}[/bold]  {description}", highlight=False)
@@ -82,3 +91,11 @@ def run(args: argparse.Namespace) -> int:
 
     leave_process_group()  # under torchrun: a clean exit for every rank
     return 130 if result.stopped_early else 0
+
+
+def data_flag_overrides(args: argparse.Namespace) -> list[str]:
+    """--image-root / --caption-key / --image-key as the `--set data.*` they stand for."""
+    import json
+
+    flags = {"image_root": args.image_root, "caption_key": args.caption_key, "image_key": args.image_key}
+    return [f"data.{name}={json.dumps(value)}" for name, value in flags.items() if value is not None]

@@ -36,6 +36,9 @@ def source_from_spec(spec: Any, seed: int) -> tuple[SampleSource, bool]:
             "(e.g. --set data.source=runs/world after `visto data synth --out runs/world`)"
         )
     fmt = spec.format or infer_format(spec.source)
+    real_only = [n for n in ("image_root", "caption_key", "image_key") if getattr(spec, n) is not None]
+    if fmt == "synth" and real_only:
+        raise UserError(f"data.{real_only[0]} applies to files in a real format; {spec.source} is a synthetic world")
     if fmt == "synth":
         splits = {"train": spec.split, "val": spec.val_split}
 
@@ -46,9 +49,13 @@ def source_from_spec(spec: Any, seed: int) -> tuple[SampleSource, bool]:
     if spec.tasks is not None:
         raise UserError(f"data.tasks selects tasks of the synthetic world; {spec.source} is {fmt} data")
     paths = {"train": spec.source, "val": spec.val_source}
+    # The same image root and key names serve the validation file: one dataset, two splits.
+    names = {"caption_key": spec.caption_key, "image_key": spec.image_key}
 
     def files(role: str) -> Iterable[Sample]:
-        return read_samples(paths[role], fmt if role == "train" else None)
+        return read_samples(
+            paths[role], fmt if role == "train" else None, image_root=spec.image_root, **names
+        )
 
     return files, spec.val_source is not None
 

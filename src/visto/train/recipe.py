@@ -44,6 +44,12 @@ class DataSpec:
     tasks: list[str] | None = None
     # Real formats hold one split per file: validation data is another path (None = none).
     val_source: str | None = None
+    # Where LLaVA JSON / COCO image paths point (LLaVA's --image_folder); None = beside the JSON.
+    image_root: str | None = None
+    # Field, column or WebDataset extension names of your data (None = the usual names:
+    # "caption"/"text"/"captions" or a .txt file; "image"/"images" or .png/.jpg/...).
+    caption_key: str | None = None
+    image_key: str | None = None
     # Samples held for shuffling (>= dataset size: a full shuffle). Each epoch starts by
     # reading this many, so a larger buffer shuffles better but stalls longer.
     shuffle_buffer: int = 1024

@@ -15,6 +15,9 @@ Formats (one module each; their docstrings give the exact layout):
     coco        COCO captions JSON + image folder                       coco.py
     webdataset  tar shards: KEY.json, KEY.txt, KEY.png, KEY.1.png, ...   webdataset.py
     parquet     HF-hub style: images as struct{bytes, path} + turns      parquet.py
+
+Caption-only records (an image and a caption, no conversation) in any of them read as
+samples of the caption task (captions.py).
     synth       the built-in synthetic world (a folder with world.json; read only)
 
 Reading streams and is forgiving per record, strict per file: a malformed record is
@@ -42,6 +45,7 @@ from .webdataset import SHARD_SUFFIXES, read_webdataset, write_webdataset
 __all__ = ["FORMATS", "ReadStats", "infer_format", "read_samples", "write_samples"]
 
 FORMATS = ("llava", "coco", "webdataset", "parquet", "synth")
+KEYED_FORMATS = ("llava", "webdataset", "parquet")  # caption_key / image_key apply to these
 WRITERS = {
     "llava": write_llava,
     "coco": write_coco,
@@ -97,6 +101,8 @@ def read_samples(
     *,
     stats: ReadStats | None = None,
     image_root: str | Path | None = None,
+    caption_key: str | None = None,
+    image_key: str | None = None,
     split: str | None = None,
     tasks: list[str] | None = None,
     seed: int = 0,
@@ -106,6 +112,11 @@ def read_samples(
     fmt: one of FORMATS, or None to infer it from the path.
     stats: filled in as the pass goes (read / skipped / reasons); pass one to inspect it.
     image_root: where relative image paths point (llava, coco); default beside the JSON.
+    caption_key: the field / column / WebDataset extension holding a caption-only record's
+        caption (llava, webdataset, parquet); default "txt" files, then "caption", "text",
+        "captions". Naming it reads every record as a caption, even one with turns.
+    image_key: the field / column / extension holding the image(s) (llava: "image";
+        parquet: "images", then "image"; webdataset: png, jpg, jpeg, webp).
     split, tasks, seed: passed to the synthetic world (synth only; split defaults to "train").
     """
     path = Path(path)
@@ -116,6 +127,11 @@ def read_samples(
         raise UserError(f"{path} does not exist; check the path to the {fmt} data")
     if image_root is not None and fmt not in ("llava", "coco"):
         raise UserError(f"image_root applies to llava and coco data, not {fmt}")
+    if (caption_key is not None or image_key is not None) and fmt not in KEYED_FORMATS:
+        raise UserError(
+            f"caption_key and image_key name fields of {', '.join(KEYED_FORMATS)} data; "
+            f"{fmt} data has fixed names"
+        )
     if (split is not None or tasks is not None) and fmt != "synth":
         raise UserError(
             f"split= and tasks= select from the synthetic world; {fmt} data has no splits: "
@@ -125,13 +141,13 @@ def read_samples(
     if fmt == "synth":
         samples = _read_synth(path, stats, split or "train", tasks, seed)
     elif fmt == "llava":
-        samples = read_llava(path, stats, image_root=image_root)
+        samples = read_llava(path, stats, image_root, caption_key, image_key)
     elif fmt == "coco":
         samples = read_coco(path, stats, image_root=image_root)
     elif fmt == "webdataset":
-        samples = read_webdataset(path, stats)
+        samples = read_webdataset(path, stats, caption_key, image_key)
     else:
-        samples = read_parquet(path, stats)
+        samples = read_parquet(path, stats, caption_key, image_key)
     return _summarized(samples, stats, path)
 
 

@@ -9,7 +9,9 @@ A JSON list (or JSON lines, one record a line) of
      "truth": {...}}                           # visto's addition; LLaVA ignores it
 
 Image paths are relative to the JSON file's directory, or to `image_root` when given (the
-`--image_folder` of LLaVA's training script). Reading loads the JSON index (`.jsonl` is
+`--image_folder` of LLaVA's training script). A record without a conversation but with a
+`"caption"` (or `"text"`, `"captions"`) is a sample of the caption task (see captions.py);
+`caption_key` and `image_key` name other fields. Reading loads the JSON index (`.jsonl` is
 streamed line by line) and decodes each sample's images only when that sample is reached.
 
 Writing produces `OUT/data.json` (or `data.jsonl`) and `OUT/images/`; LLaVA's loader reads
@@ -27,7 +29,6 @@ from visto.data.sample import Sample
 from visto.errors import UserError
 
 from ._common import (
-    check_truth,
     conversations_from_turns,
     encode_image,
     find_annotation_file,
@@ -37,20 +38,27 @@ from ._common import (
     prepare_for_writing,
     record_id,
     resolve_image_path,
-    turns_from_record,
 )
+from .captions import turns_and_truth
 from .stats import BAD_FIELDS, BAD_JSON, BadRecord, ReadStats
 
 
 def read_llava(
-    path: Path, stats: ReadStats, image_root: str | Path | None = None
+    path: Path,
+    stats: ReadStats,
+    image_root: str | Path | None = None,
+    caption_key: str | None = None,
+    image_key: str | None = None,
 ) -> Iterator[Sample]:
     json_path = find_annotation_file(path, (".json", ".jsonl"), "LLaVA")
     roots = [Path(image_root)] if image_root is not None else [json_path.parent]
     records = _json_lines(json_path) if json_path.suffix == ".jsonl" else _json_list(json_path)
     for key, record in records:
         try:
-            sample = _sample_from_record(record, key, roots, f"llava:{json_path.name}")
+            source = f"llava:{json_path.name}"
+            sample = _sample_from_record(
+                record, key, roots, source, caption_key, image_key or "image"
+            )
         except BadRecord as e:
             stats.skip(json_path, key, e)
             continue
@@ -103,13 +111,20 @@ def _key(record: Any, fallback: str) -> str:
     return fallback
 
 
-def _sample_from_record(record: Any, key: str, roots: list[Path], source: str) -> Sample:
+def _sample_from_record(
+    record: Any,
+    key: str,
+    roots: list[Path],
+    source: str,
+    caption_key: str | None,
+    image_key: str,
+) -> Sample:
     if isinstance(record, BadRecord):
         raise record
     if not isinstance(record, dict):
         raise BadRecord(BAD_FIELDS, f"a record must be a JSON object, got {type(record).__name__}")
     sample_id = record_id(record.get("id"), fallback=key)
-    image_field = record.get("image")
+    image_field = record.get(image_key)
     if image_field is None:
         paths = []
     elif isinstance(image_field, str):
@@ -117,9 +132,8 @@ def _sample_from_record(record: Any, key: str, roots: list[Path], source: str) -
     elif isinstance(image_field, list) and all(isinstance(p, str) for p in image_field):
         paths = image_field
     else:
-        raise BadRecord(BAD_FIELDS, '"image" must be a path or a list of paths')
-    turns = turns_from_record(record)
-    truth = check_truth(record.get("truth"))
+        raise BadRecord(BAD_FIELDS, f'"{image_key}" must be a path or a list of paths')
+    turns, truth = turns_and_truth(record, caption_key)
     images = [load_image_file(resolve_image_path(p, roots)) for p in paths]
     return make_sample(sample_id, images, turns, truth, source)
 

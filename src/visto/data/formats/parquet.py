@@ -10,7 +10,10 @@ One row per sample:
 Reading also accepts a single `image` struct column (or plain binary), and `messages`
 (chat `{"role", "content"}` with string or `[{"type": "image"}, {"type": "text", ...}]`
 content) instead of `conversations`; an image cell with no bytes but a `path` is loaded
-from beside the parquet file. Files are read one batch of rows at a time
+from beside the parquet file. A file without a conversation column is a caption set (HF
+`datasets` with an `Image` feature and a `caption`, `text` or `captions` column): each row
+is a sample of the caption task (see captions.py). `caption_key` and `image_key` name other
+columns. Files are read one batch of rows at a time
 (`ParquetFile.iter_batches`), so memory holds one batch, not the file.
 
 Writing produces `OUT/part-00000.parquet`, ... (at most `max_samples_per_file` rows each)
@@ -44,7 +47,14 @@ from ._common import (
     turns_from_conversations,
     turns_from_messages,
 )
-from .stats import BAD_FIELDS, BAD_JSON, TRUNCATED, BadRecord, ReadStats
+from .captions import (
+    DEFAULT_CAPTION_KEYS,
+    SETTING_HINT,
+    caption_key_in,
+    caption_sample_parts,
+    captions_from,
+)
+from .stats import BAD_FIELDS, BAD_JSON, MISSING_IMAGE, TRUNCATED, BadRecord, ReadStats
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 SCHEMA = pa.schema(
@@ -60,9 +70,14 @@ TURN_COLUMNS = ("conversations", "messages")
 BATCH_ROWS = 64
 
 
-def read_parquet(path: Path, stats: ReadStats) -> Iterator[Sample]:
+def read_parquet(
+    path: Path,
+    stats: ReadStats,
+    caption_key: str | None = None,
+    image_key: str | None = None,
+) -> Iterator[Sample]:
     for file in _files(path):
-        yield from _read_file(file, stats)
+        yield from _read_file(file, stats, caption_key, image_key)
 
 
 def _files(path: Path) -> list[Path]:
@@ -76,22 +91,50 @@ def _files(path: Path) -> list[Path]:
     raise UserError(f"{path} does not exist; give a .parquet file or a folder of them")
 
 
-def _read_file(file: Path, stats: ReadStats) -> Iterator[Sample]:
+class _Columns:
+    """Which column holds what in one parquet file: the images, and turns or captions."""
+
+    def __init__(
+        self, file: Path, names: list[str], caption_key: str | None, image_key: str | None
+    ):
+        if image_key is not None and image_key not in names:
+            raise UserError(
+                f"{file} has no column {image_key!r} (the image_key setting); its columns are {names}"
+            )
+        self.image = image_key or next((c for c in IMAGE_COLUMNS if c in names), None)
+        self.turns = None if caption_key else next((c for c in TURN_COLUMNS if c in names), None)
+        self.caption = None if self.turns else caption_key_in(names, caption_key)
+        if self.turns is None and self.caption is None:
+            wanted = (
+                f"a column {caption_key!r} (the caption_key setting)"
+                if caption_key
+                else f"a conversation column ({', '.join(TURN_COLUMNS)}) or a caption column "
+                f"({', '.join(DEFAULT_CAPTION_KEYS)}); {SETTING_HINT}"
+            )
+            raise UserError(f"{file} has columns {names}; visto needs {wanted}")
+        if self.caption is not None and self.image is None:
+            raise UserError(
+                f"{file} has captions ({self.caption!r}) but no image column among {names}: "
+                f"visto looks for {list(IMAGE_COLUMNS)}; set data.image_key (or --image-key)"
+            )
+
+    def to_read(self, names: list[str]) -> list[str]:
+        wanted = ("id", self.image, self.turns, self.caption, "truth")
+        return [c for c in wanted if c is not None and c in names]
+
+
+def _read_file(
+    file: Path, stats: ReadStats, caption_key: str | None, image_key: str | None
+) -> Iterator[Sample]:
     try:
         parquet = pq.ParquetFile(file)
     except (OSError, pa.ArrowException) as e:
         raise UserError(f"{file} is not a readable parquet file ({e})") from None
     names = parquet.schema_arrow.names
-    turn_column = next((c for c in TURN_COLUMNS if c in names), None)
-    if turn_column is None:
-        raise UserError(
-            f"{file} has columns {names}; visto needs one of {list(TURN_COLUMNS)} for the turns"
-        )
-    image_column = next((c for c in IMAGE_COLUMNS if c in names), None)
-    columns = [c for c in ("id", image_column, turn_column, "truth") if c in names]
+    columns = _Columns(file, names, caption_key, image_key)
     source = f"parquet:{file.name}"
     row = 0
-    batches = parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+    batches = parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns.to_read(names))
     while True:
         try:
             batch = next(batches)
@@ -107,7 +150,7 @@ def _read_file(file: Path, stats: ReadStats) -> Iterator[Sample]:
             key = f"row {row}"
             row += 1
             try:
-                sample = _sample_from_row(record, key, image_column, turn_column, file, source)
+                sample = _sample_from_row(record, key, columns, file, source)
             except BadRecord as e:
                 stats.skip(file, key, e)
                 continue
@@ -116,18 +159,9 @@ def _read_file(file: Path, stats: ReadStats) -> Iterator[Sample]:
 
 
 def _sample_from_row(
-    record: dict[str, Any],
-    key: str,
-    image_column: str | None,
-    turn_column: str,
-    file: Path,
-    source: str,
+    record: dict[str, Any], key: str, columns: _Columns, file: Path, source: str
 ) -> Sample:
     sample_id = record_id(record.get("id"), fallback=key)
-    if turn_column == "conversations":
-        turns = turns_from_conversations(record["conversations"])
-    else:
-        turns = turns_from_messages(record["messages"])
     truth = record.get("truth")
     if isinstance(truth, str):
         try:
@@ -135,14 +169,21 @@ def _sample_from_row(
         except json.JSONDecodeError as e:
             raise BadRecord(BAD_JSON, f'"truth" is not valid JSON: {e}') from None
     truth = check_truth(truth)
-    cells = record.get(image_column) if image_column else None
+    if columns.caption is not None:
+        captions = captions_from(record[columns.caption], f'"{columns.caption}"')
+        turns, truth = caption_sample_parts(captions, truth)
+    elif columns.turns == "conversations":
+        turns = turns_from_conversations(record["conversations"])
+    else:
+        turns = turns_from_messages(record["messages"])
+    cells = record.get(columns.image) if columns.image else None
     if cells is None:
         cells = []
-    elif image_column == "image":
+    elif not isinstance(cells, list):  # a single-image column (HF `Image` feature)
         cells = [cells]
-    if not isinstance(cells, list):
-        raise BadRecord(BAD_FIELDS, f'"{image_column}" must be a list of images')
-    images = [_image(cell, f"{image_column}[{i}]", file) for i, cell in enumerate(cells)]
+    if columns.caption is not None and not cells:
+        raise BadRecord(MISSING_IMAGE, f'caption row has no image in "{columns.image}"')
+    images = [_image(cell, f"{columns.image}[{i}]", file) for i, cell in enumerate(cells)]
     return make_sample(sample_id, images, turns, truth, source)
 
 

@@ -8,9 +8,12 @@ first dot of the base name, WebDataset's own rule):
     00000042.png       image 0 (or .jpg / .jpeg / .webp)
     00000042.1.png     image 1, 00000042.2.png image 2, ... (multi-image samples)
 
-Reading: `.json` gives the turns (LLaVA `"conversations"` and chat `"messages"` are accepted
-too); without it, `.txt` reads as a caption sample (see coco.py for the caption turns).
-Other extensions (`.cls`, `.npy`, ...) are ignored. Shards are streamed member by member
+Reading: a `.json` with a conversation (`"turns"`, LLaVA `"conversations"`, chat
+`"messages"`) gives the turns. Otherwise the sample is a caption (see captions.py): the
+`.txt` file, else the `.json`'s `"caption"` (or `"text"`, `"captions"`), the layout of
+img2dataset and of `webdataset.TarWriter` caption sets. `caption_key` names another
+extension or JSON key; `image_key` another image extension. Other extensions (`.cls`,
+`.npy`, ...) are ignored. Shards are streamed member by member
 (tarfile's stream mode, which also reads `.tar.gz`), so a shard is never held in memory. A shard that is damaged part
 way is read up to the damage; the rest of it is counted as skipped.
 """
@@ -29,7 +32,6 @@ from visto.data.sample import Sample
 from visto.errors import UserError
 
 from ._common import (
-    caption_turns,
     check_truth,
     decode_image,
     encode_image,
@@ -37,20 +39,32 @@ from ._common import (
     output_directory,
     prepare_for_writing,
     record_id,
-    turns_from_record,
 )
-from .stats import BAD_FIELDS, BAD_JSON, TRUNCATED, BadRecord, ReadStats
+from .captions import (
+    CONVERSATION_KEYS,
+    SETTING_HINT,
+    caption_sample_parts,
+    captions_from,
+    turns_and_truth,
+)
+from .stats import BAD_FIELDS, BAD_JSON, MISSING_IMAGE, TRUNCATED, BadRecord, ReadStats
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # stream mode "r|*" reads gzip too
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 # WebDataset's split of a member name into (key, extension): the first dot of the base name.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]+)$")
-_NUMBERED_IMAGE = re.compile(r"^(\d+)\.(" + "|".join(IMAGE_EXTENSIONS) + r")$")
+_NUMBERED_IMAGE = re.compile(r"^(\d+)\.([^.]+)$")  # "1.png": image 1 of a multi-image sample
 
 
-def read_webdataset(path: Path, stats: ReadStats) -> Iterator[Sample]:
+def read_webdataset(
+    path: Path,
+    stats: ReadStats,
+    caption_key: str | None = None,
+    image_key: str | None = None,
+) -> Iterator[Sample]:
+    image_extensions = (image_key.lower(),) if image_key is not None else IMAGE_EXTENSIONS
     for shard in _shards(path):
-        yield from _read_shard(shard, stats)
+        yield from _read_shard(shard, stats, caption_key, image_extensions)
 
 
 def _shards(path: Path) -> list[Path]:
@@ -66,7 +80,9 @@ def _shards(path: Path) -> list[Path]:
     raise UserError(f"{path} does not exist; give a .tar shard or a folder of them")
 
 
-def _read_shard(shard: Path, stats: ReadStats) -> Iterator[Sample]:
+def _read_shard(
+    shard: Path, stats: ReadStats, caption_key: str | None, image_extensions: tuple[str, ...]
+) -> Iterator[Sample]:
     try:
         tar = tarfile.open(shard, mode="r|*")
     except (OSError, tarfile.TarError) as e:
@@ -87,7 +103,8 @@ def _read_shard(shard: Path, stats: ReadStats) -> Iterator[Sample]:
                 stats.skip(shard, "after the last good record", error)
                 return
             try:
-                sample = _sample_from_files(key, files, f"webdataset:{shard.name}")
+                source = f"webdataset:{shard.name}"
+                sample = _sample_from_files(key, files, source, caption_key, image_extensions)
             except BadRecord as e:
                 stats.skip(shard, key, e)
                 continue
@@ -114,37 +131,67 @@ def _member_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]
         yield key, files
 
 
-def _sample_from_files(key: str, files: dict[str, bytes], source: str) -> Sample:
-    encoded = _images_in_order(files)
-    if "json" in files:
-        try:
-            record = json.loads(files["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRecord(BAD_JSON, f"{key}.json is not valid JSON: {e}") from None
-        if not isinstance(record, dict):
-            raise BadRecord(BAD_FIELDS, f"{key}.json must hold an object")
-        sample_id = record_id(record.get("id"), fallback=key)
-        turns = turns_from_record(record)
-        truth = check_truth(record.get("truth"))
-    elif "txt" in files:
-        try:
-            caption = files["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise BadRecord(BAD_FIELDS, f"{key}.txt is not UTF-8 text") from None
-        sample_id, turns, truth = key, caption_turns(caption), {"captions": [caption]}
+def _sample_from_files(
+    key: str,
+    files: dict[str, bytes],
+    source: str,
+    caption_key: str | None,
+    image_extensions: tuple[str, ...],
+) -> Sample:
+    encoded = _images_in_order(files, image_extensions)
+    record = _json_record(key, files) if "json" in files else {}
+    caption_file = caption_key if caption_key is not None else "txt"
+    has_turns = caption_key is None and any(k in record for k in CONVERSATION_KEYS)
+    if has_turns:
+        turns, truth = turns_and_truth(record, None)
+    elif caption_file in files and caption_file != "json":
+        # A .txt beside a caption-only .json is the caption; beside .json turns (visto's own
+        # shards write one for CLIP loaders) it is not.
+        caption = _text(key, caption_file, files[caption_file])
+        captions = captions_from(caption, f"{key}.{caption_file}")
+        turns, truth = caption_sample_parts(captions, check_truth(record.get("truth")))
+    elif "json" in files:
+        turns, truth = turns_and_truth(record, caption_key)
     else:
-        raise BadRecord(BAD_FIELDS, f"no {key}.json or {key}.txt (have: {sorted(files)})")
+        wanted = f"{key}.{caption_key}" if caption_key else f"{key}.json or {key}.txt"
+        raise BadRecord(BAD_FIELDS, f"no {wanted} (have: {sorted(files)}); {SETTING_HINT}")
+    if not encoded and not has_turns:
+        raise BadRecord(
+            MISSING_IMAGE,
+            f"caption record {key} has no .{'/.'.join(image_extensions)} image "
+            f"(have: {sorted(files)}): set data.image_key (or --image-key) to its extension",
+        )
+    sample_id = record_id(record.get("id"), fallback=key)
     images = [decode_image(data, f"{key}.{ext}") for ext, data in encoded]
     return make_sample(sample_id, images, turns, truth, source)
 
 
-def _images_in_order(files: dict[str, bytes]) -> list[tuple[str, bytes]]:
+def _json_record(key: str, files: dict[str, bytes]) -> dict[str, Any]:
+    try:
+        record = json.loads(files["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRecord(BAD_JSON, f"{key}.json is not valid JSON: {e}") from None
+    if not isinstance(record, dict):
+        raise BadRecord(BAD_FIELDS, f"{key}.json must hold an object")
+    return record
+
+
+def _text(key: str, ext: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRecord(BAD_FIELDS, f"{key}.{ext} is not UTF-8 text") from None
+
+
+def _images_in_order(
+    files: dict[str, bytes], image_extensions: tuple[str, ...]
+) -> list[tuple[str, bytes]]:
     by_index: dict[int, tuple[str, bytes]] = {}
     for ext, data in files.items():
         numbered = _NUMBERED_IMAGE.match(ext)
-        if ext in IMAGE_EXTENSIONS:
+        if ext in image_extensions:
             index = 0
-        elif numbered:
+        elif numbered and numbered.group(2) in image_extensions:
             index = int(numbered.group(1))
         else:
             continue
