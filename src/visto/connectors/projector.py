@@ -5,6 +5,8 @@ Three kinds, from the simplest up:
     linear         one Linear                                  LLaVA 1.0 (Liu et al. 2023)
     mlp            Linear -> GELU -> Linear                     LLaVA 1.5 (Liu et al. 2023b, "mlp2x_gelu")
     pixel_shuffle  space-to-depth by r, then one Linear          nanoVLM / Idefics3 (Laurençon et al. 2024)
+    regions        one token per detected object, tied to the   OSCAR (Li et al. 2020); see
+                   decoder's word embeddings                     visto.connectors.regions
 
 Pixel shuffle folds each r x r block of neighbouring patches into one token of r*r*D_v
 channels, so an image costs N / r^2 tokens instead of N: fewer tokens, shorter sequences,
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 
 from visto.errors import UserError
 
-KINDS = ("linear", "mlp", "pixel_shuffle")
+KINDS = ("linear", "mlp", "pixel_shuffle", "regions")
 
 
 @dataclass
@@ -33,6 +35,7 @@ class ProjectorConfig:
     kind: str = "mlp"  # one of KINDS
     hidden_dim: int | None = None  # mlp only; default output_dim (as LLaVA 1.5)
     scale_factor: int = 2  # pixel_shuffle only: r, tokens shrink by r^2
+    slots: int = 10  # regions only: object tokens per image (the world has at most 9 objects)
     act: str = "gelu"  # mlp only: "gelu" (exact, erf) as transformers' projector_hidden_act
     bias: bool = True
     # LayerNorm on each vision feature before the projection (InternVL's projector does
@@ -45,11 +48,15 @@ class ProjectorConfig:
             raise UserError(f"projector kind must be one of {KINDS}, got {self.kind!r}")
         if self.act not in ACTIVATIONS:
             raise UserError(f"projector act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
+        if self.slots < 1:
+            raise UserError(f"projector slots must be at least 1, got {self.slots}")
         if self.scale_factor < 1 or (self.hidden_dim is not None and self.hidden_dim < 1):
             raise UserError("projector scale_factor and hidden_dim must be positive")
 
     def num_tokens(self, num_patches: int) -> int:
         """Visual tokens per image for `num_patches` vision features."""
+        if self.kind == "regions":
+            return self.slots
         if self.kind != "pixel_shuffle":
             return num_patches
         side = math.isqrt(num_patches)
@@ -120,8 +127,13 @@ class PixelShuffleProjector(nn.Module):
 def build_projector(cfg: ProjectorConfig, input_dim: int, output_dim: int) -> nn.Module:
     """A projector from `input_dim` vision features to `output_dim` visual tokens."""
     assert input_dim >= 1 and output_dim >= 1, (input_dim, output_dim)
-    kinds = {"linear": LinearProjector, "mlp": MLPProjector, "pixel_shuffle": PixelShuffleProjector}
-    module = kinds[cfg.kind](cfg, input_dim, output_dim)
+    if cfg.kind == "regions":
+        from visto.connectors.regions import RegionConnector
+
+        module: nn.Module = RegionConnector(input_dim, output_dim, cfg.slots)
+    else:
+        kinds = {"linear": LinearProjector, "mlp": MLPProjector, "pixel_shuffle": PixelShuffleProjector}
+        module = kinds[cfg.kind](cfg, input_dim, output_dim)
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)

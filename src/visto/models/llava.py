@@ -280,6 +280,8 @@ class Llava(nn.Module):
                 f"the processor puts {processor.config.image_tokens} <image> ids per image but "
                 f"this model makes {self.config.image_tokens} visual tokens per image"
             )
+        if self.config.projector.kind == "regions":
+            self.multi_modal_projector.set_vocabulary(processor.tokenizer)
         self._processor = processor
 
     # -- the forward pass
@@ -289,6 +291,8 @@ class Llava(nn.Module):
         features = self.vision_tower(
             pixel_values, feature_layer=self.config.vision_feature_layer, pooled=False
         ).features  # (N_img, P, D_v), CLS dropped
+        if self.config.projector.kind == "regions":  # object tokens read the decoder's word embeddings
+            return self.multi_modal_projector(features, self.language_model.model.embed_tokens)
         return self.multi_modal_projector(features)  # (N_img, n, D_lm)
 
     def embed_inputs(

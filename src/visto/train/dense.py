@@ -32,15 +32,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
+# The heads and the attribute names live with the connector that reads them at inference
+# (object tokens); this module trains them.
+from visto.connectors.regions import CHARS, COLOUR_NAMES, SHAPE_NAMES, SIZE_NAMES, DenseHeads
 from visto.nn.vision import ViT, ViTConfig
-
-SHAPE_NAMES = ("circle", "square", "triangle", "star", "hexagon", "diamond", "cross")
-COLOUR_NAMES = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
-SIZE_NAMES = ("small", "medium", "large")
-CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"  # the world's words are upper case; numbers
 
 
 @dataclass
@@ -133,34 +131,6 @@ def load_dense_targets(
     return DenseTargets(pixels=torch.from_numpy(np.stack(pixels)), **stack)
 
 
-class DenseHeads(nn.Module):
-    """Linear heads on the ViT's patch features: (B, N, D) -> a dict of per-patch logits."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.shape = nn.Linear(width, 1 + len(SHAPE_NAMES))
-        self.colour = nn.Linear(width, 1 + len(COLOUR_NAMES))
-        self.size = nn.Linear(width, 1 + len(SIZE_NAMES))
-        self.centre = nn.Linear(width, 1)
-        self.centre_shape = nn.Linear(width, 1 + len(SHAPE_NAMES))
-        self.box = nn.Linear(width, 4)
-        self.chars = nn.Linear(width, 2 * (1 + len(CHARS)))
-
-    def forward(self, features: Tensor) -> dict[str, Tensor]:
-        x = self.norm(features)  # (B, N, D)
-        B, N, _ = x.shape
-        return {
-            "shape": self.shape(x),  # (B, N, 8)
-            "colour": self.colour(x),  # (B, N, 9)
-            "size": self.size(x),  # (B, N, 4)
-            "centre": self.centre(x).squeeze(-1),  # (B, N)
-            "centre_shape": self.centre_shape(x),  # (B, N, 8)
-            "box": self.box(x).sigmoid(),  # (B, N, 4) in 0..1
-            "chars": self.chars(x).view(B, N, 2, 1 + len(CHARS)),  # (B, N, 2, 37)
-        }
-
-
 def normalize_pixels(pixels: Tensor, mean: float = 0.5, std: float = 0.5) -> Tensor:
     """uint8 (B, 3, S, S) -> float, as the processor normalizes (mean/std 0.5 by default)."""
     return (pixels.float() / 255.0 - mean) / std
@@ -212,6 +182,7 @@ def batch_of(targets: DenseTargets, index: Tensor) -> tuple[Tensor, dict[str, Te
 @dataclass
 class DenseResult:
     vit: ViT
+    heads: DenseHeads
     steps: int
     seconds: float
     last: dict[str, float]
@@ -300,7 +271,7 @@ def pretrain_dense(
         log({"step": step, "split": "val", **val_stats,
              "elapsed_s": round(time.perf_counter() - start, 2)})  # fmt: skip
     vit.eval()
-    return DenseResult(vit, step, time.perf_counter() - start, last, val_stats)
+    return DenseResult(vit, heads, step, time.perf_counter() - start, last, val_stats)
 
 
 @torch.no_grad()

@@ -1,0 +1,155 @@
+"""Object tokens: one visual token per detected object instead of one per patch.
+
+Bottom-up region features (Anderson et al. 2018) with object tags in the language model's own
+word space (OSCAR, Li et al. 2020). A decoder trained from scratch must *bind* a question's
+words to the object they name ("which colour does the star have?": find the star, then read
+it), and with 64 patch tokens it sits on a long plateau. Measured with bench/binding_probe.py
+(ideal features, the quickstart's 4 x 256 decoder): one token per object whose embedding is
+the sum of the decoder's word embeddings of its attributes crosses that plateau; patch grids
+and learned projections of the same attributes do not in the same steps.
+
+    patch features (B, N, D_v)
+      -> dense heads (per patch: shape, colour, size, centre, box; trained on the world's
+         masks by `visto.train.dense`, frozen here)
+      -> the `slots` most confident centres (CenterNet: a centre is a peak of the centre head)
+      -> per object: Linear(its centre patch's feature)
+                     + p(colour) @ E[colour words] + p(shape) @ E[shape words]
+                     + p(size) @ E[size words]       (E: the decoder's input embeddings)
+                     + Linear(Fourier features of its box)
+      -> slots without an object get a learned `empty` token         (B, slots, D_lm)
+
+The word ids come from the tokenizer once a processor is attached (`set_vocabulary`). The
+heads only know the synthetic world's attributes: on other images they find no objects and
+every slot is `empty`, so use a patch projector for real photos.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from visto.data.synth.vocab import COLOURS, SHAPES, SIZES
+
+SHAPE_NAMES: tuple[str, ...] = SHAPES
+COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
+SIZE_NAMES: tuple[str, ...] = tuple(SIZES)
+CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"  # the world's words are upper case; numbers
+BOX_FREQUENCIES = 6  # Fourier features per box coordinate: sin/cos at 2^0..2^5 pi
+
+
+class DenseHeads(nn.Module):
+    """Linear heads on a ViT's patch features: (B, N, D) -> a dict of per-patch logits.
+
+    Index 0 of shape/colour/size/centre_shape is "background" / "no object centre here"."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.shape = nn.Linear(width, 1 + len(SHAPE_NAMES))
+        self.colour = nn.Linear(width, 1 + len(COLOUR_NAMES))
+        self.size = nn.Linear(width, 1 + len(SIZE_NAMES))
+        self.centre = nn.Linear(width, 1)
+        self.centre_shape = nn.Linear(width, 1 + len(SHAPE_NAMES))
+        self.box = nn.Linear(width, 4)
+        self.chars = nn.Linear(width, 2 * (1 + len(CHARS)))
+
+    def forward(self, features: Tensor) -> dict[str, Tensor]:
+        x = self.norm(features)  # (B, N, D)
+        B, N, _ = x.shape
+        return {
+            "shape": self.shape(x),  # (B, N, 8)
+            "colour": self.colour(x),  # (B, N, 9)
+            "size": self.size(x),  # (B, N, 4)
+            "centre": self.centre(x).squeeze(-1),  # (B, N)
+            "centre_shape": self.centre_shape(x),  # (B, N, 8)
+            "box": self.box(x).sigmoid(),  # (B, N, 4) in 0..1
+            "chars": self.chars(x).view(B, N, 2, 1 + len(CHARS)),  # (B, N, 2, 37)
+        }
+
+
+def box_fourier(box: Tensor) -> Tensor:
+    """(..., 4) in 0..1 -> (..., 4 * 2 * BOX_FREQUENCIES): sin and cos of each coordinate at
+    octave frequencies, so a linear map can read both coarse and fine position."""
+    freqs = (2.0 ** torch.arange(BOX_FREQUENCIES, device=box.device, dtype=box.dtype)) * math.pi
+    angles = box[..., None] * freqs  # (..., 4, F)
+    return torch.cat([angles.sin(), angles.cos()], -1).flatten(-2)
+
+
+def word_ids(tokenizer, word: str) -> list[int]:
+    """The ids of `word` as it reads mid-sentence (" star"), where a question names it."""
+    return tokenizer.encode(" " + word)
+
+
+class RegionConnector(nn.Module):
+    """Patch features (B, N, D_v) -> `slots` object tokens (B, slots, D_lm); see the module doc."""
+
+    def __init__(self, input_dim: int, output_dim: int, slots: int) -> None:
+        super().__init__()
+        self.slots = slots
+        self.heads = DenseHeads(input_dim)
+        self.feature = nn.Linear(input_dim, output_dim)
+        self.box = nn.Linear(4 * 2 * BOX_FREQUENCIES, output_dim)
+        self.empty = nn.Parameter(torch.zeros(output_dim))
+        # (attribute kind -> padded ids (n_values, L) and their mask), from the tokenizer
+        self.vocabulary: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def set_vocabulary(self, tokenizer) -> None:
+        """Read the attribute words' token ids (a word of several tokens: their mean embedding)."""
+        for kind, names in (("shape", SHAPE_NAMES), ("colour", COLOUR_NAMES), ("size", SIZE_NAMES)):
+            ids = [word_ids(tokenizer, n) for n in names]
+            width = max(len(i) for i in ids)
+            padded = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+            mask = torch.tensor([[1.0] * len(i) + [0.0] * (width - len(i)) for i in ids])
+            self.vocabulary[kind] = (padded, mask)
+
+    def word_table(self, embed: nn.Embedding, kind: str) -> Tensor:
+        """(n_values, D_lm): each attribute value's word embedding."""
+        ids, mask = self.vocabulary[kind]
+        ids, mask = ids.to(embed.weight.device), mask.to(embed.weight.dtype).to(embed.weight.device)
+        vectors = embed(ids) * mask[..., None]  # (n, L, D)
+        return vectors.sum(1) / mask.sum(1, keepdim=True)
+
+    def select(self, heads: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(patch index (B, slots), present (B, slots)): the most confident centres, in raster
+        order (top-left first), real objects before empty slots."""
+        score = heads["centre"]  # (B, N) logits
+        k = min(self.slots, score.shape[1])
+        top = score.topk(k, dim=1)
+        present = top.values > 0  # sigmoid > 0.5
+        # Raster order among present ones; absent ones sort last.
+        key = top.indices + (~present) * score.shape[1]
+        order = key.argsort(dim=1)
+        index, present = top.indices.gather(1, order), present.gather(1, order)
+        if k < self.slots:  # fewer patches than slots: pad with absent slots
+            pad = self.slots - k
+            index = torch.cat([index, index.new_zeros(index.shape[0], pad)], 1)
+            present = torch.cat([present, present.new_zeros(present.shape[0], pad)], 1)
+        return index, present
+
+    def forward(self, features: Tensor, embed: nn.Embedding) -> Tensor:
+        if not self.vocabulary:
+            raise RuntimeError("RegionConnector needs set_vocabulary(tokenizer) before use")
+        with torch.no_grad():  # the heads are a frozen detector: selection needs no gradient
+            heads = self.heads(features)
+            index, present = self.select(heads)  # (B, S)
+
+        def at(t: Tensor) -> Tensor:  # (B, N, ...) -> (B, S, ...) at the selected patches
+            idx = index.view(*index.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
+            return t.gather(1, idx)
+
+        p_shape = at(heads["centre_shape"])[..., 1:].softmax(-1)  # (B, S, 7): the centred object's shape
+        p_colour = at(heads["colour"])[..., 1:].softmax(-1)  # (B, S, 8)
+        p_size = at(heads["size"])[..., 1:].softmax(-1)  # (B, S, 3)
+        tokens = (
+            self.feature(at(features))
+            + p_shape @ self.word_table(embed, "shape")
+            + p_colour @ self.word_table(embed, "colour")
+            + p_size @ self.word_table(embed, "size")
+            + self.box(box_fourier(at(heads["box"])))
+        )  # (B, S, D_lm)
+        return torch.where(present[..., None], tokens, self.empty.to(tokens.dtype))
+
+
+__all__ = ["CHARS", "COLOUR_NAMES", "DenseHeads", "RegionConnector", "SHAPE_NAMES", "SIZE_NAMES", "box_fourier"]

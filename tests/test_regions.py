@@ -1,0 +1,127 @@
+"""Object tokens (connectors/regions.py): selection, word-tied tokens, LLaVA wiring, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from visto.checkpoint import load, save_checkpoint
+from visto.connectors.projector import ProjectorConfig
+from visto.connectors.regions import COLOUR_NAMES, SHAPE_NAMES, SIZE_NAMES, RegionConnector, box_fourier
+from visto.data.tokenizer import train_tokenizer
+from visto.models import build_model
+from visto.models.llava import LlavaConfig
+from visto.nn.language import DecoderConfig, DecoderLM
+
+TEXTS = [f"Which colour does the {s} have? a {c} {s}, {z}" for s in SHAPE_NAMES for c in COLOUR_NAMES
+         for z in SIZE_NAMES]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    train_tokenizer(TEXTS, vocab_size=400, loc_bins=32, min_frequency=1).save(path / "tokenizer.json")
+    return path
+
+
+def connector(tokenizer_dir, slots=4, width=16, d=32):
+    from visto.data.tokenizer import Tokenizer
+
+    c = RegionConnector(width, d, slots)
+    c.set_vocabulary(Tokenizer.load(tokenizer_dir / "tokenizer.json"))
+    return c
+
+
+def test_select_takes_confident_centres_in_raster_order(tokenizer_dir):
+    c = connector(tokenizer_dir, slots=4)
+    centre = torch.full((1, 16), -5.0)
+    centre[0, 9], centre[0, 2], centre[0, 12] = 3.0, 1.0, 2.0  # three objects
+    index, present = c.select({"centre": centre})
+    assert index[0, :3].tolist() == [2, 9, 12]  # raster order, not score order
+    assert present[0].tolist() == [True, True, True, False]
+
+
+def test_more_slots_than_patches_pad_with_empty_slots(tokenizer_dir):
+    c = connector(tokenizer_dir, slots=20)
+    centre = torch.full((2, 16), -5.0)
+    centre[1, 5] = 4.0
+    index, present = c.select({"centre": centre})
+    assert index.shape == (2, 20) and present.sum().item() == 1 and present[1, 0]
+
+
+def test_object_token_is_the_sum_of_its_attribute_words(tokenizer_dir):
+    """With the feature and box maps zeroed, a confident red star is E[red] + E[star] + E[size]."""
+    c = connector(tokenizer_dir, slots=2)
+    embed = nn.Embedding(400, 32)
+    for lin in (c.feature, c.box):
+        nn.init.zeros_(lin.weight)
+        nn.init.zeros_(lin.bias)
+    heads = c.heads
+    for lin in (heads.shape, heads.colour, heads.size, heads.centre, heads.centre_shape, heads.box):
+        nn.init.zeros_(lin.weight)
+        nn.init.zeros_(lin.bias)
+    with torch.no_grad():
+        heads.centre.bias.fill_(5.0)  # every patch is a centre: the first two (raster) are taken
+        heads.centre_shape.bias[1 + SHAPE_NAMES.index("star")] = 50.0
+        heads.colour.bias[1 + COLOUR_NAMES.index("red")] = 50.0
+        heads.size.bias[1 + SIZE_NAMES.index("large")] = 50.0
+    tokens = c(torch.randn(1, 16, 16), embed)
+    want = c.word_table(embed, "colour")[COLOUR_NAMES.index("red")]
+    want = want + c.word_table(embed, "shape")[SHAPE_NAMES.index("star")]
+    want = want + c.word_table(embed, "size")[SIZE_NAMES.index("large")]
+    assert torch.allclose(tokens[0, 0], want, atol=1e-5)
+
+
+def test_no_object_gives_the_empty_token_everywhere(tokenizer_dir):
+    c = connector(tokenizer_dir, slots=3)
+    with torch.no_grad():
+        c.heads.centre.bias.fill_(-50.0)
+        c.empty.fill_(0.5)
+    tokens = c(torch.randn(2, 16, 16), nn.Embedding(400, 32))
+    assert torch.allclose(tokens, torch.full_like(tokens, 0.5))
+
+
+def test_box_features_separate_nearby_boxes():
+    a, b = box_fourier(torch.tensor([0.10, 0.10, 0.30, 0.30])), box_fourier(torch.tensor([0.12, 0.10, 0.30, 0.30]))
+    assert a.shape == (48,) and (a - b).abs().max() > 0.1
+
+
+def test_mimetic_init_starts_queries_equal_to_their_key_heads():
+    cfg = DecoderConfig.preset("tiny", vocab_size=64, attention_init="mimetic")
+    lm = DecoderLM(cfg)
+    attn = lm.model.layers[0].self_attn
+    hd, group = attn.head_dim, attn.n_heads // attn.n_kv_heads
+    for h in range(attn.n_heads):
+        g = h // group
+        assert torch.equal(attn.q_proj.weight[h * hd : (h + 1) * hd], attn.k_proj.weight[g * hd : (g + 1) * hd])
+    normal = DecoderLM(DecoderConfig.preset("tiny", vocab_size=64))
+    assert not torch.equal(normal.model.layers[0].self_attn.q_proj.weight[:hd],
+                           normal.model.layers[0].self_attn.k_proj.weight[:hd])  # fmt: skip
+
+
+def test_llava_with_object_tokens_trains_saves_and_loads(tokenizer_dir, tmp_path):
+    from PIL import Image
+
+    from visto.data.sample import Sample, Turn
+
+    config = LlavaConfig.preset(
+        "tiny", tokenizer_dir=str(tokenizer_dir), projector=ProjectorConfig(kind="regions", slots=5)
+    )
+    config.processor.image_tokens = 5
+    model = build_model("llava", config, seed=0)
+    assert model.config.image_tokens == 5
+    sample = Sample("s", [Image.new("RGB", (40, 40), (200, 30, 30))],
+                    [Turn("user", "<image>\nWhich colour does the star have?"), Turn("assistant", "red")])  # fmt: skip
+    batch = model.collate([sample, sample])
+    out = model(batch)
+    out["loss"].backward()
+    # The frozen detector gets no gradient through the selection; the tied words do.
+    assert model.multi_modal_projector.heads.centre.weight.grad is None
+    assert model.language_model.model.embed_tokens.weight.grad.abs().sum() > 0
+    save_checkpoint(model, tmp_path / "ckpt")
+    again = load(tmp_path / "ckpt")
+    again.eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(again(batch)["loss"], model(batch)["loss"], atol=1e-5)
