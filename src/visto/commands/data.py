@@ -16,10 +16,12 @@ Make, inspect and export data.
                      with complete ground truth, and every task derived from it
   visto data show    a PNG contact sheet: boxes, masks and one question per image
   visto data export  write a split as LLaVA JSON, WebDataset shards, parquet or COCO
+  visto data inspect read any dataset once: what loads, what is skipped and why, lengths
 
 Examples:
   visto data synth --out runs/world --n 2000 --seed 0
   visto data show runs/world --split heldout --n 16
+  visto data inspect llava_v1_5_mix665k.json --image-root data/ --limit 10000
   visto data export runs/world --split train --format llava --out runs/world-llava --tasks vqa caption
 """
 
@@ -63,6 +65,26 @@ Formats: llava (JSON + images), webdataset (tar shards), parquet, coco (captions
 Examples:
   visto data export runs/world --split train --format llava --out runs/world-llava
   visto data export runs/world --split val --format webdataset --out shards --tasks vqa
+"""
+
+INSPECT_DESCRIPTION = """\
+Read a dataset in any format once, streaming, and report what it holds: the format
+detected, samples loaded, records skipped by reason (with the first few of each), tasks,
+exchanges and images per sample, image sizes, and a histogram of sequence lengths against
+max_length. Lengths are counted in a model's tokens (images included) with --processor,
+else in words. Exits 1 when nothing loads.
+
+Formats: llava (JSON / JSON lines), coco (captions JSON), webdataset (.tar shards), parquet,
+synth (a world directory, its train split). Caption-only records (an image and a caption)
+read as samples of the caption task.
+
+Examples:
+  visto data inspect train.parquet
+  visto data inspect shards/ --show 12 --out runs/shards.png
+  visto data inspect llava_v1_5_mix665k.json --image-root data/ --limit 10000
+  visto data inspect captions_train2017.json --image-root coco/train2017 \\
+      --processor runs/quickstart/checkpoint
+  visto data inspect my.parquet --caption-key alt_text --image-key picture
 """
 
 
@@ -112,6 +134,44 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="picks the questions of chat samples")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=run_export)
+
+    p = add_command(data_sub, "inspect", "report what a dataset holds", INSPECT_DESCRIPTION)
+    p.add_argument("path", type=Path, help="a dataset file or folder, in any format")
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        default=None,
+        choices=("llava", "coco", "webdataset", "parquet", "synth"),
+        help="the format (default: detected from the path)",
+    )
+    p.add_argument("--image-root", type=Path, help="where LLaVA JSON / COCO image paths point")
+    p.add_argument(
+        "--caption-key", help="the caption's field, column or .EXT (default: txt, caption, text)"
+    )
+    p.add_argument(
+        "--image-key", help="the image's field, column or .EXT (default: image(s), png/jpg)"
+    )
+    p.add_argument(
+        "--processor",
+        metavar="DIR",
+        type=Path,
+        help="a checkpoint (or processor directory): count lengths in its tokens, images included",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="compare lengths with this (default: the processor's max_length)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="read at most this many samples")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="draw the first N samples")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the PNG --show writes (default runs/inspect/<name>.png)",
+    )
+    p.set_defaults(run=run_inspect)
 
     parser.set_defaults(run=lambda args: parser.print_help())
 
@@ -201,4 +261,56 @@ def run_export(args: argparse.Namespace) -> int:
 
         n = write_samples(counted(), args.out, args.fmt, overwrite=args.overwrite)
     print(f"wrote {n} samples of {args.dir} ({args.split}) as {args.fmt} to {args.out}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import logging
+
+    from visto.data.dataset_report import render_report, survey, write_sheet
+    from visto.data.formats.stats import MISSING_IMAGE, log
+    from visto.errors import UserError
+
+    for flag in ("limit", "max_length"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.show < 0:
+        raise UserError(f"--show must be 0 or more, got {args.show}")
+    if not args.path.exists():
+        raise UserError(f"{args.path} does not exist; give a dataset file or folder")
+    processor = None
+    if args.processor is not None:
+        from visto.data.processor import Processor
+
+        processor = Processor.load(args.processor)
+    read_options = {
+        name: value
+        for name in ("image_root", "caption_key", "image_key")
+        if (value := getattr(args, name)) is not None
+    }
+    level = log.level
+    log.setLevel(logging.ERROR)  # the report lists the skipped records: no second copy as warnings
+    try:
+        report = survey(
+            args.path,
+            args.fmt,
+            processor=processor,
+            max_length=args.max_length,
+            limit=args.limit,
+            keep=args.show,
+            **read_options,
+        )
+    finally:
+        log.setLevel(level)
+    print(render_report(report))
+    images_elsewhere = report.format in ("llava", "coco") and args.image_root is None
+    if report.stats.reasons.get(MISSING_IMAGE) and images_elsewhere:
+        print("images not found: pass --image-root DIR, the folder the image paths start from")
+    if not report.stats.read:
+        print("nothing loaded: see the reasons above")
+        return 1
+    if args.show:
+        out = args.out or Path("runs") / "inspect" / f"{args.path.name}.png"
+        print(f"wrote {write_sheet(report, out)}")
     return 0

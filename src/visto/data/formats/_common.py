@@ -152,7 +152,8 @@ def resolve_image_path(relative: Any, roots: list[Path]) -> Path:
     where = " or ".join(str(r) for r in roots)
     raise BadRecord(
         MISSING_IMAGE,
-        f"image {relative!r} not found in {where} (pass image_root= to point elsewhere)",
+        f"image {relative!r} not found in {where} (point data.image_root / --image-root at "
+        "the image folder)",
     )
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger("visto.data.formats")
 
 MAX_LOGGED = 20  # warnings logged one by one; the rest are only counted (and summarized)
+EXAMPLES_PER_REASON = 3  # skipped records kept per reason, for `visto data inspect`
 
 # Reasons a record is skipped: the keys of `ReadStats.reasons`.
 BAD_JSON = "bad json"
@@ -52,10 +53,16 @@ class ReadStats:
     reasons: Counter[str] = field(default_factory=Counter)
     # "file: key: message" for the first MAX_LOGGED skips, in order.
     messages: list[str] = field(default_factory=list)
+    # reason -> "key: message" of its first EXAMPLES_PER_REASON skips: a rare reason is
+    # shown even when a common one fills `messages`.
+    examples: dict[str, list[str]] = field(default_factory=dict)
 
     def skip(self, file: object, key: object, error: BadRecord) -> None:
         self.skipped += 1
         self.reasons[error.reason] += 1
+        examples = self.examples.setdefault(error.reason, [])
+        if len(examples) < EXAMPLES_PER_REASON:
+            examples.append(f"{key}: {error.message}")
         line = f"{file}: record {key}: {error.message} (skipped)"
         if len(self.messages) < MAX_LOGGED:
             self.messages.append(line)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from visto.data.contact_sheet import grid, wrap
 from visto.data.images import open_image
 from visto.data.sample import image_to_png_bytes
 from visto.data.synth.generate import VQA_TYPES
@@ -63,17 +64,6 @@ def _draw_boxes(image: Image.Image, truth: dict) -> None:
         draw.rectangle((x1 - 2, y1 - 2, x2 + 1, y2 + 1), outline=(0, 120, 255), width=1)
 
 
-def _wrap(text: str, font, width: int) -> list[str]:
-    """Greedy word wrap to `width` pixels as measured with `font`."""
-    lines: list[str] = []
-    for word in text.split(" "):
-        if lines and font.getlength(lines[-1] + " " + word) <= width:
-            lines[-1] += " " + word
-        else:
-            lines.append(word)
-    return lines
-
-
 def _annotated(record: dict, root: Path, qa: dict | None) -> Image.Image:
     truth = record["truth"]
     image = open_image(root / record["image"]).resize((PANEL, PANEL), Image.NEAREST)
@@ -92,13 +82,13 @@ def _annotated(record: dict, root: Path, qa: dict | None) -> Image.Image:
         f"  held-out: {', '.join(o['colour'] + ' ' + o['shape'] for o in held)}" if held else ""
     )
     width = sheet.width - 8
-    lines = _wrap(
+    lines = wrap(
         f"{record['id']} ({record['split']})  label: {truth['label']['class']}{held_note}",
         font,
         width,
     )
     if qa is not None:
-        lines += _wrap(f"[{qa['type']}] Q: {qa['q']}  A: {qa['a']}", font, width)
+        lines += wrap(f"[{qa['type']}] Q: {qa['q']}  A: {qa['a']}", font, width)
     for k, line in enumerate(lines[:CAPTION_LINES]):
         draw.text((4, PANEL + 4 + 15 * k), line, font=font, fill=(0, 0, 0))
     return sheet
@@ -119,11 +109,4 @@ def show_world(
         cells.append(_annotated(record, root, qa))
     if not cells:
         raise UserError(f"split {split!r} of {root} has no images; pick another with --split")
-    cols = min(3, len(cells))
-    rows = (len(cells) + cols - 1) // cols
-    w, h = cells[0].size
-    gap = 6
-    grid = Image.new("RGB", (cols * (w + gap) + gap, rows * (h + gap) + gap), (200, 200, 200))
-    for k, cell in enumerate(cells):
-        grid.paste(cell, (gap + (k % cols) * (w + gap), gap + (k // cols) * (h + gap)))
-    return atomic_write_bytes(out, image_to_png_bytes(grid))
+    return atomic_write_bytes(out, image_to_png_bytes(grid(cells)))
