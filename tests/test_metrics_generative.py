@@ -9,6 +9,7 @@ import pytest
 
 from visto.data.sample import Sample
 from visto.data.synth import WorldConfig, generate_world, iter_samples
+from visto.errors import UserError
 from visto.eval import EvalResult
 from visto.eval import metrics as M
 from visto.eval.generative import evaluate_generative, evaluate_generative_world
@@ -148,4 +149,122 @@ def test_reportable_metrics_counts_never_yes_pope_as_zero_on_both_splits():
                "vqa.overall": 0.1234567}  # fmt: skip
     assert reportable_metrics(metrics) == {
         "heldout.pope.f1": 0.0, "pope.f1": 0.0, "pope.precision": 0.0, "vqa.overall": 0.123457,
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- blind twins
+
+
+def looking_oracle(samples: list[Sample]):
+    """A generate function that answers from the image it is shown: the reference answer of
+    that image's question (so a swapped image gets the other image's answer, and a blank
+    one gets nothing). The perfect seeing model, whose blind twin must fall."""
+    image_of = {s.images[0].tobytes(): s.truth["image_id"] for s in samples}  # by its pixels
+    answers = {(s.truth["image_id"], s.turns[-2].content): s.turns[-1].content for s in samples}
+
+    def generate(batch: list[Sample]) -> list[str]:
+        seen = [image_of.get(s.images[0].tobytes()) for s in batch]
+        return [answers.get((k, s.turns[-1].content), "") for k, s in zip(seen, batch, strict=True)]
+
+    return generate
+
+
+def test_derangement_moves_every_index_and_is_seeded():
+    from visto.eval.generative import derangement
+
+    for n in range(2, 40):
+        order = derangement(n, seed=n)
+        assert sorted(order) == list(range(n)) and all(order[i] != i for i in range(n))
+    assert derangement(50, 0) == derangement(50, 0) != derangement(50, 1)
+    with pytest.raises(UserError, match="at least 2 images"):
+        derangement(1)
+
+
+def test_blind_prompts_swap_images_for_another_of_the_set_or_blank(test_samples):
+    from visto.eval.generative import blind_prompts, image_key
+
+    prompts = [s for s in test_samples if s.truth["task"] == "vqa"]
+    hidden, shown = blind_prompts(prompts, "swap", seed=0)
+    assert [p.turns for p in hidden] == [p.turns for p in prompts]  # same questions
+    partner: dict[str, str] = {}
+    for p, h, key in zip(prompts, hidden, shown, strict=True):
+        assert key != image_key(p) and h.images[0] is not p.images[0]
+        assert partner.setdefault(image_key(p), key) == key  # one partner per image
+    assert sorted(partner.values()) == sorted(partner)  # a permutation of the images
+    assert blind_prompts(prompts, "swap", seed=0)[1] == shown  # seeded
+    blank, shown = blind_prompts(prompts[:3], "blank")
+    assert shown == ["blank"] * 3
+    assert all(b.images[0].size == p.images[0].size for b, p in zip(blank, prompts, strict=False))
+    assert blank[0].images[0].getcolors() == [(64 * 64, (128, 128, 128))]  # one grey
+    with pytest.raises(UserError, match="blind mode"):
+        blind_prompts(prompts, "closed-eyes")
+
+
+def test_a_looking_model_loses_its_figures_blind_and_a_prior_does_not(test_samples):
+    from visto.eval.generative import with_gains
+
+    metrics, records = evaluate_generative(
+        looking_oracle(test_samples), test_samples, blind="swap", seed=0
+    )
+    assert metrics["vqa.overall"] == 1.0 and metrics["ground.acc50"] == 1.0
+    assert metrics["blind.vqa.overall"] < 0.8 and metrics["blind.ground.acc50"] < 0.5
+    gains = with_gains(metrics)
+    assert gains["gain.vqa.overall"] == pytest.approx(1.0 - metrics["blind.vqa.overall"])
+    assert set(gains) == set(metrics) | {"gain." + k[6:] for k in metrics if k.startswith("blind.")}
+    assert all(r["blind_image"] != r["id"].split("-")[0] for r in records)
+    assert all("blind_prediction" in r and "blind_score" in r for r in records)
+    # The same answers whatever the image (a prior): the blind twin scores the same.
+    prior = oracle_for(test_samples)  # answers by question id, never looks
+    metrics, _ = evaluate_generative(prior, test_samples, blind="swap")
+    assert metrics["blind.vqa.overall"] == metrics["vqa.overall"] == 1.0
+    blank, _ = evaluate_generative(looking_oracle(test_samples), test_samples, blind="blank")
+    assert blank["blind.vqa.overall"] == 0.0  # nothing to read off a grey image
+
+
+def test_json_is_scored_as_the_model_wrote_it_and_again_under_the_grammar(test_samples):
+    json_samples = [s for s in test_samples if s.truth["task"] == "json"]
+    reference = {s.id: s.turns[-1].content for s in json_samples}
+    # The model's own JSON is cut short; the grammar-constrained pass gets the reference.
+    own = lambda batch: [reference[s.id][:-5] for s in batch]  # noqa: E731
+    constrained = lambda batch: [reference[s.id] for s in batch]  # noqa: E731
+    logged: list[str] = []
+    metrics, records = evaluate_generative(
+        own, json_samples, constrained_generate=constrained, log=logged.append
+    )
+    assert metrics["json.valid"] == 0.0 and metrics["json.field_acc"] == 0.0
+    assert metrics["json.constrained.valid"] == 1.0 and metrics["json.constrained.field_acc"] == 1.0
+    assert all(r["constrained_score"] == 1.0 and r["score"] == 0.0 for r in records)
+    assert [m.split()[1] for m in logged] == [str(len(json_samples))] * 2  # two passes
+    metrics, records = evaluate_generative(own, json_samples)  # no grammar: no such figures
+    assert "json.constrained.valid" not in metrics and "constrained_prediction" not in records[0]
+
+
+def test_world_run_has_a_blind_twin_by_default_and_blank_for_one_image(world):
+    everything = list(iter_samples(world, "test")) + list(iter_samples(world, "heldout"))
+    result = evaluate_generative_world(looking_oracle(everything), world, n=5, tasks=["vqa"])
+    assert result.metrics["vqa.overall"] == 1.0 and result.metrics["heldout.vqa.overall"] == 1.0
+    assert result.metrics["blind.vqa.overall"] < 1.0
+    assert result.metrics["blind.heldout.vqa.overall"] < 1.0
+    assert any("another image of the same split" in n for n in result.notes)
+    one = evaluate_generative_world(looking_oracle(everything), world, n=1, tasks=["vqa"])
+    assert any("blank grey image" in n for n in one.notes)  # nothing to swap with
+    assert one.metrics["blind.vqa.overall"] == 0.0
+    off = evaluate_generative_world(
+        looking_oracle(everything), world, n=2, tasks=["vqa"], blind=None
+    )
+    assert not any(k.startswith("blind.") for k in off.metrics)
+    with pytest.raises(UserError, match="blind mode"):
+        evaluate_generative_world(looking_oracle(everything), world, n=2, blind="peek")
+
+
+def test_reportable_metrics_adds_gains_and_zeroes_the_blind_never_yes_pope():
+    from visto.eval.generative import reportable_metrics
+
+    nan = float("nan")
+    metrics = {"pope.f1": 0.8, "blind.pope.f1": nan, "vqa.overall": 0.9, "blind.vqa.overall": 0.4,
+               "blind.heldout.vqa.overall": 0.5, "heldout.vqa.overall": 0.75}  # fmt: skip
+    assert reportable_metrics(metrics) == {
+        "blind.heldout.vqa.overall": 0.5, "blind.pope.f1": 0.0, "blind.vqa.overall": 0.4,
+        "gain.heldout.vqa.overall": 0.25, "gain.pope.f1": 0.8, "gain.vqa.overall": 0.5,
+        "heldout.vqa.overall": 0.75, "pope.f1": 0.8, "vqa.overall": 0.9,
     }  # fmt: skip

@@ -67,7 +67,7 @@ def evaluator_for(family: str) -> tuple[str, Callable[..., EvalResult]]:
         evaluate(model, data_dir, *, split, n, batch_size, seed, log, **kind_options)
 
     and kind_options are that kind's own settings (two-tower: templates, paraphrase;
-    generative: tasks, constrain_json, max_new_tokens, json_max_new_tokens).
+    generative: tasks, constrain_json, blind, max_new_tokens, json_max_new_tokens).
     """
     kind = FAMILY_KIND.get(family)
     if kind is None or kind not in EVALUATORS:

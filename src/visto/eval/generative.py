@@ -12,13 +12,21 @@ returns one answer string each. Samples are grouped by `sample.truth["task"]` (a
     ground.acc50                        referring expression -> box, IoU >= 0.5
     refdesc.acc                         box -> description, normalized exact match
     ocr.exact  ocr.cer                  read all text: exact match, character error rate
-    json.valid  json.field_acc          structured description: parses; fields right
+    json.valid  json.field_acc          structured description: parses; fields right (the
+                                        model's own decoding)
+    json.constrained.valid/field_acc    the same asked under the world's JSON grammar
+                                        (`constrained_generate`; validity is the grammar's)
     detect.precision/recall/f1          the objects listed in that JSON, boxes at IoU 0.5
     classify.acc                        the main object's colour and shape
     caption.bleu4  caption.cider        one caption per image against all its references
 
 `evaluate_generative_world` runs it on a split of a synthetic world and on the held-out
 split (names with `heldout.` in front), the generative counterpart of `evaluate_two_tower`.
+
+The blind twin (DESIGN.md): the same questions asked with each image swapped for another
+image of the same split (a seeded derangement: never its own) or for a blank one give
+`blind.<name>`; `with_gains` adds `gain.<name>` = figure - blind figure, what the model
+gains from looking (for `ocr.cer`, lower is better: there a negative gain is the good one).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +43,7 @@ from typing import Any
 
 from visto.data.sample import Sample
 from visto.data.tokenizer import parse_boxes
+from visto.errors import UserError
 from visto.eval import EvalResult
 from visto.eval import metrics as M
 from visto.tasks import classify as classify_task
@@ -42,6 +52,10 @@ from visto.tasks import detect as detect_task
 GenerateFn = Callable[[list[Sample]], list[str]]
 # Tasks that `evaluate_generative` scores; others ("chat": multi-turn) are skipped.
 SCORED_TASKS = ("caption", "vqa", "count", "ground", "refdesc", "ocr", "json", "classify")
+# What a blind twin sees instead of the image: another image of the split, or a blank one.
+BLIND_MODES = ("swap", "blank")
+BLANK_RGB = (128, 128, 128)  # mid grey: no colour, shape or text to read
+BLIND, GAIN, CONSTRAINED = "blind.", "gain.", "json.constrained."
 
 
 @dataclass
@@ -215,6 +229,163 @@ def _score_json(
     return out
 
 
+# ----------------------------------------------------------------------------- blind twins
+
+
+def derangement(n: int, seed: int | str = 0) -> list[int]:
+    """A seeded permutation of range(n) that moves every index: Sattolo's algorithm draws a
+    random n-cycle, so each image is shown in place of another one, never in its own."""
+    if n < 2:
+        raise UserError(
+            f"a blind twin that swaps images needs at least 2 images, got {n}; "
+            "use the blank mode (--blind blank) or evaluate more images"
+        )
+    order = list(range(n))
+    rng = random.Random(f"visto-blind/{seed}")
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)  # j < i, never i itself: that is what makes it one cycle
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def image_key(sample: Sample) -> str:
+    """Which image a prompt asks about: the world's image id, else the sample's own id."""
+    return str((sample.truth or {}).get("image_id", sample.id))
+
+
+def blank_like(image: Any) -> Any:
+    from PIL import Image
+
+    return Image.new("RGB", image.size, BLANK_RGB)
+
+
+def blind_prompts(
+    prompts: Sequence[Sample], mode: str, seed: int | str = 0
+) -> tuple[list[Sample], list[str]]:
+    """(the prompts with their images hidden, what each was shown instead): in "swap" mode
+    every image is replaced by another image of `prompts` (a seeded derangement of the
+    distinct images, so all questions about one image see the same other image), in "blank"
+    mode by a grey image of the same size."""
+    if mode not in BLIND_MODES:
+        raise UserError(f"blind mode must be one of {', '.join(BLIND_MODES)}, got {mode!r}")
+    if mode == "blank":
+        hidden = [
+            dataclasses.replace(p, images=[blank_like(im) for im in p.images]) for p in prompts
+        ]
+        return hidden, ["blank"] * len(prompts)
+    images: dict[str, list] = {}
+    for p in prompts:
+        images.setdefault(image_key(p), p.images)
+    keys = list(images)
+    partner = {key: keys[k] for key, k in zip(keys, derangement(len(keys), seed), strict=True)}
+    hidden = []
+    for p in prompts:
+        shown = images[partner[image_key(p)]]
+        if len(shown) != len(p.images):
+            raise UserError(
+                f"blind twin: prompt {p.id!r} has {len(p.images)} image(s) but the one swapped "
+                f"in has {len(shown)}; swapping needs one image count for all (use blank)"
+            )
+        hidden.append(dataclasses.replace(p, images=shown))
+    return hidden, [partner[image_key(p)] for p in prompts]
+
+
+def swap_or_blank(samples: Sequence[Sample], mode: str | None) -> str | None:
+    """The blind mode to run: "swap" falls back to "blank" where there is one image only."""
+    if mode == "swap" and len({image_key(s) for s in samples}) < 2:
+        return "blank"
+    return mode
+
+
+def with_gains(metrics: dict[str, float]) -> dict[str, float]:
+    """`metrics` plus gain.<name> = <name> - blind.<name> for every figure with a blind twin
+    (NaN where either is undefined)."""
+    gains = {
+        GAIN + name: metrics[name] - value
+        for key, value in metrics.items()
+        if key.startswith(BLIND) and (name := key[len(BLIND) :]) in metrics
+    }
+    return {**metrics, **gains}
+
+
+# ----------------------------------------------------------------------------- asking
+
+
+@dataclass
+class Pass:
+    """One pass of every item through the model: its own answers and their scores, the
+    grammar-constrained answers of the JSON items (item index -> answer, score), and the
+    flat figures (no prefix) of both."""
+
+    answers: list[str]
+    scores: list[float]
+    constrained_answers: dict[int, str]
+    constrained_scores: dict[int, float]
+    metrics: dict[str, float]
+
+
+def run_pass(
+    items: Sequence[Item],
+    prompts: Sequence[Sample],
+    generate: GenerateFn,
+    constrained_generate: GenerateFn | None,
+    batch_size: int,
+    log: Callable[[str], None],
+    what: str = "",
+) -> Pass:
+    """Ask every item's prompt (`prompts[k]` for `items[k]`), then the JSON items again
+    through `constrained_generate` where one is given; score both."""
+    log(f"asking {len(prompts)} question(s) in batches of {batch_size}{what}")
+    answers = generate_all(generate, prompts, batch_size)
+    metrics, scores = score_items(items, answers)
+    json_items = [k for k, it in enumerate(items) if it.task == "json"]
+    if constrained_generate is None or not json_items:
+        return Pass(answers, scores, {}, {}, metrics)
+    log(
+        f"asking {len(json_items)} question(s) in batches of {batch_size}{what}, JSON under its grammar"
+    )
+    constrained = generate_all(constrained_generate, [prompts[k] for k in json_items], batch_size)
+    sub_scores = [M.NAN] * len(json_items)
+    figures = _score_json(
+        [items[k] for k in json_items], constrained, list(range(len(json_items))), sub_scores
+    )
+    metrics[CONSTRAINED + "valid"] = figures["json.valid"]
+    metrics[CONSTRAINED + "field_acc"] = figures["json.field_acc"]
+    return Pass(answers, scores, dict(zip(json_items, constrained, strict=True)),
+                dict(zip(json_items, sub_scores, strict=True)), metrics)  # fmt: skip
+
+
+def _score_or_none(score: float) -> float | None:
+    return None if math.isnan(score) else score
+
+
+def question_records(
+    items: Sequence[Item], seeing: Pass, blind: Pass | None, shown: Sequence[str]
+) -> list[dict[str, Any]]:
+    """One record per item: the question, references, the answer and its score; the
+    constrained answer of a JSON item; the blind twin's answer and what it was shown."""
+    records = []
+    for k, it in enumerate(items):
+        record = {
+            "id": it.prompt.id,
+            "task": it.task,
+            "qtype": it.qtype,
+            "question": it.prompt.turns[-1].content if it.prompt.turns else "",
+            "references": it.references,
+            "prediction": seeing.answers[k],
+            "score": _score_or_none(seeing.scores[k]),
+        }
+        if k in seeing.constrained_answers:
+            record["constrained_prediction"] = seeing.constrained_answers[k]
+            record["constrained_score"] = _score_or_none(seeing.constrained_scores[k])
+        if blind is not None:
+            record["blind_image"] = shown[k]
+            record["blind_prediction"] = blind.answers[k]
+            record["blind_score"] = _score_or_none(blind.scores[k])
+        records.append(record)
+    return records
+
+
 def evaluate_generative(
     model_generate_fn: GenerateFn,
     samples: Iterable[Sample],
@@ -222,35 +393,37 @@ def evaluate_generative(
     prefix: str = "",
     batch_size: int = 16,
     log: Callable[[str], None] = lambda _msg: None,
+    constrained_generate: GenerateFn | None = None,
+    blind: str | None = None,
+    seed: int = 0,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(flat metrics dict, one record per question asked) for `samples` with task truth.
 
     Every metric name gets `prefix` in front ("heldout." for the held-out split). Each
     prediction record: id, task, qtype, question (the last user turn), references,
     prediction, score (that item's figure: accuracy, IoU, CER, field accuracy, CIDEr-D).
+    `constrained_generate` also asks the JSON items under a grammar (json.constrained.*,
+    constrained_prediction). `blind` ("swap" or "blank", `blind_prompts` with `seed`) asks
+    every item again with its image hidden: blind.<prefix><name>, and in each record
+    blind_prediction, blind_score and blind_image (the image shown instead, or "blank").
     """
     items, skipped = build_items(samples)
     for reason, n in skipped.items():
         log(f"skipped {n} sample(s) with {reason}: no generative metric for it")
     if not items:
         return {}, []
-    log(f"asking {len(items)} question(s) in batches of {batch_size}")
-    answers = generate_all(model_generate_fn, [it.prompt for it in items], batch_size)
-    flat, scores = score_items(items, answers)
-    metrics = {f"{prefix}{name}": float(v) for name, v in flat.items()}
-    records = [
-        {
-            "id": it.prompt.id,
-            "task": it.task,
-            "qtype": it.qtype,
-            "question": it.prompt.turns[-1].content if it.prompt.turns else "",
-            "references": it.references,
-            "prediction": answer,
-            "score": None if math.isnan(score) else score,
-        }
-        for it, answer, score in zip(items, answers, scores, strict=True)
-    ]
-    return metrics, records
+    prompts = [it.prompt for it in items]
+    seeing = run_pass(items, prompts, model_generate_fn, constrained_generate, batch_size, log)
+    metrics = {f"{prefix}{name}": float(v) for name, v in seeing.metrics.items()}
+    blind_pass, shown = None, []
+    if blind is not None:
+        hidden, shown = blind_prompts(prompts, blind, seed)
+        blind_pass = run_pass(items, hidden, model_generate_fn, constrained_generate, batch_size,
+                              log, f" with the images hidden ({blind})")  # fmt: skip
+        metrics.update(
+            {f"{BLIND}{prefix}{name}": float(v) for name, v in blind_pass.metrics.items()}
+        )
+    return metrics, question_records(items, seeing, blind_pass, shown)
 
 
 @dataclass
@@ -262,19 +435,32 @@ class GenerativeEvalResult(EvalResult):
 
 def zero_undefined_pope(metrics: dict[str, float]) -> dict[str, float]:
     """POPE precision and F1 are 0/0 when a model never says "yes": they count as 0
-    (scikit-learn's zero_division=0), on either split, so a never-yes model is not left out
-    of a table it would lose."""
+    (scikit-learn's zero_division=0), on either split and for the blind twin, so a never-yes
+    model is not left out of a table it would lose."""
+    undefined_is_zero = ("pope.precision", "pope.f1")
     return {
-        k: 0.0 if math.isnan(v) and k.removeprefix("heldout.") in ("pope.precision", "pope.f1") else v
+        k: 0.0
+        if math.isnan(v) and k.removeprefix(BLIND).removeprefix("heldout.") in undefined_is_zero
+        else v
         for k, v in metrics.items()
     }
 
 
 def reportable_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """The figures to write out, sorted and rounded: undefined POPE figures as 0
-    (`zero_undefined_pope`), any other undefined figure (NaN) left out."""
-    metrics = zero_undefined_pope(metrics)
+    (`zero_undefined_pope`), the gains over the blind twin (`with_gains`), any other
+    undefined figure (NaN) left out."""
+    metrics = with_gains(zero_undefined_pope(metrics))
     return {k: round(float(v), 6) for k, v in sorted(metrics.items()) if not math.isnan(v)}
+
+
+def blind_note(mode: str | None) -> str:
+    if mode is None:
+        return "blind twin: not evaluated (no blind.* figures)"
+    shown = {"swap": "another image of the same split (a seeded derangement: never its own)",
+             "blank": "a blank grey image"}[mode]  # fmt: skip
+    return (f"blind twin: the same questions with each image replaced by {shown}; blind.<name> "
+            "is its figure, gain.<name> = figure - blind figure (what looking adds)")  # fmt: skip
 
 
 def evaluate_generative_world(
@@ -287,30 +473,43 @@ def evaluate_generative_world(
     batch_size: int = 16,
     seed: int = 0,
     log: Callable[[str], None] = lambda _msg: None,
+    constrained_generate: GenerateFn | None = None,
+    blind: str | None = "swap",
 ) -> GenerativeEvalResult:
-    """Every task on the first `n` images of `split` and of the held-out split.
+    """Every task on the first `n` images of `split` and of the held-out split, and (unless
+    `blind` is None) its blind twin on the same images (`evaluate_generative`).
 
     `tasks` selects among the world's task kinds (default: the reader's DEFAULT_TASKS);
-    `seed` is the reader's (it only picks the questions of "chat", which is not scored).
+    `seed` is the reader's (it only picks the questions of "chat", which is not scored) and
+    the blind twin's derangement.
     """
     from visto.data.synth import iter_samples
 
+    if blind is not None and blind not in BLIND_MODES:
+        raise UserError(
+            f"blind mode must be one of {', '.join(BLIND_MODES)} or None, got {blind!r}"
+        )
     runs = [(split, "heldout." if split == "heldout" else "")]
     if split != "heldout":
         runs.append(("heldout", "heldout."))
     metrics: dict[str, float] = {}
     predictions: list[dict[str, Any]] = []
     notes: list[str] = []
+    modes: set[str | None] = set()
     for split_name, prefix in runs:
         samples = list(iter_samples(data_dir, split_name, tasks=tasks, seed=seed, limit=n))
         if not samples:
             notes.append(f"split {split_name!r} is empty: no {prefix or 'seen'} figures")
             continue
         log(f"{split_name}: {len(samples)} sample(s)")
+        mode = swap_or_blank(samples, blind)
+        modes.add(mode)
         m, records = evaluate_generative(
-            model_generate_fn, samples, prefix=prefix, batch_size=batch_size, log=log
-        )
+            model_generate_fn, samples, prefix=prefix, batch_size=batch_size, log=log,
+            constrained_generate=constrained_generate, blind=mode, seed=seed,
+        )  # fmt: skip
         metrics.update(m)
         predictions += [{**r, "split": split_name} for r in records]
         notes.append(f"{split_name}: {len(records)} question(s) on the first {n} image(s)")
+    notes += [blind_note(mode) for mode in sorted(modes, key=str)]
     return GenerativeEvalResult(metrics=metrics, notes=notes, predictions=predictions)

@@ -219,17 +219,42 @@ def make_generate(
     """The `generate` of `visto.eval.generative` for any generative model: greedy; boxes in
     prompts as location tokens (as the processor writes them in training) and in answers as
     plain 0..999 lists; a long budget only for JSON answers, which are grammar-constrained to
-    the world's schema when xgrammar is installed (so always valid JSON).
+    the world's schema when `constrain_json` and xgrammar is installed (so always valid JSON).
 
     `loc_bins` defaults to the tokenizer's number of location tokens.
     """
+    constraint = json_constraints(model) if constrain_json else None
+    return _greedy_generate(model, loc_bins, constraint, max_new_tokens, json_max_new_tokens)
+
+
+def make_constrained_generate(
+    model: Any,
+    loc_bins: int | None = None,
+    *,
+    max_new_tokens: int = 24,
+    json_max_new_tokens: int = 400,
+) -> GenerateFn | None:
+    """`make_generate` with JSON answers under the world's grammar, or None where there is no
+    grammar (xgrammar not installed): the evaluation's json.constrained.* figures."""
+    constraint = json_constraints(model)
+    if constraint is None:
+        return None
+    return _greedy_generate(model, loc_bins, constraint, max_new_tokens, json_max_new_tokens)
+
+
+def _greedy_generate(
+    model: Any,
+    loc_bins: int | None,
+    constraint: Callable[[], Any] | None,
+    max_new_tokens: int,
+    json_max_new_tokens: int,
+) -> GenerateFn:
     import torch
 
     from visto.infer import SamplingParams
 
     engine = make_engine(model)
     bins = loc_bins if loc_bins is not None else processor_of(model).tokenizer.loc_bins
-    constraint = json_constraints(model) if constrain_json else None
 
     def params_for(sample: Sample, prompt_tokens: int) -> SamplingParams:
         if "JSON" in sample.turns[-1].content:
@@ -518,41 +543,54 @@ def evaluate_generative_model(
     data_dir: Any,
     *,
     split: str = "test",
-    n: int = 50,
+    n: int = 200,
     batch_size: int = 16,
     seed: int = 0,
     tasks: Sequence[str] | None = None,
     constrain_json: bool = True,
+    blind: str | None = "swap",
     max_new_tokens: int = 24,
     json_max_new_tokens: int = 400,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> Any:
     """`visto eval` for a generative family: every task of the world on the first `n` images
-    of `split` and of the held-out split (`visto.eval.generative.evaluate_generative_world`)."""
+    of `split` and of the held-out split (`visto.eval.generative.evaluate_generative_world`),
+    each answer the model's own greedy decoding; JSON questions also under the world's
+    grammar (json.constrained.*) when `constrain_json` and xgrammar is installed; and the
+    blind twin (`blind`: "swap", "blank" or None) of every figure."""
     from visto.eval.generative import evaluate_generative_world
 
-    generate = make_generate(
-        model, None, constrain_json,
-        max_new_tokens=max_new_tokens, json_max_new_tokens=json_max_new_tokens,
-    )  # fmt: skip
+    budget = {"max_new_tokens": max_new_tokens, "json_max_new_tokens": json_max_new_tokens}
+    generate = make_generate(model, None, constrain_json=False, **budget)
+    constrained = make_constrained_generate(model, **budget) if constrain_json else None
     result = evaluate_generative_world(
         generate, data_dir, split=split, n=n, tasks=tasks, batch_size=batch_size, seed=seed,
-        log=log,
+        log=log, constrained_generate=constrained, blind=blind,
     )  # fmt: skip
-    constrained = constrain_json and json_constraints(model) is not None
-    result.notes.append(
-        "JSON answers: "
-        + ("decoded under the world's JSON schema (xgrammar)" if constrained else "plain decoding")
-        + f"; greedy decoding, at most {max_new_tokens} new tokens per short answer"
-    )
+    result.notes.append(json_note(constrain_json, constrained is not None, max_new_tokens))
     nan = [k for k, v in result.metrics.items() if isinstance(v, float) and math.isnan(v)]
     if nan:
         result.notes.append(f"no figure (nothing to divide by) for: {', '.join(nan)}")
     return result
 
 
+def json_note(asked: bool, available: bool, max_new_tokens: int) -> str:
+    """The report's line on how answers were decoded."""
+    if available:
+        constrained = "and again under the world's JSON schema (xgrammar): json.constrained.*"
+    elif asked:
+        constrained = "no grammar-constrained figures: xgrammar is not installed"
+    else:
+        constrained = "no grammar-constrained figures (--no-constrain)"
+    return (
+        "JSON answers: json.valid and json.field_acc are the model's own (unconstrained) "
+        f"decoding; {constrained}; greedy decoding, at most {max_new_tokens} new tokens per "
+        "short answer"
+    )
+
+
 __all__ = [
     "TASKS", "AnswerTokenizer", "Chat", "GenerateFn", "Reply", "ReplyStream", "answer",
     "boxes_to_loc", "evaluate_generative_model", "json_constraints", "loc_to_boxes",
-    "make_engine", "make_generate", "parse_reply", "task_question", "world_json_schema",
+    "make_constrained_generate", "make_engine", "make_generate", "parse_reply", "task_question", "world_json_schema",
 ]  # fmt: skip
