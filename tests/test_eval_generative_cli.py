@@ -88,9 +88,21 @@ def test_visto_eval_on_a_generative_checkpoint(tiny_run, capsys):
             value = metrics[prefix + name]
             assert isinstance(value, float) and math.isfinite(value), prefix + name
     assert all(math.isfinite(v) for v in metrics.values())
+    # The blind twin (on by default): every figure again with the images swapped, and the gain.
+    for name in ("vqa.overall", "heldout.vqa.overall", "ground.acc50", "json.valid"):
+        assert 0.0 <= metrics["blind." + name] <= 1.0, name
+        assert metrics["gain." + name] == pytest.approx(metrics[name] - metrics["blind." + name])
+    # JSON: the model's own answers, and (xgrammar is installed here) under the grammar: 16
+    # tokens cut the grammar's JSON short, while the own answer "[140, ...]" parses.
+    assert metrics["json.valid"] == 1.0 and metrics["json.constrained.valid"] == 0.0
+    assert "blind.json.constrained.field_acc" in metrics
 
     rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert {r["split"] for r in rows} == {"test", "heldout"}
+    assert all(r["blind_image"] != r["id"].split("-")[0] for r in rows)
+    json_rows = [r for r in rows if r["task"] == "json"]
+    assert all(r["prediction"] == ANSWER_PLAIN for r in json_rows)
+    assert all(r["constrained_prediction"].startswith('{"objects":') for r in json_rows)
     assert {r["task"] for r in rows} == {"vqa", "ground", "refdesc", "json"}
     ground = [r for r in rows if r["task"] == "ground" and r["split"] == "test"]
     assert all(r["prediction"] == ANSWER_PLAIN for r in ground)
@@ -100,13 +112,38 @@ def test_visto_eval_on_a_generative_checkpoint(tiny_run, capsys):
 
     report = (run / "report.md").read_text()
     assert "| `vqa.overall` |" in report and "## Example predictions" in report
+    assert "| seen | seen blind | seen gain | held-out |" in report and "blind twin" in report
     pngs = re.findall(r"\]\(([^)]+\.png)\)", report)
     assert {"vqa.png", "curve.png", "examples.png"} <= set(pngs)
     assert all((run / p).is_file() for p in pngs)
     page = Image.open(run / "examples.png")
     assert page.width > 600 and page.height > 400
     out = capsys.readouterr().out
-    assert "ground.acc50" in out and "examples.png" in out
+    assert "ground.acc50" in out and "examples.png" in out and "blind" in out
+
+
+@pytest.mark.slow
+def test_visto_eval_blind_blank_and_no_blind(tiny_run, tmp_path):
+    world, run = tiny_run
+    args = ["eval", "--model", str(run / "checkpoint"), "--data", str(world), "--n", "2",
+            "--tasks", "vqa", "json", "--max-tokens", "4", "--json-max-tokens", "8",
+            "--examples", "0"]  # fmt: skip
+    assert main([*args, "--blind", "blank", "--no-constrain", "--out", str(tmp_path / "b")]) == 0
+    blank = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert "blind.vqa.overall" in blank and "gain.heldout.vqa.overall" in blank
+    assert not any(k.startswith("json.constrained.") for k in blank)  # --no-constrain
+    rows = (tmp_path / "b" / "predictions.jsonl").read_text().splitlines()
+    assert all(json.loads(r)["blind_image"] == "blank" for r in rows)
+    assert main([*args, "--no-blind", "--out", str(tmp_path / "n")]) == 0
+    seeing = json.loads((tmp_path / "n" / "eval.json").read_text())
+    assert not any(k.startswith(("blind.", "gain.")) for k in seeing) and "vqa.overall" in seeing
+
+
+def test_blind_modes_of_the_command_are_the_evaluations():
+    from visto.commands.eval import BLIND_MODES
+    from visto.eval.generative import BLIND_MODES as EVAL_BLIND_MODES
+
+    assert BLIND_MODES == EVAL_BLIND_MODES
 
 
 def test_visto_eval_generative_bad_options(tiny_run, capsys, tmp_path):
@@ -116,7 +153,10 @@ def test_visto_eval_generative_bad_options(tiny_run, capsys, tmp_path):
     assert main([*args, "--tasks", "poetry"]) == 2
     assert main([*args, "--max-tokens", "0"]) == 2
     assert main([*args, "--examples", "-1"]) == 2
+    with pytest.raises(SystemExit):  # argparse: not one of swap, blank
+        main([*args, "--blind", "peek"])
     err = capsys.readouterr().err
+    assert "invalid choice: 'peek'" in err
     assert "unknown task" in err and "--max-tokens must be at least 1" in err
     assert "--examples must be 0 or more" in err
     assert not (tmp_path / "ev").exists()

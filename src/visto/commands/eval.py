@@ -11,6 +11,9 @@ from typing import Any
 from visto.commands._common import add_command
 from visto.errors import UserError
 
+# The blind twin's modes (visto.eval.generative.BLIND_MODES; kept here so --help loads no torch).
+BLIND_MODES = ("swap", "blank")
+
 ORDER = 40
 
 DESCRIPTION = """\
@@ -31,8 +34,16 @@ What is measured depends on the model family:
                      question type (vqa.<type>), counting, POPE probes, grounding acc@0.5,
                      box -> description, OCR exact/CER, JSON validity and fields, detection
                      P/R/F1 from the JSON, classification, captions (BLEU-4, CIDEr-D); greedy
-                     decoding, JSON under the world's grammar when xgrammar is installed.
-                     Seen and held-out (heldout.<name>) on the first --n images (default 50).
+                     decoding. json.valid / json.field_acc are the model's own answers; the
+                     same questions under the world's grammar (xgrammar) give
+                     json.constrained.valid / json.constrained.field_acc.
+                     Seen and held-out (heldout.<name>) on the first --n images (default 200).
+                     Blind twin (on by default): every question asked again with each image
+                     swapped for another image of the same split (never its own; --blind
+                     blank: a grey image) gives blind.<name>, and gain.<name> = figure -
+                     blind figure: what the model gains from looking. A figure the blind
+                     model reaches too says nothing about vision. --no-blind skips it (about
+                     half the time).
 
 Examples:
   visto eval --model runs/clip/checkpoint --data runs/world
@@ -41,6 +52,8 @@ Examples:
   visto eval --model ckpt --data runs/world --templates "a drawing of a {}." --out runs/ev
   visto eval --model runs/quickstart/checkpoint --data runs/quickstart/world --n 20
   visto eval --model runs/llava/checkpoint --data runs/world --tasks vqa ground --examples 16
+  visto eval --model runs/llava/checkpoint --data runs/world --blind blank
+  visto eval --model runs/llava/checkpoint --data runs/world --n 20 --no-blind
 
 --out defaults to the run directory holding the checkpoint (runs/NAME for
 runs/NAME/checkpoint, where metrics.jsonl lies), else runs/eval-<checkpoint name>.
@@ -57,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--n",
         type=int,
         help="images per split (two-tower: the retrieval gallery, default 1000; "
-        "generative: every question of each image, default 50)",
+        "generative: every question of each image, default 200)",
     )
     two = p.add_argument_group("two-tower (clip) options")
     two.add_argument(
@@ -87,7 +100,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--json-max-tokens", type=int, default=400, help="new tokens per JSON answer (default 400)"
     )
     gen.add_argument(
-        "--no-constrain", action="store_true", help="decode JSON answers without the grammar"
+        "--no-constrain",
+        action="store_true",
+        help="skip the second, grammar-constrained pass over the JSON questions "
+        "(json.constrained.*); json.valid is always the model's own decoding",
+    )
+    gen.add_argument(
+        "--blind",
+        choices=BLIND_MODES,
+        default="swap",
+        help="what the blind twin sees instead of each image: another image of the split "
+        "(swap, default) or a grey image (blank)",
+    )
+    gen.add_argument(
+        "--no-blind",
+        action="store_true",
+        help="skip the blind twin (no blind.* and gain.* figures)",
     )
     gen.add_argument(
         "--examples",
@@ -136,6 +164,7 @@ def kind_options(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         return {
             "tasks": resolve_tasks(args.tasks),
             "constrain_json": not args.no_constrain,
+            "blind": None if args.no_blind else args.blind,
             "max_new_tokens": args.max_tokens,
             "json_max_new_tokens": args.json_max_tokens,
         }
@@ -162,12 +191,37 @@ def resolve_tasks(values: list[str] | None) -> list[str] | None:
 def finite_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], list[str]]:
     """(the metrics that are numbers, the names without a figure): eval.json holds numbers
     only, since NaN is not JSON; the report notes the names left out. A never-yes POPE's
-    precision and F1 are 0, as in `visto quickstart` and `visto compare`."""
-    from visto.eval.generative import zero_undefined_pope
+    precision and F1 are 0, as in `visto quickstart` and `visto compare`; every figure with
+    a blind twin gets its gain.<name>."""
+    from visto.eval.generative import with_gains, zero_undefined_pope
 
-    metrics = zero_undefined_pope(metrics)
+    metrics = with_gains(zero_undefined_pope(metrics))
     kept = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
     return kept, [k for k in metrics if k not in kept]
+
+
+def figures_table(title: str, metrics: dict[str, float]) -> Any:
+    """The console's table: one row per figure, its blind twin and gain beside it."""
+    from rich.table import Table
+
+    from visto.eval.report import twin_rows
+
+    rows = twin_rows(metrics)
+    with_blind = any(blind is not None for _, _, blind, _ in rows)
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if with_blind:
+        table.add_column("blind", justify="right")
+        table.add_column("gain", justify="right")
+    for name, value, blind, gain in rows:
+        cells = [f"{value:.3f}"] + ([_cell(blind), _cell(gain)] if with_blind else [])
+        table.add_row(name, *cells)
+    return table
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def find_run_dir(checkpoint: Path) -> Path | None:
@@ -181,7 +235,6 @@ def find_run_dir(checkpoint: Path) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     import visto
     from visto.checkpoint import read_config
@@ -242,12 +295,7 @@ def run(args: argparse.Namespace) -> int:
             f"({examples.name})\n",
         )
 
-    table = Table(title=f"visto eval: {checkpoint}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in metrics.items():
-        table.add_row(name, f"{value:.3f}")
-    console.print(table)
+    console.print(figures_table(f"visto eval: {checkpoint}", metrics))
     for note in notes[2:]:
         console.print(f"- {note}")
     written = ["eval.json", *(["predictions.jsonl"] if predictions else []), "report.md"]

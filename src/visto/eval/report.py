@@ -3,7 +3,9 @@
 Everything here reads the same flat `eval.json` dict (name -> number) and a run's
 `metrics.jsonl`, so a new family gets a report by producing those, not by writing plots.
 Metric names follow DESIGN.md: `<group>.<name>` with `heldout.` in front for the unseen
-colour-shape pairs (`zeroshot.shape`, `heldout.zeroshot.shape`, `vqa.count`, ...).
+colour-shape pairs (`zeroshot.shape`, `heldout.zeroshot.shape`, `vqa.count`, ...), and for
+generative models `blind.<name>` (the blind twin: images swapped for others) and
+`gain.<name>` (figure - blind figure), shown beside their figure, not as rows of their own.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from visto.utils.io import atomic_write_bytes, atomic_write_text
 
 HELDOUT = "heldout."
+BLIND, GAIN = "blind.", "gain."
 
 
 def format_value(value: float) -> str:
@@ -34,22 +37,42 @@ def split_heldout(name: str) -> tuple[str, bool]:
     return name, False
 
 
+def is_twin(name: str) -> bool:
+    """Whether `name` is a blind twin's figure or its gain (shown beside the figure)."""
+    return name.startswith((BLIND, GAIN))
+
+
+def twin_rows(metrics: Mapping[str, float]) -> list[tuple[str, float, float | None, float | None]]:
+    """(name, value, blind value, gain) for every figure that is not itself a twin; None
+    where the figure has no blind twin."""
+    return [
+        (name, value, metrics.get(BLIND + name), metrics.get(GAIN + name))
+        for name, value in metrics.items()
+        if not is_twin(name)
+    ]
+
+
 def metrics_table(metrics: Mapping[str, float]) -> str:
-    """A markdown table with one row per metric and a column for seen and for held-out."""
-    rows: dict[str, dict[bool, float]] = {}
-    for name, value in metrics.items():
-        base, held = split_heldout(name)
-        rows.setdefault(base, {})[held] = value
+    """A markdown table with one row per metric and a column for seen and for held-out; where
+    there is a blind twin, its figure and the gain beside each."""
+    rows: dict[str, dict[bool, str]] = {}  # base name -> held-out? -> full name
+    for name in metrics:
+        if not is_twin(name):
+            base, held = split_heldout(name)
+            rows.setdefault(base, {})[held] = name
     has_heldout = any(True in r for r in rows.values())
-    if has_heldout:
-        lines = ["| metric | seen | held-out |", "|---|---:|---:|"]
-        for base, r in rows.items():
-            lines.append(
-                f"| `{base}` | {format_value(r.get(False))} | {format_value(r.get(True))} |"
-            )
-    else:
-        lines = ["| metric | value |", "|---|---:|"]
-        lines += [f"| `{base}` | {format_value(r[False])} |" for base, r in rows.items()]
+    has_blind = any(k.startswith(BLIND) for k in metrics)
+    splits = [(False, "seen" if has_heldout else "value"), (True, "held-out")][: 1 + has_heldout]
+    twins = ("", BLIND, GAIN) if has_blind else ("",)
+    head = [f"{label} {twin.rstrip('.')}".strip() for _, label in splits for twin in twins]
+    lines = ["| metric | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+    for base, names in rows.items():
+        cells = [
+            format_value(metrics.get(twin + names[held]) if held in names else None)
+            for held, _ in splits
+            for twin in twins
+        ]
+        lines.append(f"| `{base}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -74,7 +97,8 @@ def _pyplot():
 def plot_group_bars(
     metrics: Mapping[str, float], group: str, path: str | os.PathLike, title: str | None = None
 ) -> Path | None:
-    """Bars for every `<group>.<name>` metric, seen beside held-out where there is one.
+    """Bars for every `<group>.<name>` metric, seen beside held-out where there is one, and
+    the blind twin's seen figure beside them where there is one.
 
     E.g. group 'zeroshot' plots shape / colour / class; group 'vqa' plots one bar per
     question type. Returns None (and writes nothing) when the group has no metrics.
@@ -83,7 +107,12 @@ def plot_group_bars(
     names: list[str] = []
     seen: dict[str, float] = {}
     held: dict[str, float] = {}
+    blind: dict[str, float] = {}
     for name, value in metrics.items():
+        if name.startswith(BLIND + prefix):
+            blind[name[len(BLIND + prefix) :]] = value
+        if is_twin(name):
+            continue
         base, is_held = split_heldout(name)
         if not base.startswith(prefix):
             continue
@@ -95,27 +124,20 @@ def plot_group_bars(
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 1.5), 3.2))
-    width = 0.38 if held else 0.6
+    series = [("seen", seen, "#4C78A8"), ("held-out", held, "#F58518"),
+              ("blind (seen)", blind, "#9D9D9D")]  # fmt: skip
+    series = [s for s in series if s[1] or s[0] == "seen"]
+    width = 0.8 / len(series) if len(series) > 1 else 0.6
     xs = list(range(len(names)))
     nan = float("nan")
-    ax.bar(
-        [x - (width / 2 if held else 0) for x in xs],
-        [seen.get(n, nan) for n in names],
-        width,
-        label="seen",
-        color="#4C78A8",
-    )
-    if held:
-        ax.bar(
-            [x + width / 2 for x in xs],
-            [held.get(n, nan) for n in names],
-            width,
-            label="held-out",
-            color="#F58518",
-        )
-        ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+    for k, (label, values_of, colour) in enumerate(series):
+        offset = (k - (len(series) - 1) / 2) * width
+        ax.bar([x + offset for x in xs], [values_of.get(n, nan) for n in names], width,
+               label=label, color=colour)  # fmt: skip
+    if len(series) > 1:
+        ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(series))
     ax.set_xticks(xs, names)
-    values = [v for v in [*seen.values(), *held.values()] if not math.isnan(v)]
+    values = [v for v in [*seen.values(), *held.values(), *blind.values()] if not math.isnan(v)]
     if values and max(values) <= 1.0 and min(values) >= 0.0:
         ax.set_ylim(0, 1.02)
     ax.set_title(title or group)
@@ -187,6 +209,8 @@ def metric_groups(metrics: Mapping[str, float]) -> list[str]:
     """'zeroshot', 'retrieval.t2i', 'cluster', ...: the name without its last part, in order."""
     groups: list[str] = []
     for name in metrics:
+        if is_twin(name):
+            continue  # drawn beside their figure
         base, _ = split_heldout(name)
         group = base.rsplit(".", 1)[0] if "." in base else base
         if group not in groups:
