@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from visto.commands._common import add_command
@@ -29,6 +30,7 @@ Examples:
   visto serve --model runs/llava/checkpoint
   visto serve --model runs/llava/checkpoint --clip runs/clip/checkpoint --db runs/index
   visto serve --clip runs/clip/checkpoint --db runs/index --port 9000 --api-key secret
+  visto serve --model runs/llava/checkpoint --int8          (int8 chat model on the CPU)
   curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{"model": "llava", "messages": [{"role": "user", "content": "hello"}]}'
 """
@@ -59,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-hosts", default="",
                    help="comma-separated host names remote images may come from")
     p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--int8", action="store_true",
+                   help="run the chat model's Linear layers in int8 (CPU only: a quarter of "
+                   "their memory, faster decoding; answers may differ slightly from fp32)")
     p.set_defaults(run=run_serve)
 
 
@@ -88,11 +93,18 @@ def build_app(args: argparse.Namespace):
     if args.timeout <= 0 or args.batch_wait_ms < 0:
         raise UserError("--timeout must be positive and --batch-wait-ms not negative")
 
+    if args.int8 and args.model is None:
+        raise UserError("--int8 quantizes the chat model: give --model CKPT")
     chat = None
     if args.model is not None:
         from visto.device import pick_device
 
-        model = visto.load(args.model, device=pick_device(args.device))
+        model = visto.load(args.model, device=pick_device(args.device or ("cpu" if args.int8 else None)))
+        if args.int8:
+            from visto.infer.quantize import int8_summary, quantize_int8
+
+            quantize_int8(model)
+            print(int8_summary(model), file=sys.stderr)
         chat = ChatModel.from_model(model, args.name or run_name(args.model))
     embedder = store = None
     if args.clip is not None or args.db is not None:

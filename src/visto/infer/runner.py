@@ -17,7 +17,9 @@ the same numbers with fewer ops (the ideas of vLLM / gpt-fast, without custom ke
   window holds no padding (batch of one, equal lengths) no mask is passed at all;
 - per-row next positions kept as a tensor (+1 per step), rotary cos/sin looked up in tables;
 - q/k/v fused into one matmul, gate/up into another (weights concatenated once, rebuilt if the
-  model's parameters change), rotary applied to q and k together.
+  model's parameters change), rotary applied to q and k together;
+- int8 decoders (`visto.infer.quantize`) fuse the same way: their int8 rows and per-row scales
+  are concatenated into one int8 matmul.
 
 Numbers equal the model's forward up to float rounding (tests compare greedy tokens with the
 model's own decode and with transformers'). Exactness in the last bit is not promised: a fused
@@ -31,6 +33,7 @@ the window's leading columns that no remaining row uses are dropped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visto.infer.quantize import fuse_int8_linears, is_int8_linear
 from visto.nn.language import DecoderLM
 
 
@@ -157,7 +161,7 @@ class DecoderRunner:
         self.eps = cfg.rms_norm_eps
         self._signature: tuple | None = None
         self._params: list[Tensor] | None = None
-        self._layers: list[dict[str, Tensor | None]] = []
+        self._layers: list[dict[str, Any]] = []
         self._tables: tuple[Tensor, Tensor] | None = None
 
     @classmethod
@@ -166,7 +170,7 @@ class DecoderRunner:
         with `prefill_inputs(batch)`; None otherwise (the engine then uses the model's own
         prefill/decode_step)."""
         lm = model if isinstance(model, DecoderLM) else getattr(model, "language_model", None)
-        if isinstance(lm, DecoderLM) and not _plain_linears(lm):
+        if isinstance(lm, DecoderLM) and not _fusable_linears(lm):
             return None  # e.g. LoRA adapters (peft layers): the model's own forward applies them
         if isinstance(model, DecoderLM):
 
@@ -185,41 +189,28 @@ class DecoderRunner:
         last prefill (checked per prefill, not per step: weights do not change mid-generation)."""
         if self._params is None:
             self._params = list(self.lm.parameters())
+        # int8 layers hold no parameters: their identity says whether they were swapped.
         signature = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._params)
+        signature += tuple(id(m) for m in _projections(self.lm))
         if signature != self._signature:
             self._layers = [self._fuse(layer) for layer in self.lm.model.layers]
             self._signature = signature
             self._tables = None
 
-    def _fuse(self, layer: Any) -> dict[str, Tensor | None]:
-        assert _plain_linears(self.lm), (
-            "the decoder's projections are no longer plain nn.Linear (adapters added after the "
-            "engine was made?): make a new Engine"
+    def _fuse(self, layer: Any) -> dict[str, Any]:
+        assert _fusable_linears(self.lm), (
+            "the decoder's projections are no longer plain or int8 nn.Linear (adapters added "
+            "after the engine was made?): make a new Engine"
         )
         attn, mlp = layer.self_attn, layer.mlp
-        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-        with torch.no_grad():
-            qkv_b = None
-            if any(p.bias is not None for p in projs):
-                qkv_b = torch.cat([
-                    p.bias if p.bias is not None else p.weight.new_zeros(p.out_features)
-                    for p in projs
-                ])  # fmt: skip
-            gate_up_b = None
-            if mlp.gate_proj.bias is not None:
-                gate_up_b = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
-            return {
-                "ln1": layer.input_layernorm.weight.detach(),
-                "ln2": layer.post_attention_layernorm.weight.detach(),
-                "qkv": torch.cat([p.weight for p in projs]).detach(),
-                "qkv_b": qkv_b,
-                "o": attn.o_proj.weight.detach(),
-                "o_b": None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
-                "gate_up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
-                "gate_up_b": gate_up_b,
-                "down": mlp.down_proj.weight.detach(),
-                "down_b": None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach(),
-            }
+        return {
+            "ln1": layer.input_layernorm.weight.detach(),
+            "ln2": layer.post_attention_layernorm.weight.detach(),
+            "qkv": _fused((attn.q_proj, attn.k_proj, attn.v_proj)),
+            "o": _fused((attn.o_proj,)),
+            "gate_up": _fused((mlp.gate_proj, mlp.up_proj)),
+            "down": _fused((mlp.down_proj,)),
+        }
 
     def _rope_tables(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos/sin (max_positions, hd), computed as `RotaryEmbedding` does (same floats), the
@@ -264,7 +255,7 @@ class DecoderRunner:
         gqa = H != Hkv
         for i, w in enumerate(self._layers):
             h = self._rms(x, w["ln1"])
-            qkv = F.linear(h, w["qkv"], w["qkv_b"])  # (B, T, (H + 2 H_kv) hd)
+            qkv = w["qkv"](h)  # (B, T, (H + 2 H_kv) hd)
             qk = qkv[..., : (H + Hkv) * hd].view(B, T, H + Hkv, hd)
             # Rotary on q and k at once (RoFormer; Llama's "rotate half" layout): rotate_half(x)
             # = [-x2, x1] = roll(x, half) with the first half negated, and the sign lives in
@@ -280,9 +271,9 @@ class DecoderRunner:
                 q, kc[:, :, lo:hi], vc[:, :, lo:hi], attn_mask=mask, is_causal=causal,
                 enable_gqa=gqa,
             )  # (B, H, T, hd)
-            x = x + F.linear(y.transpose(1, 2).reshape(B, T, H * hd), w["o"], w["o_b"])
-            gate, up = F.linear(self._rms(x, w["ln2"]), w["gate_up"], w["gate_up_b"]).chunk(2, -1)
-            x = x + F.linear(F.silu(gate) * up, w["down"], w["down_b"])
+            x = x + w["o"](y.transpose(1, 2).reshape(B, T, H * hd))
+            gate, up = w["gate_up"](self._rms(x, w["ln2"])).chunk(2, -1)
+            x = x + w["down"](F.silu(gate) * up)
         return x[:, -1]  # (B, C)
 
     def _logits(self, last: Tensor) -> Tensor:
@@ -341,11 +332,34 @@ class DecoderRunner:
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _plain_linears(lm: DecoderLM) -> bool:
-    """Whether every projection of the decoder is exactly `nn.Linear`: the runner reads their
-    `weight`/`bias`, which for a wrapped layer (LoRA) would silently drop the wrapper's part."""
-    return all(
-        type(module) is nn.Linear
-        for name, module in lm.named_modules()
-        if name.rsplit(".", 1)[-1] in _PROJECTIONS or name == "lm_head"
+def _projections(lm: DecoderLM) -> list[nn.Module]:
+    return [m for name, m in lm.named_modules() if name.rsplit(".", 1)[-1] in _PROJECTIONS]
+
+
+def _fusable_linears(lm: DecoderLM) -> bool:
+    """Whether every projection of the decoder is exactly `nn.Linear` or int8 (quantize.py),
+    and the output head a plain `nn.Linear`: the runner reads their weights, which for a
+    wrapped layer (LoRA) would silently drop the wrapper's part."""
+    return type(lm.lm_head) is nn.Linear and all(
+        type(m) is nn.Linear or is_int8_linear(m) for m in _projections(lm)
     )
+
+
+def _fused(linears: tuple[nn.Module, ...]) -> Callable[[Tensor], Tensor]:
+    """One matmul computing the layers' outputs concatenated (they read the same input)."""
+    if all(is_int8_linear(m) for m in linears):
+        return fuse_int8_linears(linears)
+    assert all(type(m) is nn.Linear for m in linears), "a fused group mixes int8 and fp32 layers"
+    with torch.no_grad():
+        weight = torch.cat([m.weight for m in linears]).detach()
+        bias = None
+        if any(m.bias is not None for m in linears):
+            bias = torch.cat([
+                m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                for m in linears
+            ]).detach()  # fmt: skip
+
+    def linear(x: Tensor) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    return linear

@@ -687,8 +687,10 @@ def _model_card(model_id: str, server: Server) -> dict[str, Any]:
     card: dict[str, Any] = {"id": model_id, "object": "model", "created": server.started,
                             "owned_by": "visto"}
     if chat is not None and model_id == chat.name:
+        from visto.infer.quantize import is_int8
+
         card.update(kind="chat", accepts_images=chat.accepts_images,
-                    context_length=chat.context_length)
+                    context_length=chat.context_length, int8=is_int8(chat.model))
     else:
         card.update(kind="embedding", dim=server.models.embedder.dim,
                     search=server.models.store is not None)

@@ -1,0 +1,148 @@
+"""int8 inference on the CPU: dynamic quantization of a model's Linear layers.
+
+    model = quantize_int8(visto.load(path))      # in place; `visto chat/serve --int8`
+
+Each Linear layer of the vision tower, the connector and the decoder's blocks keeps its
+weights as int8 with one scale per output channel; its input is quantized per call from its
+own range (dynamic quantization: no calibration data), and the int8 matmul accumulates in
+int32 (`torch.ao.quantization.quantize_dynamic`, fbgemm/x86 kernels). Weights take a quarter
+of the memory, and on a CPU a small model's decode step, which is bound by reading weights,
+runs faster. Not quantized: the token embeddings and the output head tied to them (one fp32
+matrix serves both: an int8 copy for the head would add memory, and the head's logits are
+what sampling reads), norms, convolutions and position embeddings (few parameters).
+
+Per-channel scales make the engine's fused projections exact: quantizing q, k and v apart and
+concatenating their int8 rows and scales gives the same numbers as one fused layer
+(`fuse_int8_linears`, used by the engine's fast path in runner.py).
+
+`torch.ao.quantization` is deprecated in favour of torchao (its warnings are silenced here;
+bench/README.md says why we use it on torch 2.13). It runs on the CPU only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from visto.errors import UserError
+
+# Parts of a model whose Linear layers are quantized, by attribute path; a model has some.
+QUANTIZED_PARTS = (
+    "vision_tower",  # LLaVA
+    "vision_model",  # BLIP-2, Flamingo
+    "multi_modal_projector",  # LLaVA's connector
+    "language_model.model.layers",  # a VLM's decoder blocks (not its tied output head)
+    "model.layers",  # a DecoderLM on its own
+)
+
+
+def _int8_linear_type() -> type:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    return DynamicQuantizedLinear
+
+
+def is_int8_linear(module: nn.Module) -> bool:
+    return type(module) is _int8_linear_type()
+
+
+def is_int8(model: nn.Module) -> bool:
+    """Whether `quantize_int8` has been applied (any int8 Linear inside)."""
+    return any(is_int8_linear(m) for m in model.modules())
+
+
+@contextmanager
+def _quiet_deprecation() -> Iterator[None]:
+    # torch.ao.quantization warns at every call that torchao replaces it, and quantized tensor
+    # creation that it is going away; both still work on torch 2.13 (see the module docstring).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions")
+        yield
+
+
+def _part(model: nn.Module, path: str) -> nn.Module | None:
+    module: nn.Module | None = model
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if not isinstance(module, nn.Module):
+            return None
+    return module
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Quantize the Linear layers of `model`'s vision tower, connector and decoder blocks to
+    int8 (dynamic, per output channel), in place; returns `model`. Idempotent."""
+    if is_int8(model):
+        return model
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise UserError(
+            f"--int8 runs on the CPU (int8 kernels of torch.ao.quantization); the model is on "
+            f"{device}: pass --device cpu, or drop --int8 (on a GPU, bf16 is the fast path)"
+        )
+    wrapped = [n for n, m in model.named_modules() if hasattr(m, "base_layer")]
+    if wrapped:
+        raise UserError(
+            f"--int8 quantizes plain Linear layers, and this model has adapters (LoRA) on "
+            f"{wrapped[0]} and others: merge them into the weights first"
+        )
+    parts = [path for path in QUANTIZED_PARTS if _part(model, path) is not None]
+    if not parts:
+        raise UserError(
+            f"--int8 found no vision tower or decoder in this {type(model).__name__} "
+            f"(looked for {', '.join(QUANTIZED_PARTS)})"
+        )
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with _quiet_deprecation():
+        quantize_dynamic(
+            model,
+            {path: per_channel_dynamic_qconfig for path in parts},
+            dtype=torch.qint8,
+            mapping={nn.Linear: _int8_linear_type()},  # Linear only: not the position embeddings
+            inplace=True,
+        )
+    return model
+
+
+def fuse_int8_linears(linears: Sequence[nn.Module]) -> Callable[[Tensor], Tensor]:
+    """One int8 matmul computing the int8 layers' outputs concatenated (same input), as the
+    layers would one by one: their int8 rows, per-row scales and biases are stacked."""
+    with _quiet_deprecation(), torch.no_grad():
+        weights = [m.weight() for m in linears]
+        assert all(w.qscheme() == torch.per_channel_affine for w in weights), (
+            "fusing needs per-channel int8 weights (quantize_int8 makes them)"
+        )
+        stacked = torch._make_per_channel_quantized_tensor(
+            torch.cat([w.int_repr() for w in weights]),
+            torch.cat([w.q_per_channel_scales() for w in weights]),
+            torch.cat([w.q_per_channel_zero_points() for w in weights]),
+            0,
+        )
+        biases = [m.bias() for m in linears]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([
+                b if b is not None else torch.zeros(m.out_features)
+                for b, m in zip(biases, linears, strict=True)
+            ])  # fmt: skip
+        packed = torch.ops.quantized.linear_prepack(stacked, bias)
+
+    def linear(x: Tensor) -> Tensor:
+        # reduce_range as the module's own forward: 7-bit activations, no int16 overflow in
+        # fbgemm's accumulation on CPUs without VNNI.
+        return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=True)
+
+    return linear
+
+
+def int8_summary(model: nn.Module) -> str:
+    """One line for a command to print: how many layers run in int8, and where."""
+    names = [n for n, m in model.named_modules() if is_int8_linear(m)]
+    parts = [p for p in QUANTIZED_PARTS if any(n.startswith(p + ".") for n in names)]
+    return f"int8: {len(names)} Linear layers quantized ({', '.join(parts)}); the rest fp32"

@@ -1,0 +1,144 @@
+"""int8 inference (`visto.infer.quantize`, `--int8`): which layers are quantized, how close the
+answers stay to fp32, the engine's fused int8 path against the model's own, and the flag
+through `visto chat` and `visto serve` (the official openai SDK) end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import openai
+import pytest
+import torch
+from torch import nn
+
+import visto
+from test_chat import ANSWER_PLAIN, train_tiny_llava
+from test_serve_support import data_url, make_llava_checkpoint, png_bytes, running
+from visto.cli import build_parser, main
+from visto.commands.serve import build_app
+from visto.data.sample import Sample, Turn
+from visto.data.synth import iter_records
+from visto.errors import UserError
+from visto.infer import Engine, SamplingParams
+from visto.infer.quantize import int8_summary, is_int8, is_int8_linear, quantize_int8
+from visto.tasks.runner import AnswerTokenizer
+
+pytestmark = pytest.mark.timeout(300)
+
+PROMPTS = [((200, 40, 40), "the red"), ((30, 30, 220), "the blue square"),
+           ((30, 200, 30), "left of the"), ((240, 240, 240), "the green circle")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def random_tiny(tmp_path_factory):
+    """A tiny LLaVA with large random weights (peaked logits) and a trained tokenizer."""
+    return make_llava_checkpoint(tmp_path_factory.mktemp("int8") / "tiny-llava" / "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    """(checkpoint, image): a tiny LLaVA trained to answer every question with one box."""
+    world, run = train_tiny_llava(tmp_path_factory.mktemp("int8-trained"))
+    return run / "checkpoint", world / next(iter_records(world, "test"))["image"]
+
+
+def engines(checkpoint, fast: bool = True) -> tuple[nn.Module, nn.Module, Engine, Engine]:
+    fp32, int8 = visto.load(checkpoint), quantize_int8(visto.load(checkpoint))
+    make = lambda m: Engine(m, AnswerTokenizer(m.processor.tokenizer), fast=fast)  # noqa: E731
+    return fp32, int8, make(fp32), make(int8)
+
+
+def batch(model):
+    samples = [Sample(f"p{i}", [png_bytes(colour)], [Turn("user", "<image>\n" + text)])
+               for i, (colour, text) in enumerate(PROMPTS)]  # fmt: skip
+    return model.prompt_batch(samples)
+
+
+def saved_bytes(model: nn.Module) -> int:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()
+
+
+def test_the_towers_and_decoder_blocks_go_int8_the_embeddings_and_head_stay_fp32(random_tiny):
+    fp32, int8, _, _ = engines(random_tiny)
+    quantized = {n for n, m in int8.named_modules() if is_int8_linear(m)}
+    plain = {n for n, m in fp32.named_modules() if type(m) is nn.Linear}
+    assert quantized == plain - {"language_model.lm_head"}
+    assert any(n.startswith("vision_tower.") for n in quantized)
+    assert any(n.startswith("multi_modal_projector.") for n in quantized)
+    lm = int8.language_model
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight  # still tied, still fp32
+    assert saved_bytes(int8) < 0.65 * saved_bytes(fp32)  # tiny: the embeddings weigh a lot
+    assert int8_summary(int8).startswith(f"int8: {len(quantized)} Linear layers quantized")
+    assert quantize_int8(int8) is int8 and is_int8(int8) and not is_int8(fp32)
+
+
+def test_int8_logits_stay_close_and_greedy_tokens_match_fp32(random_tiny):
+    fp32, int8, e32, e8 = engines(random_tiny)
+    with torch.inference_mode():
+        l32, l8 = e32.prefill(batch(fp32), room=1)[0], e8.prefill(batch(int8), room=1)[0]
+    assert (l8 - l32).abs().max() < 0.05 * (l32.max() - l32.min())
+    params = SamplingParams(3)
+    greedy32 = [c.token_ids for c in e32.generate_batch(batch(fp32), params)]
+    greedy8 = [c.token_ids for c in e8.generate_batch(batch(int8), params)]
+    assert greedy8 == greedy32
+
+
+def test_the_engines_fused_int8_path_computes_what_the_int8_model_does(random_tiny):
+    # The fast path concatenates q/k/v (and gate/up) int8 rows and scales into one matmul;
+    # the model's own forward runs each int8 layer: same numbers.
+    _, int8, _, fast = engines(random_tiny)
+    slow = Engine(int8, AnswerTokenizer(int8.processor.tokenizer), fast=False)
+    assert fast.runner is not None and slow.runner is None
+    with torch.inference_mode():
+        torch.testing.assert_close(fast.prefill(batch(int8), room=1)[0],
+                                   slow.prefill(batch(int8), room=1)[0], rtol=1e-5, atol=1e-5)  # fmt: skip
+    params = SamplingParams(12, ignore_eos=True)
+    assert ([c.token_ids for c in fast.generate_batch(batch(int8), params)]
+            == [c.token_ids for c in slow.generate_batch(batch(int8), params)])  # fmt: skip
+
+
+def test_chat_int8_answers_as_fp32_does(trained_tiny, capsys, tmp_path):
+    checkpoint, image = trained_tiny
+    answers = []
+    for flags in ([], ["--int8"]):
+        code = main(["chat", "--model", str(checkpoint), str(image), "red circle", "--task",
+                     "ground", "--json", "--out", str(tmp_path / "b.png"), *flags])  # fmt: skip
+        captured = capsys.readouterr()
+        assert code == 0
+        answers.append(json.loads(captured.out)["answer"])
+        assert ("int8: " in captured.err) == bool(flags)
+    assert answers == [ANSWER_PLAIN, ANSWER_PLAIN]
+
+
+def test_serve_int8_answers_the_openai_sdk_as_fp32_does(trained_tiny):
+    checkpoint, image = trained_tiny
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(image.read_bytes())}},
+        {"type": "text", "text": "How many circles are there?"}]}]  # fmt: skip
+    answers, cards = [], []
+    for flags in ([], ["--int8"]):
+        args = build_parser().parse_args(["serve", "--model", str(checkpoint), *flags])
+        with running(build_app(args)) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+            [card] = client.models.list().data
+            cards.append(card.model_dump()["int8"])
+            out = client.chat.completions.create(model=card.id, messages=messages, max_tokens=8)
+            answers.append(out.choices[0].message.content)
+    assert cards == [False, True]
+    assert answers[0] == answers[1] and answers[0]
+
+
+def test_int8_refuses_what_it_cannot_quantize(random_tiny):
+    with pytest.raises(UserError, match="no vision tower or decoder"):
+        quantize_int8(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(UserError, match="runs on the CPU"):
+        quantize_int8(visto.load(random_tiny).to("meta"))
+    from visto.nn.lora import LoraConfig, apply_lora
+
+    with pytest.raises(UserError, match="LoRA"):
+        quantize_int8(apply_lora(visto.load(random_tiny), LoraConfig(rank=2)))
+    with pytest.raises(UserError, match="--int8 quantizes the chat model"):
+        build_app(build_parser().parse_args(["serve", "--clip", str(random_tiny), "--int8"]))
