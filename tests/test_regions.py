@@ -125,3 +125,16 @@ def test_llava_with_object_tokens_trains_saves_and_loads(tokenizer_dir, tmp_path
     model.eval()
     with torch.no_grad():
         assert torch.allclose(again(batch)["loss"], model(batch)["loss"], atol=1e-5)
+
+
+def test_tags_mix_the_question_form_and_the_answer_form_of_each_word(tokenizer_dir):
+    """" star" (named in a question) and "star" (said in an answer) are different BPE tokens;
+    a tag is the mean of both, so the weights of each value sum to 1."""
+    from visto.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokenizer_dir / "tokenizer.json")
+    c = connector(tokenizer_dir)
+    ids, weights = c.vocabulary["shape"]
+    assert torch.allclose(weights.sum(1), torch.ones(len(SHAPE_NAMES)))
+    star = SHAPE_NAMES.index("star")
+    assert set(tok.encode(" star")) | set(tok.encode("star")) <= set(ids[star][weights[star] > 0].tolist())

@@ -14,7 +14,8 @@ and learned projections of the same attributes do not in the same steps.
       -> the `slots` most confident centres (CenterNet: a centre is a peak of the centre head)
       -> per object: Linear(its centre patch's feature)
                      + p(colour) @ E[colour words] + p(shape) @ E[shape words]
-                     + p(size) @ E[size words]       (E: the decoder's input embeddings)
+                     + p(size) @ E[size words]       (E: the decoder's input embeddings of
+                       the word as a question names it, " star", and as an answer says it)
                      + Linear(Fourier features of its box)
       -> slots without an object get a learned `empty` token         (B, slots, D_lm)
 
@@ -77,9 +78,10 @@ def box_fourier(box: Tensor) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], -1).flatten(-2)
 
 
-def word_ids(tokenizer, word: str) -> list[int]:
-    """The ids of `word` as it reads mid-sentence (" star"), where a question names it."""
-    return tokenizer.encode(" " + word)
+def word_forms(tokenizer, word: str) -> list[list[int]]:
+    """The ids of `word` as a question names it mid-sentence (" star") and as an answer starts
+    with it ("star"): two different tokens in a byte-level BPE."""
+    return [tokenizer.encode(" " + word), tokenizer.encode(word)]
 
 
 class RegionConnector(nn.Module):
@@ -96,20 +98,23 @@ class RegionConnector(nn.Module):
         self.vocabulary: dict[str, tuple[Tensor, Tensor]] = {}
 
     def set_vocabulary(self, tokenizer) -> None:
-        """Read the attribute words' token ids (a word of several tokens: their mean embedding)."""
+        """Read the attribute words' token ids. A value's tag is the mean embedding of its two
+        forms (`word_forms`), a form of several tokens counting as the mean of its pieces."""
         for kind, names in (("shape", SHAPE_NAMES), ("colour", COLOUR_NAMES), ("size", SIZE_NAMES)):
-            ids = [word_ids(tokenizer, n) for n in names]
-            width = max(len(i) for i in ids)
-            padded = torch.tensor([i + [0] * (width - len(i)) for i in ids])
-            mask = torch.tensor([[1.0] * len(i) + [0.0] * (width - len(i)) for i in ids])
-            self.vocabulary[kind] = (padded, mask)
+            rows = []
+            for name in names:
+                forms = word_forms(tokenizer, name)
+                rows.append([(i, 1.0 / (len(forms) * len(f))) for f in forms for i in f])
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[i for i, _ in r] + [0] * (width - len(r)) for r in rows])
+            weights = torch.tensor([[w for _, w in r] + [0.0] * (width - len(r)) for r in rows])
+            self.vocabulary[kind] = (ids, weights)
 
     def word_table(self, embed: nn.Embedding, kind: str) -> Tensor:
-        """(n_values, D_lm): each attribute value's word embedding."""
-        ids, mask = self.vocabulary[kind]
-        ids, mask = ids.to(embed.weight.device), mask.to(embed.weight.dtype).to(embed.weight.device)
-        vectors = embed(ids) * mask[..., None]  # (n, L, D)
-        return vectors.sum(1) / mask.sum(1, keepdim=True)
+        """(n_values, D_lm): each attribute value's tag embedding."""
+        ids, weights = self.vocabulary[kind]
+        weights = weights.to(embed.weight.device, embed.weight.dtype)
+        return (embed(ids.to(embed.weight.device)) * weights[..., None]).sum(1)  # (n, D)
 
     def select(self, heads: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(patch index (B, slots), present (B, slots)): the most confident centres, in raster
