@@ -160,12 +160,22 @@ def _registry() -> tuple[dict[str, tuple[type, type]], Any]:
 
 
 def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn.Module:
-    """The model saved at `path`, in eval mode, on `device` (default: cpu), with `.processor`."""
+    """The model saved at `path`, in eval mode, on `device` (default: cpu), with `.processor`.
+
+    `path` may also be a directory transformers saved (LLaVA, BLIP-2, Fuyu, Idefics; see
+    visto.models.transformers_format); such a model has a processor when its tokenizer is
+    visto's."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     path = Path(path)
+    from visto.models.transformers_format import is_transformers_dir, load_transformers
+
+    if is_transformers_dir(path):  # saved by transformers: read as vLLM would, no conversion step
+        model = load_transformers(path)
+        model.to(torch.device(device) if device is not None else torch.device("cpu"))
+        return model.eval()
     meta = read_config(path)
     model = build_from_config(meta["family"], meta["config"])
     if "lora" in meta:

@@ -266,6 +266,7 @@ def from_transformers(path: str | Path, processor: ProcessorConfig | None = None
     """
     from safetensors import safe_open
 
+    from visto.models.transformers_format import legacy_key
     from visto.nn.language import _safetensors_files
 
     directory = Path(path)
@@ -310,13 +311,7 @@ def from_transformers(path: str | Path, processor: ProcessorConfig | None = None
                 for hf_key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     # transformers 5 writes the legacy layout (language_model.model.*,
                     # vision_embed_tokens.*); its in-memory one has model.* and lm_head.
-                    key = hf_key.removeprefix("model.")
-                    if key == "lm_head.weight":
-                        key = "language_model.lm_head.weight"
-                    elif key.startswith("language_model.") and not key.startswith(
-                        ("language_model.model.", "language_model.lm_head.")
-                    ):
-                        key = "language_model.model." + key.removeprefix("language_model.")
+                    key = legacy_key(hf_key)
                     if key == "language_model.lm_head.weight" and model.config.decoder.tie_word_embeddings:
                         continue
                     if key not in expected:

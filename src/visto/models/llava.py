@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,12 +38,34 @@ from torch import Tensor, nn
 from visto.connectors.projector import ProjectorConfig, build_projector
 from visto.data.processor import Processor, ProcessorConfig
 from visto.data.sample import Sample
-from visto.data.tokenizer import IMAGE, SPECIAL_TOKENS, Tokenizer, corpus_texts, train_tokenizer
+from visto.data.tokenizer import (
+    DEFAULT_LOC_BINS,
+    IMAGE,
+    SPECIAL_TOKENS,
+    Tokenizer,
+    corpus_texts,
+    train_tokenizer,
+)
 from visto.errors import UserError
 from visto.losses import answer_loss
+from visto.models.transformers_format import (
+    act_from_hf,
+    act_to_hf,
+    legacy_key,
+    load_mapped,
+    read_hf_config,
+)
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
-from visto.nn.vision import ViT, ViTConfig, load_transformers_clip_vision
+from visto.nn.vision import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ViT,
+    ViTConfig,
+    load_transformers_clip_vision,
+    vit_config_from_transformers,
+)
 
+log = logging.getLogger("visto.models")
 IMAGE_TOKEN_ID = SPECIAL_TOKENS.index(IMAGE)  # fixed by visto's tokenizer layout (id 3)
 
 # Names for optim.module_lrs: group -> the parameter-name prefix it covers.
@@ -142,10 +165,18 @@ class LlavaConfig:
 
 
 def load_vision_tower(path: str | Path) -> ViT:
-    """The ViT of a visto CLIP/LLaVA checkpoint, or of a transformers CLIP directory."""
+    """The ViT of a visto CLIP/LLaVA checkpoint, or of a transformers CLIP or LLaVA directory."""
     from visto.checkpoint import is_checkpoint, load, read_config
 
     path = Path(path)
+    hf = read_hf_config(path)
+    if hf is not None and hf["model_type"] == "llava":
+        return load_hf(path).vision_tower
+    if hf is not None and hf["model_type"] not in ("clip", "clip_vision_model"):
+        raise UserError(
+            f"{path} holds a transformers {hf['model_type']!r} model; vision_init reads a visto "
+            "checkpoint or a transformers CLIP or LLaVA directory"
+        )
     if is_checkpoint(path):
         config = json.loads((path / "config.json").read_text())
         if "family" in config:
@@ -408,14 +439,14 @@ def hf_config(model: Llava) -> dict[str, Any]:
             "num_attention_heads": v.heads,
             "image_size": v.image_size,
             "patch_size": v.patch_size,
-            "hidden_act": v.act,
+            "hidden_act": act_to_hf(v.act),
             "layer_norm_eps": v.eps,
             "num_channels": 3,
         },
         "text_config": text,
         "image_token_index": IMAGE_TOKEN_ID,
         "image_seq_length": cfg.image_tokens,
-        "projector_hidden_act": cfg.projector.act,
+        "projector_hidden_act": act_to_hf(cfg.projector.act),
         "multimodal_projector_bias": cfg.projector.bias,
         "vision_feature_layer": cfg.vision_feature_layer,
         "vision_feature_select_strategy": "default",
@@ -510,14 +541,123 @@ def export_hf(model: Llava, directory: str | Path) -> Path:
     return Path(directory)
 
 
+def config_from_hf(
+    hf: dict[str, Any], where: str, tokenizer: Tokenizer | None = None, image_processor: dict | None = None
+) -> LlavaConfig:
+    """The LlavaConfig of a transformers LlavaConfig dict (the inverse of `hf_config`), or a
+    UserError listing each setting visto cannot reproduce exactly."""
+    vision_hf, text_hf = hf.get("vision_config") or {}, dict(hf.get("text_config") or {})
+    problems = []
+    if vision_hf.get("model_type", "clip_vision_model") != "clip_vision_model":
+        problems.append(f"vision tower {vision_hf['model_type']!r}: visto reads CLIP vision towers")
+    layer = hf.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        problems.append(f"vision_feature_layer {layer!r}: visto reads one layer (an integer)")
+    strategy = hf.get("vision_feature_select_strategy", "default")
+    if strategy != "default":
+        problems.append(f"vision_feature_select_strategy {strategy!r}: visto drops the CLS token ('default')")
+    image_token = hf.get("image_token_index", hf.get("image_token_id"))
+    if image_token != IMAGE_TOKEN_ID:
+        problems.append(
+            f"image_token_index {image_token}: visto splices images at <image> = id {IMAGE_TOKEN_ID}, "
+            "its tokenizer's (a LLaVA exported by visto has it)"
+        )
+    projector_act = act_from_hf(hf.get("projector_hidden_act", "gelu"))
+    if projector_act not in ("gelu", "gelu_tanh", "silu"):
+        problems.append(f"projector_hidden_act {hf.get('projector_hidden_act')!r} is not supported")
+    if problems:
+        raise UserError(f"{where}: visto cannot reproduce this LLaVA exactly: " + "; ".join(problems))
+    if "tie_word_embeddings" in hf:  # the top-level setting is the one transformers applies
+        text_hf["tie_word_embeddings"] = hf["tie_word_embeddings"]
+    decoder = DecoderConfig.from_hf(text_hf, where=f"{where} text_config")
+    vision = vit_config_from_transformers(
+        {**vision_hf, "hidden_act": act_from_hf(vision_hf.get("hidden_act", "quick_gelu"))}
+    )
+    image_processor = image_processor or {}
+    processor = ProcessorConfig(
+        image_size=vision.image_size,
+        # Squashed to a square as visto's export writes it (do_center_crop false); a
+        # shortest-edge resize + centre crop differs on non-square images.
+        resize_mode="resize",
+        image_tokens=vision.num_patches,
+        image_delimiters=False,
+        mean=tuple(image_processor.get("image_mean", CLIP_MEAN)),
+        std=tuple(image_processor.get("image_std", CLIP_STD)),
+        vocab_size=tokenizer.vocab_size if tokenizer else decoder.vocab_size,
+        loc_bins=tokenizer.loc_bins if tokenizer else DEFAULT_LOC_BINS,
+    )
+    return LlavaConfig(
+        vision=vision,
+        vision_feature_layer=layer,
+        projector=ProjectorConfig(
+            kind="mlp", act=projector_act, bias=hf.get("multimodal_projector_bias", True)
+        ),
+        decoder=decoder,
+        processor=processor,
+    )
+
+
+def _vision_model_key(key: str) -> str:
+    # transformers 5 saves the vision tower without its `vision_model.` level; the hub has it.
+    key = legacy_key(key)
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        return "vision_tower.vision_model." + key.removeprefix("vision_tower.")
+    return key
+
+
+def load_hf(directory: str | Path) -> Llava:
+    """A visto LLaVA from a transformers `LlavaForConditionalGeneration` directory (hub
+    layout or transformers 5's), through the same `hf_key_map` the export writes. A visto
+    tokenizer.json there (as `export_hf` writes) becomes the processor; another tokenizer
+    leaves the model without one (weights and logits only)."""
+    directory = Path(directory)
+    hf = read_hf_config(directory)
+    if hf is None or hf.get("model_type") != "llava":
+        raise UserError(f"{directory} is not a transformers LLaVA directory (config.json model_type 'llava')")
+    tokenizer = _visto_tokenizer(directory)
+    image_processor = _read_json(directory / "preprocessor_config.json")
+    config = config_from_hf(hf, str(directory / "config.json"), tokenizer, image_processor)
+    model = Llava(config)
+    tied = config.decoder.tie_word_embeddings
+
+    def ignore(key: str) -> bool:  # copies and buffers the file may hold beside the weights
+        return key.endswith(("position_ids", "rotary_emb.inv_freq")) or (
+            tied and key == "language_model.lm_head.weight"
+        )
+
+    load_mapped(model, directory, hf_key_map(model), rename=_vision_model_key, ignore=ignore)
+    if tokenizer is not None:
+        model.processor = Processor(config.processor, tokenizer)
+    return model.eval()
+
+
+def _visto_tokenizer(directory: Path) -> Tokenizer | None:
+    if not (directory / "tokenizer.json").is_file():
+        return None
+    try:
+        return Tokenizer.load(directory)
+    except UserError as e:
+        log.warning("%s: loaded without a processor (chat and eval need one): %s", directory, e)
+        return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+
+
 __all__ = [
     "IMAGE_TOKEN_ID",
     "PARAM_GROUPS",
     "Llava",
     "LlavaConfig",
+    "config_from_hf",
     "export_hf",
     "hf_config",
     "hf_key_map",
+    "load_hf",
     "load_vision_tower",
     "tokenizer_from_corpus",
 ]

@@ -1,0 +1,149 @@
+"""Directories saved by transformers (`save_pretrained`: config.json with a `model_type`,
+safetensors weights) opened as visto models.
+
+    model = load_transformers("llava-hf-dir")      # what visto.load does for such a directory
+
+One loader per family lives beside that family's export (`llava.load_hf` next to
+`llava.export_hf`, both driven by `llava.hf_key_map`); this module holds what they share:
+which `model_type` each family reads, the key renames between transformers' on-disk and
+in-memory layouts, and the copy of mapped tensors with one error that names every tensor
+that does not match.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from visto.errors import UserError
+
+# transformers model_type -> (module, function) that reads such a directory.
+LOADERS = {
+    "llava": ("visto.models.llava", "load_hf"),
+    "blip-2": ("visto.models.blip2", "load_hf"),
+    "fuyu": ("visto.models.fuyu", "from_transformers"),
+    "idefics": ("visto.models.flamingo", "from_idefics"),
+}
+MAX_NAMED = 4  # tensors named per kind of mismatch in an error
+# Activation names where visto's and transformers' (ACT2FN) differ; the others agree.
+_ACT_TO_HF = {"gelu_tanh": "gelu_pytorch_tanh"}
+_ACT_FROM_HF = {hf: ours for ours, hf in _ACT_TO_HF.items()}
+
+
+def act_to_hf(name: str) -> str:
+    return _ACT_TO_HF.get(name, name)
+
+
+def act_from_hf(name: str) -> str:
+    return _ACT_FROM_HF.get(name, name)
+
+
+def read_hf_config(directory: str | Path) -> dict[str, Any] | None:
+    """config.json of a transformers directory, or None when `directory` is not one."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(config, dict) or "family" in config or "model_type" not in config:
+        return None  # a visto checkpoint, or not a model config at all
+    return config
+
+
+def is_transformers_dir(directory: str | Path) -> bool:
+    return read_hf_config(directory) is not None
+
+
+def load_transformers(directory: str | Path) -> nn.Module:
+    """The visto model of the transformers checkpoint in `directory`, in eval mode."""
+    config = read_hf_config(directory)
+    if config is None:
+        raise UserError(
+            f"{directory} is not a transformers model directory (no config.json with a model_type)"
+        )
+    model_type = config["model_type"]
+    if model_type not in LOADERS:
+        raise UserError(
+            f"{directory} holds a transformers {model_type!r} model; visto reads "
+            f"{', '.join(sorted(LOADERS))} (LLaVA, BLIP-2, Fuyu, Idefics as Flamingo) directories"
+        )
+    module, function = LOADERS[model_type]
+    return getattr(importlib.import_module(module), function)(directory).eval()
+
+
+def legacy_key(key: str) -> str:
+    """A key of transformers' in-memory layout (`model.language_model.*`, `model.<part>.*`,
+    `lm_head.weight`) in the hub layout its checkpoints use (`language_model.model.*`,
+    `<part>.*`, `language_model.lm_head.weight`). Hub-layout keys come back unchanged."""
+    key = key.removeprefix("model.")
+    if key == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    if key.startswith("language_model.") and not key.startswith(
+        ("language_model.model.", "language_model.lm_head.")
+    ):
+        return "language_model.model." + key.removeprefix("language_model.")
+    return key
+
+
+def load_mapped(
+    model: nn.Module,
+    directory: Path,
+    key_map: dict[str, str],
+    rename: Callable[[str], str] = legacy_key,
+    ignore: Callable[[str], bool] = lambda key: False,
+) -> None:
+    """Copy each tensor of the safetensors in `directory` into `model` through `key_map`
+    (ours -> theirs, after `rename` of their keys). Every key of `key_map` must be filled and
+    every tensor of the files used (unless `ignore(their key)`), with equal shapes; otherwise
+    one UserError names what is missing, what is left over and what has another shape."""
+    from safetensors import safe_open
+
+    from visto.nn.language import _safetensors_files
+
+    ours_of = {theirs: ours for ours, theirs in key_map.items()}
+    state = model.state_dict()
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    mismatched: dict[str, str] = {}  # ours -> what the file has
+    with torch.no_grad():
+        for file in _safetensors_files(directory):
+            with safe_open(str(file), framework="pt") as f:
+                for hf_key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    key = ours_of.get(rename(hf_key))
+                    if key is None:
+                        if not ignore(rename(hf_key)):
+                            unexpected.append(hf_key)
+                        continue
+                    tensor = f.get_slice(hf_key)
+                    shape = tuple(tensor.get_shape())
+                    if shape != tuple(state[key].shape):
+                        mismatched[key] = (
+                            f"{hf_key} {shape} (visto expects {tuple(state[key].shape)})"
+                        )
+                        continue
+                    state[key].copy_(f.get_tensor(hf_key).to(state[key].dtype))
+                    loaded.add(key)
+    missing = sorted(set(key_map) - loaded - set(mismatched))
+    problems = []
+    for what, keys in (
+        ("missing", [key_map[k] for k in missing]),
+        ("not read by visto", unexpected),
+        ("of another shape than config.json implies", list(mismatched.values())),
+    ):
+        if keys:
+            problems.append(
+                f"{len(keys)} tensor(s) {what}, e.g. {', '.join(sorted(keys)[:MAX_NAMED])}"
+            )
+    if problems:
+        raise UserError(
+            f"{directory} does not match the model its config.json describes: "
+            + "; ".join(problems)
+        )
