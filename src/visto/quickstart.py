@@ -79,7 +79,7 @@ class QuickstartConfig:
     vision_lr: float = 2e-3
     stage1_lr: float = 2e-3
     stage2_lr: float = 2e-3
-    eval_images: int = 50  # first images of the test split, and of the held-out split
+    eval_images: int = 200  # first images of the test split, and of the held-out split
     eval_batch: int = 64
     # JSON answers: grammar-constrained to the world's schema (needs xgrammar) and this long.
     constrain_json: bool = True
@@ -439,17 +439,25 @@ def run_llava_stage(
     return stage_dir / "checkpoint"
 
 
+# The blind twin of every figure: each test (held-out) image swapped for another test
+# (held-out) image, so the report shows what the model gains from looking.
+EVAL_BLIND = "swap"
+
+
 def run_eval(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, ckpt: Path, console: Any,
              fresh: bool) -> dict[str, float]:  # fmt: skip
-    """Every task on the first `eval_images` test and held-out images -> RUN/eval.json."""
+    """Every task on the first `eval_images` test and held-out images, each answer the model's
+    own; the JSON questions again under the world's grammar (json.constrained.*) when
+    `constrain_json`; and every question again blind (blind.*, gain.*) -> RUN/eval.json."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from visto.checkpoint import load
     from visto.eval.generative import evaluate_generative_world, reportable_metrics
-    from visto.tasks.runner import make_generate
+    from visto.tasks.runner import GenerateFn, make_constrained_generate, make_generate
 
-    settings = cfg.stage_settings("eval")
+    # The blind mode is in the stamp: an eval.json written before the blind twin is redone.
+    settings = {**cfg.stage_settings("eval"), "blind": EVAL_BLIND}
     done_path = run_dir / "eval_done.json"
     if not fresh and (run_dir / "eval.json").is_file():
         try:
@@ -461,16 +469,25 @@ def run_eval(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, ckpt: Path, 
     t0 = time.perf_counter()
     model = load(ckpt)
     model.eval()
-    generate = make_generate(model, cfg.loc_bins, cfg.constrain_json, json_max_new_tokens=cfg.json_max_tokens)
+    generate = make_generate(model, cfg.loc_bins, False, json_max_new_tokens=cfg.json_max_tokens)
+    constrained = (
+        make_constrained_generate(model, cfg.loc_bins, json_max_new_tokens=cfg.json_max_tokens)
+        if cfg.constrain_json else None
+    )  # fmt: skip
     tasks = ["vqa", "ground", "refdesc", "ocr", "json", "classify"]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress, torch.inference_mode():
         bar = progress.add_task("eval: questions answered", total=None)
 
-        def counted(samples: list[Sample]) -> list[str]:
-            out = generate(samples)
-            progress.advance(bar, len(samples))
-            return out
+        def counted(generate_fn: GenerateFn) -> GenerateFn:
+            """`generate_fn` that moves the progress bar by the questions it answers."""
+
+            def ask(samples: list[Sample]) -> list[str]:
+                out = generate_fn(samples)
+                progress.advance(bar, len(samples))
+                return out
+
+            return ask
 
         def log(msg: str) -> None:
             if msg.startswith("asking"):
@@ -479,8 +496,9 @@ def run_eval(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, ckpt: Path, 
                 progress.update(bar, total=total + n)
 
         result = evaluate_generative_world(
-            counted, world_dir, split="test", n=cfg.eval_images, tasks=tasks,
+            counted(generate), world_dir, split="test", n=cfg.eval_images, tasks=tasks,
             batch_size=cfg.eval_batch, seed=cfg.seed, log=log,
+            constrained_generate=counted(constrained) if constrained else None, blind=EVAL_BLIND,
         )  # fmt: skip
     metrics = reportable_metrics(result.metrics)
     atomic_write_json(run_dir / "eval.json", metrics)
@@ -494,14 +512,21 @@ def run_eval(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, ckpt: Path, 
 
 # ----------------------------------------------------------------------------- run summary
 
-HEADLINE = [
+# (eval.json name, label, target or None). JSON figures are the model's own answers; the
+# grammar-constrained ones stand beside them without a target (the grammar's, not the model's).
+HEADLINE: list[tuple[str, str, float | None]] = [
     ("vqa.overall", "VQA overall", 0.95),
     ("count.acc", "counting", 0.95),
     ("ground.acc50", "grounding acc@0.5", 0.90),
     ("ocr.exact", "OCR exact", 0.90),
     ("pope.f1", "POPE F1", 0.95),
-    ("json.valid", "JSON validity", 1.0),
+    ("json.valid", "JSON valid (own decoding)", 0.95),
+    ("json.field_acc", "JSON fields (own decoding)", 0.90),
+    ("json.constrained.valid", "JSON valid under the grammar", None),
+    ("json.constrained.field_acc", "JSON fields under the grammar", None),
 ]
+# The blind twin's VQA must stay at the level of answering from the question alone.
+BLIND_VQA_CEILING = 0.45
 
 
 def merge_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -560,7 +585,7 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path | None:
 
 
 def plot_figures(metrics: dict[str, float], out: Path) -> Path | None:
-    """Headline figures, test vs held-out, against their targets."""
+    """Headline figures, test vs held-out vs the blind twin on test, against their targets."""
     import io
 
     import matplotlib
@@ -575,10 +600,14 @@ def plot_figures(metrics: dict[str, float], out: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(8, 3.5), dpi=100)
     xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [metrics[k] for k, _, _ in names], 0.4, label="test")
-    ax.bar([x + 0.2 for x in xs], [metrics.get("heldout." + k, 0) for k, _, _ in names], 0.4,
+    ax.bar([x - 0.27 for x in xs], [metrics[k] for k, _, _ in names], 0.27, label="test")
+    ax.bar(list(xs), [metrics.get("heldout." + k, 0) for k, _, _ in names], 0.27,
            label="held-out pairs")  # fmt: skip
-    ax.scatter(list(xs), [t for _, _, t in names], marker="_", s=400, color="black", label="target")
+    ax.bar([x + 0.27 for x in xs], [metrics.get("blind." + k, 0) for k, _, _ in names], 0.27,
+           label="blind (test, images swapped)", color="#9D9D9D")  # fmt: skip
+    targets = [(x, t) for x, (_, _, t) in zip(xs, names, strict=True) if t is not None]
+    ax.scatter([x for x, _ in targets], [t for _, t in targets], marker="_", s=400, color="black",
+               label="target")  # fmt: skip
     ax.set_xticks(list(xs), [label for _, label, _ in names], fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
@@ -590,8 +619,36 @@ def plot_figures(metrics: dict[str, float], out: Path) -> Path | None:
     return atomic_write_bytes(out, buf.getvalue())
 
 
+def _figure(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def headline_table(cfg: QuickstartConfig, metrics: dict[str, float]) -> list[str]:
+    """The report's headline rows: each figure on test beside its blind twin and the gain,
+    then on the held-out pairs, and its target; a line on the blind VQA ceiling."""
+    lines = [f"Evaluated on the first {cfg.eval_images} test and held-out images. Blind: the same "
+             "questions with each image swapped for another image of its split (never its own); "
+             "gain = figure - blind, what the model gains from looking.", "",
+             "| figure | test | blind | gain | held-out pairs | held-out blind | target |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, label, target in HEADLINE:
+        if key in metrics:
+            cells = [metrics[key], metrics.get("blind." + key), metrics.get("gain." + key),
+                     metrics.get("heldout." + key), metrics.get("blind.heldout." + key)]  # fmt: skip
+            lines.append(f"| {label} (`{key}`) | " + " | ".join(_figure(v) for v in cells)
+                         + f" | {'' if target is None else f'{target:g}'} |")  # fmt: skip
+    blind_vqa = metrics.get("blind.vqa.overall")
+    if blind_vqa is not None:
+        verdict = "within" if blind_vqa <= BLIND_VQA_CEILING else "above"
+        lines += ["", f"Blind VQA {blind_vqa:.3f}: {verdict} the ceiling of {BLIND_VQA_CEILING:g} "
+                  "(a figure the blind model reaches too says nothing about vision)."]  # fmt: skip
+    return lines
+
+
 def write_run_report(cfg: QuickstartConfig, run_dir: Path, metrics: dict[str, float]) -> Path:
     """RUN/metrics.jsonl (all stages), RUN/plots/*.png and RUN/report.md."""
+    from visto.eval.report import metrics_table
+
     rows = merge_metrics(run_dir)
     atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     curves = plot_curves(rows, run_dir / "plots" / "curves.png")
@@ -600,14 +657,10 @@ def write_run_report(cfg: QuickstartConfig, run_dir: Path, metrics: dict[str, fl
     lines = ["# visto quickstart", "",
              f"Synthetic world of {cfg.n} images ({cfg.size} px), seed {cfg.seed}; "
              f"training budget {cfg.minutes:g} min; {machine_load()} when the report was written.",
-             "", "## Figures", "", "| figure | test | held-out pairs | target |", "|---|---|---|---|"]  # fmt: skip
-    for key, label, target in HEADLINE:
-        if key in metrics:
-            held = metrics.get("heldout." + key)
-            lines.append(f"| {label} (`{key}`) | {metrics[key]:.3f} | "
-                         f"{'' if held is None else f'{held:.3f}'} | {target:g} |")  # fmt: skip
-    lines += ["", "Every figure (also in `eval.json`):", "", "| name | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
+             "", "## Figures", ""]  # fmt: skip
+    lines += headline_table(cfg, metrics)
+    lines += ["", "Every figure (also in `eval.json`; blind and gain as `blind.<name>`, "
+              "`gain.<name>`):", "", metrics_table(metrics)]  # fmt: skip
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {s} | {v:.1f} |" for s, v in seconds.items()]
     lines.append(f"| total | {sum(seconds.values()):.1f} |")
