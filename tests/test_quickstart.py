@@ -107,12 +107,20 @@ def test_quickstart_runs_end_to_end_and_reuses_stages(tmp_path: Path):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "eval.json").read_text())
     assert metrics == result.metrics
-    for key in ("vqa.overall", "count.acc", "ground.acc50", "ocr.exact", "pope.f1", "json.valid"):
+    for key in ("vqa.overall", "count.acc", "ground.acc50", "ocr.exact", "pope.f1", "json.valid",
+                "json.field_acc", "json.constrained.valid", "json.constrained.field_acc"):  # fmt: skip
         assert 0.0 <= metrics[key] <= 1.0, key
         assert 0.0 <= metrics["heldout." + key] <= 1.0, key
+        # The blind twin (images swapped within the split) and the gain from looking.
+        assert 0.0 <= metrics["blind." + key] <= 1.0, key
+        assert 0.0 <= metrics["blind.heldout." + key] <= 1.0, key
+        gain = metrics[key] - metrics["blind." + key]
+        assert metrics["gain." + key] == pytest.approx(gain, abs=2e-6), key
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows} == {"vision", "stage1", "stage2"}
     assert "VQA overall" in (run / "report.md").read_text()
+    assert "| figure | test | blind | gain | held-out pairs |" in (run / "report.md").read_text()
+    assert json.loads((run / "eval_done.json").read_text())["settings"]["blind"] == "swap"
     assert set(result.seconds) == {"data", "vision", "stage1", "stage2", "eval"}
 
     # A second run with the same settings reuses every stage; a new eval setting reruns eval only.
