@@ -481,8 +481,9 @@ def export_hf(model: Llava, directory: str | Path) -> Path:
         problems.append("transformers' Llava projector has no input LayerNorm: use projector norm false")
     if cfg.vision.stem != "patch":
         problems.append(
-            "transformers' CLIP vision tower embeds patches with one linear projection: "
-            "use vision stem 'patch' (the conv stem has no transformers counterpart)"
+            f"the vision tower has a {cfg.vision.stem} stem, and transformers' CLIP vision tower "
+            "embeds patches with one linear projection: train the tower with vision stem 'patch' "
+            "(`visto quickstart --vision-stem patch`, or vision.stem 'patch' in the recipe)"
         )
     if cfg.projector.act not in ("gelu", "silu", "gelu_tanh"):
         problems.append(f"projector act {cfg.projector.act!r} has no transformers name")

@@ -1,7 +1,8 @@
 """Directories saved by transformers (`save_pretrained`: config.json with a `model_type`,
-safetensors weights) opened as visto models.
+safetensors weights) opened as visto models, and visto models written as such directories.
 
     model = load_transformers("llava-hf-dir")      # what visto.load does for such a directory
+    export_transformers(model, "out-dir")           # what `visto export` does
 
 One loader per family lives beside that family's export (`llava.load_hf` next to
 `llava.export_hf`, both driven by `llava.hf_key_map`); this module holds what they share:
@@ -30,6 +31,8 @@ LOADERS = {
     "fuyu": ("visto.models.fuyu", "from_transformers"),
     "idefics": ("visto.models.flamingo", "from_idefics"),
 }
+# visto family -> (module, function) that writes a transformers directory of it.
+EXPORTERS = {"llava": ("visto.models.llava", "export_hf")}
 MAX_NAMED = 4  # tensors named per kind of mismatch in an error
 # Activation names where visto's and transformers' (ACT2FN) differ; the others agree.
 _ACT_TO_HF = {"gelu_tanh": "gelu_pytorch_tanh"}
@@ -77,6 +80,19 @@ def load_transformers(directory: str | Path) -> nn.Module:
         )
     module, function = LOADERS[model_type]
     return getattr(importlib.import_module(module), function)(directory).eval()
+
+
+def export_transformers(model: nn.Module, directory: str | Path) -> Path:
+    """Write `model` as a directory transformers loads (`from_pretrained`), atomically."""
+    family = getattr(model, "family", type(model).__name__)
+    if family not in EXPORTERS:
+        raise UserError(
+            f"visto has no transformers export for {family!r} models; it exports "
+            f"{', '.join(sorted(EXPORTERS))} (BLIP-2, Fuyu and Idefics directories are read, "
+            "not written): train a LLaVA to take a model to transformers or vLLM"
+        )
+    module, function = EXPORTERS[family]
+    return getattr(importlib.import_module(module), function)(model, directory)
 
 
 def legacy_key(key: str) -> str:
