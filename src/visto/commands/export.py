@@ -21,8 +21,9 @@ Exports LLaVA. What transformers has no counterpart for is refused with the part
 change, e.g. a conv-stem vision tower (train it with `visto quickstart --vision-stem patch`).
 
 Examples:
-  visto export runs/llava-stage2/checkpoint --out runs/llava-hf
-  visto export runs/quickstart/checkpoint --out runs/qs-hf --overwrite
+  visto quickstart --out runs/qs-patch --vision-stem patch
+  visto export runs/qs-patch/checkpoint --out runs/qs-hf
+  visto export runs/qs-patch/checkpoint --out runs/qs-hf --overwrite
 """
 
 
