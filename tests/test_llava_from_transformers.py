@@ -200,3 +200,22 @@ def test_visto_load_reads_the_other_transformers_families_it_converts(tmp_path):
 
     save_tiny_fuyu(tmp_path / "fuyu")
     assert visto.load(tmp_path / "fuyu").family == "fuyu"
+
+
+def test_read_config_names_the_family_of_a_transformers_directory(hf_dir):
+    from visto.checkpoint import read_config
+
+    meta = read_config(hf_dir[0])
+    assert meta["family"] == "llava" and meta["transformers"] and meta["config"]["model_type"] == "llava"
+
+
+@pytest.mark.slow
+def test_eval_cli_takes_a_transformers_directory(hf_dir, tmp_path):
+    from visto.cli import main
+
+    world = tmp_path / "world"
+    assert main(["data", "synth", "--out", str(world), "--n", "12", "--workers", "1", "--size", "48"]) == 0
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(hf_dir[0]), "--data", str(world), "--n", "2", "--out", str(out)]
+    assert main(args) == 0
+    assert json.loads((out / "eval.json").read_text())

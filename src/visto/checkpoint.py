@@ -117,8 +117,17 @@ def render_card(model: torch.nn.Module, card: dict[str, Any]) -> str:
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """config.json of the checkpoint at `path`, with a clear error when it is not one."""
+    """config.json of the checkpoint at `path`, with a clear error when it is not one.
+
+    For a directory transformers saved that `load` reads, {"family": the visto family,
+    "config": transformers' config, "transformers": True}, so that commands can pick what
+    to do with it (evaluate, chat) before loading it."""
+    from visto.models.transformers_format import FAMILY_OF, read_hf_config
+
     path = Path(path)
+    hf = read_hf_config(path)
+    if hf is not None and hf["model_type"] in FAMILY_OF:
+        return {"family": FAMILY_OF[hf["model_type"]], "config": hf, "transformers": True}
     if not path.is_dir():
         raise UserError(
             f"no checkpoint at {path}: a checkpoint is a directory with {CONFIG_FILE} and "

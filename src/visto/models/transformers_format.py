@@ -31,6 +31,8 @@ LOADERS = {
     "fuyu": ("visto.models.fuyu", "from_transformers"),
     "idefics": ("visto.models.flamingo", "from_idefics"),
 }
+# transformers model_type -> the visto family its loader returns.
+FAMILY_OF = {"llava": "llava", "blip-2": "blip2", "fuyu": "fuyu", "idefics": "flamingo"}
 # visto family -> (module, function) that writes a transformers directory of it.
 EXPORTERS = {"llava": ("visto.models.llava", "export_hf")}
 MAX_NAMED = 4  # tensors named per kind of mismatch in an error
