@@ -204,8 +204,8 @@ def test_jinja_template_matches_python(hf, turns: list[Turn], gen: bool) -> None
 
 
 def test_jinja_template_rejects_unknown_roles(hf) -> None:
-    with pytest.raises(Exception, match="roles are system, user and assistant"):
-        hf.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+    with pytest.raises(Exception, match="roles are system, user, assistant and tool"):
+        hf.apply_chat_template([{"role": "function", "content": "x"}], tokenize=False)
 
 
 @pytest.mark.slow  # AutoTokenizer imports much of transformers (several seconds)

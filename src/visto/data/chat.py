@@ -14,15 +14,27 @@
 
 `JINJA_CHAT_TEMPLATE` is the same template for transformers' tokenizers; it also accepts
 OpenAI-style content lists (`[{"type": "image"}, {"type": "text", "text": "..."}]`), rendering
-each image part as `<image>`. A test checks that both give the same string.
+each image part as `<image>`, and carries function calling as `tool_calls.py` writes it
+(`tools=`, an assistant's `tool_calls`, role `tool`). A test checks that both give the same
+string.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from visto.data.sample import IMAGE_PLACEHOLDER, Turn
 from visto.data.tokenizer import BOS, END_OF_TURN, ROLE_TOKENS
+from visto.data.tool_calls import (
+    TOOL_CALL_END,
+    TOOL_CALL_START,
+    TOOL_RESPONSE_END,
+    TOOL_RESPONSE_START,
+    TOOLS_END,
+    TOOLS_INTRO,
+    TOOLS_START,
+)
 
 
 def render_chat(turns: Sequence[Turn], add_generation_prompt: bool = False) -> str:
@@ -35,23 +47,67 @@ def render_chat(turns: Sequence[Turn], add_generation_prompt: bool = False) -> s
     return "".join(parts)
 
 
-JINJA_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('visto chat roles are system, user and assistant, got ' + message['role']) }}"
-    "{% endif %}"
-    "{{ '<|' + message['role'] + '|>' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}{{ '"
-    + IMAGE_PLACEHOLDER
-    + "' }}"
+def _lit(text: str) -> str:
+    """`text` as a Jinja string literal (JSON's escapes are Jinja's)."""
+    return json.dumps(text)
+
+
+# A message's content: a string, or OpenAI-style parts with each image part as `<image>`.
+_CONTENT_MACRO = (
+    "{% macro content(c) %}"
+    "{% if c is string %}{{ c }}"
+    "{% elif c %}{% for part in c %}"
+    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}{{ "
+    + _lit(IMAGE_PLACEHOLDER)
+    + " }}"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
-    "{{ '" + END_OF_TURN + "' }}"
+    "{% endmacro %}"
+)
+
+# Tools first in the system turn (tool_calls.with_tools), the first system message after them.
+_TOOLS_BLOCK = (
+    "{% if tools %}"
+    "{{ " + _lit(ROLE_TOKENS["system"] + TOOLS_INTRO + TOOLS_START) + " }}"
+    "{% for tool in tools %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ tool | tojson(separators=(',', ':')) }}{% endfor %}"
+    "{{ " + _lit(TOOLS_END) + " }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{{ '\\n' }}{{ content(messages[0]['content']) }}{% endif %}"
+    "{{ " + _lit(END_OF_TURN) + " }}"
+    "{% endif %}"
+)
+
+# An assistant message's tool_calls (tool_calls.tool_call_text), OpenAI's shape or bare.
+_TOOL_CALLS = (
+    "{% for tool_call in message['tool_calls'] or [] %}"
+    "{% set call = tool_call['function'] if tool_call['function'] is defined else tool_call %}"
+    "{{ " + _lit(TOOL_CALL_START + '{"name":') + " }}{{ call['name'] | tojson }}"
+    "{{ " + _lit(',"arguments":') + " }}"
+    "{% if call['arguments'] is string %}{{ call['arguments'] }}"
+    "{% else %}{{ call['arguments'] | tojson(separators=(',', ':')) }}{% endif %}"
+    "{{ " + _lit("}" + TOOL_CALL_END) + " }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '" + ROLE_TOKENS["assistant"] + "' }}{% endif %}"
+)
+
+JINJA_CHAT_TEMPLATE = (
+    _CONTENT_MACRO + "{{ bos_token }}" + _TOOLS_BLOCK + "{% for message in messages %}"
+    "{% if not (tools and loop.first and message['role'] == 'system') %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('visto chat roles are system, user, assistant and tool, got ' + message['role']) }}"
+    "{% endif %}"
+    "{% if message['role'] == 'tool' %}"
+    "{{ " + _lit(ROLE_TOKENS["user"] + TOOL_RESPONSE_START) + " }}"
+    "{{ content(message['content']) }}"
+    "{{ " + _lit(TOOL_RESPONSE_END) + " }}"
+    "{% else %}"
+    "{{ '<|' + message['role'] + '|>' }}{{ content(message['content']) }}"
+    "{% if message['role'] == 'assistant' %}" + _TOOL_CALLS + "{% endif %}"
+    "{% endif %}"
+    "{{ " + _lit(END_OF_TURN) + " }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ " + _lit(ROLE_TOKENS["assistant"]) + " }}{% endif %}"
 )
 
 # The Jinja template spells role markers as '<|' + role + '|>'; keep the Python side in step.
