@@ -51,7 +51,8 @@ def test_more_slots_than_patches_pad_with_empty_slots(tokenizer_dir):
 
 
 def test_object_token_is_the_sum_of_its_attribute_words(tokenizer_dir):
-    """With the feature and box maps zeroed, a confident red star is E[red] + E[star] + E[size]."""
+    """With the feature and box maps zeroed, a confident large red star is E[red] + E[star] +
+    E[large] + its box's location words."""
     c = connector(tokenizer_dir, slots=2)
     embed = nn.Embedding(400, 32)
     for lin in (c.feature, c.box):
@@ -70,6 +71,7 @@ def test_object_token_is_the_sum_of_its_attribute_words(tokenizer_dir):
     want = c.word_table(embed, "colour")[COLOUR_NAMES.index("red")]
     want = want + c.word_table(embed, "shape")[SHAPE_NAMES.index("star")]
     want = want + c.word_table(embed, "size")[SIZE_NAMES.index("large")]
+    want = want + c.box_words(torch.full((1, 1, 4), 0.5), embed)[0, 0]  # the zeroed box head says 0.5
     assert torch.allclose(tokens[0, 0], want, atol=1e-5)
 
 
@@ -138,3 +140,16 @@ def test_tags_mix_the_question_form_and_the_answer_form_of_each_word(tokenizer_d
     assert torch.allclose(weights.sum(1), torch.ones(len(SHAPE_NAMES)))
     star = SHAPE_NAMES.index("star")
     assert set(tok.encode(" star")) | set(tok.encode("star")) <= set(ids[star][weights[star] > 0].tolist())
+
+
+def test_box_words_are_the_mean_of_the_boxes_location_tokens(tokenizer_dir):
+    """A box question reads, and a grounding answer writes, these very tokens."""
+    from visto.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokenizer_dir / "tokenizer.json")
+    c = connector(tokenizer_dir)
+    embed = nn.Embedding(400, 32)
+    box = torch.tensor([[[0.10, 0.20, 0.55, 0.999]]])  # (B=1, S=1, 4)
+    ids = [tok.loc_ids[int(v * tok.loc_bins)] for v in box[0, 0].tolist()]
+    assert tok.format_box([100, 200, 550, 999]) == "".join(tok.decode([i]) for i in ids)
+    assert torch.allclose(c.box_words(box, embed)[0, 0], embed(torch.tensor(ids)).mean(0))

@@ -17,6 +17,8 @@ and learned projections of the same attributes do not in the same steps.
                      + p(size) @ E[size words]       (E: the decoder's input embeddings of
                        the word as a question names it, " star", and as an answer says it)
                      + Linear(Fourier features of its box)
+                     + mean of E[<loc_k>] over its box's four location tokens (Pix2Seq bins:
+                       the tokens a grounding answer writes and a box question reads)
       -> slots without an object get a learned `empty` token         (B, slots, D_lm)
 
 The word ids come from the tokenizer once a processor is attached (`set_vocabulary`). The
@@ -96,6 +98,7 @@ class RegionConnector(nn.Module):
         self.empty = nn.Parameter(torch.zeros(output_dim))
         # (attribute kind -> padded ids (n_values, L) and their mask), from the tokenizer
         self.vocabulary: dict[str, tuple[Tensor, Tensor]] = {}
+        self.loc_ids: Tensor | None = None  # (loc_bins,) ids of <loc_0> .. <loc_{bins-1}>
 
     def set_vocabulary(self, tokenizer) -> None:
         """Read the attribute words' token ids. A value's tag is the mean embedding of its two
@@ -109,12 +112,21 @@ class RegionConnector(nn.Module):
             ids = torch.tensor([[i for i, _ in r] + [0] * (width - len(r)) for r in rows])
             weights = torch.tensor([[w for _, w in r] + [0.0] * (width - len(r)) for r in rows])
             self.vocabulary[kind] = (ids, weights)
+        self.loc_ids = torch.tensor(tokenizer.loc_ids) if tokenizer.loc_ids else None
 
     def word_table(self, embed: nn.Embedding, kind: str) -> Tensor:
         """(n_values, D_lm): each attribute value's tag embedding."""
         ids, weights = self.vocabulary[kind]
         weights = weights.to(embed.weight.device, embed.weight.dtype)
         return (embed(ids.to(embed.weight.device)) * weights[..., None]).sum(1)  # (n, D)
+
+    def box_words(self, box: Tensor, embed: nn.Embedding) -> Tensor:
+        """(B, S, 4) boxes in 0..1 -> (B, S, D_lm): the mean embedding of their 4 location tokens."""
+        if self.loc_ids is None:  # a tokenizer without location tokens: nothing to tie to
+            return box.new_zeros(*box.shape[:-1], embed.weight.shape[1])
+        bins = len(self.loc_ids)
+        k = (box * bins).long().clamp(0, bins - 1)  # the bin tokenizer.format_box writes
+        return embed(self.loc_ids.to(box.device)[k]).mean(-2)
 
     def select(self, heads: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(patch index (B, slots), present (B, slots)): the most confident centres, in raster
@@ -153,6 +165,7 @@ class RegionConnector(nn.Module):
             + p_colour @ self.word_table(embed, "colour")
             + p_size @ self.word_table(embed, "size")
             + self.box(box_fourier(at(heads["box"])))
+            + self.box_words(at(heads["box"]), embed)
         )  # (B, S, D_lm)
         return torch.where(present[..., None], tokens, self.empty.to(tokens.dtype))
 
