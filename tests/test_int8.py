@@ -1,4 +1,4 @@
-"""int8 inference (`visto.infer.quantize`, `--int8`): which layers are quantized, how close the
+"""int8 inference (`visto.nn.quantize`, `--int8`): which layers are quantized, how close the
 answers stay to fp32, the engine's fused int8 path against the model's own, and the flag
 through `visto chat` and `visto serve` (the official openai SDK) end to end."""
 
@@ -21,7 +21,7 @@ from visto.data.sample import Sample, Turn
 from visto.data.synth import iter_records
 from visto.errors import UserError
 from visto.infer import Engine, SamplingParams
-from visto.infer.quantize import int8_summary, is_int8, is_int8_linear, quantize_int8
+from visto.nn.quantize import int8_summary, is_int8, is_int8_linear, quantize_int8
 from visto.tasks.runner import AnswerTokenizer
 
 pytestmark = pytest.mark.timeout(300)
@@ -142,3 +142,40 @@ def test_int8_refuses_what_it_cannot_quantize(random_tiny):
         quantize_int8(apply_lora(visto.load(random_tiny), LoraConfig(rank=2)))
     with pytest.raises(UserError, match="--int8 quantizes the chat model"):
         build_app(build_parser().parse_args(["serve", "--clip", str(random_tiny), "--int8"]))
+
+
+def test_an_int8_checkpoint_is_smaller_and_loads_back_in_int8(random_tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from visto.checkpoint import WEIGHTS_FILE, is_int8_checkpoint, save_checkpoint
+
+    _, int8, _, e8 = engines(random_tiny)
+    out = save_checkpoint(int8, tmp_path / "int8")
+    assert is_int8_checkpoint(out) and not is_int8_checkpoint(random_tiny)
+    assert (out / WEIGHTS_FILE).stat().st_size < 0.65 * (random_tiny / WEIGHTS_FILE).stat().st_size
+    loaded = visto.load(out)
+    assert is_int8(loaded)
+    again = Engine(loaded, AnswerTokenizer(loaded.processor.tokenizer))
+    with torch.inference_mode():  # the same int8 numbers, not a second rounding
+        torch.testing.assert_close(again.prefill(batch(loaded), room=1)[0],
+                                   e8.prefill(batch(int8), room=1)[0], rtol=0, atol=0)  # fmt: skip
+    with pytest.raises(UserError, match="runs on the CPU: pass --device cpu"):
+        visto.load(out, device="cuda")
+    tensors = load_file(out / WEIGHTS_FILE)
+    del tensors["language_model.model.layers.0.mlp.up_proj.weight_scale"]
+    save_file(tensors, out / WEIGHTS_FILE)
+    with pytest.raises(UserError, match="no int8 weights for language_model.model.layers.0.mlp"):
+        visto.load(out)
+
+
+def test_export_int8_then_chat_answers_as_fp32_does(trained_tiny, capsys, tmp_path):
+    checkpoint, image = trained_tiny
+    out = tmp_path / "tiny-int8"
+    assert main(["export", str(checkpoint), "--out", str(out), "--int8"]) == 0
+    assert "int8 visto checkpoint" in capsys.readouterr().out
+    assert main(["chat", "--model", str(out), str(image), "red circle", "--task", "ground",
+                 "--json", "--out", str(tmp_path / "b.png")]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["answer"] == ANSWER_PLAIN
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "x"), "--int8",
+                 "--format", "hf"]) == 2  # fmt: skip
+    assert "transformers cannot load" in capsys.readouterr().err

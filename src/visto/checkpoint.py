@@ -1,8 +1,10 @@
 """A checkpoint is a directory; `save_checkpoint` writes one atomically, `load` opens it.
 
     my-checkpoint/
-      config.json          {"family", "config", "visto_version", "processor"?, "lora"?}
-      model.safetensors    the weights (tied weights stored once)
+      config.json          {"family", "config", "visto_version", "processor"?, "lora"?,
+                            "quantization"?: "int8"}
+      model.safetensors    the weights (tied weights stored once; int8 layers as int8 + scales,
+                           see visto.nn.quantize)
       processor.json ...   whatever `model.processor.save(dir)` writes (tokenizer.json, ...)
       README.md            a short card: family, parameters, data, recipe, metrics
       trainer_state.pt     training runs only: optimizer, step, RNG and data position (resume)
@@ -28,6 +30,15 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 TRAINER_STATE_FILE = "trainer_state.pt"
+
+
+def is_int8_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a checkpoint saved in int8 (`visto export --int8`): CPU only."""
+    path = Path(path) / CONFIG_FILE
+    try:
+        return json.loads(path.read_text()).get("quantization") == "int8"
+    except (OSError, ValueError, AttributeError):
+        return False  # not a checkpoint (load says why)
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -57,10 +68,11 @@ def save_checkpoint(
     replaced only once the new one is complete.
     """
     import torch
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     import visto
     from visto.config import to_dict
+    from visto.nn.quantize import int8_tensors, is_int8
 
     for attr in ("family", "config"):
         assert hasattr(model, attr), f"a visto model needs .{attr}; {type(model).__name__} has none"
@@ -77,11 +89,17 @@ def save_checkpoint(
     lora = getattr(model, "lora_config", None)
     if lora is not None:  # unmerged LoRA adapters: load() re-applies them before the weights
         meta["lora"] = to_dict(lora)
+    int8 = is_int8(model)
+    if int8:  # load() quantizes the model it builds before reading the int8 weights
+        meta["quantization"] = "int8"
     with atomic_directory(path) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        # safetensors refuses two names for one storage; save_model keeps one name per
-        # storage and load_model accepts the dropped alias, so tied weights round-trip.
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"family": model.family})
+        if int8:
+            save_file(int8_tensors(model), str(tmp / WEIGHTS_FILE), metadata={"family": model.family})
+        else:
+            # safetensors refuses two names for one storage; save_model keeps one name per
+            # storage and load_model accepts the dropped alias, so tied weights round-trip.
+            save_model(model, str(tmp / WEIGHTS_FILE), metadata={"family": model.family})
         if processor is not None:
             processor.save(tmp)
         (tmp / CARD_FILE).write_text(render_card(model, card or {}))
@@ -195,11 +213,21 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(f"{path} has no {WEIGHTS_FILE}: the checkpoint is incomplete")
+    int8 = meta.get("quantization") == "int8"
+    if int8 and device is not None and torch.device(device).type != "cpu":
+        raise UserError(f"{path} is an int8 checkpoint, which runs on the CPU: pass --device cpu")
     try:
-        load_model(model, weights, strict=True)
+        if int8:
+            from safetensors.torch import load_file
+
+            from visto.nn.quantize import load_int8_tensors, quantize_int8
+
+            load_int8_tensors(quantize_int8(model), load_file(weights))
+        else:
+            load_model(model, weights, strict=True)
     except SafetensorError as e:
         raise UserError(f"{weights} is corrupt ({e}); re-save the checkpoint") from None
-    except RuntimeError as e:  # missing/unexpected keys or shape mismatches
+    except (RuntimeError, ValueError) as e:  # missing/unexpected keys or shape mismatches
         raise UserError(
             f"{weights} does not match a {meta['family']} model built from {CONFIG_FILE}: {e}"
         ) from None

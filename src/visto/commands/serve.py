@@ -97,11 +97,14 @@ def build_app(args: argparse.Namespace):
         raise UserError("--int8 quantizes the chat model: give --model CKPT")
     chat = None
     if args.model is not None:
+        from visto.checkpoint import is_int8_checkpoint
         from visto.device import pick_device
 
-        model = visto.load(args.model, device=pick_device(args.device or ("cpu" if args.int8 else None)))
+        # int8 runs on the CPU: without --device, an int8 model goes there even beside a GPU.
+        int8 = args.int8 or is_int8_checkpoint(args.model)
+        model = visto.load(args.model, device=pick_device(args.device or ("cpu" if int8 else None)))
         if args.int8:
-            from visto.infer.quantize import int8_summary, quantize_int8
+            from visto.nn.quantize import int8_summary, quantize_int8
 
             quantize_int8(model)
             print(int8_summary(model), file=sys.stderr)

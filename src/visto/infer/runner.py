@@ -18,7 +18,7 @@ the same numbers with fewer ops (the ideas of vLLM / gpt-fast, without custom ke
 - per-row next positions kept as a tensor (+1 per step), rotary cos/sin looked up in tables;
 - q/k/v fused into one matmul, gate/up into another (weights concatenated once, rebuilt if the
   model's parameters change), rotary applied to q and k together;
-- int8 decoders (`visto.infer.quantize`) fuse the same way: their int8 rows and per-row scales
+- int8 decoders (`visto.nn.quantize`) fuse the same way: their int8 rows and per-row scales
   are concatenated into one int8 matmul.
 
 Numbers equal the model's forward up to float rounding (tests compare greedy tokens with the
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visto.infer.quantize import fuse_int8_linears, is_int8_linear
+from visto.nn.quantize import fuse_int8_linears, is_int8_linear
 from visto.nn.language import DecoderLM
 
 

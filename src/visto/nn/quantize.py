@@ -1,6 +1,8 @@
 """int8 inference on the CPU: dynamic quantization of a model's Linear layers.
 
     model = quantize_int8(visto.load(path))      # in place; `visto chat/serve --int8`
+    tensors = int8_tensors(model)                # plain tensors for model.safetensors
+    load_int8_tensors(quantize_int8(fresh_model), tensors)   # what visto.load does for them
 
 Each Linear layer of the vision tower, the connector and the decoder's blocks keeps its
 weights as int8 with one scale per output channel; its input is quantized per call from its
@@ -14,6 +16,12 @@ what sampling reads), norms, convolutions and position embeddings (few parameter
 Per-channel scales make the engine's fused projections exact: quantizing q, k and v apart and
 concatenating their int8 rows and scales gives the same numbers as one fused layer
 (`fuse_int8_linears`, used by the engine's fast path in runner.py).
+
+An int8 checkpoint (`visto export --int8`) stores each int8 layer as plain tensors, so that it
+fits safetensors (no pickled packed weights): `NAME.weight` (int8, out x in), `NAME.weight_scale`
+(fp32, one per output row; the zero points of symmetric int8 are 0) and `NAME.bias`.
+
+It lives in nn/ (not infer/) because the checkpoint layer reads and writes it.
 
 `torch.ao.quantization` is deprecated in favour of torchao (its warnings are silenced here;
 bench/README.md says why we use it on torch 2.13). It runs on the CPU only.
@@ -146,3 +154,74 @@ def int8_summary(model: nn.Module) -> str:
     names = [n for n, m in model.named_modules() if is_int8_linear(m)]
     parts = [p for p in QUANTIZED_PARTS if any(n.startswith(p + ".") for n in names)]
     return f"int8: {len(names)} Linear layers quantized ({', '.join(parts)}); the rest fp32"
+
+
+def int8_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state as plain tensors: fp32 entries as they are, each int8 layer as
+    NAME.weight (int8), NAME.weight_scale (fp32) and NAME.bias; one name per shared tensor
+    (tied weights), as safetensors wants."""
+    int8 = {name: m for name, m in model.named_modules() if is_int8_linear(m)}
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, value in model.state_dict().items():
+        if not isinstance(value, Tensor) or _owned_by(key, int8):
+            continue  # an int8 layer's own entries (packed weights, scale, zero point)
+        if value.data_ptr() in seen:
+            continue  # a tied alias: loading its twin sets it too
+        seen.add(value.data_ptr())
+        out[key] = value.detach().contiguous()
+    with _quiet_deprecation():
+        for name, layer in int8.items():
+            weight = layer.weight()
+            assert weight.qscheme() == torch.per_channel_affine
+            assert not weight.q_per_channel_zero_points().any(), "int8 weights are symmetric"
+            out[f"{name}.weight"] = weight.int_repr().contiguous()
+            out[f"{name}.weight_scale"] = weight.q_per_channel_scales().float().contiguous()
+            if layer.bias() is not None:
+                out[f"{name}.bias"] = layer.bias().detach().contiguous()
+    return out
+
+
+def load_int8_tensors(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Load `int8_tensors` output into a model already made int8 by `quantize_int8` (its
+    structure; the values are overwritten). Raises ValueError naming what does not match."""
+    int8 = {name: m for name, m in model.named_modules() if is_int8_linear(m)}
+    rest = dict(tensors)
+    with _quiet_deprecation(), torch.no_grad():
+        for name, layer in int8.items():
+            try:
+                values = rest.pop(f"{name}.weight")
+                scales = rest.pop(f"{name}.weight_scale")
+            except KeyError:
+                raise ValueError(f"no int8 weights for {name}") from None
+            bias = rest.pop(f"{name}.bias", None)
+            if values.dtype != torch.int8 or values.shape != (layer.out_features, layer.in_features):
+                raise ValueError(
+                    f"{name}.weight is {values.dtype} {tuple(values.shape)}; expected int8 "
+                    f"{(layer.out_features, layer.in_features)}"
+                )
+            weight = torch._make_per_channel_quantized_tensor(
+                values, scales.double(), torch.zeros(len(scales), dtype=torch.long), 0
+            )
+            layer.set_weight_bias(weight, bias)
+    state = model.state_dict()
+    # A tied alias was saved under its twin's name only; an int8 layer's own entries (packed
+    # weights, scale) were set above and are loaded as they now are.
+    missing = [k for k in state if k not in rest and not _owned_by(k, int8)
+               and not _tied(model, k, rest)]  # fmt: skip
+    unexpected = [k for k in rest if k not in state]
+    if missing or unexpected:
+        raise ValueError(f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    state.update(rest)  # in place: state_dict()'s own mapping carries the module versions
+    model.load_state_dict(state, strict=True)
+
+
+def _owned_by(key: str, int8: dict[str, nn.Module]) -> bool:
+    return any(key.startswith(name + ".") for name in int8)
+
+
+def _tied(model: nn.Module, key: str, loaded: dict[str, Tensor]) -> bool:
+    """Whether `key` is the same tensor as an entry that was loaded (tied weights)."""
+    state = model.state_dict(keep_vars=True)
+    ptr = state[key].data_ptr()
+    return any(state[k].data_ptr() == ptr for k in loaded if k in state and k != key)

@@ -687,7 +687,7 @@ def _model_card(model_id: str, server: Server) -> dict[str, Any]:
     card: dict[str, Any] = {"id": model_id, "object": "model", "created": server.started,
                             "owned_by": "visto"}
     if chat is not None and model_id == chat.name:
-        from visto.infer.quantize import is_int8
+        from visto.nn.quantize import is_int8
 
         card.update(kind="chat", accepts_images=chat.accepts_images,
                     context_length=chat.context_length, int8=is_int8(chat.model))
