@@ -1,4 +1,4 @@
-"""int8 inference (`--int8`, visto.infer.quantize) against fp32 on the same checkpoint: weights
+"""int8 inference (`--int8`, visto.nn.quantize) against fp32 on the same checkpoint: weights
 on disk, peak RSS, time to first token and decode tokens/s, and how far the answers move.
 
     python bench/int8.py                                  # quickstart-size LLaVA, random weights
@@ -12,8 +12,9 @@ not flat). Random weights say nothing about accuracy: give a trained checkpoint 
 
 Figures (int8 / fp32 ratios, both measured in this process, alternating fp32 and int8 each
 round so that load drift hits both; medians of --rounds):
-- weights: bytes of the saved state dict (`torch.save`), fp32 / int8 (> 1: int8 smaller);
-- peak RSS of a fresh process that loads the checkpoint (and quantizes it), then generates;
+- weights: bytes of model.safetensors of the checkpoint and of its int8 export (what
+  `visto export --int8` writes), fp32 / int8 (> 1: int8 smaller);
+- peak RSS of a fresh process that loads the checkpoint, or the int8 export, and generates;
 - ttft_ratio: time to first token (vision tower, projector, prompt prefill, first draw),
   fp32 / int8 (> 1: int8 faster); decode_ratio: decode tokens/s, int8 / fp32 (> 1: faster);
   both at batch 1 and batch --batch, each answer forced to --tokens tokens;
@@ -27,7 +28,6 @@ round so that load drift hits both; medians of --rounds):
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import resource
@@ -90,18 +90,10 @@ def prompts(n: int, size: int = 128) -> list:
 
 def load(checkpoint: Path, int8: bool):
     import visto
-    from visto.infer.quantize import quantize_int8
+    from visto.nn.quantize import quantize_int8
 
     model = visto.load(checkpoint)
     return quantize_int8(model) if int8 else model
-
-
-def state_dict_bytes(model) -> int:
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell()
 
 
 def timed(engine, model, samples: list, tokens: int) -> tuple[float, float]:
@@ -115,23 +107,23 @@ def timed(engine, model, samples: list, tokens: int) -> tuple[float, float]:
     return ttft, sum(c.timing.decode_tokens for c in completions) / decode_s
 
 
-def worker(checkpoint: Path, int8: bool, tokens: int, threads: int) -> None:
-    """In a fresh process: load (and quantize), generate once; print peak RSS in MB."""
+def worker(checkpoint: Path, tokens: int, threads: int) -> None:
+    """In a fresh process: load, generate once; print peak RSS in MB."""
     import torch
 
     torch.set_num_threads(threads)
     from visto.infer import Engine
     from visto.tasks.runner import AnswerTokenizer
 
-    model = load(checkpoint, int8)
+    model = load(checkpoint, int8=False)  # an int8 export loads as int8 by itself
     engine = Engine(model, AnswerTokenizer(model.processor.tokenizer))
     timed(engine, model, prompts(1), tokens)
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def peak_rss_mb(checkpoint: Path, int8: bool, tokens: int, threads: int) -> float:
-    cmd = [sys.executable, __file__, "--worker", "int8" if int8 else "fp32", "--model",
-           str(checkpoint), "--tokens", str(tokens), "--threads", str(threads)]  # fmt: skip
+def peak_rss_mb(checkpoint: Path, tokens: int, threads: int) -> float:
+    cmd = [sys.executable, __file__, "--worker", "--model", str(checkpoint), "--tokens",
+           str(tokens), "--threads", str(threads)]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
 
@@ -182,10 +174,10 @@ def main() -> int:
     ap.add_argument("--world", type=Path, help="the model's synthetic world: VQA delta on its test split")
     ap.add_argument("--eval-images", type=int, default=50, help="test images for the VQA delta")
     ap.add_argument("--json", type=Path, help="write the figures to this JSON file")
-    ap.add_argument("--worker", choices=["fp32", "int8"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.model, args.worker == "int8", args.tokens, args.threads)
+        worker(args.model, args.tokens, args.threads)
         return 0
     if args.rounds < 1 or args.batch < 1 or args.prompts < 1 or args.tokens < 2:
         ap.error("--rounds, --batch, --prompts must be at least 1 and --tokens at least 2")
@@ -193,6 +185,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    from visto.checkpoint import WEIGHTS_FILE, save_checkpoint
     from visto.infer import Engine
     from visto.tasks.runner import AnswerTokenizer
 
@@ -203,8 +196,10 @@ def main() -> int:
     models = {k: load(checkpoint, k == "int8") for k in ("fp32", "int8")}
     engines = {k: Engine(m, AnswerTokenizer(m.processor.tokenizer)) for k, m in models.items()}
     assert all(e.runner is not None for e in engines.values()), "expected the engine's fast path"
-    weights = {k: state_dict_bytes(m) for k, m in models.items()}
-    rss = {k: peak_rss_mb(checkpoint, k == "int8", args.tokens, args.threads) for k in models}
+    exported = save_checkpoint(models["int8"], Path(tempfile.mkdtemp()) / "int8" / "checkpoint")
+    files = {"fp32": checkpoint, "int8": exported}
+    weights = {k: (path / WEIGHTS_FILE).stat().st_size for k, path in files.items()}
+    rss = {k: peak_rss_mb(path, args.tokens, args.threads) for k, path in files.items()}
 
     samples = prompts(max(args.batch, args.prompts))
     runs: dict[tuple[str, int], list[tuple[float, float]]] = {}
@@ -237,9 +232,9 @@ def main() -> int:
             vqa = {k: vqa_accuracy(m, args.world, args.eval_images) for k, m in models.items()}
     load_after = os.popen("uptime").read().strip()
 
-    print(f"weights on disk (state dict): fp32 {weights['fp32'] / 1e6:.2f} MB, int8 "
+    print(f"weights on disk (model.safetensors): fp32 {weights['fp32'] / 1e6:.2f} MB, int8 "
           f"{weights['int8'] / 1e6:.2f} MB: {weights['fp32'] / weights['int8']:.2f}x smaller")
-    print(f"peak RSS (load, quantize, generate): fp32 {rss['fp32']:.0f} MB, int8 "
+    print(f"peak RSS (load, generate): fp32 {rss['fp32']:.0f} MB, int8 "
           f"{rss['int8']:.0f} MB: {rss['fp32'] / rss['int8']:.2f}x")
     for batch, s in speed.items():
         print(f"batch {batch:>2}: TTFT fp32 {s['fp32_ttft_ms']:.1f} ms, int8 {s['int8_ttft_ms']:.1f} "
