@@ -49,7 +49,10 @@ DEFAULT_FAMILIES = ("llava", "blip2", "flamingo", "fuyu", "cogvlm")
 CAPTION_PROMPTS = ["Describe this image.", "Write a caption for this image.", "What do you see in this picture?"]
 
 # (eval.json name, label, higher is better) in report order; VQA types are found in the
-# metrics. Each is also reported with `heldout.` in front (unseen colour-shape pairs).
+# metrics. Each is also reported with `heldout.` in front (unseen colour-shape pairs), and
+# beside each family's figure its blind twin's (`blind.<name>`: every image swapped for
+# another image of its split). JSON figures are the model's own decoding first, then the
+# grammar's.
 TASK_ROWS: list[tuple[str, str, bool]] = [
     ("vqa.overall", "VQA overall", True),
     ("count.acc", "counting", True),
@@ -58,8 +61,10 @@ TASK_ROWS: list[tuple[str, str, bool]] = [
     ("ocr.exact", "OCR exact", True),
     ("ocr.cer", "OCR character error rate", False),
     ("pope.f1", "POPE F1", True),
-    ("json.valid", "JSON valid", True),
-    ("json.field_acc", "JSON fields", True),
+    ("json.valid", "JSON valid (own decoding)", True),
+    ("json.field_acc", "JSON fields (own decoding)", True),
+    ("json.constrained.valid", "JSON valid under the grammar", True),
+    ("json.constrained.field_acc", "JSON fields under the grammar", True),
     ("classify.acc", "classification", True),
     ("caption.cider", "caption CIDEr", True),
 ]
@@ -172,7 +177,8 @@ def winner(values: dict[str, float], higher_is_better: bool = True) -> tuple[str
 
 def task_rows(metrics: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     """One row per task figure that some family has: {key, label, split, higher_is_better,
-    values {family: value}, winner, margin}; test rows first, then the held-out ones."""
+    values {family: value}, blind {family: the blind twin's value}, winner, margin}; test
+    rows first, then the held-out ones. The winner is decided on the seeing figures."""
     keys = set().union(*(m.keys() for m in metrics.values())) if metrics else set()
     base = [r for r in TASK_ROWS]
     vqa_types = sorted({k.split(".", 1)[1] for k in keys if k.startswith("vqa.")} - {"overall"})
@@ -184,9 +190,10 @@ def task_rows(metrics: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
             if name not in keys:
                 continue
             values = {f: m[name] for f, m in metrics.items() if name in m}
+            blind = {f: m["blind." + name] for f, m in metrics.items() if "blind." + name in m}
             best, margin = winner(values, higher)
             rows.append({"key": name, "label": label, "split": split, "higher_is_better": higher,
-                         "values": values, "winner": best, "margin": margin})  # fmt: skip
+                         "values": values, "blind": blind, "winner": best, "margin": margin})  # fmt: skip
     return rows
 
 
@@ -204,10 +211,13 @@ def _count(n: int) -> str:
 
 def markdown_tables(families: list[str], rows: list[dict[str, Any]],
                     summaries: dict[str, dict[str, Any]]) -> list[str]:  # fmt: skip
-    """The report's tables: tasks (test, held-out) with winners, then cost and speed."""
+    """The report's tables: tasks (test, held-out) with winners, each family's figure beside
+    its blind twin's where there is one, then cost and speed."""
     lines: list[str] = []
-    head = "| task | " + " | ".join(families) + " | winner | by |"
-    rule = "|---|" + "---:|" * len(families) + "---|---:|"
+    with_blind = any(r.get("blind") for r in rows)
+    columns = [c for f in families for c in ([f, f"{f} blind"] if with_blind else [f])]
+    head = "| task | " + " | ".join(columns) + " | winner | by |"
+    rule = "|---|" + "---:|" * len(columns) + "---|---:|"
     for split in ("test", "held-out"):
         split_rows = [r for r in rows if r["split"] == split]
         if not split_rows:
@@ -220,6 +230,8 @@ def markdown_tables(families: list[str], rows: list[dict[str, Any]],
                 v = r["values"].get(f)
                 text = _fmt(v)
                 cells.append(f"**{text}**" if f == r["winner"] else text)
+                if with_blind:
+                    cells.append(_fmt(r.get("blind", {}).get(f)))
             arrow = "" if r["higher_is_better"] else " (lower is better)"
             lines.append(f"| {r['label']}{arrow} | " + " | ".join(cells)
                          + f" | {r['winner'] or '–'} | {_fmt(r['margin'])} |")  # fmt: skip
@@ -459,11 +471,13 @@ def evaluate_family(family: str, cfg: CompareConfig, out: Path, world_dir: Path,
     from visto.checkpoint import read_config
     from visto.eval import evaluator_for
     from visto.eval.generative import reportable_metrics
+    from visto.quickstart import EVAL_BLIND
 
     fam_dir = out / family
+    # The blind mode is in the stamp: a summary written before the blind twin is redone.
     settings = {"train": facts, "eval_images": cfg.eval_images, "eval_batch": cfg.eval_batch,
                 "tasks": cfg.tasks, "latency": [cfg.latency_prompts, cfg.latency_tokens],
-                "probe": cfg.probe_images}  # fmt: skip
+                "probe": cfg.probe_images, "blind": EVAL_BLIND}  # fmt: skip
     stamp = fam_dir / "summary.json"
     if _stamp_matches(stamp, settings):
         console.print(f"[bold]{family}[/]: reusing {stamp}")
@@ -491,7 +505,7 @@ def evaluate_family(family: str, cfg: CompareConfig, out: Path, world_dir: Path,
             progress.update(bar, description=f"{family}: visto eval, {msg}")
 
         result = evaluate(model, world_dir, split="test", n=cfg.eval_images, batch_size=cfg.eval_batch,
-                          seed=cfg.seed, tasks=cfg.tasks, log=log)  # fmt: skip
+                          seed=cfg.seed, tasks=cfg.tasks, blind=EVAL_BLIND, log=log)  # fmt: skip
     metrics = reportable_metrics(result.metrics)
     atomic_write_json(fam_dir / "eval.json", metrics)
     atomic_write_text(fam_dir / "predictions.jsonl",
@@ -559,7 +573,10 @@ def write_compare_report(cfg: CompareConfig, out: Path, summaries: dict[str, dic
         + (f"{', '.join(credited)} has no vision tower and "
            + ("was credited those minutes on top of its budget." if cfg.credit_vision_time
               else "was not credited them.") if credited else ""),
-        f"Evaluation: `visto eval` (greedy) on the first {cfg.eval_images} test and held-out images. "
+        f"Evaluation: `visto eval` (greedy) on the first {cfg.eval_images} test and held-out images; "
+        "beside each figure its blind twin (`<family> blind`: the same questions with every image "
+        "swapped for another image of its split), so the difference is what the family gains from "
+        "looking. "
         f"{load} when the report was written (a shared 2-core machine: absolute speeds vary).", "",
         "## Who wins what", "",
         "Wins per family: " + ", ".join(f"{f} {n}" for f, n in sorted(wins.items(), key=lambda kv: -kv[1])),
@@ -606,7 +623,8 @@ def run_compare(cfg: CompareConfig, out: str | Path, console: Any = None) -> Com
         summaries[family] = evaluate_family(family, cfg, out, world_dir, facts, console)
         m = summaries[family]["metrics"]
         console.print(f"[bold]{family}[/]: VQA {m.get('vqa.overall', math.nan):.3f}, "
-                      f"held-out {m.get('heldout.vqa.overall', math.nan):.3f}")  # fmt: skip
+                      f"held-out {m.get('heldout.vqa.overall', math.nan):.3f}, "
+                      f"blind {m.get('blind.vqa.overall', math.nan):.3f}")  # fmt: skip
     report = write_compare_report(cfg, out, summaries, vision_seconds, machine_load())
     return CompareResult(out, report, summaries)
 
