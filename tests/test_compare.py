@@ -69,6 +69,24 @@ def test_markdown_tables_bold_winner_and_cost_rows():
     assert "| caption CIDEr | **1.200** | – | llava | – |" in text
 
 
+def test_blind_twins_stand_beside_each_family_and_do_not_decide_the_winner():
+    metrics = {
+        "llava": {"vqa.overall": 0.9, "blind.vqa.overall": 0.3, "json.valid": 0.5,
+                  "json.constrained.valid": 1.0},
+        "fuyu": {"vqa.overall": 0.6, "blind.vqa.overall": 0.95},
+    }  # fmt: skip
+    rows = {r["key"]: r for r in task_rows(metrics)}
+    assert rows["vqa.overall"]["blind"] == {"llava": 0.3, "fuyu": 0.95}
+    assert rows["vqa.overall"]["winner"] == "llava"  # on what the families see
+    assert list(rows) == ["vqa.overall", "json.valid", "json.constrained.valid"]
+    text = "\n".join(markdown_tables(["llava", "fuyu"], list(rows.values()),
+                                     {"llava": summary(), "fuyu": summary()}))  # fmt: skip
+    assert "| task | llava | llava blind | fuyu | fuyu blind | winner | by |" in text
+    assert "| VQA overall | **0.900** | 0.300 | 0.600 | 0.950 | llava | 0.300 |" in text
+    assert "| JSON valid (own decoding) | **0.500** | – | – | – | llava | – |" in text
+    assert "| JSON valid under the grammar | **1.000** | – | – | – | llava | – |" in text
+
+
 def test_plot_one_line_per_family(tmp_path):
     summaries = {
         "llava": summary(probe_curve=[{"minutes": 0.5, "vqa": 0.3}, {"minutes": 1.0, "vqa": 0.6}]),

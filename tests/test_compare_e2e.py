@@ -37,7 +37,10 @@ def test_compare_two_families_end_to_end(tmp_path):
     assert all("winner" in r for r in data["tasks"])
 
     report = result.report.read_text()
-    assert "| task | llava | fuyu | winner | by |" in report
+    assert "| task | llava | llava blind | fuyu | fuyu blind | winner | by |" in report
+    # One test image: no other to swap in, so the blind twin saw a blank one.
+    assert any("blank grey image" in n for n in data["families"]["llava"]["notes"])
+    assert all("blind.vqa.overall" in s["metrics"] for s in data["families"].values())
     assert "| VQA overall |" in report and "Held-out colour-shape combinations" in report
     assert (tmp_path / "plots" / "accuracy_vs_time.png").read_bytes()[:4] == b"\x89PNG"
 
