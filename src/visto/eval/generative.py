@@ -248,6 +248,12 @@ def derangement(n: int, seed: int | str = 0) -> list[int]:
     return order
 
 
+def check_blind_mode(mode: str | None) -> None:
+    """A clear error for a blind mode that is neither one of BLIND_MODES nor None (off)."""
+    if mode is not None and mode not in BLIND_MODES:
+        raise UserError(f"blind mode must be one of {', '.join(BLIND_MODES)} or None, got {mode!r}")
+
+
 def image_key(sample: Sample) -> str:
     """Which image a prompt asks about: the world's image id, else the sample's own id."""
     return str((sample.truth or {}).get("image_id", sample.id))
@@ -266,8 +272,7 @@ def blind_prompts(
     every image is replaced by another image of `prompts` (a seeded derangement of the
     distinct images, so all questions about one image see the same other image), in "blank"
     mode by a grey image of the same size."""
-    if mode not in BLIND_MODES:
-        raise UserError(f"blind mode must be one of {', '.join(BLIND_MODES)}, got {mode!r}")
+    check_blind_mode(mode)
     if mode == "blank":
         hidden = [
             dataclasses.replace(p, images=[blank_like(im) for im in p.images]) for p in prompts
@@ -407,6 +412,7 @@ def evaluate_generative(
     every item again with its image hidden: blind.<prefix><name>, and in each record
     blind_prediction, blind_score and blind_image (the image shown instead, or "blank").
     """
+    check_blind_mode(blind)  # before any question is asked
     items, skipped = build_items(samples)
     for reason, n in skipped.items():
         log(f"skipped {n} sample(s) with {reason}: no generative metric for it")
@@ -485,10 +491,7 @@ def evaluate_generative_world(
     """
     from visto.data.synth import iter_samples
 
-    if blind is not None and blind not in BLIND_MODES:
-        raise UserError(
-            f"blind mode must be one of {', '.join(BLIND_MODES)} or None, got {blind!r}"
-        )
+    check_blind_mode(blind)
     runs = [(split, "heldout." if split == "heldout" else "")]
     if split != "heldout":
         runs.append(("heldout", "heldout."))
