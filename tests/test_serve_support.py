@@ -29,7 +29,10 @@ def corpus() -> list[str]:
     ]
 
 
-def make_llava_checkpoint(path: Path, seed: int = 0) -> Path:
+def make_llava_checkpoint(path: Path, seed: int = 0, context: int | None = None) -> Path:
+    """`context`: the decoder's positions (rotary), when the tiny preset's are too few."""
+    import dataclasses
+
     from visto.checkpoint import save_checkpoint
     from visto.data.processor import Processor
     from visto.data.tokenizer import train_tokenizer
@@ -37,6 +40,9 @@ def make_llava_checkpoint(path: Path, seed: int = 0) -> Path:
     from visto.models.llava import LlavaConfig
 
     config = LlavaConfig.preset("tiny")
+    if context is not None:
+        decoder = dataclasses.replace(config.decoder, max_position_embeddings=context)
+        config = dataclasses.replace(config, decoder=decoder)
     tokenizer = train_tokenizer(
         corpus(), vocab_size=config.processor.vocab_size, loc_bins=config.processor.loc_bins
     )

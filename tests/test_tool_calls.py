@@ -109,11 +109,13 @@ def test_calls_parse_back_from_the_models_answer() -> None:
         + tool_call_text("get_weather", '{"city": "Köln"}')
     )
     content, calls = parse_tool_calls(text, {"ocr", "get_weather"})
-    assert content == "Let me look."
+    assert content == "Let me look. "
     assert calls == [
         ParsedCall("ocr", '{"lang":"de"}'),
         ParsedCall("get_weather", '{"city":"Köln"}'),
     ]
+    raw = '<tool_call>{"name":"ocr","arguments":{"label":"a\x15b"}}</tool_call>'
+    assert parse_tool_calls(raw)[1] == [ParsedCall("ocr", '{"label":"a\\u0015b"}')]
     # what is not a well-formed call of a known tool stays plain text
     assert parse_tool_calls("just text") is None
     assert parse_tool_calls(tool_call_text("ocr", {}), {"weather"}) is None

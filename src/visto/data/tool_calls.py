@@ -94,7 +94,9 @@ def parse_tool_calls(
     calls = []
     for block in blocks:
         try:
-            call = json.loads(block.group(1))
+            # strict=False: xgrammar's maxLength strings admit raw control characters (0.2.8);
+            # re-dumped below, they reach clients escaped, as valid JSON
+            call = json.loads(block.group(1), strict=False)
         except json.JSONDecodeError:
             return None
         if not (
@@ -107,4 +109,4 @@ def parse_tool_calls(
         if known is not None and call["name"] not in known:
             return None
         calls.append(ParsedCall(call["name"], compact_json(call["arguments"])))
-    return _CALL_RE.sub("", text).strip(), calls
+    return _CALL_RE.sub("", text), calls

@@ -9,7 +9,8 @@ Endpoints (all JSON; errors in OpenAI's `{"error": {...}}` shape, see errors.py)
     GET  /metrics                 Prometheus text
     GET  /v1/models               the served model ids
     POST /v1/chat/completions     text + images in, text out; streaming (SSE); n; seed; stop;
-                                  response_format json_object / json_schema (grammar-constrained)
+                                  response_format json_object / json_schema (grammar-constrained);
+                                  tools / tool_choice (function calling, tools.py)
     POST /v1/embeddings           texts and images -> unit vectors (two-tower model)
     POST /v1/search               text or image -> top-k images of the index
     GET  /                        the web page (static/)
@@ -46,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from visto.data.sample import Sample
+from visto.data.tool_calls import with_tools
 from visto.errors import UserError
 from visto.serve.admission import Admission, LeftQueue, QueueFull
 from visto.serve.batching import Batcher, Job
@@ -58,6 +60,7 @@ from visto.serve.schemas import (
     EmbeddingRequest,
     SearchRequest,
 )
+from visto.serve.tools import ToolCallStream, ToolPlan, answer_message, tool_plan
 from visto.tasks.runner import AnswerTokenizer, config_value
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -211,6 +214,17 @@ class Observe:
         await self.app(scope, receive, observed)
 
 
+@dataclass
+class ChatRound:
+    """What one generation of a chat request needs: the prompts (one per choice), their
+    sampling params, and the tool plan its answers are read with."""
+
+    prompts: list[Any]
+    params: list[Any]
+    prompt_tokens: int
+    plan: ToolPlan | None
+
+
 # ----------------------------------------------------------------------------- the server
 
 
@@ -284,10 +298,12 @@ class Server:
 
     # ---- chat ------------------------------------------------------------------------
 
-    def _check_supported(self, body: ChatCompletionRequest) -> None:
-        if body.tools:
-            raise APIError(400, "tools (function calling) are not supported; for structured "
-                           "output use response_format json_schema", "tools")
+    def _check_supported(self, body: ChatCompletionRequest, plan: ToolPlan | None) -> None:
+        if plan is not None and plan.calls and body.response_format is not None \
+                and body.response_format.type != "text":
+            raise APIError(400, "response_format json and tool calls do not mix yet: set "
+                           'tool_choice "none" for a formatted answer, or leave out '
+                           "response_format", "response_format")  # fmt: skip
         if body.logprobs:
             raise APIError(400, "logprobs are not supported", "logprobs")
         for name in ("frequency_penalty", "presence_penalty"):
@@ -304,13 +320,15 @@ class Server:
             raise APIError(400, "response_format json_schema needs a json_schema object "
                            '{"name": ..., "schema": {...}}', "response_format.json_schema")
 
-    def prepare_chat(self, body: ChatCompletionRequest) -> tuple[list[Any], list[Any], int]:
-        """(prompts, sampling params, prompt tokens) for a request; runs in a worker thread."""
+    def prepare_chat(self, body: ChatCompletionRequest) -> ChatRound:
+        """The request's prompts and sampling params; runs in a worker thread."""
         from visto.infer import SamplingParams
 
         chat = self.chat_model(body.model)
-        self._check_supported(body)
+        plan = tool_plan(body)
+        self._check_supported(body, plan)
         turns, images = messages_to_turns(body.messages, self.settings.images)
+        turns = with_tools(turns, plan.offered if plan else None)
         if images and not chat.accepts_images:
             raise APIError(400, f"the model {chat.name!r} reads text only; send no image_url parts",
                            "messages", "images_not_supported")
@@ -335,6 +353,8 @@ class Server:
             compiled = self.grammar_factory().compile(
                 body.response_format.model_dump(by_alias=True, exclude_none=True)
             )
+        if plan is not None and plan.calls:  # calls decode under their tools' schemas
+            compiled = self.grammar_factory().compile_tool_calls(plan)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         params = []
         for choice in range(body.n):
@@ -352,7 +372,7 @@ class Server:
                 ignore_eos=body.ignore_eos,  # eos neither ends nor is chosen (batched, fast)
                 logits_processor=constraint,
             ))
-        return [encoded] * body.n, params, prompt_tokens
+        return ChatRound([encoded] * body.n, params, prompt_tokens, plan)
 
     @property
     def in_flight(self) -> int:
@@ -433,33 +453,32 @@ class Server:
         return self.models.chat.processor.tokenizer.parse_boxes(text)
 
     def completion_body(self, body: ChatCompletionRequest, completions: list[Any],
-                        prompt_tokens: int, generated: int) -> dict[str, Any]:
+                        prompt_tokens: int, generated: int,
+                        plan: ToolPlan | None = None) -> dict[str, Any]:
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.model,
             "system_fingerprint": None,
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": c.text, "refusal": None},
-                    "finish_reason": c.finish_reason,
-                    "logprobs": None,
-                    # visto's extension: boxes in the answer, [x1, y1, x2, y2] in 0..999.
-                    "boxes": self.boxes(c.text),
-                }
-                for i, c in enumerate(completions)
-            ],
+            "choices": [self._choice(i, c, plan) for i, c in enumerate(completions)],
             "usage": _usage(prompt_tokens, generated),
         }
 
+    def _choice(self, i: int, completion: Any, plan: ToolPlan | None) -> dict[str, Any]:
+        message, finish_reason = answer_message(completion.text, completion.finish_reason, plan)
+        return {"index": i, "message": message, "finish_reason": finish_reason, "logprobs": None,
+                # visto's extension: boxes in the answer, [x1, y1, x2, y2] in 0..999.
+                "boxes": self.boxes(message["content"] or "")}  # fmt: skip
+
     async def stream_chat(self, job: Job, body: ChatCompletionRequest, prompt_tokens: int,
-                          start: float) -> AsyncIterator[str]:
+                          start: float, plan: ToolPlan | None = None) -> AsyncIterator[str]:
         """OpenAI's chat.completion.chunk events, then `data: [DONE]`."""
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         finished = False
+        # With tools, a call's text is held back and sent as tool_calls deltas at the end.
+        calls = [ToolCallStream(plan) for _ in range(body.n)] if plan and plan.calls else None
 
         def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
             data: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk",
@@ -485,15 +504,27 @@ class Server:
                     break
                 if event[0] == "piece":
                     _, i, text = event
-                    yield chunk([{"index": i, "delta": {"content": text}, "logprobs": None,
-                                  "finish_reason": None}])
+                    text = calls[i].feed(text) if calls else text
+                    if text:
+                        yield chunk([{"index": i, "delta": {"content": text}, "logprobs": None,
+                                      "finish_reason": None}])
                 elif event[0] == "done":
                     completions = event[1]
                     generated = self._account(job, prompt_tokens, completions, start)
                     for i, c in enumerate(completions):
+                        finish_reason, content = c.finish_reason, c.text
+                        if calls:
+                            rest, deltas, finish_reason = calls[i].finish(c.finish_reason)
+                            content = answer_message(c.text, c.finish_reason, plan)[0]["content"]
+                            if rest:
+                                yield chunk([{"index": i, "delta": {"content": rest},
+                                              "logprobs": None, "finish_reason": None}])
+                            for delta in deltas:
+                                yield chunk([{"index": i, "delta": {"tool_calls": [delta]},
+                                              "logprobs": None, "finish_reason": None}])
                         yield chunk([{"index": i, "delta": {}, "logprobs": None,
-                                      "finish_reason": c.finish_reason,
-                                      "boxes": self.boxes(c.text)}])
+                                      "finish_reason": finish_reason,
+                                      "boxes": self.boxes(content or "")}])
                     if include_usage:
                         yield chunk([], _usage(prompt_tokens, generated))
                     break
@@ -603,19 +634,20 @@ def create_app(models: ServedModels, settings: ServeSettings | None = None) -> F
         await server.admit(request, deadline)
         handed_off = False
         try:
-            prompts, params, prompt_tokens = await run_in_threadpool(server.prepare_chat, body)
+            ready = await run_in_threadpool(server.prepare_chat, body)
             start = time.perf_counter()
-            job = server.submit(prompts, params, deadline)
+            job = server.submit(ready.prompts, ready.params, deadline)
             if body.stream:
                 handed_off = True  # the stream releases the slot when it ends
                 return StreamingResponse(
-                    server.stream_chat(job, body, prompt_tokens, start),
+                    server.stream_chat(job, body, ready.prompt_tokens, start, ready.plan),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
             completions = await server.wait_done(job, request)
-            generated = server._account(job, prompt_tokens, completions, start)
-            return JSONResponse(server.completion_body(body, completions, prompt_tokens, generated))
+            generated = server._account(job, ready.prompt_tokens, completions, start)
+            return JSONResponse(server.completion_body(body, completions, ready.prompt_tokens,
+                                                       generated, ready.plan))  # fmt: skip
         finally:
             if not handed_off:
                 server.release()

@@ -5,8 +5,12 @@
     -> turns [Turn("user", "<image>\\nHow many?")], images [<PIL RGB>]
 
 Parts of one message are joined with newlines, an image part becoming the `<image>`
-placeholder at its place (LLaVA's "<image>\\nquestion" when the image comes first). Images
-arrive as base64 `data:` URLs; http(s) URLs are fetched only when the server was started with
+placeholder at its place (LLaVA's "<image>\\nquestion" when the image comes first). An
+assistant's tool_calls and the tool messages answering them become the chat template's call and
+result text (data/tool_calls.py); each call is answered, by id, right after the message that
+made it, as OpenAI requires.
+
+Images arrive as base64 `data:` URLs; http(s) URLs are fetched only when the server was started with
 --allow-remote-images, and only from hosts in --allowed-hosts (a server that fetches any URL
 a client names can be made to probe the network it sits in).
 """
@@ -22,6 +26,7 @@ from PIL import Image
 
 from visto.data.images import BadImage, open_image
 from visto.data.sample import IMAGE_PLACEHOLDER, Turn
+from visto.data.tool_calls import assistant_turn, tool_result_turn
 from visto.serve.errors import APIError
 from visto.serve.schemas import ImagePart, Message, TextPart
 
@@ -139,8 +144,17 @@ def messages_to_turns(
             "too_many_images",
         )
     turns, images = [], []
+    pending: dict[str, int] = {}  # tool call id -> the message that made it, until answered
     for i, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
+        if pending and role != "tool":
+            raise APIError(400, f"messages[{i}]: the tool calls {sorted(pending)} of messages"
+                           f"[{min(pending.values())}] have no answer; send one "
+                           '{"role": "tool", "tool_call_id": ID, "content": ...} per call right '
+                           "after the assistant message that made them", f"messages[{i}]")  # fmt: skip
+        if role == "tool":
+            turns.append(tool_result_turn(_tool_result(message, i, pending)))
+            continue
         if message.content is None or isinstance(message.content, str):
             text = _check_text(message.content or "", f"messages[{i}].content")
         else:
@@ -153,10 +167,50 @@ def messages_to_turns(
                     images.append(load_image(part.image_url.url, policy, param + ".image_url"))
                     pieces.append(IMAGE_PLACEHOLDER)
             text = "\n".join(pieces)
-        turns.append(Turn(role, text))
+        if message.tool_calls and role != "assistant":
+            raise APIError(400, f"messages[{i}] is a {role} message; only assistant messages carry "
+                           "tool_calls", f"messages[{i}].tool_calls")  # fmt: skip
+        if message.tool_calls:
+            calls = []
+            for j, call in enumerate(message.tool_calls):
+                param = f"messages[{i}].tool_calls[{j}]"
+                if call.id in pending:
+                    raise APIError(400, f"{param}: the call id {call.id!r} is used twice",
+                                   param + ".id")  # fmt: skip
+                pending[call.id] = i
+                calls.append((call.function.name,
+                              _check_text(call.function.arguments, param + ".function.arguments")))  # fmt: skip
+            turns.append(assistant_turn(text, calls))
+        else:
+            turns.append(Turn(role, text))
+    if pending:
+        raise APIError(400, f"the tool calls {sorted(pending)} of messages[{min(pending.values())}] "
+                       "have no answer; send one tool message per call after it",
+                       "messages")  # fmt: skip
     if not any(t.role == "user" for t in turns):
         raise APIError(400, "the conversation needs at least one user message", "messages")
     return turns, images
+
+
+def _tool_result(message: Message, i: int, pending: dict[str, int]) -> str:
+    """A tool message's text, once its tool_call_id is known to answer an open call."""
+    if message.tool_call_id is None:
+        raise APIError(400, f"messages[{i}] is a tool message without tool_call_id: give the id "
+                       "of the call it answers", f"messages[{i}].tool_call_id")  # fmt: skip
+    if pending.pop(message.tool_call_id, None) is None:
+        raise APIError(400, f"messages[{i}] answers the tool call {message.tool_call_id!r}, but "
+                       "no assistant message right before it made a call with that id (a tool "
+                       "message follows the assistant message whose tool_calls it answers)",
+                       f"messages[{i}].tool_call_id", "tool_call_not_found")  # fmt: skip
+    if message.content is None or isinstance(message.content, str):
+        return _check_text(message.content or "", f"messages[{i}].content")
+    texts = []
+    for j, part in enumerate(message.content):
+        if not isinstance(part, TextPart):
+            raise APIError(400, f"messages[{i}].content[{j}]: a tool result is text; images go in "
+                           "user messages", f"messages[{i}].content[{j}]")  # fmt: skip
+        texts.append(_check_text(part.text, f"messages[{i}].content[{j}]"))
+    return "\n".join(texts)
 
 
 def embedding_inputs(

@@ -1,4 +1,4 @@
-"""Grammar-constrained decoding for `response_format`: JSON that always parses.
+"""Grammar-constrained decoding for `response_format` and tool calls: JSON that always parses.
 
 At every step the allowed next tokens are those that keep the text a prefix of a string in
 the grammar (a JSON schema, or any JSON object); all others get logit -inf before sampling,
@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from visto.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from visto.data.tool_calls import TOOL_CALL_END, TOOL_CALL_START
 from visto.serve.errors import APIError
+
+if TYPE_CHECKING:
+    from visto.serve.tools import ToolPlan
 
 
 class GrammarFactory:
@@ -36,7 +40,8 @@ class GrammarFactory:
         except ImportError:
             raise APIError(
                 501,
-                "response_format json_object/json_schema needs xgrammar on the server: "
+                "response_format json_object/json_schema and tool calls need xgrammar on the "
+                "server: "
                 "pip install --no-deps xgrammar apache-tvm-ffi",
                 "response_format",
             ) from None
@@ -90,6 +95,42 @@ class GrammarFactory:
             f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
             "response_format.type",
         )
+
+    def compile_tool_calls(self, plan: ToolPlan) -> Any:
+        """A grammar for an answer under `plan` (serve/tools.py): with "auto", free text in which
+        a `<tool_call>` opens a call of one of the tools; with "required" (or a named tool),
+        calls and nothing else. Either way a call's arguments follow its tool's JSON schema."""
+        from xgrammar.structural_tag import (
+            GrammarFormat,
+            StructuralTag,
+            TagFormat,
+            TagsWithSeparatorFormat,
+            TriggeredTagsFormat,
+        )
+
+        tags = []
+        for name in plan.callable:
+            try:
+                # compact JSON as response_format writes it (see compile); names are [A-Za-z0-9_-]
+                arguments = self._xgr.Grammar.from_json_schema(
+                    json.dumps(plan.parameters[name]), any_whitespace=False, strict_mode=True,
+                    separators=(",", ":"),
+                )
+            except Exception as e:
+                raise APIError(400, f"the parameters of the function {name!r} could not be "
+                               f"compiled into a grammar: {e}", "tools") from None  # fmt: skip
+            tags.append(TagFormat(begin=f'{TOOL_CALL_START}{{"name":"{name}","arguments":',
+                                  content=GrammarFormat(grammar=str(arguments)),
+                                  end="}" + TOOL_CALL_END))  # fmt: skip
+        one_call = not plan.parallel
+        if plan.mode == "auto":
+            fmt = TriggeredTagsFormat(triggers=[TOOL_CALL_START], tags=tags,
+                                      stop_after_first=one_call)  # fmt: skip
+        else:
+            fmt = TagsWithSeparatorFormat(tags=tags, separator="", at_least_one=True,
+                                          stop_after_first=one_call)  # fmt: skip
+        with self._lock:
+            return self._compiler.compile_structural_tag(StructuralTag(format=fmt))
 
     def constraint(self, compiled: Any) -> JSONConstraint:
         """A fresh logits processor for one generated sequence."""

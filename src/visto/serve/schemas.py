@@ -3,7 +3,7 @@
 Strict: a number sent as a string, a bool sent as 0/1 or a list where a string belongs is a
 400 naming the field, never a silent coercion. Fields the API does not know are ignored
 (clients send many optional ones), fields that would change the answer and that visto cannot
-honour (tools, logprobs) are refused in `app.py` with a message.
+honour (logprobs) are refused in `app.py` with a message.
 
 Responses are built as plain dicts in `app.py`, following OpenAI's chat.completion,
 chat.completion.chunk, list (embeddings, models) shapes field for field.
@@ -42,10 +42,44 @@ class ImagePart(Strict):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object in a string")
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant: the calls it made")
+    tool_call_id: str | None = Field(None, description="tool: the call this message answers")
+
+
+class FunctionDefinition(Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema object")
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: ToolChoiceFunction
 
 
 class StreamOptions(Strict):
@@ -81,7 +115,10 @@ class ChatCompletionRequest(Strict):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logprobs: bool | None = None
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    # "none" | "auto" | "required" | NamedToolChoice, checked in serve/tools.py (one clear message)
+    tool_choice: str | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     user: str | None = None
     # vLLM's extension: generate max_tokens tokens, never stopping at end-of-turn (benchmarks).
     ignore_eos: bool = False

@@ -1,0 +1,173 @@
+"""Function calling for /v1/chat/completions, in OpenAI's shape.
+
+    plan = tool_plan(body)           # tools and tool_choice checked; None without tools
+    turns = with_tools(turns, plan.offered)               # what the model reads
+    grammar = factory.compile_tool_calls(plan)            # what it decodes under
+    message, finish = answer_message(text, finish, plan)  # its answer as content / tool_calls
+
+`tool_choice` "auto" lets the model answer in text or call; "required" and a named function
+make it call. In every mode a call, once begun, is decoded under its tool's JSON schema
+(serve/grammar.py), so the arguments always parse and validate; "none" offers no tools.
+`ToolCallStream` turns the streamed text into content deltas and, at the end, tool_calls
+deltas in the order the openai SDK assembles them (id, type and name first, then arguments).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from visto.data.tool_calls import TOOL_CALL_START, ParsedCall, parse_tool_calls
+from visto.serve.errors import APIError
+from visto.serve.schemas import ChatCompletionRequest, NamedToolChoice
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+CHOICES = ("none", "auto", "required")
+EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    offered: list[dict[str, Any]]  # the tools as the model reads them (OpenAI dicts)
+    parameters: dict[str, dict[str, Any]]  # name -> JSON schema of its arguments
+    mode: str  # "none", "auto" or "required" (a named choice is "required" of one tool)
+    callable: tuple[str, ...]  # the tools this answer may call
+    parallel: bool  # more than one call per answer
+    server_run: frozenset[str] = field(default_factory=frozenset)  # built-in tools (tools/)
+
+    @property
+    def calls(self) -> bool:
+        return self.mode != "none"
+
+
+def _check_tool(i: int, tool: Any) -> tuple[str, dict[str, Any]]:
+    fn = tool.function
+    if not NAME_RE.match(fn.name):
+        raise APIError(400, f"tools[{i}].function.name {fn.name!r} is not a valid function name: "
+                       "use 1-64 letters, digits, '_' or '-'", f"tools[{i}].function.name")  # fmt: skip
+    params = fn.parameters if fn.parameters is not None else EMPTY_PARAMETERS
+    if params.get("type") != "object":
+        raise APIError(400, f"tools[{i}].function.parameters must be a JSON Schema of an object "
+                       '({"type": "object", "properties": {...}}): arguments are a JSON object',
+                       f"tools[{i}].function.parameters")  # fmt: skip
+    return fn.name, params
+
+
+def tool_plan(body: ChatCompletionRequest, builtin: list[dict[str, Any]] = ()) -> ToolPlan | None:
+    """The request's tools (and the server's `builtin` ones) and tool_choice, checked; None
+    when no tool is in play. Errors name the field at fault, in OpenAI's envelope."""
+    choice = body.tool_choice
+    if not body.tools and not builtin:
+        if choice not in (None, "none"):
+            raise APIError(400, "tool_choice needs tools: give the functions the model may call "
+                           "in `tools`", "tool_choice")  # fmt: skip
+        return None
+    offered, parameters = [], {}
+    for i, tool in enumerate(body.tools or []):
+        name, params = _check_tool(i, tool)
+        if name in parameters:
+            raise APIError(400, f"tools[{i}]: the function name {name!r} is given twice; names "
+                           "must be unique", f"tools[{i}].function.name")  # fmt: skip
+        parameters[name] = params
+        offered.append(tool.model_dump(exclude_none=True))
+    server_run = set()
+    for tool in builtin:
+        name = tool["function"]["name"]
+        if name in parameters:
+            raise APIError(400, f"the function {name!r} is one of this server's own tools (--tools); "
+                           "rename yours", "tools")  # fmt: skip
+        parameters[name] = tool["function"]["parameters"]
+        offered.append(tool)
+        server_run.add(name)
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in parameters:
+            raise APIError(400, f"tool_choice names the function {choice.function.name!r}, which is "
+                           f"not among the tools: {sorted(parameters)}",
+                           "tool_choice.function.name", "unknown_tool")  # fmt: skip
+        mode, callable_ = "required", (choice.function.name,)
+    else:
+        mode = choice or "auto"
+        if mode not in CHOICES:
+            raise APIError(400, f"tool_choice must be 'none', 'auto', 'required' or "
+                           '{"type": "function", "function": {"name": NAME}}, got ' f"{mode!r}",
+                           "tool_choice")  # fmt: skip
+        callable_ = tuple(parameters)
+    if mode == "none":  # offered anyway? no: a model that cannot call is not shown the tools
+        offered = []
+    parallel = body.parallel_tool_calls is not False
+    return ToolPlan(offered, parameters, mode, callable_, parallel, frozenset(server_run))
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def parsed_calls(text: str, plan: ToolPlan | None) -> tuple[str, list[ParsedCall]] | None:
+    """(content, calls) when the answer calls tools the plan lets it call, else None."""
+    if plan is None or not plan.calls:
+        return None
+    return parse_tool_calls(text, set(plan.callable))
+
+
+def openai_calls(calls: list[ParsedCall]) -> list[dict[str, Any]]:
+    return [{"id": new_call_id(), "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}} for c in calls]  # fmt: skip
+
+
+def answer_message(
+    text: str, finish_reason: str, plan: ToolPlan | None
+) -> tuple[dict[str, Any], str]:
+    """The chat.completion `message` for an answer, and its finish_reason ("tool_calls" when it
+    calls tools)."""
+    parsed = parsed_calls(text, plan)
+    if parsed is None:
+        return {"role": "assistant", "content": text, "refusal": None}, finish_reason
+    content, calls = parsed
+    message = {"role": "assistant", "content": content if content.strip() else None,
+               "refusal": None, "tool_calls": openai_calls(calls)}  # fmt: skip
+    return message, "tool_calls"
+
+
+class ToolCallStream:
+    """One streamed answer: text goes out as content until a tool call may begin, then is held;
+    `finish` gives what is left, as content or as tool_calls deltas."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self.text = ""  # everything generated
+        self.sent = 0  # characters of `text` sent as content
+        self.holding = False  # a call has begun: the rest waits for `finish`
+
+    def feed(self, piece: str) -> str:
+        """The content that can go out now that `piece` has arrived."""
+        self.text += piece
+        if self.holding:
+            return ""
+        end = self.text.find(TOOL_CALL_START, self.sent)
+        if end >= 0:
+            self.holding = True
+        else:  # hold back a tail that may be the beginning of "<tool_call>"
+            end = len(self.text)
+            for k in range(len(TOOL_CALL_START) - 1, 0, -1):
+                if self.text.endswith(TOOL_CALL_START[:k]):
+                    end -= k
+                    break
+        out = self.text[self.sent : max(self.sent, end)]
+        self.sent += len(out)
+        return out
+
+    def finish(self, finish_reason: str) -> tuple[str, list[dict[str, Any]], str]:
+        """(content still to send, tool_calls deltas, finish_reason) at the end of the answer."""
+        parsed = parsed_calls(self.text, self.plan)
+        if parsed is None:
+            return self.text[self.sent :], [], finish_reason
+        content, calls = parsed
+        deltas = []
+        for index, call in enumerate(openai_calls(calls)):
+            fn = call["function"]
+            deltas.append({"index": index, "id": call["id"], "type": "function",
+                           "function": {"name": fn["name"], "arguments": ""}})  # fmt: skip
+            deltas.append({"index": index, "function": {"arguments": fn["arguments"]}})
+        return content[self.sent :], deltas, "tool_calls"
