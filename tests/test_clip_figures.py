@@ -37,7 +37,8 @@ def test_oracle_recall_by_hand():
 def test_two_tower_recipes_load(name):
     recipe = load_recipe(name)
     assert recipe.model.family == "clip"
-    assert recipe.max_minutes is not None and recipe.max_minutes <= 10
+    # A step budget (the same seed, the same model on any machine), about 10 reference minutes.
+    assert recipe.max_steps <= 3000 and recipe.max_minutes is None
     assert recipe.data.tasks == ["caption"]
     text = recipe.model.config["text"]
     if name == "clip-lit-minilm":

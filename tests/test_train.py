@@ -276,6 +276,24 @@ def test_wall_clock_budget_stops_the_run(tmp_path):
     assert rows[-1]["split"] == "val"
 
 
+def test_a_minutes_cap_reports_the_steps_it_cut(tmp_path, capsys):
+    from rich.console import Console
+
+    # max_steps is the budget; a cap far below it stops the run and says by how much.
+    recipe = tiny_recipe(max_steps=10**6, max_minutes=0.01, log_every=10**9, eval_every=None)
+    console = Console(record=True, width=200)
+    result = train(recipe, tmp_path / "run", source=tiny_source(), console=console, show_progress=False)
+    assert result.steps_cut == 10**6 - result.step > 0
+    assert f"stopped training at step {result.step} of max_steps 1000000: {result.steps_cut} steps cut" in (
+        console.export_text()
+    )
+    card = (tmp_path / "run" / "checkpoint" / "README.md").read_text()
+    assert f"| steps_cut | {result.steps_cut} |" in card
+    assert f"| steps_cut | {result.steps_cut:,} |" in (tmp_path / "run" / "report.md").read_text()
+    # A run that ends on its step budget cut nothing.
+    assert train(tiny_recipe(), tmp_path / "full", source=tiny_source(), show_progress=False).steps_cut == 0
+
+
 def test_a_diverging_loss_stops_with_a_clear_error(tmp_path):
     recipe = tiny_recipe(**{"optim.lr": 1e30, "optim.grad_clip": None, "schedule.warmup_steps": 0})
     with pytest.raises(UserError, match="loss became"):
@@ -302,6 +320,16 @@ def test_start_from_a_checkpoint_with_a_frozen_module(tmp_path):
 
 
 # ----------------------------------------------------------------------------- recipes
+
+
+def test_every_shipped_recipe_budgets_in_steps():
+    """Steps, not minutes: the same recipe and seed give the same model on any machine."""
+    from visto.train.recipe import list_recipes
+
+    for name in list_recipes():
+        recipe = load_recipe(name)
+        assert recipe.max_steps is not None and recipe.max_steps <= 5000, name
+        assert recipe.max_minutes is None, f"{name}: max_minutes is a cap for --set, not a budget"
 
 
 def test_recipe_overrides_and_validation(tmp_path):

@@ -21,12 +21,13 @@ SampleSource = Callable[[str], Iterable[Sample]]
 Collate = Callable[[list[Sample]], dict[str, Any]]
 
 
-def source_from_spec(spec: Any, seed: int) -> tuple[SampleSource, bool]:
+def source_from_spec(spec: Any, seed: int, *, loc_bins: int | None = None) -> tuple[SampleSource, bool]:
     """The sample source a recipe's `data` section (a `DataSpec`) names, and whether it has
     validation data. The source answers two roles: "train" and "val".
 
     The synthetic world has splits (data.split, data.val_split); a file in a real format is
-    one split, so its validation data is another file (data.val_source).
+    one split, so its validation data is another file (data.val_source). A mix (data.mix)
+    writes its boxes as `loc_bins` location tokens: those of the model's processor.
     """
     from visto.data.formats import infer_format, read_samples
 
@@ -41,13 +42,19 @@ def source_from_spec(spec: Any, seed: int) -> tuple[SampleSource, bool]:
         raise UserError(f"data.{real_only[0]} applies to files in a real format; {spec.source} is a synthetic world")
     if fmt == "synth":
         splits = {"train": spec.split, "val": spec.val_split}
+        if spec.mix is not None:
+            from visto.data.synth.mixes import mix_source
+
+            assert loc_bins is not None, "a mix needs the model's loc_bins"
+            return mix_source(spec.mix, spec.source, splits, seed=seed, loc_bins=loc_bins), spec.val_split is not None
 
         def synth(role: str) -> Iterable[Sample]:
             return read_samples(spec.source, "synth", split=splits[role], tasks=spec.tasks, seed=seed)
 
         return synth, spec.val_split is not None
-    if spec.tasks is not None:
-        raise UserError(f"data.tasks selects tasks of the synthetic world; {spec.source} is {fmt} data")
+    if spec.tasks is not None or spec.mix is not None:
+        which = "data.tasks selects tasks" if spec.tasks is not None else "data.mix builds samples"
+        raise UserError(f"{which} of the synthetic world; {spec.source} is {fmt} data")
     paths = {"train": spec.source, "val": spec.val_source}
     # The same image root and key names serve the validation file: one dataset, two splits.
     names = {"caption_key": spec.caption_key, "image_key": spec.image_key}
@@ -58,6 +65,38 @@ def source_from_spec(spec: Any, seed: int) -> tuple[SampleSource, bool]:
         )
 
     return files, spec.val_source is not None
+
+
+def training_loc_bins(model: Any, processor_spec: Any) -> int:
+    """The location bins of the processor the model trains with: the recipe's `processor`
+    section (a `ProcessorSpec`, which replaces the model's), else the model's own."""
+    from visto.config import from_dict
+    from visto.data.processor import Processor, ProcessorConfig
+
+    if processor_spec is not None:
+        if processor_spec.path:
+            return Processor.load(processor_spec.path).config.loc_bins
+        return from_dict(ProcessorConfig, processor_spec.config, where="processor.config").loc_bins
+    processor = getattr(model, "processor", None)
+    if processor is None:
+        raise UserError(
+            "data.mix writes boxes as the model's location tokens, but the model has no "
+            "processor: give the recipe a processor section or a model with a tokenizer"
+        )
+    return processor.config.loc_bins
+
+
+def data_card(spec: Any) -> dict[str, Any]:
+    """A recipe's `data` section as a checkpoint card records it: with the mix's facts
+    (name, independent turns, tasks) where one was used."""
+    from visto.config import to_dict
+
+    card = to_dict(spec)
+    if spec.mix is not None:
+        from visto.data.synth.mixes import get_mix
+
+        card["mix"] = get_mix(spec.mix).card()
+    return card
 
 
 def buffered_shuffle(items: Iterable[Sample], buffer_size: int, rng: random.Random) -> Iterator[Sample]:

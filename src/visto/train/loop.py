@@ -54,8 +54,10 @@ from visto.train.data import (
     BatchStream,
     SampleSource,
     build_processor,
+    data_card,
     first_batches,
     source_from_spec,
+    training_loc_bins,
 )
 from visto.train.distributed import (
     Distributed,
@@ -228,6 +230,7 @@ class TrainResult:
     val_metrics: dict[str, float]
     train_metrics: dict[str, float]
     stopped_early: bool = False  # Ctrl-C: a checkpoint was saved, --resume continues
+    steps_cut: int = 0  # steps of max_steps that the max_minutes cap took away
 
 
 class _StopRequest:
@@ -308,7 +311,10 @@ def train(
         model = build_from_config(recipe.model.family, recipe.model.config)
         trainer_state = None
     if source is None:
-        source, has_val = source_from_spec(recipe.data, recipe.seed)
+        # A mix writes boxes in the location tokens of the processor the model trains with.
+        processor_spec = recipe.processor if trainer_state is None else None
+        loc_bins = training_loc_bins(model, processor_spec) if recipe.data.mix else None
+        source, has_val = source_from_spec(recipe.data, recipe.seed, loc_bins=loc_bins)
     else:
         has_val = True
     if trainer_state is None and recipe.processor is not None:
@@ -403,9 +409,11 @@ def train(
             }
             card = {
                 "recipe": recipe.name or "(unnamed)",
-                "data": to_dict(recipe.data),
-                "training": {"steps": step, "minutes": round(elapsed() / 60, 2),
-                             "batch_size": recipe.batch_size * dist_info.world_size},
+                "data": data_card(recipe.data),
+                "training": {"steps": step, "max_steps": recipe.max_steps,
+                             "max_minutes": recipe.max_minutes, "minutes": round(elapsed() / 60, 2),
+                             "batch_size": recipe.batch_size * dist_info.world_size,
+                             **({"steps_cut": steps_cut} if steps_cut else {})},
             }
             if val_metrics:
                 card["metrics (val)"] = val_metrics
@@ -468,6 +476,7 @@ def train(
     val_metrics: dict[str, float] = {}
     train_metrics: dict[str, float] = {}
     evaluated_at = -1
+    steps_cut = 0
     factor = lr_factor(step, schedule_progress(recipe, step, elapsed()),
                        recipe.schedule.warmup_steps, recipe.schedule.min_lr_ratio)
     live_bar = show_progress and dist_info.main and console.is_terminal
@@ -503,6 +512,8 @@ def train(
         if window.steps:
             train_metrics = log_window(factor)
         stopped_early = stop.requested and not _budget_fraction(recipe, step, elapsed()) >= 1
+        # The step budget is the run; a max_minutes cap that ended it sooner says by how much.
+        steps_cut = 0 if stopped_early or recipe.max_steps is None else recipe.max_steps - step
         if evaluated_at != step and not stopped_early:
             val_metrics = run_eval()
         save(ckpt_dir, val_metrics)
@@ -513,15 +524,21 @@ def train(
             "family": model.family,
             "steps": step,
             "minutes": round(elapsed() / 60, 2),
+            **({"steps_cut": steps_cut} if steps_cut else {}),
             "parameters": sum(p.numel() for p in model.parameters()),
             "checkpoint": str(ckpt_dir),
         }
         report = write_report(run_dir, recipe_dict, summary)
         if stopped_early:
             console.print(f"stopped at step {step}; continue with: visto train --resume {run_dir}")
+        elif steps_cut:
+            console.print(
+                f"max_minutes ({recipe.max_minutes:g}) stopped training at step {step} of "
+                f"max_steps {recipe.max_steps}: {steps_cut} steps cut"
+            )
         console.print(f"checkpoint: {ckpt_dir}\nreport: {report}")
     train_metrics = {k: v for k, v in train_metrics.items() if not k.startswith("_")}
-    return TrainResult(run_dir, step, model, val_metrics, train_metrics, stopped_early)
+    return TrainResult(run_dir, step, model, val_metrics, train_metrics, stopped_early, steps_cut)
 
 
 # ----------------------------------------------------------------------------- helpers

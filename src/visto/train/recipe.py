@@ -42,6 +42,10 @@ class DataSpec:
     split: str = "train"
     val_split: str | None = "val"  # None = no evaluation
     tasks: list[str] | None = None
+    # A training mix of the synthetic world instead of one sample per task item: one sample
+    # per image holding the mix's exchanges ("captions", "instruct", "instruct+caption"; see
+    # visto.data.synth.mixes). The mix names its own tasks, so data.tasks stays null.
+    mix: str | None = None
     # Real formats hold one split per file: validation data is another path (None = none).
     val_source: str | None = None
     # Where LLaVA JSON / COCO image paths point (LLaVA's --image_folder); None = beside the JSON.
@@ -104,9 +108,11 @@ class Recipe:
     lora: LoraConfig | None = None
     batch_size: int = 32  # samples per optimizer step on each process (all micro-batches)
     grad_accum: int = 1  # micro-batches per step; each holds batch_size / grad_accum samples
-    # Budgets: training stops at whichever comes first. With max_minutes the schedule's
+    # The budget is max_steps: the same seed gives the same model on any machine. max_minutes
+    # is an optional cap (training stops at whichever comes first): under it the schedule's
     # progress is the larger of step / max_steps and elapsed / max_minutes, so the cosine
-    # reaches its floor when the clock runs out (Li et al. 2020, "Budgeted Training").
+    # reaches its floor when the clock runs out (Li et al. 2020, "Budgeted Training"), and a
+    # run it stops early reports the steps it cut.
     max_steps: int | None = 1000
     max_minutes: float | None = None
     log_every: int = 10
@@ -137,6 +143,16 @@ class Recipe:
         for name, lr in {"optim.lr": self.optim.lr, **self.optim.module_lrs}.items():
             if lr < 0:
                 problems.append(f"learning rate for {name!r} must be >= 0, got {lr}")
+        if self.data.mix is not None:
+            from visto.data.synth.mixes import MIXES
+
+            if self.data.mix not in MIXES:
+                problems.append(f"unknown data.mix {self.data.mix!r}; choose one of {', '.join(MIXES)}")
+            elif self.data.tasks is not None:
+                problems.append(
+                    f"data.mix {self.data.mix!r} names its own tasks "
+                    f"({', '.join(MIXES[self.data.mix].tasks)}); set data.tasks to null"
+                )
         if not 0 <= self.schedule.min_lr_ratio <= 1:
             problems.append("schedule.min_lr_ratio must be in [0, 1]")
         for name in ("log_every", "eval_every", "checkpoint_every"):

@@ -1,0 +1,181 @@
+"""Training mixes: the samples a generative model learns from, built from a synthetic world.
+
+A mix turns each image record of a split into one training `Sample`: the exchanges (question,
+answer) it asks about that image. A recipe picks one by name (`data.mix`), so `visto train`,
+the quickstart and `visto compare` build the same batches from the same world:
+
+    captions          one caption per image, its phrasing drawn per epoch (LLaVA stage 1)
+    instruct          every question of the image: VQA, grounding, box -> description, OCR,
+                      JSON (LLaVA stage 2)
+    instruct+caption  `instruct` plus one caption (every family in `visto compare`)
+
+A mix that asks several questions of one image packs them with `independent_turns`
+(shared-prefix packing): one image prefix, and each exchange hidden from the others. A plain
+multi-turn conversation would let later answers be copied from earlier ones (the JSON answer
+names every object's colour and shape), while at evaluation every question is asked alone.
+
+Boxes outside JSON answers become location tokens (`loc_bins` of the model's tokenizer); JSON
+answers keep their plain int lists.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from visto.errors import UserError
+
+CAPTION_PROMPTS = ("Describe this image.", "Write a caption for this image.", "What do you see in this picture?")
+INSTRUCT_TASKS = ("vqa", "ground", "refdesc", "ocr", "json")
+
+QA = tuple[str, str]
+
+
+def record_qas(record: dict, loc_bins: int) -> list[QA]:
+    """Every question of one image (VQA, grounding, box -> description, OCR, JSON) with its
+    answer; boxes outside JSON as location tokens (JSON keeps its plain int lists)."""
+    # The box <-> token text lives with the task runner, which writes the same prompts at
+    # inference; imported here, at call time, so data stays importable without the tasks.
+    from visto.tasks.runner import boxes_to_loc
+
+    t = record["tasks"]
+    qas = [(qa["q"], qa["a"]) for qa in t["vqa"]]
+    qas += [(g["q"], boxes_to_loc(g["a"], loc_bins)) for g in t["ground"]]
+    qas += [(boxes_to_loc(r["q"], loc_bins), r["a"]) for r in t["refdesc"]]
+    if t["ocr"] is not None:
+        qas.append((t["ocr"]["q"], t["ocr"]["a"]))
+    qas.append((t["json"]["q"], t["json"]["a"]))
+    return qas
+
+
+def caption_qa(record: dict, rng: random.Random) -> QA:
+    """One of the image's captions, asked with a prompt that goes with its index."""
+    captions = record["tasks"]["captions"]
+    k = rng.randrange(len(captions))
+    return CAPTION_PROMPTS[k % len(CAPTION_PROMPTS)], captions[k]
+
+
+def conversation(image: Any, qas: list[QA], sample_id: str, *, independent_turns: bool) -> Sample:
+    """The exchanges about one image as a Sample: the image leads the first question."""
+    turns: list[Turn] = []
+    for j, (q, a) in enumerate(qas):
+        turns.append(Turn("user", f"{IMAGE_PLACEHOLDER}\n{q}" if j == 0 else q))
+        turns.append(Turn("assistant", a))
+    return Sample(id=sample_id, images=[image], turns=turns, source="synth",
+                  independent_turns=independent_turns)  # fmt: skip
+
+
+def _captions(record: dict, loc_bins: int, rng: random.Random) -> list[QA]:
+    return [caption_qa(record, rng)]
+
+
+def _instruct(record: dict, loc_bins: int, rng: random.Random) -> list[QA]:
+    # The order only decides which exchanges are left out when a sample passes max_length.
+    qas = record_qas(record, loc_bins)
+    rng.shuffle(qas)
+    return qas
+
+
+def _instruct_caption(record: dict, loc_bins: int, rng: random.Random) -> list[QA]:
+    qas = record_qas(record, loc_bins) + [caption_qa(record, rng)]
+    rng.shuffle(qas)
+    return qas
+
+
+@dataclass(frozen=True)
+class Mix:
+    """A named way to turn an image record into one training sample."""
+
+    name: str
+    description: str
+    tasks: tuple[str, ...]  # the world's task kinds its exchanges come from
+    # Several exchanges per image, each hidden from the others (shared-prefix packing).
+    independent_turns: bool
+    exchanges: Callable[[dict, int, random.Random], list[QA]]  # (record, loc_bins, rng) -> qas
+
+    def samples(self, world_dir: str | Path, split: str, *, seed: int, epoch: int,
+                loc_bins: int) -> Iterator[Sample]:  # fmt: skip
+        """One sample per image of `split`; what varies per epoch is drawn from (seed, epoch)."""
+        from visto.data.images import open_image
+        from visto.data.synth.reader import iter_records
+
+        world_dir = Path(world_dir)
+        for record in iter_records(world_dir, split):
+            rng = random.Random(f"visto-mix/{self.name}/{seed}/{epoch}/{record['id']}")
+            qas = self.exchanges(record, loc_bins, rng)
+            yield conversation(open_image(world_dir / record["image"]), qas, record["id"],
+                               independent_turns=self.independent_turns)  # fmt: skip
+
+    def card(self) -> dict[str, Any]:
+        """What a checkpoint card records about the data it was trained on."""
+        return {"name": self.name, "independent_turns": self.independent_turns,
+                "tasks": list(self.tasks), "description": self.description}  # fmt: skip
+
+
+MIXES: dict[str, Mix] = {
+    m.name: m
+    for m in (
+        # One exchange per sample: nothing to hide, so a plain causal sequence.
+        Mix("captions", "one caption per image, its phrasing drawn per epoch", ("caption",),
+            independent_turns=False, exchanges=_captions),
+        Mix("instruct", "every question of an image (VQA, grounding with box tokens, box -> "
+            "description, OCR, JSON) as independent turns, in an order drawn per epoch",
+            INSTRUCT_TASKS, independent_turns=True, exchanges=_instruct),
+        Mix("instruct+caption", "the instruct mix plus one caption, as independent turns",
+            (*INSTRUCT_TASKS, "caption"), independent_turns=True, exchanges=_instruct_caption),
+    )
+}  # fmt: skip
+
+
+def get_mix(name: str) -> Mix:
+    if name not in MIXES:
+        raise UserError(f"unknown data.mix {name!r}; choose one of {', '.join(MIXES)}")
+    return MIXES[name]
+
+
+def mix_source(name: str, world_dir: str | Path, splits: dict[str, str | None], *, seed: int,
+               loc_bins: int) -> Callable[[str], Iterable[Sample]]:  # fmt: skip
+    """A training source (role "train"/"val" -> samples of `splits[role]`) over the mix
+    `name`; every call on a role reads that role's next epoch."""
+    mix = get_mix(name)
+    calls = dict.fromkeys(splits, 0)
+
+    def source(role: str) -> Iterable[Sample]:
+        split = splits[role]
+        assert split is not None, f"no split for role {role!r}"
+        epoch = calls[role]
+        calls[role] += 1
+        return mix.samples(world_dir, split, seed=seed, epoch=epoch, loc_bins=loc_bins)
+
+    return source
+
+
+def tokenizer_texts(world_dir: str | Path, loc_bins: int, images: int = 1500) -> list[str]:
+    """The texts every mix reads and writes, from the first `images` training images: what a
+    tokenizer for these mixes is trained on (location tokens are the tokenizer's own)."""
+    from visto.data.synth.reader import iter_records
+
+    texts = list(CAPTION_PROMPTS)
+    for k, record in enumerate(iter_records(world_dir, "train")):
+        if k >= images:
+            break
+        texts += record["tasks"]["captions"]
+        for q, a in record_qas(record, loc_bins):
+            texts += [q, a]
+    return texts
+
+
+__all__ = [
+    "CAPTION_PROMPTS",
+    "MIXES",
+    "Mix",
+    "conversation",
+    "get_mix",
+    "mix_source",
+    "record_qas",
+    "tokenizer_texts",
+]
