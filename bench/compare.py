@@ -2,8 +2,8 @@
 baseline family (default llava), with the machine's load beside them (a shared machine
 inflates timings; ratios between families measured in one run suffer least).
 
-    .venv/bin/python bench/compare.py --minutes 2 --eval-images 20      # a short look
-    .venv/bin/python bench/compare.py --minutes 8                         # the issue's figure
+    .venv/bin/python bench/compare.py --steps 30 --eval-images 20       # a short look
+    .venv/bin/python bench/compare.py                                     # the recipes' steps (8 min each)
     .venv/bin/python bench/compare.py --out runs/compare --json bench/out/compare.json
 
 --out reuses families already done with the same settings (visto compare is resumable);
@@ -38,18 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", default=",".join(DEFAULT_FAMILIES))
     p.add_argument("--baseline", default="llava", help="family the ratios are taken against")
-    p.add_argument("--minutes", type=float, default=2.0)
+    p.add_argument("--steps", type=int, default=None, help="steps per family (default: its recipe's)")
+    p.add_argument("--minutes", type=float, default=None, help="optional cap per family")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--data", default=None, help="an existing 128-px world")
     p.add_argument("--eval-images", type=int, default=20)
-    p.add_argument("--vision-minutes", type=float, default=2.0)
+    p.add_argument("--vision-steps", type=int, default=CompareConfig.vision_steps)
     p.add_argument("--out", type=Path, default=None, help="run directory (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write the printed figures here")
     args = p.parse_args(argv)
 
     families = [f for f in args.families.split(",") if f]
-    cfg = CompareConfig(families=families, minutes=args.minutes, n=args.n, data=args.data,
-                        eval_images=args.eval_images, vision_minutes=args.vision_minutes)  # fmt: skip
+    cfg = CompareConfig(families=families, steps=args.steps, minutes=args.minutes, n=args.n,
+                        data=args.data, eval_images=args.eval_images, vision_steps=args.vision_steps)  # fmt: skip
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="visto-bench-compare-") as tmp:
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     s = result.summaries
     base = s.get(args.baseline) or next(iter(s.values()))
     print()
-    print(f"visto compare: {', '.join(families)}; {cfg.minutes:g} min each; {os.cpu_count()} cores; "
+    steps = ", ".join(f"{f} {s[f]['steps']}" for f in families)
+    print(f"visto compare: {', '.join(families)}; steps {steps}; {os.cpu_count()} cores; "
           f"load before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}; {wall / 60:.1f} min end to end")  # fmt: skip
     print(f"ratios are family / {base['family']}")
     header = f"{'figure':<22}" + "".join(f"{f:>18}" for f in families)

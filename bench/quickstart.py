@@ -2,7 +2,7 @@
 clock of every stage and the machine's load beside it (a shared machine inflates timings).
 
     .venv/bin/python bench/quickstart.py                       # the defaults: about 20 min
-    .venv/bin/python bench/quickstart.py --minutes 6 --n 2000  # a shorter look
+    .venv/bin/python bench/quickstart.py --stage2-steps 60 --n 2000   # a shorter look
     .venv/bin/python bench/quickstart.py --json bench/out/quickstart.json
 
 Always starts fresh (a benchmark that reuses stages measures nothing) in a temporary run
@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="run directory (default: a temp dir)")
-    p.add_argument("--minutes", type=float, default=QuickstartConfig.minutes)
+    for stage in ("vision", "stage1", "stage2"):
+        p.add_argument(f"--{stage}-steps", type=int, default=getattr(QuickstartConfig, f"{stage}_steps"))
+    p.add_argument("--minutes", type=float, default=None, help="optional cap on the training stages")
     p.add_argument("--n", type=int, default=QuickstartConfig.n)
     p.add_argument("--eval-images", type=int, default=QuickstartConfig.eval_images)
     p.add_argument("--threads", type=int, default=0)
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     cfg = QuickstartConfig(minutes=args.minutes, n=args.n, eval_images=args.eval_images,
-                           threads=args.threads, seed=args.seed)  # fmt: skip
+                           threads=args.threads, seed=args.seed, vision_steps=args.vision_steps,
+                           stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps)  # fmt: skip
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="visto-bench-qs-") as tmp:
@@ -44,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         load_after = os.getloadavg()
         m = result.metrics
         print()
-        print(f"visto quickstart: {cfg.n} images, --minutes {cfg.minutes:g}, {os.cpu_count()} cores")
+        print(f"visto quickstart: {cfg.n} images, steps {cfg.vision_steps} + {cfg.stage1_steps} + "
+              f"{cfg.stage2_steps}" + ("" if cfg.minutes is None else f", --minutes {cfg.minutes:g}")
+              + f", {os.cpu_count()} cores")  # fmt: skip
         print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} "
               "(above the core count: timings are inflated)")  # fmt: skip
         print(f"{'figure':<22}{'test':>8}{'held-out':>10}{'target':>8}  met")

@@ -113,11 +113,34 @@ def test_config_rejects_bad_settings(tmp_path):
         CompareConfig(tasks=["vqa", "poetry"]).validate()
     with pytest.raises(UserError, match="minutes must be positive"):
         CompareConfig(minutes=0).validate()
+    with pytest.raises(UserError, match="--steps must be at least 1"):
+        CompareConfig(steps=0).validate()
+    with pytest.raises(UserError, match="--vision-steps must be at least 1"):
+        CompareConfig(vision_steps=0).validate()
     with pytest.raises(UserError, match="not a synthetic world"):
         CompareConfig(data=str(tmp_path)).validate()
     # clip has no compare recipe: it is not generative
     with pytest.raises(UserError, match="no compare-clip.json"):
         CompareConfig(families=["clip"]).validate()
+
+
+def test_family_budgets_are_steps_with_the_tower_credited_at_each_family_pace():
+    from visto.compare import (
+        FAMILY_REFERENCE_MINUTES,
+        VISION_STEPS_PER_REFERENCE_MINUTE,
+        family_budget,
+    )
+
+    cfg = CompareConfig(vision_steps=2 * VISION_STEPS_PER_REFERENCE_MINUTE)  # 2 reference minutes
+    assert family_budget(cfg, 400, takes_tower=True) == (400, FAMILY_REFERENCE_MINUTES)
+    # 400 steps in 8 minutes: 50 a minute, so 2 minutes of tower time are 100 more steps
+    assert family_budget(cfg, 400, takes_tower=False) == (500, FAMILY_REFERENCE_MINUTES + 2)
+    no_credit = CompareConfig(vision_steps=cfg.vision_steps, credit_vision_time=False)
+    assert family_budget(no_credit, 400, takes_tower=False) == (400, FAMILY_REFERENCE_MINUTES)
+    # --steps holds every family to one count; the credit keeps its reference pace
+    fixed = CompareConfig(steps=40, vision_steps=cfg.vision_steps)
+    assert family_budget(fixed, 400, takes_tower=True)[0] == 40
+    assert family_budget(fixed, 400, takes_tower=False)[0] == 140
 
 
 def test_every_compare_recipe_builds_its_family():
@@ -130,6 +153,9 @@ def test_every_compare_recipe_builds_its_family():
         assert recipe.model.family == family
         cfg = recipe.model.config
         assert cfg["processor"]["image_size"] == 128 and recipe.batch_size == 16
+        # A step budget (8 reference minutes), no clock: the same seed, the same model anywhere.
+        assert recipe.max_steps < 10_000 and recipe.max_minutes is None
+        assert recipe.data.mix == "instruct+caption"
         assert json.dumps(cfg)  # plain JSON settings
 
 

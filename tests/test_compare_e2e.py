@@ -10,10 +10,11 @@ pytestmark = pytest.mark.slow
 def test_compare_two_families_end_to_end(tmp_path):
     from rich.console import Console
 
-    from visto.compare import CompareConfig, run_compare
+    from visto.compare import CompareConfig, family_budget, run_compare
+    from visto.train.recipe import load_recipe
 
     cfg = CompareConfig(
-        families=["llava", "fuyu"], minutes=0.05, n=600, vision_minutes=0.05, eval_images=1,
+        families=["llava", "fuyu"], steps=2, n=600, vision_steps=10, eval_images=1,
         eval_batch=64, tasks=["vqa", "ground"], probe_images=1, probe_points=2,
         latency_prompts=1, latency_tokens=2, threads=1,
     )  # fmt: skip
@@ -29,9 +30,16 @@ def test_compare_two_families_end_to_end(tmp_path):
         assert s["visual_tokens"] == 64  # 8x8 patches of 16 px either way
         assert s["ttft_ms"] > 0 and s["steps"] >= 1
         assert s["probe_curve"] and all(0 <= p["vqa"] <= 1 for p in s["probe_curve"])
-    # The shared tower is frozen in LLaVA; Fuyu trains everything and is credited its time.
+    # The shared tower is frozen in LLaVA; Fuyu trains everything and is credited its time,
+    # as steps at its own reference pace.
     assert data["families"]["llava"]["trained_parameters"] < data["families"]["llava"]["parameters"]
+    assert data["families"]["llava"]["steps"] == 2
+    fuyu_steps, _ = family_budget(cfg, load_recipe("compare-fuyu").max_steps, takes_tower=False)
+    assert data["families"]["fuyu"]["steps"] == fuyu_steps > 2
     assert data["families"]["fuyu"]["budget_minutes"] > data["families"]["llava"]["budget_minutes"]
+    # Each family trained on the compare mix, and its checkpoint card says so.
+    card = (tmp_path / "llava" / "train" / "checkpoint" / "README.md").read_text()
+    assert '"name": "instruct+caption"' in card and '"independent_turns": true' in card
     rows = {r["key"]: r for r in data["tasks"]}
     assert set(rows["vqa.overall"]["values"]) == {"llava", "fuyu"}
     assert all("winner" in r for r in data["tasks"])

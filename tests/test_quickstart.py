@@ -8,8 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from visto.data.synth.mixes import record_qas
 from visto.data.tokenizer import parse_boxes
-from visto.quickstart import QuickstartConfig, boxes_to_loc, record_qas, run_quickstart
+from visto.errors import UserError
+from visto.quickstart import QuickstartConfig, run_quickstart
+from visto.tasks.runner import boxes_to_loc
 from visto.train.dense import CHARS, SHAPE_NAMES, record_targets
 
 
@@ -91,15 +94,37 @@ def test_json_grammar_accepts_the_worlds_answers_and_nothing_after_them():
         assert allowed.nonzero().flatten().tolist() == [tok.end_id]
 
 
+def card_section(checkpoint: Path, title: str) -> dict:
+    """A section of a checkpoint's README.md card: a JSON block, or a name | value table."""
+    body = (checkpoint / "README.md").read_text().split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    if "```json" in body:
+        return json.loads(body.split("```json\n", 1)[1].split("```", 1)[0])
+    rows = [line.strip("|").split("|") for line in body.splitlines() if line.startswith("| ")]
+    return {k.strip(): json.loads(v) for k, v in rows[1:]}
+
+
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end_and_reuses_stages(tmp_path: Path):
     cfg = QuickstartConfig(
-        minutes=0.25, n=120, size=64, workers=1, threads=1, vision_width=32, vision_layers=1,
-        decoder_width=64, decoder_layers=1, vocab_size=600, max_length=320, vision_batch=16,
-        stage1_batch=8, stage2_batch=4, eval_images=6, eval_batch=32, json_max_tokens=96,
+        vision_steps=20, stage1_steps=6, stage2_steps=4, n=120, size=64, workers=1, threads=1,
+        vision_width=32, vision_layers=1, decoder_width=64, decoder_layers=1, vocab_size=600,
+        max_length=320, vision_batch=16, stage1_batch=8, stage2_batch=4, eval_images=6,
+        eval_batch=32, json_max_tokens=96,
     )  # fmt: skip
     run = tmp_path / "qs"
     result = run_quickstart(cfg, run)
+    # The step budgets are what ran, and every stage's record says which data it read.
+    for stage, steps in (("vision", 20), ("stage1", 6), ("stage2", 4)):
+        done = json.loads((run / stage / "done.json").read_text())
+        assert (done["steps"], done["budget_steps"], done["steps_cut"]) == (steps, steps, 0), stage
+    done = json.loads((run / "stage2" / "done.json").read_text())
+    assert done["data"]["name"] == "instruct" and done["data"]["independent_turns"] is True
+    data = card_section(run / "checkpoint", "data")["mix"]
+    assert (data["name"], data["independent_turns"]) == ("instruct", True)
+    assert data["tasks"] == ["vqa", "ground", "refdesc", "ocr", "json"]
+    assert card_section(run / "stage1" / "checkpoint", "data")["mix"]["name"] == "captions"
+    report = (run / "report.md").read_text()
+    assert "training budget in steps: vision 20, stage1 6, stage2 4 (no time cap)" in report
     for name in ("config.json", "eval.json", "report.md", "metrics.jsonl", "predictions.jsonl",
                  "plots/curves.png", "plots/figures.png", "checkpoint/model.safetensors",
                  "checkpoint/tokenizer.json", "world/show.png", "vision/checkpoint/config.json",
@@ -132,3 +157,50 @@ def test_quickstart_runs_end_to_end_and_reuses_stages(tmp_path: Path):
     run_quickstart(cfg, run)
     assert (run / "stage2" / "checkpoint" / "model.safetensors").stat().st_mtime_ns == stamp
     assert json.loads((run / "eval_done.json").read_text())["settings"]["eval_images"] == 3
+
+
+@pytest.mark.slow
+def test_a_minutes_cap_that_cuts_says_how_many_steps(tmp_path: Path):
+    from rich.console import Console
+
+    cfg = QuickstartConfig(
+        vision_steps=100_000, stage1_steps=100_000, minutes=0.02, n=60, size=64, workers=1,
+        threads=1, vision_width=32, vision_layers=1, decoder_width=64, decoder_layers=1,
+        vocab_size=600, max_length=320, vision_batch=16, stage1_batch=8,
+    )  # fmt: skip
+    console = Console(record=True, width=200)
+    run_quickstart(cfg, tmp_path / "qs", console=console, until="stage1")
+    out = console.export_text()
+    for stage in ("vision", "stage1"):
+        done = json.loads((tmp_path / "qs" / stage / "done.json").read_text())
+        assert done["budget_steps"] == 100_000 and done["steps"] >= 1
+        assert done["steps_cut"] == 100_000 - done["steps"] and done["minutes_cap"] > 0
+        assert f"{stage}: the --minutes cap" in out and f"{done['steps_cut']} steps cut" in out
+    training = card_section(tmp_path / "qs" / "stage1" / "checkpoint", "training")
+    assert training["steps_cut"] == 100_000 - training["steps"]
+
+
+def test_quickstart_budgets_match_the_stage_recipes():
+    """`visto train --recipe quickstart-stageN` trains what the quickstart's stage N does."""
+    from visto.train.recipe import load_recipe
+
+    cfg = QuickstartConfig()
+    for stage, steps, batch, lr in (("stage1", cfg.stage1_steps, cfg.stage1_batch, cfg.stage1_lr),
+                                    ("stage2", cfg.stage2_steps, cfg.stage2_batch, cfg.stage2_lr)):  # fmt: skip
+        recipe = load_recipe(f"quickstart-{stage}")
+        assert (recipe.max_steps, recipe.batch_size, recipe.optim.lr) == (steps, batch, lr), stage
+        assert recipe.max_minutes is None, stage  # steps are the budget; minutes only a cap
+    assert cfg.minutes is None
+
+
+def test_bad_budgets_are_user_errors(tmp_path, capsys):
+    from visto.cli import main
+
+    with pytest.raises(UserError, match="--stage2-steps must be at least 1"):
+        QuickstartConfig(stage2_steps=0).validate()
+    with pytest.raises(UserError, match="--minutes must be positive"):
+        QuickstartConfig(minutes=0).validate()
+    assert main(["quickstart", "--out", str(tmp_path / "q"), "--vision-steps", "0"]) == 2
+    assert "--vision-steps must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["compare", "--out", str(tmp_path / "c"), "--steps", "-3"]) == 2
+    assert "--steps must be at least 1, got -3" in capsys.readouterr().err

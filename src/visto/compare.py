@@ -1,5 +1,5 @@
 """`visto compare`: every architecture family trained on the same world, for the same
-wall-clock budget, evaluated the same way, reported side by side.
+compute budget, evaluated the same way, reported side by side.
 
     OUT/world/                   the synthetic world (or --data DIR)
     OUT/vision/                  the quickstart's dense-pretrained ViT, trained once, shared
@@ -10,16 +10,20 @@ wall-clock budget, evaluated the same way, reported side by side.
     OUT/report.md, OUT/plots/accuracy_vs_time.png
 
 What is held equal (so that the architecture is what differs):
-- data: one packed multi-turn conversation per image (the quickstart's stage-2 mix: every
-  VQA, grounding, box -> description, OCR and JSON question of the image) plus one caption
-  turn, in an order drawn per epoch; the same image size and tokenizer for every family;
+- data: the mix "instruct+caption" (`visto.data.synth.mixes`, named by the recipes'
+  `data.mix`): every VQA, grounding, box -> description, OCR and JSON question of an image
+  and one caption, as independent turns of one sample; the same image size and tokenizer
+  for every family;
 - the vision tower: the quickstart's ViT, pretrained once on the world's dense labels and
   frozen in every family that has a tower (`model.config.vision_init`);
-- the budget: `--minutes` of training per family (`max_minutes`: the cosine schedule ends
-  when the clock runs out). A family that has no vision tower to take the shared one (its
-  config has no `vision_init`, e.g. Fuyu, which reads raw patches) is credited the time the
-  shared tower took to pretrain: it learns to see inside its own budget, so it gets that
-  compute back (`credit_vision_time`; reported either way);
+- the budget: the optimizer steps each family takes in FAMILY_REFERENCE_MINUTES on the
+  reference machine (2 idle cores): its recipe's `max_steps`, so a seed gives the same
+  models on any machine (`--steps` sets one count for all; `--minutes` is an optional
+  wall-clock cap per family, and a family it stops early reports the steps it cut). A
+  family that has no vision tower to take the shared one (its config has no `vision_init`,
+  e.g. Fuyu, which reads raw patches) is credited the reference minutes of the shared
+  tower's pretraining, as steps at its own reference pace: it learns to see inside its own
+  budget, so it gets that compute back (`credit_vision_time`; reported either way);
 - evaluation: the `visto eval` path (`visto.eval.evaluator_for`), greedy decoding through
   the one engine; latency on the same prompts through the same engine.
 
@@ -32,11 +36,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import shutil
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,10 @@ from visto.errors import UserError
 from visto.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 DEFAULT_FAMILIES = ("llava", "blip2", "flamingo", "fuyu", "cogvlm")
-CAPTION_PROMPTS = ["Describe this image.", "Write a caption for this image.", "What do you see in this picture?"]
+# The compare recipes' max_steps are what each family trains in this many minutes on the
+# reference machine (2 idle cores); the shared tower's dense steps (batch 64) run at this pace.
+FAMILY_REFERENCE_MINUTES = 8.0
+VISION_STEPS_PER_REFERENCE_MINUTE = 250
 
 # (eval.json name, label, higher is better) in report order; VQA types are found in the
 # metrics. Each is also reported with `heldout.` in front (unseen colour-shape pairs), and
@@ -75,18 +80,19 @@ class CompareConfig:
     """Every setting of a comparison (saved as OUT/config.json)."""
 
     families: list[str] = field(default_factory=lambda: list(DEFAULT_FAMILIES))
-    minutes: float = 8.0  # training budget per family
+    steps: int | None = None  # optimizer steps per family; None = its recipe's max_steps
+    minutes: float | None = None  # an optional wall-clock cap per family
     data: str | None = None  # an existing synthetic world; None = render one into OUT/world
     n: int = 2000  # images of a rendered world
     size: int = 128  # image side (the recipes are written for 128 px)
     seed: int = 0
-    vision_minutes: float = 2.0  # the shared ViT's dense pretraining (once, not per family)
-    credit_vision_time: bool = True  # a family without a tower gets vision_minutes more
+    vision_steps: int = 500  # the shared ViT's dense pretraining (once, not per family)
+    credit_vision_time: bool = True  # a family without a tower gets that pretraining's compute
     eval_images: int = 50  # test and held-out images for the final evaluation
     eval_batch: int = 32
     tasks: list[str] | None = None  # world tasks evaluated (None: visto eval's default, all)
     probe_images: int = 8  # test images whose VQA questions are asked at every checkpoint
-    probe_points: int = 5  # checkpoints along the budget for the accuracy-vs-time curve
+    probe_points: int = 5  # checkpoints along the budget for the accuracy-vs-training curve
     latency_prompts: int = 8  # prompts timed one at a time for TTFT and decode tokens/s
     latency_tokens: int = 16
     workers: int = 2
@@ -111,9 +117,12 @@ class CompareConfig:
             problems.append(f"unknown task(s) {unknown}; choose from {', '.join(TASK_KINDS)}")
         if len(set(self.families)) != len(self.families):
             problems.append("--families names a family twice")
-        for name in ("minutes", "vision_minutes"):
-            if getattr(self, name) <= 0:
-                problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.minutes is not None and self.minutes <= 0:
+            problems.append(f"--minutes must be positive (or left out: no cap), got {self.minutes}")
+        for name in ("steps", "vision_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         for name in ("eval_images", "probe_images", "probe_points", "latency_prompts", "latency_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -131,30 +140,6 @@ class CompareConfig:
                   "latency_tokens", "workers", "threads"):  # fmt: skip
             d.pop(k)
         return d
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def compare_samples(world_dir: Path, split: str, seed: int, epoch: int, loc_bins: int) -> Iterator[Sample]:
-    """One conversation per image: every question of the quickstart's stage-2 mix and one
-    caption, in an order drawn per (seed, epoch, image)."""
-    from visto.data.images import open_image
-    from visto.data.synth import iter_records
-    from visto.quickstart import conversation, record_qas
-
-    for record in iter_records(world_dir, split):
-        rng = random.Random(f"visto-compare/{seed}/{epoch}/{record['id']}")
-        k = rng.randrange(len(record["tasks"]["captions"]))
-        qas = record_qas(record, loc_bins) + [(CAPTION_PROMPTS[k % 3], record["tasks"]["captions"][k])]
-        rng.shuffle(qas)
-        yield conversation(open_image(world_dir / record["image"]), qas, record["id"])
-
-
-def epoch_source(world_dir: Path, seed: int, loc_bins: int) -> Any:
-    from visto.quickstart import epoch_source as quickstart_epoch_source
-
-    return quickstart_epoch_source(lambda split, epoch: compare_samples(world_dir, split, seed, epoch, loc_bins))
 
 
 # ----------------------------------------------------------------------------- tables
@@ -240,7 +225,7 @@ def markdown_tables(families: list[str], rows: list[dict[str, Any]],
         ("parameters (total)", lambda s: _count(s["parameters"])),
         ("parameters (trained)", lambda s: _count(s["trained_parameters"])),
         ("visual tokens per image", lambda s: str(s["visual_tokens"])),
-        ("training budget (min)", lambda s: _fmt(s["budget_minutes"], 2)),
+        ("training budget (reference min)", lambda s: _fmt(s["budget_minutes"], 2)),
         ("optimizer steps", lambda s: str(s["steps"])),
         ("training samples/s", lambda s: _fmt(s["samples_per_s"], 1)),
         ("time to first token (ms)", lambda s: _fmt(s["ttft_ms"], 1)),
@@ -363,26 +348,23 @@ def _stamp_matches(path: Path, settings: dict[str, Any]) -> bool:
         return False
 
 
-def step_time(model: Any, samples: list[Sample], batch_size: int) -> float:
-    """Seconds per training step (forward + backward on one batch, second of two): used only
-    to space the probe checkpoints evenly along the budget."""
-    model.train()
-    batch = model.collate(samples[:batch_size])
-    seconds = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        out = model(batch)
-        out["loss"].backward()
-        seconds.append(time.perf_counter() - t0)
-    model.zero_grad(set_to_none=True)
-    return seconds[-1]
+def family_budget(cfg: CompareConfig, recipe_steps: int, takes_tower: bool) -> tuple[int, float]:
+    """(optimizer steps, the minutes they stand for on the reference machine) of one family:
+    `cfg.steps` or its recipe's `recipe_steps` (FAMILY_REFERENCE_MINUTES there), plus, for a
+    credited family without a vision tower, the shared tower's reference minutes at the
+    family's own reference pace."""
+    steps = cfg.steps or recipe_steps
+    per_minute = recipe_steps / FAMILY_REFERENCE_MINUTES
+    if not takes_tower and cfg.credit_vision_time:
+        steps += round(per_minute * cfg.vision_steps / VISION_STEPS_PER_REFERENCE_MINUTE)
+    return steps, steps / per_minute
 
 
 def train_family(family: str, cfg: CompareConfig, out: Path, world_dir: Path, vision_ckpt: Path,
-                 vision_seconds: float, console: Any) -> dict[str, Any]:  # fmt: skip
+                 console: Any) -> dict[str, Any]:  # fmt: skip
     """Train one family for its budget (skipped when done with the same settings); returns
     the training facts (budget, steps, samples/s, checkpoints with their elapsed minutes)."""
-    from visto.checkpoint import build_from_config, load_trainer_state
+    from visto.checkpoint import load_trainer_state
     from visto.models import FAMILIES
     from visto.train.loop import train
     from visto.train.recipe import load_recipe
@@ -392,32 +374,29 @@ def train_family(family: str, cfg: CompareConfig, out: Path, world_dir: Path, vi
     stamp = out / family / "train_done.json"
     config_cls = FAMILIES[family][0]
     takes_tower = "vision_init" in {f.name for f in dataclasses.fields(config_cls)}
-    budget = cfg.minutes + (0 if takes_tower or not cfg.credit_vision_time else vision_seconds / 60)
-    settings = {**cfg.family_settings(), "family": family, "budget_minutes": round(budget, 4)}
-    if _stamp_matches(stamp, settings):
-        console.print(f"[bold]{family}[/]: reusing {run_dir} (same settings)")
-        return json.loads(stamp.read_text())["facts"]
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     overrides = [f"model.config.tokenizer_dir={json.dumps(str(vision_ckpt))}",
                  f"data.source={json.dumps(str(world_dir))}", f"seed={cfg.seed}"]  # fmt: skip
     if takes_tower:
         overrides.append(f"model.config.vision_init={json.dumps(str(vision_ckpt))}")
     recipe = load_recipe(f"compare-{family}", overrides)
-    source = epoch_source(world_dir, cfg.seed, recipe.model.config["processor"]["loc_bins"])
-    # Space the probe checkpoints by the measured step time (their writes count in the budget).
-    probe_model = build_from_config(family, recipe.model.config)
-    steps_est = 60 * budget / step_time(probe_model, list(_take(source("val"), recipe.batch_size)),
-                                        recipe.batch_size)  # fmt: skip
-    del probe_model
-    every = max(1, int(steps_est / cfg.probe_points))
-    recipe = dataclasses.replace(recipe, max_minutes=budget, checkpoint_every=every)
-    source = epoch_source(world_dir, cfg.seed, recipe.model.config["processor"]["loc_bins"])
-    console.print(f"[bold]{family}[/]: training {budget:.2f} min "
-                  f"({'shared ViT frozen' if takes_tower else 'no vision tower: learns to see from patches'}), "
-                  f"a checkpoint every {every} steps (~{steps_est:.0f} steps expected)")  # fmt: skip
+    assert recipe.max_steps is not None, f"compare-{family}.json needs max_steps"
+    steps, budget_minutes = family_budget(cfg, recipe.max_steps, takes_tower)
+    # A credited family's cap grows by its credit, as its steps do.
+    cap = None if cfg.minutes is None else cfg.minutes * steps / (cfg.steps or recipe.max_steps)
+    settings = {**cfg.family_settings(), "family": family, "budget_steps": steps}
+    if _stamp_matches(stamp, settings):
+        console.print(f"[bold]{family}[/]: reusing {run_dir} (same settings)")
+        return json.loads(stamp.read_text())["facts"]
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    every = max(1, steps // cfg.probe_points)
+    recipe = dataclasses.replace(recipe, max_steps=steps, max_minutes=cap, checkpoint_every=every)
+    console.print(f"[bold]{family}[/]: training {steps} steps (~{budget_minutes:.1f} min on the reference "
+                  f"machine{'' if cap is None else f', capped at {cap:.1f} min'}; "
+                  f"{'shared ViT frozen' if takes_tower else 'no vision tower: learns to see from patches'}), "
+                  f"mix {recipe.data.mix!r}, a checkpoint every {every} steps")  # fmt: skip
     t0 = time.perf_counter()
-    result = train(recipe, run_dir, source=source, console=console)
+    result = train(recipe, run_dir, console=console)
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == "train"]
     last = rows[-1]["elapsed_s"] if rows else math.nan
     checkpoints = []
@@ -429,8 +408,12 @@ def train_family(family: str, cfg: CompareConfig, out: Path, world_dir: Path, vi
         checkpoints.append({"step": result.step, "path": str(final),
                             "minutes": load_trainer_state(final)["elapsed_s"] / 60})  # fmt: skip
     total, trained = parameter_counts(result.model, recipe.optim.module_lrs, recipe.optim.lr)
+    if result.steps_cut:
+        console.print(f"[bold yellow]{family}[/]: the --minutes cap stopped it at step {result.step} "
+                      f"of {steps}: {result.steps_cut} steps cut")  # fmt: skip
     facts = {
-        "budget_minutes": budget, "takes_shared_vision": takes_tower, "steps": result.step,
+        "budget_minutes": budget_minutes, "budget_steps": steps, "steps_cut": result.steps_cut,
+        "takes_shared_vision": takes_tower, "steps": result.step,
         "batch_size": recipe.batch_size, "train_seconds": last,
         "samples_per_s": training_rate(rows, recipe.batch_size),
         "parameters": total, "trained_parameters": trained, "checkpoints": checkpoints,
@@ -453,13 +436,6 @@ def training_rate(rows: list[dict[str, Any]], batch_size: int) -> float:
             samples += n
             seconds += n / r["samples_per_s"]
     return samples / seconds if seconds else math.nan
-
-
-def _take(it: Iterator[Sample], n: int) -> Iterator[Sample]:
-    for k, s in enumerate(it):
-        if k >= n:
-            return
-        yield s
 
 
 def evaluate_family(family: str, cfg: CompareConfig, out: Path, world_dir: Path,
@@ -531,8 +507,7 @@ def shared_vision(cfg: CompareConfig, out: Path, console: Any) -> tuple[Path, Pa
     from visto.quickstart import QuickstartConfig, run_data, run_vision
 
     qcfg = QuickstartConfig(n=cfg.n, size=cfg.size, seed=cfg.seed, workers=cfg.workers,
-                            threads=cfg.threads)  # fmt: skip
-    qcfg.minutes = cfg.vision_minutes / qcfg.vision_share  # the vision stage gets vision_minutes
+                            threads=cfg.threads, vision_steps=cfg.vision_steps)  # fmt: skip
     qcfg.validate()
     if cfg.data is not None:
         world_dir = Path(cfg.data)
@@ -546,6 +521,15 @@ def shared_vision(cfg: CompareConfig, out: Path, console: Any) -> tuple[Path, Pa
     vision = run_vision(qcfg, out, world_dir, console, fresh=False)
     seconds = json.loads((out / "vision" / "done.json").read_text())["seconds"]
     return world_dir, vision, float(seconds)
+
+
+def budget_sentence(cfg: CompareConfig) -> str:
+    """How long every family trained, in steps, for the report."""
+    steps = (f"{cfg.steps} optimizer steps" if cfg.steps is not None else
+             f"the optimizer steps it takes in {FAMILY_REFERENCE_MINUTES:g} minutes on the reference "
+             "machine (2 idle cores; its recipe's max_steps, in the table below)")  # fmt: skip
+    cap = "" if cfg.minutes is None else f", capped at {cfg.minutes:g} min"
+    return f"Every family trained for {steps}{cap}"
 
 
 def write_compare_report(cfg: CompareConfig, out: Path, summaries: dict[str, dict[str, Any]],
@@ -565,13 +549,13 @@ def write_compare_report(cfg: CompareConfig, out: Path, summaries: dict[str, dic
     credited = [f for f, s in summaries.items() if not s["takes_shared_vision"]]
     lines = [
         "# visto compare", "",
-        f"Every family trained for {cfg.minutes:g} min on the same synthetic world "
-        f"({cfg.data or f'{cfg.n} images rendered'}, {cfg.size} px, seed {cfg.seed}): one packed "
-        "conversation per image (VQA, grounding, box -> description, OCR, JSON, a caption), "
+        budget_sentence(cfg) + " on the same synthetic world "
+        f"({cfg.data or f'{cfg.n} images rendered'}, {cfg.size} px, seed {cfg.seed}): the mix "
+        "instruct+caption (every question of an image and a caption, as independent turns), "
         "batch 16, the same tokenizer. The families with a vision tower share the quickstart's "
-        f"dense-pretrained ViT ({vision_seconds / 60:.1f} min, frozen). "
+        f"dense-pretrained ViT ({cfg.vision_steps} steps, {vision_seconds / 60:.1f} min here, frozen). "
         + (f"{', '.join(credited)} has no vision tower and "
-           + ("was credited those minutes on top of its budget." if cfg.credit_vision_time
+           + ("was credited that pretraining's reference minutes as steps." if cfg.credit_vision_time
               else "was not credited them.") if credited else ""),
         f"Evaluation: `visto eval` (greedy) on the first {cfg.eval_images} test and held-out images; "
         "beside each figure its blind twin (`<family> blind`: the same questions with every image "
@@ -613,13 +597,15 @@ def run_compare(cfg: CompareConfig, out: str | Path, console: Any = None) -> Com
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(pick_threads(cfg.threads))
-    console.print(f"[bold]compare[/]: {', '.join(cfg.families)}, {cfg.minutes:g} min each, into {out}; "
+    each = f"{cfg.steps} steps" if cfg.steps is not None else "its recipe's steps"
+    cap = "" if cfg.minutes is None else f" (capped at {cfg.minutes:g} min)"
+    console.print(f"[bold]compare[/]: {', '.join(cfg.families)}, {each} each{cap}, into {out}; "
                   f"{torch.get_num_threads()} torch thread(s), {machine_load()}")  # fmt: skip
     atomic_write_json(out / "config.json", asdict(cfg))
     world_dir, vision_ckpt, vision_seconds = shared_vision(cfg, out, console)
     summaries = {}
     for family in cfg.families:
-        facts = train_family(family, cfg, out, world_dir, vision_ckpt, vision_seconds, console)
+        facts = train_family(family, cfg, out, world_dir, vision_ckpt, console)
         summaries[family] = evaluate_family(family, cfg, out, world_dir, facts, console)
         m = summaries[family]["metrics"]
         console.print(f"[bold]{family}[/]: VQA {m.get('vqa.overall', math.nan):.3f}, "
@@ -630,7 +616,7 @@ def run_compare(cfg: CompareConfig, out: str | Path, console: Any = None) -> Com
 
 
 __all__ = [
-    "CompareConfig", "CompareResult", "compare_samples", "markdown_tables", "parameter_counts",
+    "CompareConfig", "CompareResult", "family_budget", "markdown_tables", "parameter_counts",
     "plot_accuracy_vs_time", "run_compare", "task_rows", "visual_tokens", "winner",
     "write_compare_report",
 ]  # fmt: skip

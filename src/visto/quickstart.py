@@ -7,8 +7,8 @@ every stage whose settings did not change (and `--fresh` redoes them all):
     RUN/config.json        the resolved QuickstartConfig
     RUN/world/             the synthetic world (data step)
     RUN/vision/            dense pretraining of the ViT (metrics.jsonl, checkpoint/)
-    RUN/stage1/            LLaVA stage 1 (a `visto.train` run: captions)
-    RUN/stage2/            LLaVA stage 2 (a `visto.train` run: packed instruction conversations)
+    RUN/stage1/            LLaVA stage 1 (a `visto.train` run of recipe quickstart-stage1: mix "captions")
+    RUN/stage2/            LLaVA stage 2 (a `visto.train` run of recipe quickstart-stage2: mix "instruct")
     RUN/checkpoint/        the final model (a copy of stage2/checkpoint)
     RUN/eval.json          flat figures, test split and `heldout.` split
     RUN/predictions.jsonl  every question asked at evaluation, with the answer and its score
@@ -18,8 +18,11 @@ every stage whose settings did not change (and `--fresh` redoes them all):
 Where the CPU budget goes (DESIGN.md "What the compute budget buys"):
 - The vision tower learns from dense per-patch labels (`visto.train.dense`), not from the LM
   loss: one image gives ~64 labelled patches instead of one answer.
-- Stage 2 packs every question of an image into one multi-turn conversation, so one vision
-  forward and one decoder pass supervise ~20 answers (the `chat` idea, taken all the way).
+- Stage 2 packs every question of an image into one sample with independent turns
+  (shared-prefix packing, `visto.data.synth.mixes`), so one vision forward and one decoder
+  pass supervise ~20 answers, none of which can read another.
+- Budgets are optimizer steps, so a seed gives the same model on any machine; `minutes` is an
+  optional cap, and a stage it stops early records how many of its steps it cut.
 - Boxes are 4 location tokens (Pix2Seq) instead of ~12 digit and comma tokens.
 - Torch threads: on a machine already busier than its cores, one thread per process beats
   two (measured: 2.5 s vs 8 s per ViT step at load 10 on 2 cores), so `threads=0` picks that.
@@ -30,17 +33,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from visto.data.sample import Sample
 from visto.errors import UserError
-from visto.tasks.runner import boxes_to_loc
 from visto.utils.io import atomic_directory, atomic_write_json, atomic_write_text
 
 STAGES = ("data", "vision", "stage1", "stage2", "eval")
@@ -50,13 +50,20 @@ STAGES = ("data", "vision", "stage1", "stage2", "eval")
 class QuickstartConfig:
     """Every setting of a quickstart run (saved as RUN/config.json)."""
 
-    minutes: float = 18.0  # training budget for the three training stages together
+    # Training budgets in optimizer steps, so that a seed gives the same model on any machine.
+    # The reference machine (2 idle cores) takes about 4, 1.5 and 10 minutes for them.
+    vision_steps: int = 1000
+    stage1_steps: int = 80
+    stage2_steps: int = 200
+    # An optional wall-clock cap on the three training stages together, split by the shares
+    # below; a stage it stops early says how many of its steps it cut. None = no cap.
+    minutes: float | None = None
     n: int = 5000  # images in the world
     size: int = 128  # image side in pixels
     seed: int = 0
     workers: int = 2  # rendering processes
     threads: int = 0  # torch threads; 0 = 1 when the machine is already busy, else all cores
-    # Shares of `minutes` for the training stages (the rest covers data, eval and overhead).
+    # Shares of the `minutes` cap for the training stages (the rest covers data and eval).
     vision_share: float = 0.25
     stage1_share: float = 0.08
     stage2_share: float = 0.55
@@ -87,8 +94,11 @@ class QuickstartConfig:
 
     def validate(self) -> QuickstartConfig:
         problems = []
-        if self.minutes <= 0:
-            problems.append(f"--minutes must be positive, got {self.minutes}")
+        if self.minutes is not None and self.minutes <= 0:
+            problems.append(f"--minutes must be positive (or left out: no cap), got {self.minutes}")
+        for name in ("vision_steps", "stage1_steps", "stage2_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.size % self.patch_size:
             problems.append(f"--size {self.size} must be a multiple of patch_size {self.patch_size}")
         from visto.nn.vision import STEMS
@@ -111,8 +121,8 @@ class QuickstartConfig:
         data_keys = ("n", "size", "seed")
         keys = {
             "data": data_keys,
-            "vision": data_keys + ("minutes", "vision_share", "patch_size", "vision_stem", "vision_width",
-                                   "vision_layers", "vision_batch", "vision_lr"),
+            "vision": data_keys + ("vision_steps", "minutes", "vision_share", "patch_size", "vision_stem",
+                                   "vision_width", "vision_layers", "vision_batch", "vision_lr"),
         }  # fmt: skip
         if stage in keys:
             return {k: d[k] for k in keys[stage]}
@@ -122,6 +132,11 @@ class QuickstartConfig:
             for k in ("eval_images", "eval_batch", "constrain_json", "json_max_tokens"):
                 d.pop(k)
         return d
+
+    def stage_cap(self, stage: str) -> float | None:
+        """The wall-clock cap (minutes) of a training stage: its share of `minutes`, or None."""
+        share = {"vision": self.vision_share, "stage1": self.stage1_share, "stage2": self.stage2_share}
+        return None if self.minutes is None else self.minutes * share[stage]
 
 
 def pick_threads(requested: int) -> int:
@@ -141,68 +156,6 @@ def machine_load() -> str:
         return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     except OSError:
         return "load average unknown"
-
-
-# ----------------------------------------------------------------------------- samples
-
-
-def record_qas(record: dict, loc_bins: int) -> list[tuple[str, str]]:
-    """Every question of one image (VQA, grounding, box -> description, OCR, JSON) with its
-    answer; boxes outside JSON as location tokens (JSON keeps its plain int lists)."""
-    t = record["tasks"]
-    qas = [(qa["q"], qa["a"]) for qa in t["vqa"]]
-    qas += [(g["q"], boxes_to_loc(g["a"], loc_bins)) for g in t["ground"]]
-    qas += [(boxes_to_loc(r["q"], loc_bins), r["a"]) for r in t["refdesc"]]
-    if t["ocr"] is not None:
-        qas.append((t["ocr"]["q"], t["ocr"]["a"]))
-    qas.append((t["json"]["q"], t["json"]["a"]))
-    return qas
-
-
-def conversation(image: Any, qas: list[tuple[str, str]], sample_id: str) -> Sample:
-    turns: list[Turn] = []
-    for j, (q, a) in enumerate(qas):
-        turns.append(Turn("user", f"{IMAGE_PLACEHOLDER}\n{q}" if j == 0 else q))
-        turns.append(Turn("assistant", a))
-    return Sample(id=sample_id, images=[image], turns=turns, source="synth")
-
-
-def packed_samples(world_dir: Path, split: str, seed: int, epoch: int, loc_bins: int) -> Iterator[Sample]:
-    """One conversation per image holding all its questions, in an order drawn per epoch."""
-    from visto.data.images import open_image
-    from visto.data.synth import iter_records
-
-    for record in iter_records(world_dir, split):
-        rng = random.Random(f"visto-quickstart/{seed}/{epoch}/{record['id']}")
-        qas = record_qas(record, loc_bins)
-        rng.shuffle(qas)
-        yield conversation(open_image(world_dir / record["image"]), qas, record["id"])
-
-
-def caption_samples(world_dir: Path, split: str, seed: int, epoch: int) -> Iterator[Sample]:
-    """One caption conversation per image (a different phrasing each epoch)."""
-    from visto.data.images import open_image
-    from visto.data.synth import iter_records
-
-    prompts = ["Describe this image.", "Write a caption for this image.", "What do you see in this picture?"]
-    for record in iter_records(world_dir, split):
-        rng = random.Random(f"visto-quickstart-caption/{seed}/{epoch}/{record['id']}")
-        k = rng.randrange(len(record["tasks"]["captions"]))
-        qas = [(prompts[k % len(prompts)], record["tasks"]["captions"][k])]
-        yield conversation(open_image(world_dir / record["image"]), qas, record["id"])
-
-
-def epoch_source(make: Callable[[str, int], Iterator[Sample]]) -> Callable[[str], Iterator[Sample]]:
-    """A training source (role -> samples) whose every call on "train" is the next epoch."""
-    calls = {"train": 0, "val": 0}
-    splits = {"train": "train", "val": "val"}
-
-    def source(role: str) -> Iterator[Sample]:
-        epoch = calls[role]
-        calls[role] += 1
-        return make(splits[role], epoch)
-
-    return source
 
 
 # ----------------------------------------------------------------------------- stage bookkeeping
@@ -304,17 +257,9 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
 def build_processor(cfg: QuickstartConfig, world_dir: Path) -> Any:
     """A tokenizer trained on the texts the model will read and write (loc tokens included)."""
     from visto.data.processor import Processor, ProcessorConfig
-    from visto.data.synth import iter_records
+    from visto.data.synth.mixes import tokenizer_texts
 
-    texts: list[str] = []
-    prompts = ["Describe this image.", "Write a caption for this image.", "What do you see in this picture?"]
-    texts += prompts
-    for k, record in enumerate(iter_records(world_dir, "train")):
-        if k >= 1500:
-            break
-        texts += record["tasks"]["captions"]
-        for q, a in record_qas(record, cfg.loc_bins):
-            texts += [q, a]
+    texts = tokenizer_texts(world_dir, cfg.loc_bins)
     pcfg = ProcessorConfig(
         image_size=cfg.size, resize_mode="resize", image_tokens=1, image_delimiters=False,
         vocab_size=cfg.vocab_size, loc_bins=cfg.loc_bins,
@@ -345,10 +290,11 @@ def run_vision(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, console: A
     tokenizer = build_processor(cfg, world_dir)
     config = llava_config(cfg, tokenizer.vocab_size)
     grid = cfg.size // cfg.patch_size
-    minutes = cfg.minutes * cfg.vision_share
+    cap = cfg.stage_cap("vision")
     console.print(
         f"[bold]vision[/]: dense pretraining of the ViT ({grid}x{grid} patches: shape, colour, "
-        f"size, centre + box, characters) for {minutes:.1f} min"
+        f"size, centre + box, characters), {cfg.vision_steps} steps at batch {cfg.vision_batch}"
+        + (f", capped at {cap:.1f} min" if cap is not None else "")
     )
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn())  # fmt: skip
@@ -364,29 +310,33 @@ def run_vision(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, console: A
         bar = progress.add_task("vision tower", total=1.0, info="")
 
         def on_step(step: int, fraction: float, loss: float) -> None:
-            progress.update(bar, completed=fraction, info=f"step {step} loss {loss:.3f}")
+            done = max(fraction, step / cfg.vision_steps)
+            progress.update(bar, completed=done, info=f"step {step} loss {loss:.3f}")
 
-        # Reading the split counts against the stage's budget (~80 s for 4000 images on a
-        # busy machine): the stage ends on time, whatever the disk and decoder cost.
-        left = max(0.1, minutes - (time.perf_counter() - t0) / 60)
+        # Reading the split counts against a cap (~80 s for 4000 images on a busy machine):
+        # a capped stage ends on time, whatever the disk and decoder cost.
+        left = math.inf if cap is None else max(0.1, cap - (time.perf_counter() - t0) / 60)
         result = pretrain_dense(
-            config.vision, train, val, minutes=left, batch_size=cfg.vision_batch,
-            lr=cfg.vision_lr, seed=cfg.seed, log=rows.append, on_step=on_step,
+            config.vision, train, val, minutes=left, max_steps=cfg.vision_steps,
+            batch_size=cfg.vision_batch, lr=cfg.vision_lr, seed=cfg.seed, log=rows.append,
+            on_step=on_step,
         )  # fmt: skip
     atomic_write_text(stage_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     torch.manual_seed(cfg.seed)
     model = Llava(config)
     model.vision_tower.load_state_dict(result.vit.state_dict())
     model.processor = Processor(config.processor, tokenizer)
-    card = {"data": str(world_dir), "training": {"stage": "dense vision pretraining",
-            "steps": result.steps, "minutes": round(result.seconds / 60, 2)},
+    budget = step_budget(result.steps, cfg.vision_steps, cap)
+    card = {"data": str(world_dir), "training": {"stage": "dense vision pretraining", **budget,
+            "batch_size": cfg.vision_batch, "minutes": round(result.seconds / 60, 2)},
             "metrics": result.val}  # fmt: skip
     save_checkpoint(model, stage_dir / "checkpoint", card=card)
     from visto.train.report import write_report
 
     write_report(stage_dir, {"name": "quickstart-vision", "description": "dense ViT pretraining"},
-                 {"steps": result.steps, "minutes": round(result.seconds / 60, 2)})  # fmt: skip
-    mark_done(stage_dir, settings, time.perf_counter() - t0, {"steps": result.steps, "val": result.val})
+                 {**budget, "minutes": round(result.seconds / 60, 2)})  # fmt: skip
+    mark_done(stage_dir, settings, time.perf_counter() - t0, {**budget, "val": result.val})
+    print_cut(console, "vision", budget)
     console.print(
         f"[bold]vision[/]: {result.steps} steps; val patch accuracy shape "
         f"{result.val.get('shape_acc', math.nan):.3f}, colour {result.val.get('colour_acc', math.nan):.3f}, "
@@ -399,7 +349,10 @@ def run_llava_stage(
     stage: str, cfg: QuickstartConfig, run_dir: Path, world_dir: Path, init: Path,
     console: Any, fresh: bool,
 ) -> Path:  # fmt: skip
-    """LLaVA stage 1 (captions) or 2 (packed instruction conversations) through visto.train."""
+    """LLaVA stage 1 or 2 through visto.train: the recipe quickstart-<stage> names its
+    training mix (data.mix), so `visto train --recipe quickstart-<stage>` builds the same
+    batches."""
+    from visto.data.synth.mixes import get_mix
     from visto.train.loop import train
     from visto.train.recipe import load_recipe
 
@@ -410,33 +363,61 @@ def run_llava_stage(
         return stage_dir / "checkpoint"
     if stage_dir.exists():
         shutil.rmtree(stage_dir)
-    share = cfg.stage1_share if stage == "stage1" else cfg.stage2_share
+    steps = cfg.stage1_steps if stage == "stage1" else cfg.stage2_steps
     batch = cfg.stage1_batch if stage == "stage1" else cfg.stage2_batch
     lr = cfg.stage1_lr if stage == "stage1" else cfg.stage2_lr
+    cap = cfg.stage_cap(stage)
     recipe = load_recipe(
         f"quickstart-{stage}",
         [
             f"model.init_from={json.dumps(str(init))}",
             f"data.source={json.dumps(str(world_dir))}",
-            f"max_minutes={cfg.minutes * share}",
+            f"max_steps={steps}",
+            f"max_minutes={json.dumps(cap)}",
             f"batch_size={batch}",
             f"optim.lr={lr}",
             f"seed={cfg.seed}",
         ],
     )
-    if stage == "stage1":
-        source = epoch_source(lambda split, epoch: caption_samples(world_dir, split, cfg.seed, epoch))
-        what = "captions"
-    else:
-        source = epoch_source(
-            lambda split, epoch: packed_samples(world_dir, split, cfg.seed, epoch, cfg.loc_bins)
-        )
-        what = "one packed conversation per image (VQA, boxes, OCR, JSON)"
-    console.print(f"[bold]{stage}[/]: {what}, {recipe.max_minutes:.1f} min, batch {batch}")
+    mix = get_mix(recipe.data.mix)
+    console.print(f"[bold]{stage}[/]: mix {mix.name!r} ({mix.description}), {steps} steps at batch {batch}"
+                  + (f", capped at {cap:.1f} min" if cap is not None else ""))  # fmt: skip
     t0 = time.perf_counter()
-    result = train(recipe, stage_dir, source=source, console=console)
-    mark_done(stage_dir, settings, time.perf_counter() - t0, {"steps": result.step})
+    result = train(recipe, stage_dir, console=console)
+    budget = step_budget(result.step, steps, cap)
+    mark_done(stage_dir, settings, time.perf_counter() - t0, {**budget, "data": mix.card()})
+    print_cut(console, stage, budget)
     return stage_dir / "checkpoint"
+
+
+def step_budget(steps: int, budget: int, cap: float | None) -> dict[str, Any]:
+    """What a stage's done.json and card record of its budget: the steps reached, the step
+    budget, and the steps the `minutes` cap cut from it."""
+    return {"steps": steps, "budget_steps": budget, "minutes_cap": cap, "steps_cut": budget - steps}
+
+
+def budget_sentence(cfg: QuickstartConfig, run_dir: Path) -> str:
+    """The training budget in steps as the stages reached it, for the run's report."""
+    parts = []
+    for stage, budget in (("vision", cfg.vision_steps), ("stage1", cfg.stage1_steps), ("stage2", cfg.stage2_steps)):
+        try:
+            done = json.loads((run_dir / stage / "done.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            done = {}
+        cut = done.get("steps_cut", 0)
+        reached = f"{done['steps']} of {budget} (cut by the --minutes cap)" if cut > 0 else f"{budget}"
+        parts.append(f"{stage} {reached}")
+    cap = "no time cap" if cfg.minutes is None else f"capped at {cfg.minutes:g} min"
+    return "training budget in steps: " + ", ".join(parts) + f" ({cap})"
+
+
+def print_cut(console: Any, stage: str, budget: dict[str, Any]) -> None:
+    if budget["steps_cut"] > 0:
+        console.print(
+            f"[bold yellow]{stage}[/]: the --minutes cap ({budget['minutes_cap']:.1f} min for this "
+            f"stage) stopped it at step {budget['steps']} of {budget['budget_steps']}: "
+            f"{budget['steps_cut']} steps cut, so the model differs from the step budget's"
+        )
 
 
 # The blind twin of every figure: each test (held-out) image swapped for another test
@@ -656,7 +637,7 @@ def write_run_report(cfg: QuickstartConfig, run_dir: Path, metrics: dict[str, fl
     seconds = stage_seconds(run_dir)
     lines = ["# visto quickstart", "",
              f"Synthetic world of {cfg.n} images ({cfg.size} px), seed {cfg.seed}; "
-             f"training budget {cfg.minutes:g} min; {machine_load()} when the report was written.",
+             f"{budget_sentence(cfg, run_dir)}; {machine_load()} when the report was written.",
              "", "## Figures", ""]  # fmt: skip
     lines += headline_table(cfg, metrics)
     lines += ["", "Every figure (also in `eval.json`; blind and gain as `blind.<name>`, "
@@ -743,11 +724,7 @@ __all__ = [
     "HEADLINE",
     "QuickstartConfig",
     "QuickstartResult",
-    "boxes_to_loc",
-    "caption_samples",
-    "packed_samples",
     "pick_threads",
-    "record_qas",
     "run_quickstart",
     "write_run_report",
 ]

@@ -10,15 +10,19 @@ from visto.commands._common import add_command
 ORDER = 45
 
 DESCRIPTION = """\
-Train every architecture family on the same synthetic world for the same wall-clock
+Train every architecture family on the same synthetic world for the same compute
 budget, evaluate each through `visto eval`, and report them side by side.
 
-Held equal: the data (one packed conversation per image: VQA, grounding, box ->
-description, OCR, JSON and a caption), the image size and tokenizer, batch 16, the
-minutes of training, and the vision tower (the quickstart's dense-pretrained ViT,
-trained once and frozen in every family that has one). A family without a vision tower
-(Fuyu reads raw patches) is credited the tower's pretraining minutes (--no-credit to
-give it only --minutes).
+Held equal: the data (the mix "instruct+caption": every VQA, grounding, box ->
+description, OCR and JSON question of an image and a caption, as independent turns of
+one sample), the image size and tokenizer, batch 16, the compute, and the vision tower
+(the quickstart's dense-pretrained ViT, trained once and frozen in every family that has
+one). The compute is a step budget per family: the steps that family takes in 8 minutes
+on the reference machine (2 idle cores; its recipe compare-<family> holds the number), so
+the same seed gives the same models on any machine. A family without a vision tower (Fuyu
+reads raw patches) is credited the shared tower's pretraining time as steps at its own
+pace (--no-credit: not). --steps sets one count for every family; --minutes caps each
+family's training time, and a family it stops early says how many steps it cut.
 
 Writes into OUT (default runs/compare):
   world/ vision/                       the world and the shared vision tower
@@ -32,8 +36,8 @@ Writes into OUT (default runs/compare):
 A family already done with the same settings is reused: re-running adds what is missing.
 
 Examples:
-  visto compare --minutes 8
-  visto compare --families llava,fuyu --minutes 2 --n 800 --eval-images 20
+  visto compare
+  visto compare --families llava,fuyu --steps 40 --n 800 --eval-images 20
   visto compare --data runs/world --minutes 4 --out runs/compare-4min
 """
 
@@ -42,7 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "compare", "train every family at one budget and compare them", DESCRIPTION)
     p.add_argument("--families", default="llava,blip2,flamingo,fuyu,cogvlm",
                    help="comma-separated families (default: llava,blip2,flamingo,fuyu,cogvlm)")  # fmt: skip
-    p.add_argument("--minutes", type=float, default=8.0, help="training minutes per family (default 8)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per family (default: its recipe's, 8 minutes on the "
+                        "reference machine)")  # fmt: skip
+    p.add_argument("--minutes", type=float, default=None,
+                   help="optional cap on each family's training minutes (default: none)")  # fmt: skip
     p.add_argument("--data", metavar="DIR", help="an existing 128-px synthetic world (default: render one)")
     p.add_argument("--n", type=int, default=2000, help="images of the rendered world (default 2000)")
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory")
@@ -50,10 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="test and held-out images evaluated per family (default 50)")  # fmt: skip
     p.add_argument("--tasks", nargs="+", metavar="TASK",
                    help="world tasks to evaluate (default: all of visto eval's)")  # fmt: skip
-    p.add_argument("--vision-minutes", type=float, default=2.0,
-                   help="dense pretraining of the shared ViT, once (default 2)")  # fmt: skip
+    p.add_argument("--vision-steps", type=int, default=500,
+                   help="dense pretraining steps of the shared ViT, once (default 500: ~2 min "
+                        "on the reference machine)")  # fmt: skip
     p.add_argument("--no-credit", action="store_true",
-                   help="do not give tower-less families the tower's pretraining minutes")  # fmt: skip
+                   help="do not give tower-less families the tower's pretraining time as steps")  # fmt: skip
     p.add_argument("--probe-images", type=int, default=8,
                    help="test images whose VQA questions draw the accuracy-vs-time curve (default 8)")  # fmt: skip
     p.add_argument("--probe-points", type=int, default=5, help="checkpoints on that curve (default 5)")
@@ -68,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from visto.compare import CompareConfig, run_compare
 
     cfg = CompareConfig(
-        families=[f.strip() for f in args.families.split(",") if f.strip()], minutes=args.minutes,
-        data=args.data, n=args.n, seed=args.seed, vision_minutes=args.vision_minutes,
+        families=[f.strip() for f in args.families.split(",") if f.strip()], steps=args.steps,
+        minutes=args.minutes, data=args.data, n=args.n, seed=args.seed, vision_steps=args.vision_steps,
         credit_vision_time=not args.no_credit, eval_images=args.eval_images, tasks=args.tasks,
         probe_images=args.probe_images, probe_points=args.probe_points, threads=args.threads,
     )  # fmt: skip

@@ -10,25 +10,34 @@ from visto.commands._common import add_command
 ORDER = 10
 
 DESCRIPTION = """\
-Train and evaluate a small vision-language model from nothing, offline, on a CPU
-(about 20 minutes on 2 idle cores with the defaults).
+Train and evaluate a small vision-language model from nothing, offline, on a CPU.
+
+The training budget is a number of optimizer steps per stage, so the same seed gives the
+same model on any machine; the defaults (1,000 + 80 + 200 steps) take about 20 minutes
+end to end on the reference machine (2 idle cores), longer on a slower or busier one.
+--minutes caps the training time instead: a stage it stops early prints (and records in
+its done.json) how many of its steps were cut, and its model differs from the default's.
 
 Stages (each writes a folder in RUN and is skipped on a re-run when its settings are
 unchanged; --fresh redoes everything):
   1. data     render the synthetic world: RUN/world (+ RUN/world/show.png, look at it)
   2. vision   pretrain the ViT on the world's dense labels (per-patch shape, colour,
               size, object centres and boxes, characters of the texts): RUN/vision
-  3. stage1   LLaVA stage 1: captions, vision tower frozen: RUN/stage1
-  4. stage2   LLaVA stage 2: every question of an image packed into one multi-turn
-              conversation (VQA, counting, grounding with box tokens, OCR, JSON): RUN/stage2
+  3. stage1   LLaVA stage 1 (recipe quickstart-stage1, mix "captions"), vision tower
+              frozen: RUN/stage1
+  4. stage2   LLaVA stage 2 (recipe quickstart-stage2, mix "instruct"): every question of
+              an image (VQA, counting, grounding with box tokens, OCR, JSON) in one sample
+              as independent turns, none of which can see another: RUN/stage2
   5. eval     test split and held-out colour-shape pairs: RUN/eval.json, RUN/report.md
 
 The final model is RUN/checkpoint (open it with visto.load).
 
 Examples:
   visto quickstart
-  visto quickstart --out runs/qs --minutes 10
-  visto quickstart --minutes 2 --n 600 --eval-images 20     a smoke run in a few minutes
+  visto quickstart --out runs/qs --stage2-steps 400        a longer stage 2
+  visto quickstart --vision-steps 100 --stage1-steps 20 --stage2-steps 20 --n 600
+                                                            a smoke run in a few minutes
+  visto quickstart --minutes 10                             at most 10 training minutes
   visto quickstart --until data                             only render the world
 """
 
@@ -37,8 +46,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "quickstart", "the whole pipeline on the synthetic world", DESCRIPTION)
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"),
                    help="run directory (default runs/quickstart)")  # fmt: skip
-    p.add_argument("--minutes", type=float, default=18.0,
-                   help="training budget of the three training stages together (default 18)")  # fmt: skip
+    p.add_argument("--vision-steps", type=int, default=None, metavar="N",
+                   help="steps of the vision stage (default 1000: ~4 min on the reference machine)")  # fmt: skip
+    p.add_argument("--stage1-steps", type=int, default=None, metavar="N",
+                   help="steps of LLaVA stage 1 (default 80: ~1.5 min on the reference machine)")  # fmt: skip
+    p.add_argument("--stage2-steps", type=int, default=None, metavar="N",
+                   help="steps of LLaVA stage 2 (default 200: ~10 min on the reference machine)")  # fmt: skip
+    p.add_argument("--minutes", type=float, default=None,
+                   help="optional cap on the three training stages together (split 25%% vision, "
+                        "8%% stage 1, 55%% stage 2); a stage it stops early says how many steps "
+                        "it cut (default: no cap, the step budgets alone)")  # fmt: skip
     p.add_argument("--n", type=int, default=5000, help="images in the world (default 5000)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -52,10 +69,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "transformers/vLLM) or 'conv' (3x3 stride-2 convs: learns shapes faster "
                         "from scratch, no transformers export; default conv, bench/dense_stem.py)")  # fmt: skip
     p.add_argument("--vision-batch", type=int, default=None, metavar="N",
-                   help="images per step of the vision stage (default 64). Smaller batches "
-                        "take more steps in the same minutes: on a 20,000-image world, 4 "
-                        "minutes at 16 end with val patch shape 0.965 against 0.862 at 64 "
-                        "(bench/clip_figures.py --dense-batch)")  # fmt: skip
+                   help="images per step of the vision stage (default 64). A step at 16 costs "
+                        "about a quarter of one at 64, so --vision-batch 16 --vision-steps 4000 "
+                        "takes the default's time: on a 20,000-image world that gave val patch "
+                        "shape 0.965 against 0.862 (bench/clip_figures.py --dense-batch)")  # fmt: skip
     p.add_argument("--until", choices=["data", "vision", "stage1", "stage2", "eval"],
                    default="eval", help="stop after this stage (default: run them all)")  # fmt: skip
     p.add_argument("--fresh", action="store_true", help="redo every stage, even unchanged ones")
@@ -72,9 +89,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     if args.threads < 0:
         raise UserError(f"--threads must be 0 (automatic) or more, got {args.threads}")
+    steps = {name: value for name in ("vision_steps", "stage1_steps", "stage2_steps")
+             if (value := getattr(args, name)) is not None}  # fmt: skip
     cfg = QuickstartConfig(
         minutes=args.minutes, n=args.n, size=args.size, seed=args.seed, workers=args.workers,
-        threads=args.threads, eval_images=args.eval_images,
+        threads=args.threads, eval_images=args.eval_images, **steps,
         **({"vision_stem": args.vision_stem} if args.vision_stem else {}),
         **({"vision_batch": args.vision_batch} if args.vision_batch is not None else {}),
     )  # fmt: skip
