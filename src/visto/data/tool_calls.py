@@ -37,6 +37,7 @@ TOOLS_INTRO = (
     f'{TOOL_CALL_START}{{"name":NAME,"arguments":{{...}}}}{TOOL_CALL_END}; '
     f"its result comes back as {TOOL_RESPONSE_START}...{TOOL_RESPONSE_END}."
 )
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 _CALL_RE = re.compile(re.escape(TOOL_CALL_START) + r"(.*?)" + re.escape(TOOL_CALL_END), re.S)
 
 

@@ -14,16 +14,14 @@ deltas in the order the openai SDK assembles them (id, type and name first, then
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from visto.data.tool_calls import TOOL_CALL_START, ParsedCall, parse_tool_calls
+from visto.data.tool_calls import NAME_RE, TOOL_CALL_START, ParsedCall, parse_tool_calls
 from visto.serve.errors import APIError
 from visto.serve.schemas import ChatCompletionRequest, NamedToolChoice
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 CHOICES = ("none", "auto", "required")
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 

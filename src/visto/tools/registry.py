@@ -1,0 +1,185 @@
+"""Tools a model can call: a name, a JSON schema of its arguments, and a function over an image.
+
+    from visto.tools import ToolRegistry, default_registry
+
+    tools = default_registry()                     # the built-in experts (ocr)
+
+    @tools.tool("brightness", "Mean brightness of the image, 0..255")
+    def brightness(image):
+        return {"mean": sum(image.convert("L").getdata()) / (image.width * image.height)}
+
+    tools.openai(["ocr", "brightness"])            # the `tools` list of an OpenAI request
+    tools.run("brightness", '{}', image)           # -> ToolResult: JSON text for the model
+
+`run` never raises for what a model or an image can get wrong: unknown tool, arguments that are
+not a JSON object or break the schema, an image the expert cannot read, a tool that raises or
+runs past its timeout. Each comes back as `{"error": "..."}`, the tool result the model reads
+next, so a bad call costs one turn and never the conversation (or the server).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from visto.data.tool_calls import NAME_RE, compact_json
+from visto.errors import UserError
+
+NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+DEFAULT_TIMEOUT_S = 60.0
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
+    "array": (list,), "object": (dict,), "null": (type(None),),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    run: Callable[..., Any]  # run(image, **arguments) -> anything json.dumps takes
+    parameters: dict[str, Any] = field(default_factory=lambda: dict(NO_ARGUMENTS))
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def openai(self) -> dict[str, Any]:
+        """This tool as an entry of an OpenAI request's `tools`."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.parameters}}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    name: str
+    arguments: dict[str, Any]
+    output: Any  # what the tool returned, or {"error": message}
+    ok: bool
+
+    @property
+    def text(self) -> str:
+        """The result as the model reads it in a tool message."""
+        return compact_json(self.output)
+
+
+def argument_problems(schema: dict[str, Any], arguments: dict[str, Any]) -> list[str]:
+    """What is wrong with `arguments` under an object schema, at its top level: missing required
+    keys, keys it does not allow, values of the wrong JSON type or outside an enum."""
+    properties = schema.get("properties", {})
+    problems = [f"missing required argument {k!r}" for k in schema.get("required", [])
+                if k not in arguments]  # fmt: skip
+    for key, value in arguments.items():
+        spec = properties.get(key)
+        if spec is None:
+            if schema.get("additionalProperties") is False:
+                problems.append(f"unknown argument {key!r} (allowed: {sorted(properties)})")
+            continue
+        types = spec.get("type")
+        types = [types] if isinstance(types, str) else types or []
+        if types and not any(isinstance(value, _JSON_TYPES.get(t, ())) and
+                             not (t in ("integer", "number") and isinstance(value, bool))
+                             for t in types):  # fmt: skip
+            problems.append(f"argument {key!r} must be {' or '.join(types)}, got {value!r}")
+        elif "enum" in spec and value not in spec["enum"]:
+            problems.append(f"argument {key!r} must be one of {spec['enum']}, got {value!r}")
+    return problems
+
+
+class ToolRegistry:
+    """Named tools; `run` calls one on an image with the model's arguments."""
+
+    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+        self._tools: dict[str, Tool] = {}
+        self._lock = threading.Lock()
+        for tool in tools:
+            self.add(tool)
+
+    def add(self, tool: Tool) -> Tool:
+        if not NAME_RE.match(tool.name):
+            raise UserError(f"tool name {tool.name!r}: use 1-64 letters, digits, '_' or '-'")
+        if tool.parameters.get("type") != "object":
+            raise UserError(f"tool {tool.name!r}: parameters must be a JSON Schema of an object")
+        with self._lock:
+            self._tools[tool.name] = tool
+        return tool
+
+    def tool(self, name: str, description: str, parameters: dict[str, Any] | None = None,
+             timeout_s: float = DEFAULT_TIMEOUT_S) -> Callable[[Callable[..., Any]], Callable[..., Any]]:  # fmt: skip
+        """Decorator: register `fn(image, **arguments)` as a tool; returns `fn` unchanged."""
+
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.add(Tool(name, description, fn, parameters or dict(NO_ARGUMENTS), timeout_s))
+            return fn
+
+        return register
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._tools)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tools
+
+    def get(self, name: str) -> Tool:
+        if name not in self._tools:
+            raise UserError(
+                f"unknown tool {name!r}; the tools are: {', '.join(self.names) or 'none'}"
+            )
+        return self._tools[name]
+
+    def openai(self, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        return [self.get(n).openai() for n in (self.names if names is None else names)]
+
+    def run(
+        self, name: str, arguments: str | dict[str, Any], image: Image.Image | None
+    ) -> ToolResult:
+        """Call tool `name` on `image`; any failure is an `{"error": ...}` result (module doc)."""
+        args: Any = arguments
+        if isinstance(arguments, str):
+            try:
+                args = json.loads(arguments)
+            except json.JSONDecodeError as e:
+                return _failed(name, {}, f"the arguments are not JSON ({e}); send a JSON object")
+        if not isinstance(args, dict):
+            return _failed(name, {}, "the arguments must be a JSON object")
+        if name not in self._tools:
+            return _failed(name, args, f"no tool named {name!r}; the tools are: {self.names}")
+        tool = self._tools[name]
+        problems = argument_problems(tool.parameters, args)
+        if problems:
+            return _failed(name, args, "; ".join(problems))
+        if image is None:
+            return _failed(name, args, "there is no image in the conversation to run it on")
+        # A daemon thread of its own: a tool that hangs costs its timeout, not the caller's
+        # thread, and does not keep the process alive at exit.
+        outcome: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                outcome["output"] = tool.run(image, **args)
+            except BaseException as e:  # handed to the caller below
+                outcome["error"] = e
+
+        worker = threading.Thread(target=call, name=f"tool-{name}", daemon=True)
+        worker.start()
+        worker.join(tool.timeout_s)
+        if worker.is_alive():
+            return _failed(name, args, f"the tool took longer than its {tool.timeout_s:g} s")
+        error = outcome.get("error")
+        if isinstance(error, UserError):  # the tool's own message for bad input
+            return _failed(name, args, str(error))
+        if error is not None:  # whatever a tool does wrong, the model hears it
+            return _failed(name, args, f"the tool failed: {type(error).__name__}: {error}")
+        output = outcome["output"]
+        try:
+            compact_json(output)  # the model reads it as JSON: fail here, not later
+        except (TypeError, ValueError) as e:
+            return _failed(name, args, f"the tool failed: its result is not JSON: {e}")
+        return ToolResult(name, args, output, ok=True)
+
+
+def _failed(name: str, arguments: dict[str, Any], message: str) -> ToolResult:
+    return ToolResult(name, arguments, {"error": message}, ok=False)
