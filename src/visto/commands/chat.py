@@ -34,6 +34,11 @@ Ask a generative checkpoint (e.g. LLaVA) about one or more images and print its 
 Detect and extract answers are decoded under the world's JSON grammar when xgrammar is
 installed (always valid JSON; --no-constrain turns it off).
 
+--tools lets the model call expert models (built-in: ocr, PP-OCRv4; or module:attribute of
+your own visto.tools.Tool): visto runs each call on the last IMAGE, hands the result back to the
+model and lets it answer. --tool-choice required (or a tool's name) makes the first answer a
+call, decoded under the tool's JSON schema; the model may call again, up to 3 rounds.
+
 Boxes are printed as 0..999 ints (x1, y1, x2, y2) and as pixels of the first image, and
 drawn on a copy of it: IMAGE_STEM-boxes.png in the current directory, or --out PATH
 (in --interactive mode turn k > 1 writes PATH_STEM-k.png).
@@ -49,6 +54,7 @@ Examples:
   printf 'How many stars?\\nAnd circles?\\n' | visto chat --model ckpt scene.png --interactive
   visto chat --model ckpt q.png "circles" --task count --demo d1.png circles 2 --demo d2.png circles 0
   visto chat --model ckpt scene.png "How many stars?" --int8     (int8 on the CPU)
+  visto chat --model ckpt label.png "What does the label say?" --tools ocr --tool-choice ocr
 """
 
 
@@ -88,6 +94,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="multi-turn: read questions from stdin, one per line (works with piped input)",
     )
+    tools = p.add_argument_group("tools")
+    tools.add_argument("--tools", metavar="NAMES",
+                       help="tools the model may call, comma-separated: built-in names (ocr) "
+                       "and module:attribute of your visto.tools.Tool")  # fmt: skip
+    tools.add_argument("--tool-choice", default="auto", metavar="CHOICE",
+                       help="auto (default: the model decides), required (it calls a tool "
+                       "first), none, or a tool's name (it calls that one first)")  # fmt: skip
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present, else cpu)")
     p.add_argument("--int8", action="store_true",
                    help="run the Linear layers in int8 (CPU only: a quarter of their memory, "
@@ -187,7 +200,10 @@ def one_turn(
         seed=args.seed + turn - 1,
     )
     streamed = args.stream and not args.json
-    if streamed:
+    extra: dict[str, Any] = {"question": question, "images": paths}
+    if args.tool_loop is not None:
+        reply, extra["tool_runs"] = args.tool_loop.answer(chat, question, args, params, images)
+    elif streamed:
         stream = chat.ask(question, task=args.task, params=params, stream=True)
         for piece in stream:
             print(piece, end="", flush=True)
@@ -195,7 +211,6 @@ def one_turn(
         reply = stream.reply
     else:
         reply = chat.ask(question, task=args.task, params=params)
-    extra: dict[str, Any] = {"question": question, "images": paths}
     if images:
         extra["image_size"] = list(images[0].size)
     if reply.boxes and images:
@@ -278,7 +293,18 @@ def run(args: argparse.Namespace) -> int:
 
         quantize_int8(model)
         print(int8_summary(model), file=sys.stderr)
-    chat = Chat(model, images, demos=demos, constrain_json=not args.no_constrain)
+    args.tool_loop = None
+    if args.tool_choice != "auto" and not args.tools:
+        raise UserError("--tool-choice needs --tools NAMES (e.g. --tools ocr)")
+    if args.tools:
+        from visto.commands._chat_tools import ToolLoop
+
+        if args.task in ("detect", "extract"):
+            raise UserError(f"--tools and --task {args.task} do not mix: both constrain the "
+                            "answer's form; leave out one")  # fmt: skip
+        args.tool_loop = ToolLoop.build(model, args.tools, args.tool_choice)
+    tools = args.tool_loop.tools.openai() if args.tool_loop else ()
+    chat = Chat(model, images, demos=demos, constrain_json=not args.no_constrain, tools=tools)
     if args.interactive:
         interactive(args, chat, question, images, paths)
     else:

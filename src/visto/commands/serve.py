@@ -15,7 +15,9 @@ DESCRIPTION = """\
 Serve models over an OpenAI-compatible HTTP API, with a web page at /.
 
   POST /v1/chat/completions   chat with images (data: URLs), streaming, n, seed, stop,
-                              response_format json_object / json_schema (always valid JSON)
+                              response_format json_object / json_schema (always valid JSON),
+                              tools / tool_choice (function calling: a call's arguments are
+                              decoded under its tool's JSON schema)
   POST /v1/embeddings         texts and images -> vectors (needs --clip)
   POST /v1/search             text or image -> the closest images of an index (needs --db)
   GET  /v1/models, /health, /metrics (Prometheus), /docs (the API schema)
@@ -25,12 +27,17 @@ Requests arriving together are batched into one generation (--max-batch, --batch
 Beyond --max-concurrency requests in flight, up to --max-queue more wait in line (first come,
 first served); beyond that the server answers 429 with Retry-After.
 Remote image URLs are refused unless --allow-remote-images and the host is in --allowed-hosts.
+--tools offers the server's own experts to the model beside the client's tools; when the model
+calls one, the server runs it on the conversation's latest image, gives the model the result and
+lets it answer (the runs are listed in the choice's `tool_runs`). Built-in: ocr (PP-OCRv4).
 
 Examples:
   visto serve --model runs/llava/checkpoint
   visto serve --model runs/llava/checkpoint --clip runs/clip/checkpoint --db runs/index
   visto serve --clip runs/clip/checkpoint --db runs/index --port 9000 --api-key secret
   visto serve --model runs/llava/checkpoint --int8          (int8 chat model on the CPU)
+  visto serve --model runs/llava/checkpoint --tools ocr     (the model may read text with OCR)
+  visto serve --model ckpt --tools ocr,my_pkg.tools:brightness   (and a visto.tools.Tool of yours)
   curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{"model": "llava", "messages": [{"role": "user", "content": "hello"}]}'
 """
@@ -64,6 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int8", action="store_true",
                    help="run the chat model's Linear layers in int8 (CPU only: a quarter of "
                    "their memory, faster decoding; answers may differ slightly from fp32)")
+    p.add_argument("--tools", metavar="NAMES",
+                   help="tools the server runs itself when the model calls them: built-in names "
+                   "(ocr) and module:attribute of your visto.tools.Tool, comma-separated")
     p.set_defaults(run=run_serve)
 
 
@@ -118,11 +128,19 @@ def build_app(args: argparse.Namespace):
         if not spec:
             raise UserError(f"the index at {args.db} does not record its model; pass --clip CKPT")
         embedder = load_embedder(spec)
+    tools = None
+    if args.tools:
+        if chat is None:
+            raise UserError("--tools are called by the chat model: give --model CKPT")
+        from visto.tools import load_tools
+
+        tools = load_tools(args.tools)
     models = ServedModels(
         chat=chat,
         embedder=embedder,
         embedder_name=run_name(Path(spec)) if embedder is not None else None,
         store=store,
+        tools=tools,
     )
     settings = ServeSettings(
         api_key=args.api_key,

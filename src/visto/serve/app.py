@@ -62,6 +62,7 @@ from visto.serve.schemas import (
 )
 from visto.serve.tools import ToolCallStream, ToolPlan, answer_message, tool_plan
 from visto.tasks.runner import AnswerTokenizer, config_value
+from visto.tools.loop import ToolRound, run_tool_calls
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -127,6 +128,7 @@ class ServedModels:
     embedder: Any = None  # visto.index.Embedder (name, dim, embed_images, embed_texts)
     embedder_name: str | None = None  # the id clients use; default embedder.name
     store: Any = None  # visto.index.VectorStore
+    tools: Any = None  # visto.tools.ToolRegistry: tools the server runs itself (--tools)
 
     def __post_init__(self) -> None:
         if self.chat is None and self.embedder is None:
@@ -217,12 +219,15 @@ class Observe:
 @dataclass
 class ChatRound:
     """What one generation of a chat request needs: the prompts (one per choice), their
-    sampling params, and the tool plan its answers are read with."""
+    sampling params, and the tool plan its answers are read with. A request whose answer calls
+    the server's own tools (--tools) has several rounds (visto.tools.loop)."""
 
     prompts: list[Any]
     params: list[Any]
     prompt_tokens: int
     plan: ToolPlan | None
+    turns: list[Any]  # the conversation, for the tool loop's next round
+    images: list[Any]
 
 
 # ----------------------------------------------------------------------------- the server
@@ -304,6 +309,9 @@ class Server:
             raise APIError(400, "response_format json and tool calls do not mix yet: set "
                            'tool_choice "none" for a formatted answer, or leave out '
                            "response_format", "response_format")  # fmt: skip
+        if plan is not None and plan.server_run and plan.calls and body.n > 1:
+            raise APIError(400, "with the server's own tools (--tools) a request has one choice: "
+                           "send n 1 (or tool_choice none)", "n")  # fmt: skip
         if body.logprobs:
             raise APIError(400, "logprobs are not supported", "logprobs")
         for name in ("frequency_penalty", "presence_penalty"):
@@ -321,17 +329,36 @@ class Server:
                            '{"name": ..., "schema": {...}}', "response_format.json_schema")
 
     def prepare_chat(self, body: ChatCompletionRequest) -> ChatRound:
-        """The request's prompts and sampling params; runs in a worker thread."""
-        from visto.infer import SamplingParams
-
+        """The request's first round: prompts and sampling params; runs in a worker thread."""
         chat = self.chat_model(body.model)
-        plan = tool_plan(body)
+        tools = self.models.tools
+        plan = tool_plan(body, tools.openai() if tools is not None else [])
         self._check_supported(body, plan)
         turns, images = messages_to_turns(body.messages, self.settings.images)
         turns = with_tools(turns, plan.offered if plan else None)
         if images and not chat.accepts_images:
             raise APIError(400, f"the model {chat.name!r} reads text only; send no image_url parts",
                            "messages", "images_not_supported")
+        return self.encode_round(body, turns, images, plan)
+
+    def run_server_tools(self, ready: ChatRound, text: str) -> ToolRound | None:
+        """Runs the server's own tools that `text` calls on the latest image (worker thread)."""
+        if self.models.tools is None or ready.plan is None or not ready.plan.calls:
+            return None
+        return run_tool_calls(text, self.models.tools, ready.images[-1] if ready.images else None)
+
+    def next_round(self, body: ChatCompletionRequest, ready: ChatRound, done: ToolRound,
+                   index: int) -> ChatRound:
+        """Round `index` of the tool loop: the conversation with the calls and their results."""
+        assert ready.plan is not None
+        plan = ready.plan.after_tool_round(index)
+        return self.encode_round(body, [*ready.turns, *done.turns()], ready.images, plan)
+
+    def encode_round(self, body: ChatCompletionRequest, turns: list[Any], images: list[Any],
+                     plan: ToolPlan | None) -> ChatRound:
+        from visto.infer import SamplingParams
+
+        chat = self.chat_model(body.model)
         try:
             encoded = chat.processor.encode(Sample("request", images, turns), train=False)
         except ValueError as e:  # the processor's own consistency checks
@@ -372,7 +399,7 @@ class Server:
                 ignore_eos=body.ignore_eos,  # eos neither ends nor is chosen (batched, fast)
                 logits_processor=constraint,
             ))
-        return ChatRound([encoded] * body.n, params, prompt_tokens, plan)
+        return ChatRound([encoded] * body.n, params, prompt_tokens, plan, turns, images)
 
     @property
     def in_flight(self) -> int:
@@ -453,15 +480,19 @@ class Server:
         return self.models.chat.processor.tokenizer.parse_boxes(text)
 
     def completion_body(self, body: ChatCompletionRequest, completions: list[Any],
-                        prompt_tokens: int, generated: int,
-                        plan: ToolPlan | None = None) -> dict[str, Any]:
+                        prompt_tokens: int, generated: int, plan: ToolPlan | None = None,
+                        tool_runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        choices = [self._choice(i, c, plan) for i, c in enumerate(completions)]
+        if self.models.tools is not None:
+            # visto's extension: the server's own tools that ran, with their results, in order
+            choices[0]["tool_runs"] = tool_runs or []
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.model,
             "system_fingerprint": None,
-            "choices": [self._choice(i, c, plan) for i, c in enumerate(completions)],
+            "choices": choices,
             "usage": _usage(prompt_tokens, generated),
         }
 
@@ -471,14 +502,21 @@ class Server:
                 # visto's extension: boxes in the answer, [x1, y1, x2, y2] in 0..999.
                 "boxes": self.boxes(message["content"] or "")}  # fmt: skip
 
-    async def stream_chat(self, job: Job, body: ChatCompletionRequest, prompt_tokens: int,
-                          start: float, plan: ToolPlan | None = None) -> AsyncIterator[str]:
-        """OpenAI's chat.completion.chunk events, then `data: [DONE]`."""
+    async def stream_chat(self, job: Job, body: ChatCompletionRequest, ready: ChatRound,
+                          start: float) -> AsyncIterator[str]:
+        """OpenAI's chat.completion.chunk events, then `data: [DONE]`. When the answer calls the
+        server's own tools, a chunk reports their runs (`tool_runs`) and the next round's
+        answer streams on in the same choice."""
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         finished = False
-        # With tools, a call's text is held back and sent as tool_calls deltas at the end.
-        calls = [ToolCallStream(plan) for _ in range(body.n)] if plan and plan.calls else None
+        prompt_tokens = generated = rounds = 0
+
+        def call_streams(plan: ToolPlan | None) -> list[ToolCallStream] | None:
+            # With tools, a call's text is held back and sent as tool_calls deltas at the end.
+            return [ToolCallStream(plan) for _ in range(body.n)] if plan and plan.calls else None
+
+        calls = call_streams(ready.plan)
 
         def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
             data: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk",
@@ -510,7 +548,23 @@ class Server:
                                       "finish_reason": None}])
                 elif event[0] == "done":
                     completions = event[1]
-                    generated = self._account(job, prompt_tokens, completions, start)
+                    generated += self._account(job, ready.prompt_tokens, completions, start)
+                    prompt_tokens += ready.prompt_tokens
+                    done = await run_in_threadpool(self.run_server_tools, ready, completions[0].text)
+                    if done is not None:
+                        yield chunk([{"index": 0, "delta": {}, "logprobs": None,
+                                      "finish_reason": None, "tool_runs": done.report()}])
+                        rounds += 1
+                        try:
+                            ready = await run_in_threadpool(self.next_round, body, ready, done,
+                                                            rounds)  # fmt: skip
+                        except APIError as e:  # e.g. the results outgrew the context
+                            yield f"data: {json.dumps(e.body())}\n\n"
+                            break
+                        job = self.submit(ready.prompts, ready.params, job.deadline)
+                        calls = call_streams(ready.plan)
+                        continue
+                    plan = ready.plan
                     for i, c in enumerate(completions):
                         finish_reason, content = c.finish_reason, c.text
                         if calls:
@@ -640,14 +694,25 @@ def create_app(models: ServedModels, settings: ServeSettings | None = None) -> F
             if body.stream:
                 handed_off = True  # the stream releases the slot when it ends
                 return StreamingResponse(
-                    server.stream_chat(job, body, ready.prompt_tokens, start, ready.plan),
+                    server.stream_chat(job, body, ready, start),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
-            completions = await server.wait_done(job, request)
-            generated = server._account(job, ready.prompt_tokens, completions, start)
-            return JSONResponse(server.completion_body(body, completions, ready.prompt_tokens,
-                                                       generated, ready.plan))  # fmt: skip
+            prompt_tokens = generated = rounds = 0
+            tool_runs: list[dict[str, Any]] = []
+            while True:  # one round, or more while the answer calls the server's own tools
+                completions = await server.wait_done(job, request)
+                generated += server._account(job, ready.prompt_tokens, completions, start)
+                prompt_tokens += ready.prompt_tokens
+                done = await run_in_threadpool(server.run_server_tools, ready, completions[0].text)
+                if done is None:
+                    break
+                tool_runs += done.report()
+                rounds += 1
+                ready = await run_in_threadpool(server.next_round, body, ready, done, rounds)
+                job = server.submit(ready.prompts, ready.params, deadline)
+            return JSONResponse(server.completion_body(body, completions, prompt_tokens,
+                                                       generated, ready.plan, tool_runs))  # fmt: skip
         finally:
             if not handed_off:
                 server.release()

@@ -14,6 +14,7 @@ deltas in the order the openai SDK assembles them (id, type and name first, then
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from visto.data.tool_calls import NAME_RE, TOOL_CALL_START, ParsedCall, parse_tool_calls
 from visto.serve.errors import APIError
 from visto.serve.schemas import ChatCompletionRequest, NamedToolChoice
+from visto.tools.loop import round_choice
 
 CHOICES = ("none", "auto", "required")
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
@@ -38,6 +40,12 @@ class ToolPlan:
     @property
     def calls(self) -> bool:
         return self.mode != "none"
+
+    def after_tool_round(self, index: int) -> ToolPlan:
+        """The plan of round `index` (>= 1) of the server's tool loop: the model may call any
+        tool, then, in the last round, none (tools/loop.py)."""
+        return dataclasses.replace(self, mode=round_choice(self.mode, index),
+                                   callable=tuple(self.parameters))  # fmt: skip
 
 
 def _check_tool(i: int, tool: Any) -> tuple[str, dict[str, Any]]:
@@ -102,11 +110,18 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def parsed_calls(text: str, plan: ToolPlan | None) -> tuple[str, list[ParsedCall]] | None:
-    """(content, calls) when the answer calls tools the plan lets it call, else None."""
+def client_calls(text: str, plan: ToolPlan | None) -> tuple[str, list[ParsedCall]] | None:
+    """(content, calls for the client) when the answer calls tools the plan lets it call, else
+    None. Calls of the server's own tools are left out: the server runs them (tools/loop.py),
+    or, in an answer that also calls the client's tools, drops them."""
     if plan is None or not plan.calls:
         return None
-    return parse_tool_calls(text, set(plan.callable))
+    parsed = parse_tool_calls(text, set(plan.callable))
+    if parsed is None:
+        return None
+    content, calls = parsed
+    calls = [c for c in calls if c.name not in plan.server_run]
+    return (content, calls) if calls else None
 
 
 def openai_calls(calls: list[ParsedCall]) -> list[dict[str, Any]]:
@@ -119,7 +134,7 @@ def answer_message(
 ) -> tuple[dict[str, Any], str]:
     """The chat.completion `message` for an answer, and its finish_reason ("tool_calls" when it
     calls tools)."""
-    parsed = parsed_calls(text, plan)
+    parsed = client_calls(text, plan)
     if parsed is None:
         return {"role": "assistant", "content": text, "refusal": None}, finish_reason
     content, calls = parsed
@@ -158,7 +173,7 @@ class ToolCallStream:
 
     def finish(self, finish_reason: str) -> tuple[str, list[dict[str, Any]], str]:
         """(content still to send, tool_calls deltas, finish_reason) at the end of the answer."""
-        parsed = parsed_calls(self.text, self.plan)
+        parsed = client_calls(self.text, self.plan)
         if parsed is None:
             return self.text[self.sent :], [], finish_reason
         content, calls = parsed

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
 from visto.data.tokenizer import format_box, parse_boxes
+from visto.data.tool_calls import with_tools
 from visto.errors import UserError
 from visto.tasks import caption, classify, count, detect, extract, ground, ocr, vqa
 from visto.tasks.common import Box
@@ -431,6 +432,7 @@ class Chat:
         demos: Sequence[Demo] = (),
         constrain_json: bool = True,
         engine: Engine | None = None,
+        tools: Sequence[dict[str, Any]] = (),
     ) -> None:
         if demos and len(images) != 1:
             raise UserError(
@@ -441,25 +443,33 @@ class Chat:
         self.demos = list(demos)
         self.engine = engine if engine is not None else make_engine(model)
         self.loc_bins = int(processor_of(model).tokenizer.loc_bins)
+        # OpenAI-style tool definitions, offered in a system turn (data/tool_calls.py)
+        self.tools = list(tools)
         self.turns: list[Turn] = []  # the conversation so far (demonstrations included)
+        self.reset()
         self.constrain_json = constrain_json
         self._constraint: Callable[[], Any] | None | bool = False  # False: not built yet
 
     def reset(self) -> None:
-        self.turns = []
+        self.turns = with_tools([], self.tools)
 
     def _sample(self, text: str) -> Sample:
         """The conversation with one more user turn (the images go with the first one)."""
         text = boxes_to_loc(text, self.loc_bins)
-        if self.turns:
-            images = [im for im, _, _ in self.demos] + self.images
-            return Sample("chat", images, [*self.turns, Turn("user", text)])
+        opening = with_tools([], self.tools)  # the tools' system turn, if any
+        if len(self.turns) > len(opening):
+            return self._continued([Turn("user", text)])
         if self.demos:
             demos = [(im, boxes_to_loc(q, self.loc_bins), boxes_to_loc(a, self.loc_bins))
                      for im, q, a in self.demos]  # fmt: skip
-            return few_shot(demos, (self.images[0], text), id="chat")
+            sample = few_shot(demos, (self.images[0], text), id="chat")
+            return dataclasses.replace(sample, turns=with_tools(sample.turns, self.tools))
         prefix = f"{IMAGE_PLACEHOLDER}\n" * len(self.images)
-        return Sample("chat", list(self.images), [Turn("user", prefix + text)])
+        return Sample("chat", list(self.images), [*opening, Turn("user", prefix + text)])
+
+    def _continued(self, turns: list[Turn]) -> Sample:
+        images = [im for im, _, _ in self.demos] + self.images
+        return Sample("chat", images, [*self.turns, *turns])
 
     def _json_constraint(self) -> Any:
         if self._constraint is False:
@@ -477,12 +487,21 @@ class Chat:
 
         With `stream=True`, a ReplyStream whose iteration yields the text as it comes.
         """
+        return self._reply(self._sample(task_question(task, question)), task, params, stream)
+
+    def answer_after(
+        self, turns: list[Turn], params: SamplingParams | None = None, stream: bool = False
+    ) -> Reply | ReplyStream:
+        """The model's next answer after `turns` (tool results) join the conversation."""
+        return self._reply(self._continued(turns), None, params, stream)
+
+    def _reply(
+        self, sample: Sample, task: str | None, params: SamplingParams | None, stream: bool
+    ) -> Reply | ReplyStream:
         import torch
 
         from visto.infer import SamplingParams
 
-        text = task_question(task, question)
-        sample = self._sample(text)
         batch, [prompt_tokens] = prompt_batch(self.model, [sample], self.engine.device)
         params = params or SamplingParams(max_new_tokens=128)
         wanted = _room(self.model, prompt_tokens, params.max_new_tokens)
