@@ -39,10 +39,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("visto.models.llava", "visto.checkpoint"): "vision_init is read in the constructor",
     ("visto.quickstart", "visto.commands.data"): "the quickstart builds its world through the CLI",
     ("visto.tasks.classify", "visto.eval.twotower"): "zero-shot scoring lives in eval",
-    ("visto.tasks.count", "visto.eval.metrics"): "parsers live in eval.metrics",
-    ("visto.tasks.detect", "visto.eval.metrics"): "parsers live in eval.metrics",
-    ("visto.tasks.extract", "visto.eval.metrics"): "parsers live in eval.metrics",
-    ("visto.tasks.ocr", "visto.eval.metrics"): "parsers live in eval.metrics",
     ("visto.tasks.runner", "visto.eval.generative"): "evaluate_generative_model lives in tasks",
     ("visto.tasks.runner", "visto.serve.grammar"): "constrained decoding lives in serve",
 }

@@ -48,6 +48,7 @@ from visto.eval import EvalResult
 from visto.eval import metrics as M
 from visto.tasks import classify as classify_task
 from visto.tasks import detect as detect_task
+from visto.tasks.parsers import parse_count, parse_json_answer
 
 GenerateFn = Callable[[list[Sample]], list[str]]
 # Tasks that `evaluate_generative` scores; others ("chat": multi-turn) are skipped.
@@ -148,7 +149,7 @@ def score_items(items: Sequence[Item], predictions: Sequence[str]) -> tuple[dict
         targets = [int(items[k].references[0]) for k in counting]
         out["count.acc"] = M.count_accuracy([predictions[k] for k in counting], targets)
         for k, t in zip(counting, targets, strict=True):
-            scores[k] = float(M.parse_count(predictions[k]) == t)
+            scores[k] = float(parse_count(predictions[k]) == t)
 
     probes = [k for k in vqa if items[k].qtype == "exist"]
     if probes:
@@ -211,7 +212,7 @@ def _score_json(
     pred_boxes, target_boxes, pred_labels, target_labels = [], [], [], []
     for k in indices:
         target = json.loads(items[k].references[0])
-        ok, value = M.parse_json_answer(predictions[k])
+        ok, value = parse_json_answer(predictions[k])
         valid.append(float(ok))
         acc = M.json_field_accuracy(value, target) if ok else 0.0
         field_acc.append(acc)

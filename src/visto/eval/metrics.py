@@ -6,9 +6,11 @@
     box_iou, grounding_accuracy, detection_prf            IoU >= 0.5 (PASCAL VOC criterion)
     edit_distance, character_error_rate, ocr_exact_match  OCR
     pope_answer_is_yes, pope_metrics                      absent-object probes (Li et al. 2023)
-    parse_json_answer, json_field_accuracy                structured output
+    json_field_accuracy                                   structured output
 
-Nothing here knows models, samples or files; `visto.eval.generative` wires them to samples.
+Answers are read by the tasks' parsers (`visto.tasks.parsers`: numbers, OCR text, JSON), so a
+figure scores exactly what `visto.tasks` reads. Nothing here knows models, samples or files;
+`visto.eval.generative` wires them to samples.
 Ratios of empty inputs are NaN (no figure), never a made-up 0 or 1.
 """
 
@@ -20,6 +22,8 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from visto.tasks.parsers import normalize_ocr, parse_count
 
 NAN = float("nan")
 Box = Sequence[float]  # (x1, y1, x2, y2), any one coordinate system per comparison
@@ -154,29 +158,6 @@ def vqa_scores(
 
 
 # =============================================================================== counting
-
-_NUMBER_WORD_VALUES = {
-    "no": 0, "none": 0, "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5,
-    "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12,
-    "thirteen": 13, "fourteen": 14, "fifteen": 15, "sixteen": 16, "seventeen": 17,
-    "eighteen": 18, "nineteen": 19, "twenty": 20,
-}  # fmt: skip
-_COUNT_TOKEN = re.compile(r"-?\d+|[a-z]+")
-
-
-def parse_count(text: str) -> int | None:
-    """The first integer or number word in `text` ("There are 3." -> 3, "two" -> 2,
-    "no circles" -> 0), or None when there is none. Digits must stand alone ("3rd" is not 3)."""
-    for m in _COUNT_TOKEN.finditer(text.lower()):
-        token = m.group()
-        if token[-1].isdigit():
-            end = m.end()
-            if end < len(text) and text[end].isalpha():
-                continue
-            return int(token)
-        if token in _NUMBER_WORD_VALUES:
-            return _NUMBER_WORD_VALUES[token]
-    return None
 
 
 def count_accuracy(predictions: Sequence[str], targets: Sequence[int]) -> float:
@@ -427,12 +408,6 @@ def edit_distance(a: str, b: str) -> int:
     return previous[-1]
 
 
-def normalize_ocr(text: str) -> str:
-    """Whitespace runs collapsed to one space and trimmed; case and punctuation kept
-    (reading "STOP" as "stop" is a reading error)."""
-    return " ".join(text.split())
-
-
 def character_error_rate(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus CER: total edit distance / total reference characters, after `normalize_ocr`
     (how jiwer and the OCR literature pool it; can exceed 1 for long wrong outputs)."""
@@ -491,21 +466,6 @@ def pope_metrics(answers: Sequence[str], present: Sequence[bool]) -> dict[str, f
 
 
 # =============================================================================== JSON
-
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
-
-
-def parse_json_answer(text: str) -> tuple[bool, Any]:
-    """(valid, value): the answer parsed as JSON, allowing surrounding whitespace and one
-    Markdown code fence (```json ... ```); (False, None) when it does not parse."""
-    text = text.strip()
-    fenced = _FENCE.match(text)
-    if fenced:
-        text = fenced.group(1)
-    try:
-        return True, json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        return False, None
 
 
 def _is_box(value: Any) -> bool:

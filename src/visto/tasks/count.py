@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from visto.data.sample import Turn
 from visto.errors import UserError
-from visto.eval.metrics import parse_count
 from visto.tasks.common import user_turns
+from visto.tasks.parsers import parse_count
 
 
 def build_prompt(things: str) -> list[Turn]:

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 
 from visto.data.sample import Turn
 from visto.data.tokenizer import DEFAULT_LOC_BINS, parse_boxes
-from visto.eval.metrics import parse_json_answer
 from visto.tasks.common import Box, ImageSize, user_turns
+from visto.tasks.parsers import parse_json_answer
 
 PROMPT = (
     "List every object with its shape, colour, size and box, the counts per shape and the "

@@ -13,8 +13,8 @@ from typing import Any
 
 from visto.data.sample import Turn
 from visto.errors import UserError
-from visto.eval.metrics import parse_json_answer
 from visto.tasks.common import user_turns
+from visto.tasks.parsers import parse_json_answer
 
 PROMPT = "Describe the image as JSON with the keys objects, counts and text."
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from visto.data.sample import Turn
-from visto.eval.metrics import normalize_ocr
 from visto.tasks.common import user_turns
+from visto.tasks.parsers import normalize_ocr
 
 PROMPT = "Read all the text in the image."  # one of the synthetic world's OCR prompts
 
