@@ -25,7 +25,7 @@ import json
 from collections.abc import Sequence
 
 from visto.data.sample import IMAGE_PLACEHOLDER, Turn
-from visto.data.tokenizer import BOS, END_OF_TURN, ROLE_TOKENS
+from visto.data.special_tokens import BOS, END_OF_TURN, ROLE_TOKENS
 from visto.data.tool_calls import (
     TOOL_CALL_END,
     TOOL_CALL_START,

@@ -2,20 +2,8 @@
 
 The tokenizer is trained offline on our own corpus with the `tokenizers` library (GPT-2 style
 byte-level BPE: every string, in any script, round-trips exactly, and there is no unknown token).
-Its vocabulary starts with fixed special tokens, in this order, so their ids never move:
-
-    id  token            use
-    0   <pad>            padding (never attended to, never a label)
-    1   <s>              first token of every sequence
-    2   </s>             end of a plain text (text-encoder and caption-only data)
-    3   <image>          one visual feature each; the model overwrites these embeddings
-    4   <im_start>       opens an image span
-    5   <im_end>         closes an image span
-    6   <im_newline>     ends a row of patches (Fuyu-style images; Fuyu's |NEWLINE|)
-    7   <|system|>       opens a system turn
-    8   <|user|>         opens a user turn
-    9   <|assistant|>    opens an assistant turn
-    10  <|end|>          ends any turn; generation stops on it
+Its vocabulary starts with visto's special tokens, in a fixed order so that their ids never
+move (`visto.data.special_tokens` holds them, with their table).
 
 After the learnt merges come `loc_bins` location tokens `<loc_0>` ... `<loc_{bins-1}>` (Pix2Seq,
 Chen et al. 2022; PaliGemma uses the same idea with 1024 bins). A user-facing box coordinate
@@ -39,32 +27,23 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
 from visto.data.sample import IMAGE_PLACEHOLDER, Sample
+from visto.data.special_tokens import (
+    BOS,
+    END_OF_TURN,
+    EOS,
+    IM_END,
+    IM_NEWLINE,
+    IM_START,
+    IMAGE,
+    PAD,
+    ROLE_TOKENS,
+    SPECIAL_TOKENS,
+)
 from visto.errors import UserError
 from visto.utils.io import atomic_write_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
-
-PAD = "<pad>"
-BOS = "<s>"
-EOS = "</s>"
-IMAGE = IMAGE_PLACEHOLDER
-IM_START = "<im_start>"
-IM_END = "<im_end>"
-IM_NEWLINE = "<im_newline>"
-ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
-END_OF_TURN = "<|end|>"
-SPECIAL_TOKENS = (
-    PAD,
-    BOS,
-    EOS,
-    IMAGE,
-    IM_START,
-    IM_END,
-    IM_NEWLINE,
-    *ROLE_TOKENS.values(),
-    END_OF_TURN,
-)
 
 DEFAULT_LOC_BINS = 100
 BOX_RANGE = 1000  # user-facing box coordinates are ints in 0..999 (DESIGN.md)
