@@ -118,6 +118,43 @@ def test_auto_answers_in_text_or_in_valid_calls(client) -> None:
             assert isinstance(choice.message.content, str)
 
 
+NOTE = {"type": "json_schema", "json_schema": {"name": "note", "schema": {
+    "type": "object", "properties": {"colour": {"type": "string", "enum": COLOURS},
+                                     "note": {"type": "string", "maxLength": 5}},
+    "required": ["colour", "note"], "additionalProperties": False}}}  # fmt: skip
+
+
+def valid_note(content: str) -> None:
+    note = json.loads(content)  # strict: a raw control character in a string would fail here
+    assert note["colour"] in COLOURS and len(note["note"]) <= 5
+
+
+def test_tools_beside_a_json_response_format(client) -> None:
+    """auto: calls or the schema's JSON; none: the JSON. maxLength strings hold JSON's rules
+    (xgrammar's own maxLength admits raw control characters; serve/grammar.plain_strings)."""
+    kinds = set()
+    for seed in range(6):
+        reply = client.chat.completions.create(
+            model="tiny-llava", messages=ask(), tools=[PAINT], response_format=NOTE,
+            max_tokens=200, temperature=1.0, seed=seed,
+        )  # fmt: skip
+        choice = reply.choices[0]
+        if choice.message.tool_calls:
+            kinds.add("calls")
+            for call in choice.message.tool_calls:
+                valid_paint(call.function.arguments)
+        else:
+            kinds.add("json")
+            assert choice.finish_reason == "stop"
+            valid_note(choice.message.content)
+        reply = client.chat.completions.create(
+            model="tiny-llava", messages=ask(), tools=[PAINT], tool_choice="none",
+            response_format=NOTE, max_tokens=100, temperature=1.0, seed=seed,
+        )  # fmt: skip
+        valid_note(reply.choices[0].message.content)
+    assert kinds == {"calls", "json"}  # with these seeds the random model picks both
+
+
 def test_streamed_tool_calls_assemble_in_the_sdk_as_the_whole_answer(client) -> None:
     kwargs = dict(model="tiny-llava", messages=ask(), tools=[PAINT, COUNT], max_tokens=300,
                   tool_choice={"type": "function", "function": {"name": "paint"}},
@@ -186,8 +223,9 @@ def test_bad_tool_requests_get_openai_errors_that_say_what_to_fix(client, url) -
     e = error_of(client, tools=[{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"type": "strnig"}}}}}], tool_choice="required")  # fmt: skip
     assert "could not be compiled" in e.body["message"]
-    e = error_of(client, tools=[PAINT], response_format={"type": "json_object"})
-    assert e.body["param"] == "response_format"
+    e = error_of(client, tools=[PAINT], response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "strnig"}}}}})  # fmt: skip
+    assert e.body["param"] == "response_format.json_schema.schema"
 
     call = {"id": "call_1", "type": "function", "function": {"name": "paint", "arguments": "{}"}}
     orphan = [*ask(False), {"role": "tool", "tool_call_id": "call_9", "content": "done"}]

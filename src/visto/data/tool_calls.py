@@ -95,8 +95,8 @@ def parse_tool_calls(
     calls = []
     for block in blocks:
         try:
-            # strict=False: xgrammar's maxLength strings admit raw control characters (0.2.8);
-            # re-dumped below, they reach clients escaped, as valid JSON
+            # strict=False: lenient on raw control characters in strings (JSON forbids them;
+            # a model decoding without the grammar may write them): re-dumped below, escaped
             call = json.loads(block.group(1), strict=False)
         except json.JSONDecodeError:
             return None

@@ -304,11 +304,6 @@ class Server:
     # ---- chat ------------------------------------------------------------------------
 
     def _check_supported(self, body: ChatCompletionRequest, plan: ToolPlan | None) -> None:
-        if plan is not None and plan.calls and body.response_format is not None \
-                and body.response_format.type != "text":
-            raise APIError(400, "response_format json and tool calls do not mix yet: set "
-                           'tool_choice "none" for a formatted answer, or leave out '
-                           "response_format", "response_format")  # fmt: skip
         if plan is not None and plan.server_run and plan.calls and body.n > 1:
             raise APIError(400, "with the server's own tools (--tools) a request has one choice: "
                            "send n 1 (or tool_choice none)", "n")  # fmt: skip
@@ -376,12 +371,13 @@ class Server:
                            "max_tokens", "context_length_exceeded")
         max_new = asked or min(self.settings.default_max_tokens, room)
         compiled = None
-        if body.response_format is not None and body.response_format.type != "text":
-            compiled = self.grammar_factory().compile(
-                body.response_format.model_dump(by_alias=True, exclude_none=True)
-            )
+        fmt = body.response_format
+        fmt = fmt.model_dump(by_alias=True, exclude_none=True) if fmt is not None else None
         if plan is not None and plan.calls:  # calls decode under their tools' schemas
-            compiled = self.grammar_factory().compile_tool_calls(plan)
+            # the answer: calls, or (auto) the response_format's JSON (or free text)
+            compiled = self.grammar_factory().compile_tool_calls(plan, fmt)
+        elif fmt is not None and fmt["type"] != "text":
+            compiled = self.grammar_factory().compile(fmt)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         params = []
         for choice in range(body.n):

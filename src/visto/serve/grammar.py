@@ -30,6 +30,56 @@ if TYPE_CHECKING:
     from visto.serve.tools import ToolPlan
 
 
+# No free whitespace: a small model could otherwise spend its whole budget on spaces between
+# tokens that the grammar allows. Compact separators, as json.dumps(separators=(",", ":"))
+# writes and the synthetic world trains: xgrammar's default ", " / ": " forces a format the
+# model never saw and ~20% more tokens per answer.
+JSON_STYLE: dict[str, Any] = {"any_whitespace": False, "strict_mode": True, "separators": (",", ":")}
+_NOT_SCHEMAS = ("enum", "const", "default", "examples")  # values there are data, not schemas
+
+
+def plain_strings(schema: Any) -> Any:
+    """`schema` with each length-bounded string given a pattern of plain characters.
+
+    xgrammar 0.2.8 turns minLength/maxLength into a character class that admits raw control
+    characters, which JSON forbids in strings (the answer would not parse); the pattern admits
+    the same lengths of any character but quotes, backslashes and controls (no escapes).
+    """
+    if isinstance(schema, list):
+        return [plain_strings(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _NOT_SCHEMAS else plain_strings(v) for k, v in schema.items()}
+    bounded = "minLength" in out or "maxLength" in out
+    if out.get("type") == "string" and bounded and not set(out) & {"pattern", "format", "enum", "const"}:
+        # the lengths move into the pattern (xgrammar ignores them beside one, with a warning)
+        low, high = int(out.pop("minLength", 0)), out.pop("maxLength", None)
+        out["pattern"] = f'^[^"\\\\\\u0000-\\u001f]{{{low},{"" if high is None else int(high)}}}$'
+    return out
+
+
+def _response_schema(response_format: dict[str, Any]) -> Any:
+    """None (plain text), "json_object", or the JSON schema of a `response_format`."""
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json_object"
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format.json_schema.schema must be a JSON Schema object",
+                           "response_format.json_schema.schema")  # fmt: skip
+        return plain_strings(schema)
+    raise APIError(400, "response_format.type must be 'text', 'json_object' or 'json_schema', "
+                   f"got {kind!r}", "response_format.type")  # fmt: skip
+
+
+def _schema_error(e: Exception) -> APIError:
+    return APIError(400, f"the JSON schema could not be compiled into a grammar: {e}",
+                    "response_format.json_schema.schema")  # fmt: skip
+
+
 class GrammarFactory:
     """Compiles response formats for one tokenizer and vocabulary size; compiled grammars are
     cached by xgrammar, so a repeated schema costs nothing."""
@@ -59,62 +109,51 @@ class GrammarFactory:
 
     def compile(self, response_format: dict[str, Any]) -> Any:
         """A compiled grammar for an OpenAI `response_format`, or None for plain text."""
-        kind = response_format.get("type")
+        schema = _response_schema(response_format)
         with self._lock:
-            if kind == "text":
+            if schema is None:
                 return None
-            if kind == "json_object":
+            if schema == "json_object":
                 return self._compiler.compile_builtin_json_grammar()
-            if kind == "json_schema":
-                spec = response_format.get("json_schema") or {}
-                schema = spec.get("schema")
-                if not isinstance(schema, dict):
-                    raise APIError(
-                        400,
-                        "response_format.json_schema.schema must be a JSON Schema object",
-                        "response_format.json_schema.schema",
-                    )
-                try:
-                    # No free whitespace: a small model could otherwise spend its whole budget
-                    # on spaces between tokens that the grammar allows. Compact separators, as
-                    # json.dumps(separators=(",", ":")) writes and the synthetic world trains:
-                    # xgrammar's default ", " / ": " forces a format the model never saw
-                    # and ~20% more tokens per answer.
-                    return self._compiler.compile_json_schema(
-                        json.dumps(schema), any_whitespace=False, strict_mode=True,
-                        separators=(",", ":"),
-                    )
-                except Exception as e:  # xgrammar raises RuntimeError/InvalidJSONError/...
-                    raise APIError(
-                        400,
-                        f"the JSON schema could not be compiled into a grammar: {e}",
-                        "response_format.json_schema.schema",
-                    ) from None
-        raise APIError(
-            400,
-            f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
-            "response_format.type",
-        )
+            try:
+                return self._compiler.compile_json_schema(json.dumps(schema), **JSON_STYLE)
+            except Exception as e:  # xgrammar raises RuntimeError/InvalidJSONError/...
+                raise _schema_error(e) from None
 
-    def compile_tool_calls(self, plan: ToolPlan) -> Any:
+    def _answer_grammar(self, response_format: dict[str, Any] | None) -> str | None:
+        """The EBNF of a `response_format` answer, to combine with tool calls; None for text."""
+        schema = _response_schema(response_format) if response_format else None
+        if schema is None:
+            return None
+        if schema == "json_object":
+            return str(self._xgr.Grammar.builtin_json_grammar())
+        try:
+            return str(self._xgr.Grammar.from_json_schema(json.dumps(schema), **JSON_STYLE))
+        except Exception as e:
+            raise _schema_error(e) from None
+
+    def compile_tool_calls(self, plan: ToolPlan, response_format: dict[str, Any] | None = None) -> Any:
         """A grammar for an answer under `plan` (serve/tools.py): with "auto", free text in which
-        a `<tool_call>` opens a call of one of the tools; with "required" (or a named tool),
-        calls and nothing else. Either way a call's arguments follow its tool's JSON schema."""
+        a `<tool_call>` opens a call of one of the tools, or, with a JSON `response_format`,
+        either calls or that JSON; with "required" (or a named tool), calls and nothing else.
+        Either way a call's arguments follow its tool's JSON schema."""
         from xgrammar.structural_tag import (
             GrammarFormat,
+            OrFormat,
             StructuralTag,
             TagFormat,
             TagsWithSeparatorFormat,
             TriggeredTagsFormat,
         )
 
+        answer = self._answer_grammar(response_format)
+
         tags = []
         for name in plan.callable:
             try:
                 # compact JSON as response_format writes it (see compile); names are [A-Za-z0-9_-]
                 arguments = self._xgr.Grammar.from_json_schema(
-                    json.dumps(plan.parameters[name]), any_whitespace=False, strict_mode=True,
-                    separators=(",", ":"),
+                    json.dumps(plain_strings(plan.parameters[name])), **JSON_STYLE
                 )
             except Exception as e:
                 raise APIError(400, f"the parameters of the function {name!r} could not be "
@@ -123,12 +162,15 @@ class GrammarFactory:
                                   content=GrammarFormat(grammar=str(arguments)),
                                   end="}" + TOOL_CALL_END))  # fmt: skip
         one_call = not plan.parallel
-        if plan.mode == "auto":
+        calls = TagsWithSeparatorFormat(tags=tags, separator="", at_least_one=True,
+                                        stop_after_first=one_call)  # fmt: skip
+        if plan.mode != "auto":
+            fmt = calls
+        elif answer is not None:
+            fmt = OrFormat(elements=[calls, GrammarFormat(grammar=answer)])
+        else:
             fmt = TriggeredTagsFormat(triggers=[TOOL_CALL_START], tags=tags,
                                       stop_after_first=one_call)  # fmt: skip
-        else:
-            fmt = TagsWithSeparatorFormat(tags=tags, separator="", at_least_one=True,
-                                          stop_after_first=one_call)  # fmt: skip
         with self._lock:
             return self._compiler.compile_structural_tag(StructuralTag(format=fmt))
 
