@@ -32,7 +32,7 @@ import torch.nn.functional as F
 def labelled_qas(record: dict, loc_bins: int) -> list[tuple[str, str, str]]:
     """(task label, question, answer) for every question of one image, as the instruct mix
     asks them (boxes as location tokens outside JSON)."""
-    from visto.tasks.runner import boxes_to_loc
+    from visto.data.tokenizer import boxes_to_loc
 
     t = record["tasks"]
     out = [(f"vqa.{qa.get('type', 'other')}", qa["q"], qa["a"]) for qa in t["vqa"]]

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from visto.data.synth.mixes import record_qas
-from visto.data.tokenizer import parse_boxes
+from visto.data.tokenizer import boxes_to_loc, parse_boxes
 from visto.errors import UserError
 from visto.quickstart import QuickstartConfig, run_quickstart
-from visto.tasks.runner import boxes_to_loc
 from visto.train.dense import CHARS, SHAPE_NAMES, record_targets
 
 

@@ -15,9 +15,11 @@ from visto.data.tokenizer import (
     SPECIAL_TOKENS,
     Tokenizer,
     bin_to_coord,
+    boxes_to_loc,
     coord_to_bin,
     corpus_texts,
     format_box,
+    loc_to_boxes,
     parse_boxes,
     train_tokenizer,
 )
@@ -147,6 +149,14 @@ def test_parse_boxes_clamps_plain_and_skips_bad_bins() -> None:
     assert parse_boxes("[0, 5, 1200, 999]") == [[0, 5, 999, 999]]
     assert parse_boxes("<loc_1><loc_2><loc_3><loc_100>", loc_bins=100) == []
     assert parse_boxes("no box here [1, 2, 3]") == []
+
+
+def test_boxes_round_trip_between_plain_lists_and_location_tokens():
+    text = "the star at [0, 500, 998, 999] and [10, 20, 30, 40]"
+    loc = boxes_to_loc(text, 100)
+    assert loc == "the star at <loc_0><loc_50><loc_99><loc_99> and <loc_1><loc_2><loc_3><loc_4>"
+    # Back to plain 0..999: each bin's centre value (the bins are 10 wide).
+    assert loc_to_boxes(loc, 100) == "the star at [4, 504, 994, 994] and [14, 24, 34, 44]"
 
 
 # ----------------------------------------------------------------------------- HF wrapper

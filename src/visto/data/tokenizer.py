@@ -99,6 +99,21 @@ def parse_boxes(text: str, loc_bins: int = DEFAULT_LOC_BINS) -> list[list[int]]:
     return [box for _, box in sorted(found, key=lambda item: item[0])]
 
 
+def boxes_to_loc(text: str, loc_bins: int) -> str:
+    """Every plain "[x1, y1, x2, y2]" (0..999) in `text` -> four `<loc_k>` tokens."""
+    return _PLAIN_BOX_RE.sub(lambda m: format_box([int(g) for g in m.groups()], loc_bins), text)
+
+
+def loc_to_boxes(text: str, loc_bins: int) -> str:
+    """Every run of four `<loc_k>` tokens in `text` -> a plain "[x1, y1, x2, y2]" (0..999)."""
+
+    def plain(m: re.Match) -> str:
+        found = parse_boxes(m.group(), loc_bins)
+        return f"[{', '.join(str(v) for v in found[0])}]" if found else m.group()
+
+    return _LOC_BOX_RE.sub(plain, text)
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 

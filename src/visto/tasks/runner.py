@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
-from visto.data.tokenizer import format_box, parse_boxes
+from visto.data.tokenizer import boxes_to_loc, loc_to_boxes
 from visto.data.tool_calls import with_tools
 from visto.errors import UserError
 from visto.tasks import caption, classify, count, detect, extract, ground, ocr, vqa
@@ -47,26 +47,7 @@ TASKS_WITHOUT_QUESTION = ("caption", "ocr", "detect", "extract", "classify")
 # Tasks whose answer is the world's JSON, decoded under its grammar when xgrammar is there.
 JSON_TASKS = ("detect", "extract")
 
-_PLAIN_BOX = re.compile(r"\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]")
 _LOC_BOX = re.compile(r"<loc_(\d+)>\s*<loc_(\d+)>\s*<loc_(\d+)>\s*<loc_(\d+)>")
-
-
-# ----------------------------------------------------------------------------- boxes in text
-
-
-def boxes_to_loc(text: str, loc_bins: int) -> str:
-    """Every plain "[x1, y1, x2, y2]" (0..999) in `text` -> four `<loc_k>` tokens."""
-    return _PLAIN_BOX.sub(lambda m: format_box([int(g) for g in m.groups()], loc_bins), text)
-
-
-def loc_to_boxes(text: str, loc_bins: int) -> str:
-    """Every run of four `<loc_k>` tokens in `text` -> a plain "[x1, y1, x2, y2]" (0..999)."""
-
-    def plain(m: re.Match) -> str:
-        found = parse_boxes(m.group(), loc_bins)
-        return f"[{', '.join(str(v) for v in found[0])}]" if found else m.group()
-
-    return _LOC_BOX.sub(plain, text)
 
 
 # ----------------------------------------------------------------------------- the engine

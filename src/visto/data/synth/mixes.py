@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from visto.data.tokenizer import boxes_to_loc
 from visto.errors import UserError
 
 CAPTION_PROMPTS = ("Describe this image.", "Write a caption for this image.", "What do you see in this picture?")
@@ -38,10 +39,6 @@ QA = tuple[str, str]
 def record_qas(record: dict, loc_bins: int) -> list[QA]:
     """Every question of one image (VQA, grounding, box -> description, OCR, JSON) with its
     answer; boxes outside JSON as location tokens (JSON keeps its plain int lists)."""
-    # The box <-> token text lives with the task runner, which writes the same prompts at
-    # inference; imported here, at call time, so data stays importable without the tasks.
-    from visto.tasks.runner import boxes_to_loc
-
     t = record["tasks"]
     qas = [(qa["q"], qa["a"]) for qa in t["vqa"]]
     qas += [(g["q"], boxes_to_loc(g["a"], loc_bins)) for g in t["ground"]]
