@@ -38,7 +38,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("visto.quickstart", "visto.commands.data"): "the quickstart builds its world through the CLI",
     ("visto.tasks.classify", "visto.eval.twotower"): "zero-shot scoring lives in eval",
     ("visto.tasks.runner", "visto.eval.generative"): "evaluate_generative_model lives in tasks",
-    ("visto.tasks.runner", "visto.serve.grammar"): "constrained decoding lives in serve",
 }
 
 

@@ -75,16 +75,16 @@ def test_json_grammar_accepts_the_worlds_answers_and_nothing_after_them():
 
     from visto.data.synth import WorldConfig, make_image
     from visto.data.tokenizer import train_tokenizer
-    from visto.serve.grammar import GrammarFactory
+    from visto.infer.constrain import Grammars
     from visto.tasks.runner import world_json_schema
 
     records = [make_image(WorldConfig(n=32, size=64), i, "train")[2] for i in range(32)]
     answers = [r["tasks"]["json"]["a"] for r in records]
     tok = train_tokenizer(answers * 4, 500, loc_bins=10)
-    factory = GrammarFactory(tok, tok.vocab_size, [tok.end_id])
-    compiled = factory.compile({"type": "json_schema", "json_schema": {"schema": world_json_schema()}})
+    grammars = Grammars(tok, tok.vocab_size, [tok.end_id])
+    compiled = grammars.compile_json(world_json_schema())
     for answer in answers:
-        constraint, generated = factory.constraint(compiled), []
+        constraint, generated = grammars.constraint(compiled), []
         for token in tok.encode(answer):
             logits = constraint(generated, torch.zeros(tok.vocab_size))
             assert logits[token] == 0, f"{tok.decode([token])!r} refused in {answer}"

@@ -1,61 +1,23 @@
-"""Grammar-constrained decoding for `response_format` and tool calls: JSON that always parses.
+"""Constrained decoding in the OpenAI shape: `response_format` and tool calls.
 
-At every step the allowed next tokens are those that keep the text a prefix of a string in
-the grammar (a JSON schema, or any JSON object); all others get logit -inf before sampling,
-and once the JSON is complete only the end-of-turn token is left (Willard & Louf 2023,
-"Efficient Guided Generation"; xgrammar, Dong et al. 2024, precomputes the token masks of a
-pushdown automaton so a step costs microseconds). It plugs into the engine through the
-per-request `SamplingParams.logits_processor` hook: the engine knows nothing of grammars.
-
-xgrammar reads our byte-level BPE through its transformers wrapper
-(`Tokenizer.to_hf_tokenizer()`). It treats visto's structural special tokens (`<image>`,
-`<|user|>`, ...) as plain text, so they are masked here as well: a constrained answer can
-only end with a stop token, never contain one.
+The grammars and the logits processor that applies them are the engine's
+(`visto.infer.constrain`); this module reads a request's `response_format` into a schema,
+builds the grammar of a tool-call answer (serve/tools.py plans it), and turns what goes
+wrong into OpenAI-envelope errors.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
-from visto.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from visto.data.tokenizer import Tokenizer
 from visto.data.tool_calls import TOOL_CALL_END, TOOL_CALL_START
+from visto.infer.constrain import JSON_STYLE, Grammars, GrammarUnavailable, plain_strings
 from visto.serve.errors import APIError
 
 if TYPE_CHECKING:
     from visto.serve.tools import ToolPlan
-
-
-# No free whitespace: a small model could otherwise spend its whole budget on spaces between
-# tokens that the grammar allows. Compact separators, as json.dumps(separators=(",", ":"))
-# writes and the synthetic world trains: xgrammar's default ", " / ": " forces a format the
-# model never saw and ~20% more tokens per answer.
-JSON_STYLE: dict[str, Any] = {"any_whitespace": False, "strict_mode": True, "separators": (",", ":")}
-_NOT_SCHEMAS = ("enum", "const", "default", "examples")  # values there are data, not schemas
-
-
-def plain_strings(schema: Any) -> Any:
-    """`schema` with each length-bounded string given a pattern of plain characters.
-
-    xgrammar 0.2.8 turns minLength/maxLength into a character class that admits raw control
-    characters, which JSON forbids in strings (the answer would not parse); the pattern admits
-    the same lengths of any character but quotes, backslashes and controls (no escapes).
-    """
-    if isinstance(schema, list):
-        return [plain_strings(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: v if k in _NOT_SCHEMAS else plain_strings(v) for k, v in schema.items()}
-    bounded = "minLength" in out or "maxLength" in out
-    if out.get("type") == "string" and bounded and not set(out) & {"pattern", "format", "enum", "const"}:
-        # the lengths move into the pattern (xgrammar ignores them beside one, with a warning)
-        low, high = int(out.pop("minLength", 0)), out.pop("maxLength", None)
-        out["pattern"] = f'^[^"\\\\\\u0000-\\u001f]{{{low},{"" if high is None else int(high)}}}$'
-    return out
 
 
 def _response_schema(response_format: dict[str, Any]) -> Any:
@@ -70,7 +32,7 @@ def _response_schema(response_format: dict[str, Any]) -> Any:
         if not isinstance(schema, dict):
             raise APIError(400, "response_format.json_schema.schema must be a JSON Schema object",
                            "response_format.json_schema.schema")  # fmt: skip
-        return plain_strings(schema)
+        return schema
     raise APIError(400, "response_format.type must be 'text', 'json_object' or 'json_schema', "
                    f"got {kind!r}", "response_format.type")  # fmt: skip
 
@@ -80,14 +42,13 @@ def _schema_error(e: Exception) -> APIError:
                     "response_format.json_schema.schema")  # fmt: skip
 
 
-class GrammarFactory:
-    """Compiles response formats for one tokenizer and vocabulary size; compiled grammars are
-    cached by xgrammar, so a repeated schema costs nothing."""
+class GrammarFactory(Grammars):
+    """The engine's grammars for one tokenizer, compiled from OpenAI requests."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_ids: list[int]) -> None:
         try:
-            import xgrammar as xgr
-        except ImportError:
+            super().__init__(tokenizer, vocab_size, stop_ids)
+        except GrammarUnavailable:
             raise APIError(
                 501,
                 "response_format json_object/json_schema and tool calls need xgrammar on the "
@@ -96,29 +57,15 @@ class GrammarFactory:
                 "response_format",
             ) from None
 
-        self._xgr = xgr
-        self.vocab_size = vocab_size
-        info = xgr.TokenizerInfo.from_huggingface(
-            tokenizer.to_hf_tokenizer(), vocab_size=vocab_size, stop_token_ids=stop_ids
-        )
-        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
-        self._lock = threading.Lock()  # compile from request threads one at a time
-        self._forbidden = torch.zeros(vocab_size, dtype=torch.bool)
-        self._forbidden[: len(SPECIAL_TOKENS)] = True
-        self._forbidden[stop_ids] = False
-
     def compile(self, response_format: dict[str, Any]) -> Any:
         """A compiled grammar for an OpenAI `response_format`, or None for plain text."""
         schema = _response_schema(response_format)
-        with self._lock:
-            if schema is None:
-                return None
-            if schema == "json_object":
-                return self._compiler.compile_builtin_json_grammar()
-            try:
-                return self._compiler.compile_json_schema(json.dumps(schema), **JSON_STYLE)
-            except Exception as e:  # xgrammar raises RuntimeError/InvalidJSONError/...
-                raise _schema_error(e) from None
+        if schema is None:
+            return None
+        try:
+            return self.compile_json(None if schema == "json_object" else schema)
+        except Exception as e:  # xgrammar raises RuntimeError/InvalidJSONError/...
+            raise _schema_error(e) from None
 
     def _answer_grammar(self, response_format: dict[str, Any] | None) -> str | None:
         """The EBNF of a `response_format` answer, to combine with tool calls; None for text."""
@@ -128,7 +75,10 @@ class GrammarFactory:
         if schema == "json_object":
             return str(self._xgr.Grammar.builtin_json_grammar())
         try:
-            return str(self._xgr.Grammar.from_json_schema(json.dumps(schema), **JSON_STYLE))
+            grammar = self._xgr.Grammar.from_json_schema(
+                json.dumps(plain_strings(schema)), **JSON_STYLE
+            )
+            return str(grammar)
         except Exception as e:
             raise _schema_error(e) from None
 
@@ -173,33 +123,3 @@ class GrammarFactory:
                                       stop_after_first=one_call)  # fmt: skip
         with self._lock:
             return self._compiler.compile_structural_tag(StructuralTag(format=fmt))
-
-    def constraint(self, compiled: Any) -> JSONConstraint:
-        """A fresh logits processor for one generated sequence."""
-        return JSONConstraint(self._xgr, compiled, self.vocab_size, self._forbidden)
-
-
-class JSONConstraint:
-    """`(generated ids, logits (V,)) -> logits (V,)` with every token the grammar rejects at -inf."""
-
-    def __init__(self, xgr: Any, compiled: Any, vocab_size: int, forbidden: Tensor) -> None:
-        self._xgr = xgr
-        self.matcher = xgr.GrammarMatcher(compiled)
-        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
-        self.forbidden = forbidden
-        self.consumed = 0  # generated tokens already fed to the matcher
-        self._shifts = torch.arange(32, dtype=torch.int32)
-
-    def __call__(self, generated: list[int], logits: Tensor) -> Tensor:
-        for token in generated[self.consumed :]:
-            accepted = self.matcher.accept_token(token)
-            assert accepted, f"token {token} was sampled although the grammar forbids it"
-        self.consumed = len(generated)
-        self.matcher.fill_next_token_bitmask(self.bitmask)
-        # The bitmask packs 32 tokens per int32, bit i of word w = token 32 * w + i. Unpacked
-        # here in torch: xgrammar's own CPU kernel hung when called from a server thread.
-        V = logits.shape[-1]
-        words = self.bitmask[0]  # (ceil(V / 32),) int32
-        allowed = ((words[:, None] >> self._shifts) & 1).bool().flatten()[:V]  # (V,)
-        blocked = ~allowed | self.forbidden[:V]
-        return logits.float().masked_fill(blocked, float("-inf"))

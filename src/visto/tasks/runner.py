@@ -156,16 +156,14 @@ def json_constraints(model: Any, schema: dict | None = None) -> Callable[[], Any
     the world's), as `visto serve` uses for response_format; None when xgrammar is not
     installed or the schema does not compile for this tokenizer (then decoding is plain)."""
     try:
-        from visto.serve.grammar import GrammarFactory
+        from visto.infer.constrain import Grammars
 
         tokenizer = processor_of(model).tokenizer
-        factory = GrammarFactory(tokenizer, logits_width(model), [tokenizer.end_id])
-        compiled = factory.compile(
-            {"type": "json_schema", "json_schema": {"schema": schema or world_json_schema()}}
-        )
-    except Exception:  # xgrammar missing (APIError 501) or the schema did not compile
+        grammars = Grammars(tokenizer, logits_width(model), [tokenizer.end_id])
+        compiled = grammars.compile_json(schema or world_json_schema())
+    except Exception:  # xgrammar missing (GrammarUnavailable) or the schema did not compile
         return None
-    return lambda: factory.constraint(compiled)
+    return lambda: grammars.constraint(compiled)
 
 
 def prompt_batch(model: Any, samples: Sequence[Sample], device: Any) -> tuple[Any, list[int]]:
