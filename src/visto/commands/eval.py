@@ -1,4 +1,5 @@
-"""`visto eval`: evaluate a checkpoint on a synthetic world; write eval.json and report.md."""
+"""`visto eval`: evaluate a checkpoint on a synthetic world or any dataset; write eval.json
+and report.md."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ BLIND_MODES = ("swap", "blank")
 ORDER = 40
 
 DESCRIPTION = """\
-Evaluate a checkpoint on a synthetic world and write, into the run directory:
+Evaluate a checkpoint on a synthetic world, or on a dataset in any format, and write, into
+the run directory:
   eval.json          the figures as one flat JSON object, name -> number (for scripts and CI)
   report.md          the same figures as a table, bar plots seen vs held-out, the training curve
   predictions.jsonl  generative families: every question asked, the answer, its score
@@ -45,6 +47,18 @@ What is measured depends on the model family:
                      model reaches too says nothing about vision. --no-blind skips it (about
                      half the time).
 
+On a dataset (--data FILE or folder: LLaVA JSON, COCO captions, WebDataset shards,
+parquet), what the data carries decides what is scored, on its first --n samples:
+  two-tower          image <-> caption retrieval recall@1/5/10 over the caption records.
+  generative         every exchange with an image, asked after the turns before it: a
+                     short reference answer (<= 3 words) as VQA (vqa.overall,
+                     vqa.yesno/number/other), one box as grounding (ground.acc50; 0..999 or
+                     LLaVA's 0..1 boxes), several boxes as boxes.precision/recall/f1, a
+                     longer answer as longform.bleu4/cider; caption records as
+                     caption.bleu4/cider against all their captions; a sample that carries
+                     the world's truth (a world exported with `visto data export`) as the
+                     world scores it. The blind twin swaps images within the dataset.
+
 Examples:
   visto eval --model runs/clip/checkpoint --data runs/world
   visto eval --model runs/clip/checkpoint --data runs/world --n 500 --paraphrase
@@ -54,6 +68,9 @@ Examples:
   visto eval --model runs/llava/checkpoint --data runs/world --tasks vqa ground --examples 16
   visto eval --model runs/llava/checkpoint --data runs/world --blind blank
   visto eval --model runs/llava/checkpoint --data runs/world --n 20 --no-blind
+  visto eval --model runs/llava/checkpoint --data heldout.json --image-root images/
+  visto eval --model runs/clip/checkpoint --data captions_val2017.json --image-root val2017/
+  visto eval --model DIR --data shards/ --caption-key alt_text --n 500
 
 --out defaults to the run directory holding the checkpoint (runs/NAME for
 runs/NAME/checkpoint, where metrics.jsonl lies), else runs/eval-<checkpoint name>.
@@ -63,14 +80,33 @@ runs/NAME/checkpoint, where metrics.jsonl lies), else runs/eval-<checkpoint name
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "eval", "evaluate a checkpoint: eval.json + report.md", DESCRIPTION)
     p.add_argument("--model", required=True, metavar="CKPT", help="checkpoint directory")
-    p.add_argument("--data", required=True, metavar="DIR", help="synthetic world directory")
-    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="PATH",
+        help="a synthetic world directory, or a dataset file or folder in any format",
+    )
+    p.add_argument("--split", help="the world's split to evaluate (default: test)")
     p.add_argument("--out", metavar="RUN_DIR", help="where eval.json and report.md go")
     p.add_argument(
         "--n",
         type=int,
-        help="images per split (two-tower: the retrieval gallery, default 1000; "
-        "generative: every question of each image, default 200)",
+        help="images per split, or samples of a dataset (two-tower: the retrieval gallery, "
+        "default 1000; generative: every question of each, default 200)",
+    )
+    data = p.add_argument_group("dataset options (--data in a real format)")
+    data.add_argument(
+        "--format",
+        dest="fmt",
+        choices=("llava", "coco", "webdataset", "parquet"),
+        help="the dataset's format (default: detected from the path)",
+    )
+    data.add_argument("--image-root", help="where LLaVA JSON / COCO image paths point")
+    data.add_argument(
+        "--caption-key", help="the caption's field, column or .EXT (default: txt, caption, text)"
+    )
+    data.add_argument(
+        "--image-key", help="the image's field, column or .EXT (default: image(s), png/jpg)"
     )
     two = p.add_argument_group("two-tower (clip) options")
     two.add_argument(
@@ -91,7 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tasks",
         nargs="+",
         metavar="TASK",
-        help="world tasks to ask (default: caption vqa ground refdesc ocr json classify)",
+        help="tasks to ask (world default: caption vqa ground refdesc ocr json classify; "
+        "a dataset's: caption vqa ground boxes longform)",
     )
     gen.add_argument(
         "--max-tokens", type=int, default=24, help="new tokens per short answer (default 24)"
@@ -152,8 +189,15 @@ def resolve_templates(values: list[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def kind_options(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+def kind_options(kind: str, args: argparse.Namespace, on_world: bool = True) -> dict[str, Any]:
     """The settings only one kind of evaluation takes, from the command line."""
+    if kind == "two_tower" and not on_world:
+        if args.templates or args.paraphrase:
+            raise UserError(
+                "--templates and --paraphrase set zero-shot classification, which needs the "
+                "world's class labels; on a dataset a two-tower model is scored by retrieval"
+            )
+        return {}
     if kind == "two_tower":
         return {"templates": resolve_templates(args.templates), "paraphrase": args.paraphrase}
     if kind == "generative":
@@ -162,7 +206,7 @@ def kind_options(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} must be at least 1, got {getattr(args, name)}")
         return {
-            "tasks": resolve_tasks(args.tasks),
+            "tasks": resolve_tasks(args.tasks, on_world),
             "constrain_json": not args.no_constrain,
             "blind": None if args.no_blind else args.blind,
             "max_new_tokens": args.max_tokens,
@@ -172,20 +216,50 @@ def kind_options(kind: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 DEFAULT_BATCH = {"two_tower": 64, "generative": 16}
+DEFAULT_DATASET_N = {"two_tower": 1000, "generative": 200}  # samples read from a dataset
 
 
-def resolve_tasks(values: list[str] | None) -> list[str] | None:
-    """The world's task kinds to ask (None: the reader's default), checked before any work."""
+def resolve_tasks(values: list[str] | None, on_world: bool = True) -> list[str] | None:
+    """The task kinds to ask (None: all there are), checked before any work: the world's,
+    or on a dataset what its exchanges are scored as (and the world's scored tasks, for a
+    world exported to a file)."""
     if values is None:
         return None
-    from visto.data.synth import TASK_KINDS
+    if on_world:
+        from visto.data.synth import TASK_KINDS as known
+    else:
+        from visto.eval.dataset import EXCHANGE_TASKS
+        from visto.eval.generative import SCORED_TASKS
 
-    unknown = [t for t in values if t not in TASK_KINDS]
+        known = tuple(dict.fromkeys(EXCHANGE_TASKS + SCORED_TASKS))
+    unknown = [t for t in values if t not in known]
     if unknown:
-        raise UserError(
-            f"unknown task(s) {unknown} for --tasks; choose from {', '.join(TASK_KINDS)}"
-        )
+        raise UserError(f"unknown task(s) {unknown} for --tasks; choose from {', '.join(known)}")
     return list(dict.fromkeys(values))
+
+
+# argparse dest -> flag, of the settings that only read a dataset file.
+DATASET_FLAGS = {"fmt": "--format", "image_root": "--image-root", "caption_key": "--caption-key",
+                 "image_key": "--image-key"}  # fmt: skip
+
+
+def data_format(args: argparse.Namespace) -> str:
+    """The format of --data ("synth": a world); refuses flags that only fit the other kind."""
+    from visto.data.formats import infer_format
+
+    fmt = args.fmt or infer_format(args.data)
+    given = [flag for dest, flag in DATASET_FLAGS.items() if getattr(args, dest) is not None]
+    if fmt == "synth" and given:
+        raise UserError(
+            f"{', '.join(given)} read a dataset file; {args.data} is a synthetic world, "
+            "whose names are fixed"
+        )
+    if fmt != "synth" and args.split is not None:
+        raise UserError(
+            f"--split picks a split of a synthetic world; {args.data} is {fmt} data, which "
+            "has none: give the file or folder of the split you want"
+        )
+    return fmt
 
 
 def finite_metrics(metrics: dict[str, float]) -> tuple[dict[str, float], list[str]]:
@@ -239,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     import visto
     from visto.checkpoint import read_config
     from visto.device import pick_device
-    from visto.eval import evaluator_for
+    from visto.eval import dataset_evaluator_for, evaluator_for
     from visto.eval.report import read_metrics_jsonl, write_report
     from visto.utils.io import atomic_write_json, atomic_write_text
 
@@ -252,22 +326,41 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--examples must be 0 or more, got {args.examples}")
     checkpoint = Path(args.model)
     family = read_config(checkpoint)["family"]
-    kind, evaluate = evaluator_for(family)  # fails before the weights load when there is none
-    options = kind_options(kind, args)
+    fmt = data_format(args)
+    on_world = fmt == "synth"
+    # Both fail before the weights load when the family has no evaluation.
+    kind, evaluate = evaluator_for(family) if on_world else dataset_evaluator_for(family)
+    options = kind_options(kind, args, on_world)
+    samples = None  # a dataset's samples, read before the weights load: bad data fails fast
+    if not on_world:
+        from visto.eval.dataset import read_dataset
+
+        samples, summary = read_dataset(
+            args.data, fmt=fmt, image_root=args.image_root, caption_key=args.caption_key,
+            image_key=args.image_key, n=args.n or DEFAULT_DATASET_N[kind],
+        )  # fmt: skip
     run_dir = find_run_dir(checkpoint)
     out = Path(args.out) if args.out else (run_dir or Path("runs") / f"eval-{checkpoint.name}")
 
     model = visto.load(checkpoint, device=pick_device(args.device))
     batch_size = args.batch_size or DEFAULT_BATCH.get(kind, 16)
-    common: dict[str, Any] = {"split": args.split, "batch_size": batch_size, "seed": args.seed}
-    if args.n is not None:
-        common["n"] = args.n
-    result = evaluate(
-        model, args.data, **common, **options, log=lambda msg: console.print(f"[dim]{msg}[/dim]")
-    )
+    common: dict[str, Any] = {"batch_size": batch_size, "seed": args.seed}
+
+    def log(msg: str) -> None:
+        console.print(f"[dim]{msg}[/dim]")
+
+    if samples is None:
+        common["split"] = args.split or "test"
+        if args.n is not None:
+            common["n"] = args.n
+        result = evaluate(model, args.data, **common, **options, log=log)
+        data_line = f"data: `{args.data}`"
+    else:
+        result = evaluate(model, samples, **common, **options, log=log)
+        data_line = f"data: `{args.data}` ({fmt}: {summary}; the first {len(samples)} evaluated)"
     curve = read_metrics_jsonl(run_dir / "metrics.jsonl") if run_dir else None
     metrics, no_figure = finite_metrics(result.metrics)
-    notes = [f"checkpoint: `{checkpoint}` ({family})", f"data: `{args.data}`", *result.notes]
+    notes = [f"checkpoint: `{checkpoint}` ({family})", data_line, *result.notes]
     if no_figure and not any(n.startswith("no figure") for n in notes):
         notes.append(f"no figure (nothing to divide by) for: {', '.join(no_figure)}")
     atomic_write_json(out / "eval.json", metrics)
@@ -279,11 +372,12 @@ def run(args: argparse.Namespace) -> int:
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions),
         )
         if args.examples:
+            from visto.eval.dataset import images_by_key
             from visto.eval.examples import render_examples
 
-            examples = render_examples(
-                predictions, args.data, out / "examples.png", n=args.examples, seed=args.seed
-            )
+            images = images_by_key(samples) if samples is not None else None
+            examples = render_examples(predictions, args.data, out / "examples.png",
+                                       n=args.examples, seed=args.seed, images=images)  # fmt: skip
     report = write_report(out, f"Evaluation: {checkpoint.name}", metrics, notes, curve)
     if examples is not None:
         # The page of examples goes after the figures, as its own section of the report.

@@ -8,8 +8,11 @@ names) and notes for the report. Two kinds exist:
     generative   image-to-text models: every task of the world asked and scored
                  (`eval.generative`, driven by `visto.tasks.runner.make_generate`)
 
+`dataset_evaluator_for(family)` does the same for a dataset in any format
+(`eval.dataset`: what the data carries decides what is scored).
+
 A new family of an existing kind is one line in `FAMILY_KIND`; a new kind is one module and
-one entry in `EVALUATORS`.
+one entry in `EVALUATORS` (and in `DATASET_EVALUATORS`).
 """
 
 from __future__ import annotations
@@ -61,6 +64,45 @@ EVALUATORS: dict[str, Callable[[], Callable[..., Any]]] = {
 }
 
 
+def _two_tower_dataset() -> Callable[..., Any]:
+    from visto.eval.dataset import evaluate_two_tower_dataset
+
+    return evaluate_two_tower_dataset
+
+
+def _generative_dataset() -> Callable[..., Any]:
+    from visto.eval.dataset import evaluate_generative_model_on_dataset
+
+    return evaluate_generative_model_on_dataset
+
+
+DATASET_EVALUATORS: dict[str, Callable[[], Callable[..., Any]]] = {
+    "two_tower": _two_tower_dataset,
+    "generative": _generative_dataset,
+}
+
+
+def dataset_evaluator_for(family: str) -> tuple[str, Callable[..., EvalResult]]:
+    """(kind, evaluate) on a dataset's samples, where every evaluate is called as
+
+        evaluate(model, samples, *, batch_size, seed, log, **kind_options)
+
+    (generative kind_options as `evaluator_for`'s; two-tower: none).
+    """
+    kind = _kind_of(family)
+    return kind, DATASET_EVALUATORS[kind]()
+
+
+def _kind_of(family: str) -> str:
+    kind = FAMILY_KIND.get(family)
+    if kind is None or kind not in EVALUATORS:
+        known = ", ".join(sorted(FAMILY_KIND))
+        raise UserError(
+            f"`visto eval` has no evaluation for model family {family!r} yet; it evaluates: {known}"
+        )
+    return kind
+
+
 def evaluator_for(family: str) -> tuple[str, Callable[..., EvalResult]]:
     """(kind, evaluate) for a model family, where every evaluate is called as
 
@@ -69,10 +111,5 @@ def evaluator_for(family: str) -> tuple[str, Callable[..., EvalResult]]:
     and kind_options are that kind's own settings (two-tower: templates, paraphrase;
     generative: tasks, constrain_json, blind, max_new_tokens, json_max_new_tokens).
     """
-    kind = FAMILY_KIND.get(family)
-    if kind is None or kind not in EVALUATORS:
-        known = ", ".join(sorted(FAMILY_KIND))
-        raise UserError(
-            f"`visto eval` has no evaluation for model family {family!r} yet; it evaluates: {known}"
-        )
+    kind = _kind_of(family)
     return kind, EVALUATORS[kind]()

@@ -4,7 +4,8 @@ reference, and predicted vs true boxes in two colours (`visto eval` links it in 
     render_examples(predictions, "runs/world", "runs/eval/examples.png", n=12)
 
 `predictions` are the records of `visto.eval.generative.evaluate_generative_world` (one per
-question: id, task, qtype, question, references, prediction, score, split). Examples are
+question: id, task, qtype, question, references, prediction, score, split), or of a dataset's
+evaluation (`visto.eval.dataset`) with its images passed in as `images`. Examples are
 picked round-robin over tasks, box tasks first, alternating the seen and held-out splits,
 so one page shows every kind of question; within a task the pick is seeded.
 """
@@ -22,13 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from visto.data.tokenizer import parse_boxes
+from visto.eval.generative import answer_boxes
 from visto.tasks import detect
 from visto.tasks.common import norm_to_pixels
 from visto.utils.io import atomic_write_bytes
 
-TASK_ORDER = ("ground", "json", "refdesc", "vqa", "ocr", "count", "classify", "caption")
+TASK_ORDER = ("ground", "boxes", "json", "refdesc", "vqa", "ocr", "count", "classify", "caption",
+              "longform")  # fmt: skip
 # What a record's score is, per task (visto.eval.generative.score_items).
-SCORE_NAMES = {"ground": "IoU", "ocr": "CER", "json": "field acc", "caption": "CIDEr-D"}
+SCORE_NAMES = {"ground": "IoU", "boxes": "F1", "ocr": "CER", "json": "field acc",
+               "caption": "CIDEr-D", "longform": "CIDEr-D"}  # fmt: skip
+# Tasks whose score is a graded figure, not pass/fail: no tick or cross.
+GRADED_TASKS = ("ocr", "json", "caption", "longform", "boxes")
 TRUE_COLOUR = "#111111"  # reference boxes: solid black
 PRED_COLOUR = "#E41A1C"  # predicted boxes: dashed red with a white halo
 
@@ -76,7 +82,9 @@ def example_boxes(record: Mapping[str, Any]) -> tuple[list[list[int]], list[list
     task, prediction = record.get("task"), str(record.get("prediction", ""))
     references = record.get("references") or [""]
     if task == "ground":
-        return parse_boxes(references[0])[:1], parse_boxes(prediction)[:1]
+        return answer_boxes(references[0])[:1], answer_boxes(prediction)[:1]
+    if task == "boxes":
+        return answer_boxes(references[0]), answer_boxes(prediction)
     if task == "refdesc":  # the box is in the question: the object the model must name
         return parse_boxes(str(record.get("question", "")))[:1], []
     if task == "json":
@@ -123,11 +131,7 @@ def _short(text: str, width: int, lines: int) -> str:
 
 def _verdict(task: str, score: Any) -> str:
     """ " ✓"/" ✗" where the score is pass/fail (accuracy; IoU >= 0.5 for grounding)."""
-    if (
-        not isinstance(score, (int, float))
-        or math.isnan(score)
-        or task in ("ocr", "json", "caption")
-    ):
+    if not isinstance(score, (int, float)) or math.isnan(score) or task in GRADED_TASKS:
         return ""
     return " ✓" if score >= (0.5 if task == "ground" else 1.0) else " ✗"
 
@@ -156,8 +160,10 @@ def render_examples(
     n: int = 12,
     seed: int = 0,
     columns: int = 4,
+    images: Mapping[tuple[str, str], Any] | None = None,
 ) -> Path | None:
-    """Write a PNG grid of `n` examples; None (and nothing written) when there are none."""
+    """Write a PNG grid of `n` examples; None (and nothing written) when there are none.
+    `images` ((split, image id) -> PIL image) stands in for `data_dir`'s world files."""
     import io
 
     import matplotlib
@@ -173,10 +179,11 @@ def render_examples(
     examples = pick_examples(predictions, n, seed)
     if not examples:
         return None
-    wanted: dict[str, set[str]] = defaultdict(set)
-    for record in examples:
-        wanted[str(record.get("split", "test"))].add(image_id_of(record))
-    images = find_images(data_dir, wanted)
+    if images is None:
+        wanted: dict[str, set[str]] = defaultdict(set)
+        for record in examples:
+            wanted[str(record.get("split", "test"))].add(image_id_of(record))
+        images = find_images(data_dir, wanted)
 
     columns = min(columns, len(examples))
     rows = math.ceil(len(examples) / columns)
@@ -193,15 +200,17 @@ def render_examples(
         text_ax = fig.add_subplot(grid[2 * row + 1, col])
         text_ax.axis("off")
         split = str(record.get("split", "test"))
-        image_path = images.get((split, image_id_of(record)))
+        image_or_path = images.get((split, image_id_of(record)))
         qtype = f" / {record['qtype']}" if record.get("qtype") else ""
         ax.set_title(f"{record.get('task')}{qtype} · {split}", fontsize=10, loc="left")
         ax.set_xticks([])
         ax.set_yticks([])
-        if image_path is None:
+        if image_or_path is None:
             ax.text(0.5, 0.5, "image not found", ha="center", va="center", transform=ax.transAxes)
         else:
-            image = open_image(image_path)
+            image = image_or_path
+            if isinstance(image_or_path, (str, os.PathLike)):
+                image = open_image(image_or_path)
             w, h = image.size
             ax.imshow(image, extent=(0, w, h, 0), interpolation="nearest")
             true, pred = example_boxes(record)

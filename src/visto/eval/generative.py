@@ -19,6 +19,8 @@ returns one answer string each. Samples are grouped by `sample.truth["task"]` (a
     detect.precision/recall/f1          the objects listed in that JSON, boxes at IoU 0.5
     classify.acc                        the main object's colour and shape
     caption.bleu4  caption.cider        one caption per image against all its references
+    boxes.precision/recall/f1           answers that list several boxes, IoU 0.5 one to one
+    longform.bleu4  longform.cider      free-text answers longer than a VQA answer
 
 `evaluate_generative_world` runs it on a split of a synthetic world and on the held-out
 split (names with `heldout.` in front), the generative counterpart of `evaluate_two_tower`.
@@ -36,6 +38,7 @@ import json
 import math
 import os
 import random
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +55,8 @@ from visto.tasks.parsers import parse_count, parse_json_answer
 
 GenerateFn = Callable[[list[Sample]], list[str]]
 # Tasks that `evaluate_generative` scores; others ("chat": multi-turn) are skipped.
-SCORED_TASKS = ("caption", "vqa", "count", "ground", "refdesc", "ocr", "json", "classify")
+SCORED_TASKS = ("caption", "vqa", "count", "ground", "refdesc", "ocr", "json", "classify",
+                "boxes", "longform")  # fmt: skip
 # What a blind twin sees instead of the image: another image of the split, or a blank one.
 BLIND_MODES = ("swap", "blank")
 BLANK_RGB = (128, 128, 128)  # mid grey: no colour, shape or text to read
@@ -101,6 +105,27 @@ def build_items(samples: Iterable[Sample]) -> tuple[list[Item], dict[str, int]]:
             item = Item(prompt_of(sample), [answer], task, truth.get("qtype"), truth)
         items.append(item)
     return items, dict(skipped)
+
+
+# LLaVA-1.5's RefCOCO answers write boxes as fractions of the image: [0.12, 0.3, 0.5, 0.61].
+_FRACTION_BOX_RE = re.compile(
+    r"\[\s*" + r"\s*,\s*".join([r"([01](?:\.\d+)?|\.\d+)"] * 4) + r"\s*\]"
+)
+
+
+def answer_boxes(text: str) -> list[list[int]]:
+    """Every box in an answer or reference, 0..999: visto's plain lists and location tokens
+    (`parse_boxes`), or fractions 0..1 scaled to 0..999, so a model that learned either
+    convention is scored against references in the same one."""
+    boxes = parse_boxes(text)
+    if boxes:
+        return boxes
+    found = []
+    for m in _FRACTION_BOX_RE.finditer(text):
+        values = [float(g) for g in m.groups()]
+        if all(0.0 <= v <= 1.0 for v in values) and any(0.0 < v < 1.0 for v in values):
+            found.append([min(round(v * 1000), 999) for v in values])
+    return found
 
 
 def generate_all(generate: GenerateFn, prompts: Sequence[Sample], batch_size: int) -> list[str]:
@@ -162,8 +187,8 @@ def score_items(items: Sequence[Item], predictions: Sequence[str]) -> tuple[dict
     if ground:
         pred_boxes, target_boxes = [], []
         for k in ground:
-            [target] = parse_boxes(items[k].references[0])
-            found = parse_boxes(predictions[k])
+            target = answer_boxes(items[k].references[0])[0]
+            found = answer_boxes(predictions[k])
             pred_boxes.append(found[0] if found else None)
             target_boxes.append(target)
             scores[k] = M.box_iou(found[0], target) if found else 0.0
@@ -192,15 +217,37 @@ def score_items(items: Sequence[Item], predictions: Sequence[str]) -> tuple[dict
             scores[k] = float(label == M.normalize_vqa_answer(items[k].references[0]))
         out["classify.acc"] = M.mean_or_nan([scores[k] for k in classify])
 
-    caption = by_task.get("caption", [])
-    if caption:
-        hyps = [M.tokenize_caption(predictions[k]) for k in caption]
-        refs = [[M.tokenize_caption(r) for r in items[k].references] for k in caption]
-        out["caption.bleu4"] = M.bleu(hyps, refs)[3]
-        out["caption.cider"], per_image = M.cider_d(hyps, refs)
-        for k, s in zip(caption, per_image, strict=True):
-            scores[k] = s
+    listed = by_task.get("boxes", [])
+    if listed:
+        pred_boxes = [answer_boxes(predictions[k]) for k in listed]
+        target_boxes = [answer_boxes(items[k].references[0]) for k in listed]
+        prf = M.detection_prf(pred_boxes, target_boxes, 0.5)
+        out.update({f"boxes.{name}": v for name, v in prf.items()})
+        for k, p, t in zip(listed, pred_boxes, target_boxes, strict=True):
+            # This answer's F1 = 2 TP / (#predicted + #target): 0, not undefined, for no boxes.
+            scores[k] = 2 * len(M.match_boxes(p, t, 0.5)) / (len(p) + len(t))
+
+    for task in ("caption", "longform"):
+        out.update(_score_text(task, items, predictions, by_task.get(task, []), scores))
     return out, scores
+
+
+def _score_text(
+    task: str,
+    items: Sequence[Item],
+    predictions: Sequence[str],
+    indices: list[int],
+    scores: list[float],
+) -> dict[str, float]:
+    """BLEU-4 and CIDEr-D of free-text answers against all their references (COCO's way)."""
+    if not indices:
+        return {}
+    hyps = [M.tokenize_caption(predictions[k]) for k in indices]
+    refs = [[M.tokenize_caption(r) for r in items[k].references] for k in indices]
+    cider, per_answer = M.cider_d(hyps, refs)
+    for k, s in zip(indices, per_answer, strict=True):
+        scores[k] = s
+    return {f"{task}.bleu4": M.bleu(hyps, refs)[3], f"{task}.cider": cider}  # fmt: skip
 
 
 def _score_json(
@@ -417,6 +464,26 @@ def evaluate_generative(
     items, skipped = build_items(samples)
     for reason, n in skipped.items():
         log(f"skipped {n} sample(s) with {reason}: no generative metric for it")
+    return ask_items(
+        items, model_generate_fn, prefix=prefix, batch_size=batch_size, log=log,
+        constrained_generate=constrained_generate, blind=blind, seed=seed,
+    )  # fmt: skip
+
+
+def ask_items(
+    items: Sequence[Item],
+    model_generate_fn: GenerateFn,
+    *,
+    prefix: str = "",
+    batch_size: int = 16,
+    log: Callable[[str], None] = lambda _msg: None,
+    constrained_generate: GenerateFn | None = None,
+    blind: str | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """`evaluate_generative` on items already built (from the world's truth, or from a
+    dataset's exchanges: `visto.eval.dataset`)."""
+    check_blind_mode(blind)
     if not items:
         return {}, []
     prompts = [it.prompt for it in items]
