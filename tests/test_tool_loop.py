@@ -179,3 +179,16 @@ def test_the_interactive_chat_keeps_the_tools_after_reset(capsys, checkpoint, la
     assert len(answers) == 2
     for answer in answers:
         check_runs(answer["tool_runs"])
+
+
+def test_the_readme_tools_section_commands_parse() -> None:
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Tools and experts", 1)[1].split("\n## ", 1)[0]
+    commands = [ln.split("#")[0] for ln in section.splitlines() if ln.startswith("visto ")]
+    assert len(commands) == 2
+    for line in commands:
+        args = build_parser().parse_args(shlex.split(line)[1:])
+        assert args.tools == "ocr"
