@@ -37,7 +37,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("visto.models.llava", "visto.checkpoint"): "vision_init is read in the constructor",
     ("visto.quickstart", "visto.commands.data"): "the quickstart builds its world through the CLI",
     ("visto.tasks.classify", "visto.eval.twotower"): "zero-shot scoring lives in eval",
-    ("visto.tasks.runner", "visto.eval.generative"): "evaluate_generative_model lives in tasks",
 }
 
 

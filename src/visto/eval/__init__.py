@@ -52,7 +52,7 @@ def _two_tower() -> Callable[..., Any]:
 
 
 def _generative() -> Callable[..., Any]:
-    from visto.tasks.runner import evaluate_generative_model
+    from visto.eval.generative import evaluate_generative_model
 
     return evaluate_generative_model
 

@@ -203,7 +203,8 @@ def evaluate_generative_model_on_dataset(
     log: Callable[[str], None] = lambda _msg: None,
 ) -> GenerativeEvalResult:
     """`evaluate_generative_dataset` with the model's greedy answers (`make_generate`)."""
-    from visto.tasks.runner import json_note, make_constrained_generate, make_generate
+    from visto.eval.generative import json_note
+    from visto.tasks.runner import make_constrained_generate, make_generate
 
     budget = {"max_new_tokens": max_new_tokens, "json_max_new_tokens": json_max_new_tokens}
     generate = make_generate(model, None, constrain_json=False, **budget)

@@ -584,3 +584,54 @@ def evaluate_generative_world(
         notes.append(f"{split_name}: {len(records)} question(s) on the first {n} image(s)")
     notes += [blind_note(mode) for mode in sorted(modes, key=str)]
     return GenerativeEvalResult(metrics=metrics, notes=notes, predictions=predictions)
+
+
+def evaluate_generative_model(
+    model: Any,
+    data_dir: Any,
+    *,
+    split: str = "test",
+    n: int = 200,
+    batch_size: int = 16,
+    seed: int = 0,
+    tasks: Sequence[str] | None = None,
+    constrain_json: bool = True,
+    blind: str | None = "swap",
+    max_new_tokens: int = 24,
+    json_max_new_tokens: int = 400,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> GenerativeEvalResult:
+    """`visto eval` for a generative family: every task of the world on the first `n` images
+    of `split` and of the held-out split (`evaluate_generative_world`), each answer the
+    model's own greedy decoding; JSON questions also under the world's grammar
+    (json.constrained.*) when `constrain_json` and xgrammar is installed; and the blind twin
+    (`blind`: "swap", "blank" or None) of every figure."""
+    from visto.tasks.runner import make_constrained_generate, make_generate
+
+    budget = {"max_new_tokens": max_new_tokens, "json_max_new_tokens": json_max_new_tokens}
+    generate = make_generate(model, None, constrain_json=False, **budget)
+    constrained = make_constrained_generate(model, **budget) if constrain_json else None
+    result = evaluate_generative_world(
+        generate, data_dir, split=split, n=n, tasks=tasks, batch_size=batch_size, seed=seed,
+        log=log, constrained_generate=constrained, blind=blind,
+    )  # fmt: skip
+    result.notes.append(json_note(constrain_json, constrained is not None, max_new_tokens))
+    nan = [k for k, v in result.metrics.items() if isinstance(v, float) and math.isnan(v)]
+    if nan:
+        result.notes.append(f"no figure (nothing to divide by) for: {', '.join(nan)}")
+    return result
+
+
+def json_note(asked: bool, available: bool, max_new_tokens: int) -> str:
+    """The report's line on how answers were decoded."""
+    if available:
+        constrained = "and again under the world's JSON schema (xgrammar): json.constrained.*"
+    elif asked:
+        constrained = "no grammar-constrained figures: xgrammar is not installed"
+    else:
+        constrained = "no grammar-constrained figures (--no-constrain)"
+    return (
+        "JSON answers: json.valid and json.field_acc are the model's own (unconstrained) "
+        f"decoding; {constrained}; greedy decoding, at most {max_new_tokens} new tokens per "
+        "short answer"
+    )

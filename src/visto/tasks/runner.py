@@ -21,7 +21,6 @@ whatever number of location bins the model has.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -536,59 +535,8 @@ def answer(
 # ----------------------------------------------------------------------------- eval glue
 
 
-def evaluate_generative_model(
-    model: Any,
-    data_dir: Any,
-    *,
-    split: str = "test",
-    n: int = 200,
-    batch_size: int = 16,
-    seed: int = 0,
-    tasks: Sequence[str] | None = None,
-    constrain_json: bool = True,
-    blind: str | None = "swap",
-    max_new_tokens: int = 24,
-    json_max_new_tokens: int = 400,
-    log: Callable[[str], None] = lambda _msg: None,
-) -> Any:
-    """`visto eval` for a generative family: every task of the world on the first `n` images
-    of `split` and of the held-out split (`visto.eval.generative.evaluate_generative_world`),
-    each answer the model's own greedy decoding; JSON questions also under the world's
-    grammar (json.constrained.*) when `constrain_json` and xgrammar is installed; and the
-    blind twin (`blind`: "swap", "blank" or None) of every figure."""
-    from visto.eval.generative import evaluate_generative_world
-
-    budget = {"max_new_tokens": max_new_tokens, "json_max_new_tokens": json_max_new_tokens}
-    generate = make_generate(model, None, constrain_json=False, **budget)
-    constrained = make_constrained_generate(model, **budget) if constrain_json else None
-    result = evaluate_generative_world(
-        generate, data_dir, split=split, n=n, tasks=tasks, batch_size=batch_size, seed=seed,
-        log=log, constrained_generate=constrained, blind=blind,
-    )  # fmt: skip
-    result.notes.append(json_note(constrain_json, constrained is not None, max_new_tokens))
-    nan = [k for k, v in result.metrics.items() if isinstance(v, float) and math.isnan(v)]
-    if nan:
-        result.notes.append(f"no figure (nothing to divide by) for: {', '.join(nan)}")
-    return result
-
-
-def json_note(asked: bool, available: bool, max_new_tokens: int) -> str:
-    """The report's line on how answers were decoded."""
-    if available:
-        constrained = "and again under the world's JSON schema (xgrammar): json.constrained.*"
-    elif asked:
-        constrained = "no grammar-constrained figures: xgrammar is not installed"
-    else:
-        constrained = "no grammar-constrained figures (--no-constrain)"
-    return (
-        "JSON answers: json.valid and json.field_acc are the model's own (unconstrained) "
-        f"decoding; {constrained}; greedy decoding, at most {max_new_tokens} new tokens per "
-        "short answer"
-    )
-
-
 __all__ = [
     "TASKS", "AnswerTokenizer", "Chat", "GenerateFn", "Reply", "ReplyStream", "answer",
-    "boxes_to_loc", "evaluate_generative_model", "json_constraints", "loc_to_boxes",
+    "boxes_to_loc", "json_constraints", "loc_to_boxes",
     "make_constrained_generate", "make_engine", "make_generate", "parse_reply", "task_question", "world_json_schema",
 ]  # fmt: skip
