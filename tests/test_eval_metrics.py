@@ -9,16 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from visto.eval.twotower import (
-    TEMPLATE_SETS,
     RetrievalSet,
     accuracy,
-    class_text_embeddings,
     cluster_metrics,
     purity,
     recall_at_k,
     retrieval_metrics,
     zero_shot_classify,
 )
+from visto.tasks.classify import TEMPLATE_SETS, class_text_embeddings
 
 CLASSES = ["circle", "square", "star"]
 

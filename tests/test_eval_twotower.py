@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from visto.data.synth import COLOURS, WorldConfig, generate_world
 from visto.eval.report import metrics_table, write_report
-from visto.eval.twotower import TEMPLATE_SETS, evaluate_two_tower, fill_template
+from visto.eval.twotower import evaluate_two_tower
+from visto.tasks.classify import TEMPLATE_SETS, fill_template
 
 PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float32)  # (8, 3)
 NAMES = list(COLOURS)

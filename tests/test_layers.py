@@ -36,7 +36,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("visto.models.blip2", "visto.checkpoint"): "the stage-1 checkpoint is read in the constructor",
     ("visto.models.llava", "visto.checkpoint"): "vision_init is read in the constructor",
     ("visto.quickstart", "visto.commands.data"): "the quickstart builds its world through the CLI",
-    ("visto.tasks.classify", "visto.eval.twotower"): "zero-shot scoring lives in eval",
 }
 
 
