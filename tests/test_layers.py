@@ -35,7 +35,6 @@ LAYER = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 EXCEPTIONS: dict[tuple[str, str], str] = {
     ("visto.models.blip2", "visto.checkpoint"): "the stage-1 checkpoint is read in the constructor",
     ("visto.models.llava", "visto.checkpoint"): "vision_init is read in the constructor",
-    ("visto.quickstart", "visto.commands.data"): "the quickstart builds its world through the CLI",
 }
 
 

@@ -194,8 +194,8 @@ def stage_seconds(run_dir: Path) -> dict[str, float]:
 
 def run_data(cfg: QuickstartConfig, run_dir: Path, console: Any, fresh: bool) -> Path:
     """Render the world into RUN/world (reused when its settings match) and its contact sheet."""
-    from visto.commands.data import synth_with_progress
     from visto.data.synth import WorldConfig
+    from visto.data.synth.generate import generate_world_with_progress
     from visto.data.synth.show import show_world
 
     world_dir = run_dir / "world"
@@ -206,7 +206,7 @@ def run_data(cfg: QuickstartConfig, run_dir: Path, console: Any, fresh: bool) ->
         return world_dir
     console.print(f"[bold]data[/]: rendering {wcfg.n} images of {wcfg.size} px into {world_dir}")
     t0 = time.perf_counter()
-    synth_with_progress(wcfg, world_dir, cfg.workers)
+    generate_world_with_progress(wcfg, world_dir, cfg.workers)
     show_world(world_dir, world_dir / "show.png", split="train", n=12)
     mark_done(world_dir, settings, time.perf_counter() - t0)
     console.print(f"[bold]data[/]: contact sheet {world_dir / 'show.png'}")

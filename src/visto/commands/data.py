@@ -176,35 +176,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=lambda args: parser.print_help())
 
 
-def synth_with_progress(cfg, out: Path, workers: int) -> dict:
-    """generate_world with a rich progress bar; returns world.json's content."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    from visto.data.synth import generate_world
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, transient=False) as progress:
-        task = progress.add_task(f"rendering {out}", total=cfg.n)
-        return generate_world(
-            cfg, out, workers=workers, on_progress=lambda k: progress.update(task, completed=k)
-        )
-
-
 def run_synth(args: argparse.Namespace) -> int:
     import time
 
     from visto.data.synth import WorldConfig
+    from visto.data.synth.generate import generate_world_with_progress
     from visto.errors import UserError
 
     if args.workers < 1:
@@ -217,7 +193,7 @@ def run_synth(args: argparse.Namespace) -> int:
         background=args.background,
     ).validate()
     start = time.perf_counter()
-    meta = synth_with_progress(cfg, args.out, args.workers)
+    meta = generate_world_with_progress(cfg, args.out, args.workers)
     seconds = time.perf_counter() - start
     counts = ", ".join(f"{s} {c}" for s, c in meta["counts"].items())
     print(

@@ -162,3 +162,26 @@ def generate_world(
                 f.close()
         atomic_write_json(tmp / "world.json", meta)
     return meta
+
+
+def generate_world_with_progress(cfg: WorldConfig, out: Path, workers: int) -> dict:
+    """`generate_world` with a rich progress bar on the terminal; returns world.json's content."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task(f"rendering {out}", total=cfg.n)
+        return generate_world(
+            cfg, out, workers=workers, on_progress=lambda k: progress.update(task, completed=k)
+        )
