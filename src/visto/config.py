@@ -38,9 +38,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            if arg is type(None):
-                continue
+        others = [arg for arg in args if arg is not type(None)]
+        if len(others) == 1:  # X | None: X's own error (an unknown key) is the one to show
+            return _convert(others[0], value, where)
+        for arg in others:
             try:
                 return _convert(arg, value, where)
             except (TypeError, ValueError, UserError):

@@ -27,8 +27,28 @@ def source_from_spec(spec: Any, seed: int, *, loc_bins: int | None = None) -> tu
 
     The synthetic world has splits (data.split, data.val_split); a file in a real format is
     one split, so its validation data is another file (data.val_source). A mix (data.mix)
-    writes its boxes as `loc_bins` location tokens: those of the model's processor.
+    writes its boxes as `loc_bins` location tokens: those of the model's processor. Several
+    datasets (data.sources) are mixed by weight (`visto.train.mixture`).
     """
+    if spec.sources is None:
+        return one_source(spec, seed, loc_bins=loc_bins)
+    from visto.train.mixture import mixture_source
+
+    parts = [one_source(s, seed, loc_bins=loc_bins, where=f"data.sources[{i}]")
+             for i, s in enumerate(spec.sources)]  # fmt: skip
+    names = [f"data.sources[{i}] ({s.source})" for i, s in enumerate(spec.sources)]
+    weights = [s.weight for s in spec.sources]
+    has_val = [val for _, val in parts]
+    return mixture_source([src for src, _ in parts], has_val, weights, names), any(has_val)
+
+
+def needs_loc_bins(spec: Any) -> bool:
+    """Whether a recipe's data builds a world mix (which writes the model's location tokens)."""
+    return any(s.mix is not None for s in (spec.sources or [spec]))
+
+
+def one_source(spec: Any, seed: int, *, loc_bins: int | None = None, where: str = "data") -> tuple[SampleSource, bool]:
+    """`source_from_spec` for one dataset (a `SourceSpec`); `where` names it in errors."""
     from visto.data.formats import infer_format, read_samples
 
     if not spec.source:
@@ -39,7 +59,7 @@ def source_from_spec(spec: Any, seed: int, *, loc_bins: int | None = None) -> tu
     fmt = spec.format or infer_format(spec.source)
     real_only = [n for n in ("image_root", "caption_key", "image_key") if getattr(spec, n) is not None]
     if fmt == "synth" and real_only:
-        raise UserError(f"data.{real_only[0]} applies to files in a real format; {spec.source} is a synthetic world")
+        raise UserError(f"{where}.{real_only[0]} applies to files in a real format; {spec.source} is a synthetic world")
     if fmt == "synth":
         splits = {"train": spec.split, "val": spec.val_split}
         if spec.mix is not None:
@@ -53,7 +73,7 @@ def source_from_spec(spec: Any, seed: int, *, loc_bins: int | None = None) -> tu
 
         return synth, spec.val_split is not None
     if spec.tasks is not None or spec.mix is not None:
-        which = "data.tasks selects tasks" if spec.tasks is not None else "data.mix builds samples"
+        which = f"{where}.tasks selects tasks" if spec.tasks is not None else f"{where}.mix builds samples"
         raise UserError(f"{which} of the synthetic world; {spec.source} is {fmt} data")
     paths = {"train": spec.source, "val": spec.val_source}
     # The same image root and key names serve the validation file: one dataset, two splits.
@@ -90,12 +110,13 @@ def data_card(spec: Any) -> dict[str, Any]:
     """A recipe's `data` section as a checkpoint card records it: with the mix's facts
     (name, independent turns, tasks) where one was used."""
     from visto.config import to_dict
+    from visto.data.synth.mixes import get_mix
 
     card = to_dict(spec)
-    if spec.mix is not None:
-        from visto.data.synth.mixes import get_mix
-
-        card["mix"] = get_mix(spec.mix).card()
+    parts = [(spec, card), *zip(spec.sources or [], card["sources"] or [], strict=True)]
+    for part, part_card in parts:
+        if part.mix is not None:
+            part_card["mix"] = get_mix(part.mix).card()
     return card
 
 

@@ -56,6 +56,7 @@ from visto.train.data import (
     build_processor,
     data_card,
     first_batches,
+    needs_loc_bins,
     source_from_spec,
     training_loc_bins,
 )
@@ -313,7 +314,7 @@ def train(
     if source is None:
         # A mix writes boxes in the location tokens of the processor the model trains with.
         processor_spec = recipe.processor if trainer_state is None else None
-        loc_bins = training_loc_bins(model, processor_spec) if recipe.data.mix else None
+        loc_bins = training_loc_bins(model, processor_spec) if needs_loc_bins(recipe.data) else None
         source, has_val = source_from_spec(recipe.data, recipe.seed, loc_bins=loc_bins)
     else:
         has_val = True

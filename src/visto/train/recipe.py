@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ class ModelSpec:
 
 
 @dataclass
-class DataSpec:
+class SourceSpec:
+    """One dataset: where it is and how to read it."""
+
     # A dataset path: a synthetic-world directory, LLaVA JSON, COCO, WebDataset, parquet.
     source: str = ""
     format: str | None = None  # None = detect from the path; see visto.data.formats
@@ -54,9 +57,70 @@ class DataSpec:
     # "caption"/"text"/"captions" or a .txt file; "image"/"images" or .png/.jpg/...).
     caption_key: str | None = None
     image_key: str | None = None
+
+
+@dataclass
+class WeightedSource(SourceSpec):
+    """One dataset of a mixture (data.sources). Its weight is its share of the training
+    samples drawn, relative to the others' (3 and 1: three samples in four from the first)."""
+
+    weight: float = 1.0
+
+
+@dataclass
+class DataSpec(SourceSpec):
+    # Several datasets mixed by weight instead of one (LLaVA's mix665k is such a mixture):
+    # [{"source": "a.json", "image_root": "images/", "weight": 3}, {"source": "b.parquet"}].
+    # data.source and the per-dataset settings then stay unset here: each source has its own.
+    sources: list[WeightedSource] | None = None
     # Samples held for shuffling (>= dataset size: a full shuffle). Each epoch starts by
     # reading this many, so a larger buffer shuffles better but stalls longer.
     shuffle_buffer: int = 1024
+
+
+# The settings of one dataset that a mixture's sources set each for itself.
+PER_SOURCE = ("source", "format", "tasks", "mix", "val_source", "image_root", "caption_key",
+              "image_key")  # fmt: skip
+
+
+def source_problems(spec: SourceSpec, where: str) -> list[str]:
+    """What is wrong with one dataset's settings (`where`: "data" or "data.sources[i]")."""
+    problems = []
+    if spec.mix is not None:
+        from visto.data.synth.mixes import MIXES
+
+        if spec.mix not in MIXES:
+            problems.append(f"unknown {where}.mix {spec.mix!r}; choose one of {', '.join(MIXES)}")
+        elif spec.tasks is not None:
+            problems.append(
+                f"{where}.mix {spec.mix!r} names its own tasks "
+                f"({', '.join(MIXES[spec.mix].tasks)}); set {where}.tasks to null"
+            )
+    return problems
+
+
+def data_problems(data: DataSpec) -> list[str]:
+    """What is wrong with a recipe's data section: its one dataset, or its mixture."""
+    if data.sources is None:
+        return source_problems(data, "data")
+    if not data.sources:
+        return ["data.sources is empty: name at least one dataset, or use data.source"]
+    problems = []
+    set_here = [name for name in PER_SOURCE if getattr(data, name) not in (None, "")]
+    if set_here:
+        problems.append(
+            f"data.sources mixes datasets that each carry their own settings; "
+            f"{', '.join('data.' + n for n in set_here)} belong in each source (or leave "
+            "data.sources null for one dataset)"
+        )
+    for i, source in enumerate(data.sources):
+        where = f"data.sources[{i}]"
+        if not source.source:
+            problems.append(f"{where}.source is not set: give the dataset's path")
+        if not (source.weight > 0 and math.isfinite(source.weight)):
+            problems.append(f"{where}.weight must be a positive number, got {source.weight}")
+        problems += source_problems(source, where)
+    return problems
 
 
 @dataclass
@@ -143,16 +207,7 @@ class Recipe:
         for name, lr in {"optim.lr": self.optim.lr, **self.optim.module_lrs}.items():
             if lr < 0:
                 problems.append(f"learning rate for {name!r} must be >= 0, got {lr}")
-        if self.data.mix is not None:
-            from visto.data.synth.mixes import MIXES
-
-            if self.data.mix not in MIXES:
-                problems.append(f"unknown data.mix {self.data.mix!r}; choose one of {', '.join(MIXES)}")
-            elif self.data.tasks is not None:
-                problems.append(
-                    f"data.mix {self.data.mix!r} names its own tasks "
-                    f"({', '.join(MIXES[self.data.mix].tasks)}); set data.tasks to null"
-                )
+        problems += data_problems(self.data)
         if not 0 <= self.schedule.min_lr_ratio <= 1:
             problems.append("schedule.min_lr_ratio must be in [0, 1]")
         for name in ("log_every", "eval_every", "checkpoint_every"):
