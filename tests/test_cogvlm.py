@@ -11,6 +11,7 @@ from PIL import Image
 
 from visto.checkpoint import load, save_checkpoint
 from visto.data.sample import Sample, Turn
+from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.data.tokenizer import train_tokenizer
 from visto.errors import UserError
 from visto.infer.engine import Engine
@@ -18,7 +19,6 @@ from visto.infer.sampling import SamplingParams
 from visto.losses import lm_loss
 from visto.models import build_model
 from visto.models.cogvlm import PARAM_GROUPS, CogVLM, CogVLMConfig, RoutedLinear
-from visto.models.llava import IMAGE_TOKEN_ID
 from visto.nn.language import DecoderLM
 from visto.train.loop import train_step
 from visto.train.optim import build_param_groups

@@ -14,10 +14,11 @@ from PIL import Image
 from visto.checkpoint import load, save_checkpoint
 from visto.data.processor import ProcessorConfig
 from visto.data.sample import Sample, Turn
+from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.data.tokenizer import train_tokenizer
 from visto.errors import UserError
 from visto.models import build_model
-from visto.models.flamingo import IMAGE_TOKEN_ID, PARAM_GROUPS, Flamingo, FlamingoConfig
+from visto.models.flamingo import PARAM_GROUPS, Flamingo, FlamingoConfig
 from visto.train.loop import train_step
 from visto.train.optim import build_param_groups
 from visto.train.recipe import load_recipe

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
+from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
-from visto.models.flamingo import IMAGE_TOKEN_ID, from_idefics
+from visto.models.flamingo import from_idefics
 
 transformers = pytest.importorskip("transformers")
 

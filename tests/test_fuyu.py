@@ -10,12 +10,13 @@ from PIL import Image
 
 from visto.checkpoint import load, save_checkpoint
 from visto.data.sample import Sample, Turn
+from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.data.tokenizer import train_tokenizer
 from visto.errors import UserError
 from visto.infer.engine import Engine
 from visto.infer.sampling import SamplingParams
 from visto.models import build_model
-from visto.models.fuyu import IMAGE_TOKEN_ID, PARAM_GROUPS, Fuyu, FuyuConfig
+from visto.models.fuyu import PARAM_GROUPS, Fuyu, FuyuConfig
 from visto.train.loop import train_step
 from visto.train.optim import build_param_groups
 

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from visto.data.processor import ProcessorConfig, patch_image_transform
+from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
-from visto.models.fuyu import IMAGE_TOKEN_ID, from_transformers
+from visto.models.fuyu import from_transformers
 
 transformers = pytest.importorskip("transformers")
 

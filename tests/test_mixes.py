@@ -132,7 +132,7 @@ def leaking_answers(model, batch: dict, row: int) -> list[int]:
     """The exchanges of `row` whose answer logits change when every other exchange's tokens
     (question and answer, after the image) are replaced. Exchange k spans from the end of the
     previous answer (of the image, for the first) to the end of its own answer."""
-    from visto.models.llava import IMAGE_TOKEN_ID
+    from visto.data.special_tokens import IMAGE_TOKEN_ID
 
     captured = {}
     hook = model.language_model.lm_head.register_forward_hook(lambda m, i, out: captured.update(logits=out))

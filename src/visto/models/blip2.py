@@ -48,10 +48,11 @@ from torch import Tensor, nn
 from visto.connectors.qformer import QFormer, QFormerConfig
 from visto.data.processor import IGNORE_INDEX, Processor, ProcessorConfig
 from visto.data.sample import Sample
+from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
 from visto.losses import answer_loss, itm_loss, lm_loss, pair_positives
 from visto.models.clip import batch_ids, caption_of, image_key
-from visto.models.llava import IMAGE_TOKEN_ID, load_pretrained_parts, processor_from_config
+from visto.models.common import batch_field, load_pretrained_parts, processor_from_config
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 from visto.nn.vision import CLIP_MEAN, CLIP_STD, ViT, ViTConfig
 
@@ -223,10 +224,6 @@ def mine_hard_negatives(
 
 
 # ----------------------------------------------------------------------------- the model
-
-
-def _field(batch: Any, name: str) -> Any:
-    return batch[name] if isinstance(batch, dict) else getattr(batch, name)
 
 
 class Blip2(nn.Module):
@@ -489,11 +486,11 @@ class Blip2(nn.Module):
         dtype = self.language_model.lm_head.weight.dtype
         with torch.inference_mode():
             embeds = self.embed_inputs(
-                _field(batch, "input_ids").to(device),
-                _field(batch, "pixel_values").to(device, dtype),
-                _field(batch, "image_sample_index").to(device),
+                batch_field(batch, "input_ids").to(device),
+                batch_field(batch, "pixel_values").to(device, dtype),
+                batch_field(batch, "image_sample_index").to(device),
             )
-        return self.language_model.prefill_embeds(embeds, _field(batch, "attention_mask").to(device))
+        return self.language_model.prefill_embeds(embeds, batch_field(batch, "attention_mask").to(device))
 
     def decode_step(self, next_ids: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
         return self.language_model.decode_step(next_ids, state)

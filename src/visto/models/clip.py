@@ -150,7 +150,7 @@ class CLIP(nn.Module):
         super().__init__()
         tower = None
         if config.vision_init:
-            from visto.models.llava import load_vision_tower
+            from visto.models.common import load_vision_tower
 
             tower = load_vision_tower(config.vision_init)
             tower.config = replace(tower.config, pool=config.vision.pool)

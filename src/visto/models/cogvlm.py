@@ -43,9 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
-from visto.models.llava import IMAGE_TOKEN_ID, Llava, LlavaConfig
 from visto.models.llava import PARAM_GROUPS as LLAVA_GROUPS
+from visto.models.llava import Llava, LlavaConfig
 from visto.nn.language import DecoderState
 
 PARAM_GROUPS = {**LLAVA_GROUPS, "expert": "visual_expert"}

@@ -47,14 +47,17 @@ from visto.connectors.xattn import (
 )
 from visto.data.processor import Processor, ProcessorConfig
 from visto.data.sample import Sample
-from visto.data.tokenizer import IMAGE, SPECIAL_TOKENS
+from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
 from visto.losses import answer_loss
-from visto.models.llava import check_tokenizer_fits, load_pretrained_parts, processor_from_config
+from visto.models.common import (
+    batch_field,
+    check_tokenizer_fits,
+    load_pretrained_parts,
+    processor_from_config,
+)
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 from visto.nn.vision import ViT, ViTConfig
-
-IMAGE_TOKEN_ID = SPECIAL_TOKENS.index(IMAGE)  # fixed by visto's tokenizer layout (id 3)
 
 PARAM_GROUPS = {
     "vision": "vision_model",
@@ -137,11 +140,6 @@ class FlamingoConfig:
         else:
             raise UserError(f"unknown Flamingo preset {name!r}; choose 'tiny' or 'small'")
         return cls(**{**base, **overrides})
-
-
-def _field(batch: Any, name: str) -> Any:
-    """A batch entry from a collated dict or a processor `Batch` alike."""
-    return batch[name] if isinstance(batch, dict) else getattr(batch, name)
 
 
 def vision_hidden_state(vit: ViT, pixel_values: Tensor, layer: int, keep_cls: bool) -> Tensor:
@@ -319,12 +317,12 @@ class Flamingo(nn.Module):
     def prefill(self, batch: Any) -> tuple[Tensor, FlamingoState]:
         """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
         device = self.language_model.lm_head.weight.device
-        input_ids = _field(batch, "input_ids").to(device)
-        attention_mask = _field(batch, "attention_mask").to(device)
+        input_ids = batch_field(batch, "input_ids").to(device)
+        attention_mask = batch_field(batch, "attention_mask").to(device)
         with torch.inference_mode():
             visual = self.row_visual_tokens(
-                input_ids, _field(batch, "pixel_values").to(device),
-                _field(batch, "image_sample_index").to(device),
+                input_ids, batch_field(batch, "pixel_values").to(device),
+                batch_field(batch, "image_sample_index").to(device),
             )
             embeds = self.language_model.embed(input_ids)
             media = self.media(input_ids, visual)
@@ -527,7 +525,6 @@ def from_idefics(path: str | Path, processor: ProcessorConfig | None = None) -> 
 
 __all__ = [
     "IDEFICS_REQUIREMENTS",
-    "IMAGE_TOKEN_ID",
     "PARAM_GROUPS",
     "Flamingo",
     "FlamingoConfig",

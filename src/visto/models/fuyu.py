@@ -37,13 +37,16 @@ from torch import Tensor, nn
 
 from visto.data.processor import Processor, ProcessorConfig
 from visto.data.sample import Sample
-from visto.data.tokenizer import IMAGE, SPECIAL_TOKENS
+from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
 from visto.losses import answer_loss
-from visto.models.llava import check_tokenizer_fits, load_pretrained_parts, processor_from_config
+from visto.models.common import (
+    batch_field,
+    check_tokenizer_fits,
+    load_pretrained_parts,
+    processor_from_config,
+)
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
-
-IMAGE_TOKEN_ID = SPECIAL_TOKENS.index(IMAGE)  # fixed by visto's tokenizer layout (id 3)
 
 PARAM_GROUPS = {
     "vision": "vision_embed_tokens",
@@ -110,11 +113,6 @@ class FuyuConfig:
         else:
             raise UserError(f"unknown Fuyu preset {name!r}; choose 'tiny' or 'small'")
         return cls(**{**base, **overrides})
-
-
-def _field(batch: Any, name: str) -> Any:
-    """A batch entry from a collated dict or a processor `Batch` alike."""
-    return batch[name] if isinstance(batch, dict) else getattr(batch, name)
 
 
 class Fuyu(nn.Module):
@@ -199,7 +197,7 @@ class Fuyu(nn.Module):
 
     def _embed_batch(self, batch: Any, device: torch.device | None = None) -> Tensor:
         def get(name: str) -> Any:
-            value = _field(batch, name)
+            value = batch_field(batch, name)
             return value.to(device) if device is not None and value is not None else value
 
         return self.embed_inputs(
@@ -235,7 +233,7 @@ class Fuyu(nn.Module):
         device = self.language_model.lm_head.weight.device
         with torch.inference_mode():
             embeds = self._embed_batch(batch, device)
-        return embeds, _field(batch, "attention_mask").to(device)
+        return embeds, batch_field(batch, "attention_mask").to(device)
 
     def prefill(self, batch: Any) -> tuple[Tensor, DecoderState]:
         """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
@@ -333,7 +331,6 @@ def from_transformers(path: str | Path, processor: ProcessorConfig | None = None
 
 
 __all__ = [
-    "IMAGE_TOKEN_ID",
     "PARAM_GROUPS",
     "PERSIMMON_DIFFERENCES",
     "Fuyu",

@@ -25,12 +25,11 @@ Training stages are recipes (`llava-stage1.json`: projector only on captions;
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,16 +37,16 @@ from torch import Tensor, nn
 from visto.connectors.projector import ProjectorConfig, build_projector
 from visto.data.processor import Processor, ProcessorConfig
 from visto.data.sample import Sample
-from visto.data.tokenizer import (
-    DEFAULT_LOC_BINS,
-    IMAGE,
-    SPECIAL_TOKENS,
-    Tokenizer,
-    corpus_texts,
-    train_tokenizer,
-)
+from visto.data.special_tokens import IMAGE, IMAGE_TOKEN_ID
+from visto.data.tokenizer import DEFAULT_LOC_BINS, Tokenizer
 from visto.errors import UserError
 from visto.losses import answer_loss
+from visto.models.common import (
+    batch_field,
+    check_tokenizer_fits,
+    load_pretrained_parts,
+    processor_from_config,
+)
 from visto.models.transformers_format import (
     act_from_hf,
     act_to_hf,
@@ -61,12 +60,10 @@ from visto.nn.vision import (
     CLIP_STD,
     ViT,
     ViTConfig,
-    load_transformers_clip_vision,
     vit_config_from_transformers,
 )
 
 log = logging.getLogger("visto.models")
-IMAGE_TOKEN_ID = SPECIAL_TOKENS.index(IMAGE)  # fixed by visto's tokenizer layout (id 3)
 
 # Names for optim.module_lrs: group -> the parameter-name prefix it covers.
 PARAM_GROUPS = {
@@ -161,121 +158,7 @@ class LlavaConfig:
         return cls(**{**base, **overrides})
 
 
-# ----------------------------------------------------------------------------- pretrained parts
-
-
-def load_vision_tower(path: str | Path) -> ViT:
-    """The ViT of a visto CLIP/LLaVA checkpoint, or of a transformers CLIP or LLaVA directory."""
-    from visto.checkpoint import is_checkpoint, load, read_config
-
-    path = Path(path)
-    hf = read_hf_config(path)
-    if hf is not None and hf["model_type"] == "llava":
-        return load_hf(path).vision_tower
-    if hf is not None and hf["model_type"] not in ("clip", "clip_vision_model"):
-        raise UserError(
-            f"{path} holds a transformers {hf['model_type']!r} model; vision_init reads a visto "
-            "checkpoint or a transformers CLIP or LLaVA directory"
-        )
-    if is_checkpoint(path):
-        config = json.loads((path / "config.json").read_text())
-        if "family" in config:
-            family = read_config(path)["family"]
-            model = load(path)
-            tower = {"clip": "vision_model", "llava": "vision_tower", "cogvlm": "vision_tower",
-                     "flamingo": "vision_model"}.get(family)  # fmt: skip
-            if tower is None:
-                raise UserError(
-                    f"{path} is a {family!r} checkpoint; vision_init needs one with a ViT "
-                    "(clip, llava, cogvlm, flamingo)"
-                )
-            return getattr(model, tower)
-        return load_transformers_clip_vision(path)
-    raise UserError(
-        f"vision_init {path} is not a checkpoint directory (config.json + model.safetensors); "
-        "make one with `visto quickstart --out DIR --until vision` (a ViT pretrained on the "
-        "synthetic world's dense labels: DIR/vision/checkpoint) or `visto train --recipe clip-synth`"
-    )
-
-
-class PretrainedParts(NamedTuple):
-    vision: ViT | None  # the tower `vision_init` names, if any
-    language: DecoderLM | None  # the decoder `language_init` names, if any
-    config: Any  # the family config with their architectures in place and the paths consumed
-    sources: dict[str, str | None]  # where each part came from (None: built fresh)
-
-
-def load_pretrained_parts(config: Any) -> PretrainedParts:
-    """Load the pretrained vision tower and decoder a family config names (`vision_init`,
-    `language_init`, for the fields it has). They bring their own architectures; the paths are
-    consumed here, so that a saved checkpoint rebuilds without them."""
-    fields = {f.name for f in dataclasses.fields(config)}
-    vision_init = getattr(config, "vision_init", None)
-    language_init = getattr(config, "language_init", None)
-    vision = load_vision_tower(vision_init) if vision_init else None
-    language = DecoderLM.from_pretrained(language_init) if language_init else None
-    changes: dict[str, Any] = {}
-    sources: dict[str, str | None] = {}
-    if "vision_init" in fields:
-        changes["vision_init"], sources["vision"] = None, vision_init
-        if vision is not None:
-            changes["vision"] = vision.config
-    if "language_init" in fields:
-        changes["language_init"], sources["language"] = None, language_init
-        if language is not None:
-            changes["decoder"] = language.config
-    return PretrainedParts(vision, language, replace(config, **changes), sources)
-
-
-def tokenizer_from_corpus(corpus: str | Path, config: ProcessorConfig) -> Tokenizer:
-    """A tokenizer trained on every text of a dataset (synthetic world: all tasks, train split)."""
-    from visto.data.formats import infer_format, read_samples
-
-    fmt = infer_format(corpus)
-    if fmt == "synth":
-        from visto.data.synth import TASK_KINDS
-
-        samples = read_samples(corpus, "synth", split="train", tasks=list(TASK_KINDS))
-    else:
-        samples = read_samples(corpus, fmt)
-    return train_tokenizer(corpus_texts(samples), config.vocab_size, loc_bins=config.loc_bins)
-
-
-def processor_from_config(cfg: Any, family: str) -> Processor:
-    """The processor a family config names (every generative family shares these fields): its
-    tokenizer from `tokenizer_dir`, or trained on the texts of `tokenizer_corpus`."""
-    if cfg.tokenizer_dir:
-        tokenizer = Tokenizer.load(cfg.tokenizer_dir)
-    elif cfg.tokenizer_corpus:
-        tokenizer = tokenizer_from_corpus(cfg.tokenizer_corpus, cfg.processor)
-    else:
-        raise UserError(
-            f"this {family} model has no tokenizer: set model.config.tokenizer_corpus to the "
-            "training data (a tokenizer is trained on its texts) or tokenizer_dir to a "
-            "directory with tokenizer.json"
-        )
-    return Processor(cfg.processor, tokenizer)
-
-
-def check_tokenizer_fits(processor: Processor, decoder_vocab_size: int) -> None:
-    """The tokenizer's ids must index the decoder's embeddings, with `<image>` where the
-    families splice visual tokens."""
-    vocab = processor.tokenizer.vocab_size
-    if vocab > decoder_vocab_size:
-        raise UserError(
-            f"the tokenizer has {vocab} tokens but decoder.vocab_size is "
-            f"{decoder_vocab_size}; set decoder.vocab_size >= {vocab}"
-        )
-    if processor.tokenizer.image_id != IMAGE_TOKEN_ID:
-        raise UserError(f"the tokenizer's <image> id must be {IMAGE_TOKEN_ID}")
-
-
 # ----------------------------------------------------------------------------- the model
-
-
-def _field(batch: Any, name: str) -> Any:
-    """A batch entry from a collated dict or a processor `Batch` alike."""
-    return batch[name] if isinstance(batch, dict) else getattr(batch, name)
 
 
 class Llava(nn.Module):
@@ -389,11 +272,11 @@ class Llava(nn.Module):
         device = self.language_model.lm_head.weight.device
         with torch.inference_mode():
             embeds = self.embed_inputs(
-                _field(batch, "input_ids").to(device),
-                _field(batch, "pixel_values").to(device, self.language_model.lm_head.weight.dtype),
-                _field(batch, "image_sample_index").to(device),
+                batch_field(batch, "input_ids").to(device),
+                batch_field(batch, "pixel_values").to(device, self.language_model.lm_head.weight.dtype),
+                batch_field(batch, "image_sample_index").to(device),
             )
-        return embeds, _field(batch, "attention_mask").to(device)
+        return embeds, batch_field(batch, "attention_mask").to(device)
 
     def prefill(self, batch: Any) -> tuple[Tensor, DecoderState]:
         """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
@@ -650,7 +533,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 __all__ = [
-    "IMAGE_TOKEN_ID",
     "PARAM_GROUPS",
     "Llava",
     "LlavaConfig",
@@ -659,6 +541,4 @@ __all__ = [
     "hf_config",
     "hf_key_map",
     "load_hf",
-    "load_vision_tower",
-    "tokenizer_from_corpus",
 ]
