@@ -8,12 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
+from visto.data.pairs import caption_of
 from visto.data.processor import Processor, ProcessorConfig
 from visto.data.sample import Sample, Turn
 from visto.data.tokenizer import train_tokenizer
 from visto.errors import UserError
 from visto.models import FAMILIES, build_model
-from visto.models.clip import CLIP, CLIPConfig, caption_of
+from visto.models.clip import CLIP, CLIPConfig
 from visto.nn.text import TextConfig
 from visto.nn.vision import ViTConfig
 

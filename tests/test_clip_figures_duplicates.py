@@ -11,9 +11,9 @@ from PIL import Image
 from visto.data.processor import Processor, ProcessorConfig
 from visto.data.sample import Sample
 from visto.data.tokenizer import train_tokenizer
-from visto.losses import clip_loss, pair_positives, siglip_loss
+from visto.losses import batch_ids, clip_loss, pair_positives, siglip_loss
 from visto.models import build_model
-from visto.models.clip import CLIPConfig, batch_ids
+from visto.models.clip import CLIPConfig
 
 # Three unit images and three unit texts in 2-D; texts 0 and 2 are the same caption
 # ("One shape: a circle."), so they have the same embedding.

@@ -55,6 +55,12 @@ def pair_positives(*group_ids: Tensor) -> Tensor:
     return out
 
 
+def batch_ids(keys: list[str]) -> Tensor:
+    """Keys -> (B,) ints, equal where the keys are equal (first-seen order)."""
+    index: dict[str, int] = {}
+    return torch.tensor([index.setdefault(k, len(index)) for k in keys], dtype=torch.long)
+
+
 def _drop_other_positives(logits: Tensor, positives: Tensor | None) -> Tensor:
     """logits with every off-diagonal positive set to -inf: not a negative, not a target."""
     if positives is None:

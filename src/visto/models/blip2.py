@@ -46,12 +46,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visto.connectors.qformer import QFormer, QFormerConfig
+from visto.data.pairs import caption_of, image_key
 from visto.data.processor import IGNORE_INDEX, Processor, ProcessorConfig
 from visto.data.sample import Sample
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
-from visto.losses import answer_loss, itm_loss, lm_loss, pair_positives
-from visto.models.clip import batch_ids, caption_of, image_key
+from visto.losses import answer_loss, batch_ids, itm_loss, lm_loss, pair_positives
 from visto.models.common import batch_field, load_pretrained_parts, processor_from_config
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 from visto.nn.vision import CLIP_MEAN, CLIP_STD, ViT, ViTConfig

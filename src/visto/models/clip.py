@@ -37,9 +37,10 @@ from PIL import Image
 from torch import Tensor, nn
 
 from visto.data.negatives import check_swap_groups, swap_word
-from visto.data.sample import IMAGE_PLACEHOLDER, Sample
+from visto.data.pairs import caption_of, image_key
+from visto.data.sample import Sample
 from visto.errors import UserError
-from visto.losses import clip_loss, contrastive_logits, pair_positives, siglip_loss
+from visto.losses import batch_ids, clip_loss, contrastive_logits, pair_positives, siglip_loss
 from visto.nn.text import TextConfig, build_text_encoder
 from visto.nn.vision import ViT, ViTConfig, images_to_tensor
 
@@ -99,38 +100,6 @@ class CLIPConfig:
         else:
             raise UserError(f"unknown CLIP preset {name!r}; choose 'tiny' or 'small'")
         return cls(**{**base, **overrides})
-
-
-def caption_of(sample: Sample) -> str:
-    """The text paired with a sample's image: truth["caption"] (or the first of
-    truth["captions"]) where the source has one, else the last assistant turn."""
-    truth = sample.truth or {}
-    text = truth.get("caption")
-    if not text and truth.get("captions"):
-        text = truth["captions"][0]
-    if not text:
-        answers = [t.content for t in sample.turns if t.role == "assistant"]
-        text = answers[-1] if answers else ""
-    text = text.replace(IMAGE_PLACEHOLDER, "").strip()
-    if not text:
-        raise UserError(
-            f"sample {sample.id!r} has no caption for CLIP training: it needs truth['caption'] "
-            "or an assistant turn (use caption data, e.g. tasks ['caption'])"
-        )
-    return text
-
-
-def image_key(sample: Sample) -> str:
-    """What identifies a sample's image across samples: the source's image id (the synthetic
-    world gives each caption of an image its own sample), else the sample id."""
-    truth = sample.truth or {}
-    return str(truth.get("image_id") or sample.id)
-
-
-def batch_ids(keys: list[str]) -> Tensor:
-    """Keys -> (B,) ints, equal where the keys are equal (first-seen order)."""
-    index: dict[str, int] = {}
-    return torch.tensor([index.setdefault(k, len(index)) for k in keys], dtype=torch.long)
 
 
 def negative_matches(batch: dict[str, Tensor]) -> Tensor:
@@ -310,7 +279,7 @@ class CLIP(nn.Module):
     def collate(self, samples: list[Sample]) -> dict[str, Tensor]:
         """Samples -> {"pixel_values" (B,3,S,S), "input_ids" (B,T), "attention_mask" (B,T),
         "caption_ids" (B,), "image_ids" (B,)}: each sample's first image with its caption (see
-        `caption_of`). Equal ids mark identical captions / the same image within the batch
+        `visto.data.pairs.caption_of`). Equal ids mark identical captions / the same image within the batch
         (the loss does not treat those pairs as negatives, see visto.losses).
 
         With `hard_negative_swaps`, also "negative_input_ids" (N, T'), "negative_attention_mask"
