@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from visto.data.synth.mixes import record_qas
 from visto.data.tokenizer import boxes_to_loc, parse_boxes
@@ -142,6 +143,14 @@ def test_quickstart_runs_end_to_end_and_reuses_stages(tmp_path: Path):
         assert metrics["gain." + key] == pytest.approx(gain, abs=2e-6), key
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows} == {"vision", "stage1", "stage2"}
+    # The default connector is object tokens, detected by the dense heads of the vision
+    # stage: the final model holds those very heads (frozen through both LLaVA stages).
+    from safetensors.torch import load_file
+
+    final, vision = (load_file(run / d / "model.safetensors") for d in ("checkpoint", "vision/checkpoint"))
+    heads = [k for k in final if k.startswith("multi_modal_projector.heads.")]
+    assert heads and all(torch.equal(final[k], vision[k]) for k in heads)
+    assert json.loads((run / "checkpoint" / "config.json").read_text())["config"]["projector"]["kind"] == "regions"
     assert "VQA overall" in (run / "report.md").read_text()
     assert "| figure | test | blind | gain | held-out pairs |" in (run / "report.md").read_text()
     assert json.loads((run / "eval_done.json").read_text())["settings"]["blind"] == "swap"

@@ -74,9 +74,14 @@ class QuickstartConfig:
     vision_stem: str = "conv"
     vision_width: int = 128
     vision_layers: int = 4
-    projector: str = "mlp"  # "mlp": 64 visual tokens; "pixel_shuffle": 16
+    # "regions": one token per detected object (<= `slots`), tied to the decoder's word
+    # embeddings (visto.connectors.regions; bench/binding_probe.py measured why);
+    # "mlp": 64 patch tokens; "pixel_shuffle": 16
+    projector: str = "regions"
+    slots: int = 10  # regions: object tokens per image (the world has at most 9 objects)
     decoder_width: int = 256
     decoder_layers: int = 4
+    decoder_init: str = "mimetic"  # attention starts as a similarity (DecoderConfig.attention_init)
     vocab_size: int = 1024
     loc_bins: int = 100
     max_length: int = 512
@@ -105,8 +110,8 @@ class QuickstartConfig:
 
         if self.vision_stem not in STEMS:
             problems.append(f"vision_stem must be one of {STEMS}, got {self.vision_stem!r}")
-        if self.projector not in ("mlp", "pixel_shuffle"):
-            problems.append(f"projector must be 'mlp' or 'pixel_shuffle', got {self.projector!r}")
+        if self.projector not in ("regions", "mlp", "pixel_shuffle"):
+            problems.append(f"projector must be 'regions', 'mlp' or 'pixel_shuffle', got {self.projector!r}")
         if self.vision_batch < 1:
             problems.append(f"--vision-batch must be at least 1, got {self.vision_batch}")
         if self.eval_images < 1:
@@ -122,7 +127,10 @@ class QuickstartConfig:
         keys = {
             "data": data_keys,
             "vision": data_keys + ("vision_steps", "minutes", "vision_share", "patch_size", "vision_stem",
-                                   "vision_width", "vision_layers", "vision_batch", "vision_lr"),
+                                   "vision_width", "vision_layers", "vision_batch", "vision_lr",
+                                   # the saved checkpoint holds a fresh connector and decoder too
+                                   "projector", "slots", "decoder_width", "decoder_layers",
+                                   "decoder_init", "vocab_size", "loc_bins", "max_length"),
         }  # fmt: skip
         if stage in keys:
             return {k: d[k] for k in keys[stage]}
@@ -236,12 +244,12 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
         layers=cfg.vision_layers, heads=4, mlp_hidden=4 * cfg.vision_width, stem=cfg.vision_stem,
         image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
     )  # fmt: skip
-    projector = ProjectorConfig(kind=cfg.projector, scale_factor=2)
+    projector = ProjectorConfig(kind=cfg.projector, scale_factor=2, slots=cfg.slots)
     patches = vision.num_patches
     decoder = DecoderConfig(
         vocab_size=vocab_size, hidden_size=cfg.decoder_width, num_layers=cfg.decoder_layers,
         num_heads=8, num_kv_heads=4, intermediate_size=3 * cfg.decoder_width,
-        max_position_embeddings=max(1024, cfg.max_length),
+        max_position_embeddings=max(1024, cfg.max_length), attention_init=cfg.decoder_init,
     )  # fmt: skip
     processor = ProcessorConfig(
         image_size=cfg.size, resize_mode="resize", image_tokens=projector.num_tokens(patches),
@@ -325,6 +333,8 @@ def run_vision(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, console: A
     torch.manual_seed(cfg.seed)
     model = Llava(config)
     model.vision_tower.load_state_dict(result.vit.state_dict())
+    if cfg.projector == "regions":  # the dense heads are the object detector of the tokens
+        model.multi_modal_projector.heads.load_state_dict(result.heads.state_dict())
     model.processor = Processor(config.processor, tokenizer)
     budget = step_budget(result.steps, cfg.vision_steps, cap)
     card = {"data": str(world_dir), "training": {"stage": "dense vision pretraining", **budget,
