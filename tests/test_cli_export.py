@@ -99,3 +99,26 @@ def test_families_without_an_export_and_bad_paths(tokenizer_dir, tmp_path, capsy
     assert main([*args, "--overwrite"]) == 0
     assert main(["export", str(tmp_path / "taken"), "--out", str(tmp_path / "y")]) == 2
     assert "already a transformers directory" in capsys.readouterr().err
+
+
+def test_export_format_visto_merges_lora_into_a_visto_checkpoint(tokenizer_dir, tmp_path, capsys):
+    import visto
+    from visto.nn.lora import has_lora
+
+    model = tiny_llava(tokenizer_dir)
+    apply_lora(model, LoraConfig(rank=2, targets=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    save_checkpoint(model, tmp_path / "ckpt")
+    args = ["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged"), "--format", "visto"]
+    assert main(args) == 0
+    assert "LoRA merged" in capsys.readouterr().out
+    ours, merged = visto.load(tmp_path / "ckpt"), visto.load(tmp_path / "merged")
+    assert has_lora(ours) and not has_lora(merged)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        a, _ = ours.language_model(input_ids=ids)
+        b, _ = merged.language_model(input_ids=ids)
+    assert (a - b).abs().max() < 1e-5
