@@ -26,12 +26,20 @@ Ctrl-C once: finish the step, save a checkpoint and stop; `--resume RUN` continu
 the same loss curve. Resume a finished run with a larger budget to train it further.
 Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP and each rank reads its shard.
 
+A recipe's `finish` section says what happens to the final checkpoint: `visto eval` on a
+held-out dataset (finish.eval_source, any format; eval.json and report.md in the run, and
+with finish.eval_start the starting model's figures in RUN/eval-start beside them), then
+`visto export` (finish.export: "visto" merges LoRA into a visto checkpoint, "hf" writes a
+transformers directory) into RUN/export.
+
 Examples:
   visto train --list
   visto train --recipe clip-synth --set data.source=runs/world
   visto train --recipe my-recipe.json --out runs/exp1 --set optim.lr=3e-4 --set max_minutes=8
   visto train --recipe clip-synth --set optim.module_lrs.vision_model=0    (freeze the vision tower)
   visto train --recipe my-llava.json --set data.source=llava_v1_5_mix665k.json --image-root data/
+  visto train --recipe llava-lora --set data.source=train.json --set data.image_root=images/ \
+      --set model.init_from=runs/quickstart/checkpoint --set finish.eval_source=heldout.json
   visto train --resume runs/exp1
   visto train --resume runs/exp1 --set max_steps=2000                 (train it further)
   torchrun --nproc_per_node 2 -m visto.cli train --recipe clip-synth --out runs/ddp
@@ -62,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from visto.commands._train_finish import check_finish, finish_run
     from visto.train.recipe import list_recipes, load_recipe
 
     console = Console(soft_wrap=True)  # paths stay whole, copyable
@@ -78,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         from visto.train.loop import load_run_recipe, train
 
         recipe = load_run_recipe(args.resume, args.overrides)
+        check_finish(recipe)
         result = train(recipe, args.resume, resume=True, console=console, show_progress=not args.no_progress)
     else:
         if not args.recipe:
@@ -85,10 +95,13 @@ def run(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         from visto.train.loop import train
 
+        check_finish(recipe)
         out = Path(args.out) if args.out else Path("runs") / (recipe.name or "train")
         result = train(recipe, out, console=console, show_progress=not args.no_progress)
-    from visto.train.distributed import leave_process_group
+    from visto.train.distributed import init_distributed, leave_process_group
 
+    if not result.stopped_early and init_distributed().main:
+        finish_run(recipe, Path(result.run_dir), console)
     leave_process_group()  # under torchrun: a clean exit for every rank
     return 130 if result.stopped_early else 0
 

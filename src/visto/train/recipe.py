@@ -99,6 +99,21 @@ def source_problems(spec: SourceSpec, where: str) -> list[str]:
     return problems
 
 
+def finish_problems(finish: FinishSpec, model: ModelSpec) -> list[str]:
+    problems = []
+    if finish.export is not None and finish.export not in FINISH_EXPORTS:
+        problems.append(f"finish.export must be one of {', '.join(FINISH_EXPORTS)} or null, "
+                        f"got {finish.export!r}")  # fmt: skip
+    if finish.eval_n < 1:
+        problems.append(f"finish.eval_n must be >= 1, got {finish.eval_n}")
+    if finish.eval_start and not (finish.eval_source and model.init_from):
+        problems.append("finish.eval_start scores the model.init_from checkpoint on "
+                        "finish.eval_source: set both, or set eval_start to false")  # fmt: skip
+    if finish.eval_image_root is not None and finish.eval_source is None:
+        problems.append("finish.eval_image_root is set but finish.eval_source is not")
+    return problems
+
+
 def data_problems(data: DataSpec) -> list[str]:
     """What is wrong with a recipe's data section: its one dataset, or its mixture."""
     if data.sources is None:
@@ -157,6 +172,26 @@ class ScheduleSpec:
     min_lr_ratio: float = 0.1
 
 
+FINISH_EXPORTS = ("visto", "hf")
+
+
+@dataclass
+class FinishSpec:
+    """What `visto train` does with the final checkpoint, on the main process."""
+
+    # A held-out dataset in any format that `visto eval --data` scores the checkpoint on:
+    # RUN/eval.json, predictions.jsonl and report.md's figures. None = no evaluation.
+    eval_source: str | None = None
+    eval_image_root: str | None = None  # where its image paths point (LLaVA JSON, COCO)
+    eval_n: int = 200  # its first samples
+    # Also score the model training started from (model.init_from), into RUN/eval-start/,
+    # so that what training changed is measured on the same questions.
+    eval_start: bool = False
+    # "visto": RUN/export, a visto checkpoint with LoRA merged into its weights; "hf": a
+    # transformers directory (LoRA merged; `visto export --help` says which models can).
+    export: str | None = None
+
+
 @dataclass
 class Recipe:
     name: str = ""
@@ -170,6 +205,7 @@ class Recipe:
     # Parameter-efficient fine-tuning: LoRA adapters on the named modules; everything else
     # (but `lora.trainable`) is frozen. None = train the model's own weights.
     lora: LoraConfig | None = None
+    finish: FinishSpec = field(default_factory=FinishSpec)
     batch_size: int = 32  # samples per optimizer step on each process (all micro-batches)
     grad_accum: int = 1  # micro-batches per step; each holds batch_size / grad_accum samples
     # The budget is max_steps: the same seed gives the same model on any machine. max_minutes
@@ -208,6 +244,7 @@ class Recipe:
             if lr < 0:
                 problems.append(f"learning rate for {name!r} must be >= 0, got {lr}")
         problems += data_problems(self.data)
+        problems += finish_problems(self.finish, self.model)
         if not 0 <= self.schedule.min_lr_ratio <= 1:
             problems.append("schedule.min_lr_ratio must be in [0, 1]")
         for name in ("log_every", "eval_every", "checkpoint_every"):
