@@ -37,6 +37,7 @@ table: it adds the same vector to every patch), and a fused qkv projection (spli
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -571,12 +572,62 @@ _STAGE1_ONLY = ("qformer.embeddings.", "qformer.lm_head.", "vision_projection.",
                 "text_projection.", "itm_head.", "temp")  # fmt: skip
 
 
+def _stage1_only(key: str) -> bool:
+    """Parts only stage 1 trains: `_STAGE1_ONLY`, and the Q-Former's text feed-forwards
+    (absent from transformers' models without `use_qformer_text_input`)."""
+    text_ffn = (".intermediate.", ".output.")
+    return key.startswith(_STAGE1_ONLY) or (
+        key.startswith("qformer.") and any(s in key for s in text_ffn)
+    )
+
+
+def _positions_with_patch_bias(positions: Tensor, patch_bias: Tensor) -> Tensor:
+    """(1, 1 + P, D) positions and the patch bias (D,) -> our (1 + P, D) position table."""
+    table = positions[0].clone()
+    table[1:] += patch_bias
+    return table
+
+
+def _vision_key_map(
+    layers: int, stored: set[str]
+) -> tuple[dict[str, str | tuple[str, ...]], dict[str, Callable[..., Tensor]]]:
+    """(key map, transforms) of BLIP's ViT, whose tensors are stored in other shapes than ours."""
+    key_map: dict[str, str | tuple[str, ...]] = {}
+    transforms: dict[str, Callable[..., Tensor]] = {}
+    # BLIP's ViT: class (1, 1, D) and positions (1, 1 + P, D); the patch bias adds the same
+    # vector to every patch token, so it joins the patch rows of the position table.
+    e = "vision_model.embeddings."
+    key_map[e + "class_embedding"] = e + "class_embedding"
+    transforms[e + "class_embedding"] = lambda c: c.reshape(-1)
+    if e + "patch_embedding.bias" in stored:
+        key_map[e + "position_embedding.weight"] = (e + "position_embedding", e + "patch_embedding.bias")
+        transforms[e + "position_embedding.weight"] = _positions_with_patch_bias
+    else:
+        key_map[e + "position_embedding.weight"] = e + "position_embedding"
+        transforms[e + "position_embedding.weight"] = lambda positions: positions[0]
+    # Its attention: one fused qkv (weight (3D, D), bias (3D,) or none, then zeros).
+    for i in range(layers):
+        p = f"vision_model.encoder.layers.{i}.self_attn."
+        for k, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            key_map[p + name + ".weight"] = p + "qkv.weight"
+            transforms[p + name + ".weight"] = lambda w, k=k: w.chunk(3, dim=0)[k]
+            if p + "qkv.bias" in stored:
+                key_map[p + name + ".bias"] = p + "qkv.bias"
+                transforms[p + name + ".bias"] = lambda b, k=k: b.chunk(3)[k]
+            else:
+                key_map[p + name + ".bias"] = p + "qkv.weight"
+                transforms[p + name + ".bias"] = lambda w: w.new_zeros(w.shape[0] // 3)
+        key_map[p + "out_proj.weight"] = p + "projection.weight"
+        key_map[p + "out_proj.bias"] = p + "projection.bias"
+    return key_map, transforms
+
+
 def load_hf(directory: str | Path) -> Blip2:
     """A visto BLIP-2 from a transformers `Blip2ForConditionalGeneration` (or
     `Blip2ForImageTextRetrieval`) directory with a Llama/Qwen2 text model. Every tensor in the
     file is used, and every tensor of ours is loaded unless it is stage-1-only (`_STAGE1_ONLY`
     and the Q-Former's text feed-forwards, absent without `use_qformer_text_input`)."""
-    from safetensors.torch import load_file
+    from visto.nn.weights import load_by_key_map, tensor_names
 
     directory = Path(directory)
     config_path, weights_path = directory / "config.json", directory / "model.safetensors"
@@ -584,56 +635,22 @@ def load_hf(directory: str | Path) -> Blip2:
         if not p.is_file():
             raise UserError(f"{directory} is not a transformers BLIP-2 directory: {p.name} missing")
     model = Blip2(config_from_hf(json.loads(config_path.read_text()), where=str(config_path)))
-    hf = load_file(str(weights_path))
-    ours = model.state_dict()
-    loaded: set[str] = set()
-    used: set[str] = set()
-
-    def put(key: str, value: Tensor, *sources: str) -> None:
-        if value.shape != ours[key].shape:
-            raise UserError(f"{weights_path}: {sources} give {tuple(value.shape)} for {key}, "
-                            f"expected {tuple(ours[key].shape)}")  # fmt: skip
-        with torch.no_grad():
-            ours[key].copy_(value.to(ours[key].dtype))
-        loaded.add(key)
-        used.update(sources)
-
-    for key, theirs in hf_key_map(model).items():
-        if theirs in hf:
-            put(key, hf[theirs], theirs)
-    # BLIP's ViT: class (1, 1, D) and positions (1, 1 + P, D); the patch bias adds the same
-    # vector to every patch token, so it joins the patch rows of the position table.
-    e = "vision_model.embeddings."
-    put(e + "class_embedding", hf[e + "class_embedding"].reshape(-1), e + "class_embedding")
-    positions = hf[e + "position_embedding"][0].clone()  # (1 + P, D)
-    if e + "patch_embedding.bias" in hf:
-        positions[1:] += hf[e + "patch_embedding.bias"]
-        used.add(e + "patch_embedding.bias")
-    put(e + "position_embedding.weight", positions, e + "position_embedding")
-    for i in range(model.config.vision.layers):
-        p = f"vision_model.encoder.layers.{i}.self_attn."
-        weights = hf[p + "qkv.weight"].chunk(3, dim=0)
-        bias = hf.get(p + "qkv.bias")
-        biases = bias.chunk(3) if bias is not None else [torch.zeros(w.shape[0]) for w in weights]
-        for name, w, b in zip(("q_proj", "k_proj", "v_proj"), weights, biases, strict=True):
-            put(p + name + ".weight", w, p + "qkv.weight")
-            put(p + name + ".bias", b, *([p + "qkv.bias"] if bias is not None else []))
-        put(p + "out_proj.weight", hf[p + "projection.weight"], p + "projection.weight")
-        put(p + "out_proj.bias", hf[p + "projection.bias"], p + "projection.bias")
-
+    stored = tensor_names(directory)
     tied = model.config.decoder.tie_word_embeddings
-    unused = sorted(k for k in set(hf) - used if not (tied and k == "language_model.lm_head.weight"))
-    if unused:
-        raise UserError(f"{weights_path}: tensors visto does not read, e.g. {unused[:4]}")
-    text_ffn = (".intermediate.", ".output.")
-    if tied:
-        loaded.add("language_model.lm_head.weight")  # the embedding matrix itself
-    missing = sorted(
-        k for k in set(ours) - loaded
-        if not k.startswith(_STAGE1_ONLY) and not (k.startswith("qformer.") and any(s in k for s in text_ffn))
-    )
-    if missing:
-        raise UserError(f"{weights_path}: lacks {len(missing)} tensors, e.g. {missing[:4]}")
+    # Stage-1 parts a generation checkpoint lacks keep their initial values.
+    key_map: dict[str, str | tuple[str, ...]] = {
+        ours: theirs for ours, theirs in hf_key_map(model).items()
+        if theirs in stored or not _stage1_only(ours)
+    }  # fmt: skip
+    vision_map, transforms = _vision_key_map(model.config.vision.layers, stored)
+    key_map |= vision_map
+    unnamed = {k for k in model.state_dict() if k not in key_map and not _stage1_only(k)}
+    unnamed -= {"language_model.lm_head.weight"} if tied else set()  # the embedding matrix
+    assert not unnamed, f"the key map names no tensor for {sorted(unnamed)}"
+    load_by_key_map(
+        model, directory, key_map, transforms,
+        ignore=lambda key: tied and key == "language_model.lm_head.weight",
+    )  # fmt: skip
     return model.eval()
 
 

@@ -352,6 +352,35 @@ IDEFICS_REQUIREMENTS = (
 )
 
 
+# Idefics' decoupled embeddings: the rows of its additional vocabulary, stored apart.
+IDEFICS_ADDITIONAL = ("model.embed_tokens.additional_embedding.weight", "lm_head.additional_fc.weight")
+
+
+def idefics_key_map(model: Flamingo, joined: bool) -> dict[str, str | tuple[str, ...]]:
+    """Our key -> Idefics' key, every tensor named; with `joined`, the embedding table and the
+    head are each made of Idefics' regular and additional tensors."""
+    out: dict[str, str | tuple[str, ...]] = {}
+    for ours in model.vision_model.state_dict():
+        out[f"vision_model.{ours}"] = f"model.vision_model.{ours}"
+    for ours, theirs in model.perceiver_resampler.hf_key_map().items():
+        out[f"perceiver_resampler.{ours}"] = f"model.perceiver_resampler.{theirs}"
+    for j, block in enumerate(model.gated_cross_attn_layers):
+        for ours, theirs in block.hf_key_map().items():
+            out[f"gated_cross_attn_layers.{j}.{ours}"] = f"model.gated_cross_attn_layers.{j}.{theirs}"
+    for ours in model.language_model.hf_key_map():  # model.layers.*, model.norm, ..., lm_head
+        out[f"language_model.{ours}"] = ours
+    if joined:
+        for ours, additional in zip(("language_model.model.embed_tokens.weight",
+                                     "language_model.lm_head.weight"), IDEFICS_ADDITIONAL, strict=True):  # fmt: skip
+            if ours in out:  # a tied head has no table of its own
+                out[ours] = (out[ours], additional)
+    return out
+
+
+def _join_rows(regular: Tensor, additional: Tensor) -> Tensor:
+    return torch.cat([regular, additional], dim=0)
+
+
 def from_idefics(path: str | Path, processor: ProcessorConfig | None = None) -> Flamingo:
     """A transformers `IdeficsForVisionText2Text` directory (config.json + model.safetensors)
     as a visto Flamingo, tensor for tensor.
@@ -368,9 +397,7 @@ def from_idefics(path: str | Path, processor: ProcessorConfig | None = None) -> 
     marker must be visto's `<image>` id (3): a real Idefics tokenizer's `<image>` (32001 in
     idefics-9b) would need that id made configurable.
     """
-    from safetensors import safe_open
-
-    from visto.nn.language import _safetensors_files
+    from visto.nn.weights import load_by_key_map
 
     directory = Path(path)
     config_path = directory / "config.json"
@@ -455,71 +482,19 @@ def from_idefics(path: str | Path, processor: ProcessorConfig | None = None) -> 
         )
     model = Flamingo(config)
 
-    # Their key -> our key, every tensor named.
-    theirs_to_ours: dict[str, str] = {}
-    for ours in model.vision_model.state_dict():
-        theirs_to_ours[f"model.vision_model.{ours}"] = f"vision_model.{ours}"
-    for ours, theirs in model.perceiver_resampler.hf_key_map().items():
-        theirs_to_ours[f"model.perceiver_resampler.{theirs}"] = f"perceiver_resampler.{ours}"
-    for j, block in enumerate(model.gated_cross_attn_layers):
-        for ours, theirs in block.hf_key_map().items():
-            theirs_to_ours[f"model.gated_cross_attn_layers.{j}.{theirs}"] = (
-                f"gated_cross_attn_layers.{j}.{ours}"
-            )
-    for ours in model.language_model.hf_key_map():
-        if ours == "lm_head.weight":
-            theirs_to_ours["lm_head.weight"] = "language_model.lm_head.weight"
-        else:
-            theirs_to_ours[ours] = f"language_model.{ours}"  # model.layers.*, model.norm, ...
+    key_map = idefics_key_map(model, joined=extra > 0)
     # Decoupled embeddings: the additional rows go after the regular ones.
-    split_parts = {
-        "model.embed_tokens.weight": ("language_model.model.embed_tokens.weight", 0),
-        "model.embed_tokens.additional_embedding.weight": (
-            "language_model.model.embed_tokens.weight", 1),
-        "lm_head.weight": ("language_model.lm_head.weight", 0),
-        "lm_head.additional_fc.weight": ("language_model.lm_head.weight", 1),
-    }
-    ours_state = model.state_dict()
-    parts: dict[str, list[Tensor | None]] = {}
-    loaded: set[str] = set()
-    with torch.no_grad():
-        for file in _safetensors_files(directory):
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    if key.endswith(("rotary_emb.inv_freq", "position_ids")):
-                        continue  # recomputed
-                    if key in split_parts:
-                        target, part = split_parts[key]
-                        if target == "language_model.lm_head.weight" and decoder.tie_word_embeddings:
-                            continue
-                        parts.setdefault(target, [None, None])[part] = f.get_tensor(key)
-                        continue
-                    if key not in theirs_to_ours:
-                        raise UserError(f"{file}: unexpected tensor {key!r} for an Idefics visto reads")
-                    target = theirs_to_ours[key]
-                    tensor = f.get_tensor(key)
-                    if tensor.shape != ours_state[target].shape:
-                        raise UserError(
-                            f"{file}: {key} has shape {tuple(tensor.shape)}, config.json implies "
-                            f"{tuple(ours_state[target].shape)}"
-                        )
-                    ours_state[target].copy_(tensor.to(ours_state[target].dtype))
-                    loaded.add(target)
-        for target, (regular, additional) in parts.items():
-            if regular is None or (extra and additional is None):
-                raise UserError(f"{directory}: the {target} table is incomplete")
-            table = regular if not extra else torch.cat([regular, additional], dim=0)
-            if table.shape != ours_state[target].shape:
-                raise UserError(
-                    f"{directory}: {target} is {tuple(table.shape)} once joined, expected "
-                    f"{tuple(ours_state[target].shape)}"
-                )
-            ours_state[target].copy_(table.to(ours_state[target].dtype))
-            loaded.add(target)
-    expected = {k for k in ours_state if not (decoder.tie_word_embeddings and k.endswith("lm_head.weight"))}
-    missing = sorted(expected - loaded)
-    if missing:
-        raise UserError(f"{directory}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    joins = {ours: _join_rows for ours, theirs in key_map.items() if isinstance(theirs, tuple)}
+    tied = decoder.tie_word_embeddings
+
+    def ignore(key: str) -> bool:
+        return (
+            key.endswith(("rotary_emb.inv_freq", "position_ids"))  # recomputed
+            or (not extra and key in IDEFICS_ADDITIONAL)  # the empty tables of no extra words
+            or (tied and key.startswith("lm_head."))  # the head is the embedding table
+        )
+
+    load_by_key_map(model, directory, key_map, joins, ignore=ignore)
     return model.eval()
 
 

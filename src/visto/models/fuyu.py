@@ -262,10 +262,8 @@ def from_transformers(path: str | Path, processor: ProcessorConfig | None = None
     `processor` sets the image settings (its patch_size must be the checkpoint's); by default,
     "patch" mode at the checkpoint's patch size. Attach a tokenizer with `model.processor = ...`.
     """
-    from safetensors import safe_open
-
     from visto.models.transformers_format import legacy_key
-    from visto.nn.language import _safetensors_files
+    from visto.nn.weights import load_by_key_map
 
     directory = Path(path)
     config_path = directory / "config.json"
@@ -299,34 +297,17 @@ def from_transformers(path: str | Path, processor: ProcessorConfig | None = None
     text = {**text, "tie_word_embeddings": hf.get("tie_word_embeddings", text.get("tie_word_embeddings"))}
     model = Fuyu(FuyuConfig(decoder=DecoderConfig.from_hf(text, where=f"{config_path} text_config"),
                             processor=processor))
-    ours = model.state_dict()
-    expected = {f"language_model.{k}" for k in model.language_model.hf_key_map()}
-    expected |= {"vision_embed_tokens.weight", "vision_embed_tokens.bias"}
-    loaded: set[str] = set()
-    with torch.no_grad():
-        for file in _safetensors_files(directory):
-            with safe_open(str(file), framework="pt") as f:
-                for hf_key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    # transformers 5 writes the legacy layout (language_model.model.*,
-                    # vision_embed_tokens.*); its in-memory one has model.* and lm_head.
-                    key = legacy_key(hf_key)
-                    if key == "language_model.lm_head.weight" and model.config.decoder.tie_word_embeddings:
-                        continue
-                    if key not in expected:
-                        raise UserError(f"{file}: unexpected tensor {hf_key!r} for a Llama-text Fuyu")
-                    tensor = f.get_tensor(hf_key)
-                    if key == "vision_embed_tokens.weight":
-                        tensor = patch_columns_from_transformers(tensor, patch)
-                    if tensor.shape != ours[key].shape:
-                        raise UserError(
-                            f"{file}: {hf_key} has shape {tuple(tensor.shape)}, config.json "
-                            f"implies {tuple(ours[key].shape)}"
-                        )
-                    ours[key].copy_(tensor.to(ours[key].dtype))
-                    loaded.add(key)
-    missing = sorted(expected - loaded)
-    if missing:
-        raise UserError(f"{directory}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    # Their keys in the legacy layout transformers 5 writes (language_model.model.*,
+    # vision_embed_tokens.*; `legacy_key` renames its in-memory model.* and lm_head) are ours
+    # name for name; only the patch embedding orders its columns differently.
+    key_map = {f"language_model.{k}": f"language_model.{k}" for k in model.language_model.hf_key_map()}
+    key_map |= {k: k for k in ("vision_embed_tokens.weight", "vision_embed_tokens.bias")}
+    tied = model.config.decoder.tie_word_embeddings
+    load_by_key_map(
+        model, directory, key_map,
+        {"vision_embed_tokens.weight": lambda w: patch_columns_from_transformers(w, patch)},
+        rename=legacy_key, ignore=lambda key: tied and key == "language_model.lm_head.weight",
+    )  # fmt: skip
     return model.eval()
 
 

@@ -51,7 +51,6 @@ from visto.models.transformers_format import (
     act_from_hf,
     act_to_hf,
     legacy_key,
-    load_mapped,
     read_hf_config,
 )
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
@@ -62,6 +61,7 @@ from visto.nn.vision import (
     ViTConfig,
     vit_config_from_transformers,
 )
+from visto.nn.weights import load_by_key_map
 
 log = logging.getLogger("visto.models")
 
@@ -509,7 +509,7 @@ def load_hf(directory: str | Path) -> Llava:
             tied and key == "language_model.lm_head.weight"
         )
 
-    load_mapped(model, directory, hf_key_map(model), rename=_vision_model_key, ignore=ignore)
+    load_by_key_map(model, directory, hf_key_map(model), rename=_vision_model_key, ignore=ignore)
     if tokenizer is not None:
         model.processor = Processor(config.processor, tokenizer)
     return model.eval()

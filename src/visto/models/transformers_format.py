@@ -6,20 +6,17 @@ safetensors weights) opened as visto models, and visto models written as such di
 
 One loader per family lives beside that family's export (`llava.load_hf` next to
 `llava.export_hf`, both driven by `llava.hf_key_map`); this module holds what they share:
-which `model_type` each family reads, the key renames between transformers' on-disk and
-in-memory layouts, and the copy of mapped tensors with one error that names every tensor
-that does not match.
+which `model_type` each family reads and the key renames between transformers' on-disk and
+in-memory layouts. The tensors are copied by `visto.nn.weights.load_by_key_map`.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from visto.errors import UserError
@@ -35,7 +32,6 @@ LOADERS = {
 FAMILY_OF = {"llava": "llava", "blip-2": "blip2", "fuyu": "fuyu", "idefics": "flamingo"}
 # visto family -> (module, function) that writes a transformers directory of it.
 EXPORTERS = {"llava": ("visto.models.llava", "export_hf")}
-MAX_NAMED = 4  # tensors named per kind of mismatch in an error
 # Activation names where visto's and transformers' (ACT2FN) differ; the others agree.
 _ACT_TO_HF = {"gelu_tanh": "gelu_pytorch_tanh"}
 _ACT_FROM_HF = {hf: ours for ours, hf in _ACT_TO_HF.items()}
@@ -109,59 +105,3 @@ def legacy_key(key: str) -> str:
     ):
         return "language_model.model." + key.removeprefix("language_model.")
     return key
-
-
-def load_mapped(
-    model: nn.Module,
-    directory: Path,
-    key_map: dict[str, str],
-    rename: Callable[[str], str] = legacy_key,
-    ignore: Callable[[str], bool] = lambda key: False,
-) -> None:
-    """Copy each tensor of the safetensors in `directory` into `model` through `key_map`
-    (ours -> theirs, after `rename` of their keys). Every key of `key_map` must be filled and
-    every tensor of the files used (unless `ignore(their key)`), with equal shapes; otherwise
-    one UserError names what is missing, what is left over and what has another shape."""
-    from safetensors import safe_open
-
-    from visto.nn.language import _safetensors_files
-
-    ours_of = {theirs: ours for ours, theirs in key_map.items()}
-    state = model.state_dict()
-    loaded: set[str] = set()
-    unexpected: list[str] = []
-    mismatched: dict[str, str] = {}  # ours -> what the file has
-    with torch.no_grad():
-        for file in _safetensors_files(directory):
-            with safe_open(str(file), framework="pt") as f:
-                for hf_key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    key = ours_of.get(rename(hf_key))
-                    if key is None:
-                        if not ignore(rename(hf_key)):
-                            unexpected.append(hf_key)
-                        continue
-                    tensor = f.get_slice(hf_key)
-                    shape = tuple(tensor.get_shape())
-                    if shape != tuple(state[key].shape):
-                        mismatched[key] = (
-                            f"{hf_key} {shape} (visto expects {tuple(state[key].shape)})"
-                        )
-                        continue
-                    state[key].copy_(f.get_tensor(hf_key).to(state[key].dtype))
-                    loaded.add(key)
-    missing = sorted(set(key_map) - loaded - set(mismatched))
-    problems = []
-    for what, keys in (
-        ("missing", [key_map[k] for k in missing]),
-        ("not read by visto", unexpected),
-        ("of another shape than config.json implies", list(mismatched.values())),
-    ):
-        if keys:
-            problems.append(
-                f"{len(keys)} tensor(s) {what}, e.g. {', '.join(sorted(keys)[:MAX_NAMED])}"
-            )
-    if problems:
-        raise UserError(
-            f"{directory} does not match the model its config.json describes: "
-            + "; ".join(problems)
-        )

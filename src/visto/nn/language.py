@@ -406,7 +406,7 @@ class DecoderLM(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> DecoderLM:
         """A transformers-format decoder (Llama / Qwen2 / SmolLM) from a directory or a hub id."""
-        from safetensors import safe_open
+        from visto.nn.weights import load_by_key_map
 
         directory = resolve_pretrained(path_or_hub_id)
         config_path = directory / "config.json"
@@ -415,38 +415,16 @@ class DecoderLM(nn.Module):
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read {config_path}: {e}") from None
         model = cls(DecoderConfig.from_hf(hf_config, where=str(config_path)))
-        ours = model.state_dict()
-        key_map = model.hf_key_map()
-        files = _safetensors_files(directory)
-        loaded: set[str] = set()
-        with torch.no_grad():
-            for file in files:
-                with safe_open(str(file), framework="pt") as f:
-                    hf_to_ours = {v: k for k, v in key_map.items()}
-                    for hf_key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                        if hf_key == "lm_head.weight" and model.config.tie_word_embeddings:
-                            continue  # some tied checkpoints store the copy anyway
-                        if hf_key.endswith("rotary_emb.inv_freq"):
-                            continue  # recomputed from rope_theta
-                        if hf_key not in hf_to_ours:
-                            raise UserError(
-                                f"{file}: unexpected tensor {hf_key!r}; this is not a plain "
-                                f"{hf_config.get('model_type')} decoder visto can read"
-                            )
-                        key = hf_to_ours[hf_key]
-                        tensor = f.get_tensor(hf_key)
-                        if tensor.shape != ours[key].shape:
-                            raise UserError(
-                                f"{file}: {hf_key} has shape {tuple(tensor.shape)}, config.json "
-                                f"implies {tuple(ours[key].shape)}"
-                            )
-                        ours[key].copy_(tensor.to(ours[key].dtype))
-                        loaded.add(key)
-        missing = sorted(set(key_map) - loaded)
-        if missing:
-            raise UserError(
-                f"{directory}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}"
-            )
+        tied = model.config.tie_word_embeddings
+        load_by_key_map(
+            model,
+            directory,
+            model.hf_key_map(),
+            # rotary tables are recomputed from rope_theta; some tied checkpoints store the copy
+            ignore=lambda key: (
+                key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight")
+            ),
+        )
         return model.to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -488,17 +466,3 @@ def resolve_pretrained(path_or_hub_id: str | Path) -> Path:
             f"could not fetch {text!r} from the hub ({type(e).__name__}: {e}); on an offline "
             "machine download it elsewhere and pass the local directory"
         ) from None
-
-
-def _safetensors_files(directory: Path) -> list[Path]:
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single]
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / s for s in shards]
-    raise UserError(
-        f"{directory} has no model.safetensors (nor a sharded index); visto reads safetensors "
-        "weights only (convert .bin files with transformers first)"
-    )

@@ -251,23 +251,15 @@ def vit_config_from_transformers(cfg: dict) -> ViTConfig:
     )
 
 
-def vit_state_dict_from_transformers(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Keep the vision tower's keys of a CLIPVisionModel/CLIPModel state dict, prefix removed."""
-    out = {}
-    for key, value in state.items():
-        for prefix in ("vision_model.", ""):
-            if key.startswith(prefix) and key[len(prefix) :].split(".")[0] in _VIT_TOP_LEVEL:
-                out[key[len(prefix) :]] = value
-                break
-    return out
-
-
 _VIT_TOP_LEVEL = {"embeddings", "pre_layrnorm", "encoder", "post_layernorm"}
 
 
 def load_transformers_clip_vision(directory: str | Path) -> ViT:
-    """Our ViT with the weights of a transformers CLIP(Vision)Model saved in `directory`."""
-    from safetensors.torch import load_file
+    """Our ViT with the weights of a transformers CLIP(Vision)Model saved in `directory`.
+
+    Our ViT is named as transformers names it, so the key map is the identity; a full
+    CLIPModel's text tower and projections are left unread."""
+    from visto.nn.weights import load_by_key_map
 
     directory = Path(directory)
     config_path, weights_path = directory / "config.json", directory / "model.safetensors"
@@ -275,13 +267,16 @@ def load_transformers_clip_vision(directory: str | Path) -> ViT:
         if not p.is_file():
             raise UserError(f"{directory} is not a transformers CLIP checkpoint: {p.name} missing")
     vit = ViT(vit_config_from_transformers(json.loads(config_path.read_text())))
-    state = vit_state_dict_from_transformers(load_file(weights_path))
-    state.pop("embeddings.position_ids", None)  # a non-persistent buffer in recent versions
-    expected = vit.state_dict()
-    for key, value in state.items():
-        assert key in expected, f"unexpected key {key}"
-        assert value.shape == expected[key].shape, f"{key}: {value.shape} vs {expected[key].shape}"
-    vit.load_state_dict(state, strict=True)
+    load_by_key_map(
+        vit,
+        directory,
+        {key: key for key in vit.state_dict()},
+        rename=lambda key: key.removeprefix("vision_model."),
+        # position_ids: a non-persistent buffer in recent versions
+        ignore=lambda key: (
+            key.split(".")[0] not in _VIT_TOP_LEVEL or key == "embeddings.position_ids"
+        ),
+    )
     return vit
 
 
