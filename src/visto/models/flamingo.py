@@ -381,32 +381,8 @@ def _join_rows(regular: Tensor, additional: Tensor) -> Tensor:
     return torch.cat([regular, additional], dim=0)
 
 
-def from_idefics(path: str | Path, processor: ProcessorConfig | None = None) -> Flamingo:
-    """A transformers `IdeficsForVisionText2Text` directory (config.json + model.safetensors)
-    as a visto Flamingo, tensor for tensor.
-
-    The layouts agree: CLIP-named ViT (its whole last_hidden_state, CLS included, feeds the
-    resampler), Idefics' Perceiver Resampler (ReLU MLP, final LayerNorm), gated blocks before
-    decoder layers 0, k, 2k, ... with RMSNorm/SwiGLU and zero-initialised tanh gates, and a
-    Llama decoder (full multi-head attention). Idefics' decoupled embeddings (additional
-    vocabulary, e.g. its `<image>` token) are concatenated into one table and one head.
-    Refused: `IDEFICS_REQUIREMENTS`, a perceiver with qk layer norms, and rope scaling.
-    The media mask is visto's (token t reads the last image at or before it, the `<image>`
-    marker its own); Idefics takes it as an input, and its processor builds it the same way
-    except that tokens after an end-of-document id read no image (packed documents). The
-    marker must be visto's `<image>` id (3): a real Idefics tokenizer's `<image>` (32001 in
-    idefics-9b) would need that id made configurable.
-    """
-    from visto.nn.weights import load_by_key_map
-
-    directory = Path(path)
-    config_path = directory / "config.json"
-    try:
-        hf = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {config_path}: {e}") from None
-    if hf.get("model_type") != "idefics":
-        raise UserError(f"{config_path}: model_type {hf.get('model_type')!r} is not 'idefics'")
+def idefics_problems(hf: dict[str, Any]) -> list[str]:
+    """What in an Idefics config.json visto's Flamingo cannot reproduce (empty: nothing)."""
     problems = [
         f"{key} must be {want!r} ({why})"
         for key, default, want, why in IDEFICS_REQUIREMENTS
@@ -421,9 +397,19 @@ def from_idefics(path: str | Path, processor: ProcessorConfig | None = None) -> 
     rope = hf.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         problems.append("rope scaling is not supported (plain rotary only)")
-    if problems:
-        raise UserError(f"{config_path}: cannot load this Idefics: " + "; ".join(problems))
+    return problems
 
+
+def config_from_idefics(
+    hf: dict[str, Any], where: str, processor: ProcessorConfig | None = None
+) -> FlamingoConfig:
+    """The FlamingoConfig of an Idefics config.json (`where` names it in errors)."""
+    problems = idefics_problems(hf)
+    if problems:
+        raise UserError(f"{where}: cannot load this Idefics: " + "; ".join(problems))
+    perceiver = hf.get("perceiver_config") or {}
+    vision_hf = hf.get("vision_config") or {}
+    rope = hf.get("rope_parameters") or {}
     extra = int(hf.get("additional_vocab_size", 0))
     vocab = int(hf["vocab_size"]) + extra
     decoder = DecoderConfig(
@@ -477,15 +463,46 @@ def from_idefics(path: str | Path, processor: ProcessorConfig | None = None) -> 
         decoder.num_layers // config.cross_attn_every
     ):
         raise UserError(
-            f"{config_path}: num_hidden_layers {decoder.num_layers} is not a multiple of "
+            f"{where}: num_hidden_layers {decoder.num_layers} is not a multiple of "
             f"cross_layer_interval {config.cross_attn_every}"
         )
+    return config
+
+
+def from_idefics(path: str | Path, processor: ProcessorConfig | None = None) -> Flamingo:
+    """A transformers `IdeficsForVisionText2Text` directory (config.json + model.safetensors)
+    as a visto Flamingo, tensor for tensor.
+
+    The layouts agree: CLIP-named ViT (its whole last_hidden_state, CLS included, feeds the
+    resampler), Idefics' Perceiver Resampler (ReLU MLP, final LayerNorm), gated blocks before
+    decoder layers 0, k, 2k, ... with RMSNorm/SwiGLU and zero-initialised tanh gates, and a
+    Llama decoder (full multi-head attention). Idefics' decoupled embeddings (additional
+    vocabulary, e.g. its `<image>` token) are concatenated into one table and one head.
+    Refused: `IDEFICS_REQUIREMENTS`, a perceiver with qk layer norms, and rope scaling.
+    The media mask is visto's (token t reads the last image at or before it, the `<image>`
+    marker its own); Idefics takes it as an input, and its processor builds it the same way
+    except that tokens after an end-of-document id read no image (packed documents). The
+    marker must be visto's `<image>` id (3): a real Idefics tokenizer's `<image>` (32001 in
+    idefics-9b) would need that id made configurable.
+    """
+    from visto.nn.weights import load_by_key_map
+
+    directory = Path(path)
+    config_path = directory / "config.json"
+    try:
+        hf = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {config_path}: {e}") from None
+    if hf.get("model_type") != "idefics":
+        raise UserError(f"{config_path}: model_type {hf.get('model_type')!r} is not 'idefics'")
+    config = config_from_idefics(hf, str(config_path), processor)
     model = Flamingo(config)
 
+    extra = int(hf.get("additional_vocab_size", 0))
     key_map = idefics_key_map(model, joined=extra > 0)
     # Decoupled embeddings: the additional rows go after the regular ones.
     joins = {ours: _join_rows for ours, theirs in key_map.items() if isinstance(theirs, tuple)}
-    tied = decoder.tie_word_embeddings
+    tied = config.decoder.tie_word_embeddings
 
     def ignore(key: str) -> bool:
         return (
@@ -504,6 +521,8 @@ __all__ = [
     "Flamingo",
     "FlamingoConfig",
     "FlamingoState",
+    "config_from_idefics",
     "from_idefics",
+    "idefics_key_map",
     "vision_hidden_state",
 ]
