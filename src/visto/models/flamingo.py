@@ -28,7 +28,6 @@ the gated blocks trained; the groups for `optim.module_lrs` are `PARAM_GROUPS`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -485,14 +484,11 @@ def from_idefics(path: str | Path, processor: ProcessorConfig | None = None) -> 
     marker must be visto's `<image>` id (3): a real Idefics tokenizer's `<image>` (32001 in
     idefics-9b) would need that id made configurable.
     """
-    from visto.nn.weights import load_by_key_map
+    from visto.nn.weights import load_by_key_map, read_config_json
 
     directory = Path(path)
     config_path = directory / "config.json"
-    try:
-        hf = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {config_path}: {e}") from None
+    hf = read_config_json(directory)
     if hf.get("model_type") != "idefics":
         raise UserError(f"{config_path}: model_type {hf.get('model_type')!r} is not 'idefics'")
     config = config_from_idefics(hf, str(config_path), processor)

@@ -27,7 +27,6 @@ Training stages are recipes (`fuyu-synth.json`); the groups for `optim.module_lr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,14 +262,11 @@ def from_transformers(path: str | Path, processor: ProcessorConfig | None = None
     "patch" mode at the checkpoint's patch size. Attach a tokenizer with `model.processor = ...`.
     """
     from visto.models.transformers_format import legacy_key
-    from visto.nn.weights import load_by_key_map
+    from visto.nn.weights import load_by_key_map, read_config_json
 
     directory = Path(path)
     config_path = directory / "config.json"
-    try:
-        hf = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {config_path}: {e}") from None
+    hf = read_config_json(directory)
     if hf.get("model_type") != "fuyu":
         raise UserError(f"{config_path}: model_type {hf.get('model_type')!r} is not 'fuyu'")
     text = hf.get("text_config") or {}

@@ -21,7 +21,6 @@ into the input embeddings calls `prefill_embeds(inputs_embeds, attention_mask)` 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -406,14 +405,11 @@ class DecoderLM(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> DecoderLM:
         """A transformers-format decoder (Llama / Qwen2 / SmolLM) from a directory or a hub id."""
-        from visto.nn.weights import load_by_key_map
+        from visto.nn.weights import load_by_key_map, read_config_json
 
         directory = resolve_pretrained(path_or_hub_id)
         config_path = directory / "config.json"
-        try:
-            hf_config = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read {config_path}: {e}") from None
+        hf_config = read_config_json(directory)
         model = cls(DecoderConfig.from_hf(hf_config, where=str(config_path)))
         tied = model.config.tie_word_embeddings
         load_by_key_map(

@@ -28,6 +28,15 @@ MAX_NAMED = 4  # tensors named per kind of mismatch in an error
 KeyMap = Mapping[str, str | tuple[str, ...]]
 
 
+def read_config_json(directory: Path) -> dict[str, Any]:
+    """The config.json of a model directory, or a UserError that says why it cannot be read."""
+    path = directory / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
 def safetensors_files(directory: Path) -> list[Path]:
     """model.safetensors, or the shards a model.safetensors.index.json names."""
     single = directory / "model.safetensors"
