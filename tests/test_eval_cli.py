@@ -13,7 +13,7 @@ from visto.config import to_dict
 from visto.data.synth import WorldConfig, generate_world
 from visto.errors import UserError
 from visto.eval import evaluator_for
-from visto.eval.twotower import TEMPLATE_SETS
+from visto.tasks.classify import TEMPLATE_SETS
 
 
 def test_resolve_templates():

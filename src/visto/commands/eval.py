@@ -173,7 +173,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def resolve_templates(values: list[str] | None) -> tuple[str, ...]:
-    from visto.eval.twotower import DEFAULT_TEMPLATES, TEMPLATE_SETS
+    from visto.tasks.classify import DEFAULT_TEMPLATES, TEMPLATE_SETS
 
     out: list[str] = []
     for value in values or [DEFAULT_TEMPLATES]:
