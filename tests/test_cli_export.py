@@ -112,8 +112,8 @@ def test_export_format_visto_merges_lora_into_a_visto_checkpoint(tokenizer_dir, 
             if "lora_B" in name:
                 p.normal_(0, 0.2)
     save_checkpoint(model, tmp_path / "ckpt")
-    args = ["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged"), "--format", "visto"]
-    assert main(args) == 0
+    out = tmp_path / "merged"
+    assert main(["export", str(tmp_path / "ckpt"), "--out", str(out), "--format", "visto"]) == 0
     assert "LoRA merged" in capsys.readouterr().out
     ours, merged = visto.load(tmp_path / "ckpt"), visto.load(tmp_path / "merged")
     assert has_lora(ours) and not has_lora(merged)
