@@ -24,7 +24,10 @@ The run directory (--out, default runs/<recipe name>) receives:
 
 Ctrl-C once: finish the step, save a checkpoint and stop; `--resume RUN` continues it with
 the same loss curve. Resume a finished run with a larger budget to train it further.
-Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP and each rank reads its shard.
+Under torchrun (WORLD_SIZE > 1) each rank reads its shard of the data and the model is
+wrapped in DDP, or sharded with FSDP2 with `--set distributed=fsdp` (parameters, gradients and
+optimizer state split over the ranks); checkpoints are gathered whole either way, so a run
+resumes on any number of processes.
 
 A recipe's `finish` section says what happens to the final checkpoint: `visto eval` on a
 held-out dataset (finish.eval_source, any format; eval.json and report.md in the run, and
@@ -43,6 +46,7 @@ Examples:
   visto train --resume runs/exp1
   visto train --resume runs/exp1 --set max_steps=2000                 (train it further)
   torchrun --nproc_per_node 2 -m visto.cli train --recipe clip-synth --out runs/ddp
+  torchrun --nproc_per_node 4 -m visto.cli train --recipe llava-lora --set distributed=fsdp
 """
 
 

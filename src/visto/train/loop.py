@@ -20,7 +20,8 @@ A run is a directory:
     RUN/report.md, RUN/plots/*.png
 
 Models are written for one device. Under torchrun (WORLD_SIZE > 1) the model is wrapped in
-DistributedDataParallel from outside and each rank reads its own shard of the data.
+DistributedDataParallel from outside (or sharded with FSDP2: recipe `distributed: "fsdp"`,
+`fsdp.py`) and each rank reads its own shard of the data.
 """
 
 from __future__ import annotations
@@ -115,8 +116,10 @@ def train_step(
     sums: dict[str, float] = {}
     n = len(micro_batches)
     for i, batch in enumerate(micro_batches):
-        # Under DDP only the last micro-batch all-reduces gradients.
+        # Under DDP and FSDP only the last micro-batch reduces gradients.
         last = i == n - 1
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            model.set_requires_gradient_sync(last)
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast(device):
@@ -130,6 +133,8 @@ def train_step(
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, reduced over the shards
+        grad_norm = grad_norm.full_tensor()
     sums["grad_norm"] = float(grad_norm)
     return sums
 
@@ -330,12 +335,24 @@ def train(
             f"model.family is {recipe.model.family!r} but the checkpoint holds a {model.family!r} model"
         )
     model.to(device).train()
+    # FSDP shards the model in place before the optimizer sees its parameters; rank 0 keeps
+    # a plain shell to save the gathered weights in.
+    sharded = dist_info.enabled and recipe.distributed == "fsdp"
+    shell = None
+    if sharded:
+        from visto.train import fsdp
+
+        shell = fsdp.Shell(model) if dist_info.main else None
+        fsdp.shard_model(model)
     optimizer = build_optimizer(model, recipe)
     if trainer_state is not None:
         # The recipe (possibly changed with --set on resume) sets the lrs, not the saved state.
         peak_lrs = [g["peak_lr"] for g in optimizer.param_groups]
         try:
-            optimizer.load_state_dict(trainer_state["optimizer"])
+            if sharded:
+                fsdp.load_optimizer_state(model, optimizer, trainer_state["optimizer"])
+            else:
+                optimizer.load_state_dict(trainer_state["optimizer"])
         except ValueError as e:
             raise UserError(
                 f"cannot resume {run_dir}: the trained/frozen parameters differ from the "
@@ -345,7 +362,7 @@ def train(
             group["peak_lr"] = peak
     # Data parallel is applied from outside; the model never knows about it.
     train_model: nn.Module = model
-    if dist_info.enabled:
+    if dist_info.enabled and not sharded:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(
@@ -400,10 +417,13 @@ def train(
     def save(path: Path, val_metrics: dict[str, float]) -> None:
         # Each rank's RNG and data position, so that every rank resumes where it was.
         per_rank = gather_objects({"rng": rng_state(), "data": stream.state()}, dist_info)
+        if sharded:  # collective: every rank sends its shards, rank 0 receives them whole
+            weights = fsdp.gathered_model_state(model)
+            optimizer_state = fsdp.gathered_optimizer_state(model, optimizer)
         if dist_info.main:
             state = {
                 "step": step,
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state if sharded else optimizer.state_dict(),
                 "ranks": per_rank,
                 "elapsed_s": elapsed(),
                 "log_window": to_dict(window),
@@ -418,7 +438,8 @@ def train(
             }
             if val_metrics:
                 card["metrics (val)"] = val_metrics
-            save_checkpoint(model, path, card=card, trainer_state=state)
+            saved = shell.filled(weights) if sharded else model
+            save_checkpoint(saved, path, card=card, trainer_state=state)
         barrier(dist_info)
 
     start = time.perf_counter()
@@ -444,6 +465,8 @@ def train(
                 source, "val", model.collate, recipe.micro_batch_size,
                 recipe.eval_batches, rank=dist_info.rank, world_size=dist_info.world_size,
             )
+            if sharded:
+                val_batches = fsdp.equal_batch_counts(val_batches, dist_info)
         metrics = evaluate(model, val_batches, device, dist_info)
         if metrics:
             log_row({"step": step, "split": "val", **metrics, "elapsed_s": round(elapsed(), 3)})

@@ -221,6 +221,9 @@ class Recipe:
     checkpoint_every: int | None = None  # None = only at the end
     keep_checkpoints: int = 2  # step_N directories kept under RUN/checkpoints
     seed: int = 0
+    # Under torchrun: "ddp" replicates the model on every process, "fsdp" shards parameters,
+    # gradients and optimizer state over them (FSDP2). One process ignores it.
+    distributed: str = "ddp"
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
     device: str | None = None  # None = cuda if present, else cpu
 
@@ -245,6 +248,8 @@ class Recipe:
                 problems.append(f"learning rate for {name!r} must be >= 0, got {lr}")
         problems += data_problems(self.data)
         problems += finish_problems(self.finish, self.model)
+        if self.distributed not in ("ddp", "fsdp"):
+            problems.append(f'distributed must be "ddp" or "fsdp", got {self.distributed!r}')
         if not 0 <= self.schedule.min_lr_ratio <= 1:
             problems.append("schedule.min_lr_ratio must be in [0, 1]")
         for name in ("log_every", "eval_every", "checkpoint_every"):
