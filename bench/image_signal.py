@@ -18,6 +18,7 @@ tasks the model learns to look for, and when.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -93,7 +94,7 @@ def main() -> None:
     model.eval()
     loc_bins = model.processor.tokenizer.loc_bins
     world = Path(a.world)
-    records = [r for _, r in zip(range(a.n), iter_records(world, a.split))]
+    records = list(itertools.islice(iter_records(world, a.split), a.n))
     images = [open_image(world / r["image"]) for r in records]
     swap = derangement(len(records), a.seed)
     rows = []  # (task, image index, question, answer)

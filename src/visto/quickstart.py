@@ -86,6 +86,8 @@ class QuickstartConfig:
     loc_bins: int = 100
     max_length: int = 512
     vision_batch: int = 64
+    # Stage 1's training mix (visto.data.synth.mixes); stage 2 reads "instruct".
+    stage1_mix: str = "captions"
     stage1_batch: int = 32
     stage2_batch: int = 16
     vision_lr: float = 2e-3
@@ -114,6 +116,10 @@ class QuickstartConfig:
             problems.append(f"projector must be 'regions', 'mlp' or 'pixel_shuffle', got {self.projector!r}")
         if self.vision_batch < 1:
             problems.append(f"--vision-batch must be at least 1, got {self.vision_batch}")
+        from visto.data.synth.mixes import MIXES
+
+        if self.stage1_mix not in MIXES:
+            problems.append(f"--stage1-mix must be one of {', '.join(MIXES)}, got {self.stage1_mix!r}")
         if self.eval_images < 1:
             problems.append(f"eval_images must be at least 1, got {self.eval_images}")
         if problems:
@@ -387,6 +393,7 @@ def run_llava_stage(
             f"batch_size={batch}",
             f"optim.lr={lr}",
             f"seed={cfg.seed}",
+            *([f"data.mix={json.dumps(cfg.stage1_mix)}"] if stage == "stage1" else []),
         ],
     )
     mix = get_mix(recipe.data.mix)

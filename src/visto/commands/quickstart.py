@@ -62,8 +62,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="processes for rendering (default 2)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (default 0: 1 on a busy machine, else all cores)")  # fmt: skip
-    p.add_argument("--eval-images", type=int, default=50,
-                   help="test and held-out images asked every question (default 50)")  # fmt: skip
+    p.add_argument("--eval-images", type=int, default=None,
+                   help="test and held-out images asked every question (default 200)")  # fmt: skip
+    p.add_argument("--stage1-mix", default=None, metavar="MIX",
+                   help="training mix of stage 1 (visto.data.synth.mixes: captions, look, instruct, "
+                        "instruct+caption; default captions)")  # fmt: skip
+    for stage in ("stage1", "stage2"):
+        p.add_argument(f"--{stage}-batch", type=int, default=None, metavar="N",
+                       help=f"samples per step of {stage} (default 32 for stage1, 16 for stage2)")
     p.add_argument("--vision-stem", default=None, metavar="{patch,conv}",
                    help="how the ViT embeds patches: 'patch' (one linear projection, exports to "
                         "transformers/vLLM) or 'conv' (3x3 stride-2 convs: learns shapes faster "
@@ -93,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
              if (value := getattr(args, name)) is not None}  # fmt: skip
     cfg = QuickstartConfig(
         minutes=args.minutes, n=args.n, size=args.size, seed=args.seed, workers=args.workers,
-        threads=args.threads, eval_images=args.eval_images, **steps,
+        threads=args.threads, **steps,
+        **{name: value for name in ("eval_images", "stage1_mix", "stage1_batch", "stage2_batch")
+           if (value := getattr(args, name)) is not None},
         **({"vision_stem": args.vision_stem} if args.vision_stem else {}),
         **({"vision_batch": args.vision_batch} if args.vision_batch is not None else {}),
     )  # fmt: skip

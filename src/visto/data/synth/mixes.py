@@ -5,6 +5,8 @@ answer) it asks about that image. A recipe picks one by name (`data.mix`), so `v
 the quickstart and `visto compare` build the same batches from the same world:
 
     captions          one caption per image, its phrasing drawn per epoch (LLaVA stage 1)
+    look              one caption and two short VQA questions per image: short, cheap samples
+                      in which only the image lowers the loss (the quickstart's stage 1)
     instruct          every question of the image: VQA, grounding, box -> description, OCR,
                       JSON (LLaVA stage 2)
     instruct+caption  `instruct` plus one caption (every family in `visto compare`)
@@ -83,6 +85,21 @@ def _instruct_caption(record: dict, loc_bins: int, rng: random.Random) -> list[Q
     return qas
 
 
+# Questions that only the image answers and that name an object by its attributes: the
+# binding a from-scratch decoder has to learn first (bench/binding_probe.py).
+LOOK_TYPES = ("colour", "shape", "attribute", "exist", "count", "relation")
+
+
+def _look(record: dict, loc_bins: int, rng: random.Random) -> list[QA]:
+    """One caption and two short VQA questions: ~60 tokens instead of ~500, so a step is ~8x
+    cheaper and the binding plateau (counted in steps) is crossed early in the run."""
+    vqa = [(qa["q"], qa["a"]) for qa in record["tasks"]["vqa"] if qa.get("type") in LOOK_TYPES]
+    picked = rng.sample(vqa, min(2, len(vqa)))
+    qas = [caption_qa(record, rng), *picked]
+    rng.shuffle(qas)
+    return qas
+
+
 @dataclass(frozen=True)
 class Mix:
     """A named way to turn an image record into one training sample."""
@@ -119,6 +136,10 @@ MIXES: dict[str, Mix] = {
         # One exchange per sample: nothing to hide, so a plain causal sequence.
         Mix("captions", "one caption per image, its phrasing drawn per epoch", ("caption",),
             independent_turns=False, exchanges=_captions),
+        Mix("look", "one caption and two short VQA questions (colour, shape, size, existence, "
+            "counting, relations) per image, as independent turns: cheap steps that teach the "
+            "decoder to find the object a question names", ("caption", "vqa"),
+            independent_turns=True, exchanges=_look),
         Mix("instruct", "every question of an image (VQA, grounding with box tokens, box -> "
             "description, OCR, JSON) as independent turns, in an order drawn per epoch",
             INSTRUCT_TASKS, independent_turns=True, exchanges=_instruct),
