@@ -98,7 +98,7 @@ def test_a_recipe_selects_a_mix_and_the_card_records_it(world):
     card = data_card(recipe.data)
     assert card["mix"]["name"] == "instruct" and card["mix"]["independent_turns"] is True
     assert card["mix"]["tasks"] == ["vqa", "ground", "refdesc", "ocr", "json"]
-    assert load_recipe("quickstart-stage1").data.mix == "captions"
+    assert load_recipe("quickstart-stage1").data.mix == "look"
     for family in ("llava", "blip2", "flamingo", "fuyu", "cogvlm"):
         assert load_recipe(f"compare-{family}").data.mix == "instruct+caption"
 

@@ -122,7 +122,7 @@ def test_quickstart_runs_end_to_end_and_reuses_stages(tmp_path: Path):
     data = card_section(run / "checkpoint", "data")["mix"]
     assert (data["name"], data["independent_turns"]) == ("instruct", True)
     assert data["tasks"] == ["vqa", "ground", "refdesc", "ocr", "json"]
-    assert card_section(run / "stage1" / "checkpoint", "data")["mix"]["name"] == "captions"
+    assert card_section(run / "stage1" / "checkpoint", "data")["mix"]["name"] == "look"
     report = (run / "report.md").read_text()
     assert "training budget in steps: vision 20, stage1 6, stage2 4 (no time cap)" in report
     for name in ("config.json", "eval.json", "report.md", "metrics.jsonl", "predictions.jsonl",
@@ -212,3 +212,5 @@ def test_bad_budgets_are_user_errors(tmp_path, capsys):
     assert "--vision-steps must be at least 1, got 0" in capsys.readouterr().err
     assert main(["compare", "--out", str(tmp_path / "c"), "--steps", "-3"]) == 2
     assert "--steps must be at least 1, got -3" in capsys.readouterr().err
+    assert main(["quickstart", "--out", str(tmp_path / "q"), "--stage1-mix", "nope"]) == 2
+    assert "--stage1-mix must be one of captions, look, instruct, instruct+caption, got 'nope'" in capsys.readouterr().err

@@ -13,8 +13,8 @@ DESCRIPTION = """\
 Train and evaluate a small vision-language model from nothing, offline, on a CPU.
 
 The training budget is a number of optimizer steps per stage, so the same seed gives the
-same model on any machine; the defaults (1,000 + 80 + 200 steps) take about 20 minutes
-end to end on the reference machine (2 idle cores), longer on a slower or busier one.
+same model on any machine; the defaults are 4,000 + 400 + 200 steps (measured times per
+stage, with the machine's load, in bench/README.md "Quickstart").
 --minutes caps the training time instead: a stage it stops early prints (and records in
 its done.json) how many of its steps were cut, and its model differs from the default's.
 
@@ -23,8 +23,10 @@ unchanged; --fresh redoes everything):
   1. data     render the synthetic world: RUN/world (+ RUN/world/show.png, look at it)
   2. vision   pretrain the ViT on the world's dense labels (per-patch shape, colour,
               size, object centres and boxes, characters of the texts): RUN/vision
-  3. stage1   LLaVA stage 1 (recipe quickstart-stage1, mix "captions"), vision tower
-              frozen: RUN/stage1
+  3. stage1   LLaVA stage 1 (recipe quickstart-stage1, mix "look": a caption and two short
+              questions per image), vision tower frozen. The connector gives the decoder
+              one token per detected object, made of the decoder's own words for its
+              colour, shape, size and box (visto.connectors.regions): RUN/stage1
   4. stage2   LLaVA stage 2 (recipe quickstart-stage2, mix "instruct"): every question of
               an image (VQA, counting, grounding with box tokens, OCR, JSON) in one sample
               as independent turns, none of which can see another: RUN/stage2
@@ -47,11 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"),
                    help="run directory (default runs/quickstart)")  # fmt: skip
     p.add_argument("--vision-steps", type=int, default=None, metavar="N",
-                   help="steps of the vision stage (default 1000: ~4 min on the reference machine)")  # fmt: skip
+                   help="steps of the vision stage (default 4000)")  # fmt: skip
     p.add_argument("--stage1-steps", type=int, default=None, metavar="N",
-                   help="steps of LLaVA stage 1 (default 80: ~1.5 min on the reference machine)")  # fmt: skip
+                   help="steps of LLaVA stage 1 (default 400)")  # fmt: skip
     p.add_argument("--stage2-steps", type=int, default=None, metavar="N",
-                   help="steps of LLaVA stage 2 (default 200: ~10 min on the reference machine)")  # fmt: skip
+                   help="steps of LLaVA stage 2 (default 200)")  # fmt: skip
     p.add_argument("--minutes", type=float, default=None,
                    help="optional cap on the three training stages together (split 25%% vision, "
                         "8%% stage 1, 55%% stage 2); a stage it stops early says how many steps "
@@ -66,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="test and held-out images asked every question (default 200)")  # fmt: skip
     p.add_argument("--stage1-mix", default=None, metavar="MIX",
                    help="training mix of stage 1 (visto.data.synth.mixes: captions, look, instruct, "
-                        "instruct+caption; default captions)")  # fmt: skip
+                        "instruct+caption; default look)")  # fmt: skip
     for stage in ("stage1", "stage2"):
         p.add_argument(f"--{stage}-batch", type=int, default=None, metavar="N",
                        help=f"samples per step of {stage} (default 32 for stage1, 16 for stage2)")
@@ -75,10 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "transformers/vLLM) or 'conv' (3x3 stride-2 convs: learns shapes faster "
                         "from scratch, no transformers export; default conv, bench/dense_stem.py)")  # fmt: skip
     p.add_argument("--vision-batch", type=int, default=None, metavar="N",
-                   help="images per step of the vision stage (default 64). A step at 16 costs "
-                        "about a quarter of one at 64, so --vision-batch 16 --vision-steps 4000 "
-                        "takes the default's time: on a 20,000-image world that gave val patch "
-                        "shape 0.965 against 0.862 (bench/clip_figures.py --dense-batch)")  # fmt: skip
+                   help="images per step of the vision stage (default 16). A step at 16 costs "
+                        "about a quarter of one at 64: on a 20,000-image world 4,000 steps at 16 "
+                        "gave val patch shape 0.965 against 0.862 for 1,000 at 64 "
+                        "(bench/clip_figures.py --dense-batch)")  # fmt: skip
     p.add_argument("--until", choices=["data", "vision", "stage1", "stage2", "eval"],
                    default="eval", help="stop after this stage (default: run them all)")  # fmt: skip
     p.add_argument("--fresh", action="store_true", help="redo every stage, even unchanged ones")
