@@ -110,7 +110,7 @@ def main() -> None:
         chunk = rows[start : start + a.batch]
         seeing = token_losses(model, [sample(images[i], q, ans, k) for k, (_, i, q, ans) in enumerate(chunk)])
         blind = token_losses(model, [sample(images[swap[i]], q, ans, k) for k, (_, i, q, ans) in enumerate(chunk)])
-        for (task, *_), (ce, hit), (bce, bhit) in zip(chunk, seeing, blind):
+        for (task, *_), (ce, hit), (bce, bhit) in zip(chunk, seeing, blind, strict=True):
             s = stats[task]
             s["questions"] += 1
             s["tokens"] += len(ce)

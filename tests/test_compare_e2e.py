@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +24,19 @@ def test_compare_two_families_end_to_end(tmp_path):
 
     data = json.loads((tmp_path / "compare.json").read_text())
     assert list(data["families"]) == ["llava", "fuyu"]
+    # LLaVA's object tokens come from the detector trained with the shared tower.
+    from safetensors.torch import load_file
+
+    tower = load_file(tmp_path / "vision" / "checkpoint" / "model.safetensors")
+    llava = load_file(tmp_path / "llava" / "train" / "checkpoint" / "model.safetensors")
+    heads = [k for k in tower if k.startswith("multi_modal_projector.heads.")]
+    assert heads and all(torch.equal(llava[k], tower[k]) for k in heads)
     for family, s in data["families"].items():
         assert (tmp_path / family / "eval.json").is_file()
         assert "vqa.overall" in s["metrics"] and "heldout.vqa.overall" in s["metrics"]
         assert s["parameters"] >= s["trained_parameters"] > 0
-        assert s["visual_tokens"] == 64  # 8x8 patches of 16 px either way
+        # LLaVA reads one token per detected object (10 slots); Fuyu its 8x8 patches of 16 px
+        assert s["visual_tokens"] == {"llava": 10, "fuyu": 64}[family]
         assert s["ttft_ms"] > 0 and s["steps"] >= 1
         assert s["probe_curve"] and all(0 <= p["vqa"] <= 1 for p in s["probe_curve"])
     # The shared tower is frozen in LLaVA; Fuyu trains everything and is credited its time,

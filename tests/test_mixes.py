@@ -14,7 +14,14 @@ import torch
 
 from visto.data.processor import IGNORE_INDEX
 from visto.data.synth import WorldConfig, generate_world, iter_records
-from visto.data.synth.mixes import LOOK_TYPES, MIXES, get_mix, mix_source, record_qas, tokenizer_texts
+from visto.data.synth.mixes import (
+    LOOK_TYPES,
+    MIXES,
+    get_mix,
+    mix_source,
+    record_qas,
+    tokenizer_texts,
+)
 from visto.data.tokenizer import train_tokenizer
 from visto.errors import UserError
 from visto.train.data import data_card, source_from_spec

@@ -8,7 +8,13 @@ from torch import nn
 
 from visto.checkpoint import load, save_checkpoint
 from visto.connectors.projector import ProjectorConfig
-from visto.connectors.regions import COLOUR_NAMES, SHAPE_NAMES, SIZE_NAMES, RegionConnector, box_fourier
+from visto.connectors.regions import (
+    COLOUR_NAMES,
+    SHAPE_NAMES,
+    SIZE_NAMES,
+    RegionConnector,
+    box_fourier,
+)
 from visto.data.tokenizer import train_tokenizer
 from visto.models import build_model
 from visto.models.llava import LlavaConfig
@@ -153,3 +159,27 @@ def test_box_words_are_the_mean_of_the_boxes_location_tokens(tokenizer_dir):
     ids = [tok.loc_ids[int(v * tok.loc_bins)] for v in box[0, 0].tolist()]
     assert tok.format_box([100, 200, 550, 999]) == "".join(tok.decode([i]) for i in ids)
     assert torch.allclose(c.box_words(box, embed)[0, 0], embed(torch.tensor(ids)).mean(0))
+
+
+def test_a_tower_from_a_checkpoint_brings_its_object_detector(tokenizer_dir, tmp_path):
+    """`vision_init` of a LLaVA with object tokens takes the dense heads trained with that
+    tower (as visto compare's LLaVA reads the quickstart's vision stage)."""
+    regions = ProjectorConfig(kind="regions", slots=5)
+
+    def config(**kw):
+        c = LlavaConfig.preset("tiny", tokenizer_dir=str(tokenizer_dir), projector=regions, **kw)
+        c.processor.image_tokens = 5
+        return c
+
+    donor = build_model("llava", config(), seed=1)
+    save_checkpoint(donor, tmp_path / "vision")
+    model = build_model("llava", config(vision_init=str(tmp_path / "vision")), seed=2)
+    for name, value in donor.multi_modal_projector.heads.state_dict().items():
+        assert torch.equal(model.multi_modal_projector.heads.state_dict()[name], value), name
+    # A tower without a detector (a patch-projector LLaVA) is a clear error, not random heads.
+    plain = LlavaConfig.preset("tiny", tokenizer_dir=str(tokenizer_dir))
+    save_checkpoint(build_model("llava", plain, seed=3), tmp_path / "plain")
+    from visto.errors import UserError
+
+    with pytest.raises(UserError, match="has none; make a tower with them"):
+        build_model("llava", config(vision_init=str(tmp_path / "plain")))

@@ -506,8 +506,10 @@ def shared_vision(cfg: CompareConfig, out: Path, console: Any) -> tuple[Path, Pa
     """(world dir, the quickstart's dense-pretrained vision checkpoint, seconds it took)."""
     from visto.quickstart import QuickstartConfig, run_data, run_vision
 
+    # Batch 64: the pace VISION_STEPS_PER_REFERENCE_MINUTE was measured at (the quickstart's
+    # own default is 16 for four times the steps).
     qcfg = QuickstartConfig(n=cfg.n, size=cfg.size, seed=cfg.seed, workers=cfg.workers,
-                            threads=cfg.threads, vision_steps=cfg.vision_steps)  # fmt: skip
+                            threads=cfg.threads, vision_steps=cfg.vision_steps, vision_batch=64)  # fmt: skip
     qcfg.validate()
     if cfg.data is not None:
         world_dir = Path(cfg.data)

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visto.nn.quantize import fuse_int8_linears, is_int8_linear
 from visto.nn.language import DecoderLM
+from visto.nn.quantize import fuse_int8_linears, is_int8_linear
 
 
 @dataclass

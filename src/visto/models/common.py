@@ -14,6 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from torch import nn
+
 from visto.data.processor import Processor, ProcessorConfig
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.data.tokenizer import Tokenizer, corpus_texts, train_tokenizer
@@ -57,6 +59,25 @@ def load_vision_tower(path: str | Path) -> ViT:
         "make one with `visto quickstart --out DIR --until vision` (a ViT pretrained on the "
         "synthetic world's dense labels: DIR/vision/checkpoint) or `visto train --recipe clip-synth`"
     )
+
+
+def load_region_detector(path: str | Path) -> nn.Module:
+    """The object detector (dense heads) of the `regions` connector in a visto LLaVA/CogVLM
+    checkpoint, such as the quickstart's vision stage: object tokens read it, so a model
+    whose vision tower comes from `path` takes it along."""
+    from visto.checkpoint import is_checkpoint, load
+
+    path = Path(path)
+    model = load(path) if is_checkpoint(path) and read_hf_config(path) is None else None
+    projector = getattr(model, "multi_modal_projector", None)
+    heads = getattr(projector, "heads", None)
+    if heads is None:
+        raise UserError(
+            f"projector 'regions' reads objects with the dense heads of its vision tower, and "
+            f"{path} has none; make a tower with them: `visto quickstart --out DIR --until vision` "
+            "(DIR/vision/checkpoint), or use projector kind 'mlp'"
+        )
+    return heads
 
 
 class PretrainedParts(NamedTuple):

@@ -45,6 +45,7 @@ from visto.models.common import (
     batch_field,
     check_tokenizer_fits,
     load_pretrained_parts,
+    load_region_detector,
     processor_from_config,
 )
 from visto.models.transformers_format import (
@@ -174,6 +175,10 @@ class Llava(nn.Module):
         self.multi_modal_projector = build_projector(
             config.projector, config.vision.width, config.decoder.hidden_size
         )
+        if config.projector.kind == "regions" and self.init_sources.get("vision"):
+            # object tokens need the detector that was trained with the tower
+            detector = load_region_detector(self.init_sources["vision"])
+            self.multi_modal_projector.heads.load_state_dict(detector.state_dict())
         self.language_model = language if language is not None else DecoderLM(config.decoder)
         self._processor: Processor | None = None
 
