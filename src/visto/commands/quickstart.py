@@ -13,7 +13,7 @@ DESCRIPTION = """\
 Train and evaluate a small vision-language model from nothing, offline, on a CPU.
 
 The training budget is a number of optimizer steps per stage, so the same seed gives the
-same model on any machine; the defaults are 4,000 + 400 + 200 steps (measured times per
+same model on any machine; the defaults are 4,000 + 800 + 200 steps (measured times per
 stage, with the machine's load, in bench/README.md "Quickstart").
 --minutes caps the training time instead: a stage it stops early prints (and records in
 its done.json) how many of its steps were cut, and its model differs from the default's.
@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vision-steps", type=int, default=None, metavar="N",
                    help="steps of the vision stage (default 4000)")  # fmt: skip
     p.add_argument("--stage1-steps", type=int, default=None, metavar="N",
-                   help="steps of LLaVA stage 1 (default 400)")  # fmt: skip
+                   help="steps of LLaVA stage 1 (default 800)")  # fmt: skip
     p.add_argument("--stage2-steps", type=int, default=None, metavar="N",
                    help="steps of LLaVA stage 2 (default 200)")  # fmt: skip
     p.add_argument("--minutes", type=float, default=None,
@@ -71,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "instruct+caption; default look)")  # fmt: skip
     for stage in ("stage1", "stage2"):
         p.add_argument(f"--{stage}-batch", type=int, default=None, metavar="N",
-                       help=f"samples per step of {stage} (default 32 for stage1, 16 for stage2)")
+                       help=f"samples per step of {stage} (default 16)")
     p.add_argument("--vision-stem", default=None, metavar="{patch,conv}",
                    help="how the ViT embeds patches: 'patch' (one linear projection, exports to "
                         "transformers/vLLM) or 'conv' (3x3 stride-2 convs: learns shapes faster "
