@@ -85,11 +85,10 @@ class QuickstartConfig:
     vocab_size: int = 1024
     loc_bins: int = 100
     max_length: int = 512
-    # 16: four times the steps of 64 for the same images; val patch shape 0.961 (4,000 steps)
+    # 16: four times the steps of 64 for the same images (bench/README.md, "Quickstart")
     vision_batch: int = 16
-    # Stage 1's training mix (visto.data.synth.mixes); stage 2 reads "instruct". "look" (short
-    # questions that name objects) against "captions": VQA 0.689 vs 0.518; 800 steps at batch
-    # 16 against 400 at 32: VQA 0.689 vs 0.635, POPE F1 0.828 vs 0.587 (bench/README.md).
+    # Stage 1's training mix (visto.data.synth.mixes); stage 2 reads "instruct". Why "look"
+    # (short questions that name objects) at 800 x 16: bench/README.md, "Quickstart".
     stage1_mix: str = "look"
     stage1_batch: int = 16
     stage2_batch: int = 16
