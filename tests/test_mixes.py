@@ -100,11 +100,11 @@ def test_epochs_redraw_but_a_seed_repeats(world):
 def test_a_recipe_selects_a_mix_and_the_card_records_it(world):
     recipe = load_recipe("quickstart-stage2", [f"data.source={json.dumps(str(world))}"])
     source, has_val = source_from_spec(recipe.data, recipe.seed, loc_bins=LOC_BINS)
-    expected = get_mix("instruct").samples(world, "train", seed=recipe.seed, epoch=0, loc_bins=LOC_BINS)
+    expected = get_mix("instruct+caption").samples(world, "train", seed=recipe.seed, epoch=0, loc_bins=LOC_BINS)
     assert has_val and [s.turns for s in source("train")] == [s.turns for s in expected]
     card = data_card(recipe.data)
-    assert card["mix"]["name"] == "instruct" and card["mix"]["independent_turns"] is True
-    assert card["mix"]["tasks"] == ["vqa", "ground", "refdesc", "ocr", "json"]
+    assert card["mix"]["name"] == "instruct+caption" and card["mix"]["independent_turns"] is True
+    assert card["mix"]["tasks"] == ["vqa", "ground", "refdesc", "ocr", "json", "caption"]
     assert load_recipe("quickstart-stage1").data.mix == "look"
     for family in ("llava", "blip2", "flamingo", "fuyu", "cogvlm"):
         assert load_recipe(f"compare-{family}").data.mix == "instruct+caption"

@@ -118,10 +118,10 @@ def test_quickstart_runs_end_to_end_and_reuses_stages(tmp_path: Path):
         done = json.loads((run / stage / "done.json").read_text())
         assert (done["steps"], done["budget_steps"], done["steps_cut"]) == (steps, steps, 0), stage
     done = json.loads((run / "stage2" / "done.json").read_text())
-    assert done["data"]["name"] == "instruct" and done["data"]["independent_turns"] is True
+    assert done["data"]["name"] == "instruct+caption" and done["data"]["independent_turns"] is True
     data = card_section(run / "checkpoint", "data")["mix"]
-    assert (data["name"], data["independent_turns"]) == ("instruct", True)
-    assert data["tasks"] == ["vqa", "ground", "refdesc", "ocr", "json"]
+    assert (data["name"], data["independent_turns"]) == ("instruct+caption", True)
+    assert data["tasks"] == ["vqa", "ground", "refdesc", "ocr", "json", "caption"]
     assert card_section(run / "stage1" / "checkpoint", "data")["mix"]["name"] == "look"
     report = (run / "report.md").read_text()
     assert "training budget in steps: vision 20, stage1 6, stage2 4 (no time cap)" in report

@@ -8,7 +8,7 @@ every stage whose settings did not change (and `--fresh` redoes them all):
     RUN/world/             the synthetic world (data step)
     RUN/vision/            dense pretraining of the ViT (metrics.jsonl, checkpoint/)
     RUN/stage1/            LLaVA stage 1 (a `visto.train` run of recipe quickstart-stage1: mix "captions")
-    RUN/stage2/            LLaVA stage 2 (a `visto.train` run of recipe quickstart-stage2: mix "instruct")
+    RUN/stage2/            LLaVA stage 2 (a `visto.train` run of recipe quickstart-stage2: mix "instruct+caption")
     RUN/checkpoint/        the final model (a copy of stage2/checkpoint)
     RUN/eval.json          flat figures, test split and `heldout.` split
     RUN/predictions.jsonl  every question asked at evaluation, with the answer and its score
@@ -87,7 +87,7 @@ class QuickstartConfig:
     max_length: int = 512
     # 16: four times the steps of 64 for the same images (bench/README.md, "Quickstart")
     vision_batch: int = 16
-    # Stage 1's training mix (visto.data.synth.mixes); stage 2 reads "instruct". Why "look"
+    # Stage 1's training mix (visto.data.synth.mixes); stage 2 reads "instruct+caption". Why "look"
     # (short questions that name objects) at 800 x 16: bench/README.md, "Quickstart".
     stage1_mix: str = "look"
     stage1_batch: int = 16

@@ -27,7 +27,7 @@ unchanged; --fresh redoes everything):
               questions per image), vision tower frozen. The connector gives the decoder
               one token per detected object, made of the decoder's own words for its
               colour, shape, size and box (visto.connectors.regions): RUN/stage1
-  4. stage2   LLaVA stage 2 (recipe quickstart-stage2, mix "instruct"): every question of
+  4. stage2   LLaVA stage 2 (recipe quickstart-stage2, mix "instruct+caption"): every question of
               an image (VQA, counting, grounding with box tokens, OCR, JSON) in one sample
               as independent turns, none of which can see another: RUN/stage2
   5. eval     test split and held-out colour-shape pairs: RUN/eval.json, RUN/report.md
