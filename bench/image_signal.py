@@ -4,7 +4,8 @@ accuracy with each image as it is and with each image swapped for another image 
 For every question of the first `--n` images of a world split (asked alone, as at evaluation):
 
     loss / acc        mean answer-token cross-entropy and argmax accuracy, seeing the image
-    blind loss / acc  the same with the image swapped (a seeded derangement of the split)
+    blind loss / acc  the same with the image swapped (the seeded derangement of the split
+                      that `visto eval`'s blind twin uses)
     needs image       share of answer tokens whose loss the true image lowers by > 0.5 nats
                       over the swapped one (tokens the model reads off the image)
 
@@ -21,7 +22,6 @@ import argparse
 import itertools
 import json
 import os
-import random
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -43,14 +43,6 @@ def labelled_qas(record: dict, loc_bins: int) -> list[tuple[str, str, str]]:
         out.append(("ocr", t["ocr"]["q"], t["ocr"]["a"]))
     out.append(("json", t["json"]["q"], t["json"]["a"]))
     return out
-
-
-def derangement(n: int, seed: int) -> list[int]:
-    """A seeded permutation with no fixed point: image i is replaced by image perm[i]."""
-    perm = list(range(n))
-    rng = random.Random(seed)
-    rng.shuffle(perm)
-    return perm[1:] + perm[:1] if n > 1 else perm  # rotate a shuffled cycle: no i maps to i
 
 
 @torch.no_grad()
@@ -88,6 +80,7 @@ def main() -> None:
     from visto.data.images import open_image
     from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
     from visto.data.synth import iter_records
+    from visto.eval.generative import derangement  # the blind twin's own swap
 
     t0 = time.time()
     model = load(a.checkpoint)
