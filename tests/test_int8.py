@@ -179,3 +179,32 @@ def test_export_int8_then_chat_answers_as_fp32_does(trained_tiny, capsys, tmp_pa
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "x"), "--int8",
                  "--format", "hf"]) == 2  # fmt: skip
     assert "transformers cannot load" in capsys.readouterr().err
+
+
+def test_eval_int8_scores_as_fp32_does_and_says_so(trained_tiny, capsys, tmp_path):
+    # `visto eval --int8` takes chat/serve's path (commands._common.load_for_inference): the
+    # tiny model's answers, hence every figure, are fp32's; the report and stderr say int8.
+    checkpoint, _ = trained_tiny
+    world = checkpoint.parent.parent / "world"  # train_tiny_llava: ROOT/world, ROOT/run
+    args = ["eval", "--model", str(checkpoint), "--data", str(world), "--n", "2", "--tasks",
+            "vqa", "ground", "--max-tokens", "6", "--no-blind", "--examples", "0"]  # fmt: skip
+    runs = {}
+    for name, flags in (("fp32", []), ("int8", ["--int8"])):
+        assert main([*args, "--out", str(tmp_path / name), *flags]) == 0
+        err = capsys.readouterr().err
+        assert ("int8: " in err) == bool(flags)
+        runs[name] = tmp_path / name
+    metrics = {n: json.loads((d / "eval.json").read_text()) for n, d in runs.items()}
+    assert metrics["int8"] == metrics["fp32"] and metrics["fp32"]["ground.acc50"] >= 0.0
+    rows = {n: [json.loads(r) for r in (d / "predictions.jsonl").read_text().splitlines()]
+            for n, d in runs.items()}  # fmt: skip
+    assert [r["prediction"] for r in rows["int8"]] == [r["prediction"] for r in rows["fp32"]]
+    assert {r["prediction"] for r in rows["int8"]} == {ANSWER_PLAIN}
+    assert "int8: " in (runs["int8"] / "report.md").read_text()
+    assert "int8: " not in (runs["fp32"] / "report.md").read_text()
+    # An int8 checkpoint (visto export --int8) evaluates in int8 without the flag, and says so.
+    exported = tmp_path / "exported"
+    assert main(["export", str(checkpoint), "--out", str(exported), "--int8"]) == 0
+    assert main([*args, "--model", str(exported), "--out", str(tmp_path / "exp")]) == 0
+    assert json.loads((tmp_path / "exp" / "eval.json").read_text()) == metrics["fp32"]
+    assert "int8: " in (tmp_path / "exp" / "report.md").read_text()

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from visto.commands._common import add_command
+from visto.commands._common import add_command, load_for_inference
 from visto.errors import UserError
 
 ORDER = 50
@@ -260,9 +260,6 @@ def interactive(args: argparse.Namespace, chat: Any, first: str | None, images: 
 
 
 def run(args: argparse.Namespace) -> int:
-    import visto
-    from visto.checkpoint import is_int8_checkpoint
-    from visto.device import pick_device
     from visto.tasks.runner import TASKS_WITHOUT_QUESTION, Chat, task_question
 
     if args.stream and args.json:
@@ -285,14 +282,7 @@ def run(args: argparse.Namespace) -> int:
     if demos and len(images) != 1:
         raise UserError(f"--demo asks about one IMAGE after the demonstrations; got {len(images)}")
 
-    # int8 runs on the CPU: without --device, an int8 model goes there even beside a GPU.
-    int8 = args.int8 or is_int8_checkpoint(args.model)
-    model = visto.load(args.model, device=pick_device(args.device or ("cpu" if int8 else None)))
-    if args.int8:
-        from visto.nn.quantize import int8_summary, quantize_int8
-
-        quantize_int8(model)
-        print(int8_summary(model), file=sys.stderr)
+    model = load_for_inference(args.model, args.device, args.int8)
     args.tool_loop = None
     if args.tool_choice != "auto" and not args.tools:
         raise UserError("--tool-choice needs --tools NAMES (e.g. --tools ocr)")

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from visto.commands._common import add_command
+from visto.commands._common import add_command, load_for_inference
 from visto.errors import UserError
 
 # The blind twin's modes (visto.eval.generative.BLIND_MODES; kept here so --help loads no torch).
@@ -68,6 +68,7 @@ Examples:
   visto eval --model runs/llava/checkpoint --data runs/world --tasks vqa ground --examples 16
   visto eval --model runs/llava/checkpoint --data runs/world --blind blank
   visto eval --model runs/llava/checkpoint --data runs/world --n 20 --no-blind
+  visto eval --model runs/llava/checkpoint --data runs/world --int8 --out runs/ev-int8
   visto eval --model runs/llava/checkpoint --data heldout.json --image-root images/
   visto eval --model runs/clip/checkpoint --data captions_val2017.json --image-root val2017/
   visto eval --model DIR --data shards/ --caption-key alt_text --n 500
@@ -169,6 +170,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for k-means (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present, else cpu)")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="run the Linear layers in int8, as chat/serve --int8 do (CPU only): the accuracy "
+        "int8 costs is the difference to an eval without it",
+    )
     p.set_defaults(run=run)
 
 
@@ -310,9 +317,7 @@ def find_run_dir(checkpoint: Path) -> Path | None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    import visto
-    from visto.checkpoint import read_config
-    from visto.device import pick_device
+    from visto.checkpoint import is_int8_checkpoint, read_config
     from visto.eval import dataset_evaluator_for, evaluator_for
     from visto.eval.report import read_metrics_jsonl, write_report
     from visto.utils.io import atomic_write_json, atomic_write_text
@@ -342,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = find_run_dir(checkpoint)
     out = Path(args.out) if args.out else (run_dir or Path("runs") / f"eval-{checkpoint.name}")
 
-    model = visto.load(checkpoint, device=pick_device(args.device))
+    model = load_for_inference(checkpoint, args.device, args.int8)
     batch_size = args.batch_size or DEFAULT_BATCH.get(kind, 16)
     common: dict[str, Any] = {"batch_size": batch_size, "seed": args.seed}
 
@@ -361,6 +366,10 @@ def run(args: argparse.Namespace) -> int:
     curve = read_metrics_jsonl(run_dir / "metrics.jsonl") if run_dir else None
     metrics, no_figure = finite_metrics(result.metrics)
     notes = [f"checkpoint: `{checkpoint}` ({family})", data_line, *result.notes]
+    if args.int8 or is_int8_checkpoint(checkpoint):
+        from visto.nn.quantize import int8_summary
+
+        notes.append(int8_summary(model))
     if no_figure and not any(n.startswith("no figure") for n in notes):
         notes.append(f"no figure (nothing to divide by) for: {', '.join(no_figure)}")
     atomic_write_json(out / "eval.json", metrics)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from visto.commands._common import add_command
+from visto.commands._common import add_command, load_for_inference
 from visto.errors import UserError
 
 ORDER = 70
@@ -85,7 +84,6 @@ def run_name(checkpoint: Path) -> str:
 
 def build_app(args: argparse.Namespace):
     """The FastAPI app for parsed `visto serve` arguments (also used by tests)."""
-    import visto
     from visto.serve import ChatModel, ImagePolicy, ServedModels, ServeSettings, create_app
 
     if args.model is None and args.clip is None:
@@ -107,17 +105,7 @@ def build_app(args: argparse.Namespace):
         raise UserError("--int8 quantizes the chat model: give --model CKPT")
     chat = None
     if args.model is not None:
-        from visto.checkpoint import is_int8_checkpoint
-        from visto.device import pick_device
-
-        # int8 runs on the CPU: without --device, an int8 model goes there even beside a GPU.
-        int8 = args.int8 or is_int8_checkpoint(args.model)
-        model = visto.load(args.model, device=pick_device(args.device or ("cpu" if int8 else None)))
-        if args.int8:
-            from visto.nn.quantize import int8_summary, quantize_int8
-
-            quantize_int8(model)
-            print(int8_summary(model), file=sys.stderr)
+        model = load_for_inference(args.model, args.device, args.int8)
         chat = ChatModel.from_model(model, args.name or run_name(args.model))
     embedder = store = None
     if args.clip is not None or args.db is not None:
