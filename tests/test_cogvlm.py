@@ -1,5 +1,6 @@
 """CogVLM visual expert: text-only equals the base decoder, the language stays frozen while the
-expert trains, image positions really go to the expert, KV-cache decoding equals uncached."""
+expert trains, image positions really go to the expert, KV-cache decoding equals uncached, and
+the engine's fast path decodes what the model's own decode does."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from visto.infer.engine import Engine
 from visto.infer.sampling import SamplingParams
 from visto.losses import lm_loss
 from visto.models import build_model
-from visto.models.cogvlm import PARAM_GROUPS, CogVLM, CogVLMConfig, RoutedLinear
+from visto.models.cogvlm import PARAM_GROUPS, CogVLM, CogVLMConfig
 from visto.nn.language import DecoderLM
 from visto.train.loop import train_step
 from visto.train.optim import build_param_groups
@@ -83,7 +84,8 @@ def test_names_groups_and_config(tokenizer_dir):
     assert "visual_expert.layers.1.self_attn.q_proj.weight" in names
     assert "visual_expert.layers.0.mlp.down_proj.weight" in names
     assert "visual_expert.layers.0.self_attn.o_proj.weight" not in names
-    assert isinstance(model.language_model.model.layers[0].self_attn.q_proj, RoutedLinear)
+    # The language projections stay plain layers: the experts are an argument of the decoder.
+    assert type(model.language_model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     with pytest.raises(UserError, match="expert_modules"):
         CogVLMConfig.preset("tiny", expert_modules=["qkv"])
 
@@ -113,9 +115,12 @@ def test_image_positions_use_the_expert(tokenizer_dir):
     is_image = batch["input_ids"] == IMAGE_TOKEN_ID
 
     def logits() -> torch.Tensor:
-        with torch.no_grad(), model.routed(is_image):
+        with torch.no_grad():
             embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"])
-            return model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])[0]
+            return model.language_model(
+                inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                conditioning=model.experts(batch["input_ids"]),
+            )[0]
 
     with torch.no_grad():
         unrouted = model.language_model(
@@ -154,7 +159,10 @@ def test_kv_cache_decode_equals_uncached(tokenizer_dir, tmp_path):
     engine = Engine(model, model.processor.tokenizer, eos_token_ids=[])
     params = SamplingParams(max_new_tokens=5)
     outs = engine.generate_batch(model.prompt_batch(samples), params)
-    assert engine.runner is None  # the fused fast path would skip the expert routing
+    assert engine.runner is not None  # the fused fast path, experts on the image positions
+    own = Engine(model, model.processor.tokenizer, eos_token_ids=[], fast=False)
+    own_outs = own.generate_batch(model.prompt_batch(samples), params)
+    assert [o.token_ids for o in own_outs] == [o.token_ids for o in outs]
     for sample, out in zip(samples, outs, strict=True):
         [alone] = engine.generate_batch(model.prompt_batch([sample]), params)
         assert alone.token_ids == out.token_ids
@@ -167,8 +175,10 @@ def test_kv_cache_decode_equals_uncached(tokenizer_dir, tmp_path):
         logits, state = model.decode_step(torch.tensor([token]), state)
         cached.append(logits)
     ids = torch.cat([prompt.input_ids, torch.tensor([outs[0].token_ids[:-1]])], dim=1)
-    with torch.no_grad(), model.routed(ids == IMAGE_TOKEN_ID):
-        full, _ = model.language_model(inputs_embeds=model.embed_inputs(ids, prompt.pixel_values))
+    with torch.no_grad():
+        full, _ = model.language_model(
+            inputs_embeds=model.embed_inputs(ids, prompt.pixel_values), conditioning=model.experts(ids)
+        )
     T = prompt.input_ids.shape[1]
     torch.testing.assert_close(torch.cat(cached), full[0, T - 1 :], atol=1e-5, rtol=1e-5)
 

@@ -19,6 +19,7 @@ from visto.data.tokenizer import train_tokenizer
 from visto.errors import UserError
 from visto.models import build_model
 from visto.models.flamingo import PARAM_GROUPS, Flamingo, FlamingoConfig
+from visto.nn.language import Conditioning
 from visto.train.loop import train_step
 from visto.train.optim import build_param_groups
 from visto.train.recipe import load_recipe
@@ -195,7 +196,7 @@ def test_cached_decoding_equals_uncached(tokenizer_dir):
     projections = []  # the gated block's key projection runs at prefill, never per step
     model.gated_cross_attn_layers[0].cross_attn.k_proj.register_forward_hook(lambda *_: projections.append(1))
     logits, state = model.prefill(prompt)
-    assert len(projections) == 1 and set(state.visual_kv) == {0}
+    assert len(projections) == 1 and set(state.images.visual_kv) == {0}
     torch.testing.assert_close(logits, _full_logits(model, prompt, [[]] * 3), rtol=1e-5, atol=1e-5)
     projections.clear()
     tokens: list[list[int]] = [[] for _ in samples]
@@ -210,9 +211,9 @@ def test_cached_decoding_equals_uncached(tokenizer_dir):
         projections.clear()
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     # select keeps rows, of the images' keys and values too
-    kept = state.select(torch.tensor([2, 0]))
+    kept = state.select(torch.tensor([2, 0])).images
     assert kept.visual.shape[0] == 2 and kept.media_index.tolist() == [0, 3]
-    k, v = state.visual_kv[0]
+    k, v = state.images.visual_kv[0]
     assert torch.equal(kept.visual_kv[0][0], k[[2, 0]]) and torch.equal(kept.visual_kv[0][1], v[[2, 0]])
 
 
@@ -228,9 +229,12 @@ def _full_logits_generated(model: Flamingo, prompt, tokens: list[list[int]]) -> 
     t0 = prompt.input_ids.shape[1]
     media.mask[..., t0:, :] = prompt_media.mask[..., -1:, :]
     media.has_media[:, t0:] = prompt_media.has_media[:, -1:]
-    with torch.no_grad(), model.conditioning.use(media):
+    with torch.no_grad():
         embeds = model.language_model.embed(ids)
-        logits, _ = model.language_model(inputs_embeds=embeds, attention_mask=mask)
+        logits, _ = model.language_model(
+            inputs_embeds=embeds, attention_mask=mask,
+            conditioning=Conditioning(before_layer=model.cross_attention(media)),
+        )
     return logits[:, -1]
 
 
@@ -262,7 +266,7 @@ def test_checkpoint_and_deepcopy_keep_the_gated_wiring(tokenizer_dir, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded.logits(loaded.collate([interleaved("red", "blue", "green")])), reference)
         assert torch.equal(twin.logits(batch), reference)
-        twin.gated_cross_attn_layers[0].alpha_dense.fill_(0.0)  # the copy's hooks run its blocks
+        twin.gated_cross_attn_layers[0].alpha_dense.fill_(0.0)  # the copy runs its own blocks
         assert not torch.equal(twin.logits(batch), reference)
         assert torch.equal(model.logits(batch), reference)
 

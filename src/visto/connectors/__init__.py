@@ -6,11 +6,10 @@ cross-attention join as their families land.
 
 from visto.connectors.projector import ProjectorConfig, build_projector, pixel_shuffle
 from visto.connectors.resampler import PerceiverResampler, ResamplerConfig
-from visto.connectors.xattn import GatedCrossAttentionBlock, MediaConditioning, media_mask
+from visto.connectors.xattn import GatedCrossAttentionBlock, media_mask
 
 __all__ = [
     "GatedCrossAttentionBlock",
-    "MediaConditioning",
     "PerceiverResampler",
     "ProjectorConfig",
     "ResamplerConfig",

@@ -1,5 +1,5 @@
 """Gated cross-attention dense blocks (Alayrac et al. 2022, "Flamingo", Sec. 2.2 and Fig. 4),
-and the wiring that runs them between the layers of a frozen `DecoderLM`.
+run between the layers of a frozen `DecoderLM`.
 
     x  (B, T, C) text hidden states entering decoder layer i (every k-th layer)
     x += tanh(alpha_cross_attn) * mask_no_media(cross_attn(RMSNorm(x), visual tokens))
@@ -15,17 +15,15 @@ the image whose `<image>` marker is the last one at or before t (paper Sec. 2.3,
 attention"); tokens before the first image read nothing, and their cross-attention output is
 zeroed, as in transformers' Idefics. The feed-forward part applies to every token.
 
-The decoder is not copied or subclassed: `MediaConditioning` registers a forward pre-hook on
-each chosen decoder layer that runs its gated block on the layer's input. The hooks act only
-inside `with conditioning.use(media):`, so the same `DecoderLM` object called outside it is the
-plain language model, and its own forward, KV cache, prefill and decode_step do the rest.
+The decoder is not copied or subclassed: Flamingo passes its blocks to the decoder's layer
+loop as an argument (`Conditioning(before_layer={i: block reading media})`, visto.nn.language),
+so the same `DecoderLM` called without it is the plain language model, and its own forward,
+KV cache, prefill and decode_step (and the engine's fast path) do the rest.
 Parameter and module names follow transformers' `IdeficsGatedCrossAttentionLayer`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -44,8 +42,9 @@ class Media:
     tokens: Tensor  # (B, S, D_v): every image's visual tokens in the row, image after image
     mask: Tensor  # (B, 1, T, S) bool: text position t may read visual token s
     has_media: Tensor  # (B, T) bool: an image precedes t (others get no cross-attention output)
-    # Each gated block's keys and values of `tokens` (block index -> (k, v)), filled on first
-    # use: a decoding step reuses those of the prefill instead of projecting the images again.
+    # Each gated block's keys and values of `tokens` (block index -> (k, v)) when computed
+    # beforehand: decoding steps reuse those of the prefill instead of projecting the images
+    # again. A block missing here projects `tokens` itself.
     kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
@@ -89,15 +88,13 @@ class GatedCrossAttentionBlock(nn.Module):
                     nn.init.normal_(linear.weight, std=0.02)
 
     def forward(self, x: Tensor, media: Media, index: int | None = None) -> Tensor:
-        """x (B, T, C) -> (B, T, C); `index` keys this block's keys/values in `media.kv`."""
+        """x (B, T, C) -> (B, T, C); `index` finds this block's keys/values in `media.kv`."""
         assert media.mask.shape[-2] == x.shape[1], (
             f"media mask covers {media.mask.shape[-2]} text positions, x has {x.shape[1]}"
         )
         kv = media.kv.get(index) if index is not None else None
         if kv is None:
-            kv = self.cross_attn.context_heads(media.tokens.to(x.dtype))
-            if index is not None:
-                media.kv[index] = kv
+            kv = self.visual_kv(media.tokens.to(x.dtype))
         attended = self.cross_attn(
             self.input_layernorm(x), context_kv=kv, mask=media.mask
         )  # (B, T, C)
@@ -106,55 +103,14 @@ class GatedCrossAttentionBlock(nn.Module):
         x = x + torch.tanh(self.alpha_cross_attn) * attended
         return x + torch.tanh(self.alpha_dense) * self.mlp(self.post_attention_layernorm(x))
 
+    def visual_kv(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values this block reads from visual tokens (B, S, D_v), each
+        (B, H, S, hd)."""
+        return self.cross_attn.context_heads(tokens)
+
     def hf_key_map(self) -> dict[str, str]:
         """Our key -> transformers' `IdeficsGatedCrossAttentionLayer` key (the same names)."""
         return {k: k for k in self.state_dict()}
-
-
-class _GatedBlockFirst:
-    """Forward pre-hook of one decoder layer: its input goes through the gated block first.
-
-    A callable object rather than a closure, so that `copy.deepcopy` of the model copies the
-    hook along with the block and conditioning it points at.
-    """
-
-    def __init__(self, block: GatedCrossAttentionBlock, conditioning: MediaConditioning, index: int) -> None:
-        self.block, self.conditioning, self.index = block, conditioning, index
-
-    def __call__(self, layer: nn.Module, args: tuple) -> tuple | None:
-        media = self.conditioning.media
-        if media is None:
-            return None  # not conditioned: the plain language model
-        x, *rest = args
-        return (self.block(x, media, self.index), *rest)
-
-
-class MediaConditioning:
-    """Runs `blocks[j]` before `layers[j * every]` whenever media are set with `use`."""
-
-    def __init__(self, layers: nn.ModuleList, blocks: nn.ModuleList, every: int) -> None:
-        assert every >= 1, f"every must be >= 1, got {every}"
-        expected = len(range(0, len(layers), every))
-        assert len(blocks) == expected, (
-            f"{len(layers)} decoder layers with a block every {every} need {expected} blocks, "
-            f"got {len(blocks)}"
-        )
-        self.media: Media | None = None
-        self.handles = [
-            layers[j * every].register_forward_pre_hook(_GatedBlockFirst(block, self, j))
-            for j, block in enumerate(blocks)
-        ]
-
-    @contextmanager
-    def use(self, media: Media) -> Iterator[None]:
-        """Within the block, calls of the decoder read `media` (one call at a time: the
-        engine and the training loop each run one forward pass at once)."""
-        assert self.media is None, "media are already set: nested or concurrent forward calls"
-        self.media = media
-        try:
-            yield
-        finally:
-            self.media = None
 
 
 def num_gated_blocks(num_layers: int, every: int) -> int:
@@ -166,7 +122,6 @@ __all__ = [
     "GATE_SHAPES",
     "GatedCrossAttentionBlock",
     "Media",
-    "MediaConditioning",
     "media_mask",
     "num_gated_blocks",
 ]

@@ -18,7 +18,8 @@ right-aligned, per-row positions, so a row computes what it would alone); finish
 (`RunnerState.select`). Cancelling is a flag read between steps, so rows that are never
 cancelled keep the batched greedy argmax.
 
-Needs the engine's fast path (`engine.can_join`: a DecoderLM-based model). Not thread-safe:
+Needs the engine's fast path (`engine.can_join`: a DecoderLM-based model; a conditioned
+decoder's per-row context, e.g. Flamingo's images, joins and leaves with its rows). Not thread-safe:
 one thread drives a batch (the server's worker thread).
 """
 

@@ -20,7 +20,10 @@ computes its input embeddings and hands them to `DecoderLM.prefill_embeds`.
 A model built on a `DecoderLM` (the LM itself, or one exposing `language_model` and
 `prefill_inputs(batch)`, like LLaVA) runs on the engine's fast path instead (`runner.py`:
 preallocated KV cache written in place, fused projections; `Engine(..., fast=False)` opts
-out), which also lets requests join a running generation (`continuous.py`).
+out), which also lets requests join a running generation (`continuous.py`). A conditioned
+decoder runs there too: its `prefill_inputs` returns `DecoderInputs` (what its layers read
+besides the tokens, e.g. Flamingo's images, CogVLM's expert mask) and its
+`decode_conditioning(context)` what each decode step's layers read.
 
 Batches of prompts of different lengths are left-padded; the model derives position ids from
 the attention mask, so every row sees the same positions it would see alone. Each request has

@@ -29,6 +29,14 @@ Rows join a running batch by `RunnerState.merge`: both windows are right-aligned
 buffer, the shorter one's extra columns marked as padding; each row keeps its own positions, so
 a row's numbers do not depend on what it is batched with. Finished rows leave by `select`, and
 the window's leading columns that no remaining row uses are dropped.
+
+Conditioned decoders run here too, on the arguments their own forward passes the decoder
+(`visto.nn.language.Conditioning`): a model's `prefill_inputs(batch)` may return
+`DecoderInputs` with the prompt's conditioning and a per-row `context`, which the state keeps
+(selected and merged with its rows); each decode step runs on the model's
+`decode_conditioning(context)`. Functions before a layer (Flamingo's gated cross-attention)
+run as the model wrote them; expert projections (CogVLM) compute their rows with the expert's
+layers after the fused matmul computed all rows with the language weights.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visto.nn.language import DecoderLM
+from visto.nn.experts import Expert
+from visto.nn.language import Conditioning, DecoderInputs, DecoderLM
 from visto.nn.quantize import fuse_int8_linears, is_int8_linear
 
 
@@ -57,6 +66,8 @@ class RunnerState:
     start: int  # window of used columns [start, end)
     end: int
     padded: bool  # whether the window holds any padding (a mask is needed)
+    # The model's per-row decoding context (`DecoderInputs.context`), or None.
+    context: Any = None
 
     @property
     def batch_size(self) -> int:
@@ -102,6 +113,8 @@ class RunnerState:
         real = self.real[:, lo : self.end]
         out.real[:, :width] = real if rows is None else real[rows]
         out.positions = self.positions.clone() if rows is None else self.positions[rows]
+        if self.context is not None:
+            out.context = self.context if rows is None else self.context.select(rows)
         out.end = width
         out.sync_mask()
         return out
@@ -141,6 +154,10 @@ class RunnerState:
             out.real[row : row + b, width - w : width] = s.real[:, s.start : s.end]
             out.positions[row : row + b] = s.positions
             row += b
+        contexts = [s.context for s in states]
+        if any(c is not None for c in contexts):
+            assert all(c is not None for c in contexts), "merging rows with and without context"
+            out.context = type(contexts[0]).merge(contexts)
         out.end = width
         out.sync_mask()
         return out
@@ -150,11 +167,14 @@ class DecoderRunner:
     """Runs a `DecoderLM` (or a model's decoder fed its own prompt embeddings) for the engine.
 
     `inputs(batch) -> (inputs_embeds (B, T, C), attention_mask (B, T))` makes the prefill input:
-    token embeddings for a text model, embeddings with visual tokens spliced in for a VLM.
+    token embeddings for a text model, embeddings with visual tokens spliced in for a VLM; or
+    `DecoderInputs`, which adds the conditioning of a conditioned decoder. Then
+    `decode_conditioning(context) -> Conditioning` gives each decode step's.
     """
 
-    def __init__(self, lm: DecoderLM, inputs: Any) -> None:
+    def __init__(self, lm: DecoderLM, inputs: Any, decode_conditioning: Any = None) -> None:
         self.lm, self.inputs = lm, inputs
+        self.decode_conditioning = decode_conditioning
         cfg = lm.config
         self.n_heads, self.n_kv = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.resolved_head_dim
@@ -179,7 +199,7 @@ class DecoderRunner:
 
             return cls(model, embed)
         if isinstance(lm, DecoderLM) and hasattr(model, "prefill_inputs"):
-            return cls(lm, model.prefill_inputs)
+            return cls(lm, model.prefill_inputs, getattr(model, "decode_conditioning", None))
         return None
 
     # -- weights, fused once and rebuilt when the model's parameters change
@@ -237,10 +257,10 @@ class DecoderRunner:
         return weight * x.to(dtype)
 
     def _forward(self, x: Tensor, positions: Tensor, state: RunnerState,
-                 mask: Tensor | bool | None) -> Tensor:  # fmt: skip
+                 mask: Tensor | bool | None, conditioning: Conditioning | None) -> Tensor:  # fmt: skip
         """x (B, T, C) for columns [end, end + T) at positions (B, T) -> last hidden (B, C).
         mask: boolean (B, 1, T, W) over the window, None (see everything) or True (causal,
-        an empty cache before x)."""
+        an empty cache before x). conditioning: as `DecoderLM.forward` takes it."""
         causal = mask is True
         mask = None if causal else mask
         B, T, _ = x.shape
@@ -253,9 +273,13 @@ class DecoderRunner:
         sin = F.embedding(positions, sin_t)[:, :, None]  # sign-folded: see _rope_tables
         half = hd // 2
         gqa = H != Hkv
+        cond = conditioning or Conditioning()
         for i, w in enumerate(self._layers):
+            if i in cond.before_layer:
+                x = cond.before_layer[i](x)
+            expert = cond.expert(i)
             h = self._rms(x, w["ln1"])
-            qkv = w["qkv"](h)  # (B, T, (H + 2 H_kv) hd)
+            qkv = self._routed(w["qkv"], h, i, expert, "self_attn", ("q_proj", "k_proj", "v_proj"))
             qk = qkv[..., : (H + Hkv) * hd].view(B, T, H + Hkv, hd)
             # Rotary on q and k at once (RoFormer; Llama's "rotate half" layout): rotate_half(x)
             # = [-x2, x1] = roll(x, half) with the first half negated, and the sign lives in
@@ -271,10 +295,30 @@ class DecoderRunner:
                 q, kc[:, :, lo:hi], vc[:, :, lo:hi], attn_mask=mask, is_causal=causal,
                 enable_gqa=gqa,
             )  # (B, H, T, hd)
-            x = x + w["o"](y.transpose(1, 2).reshape(B, T, H * hd))
-            gate, up = w["gate_up"](self._rms(x, w["ln2"])).chunk(2, -1)
-            x = x + w["down"](F.silu(gate) * up)
+            y = y.transpose(1, 2).reshape(B, T, H * hd)
+            x = x + self._routed(w["o"], y, i, expert, "self_attn", ("o_proj",))
+            h = self._rms(x, w["ln2"])
+            gate_up = self._routed(w["gate_up"], h, i, expert, "mlp", ("gate_proj", "up_proj"))
+            gate, up = gate_up.chunk(2, -1)
+            x = x + self._routed(w["down"], F.silu(gate) * up, i, expert, "mlp", ("down_proj",))
         return x[:, -1]  # (B, C)
+
+    def _routed(self, fused: Callable[[Tensor], Tensor], x: Tensor, layer: int,
+                expert: Expert | None, part: str, names: tuple[str, ...]) -> Tensor:  # fmt: skip
+        """fused(x): the layer's projections `names` concatenated; with an expert, the rows its
+        mask marks computed again by the expert's projections (the layer's where it has none)."""
+        out = fused(x)
+        sub = expert.part(part) if expert is not None else None
+        if sub is None or all(getattr(sub.module, n, None) is None for n in names):
+            return out
+        own = getattr(self.lm.model.layers[layer], part)
+        projections = [getattr(sub.module, n, None) for n in names]
+        projections = [
+            p if p is not None else getattr(own, n) for p, n in zip(projections, names, strict=True)
+        ]
+        rows = x[sub.mask]  # (N, in)
+        out[sub.mask] = torch.cat([p(rows) for p in projections], dim=-1)
+        return out
 
     def _logits(self, last: Tensor) -> Tensor:
         norm = self.lm.model.norm
@@ -283,7 +327,10 @@ class DecoderRunner:
     @torch.inference_mode()
     def prefill(self, batch: Any, room: int = 64) -> tuple[Tensor, RunnerState]:
         """Left-padded prompts -> last logits (B, V) and a state with `room` free columns."""
-        embeds, attention_mask = self.inputs(batch)
+        inputs = self.inputs(batch)
+        if not isinstance(inputs, DecoderInputs):
+            inputs = DecoderInputs(*inputs)
+        embeds, attention_mask = inputs.embeds, inputs.attention_mask
         B, T, _ = embeds.shape
         assert attention_mask.shape == (B, T), (
             f"attention_mask {tuple(attention_mask.shape)} must be (B, T) = {(B, T)}"
@@ -304,7 +351,8 @@ class DecoderRunner:
             causal = torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()
             mask = real[:, None, None, :] & causal  # (B, 1, T, T)
             mask = mask | ~mask.any(dim=-1, keepdim=True)
-        last = self._forward(embeds.to(w0.dtype), positions, state, mask)
+        last = self._forward(embeds.to(w0.dtype), positions, state, mask, inputs.conditioning)
+        state.context = inputs.context
         state.end = T
         state.positions = real.sum(dim=1)
         state.sync_mask()
@@ -323,7 +371,10 @@ class DecoderRunner:
         # boolean one is converted inside SDPA at every call).
         mask = state.bias[:, None, None, state.start : state.end + 1] if state.padded else None
         x = F.embedding(next_ids[:, None], self.lm.model.embed_tokens.weight)  # (B, 1, C)
-        last = self._forward(x, state.positions[:, None], state, mask)
+        conditioning = None
+        if state.context is not None and self.decode_conditioning is not None:
+            conditioning = self.decode_conditioning(state.context)
+        last = self._forward(x, state.positions[:, None], state, mask, conditioning)
         state.end += 1
         state.positions += 1
         return self._logits(last), state

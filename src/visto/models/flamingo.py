@@ -13,11 +13,17 @@ gated cross-attention blocks. Images are never tokens of the text; the text read
                        each token (tokens before any image read none)
                     -> logits (B, T, V); loss on the answer tokens only (shifted)
 
+The gated blocks reach the decoder as an argument of its layer loop: `cross_attention(media)`
+maps layer indices to the blocks reading `media`, passed as `Conditioning(before_layer=...)`
+(visto.nn.language); the decoder itself is an unmodified `DecoderLM`.
+
 At initialisation every gate is tanh(0) = 0, so the model's logits are the language model's,
-exactly (tests/test_flamingo.py checks torch.equal). For generation the visual tokens are
-computed once at prefill and kept in `FlamingoState`, with each row's current media index;
-new tokens read the row's last image (a generated `<image>` id opens no new image: it has
-no pixels).
+exactly (tests/test_flamingo.py checks torch.equal). For generation the visual tokens and
+each block's keys and values of them are computed once at prefill and kept in an
+`ImageContext`, with each row's current media index; new tokens read the row's last image (a
+generated `<image>` id opens no new image: it has no pixels). The engine's fast path
+(`visto.infer.runner`) runs the same loop: `prefill_inputs` gives it the prompt's
+conditioning and the `ImageContext`, `decode_conditioning` each step's.
 
 Module names follow transformers' `IdeficsForVisionText2Text` (`vision_model`,
 `perceiver_resampler`, `gated_cross_attn_layers`) and LLaVA's `language_model`; `from_idefics`
@@ -28,6 +34,8 @@ the gated blocks trained; the groups for `optim.module_lrs` are `PARAM_GROUPS`.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +48,6 @@ from visto.connectors.xattn import (
     GATE_SHAPES,
     GatedCrossAttentionBlock,
     Media,
-    MediaConditioning,
     media_mask,
     num_gated_blocks,
 )
@@ -55,7 +62,7 @@ from visto.models.common import (
     load_pretrained_parts,
     processor_from_config,
 )
-from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
+from visto.nn.language import Conditioning, DecoderConfig, DecoderInputs, DecoderLM, DecoderState
 from visto.nn.vision import ViT, ViTConfig
 
 PARAM_GROUPS = {
@@ -155,19 +162,57 @@ def vision_hidden_state(vit: ViT, pixel_values: Tensor, layer: int, keep_cls: bo
 
 
 @dataclass
-class FlamingoState:
-    """Decoding state: the decoder's KV cache plus what the gated blocks read."""
+class ImageContext:
+    """What the gated blocks read while decoding, per row."""
 
-    decoder: DecoderState
     visual: Tensor  # (B, M*R, D_v) visual tokens of each row's images, computed at prefill
     media_index: Tensor  # (B,) the image the next token reads (1-based; 0 = none yet)
     # Each gated block's keys and values of `visual` (block index -> (k, v) (B, H, M*R, hd)),
     # from the prefill: decoding steps do not project the images again.
-    visual_kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    visual_kv: dict[int, tuple[Tensor, Tensor]]
+    tokens_per_image: int  # R
+
+    def step_media(self) -> Media:
+        """The media of one decoding step: each row's new token reads the row's last image."""
+        r = self.tokens_per_image
+        mask, has_media = media_mask(self.media_index[:, None], r, self.visual.shape[1] // r)
+        return Media(self.visual, mask, has_media, kv=self.visual_kv)
+
+    def select(self, rows: Tensor) -> ImageContext:
+        kv = {j: (k[rows], v[rows]) for j, (k, v) in self.visual_kv.items()}
+        return ImageContext(self.visual[rows], self.media_index[rows], kv, self.tokens_per_image)
+
+    @staticmethod
+    def merge(contexts: list[ImageContext]) -> ImageContext:
+        """The rows of every context in order (continuous batching: rows join). Rows with fewer
+        images get zero slots at the end, which their media index never reaches."""
+        width = max(c.visual.shape[1] for c in contexts)
+
+        def padded(t: Tensor, dim: int) -> Tensor:  # (.., S, ..) -> (.., width, ..) with zeros
+            pad = [0, 0] * (t.ndim - 1 - dim) + [0, width - t.shape[dim]]
+            return torch.nn.functional.pad(t, pad)
+
+        kv = {
+            j: tuple(torch.cat([padded(c.visual_kv[j][n], 2) for c in contexts]) for n in (0, 1))
+            for j in contexts[0].visual_kv
+        }
+        return ImageContext(
+            torch.cat([padded(c.visual, 1) for c in contexts]),
+            torch.cat([c.media_index for c in contexts]),
+            kv,  # type: ignore[arg-type]
+            contexts[0].tokens_per_image,
+        )
+
+
+@dataclass
+class FlamingoState:
+    """Decoding state of the model's own decode_step: the decoder's KV cache and the images."""
+
+    decoder: DecoderState
+    images: ImageContext
 
     def select(self, rows: Tensor) -> FlamingoState:
-        kv = {j: (k[rows], v[rows]) for j, (k, v) in self.visual_kv.items()}
-        return FlamingoState(self.decoder.select(rows), self.visual[rows], self.media_index[rows], kv)
+        return FlamingoState(self.decoder.select(rows), self.images.select(rows))
 
 
 class Flamingo(nn.Module):
@@ -203,10 +248,6 @@ class Flamingo(nn.Module):
             for _ in range(num_gated_blocks(dec.num_layers, config.cross_attn_every))
         )
         self.language_model = language if language is not None else DecoderLM(dec)
-        # Hooks on the decoder's layers run the gated blocks (see visto.connectors.xattn).
-        self.conditioning = MediaConditioning(
-            self.language_model.model.layers, self.gated_cross_attn_layers, config.cross_attn_every
-        )
         self._processor: Processor | None = None
 
     # -- processor
@@ -270,13 +311,25 @@ class Flamingo(nn.Module):
             rows = rows.index_put((index, slot), tokens.to(dtype))
         return rows.reshape(b, m * r, width)  # (B, M*R, D_v)
 
-    def media(self, input_ids: Tensor, visual: Tensor) -> Media:
+    def media(
+        self, input_ids: Tensor, visual: Tensor, kv: dict[int, tuple[Tensor, Tensor]] | None = None
+    ) -> Media:
         """Per-image attention for a whole sequence: token t reads the last image at or
-        before t (the `<image>` marker itself reads its own image)."""
+        before t (the `<image>` marker itself reads its own image). `kv`: the blocks' keys
+        and values of `visual`, when computed beforehand."""
         media_index = torch.cumsum(input_ids == IMAGE_TOKEN_ID, dim=1)  # (B, T)
         r = self.config.image_tokens
         mask, has_media = media_mask(media_index, r, visual.shape[1] // r)
-        return Media(visual, mask, has_media)
+        return Media(visual, mask, has_media, kv=kv if kv is not None else {})
+
+    def cross_attention(self, media: Media) -> dict[int, Callable[[Tensor], Tensor]]:
+        """The gated blocks as the decoder's layer loop runs them: decoder layer index -> its
+        block reading `media` (blocks sit before layers 0, k, 2k, ...)."""
+        every = self.config.cross_attn_every
+        return {
+            j * every: functools.partial(block, media=media, index=j)
+            for j, block in enumerate(self.gated_cross_attn_layers)
+        }
 
     # -- the forward pass
 
@@ -286,14 +339,14 @@ class Flamingo(nn.Module):
         visual = self.row_visual_tokens(
             input_ids, batch["pixel_values"], batch["image_sample_index"]
         )
-        embeds = self.language_model.embed(input_ids)  # (B, T, C)
-        with self.conditioning.use(self.media(input_ids, visual)):
-            logits, _ = self.language_model(
-                inputs_embeds=embeds,
-                attention_mask=batch["attention_mask"],
-                position_ids=batch.get("position_ids"),
-                segment_ids=batch.get("segment_ids"),
-            )  # (B, T, V)
+        media = self.media(input_ids, visual)
+        logits, _ = self.language_model(
+            inputs_embeds=self.language_model.embed(input_ids),  # (B, T, C)
+            attention_mask=batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
+            segment_ids=batch.get("segment_ids"),
+            conditioning=Conditioning(before_layer=self.cross_attention(media)),
+        )  # (B, T, V)
         return logits
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -313,31 +366,46 @@ class Flamingo(nn.Module):
         processor = self.processor
         return processor.collator("left")([processor.encode(s, train=False) for s in samples])
 
-    def prefill(self, batch: Any) -> tuple[Tensor, FlamingoState]:
-        """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
+    def prefill_inputs(self, batch: Any) -> DecoderInputs:
+        """A left-padded batch (processor `Batch` or dict) -> what the decoder runs on: token
+        embeddings, the gated blocks reading each token's image, and the `ImageContext` that
+        decoding steps read (every block's keys and values of the images, computed here)."""
         device = self.language_model.lm_head.weight.device
         input_ids = batch_field(batch, "input_ids").to(device)
-        attention_mask = batch_field(batch, "attention_mask").to(device)
         with torch.inference_mode():
             visual = self.row_visual_tokens(
                 input_ids, batch_field(batch, "pixel_values").to(device),
                 batch_field(batch, "image_sample_index").to(device),
             )
+            visual_kv = {j: b.visual_kv(visual) for j, b in enumerate(self.gated_cross_attn_layers)}
+            media = self.media(input_ids, visual, visual_kv)
             embeds = self.language_model.embed(input_ids)
-            media = self.media(input_ids, visual)
-            with self.conditioning.use(media):
-                logits, state = self.language_model.prefill_embeds(embeds, attention_mask)
-        last = torch.cumsum(input_ids == IMAGE_TOKEN_ID, dim=1)[:, -1]  # (B,)
-        return logits, FlamingoState(state, visual, last, media.kv)
+        last = torch.cumsum(input_ids == IMAGE_TOKEN_ID, dim=1)[:, -1]  # (B,) each row's last image
+        return DecoderInputs(
+            embeds,
+            batch_field(batch, "attention_mask").to(device),
+            Conditioning(before_layer=self.cross_attention(media)),
+            context=ImageContext(visual, last, visual_kv, self.config.image_tokens),
+        )
+
+    def decode_conditioning(self, images: ImageContext) -> Conditioning:
+        """What one decoding step's layers read: the gated blocks on each row's last image."""
+        return Conditioning(before_layer=self.cross_attention(images.step_media()))
+
+    def prefill(self, batch: Any) -> tuple[Tensor, FlamingoState]:
+        """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
+        inputs = self.prefill_inputs(batch)
+        logits, decoder = self.language_model.prefill_embeds(
+            inputs.embeds, inputs.attention_mask, inputs.conditioning
+        )
+        return logits, FlamingoState(decoder, inputs.context)
 
     def decode_step(self, next_ids: Tensor, state: FlamingoState) -> tuple[Tensor, FlamingoState]:
         """One token per row (B,): it reads the row's last image, as the tokens before it."""
-        r = self.config.image_tokens
-        mask, has_media = media_mask(state.media_index[:, None], r, state.visual.shape[1] // r)
-        media = Media(state.visual, mask, has_media, kv=state.visual_kv)
-        with torch.inference_mode(), self.conditioning.use(media):
-            logits, decoder = self.language_model.decode_step(next_ids, state.decoder)
-        return logits, FlamingoState(decoder, state.visual, state.media_index, state.visual_kv)
+        logits, decoder = self.language_model.decode_step(
+            next_ids, state.decoder, self.decode_conditioning(state.images)
+        )
+        return logits, FlamingoState(decoder, state.images)
 
 
 # ----------------------------------------------------------------------------- transformers Idefics
@@ -517,6 +585,7 @@ __all__ = [
     "Flamingo",
     "FlamingoConfig",
     "FlamingoState",
+    "ImageContext",
     "config_from_idefics",
     "from_idefics",
     "idefics_key_map",

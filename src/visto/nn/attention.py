@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visto.nn.experts import Expert
+
 # --------------------------------------------------------------------------------------------
 # Rotary position embeddings (RoFormer, Su et al. 2021), in the Llama "rotate half" layout so
 # that weights exported to transformers' Llama produce the same numbers.
@@ -198,16 +200,19 @@ class Attention(nn.Module):
     def out(self) -> nn.Linear:
         return getattr(self, self.out_name)
 
-    def _heads(self, x: Tensor, proj: nn.Linear, n: int) -> Tensor:
+    def _heads(self, x: Tensor, name: str, n: int, expert: Expert | None = None) -> Tensor:
+        """Projection `name` of x (B, T, C) split into n heads (B, n, T, hd)."""
         B, T, _ = x.shape
-        return proj(x).view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, hd)
+        proj = getattr(self, name)
+        y = proj(x) if expert is None else expert.linear(name, proj, x)
+        return y.view(B, T, n, self.head_dim).transpose(1, 2)
 
     def context_heads(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """The keys and values of a cross-attention context (B, S, kv_dim), each
         (B, H_kv, S, hd): computed once and passed as `context_kv` when the same context is
         read again (every decoding step reads the same images)."""
-        return self._heads(context, self.k_proj, self.n_kv_heads), self._heads(
-            context, self.v_proj, self.n_kv_heads
+        return self._heads(context, "k_proj", self.n_kv_heads), self._heads(
+            context, "v_proj", self.n_kv_heads
         )
 
     def forward(
@@ -220,6 +225,7 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
         cache: LayerCache | None = None,
         context_kv: tuple[Tensor, Tensor] | None = None,
+        expert: Expert | None = None,
     ) -> Tensor:
         """x (B, T, dim) -> (B, T, dim).
 
@@ -232,11 +238,21 @@ class Attention(nn.Module):
         cache: this layer's `LayerCache`; the new keys/values are appended to it in place.
         context_kv: `context_heads(context)`, computed earlier: used instead of projecting
             `context` again.
+        expert: self-attention only: the positions `expert.mask` marks are projected by the
+            expert's q/k/v/o where it has them (CogVLM's visual expert, `visto.nn.experts`).
         """
         assert x.ndim == 3, f"attention input must be (B, T, C), got {tuple(x.shape)}"
         B, T, _ = x.shape
-        q = self._heads(x, self.q_proj, self.n_heads)  # (B, H, T, hd)
+        q = self._heads(x, "q_proj", self.n_heads, expert)  # (B, H, T, hd)
         cross = context is not None or context_kv is not None  # no rotary, no causality
+        assert not (cross and expert is not None), (
+            "an expert routes self-attention projections only"
+        )
+        if context_kv is None and expert is not None:
+            context_kv = (
+                self._heads(x, "k_proj", self.n_kv_heads, expert),
+                self._heads(x, "v_proj", self.n_kv_heads, expert),
+            )
         if context_kv is None:
             context_kv = self.context_heads(x if context is None else context)
         k, v = context_kv  # (B, H_kv, S, hd)
@@ -268,4 +284,4 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)
-        return self.out(y)
+        return self.out(y) if expert is None else expert.linear(self.out_name, self.out, y)

@@ -17,11 +17,22 @@ For the generation engine (`visto.infer.engine`) the model also speaks the engin
 protocol: `prefill(batch)` and `decode_step(next_ids, state)`. A VLM that splices visual tokens
 into the input embeddings calls `prefill_embeds(inputs_embeds, attention_mask)` and delegates
 `decode_step` here.
+
+A conditioned decoder (Flamingo reads images between layers, CogVLM routes image positions to
+expert weights) passes what its layers read as an argument, a `Conditioning`:
+
+    logits, _ = lm(inputs_embeds=x, attention_mask=m, conditioning=Conditioning(
+        before_layer={0: gated_block_0, 2: gated_block_1},       # x -> x before layers 0, 2
+        experts=visual_expert.layers, expert_mask=is_image))      # per-layer expert weights
+
+The layer loop in `forward` is the whole mechanism (no hooks, no state set around the call);
+the engine's fast path (`visto.infer.runner`) runs the same loop on the same arguments.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +41,7 @@ from torch import Tensor, nn
 
 from visto.errors import UserError
 from visto.nn.attention import Attention, KVCache, RotaryEmbedding, position_ids_from_padding
+from visto.nn.experts import Expert
 from visto.nn.transformer import DecoderBlock, RMSNorm, SwiGLU
 
 # --------------------------------------------------------------------------------------------
@@ -181,6 +193,46 @@ PRESETS = {
 
 
 # --------------------------------------------------------------------------------------------
+# What a conditioned decoder's layers read besides the tokens
+
+
+@dataclass
+class Conditioning:
+    """Arguments of the layer loop beyond the tokens (see the module docstring).
+
+    before_layer: {i: f}: f(x) -> x runs on layer i's input x (B, T, C) before the layer
+        (Flamingo: the gated cross-attention block that reads the images).
+    experts: one module per layer holding expert projections under the layer's own names
+        (`self_attn.q_proj`, `mlp.down_proj`, ...), and expert_mask (B, T) True at the
+        positions they compute instead of the layer's weights (CogVLM's visual expert).
+    """
+
+    before_layer: Mapping[int, Callable[[Tensor], Tensor]] = field(default_factory=dict)
+    experts: Sequence[nn.Module] | None = None
+    expert_mask: Tensor | None = None
+
+    def expert(self, i: int) -> Expert | None:
+        """Layer i's expert, or None (no experts, or no position routed to them)."""
+        if self.experts is None or self.expert_mask is None:
+            return None
+        return Expert(self.experts[i], self.expert_mask)
+
+
+@dataclass
+class DecoderInputs:
+    """A prompt as the decoder takes it: what a VLM's `prefill_inputs(batch)` hands the
+    engine's fast path (a plain `(embeds, attention_mask)` pair means no conditioning)."""
+
+    embeds: Tensor  # (B, T, C)
+    attention_mask: Tensor  # (B, T) 1 = real token, 0 = left padding
+    conditioning: Conditioning | None = None  # for the prompt's positions
+    # What later decoding steps condition on, per row: it has `select(rows)` and a
+    # `merge(contexts)` staticmethod (rows join and leave), and the model's
+    # `decode_conditioning(context)` makes each step's Conditioning from it.
+    context: Any = None
+
+
+# --------------------------------------------------------------------------------------------
 # Generation state for the engine
 
 
@@ -285,6 +337,7 @@ class DecoderLM(nn.Module):
         kv_cache: KVCache | None = None,
         num_logits_to_keep: int = 0,
         segment_ids: Tensor | None = None,
+        conditioning: Conditioning | None = None,
     ) -> tuple[Tensor, KVCache | None]:
         """Next-token logits (B, T, V) for input_ids (B, T) or inputs_embeds (B, T, C).
 
@@ -296,6 +349,8 @@ class DecoderLM(nn.Module):
             needs one; the vocabulary projection is the largest matmul of a small model).
         segment_ids: (B, T), shared-prefix packing (`Sample.independent_turns`): a token sees
             the earlier tokens of segment 0 and of its own segment only. Training only.
+        conditioning: what the layers read besides the tokens (`Conditioning`): functions
+            run before given layers, expert weights for masked positions.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -329,9 +384,12 @@ class DecoderLM(nn.Module):
             f"position_ids must be (B, T) = {(B, T)}, got {tuple(position_ids.shape)}"
         )
         rope = self.model.rotary(position_ids, dtype=x.dtype)
+        cond = conditioning or Conditioning()
         for i, layer in enumerate(self.model.layers):
+            if i in cond.before_layer:
+                x = cond.before_layer[i](x)
             cache = kv_cache.layers[i] if kv_cache is not None else None
-            x = layer(x, rope=rope, mask=mask, cache=cache)
+            x = layer(x, rope=rope, mask=mask, cache=cache, expert=cond.expert(i))
         if num_logits_to_keep > 0:
             x = x[:, -num_logits_to_keep:]
         logits = self.lm_head(self.model.norm(x))  # (B, T, V)
@@ -341,8 +399,9 @@ class DecoderLM(nn.Module):
 
     @torch.inference_mode()
     def prefill_embeds(
-        self, inputs_embeds: Tensor, attention_mask: Tensor
-    ) -> tuple[Tensor, DecoderState]:
+        self, inputs_embeds: Tensor, attention_mask: Tensor,
+        conditioning: Conditioning | None = None,
+    ) -> tuple[Tensor, DecoderState]:  # fmt: skip
         """Run a left-padded prompt (B, T, C); return the last position's logits (B, V)."""
         kv = self.new_cache()
         logits, _ = self(
@@ -350,6 +409,7 @@ class DecoderLM(nn.Module):
             attention_mask=attention_mask,
             kv_cache=kv,
             num_logits_to_keep=1,
+            conditioning=conditioning,
         )
         return logits[:, -1], DecoderState(kv, attention_mask)
 
@@ -360,7 +420,9 @@ class DecoderLM(nn.Module):
         return self.prefill_embeds(embeds, batch.attention_mask)
 
     @torch.inference_mode()
-    def decode_step(self, next_ids: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
+    def decode_step(
+        self, next_ids: Tensor, state: DecoderState, conditioning: Conditioning | None = None
+    ) -> tuple[Tensor, DecoderState]:
         """Feed one token per row (B,); return the next logits (B, V) and the extended state."""
         assert next_ids.ndim == 1 and next_ids.shape[0] == state.attention_mask.shape[0], (
             f"next_ids must be (B,) with B = {state.attention_mask.shape[0]}, "
@@ -370,7 +432,8 @@ class DecoderLM(nn.Module):
         position_ids = mask.sum(dim=1, keepdim=True)  # (B, 1): real tokens so far = next position
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B, T_cached + 1)
         logits, kv = self(
-            next_ids[:, None], attention_mask=mask, position_ids=position_ids, kv_cache=state.kv
+            next_ids[:, None], attention_mask=mask, position_ids=position_ids, kv_cache=state.kv,
+            conditioning=conditioning,
         )
         assert kv is not None
         return logits[:, -1], DecoderState(kv, mask)

@@ -14,9 +14,10 @@ Which layers: `targets` are leaf module names (q_proj, k_proj, v_proj, o_proj, g
 up_proj, down_proj in the decoder; q_proj, k_proj, v_proj, out_proj, fc1, fc2 in the vision
 tower), searched under the `modules` prefixes (a family's module names, e.g. LLaVA's
 "language_model" and "vision_tower"), so "q_proj" in the decoder does not also adapt the
-vision tower unless asked. Only plain `nn.Linear` layers are adapted: a subclass that routes
-its rows (CogVLM's `RoutedLinear`) would apply the adapter to rows a merge cannot reach, so it
-is refused; adapt CogVLM's `visual_expert` instead.
+vision tower unless asked. Only plain `nn.Linear` layers are adapted: a subclass may compute
+rows its own way, which a merge into its weight would not reach, so it is refused. (CogVLM's
+language projections are plain layers that compute the text positions; its `visual_expert`
+computes the image positions and is adapted like any other module.)
 
 The module lives in `nn/`, not `train/`: loading a checkpoint with adapters (inference)
 re-applies them, and inference never imports `train/`.

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visto.nn.attention import Attention, LayerCache
+from visto.nn.experts import Expert
 
 
 class RMSNorm(nn.Module):
@@ -75,8 +76,14 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: Tensor, expert: Expert | None = None) -> Tensor:
+        """x (B, T, dim); `expert`: its rows go through the expert's projections (experts.py)."""
+        if expert is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = F.silu(expert.linear("gate_proj", self.gate_proj, x)) * expert.linear(
+            "up_proj", self.up_proj, x
+        )
+        return expert.linear("down_proj", self.down_proj, hidden)
 
 
 class EncoderBlock(nn.Module):
@@ -131,10 +138,19 @@ class DecoderBlock(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
         mask: Tensor | None = None,
         cache: LayerCache | None = None,
+        expert: Expert | None = None,
     ) -> Tensor:
-        """x (B, T, dim); mask as in `Attention` (padding), causality is always applied."""
+        """x (B, T, dim); mask as in `Attention` (padding), causality is always applied.
+        expert: projections (under this block's names: self_attn.q_proj, mlp.up_proj, ...)
+        that compute the positions its mask marks (CogVLM's visual expert, `visto.nn.experts`)."""
+        attn_expert = expert.part("self_attn") if expert is not None else None
+        mlp_expert = expert.part("mlp") if expert is not None else None
         x = x + self.self_attn(
-            self.input_layernorm(x), mask=mask, causal=True, rope=rope, cache=cache
+            self.input_layernorm(x),
+            mask=mask,
+            causal=True,
+            rope=rope,
+            cache=cache,
+            expert=attn_expert,
         )
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x
+        return x + self.mlp(self.post_attention_layernorm(x), expert=mlp_expert)
