@@ -7,6 +7,20 @@
 Each repeat times --prompts prompts (VQA questions of the first test images); the figures are
 the medians over repeats, with the machine's load beside them. `batched_tokens_per_s` is the
 same prompts generated as one batch (prefill included), as a server batches them.
+
+Families at the same decoder size, no checkpoint needed (random weights; every answer is
+forced to --tokens tokens, so the weights do not change the work):
+
+    .venv/bin/python bench/decode_speed.py --families llava,flamingo,cogvlm --json bench/out/decode.json
+
+builds each family from its `compare-<family>` recipe (the quickstart's sizes: decoder 4 x 256,
+8 heads), asks the VQA questions of a small generated world (--data to reuse one), and
+alternates the families within each repeat, so a change in machine load hits all alike. Each
+family's figure is the median over repeats; `vs_llava` is LLaVA's decode tokens/s over the
+family's (1.0 = as fast, 2.0 = half as fast), and `macs_vs_llava` the same ratio of the
+matmul work one decoded token costs (its floor where matmuls dominate). `fast_path` says
+whether the engine ran the model on its fused runner (`visto.infer.runner`) or through the
+model's own decode_step.
 """
 
 from __future__ import annotations
@@ -21,14 +35,31 @@ from pathlib import Path
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True, help="a synthetic world (its test split)")
+    p.add_argument("--model", type=Path, help="a checkpoint (or use --families)")
+    p.add_argument("--families", help="comma-separated families built from their compare recipes")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="a synthetic world (its test split); --families generates a small one when left out",
+    )
+    p.add_argument("--json", type=Path, help="also write the result to this file")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    if (args.model is None) == (args.families is None):
+        p.error("pass exactly one of --model and --families")
+    if args.model is not None and args.data is None:
+        p.error("--model needs --data")
+    result = families(args) if args.families else checkpoint(args)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
+
+def checkpoint(args: argparse.Namespace) -> dict:
     import time
 
     import torch
@@ -59,7 +90,79 @@ def main() -> None:
         "batched_tokens_per_s": statistics.median(batched[1:]), "batch": len(prompts),
         "load_average": os.getloadavg(),
     }  # fmt: skip
-    print(json.dumps(result, indent=2))
+    return result
+
+
+def decode_macs(model) -> int:
+    """Multiply-adds of the matmuls one decoded token runs (batch 1): the decoder's layers and
+    head, and Flamingo's gated blocks less their keys/values of the images (computed at
+    prefill). CogVLM's experts compute image positions only, none of a decoded token."""
+    from torch import nn
+
+    total = 0
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        decoder = name.startswith(("language_model.model.layers.", "language_model.lm_head"))
+        gated = name.startswith("gated_cross_attn_layers.") and not name.endswith(
+            ("cross_attn.k_proj", "cross_attn.v_proj")
+        )
+        if decoder or gated:
+            total += m.in_features * m.out_features
+    return total
+
+
+def families(args: argparse.Namespace) -> dict:
+    import tempfile
+
+    import torch
+
+    from visto.compare import latency, probe_prompts
+    from visto.data.synth import WorldConfig, generate_world
+    from visto.models import build_model
+    from visto.tasks.runner import make_engine
+    from visto.train.recipe import load_recipe
+
+    torch.set_num_threads(args.threads)
+    names = [f.strip() for f in args.families.split(",") if f.strip()]
+    tmp = tempfile.TemporaryDirectory()
+    world = args.data
+    if world is None:
+        world = Path(tmp.name) / "world"
+        generate_world(WorldConfig(n=max(200, 20 * args.prompts), seed=0), world)
+    models = {}
+    for name in names:
+        config = dict(load_recipe(f"compare-{name}").model.config)
+        config.update(tokenizer_corpus=str(world), vision_init=None, tokenizer_dir=None)
+        models[name] = build_model(name, config, seed=0).eval()
+    samples = probe_prompts(world, args.prompts, seed=0)[: args.prompts]
+    prompts = [dataclasses.replace(s, turns=s.turns[:-1]) for s in samples]
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(args.repeats):  # alternated: load swings hit every family alike
+        for name in names:
+            runs[name].append(latency(models[name], prompts, args.tokens))
+    rows = {}
+    for name in names:
+        decoder = models[name].config.decoder
+        rows[name] = {
+            "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs[name]),
+            "ttft_ms": statistics.median(r["ttft_ms"] for r in runs[name]),
+            "fast_path": make_engine(models[name]).runner is not None,
+            "decode_macs_per_token": decode_macs(models[name]),
+            "decoder": f"{decoder.num_layers} x {decoder.hidden_size}, {decoder.num_heads} heads",
+        }
+    if "llava" in rows:
+        for row in rows.values():
+            row["vs_llava"] = rows["llava"]["decode_tokens_per_s"] / row["decode_tokens_per_s"]
+            row["macs_vs_llava"] = (
+                row["decode_macs_per_token"] / rows["llava"]["decode_macs_per_token"]
+            )
+    tmp.cleanup()
+    return {
+        "families": rows, "threads": args.threads, "repeats": args.repeats,
+        "prompts": args.prompts, "tokens": args.tokens, "torch": torch.__version__,
+        "load_average": os.getloadavg(),
+    }  # fmt: skip
 
 
 if __name__ == "__main__":
