@@ -46,18 +46,20 @@ def register_tiny_stack() -> None:
 
 
 class KillAfter:
-    """A sample source that kills its own process (SIGKILL: no cleanup, no checkpoint) once
-    it has been read for `n` training samples."""
+    """A sample source that kills the process that made it (SIGKILL: no cleanup, no
+    checkpoint) once it has been read for `n` training samples (read in that process or in
+    its data worker, data.prefetch)."""
 
     def __init__(self, source, n: int) -> None:
         self.source, self.n, self.given = source, n, 0
+        self.trainer = os.getpid()
 
     def __call__(self, role: str):
         for sample in self.source(role):
             if role == "train":
                 self.given += 1
                 if self.given > self.n:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    os.kill(self.trainer, signal.SIGKILL)
             yield sample
 
 
@@ -141,7 +143,9 @@ def test_fsdp_on_two_processes_matches_one_and_resumes_after_a_rank_is_killed(tm
     proc = launch(tmp_path, killed, recipe(4, distributed="fsdp"), kill_after=14 * 8)
     assert proc.returncode != 0
     logged = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert logged[-1]["step"] == 13  # it died in step 14, three steps after its checkpoint
+    # Its data worker reads up to data.prefetch (2) batches ahead: it died in step 12 to 14,
+    # after its checkpoint.
+    assert 11 <= logged[-1]["step"] <= 13
     assert load_trainer_state(killed / "checkpoint")["step"] == 10
     proc = launch(tmp_path, killed, recipe(4, distributed="fsdp"), resume=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,6 +14,8 @@ import random
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from torch.utils.data import IterableDataset
+
 from visto.data.sample import Sample
 from visto.errors import UserError
 
@@ -189,6 +191,96 @@ class BatchStream:
     def __next__(self) -> dict[str, Any]:
         samples = [next(self._samples) for _ in range(self.batch_size)]
         return self.collate(samples)
+
+    def close(self) -> None:
+        """Nothing to stop (`PrefetchedBatches.close` stops its worker)."""
+
+
+class PrefetchedBatches:
+    """A `BatchStream` run ahead in a worker process (a torch DataLoader with one worker):
+    reading, image decoding and collation of the next `prefetch` batches overlap the
+    training step instead of running between steps. The batches and their order are the
+    stream's own. `state()` is the position after the last batch handed out (not where the
+    worker has got to), so a checkpoint resumes where training stopped.
+
+    One worker, because a shuffled stream is read in order: a second worker would have to
+    decode every sample too, to skip the other's. `close()` stops the worker.
+    """
+
+    def __init__(self, stream: BatchStream, prefetch: int) -> None:
+        import multiprocessing
+
+        import torch
+        from torch.utils.data import DataLoader
+
+        assert prefetch >= 1
+        self._state = stream.state()
+        # fork where there is one: the worker inherits the source and the collate function
+        # (a bound method of the model) instead of unpickling a copy of the model.
+        context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        self._loader = DataLoader(
+            _StreamDataset(stream), batch_size=None, num_workers=1, prefetch_factor=prefetch,
+            collate_fn=_as_is, worker_init_fn=_ignore_interrupt, multiprocessing_context=context,
+            # Its own generator: the worker's seed is drawn from it, not from the global RNG
+            # (which draws the training run's dropout masks).
+            generator=torch.Generator().manual_seed(stream.seed),
+        )  # fmt: skip
+        # The worker starts at the first batch asked for: the source is then as the
+        # training process would read it.
+        self._batches: Iterator[tuple[str, Any, dict[str, int] | None]] | None = None
+        self._closed = False
+
+    def state(self) -> dict[str, int]:
+        return dict(self._state)
+
+    def __iter__(self) -> PrefetchedBatches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        assert not self._closed, "PrefetchedBatches: closed"
+        if self._batches is None:
+            self._batches = iter(self._loader)
+        kind, payload, state = next(self._batches)
+        if kind == "error":  # a UserError in the worker: raised here, as the stream would
+            raise UserError(payload)
+        assert state is not None
+        self._state = state
+        return payload
+
+    def close(self) -> None:
+        """Stop the worker; no batch is read after this."""
+        self._closed = True
+        if self._batches is not None:
+            self._batches._shutdown_workers()  # type: ignore[attr-defined]
+            self._batches = None
+
+
+class _StreamDataset(IterableDataset):
+    """The worker's side of `PrefetchedBatches`: (kind, batch or message, stream state)."""
+
+    def __init__(self, stream: BatchStream) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[tuple[str, Any, dict[str, int] | None]]:
+        while True:
+            try:
+                batch = next(self.stream)
+            except UserError as e:  # the message alone, not the worker's traceback
+                yield "error", str(e), None
+                return
+            yield "batch", batch, self.stream.state()
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def _ignore_interrupt(_worker_id: int) -> None:
+    # Ctrl-C is the training process's to handle: it finishes the step and saves.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def first_batches(

@@ -53,6 +53,7 @@ from visto.errors import UserError
 from visto.nn.lora import apply_lora, has_lora
 from visto.train.data import (
     BatchStream,
+    PrefetchedBatches,
     SampleSource,
     build_processor,
     data_card,
@@ -375,12 +376,14 @@ def train(
     if trainer_state is not None:
         ranks = trainer_state["ranks"]
         rank_state = ranks[dist_info.rank] if len(ranks) == dist_info.world_size else ranks[0]
-    stream = BatchStream(
+    stream: BatchStream | PrefetchedBatches = BatchStream(
         source, "train", model.collate, recipe.micro_batch_size,
         seed=recipe.seed, shuffle_buffer=recipe.data.shuffle_buffer,
         rank=dist_info.rank, world_size=dist_info.world_size,
         state=rank_state["data"] if rank_state else None,
     )
+    if recipe.data.prefetch:
+        stream = PrefetchedBatches(stream, recipe.data.prefetch)
     val_batches: list[dict[str, Any]] | None = None  # read once, at the first evaluation
 
     # ---- run directory, state
@@ -504,7 +507,7 @@ def train(
     factor = lr_factor(step, schedule_progress(recipe, step, elapsed()),
                        recipe.schedule.warmup_steps, recipe.schedule.min_lr_ratio)
     live_bar = show_progress and dist_info.main and console.is_terminal
-    with _StopRequest() as stop, _progress(console, live_bar) as bar:
+    with _StopRequest() as stop, _progress(console, live_bar) as bar, contextlib.closing(stream):
         task = bar.add_task("train", total=1.0, loss=float("nan"), rate=0.0, step=step)
         while not done():
             t0 = time.perf_counter()

@@ -76,6 +76,10 @@ class DataSpec(SourceSpec):
     # Samples held for shuffling (>= dataset size: a full shuffle). Each epoch starts by
     # reading this many, so a larger buffer shuffles better but stalls longer.
     shuffle_buffer: int = 1024
+    # Batches read, decoded and collated ahead of the training step by a worker process, so
+    # that data work overlaps the step (bench/README.md, "Data loading"); 0 = in the training
+    # process, between steps. The batches are the same either way.
+    prefetch: int = 2
 
 
 # The settings of one dataset that a mixture's sources set each for itself.
@@ -116,6 +120,8 @@ def finish_problems(finish: FinishSpec, model: ModelSpec) -> list[str]:
 
 def data_problems(data: DataSpec) -> list[str]:
     """What is wrong with a recipe's data section: its one dataset, or its mixture."""
+    if data.prefetch < 0:
+        return [f"data.prefetch is the number of batches prepared ahead (0 = none), got {data.prefetch}"]
     if data.sources is None:
         return source_problems(data, "data")
     if not data.sources:
