@@ -23,6 +23,10 @@ from visto.errors import UserError
 DEFAULT_TASKS = tuple(
     t for t in TASK_KINDS if t not in ("count", "chat")
 )  # count is a subset of vqa
+# Kinds read from the truth and the masks rather than generated with the world: "segment" is
+# one sample per image whose truth carries its text prompts and the path of its instance mask
+# (visto.data.synth.prompts), for the dense experts (visto.models.clipseg). Never a default.
+TRUTH_KINDS = ("segment",)
 
 
 def load_world(data_dir: str | os.PathLike) -> dict:
@@ -60,9 +64,11 @@ def _check_tasks(tasks: Iterable[str] | None) -> tuple[str, ...]:
     if tasks is None:
         return DEFAULT_TASKS
     tasks = tuple(tasks)
-    unknown = [t for t in tasks if t not in TASK_KINDS]
+    unknown = [t for t in tasks if t not in TASK_KINDS + TRUTH_KINDS]
     if unknown:
-        raise UserError(f"unknown task(s) {unknown}; choose from {', '.join(TASK_KINDS)}")
+        raise UserError(
+            f"unknown task(s) {unknown}; choose from {', '.join(TASK_KINDS + TRUTH_KINDS)}"
+        )
     return tasks
 
 
@@ -100,6 +106,12 @@ def record_items(
             [(qa["q"], qa["a"]) for qa in picked],
             {"qtypes": [qa["type"] for qa in picked]},
         )
+    if "segment" in tasks:
+        from visto.data.synth.prompts import record_prompts
+
+        prompts = [p.to_json() for p in record_prompts(record["truth"], record["id"])]
+        text = "\n".join(p["text"] for p in prompts)
+        yield "segment", None, [(text, "")], {"prompts": prompts, "mask": record["mask"]}
 
 
 def iter_samples(
@@ -133,6 +145,8 @@ def iter_samples(
                 turns.append(Turn("assistant", a))
             truth = {**record["truth"], "task": task, "qtype": qtype, "split": split,
                      "image_id": record["id"], "item": facts}  # fmt: skip
+            if task == "segment":  # where the instance mask lies, for the collate
+                truth["item"] = {**facts, "mask": str(root / facts["mask"])}
             yield Sample(
                 id=f"{record['id']}-{task}-{k}",
                 images=[image],
