@@ -2,11 +2,13 @@
 
 `evaluator_for(family)` returns the kind and evaluation function for a model family; each
 function returns an `EvalResult`: the flat `eval.json` dict (name -> number, DESIGN.md
-names) and notes for the report. Two kinds exist:
+names) and notes for the report. Three kinds exist:
 
     two_tower    CLIP-like: zero-shot classification, retrieval, clustering (`eval.twotower`)
     generative   image-to-text models: every task of the world asked and scored
                  (`eval.generative`, driven by `visto.tasks.runner.make_generate`)
+    dense        text-prompted segmenters and detectors (clipseg): mIoU and AP50
+                 (`eval.dense`; the world only)
 
 `dataset_evaluator_for(family)` does the same for a dataset in any format
 (`eval.dataset`: what the data carries decides what is scored).
@@ -42,6 +44,7 @@ FAMILY_KIND: dict[str, str] = {
     "flamingo": "generative",
     "fuyu": "generative",
     "cogvlm": "generative",
+    "clipseg": "dense",
 }
 
 
@@ -57,10 +60,17 @@ def _generative() -> Callable[..., Any]:
     return evaluate_generative_model
 
 
+def _dense() -> Callable[..., Any]:
+    from visto.eval.dense import evaluate_dense
+
+    return evaluate_dense
+
+
 # kind -> loader of its evaluation function (imported lazily: torch, sklearn are heavy).
 EVALUATORS: dict[str, Callable[[], Callable[..., Any]]] = {
     "two_tower": _two_tower,
     "generative": _generative,
+    "dense": _dense,
 }
 
 

@@ -16,6 +16,7 @@ from visto.config import from_dict
 from visto.errors import UserError
 from visto.models.blip2 import Blip2, Blip2Config
 from visto.models.clip import CLIP, CLIPConfig
+from visto.models.clipseg import CLIPSeg, CLIPSegConfig
 from visto.models.cogvlm import CogVLM, CogVLMConfig
 from visto.models.flamingo import Flamingo, FlamingoConfig
 from visto.models.fuyu import Fuyu, FuyuConfig
@@ -28,6 +29,7 @@ FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "fuyu": (FuyuConfig, Fuyu),
     "cogvlm": (CogVLMConfig, CogVLM),
     "flamingo": (FlamingoConfig, Flamingo),
+    "clipseg": (CLIPSegConfig, CLIPSeg),
 }
 
 

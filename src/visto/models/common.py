@@ -27,6 +27,20 @@ from visto.nn.vision import ViT, load_transformers_clip_vision
 # ----------------------------------------------------------------------------- pretrained parts
 
 
+def load_clip(path: str | Path) -> Any:
+    """The CLIP of a visto checkpoint, with its processor (clipseg's `clip_init`)."""
+    from visto.checkpoint import load, read_config
+
+    family = read_config(path)["family"]
+    if family != "clip":
+        raise UserError(f"clip_init {path} is a {family!r} checkpoint; clipseg needs a two-tower "
+                        "CLIP (e.g. `visto train --recipe clip-synth-dense`)")  # fmt: skip
+    clip = load(path)
+    if clip.processor is None:
+        raise UserError(f"clip_init {path} has no processor (tokenizer): save it with one")
+    return clip
+
+
 def load_vision_tower(path: str | Path) -> ViT:
     """The ViT of a visto CLIP/LLaVA checkpoint, or of a transformers CLIP or LLaVA directory."""
     from visto.checkpoint import is_checkpoint, load, read_config
