@@ -161,7 +161,8 @@ def test_visto_chat_with_a_users_tool_and_clear_errors(capsys, checkpoint, label
     for flags, message in [
         (["--tool-choice", "required"], "--tool-choice needs --tools"),
         (["--tools", "ocr", "--tool-choice", "zoom"], "--tool-choice 'zoom'"),
-        (["--tools", "segment"], "unknown tool 'segment'"),
+        (["--tools", "paint"], "unknown tool 'paint'"),
+        (["--tools", "segment=nowhere/checkpoint"], "read a clipseg checkpoint"),
         (["--tools", "ocr", "--task", "extract"], "do not mix"),
     ]:
         code, _, err = cli(capsys, "--model", str(checkpoint), str(label_png), "q", *flags)

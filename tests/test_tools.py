@@ -131,8 +131,12 @@ def test_load_tools_takes_builtins_and_a_users_module(tmp_path, monkeypatch) -> 
     tools = load_tools("ocr, my_tools:size")
     assert tools.names == ["ocr", "size"]
     assert json.loads(tools.run("size", "{}", Image.new("RGB", (3, 2))).text) == {"w": 3, "h": 2}
-    with pytest.raises(UserError, match="unknown tool 'segment'"):
-        load_tools("segment")
+    with pytest.raises(UserError, match="unknown tool 'paint'"):
+        load_tools("paint")
+    with pytest.raises(UserError, match="there is none at"):  # segment/detect name a checkpoint
+        load_tools(f"segment={tmp_path / 'none'}")
+    with pytest.raises(UserError, match="only segment and detect take a checkpoint"):
+        load_tools("ocr=x")
     with pytest.raises(UserError, match="cannot load the tool"):
         load_tools("my_tools:nothing")
     with pytest.raises(UserError, match="not a visto.tools.Tool"):

@@ -34,9 +34,10 @@ Ask a generative checkpoint (e.g. LLaVA) about one or more images and print its 
 Detect and extract answers are decoded under the world's JSON grammar when xgrammar is
 installed (always valid JSON; --no-constrain turns it off).
 
---tools lets the model call expert models (built-in: ocr, PP-OCRv4; or module:attribute of
+--tools lets the model call expert models (built-in: ocr, PP-OCRv4; segment and detect, a
+clipseg checkpoint: runs/clipseg-synth/checkpoint or segment=CKPT; or module:attribute of
 your own visto.tools.Tool): visto runs each call on the last IMAGE, hands the result back to the
-model and lets it answer. --tool-choice required (or a tool's name) makes the first answer a
+model and lets it answer (a mask or boxes come back as PNGs in --json's tool_runs). --tool-choice required (or a tool's name) makes the first answer a
 call, decoded under the tool's JSON schema; the model may call again, up to 3 rounds.
 
 Boxes are printed as 0..999 ints (x1, y1, x2, y2) and as pixels of the first image, and
@@ -55,6 +56,7 @@ Examples:
   visto chat --model ckpt q.png "circles" --task count --demo d1.png circles 2 --demo d2.png circles 0
   visto chat --model ckpt scene.png "How many stars?" --int8     (int8 on the CPU)
   visto chat --model ckpt label.png "What does the label say?" --tools ocr --tool-choice ocr
+  visto chat --model ckpt scene.png "Cut out the red star." --tools ocr,segment,detect --json
 """
 
 
@@ -96,7 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     tools = p.add_argument_group("tools")
     tools.add_argument("--tools", metavar="NAMES",
-                       help="tools the model may call, comma-separated: built-in names (ocr) "
+                       help="tools the model may call, comma-separated: built-in names (ocr, segment, detect; "
+                       "segment=CKPT names a clipseg checkpoint) "
                        "and module:attribute of your visto.tools.Tool")  # fmt: skip
     tools.add_argument("--tool-choice", default="auto", metavar="CHOICE",
                        help="auto (default: the model decides), required (it calls a tool "

@@ -32,6 +32,10 @@ What is measured depends on the model family:
                      k-means clustering of image embeddings (purity, NMI). Every figure is
                      also given on the held-out split (unseen colour-shape pairs) as
                      heldout.<name>.
+  dense (clipseg)    text-prompted segmentation, every prompt of each image ("the red star",
+                     "all circles", "all red shapes", "the text"): segment.miou.<kind>, and
+                     open-vocabulary detection, every colour-shape query on every image:
+                     detect.ap50 (seen pairs; heldout.detect.ap50: the 7 held-out pairs).
   generative (llava) every task of the world, asked in its own words and scored: VQA per
                      question type (vqa.<type>), counting, POPE probes, grounding acc@0.5,
                      box -> description, OCR exact/CER, JSON validity and fields, detection

@@ -12,6 +12,7 @@ later rounds may call (auto), and the last one may not, so the loop always ends.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +40,21 @@ class ToolRound:
         return [tool_result_turn(r.text) for r in self.results]
 
     def report(self) -> list[dict[str, Any]]:
-        """The calls and results as JSON (visto's `tool_runs`, the CLI's --json)."""
-        return [{"name": r.name, "arguments": c.arguments, "result": r.output, "ok": r.ok}
-                for c, r in zip(self.calls, self.results, strict=True)]  # fmt: skip
+        """The calls and results as JSON (visto's `tool_runs`, the CLI's --json); a result's
+        files (a mask PNG) as data URLs under "files", which the model never reads."""
+        runs = []
+        for c, r in zip(self.calls, self.results, strict=True):
+            run = {"name": r.name, "arguments": c.arguments, "result": r.output, "ok": r.ok}
+            if r.files:
+                run["files"] = {name: data_url(name, data) for name, data in r.files.items()}
+            runs.append(run)
+        return runs
+
+
+def data_url(name: str, data: bytes) -> str:
+    """A file as a data: URL (PNG by its name, else plain bytes)."""
+    kind = "image/png" if name.lower().endswith(".png") else "application/octet-stream"
+    return f"data:{kind};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def run_tool_calls(text: str, tools: ToolRegistry, image: Image.Image | None) -> ToolRound | None:

@@ -42,7 +42,7 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
 class Tool:
     name: str
     description: str
-    run: Callable[..., Any]  # run(image, **arguments) -> anything json.dumps takes
+    run: Callable[..., Any]  # run(image, **arguments) -> anything json.dumps takes, or a ToolOutput
     parameters: dict[str, Any] = field(default_factory=lambda: dict(NO_ARGUMENTS))
     timeout_s: float = DEFAULT_TIMEOUT_S
 
@@ -53,11 +53,21 @@ class Tool:
 
 
 @dataclass(frozen=True)
+class ToolOutput:
+    """What a tool may return instead of plain JSON: the JSON the model reads, and files for
+    the user beside it (name -> bytes, e.g. a mask as PNG) that the model never sees."""
+
+    data: Any
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ToolResult:
     name: str
     arguments: dict[str, Any]
     output: Any  # what the tool returned, or {"error": message}
     ok: bool
+    files: dict[str, bytes] = field(default_factory=dict)  # a ToolOutput's files
 
     @property
     def text(self) -> str:
@@ -173,12 +183,14 @@ class ToolRegistry:
             return _failed(name, args, str(error))
         if error is not None:  # whatever a tool does wrong, the model hears it
             return _failed(name, args, f"the tool failed: {type(error).__name__}: {error}")
-        output = outcome["output"]
+        output, files = outcome["output"], {}
+        if isinstance(output, ToolOutput):
+            output, files = output.data, dict(output.files)
         try:
             compact_json(output)  # the model reads it as JSON: fail here, not later
         except (TypeError, ValueError) as e:
             return _failed(name, args, f"the tool failed: its result is not JSON: {e}")
-        return ToolResult(name, args, output, ok=True)
+        return ToolResult(name, args, output, ok=True, files=files)
 
 
 def _failed(name: str, arguments: dict[str, Any], message: str) -> ToolResult:

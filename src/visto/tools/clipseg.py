@@ -1,0 +1,174 @@
+"""Text-prompted segmentation and open-vocabulary detection as tools: a clipseg checkpoint
+(visto.models.clipseg, `visto train --recipe clipseg-synth`) asked about the image.
+
+    tools = load_tools("segment,detect")            # runs/clipseg-synth/checkpoint
+    tools = load_tools("segment=runs/seg/checkpoint,detect=runs/seg/checkpoint")
+    tools.run("segment", '{"prompt": "the red star"}', image).output
+      -> {"prompt": "the red star", "found": true, "pixels": 412, "fraction": 0.025,
+          "box": [..0..999..], "box_pixels": [...]}
+         with files {"mask.png": the mask (L, 255 inside), "overlay.png": the mask drawn on the image}
+    tools.run("detect", '{"query": "red star"}', image).output
+      -> {"query": "red star", "objects": [{"score": 0.93, "box": [...], "box_pixels": [...]}]}
+         with files {"boxes.png": the boxes drawn on the image}
+
+The model reads the JSON; the PNGs travel beside it (visto.tools.ToolOutput), for the user.
+One checkpoint path is loaded once, on the first call, and shared by both tools.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from visto.errors import UserError
+from visto.tasks.common import pixels_to_norm
+from visto.tasks.draw import draw_boxes
+from visto.tools.registry import Tool, ToolOutput
+
+DEFAULT_CHECKPOINT = (
+    "runs/clipseg-synth/checkpoint"  # where `visto train --recipe clipseg-synth` writes
+)
+EXPERT_TOOLS = ("segment", "detect")
+MIN_SCORE = 0.3  # detections below this are left out
+MASK_COLOUR = (230, 30, 200)
+
+_models: dict[str, Any] = {}
+_lock = threading.Lock()  # one load per checkpoint, one image at a time through a model
+
+
+def check_checkpoint(path: str) -> str:
+    from visto.checkpoint import is_checkpoint, read_config
+
+    if not is_checkpoint(path):
+        raise UserError(f"the segment and detect tools read a clipseg checkpoint; there is none "
+                        f"at {path}: train one with `visto train --recipe clipseg-synth` or name "
+                        "yours, e.g. --tools segment=runs/seg/checkpoint")  # fmt: skip
+    family = read_config(path)["family"]
+    if family != "clipseg":
+        raise UserError(f"{path} is a {family!r} checkpoint; the segment and detect tools need a "
+                        "clipseg one (`visto train --recipe clipseg-synth`)")  # fmt: skip
+    return str(Path(path))
+
+
+def _model(path: str) -> Any:
+    if path not in _models:
+        import visto
+
+        _models[path] = visto.load(check_checkpoint(path))
+    return _models[path]
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def draw_mask(image: Image.Image, mask: np.ndarray, colour: tuple[int, int, int] = MASK_COLOUR,
+              alpha: float = 0.55) -> Image.Image:  # fmt: skip
+    """A copy of `image` (RGB) with the (H, W) bool mask painted over it, half see-through."""
+    base = np.asarray(image.convert("RGB"), np.float32)
+    out = base.copy()
+    out[mask] = (1 - alpha) * base[mask] + alpha * np.asarray(colour, np.float32)
+    return Image.fromarray(out.round().astype(np.uint8))
+
+
+def segment_image(image: Image.Image, prompt: str, path: str = DEFAULT_CHECKPOINT) -> np.ndarray:
+    """(H, W) bool: the pixels of `image` that `prompt` names."""
+    with _lock:
+        return _model(path).segment([image.convert("RGB")], [prompt])[0] > 0.5
+
+
+def detect_objects(image: Image.Image, query: str, path: str = DEFAULT_CHECKPOINT,
+                   min_score: float = MIN_SCORE) -> list[dict[str, Any]]:  # fmt: skip
+    """The objects `query` names: [{"score", "box" (0..999), "box_pixels"}], best first."""
+    from visto.models.clipseg import nms
+
+    image = image.convert("RGB")
+    with _lock:
+        scores, boxes = _model(path).detect([image], [query])
+    w, h = image.size
+    px = (boxes[0] * torch.tensor([w, h, w, h])).numpy()
+    s = scores[0, :, 0].numpy()
+    out = []
+    for i in nms(px, s):
+        if s[i] < min_score:
+            break
+        pixels = [round(float(v)) for v in px[i]]
+        out.append({"score": round(float(s[i]), 3), "box": pixels_to_norm(pixels, image.size),
+                    "box_pixels": pixels})  # fmt: skip
+    return out
+
+
+def segment_tool(path: str = DEFAULT_CHECKPOINT) -> Tool:
+    def run(image: Image.Image, prompt: str) -> ToolOutput:
+        mask = segment_image(image, prompt, path)
+        out: dict[str, Any] = {"prompt": prompt, "found": bool(mask.any()),
+                               "pixels": int(mask.sum()), "fraction": round(float(mask.mean()), 4)}  # fmt: skip
+        if mask.any():
+            ys, xs = np.nonzero(mask)
+            pixels = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+            out.update(box=pixels_to_norm(pixels, image.size), box_pixels=pixels)
+        files = {"mask.png": png(Image.fromarray(mask.astype(np.uint8) * 255, "L")),
+                 "overlay.png": png(draw_mask(image, mask))}  # fmt: skip
+        return ToolOutput(out, files)
+
+    return Tool(
+        name="segment",
+        description="Find the pixels a short text names (e.g. 'the red star', 'all circles', "
+        "'all red shapes', 'the text'): whether any were found, how many, and their box "
+        "(x1, y1, x2, y2 in 0..999 and in pixels); the mask comes back as a PNG.",
+        run=run,
+        parameters={
+            "type": "object",
+            "properties": {
+                "prompt": {
+                    "type": "string",
+                    "maxLength": 80,
+                    "description": "what to segment, e.g. 'the red star'",
+                }
+            },
+            "required": ["prompt"],
+            "additionalProperties": False,
+        },  # fmt: skip
+    )
+
+
+def detect_tool(path: str = DEFAULT_CHECKPOINT) -> Tool:
+    def run(image: Image.Image, query: str) -> ToolOutput:
+        found = detect_objects(image, query, path)
+        drawn = draw_boxes(image, [o["box_pixels"] for o in found],
+                           [f"{query} {o['score']:.2f}" for o in found])  # fmt: skip
+        return ToolOutput({"query": query, "objects": found}, {"boxes.png": png(drawn)})
+
+    return Tool(
+        name="detect",
+        description="Find every object a short text names (e.g. 'red star'): each one's box "
+        "(x1, y1, x2, y2 in 0..999 and in pixels) and score, best first.",
+        run=run,
+        parameters={
+            "type": "object",
+            "properties": {
+                "query": {
+                    "type": "string",
+                    "maxLength": 80,
+                    "description": "what to find, e.g. 'red star'",
+                }
+            },
+            "required": ["query"],
+            "additionalProperties": False,
+        },  # fmt: skip
+    )
+
+
+def expert_tool(name: str, path: str | None = None) -> Tool:
+    """The `segment` or `detect` tool over the clipseg checkpoint at `path` (checked now)."""
+    assert name in EXPERT_TOOLS, name
+    path = check_checkpoint(path or DEFAULT_CHECKPOINT)
+    return segment_tool(path) if name == "segment" else detect_tool(path)
