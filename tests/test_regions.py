@@ -77,7 +77,7 @@ def test_object_token_is_the_sum_of_its_attribute_words(tokenizer_dir):
     want = c.word_table(embed, "colour")[COLOUR_NAMES.index("red")]
     want = want + c.word_table(embed, "shape")[SHAPE_NAMES.index("star")]
     want = want + c.word_table(embed, "size")[SIZE_NAMES.index("large")]
-    want = want + c.box_words(torch.full((1, 1, 4), 0.5), embed)[0, 0]  # the zeroed box head says 0.5
+    want = want + c.box_words(torch.full((1, 1, 4), 0.5), embed)[0, 0].mean(0)  # the zeroed box head says 0.5
     assert torch.allclose(tokens[0, 0], want, atol=1e-5)
 
 
@@ -148,7 +148,7 @@ def test_tags_mix_the_question_form_and_the_answer_form_of_each_word(tokenizer_d
     assert set(tok.encode(" star")) | set(tok.encode("star")) <= set(ids[star][weights[star] > 0].tolist())
 
 
-def test_box_words_are_the_mean_of_the_boxes_location_tokens(tokenizer_dir):
+def test_box_words_are_the_boxes_location_tokens(tokenizer_dir):
     """A box question reads, and a grounding answer writes, these very tokens."""
     from visto.data.tokenizer import Tokenizer
 
@@ -158,7 +158,46 @@ def test_box_words_are_the_mean_of_the_boxes_location_tokens(tokenizer_dir):
     box = torch.tensor([[[0.10, 0.20, 0.55, 0.999]]])  # (B=1, S=1, 4)
     ids = [tok.loc_ids[int(v * tok.loc_bins)] for v in box[0, 0].tolist()]
     assert tok.format_box([100, 200, 550, 999]) == "".join(tok.decode([i]) for i in ids)
-    assert torch.allclose(c.box_words(box, embed)[0, 0], embed(torch.tensor(ids)).mean(0))
+    assert torch.allclose(c.box_words(box, embed)[0, 0], embed(torch.tensor(ids)))
+
+
+def test_box_tokens_follow_each_object_with_its_location_tokens(tokenizer_dir):
+    """With `box_tokens`, slot s is 5 tokens: the object, then E[<loc>] of x1, y1, x2, y2,
+    exactly the embeddings a grounding answer writes; empty slots are 5 empty tokens."""
+    from visto.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokenizer_dir / "tokenizer.json")
+    c = RegionConnector(16, 32, 3, box_tokens=True)
+    c.set_vocabulary(tok)
+    embed = nn.Embedding(400, 32)
+    with torch.no_grad():  # every box is (0.1, 0.2, 0.55, 0.9); empty slots read 0.5
+        c.heads.box.weight.zero_()
+        c.heads.box.bias.copy_(torch.logit(torch.tensor([0.1, 0.2, 0.55, 0.9])))
+        c.empty.fill_(0.5)
+    plain = RegionConnector(16, 32, 3)  # the same weights without box tokens
+    plain.load_state_dict(c.state_dict())
+    plain.set_vocabulary(tok)
+    centre_logits = torch.full((1, 16), -50.0)
+    centre_logits[0, 4] = 5.0  # one object, at patch 4
+    c.heads.forward = _with_centres(c.heads.forward, centre_logits)
+    plain.heads.forward = _with_centres(plain.heads.forward, centre_logits)
+    features = torch.randn(1, 16, 16)
+    tokens = c(features, embed)
+    assert tokens.shape == (1, 15, 32)
+    ids = [tok.loc_ids[int(v * tok.loc_bins)] for v in (0.1, 0.2, 0.55, 0.9)]
+    assert torch.allclose(tokens[0, 1:5], embed(torch.tensor(ids)), atol=1e-5)
+    assert torch.allclose(tokens[0, 0], plain(features, embed)[0, 0], atol=1e-6)  # as before
+    assert torch.allclose(tokens[0, 5:], torch.full((10, 32), 0.5))
+    assert ProjectorConfig(kind="regions", slots=3, box_tokens=True).num_tokens(16) == 15
+
+
+def _with_centres(forward, centre_logits):
+    def patched(features):
+        out = forward(features)
+        out["centre"] = centre_logits.expand(features.shape[0], -1)
+        return out
+
+    return patched
 
 
 def test_a_tower_from_a_checkpoint_brings_its_object_detector(tokenizer_dir, tmp_path):

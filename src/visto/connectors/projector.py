@@ -35,7 +35,15 @@ class ProjectorConfig:
     kind: str = "mlp"  # one of KINDS
     hidden_dim: int | None = None  # mlp only; default output_dim (as LLaVA 1.5)
     scale_factor: int = 2  # pixel_shuffle only: r, tokens shrink by r^2
-    slots: int = 10  # regions only: object tokens per image (the world has at most 9 objects)
+    slots: int = 10  # regions only: objects per image (the world has at most 9 objects)
+    # regions only: each object token is followed by its box's 4 location tokens, the very
+    # embeddings a grounding answer writes, so the decoder copies a box instead of decoding
+    # it from a sum (Pix2Seq tokens in the input, as OFA and Kosmos-2 ground).
+    box_tokens: bool = False
+    # regions only: lines of text read by the connector's OCR reader (connectors.text_reader),
+    # each given as up to `text_tokens` of the decoder's own token embeddings (M4C's OCR tokens)
+    text_slots: int = 0
+    text_tokens: int = 6
     act: str = "gelu"  # mlp only: "gelu" (exact, erf) as transformers' projector_hidden_act
     bias: bool = True
     # LayerNorm on each vision feature before the projection (InternVL's projector does
@@ -50,13 +58,15 @@ class ProjectorConfig:
             raise UserError(f"projector act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
         if self.slots < 1:
             raise UserError(f"projector slots must be at least 1, got {self.slots}")
+        if self.text_slots < 0 or self.text_tokens < 1:
+            raise UserError("projector text_slots must be >= 0 and text_tokens >= 1")
         if self.scale_factor < 1 or (self.hidden_dim is not None and self.hidden_dim < 1):
             raise UserError("projector scale_factor and hidden_dim must be positive")
 
     def num_tokens(self, num_patches: int) -> int:
         """Visual tokens per image for `num_patches` vision features."""
         if self.kind == "regions":
-            return self.slots
+            return self.slots * (5 if self.box_tokens else 1) + self.text_slots * self.text_tokens
         if self.kind != "pixel_shuffle":
             return num_patches
         side = math.isqrt(num_patches)
@@ -130,7 +140,10 @@ def build_projector(cfg: ProjectorConfig, input_dim: int, output_dim: int) -> nn
     if cfg.kind == "regions":
         from visto.connectors.regions import RegionConnector
 
-        module: nn.Module = RegionConnector(input_dim, output_dim, cfg.slots)
+        module: nn.Module = RegionConnector(
+            input_dim, output_dim, cfg.slots, box_tokens=cfg.box_tokens,
+            text_slots=cfg.text_slots, text_tokens=cfg.text_tokens,
+        )  # fmt: skip
     else:
         kinds = {"linear": LinearProjector, "mlp": MLPProjector, "pixel_shuffle": PixelShuffleProjector}
         module = kinds[cfg.kind](cfg, input_dim, output_dim)

@@ -20,6 +20,14 @@ and learned projections of the same attributes do not in the same steps.
                      + mean of E[<loc_k>] over its box's four location tokens (Pix2Seq bins:
                        the tokens a grounding answer writes and a box question reads)
       -> slots without an object get a learned `empty` token         (B, slots, D_lm)
+      -> with `box_tokens`, each object token is followed by E[<loc_x1>], E[<loc_y1>],
+         E[<loc_x2>], E[<loc_y2>] of its box: the tokens a grounding answer writes, so
+         "where is the red star?" is a copy, not a decode   (B, slots * 5, D_lm)
+      -> with `text_slots`, the lines of text the OCR reader (connectors.text_reader) finds
+         and reads, each as the decoder's embeddings of its tokens (as the OCR answer writes
+         them: later lines with their leading space) + a learned "read text" vector,
+         `text_tokens` per line, `empty` where there is none (M4C's OCR tokens)
+                                                  (B, slots * 5 + text_slots * text_tokens, D_lm)
 
 The word ids come from the tokenizer once a processor is attached (`set_vocabulary`). The
 heads only know the synthetic world's attributes: on other images they find no objects and
@@ -89,9 +97,20 @@ def word_forms(tokenizer, word: str) -> list[list[int]]:
 class RegionConnector(nn.Module):
     """Patch features (B, N, D_v) -> `slots` object tokens (B, slots, D_lm); see the module doc."""
 
-    def __init__(self, input_dim: int, output_dim: int, slots: int) -> None:
+    def __init__(
+        self, input_dim: int, output_dim: int, slots: int, box_tokens: bool = False,
+        text_slots: int = 0, text_tokens: int = 6,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.slots = slots
+        self.box_tokens = box_tokens
+        self.text_slots, self.text_tokens = text_slots, text_tokens
+        if text_slots:
+            from visto.connectors.text_reader import TextReader
+
+            self.reader = TextReader(frozen=True)
+            self.text_marker = nn.Parameter(torch.zeros(output_dim))
+        self.tokenizer = None  # encodes what the reader read; set by set_vocabulary
         self.heads = DenseHeads(input_dim)
         self.feature = nn.Linear(input_dim, output_dim)
         self.box = nn.Linear(4 * 2 * BOX_FREQUENCIES, output_dim)
@@ -113,6 +132,7 @@ class RegionConnector(nn.Module):
             weights = torch.tensor([[w for _, w in r] + [0.0] * (width - len(r)) for r in rows])
             self.vocabulary[kind] = (ids, weights)
         self.loc_ids = torch.tensor(tokenizer.loc_ids) if tokenizer.loc_ids else None
+        self.tokenizer = tokenizer
 
     def word_table(self, embed: nn.Embedding, kind: str) -> Tensor:
         """(n_values, D_lm): each attribute value's tag embedding."""
@@ -121,12 +141,12 @@ class RegionConnector(nn.Module):
         return (embed(ids.to(embed.weight.device)) * weights[..., None]).sum(1)  # (n, D)
 
     def box_words(self, box: Tensor, embed: nn.Embedding) -> Tensor:
-        """(B, S, 4) boxes in 0..1 -> (B, S, D_lm): the mean embedding of their 4 location tokens."""
+        """(B, S, 4) boxes in 0..1 -> (B, S, 4, D_lm): the embeddings of their 4 location tokens."""
         if self.loc_ids is None:  # a tokenizer without location tokens: nothing to tie to
-            return box.new_zeros(*box.shape[:-1], embed.weight.shape[1])
+            return box.new_zeros(*box.shape, embed.weight.shape[1])
         bins = len(self.loc_ids)
         k = (box * bins).long().clamp(0, bins - 1)  # the bin tokenizer.format_box writes
-        return embed(self.loc_ids.to(box.device)[k]).mean(-2)
+        return embed(self.loc_ids.to(box.device)[k])
 
     def select(self, heads: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(patch index (B, slots), present (B, slots)): the most confident centres, in raster
@@ -145,7 +165,30 @@ class RegionConnector(nn.Module):
             present = torch.cat([present, present.new_zeros(present.shape[0], pad)], 1)
         return index, present
 
-    def forward(self, features: Tensor, embed: nn.Embedding) -> Tensor:
+    def text_words(self, pixels: Tensor, embed: nn.Embedding) -> Tensor:
+        """(B, 3, S, S) -> (B, text_slots * text_tokens, D_lm): what the reader read, as tokens."""
+        B, D = pixels.shape[0], embed.weight.shape[1]
+        ids = torch.zeros(B, self.text_slots, self.text_tokens, dtype=torch.long)
+        filled = torch.zeros(B, self.text_slots, self.text_tokens, dtype=torch.bool)
+        for b, lines in enumerate(self.reader(pixels)):
+            for k, (text, _) in enumerate(lines[: self.text_slots]):
+                pieces = self.tokenizer.encode((" " if k else "") + text)[: self.text_tokens]
+                ids[b, k, : len(pieces)] = torch.tensor(pieces, dtype=torch.long)
+                filled[b, k, : len(pieces)] = True
+        device = embed.weight.device
+        words = embed(ids.to(device)) + self.text_marker.to(embed.weight.dtype)
+        words = torch.where(filled.to(device)[..., None], words, self.empty.to(words.dtype))
+        return words.view(B, self.text_slots * self.text_tokens, D)
+
+    def forward(self, features: Tensor, embed: nn.Embedding, pixels: Tensor | None = None) -> Tensor:
+        objects = self.object_tokens(features, embed)
+        if not self.text_slots:
+            return objects
+        if pixels is None:
+            raise RuntimeError("a RegionConnector with text_slots reads the image: pass pixels")
+        return torch.cat([objects, self.text_words(pixels, embed)], 1)
+
+    def object_tokens(self, features: Tensor, embed: nn.Embedding) -> Tensor:
         if not self.vocabulary:
             raise RuntimeError("RegionConnector needs set_vocabulary(tokenizer) before use")
         with torch.no_grad():  # the heads are a frozen detector: selection needs no gradient
@@ -159,14 +202,20 @@ class RegionConnector(nn.Module):
         p_shape = at(heads["centre_shape"])[..., 1:].softmax(-1)  # (B, S, 7): the centred object's shape
         p_colour = at(heads["colour"])[..., 1:].softmax(-1)  # (B, S, 8)
         p_size = at(heads["size"])[..., 1:].softmax(-1)  # (B, S, 3)
+        box = at(heads["box"])  # (B, S, 4) in 0..1
+        box_words = self.box_words(box, embed)  # (B, S, 4, D_lm)
         tokens = (
             self.feature(at(features))
             + p_shape @ self.word_table(embed, "shape")
             + p_colour @ self.word_table(embed, "colour")
             + p_size @ self.word_table(embed, "size")
-            + self.box(box_fourier(at(heads["box"])))
-            + self.box_words(at(heads["box"]), embed)
+            + self.box(box_fourier(box))
+            + box_words.mean(-2)
         )  # (B, S, D_lm)
+        if self.box_tokens:  # object, x1, y1, x2, y2 for each slot in turn
+            tokens = torch.cat([tokens[:, :, None], box_words], 2)  # (B, S, 5, D_lm)
+            empty = self.empty.to(tokens.dtype)
+            return torch.where(present[..., None, None], tokens, empty).flatten(1, 2)
         return torch.where(present[..., None], tokens, self.empty.to(tokens.dtype))
 
 

@@ -22,7 +22,7 @@ from visto.data.tokenizer import Tokenizer, corpus_texts, train_tokenizer
 from visto.errors import UserError
 from visto.models.transformers_format import load_transformers, read_hf_config
 from visto.nn.language import DecoderLM
-from visto.nn.vision import ViT, load_transformers_clip_vision
+from visto.nn.vision import CLIP_TYPES, SIGLIP_TYPES, ViT, load_transformers_vision
 
 # ----------------------------------------------------------------------------- pretrained parts
 
@@ -42,17 +42,18 @@ def load_clip(path: str | Path) -> Any:
 
 
 def load_vision_tower(path: str | Path) -> ViT:
-    """The ViT of a visto CLIP/LLaVA checkpoint, or of a transformers CLIP or LLaVA directory."""
+    """The ViT of a visto CLIP/LLaVA checkpoint, or of a transformers CLIP, SigLIP or LLaVA
+    directory."""
     from visto.checkpoint import is_checkpoint, load, read_config
 
     path = Path(path)
     hf = read_hf_config(path)
     if hf is not None and hf["model_type"] == "llava":
         return load_transformers(path).vision_tower
-    if hf is not None and hf["model_type"] not in ("clip", "clip_vision_model"):
+    if hf is not None and hf["model_type"] not in CLIP_TYPES + SIGLIP_TYPES:
         raise UserError(
             f"{path} holds a transformers {hf['model_type']!r} model; vision_init reads a visto "
-            "checkpoint or a transformers CLIP or LLaVA directory"
+            "checkpoint or a transformers CLIP, SigLIP or LLaVA directory"
         )
     if is_checkpoint(path):
         config = json.loads((path / "config.json").read_text())
@@ -67,7 +68,7 @@ def load_vision_tower(path: str | Path) -> ViT:
                     "(clip, llava, cogvlm, flamingo)"
                 )
             return getattr(model, tower)
-        return load_transformers_clip_vision(path)
+        return load_transformers_vision(path)
     raise UserError(
         f"vision_init {path} is not a checkpoint directory (config.json + model.safetensors); "
         "make one with `visto quickstart --out DIR --until vision` (a ViT pretrained on the "
@@ -76,9 +77,9 @@ def load_vision_tower(path: str | Path) -> ViT:
 
 
 def load_region_detector(path: str | Path) -> nn.Module:
-    """The object detector (dense heads) of the `regions` connector in a visto LLaVA/CogVLM
-    checkpoint, such as the quickstart's vision stage: object tokens read it, so a model
-    whose vision tower comes from `path` takes it along."""
+    """The `regions` connector of a visto LLaVA/CogVLM checkpoint, such as the quickstart's
+    vision stage: its object detector (dense heads) and, if it reads text, its OCR reader.
+    Object tokens read them, so a model whose vision tower comes from `path` takes them along."""
     from visto.checkpoint import is_checkpoint, load
 
     path = Path(path)
@@ -91,7 +92,7 @@ def load_region_detector(path: str | Path) -> nn.Module:
             f"{path} has none; make a tower with them: `visto quickstart --out DIR --until vision` "
             "(DIR/vision/checkpoint), or use projector kind 'mlp'"
         )
-    return heads
+    return projector
 
 
 class PretrainedParts(NamedTuple):

@@ -178,7 +178,9 @@ class Llava(nn.Module):
         if config.projector.kind == "regions" and self.init_sources.get("vision"):
             # object tokens need the detector that was trained with the tower
             detector = load_region_detector(self.init_sources["vision"])
-            self.multi_modal_projector.heads.load_state_dict(detector.state_dict())
+            self.multi_modal_projector.heads.load_state_dict(detector.heads.state_dict())
+            if config.projector.text_slots:
+                self.multi_modal_projector.reader.load_state_dict(detector.reader.state_dict())
         self.language_model = language if language is not None else DecoderLM(config.decoder)
         self._processor: Processor | None = None
 
@@ -211,7 +213,7 @@ class Llava(nn.Module):
             pixel_values, feature_layer=self.config.vision_feature_layer, pooled=False
         ).features  # (N_img, P, D_v), CLS dropped
         if self.config.projector.kind == "regions":  # object tokens read the decoder's word embeddings
-            return self.multi_modal_projector(features, self.language_model.model.embed_tokens)
+            return self.multi_modal_projector(features, self.language_model.model.embed_tokens, pixel_values)
         return self.multi_modal_projector(features)  # (N_img, n, D_lm)
 
     def embed_inputs(

@@ -1,0 +1,168 @@
+"""Train the text reader (`visto.connectors.text_reader`) on a synthetic world's text boxes.
+
+Two losses in one step, as the two parts never share weights:
+  - find: per-cell binary cross-entropy against the world's text boxes drawn as a mask;
+  - read: CTC (Graves et al. 2006) on crops of the true boxes, jittered by a few pixels so
+    the reader holds up against the finder's loose boxes.
+The world's images are 128 px, as the processor feeds them to the vision tower.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from visto.connectors.text_reader import FIND_STRIDE, TextReader, crop_line, encode_text
+
+
+@dataclass
+class ReaderData:
+    images: torch.Tensor  # (N, 3, S, S) uint8
+    lines: list[list[tuple[str, list[int]]]]  # per image: (text, pixel box) in reading order
+
+
+@dataclass
+class ReaderResult:
+    reader: TextReader
+    steps: int
+    seconds: float
+    val: dict[str, float]
+
+
+def load_reader_data(world_dir: Path, split: str, size: int) -> ReaderData:
+    """Images of a world split at `size` px and their texts with boxes scaled to match."""
+    images, lines = [], []
+    for row in map(json.loads, open(world_dir / f"{split}.jsonl")):  # noqa: SIM115
+        truth = row["truth"]
+        image = Image.open(world_dir / row["image"]).convert("RGB")
+        scale = size / truth["width"]
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BICUBIC)
+        images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+        lines.append([(t["text"], [round(v * scale) for v in t["box"]]) for t in truth["texts"]])
+    return ReaderData(torch.stack(images), lines)
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> the processor's pixel values (mean 0.5, std 0.5)."""
+    return images.float() / 127.5 - 1.0
+
+
+def text_mask(lines: list[list[tuple[str, list[int]]]], size: int) -> torch.Tensor:
+    """The cells of the find grid that hold text: (B, S / FIND_STRIDE, S / FIND_STRIDE)."""
+    grid = size // FIND_STRIDE
+    mask = torch.zeros(len(lines), grid, grid)
+    for i, image_lines in enumerate(lines):
+        for _, (x1, y1, x2, y2) in image_lines:
+            mask[
+                i,
+                y1 // FIND_STRIDE : -(-y2 // FIND_STRIDE),
+                x1 // FIND_STRIDE : -(-x2 // FIND_STRIDE),
+            ] = 1
+    return mask
+
+
+def jitter(box: list[int], rng: random.Random, size: int) -> list[int]:
+    """The box moved out by up to 3 px on each side, as the finder's boxes come (cells + PAD)."""
+    x1, y1, x2, y2 = box
+    return [max(0, x1 - rng.randint(0, 3)), max(0, y1 - rng.randint(0, 3)),
+            min(size, x2 + rng.randint(0, 3)), min(size, y2 + rng.randint(0, 3))]  # fmt: skip
+
+
+def reader_loss(
+    reader: TextReader, pixels: torch.Tensor, lines, rng: random.Random
+) -> torch.Tensor:
+    size = pixels.shape[-1]
+    mask = text_mask(lines, size)
+    find = F.binary_cross_entropy_with_logits(
+        reader.text_logits(pixels), mask, pos_weight=torch.tensor(3.0)
+    )
+    crops, targets = [], []
+    for i, image_lines in enumerate(lines):
+        for text, box in image_lines:
+            crops.append(crop_line(pixels[i], jitter(box, rng, size)))
+            targets.append(encode_text(text))
+    if not crops:
+        return find
+    logits = reader.read_logits(torch.stack(crops))  # (L, T, C)
+    log_probs = logits.log_softmax(-1).transpose(0, 1)  # (T, L, C) as ctc_loss wants
+    read = F.ctc_loss(
+        log_probs, torch.tensor([k for t in targets for k in t]),
+        torch.full((len(targets),), log_probs.shape[0], dtype=torch.long),
+        torch.tensor([len(t) for t in targets]), zero_infinity=True,
+    )  # fmt: skip
+    return find + read
+
+
+def evaluate_reader(reader: TextReader, data: ReaderData, batch_size: int = 64) -> dict[str, float]:
+    """Exact match of the whole reading (texts joined by spaces, as the OCR task answers) on
+    the images that hold text, and how many images without text stay empty."""
+    exact = with_text = empty_right = without_text = 0
+    reader.eval()
+    for start in range(0, len(data.lines), batch_size):
+        pixels = normalise(data.images[start : start + batch_size])
+        for found, truth in zip(
+            reader(pixels), data.lines[start : start + batch_size], strict=True
+        ):
+            got, want = " ".join(t for t, _ in found), " ".join(t for t, _ in truth)
+            if truth:
+                with_text += 1
+                exact += got == want
+            else:
+                without_text += 1
+                empty_right += got == ""
+    reader.train()
+    return {"exact": exact / max(1, with_text), "empty_right": empty_right / max(1, without_text)}
+
+
+def train_reader(
+    train: ReaderData,
+    val: ReaderData | None,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> ReaderResult:
+    """AdamW with a cosine decay over `steps` steps of `batch_size` images."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    reader = TextReader()
+    reader.train()
+    optimizer = torch.optim.AdamW(reader.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=steps, pct_start=0.05
+    )
+    t0 = time.perf_counter()
+    order: list[int] = []
+    for step in range(1, steps + 1):
+        if len(order) < batch_size:
+            order += rng.sample(range(len(train.lines)), len(train.lines))
+        batch, order = order[:batch_size], order[batch_size:]
+        loss = reader_loss(
+            reader, normalise(train.images[batch]), [train.lines[i] for i in batch], rng
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reader.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if on_step is not None:
+            on_step(step, loss.item())
+    seconds = time.perf_counter() - t0
+    reader.eval()
+    return ReaderResult(
+        reader, steps, seconds, evaluate_reader(reader, val) if val is not None else {}
+    )
+
+
+__all__ = ["ReaderData", "ReaderResult", "evaluate_reader", "load_reader_data", "train_reader"]
