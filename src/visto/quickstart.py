@@ -79,6 +79,13 @@ class QuickstartConfig:
     # "mlp": 64 patch tokens; "pixel_shuffle": 16
     projector: str = "regions"
     slots: int = 10  # regions: object tokens per image (the world has at most 9 objects)
+    # regions: each object token is followed by its box's 4 location tokens, so a grounding
+    # answer is a copy (ProjectorConfig.box_tokens; 10 objects -> 50 visual tokens)
+    box_tokens: bool = True
+    # regions: lines of text read by the connector's OCR reader (connectors.text_reader),
+    # trained in the vision stage for `reader_steps` steps on the world's text boxes; 0: none
+    text_slots: int = 2
+    reader_steps: int = 1000
     decoder_width: int = 256
     decoder_layers: int = 4
     decoder_init: str = "mimetic"  # attention starts as a similarity (DecoderConfig.attention_init)
@@ -105,7 +112,7 @@ class QuickstartConfig:
         problems = []
         if self.minutes is not None and self.minutes <= 0:
             problems.append(f"--minutes must be positive (or left out: no cap), got {self.minutes}")
-        for name in ("vision_steps", "stage1_steps", "stage2_steps"):
+        for name in ("vision_steps", "reader_steps", "stage1_steps", "stage2_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.size % self.patch_size:
@@ -137,7 +144,8 @@ class QuickstartConfig:
             "vision": data_keys + ("vision_steps", "minutes", "vision_share", "patch_size", "vision_stem",
                                    "vision_width", "vision_layers", "vision_batch", "vision_lr",
                                    # the saved checkpoint holds a fresh connector and decoder too
-                                   "projector", "slots", "decoder_width", "decoder_layers",
+                                   "projector", "slots", "box_tokens", "text_slots", "reader_steps",
+                                   "decoder_width", "decoder_layers",
                                    "decoder_init", "vocab_size", "loc_bins", "max_length"),
         }  # fmt: skip
         if stage in keys:
@@ -252,7 +260,10 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
         layers=cfg.vision_layers, heads=4, mlp_hidden=4 * cfg.vision_width, stem=cfg.vision_stem,
         image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
     )  # fmt: skip
-    projector = ProjectorConfig(kind=cfg.projector, scale_factor=2, slots=cfg.slots)
+    projector = ProjectorConfig(
+        kind=cfg.projector, scale_factor=2, slots=cfg.slots, box_tokens=cfg.box_tokens,
+        text_slots=cfg.text_slots if cfg.projector == "regions" else 0,
+    )  # fmt: skip
     patches = vision.num_patches
     decoder = DecoderConfig(
         vocab_size=vocab_size, hidden_size=cfg.decoder_width, num_layers=cfg.decoder_layers,
@@ -281,6 +292,29 @@ def build_processor(cfg: QuickstartConfig, world_dir: Path) -> Any:
         vocab_size=cfg.vocab_size, loc_bins=cfg.loc_bins,
     )  # fmt: skip
     return Processor.train(texts, pcfg).tokenizer
+
+
+def run_reader(cfg: QuickstartConfig, world_dir: Path, console: Any) -> Any:
+    """The connector's OCR reader, trained on the world's text boxes (visto.train.reader)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from visto.train.reader import load_reader_data, train_reader
+
+    console.print(f"[bold]vision[/]: OCR reader (find lines + CTC), {cfg.reader_steps} steps at batch 16")
+    train = load_reader_data(world_dir, "train", cfg.size)
+    has_val = any(True for _ in open(world_dir / "val.jsonl"))  # noqa: SIM115
+    val = load_reader_data(world_dir, "val", cfg.size) if has_val else None
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("OCR reader", total=cfg.reader_steps, info="")
+        result = train_reader(
+            train, val, cfg.reader_steps, batch_size=16, seed=cfg.seed,
+            on_step=lambda step, loss: progress.update(bar, completed=step, info=f"loss {loss:.3f}"),
+        )  # fmt: skip
+    exact = result.val.get("exact", float("nan"))
+    console.print(f"[bold]vision[/]: OCR reader {result.seconds / 60:.1f} min, val exact {exact:.3f}")
+    return result
 
 
 def run_vision(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, console: Any, fresh: bool) -> Path:
@@ -343,6 +377,10 @@ def run_vision(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, console: A
     model.vision_tower.load_state_dict(result.vit.state_dict())
     if cfg.projector == "regions":  # the dense heads are the object detector of the tokens
         model.multi_modal_projector.heads.load_state_dict(result.heads.state_dict())
+    if config.projector.text_slots:
+        reader = run_reader(cfg, world_dir, console)
+        model.multi_modal_projector.reader.load_state_dict(reader.reader.state_dict())
+        result.val.update({f"reader_{k}": v for k, v in reader.val.items()})
     model.processor = Processor(config.processor, tokenizer)
     budget = step_budget(result.steps, cfg.vision_steps, cap)
     card = {"data": str(world_dir), "training": {"stage": "dense vision pretraining", **budget,

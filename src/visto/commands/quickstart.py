@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run directory (default runs/quickstart)")  # fmt: skip
     p.add_argument("--vision-steps", type=int, default=None, metavar="N",
                    help="steps of the vision stage (default 4000)")  # fmt: skip
+    p.add_argument("--reader-steps", type=int, default=None, metavar="N",
+                   help="steps of the OCR reader, trained in the vision stage on the world's text "
+                        "boxes; its words reach the decoder as tokens (default 1000)")  # fmt: skip
     p.add_argument("--stage1-steps", type=int, default=None, metavar="N",
                    help="steps of LLaVA stage 1 (default 800)")  # fmt: skip
     p.add_argument("--stage2-steps", type=int, default=None, metavar="N",
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     if args.threads < 0:
         raise UserError(f"--threads must be 0 (automatic) or more, got {args.threads}")
-    steps = {name: value for name in ("vision_steps", "stage1_steps", "stage2_steps")
+    steps = {name: value for name in ("vision_steps", "reader_steps", "stage1_steps", "stage2_steps")
              if (value := getattr(args, name)) is not None}  # fmt: skip
     cfg = QuickstartConfig(
         minutes=args.minutes, n=args.n, size=args.size, seed=args.seed, workers=args.workers,
