@@ -165,7 +165,7 @@ def test_what_visto_cannot_reproduce_is_named(tmp_path):
     with pytest.raises(UserError, match="transformers 'llama' model; visto reads .*llava"):
         visto.load(tmp_path / "llama")
     with pytest.raises(
-        UserError, match="vision_init reads a visto checkpoint or a transformers CLIP or LLaVA"
+        UserError, match="vision_init reads a visto checkpoint or a transformers CLIP, SigLIP or LLaVA"
     ):
         Llava(LlavaConfig.preset("tiny", vision_init=str(tmp_path / "llama")))
 

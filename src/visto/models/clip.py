@@ -29,6 +29,7 @@ import math
 import random
 import zlib
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,7 +60,7 @@ class CLIPConfig:
     lock_image: bool = False  # LiT: a pretrained image tower, kept as it is
     lock_text: bool = False
     # A pretrained image tower: a visto checkpoint with a ViT (CLIP, LLaVA, e.g. the
-    # quickstart's dense-pretrained RUN/vision/checkpoint) or a transformers CLIP directory.
+    # quickstart's dense-pretrained RUN/vision/checkpoint) or a transformers CLIP or SigLIP directory.
     # Read when the model is built, then forgotten: its architecture replaces `vision`, all
     # but `vision.pool` (pooling has no weights: "mean" suits a tower trained on patches).
     vision_init: str | None = None
@@ -70,6 +71,11 @@ class CLIPConfig:
     # colours); each training caption gets one negative with a word swapped within its list.
     # Empty = none (plain in-batch negatives).
     hard_negative_swaps: list[list[str]] = field(default_factory=list)
+    # SigLIP's layout (a transformers SigLIP directory loads as a CLIP with loss "siglip"):
+    # its image embedding is the tower's attention-pooled output, with no projection after it
+    # (embed_dim = vision.width), and its text head is a projection with a bias.
+    image_projection: bool = True
+    text_projection_bias: bool = False
     # Distinct captions whose locked-text-tower features are kept (lock_text only; 0 = off).
     # 200k x 384 floats (MiniLM) is ~300 MB.
     text_cache_size: int = 200_000
@@ -122,17 +128,31 @@ class CLIP(nn.Module):
             from visto.models.common import load_vision_tower
 
             tower = load_vision_tower(config.vision_init)
-            tower.config = replace(tower.config, pool=config.vision.pool)
+            tower.set_pool(config.vision.pool)
             config = replace(config, vision=tower.config, vision_init=None)
         self.config = config
         self.vision_model = tower if tower is not None else ViT(config.vision)
         self.text_model = build_text_encoder(config.text)
-        self.visual_projection = nn.Linear(
-            self.vision_model.output_dim, config.embed_dim, bias=False
+        if config.image_projection:
+            self.visual_projection: nn.Module = nn.Linear(
+                self.vision_model.output_dim, config.embed_dim, bias=False
+            )
+        elif self.vision_model.output_dim == config.embed_dim:
+            self.visual_projection = nn.Identity()
+        else:
+            raise UserError(
+                f"image_projection false makes the tower's pooled output the embedding, so "
+                f"embed_dim ({config.embed_dim}) must be the vision width "
+                f"({self.vision_model.output_dim})"
+            )
+        self.text_projection = nn.Linear(
+            self.text_model.output_dim, config.embed_dim, bias=config.text_projection_bias
         )
-        self.text_projection = nn.Linear(self.text_model.output_dim, config.embed_dim, bias=False)
-        nn.init.normal_(self.visual_projection.weight, std=self.vision_model.output_dim**-0.5)
+        if config.image_projection:
+            nn.init.normal_(self.visual_projection.weight, std=self.vision_model.output_dim**-0.5)
         nn.init.normal_(self.text_projection.weight, std=self.text_model.output_dim**-0.5)
+        if self.text_projection.bias is not None:
+            nn.init.zeros_(self.text_projection.bias)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
         if config.loss == "siglip":
             self.logit_bias = nn.Parameter(torch.tensor(config.init_logit_bias))
@@ -356,4 +376,116 @@ class CLIP(nn.Module):
         device = self.logit_scale.device
         if isinstance(x, dict):
             return {k: v.to(device) for k, v in x.items()}
-        return x.to(device, dtype=self.visual_projection.weight.dtype)
+        return x.to(device, dtype=self.text_projection.weight.dtype)
+
+
+# ----------------------------------------------------------------------------- transformers format
+
+
+def config_from_hf(hf: dict[str, Any], where: str, preprocessor: dict | None = None) -> CLIPConfig:
+    """The CLIPConfig of a transformers `CLIPModel` or `SiglipModel` config.json: CLIP's text
+    tower is causal and reads its end-of-text token; SigLIP's is bidirectional, reads the last
+    position of a text padded to its context, and its image side has no projection."""
+    from visto.nn.transformer import act_from_hf
+    from visto.nn.vision import vit_config_from_transformers
+
+    siglip = hf.get("model_type") == "siglip"
+    t = hf.get("text_config") or {}
+    vision = vit_config_from_transformers(hf)
+    preprocessor = preprocessor or {}
+    vision = replace(
+        vision,
+        image_mean=tuple(preprocessor.get("image_mean", vision.image_mean)),
+        image_std=tuple(preprocessor.get("image_std", vision.image_std)),
+    )
+    width = t.get("hidden_size", 768 if siglip else 512)
+    text = TextConfig(
+        kind="transformer",
+        vocab_size=t.get("vocab_size", 32000 if siglip else 49408),
+        context_length=t.get("max_position_embeddings", 64 if siglip else 77),
+        width=width,
+        layers=t.get("num_hidden_layers", 12),
+        heads=t.get("num_attention_heads", 12 if siglip else 8),
+        mlp_hidden=t.get("intermediate_size", 3072 if siglip else 2048),
+        act=act_from_hf(t.get("hidden_act", "gelu_pytorch_tanh" if siglip else "quick_gelu")),
+        causal=not siglip,
+        pool="last" if siglip else "eos",
+        eps=float(t.get("layer_norm_eps", 1e-6 if siglip else 1e-5)),
+    )
+    if siglip:
+        problems = []
+        if vision.pool != "map":
+            problems.append("vision_use_head is false, so its image tower gives no image embedding")
+        if t.get("projection_size", width) != vision.width:
+            problems.append(
+                f"text projection_size {t.get('projection_size')} differs from the vision width "
+                f"{vision.width}, so the two embeddings do not share a space"
+            )
+        if problems:
+            raise UserError(f"{where}: visto cannot use this SigLIP as a two-tower model: " + "; ".join(problems))
+        return CLIPConfig(vision=vision, text=text, embed_dim=vision.width, loss="siglip",
+                          image_projection=False, text_projection_bias=True)  # fmt: skip
+    return CLIPConfig(vision=vision, text=text, embed_dim=hf.get("projection_dim", 512))
+
+
+def hf_key_map(model: CLIP) -> dict[str, str]:
+    """Our key -> the key in a transformers CLIPModel / SiglipModel model.safetensors. Both
+    towers carry transformers' names; only the text projection (SigLIP's `text_model.head`)
+    and SigLIP's missing image projection differ."""
+    out = {f"vision_model.{k}": f"vision_model.{k}" for k in model.vision_model.state_dict()}
+    out |= {f"text_model.{k}": f"text_model.{k}" for k in model.text_model.state_dict()}
+    siglip = model.config.loss == "siglip"
+    for k in model.text_projection.state_dict():
+        out[f"text_projection.{k}"] = f"text_model.head.{k}" if siglip else f"text_projection.{k}"
+    out |= {f"visual_projection.{k}": f"visual_projection.{k}" for k in model.visual_projection.state_dict()}
+    out["logit_scale"] = "logit_scale"
+    if model.logit_bias is not None:
+        out["logit_bias"] = "logit_bias"
+    return out
+
+
+def load_hf(directory: str | Path) -> CLIP:
+    """A visto CLIP from a transformers `CLIPModel` or `SiglipModel` directory, with the
+    directory's own tokenizer (AutoTokenizer) and image mean/std, so `embed_images` and
+    `embed_texts` give transformers' `get_image_features` / `get_text_features`, normalised.
+    Images are resized to the tower's square, as SigLIP's processor does; CLIP's processor
+    resizes the short side and crops the centre, which is the same for square images."""
+    import json
+
+    from visto.models.transformers_format import read_hf_config
+    from visto.nn.weights import load_by_key_map
+
+    directory = Path(directory)
+    hf = read_hf_config(directory)
+    if hf is None or hf.get("model_type") not in ("clip", "siglip"):
+        raise UserError(f"{directory} is not a transformers CLIP or SigLIP directory "
+                        "(config.json model_type 'clip' or 'siglip')")  # fmt: skip
+    preprocessor_path = directory / "preprocessor_config.json"
+    preprocessor = json.loads(preprocessor_path.read_text()) if preprocessor_path.is_file() else None
+    model = CLIP(config_from_hf(hf, str(directory / "config.json"), preprocessor))
+    scalar = lambda t: t.reshape(())  # noqa: E731 (SigLIP stores them as (1,))
+    transforms = {k: scalar for k in ("logit_scale", "logit_bias") if k in model.state_dict()}
+    load_by_key_map(
+        model, directory, hf_key_map(model), transforms,
+        ignore=lambda key: key.endswith("position_ids"),
+    )  # fmt: skip
+    # Keep the checkpoint's temperature as it is (CLIP clips its own at 100 while training).
+    scale = float(model.logit_scale.detach().exp())
+    model.config = replace(model.config, max_logit_scale=max(model.config.max_logit_scale, scale))
+    model.text_model.set_tokenizer(_hf_tokenizer(directory))
+    return model.eval()
+
+
+def _hf_tokenizer(directory: Path) -> Any:
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise UserError(
+            f"{directory} has no tokenizer (tokenizer.json / tokenizer_config.json): a two-tower "
+            "model embeds text with its own tokenizer; save it there with "
+            "`tokenizer.save_pretrained(DIR)` (its vision tower alone loads as vision_init)"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the tokenizer in {directory}: {e}") from None

@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from visto.errors import UserError
+from visto.nn.transformer import act_from_hf, act_to_hf  # noqa: F401 (the families import them here)
 
 # transformers model_type -> (module, function) that reads such a directory.
 LOADERS = {
@@ -27,24 +28,14 @@ LOADERS = {
     "blip-2": ("visto.models.blip2", "load_hf"),
     "fuyu": ("visto.models.fuyu", "from_transformers"),
     "idefics": ("visto.models.flamingo", "from_idefics"),
+    "clip": ("visto.models.clip", "load_hf"),
+    "siglip": ("visto.models.clip", "load_hf"),
 }
 # transformers model_type -> the visto family its loader returns.
-FAMILY_OF = {"llava": "llava", "blip-2": "blip2", "fuyu": "fuyu", "idefics": "flamingo"}
+FAMILY_OF = {"llava": "llava", "blip-2": "blip2", "fuyu": "fuyu", "idefics": "flamingo",
+             "clip": "clip", "siglip": "clip"}  # fmt: skip
 # visto family -> (module, function) that writes a transformers directory of it.
 EXPORTERS = {"llava": ("visto.models.llava", "export_hf")}
-# Activation names where visto's and transformers' (ACT2FN) differ; the others agree.
-_ACT_TO_HF = {"gelu_tanh": "gelu_pytorch_tanh"}
-_ACT_FROM_HF = {hf: ours for ours, hf in _ACT_TO_HF.items()}
-
-
-def act_to_hf(name: str) -> str:
-    return _ACT_TO_HF.get(name, name)
-
-
-def act_from_hf(name: str) -> str:
-    return _ACT_FROM_HF.get(name, name)
-
-
 def read_hf_config(directory: str | Path) -> dict[str, Any] | None:
     """config.json of a transformers directory, or None when `directory` is not one."""
     path = Path(directory) / "config.json"
@@ -74,7 +65,8 @@ def load_transformers(directory: str | Path) -> nn.Module:
     if model_type not in LOADERS:
         raise UserError(
             f"{directory} holds a transformers {model_type!r} model; visto reads "
-            f"{', '.join(sorted(LOADERS))} (LLaVA, BLIP-2, Fuyu, Idefics as Flamingo) directories"
+            f"{', '.join(sorted(LOADERS))} (LLaVA, BLIP-2, Fuyu, Idefics as Flamingo, CLIP and "
+            "SigLIP as two-tower models) directories"
         )
     module, function = LOADERS[model_type]
     return getattr(importlib.import_module(module), function)(directory).eval()
@@ -88,6 +80,15 @@ def export_transformers(model: nn.Module, directory: str | Path) -> Path:
             f"visto has no transformers export for {family!r} models; it exports "
             f"{', '.join(sorted(EXPORTERS))} (BLIP-2, Fuyu and Idefics directories are read, "
             "not written): train a LLaVA to take a model to transformers or vLLM"
+        )
+    vision = getattr(getattr(model, "config", None), "vision", None)
+    if family == "llava" and vision is not None and not vision.cls_token:
+        # llava.export_hf writes a CLIP vision config; this tower has SigLIP's layout.
+        raise UserError(
+            "cannot export this LLaVA to the transformers format: its vision tower has SigLIP's "
+            "layout (no class token, no pre-LayerNorm, a biased patch embedding), and visto "
+            "writes LLaVA's tower as transformers' CLIPVisionModel; build it on a CLIP tower "
+            "(vision_init a CLIP directory or checkpoint), or keep it as a visto checkpoint"
         )
     module, function = EXPORTERS[family]
     return getattr(importlib.import_module(module), function)(model, directory)

@@ -44,8 +44,11 @@ class TextConfig:
     heads: int = 4
     mlp_hidden: int = 512
     act: str = "gelu"
-    causal: bool = True  # CLIP's causal text transformer
-    pool: str = "eos"  # "eos" (the </s> token, CLIP) | "mean" (over real tokens)
+    causal: bool = True  # CLIP's causal text transformer (SigLIP's is bidirectional)
+    # "eos" (the </s> token, CLIP) | "mean" (over real tokens) | "last" (the last position,
+    # padding included: SigLIP pads every text to context_length and reads the end)
+    pool: str = "eos"
+    eps: float = 1e-5  # LayerNorm epsilon (SigLIP: 1e-6)
     # kind = "pretrained"
     pretrained: str = "minilm"  # a directory, a hub id already in the local cache, or "minilm"
     max_length: int = 64
@@ -53,8 +56,8 @@ class TextConfig:
     def __post_init__(self) -> None:
         if self.kind not in TEXT_KINDS:
             raise UserError(f"text kind must be one of {TEXT_KINDS}, got {self.kind!r}")
-        if self.pool not in ("eos", "mean"):
-            raise UserError(f"text pool must be 'eos' or 'mean', got {self.pool!r}")
+        if self.pool not in ("eos", "mean", "last"):
+            raise UserError(f"text pool must be 'eos', 'mean' or 'last', got {self.pool!r}")
         if self.kind == "transformer" and self.width % self.heads:
             raise UserError(f"text width {self.width} must be divisible by heads {self.heads}")
         if self.context_length < 2:
@@ -89,9 +92,15 @@ def pad_rows(rows: list[list[int]], pad_id: int) -> dict[str, Tensor]:
 
 class _TextTokenizer:
     """`<s> text </s>` ids from visto's `Tokenizer` (or a Processor holding one), or from a
-    plain `tokenizers.Tokenizer` whose vocabulary has <s>, </s> and <pad>."""
+    plain `tokenizers.Tokenizer` whose vocabulary has <s>, </s> and <pad>; or a transformers
+    tokenizer (a CLIP or SigLIP directory's), which makes whole batches itself (`hf`)."""
+
+    hf: Any = None
 
     def __init__(self, tokenizer: Any) -> None:
+        if hasattr(tokenizer, "pad_token_id"):
+            self.hf = tokenizer  # transformers' PreTrainedTokenizerBase
+            return
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a Processor -> its Tokenizer
         if hasattr(tokenizer, "eos_id"):  # visto.data.tokenizer.Tokenizer
             self.encode = tokenizer.encode
@@ -124,7 +133,10 @@ class TextEncoderLayers(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            [EncoderBlock(cfg.width, cfg.heads, cfg.mlp_hidden, cfg.act) for _ in range(cfg.layers)]
+            [
+                EncoderBlock(cfg.width, cfg.heads, cfg.mlp_hidden, cfg.act, cfg.eps)
+                for _ in range(cfg.layers)
+            ]
         )
 
 
@@ -135,7 +147,7 @@ class TransformerTextEncoder(nn.Module):
         self.config = cfg
         self.embeddings = TextEmbeddings(cfg)
         self.encoder = TextEncoderLayers(cfg)
-        self.final_layer_norm = nn.LayerNorm(cfg.width)
+        self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self._tokenizer: _TextTokenizer | None = None
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)
@@ -160,6 +172,11 @@ class TransformerTextEncoder(nn.Module):
                 "from a checkpoint gets its processor's)"
             )
         tok, n = self._tokenizer, self.config.context_length
+        if tok.hf is not None:  # a transformers tokenizer adds its own specials
+            padding = "max_length" if self.config.pool == "last" else "longest"
+            out = tok.hf(list(texts), padding=padding, truncation=True, max_length=n,
+                         return_tensors="pt")  # fmt: skip
+            return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
         # Truncation keeps </s> last: the EOS-pooled summary is read there.
         rows = [[tok.bos, *tok.encode(text)[: n - 2], tok.eos] for text in texts]
         return pad_rows(rows, tok.pad)
@@ -180,6 +197,8 @@ class TransformerTextEncoder(nn.Module):
         if self.config.pool == "eos":
             last = attention_mask.long().sum(dim=1) - 1  # index of </s> in each row
             return x[torch.arange(B, device=x.device), last]  # (B, D)
+        if self.config.pool == "last":
+            return x[:, -1]  # (B, D)
         return masked_mean(x, attention_mask)
 
     def encode(self, texts: list[str]) -> Tensor:

@@ -47,6 +47,19 @@ ACTIVATIONS = {
 }
 
 
+# Activation names where visto's and transformers' (ACT2FN) differ; the others agree.
+_ACT_TO_HF = {"gelu_tanh": "gelu_pytorch_tanh"}
+_ACT_FROM_HF = {hf: ours for ours, hf in _ACT_TO_HF.items()}
+
+
+def act_to_hf(name: str) -> str:
+    return _ACT_TO_HF.get(name, name)
+
+
+def act_from_hf(name: str) -> str:
+    return _ACT_FROM_HF.get(name, name)
+
+
 def activation(name: str):
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")

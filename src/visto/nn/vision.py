@@ -10,13 +10,14 @@
 
 With the default linear stem, the state dict of `ViT` is key-for-key that of transformers'
 `CLIPVisionModel` (without its `vision_model.` prefix), misspelled `pre_layrnorm` included, so
-`load_transformers_clip_vision` and export are a prefix away. Also here: a small PIL -> tensor transform of our own.
+`load_transformers_vision` and export are a prefix away (SigLIP's tower too, with
+`cls_token`, `pre_norm` and `patch_bias` set as it has them). Also here: a small PIL -> tensor transform of our own.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -26,9 +27,10 @@ from PIL import Image
 from torch import Tensor, nn
 
 from visto.errors import UserError
-from visto.nn.transformer import EncoderBlock
+from visto.nn.transformer import MLP, EncoderBlock, act_from_hf
 
-STEMS = ("patch", "conv")  # ViTConfig.stem: linear patch embedding | 3x3 stride-2 conv stack
+STEMS = ("patch", "conv")
+POOLS = ("cls", "mean", "map")  # ViTConfig.stem: linear patch embedding | 3x3 stride-2 conv stack
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization constants
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -44,7 +46,14 @@ class ViTConfig:
     act: str = "gelu"  # "quick_gelu" for OpenAI CLIP weights
     eps: float = 1e-5
     pos_embed: str = "learned"  # "learned" | "sincos" (fixed 2-D, as in MAE)
-    pool: str = "cls"  # "cls" | "mean" (over patch tokens)
+    # "cls" | "mean" (over patch tokens) | "map": SigLIP's attention-pooling head (a learned
+    # probe attends to every token, then an MLP; Zhai et al. 2023 "MAP"), with weights `head`.
+    pool: str = "cls"
+    # SigLIP's tower differs from CLIP's in three layout choices, all off for CLIP: no class
+    # token (the features are every token), no LayerNorm before the blocks, a biased patch conv.
+    cls_token: bool = True
+    pre_norm: bool = True
+    patch_bias: bool = False
     # "patch": the linear patch embedding of ViT/CLIP (one strided conv). "conv": a stack of
     # 3x3 stride-2 convolutions down to the same patch grid (Xiao et al. 2021, "Early
     # convolutions help transformers see better"): same token count, faster to train from
@@ -73,8 +82,10 @@ class ViTConfig:
                 f"the conv stem halves the image per layer, so patch_size must be a power of 2 "
                 f"(>= 2), got {self.patch_size}"
             )
-        if self.pool not in ("cls", "mean"):
-            raise UserError(f"vision pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.pool not in POOLS:
+            raise UserError(f"vision pool must be one of {POOLS}, got {self.pool!r}")
+        if self.pool == "cls" and not self.cls_token:
+            raise UserError("vision pool 'cls' needs a class token: use pool 'mean' or 'map'")
         if not -self.layers - 1 <= self.feature_layer <= self.layers:
             raise UserError(
                 f"vision feature_layer {self.feature_layer} is outside the {self.layers + 1} "
@@ -129,17 +140,20 @@ class ViTEmbeddings(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        D = cfg.width
-        self.class_embedding = nn.Parameter(torch.randn(D) * D**-0.5)
+        D, prefix = cfg.width, int(cfg.cls_token)
+        if cfg.cls_token:
+            self.class_embedding = nn.Parameter(torch.randn(D) * D**-0.5)
         if cfg.stem == "conv":
             self.patch_embedding: nn.Module = conv_stem(D, cfg.patch_size)
         else:
-            self.patch_embedding = nn.Conv2d(3, D, cfg.patch_size, stride=cfg.patch_size, bias=False)
+            self.patch_embedding = nn.Conv2d(
+                3, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias
+            )
         if cfg.pos_embed == "learned":
-            self.position_embedding = nn.Embedding(cfg.num_patches + 1, D)
+            self.position_embedding = nn.Embedding(cfg.num_patches + prefix, D)
         else:
             grid = cfg.image_size // cfg.patch_size
-            table = torch.cat([torch.zeros(1, D), sincos_position_embedding_2d(grid, D)])
+            table = torch.cat([torch.zeros(prefix, D), sincos_position_embedding_2d(grid, D)])
             self.register_buffer("fixed_position_embedding", table, persistent=False)
 
     def positions(self) -> Tensor:
@@ -153,8 +167,10 @@ class ViTEmbeddings(nn.Module):
         assert (C, H, W) == (3, size, size), (
             f"ViT expects pixels (B, 3, {size}, {size}), got {tuple(pixel_values.shape)}"
         )
-        patches = self.patch_embedding(pixel_values.to(self.class_embedding.dtype))
+        patches = self.patch_embedding(pixel_values.to(self.positions().dtype))
         patches = patches.flatten(2).transpose(1, 2)  # (B, N, D)
+        if not self.cfg.cls_token:
+            return patches + self.positions()  # (B, N, D)
         cls = self.class_embedding.expand(B, 1, -1)  # (B, 1, D)
         return torch.cat([cls, patches], dim=1) + self.positions()  # (B, 1 + N, D)
 
@@ -181,9 +197,12 @@ class ViT(nn.Module):
         super().__init__()
         self.config = cfg
         self.embeddings = ViTEmbeddings(cfg)
-        self.pre_layrnorm = nn.LayerNorm(cfg.width, eps=cfg.eps)  # sic: transformers' name
+        # sic: transformers' name; SigLIP has none (Identity: no weights, the same code path)
+        self.pre_layrnorm = nn.LayerNorm(cfg.width, eps=cfg.eps) if cfg.pre_norm else nn.Identity()
         self.encoder = ViTEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        if cfg.pool == "map":
+            self.head = AttentionPoolingHead(cfg)
         self.apply(_init_weights)
         if cfg.stem == "conv":
             # He init keeps the activation scale through the GELU convs (std 0.02 would shrink
@@ -195,6 +214,23 @@ class ViT(nn.Module):
     @property
     def output_dim(self) -> int:
         return self.config.width
+
+    @property
+    def num_prefix(self) -> int:
+        """Tokens before the patches in a hidden state: 1 (CLS) or 0."""
+        return int(self.config.cls_token)
+
+    def set_pool(self, pool: str) -> None:
+        """Pool another way (a recipe's choice for a pretrained tower): a new "map" head starts
+        fresh; leaving "map" drops the head, so the saved weights match the config."""
+        if pool == self.config.pool:
+            return
+        self.config = replace(self.config, pool=pool)  # validated: "cls" needs a class token
+        if pool == "map":
+            self.head = AttentionPoolingHead(self.config)
+            self.head.apply(_init_weights)
+        elif hasattr(self, "head"):
+            del self.head
 
     def forward(
         self, pixel_values: Tensor, feature_layer: int | None = None, pooled: bool = True
@@ -215,10 +251,31 @@ class ViT(nn.Module):
                 features = x
         assert features is not None
         pooled_out = None
-        if pooled:
-            token = x[:, 0] if cfg.pool == "cls" else x[:, 1:].mean(dim=1)  # (B, D)
+        prefix = self.num_prefix
+        if pooled and cfg.pool == "map":
+            pooled_out = self.head(self.post_layernorm(x))  # SigLIP: norm every token, then pool
+        elif pooled:
+            token = x[:, 0] if cfg.pool == "cls" else x[:, prefix:].mean(dim=1)  # (B, D)
             pooled_out = self.post_layernorm(token)
-        return ViTOutput(pooled=pooled_out, features=features[:, 1:])  # drop CLS: (B, N, D)
+        return ViTOutput(pooled=pooled_out, features=features[:, prefix:])  # no CLS: (B, N, D)
+
+
+class AttentionPoolingHead(nn.Module):
+    """SigLIP's multihead attention pooling, with transformers' names (`probe`, `attention`,
+    `layernorm`, `mlp`): (B, T, D) -> (B, D)."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, cfg.width) * cfg.width**-0.5)
+        self.attention = nn.MultiheadAttention(cfg.width, cfg.heads, batch_first=True)
+        self.layernorm = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.mlp = MLP(cfg.width, cfg.mlp_hidden, act=cfg.act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        probe = self.probe.expand(x.shape[0], -1, -1)  # (B, 1, D)
+        h = self.attention(probe, x, x, need_weights=False)[0]  # (B, 1, D)
+        h = h + self.mlp(self.layernorm(h))
+        return h[:, 0]
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -234,39 +291,52 @@ def _init_weights(module: nn.Module) -> None:
 # transformers' CLIPVisionModel <-> ViT
 
 
+CLIP_TYPES = ("clip", "clip_vision_model")
+SIGLIP_TYPES = ("siglip", "siglip_vision_model")
+
+
 def vit_config_from_transformers(cfg: dict) -> ViTConfig:
-    """A ViTConfig from a transformers CLIP(Vision)Config dict (a full CLIP config works too)."""
+    """A ViTConfig from a transformers CLIP(Vision)Config or SigLIP(Vision)Config dict (a
+    two-tower config works too: its vision_config is read)."""
+    siglip = cfg.get("model_type") in SIGLIP_TYPES
     cfg = cfg.get("vision_config", cfg)
+    siglip = siglip or cfg.get("model_type") in SIGLIP_TYPES
     return ViTConfig(
-        image_size=cfg["image_size"],
-        patch_size=cfg["patch_size"],
-        width=cfg["hidden_size"],
-        layers=cfg["num_hidden_layers"],
-        heads=cfg["num_attention_heads"],
-        mlp_hidden=cfg["intermediate_size"],
-        act=cfg.get("hidden_act", "quick_gelu"),
-        eps=cfg.get("layer_norm_eps", 1e-5),
-        pool="cls",
+        image_size=cfg.get("image_size", 224),
+        patch_size=cfg.get("patch_size", 16 if siglip else 32),
+        width=cfg.get("hidden_size", 768),
+        layers=cfg.get("num_hidden_layers", 12),
+        heads=cfg.get("num_attention_heads", 12),
+        mlp_hidden=cfg.get("intermediate_size", 3072),
+        act=act_from_hf(cfg.get("hidden_act", "gelu_pytorch_tanh" if siglip else "quick_gelu")),
+        eps=float(cfg.get("layer_norm_eps", 1e-6 if siglip else 1e-5)),
+        pool=("map" if cfg.get("vision_use_head", True) else "mean") if siglip else "cls",
         pos_embed="learned",
+        cls_token=not siglip,
+        pre_norm=not siglip,
+        patch_bias=siglip,
     )
 
 
-_VIT_TOP_LEVEL = {"embeddings", "pre_layrnorm", "encoder", "post_layernorm"}
+_VIT_TOP_LEVEL = {"embeddings", "pre_layrnorm", "encoder", "post_layernorm", "head"}
 
 
-def load_transformers_clip_vision(directory: str | Path) -> ViT:
-    """Our ViT with the weights of a transformers CLIP(Vision)Model saved in `directory`.
+def load_transformers_vision(directory: str | Path) -> ViT:
+    """Our ViT with the weights of a transformers CLIP or SigLIP model saved in `directory`
+    (the vision model alone or the two-tower model, whose text tower is left unread).
 
-    Our ViT is named as transformers names it, so the key map is the identity; a full
-    CLIPModel's text tower and projections are left unread."""
-    from visto.nn.weights import load_by_key_map
+    Our ViT is named as transformers names both, so the key map is the identity."""
+    from visto.nn.weights import load_by_key_map, read_config_json
 
     directory = Path(directory)
-    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-    for p in (config_path, weights_path):
-        if not p.is_file():
-            raise UserError(f"{directory} is not a transformers CLIP checkpoint: {p.name} missing")
-    vit = ViT(vit_config_from_transformers(json.loads(config_path.read_text())))
+    config = read_config_json(directory)
+    model_type = config.get("model_type")
+    if model_type not in CLIP_TYPES + SIGLIP_TYPES:
+        raise UserError(
+            f"{directory} holds a transformers {model_type!r} model; a vision tower is read from "
+            f"a CLIP or SigLIP directory (model_type one of {list(CLIP_TYPES + SIGLIP_TYPES)})"
+        )
+    vit = ViT(vit_config_from_transformers(config))
     load_by_key_map(
         vit,
         directory,
@@ -278,6 +348,11 @@ def load_transformers_clip_vision(directory: str | Path) -> ViT:
         ),
     )
     return vit
+
+
+def load_transformers_clip_vision(directory: str | Path) -> ViT:
+    """`load_transformers_vision` (the name it had when it read CLIP alone)."""
+    return load_transformers_vision(directory)
 
 
 # --------------------------------------------------------------------------------------------
