@@ -44,18 +44,23 @@ def test_crop_line_keeps_the_aspect_and_pads_right():
 def test_find_boxes_gives_one_box_per_line_in_reading_order():
     reader = TextReader()
     logits = torch.full((1, 64, 64), -5.0)
-    logits[0, 30:34, 40:55] = 5.0  # a line lower down
-    logits[0, 5:9, 20:30] = 5.0  # a line at the top
+    logits[0, 30:34, 40:55] = 5.0  # a line's core lower down
+    logits[0, 5:9, 20:30] = 5.0  # a line's core at the top
     logits[0, 50, 50] = 5.0  # one stray cell: noise
     reader.text_logits = lambda pixels: logits  # the finder's output, fixed
     boxes = reader.find_boxes(torch.zeros(1, 3, 128, 128))[0]
-    assert boxes == [[38, 8, 62, 20], [78, 58, 112, 70]]  # cells x 2, +- 2 px, top line first
+    # cells x 2 px, grown back from the core (the core is half the line's height) + PAD
+    assert boxes == [[36, 4, 64, 24], [76, 54, 114, 74]]  # top line first
 
 
-def test_text_mask_covers_the_cells_of_each_box():
-    mask = text_mask([[("CAT", [10, 20, 31, 33])], []], 128)
+def test_text_mask_marks_the_core_of_each_line():
+    """The core: 2 px in from the sides, a quarter of the height in from top and bottom;
+    lines 2 px apart (the world allows it) get cores apart by more than a cell."""
+    mask = text_mask([[("CAT", [10, 20, 30, 36]), ("DOG", [32, 20, 52, 36])], []], 128)
     assert mask.shape == (2, 64, 64) and mask[1].sum() == 0
-    assert mask[0, 10:17, 5:16].eq(1).all() and mask[0].sum() == 7 * 11
+    # core of CAT: x 12..28, y 24..32 -> cells whose centres (2k + 1) lie inside
+    assert mask[0, 12:16, 6:14].eq(1).all() and mask[0, 12:16, 14:17].eq(0).all()
+    assert mask[0, 11].sum() == 0 and mask[0, 16].sum() == 0
 
 
 @pytest.fixture(scope="module")

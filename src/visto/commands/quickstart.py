@@ -13,7 +13,7 @@ DESCRIPTION = """\
 Train and evaluate a small vision-language model from nothing, offline, on a CPU.
 
 The training budget is a number of optimizer steps per stage, so the same seed gives the
-same model on any machine; the defaults are 4,000 + 800 + 200 steps (measured times per
+same model on any machine; the defaults are 4,000 (+ 1,000 OCR reader) + 800 + 200 steps (measured times per
 stage, with the machine's load, in bench/README.md "Quickstart").
 --minutes caps the training time instead: a stage it stops early prints (and records in
 its done.json) how many of its steps were cut, and its model differs from the default's.
@@ -22,11 +22,14 @@ Stages (each writes a folder in RUN and is skipped on a re-run when its settings
 unchanged; --fresh redoes everything):
   1. data     render the synthetic world: RUN/world (+ RUN/world/show.png, look at it)
   2. vision   pretrain the ViT on the world's dense labels (per-patch shape, colour,
-              size, object centres and boxes, characters of the texts): RUN/vision
+              size, object centres and boxes, characters of the texts), then train the
+              OCR reader (find each line of text, read it with CTC): RUN/vision
   3. stage1   LLaVA stage 1 (recipe quickstart-stage1, mix "look": a caption and two short
               questions per image), vision tower frozen. The connector gives the decoder
               one token per detected object, made of the decoder's own words for its
-              colour, shape, size and box (visto.connectors.regions): RUN/stage1
+              colour, shape and size, followed by its box's 4 location tokens, and the
+              words the reader read as the decoder's own tokens (visto.connectors.regions,
+              visto.connectors.text_reader): RUN/stage1
   4. stage2   LLaVA stage 2 (recipe quickstart-stage2, mix "instruct+caption"): every question of
               an image (VQA, counting, grounding with box tokens, OCR, JSON) in one sample
               as independent turns, none of which can see another: RUN/stage2

@@ -7,8 +7,10 @@ tokens of their own (M4C, Hu et al. 2020; LaTr, Biten et al. 2022). This is that
 small enough to train in the quickstart from the world's text boxes:
 
     pixel values (B, 3, S, S), normalised as the vision tower gets them
-      -> `find`: a small dilated CNN at stride 2, per-cell "text here" logits   (B, S/2, S/2)
-      -> connected components of cells above 0.5 -> one box per line of text
+      -> `find`: a small dilated CNN at stride 2, per-cell "text core here" logits (B, S/2, S/2)
+         (the core is the line's box shrunk, as PSENet / DBNet shrink their kernels: lines
+         2 px apart have cores 3 cells apart, so they never merge)
+      -> connected components of cells above 0.5, grown back by the shrink -> one box per line
       -> reading order (top to bottom, a line left to right, as the world's OCR answers)
       -> each box cropped, resized to CROP_H high (aspect kept, padded to CROP_W)
       -> `read`: CRNN (Shi et al. 2015): CNN -> bidirectional GRU -> per-column characters,
@@ -30,8 +32,25 @@ from torch import Tensor, nn
 CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"  # CTC class k + 1; class 0 is the blank
 CROP_H, CROP_W = 16, 96  # a line is read at 16 px high, up to 6 times as wide
 FIND_STRIDE = 2  # `find` works on a grid of 2 x 2 px cells: lines 4 px apart stay apart
-MIN_CELLS = 6  # a component smaller than this is noise, not a line of text
+MIN_CELLS = 4  # a component smaller than this is noise, not a line of text
 PAD = 2  # px added around a found box before reading: the cells cut glyph edges
+SHRINK_X = 2  # px taken off each side of a line's box for its core
+SHRINK_Y = 0.25  # of the line's height taken off the top and the bottom for its core
+
+
+def text_core(box: list[int] | tuple[int, ...]) -> tuple[float, float, float, float]:
+    """A line's pixel box -> its core: SHRINK_X px in from the sides, SHRINK_Y of the height
+    in from the top and the bottom (what `find` learns to mark)."""
+    x1, y1, x2, y2 = box
+    dy = SHRINK_Y * (y2 - y1)
+    return x1 + SHRINK_X, y1 + dy, max(x2 - SHRINK_X, x1 + SHRINK_X + 1), max(y2 - dy, y1 + dy + 1)
+
+
+def grow_core(core: tuple[float, float, float, float]) -> list[float]:
+    """The inverse of `text_core` (a core is half its line's height), plus PAD."""
+    x1, y1, x2, y2 = core
+    dy = (y2 - y1) * SHRINK_Y / (1 - 2 * SHRINK_Y)
+    return [x1 - SHRINK_X - PAD, y1 - dy - PAD, x2 + SHRINK_X + PAD, y2 + dy + PAD]
 
 
 def conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -86,9 +105,10 @@ class TextReader(nn.Module):
                 if found is None or (labels[found] == k).sum() < MIN_CELLS:
                     continue
                 ys, xs = found
-                box = [xs.start * FIND_STRIDE - PAD, ys.start * FIND_STRIDE - PAD,
-                       xs.stop * FIND_STRIDE + PAD, ys.stop * FIND_STRIDE + PAD]  # fmt: skip
-                boxes.append({"box": [min(max(v, 0), size) for v in box]})
+                core = (xs.start * FIND_STRIDE, ys.start * FIND_STRIDE,
+                        xs.stop * FIND_STRIDE, ys.stop * FIND_STRIDE)  # fmt: skip
+                box = [min(max(round(v), 0), size) for v in grow_core(core)]
+                boxes.append({"box": box})
             out.append([b["box"] for b in reading_order(boxes)])
         return out
 

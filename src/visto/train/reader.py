@@ -1,7 +1,7 @@
 """Train the text reader (`visto.connectors.text_reader`) on a synthetic world's text boxes.
 
 Two losses in one step, as the two parts never share weights:
-  - find: per-cell binary cross-entropy against the world's text boxes drawn as a mask;
+  - find: per-cell binary cross-entropy against the cores of the world's text boxes;
   - read: CTC (Graves et al. 2006) on crops of the true boxes, jittered by a few pixels so
     the reader holds up against the finder's loose boxes.
 The world's images are 128 px, as the processor feeds them to the vision tower.
@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visto.connectors.text_reader import FIND_STRIDE, TextReader, crop_line, encode_text
+from visto.connectors.text_reader import (
+    FIND_STRIDE,
+    TextReader,
+    crop_line,
+    encode_text,
+    text_core,
+)
 
 
 @dataclass
@@ -58,16 +64,17 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 
 def text_mask(lines: list[list[tuple[str, list[int]]]], size: int) -> torch.Tensor:
-    """The cells of the find grid that hold text: (B, S / FIND_STRIDE, S / FIND_STRIDE)."""
+    """The cells of the find grid whose centre lies in a line's core (`text_core`):
+    (B, S / FIND_STRIDE, S / FIND_STRIDE)."""
     grid = size // FIND_STRIDE
+    centres = (torch.arange(grid) + 0.5) * FIND_STRIDE
     mask = torch.zeros(len(lines), grid, grid)
     for i, image_lines in enumerate(lines):
-        for _, (x1, y1, x2, y2) in image_lines:
-            mask[
-                i,
-                y1 // FIND_STRIDE : -(-y2 // FIND_STRIDE),
-                x1 // FIND_STRIDE : -(-x2 // FIND_STRIDE),
-            ] = 1
+        for _, box in image_lines:
+            x1, y1, x2, y2 = text_core(box)
+            rows = (centres >= y1) & (centres <= y2)
+            cols = (centres >= x1) & (centres <= x2)
+            mask[i] = torch.maximum(mask[i], (rows[:, None] & cols[None, :]).float())
     return mask
 
 
