@@ -86,7 +86,7 @@ def test_families_without_an_export_and_bad_paths(tokenizer_dir, tmp_path, capsy
 
     save_checkpoint(build_model("clip", CLIPConfig.preset("tiny")), tmp_path / "clip")
     assert main(["export", str(tmp_path / "clip"), "--out", str(tmp_path / "x")]) == 2
-    assert "no transformers export for 'clip' models; it exports llava" in capsys.readouterr().err
+    assert "no transformers export for 'clip' models; it exports blip2, flamingo, fuyu, llava" in capsys.readouterr().err
 
     assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err

@@ -18,8 +18,11 @@ tokenizer with its chat template and the processor settings, so that
 and vLLM (`vllm serve OUT`) load it and compute the same logits. LoRA adapters are merged
 into the exported weights (the checkpoint itself is left as it is).
 
-Exports LLaVA. What transformers has no counterpart for is refused with the part and what to
-change, e.g. a conv-stem vision tower (train it with `visto quickstart --vision-stem patch`).
+Exports LLaVA (LlavaForConditionalGeneration), BLIP-2 (Blip2ForConditionalGeneration), Fuyu
+(FuyuForCausalLM) and Flamingo (IdeficsForVisionText2Text). What transformers' class has no
+counterpart for is refused with the part and what to change, e.g. a conv-stem vision tower
+(train it with `visto quickstart --vision-stem patch`), a BLIP-2 tower with a LayerNorm before
+its blocks, a Flamingo that drops the CLS token.
 
 --format visto writes a visto checkpoint with the LoRA adapters merged into the weights: plain
 Linear layers again, any family, for chat/serve without the adapters' extra matmuls (and for

@@ -50,7 +50,7 @@ from visto.connectors.qformer import QFormer, QFormerConfig
 from visto.data.pairs import caption_of, image_key
 from visto.data.processor import IGNORE_INDEX, Processor, ProcessorConfig
 from visto.data.sample import Sample
-from visto.data.special_tokens import IMAGE_TOKEN_ID
+from visto.data.special_tokens import IMAGE, IMAGE_TOKEN_ID
 from visto.errors import UserError
 from visto.losses import answer_loss, batch_ids, itm_loss, lm_loss, pair_positives
 from visto.models.common import batch_field, load_pretrained_parts, processor_from_config
@@ -654,12 +654,90 @@ def load_hf(directory: str | Path) -> Blip2:
     return model.eval()
 
 
+def export_hf(model: Blip2, directory: str | Path) -> Path:
+    """Write `directory` for `transformers.Blip2ForConditionalGeneration.from_pretrained`: the
+    inverse of `load_hf` (the same `hf_key_map`; BLIP's ViT stores the class token and
+    positions as (1, ., D), a patch bias, and one fused qkv), LoRA merged, with the tokenizer
+    and a BlipImageProcessor's settings.
+
+    Exact for a stage-2 model whose vision tower is BLIP's layout: no LayerNorm before the
+    blocks (`vision_pre_norm` false, as `load_hf` builds it). A tower with one (a CLIP-layout
+    tower from vision_init) has no place in transformers' Blip2VisionModel: refused."""
+    from visto.models.transformers_format import (
+        act_to_hf,
+        image_processor_json,
+        merged,
+        refuse_export,
+        write_transformers_dir,
+    )
+
+    model = merged(model)
+    cfg, v, q = model.config, model.config.vision, model.config.qformer
+    refuse_export("BLIP-2", [
+        *(["it is a stage-1 model (losses itc/itm/itg): transformers' generation class needs "
+           "stage 2's language model; export the stage-2 checkpoint"] if cfg.stage != 2 else []),
+        *(["its vision tower has a LayerNorm before the blocks (a CLIP-layout tower, from "
+           "vision_init), which BLIP's ViT in transformers' Blip2VisionModel lacks: train a "
+           "BLIP-2 with vision_pre_norm false and no vision_init (or start from a transformers "
+           "BLIP-2), or keep this one as a visto checkpoint"] if cfg.vision_pre_norm else []),
+        *(["its vision tower has no class token (SigLIP layout); BLIP's ViT has one"]
+          if not v.cls_token else []),
+        *([f"the vision tower has a {v.stem} stem; transformers' has one linear patch "
+           "projection: use vision.stem 'patch'"] if v.stem != "patch" else []),
+    ])  # fmt: skip
+    state = model.state_dict()
+    tensors = {theirs: state[ours] for ours, theirs in hf_key_map(model).items()
+               if not _stage1_only(ours)}  # fmt: skip
+    vit, e = model.vision_model, "vision_model.embeddings."
+    tensors[e + "class_embedding"] = vit.embeddings.class_embedding.reshape(1, 1, -1)
+    tensors[e + "position_embedding"] = vit.embeddings.positions()[None]
+    bias = getattr(vit.embeddings.patch_embedding, "bias", None)
+    tensors[e + "patch_embedding.bias"] = bias if bias is not None else state[e + "patch_embedding.weight"].new_zeros(v.width)
+    for i in range(v.layers):
+        p = f"vision_model.encoder.layers.{i}.self_attn."
+        names = ("q_proj", "k_proj", "v_proj")
+        tensors[p + "qkv.weight"] = torch.cat([state[f"{p}{n}.weight"] for n in names])
+        # transformers rebuilds k's bias as zeros on init and then reads ours: it is kept.
+        tensors[p + "qkv.bias"] = torch.cat([state[f"{p}{n}.bias"] for n in names])
+        tensors[p + "projection.weight"] = state[p + "out_proj.weight"]
+        tensors[p + "projection.bias"] = state[p + "out_proj.bias"]
+    text = cfg.decoder.to_hf()
+    config = {
+        "architectures": ["Blip2ForConditionalGeneration"], "model_type": "blip-2",
+        "vision_config": {
+            "model_type": "blip_2_vision_model", "hidden_size": v.width,
+            "intermediate_size": v.mlp_hidden, "num_hidden_layers": v.layers,
+            "num_attention_heads": v.heads, "image_size": v.image_size, "patch_size": v.patch_size,
+            "hidden_act": act_to_hf(v.act), "layer_norm_eps": v.eps, "qkv_bias": True,
+        },
+        "qformer_config": {
+            "model_type": "blip_2_qformer", "vocab_size": q.vocab_size, "hidden_size": q.hidden_size,
+            "num_hidden_layers": q.layers, "num_attention_heads": q.heads,
+            "intermediate_size": q.intermediate_size, "hidden_act": act_to_hf(q.act),
+            "max_position_embeddings": q.max_text_len, "layer_norm_eps": q.eps,
+            "cross_attention_frequency": q.cross_attention_frequency,
+            "encoder_hidden_size": v.width, "hidden_dropout_prob": q.dropout,
+            "attention_probs_dropout_prob": q.dropout, "use_qformer_text_input": False,
+        },
+        "text_config": text, "num_query_tokens": q.num_queries, "image_token_index": IMAGE_TOKEN_ID,
+        "image_text_hidden_size": cfg.embed_dim, "use_decoder_only_language_model": True,
+        "tie_word_embeddings": cfg.decoder.tie_word_embeddings,
+    }  # fmt: skip
+    extra = {
+        "preprocessor_config.json": image_processor_json(cfg.processor, "BlipImageProcessor"),
+        "processor_config.json": {"processor_class": "Blip2Processor",
+                                  "num_query_tokens": q.num_queries, "image_token": IMAGE},
+    }  # fmt: skip
+    return write_transformers_dir(model, directory, config, tensors, extra)
+
+
 __all__ = [
     "PARAM_GROUPS",
     "Blip2",
     "Blip2Config",
     "config_from_hf",
     "contrastive_ce",
+    "export_hf",
     "hf_key_map",
     "itc_similarity",
     "load_hf",

@@ -579,6 +579,82 @@ def from_idefics(path: str | Path, processor: ProcessorConfig | None = None) -> 
     return model.eval()
 
 
+def idefics_export_problems(model: Flamingo) -> list[str]:
+    """What of this Flamingo transformers' `IdeficsForVisionText2Text` cannot hold exactly."""
+    cfg, v, dec = model.config, model.config.vision, model.config.decoder
+    r = cfg.resampler
+    checks = [
+        (cfg.vision_cls_token, "Idefics resamples every token of the tower's last hidden state, "
+         "CLS included: set vision_cls_token true (and retrain the resampler)"),
+        (cfg.vision_feature_layer % (v.layers + 1) == v.layers,
+         f"Idefics reads the tower's last layer, not layer {cfg.vision_feature_layer}"),
+        (v.stem == "patch" and v.cls_token and v.pre_norm and not v.patch_bias,
+         "Idefics' vision tower is CLIP's (linear patch stem, class token, pre-LayerNorm)"),
+        (r.act == "relu" and r.mlp_ratio == 4 and r.max_frames == 1,
+         f"Idefics' resampler MLP is ReLU at 4x the width for images (this one: {r.act}, "
+         f"{r.mlp_ratio}x, {r.max_frames} frames): resampler act 'relu', mlp_ratio 4"),
+        (dec.num_kv_heads == dec.num_heads and dec.resolved_head_dim * dec.num_heads == dec.hidden_size,
+         f"Idefics' decoder has full multi-head attention (num_kv_heads {dec.num_kv_heads} != "
+         f"num_heads {dec.num_heads}, or a head_dim of its own)"),
+        (not (dec.attention_bias or dec.qkv_bias or dec.mlp_bias), "Idefics' decoder has no biases"),
+        (cfg.cross_attn_heads in (None, dec.num_heads)
+         and cfg.cross_attn_intermediate in (None, dec.intermediate_size),
+         "Idefics' gated blocks take the decoder's heads and intermediate size"),
+        (dec.num_layers % cfg.cross_attn_every == 0,
+         f"Idefics puts num_hidden_layers // cross_layer_interval gated blocks: num_layers "
+         f"{dec.num_layers} must be a multiple of cross_attn_every {cfg.cross_attn_every}"),
+    ]  # fmt: skip
+    return [why for ok, why in checks if not ok]
+
+
+def export_idefics(model: Flamingo, directory: str | Path) -> Path:
+    """Write `directory` for `transformers.IdeficsForVisionText2Text.from_pretrained`: the
+    inverse of `from_idefics` (the same `idefics_key_map`), LoRA merged, with the tokenizer.
+    Idefics takes the media mask as an input (`image_attention_mask`: token t reads the last
+    image at or before it), which visto's `media_mask` is. Refused, each with its reason:
+    `idefics_export_problems`."""
+    from visto.models.transformers_format import (
+        act_to_hf,
+        merged,
+        refuse_export,
+        write_transformers_dir,
+    )
+
+    model = merged(model)
+    refuse_export("Flamingo (as Idefics)", idefics_export_problems(model))
+    cfg, v, dec, r = model.config, model.config.vision, model.config.decoder, model.config.resampler
+    state = model.state_dict()
+    tensors = {theirs: state[ours] for ours, theirs in idefics_key_map(model, joined=False).items()}
+    if v.pos_embed == "sincos":  # Idefics learns its table; ours is fixed, stored as one
+        tensors["model.vision_model.embeddings.position_embedding.weight"] = (
+            model.vision_model.embeddings.positions()
+        )
+    config = {
+        "architectures": ["IdeficsForVisionText2Text"], "model_type": "idefics",
+        "vocab_size": dec.vocab_size, "additional_vocab_size": 0, "hidden_size": dec.hidden_size,
+        "intermediate_size": dec.intermediate_size, "num_hidden_layers": dec.num_layers,
+        "num_attention_heads": dec.num_heads, "hidden_act": "silu", "rms_norm_eps": dec.rms_norm_eps,
+        "max_position_embeddings": dec.max_position_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": dec.rope_theta},
+        "tie_word_embeddings": dec.tie_word_embeddings, "cross_layer_interval": cfg.cross_attn_every,
+        "alpha_type": cfg.gate, "alpha_initializer": "zeros", "qk_layer_norms": False,
+        "use_resampler": True, "bos_token_id": dec.bos_token_id, "eos_token_id": dec.eos_token_id,
+        "vision_config": {
+            "model_type": "idefics_vision", "embed_dim": v.width, "image_size": v.image_size,
+            "patch_size": v.patch_size, "num_hidden_layers": v.layers, "num_attention_heads": v.heads,
+            "intermediate_size": v.mlp_hidden, "hidden_act": act_to_hf(v.act),
+            "layer_norm_eps": v.eps, "num_channels": 3,
+        },
+        "perceiver_config": {
+            "model_type": "idefics_perciever", "use_resampler": True,
+            "resampler_n_latents": r.num_latents, "resampler_depth": r.depth,
+            "resampler_n_heads": r.heads, "resampler_head_dim": r.head_dim or v.width // r.heads,
+            "qk_layer_norms_perceiver": False,
+        },
+    }  # fmt: skip
+    return write_transformers_dir(model, directory, config, tensors)
+
+
 __all__ = [
     "IDEFICS_REQUIREMENTS",
     "PARAM_GROUPS",
@@ -587,7 +663,9 @@ __all__ = [
     "FlamingoState",
     "ImageContext",
     "config_from_idefics",
+    "export_idefics",
     "from_idefics",
+    "idefics_export_problems",
     "idefics_key_map",
     "vision_hidden_state",
 ]

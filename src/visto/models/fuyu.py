@@ -307,11 +307,48 @@ def from_transformers(path: str | Path, processor: ProcessorConfig | None = None
     return model.eval()
 
 
+def patch_columns_to_transformers(weight: Tensor, patch: int) -> Tensor:
+    """(D, 3*p*p) columns in visto's (channel, y, x) order -> transformers' (y, x, channel)."""
+    d = weight.shape[0]
+    return weight.reshape(d, 3, patch, patch).permute(0, 2, 3, 1).reshape(d, 3 * patch * patch)
+
+
+def export_hf(model: Fuyu, directory: str | Path) -> Path:
+    """Write `directory` for `transformers.FuyuForCausalLM.from_pretrained`: a Fuyu whose
+    text_config is visto's decoder (Llama or Qwen2), the same tensors as `from_transformers`
+    reads (the patch projection's columns put back in transformers' order), LoRA merged.
+
+    The tokenizer goes with it; the prompt layout is visto's processor's (`<image>` per patch,
+    `<im_newline>` per row), which transformers' model reads by image_token_id, while its
+    FuyuProcessor builds prompts with Persimmon's own special tokens, so use visto's."""
+    from visto.models.transformers_format import merged, write_transformers_dir
+
+    model = merged(model)
+    cfg, patch = model.config, model.config.processor.patch_size
+    state = model.state_dict()
+    tensors = {f"language_model.{theirs}": state[f"language_model.{ours}"]
+               for ours, theirs in model.language_model.hf_key_map().items()}  # fmt: skip
+    tensors["vision_embed_tokens.weight"] = patch_columns_to_transformers(
+        state["vision_embed_tokens.weight"], patch
+    )
+    tensors["vision_embed_tokens.bias"] = state["vision_embed_tokens.bias"]
+    text = cfg.decoder.to_hf()
+    config = {
+        "architectures": ["FuyuForCausalLM"], "model_type": "fuyu", "text_config": text,
+        "vocab_size": text["vocab_size"], "hidden_size": text["hidden_size"],
+        "image_size": cfg.processor.image_size, "patch_size": patch, "num_channels": 3,
+        "image_token_id": IMAGE_TOKEN_ID, "tie_word_embeddings": cfg.decoder.tie_word_embeddings,
+    }  # fmt: skip
+    return write_transformers_dir(model, directory, config, tensors)
+
+
 __all__ = [
     "PARAM_GROUPS",
     "PERSIMMON_DIFFERENCES",
     "Fuyu",
     "FuyuConfig",
+    "export_hf",
     "from_transformers",
     "patch_columns_from_transformers",
+    "patch_columns_to_transformers",
 ]

@@ -35,7 +35,12 @@ LOADERS = {
 FAMILY_OF = {"llava": "llava", "blip-2": "blip2", "fuyu": "fuyu", "idefics": "flamingo",
              "clip": "clip", "siglip": "clip"}  # fmt: skip
 # visto family -> (module, function) that writes a transformers directory of it.
-EXPORTERS = {"llava": ("visto.models.llava", "export_hf")}
+EXPORTERS = {
+    "llava": ("visto.models.llava", "export_hf"),
+    "blip2": ("visto.models.blip2", "export_hf"),
+    "fuyu": ("visto.models.fuyu", "export_hf"),
+    "flamingo": ("visto.models.flamingo", "export_idefics"),
+}
 def read_hf_config(directory: str | Path) -> dict[str, Any] | None:
     """config.json of a transformers directory, or None when `directory` is not one."""
     path = Path(directory) / "config.json"
@@ -78,8 +83,9 @@ def export_transformers(model: nn.Module, directory: str | Path) -> Path:
     if family not in EXPORTERS:
         raise UserError(
             f"visto has no transformers export for {family!r} models; it exports "
-            f"{', '.join(sorted(EXPORTERS))} (BLIP-2, Fuyu and Idefics directories are read, "
-            "not written): train a LLaVA to take a model to transformers or vLLM"
+            f"{', '.join(sorted(EXPORTERS))} (Flamingo as Idefics); keep this one as a visto "
+            "checkpoint (`visto export --format visto`), or train one of those families to take "
+            "a model to transformers or vLLM"
         )
     vision = getattr(getattr(model, "config", None), "vision", None)
     if family == "llava" and vision is not None and not vision.cls_token:
@@ -106,3 +112,58 @@ def legacy_key(key: str) -> str:
     ):
         return "language_model.model." + key.removeprefix("language_model.")
     return key
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """`model`, or a copy with its LoRA adapters merged (transformers' models have none); the
+    model passed in is left as it is."""
+    import copy
+
+    from visto.nn.lora import has_lora, merge_lora
+
+    return merge_lora(copy.deepcopy(model)) if has_lora(model) else model
+
+
+def refuse_export(family: str, problems: list[str]) -> None:
+    """One UserError naming every part of the model that transformers' class cannot hold."""
+    if problems:
+        raise UserError(f"cannot export this {family} to the transformers format: " + "; ".join(problems))
+
+
+def write_transformers_dir(
+    model: nn.Module,
+    directory: str | Path,
+    config: dict[str, Any],
+    tensors: dict[str, Any],
+    extra_json: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Write config.json, model.safetensors (fp32, contiguous, on the CPU) and, when the model
+    has a tokenizer, its transformers tokenizer files and `extra_json` (processor settings),
+    atomically."""
+    from safetensors.torch import save_file
+
+    from visto.utils.io import atomic_directory, atomic_write_json
+
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_directory(directory) as tmp:
+        atomic_write_json(tmp / "config.json", {**config, "torch_dtype": "float32"})
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = model.config
+        if getattr(model, "_processor", None) is not None or cfg.tokenizer_dir or cfg.tokenizer_corpus:
+            model.processor.tokenizer.to_hf_tokenizer().save_pretrained(str(tmp))
+            for name, content in (extra_json or {}).items():
+                atomic_write_json(tmp / name, content)
+    return Path(directory)
+
+
+def image_processor_json(processor_config: Any, kind: str) -> dict[str, Any]:
+    """preprocessor_config.json of transformers' `kind` image processor (CLIPImageProcessor,
+    BlipImageProcessor, ...) that resizes to the processor's square and normalises as it does."""
+    p = processor_config
+    return {
+        "image_processor_type": kind, "do_resize": True,
+        "size": {"height": p.image_size, "width": p.image_size}, "resample": 3,
+        "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(p.mean), "image_std": list(p.std),
+        "do_convert_rgb": True,
+    }  # fmt: skip
