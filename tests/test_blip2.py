@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 
@@ -239,6 +240,69 @@ def test_stage2_from_stage1_checkpoint(tokenizer_dir, tmp_path):
         build_model("blip2", Blip2Config(stage1_checkpoint=str(tmp_path / "clip"), losses=["lm"]))
 
 
+def test_each_stage_is_a_named_objective_and_forward_is_the_configs(tokenizer_dir):
+    data = samples(4, seed=2)
+    for losses, objective in ((["itc", "itm", "itg"], "representation"), (["lm"], "generative")):
+        model = tiny(tokenizer_dir, losses=losses).eval()
+        assert model.default_objective == objective
+        loss_name, batches_name = Blip2.OBJECTIVES[objective]
+        batch = getattr(model, batches_name)(data)
+        assert set(batch) == set(model.collate(data))
+        with torch.no_grad():
+            torch.manual_seed(0)  # ITM draws its negatives
+            named = getattr(model, loss_name)(batch)
+            torch.manual_seed(0)
+            default = model(batch)
+        assert set(named) == set(default)
+        torch.testing.assert_close(named["loss"], default["loss"])
+    assert "text_ids" in tiny(tokenizer_dir).pair_batch(data)
+    assert "labels" in tiny(tokenizer_dir).conversation_batch(data)
+
+
+def test_the_recipe_selects_the_objective(tokenizer_dir):
+    from visto.train.objective import ObjectiveLoss, loss_module, select_objective
+
+    stage1, stage2 = tiny(tokenizer_dir), tiny(tokenizer_dir, losses=["lm"])
+    assert select_objective(stage1, None) == select_objective(stage1, "representation")
+    assert select_objective(stage2, "generative").loss == "generative_loss"
+    with pytest.raises(UserError, match="model.config.losses .* train 'representation'"):
+        select_objective(stage1, "generative")
+    with pytest.raises(UserError, match="choose one of representation, generative"):
+        select_objective(stage1, "stage1")
+    wrapped = loss_module(stage2, select_objective(stage2, None), sharded=False)
+    assert isinstance(wrapped, ObjectiveLoss) and wrapped.model is stage2
+    assert set(wrapped.state_dict()) == {f"model.{k}" for k in stage2.state_dict()}
+
+
+@pytest.mark.parametrize(("losses", "objective", "logged"), [
+    (["itc", "itm", "itg"], "representation", {"itc", "itm", "itg", "itc_acc", "temperature"}),
+    (["lm"], "generative", {"lm"}),
+])  # fmt: skip
+def test_visto_train_calls_the_recipes_objective(tokenizer_dir, tmp_path, monkeypatch, losses, objective, logged):
+    from visto.config import to_dict
+    from visto.train.loop import train
+    from visto.train.recipe import recipe_from_dict
+
+    config = to_dict(Blip2Config.preset("tiny", tokenizer_dir=str(tokenizer_dir), losses=losses))
+    recipe = recipe_from_dict({
+        "model": {"family": "blip2", "objective": objective, "config": config},
+        "batch_size": 4, "max_steps": 2, "log_every": 1, "eval_every": 2, "eval_batches": 1,
+        "num_threads": 1, "data": {"prefetch": 0},
+    })  # fmt: skip
+
+    def forward(self, batch):
+        raise AssertionError("the loop calls the recipe's objective, not forward")
+
+    monkeypatch.setattr(Blip2, "forward", forward)
+    monkeypatch.setattr(Blip2, "collate", forward)
+    data = {"train": samples(8, seed=1), "val": samples(4, seed=2)}
+    result = train(recipe, tmp_path / "run", source=lambda split: iter(data[split]), show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {row["split"] for row in rows} == {"train", "val"}
+    assert all(logged <= set(row) for row in rows)
+    assert result.model.config.losses == losses
+
+
 @pytest.mark.parametrize("name", ["blip2-stage1", "blip2-stage2"])
 def test_shipped_recipes_train_the_right_modules(name, tokenizer_dir):
     recipe = load_recipe(name)
@@ -248,9 +312,11 @@ def test_shipped_recipes_train_the_right_modules(name, tokenizer_dir):
     trained = {n.split(".")[0] for g in groups for n in g["names"]}
     if name == "blip2-stage1":
         assert recipe.model.config["losses"] == ["itc", "itm", "itg"]
+        assert recipe.model.objective == "representation"
         assert trained == {"qformer", "vision_projection", "text_projection", "temp", "itm_head"}
     else:
         assert recipe.model.config["losses"] == ["lm"]
+        assert recipe.model.objective == "generative"
         assert trained == {"qformer", "language_projection"}
 
 

@@ -53,7 +53,12 @@ from visto.data.sample import Sample
 from visto.data.special_tokens import IMAGE, IMAGE_TOKEN_ID
 from visto.errors import UserError
 from visto.losses import answer_loss, batch_ids, itm_loss, lm_loss, pair_positives
-from visto.models.common import batch_field, load_pretrained_parts, processor_from_config
+from visto.models.common import (
+    Objective,
+    batch_field,
+    load_pretrained_parts,
+    processor_from_config,
+)
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 from visto.nn.vision import CLIP_MEAN, CLIP_STD, ViT, ViTConfig
 
@@ -355,12 +360,23 @@ class Blip2(nn.Module):
 
     # -- training
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        if self.config.stage == 2:
-            return self._generative_loss(batch)
-        return self._representation_losses(batch)
+    # The two training objectives, one per stage: the recipe names one (`model.objective`)
+    # and visto train calls its loss and batch methods (visto.train.objective).
+    OBJECTIVES = {
+        "representation": Objective(loss="representation_losses", batches="pair_batch"),
+        "generative": Objective(loss="generative_loss", batches="conversation_batch"),
+    }
 
-    def _generative_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    @property
+    def default_objective(self) -> str:
+        """The objective `config.losses` names: stage 1's losses or stage 2's "lm"."""
+        return "generative" if self.config.stage == 2 else "representation"
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The loss of `default_objective`, for code that treats every family alike."""
+        return getattr(self, self.OBJECTIVES[self.default_objective].loss)(batch)
+
+    def generative_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Stage 2: next-token CE on the answers, the visual prompt at the <image> ids."""
         input_ids, labels = batch["input_ids"], batch["labels"]
         embeds = self.embed_inputs(input_ids, batch["pixel_values"], batch.get("image_sample_index"))
@@ -372,9 +388,10 @@ class Blip2(nn.Module):
         out = answer_loss(logits, labels)
         return {**out, "lm": out["loss"].detach()}
 
-    def _representation_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def representation_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Stage 1: the sum of the configured ITC, ITM and ITG losses (module docstring)."""
         losses = set(self.config.losses)
+        assert losses <= set(STAGE1_LOSSES), f"config.losses {self.config.losses} are not stage 1's"
         image = self.image_embeds(batch["pixel_values"])  # (B, 1 + P, D_v)
         ids, mask = batch["text_ids"], batch["text_mask"]  # (B, T)
         B = ids.shape[0]
@@ -451,12 +468,17 @@ class Blip2(nn.Module):
         return lm_loss(logits, labels)
 
     def collate(self, samples: list[Sample]) -> dict[str, Tensor]:
+        """The batches of `default_objective`, for code that treats every family alike."""
+        return getattr(self, self.OBJECTIVES[self.default_objective].batches)(samples)
+
+    def conversation_batch(self, samples: list[Sample]) -> dict[str, Tensor]:
+        """Stage 2: whole conversations with labels on the answers, as LLaVA."""
+        return self.processor.training_batch(samples)
+
+    def pair_batch(self, samples: list[Sample]) -> dict[str, Tensor]:
         """Stage 1: each sample's first image with its caption (`<s> caption </s>`, right
-        padded; equal caption_ids / image_ids mark duplicates). Stage 2: whole conversations
-        with labels on the answers, as LLaVA."""
+        padded; equal caption_ids / image_ids mark duplicates)."""
         processor = self.processor
-        if self.config.stage == 2:
-            return processor.training_batch(samples)
         for s in samples:
             if not s.images:
                 raise UserError(f"sample {s.id!r} has no image; BLIP-2 stage 1 trains on image-text pairs")

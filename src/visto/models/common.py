@@ -1,5 +1,6 @@
 """What the family files share: the pretrained towers a config names, the processor a config
-names, the checks that a tokenizer fits a decoder, and reading a batch.
+names, the checks that a tokenizer fits a decoder, reading a batch, and naming a training
+objective.
 
 Every family builds its parts the same way (`vision_init` / `language_init` read here, then
 forgotten; a tokenizer from `tokenizer_dir` or trained on `tokenizer_corpus`), so each family
@@ -176,3 +177,16 @@ def check_tokenizer_fits(processor: Processor, decoder_vocab_size: int) -> None:
 def batch_field(batch: Any, name: str) -> Any:
     """A batch entry from a collated dict or a processor `Batch` alike."""
     return batch[name] if isinstance(batch, dict) else getattr(batch, name)
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+class Objective(NamedTuple):
+    """One way a family trains, by its method names: `loss` (batch -> {"loss": scalar, ...})
+    and `batches` (samples -> the batch `loss` reads). A family that trains in several ways
+    (BLIP-2's two stages) lists them as `OBJECTIVES` and a recipe's `model.objective` picks one
+    (visto.train.objective); the others train `forward` on `collate`'s batches."""
+
+    loss: str
+    batches: str

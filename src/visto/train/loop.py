@@ -69,6 +69,7 @@ from visto.train.distributed import (
     gather_objects,
     init_distributed,
 )
+from visto.train.objective import fsdp_root, loss_module, select_objective
 from visto.train.optim import build_optimizer, lr_factor, schedule_progress, set_lr
 from visto.train.recipe import Recipe, recipe_from_dict
 from visto.train.report import write_report
@@ -119,8 +120,8 @@ def train_step(
     for i, batch in enumerate(micro_batches):
         # Under DDP and FSDP only the last micro-batch reduces gradients.
         last = i == n - 1
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-            model.set_requires_gradient_sync(last)
+        if hasattr(fsdp_root(model), "set_requires_gradient_sync"):  # FSDP2
+            fsdp_root(model).set_requires_gradient_sync(last)
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast(device):
@@ -335,6 +336,7 @@ def train(
         raise UserError(
             f"model.family is {recipe.model.family!r} but the checkpoint holds a {model.family!r} model"
         )
+    objective = select_objective(model, recipe.model.objective)
     model.to(device).train()
     # FSDP shards the model in place before the optimizer sees its parameters; rank 0 keeps
     # a plain shell to save the gathered weights in.
@@ -361,14 +363,17 @@ def train(
             ) from None
         for group, peak in zip(optimizer.param_groups, peak_lrs, strict=True):
             group["peak_lr"] = peak
-    # Data parallel is applied from outside; the model never knows about it.
-    train_model: nn.Module = model
+    # The recipe's objective is the forward of `loss_model`; data parallel is applied to it
+    # from outside, and the model never knows about it.
+    loss_model = loss_module(model, objective, sharded)
+    train_model: nn.Module = loss_model
     if dist_info.enabled and not sharded:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            loss_model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    make_batch = getattr(model, objective.batches)
 
     # ---- data (the source was opened above: a new processor may be trained on it)
     # This rank's saved RNG and data position (rank 0's when the world size changed).
@@ -377,7 +382,7 @@ def train(
         ranks = trainer_state["ranks"]
         rank_state = ranks[dist_info.rank] if len(ranks) == dist_info.world_size else ranks[0]
     stream: BatchStream | PrefetchedBatches = BatchStream(
-        source, "train", model.collate, recipe.micro_batch_size,
+        source, "train", make_batch, recipe.micro_batch_size,
         seed=recipe.seed, shuffle_buffer=recipe.data.shuffle_buffer,
         rank=dist_info.rank, world_size=dist_info.world_size,
         state=rank_state["data"] if rank_state else None,
@@ -465,12 +470,12 @@ def train(
             return {}
         if val_batches is None:
             val_batches = first_batches(
-                source, "val", model.collate, recipe.micro_batch_size,
+                source, "val", make_batch, recipe.micro_batch_size,
                 recipe.eval_batches, rank=dist_info.rank, world_size=dist_info.world_size,
             )
             if sharded:
                 val_batches = fsdp.equal_batch_counts(val_batches, dist_info)
-        metrics = evaluate(model, val_batches, device, dist_info)
+        metrics = evaluate(loss_model, val_batches, device, dist_info)
         if metrics:
             log_row({"step": step, "split": "val", **metrics, "elapsed_s": round(elapsed(), 3)})
         return metrics

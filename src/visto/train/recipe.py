@@ -32,6 +32,10 @@ class ModelSpec:
     # Start from this checkpoint's weights (and config) instead of a fresh init: stage 2
     # starts from stage 1. `config` is then ignored.
     init_from: str | None = None
+    # Which of the family's training objectives the run computes, for a family with several
+    # (BLIP-2: "representation", stage 1's ITC/ITM/ITG; "generative", stage 2's LM loss; see
+    # visto.train.objective). None = the one the model's config implies (its only one).
+    objective: str | None = None
 
 
 @dataclass
