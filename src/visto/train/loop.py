@@ -9,6 +9,10 @@ Read it top to bottom (in the spirit of nanoGPT's train.py and torchtitan's trai
                a checkpoint every checkpoint_every steps
     finish     final evaluation, final checkpoint, plots and report.md
 
+`train` is those three parts in order: `_setup` builds the `RunState` (everything the run
+holds between steps), `_loop` steps it, and the finish evaluates, saves and reports; each
+step of them is a plain function of the state.
+
 Helpers live beside it: `optim.py` (per-module lrs, schedule), `data.py` (the batch stream),
 `distributed.py` (torchrun), `report.py` (plots), `recipe.py` (the settings).
 
@@ -271,6 +275,41 @@ def load_run_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> 
     return recipe_from_dict(json.loads(path.read_text()), overrides, where=str(path))
 
 
+@dataclass
+class RunState:
+    """What a run holds from setup to finish; the loop's steps read and update it."""
+
+    recipe: Recipe
+    run_dir: Path
+    dist_info: Distributed
+    device: torch.device
+    model: nn.Module  # the family's model, as saved
+    loss_model: nn.Module  # the module whose forward is the recipe's objective (objective.py)
+    train_model: nn.Module  # loss_model, or DDP around it
+    optimizer: torch.optim.Optimizer
+    source: SampleSource
+    has_val: bool
+    make_batch: Any  # samples -> the objective's batch
+    stream: BatchStream | PrefetchedBatches
+    shell: Any  # FSDP: rank 0's plain copy of the model that gathered weights are saved in
+    step: int
+    elapsed_before: float  # seconds trained before a resume
+    window: LogWindow
+    metrics_file: Any = None  # RUN/metrics.jsonl, open on the main process
+    plain_log: bool = False  # no live bar (a log file, CI): one printed line per log row
+    console: Any = None
+    started: float = field(default_factory=time.perf_counter)
+    val_batches: list[dict[str, Any]] | None = None  # read once, at the first evaluation
+    steps_cut: int = 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.dist_info.enabled and self.recipe.distributed == "fsdp"
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+
 def train(
     recipe: Recipe,
     run_dir: str | Path,
@@ -290,6 +329,42 @@ def train(
     run_dir = Path(run_dir)
     console = console or Console(soft_wrap=True)
     dist_info = init_distributed()
+    _check_run_dir(run_dir, resume)
+    run = _setup(recipe, run_dir, resume, source, dist_info)
+    run.console = console
+    _open_run_dir(run, resume)
+    run.plain_log = show_progress and dist_info.main and not console.is_terminal
+    live_bar = show_progress and dist_info.main and console.is_terminal
+    run.started = time.perf_counter()
+    if resume and _budget_fraction(recipe, run.step, run.elapsed_before) >= 1:
+        raise UserError(
+            f"{run_dir} has already used its budget (step {run.step}); raise max_steps or "
+            "max_minutes with --set to train it further"
+        )
+    with _StopRequest() as stop, _progress(console, live_bar) as bar, contextlib.closing(run.stream):
+        val_metrics, train_metrics, factor, evaluated_at = _loop(run, stop, bar)
+        # ---- finish
+        if run.window.steps:
+            train_metrics = _log_window(run, factor)
+        stopped_early = stop.requested and not _budget_fraction(recipe, run.step, run.elapsed()) >= 1
+        # The step budget is the run; a max_minutes cap that ended it sooner says by how much.
+        run.steps_cut = 0 if stopped_early or recipe.max_steps is None else recipe.max_steps - run.step
+        if evaluated_at != run.step and not stopped_early:
+            val_metrics = _run_eval(run)
+        _save(run, run_dir / "checkpoint", val_metrics)
+    if run.metrics_file is not None:
+        run.metrics_file.close()
+    if dist_info.main:
+        _report(run, stopped_early)
+    train_metrics = {k: v for k, v in train_metrics.items() if not k.startswith("_")}
+    return TrainResult(run_dir, run.step, run.model, val_metrics, train_metrics, stopped_early,
+                       run.steps_cut)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise UserError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
@@ -299,7 +374,10 @@ def train(
     if resume and not is_checkpoint(ckpt_dir):
         raise UserError(f"cannot resume {run_dir}: it has no checkpoint yet ({ckpt_dir})")
 
-    # ---- setup: seed, threads, device
+
+def _setup(recipe: Recipe, run_dir: Path, resume: bool, source: SampleSource | None,
+           dist_info: Distributed) -> RunState:  # fmt: skip
+    """Seed, threads, device, model, optimizer, parallelism and data, in that order."""
     seed_everything(recipe.seed)
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
@@ -307,8 +385,67 @@ def train(
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
         torch.cuda.set_device(device)
+    model, trainer_state, source, has_val = _model_and_data(recipe, run_dir, resume, source)
+    objective = select_objective(model, recipe.model.objective)
+    model.to(device).train()
+    # FSDP shards the model in place before the optimizer sees its parameters; rank 0 keeps
+    # a plain shell to save the gathered weights in.
+    sharded = dist_info.enabled and recipe.distributed == "fsdp"
+    shell = None
+    if sharded:
+        from visto.train import fsdp
 
-    # ---- model: resumed, started from a checkpoint, or fresh
+        shell = fsdp.Shell(model) if dist_info.main else None
+        fsdp.shard_model(model)
+    optimizer = build_optimizer(model, recipe)
+    if trainer_state is not None:
+        _restore_optimizer(model, optimizer, trainer_state, sharded, run_dir)
+    # The recipe's objective is the forward of `loss_model`; data parallel is applied to it
+    # from outside, and the model never knows about it.
+    loss_model = loss_module(model, objective, sharded)
+    train_model: nn.Module = loss_model
+    if dist_info.enabled and not sharded:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(
+            loss_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    make_batch = getattr(model, objective.batches)
+
+    # ---- data (the source was opened above: a new processor may be trained on it)
+    # This rank's saved RNG and data position (rank 0's when the world size changed).
+    rank_state = None
+    if trainer_state is not None:
+        ranks = trainer_state["ranks"]
+        rank_state = ranks[dist_info.rank] if len(ranks) == dist_info.world_size else ranks[0]
+    stream: BatchStream | PrefetchedBatches = BatchStream(
+        source, "train", make_batch, recipe.micro_batch_size,
+        seed=recipe.seed, shuffle_buffer=recipe.data.shuffle_buffer,
+        rank=dist_info.rank, world_size=dist_info.world_size,
+        state=rank_state["data"] if rank_state else None,
+    )
+    if recipe.data.prefetch:
+        stream = PrefetchedBatches(stream, recipe.data.prefetch)
+    if rank_state:
+        set_rng_state(rank_state["rng"])
+    else:
+        # Each rank draws different dropout masks; rank 0 draws what a single process would.
+        torch.manual_seed(recipe.seed + dist_info.rank)
+    return RunState(
+        recipe=recipe, run_dir=run_dir, dist_info=dist_info, device=device, model=model,
+        loss_model=loss_model, train_model=train_model, optimizer=optimizer, source=source,
+        has_val=has_val, make_batch=make_batch, stream=stream, shell=shell,
+        step=trainer_state["step"] if trainer_state else 0,
+        elapsed_before=trainer_state["elapsed_s"] if trainer_state else 0.0,
+        window=LogWindow(**trainer_state["log_window"]) if trainer_state else LogWindow(),
+    )  # fmt: skip
+
+
+def _model_and_data(recipe: Recipe, run_dir: Path, resume: bool, source: SampleSource | None
+                    ) -> tuple[nn.Module, dict[str, Any] | None, SampleSource, bool]:  # fmt: skip
+    """The model (resumed, started from a checkpoint, or fresh) with its processor and
+    adapters, its trainer state if resumed, and the data source (with or without val)."""
+    ckpt_dir = run_dir / "checkpoint"
     if resume:
         model = load(ckpt_dir)
         trainer_state = load_trainer_state(ckpt_dir)
@@ -336,241 +473,206 @@ def train(
         raise UserError(
             f"model.family is {recipe.model.family!r} but the checkpoint holds a {model.family!r} model"
         )
-    objective = select_objective(model, recipe.model.objective)
-    model.to(device).train()
-    # FSDP shards the model in place before the optimizer sees its parameters; rank 0 keeps
-    # a plain shell to save the gathered weights in.
-    sharded = dist_info.enabled and recipe.distributed == "fsdp"
-    shell = None
-    if sharded:
-        from visto.train import fsdp
+    return model, trainer_state, source, has_val
 
-        shell = fsdp.Shell(model) if dist_info.main else None
-        fsdp.shard_model(model)
-    optimizer = build_optimizer(model, recipe)
-    if trainer_state is not None:
-        # The recipe (possibly changed with --set on resume) sets the lrs, not the saved state.
-        peak_lrs = [g["peak_lr"] for g in optimizer.param_groups]
-        try:
-            if sharded:
-                fsdp.load_optimizer_state(model, optimizer, trainer_state["optimizer"])
-            else:
-                optimizer.load_state_dict(trainer_state["optimizer"])
-        except ValueError as e:
-            raise UserError(
-                f"cannot resume {run_dir}: the trained/frozen parameters differ from the "
-                f"checkpoint's ({e}); keep optim.module_lrs' zeros as they were"
-            ) from None
-        for group, peak in zip(optimizer.param_groups, peak_lrs, strict=True):
-            group["peak_lr"] = peak
-    # The recipe's objective is the forward of `loss_model`; data parallel is applied to it
-    # from outside, and the model never knows about it.
-    loss_model = loss_module(model, objective, sharded)
-    train_model: nn.Module = loss_model
-    if dist_info.enabled and not sharded:
-        from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(
-            loss_model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    make_batch = getattr(model, objective.batches)
+def _restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
+                       trainer_state: dict[str, Any], sharded: bool, run_dir: Path) -> None:  # fmt: skip
+    # The recipe (possibly changed with --set on resume) sets the lrs, not the saved state.
+    peak_lrs = [g["peak_lr"] for g in optimizer.param_groups]
+    try:
+        if sharded:
+            from visto.train import fsdp
 
-    # ---- data (the source was opened above: a new processor may be trained on it)
-    # This rank's saved RNG and data position (rank 0's when the world size changed).
-    rank_state = None
-    if trainer_state is not None:
-        ranks = trainer_state["ranks"]
-        rank_state = ranks[dist_info.rank] if len(ranks) == dist_info.world_size else ranks[0]
-    stream: BatchStream | PrefetchedBatches = BatchStream(
-        source, "train", make_batch, recipe.micro_batch_size,
-        seed=recipe.seed, shuffle_buffer=recipe.data.shuffle_buffer,
-        rank=dist_info.rank, world_size=dist_info.world_size,
-        state=rank_state["data"] if rank_state else None,
-    )
-    if recipe.data.prefetch:
-        stream = PrefetchedBatches(stream, recipe.data.prefetch)
-    val_batches: list[dict[str, Any]] | None = None  # read once, at the first evaluation
-
-    # ---- run directory, state
-    step = trainer_state["step"] if trainer_state else 0
-    elapsed_before = trainer_state["elapsed_s"] if trainer_state else 0.0
-    window = LogWindow(**trainer_state["log_window"]) if trainer_state else LogWindow()
-    if rank_state:
-        set_rng_state(rank_state["rng"])
-    else:
-        # Each rank draws different dropout masks; rank 0 draws what a single process would.
-        torch.manual_seed(recipe.seed + dist_info.rank)
-    metrics_path = run_dir / "metrics.jsonl"
-    recipe_dict = to_dict(recipe)
-    if dist_info.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", recipe_dict)
-        if resume:
-            _truncate_metrics(metrics_path, step)
-        console.print(format_config(recipe, title=f"recipe ({run_dir})"))
-        n_train = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-        console.print(
-            f"model: {model.family}, {sum(p.numel() for p in model.parameters()):,} parameters "
-            f"({n_train:,} trained) on {device}"
-            + (f", {dist_info.world_size} processes" if dist_info.enabled else "")
-            + (f"; resuming at step {step}" if resume else "")
-        )
-    metrics_file = open(metrics_path, "a") if dist_info.main else None  # noqa: SIM115
-
-    def log_row(row: dict[str, Any]) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-
-    def save(path: Path, val_metrics: dict[str, float]) -> None:
-        # Each rank's RNG and data position, so that every rank resumes where it was.
-        per_rank = gather_objects({"rng": rng_state(), "data": stream.state()}, dist_info)
-        if sharded:  # collective: every rank sends its shards, rank 0 receives them whole
-            weights = fsdp.gathered_model_state(model)
-            optimizer_state = fsdp.gathered_optimizer_state(model, optimizer)
-        if dist_info.main:
-            state = {
-                "step": step,
-                "optimizer": optimizer_state if sharded else optimizer.state_dict(),
-                "ranks": per_rank,
-                "elapsed_s": elapsed(),
-                "log_window": to_dict(window),
-            }
-            card = {
-                "recipe": recipe.name or "(unnamed)",
-                "data": data_card(recipe.data),
-                "training": {"steps": step, "max_steps": recipe.max_steps,
-                             "max_minutes": recipe.max_minutes, "minutes": round(elapsed() / 60, 2),
-                             "batch_size": recipe.batch_size * dist_info.world_size,
-                             **({"steps_cut": steps_cut} if steps_cut else {})},
-            }
-            if val_metrics:
-                card["metrics (val)"] = val_metrics
-            saved = shell.filled(weights) if sharded else model
-            save_checkpoint(saved, path, card=card, trainer_state=state)
-        barrier(dist_info)
-
-    start = time.perf_counter()
-
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - start
-
-    def done() -> bool:
-        over = (recipe.max_steps is not None and step >= recipe.max_steps) or (
-            recipe.max_minutes is not None and elapsed() >= 60 * recipe.max_minutes
-        )
-        if dist_info.enabled:  # every rank must stop at the same step
-            flag = all_reduce_sums({"over": float(over or stop.requested)}, dist_info)["over"]
-            return flag > 0
-        return over or stop.requested
-
-    def run_eval() -> dict[str, float]:
-        nonlocal val_batches
-        if not has_val or recipe.eval_batches == 0:
-            return {}
-        if val_batches is None:
-            val_batches = first_batches(
-                source, "val", make_batch, recipe.micro_batch_size,
-                recipe.eval_batches, rank=dist_info.rank, world_size=dist_info.world_size,
-            )
-            if sharded:
-                val_batches = fsdp.equal_batch_counts(val_batches, dist_info)
-        metrics = evaluate(loss_model, val_batches, device, dist_info)
-        if metrics:
-            log_row({"step": step, "split": "val", **metrics, "elapsed_s": round(elapsed(), 3)})
-        return metrics
-
-    def log_window(factor: float) -> dict[str, float]:
-        """Write the train row for the steps since the last one; return its means."""
-        nonlocal window
-        means = all_reduce_sums(window.sums, dist_info)
-        means = {k: v / (window.steps * dist_info.world_size) for k, v in means.items()}
-        rate = window.samples / max(window.seconds, 1e-9)
-        log_row({
-            "step": step, "split": "train", **means, "lr": recipe.optim.lr * factor,
-            "samples_per_s": round(rate, 2), "elapsed_s": round(elapsed(), 3),
-        })
-        window = LogWindow()
-        if plain_log:  # no live bar (a log file, CI): one line per log row instead
-            console.print(
-                f"step {step}  loss {means['loss']:.4f}  lr {recipe.optim.lr * factor:.3g}  "
-                f"{rate:.1f} samples/s  {elapsed() / 60:.1f} min", highlight=False,
-            )
-        return {**means, "_rate": rate}
-
-    # ---- the loop
-    if resume and _budget_fraction(recipe, step, elapsed_before) >= 1:
+            fsdp.load_optimizer_state(model, optimizer, trainer_state["optimizer"])
+        else:
+            optimizer.load_state_dict(trainer_state["optimizer"])
+    except ValueError as e:
         raise UserError(
-            f"{run_dir} has already used its budget (step {step}); raise max_steps or "
-            "max_minutes with --set to train it further"
+            f"cannot resume {run_dir}: the trained/frozen parameters differ from the "
+            f"checkpoint's ({e}); keep optim.module_lrs' zeros as they were"
+        ) from None
+    for group, peak in zip(optimizer.param_groups, peak_lrs, strict=True):
+        group["peak_lr"] = peak
+
+
+def _open_run_dir(run: RunState, resume: bool) -> None:
+    """RUN/config.json, the recipe and model printed, RUN/metrics.jsonl open (main process)."""
+    recipe, model, optimizer, dist_info = run.recipe, run.model, run.optimizer, run.dist_info
+    if dist_info.main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run.run_dir / "config.json", to_dict(recipe))
+        if resume:
+            _truncate_metrics(run.run_dir / "metrics.jsonl", run.step)
+        run.console.print(format_config(recipe, title=f"recipe ({run.run_dir})"))
+        n_train = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        run.console.print(
+            f"model: {model.family}, {sum(p.numel() for p in model.parameters()):,} parameters "
+            f"({n_train:,} trained) on {run.device}"
+            + (f", {dist_info.world_size} processes" if dist_info.enabled else "")
+            + (f"; resuming at step {run.step}" if resume else "")
         )
-    plain_log = show_progress and dist_info.main and not console.is_terminal
+        run.metrics_file = open(run.run_dir / "metrics.jsonl", "a")  # noqa: SIM115
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _loop(run: RunState, stop: _StopRequest, bar: Any) -> tuple[dict[str, float], dict[str, float], float, int]:
+    """Steps until the budget is spent or Ctrl-C: (val metrics, train metrics, the last lr
+    factor, the step of the last evaluation)."""
+    recipe = run.recipe
     val_metrics: dict[str, float] = {}
     train_metrics: dict[str, float] = {}
     evaluated_at = -1
-    steps_cut = 0
-    factor = lr_factor(step, schedule_progress(recipe, step, elapsed()),
-                       recipe.schedule.warmup_steps, recipe.schedule.min_lr_ratio)
-    live_bar = show_progress and dist_info.main and console.is_terminal
-    with _StopRequest() as stop, _progress(console, live_bar) as bar, contextlib.closing(stream):
-        task = bar.add_task("train", total=1.0, loss=float("nan"), rate=0.0, step=step)
-        while not done():
-            t0 = time.perf_counter()
-            factor = lr_factor(
-                step, schedule_progress(recipe, step, elapsed()),
-                recipe.schedule.warmup_steps, recipe.schedule.min_lr_ratio,
+    factor = _lr_factor(run)
+    task = bar.add_task("train", total=1.0, loss=float("nan"), rate=0.0, step=run.step)
+    while not _done(run, stop):
+        t0 = time.perf_counter()
+        factor = _lr_factor(run)
+        set_lr(run.optimizer, factor)
+        micro_batches = [next(run.stream) for _ in range(recipe.grad_accum)]
+        scalars = train_step(run.train_model, run.optimizer, micro_batches, recipe.optim.grad_clip,
+                             run.device)  # fmt: skip
+        run.step += 1
+        step = run.step
+        if not math.isfinite(scalars["loss"]):
+            raise UserError(
+                f"the loss became {scalars['loss']} at step {step}; lower optim.lr, raise "
+                "schedule.warmup_steps or set optim.grad_clip (the last checkpoint is intact)"
             )
-            set_lr(optimizer, factor)
-            micro_batches = [next(stream) for _ in range(recipe.grad_accum)]
-            scalars = train_step(train_model, optimizer, micro_batches, recipe.optim.grad_clip, device)
-            step += 1
-            if not math.isfinite(scalars["loss"]):
-                raise UserError(
-                    f"the loss became {scalars['loss']} at step {step}; lower optim.lr, raise "
-                    "schedule.warmup_steps or set optim.grad_clip (the last checkpoint is intact)"
-                )
-            window.add(scalars, recipe.batch_size * dist_info.world_size, time.perf_counter() - t0)
+        run.window.add(scalars, recipe.batch_size * run.dist_info.world_size, time.perf_counter() - t0)
 
-            if step % recipe.log_every == 0:
-                train_metrics = log_window(factor)
-                bar.update(task, loss=train_metrics["loss"], rate=train_metrics["_rate"])
-            if recipe.eval_every and step % recipe.eval_every == 0:
-                val_metrics, evaluated_at = run_eval(), step
-            if recipe.checkpoint_every and step % recipe.checkpoint_every == 0:
-                _save_periodic(save, run_dir, step, val_metrics, recipe.keep_checkpoints, dist_info)
-            bar.update(task, completed=_budget_fraction(recipe, step, elapsed()), step=step)
+        if step % recipe.log_every == 0:
+            train_metrics = _log_window(run, factor)
+            bar.update(task, loss=train_metrics["loss"], rate=train_metrics["_rate"])
+        if recipe.eval_every and step % recipe.eval_every == 0:
+            val_metrics, evaluated_at = _run_eval(run), step
+        if recipe.checkpoint_every and step % recipe.checkpoint_every == 0:
+            _save_periodic(lambda path, metrics: _save(run, path, metrics), run.run_dir, step,
+                           val_metrics, recipe.keep_checkpoints, run.dist_info)  # fmt: skip
+        bar.update(task, completed=_budget_fraction(recipe, step, run.elapsed()), step=step)
+    return val_metrics, train_metrics, factor, evaluated_at
 
-        # ---- finish
-        if window.steps:
-            train_metrics = log_window(factor)
-        stopped_early = stop.requested and not _budget_fraction(recipe, step, elapsed()) >= 1
-        # The step budget is the run; a max_minutes cap that ended it sooner says by how much.
-        steps_cut = 0 if stopped_early or recipe.max_steps is None else recipe.max_steps - step
-        if evaluated_at != step and not stopped_early:
-            val_metrics = run_eval()
-        save(ckpt_dir, val_metrics)
-    if metrics_file is not None:
-        metrics_file.close()
+
+def _lr_factor(run: RunState) -> float:
+    recipe = run.recipe
+    return lr_factor(run.step, schedule_progress(recipe, run.step, run.elapsed()),
+                     recipe.schedule.warmup_steps, recipe.schedule.min_lr_ratio)  # fmt: skip
+
+
+def _done(run: RunState, stop: _StopRequest) -> bool:
+    recipe = run.recipe
+    over = (recipe.max_steps is not None and run.step >= recipe.max_steps) or (
+        recipe.max_minutes is not None and run.elapsed() >= 60 * recipe.max_minutes
+    )
+    if run.dist_info.enabled:  # every rank must stop at the same step
+        flag = all_reduce_sums({"over": float(over or stop.requested)}, run.dist_info)["over"]
+        return flag > 0
+    return over or stop.requested
+
+
+def _log_row(run: RunState, row: dict[str, Any]) -> None:
+    if run.metrics_file is not None:
+        run.metrics_file.write(json.dumps(row) + "\n")
+        run.metrics_file.flush()
+
+
+def _log_window(run: RunState, factor: float) -> dict[str, float]:
+    """Write the train row for the steps since the last one; return its means."""
+    recipe, window, dist_info = run.recipe, run.window, run.dist_info
+    means = all_reduce_sums(window.sums, dist_info)
+    means = {k: v / (window.steps * dist_info.world_size) for k, v in means.items()}
+    rate = window.samples / max(window.seconds, 1e-9)
+    _log_row(run, {
+        "step": run.step, "split": "train", **means, "lr": recipe.optim.lr * factor,
+        "samples_per_s": round(rate, 2), "elapsed_s": round(run.elapsed(), 3),
+    })  # fmt: skip
+    run.window = LogWindow()
+    if run.plain_log:
+        run.console.print(
+            f"step {run.step}  loss {means['loss']:.4f}  lr {recipe.optim.lr * factor:.3g}  "
+            f"{rate:.1f} samples/s  {run.elapsed() / 60:.1f} min", highlight=False,
+        )
+    return {**means, "_rate": rate}
+
+
+def _run_eval(run: RunState) -> dict[str, float]:
+    recipe, dist_info = run.recipe, run.dist_info
+    if not run.has_val or recipe.eval_batches == 0:
+        return {}
+    if run.val_batches is None:
+        run.val_batches = first_batches(
+            run.source, "val", run.make_batch, recipe.micro_batch_size,
+            recipe.eval_batches, rank=dist_info.rank, world_size=dist_info.world_size,
+        )
+        if run.sharded:
+            from visto.train import fsdp
+
+            run.val_batches = fsdp.equal_batch_counts(run.val_batches, dist_info)
+    metrics = evaluate(run.loss_model, run.val_batches, run.device, dist_info)
+    if metrics:
+        _log_row(run, {"step": run.step, "split": "val", **metrics,
+                       "elapsed_s": round(run.elapsed(), 3)})  # fmt: skip
+    return metrics
+
+
+# ----------------------------------------------------------------------------- finish
+
+
+def _save(run: RunState, path: Path, val_metrics: dict[str, float]) -> None:
+    """A checkpoint with the trainer state: every rank takes part, the main process writes."""
+    recipe, dist_info, model, optimizer = run.recipe, run.dist_info, run.model, run.optimizer
+    # Each rank's RNG and data position, so that every rank resumes where it was.
+    per_rank = gather_objects({"rng": rng_state(), "data": run.stream.state()}, dist_info)
+    if run.sharded:  # collective: every rank sends its shards, rank 0 receives them whole
+        from visto.train import fsdp
+
+        weights = fsdp.gathered_model_state(model)
+        optimizer_state = fsdp.gathered_optimizer_state(model, optimizer)
     if dist_info.main:
-        summary = {
-            "family": model.family,
-            "steps": step,
-            "minutes": round(elapsed() / 60, 2),
-            **({"steps_cut": steps_cut} if steps_cut else {}),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "checkpoint": str(ckpt_dir),
+        state = {
+            "step": run.step,
+            "optimizer": optimizer_state if run.sharded else optimizer.state_dict(),
+            "ranks": per_rank,
+            "elapsed_s": run.elapsed(),
+            "log_window": to_dict(run.window),
         }
-        report = write_report(run_dir, recipe_dict, summary)
-        if stopped_early:
-            console.print(f"stopped at step {step}; continue with: visto train --resume {run_dir}")
-        elif steps_cut:
-            console.print(
-                f"max_minutes ({recipe.max_minutes:g}) stopped training at step {step} of "
-                f"max_steps {recipe.max_steps}: {steps_cut} steps cut"
-            )
-        console.print(f"checkpoint: {ckpt_dir}\nreport: {report}")
-    train_metrics = {k: v for k, v in train_metrics.items() if not k.startswith("_")}
-    return TrainResult(run_dir, step, model, val_metrics, train_metrics, stopped_early, steps_cut)
+        card = {
+            "recipe": recipe.name or "(unnamed)",
+            "data": data_card(recipe.data),
+            "training": {"steps": run.step, "max_steps": recipe.max_steps,
+                         "max_minutes": recipe.max_minutes, "minutes": round(run.elapsed() / 60, 2),
+                         "batch_size": recipe.batch_size * dist_info.world_size,
+                         **({"steps_cut": run.steps_cut} if run.steps_cut else {})},
+        }  # fmt: skip
+        if val_metrics:
+            card["metrics (val)"] = val_metrics
+        saved = run.shell.filled(weights) if run.sharded else model
+        save_checkpoint(saved, path, card=card, trainer_state=state)
+    barrier(dist_info)
+
+
+def _report(run: RunState, stopped_early: bool) -> None:
+    """RUN/report.md and the closing lines (main process)."""
+    recipe, console, ckpt_dir = run.recipe, run.console, run.run_dir / "checkpoint"
+    summary = {
+        "family": run.model.family,
+        "steps": run.step,
+        "minutes": round(run.elapsed() / 60, 2),
+        **({"steps_cut": run.steps_cut} if run.steps_cut else {}),
+        "parameters": sum(p.numel() for p in run.model.parameters()),
+        "checkpoint": str(ckpt_dir),
+    }
+    report = write_report(run.run_dir, to_dict(recipe), summary)
+    if stopped_early:
+        console.print(f"stopped at step {run.step}; continue with: visto train --resume {run.run_dir}")
+    elif run.steps_cut:
+        console.print(
+            f"max_minutes ({recipe.max_minutes:g}) stopped training at step {run.step} of "
+            f"max_steps {recipe.max_steps}: {run.steps_cut} steps cut"
+        )
+    console.print(f"checkpoint: {ckpt_dir}\nreport: {report}")
 
 
 # ----------------------------------------------------------------------------- helpers
