@@ -54,10 +54,10 @@ from visto.data.special_tokens import IMAGE, IMAGE_TOKEN_ID
 from visto.errors import UserError
 from visto.losses import answer_loss, batch_ids, itm_loss, lm_loss, pair_positives
 from visto.models.common import (
+    LazyProcessor,
     Objective,
     batch_field,
     load_pretrained_parts,
-    processor_from_config,
 )
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 from visto.nn.vision import CLIP_MEAN, CLIP_STD, ViT, ViTConfig
@@ -232,8 +232,9 @@ def mine_hard_negatives(
 # ----------------------------------------------------------------------------- the model
 
 
-class Blip2(nn.Module):
+class Blip2(LazyProcessor, nn.Module):
     family = "blip2"
+    display_name = "BLIP-2"
     PARAM_GROUPS = PARAM_GROUPS
 
     def __init__(self, config: Blip2Config) -> None:
@@ -269,7 +270,6 @@ class Blip2(nn.Module):
         for head in (self.vision_projection, self.text_projection, self.itm_head, self.language_projection):
             nn.init.normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
-        self._processor: Processor | None = None
         if stage1 is not None:
             self._adopt_stage1(stage1, keep_decoder=language is None)
 
@@ -284,17 +284,9 @@ class Blip2(nn.Module):
         if stage1._processor is not None:
             self.processor = stage1._processor
 
-    # -- processor
+    # -- processor (LazyProcessor: built from the config on first use)
 
-    @property
-    def processor(self) -> Processor:
-        if self._processor is None:
-            self.processor = processor_from_config(self.config, "BLIP-2")
-        assert self._processor is not None
-        return self._processor
-
-    @processor.setter
-    def processor(self, processor: Processor) -> None:
+    def accept_processor(self, processor: Processor) -> None:
         vocab, cfg = processor.tokenizer.vocab_size, self.config
         if vocab > min(cfg.decoder.vocab_size, cfg.qformer.vocab_size):
             raise UserError(
@@ -310,7 +302,6 @@ class Blip2(nn.Module):
                 f"Q-Former makes {cfg.qformer.num_queries} query outputs; set processor.image_tokens "
                 f"= qformer.num_queries"
             )
-        self._processor = processor
 
     # -- towers
 

@@ -1,6 +1,6 @@
 """What the family files share: the pretrained towers a config names, the processor a config
-names, the checks that a tokenizer fits a decoder, reading a batch, and naming a training
-objective.
+names (and the lazy `processor` property built from it), the checks that a tokenizer fits a
+decoder, reading a batch, and naming a training objective.
 
 Every family builds its parts the same way (`vision_init` / `language_init` read here, then
 forgotten; a tokenizer from `tokenizer_dir` or trained on `tokenizer_corpus`), so each family
@@ -156,6 +156,33 @@ def processor_from_config(cfg: Any, family: str) -> Processor:
             "directory with tokenizer.json"
         )
     return Processor(cfg.processor, tokenizer)
+
+
+class LazyProcessor:
+    """The `processor` of a generative family, as a mixin before nn.Module: built on first use
+    from the config's tokenizer_dir / tokenizer_corpus (`processor_from_config`), and every
+    processor set on the model goes through the family's `accept_processor` first."""
+
+    _processor: Processor | None = None
+    display_name = "generative"  # the family as its error messages name it ("LLaVA")
+    config: Any
+
+    @property
+    def processor(self) -> Processor:
+        if self._processor is None:
+            self.processor = processor_from_config(self.config, self.display_name)
+        assert self._processor is not None
+        return self._processor
+
+    @processor.setter
+    def processor(self, processor: Processor) -> None:
+        self.accept_processor(processor)
+        self._processor = processor
+
+    def accept_processor(self, processor: Processor) -> None:
+        """Raise UserError where `processor` does not fit this model (and adapt the model to it,
+        where a part reads the tokenizer). By default: the tokenizer fits the decoder."""
+        check_tokenizer_fits(processor, self.config.decoder.vocab_size)
 
 
 def check_tokenizer_fits(processor: Processor, decoder_vocab_size: int) -> None:

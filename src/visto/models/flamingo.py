@@ -57,10 +57,10 @@ from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
 from visto.losses import answer_loss
 from visto.models.common import (
+    LazyProcessor,
     batch_field,
     check_tokenizer_fits,
     load_pretrained_parts,
-    processor_from_config,
 )
 from visto.nn.language import Conditioning, DecoderConfig, DecoderInputs, DecoderLM, DecoderState
 from visto.nn.vision import ViT, ViTConfig
@@ -215,8 +215,9 @@ class FlamingoState:
         return FlamingoState(self.decoder.select(rows), self.images.select(rows))
 
 
-class Flamingo(nn.Module):
+class Flamingo(LazyProcessor, nn.Module):
     family = "flamingo"
+    display_name = "Flamingo"
     PARAM_GROUPS = PARAM_GROUPS
 
     def __init__(self, config: FlamingoConfig) -> None:
@@ -248,19 +249,10 @@ class Flamingo(nn.Module):
             for _ in range(num_gated_blocks(dec.num_layers, config.cross_attn_every))
         )
         self.language_model = language if language is not None else DecoderLM(dec)
-        self._processor: Processor | None = None
 
-    # -- processor
+    # -- processor (LazyProcessor: built from the config on first use)
 
-    @property
-    def processor(self) -> Processor:
-        if self._processor is None:
-            self.processor = processor_from_config(self.config, "Flamingo")
-        assert self._processor is not None
-        return self._processor
-
-    @processor.setter
-    def processor(self, processor: Processor) -> None:
+    def accept_processor(self, processor: Processor) -> None:
         check_tokenizer_fits(processor, self.config.decoder.vocab_size)
         p = processor.config
         if p.image_tokens != 1 or p.resize_mode == "patch":
@@ -273,7 +265,6 @@ class Flamingo(nn.Module):
                 f"the processor makes {p.image_size} px images but the vision tower takes "
                 f"{self.config.vision.image_size} px"
             )
-        self._processor = processor
 
     # -- visual tokens and the media mask
 

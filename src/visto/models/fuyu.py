@@ -40,10 +40,10 @@ from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
 from visto.losses import answer_loss
 from visto.models.common import (
+    LazyProcessor,
     batch_field,
     check_tokenizer_fits,
     load_pretrained_parts,
-    processor_from_config,
 )
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 
@@ -114,8 +114,9 @@ class FuyuConfig:
         return cls(**{**base, **overrides})
 
 
-class Fuyu(nn.Module):
+class Fuyu(LazyProcessor, nn.Module):
     family = "fuyu"
+    display_name = "Fuyu"
     PARAM_GROUPS = PARAM_GROUPS
 
     def __init__(self, config: FuyuConfig) -> None:
@@ -131,19 +132,10 @@ class Fuyu(nn.Module):
         self.vision_embed_tokens = nn.Linear(config.patch_dim, config.decoder.hidden_size)
         DecoderLM._init_weights(self.vision_embed_tokens)
         self.language_model = language if language is not None else DecoderLM(config.decoder)
-        self._processor: Processor | None = None
 
-    # -- processor
+    # -- processor (LazyProcessor: built from the config on first use)
 
-    @property
-    def processor(self) -> Processor:
-        if self._processor is None:
-            self.processor = processor_from_config(self.config, "Fuyu")
-        assert self._processor is not None
-        return self._processor
-
-    @processor.setter
-    def processor(self, processor: Processor) -> None:
+    def accept_processor(self, processor: Processor) -> None:
         check_tokenizer_fits(processor, self.config.decoder.vocab_size)
         p = processor.config
         if p.resize_mode != "patch" or p.patch_size != self.config.processor.patch_size:
@@ -152,7 +144,6 @@ class Fuyu(nn.Module):
                 f"{self.config.processor.patch_size}; got resize_mode {p.resize_mode!r}, "
                 f"patch_size {p.patch_size}"
             )
-        self._processor = processor
 
     # -- the forward pass
 

@@ -42,11 +42,11 @@ from visto.data.tokenizer import DEFAULT_LOC_BINS, Tokenizer
 from visto.errors import UserError
 from visto.losses import answer_loss
 from visto.models.common import (
+    LazyProcessor,
     batch_field,
     check_tokenizer_fits,
     load_pretrained_parts,
     load_region_detector,
-    processor_from_config,
 )
 from visto.models.transformers_format import (
     act_from_hf,
@@ -162,8 +162,9 @@ class LlavaConfig:
 # ----------------------------------------------------------------------------- the model
 
 
-class Llava(nn.Module):
+class Llava(LazyProcessor, nn.Module):
     family = "llava"
+    display_name = "LLaVA"
     PARAM_GROUPS = PARAM_GROUPS
 
     def __init__(self, config: LlavaConfig) -> None:
@@ -184,17 +185,9 @@ class Llava(nn.Module):
         self.language_model = language if language is not None else DecoderLM(config.decoder)
         self._processor: Processor | None = None
 
-    # -- processor
+    # -- processor (LazyProcessor: built from the config on first use)
 
-    @property
-    def processor(self) -> Processor:
-        if self._processor is None:
-            self.processor = processor_from_config(self.config, "LLaVA")
-        assert self._processor is not None
-        return self._processor
-
-    @processor.setter
-    def processor(self, processor: Processor) -> None:
+    def accept_processor(self, processor: Processor) -> None:
         check_tokenizer_fits(processor, self.config.decoder.vocab_size)
         if processor.config.image_tokens != self.config.image_tokens:
             raise UserError(
@@ -203,7 +196,6 @@ class Llava(nn.Module):
             )
         if self.config.projector.kind == "regions":
             self.multi_modal_projector.set_vocabulary(processor.tokenizer)
-        self._processor = processor
 
     # -- the forward pass
 
