@@ -2,7 +2,9 @@
 
 Every model class has `family: str`, `config` (its dataclass), `forward(batch) -> dict` with a
 scalar "loss", and `collate(samples) -> batch`; the training loop, checkpoints and export rely
-on nothing else. Add a family by adding one line here.
+on nothing else, but for a family that trains in several ways: its `OBJECTIVES` (name ->
+models.common.Objective: the loss and batch methods) and `default_objective`, which a recipe's
+`model.objective` picks from (visto.train.objective). Add a family by adding one line here.
 """
 
 from __future__ import annotations
