@@ -9,9 +9,9 @@ import json
 
 import pytest
 import torch
+
 from test_flamingo_idefics import inputs as idefics_inputs
 from test_llava import TEXTS
-
 from visto.checkpoint import save_checkpoint
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.data.tokenizer import train_tokenizer

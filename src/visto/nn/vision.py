@@ -16,7 +16,6 @@ With the default linear stem, the state dict of `ViT` is key-for-key that of tra
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
