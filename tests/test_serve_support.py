@@ -55,6 +55,34 @@ def make_llava_checkpoint(path: Path, seed: int = 0, context: int | None = None)
     return save_checkpoint(model, path)
 
 
+def make_repeating_llava_checkpoint(path: Path, favourite: list[str]) -> Path:
+    """A tiny LLaVA whose next token is always the first of `favourite` the grammar allows (the
+    texts' first tokens, in that order), whatever it read: a model that runs a string on.
+
+    Its blocks add nothing (o_proj and down_proj are zero), so the last hidden state is the
+    last token's embedding; every embedding is a small multiple of one direction v (the tied
+    head scores that direction) plus noise, except the favourites, which score v most.
+    """
+    from visto.checkpoint import load, save_checkpoint
+
+    model = load(make_llava_checkpoint(path.parent / f"{path.name}-random"))
+    decoder = model.language_model
+    embed = decoder.model.embed_tokens.weight
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in decoder.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+            elif "norm" in name:
+                p.fill_(1.0)
+        v = torch.randn(embed.shape[1], generator=g)
+        v = 4 * v / v.norm()
+        embed.copy_(0.1 * v + 0.02 * torch.randn(embed.shape, generator=g))
+        for rank, text in enumerate(favourite):
+            embed[model.processor.tokenizer.encode(text)[0]] = v * (1 - 0.1 * rank)
+    return save_checkpoint(model, path)
+
+
 def make_clip_checkpoint(path: Path) -> Path:
     from visto.checkpoint import save_checkpoint
     from visto.data.processor import Processor, ProcessorConfig

@@ -14,9 +14,11 @@ DESCRIPTION = """\
 Serve models over an OpenAI-compatible HTTP API, with a web page at /.
 
   POST /v1/chat/completions   chat with images (data: URLs), streaming, n, seed, stop,
-                              response_format json_object / json_schema (always valid JSON),
-                              tools / tool_choice (function calling: a call's arguments are
-                              decoded under its tool's JSON schema)
+                              response_format json_object / json_schema (always valid JSON:
+                              it closes within max_tokens, and a max_tokens too small to close
+                              it at all is a 400), tools / tool_choice (function calling: a
+                              call's arguments are decoded under its tool's JSON schema, and
+                              close within max_tokens the same way)
   POST /v1/embeddings         texts and images -> vectors (needs --clip)
   POST /v1/search             text or image -> the closest images of an index (needs --db)
   GET  /v1/models, /health, /metrics (Prometheus), /docs (the API schema)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -21,6 +22,18 @@ from visto.errors import UserError
 
 # (generated ids so far, logits (V,)) -> logits (V,); e.g. a JSON grammar masking bad tokens.
 LogitsProcessor = Callable[[list[int], Tensor], Tensor]
+
+
+@runtime_checkable
+class Settles(Protocol):
+    """A logits processor that also has the last word on the drawn token: `settle(generated,
+    token, left)` returns the token to take, given that `left` tokens (this one included)
+    remain of max_new_tokens. A JSON grammar replaces a draw after which the answer could no
+    longer close in time (visto.infer.constrain)."""
+
+    def __call__(self, generated: list[int], logits: Tensor) -> Tensor: ...
+
+    def settle(self, generated: list[int], token: int, left: int) -> int: ...
 
 
 @dataclass
@@ -127,8 +140,14 @@ def sample_token(
     """The next token id for one request."""
     logits = process_logits(logits, params, seen_ids, generated)
     if params.greedy:
-        return int(logits.argmax())
-    probs = logits.softmax(-1)
-    if not torch.isfinite(probs).all() or probs.sum() <= 0:
-        raise RuntimeError("every token was filtered out (check the logits_processor)")
-    return int(torch.multinomial(probs, 1, generator=generator))
+        token = int(logits.argmax())
+    else:
+        probs = logits.softmax(-1)
+        if not torch.isfinite(probs).all() or probs.sum() <= 0:
+            raise RuntimeError("every token was filtered out (check the logits_processor)")
+        token = int(torch.multinomial(probs, 1, generator=generator))
+    if isinstance(params.logits_processor, Settles):
+        token = params.logits_processor.settle(
+            generated, token, params.max_new_tokens - len(generated)
+        )
+    return token

@@ -378,6 +378,13 @@ class Server:
             compiled = self.grammar_factory().compile_tool_calls(plan, fmt)
         elif fmt is not None and fmt["type"] != "text":
             compiled = self.grammar_factory().compile(fmt)
+        if compiled is not None:
+            # the answer closes within max_tokens (infer/constrain.py), given room to close at all
+            fewest = self.grammar_factory().fewest_tokens(compiled)
+            if fewest is not None and max_new < fewest:
+                raise APIError(400, f"max_tokens {max_new} is too few for this answer's grammar "
+                               f"(response_format or tool calls): closing it takes {fewest} "
+                               "tokens; ask for more", "max_tokens")  # fmt: skip
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         params = []
         for choice in range(body.n):

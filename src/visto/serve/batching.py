@@ -34,6 +34,7 @@ from torch import Tensor
 
 from visto.infer import Engine, SamplingParams
 from visto.infer.continuous import ContinuousBatch, Request
+from visto.infer.sampling import Settles
 
 log = logging.getLogger("visto.serve")
 
@@ -61,18 +62,29 @@ class Job:
             pass
 
 
+class _Stoppable:
+    """A row's logits processor that ends the row as soon as its job is stopped, around the
+    request's own (a grammar's settle included: visto.infer.sampling.Settles)."""
+
+    def __init__(self, job: Job, inner: Any, stop_id: int) -> None:
+        self.job, self.inner, self.stop_id = job, inner, stop_id
+
+    def __call__(self, generated: list[int], logits: Tensor) -> Tensor:
+        if self.job.stopped:
+            forced = torch.full_like(logits, float("-inf"), dtype=torch.float32)
+            forced[self.stop_id] = 0.0
+            return forced
+        return self.inner(generated, logits) if self.inner is not None else logits
+
+    def settle(self, generated: list[int], token: int, left: int) -> int:
+        if self.job.stopped or not isinstance(self.inner, Settles):
+            return token
+        return self.inner.settle(generated, token, left)
+
+
 def _stoppable(job: Job, params: SamplingParams, stop_id: int) -> SamplingParams:
     """`params` with a logits processor that ends the row as soon as its job is stopped."""
-    inner = params.logits_processor
-
-    def processor(generated: list[int], logits: Tensor) -> Tensor:
-        if job.stopped:
-            forced = torch.full_like(logits, float("-inf"), dtype=torch.float32)
-            forced[stop_id] = 0.0
-            return forced
-        return inner(generated, logits) if inner is not None else logits
-
-    return replace(params, logits_processor=processor)
+    return replace(params, logits_processor=_Stoppable(job, params.logits_processor, stop_id))
 
 
 class Batcher:

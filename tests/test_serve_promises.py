@@ -1,0 +1,117 @@
+"""`visto serve` keeps the promises its --help makes, at their edges, over real HTTP with the
+openai SDK: JSON under response_format or a tool's schema closes within max_tokens (a model
+that would run a string on gets the closing path when the budget only just suffices)."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from test_constrain_budget import conforms
+from test_serve_support import data_url, make_repeating_llava_checkpoint, png_bytes, running
+from visto.cli import build_parser
+from visto.commands.serve import build_app
+
+pytestmark = pytest.mark.timeout(300)
+
+NAMES = {"type": "object", "properties": {"objects": {"type": "array", "items": {"type": "string"}}},
+         "required": ["objects"], "additionalProperties": False}  # fmt: skip
+NOTE = {"type": "function", "function": {"name": "note", "parameters": {
+    "type": "object", "properties": {"text": {"type": "string"},
+                                     "tags": {"type": "array", "items": {"type": "string"}}},
+    "required": ["text", "tags"], "additionalProperties": False}}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    # a model that opens arrays and strings and then writes 'a' for ever
+    path = tmp_path_factory.mktemp("promises") / "tiny-llava" / "checkpoint"
+    ckpt = make_repeating_llava_checkpoint(path, ["a", "[", '"'])
+    app = build_app(build_parser().parse_args(["serve", "--model", str(ckpt)]))
+    with running(app) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def ask(text: str = "List the objects.") -> list[dict]:
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes())}},
+        {"type": "text", "text": text}]}]  # fmt: skip
+
+
+def structured(client, max_tokens: int, **kwargs):
+    return client.chat.completions.create(
+        model="tiny-llava", messages=ask(), max_tokens=max_tokens,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "names", "schema": NAMES, "strict": True}},
+        **kwargs)  # fmt: skip
+
+
+def test_json_schema_closes_at_every_budget_edge(client) -> None:
+    """Unbounded string in an unbounded array, tiny budgets: always parseable, schema-valid
+    JSON that ends by the stop token; the model's string is as long as the budget allows."""
+    fewest = None
+    for max_tokens in range(1, 40):
+        try:
+            reply = structured(client, max_tokens)
+        except openai.BadRequestError as e:  # too few tokens to close any answer: said up front
+            assert fewest is None and "too few" in e.message and e.body["param"] == "max_tokens"
+            continue
+        choice = reply.choices[0]
+        if fewest is None:  # the budget only suffices to close: the shortest answer
+            fewest = max_tokens
+            assert choice.message.content == '{"objects":[]}'
+            assert reply.usage.completion_tokens == fewest
+        assert choice.finish_reason == "stop", (max_tokens, choice.message.content)
+        assert conforms(json.loads(choice.message.content), NAMES)
+        assert reply.usage.completion_tokens <= max_tokens
+    assert fewest is not None
+    assert json.loads(choice.message.content)["objects"][0].startswith("aaaaaaaaaa")
+    for seed in range(4):  # sampled the same
+        reply = structured(client, fewest + 3 + seed, temperature=1.5, seed=seed)
+        assert reply.choices[0].finish_reason == "stop"
+        assert conforms(json.loads(reply.choices[0].message.content), NAMES)
+
+
+def test_without_a_budget_edge_the_string_runs_on(client) -> None:
+    """What the guard saves: the same model as plain text fills its whole budget."""
+    reply = client.chat.completions.create(model="tiny-llava", messages=ask(), max_tokens=20)
+    assert reply.choices[0].finish_reason == "length"
+    assert "aaaaaaaaaa" in reply.choices[0].message.content
+
+
+def test_streamed_json_closes_too(client) -> None:
+    stream = structured(client, 15, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert conforms(json.loads(text), NAMES)
+
+
+def test_tool_call_arguments_close_within_the_budget(client) -> None:
+    """A required call's arguments, and a named one's: valid under the tool's schema at every
+    budget from the first that can hold a call."""
+    answered = 0
+    for max_tokens in range(60, 115, 3):  # the tool definitions fill most of the context
+        for choice in ("required", {"type": "function", "function": {"name": "note"}}):
+            try:
+                reply = client.chat.completions.create(
+                    model="tiny-llava", messages=ask("Take a note."), tools=[NOTE],
+                    tool_choice=choice, max_tokens=max_tokens)  # fmt: skip
+            except openai.BadRequestError as e:
+                assert "too few" in e.message
+                continue
+            answered += 1
+            out = reply.choices[0]
+            assert out.finish_reason == "tool_calls", (max_tokens, out.message)
+            [call] = out.message.tool_calls
+            assert call.function.name == "note"
+            assert conforms(json.loads(call.function.arguments), NOTE["function"]["parameters"])
+    assert answered >= 30
+    assert json.loads(call.function.arguments)["text"].startswith("aaaaa")
