@@ -166,13 +166,23 @@ def _qa(q: str, a: str, qtype: str, **facts) -> dict:
 def vqa(
     truth: dict, rng: random.Random, absent_pairs: list[tuple[str, str]], names: list[list[str]]
 ) -> list[dict]:
-    """About 8-14 questions of seven types; exist and relation questions are half yes, half no."""
-    objs, size, texts = truth["objects"], truth["width"], truth["texts"]
+    """About 8-14 questions of seven types; exist and relation questions are half yes, half no.
+    The kinds draw from `rng` one after another in this order, which fixes the world's questions."""
+    objs = truth["objects"]
     counts = Counter(o["shape"] for o in objs)
+    return [
+        *_count_questions(objs, counts, rng),
+        *_attribute_questions(objs, names, rng),
+        *_exist_questions(objs, counts, absent_pairs, rng),
+        *_relation_questions(objs, names, truth["width"], rng),
+        *_read_questions(truth["texts"], rng),
+    ]
+
+
+def _count_questions(objs: list[dict], counts: Counter, rng: random.Random) -> list[dict]:
+    """One present shape, one random shape (often absent, answer "0"), all objects, a colour."""
     present_shapes = sorted(counts, key=SHAPES.index)
     out: list[dict] = []
-
-    # count: one present shape, one random shape (often absent, answer "0"), all objects, a colour
     shape = rng.choice(present_shapes)
     other = rng.choice(SHAPES)
     for s in dict.fromkeys([shape, other]):
@@ -191,8 +201,12 @@ def vqa(
             count=n_colour,
         )
     )
+    return out
 
-    # colour / shape / attribute of a referred object
+
+def _attribute_questions(objs: list[dict], names: list[list[str]], rng: random.Random) -> list[dict]:
+    """Colour, shape and size of referred objects: at most two, two and one."""
+    out: list[dict] = []
     order = list(range(len(objs)))
     rng.shuffle(order)
     asked_colour = asked_shape = asked_size = 0
@@ -223,8 +237,13 @@ def vqa(
                 _qa(q.format(r=no_size[-1]), o["size"], "attribute", attribute="size", object=i)
             )
             asked_size += 1
+    return out
 
-    # exist: two present probes and two absent probes (shape alone, or colour + shape)
+
+def _exist_questions(objs: list[dict], counts: Counter, absent_pairs: list[tuple[str, str]],
+                     rng: random.Random) -> list[dict]:  # fmt: skip
+    """Two present probes and two absent probes (shape alone, or colour + shape)."""
+    present_shapes = sorted(counts, key=SHAPES.index)
     pairs = sorted({(o["colour"], o["shape"]) for o in objs})
     there = pairs + [(None, s) for s in present_shapes]
     not_there = [p for p in absent_pairs if p not in pairs] + [
@@ -235,16 +254,22 @@ def vqa(
         (p, False) for p in rng.sample(not_there, 2)
     ]
     rng.shuffle(probes)
+    out: list[dict] = []
     for (c, s), present in probes:
         thing = f"{c} {s}" if c else s
         q = rng.choice(["Is there {t} in the image?", "Do you see {t}?", "Is there {t}?"])
         out.append(_qa(q.format(t=with_article(thing)), "yes" if present else "no", "exist",
                        probe={"colour": c, "shape": s}, present=present))  # fmt: skip
+    return out
 
-    # relation: between two objects that have names, only where the answer is clear
+
+def _relation_questions(objs: list[dict], names: list[list[str]], size: int,
+                        rng: random.Random) -> list[dict]:  # fmt: skip
+    """Two, between objects that have names, only where the answer is clear; one true, one false."""
     named = {i: r[0] for i, r in enumerate(names) if r}
     candidates = [(i, j) for i in named for j in named if i < j]
     rng.shuffle(candidates)
+    out: list[dict] = []
     asked = 0
     true_first = rng.random() < 0.5  # of two relation questions, one is true and one false
     for i, j in candidates:
@@ -275,8 +300,12 @@ def vqa(
             _qa(q, "yes" if ask_true else "no", "relation", subject=subj, object=obj, relation=rel)
         )
         asked += 1
+    return out
 
-    # read
+
+def _read_questions(texts: list[dict], rng: random.Random) -> list[dict]:
+    """The text, where there is one; the word or the number, where there is one of each kind."""
+    out: list[dict] = []
     if len(texts) == 1:
         q = rng.choice(
             ["What does the text say?", "What is written in the image?", "Read the text."]
