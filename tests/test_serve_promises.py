@@ -4,6 +4,7 @@ that would run a string on gets the closing path when the budget only just suffi
 
 from __future__ import annotations
 
+import io
 import json
 
 import openai
@@ -25,11 +26,16 @@ NOTE = {"type": "function", "function": {"name": "note", "parameters": {
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
+def checkpoint(tmp_path_factory):
     # a model that opens arrays and strings and then writes 'a' for ever
     path = tmp_path_factory.mktemp("promises") / "tiny-llava" / "checkpoint"
-    ckpt = make_repeating_llava_checkpoint(path, ["a", "[", '"'])
-    app = build_app(build_parser().parse_args(["serve", "--model", str(ckpt)]))
+    # with the quickstart's mismatch: training truncates at 256 tokens, the decoder has 512
+    return make_repeating_llava_checkpoint(path, ["a", "[", '"'], max_length=256)
+
+
+@pytest.fixture(scope="module")
+def url(checkpoint):
+    app = build_app(build_parser().parse_args(["serve", "--model", str(checkpoint)]))
     with running(app) as base:
         yield base
 
@@ -115,3 +121,59 @@ def test_tool_call_arguments_close_within_the_budget(client) -> None:
             assert conforms(json.loads(call.function.arguments), NOTE["function"]["parameters"])
     assert answered >= 30
     assert json.loads(call.function.arguments)["text"].startswith("aaaaa")
+
+
+def long_text(words: int) -> str:
+    return " ".join(["the red square is left of the blue circle"] * (words // 9))
+
+
+def test_one_context_length_advertised_and_enforced_everywhere(url, client, checkpoint):
+    """The tiny preset's processor truncates training samples at 256 tokens, its decoder has
+    512 positions: /v1/models says 512, and serve, chat (visto.tasks.runner.Chat) and eval
+    (make_generate) all take a prompt between the two and refuse one beyond 512, the server
+    with OpenAI's error."""
+    import httpx
+
+    from visto.checkpoint import load
+    from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+    from visto.errors import UserError
+    from visto.tasks.runner import Chat, make_generate
+
+    [card] = httpx.get(url + "/v1/models").json()["data"]
+    model = load(checkpoint)
+    assert model.processor.config.max_length == 256 < card["context_length"] == 512
+
+    def served(text: str, max_tokens: int = 4):
+        return client.chat.completions.create(model="tiny-llava", messages=ask(text),
+                                              max_tokens=max_tokens)  # fmt: skip
+
+    fits = long_text(300)
+    reply = served(fits)
+    assert 256 < reply.usage.prompt_tokens <= 512 - 4
+    chat = Chat(model, images=[image()])
+    assert chat.ask(fits).text  # chat reads it whole
+    sample = Sample("long", [image()], [Turn("user", f"{IMAGE_PLACEHOLDER}\n{fits}")])
+    assert len(make_generate(model, constrain_json=False)([sample])) == 1  # and so does eval
+
+    too_long = long_text(700)
+    with pytest.raises(openai.BadRequestError) as e:
+        served(too_long)
+    error = e.value.body
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert "maximum context length is 512 tokens" in error["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # the prompt fits, the answer would not
+        served(fits, max_tokens=512 - reply.usage.prompt_tokens + 1)
+    assert e.value.body["code"] == "context_length_exceeded"
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(UserError, match="context is 512"):
+        Chat(model, images=[image()]).ask(too_long)
+    sample = Sample("long", [image()], [Turn("user", f"{IMAGE_PLACEHOLDER}\n{too_long}")])
+    with pytest.raises(UserError, match="context is 512"):
+        make_generate(model, constrain_json=False)([sample])
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def image():
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png_bytes())).convert("RGB")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import socket
 import threading
@@ -55,9 +56,12 @@ def make_llava_checkpoint(path: Path, seed: int = 0, context: int | None = None)
     return save_checkpoint(model, path)
 
 
-def make_repeating_llava_checkpoint(path: Path, favourite: list[str]) -> Path:
+def make_repeating_llava_checkpoint(
+    path: Path, favourite: list[str], max_length: int | None = None
+) -> Path:
     """A tiny LLaVA whose next token is always the first of `favourite` the grammar allows (the
     texts' first tokens, in that order), whatever it read: a model that runs a string on.
+    `max_length`: the processor's (training's truncation), as the quickstart sets one.
 
     Its blocks add nothing (o_proj and down_proj are zero), so the last hidden state is the
     last token's embedding; every embedding is a small multiple of one direction v (the tied
@@ -80,6 +84,11 @@ def make_repeating_llava_checkpoint(path: Path, favourite: list[str]) -> Path:
         embed.copy_(0.1 * v + 0.02 * torch.randn(embed.shape, generator=g))
         for rank, text in enumerate(favourite):
             embed[model.processor.tokenizer.encode(text)[0]] = v * (1 - 0.1 * rank)
+    if max_length is not None:
+        from visto.data.processor import Processor
+
+        config = dataclasses.replace(model.processor.config, max_length=max_length)
+        model.processor = Processor(config, model.processor.tokenizer)
     return save_checkpoint(model, path)
 
 

@@ -61,7 +61,7 @@ from visto.serve.schemas import (
     SearchRequest,
 )
 from visto.serve.tools import ToolCallStream, ToolPlan, answer_message, tool_plan
-from visto.tasks.runner import AnswerTokenizer, config_value
+from visto.tasks.runner import NO_CUT, AnswerTokenizer, context_length
 from visto.tools.loop import ToolRound, run_tool_calls
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -107,7 +107,6 @@ class ChatModel:
                 f"model {name} ({getattr(model, 'family', type(model).__name__)}) cannot generate "
                 "text: chat needs a generative family such as llava (a CLIP checkpoint goes to --clip)"
             )
-        config = getattr(model, "config", None)
         # The logits' width: the output head's rows (the tokenizer may be smaller).
         heads = [m for n, m in model.named_modules() if n.endswith("lm_head")]
         vocab = heads[0].out_features if heads else processor.tokenizer.vocab_size
@@ -117,7 +116,7 @@ class ChatModel:
             name=name,
             # A plain decoder would read <image> placeholders as ordinary tokens.
             accepts_images=not isinstance(model, DecoderLM),
-            context_length=int(config_value(config, "max_position_embeddings") or 2048),
+            context_length=context_length(model),  # chat and eval enforce the same
             vocab_size=int(vocab),
         )
 
@@ -354,21 +353,26 @@ class Server:
         from visto.infer import SamplingParams
 
         chat = self.chat_model(body.model)
-        try:
-            encoded = chat.processor.encode(Sample("request", images, turns), train=False)
+        try:  # not cut at the processor's max_length (training's): the context decides
+            encoded = chat.processor.encode(Sample("request", images, turns), max_length=NO_CUT,
+                                            train=False)  # fmt: skip
         except ValueError as e:  # the processor's own consistency checks
             raise APIError(400, str(e), "messages") from None
         prompt_tokens = int(encoded.input_ids.shape[0])
         room = chat.context_length - prompt_tokens
+        # OpenAI's words and code, which clients (LangChain) recognise
         if room < 1:
-            raise APIError(400, f"the prompt is {prompt_tokens} tokens (images included); the "
-                           f"model's context is {chat.context_length}", "messages",
-                           "context_length_exceeded")
+            raise APIError(400, f"This model's maximum context length is {chat.context_length} "
+                           f"tokens (GET /v1/models: context_length). However, your messages "
+                           f"resulted in {prompt_tokens} tokens (images included). Please reduce "
+                           "the length of the messages.", "messages", "context_length_exceeded")
         asked = body.max_completion_tokens or body.max_tokens
         if asked is not None and asked > room:
-            raise APIError(400, f"max_tokens {asked} + the prompt's {prompt_tokens} tokens exceed "
-                           f"the model's context of {chat.context_length}; ask for at most {room}",
-                           "max_tokens", "context_length_exceeded")
+            raise APIError(400, f"This model's maximum context length is {chat.context_length} "
+                           f"tokens. However, you requested {prompt_tokens + asked} tokens "
+                           f"({prompt_tokens} in the messages, {asked} in the completion). Please "
+                           f"reduce the length of the messages or completion (max_tokens at most "
+                           f"{room}).", "max_tokens", "context_length_exceeded")  # fmt: skip
         max_new = asked or min(self.settings.default_max_tokens, room)
         compiled = None
         fmt = body.response_format

@@ -94,9 +94,17 @@ def logits_width(model: Any) -> int:
 
 
 def context_length(model: Any) -> int:
-    """Positions the decoder was built for (`max_position_embeddings` anywhere in its config)."""
+    """The one context length of a generative model: the positions its decoder was built for
+    (`max_position_embeddings` anywhere in its config; rotary positions, so nothing but this
+    number stops a longer sequence). `visto serve` advertises it and enforces it, `visto chat`
+    and `visto eval` enforce it (`_room`); the processor's own `max_length` is where training
+    truncates, and prompts are not cut by it (`prompt_batch`)."""
     found = config_value(getattr(model, "config", None), "max_position_embeddings")
     return int(found) if found else 2048
+
+
+# encode()'s max_length for a prompt: no cut; the context length is checked by the caller
+NO_CUT = 2**31
 
 
 def config_value(config: Any, name: str, depth: int = 2) -> Any:
@@ -168,7 +176,7 @@ def json_constraints(model: Any, schema: dict | None = None) -> Callable[[], Any
 def prompt_batch(model: Any, samples: Sequence[Sample], device: Any) -> tuple[Any, list[int]]:
     """(left-padded batch on `device`, prompt tokens per sample) from the model's processor."""
     processor = processor_of(model)
-    encoded = [processor.encode(s, train=False) for s in samples]
+    encoded = [processor.encode(s, max_length=NO_CUT, train=False) for s in samples]
     batch = processor.collator("left")(encoded).to(device)
     return batch, [int(e.input_ids.shape[0]) for e in encoded]
 
