@@ -11,7 +11,6 @@ from visto.errors import UserError
 from visto.tasks import ground
 from visto.tasks.runner import (
     Chat,
-    _without_open_box,
     answer,
     make_generate,
     parse_reply,
@@ -20,11 +19,6 @@ from visto.tasks.runner import (
 from visto.tasks.runner import (
     json_constraints as make_constraints,
 )
-
-
-def test_an_unfinished_box_is_held_back_while_streaming():
-    assert _without_open_box("at <loc_1><loc_2>") == "at "
-    assert _without_open_box("at <loc_1><loc_2><loc_3><loc_4>!") == "at <loc_1><loc_2><loc_3><loc_4>!"
 
 
 def test_task_questions_use_the_task_prompts():

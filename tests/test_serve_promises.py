@@ -1,6 +1,8 @@
 """`visto serve` keeps the promises its --help makes, at their edges, over real HTTP with the
 openai SDK: JSON under response_format or a tool's schema closes within max_tokens (a model
-that would run a string on gets the closing path when the budget only just suffices)."""
+that would run a string on gets the closing path when the budget only just suffices); one
+context length, advertised and enforced by serve, chat and eval alike; answers show boxes as
+"[x1, y1, x2, y2]" (0..999), never as the model's location tokens."""
 
 from __future__ import annotations
 
@@ -11,7 +13,13 @@ import openai
 import pytest
 
 from test_constrain_budget import conforms
-from test_serve_support import data_url, make_repeating_llava_checkpoint, png_bytes, running
+from test_serve_support import (
+    data_url,
+    make_repeating_llava_checkpoint,
+    make_scripted_llava_checkpoint,
+    png_bytes,
+    running,
+)
 from visto.cli import build_parser
 from visto.commands.serve import build_app
 
@@ -177,3 +185,69 @@ def image():
     from PIL import Image
 
     return Image.open(io.BytesIO(png_bytes())).convert("RGB")
+
+
+# the scripted model's answer to anything: a box as four location tokens, and a stray one
+SCRIPT = "the red square<loc_3><loc_7><loc_12><loc_20> is left<loc_9> of blue circle"
+PLAIN = "the red square[109, 234, 390, 640] is left of blue circle"
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scripted") / "tiny-llava" / "checkpoint"
+    checkpoint = make_scripted_llava_checkpoint(path, SCRIPT)
+    app = build_app(build_parser().parse_args(["serve", "--model", str(checkpoint)]))
+    with running(app) as base:
+        yield checkpoint, openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+
+
+def test_location_tokens_become_boxes_in_the_text(scripted) -> None:
+    """ "Describe the image." answered with location tokens: the text says "[x1, y1, x2, y2]"
+    (0..999) where the model wrote a box and leaves a stray token out, plain and streamed
+    alike, as `visto chat` shows it; the boxes field has the box."""
+    from visto.checkpoint import load
+    from visto.tasks.runner import Chat
+
+    checkpoint, client = scripted
+    reply = client.chat.completions.create(model="tiny-llava", messages=ask("Describe the image."),
+                                           max_tokens=30)  # fmt: skip
+    assert reply.choices[0].message.content == PLAIN
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].model_extra["boxes"] == [[109, 234, 390, 640]]
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-llava", messages=ask("Describe the image."), max_tokens=30, stream=True
+        )
+    )
+    pieces = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert "".join(pieces) == PLAIN and not any("<loc_" in p for p in pieces)
+    assert chunks[-1].choices[0].model_extra["boxes"] == [[109, 234, 390, 640]]
+    assert Chat(load(checkpoint), images=[image()]).ask("Describe the image.").text == PLAIN
+    # cut inside the box: what was written of it is left out, not shown as tokens
+    short = client.chat.completions.create(model="tiny-llava", messages=ask("Describe it."),
+                                           max_tokens=5)  # fmt: skip
+    assert short.choices[0].message.content == "the red square"
+
+
+def test_boxes_users_write_reach_the_model_as_its_location_tokens(scripted) -> None:
+    """A conversation sent back with the answer's plain boxes, or a question about a box, reads
+    as the model wrote and learned them: the same prompt as with the location tokens."""
+    _, client = scripted
+
+    def prompt_tokens(answer: str, question: str) -> int:
+        messages = [*ask("Describe the image."), {"role": "assistant", "content": answer},
+                    {"role": "user", "content": question}]  # fmt: skip
+        reply = client.chat.completions.create(model="tiny-llava", messages=messages,
+                                               max_tokens=1)  # fmt: skip
+        return reply.usage.prompt_tokens
+
+    assert prompt_tokens(PLAIN, "What is at [109, 234, 390, 640]?") == prompt_tokens(
+        "the red square<loc_3><loc_7><loc_12><loc_20> is left of blue circle",
+        "What is at <loc_3><loc_7><loc_12><loc_20>?",
+    )
+    # a list that is not a box (a number over 999) stays text
+    assert prompt_tokens(PLAIN, "And [1200, 5, 6, 7]?") > prompt_tokens(
+        PLAIN, "And [100, 5, 6, 7]?"
+    )

@@ -161,3 +161,42 @@ def running(app, timeout: float = 20.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+def make_scripted_llava_checkpoint(path: Path, answer: str) -> Path:
+    """A tiny LLaVA that answers `answer` to anything, greedily, then ends its turn: a bigram
+    machine. Its blocks add nothing (o_proj and down_proj are zero), so the last hidden state
+    is the last token's embedding (random, nearly orthogonal directions); the untied head
+    scores the next token of the script against the embedding of the token before it."""
+    from visto.checkpoint import save_checkpoint
+    from visto.data.processor import Processor
+    from visto.data.tokenizer import train_tokenizer
+    from visto.models import build_model
+    from visto.models.llava import LlavaConfig
+
+    config = LlavaConfig.preset("tiny")
+    config = dataclasses.replace(
+        config, decoder=dataclasses.replace(config.decoder, tie_word_embeddings=False)
+    )
+    tokenizer = train_tokenizer(
+        corpus(), vocab_size=config.processor.vocab_size, loc_bins=config.processor.loc_bins
+    )
+    script = [tokenizer.role_ids["assistant"], *tokenizer.encode(answer), tokenizer.end_id]
+    assert len(set(script)) == len(script), "each token of the script once (a bigram machine)"
+    model = build_model("llava", config, seed=0)
+    model.processor = Processor(config.processor, tokenizer)
+    decoder = model.language_model
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in decoder.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+            elif "norm" in name:
+                p.fill_(1.0)
+        embed = decoder.model.embed_tokens.weight
+        embed.copy_(torch.nn.functional.normalize(torch.randn(embed.shape, generator=g), dim=1))
+        head = decoder.lm_head.weight
+        head.zero_()
+        for before, after in zip(script[:-1], script[1:], strict=True):
+            head[after] += 10 * embed[before]
+    return save_checkpoint(model, path)

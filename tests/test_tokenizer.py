@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +14,7 @@ from visto.data.chat import JINJA_CHAT_TEMPLATE, render_chat
 from visto.data.sample import Sample, Turn
 from visto.data.tokenizer import (
     SPECIAL_TOKENS,
+    LocText,
     Tokenizer,
     bin_to_coord,
     boxes_to_loc,
@@ -20,6 +22,7 @@ from visto.data.tokenizer import (
     corpus_texts,
     format_box,
     loc_to_boxes,
+    loc_to_text,
     parse_boxes,
     train_tokenizer,
 )
@@ -157,6 +160,35 @@ def test_boxes_round_trip_between_plain_lists_and_location_tokens():
     assert loc == "the star at <loc_0><loc_50><loc_99><loc_99> and <loc_1><loc_2><loc_3><loc_4>"
     # Back to plain 0..999: each bin's centre value (the bins are 10 wide).
     assert loc_to_boxes(loc, 100) == "the star at [4, 504, 994, 994] and [14, 24, 34, 44]"
+    # a list with a number outside 0..999 is not a box
+    assert boxes_to_loc("at [1200, 5, 6, 7]", 100) == "at [1200, 5, 6, 7]"
+
+
+ANSWER = "a star<loc_1><loc_2> <loc_3><loc_4> near <loc_7> it<loc_5><loc_6><loc_7><loc_8><loc_9>"
+
+
+def test_location_tokens_as_users_read_them():
+    """Boxes of four tokens become 0..999 lists; a stray token is left out with its space."""
+    assert loc_to_text(ANSWER, 100) == "a star[14, 24, 34, 44] near it[54, 64, 74, 84]"
+    assert loc_to_text("<loc_1>", 0) == "<loc_1>"  # no location tokens: plain text
+
+
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(0, len(ANSWER)), max_size=12))
+def test_streamed_location_tokens_add_up_to_the_whole_answer(cuts):
+    """However the answer is cut into pieces (a token is never split), the pieces LocText
+    sends add up to loc_to_text of the whole, and never show a location token."""
+    starts = {m.start() for m in re.finditer(r"<loc_\d+>|.", ANSWER)}
+    bounds = sorted({0, len(ANSWER), *(c for c in cuts if c in starts)})
+    stream, sent = LocText(100), []
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        sent.append(stream.feed(ANSWER[a:b]))
+    sent.append(stream.finish())
+    assert "".join(sent) == loc_to_text(ANSWER, 100)
+    assert not any("<loc_" in piece for piece in sent)
+    # an unfinished box is held back until its fourth token
+    held = LocText(100)
+    assert held.feed("at <loc_1><loc_2>") == "at" and held.feed("<loc_3><loc_4>") == " [14, 24, 34, 44]"
 
 
 # ----------------------------------------------------------------------------- HF wrapper

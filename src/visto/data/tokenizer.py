@@ -50,6 +50,8 @@ BOX_RANGE = 1000  # user-facing box coordinates are ints in 0..999 (DESIGN.md)
 _LOC_RE = re.compile(r"<loc_(\d+)>")
 _LOC_BOX_RE = re.compile(r"<loc_(\d+)>\s*<loc_(\d+)>\s*<loc_(\d+)>\s*<loc_(\d+)>")
 _PLAIN_BOX_RE = re.compile(r"\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]")
+_STRAY_LOC_RE = re.compile(r"\s*<loc_\d+>")
+_TRAILING_LOCS_RE = re.compile(r"(?:<loc_\d+>\s*)+$")
 
 
 # ----------------------------------------------------------------------------- boxes
@@ -100,8 +102,14 @@ def parse_boxes(text: str, loc_bins: int = DEFAULT_LOC_BINS) -> list[list[int]]:
 
 
 def boxes_to_loc(text: str, loc_bins: int) -> str:
-    """Every plain "[x1, y1, x2, y2]" (0..999) in `text` -> four `<loc_k>` tokens."""
-    return _PLAIN_BOX_RE.sub(lambda m: format_box([int(g) for g in m.groups()], loc_bins), text)
+    """Every plain "[x1, y1, x2, y2]" (0..999) in `text` -> four `<loc_k>` tokens; a list
+    with a number outside 0..999 is not a box and stays as it is."""
+
+    def loc(m: re.Match) -> str:
+        box = [int(g) for g in m.groups()]
+        return format_box(box, loc_bins) if max(box) < BOX_RANGE else m.group()
+
+    return _PLAIN_BOX_RE.sub(loc, text)
 
 
 def loc_to_boxes(text: str, loc_bins: int) -> str:
@@ -112,6 +120,43 @@ def loc_to_boxes(text: str, loc_bins: int) -> str:
         return f"[{', '.join(str(v) for v in found[0])}]" if found else m.group()
 
     return _LOC_BOX_RE.sub(plain, text)
+
+
+def loc_to_text(text: str, loc_bins: int) -> str:
+    """`text` as users read it: every run of four `<loc_k>` tokens a plain "[x1, y1, x2, y2]"
+    (0..999), and a location token that is not part of one (a stray in a caption) left out.
+    A vocabulary without location tokens (`loc_bins` 0) wrote any "<loc_k>" as plain text."""
+    return _STRAY_LOC_RE.sub("", loc_to_boxes(text, loc_bins)) if loc_bins else text
+
+
+class LocText:
+    """`loc_to_text` over a streamed answer: `feed` each piece and send what it returns, then
+    `finish`. A trailing run of location tokens that may still become a box (fewer than four
+    so far) and trailing whitespace (a stray token after it would take it along) are held
+    back; the pieces add up to `loc_to_text` of the whole answer."""
+
+    def __init__(self, loc_bins: int) -> None:
+        self.loc_bins = loc_bins
+        self.raw = self.shown = ""
+
+    def feed(self, piece: str) -> str:
+        self.raw += piece
+        text = self.raw
+        run = _TRAILING_LOCS_RE.search(text)
+        if run:
+            tokens = [m.start() for m in _LOC_RE.finditer(text, run.start())]
+            if len(tokens) % 4:  # the last box is still open
+                text = text[: tokens[len(tokens) - len(tokens) % 4]]
+        return self._advance(loc_to_text(text, self.loc_bins).rstrip())
+
+    def finish(self) -> str:
+        return self._advance(loc_to_text(self.raw, self.loc_bins))
+
+    def _advance(self, text: str) -> str:
+        if not text.startswith(self.shown):  # cannot happen (see the class doc); never resend
+            return ""
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -47,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from visto.data.sample import Sample
+from visto.data.tokenizer import LocText, loc_to_text
 from visto.data.tool_calls import with_tools
 from visto.errors import UserError
 from visto.serve.admission import Admission, LeftQueue, QueueFull
@@ -246,6 +247,8 @@ class Server:
         self.batcher: Batcher | None = None
         self.grammars: Any = None
         chat = models.chat
+        # answers show boxes as "[x1, y1, x2, y2]" (0..999), never as location tokens
+        self.loc_bins = chat.processor.tokenizer.loc_bins if chat is not None else 0
         if chat is not None:
             from visto.infer import Engine
 
@@ -328,7 +331,7 @@ class Server:
         tools = self.models.tools
         plan = tool_plan(body, tools.openai() if tools is not None else [])
         self._check_supported(body, plan)
-        turns, images = messages_to_turns(body.messages, self.settings.images)
+        turns, images = messages_to_turns(body.messages, self.settings.images, self.loc_bins)
         turns = with_tools(turns, plan.offered if plan else None)
         if images and not chat.accepts_images:
             raise APIError(400, f"the model {chat.name!r} reads text only; send no image_url parts",
@@ -505,6 +508,8 @@ class Server:
 
     def _choice(self, i: int, completion: Any, plan: ToolPlan | None) -> dict[str, Any]:
         message, finish_reason = answer_message(completion.text, completion.finish_reason, plan)
+        if message["content"]:
+            message["content"] = loc_to_text(message["content"], self.loc_bins)
         return {"index": i, "message": message, "finish_reason": finish_reason, "logprobs": None,
                 # visto's extension: boxes in the answer, [x1, y1, x2, y2] in 0..999.
                 "boxes": self.boxes(message["content"] or "")}  # fmt: skip
@@ -524,6 +529,7 @@ class Server:
             return [ToolCallStream(plan) for _ in range(body.n)] if plan and plan.calls else None
 
         calls = call_streams(ready.plan)
+        texts = [LocText(self.loc_bins) for _ in range(body.n)]  # location tokens as boxes
 
         def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
             data: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk",
@@ -549,7 +555,7 @@ class Server:
                     break
                 if event[0] == "piece":
                     _, i, text = event
-                    text = calls[i].feed(text) if calls else text
+                    text = texts[i].feed(calls[i].feed(text) if calls else text)
                     if text:
                         yield chunk([{"index": i, "delta": {"content": text}, "logprobs": None,
                                       "finish_reason": None}])
@@ -570,19 +576,21 @@ class Server:
                             break
                         job = self.submit(ready.prompts, ready.params, job.deadline)
                         calls = call_streams(ready.plan)
+                        texts = [LocText(self.loc_bins) for _ in range(body.n)]
                         continue
                     plan = ready.plan
                     for i, c in enumerate(completions):
-                        finish_reason, content = c.finish_reason, c.text
+                        finish_reason, content, deltas, held = c.finish_reason, c.text, [], ""
                         if calls:
-                            rest, deltas, finish_reason = calls[i].finish(c.finish_reason)
+                            held, deltas, finish_reason = calls[i].finish(c.finish_reason)
                             content = answer_message(c.text, c.finish_reason, plan)[0]["content"]
-                            if rest:
-                                yield chunk([{"index": i, "delta": {"content": rest},
-                                              "logprobs": None, "finish_reason": None}])
-                            for delta in deltas:
-                                yield chunk([{"index": i, "delta": {"tool_calls": [delta]},
-                                              "logprobs": None, "finish_reason": None}])
+                        rest = texts[i].feed(held) + texts[i].finish()
+                        if rest:
+                            yield chunk([{"index": i, "delta": {"content": rest},
+                                          "logprobs": None, "finish_reason": None}])
+                        for delta in deltas:
+                            yield chunk([{"index": i, "delta": {"tool_calls": [delta]},
+                                          "logprobs": None, "finish_reason": None}])
                         yield chunk([{"index": i, "delta": {}, "logprobs": None,
                                       "finish_reason": finish_reason,
                                       "boxes": self.boxes(content or "")}])

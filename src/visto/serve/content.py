@@ -26,6 +26,7 @@ from PIL import Image
 
 from visto.data.images import BadImage, open_image
 from visto.data.sample import IMAGE_PLACEHOLDER, Turn
+from visto.data.tokenizer import boxes_to_loc
 from visto.data.tool_calls import assistant_turn, tool_result_turn
 from visto.serve.errors import APIError
 from visto.serve.schemas import ImagePart, Message, TextPart
@@ -126,9 +127,12 @@ def _check_text(text: str, param: str) -> str:
 
 
 def messages_to_turns(
-    messages: list[Message], policy: ImagePolicy
+    messages: list[Message], policy: ImagePolicy, loc_bins: int = 0
 ) -> tuple[list[Turn], list[Image.Image]]:
-    """The conversation as turns with `<image>` placeholders, and its images in order."""
+    """The conversation as turns with `<image>` placeholders, and its images in order. With
+    `loc_bins` (a model with location tokens), the boxes users write ("[x1, y1, x2, y2]",
+    0..999, as the server's answers give them) become the model's location tokens, as its
+    training and `visto eval` write them; tool calls and results are left as they are."""
     n_images = sum(
         1
         for m in messages
@@ -167,6 +171,8 @@ def messages_to_turns(
                     images.append(load_image(part.image_url.url, policy, param + ".image_url"))
                     pieces.append(IMAGE_PLACEHOLDER)
             text = "\n".join(pieces)
+        if loc_bins:
+            text = boxes_to_loc(text, loc_bins)
         if message.tool_calls and role != "assistant":
             raise APIError(400, f"messages[{i}] is a {role} message; only assistant messages carry "
                            "tool_calls", f"messages[{i}].tool_calls")  # fmt: skip

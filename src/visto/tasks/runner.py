@@ -21,13 +21,12 @@ whatever number of location bins the model has.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
-from visto.data.tokenizer import boxes_to_loc, loc_to_boxes
+from visto.data.tokenizer import LocText, boxes_to_loc, loc_to_boxes, loc_to_text
 from visto.data.tool_calls import with_tools
 from visto.errors import UserError
 from visto.tasks import caption, classify, count, detect, extract, ground, ocr, vqa
@@ -45,8 +44,6 @@ TASKS = ("caption", "vqa", "count", "ocr", "ground", "detect", "extract", "class
 TASKS_WITHOUT_QUESTION = ("caption", "ocr", "detect", "extract", "classify")
 # Tasks whose answer is the world's JSON, decoded under its grammar when xgrammar is there.
 JSON_TASKS = ("detect", "extract")
-
-_LOC_BOX = re.compile(r"<loc_(\d+)>\s*<loc_(\d+)>\s*<loc_(\d+)>\s*<loc_(\d+)>")
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -373,8 +370,9 @@ def parse_reply(
 
 
 class ReplyStream:
-    """The pieces of one answer as they are generated, boxes already as 0..999 lists (a run
-    of location tokens is held back until its fourth token); `.reply` once exhausted."""
+    """The pieces of one answer as they are generated, location tokens already as 0..999 boxes
+    (`visto.data.tokenizer.LocText`: a run is held back until its fourth token, a stray one
+    left out); `.reply` once exhausted."""
 
     def __init__(self, generation: Any, finish: Callable[[Completion], Reply], loc_bins: int):
         self._generation, self._finish, self._loc_bins = generation, finish, loc_bins
@@ -383,27 +381,18 @@ class ReplyStream:
     def __iter__(self) -> Iterator[str]:
         import torch
 
-        raw, shown = "", ""  # the decoded answer so far; the part already yielded
+        text, shown = LocText(self._loc_bins), ""  # the answer as users read it; yielded
         with torch.inference_mode():
             for _, piece in self._generation:
-                raw += piece
-                plain = loc_to_boxes(_without_open_box(raw), self._loc_bins).lstrip()
-                if plain.startswith(shown) and len(plain) > len(shown):
+                text.feed(piece)
+                plain = text.shown.lstrip()
+                if len(plain) > len(shown):
                     yield plain[len(shown) :]
                     shown = plain
         [completion] = self._generation.completions
         self.reply = self._finish(completion)
         if self.reply.text.startswith(shown) and len(self.reply.text) > len(shown):
             yield self.reply.text[len(shown) :]
-
-
-def _without_open_box(raw: str) -> str:
-    """`raw` up to the first location token that is not part of a complete box of four."""
-    spans = [m.span() for m in _LOC_BOX.finditer(raw)]
-    for m in re.finditer("<loc_", raw):
-        if not any(a <= m.start() < b for a, b in spans):
-            return raw[: m.start()]
-    return raw
 
 
 class Chat:
@@ -499,7 +488,7 @@ class Chat:
 
         def finish(completion: Completion) -> Reply:
             raw = completion.text.strip()
-            answer = loc_to_boxes(raw, self.loc_bins)
+            answer = loc_to_text(raw, self.loc_bins)
             parsed, boxes = parse_reply(answer, task, size, self.loc_bins)
             self.turns = [*sample.turns, Turn("assistant", raw)]
             return Reply(
