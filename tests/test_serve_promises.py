@@ -11,10 +11,13 @@ import json
 
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from test_constrain_budget import conforms
 from test_serve_support import (
     data_url,
+    make_llava_checkpoint,
     make_repeating_llava_checkpoint,
     make_scripted_llava_checkpoint,
     png_bytes,
@@ -251,3 +254,83 @@ def test_boxes_users_write_reach_the_model_as_its_location_tokens(scripted) -> N
     assert prompt_tokens(PLAIN, "And [1200, 5, 6, 7]?") > prompt_tokens(
         PLAIN, "And [100, 5, 6, 7]?"
     )
+
+
+BAD_TOOLS = """\
+import time
+from visto.errors import UserError
+from visto.tools import Tool
+
+def _unreadable(image):
+    raise UserError("cannot decode the image: it is 1 x 1 pixels")
+
+boom = Tool("boom", "raises", lambda image: 1 / 0)
+slow = Tool("slow", "hangs", lambda image: time.sleep(3), timeout_s=0.3)
+unreadable = Tool("unreadable", "refuses the image", _unreadable)
+"""
+
+
+def test_tools_that_fail_give_the_model_an_error_and_the_server_stays_up(tmp_path, monkeypatch):
+    """The server's own tools (--tools) when they raise, hang past their timeout or cannot
+    read the image: the run reports ok false with a clear error, the model gets that error as
+    the tool's result and answers, and the next request is served."""
+    import httpx
+
+    from visto.data.tool_calls import assistant_turn
+    from visto.tools import load_tools
+    from visto.tools.loop import run_tool_calls
+
+    (tmp_path / "bad_tools.py").write_text(BAD_TOOLS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    checkpoint = make_llava_checkpoint(tmp_path / "tiny-llava" / "checkpoint", context=2048)
+    names = "bad_tools:boom,bad_tools:slow,bad_tools:unreadable"
+    app = build_app(build_parser().parse_args(["serve", "--model", str(checkpoint),
+                                               "--tools", names]))  # fmt: skip
+    expected = {"boom": "ZeroDivisionError", "slow": "longer than its 0.3 s",
+                "unreadable": "cannot decode the image: it is 1 x 1 pixels"}  # fmt: skip
+    with running(app) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        for name, error in expected.items():
+            reply = client.chat.completions.create(
+                model="tiny-llava", messages=ask(f"Use {name}."), max_tokens=100,
+                tool_choice={"type": "function", "function": {"name": name}})  # fmt: skip
+            choice = reply.choices[0]
+            run = choice.model_extra["tool_runs"][0]
+            assert run["name"] == name and run["ok"] is False and error in run["result"]["error"]
+            assert choice.finish_reason in ("stop", "length")  # the model answered after it
+        assert httpx.get(base + "/health").json()["status"] == "ok"
+        assert client.chat.completions.create(model="tiny-llava", messages=ask(), max_tokens=3)
+    # what the next round's prompt gets for such a call: the error as the tool's result
+    tools = load_tools(names)
+    done = run_tool_calls(assistant_turn("", [("boom", "{}")]).content, tools, image())
+    assert "ZeroDivisionError" in json.loads(done.result_turns()[0].content.split(">", 1)[1]
+                                             .rsplit("<", 1)[0])["error"]  # fmt: skip
+
+
+SCHEMAS = [NAMES, NOTE["function"]["parameters"],
+           {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"},
+                                             "tags": {"type": "array", "maxItems": 2,
+                                                      "items": {"type": "string", "maxLength": 3}}},
+            "required": ["n", "ok", "tags"], "additionalProperties": False}]  # fmt: skip
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(schema=st.sampled_from(SCHEMAS), max_tokens=st.integers(1, 80),
+       temperature=st.sampled_from([0.0, 1.0, 2.0]), seed=st.integers(0, 99))  # fmt: skip
+def test_fuzzed_budgets_get_valid_json_or_an_openai_error(url, schema, max_tokens, temperature,
+                                                           seed) -> None:  # fmt: skip
+    import httpx
+
+    body = {"model": "tiny-llava", "messages": ask(), "max_tokens": max_tokens,
+            "temperature": temperature, "seed": seed,
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "s", "schema": schema}}}  # fmt: skip
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    if r.status_code == 400:
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == "max_tokens"
+        return
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert conforms(json.loads(choice["message"]["content"]), schema)
