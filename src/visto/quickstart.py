@@ -268,7 +268,7 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
     decoder = DecoderConfig(
         vocab_size=vocab_size, hidden_size=cfg.decoder_width, num_layers=cfg.decoder_layers,
         num_heads=8, num_kv_heads=4, intermediate_size=3 * cfg.decoder_width,
-        max_position_embeddings=max(1024, cfg.max_length), attention_init=cfg.decoder_init,
+        max_position_embeddings=max(2048, cfg.max_length), attention_init=cfg.decoder_init,
     )  # fmt: skip
     processor = ProcessorConfig(
         image_size=cfg.size, resize_mode="resize", image_tokens=projector.num_tokens(patches),
