@@ -1,0 +1,128 @@
+"""Seeded builds from configs that name pretrained parts, as hashes: run it at two commits to
+check that a change to how models are built keeps every initial weight bit for bit.
+
+    python bench/build_identity.py --json before.json       # at the old commit
+    python bench/build_identity.py --json after.json        # at the new one
+    diff before.json after.json                             # nothing: the same weights
+
+Each case saves tiny donors (a CLIP, a LLaVA and a CogVLM with object tokens and an OCR
+reader, a BLIP-2 stage 1, a Llama decoder) in a temporary directory, builds a model from a
+config naming them (vision_init, language_init, clip_init, stage1_checkpoint), and hashes its
+state dict (names, shapes, bytes), its saved config and its processor's tokenizer. Plain
+builds of every family (no parts) are hashed too. Everything is seeded: the hashes depend on
+the code and the torch build alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visto.checkpoint import save_checkpoint
+from visto.config import to_dict
+from visto.connectors.projector import ProjectorConfig
+from visto.data.processor import Processor, ProcessorConfig
+from visto.data.tokenizer import train_tokenizer
+from visto.models.blip2 import Blip2Config
+from visto.models.clip import CLIPConfig
+from visto.models.clipseg import CLIPSegConfig
+from visto.models.cogvlm import CogVLMConfig
+from visto.models.flamingo import FlamingoConfig
+from visto.models.fuyu import FuyuConfig
+from visto.models.llava import LlavaConfig
+
+try:  # the builder that reads the parts a config names (before: visto.models.build_model)
+    from visto.pretrained import build_model
+except ImportError:
+    from visto.models import build_model
+
+TEXTS = ["a red square", "a blue circle", "what colour is the star?", "two", "green"] * 5
+
+
+def digest(model: torch.nn.Module, root: Path) -> str:
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(value.shape)).encode())
+        h.update(value.detach().contiguous().cpu().numpy().tobytes())
+    # the config as saved, the temporary directory's name left out
+    h.update(json.dumps(to_dict(model.config), sort_keys=True).replace(str(root), "ROOT").encode())
+    processor = getattr(model, "_processor", None)
+    if processor is not None:
+        h.update(json.dumps(processor.tokenizer.encode("a red square two")).encode())
+    return h.hexdigest()
+
+
+def regions_config(cls: type, tok: str, **kw: Any) -> Any:
+    config = cls.preset("tiny", tokenizer_dir=tok, projector=ProjectorConfig(kind="regions", slots=5, text_slots=1), **kw)
+    config.processor.image_tokens = config.image_tokens
+    return config
+
+
+def cases(root: Path) -> dict[str, str]:
+    tokenizer = train_tokenizer(TEXTS, vocab_size=400, loc_bins=32, min_frequency=1)
+    (root / "tok").mkdir()
+    tokenizer.save(root / "tok" / "tokenizer.json")
+    tok = str(root / "tok")
+    processor = Processor(ProcessorConfig(image_size=32, resize_mode="resize", loc_bins=32, vocab_size=400), tokenizer)
+
+    clip = build_model("clip", CLIPConfig.preset("tiny"), seed=1)
+    clip.processor = processor
+    save_checkpoint(clip, root / "clip")
+    build_model("llava", LlavaConfig.preset("tiny", tokenizer_dir=tok), seed=2).language_model.save_pretrained(root / "lm")
+    save_checkpoint(build_model("llava", regions_config(LlavaConfig, tok), seed=3), root / "regions")
+    save_checkpoint(build_model("cogvlm", regions_config(CogVLMConfig, tok), seed=4), root / "cog")
+    save_checkpoint(build_model("blip2", Blip2Config.preset("tiny", tokenizer_dir=tok), seed=5), root / "s1")
+
+    built = {
+        "clip.vision_init": ("clip", CLIPConfig.preset("tiny", vision_init=str(root / "clip"))),
+        "clip.vision_init.pool_cls": ("clip", CLIPConfig.preset("tiny", vision_init=str(root / "regions"))),
+        "llava.vision_init+language_init": ("llava", LlavaConfig.preset(
+            "tiny", tokenizer_dir=tok, vision_init=str(root / "clip"), language_init=str(root / "lm"))),
+        "llava.regions.vision_init": ("llava", regions_config(LlavaConfig, tok, vision_init=str(root / "regions"))),
+        "llava.regions.vision_init+language_init": ("llava", regions_config(
+            LlavaConfig, tok, vision_init=str(root / "cog"), language_init=str(root / "lm"))),
+        "cogvlm.regions.vision_init": ("cogvlm", regions_config(CogVLMConfig, tok, vision_init=str(root / "regions"))),
+        "blip2.vision_init": ("blip2", Blip2Config.preset("tiny", tokenizer_dir=tok, vision_init=str(root / "clip"))),
+        "blip2.stage1_checkpoint": ("blip2", Blip2Config(stage1_checkpoint=str(root / "s1"), losses=["lm"])),
+        "blip2.stage1_checkpoint+language_init": ("blip2", Blip2Config(
+            stage1_checkpoint=str(root / "s1"), losses=["lm"], language_init=str(root / "lm"))),
+        "flamingo.vision_init+language_init": ("flamingo", FlamingoConfig.preset(
+            "tiny", tokenizer_dir=tok, vision_init=str(root / "clip"), language_init=str(root / "lm"))),
+        "fuyu.language_init": ("fuyu", FuyuConfig.preset("tiny", tokenizer_dir=tok, language_init=str(root / "lm"))),
+        "clipseg.clip_init": ("clipseg", CLIPSegConfig(clip=CLIPConfig.preset("tiny"), clip_init=str(root / "clip"), decoder_layers=1)),
+    }
+    for family, cls in (("clip", CLIPConfig), ("llava", LlavaConfig), ("blip2", Blip2Config),
+                        ("flamingo", FlamingoConfig), ("fuyu", FuyuConfig), ("cogvlm", CogVLMConfig)):
+        built[f"{family}.plain"] = (family, cls.preset("tiny"))
+    built["llava.regions.plain"] = ("llava", regions_config(LlavaConfig, tok))
+    built["clipseg.plain"] = ("clipseg", CLIPSegConfig(clip=CLIPConfig.preset("tiny"), decoder_layers=1))
+    out = {}
+    for name, (family, config) in built.items():
+        out[name] = digest(build_model(family, config, seed=11), root)
+        torch.manual_seed(12)  # unseeded builds draw from the global RNG, as visto train's
+        out[name + ".unseeded"] = digest(build_model(family, config), root)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="write {case: sha256} here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        hashes = cases(Path(tmp))
+    for name, value in hashes.items():
+        print(f"{value[:16]}  {name}")
+    if args.json:
+        args.json.write_text(json.dumps(hashes, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()
