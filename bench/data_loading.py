@@ -67,8 +67,8 @@ def critical_path(parquet: Path, steps: int, rounds: int) -> dict[str, Any]:
     read inline (BatchStream) or ahead (PrefetchedBatches), alternating; medians in ms."""
     import torch
 
-    from visto.checkpoint import build_from_config
     from visto.data.formats import read_samples
+    from visto.pretrained import build_model
     from visto.train.data import BatchStream, PrefetchedBatches, build_processor
     from visto.train.loop import train_step
     from visto.train.optim import build_optimizer
@@ -77,7 +77,7 @@ def critical_path(parquet: Path, steps: int, rounds: int) -> dict[str, Any]:
     recipe = load_recipe("clip-synth", ["data.prefetch=0"])
     source = lambda role: read_samples(parquet, "parquet")  # noqa: E731
     torch.manual_seed(0)
-    model = build_from_config("clip", recipe.model.config)
+    model = build_model("clip", recipe.model.config)
     model.processor = build_processor(recipe.processor, source)
     model.train()
     optimizer = build_optimizer(model, recipe)

@@ -205,7 +205,7 @@ def llava_case(world: Path, tokenizer: Any, samples: list, batch: int) -> tuple[
 
 
 def clip_case(world: Path, batch: int) -> Case:
-    from visto.checkpoint import build_from_config
+    from visto.pretrained import build_model
     from visto.train.data import build_processor, source_from_spec
     from visto.train.optim import build_optimizer
     from visto.train.recipe import load_recipe
@@ -213,7 +213,7 @@ def clip_case(world: Path, batch: int) -> Case:
     recipe = load_recipe("clip-synth", [f"data.source={json.dumps(str(world))}"])
     source, _ = source_from_spec(recipe.data, recipe.seed)
     torch.manual_seed(0)
-    model = build_from_config("clip", recipe.model.config)
+    model = build_model("clip", recipe.model.config)
     model.processor = build_processor(recipe.processor, source)
     model.train()
     optimizer = build_optimizer(model, recipe)

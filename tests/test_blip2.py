@@ -15,7 +15,6 @@ from visto.checkpoint import load, save_checkpoint
 from visto.data.sample import Sample, Turn
 from visto.data.tokenizer import train_tokenizer
 from visto.errors import UserError
-from visto.models import build_model
 from visto.models.blip2 import (
     PARAM_GROUPS,
     Blip2,
@@ -25,6 +24,7 @@ from visto.models.blip2 import (
     load_hf,
     mine_hard_negatives,
 )
+from visto.pretrained import build_model
 from visto.train.loop import train_step
 from visto.train.optim import build_param_groups
 from visto.train.recipe import load_recipe

@@ -13,10 +13,11 @@ from visto.data.processor import Processor, ProcessorConfig
 from visto.data.sample import Sample, Turn
 from visto.data.tokenizer import train_tokenizer
 from visto.errors import UserError
-from visto.models import FAMILIES, build_model
+from visto.models import FAMILIES
 from visto.models.clip import CLIP, CLIPConfig
 from visto.nn.text import TextConfig
 from visto.nn.vision import ViTConfig
+from visto.pretrained import build_model
 
 COLOURS = {
     "red": (220, 30, 30),

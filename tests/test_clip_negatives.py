@@ -168,22 +168,22 @@ def test_a_negative_that_is_another_caption_is_not_its_negative(processor):
 
 
 def test_recipe_option_is_checked():
-    from visto.checkpoint import build_from_config
+    from visto.pretrained import build_model
     from visto.train.recipe import load_recipe
 
     recipe = load_recipe("clip-synth", ['model.config.hard_negative_swaps=[["circle"]]'])
     with pytest.raises(UserError, match="at least two words"):
-        build_from_config("clip", recipe.model.config)
+        build_model("clip", recipe.model.config)
     recipe = load_recipe("clip-synth", ["model.config.hard_negative_swaps=shapes"])
     with pytest.raises(UserError, match="list of lists"):
-        build_from_config("clip", recipe.model.config)
+        build_model("clip", recipe.model.config)
 
 
 def test_ablation_recipe_swaps_the_worlds_vocabulary():
-    from visto.checkpoint import build_from_config
+    from visto.pretrained import build_model
     from visto.train.recipe import load_recipe
 
     recipe = load_recipe("clip-synth-negclip")
-    model = build_from_config("clip", recipe.model.config)
+    model = build_model("clip", recipe.model.config)
     assert model.config.hard_negative_swaps == WORLD  # shapes, their plurals, colours
     assert not load_recipe("clip-synth").model.config.get("hard_negative_swaps")

@@ -17,9 +17,9 @@ from visto.data.sample import Sample, Turn
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.data.tokenizer import train_tokenizer
 from visto.errors import UserError
-from visto.models import build_model
 from visto.models.flamingo import PARAM_GROUPS, Flamingo, FlamingoConfig
 from visto.nn.language import Conditioning
+from visto.pretrained import build_model
 from visto.train.loop import train_step
 from visto.train.optim import build_param_groups
 from visto.train.recipe import load_recipe

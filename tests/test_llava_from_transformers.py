@@ -16,6 +16,7 @@ from visto.data.tokenizer import train_tokenizer
 from visto.errors import UserError
 from visto.infer import Engine, SamplingParams
 from visto.models.llava import Llava, LlavaConfig
+from visto.pretrained import build_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -131,7 +132,7 @@ def test_as_vision_init_and_init_from(hf_dir, tmp_path):
     from visto.data.formats import write_samples
 
     directory, hf = hf_dir
-    tower = Llava(LlavaConfig.preset("tiny", vision_init=str(directory), vision_feature_layer=-2))
+    tower = build_model("llava", LlavaConfig.preset("tiny", vision_init=str(directory), vision_feature_layer=-2))
     ours, theirs = tower.vision_tower.state_dict(), hf.model.vision_tower.state_dict()
     assert set(ours) == set(theirs) - {"embeddings.position_ids"}
     assert all(torch.equal(value, theirs[key]) for key, value in ours.items())
@@ -167,7 +168,7 @@ def test_what_visto_cannot_reproduce_is_named(tmp_path):
     with pytest.raises(
         UserError, match="vision_init reads a visto checkpoint or a transformers CLIP, SigLIP or LLaVA"
     ):
-        Llava(LlavaConfig.preset("tiny", vision_init=str(tmp_path / "llama")))
+        build_model("llava", LlavaConfig.preset("tiny", vision_init=str(tmp_path / "llama")))
 
 
 def test_tensors_that_do_not_match_are_named(tmp_path):

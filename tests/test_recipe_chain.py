@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from visto.checkpoint import build_from_config, save_checkpoint
+from visto.checkpoint import save_checkpoint
+from visto.pretrained import build_model
 from visto.train.recipe import load_recipe
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -34,13 +35,13 @@ def test_vision_init_is_where_the_readme_trains_clip(name):
 
 @pytest.fixture(scope="module")
 def clip_synth_checkpoint(tmp_path_factory):
-    clip = build_from_config("clip", load_recipe("clip-synth").model.config)
+    clip = build_model("clip", load_recipe("clip-synth").model.config)
     return save_checkpoint(clip, tmp_path_factory.mktemp("clip") / "checkpoint")
 
 
 @pytest.mark.parametrize("name", READERS)
 def test_the_clip_synth_tower_fits_the_recipe(name, clip_synth_checkpoint):
     config = dict(load_recipe(name).model.config, vision_init=str(clip_synth_checkpoint))
-    model = build_from_config(load_recipe(name).model.family, config)
+    model = build_model(load_recipe(name).model.family, config)
     tower = getattr(model, "vision_tower", None) or model.vision_model
     assert tower.config.image_size == model.config.processor.image_size == 128

@@ -16,9 +16,9 @@ from visto.connectors.regions import (
     box_fourier,
 )
 from visto.data.tokenizer import train_tokenizer
-from visto.models import build_model
 from visto.models.llava import LlavaConfig
 from visto.nn.language import DecoderConfig, DecoderLM
+from visto.pretrained import build_model
 
 TEXTS = [f"Which colour does the {s} have? a {c} {s}, {z}" for s in SHAPE_NAMES for c in COLOUR_NAMES
          for z in SIZE_NAMES]  # fmt: skip

@@ -54,10 +54,10 @@ def test_tiny_clip_trains_saves_and_loads(world, tmp_path):
     assert model.family == "clip" and model.processor is not None  # the trained tokenizer travels
     assert (run / "checkpoint" / "tokenizer.json").is_file()
     fresh = recipe_from_dict(clip_recipe(world))
-    from visto.checkpoint import build_from_config
+    from visto.pretrained import build_model
 
     torch.manual_seed(fresh.seed)
-    init = build_from_config("clip", fresh.model.config)
+    init = build_model("clip", fresh.model.config)
     frozen = "vision_model.embeddings"
     for name, tensor in model.state_dict().items():
         if name.startswith(frozen):
@@ -71,9 +71,9 @@ def test_tiny_clip_trains_saves_and_loads(world, tmp_path):
 def test_shipped_clip_recipe_builds(world):
     recipe = load_recipe("clip-synth", [f"data.source={world}"])
     assert recipe.model.family == "clip"
-    from visto.checkpoint import build_from_config
+    from visto.pretrained import build_model
 
-    model = build_from_config("clip", recipe.model.config)
+    model = build_model("clip", recipe.model.config)
     assert model.config.vision.image_size == recipe.processor.config["image_size"]
 
 

@@ -13,8 +13,8 @@ from PIL import Image
 
 import visto
 from visto.errors import UserError
-from visto.models import build_model
 from visto.models.llava import LlavaConfig
+from visto.pretrained import build_model
 
 transformers = pytest.importorskip("transformers")
 

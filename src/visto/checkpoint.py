@@ -168,24 +168,6 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def build_from_config(family: str, config: dict[str, Any]) -> torch.nn.Module:
-    """A freshly initialised model of `family` from a config dict (unknown keys rejected)."""
-    from visto.config import from_dict
-
-    families, build_model = _registry()
-    if family not in families:
-        raise UserError(f"unknown model family {family!r}; known families: {sorted(families)}")
-    config_class, _ = families[family]
-    return build_model(family, from_dict(config_class, config, where=f"{family} config"))
-
-
-def _registry() -> tuple[dict[str, tuple[type, type]], Any]:
-    """(FAMILIES, build_model) from visto.models, imported on first use."""
-    from visto.models import FAMILIES, build_model
-
-    return FAMILIES, build_model
-
-
 def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn.Module:
     """The model saved at `path`, in eval mode, on `device` (default: cpu), with `.processor`.
 
@@ -203,8 +185,11 @@ def load(path: str | Path, device: str | torch.device | None = None) -> torch.nn
         model = load_transformers(path)
         model.to(torch.device(device) if device is not None else torch.device("cpu"))
         return model.eval()
+    from visto.models import build_model
+
     meta = read_config(path)
-    model = build_from_config(meta["family"], meta["config"])
+    # A saved config names no files (visto.pretrained consumed them): the weights hold every part.
+    model = build_model(meta["family"], meta["config"])
     if "lora" in meta:
         from visto.config import from_dict
         from visto.nn.lora import LoraConfig, apply_lora

@@ -22,8 +22,9 @@ on the answers. Generation is the LLaVA engine protocol: `prompt_batch`, `prefil
 `decode_step`, so `visto chat`, `visto eval` and `visto serve` need nothing BLIP-2-specific.
 
 Stages are recipes (`blip2-stage1.json`, `blip2-stage2.json`); stage 2 starts from stage 1 by
-`stage1_checkpoint`, which brings the towers' configs, weights and the processor, while the
-losses (and optionally a pretrained decoder) are stage 2's own. `PARAM_GROUPS` names the
+`stage1_checkpoint` (read by visto.pretrained, handed in as `stage1`), which brings the towers'
+configs, weights and the processor, while the losses (and optionally a pretrained decoder) are
+stage 2's own. `PARAM_GROUPS` names the
 modules for `optim.module_lrs` (0 = frozen).
 
 Names follow transformers' `Blip2ForConditionalGeneration` / `Blip2ForImageTextRetrieval`
@@ -56,8 +57,9 @@ from visto.losses import answer_loss, batch_ids, itm_loss, lm_loss, pair_positiv
 from visto.models.common import (
     LazyProcessor,
     Objective,
+    adopt_parts,
     batch_field,
-    load_pretrained_parts,
+    refuse_part_paths,
 )
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 from visto.nn.vision import CLIP_MEAN, CLIP_STD, ViT, ViTConfig
@@ -112,7 +114,7 @@ class Blip2Config:
     # Where the tokenizer comes from when no processor is attached (see LlavaConfig).
     tokenizer_dir: str | None = None
     tokenizer_corpus: str | None = None
-    # Read when the model is built, then forgotten (the saved config holds what they brought):
+    # Read by visto.pretrained.build_model, then forgotten (the saved config holds what they brought):
     # a visto CLIP/LLaVA checkpoint or transformers CLIP directory for the vision tower; a
     # transformers Llama/Qwen2 directory for the decoder; a BLIP-2 stage-1 checkpoint for the
     # vision tower, Q-Former, ITC/ITM heads and processor (and the decoder unless language_init).
@@ -237,10 +239,18 @@ class Blip2(LazyProcessor, nn.Module):
     display_name = "BLIP-2"
     PARAM_GROUPS = PARAM_GROUPS
 
-    def __init__(self, config: Blip2Config) -> None:
+    def __init__(
+        self,
+        config: Blip2Config,
+        vision: ViT | None = None,
+        language: DecoderLM | None = None,
+        stage1: Blip2 | None = None,
+    ) -> None:
+        """Parts built elsewhere (visto.pretrained): a stage-1 model brings its towers'
+        configs, weights and processor; `vision` / `language` (vision_init, language_init)
+        replace its tower / decoder. What is not given is built fresh here."""
         super().__init__()
-        stage1 = _load_stage1(config.stage1_checkpoint) if config.stage1_checkpoint else None
-        stage1_source = config.stage1_checkpoint
+        refuse_part_paths(config, self.family)
         if stage1 is not None:
             s = stage1.config
             config = replace(
@@ -248,12 +258,9 @@ class Blip2(LazyProcessor, nn.Module):
                 embed_dim=s.embed_dim, processor=s.processor, decoder=s.decoder,
                 tokenizer_dir=s.tokenizer_dir, tokenizer_corpus=s.tokenizer_corpus,
             )
-        vision, language, config, sources = load_pretrained_parts(config)
-        self.init_sources = {**sources, "stage1": stage1_source}
-        config = replace(
-            config, stage1_checkpoint=None,
-            vision_pre_norm=True if vision is not None else config.vision_pre_norm,
-        )
+        config = adopt_parts(config, vision, language)
+        if vision is not None:  # a tower handed in is used as it was trained: nothing removed
+            config = replace(config, vision_pre_norm=True)
         config.check_sizes()
         self.config = config
         self.vision_model = vision if vision is not None else ViT(config.vision)
@@ -508,17 +515,6 @@ class Blip2(LazyProcessor, nn.Module):
 
     def decode_step(self, next_ids: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
         return self.language_model.decode_step(next_ids, state)
-
-
-def _load_stage1(path: str) -> Blip2:
-    from visto.checkpoint import load, read_config
-
-    family = read_config(path)["family"]
-    if family != "blip2":
-        raise UserError(f"stage1_checkpoint {path} holds a {family!r} model; it must be a blip2 one")
-    model = load(path)
-    assert isinstance(model, Blip2)
-    return model
 
 
 # ----------------------------------------------------------------------------- transformers format

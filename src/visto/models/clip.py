@@ -42,6 +42,7 @@ from visto.data.pairs import caption_of, image_key
 from visto.data.sample import Sample
 from visto.errors import UserError
 from visto.losses import batch_ids, clip_loss, contrastive_logits, pair_positives, siglip_loss
+from visto.models.common import refuse_part_paths
 from visto.nn.text import TextConfig, build_text_encoder
 from visto.nn.vision import ViT, ViTConfig, images_to_tensor
 
@@ -61,7 +62,7 @@ class CLIPConfig:
     lock_text: bool = False
     # A pretrained image tower: a visto checkpoint with a ViT (CLIP, LLaVA, e.g. the
     # quickstart's dense-pretrained RUN/vision/checkpoint) or a transformers CLIP or SigLIP directory.
-    # Read when the model is built, then forgotten: its architecture replaces `vision`, all
+    # Read by visto.pretrained.build_model, then forgotten: its architecture replaces `vision`, all
     # but `vision.pool` (pooling has no weights: "mean" suits a tower trained on patches).
     vision_init: str | None = None
     # A directory with processor.json + tokenizer.json (visto.data.processor.Processor.save),
@@ -121,17 +122,17 @@ def negative_matches(batch: dict[str, Tensor]) -> Tensor:
 class CLIP(nn.Module):
     family = "clip"
 
-    def __init__(self, config: CLIPConfig) -> None:
+    def __init__(self, config: CLIPConfig, vision: ViT | None = None) -> None:
+        """`vision`: a pretrained image tower built elsewhere (visto.pretrained reads
+        vision_init); its architecture replaces `config.vision` but for the pooling, which
+        stays the config's. Without it, the tower is built fresh."""
         super().__init__()
-        tower = None
-        if config.vision_init:
-            from visto.models.common import load_vision_tower
-
-            tower = load_vision_tower(config.vision_init)
-            tower.set_pool(config.vision.pool)
-            config = replace(config, vision=tower.config, vision_init=None)
+        refuse_part_paths(config, self.family)
+        if vision is not None:
+            vision.set_pool(config.vision.pool)
+            config = replace(config, vision=vision.config)
         self.config = config
-        self.vision_model = tower if tower is not None else ViT(config.vision)
+        self.vision_model = vision if vision is not None else ViT(config.vision)
         self.text_model = build_text_encoder(config.text)
         if config.image_projection:
             self.visual_projection: nn.Module = nn.Linear(

@@ -38,6 +38,7 @@ from visto.data.sample import Sample
 from visto.data.synth.prompts import Prompt, pair_phrase, prompt_mask, seen_pairs
 from visto.errors import UserError
 from visto.models.clip import CLIP, CLIPConfig
+from visto.models.common import refuse_part_paths
 from visto.nn.transformer import EncoderBlock
 
 
@@ -45,7 +46,7 @@ from visto.nn.transformer import EncoderBlock
 class CLIPSegConfig:
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     # A visto CLIP checkpoint whose config, weights and processor the model starts from; read
-    # when the model is built, then forgotten (its config replaces `clip`).
+    # by visto.pretrained.build_model, then forgotten (its config replaces `clip`).
     clip_init: str | None = None
     width: int = 64  # D: the decoder's width
     decoder_layers: int = 3  # transformer blocks, one per ViT layer read (the last ones)
@@ -123,14 +124,13 @@ class Upsampler(nn.Module):
 class CLIPSeg(nn.Module):
     family = "clipseg"
 
-    def __init__(self, config: CLIPSegConfig) -> None:
+    def __init__(self, config: CLIPSegConfig, clip: CLIP | None = None) -> None:
+        """`clip`: a trained CLIP with its processor, built elsewhere (visto.pretrained reads
+        clip_init); its config replaces `config.clip`. Without it, a fresh CLIP."""
         super().__init__()
-        clip = None
-        if config.clip_init:
-            from visto.models.common import load_clip
-
-            clip = load_clip(config.clip_init)
-            config = replace(config, clip=clip.config, clip_init=None)
+        refuse_part_paths(config, self.family)
+        if clip is not None:
+            config = replace(config, clip=clip.config)
         self.config = config
         self.clip = clip if clip is not None else CLIP(config.clip)
         self.clip.requires_grad_(False)  # frozen, as in CLIPSeg and LiT: only the heads learn

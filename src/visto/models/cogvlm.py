@@ -42,7 +42,8 @@ from visto.losses import answer_loss
 from visto.models.common import batch_field
 from visto.models.llava import PARAM_GROUPS as LLAVA_GROUPS
 from visto.models.llava import Llava, LlavaConfig
-from visto.nn.language import Conditioning, DecoderInputs, DecoderState
+from visto.nn.language import Conditioning, DecoderInputs, DecoderLM, DecoderState
+from visto.nn.vision import ViT
 
 PARAM_GROUPS = {**LLAVA_GROUPS, "expert": "visual_expert"}
 
@@ -79,8 +80,14 @@ class CogVLM(Llava):
     family = "cogvlm"
     PARAM_GROUPS = PARAM_GROUPS
 
-    def __init__(self, config: CogVLMConfig) -> None:
-        super().__init__(config)
+    def __init__(
+        self,
+        config: CogVLMConfig,
+        vision: ViT | None = None,
+        projector: nn.Module | None = None,
+        language: DecoderLM | None = None,
+    ) -> None:
+        super().__init__(config, vision, projector, language)  # LLaVA's parts, as LLaVA takes them
         # visual_expert.layers.N.{self_attn,mlp}.<proj>: copies of the language projections.
         self.visual_expert = nn.Module()
         self.visual_expert.layers = nn.ModuleList()

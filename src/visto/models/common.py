@@ -1,128 +1,54 @@
-"""What the family files share: the pretrained towers a config names, the processor a config
-names (and the lazy `processor` property built from it), the checks that a tokenizer fits a
-decoder, reading a batch, and naming a training objective.
+"""What the family files share: taking pretrained parts (and refusing a config that still
+names them on disk), the processor a config names (and the lazy `processor` property built
+from it), the checks that a tokenizer fits a decoder, reading a batch, and naming a training
+objective.
 
-Every family builds its parts the same way (`vision_init` / `language_init` read here, then
-forgotten; a tokenizer from `tokenizer_dir` or trained on `tokenizer_corpus`), so each family
-file only wires parts together and never reads another family's file for these steps.
+Every family builds its parts the same way (towers handed in by visto.pretrained, which reads
+`vision_init` / `language_init`; a tokenizer from `tokenizer_dir` or trained on
+`tokenizer_corpus`), so each family file only wires parts together and never reads another
+family's file for these steps.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
-
-from torch import nn
 
 from visto.data.processor import Processor, ProcessorConfig
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.data.tokenizer import Tokenizer, corpus_texts, train_tokenizer
 from visto.errors import UserError
-from visto.models.transformers_format import load_transformers, read_hf_config
 from visto.nn.language import DecoderLM
-from visto.nn.vision import CLIP_TYPES, SIGLIP_TYPES, ViT, load_transformers_vision
+from visto.nn.vision import ViT
 
 # ----------------------------------------------------------------------------- pretrained parts
 
-
-def load_clip(path: str | Path) -> Any:
-    """The CLIP of a visto checkpoint, with its processor (clipseg's `clip_init`)."""
-    from visto.checkpoint import load, read_config
-
-    family = read_config(path)["family"]
-    if family != "clip":
-        raise UserError(f"clip_init {path} is a {family!r} checkpoint; clipseg needs a two-tower "
-                        "CLIP (e.g. `visto train --recipe clip-synth-dense`)")  # fmt: skip
-    clip = load(path)
-    if clip.processor is None:
-        raise UserError(f"clip_init {path} has no processor (tokenizer): save it with one")
-    return clip
+# The config fields that name parts on disk. visto.pretrained reads them, clears them and hands
+# the built parts to the constructor; a family never opens a file while it is built.
+PART_PATHS = ("vision_init", "language_init", "clip_init", "stage1_checkpoint")
 
 
-def load_vision_tower(path: str | Path) -> ViT:
-    """The ViT of a visto CLIP/LLaVA checkpoint, or of a transformers CLIP, SigLIP or LLaVA
-    directory."""
-    from visto.checkpoint import is_checkpoint, load, read_config
-
-    path = Path(path)
-    hf = read_hf_config(path)
-    if hf is not None and hf["model_type"] == "llava":
-        return load_transformers(path).vision_tower
-    if hf is not None and hf["model_type"] not in CLIP_TYPES + SIGLIP_TYPES:
+def refuse_part_paths(config: Any, family: str) -> None:
+    """A constructor takes built parts: a config still naming parts on disk did not go through
+    visto.pretrained.build_model (visto train's builder), which reads them."""
+    named = [f"{name}={getattr(config, name)!r}" for name in PART_PATHS if getattr(config, name, None)]
+    if named:
         raise UserError(
-            f"{path} holds a transformers {hf['model_type']!r} model; vision_init reads a visto "
-            "checkpoint or a transformers CLIP, SigLIP or LLaVA directory"
+            f"this {family} config names pretrained parts on disk ({', '.join(named)}); a model "
+            "is built from parts: build it with visto.pretrained.build_model, which reads them"
         )
-    if is_checkpoint(path):
-        config = json.loads((path / "config.json").read_text())
-        if "family" in config:
-            family = read_config(path)["family"]
-            model = load(path)
-            tower = {"clip": "vision_model", "llava": "vision_tower", "cogvlm": "vision_tower",
-                     "flamingo": "vision_model"}.get(family)  # fmt: skip
-            if tower is None:
-                raise UserError(
-                    f"{path} is a {family!r} checkpoint; vision_init needs one with a ViT "
-                    "(clip, llava, cogvlm, flamingo)"
-                )
-            return getattr(model, tower)
-        return load_transformers_vision(path)
-    raise UserError(
-        f"vision_init {path} is not a checkpoint directory (config.json + model.safetensors); "
-        "make one with `visto quickstart --out DIR --until vision` (a ViT pretrained on the "
-        "synthetic world's dense labels: DIR/vision/checkpoint) or `visto train --recipe clip-synth`"
-    )
 
 
-def load_region_detector(path: str | Path) -> nn.Module:
-    """The `regions` connector of a visto LLaVA/CogVLM checkpoint, such as the quickstart's
-    vision stage: its object detector (dense heads) and, if it reads text, its OCR reader.
-    Object tokens read them, so a model whose vision tower comes from `path` takes them along."""
-    from visto.checkpoint import is_checkpoint, load
-
-    path = Path(path)
-    model = load(path) if is_checkpoint(path) and read_hf_config(path) is None else None
-    projector = getattr(model, "multi_modal_projector", None)
-    heads = getattr(projector, "heads", None)
-    if heads is None:
-        raise UserError(
-            f"projector 'regions' reads objects with the dense heads of its vision tower, and "
-            f"{path} has none; make a tower with them: `visto quickstart --out DIR --until vision` "
-            "(DIR/vision/checkpoint), or use projector kind 'mlp'"
-        )
-    return projector
-
-
-class PretrainedParts(NamedTuple):
-    vision: ViT | None  # the tower `vision_init` names, if any
-    language: DecoderLM | None  # the decoder `language_init` names, if any
-    config: Any  # the family config with their architectures in place and the paths consumed
-    sources: dict[str, str | None]  # where each part came from (None: built fresh)
-
-
-def load_pretrained_parts(config: Any) -> PretrainedParts:
-    """Load the pretrained vision tower and decoder a family config names (`vision_init`,
-    `language_init`, for the fields it has). They bring their own architectures; the paths are
-    consumed here, so that a saved checkpoint rebuilds without them."""
-    fields = {f.name for f in dataclasses.fields(config)}
-    vision_init = getattr(config, "vision_init", None)
-    language_init = getattr(config, "language_init", None)
-    vision = load_vision_tower(vision_init) if vision_init else None
-    language = DecoderLM.from_pretrained(language_init) if language_init else None
+def adopt_parts(config: Any, vision: ViT | None = None, language: DecoderLM | None = None) -> Any:
+    """`config` with the architectures of the pretrained parts the model is built with (a
+    tower's as `vision`, a decoder's as `decoder`), so that a saved config rebuilds them."""
     changes: dict[str, Any] = {}
-    sources: dict[str, str | None] = {}
-    if "vision_init" in fields:
-        changes["vision_init"], sources["vision"] = None, vision_init
-        if vision is not None:
-            changes["vision"] = vision.config
-    if "language_init" in fields:
-        changes["language_init"], sources["language"] = None, language_init
-        if language is not None:
-            changes["decoder"] = language.config
-    return PretrainedParts(vision, language, replace(config, **changes), sources)
+    if vision is not None:
+        changes["vision"] = vision.config
+    if language is not None:
+        changes["decoder"] = language.config
+    return replace(config, **changes)
 
 
 # ----------------------------------------------------------------------------- processor

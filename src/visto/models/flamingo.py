@@ -58,9 +58,10 @@ from visto.errors import UserError
 from visto.losses import answer_loss
 from visto.models.common import (
     LazyProcessor,
+    adopt_parts,
     batch_field,
     check_tokenizer_fits,
-    load_pretrained_parts,
+    refuse_part_paths,
 )
 from visto.nn.language import Conditioning, DecoderConfig, DecoderInputs, DecoderLM, DecoderState
 from visto.nn.vision import ViT, ViTConfig
@@ -95,7 +96,7 @@ class FlamingoConfig:
     decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig.preset("small"))
     processor: ProcessorConfig = field(default_factory=_default_processor)
     # As in LlavaConfig: the tokenizer's source for a fresh model, and pretrained towers read
-    # once when the model is built (a visto CLIP/LLaVA checkpoint or a transformers CLIP
+    # once by visto.pretrained.build_model (a visto CLIP/LLaVA checkpoint or a transformers CLIP
     # directory; a transformers Llama/Qwen2 directory), then forgotten.
     tokenizer_dir: str | None = None
     tokenizer_corpus: str | None = None
@@ -220,9 +221,14 @@ class Flamingo(LazyProcessor, nn.Module):
     display_name = "Flamingo"
     PARAM_GROUPS = PARAM_GROUPS
 
-    def __init__(self, config: FlamingoConfig) -> None:
+    def __init__(
+        self, config: FlamingoConfig, vision: ViT | None = None, language: DecoderLM | None = None
+    ) -> None:
+        """`vision` / `language`: pretrained parts built elsewhere (visto.pretrained reads
+        vision_init / language_init), which bring their architectures; else built fresh."""
         super().__init__()
-        vision, language, config, self.init_sources = load_pretrained_parts(config)
+        refuse_part_paths(config, self.family)
+        config = adopt_parts(config, vision, language)
         if config.processor.image_size != config.vision.image_size:
             raise UserError(
                 f"flamingo config: processor.image_size is {config.processor.image_size} but the "

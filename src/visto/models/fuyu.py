@@ -41,9 +41,10 @@ from visto.errors import UserError
 from visto.losses import answer_loss
 from visto.models.common import (
     LazyProcessor,
+    adopt_parts,
     batch_field,
     check_tokenizer_fits,
-    load_pretrained_parts,
+    refuse_part_paths,
 )
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 
@@ -81,8 +82,8 @@ class FuyuConfig:
     # Where the tokenizer comes from when no processor is attached (as in LlavaConfig).
     tokenizer_dir: str | None = None
     tokenizer_corpus: str | None = None
-    # A transformers Llama/Qwen2 directory whose vocabulary is a visto tokenizer's; read when
-    # the model is built, then forgotten (the saved config holds the decoder's config).
+    # A transformers Llama/Qwen2 directory whose vocabulary is a visto tokenizer's; read by
+    # visto.pretrained.build_model, then forgotten (the saved config holds the decoder's config).
     language_init: str | None = None
 
     def __post_init__(self) -> None:
@@ -119,9 +120,12 @@ class Fuyu(LazyProcessor, nn.Module):
     display_name = "Fuyu"
     PARAM_GROUPS = PARAM_GROUPS
 
-    def __init__(self, config: FuyuConfig) -> None:
+    def __init__(self, config: FuyuConfig, language: DecoderLM | None = None) -> None:
+        """`language`: a pretrained decoder built elsewhere (visto.pretrained reads
+        language_init), which brings its architecture; else built fresh."""
         super().__init__()
-        _, language, config, self.init_sources = load_pretrained_parts(config)
+        refuse_part_paths(config, self.family)
+        config = adopt_parts(config, language=language)
         if config.processor.vocab_size > config.decoder.vocab_size:
             raise UserError(
                 f"fuyu config: processor.vocab_size {config.processor.vocab_size} exceeds "

@@ -43,10 +43,10 @@ from visto.errors import UserError
 from visto.losses import answer_loss
 from visto.models.common import (
     LazyProcessor,
+    adopt_parts,
     batch_field,
     check_tokenizer_fits,
-    load_pretrained_parts,
-    load_region_detector,
+    refuse_part_paths,
 )
 from visto.models.transformers_format import (
     act_from_hf,
@@ -96,8 +96,8 @@ class LlavaConfig:
     # of its train split), with processor.vocab_size and processor.loc_bins.
     tokenizer_dir: str | None = None
     tokenizer_corpus: str | None = None
-    # Pretrained towers, read when the model is built and then forgotten (the saved config
-    # holds the towers' configs, the weights hold their weights): a visto CLIP (or LLaVA)
+    # Pretrained towers, read by visto.pretrained.build_model and then forgotten (the saved
+    # config holds the towers' configs, the weights hold their weights): a visto CLIP (or LLaVA)
     # checkpoint or a transformers CLIP directory; a transformers Llama/Qwen2 directory
     # (DecoderLM.from_pretrained) whose vocabulary is a visto tokenizer's.
     vision_init: str | None = None
@@ -162,26 +162,32 @@ class LlavaConfig:
 # ----------------------------------------------------------------------------- the model
 
 
+def build_llava_projector(config: LlavaConfig) -> nn.Module:
+    """LLaVA's connector: patch features at the tower's width in, the decoder's width out."""
+    return build_projector(config.projector, config.vision.width, config.decoder.hidden_size)
+
+
 class Llava(LazyProcessor, nn.Module):
     family = "llava"
     display_name = "LLaVA"
     PARAM_GROUPS = PARAM_GROUPS
 
-    def __init__(self, config: LlavaConfig) -> None:
+    def __init__(
+        self,
+        config: LlavaConfig,
+        vision: ViT | None = None,
+        projector: nn.Module | None = None,
+        language: DecoderLM | None = None,
+    ) -> None:
+        """Parts built elsewhere (visto.pretrained: `vision_init`, `language_init`, the regions
+        connector's detector) bring their architectures; the others are built fresh here."""
         super().__init__()
-        vision, language, config, self.init_sources = load_pretrained_parts(config)
+        refuse_part_paths(config, self.family)
+        config = adopt_parts(config, vision, language)
         config.check_processor()
         self.config = config
         self.vision_tower = vision if vision is not None else ViT(config.vision)
-        self.multi_modal_projector = build_projector(
-            config.projector, config.vision.width, config.decoder.hidden_size
-        )
-        if config.projector.kind == "regions" and self.init_sources.get("vision"):
-            # object tokens need the detector that was trained with the tower
-            detector = load_region_detector(self.init_sources["vision"])
-            self.multi_modal_projector.heads.load_state_dict(detector.heads.state_dict())
-            if config.projector.text_slots:
-                self.multi_modal_projector.reader.load_state_dict(detector.reader.state_dict())
+        self.multi_modal_projector = projector if projector is not None else build_llava_projector(config)
         self.language_model = language if language is not None else DecoderLM(config.decoder)
         self._processor: Processor | None = None
 
@@ -535,6 +541,7 @@ __all__ = [
     "PARAM_GROUPS",
     "Llava",
     "LlavaConfig",
+    "build_llava_projector",
     "config_from_hf",
     "export_hf",
     "hf_config",

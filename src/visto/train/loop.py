@@ -45,7 +45,6 @@ import torch
 from torch import nn
 
 from visto.checkpoint import (
-    build_from_config,
     is_checkpoint,
     load,
     load_trainer_state,
@@ -55,6 +54,7 @@ from visto.config import format_config, to_dict
 from visto.device import pick_device
 from visto.errors import UserError
 from visto.nn.lora import apply_lora, has_lora
+from visto.pretrained import build_model
 from visto.train.data import (
     BatchStream,
     PrefetchedBatches,
@@ -453,7 +453,7 @@ def _model_and_data(recipe: Recipe, run_dir: Path, resume: bool, source: SampleS
         model = load(recipe.model.init_from)
         trainer_state = None
     else:
-        model = build_from_config(recipe.model.family, recipe.model.config)
+        model = build_model(recipe.model.family, recipe.model.config)  # parts the config names read
         trainer_state = None
     if source is None:
         # A mix writes boxes in the location tokens of the processor the model trains with.

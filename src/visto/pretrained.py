@@ -1,0 +1,160 @@
+"""Models built from the pretrained parts their configs name on disk.
+
+A family config may say where parts come from: `vision_init` (a ViT: a visto checkpoint with
+one, or a transformers CLIP, SigLIP or LLaVA directory), `language_init` (a transformers
+Llama/Qwen2 decoder), `clip_init` (CLIPSeg's CLIP) and `stage1_checkpoint` (BLIP-2's stage 1);
+a LLaVA (or CogVLM) with object tokens also takes, from its `vision_init` checkpoint, the
+detector and OCR reader trained with that tower. `build_model` reads them, clears the paths
+(a saved config holds the parts' architectures, its weights their weights, so it rebuilds
+without the files) and hands the built parts to the family's constructor, which never opens
+a file itself.
+
+This module sits above both models/ and checkpoint.py: it opens visto checkpoints with
+`checkpoint.load`, and checkpoint.py builds the models it loads with `visto.models.build_model`,
+from a config that names no files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from visto.checkpoint import is_checkpoint, load, read_config
+from visto.errors import UserError
+from visto.models import FAMILIES, family_config, seeded
+from visto.models.blip2 import Blip2
+from visto.models.clip import CLIP
+from visto.models.common import PART_PATHS, adopt_parts
+from visto.models.llava import LlavaConfig, build_llava_projector
+from visto.models.transformers_format import load_transformers, read_hf_config
+from visto.nn.language import DecoderLM
+from visto.nn.vision import CLIP_TYPES, SIGLIP_TYPES, ViT, load_transformers_vision
+
+# Where each family with a ViT keeps it: vision_init reads the tower of these checkpoints.
+VISION_TOWERS = {"clip": "vision_model", "llava": "vision_tower", "cogvlm": "vision_tower",
+                 "flamingo": "vision_model"}  # fmt: skip
+
+
+def build_model(family: str, config: Any = None, seed: int | None = None) -> nn.Module:
+    """A model of `family` from its config (dataclass, dict, or None for the defaults), with
+    the pretrained parts the config names read from disk and the rest freshly initialised
+    (what `visto train` builds). With `seed`, the initial weights depend on it alone."""
+    config = family_config(family, config)
+    # Reading a visto checkpoint builds its model, which draws from the RNG: the parts are read
+    # under the same seed as the fresh weights, in a fixed order, so a seed gives one model.
+    with seeded(seed):
+        config, parts = read_parts(config)
+        return FAMILIES[family][1](config, **parts)
+
+
+def read_parts(config: Any) -> tuple[Any, dict[str, Any]]:
+    """The parts `config` names, built (as the constructor's keyword arguments), and the config
+    without their paths. Read in this order: stage 1, CLIP, vision tower, decoder, detector."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    paths = {name: getattr(config, name) for name in PART_PATHS if name in fields}
+    parts: dict[str, Any] = {}
+    if paths.get("stage1_checkpoint"):
+        parts["stage1"] = load_stage1(paths["stage1_checkpoint"])
+    if paths.get("clip_init"):
+        parts["clip"] = load_clip(paths["clip_init"])
+    if paths.get("vision_init"):
+        parts["vision"] = load_vision_tower(paths["vision_init"])
+    if paths.get("language_init"):
+        parts["language"] = DecoderLM.from_pretrained(paths["language_init"])
+    if any(paths.values()):
+        config = dataclasses.replace(config, **dict.fromkeys(paths))
+    if isinstance(config, LlavaConfig) and config.projector.kind == "regions" and paths.get("vision_init"):
+        # object tokens need the detector that was trained with the tower
+        parts["projector"] = regions_projector(
+            adopt_parts(config, parts["vision"], parts.get("language")), paths["vision_init"]
+        )
+    return config, parts
+
+
+def load_vision_tower(path: str | Path) -> ViT:
+    """The ViT of a visto CLIP/LLaVA/CogVLM/Flamingo checkpoint, or of a transformers CLIP,
+    SigLIP or LLaVA directory."""
+    path = Path(path)
+    hf = read_hf_config(path)
+    if hf is not None and hf["model_type"] == "llava":
+        return load_transformers(path).vision_tower
+    if hf is not None and hf["model_type"] not in CLIP_TYPES + SIGLIP_TYPES:
+        raise UserError(
+            f"{path} holds a transformers {hf['model_type']!r} model; vision_init reads a visto "
+            "checkpoint or a transformers CLIP, SigLIP or LLaVA directory"
+        )
+    if is_checkpoint(path):
+        config = json.loads((path / "config.json").read_text())
+        if "family" in config:
+            family = read_config(path)["family"]
+            model = load(path)
+            tower = VISION_TOWERS.get(family)
+            if tower is None:
+                raise UserError(
+                    f"{path} is a {family!r} checkpoint; vision_init needs one with a ViT "
+                    "(clip, llava, cogvlm, flamingo)"
+                )
+            return getattr(model, tower)
+        return load_transformers_vision(path)
+    raise UserError(
+        f"vision_init {path} is not a checkpoint directory (config.json + model.safetensors); "
+        "make one with `visto quickstart --out DIR --until vision` (a ViT pretrained on the "
+        "synthetic world's dense labels: DIR/vision/checkpoint) or `visto train --recipe clip-synth`"
+    )
+
+
+def regions_projector(config: LlavaConfig, path: str | Path) -> nn.Module:
+    """A LLaVA's fresh `regions` connector with the object detector (dense heads) and, if it
+    reads text, the OCR reader of the checkpoint its tower comes from (`load_region_detector`)."""
+    projector = build_llava_projector(config)
+    # Read after the fresh connector is built, as LLaVA built it before: the seeded draws for
+    # the decoder that follows stay what they were.
+    detector = load_region_detector(path)
+    projector.heads.load_state_dict(detector.heads.state_dict())
+    if config.projector.text_slots:
+        projector.reader.load_state_dict(detector.reader.state_dict())
+    return projector
+
+
+def load_region_detector(path: str | Path) -> nn.Module:
+    """The `regions` connector of a visto LLaVA/CogVLM checkpoint, such as the quickstart's
+    vision stage: its object detector (dense heads) and, if it reads text, its OCR reader.
+    Object tokens read them, so a model whose vision tower comes from `path` takes them along."""
+    path = Path(path)
+    model = load(path) if is_checkpoint(path) and read_hf_config(path) is None else None
+    projector = getattr(model, "multi_modal_projector", None)
+    heads = getattr(projector, "heads", None)
+    if heads is None:
+        raise UserError(
+            f"projector 'regions' reads objects with the dense heads of its vision tower, and "
+            f"{path} has none; make a tower with them: `visto quickstart --out DIR --until vision` "
+            "(DIR/vision/checkpoint), or use projector kind 'mlp'"
+        )
+    return projector
+
+
+def load_clip(path: str | Path) -> CLIP:
+    """The CLIP of a visto checkpoint, with its processor (clipseg's `clip_init`)."""
+    family = read_config(path)["family"]
+    if family != "clip":
+        raise UserError(f"clip_init {path} is a {family!r} checkpoint; clipseg needs a two-tower "
+                        "CLIP (e.g. `visto train --recipe clip-synth-dense`)")  # fmt: skip
+    clip = load(path)
+    if clip.processor is None:
+        raise UserError(f"clip_init {path} has no processor (tokenizer): save it with one")
+    assert isinstance(clip, CLIP)
+    return clip
+
+
+def load_stage1(path: str | Path) -> Blip2:
+    """The BLIP-2 of a stage-1 checkpoint (`stage1_checkpoint`), with its processor."""
+    family = read_config(path)["family"]
+    if family != "blip2":
+        raise UserError(f"stage1_checkpoint {path} holds a {family!r} model; it must be a blip2 one")
+    model = load(path)
+    assert isinstance(model, Blip2)
+    return model
