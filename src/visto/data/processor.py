@@ -39,6 +39,7 @@ Image modes (`ProcessorConfig.resize_mode`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -49,7 +50,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from visto.config import from_dict, to_dict
 from visto.data.chat import JINJA_CHAT_TEMPLATE, render_chat
@@ -139,7 +140,10 @@ def load_rgb(source: ImageSource) -> Image.Image:
     if not isinstance(source, Image.Image):
         return open_image(source)
     # Idempotent: open_image already transposed (and dropped the tag); a raw Image.open has not.
-    return to_rgb(ImageOps.exif_transpose(source))
+    # Upright images are used as they are: exif_transpose would return a copy of them.
+    if source.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        source = ImageOps.exif_transpose(source)
+    return to_rgb(source)
 
 
 def _fill_colour(mean: Sequence[float]) -> tuple[int, int, int]:
@@ -148,15 +152,23 @@ def _fill_colour(mean: Sequence[float]) -> tuple[int, int, int]:
     return (r, g, b)
 
 
+@functools.lru_cache(maxsize=16)
+def _channel_stats(
+    mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode(False):  # plain tensors, usable inside and outside that mode
+        return torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+
 def _normalize(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    # A per-channel lookup table over the 256 byte values: 3x faster than float arithmetic
-    # on every pixel (measured on 224 px images), and the same numbers.
-    levels = np.arange(256, dtype=np.float32) / 255.0
-    lut = (levels[None, :] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[
-        :, None
-    ]
-    x = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
-    return torch.from_numpy(np.stack([lut[c][x[..., c]] for c in range(3)]))  # (3, H, W) float32
+    """(H, W, 3) bytes -> (3, H, W) float32 (x / 255 - mean) / std, in one buffer: the bytes
+    are converted into it channels first in one pass, then scaled in place (float32 ops in the
+    order of the per-channel lookup table this replaced: the same numbers, 2-3x faster;
+    bench/preprocess_speed.py)."""
+    pixels = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+    out = torch.from_numpy(pixels.transpose(2, 0, 1).astype(np.float32, order="C"))
+    m, s = _channel_stats(tuple(mean), tuple(std))
+    return out.div_(255.0).sub_(m).div_(s)
 
 
 def letterbox_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
@@ -173,12 +185,18 @@ def image_transform(source: ImageSource, config: ProcessorConfig) -> torch.Tenso
     image = load_rgb(source)
     size = config.image_size
     if config.resize_mode == "resize":
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
+        if image.size != (size, size):  # PIL would return a copy of one already this size
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
     else:
         new_w, new_h, left, top = letterbox_geometry(image.width, image.height, size)
-        canvas = Image.new("RGB", (size, size), _fill_colour(config.mean))
-        canvas.paste(image.resize((new_w, new_h), Image.Resampling.BICUBIC), (left, top))
-        image = canvas
+        if (new_w, new_h) != (size, size):
+            canvas = Image.new("RGB", (size, size), _fill_colour(config.mean))
+            if (new_w, new_h) != image.size:
+                image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+            canvas.paste(image, (left, top))
+            image = canvas
+        elif image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
     return _normalize(image, config.mean, config.std)
 
 
