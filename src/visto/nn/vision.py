@@ -16,6 +16,7 @@ With the default linear stem, the state dict of `ViT` is key-for-key that of tra
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
@@ -26,7 +27,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from visto.errors import UserError
-from visto.nn.transformer import MLP, EncoderBlock, act_from_hf
+from visto.nn.transformer import MLP, EncoderBlock, FusedEncoderBlock, act_from_hf
 
 STEMS = ("patch", "conv")
 POOLS = ("cls", "mean", "map")  # ViTConfig.stem: linear patch embedding | 3x3 stride-2 conv stack
@@ -244,7 +245,7 @@ class ViT(nn.Module):
 
         x = self.pre_layrnorm(self.embeddings(pixel_values))  # (B, 1 + N, D)
         features = x if layer == 0 else None
-        for i, block in enumerate(self.encoder.layers[:last], start=1):
+        for i, block in enumerate(self._blocks(x)[:last], start=1):
             x = block(x)
             if i == layer:
                 features = x
@@ -257,6 +258,24 @@ class ViT(nn.Module):
             token = x[:, 0] if cfg.pool == "cls" else x[:, prefix:].mean(dim=1)  # (B, D)
             pooled_out = self.post_layernorm(token)
         return ViTOutput(pooled=pooled_out, features=features[:, prefix:])  # no CLS: (B, N, D)
+
+
+    def _blocks(self, x: Tensor) -> Sequence[Callable[[Tensor], Tensor]]:
+        """The encoder's blocks, or at inference on the CPU (no autograd, eval mode) their
+        fused copies (`FusedEncoderBlock`: one q/k/v matmul, weights pre-transposed),
+        made on first use and remade when a parameter or layer changes."""
+        blocks = self.encoder.layers
+        if torch.is_grad_enabled() or self.training or x.device.type != "cpu":
+            return blocks
+        signature = tuple((p.data_ptr(), p._version, p.dtype) for p in blocks.parameters())
+        signature += tuple(id(m) for m in blocks.modules())
+        cache = self.__dict__.get("_fused_blocks")
+        if cache is None or cache[0] != signature:
+            if not all(block.fusable() for block in blocks):
+                return blocks  # int8 or LoRA layers: their own forward applies them
+            cache = (signature, [FusedEncoderBlock(block) for block in blocks])
+            self.__dict__["_fused_blocks"] = cache  # a plain attribute: not in the state dict
+        return cache[1]
 
 
 class AttentionPoolingHead(nn.Module):
