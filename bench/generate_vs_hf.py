@@ -3,6 +3,7 @@
     .venv/bin/python bench/generate_vs_hf.py                  # LLaVA with an image, batch 1 and 8
     .venv/bin/python bench/generate_vs_hf.py --family llava --preset tiny
     .venv/bin/python bench/generate_vs_hf.py --family decoder --hidden 512 --layers 8
+    .venv/bin/python bench/generate_vs_hf.py --threads 1 --repeats 7 --json bench/out/gen.json
 
 --family llava (default): a visto LLaVA (`--preset small`, the quickstart's size) with random
 weights is exported by `visto.models.llava.export_hf` and loaded as transformers'
@@ -24,7 +25,9 @@ prints, per batch size:
 
 Each figure is the median of --repeats runs after a warm-up, the two sides taking turns; the
 same figures from process CPU time (steadier than wall time on a shared machine) are printed
-beside them. The weights are drawn wider than the usual init so that greedy choices are not
+beside them. --json FILE writes them: {"batch": {"1": {"ttft_ratio", "tokps_ratio" (wall,
+ours / transformers), "ttft_ratio_cpu", "tokps_ratio_cpu", "ttft_ms", "tokps"}, "8": ...},
+"load": [before, after]}. The weights are drawn wider than the usual init so that greedy choices are not
 near-ties that float noise could flip. The machine load (`uptime`) is printed before and after.
 """
 
@@ -36,6 +39,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -57,8 +61,9 @@ def interleaved_medians(fns: dict, repeats: int) -> tuple[dict, dict]:
     return {n: med(t) for n, t in wall.items()}, {n: med(t) for n, t in cpu.items()}
 
 
-def report(B: int, N: int, wall: dict, cpu: dict, sides: tuple[str, str]) -> None:
-    """Rows of ttft and tok/s per side (wall, then CPU time), and the ratio ours / theirs."""
+def report(B: int, N: int, wall: dict, cpu: dict, sides: tuple[str, str]) -> dict:
+    """Rows of ttft and tok/s per side (wall, then CPU time), and the ratio ours / theirs;
+    returns the batch's entry of the --json file."""
     figures = {}
     for side in sides:
         row = []
@@ -74,6 +79,16 @@ def report(B: int, N: int, wall: dict, cpu: dict, sides: tuple[str, str]) -> Non
         f"{o[3] / h[3]:>10.2f}   (ttft ours/hf: lower is better; tok/s ours/hf: higher is "
         "better); tokens identical"
     )
+    return {
+        "ttft_ratio": o[0] / h[0], "tokps_ratio": o[1] / h[1],
+        "ttft_ratio_cpu": o[2] / h[2], "tokps_ratio_cpu": o[3] / h[3],
+        "ttft_ms": {side: figures[side][0] * 1e3 for side in sides},
+        "tokps": {side: figures[side][1] for side in sides},
+    }  # fmt: skip
+
+
+def load_average() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 HEADER = f"{'batch':>5} {'side':>12} {'ttft ms':>9} {'tok/s':>9} {'cpu ttft ms':>11} {'cpu tok/s':>10}"
@@ -90,15 +105,16 @@ QUESTIONS = [
 ]
 
 
-def bench_llava(args) -> None:
-    """Ours (processor + engine) against transformers (LlavaProcessor + generate)."""
+def build_llava(args) -> dict:
+    """The comparison's pair: a visto LLaVA (`--preset`, random weights drawn wide), the same
+    weights as transformers' LlavaForConditionalGeneration with its processor, the test image
+    and visto's engine. Also what bench/ttft_profile.py profiles."""
     import transformers
     from PIL import Image
 
     from visto.data.processor import ProcessorConfig
-    from visto.data.sample import Sample, Turn
     from visto.data.tokenizer import train_tokenizer
-    from visto.infer import Engine, SamplingParams
+    from visto.infer import Engine
     from visto.models import build_model
     from visto.models.llava import LlavaConfig, export_hf
 
@@ -131,6 +147,21 @@ def bench_llava(args) -> None:
         for y in range(0, size, 5):
             image.putpixel((x, y), ((x * 3) % 255, (y * 5) % 255, 90))
     engine = Engine(model, model.processor.tokenizer, eos_token_ids=[])
+    return dict(model=model, hf=hf, hf_processor=hf_processor, image=image, engine=engine,
+                tokenizer=tokenizer, config=config)  # fmt: skip
+
+
+def bench_llava(args) -> dict:
+    """Ours (processor + engine) against transformers (LlavaProcessor + generate)."""
+    import transformers
+
+    from visto.data.sample import Sample, Turn
+    from visto.infer import SamplingParams
+
+    pair = build_llava(args)
+    model, hf, hf_processor = pair["model"], pair["hf"], pair["hf_processor"]
+    image, engine = pair["image"], pair["engine"]
+    tokenizer, config = pair["tokenizer"], pair["config"]
     print(f"uptime: {os.popen('uptime').read().strip()}")
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, threads "
@@ -142,6 +173,7 @@ def bench_llava(args) -> None:
     )
     print(HEADER)
     N = args.new_tokens
+    results = {}
     for B in args.batches:
         questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(B)]
 
@@ -174,8 +206,9 @@ def bench_llava(args) -> None:
             fns[(side, 1)] = lambda fn=fn: fn(1)
             fns[(side, N)] = lambda fn=fn: fn(N)
         wall, cpu = interleaved_medians(fns, args.repeats)
-        report(B, N, wall, cpu, ("visto", "transformers"))
+        results[str(B)] = report(B, N, wall, cpu, ("visto", "transformers"))
     print(f"uptime: {os.popen('uptime').read().strip()}")
+    return results
 
 
 def check_same(ours: list[list[int]], theirs: list[list[int]]) -> None:
@@ -207,18 +240,25 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     args.vocab = args.vocab or (1024 if args.family == "llava" else 2048)
-    if args.family == "llava":
-        bench_llava(args)
-    else:
-        bench_decoder(args)
+    load_before = load_average()
+    results = bench_llava(args) if args.family == "llava" else bench_decoder(args)
+    if args.json:
+        from visto.utils.io import atomic_write_json
+
+        atomic_write_json(args.json, {
+            "family": args.family, "threads": torch.get_num_threads(), "repeats": args.repeats,
+            "new_tokens": args.new_tokens, "load": [load_before, load_average()], "batch": results,
+        })  # fmt: skip
+        print(f"wrote {args.json}")
 
 
-def bench_decoder(args) -> None:
+def bench_decoder(args) -> dict:
     import transformers
 
     from visto.infer import Engine, PromptBatch, SamplingParams
@@ -267,6 +307,7 @@ def bench_decoder(args) -> None:
     )
     gen = torch.Generator().manual_seed(args.seed + 1)
     print(HEADER)
+    results = {}
     for B in args.batches:
         # Batch 8 mixes lengths: row i has prompt_len - 3 * i tokens (left-padded).
         lengths = [max(1, args.prompt_len - 3 * i) for i in range(B)]
@@ -297,8 +338,9 @@ def bench_decoder(args) -> None:
             fns[(side, 1)] = lambda fn=fn, sync=sync: (fn(1), sync())
             fns[(side, N)] = lambda fn=fn, sync=sync, N=N: (fn(N), sync())
         wall, cpu = interleaved_medians(fns, args.repeats)
-        report(B, N, wall, cpu, ("visto", "transformers"))
+        results[str(B)] = report(B, N, wall, cpu, ("visto", "transformers"))
     print(f"uptime: {os.popen('uptime').read().strip()}")
+    return results
 
 
 if __name__ == "__main__":

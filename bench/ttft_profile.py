@@ -1,0 +1,282 @@
+"""Where visto's time to first token goes: torch.profiler over LLaVA's prefill, split by stage.
+
+    .venv/bin/python bench/ttft_profile.py --threads 1                     # generate_vs_hf's LLaVA
+    .venv/bin/python bench/ttft_profile.py --threads 1 --model runs/r3/checkpoint
+    .venv/bin/python bench/ttft_profile.py --threads 1 --compile --json bench/out/ttft.json
+
+A timed call is what generate_vs_hf.py times as TTFT: chat messages and a PIL image in, one
+generated token out (`Llava.prompt_batch`, then the engine with max_new_tokens=1). Stages are
+marked by forward hooks on the model's vision tower and projector and a wrapper around the
+engine's decoder pass; each mark takes the process CPU time (steadier than wall time on a
+shared machine) and opens a torch.profiler record_function range:
+
+    preprocess       prompt_batch: image resize + normalise, chat template, tokenizer, collate
+    vision tower     ViT up to the feature layer
+    projector        visual tokens for the decoder
+    decoder prefill  the decoder's layers over the whole prompt (engine fast path)
+    rest             embedding + splice, KV cache allocation, logits, first token, Python
+
+Each stage's figure is its median CPU milliseconds per call over --calls calls (after a
+warm-up); then 3 calls run under torch.profiler for the top operators (its times are wall
+clock, so a loaded machine inflates them). The call's arithmetic is counted once by
+torch.utils.flop_counter (matmuls, convolutions, attention) and set against a 1024^2 fp32
+GEMM timed right then: `fraction_of_gemm_rate` = (GFLOP / GEMM rate) / CPU time of the call,
+how close the call comes to doing nothing but its arithmetic at the machine's matmul speed. Without --model the model is
+generate_vs_hf.py's (its --preset, random weights, 96 px test image); --model profiles a
+checkpoint (any LLaVA, e.g. the quickstart's) on a 128 px picture of coloured shapes.
+
+--compile also measures torch.compile on the vision tower (its shapes are fixed per batch
+size, the one part that compiles without recompiling for every prompt length): the tower's
+feature path as modules, compiled (inductor), against visto's eager inference path (fused
+blocks); compile time of the first call at each batch size, median CPU ms per call of each
+in turns; `pays_after_calls` = compile seconds / seconds saved per call (null: never).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate_vs_hf import QUESTIONS, build_llava, load_average  # noqa: E402
+
+STAGES = ("preprocess", "vision tower", "projector", "decoder prefill")
+aten = torch.ops.aten
+try:  # torch 2.13's flop counter knows the CUDA attention kernels, not the CPU one SDPA runs
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+except RuntimeError:  # registered already (a newer torch, or bench/train_mfu.py imported)
+    pass
+
+
+def gemm_peak_gflops(n: int = 1024) -> float:
+    """The machine's fp32 matmul rate now: best of 3 n x n GEMMs, process CPU time."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(3):
+        start = time.process_time()
+        torch.mm(a, b)
+        best = min(best, time.process_time() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def counted_gflop(call) -> float:
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return counter.get_total_flops() / 1e9
+
+
+def shapes_image(size: int):
+    """A picture of coloured shapes on grey, like the synthetic world's."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    s = size // 8
+    for i, colour in enumerate([(220, 40, 40), (40, 180, 60), (40, 60, 220), (230, 200, 30)]):
+        x, y = (i % 2) * size // 2 + s, (i // 2) * size // 2 + s
+        (draw.ellipse if i % 2 else draw.rectangle)((x, y, x + 2 * s, y + 2 * s), fill=colour)
+    return image
+
+
+def load_model(args) -> SimpleNamespace:
+    from visto.infer import Engine
+
+    if args.model is None:
+        pair = build_llava(SimpleNamespace(vocab=1024, preset=args.preset, seed=0))
+        return SimpleNamespace(model=pair["model"], engine=pair["engine"], image=pair["image"])
+    import visto
+
+    model = visto.load(args.model, device="cpu").eval()
+    image = shapes_image(model.config.vision.image_size)
+    return SimpleNamespace(model=model, engine=Engine(model, model.processor.tokenizer), image=image)
+
+
+class Stages:
+    """CPU seconds per stage of the current call, and a record_function range around each
+    (what torch.profiler's table shows)."""
+
+    def __init__(self) -> None:
+        self.cpu: dict[str, float] = {}
+        self._open: list = []
+
+    def enter(self, name: str) -> None:
+        self._open.append((name, time.process_time(), record_function(name).__enter__()))
+
+    def exit(self) -> None:
+        name, start, rf = self._open.pop()
+        rf.__exit__(None, None, None)
+        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - start
+
+
+def ttft_call(m: SimpleNamespace, batch_size: int, stages: Stages):
+    from visto.data.sample import Sample, Turn
+    from visto.infer import SamplingParams
+
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(batch_size)]
+    samples = [Sample("q", [m.image], [Turn("user", "<image>\n" + q)]) for q in questions]
+    params = SamplingParams(max_new_tokens=1)
+
+    def call():
+        stages.cpu = {}
+        stages.enter("total")
+        stages.enter("preprocess")
+        batch = m.model.prompt_batch(samples)
+        stages.exit()
+        m.engine.generate_batch(batch, params)
+        stages.exit()
+        return dict(stages.cpu)
+
+    return call
+
+
+def marked(m: SimpleNamespace) -> Stages:
+    """Stage marks around the vision tower, the projector and the decoder pass."""
+    stages = Stages()
+    for module, name in ((m.model.vision_tower, "vision tower"),
+                         (m.model.multi_modal_projector, "projector")):  # fmt: skip
+        module.register_forward_pre_hook(lambda *_, name=name: stages.enter(name))
+        module.register_forward_hook(lambda *_: stages.exit())
+    runner = m.engine.runner
+    forward = runner._forward
+
+    def decoder_pass(*args, **kwargs):
+        stages.enter("decoder prefill" if args[0].shape[1] > 1 else "decoder step")
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            stages.exit()
+
+    runner._forward = decoder_pass
+    return stages
+
+
+def profile_split(m: SimpleNamespace, stages: Stages, batch_size: int, calls: int) -> dict:
+    """Median CPU ms per stage over `calls` calls, then one call under torch.profiler."""
+    call = ttft_call(m, batch_size, stages)
+    for _ in range(3):
+        call()
+    per_call: dict[str, list[float]] = {name: [] for name in (*STAGES, "rest", "total")}
+    for _ in range(calls):
+        cpu = call()
+        for name in STAGES:
+            per_call[name].append(cpu.get(name, 0.0) * 1e3)
+        per_call["total"].append(cpu["total"] * 1e3)
+        per_call["rest"].append(per_call["total"][-1] - sum(per_call[s][-1] for s in STAGES))
+    med = {name: statistics.median(v) for name, v in per_call.items()}
+    gflop, peak = counted_gflop(call), gemm_peak_gflops()
+    floor_ms = gflop / peak * 1e3
+    print(f"\nbatch {batch_size}: median CPU ms per call over {calls} calls")
+    for name in (*STAGES, "rest", "total"):
+        print(f"  {name:<16} {med[name]:8.2f}  {100 * med[name] / med['total']:5.1f}%")
+    print(f"  {gflop:.3f} GFLOP per call (matmuls, convolutions, attention); at this moment's "
+          f"GEMM rate ({peak:.0f} GFLOP/s, 1024^2) that is {floor_ms:.2f} ms: the call runs "
+          f"at {100 * floor_ms / med['total']:.0f}% of it")  # fmt: skip
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            call()
+    events = [e for e in prof.key_averages() if e.key not in (*STAGES, "total")]
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    print("  torch.profiler, top operators (self ms per call, wall clock):")
+    top = {}
+    for e in events[:10]:
+        top[e.key] = round(e.self_cpu_time_total / 3e3, 3)
+        print(f"    {e.key:<52} {e.self_cpu_time_total / 3e3:7.2f}  x{e.count // 3}")
+    return {"stages": {name: round(v, 3) for name, v in med.items()}, "top_ops_ms": top,
+            "gflop": round(gflop, 4), "gemm_gflops": round(peak, 1),
+            "fraction_of_gemm_rate": round(floor_ms / med["total"], 3)}  # fmt: skip
+
+
+def measure_compile(m: SimpleNamespace, batches: list[int], repeats: int) -> dict:
+    """torch.compile of the vision tower's feature path (its modules, what dynamo traces)
+    against visto's eager inference path (the fused blocks): compile seconds of the first
+    call per batch size, CPU ms per call of each, in turns."""
+    tower = m.model.vision_tower
+    n_layers = m.model.config.vision_feature_layer % (tower.config.layers + 1)
+
+    def features(pixels, blocks):
+        x = tower.pre_layrnorm(tower.embeddings(pixels))
+        for block in blocks[:n_layers]:
+            x = block(x)
+        return x[:, tower.num_prefix :]
+
+    compiled = torch.compile(lambda pixels: features(pixels, tower.encoder.layers))
+    out = {}
+    for B in batches:
+        pixels = m.model.processor.pixel_values([m.image] * B)[0]
+        with torch.inference_mode():
+            eager = lambda pixels=pixels: features(pixels, tower._blocks(pixels))  # noqa: E731
+            start = time.perf_counter()
+            compiled(pixels)
+            compile_s = time.perf_counter() - start
+            diff = float((eager() - compiled(pixels)).abs().max())
+            times: dict[str, list[float]] = {"eager": [], "compiled": []}
+            for _ in range(repeats):
+                runs = (("eager", eager), ("compiled", lambda pixels=pixels: compiled(pixels)))
+                for name, fn in runs:
+                    start_cpu = time.process_time()
+                    for _ in range(5):
+                        fn()
+                    times[name].append((time.process_time() - start_cpu) / 5 * 1e3)
+        eager_ms, comp_ms = (statistics.median(times[k]) for k in ("eager", "compiled"))
+        saved = (eager_ms - comp_ms) / 1e3
+        out[str(B)] = {
+            "compile_s": round(compile_s, 2), "eager_ms": round(eager_ms, 3),
+            "compiled_ms": round(comp_ms, 3), "max_abs_diff": diff,
+            "pays_after_calls": round(compile_s / saved) if saved > 0 else None,
+        }  # fmt: skip
+        print(f"\ncompile, vision tower at batch {B}: first call {compile_s:.1f} s; eager "
+              f"{eager_ms:.2f} ms, compiled {comp_ms:.2f} ms per call (CPU, median of {repeats}); "
+              f"pays after {out[str(B)]['pays_after_calls']} calls")  # fmt: skip
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="a LLaVA checkpoint (default: the bench's)")
+    parser.add_argument("--preset", choices=["tiny", "small"], default="small")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--calls", type=int, default=9, help="profiled calls per batch size")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds for --compile")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    m = load_model(args)
+    stages = marked(m)
+    load_before = load_average()
+    print(f"uptime: {os.popen('uptime').read().strip()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model "
+          f"{args.model or 'generate_vs_hf LLaVA ' + args.preset}: "
+          f"{sum(p.numel() for p in m.model.parameters()) / 1e6:.2f}M params")  # fmt: skip
+    result: dict = {"model": args.model or f"generate_vs_hf:{args.preset}", "split_ms": {}}
+    for B in args.batches:
+        result["split_ms"][str(B)] = profile_split(m, stages, B, args.calls)
+    if args.compile:
+        result["compile_vision"] = measure_compile(m, args.batches, args.repeats)
+    result["load"] = [load_before, load_average()]
+    print(f"uptime: {os.popen('uptime').read().strip()}")
+    if args.json:
+        from visto.utils.io import atomic_write_json
+
+        atomic_write_json(args.json, result)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
