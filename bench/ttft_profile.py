@@ -13,8 +13,9 @@ shared machine) and opens a torch.profiler record_function range:
     preprocess       prompt_batch: image resize + normalise, chat template, tokenizer, collate
     vision tower     ViT up to the feature layer
     projector        visual tokens for the decoder
+    kv cache allocation  the engine's KV cache for the prompt and every new token, once
     decoder prefill  the decoder's layers over the whole prompt (engine fast path)
-    rest             embedding + splice, KV cache allocation, logits, first token, Python
+    rest             embedding + splice, masks, logits, first token, Python
 
 Each stage's figure is its median CPU milliseconds per call over --calls calls (after a
 warm-up); then 3 calls run under torch.profiler for the top operators (its times are wall
@@ -29,7 +30,9 @@ checkpoint (any LLaVA, e.g. the quickstart's) on a 128 px picture of coloured sh
 size, the one part that compiles without recompiling for every prompt length): the tower's
 feature path as modules, compiled (inductor), against visto's eager inference path (fused
 blocks); compile time of the first call at each batch size, median CPU ms per call of each
-in turns; `pays_after_calls` = compile seconds / seconds saved per call (null: never).
+in turns; `pays_after_calls` = compile seconds / seconds saved per call (null: never). The
+same for the engine's decoder pass at prefill (dynamic=True: one graph for every prompt
+length), on the same input embeddings.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate_vs_hf import QUESTIONS, build_llava, load_average  # noqa: E402
 
-STAGES = ("preprocess", "vision tower", "projector", "decoder prefill")
+STAGES = ("preprocess", "vision tower", "projector", "kv cache allocation", "decoder prefill")
 aten = torch.ops.aten
 try:  # torch 2.13's flop counter knows the CUDA attention kernels, not the CPU one SDPA runs
 
@@ -160,6 +163,18 @@ def marked(m: SimpleNamespace) -> Stages:
             stages.exit()
 
     runner._forward = decoder_pass
+    from visto.infer import runner as runner_module
+
+    allocate = runner_module.RunnerState.allocate
+
+    def timed_allocate(*args, **kwargs):
+        stages.enter("kv cache allocation")
+        try:
+            return allocate(*args, **kwargs)
+        finally:
+            stages.exit()
+
+    runner_module.RunnerState.allocate = timed_allocate  # this process only: a bench
     return stages
 
 
@@ -180,7 +195,7 @@ def profile_split(m: SimpleNamespace, stages: Stages, batch_size: int, calls: in
     floor_ms = gflop / peak * 1e3
     print(f"\nbatch {batch_size}: median CPU ms per call over {calls} calls")
     for name in (*STAGES, "rest", "total"):
-        print(f"  {name:<16} {med[name]:8.2f}  {100 * med[name] / med['total']:5.1f}%")
+        print(f"  {name:<20} {med[name]:8.2f}  {100 * med[name] / med['total']:5.1f}%")
     print(f"  {gflop:.3f} GFLOP per call (matmuls, convolutions, attention); at this moment's "
           f"GEMM rate ({peak:.0f} GFLOP/s, 1024^2) that is {floor_ms:.2f} ms: the call runs "
           f"at {100 * floor_ms / med['total']:.0f}% of it")  # fmt: skip
@@ -243,6 +258,54 @@ def measure_compile(m: SimpleNamespace, batches: list[int], repeats: int) -> dic
     return out
 
 
+def measure_compile_decoder(m: SimpleNamespace, batches: list[int], repeats: int) -> dict:
+    """torch.compile (dynamic shapes: prompt lengths vary) of the engine's decoder pass, the
+    prefill's largest stage: compile seconds of the first prefill per batch size, then the
+    decoder prefill's CPU ms eager vs compiled, in turns, on the same input embeddings."""
+    from visto.data.sample import Sample, Turn
+
+    runner = m.engine.runner
+    marked_forward = runner._forward
+    eager_forward = type(runner)._forward.__get__(runner)  # without the stage marks
+    compiled_forward = torch.compile(eager_forward, dynamic=True)
+    out = {}
+    for B in batches:
+        questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(B)]
+        batch = m.model.prompt_batch(
+            [Sample("q", [m.image], [Turn("user", "<image>\n" + q)]) for q in questions]
+        )
+        inputs = m.model.prefill_inputs(batch)
+        runner_inputs, runner.inputs = runner.inputs, lambda _batch, inputs=inputs: inputs
+        try:
+            runner._forward = eager_forward
+            reference = runner.prefill(batch, room=1)[0]
+            runner._forward = compiled_forward
+            start = time.perf_counter()
+            diff = float((runner.prefill(batch, room=1)[0] - reference).abs().max())
+            compile_s = time.perf_counter() - start
+            times: dict[str, list[float]] = {"eager": [], "compiled": []}
+            for _ in range(repeats):
+                for name, forward in (("eager", eager_forward), ("compiled", compiled_forward)):
+                    runner._forward = forward
+                    start_cpu = time.process_time()
+                    for _ in range(5):
+                        runner.prefill(batch, room=1)
+                    times[name].append((time.process_time() - start_cpu) / 5 * 1e3)
+        finally:
+            runner._forward, runner.inputs = marked_forward, runner_inputs
+        eager_ms, comp_ms = (statistics.median(times[k]) for k in ("eager", "compiled"))
+        saved = (eager_ms - comp_ms) / 1e3
+        out[str(B)] = {
+            "compile_s": round(compile_s, 2), "eager_ms": round(eager_ms, 3),
+            "compiled_ms": round(comp_ms, 3), "max_abs_diff_logits": diff,
+            "pays_after_calls": round(compile_s / saved) if saved > 0 else None,
+        }  # fmt: skip
+        print(f"\ncompile, decoder prefill at batch {B}: first call {compile_s:.1f} s; eager "
+              f"{eager_ms:.2f} ms, compiled {comp_ms:.2f} ms per call (CPU, median of {repeats}); "
+              f"pays after {out[str(B)]['pays_after_calls']} calls")  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="a LLaVA checkpoint (default: the bench's)")
@@ -269,6 +332,7 @@ def main() -> None:
         result["split_ms"][str(B)] = profile_split(m, stages, B, args.calls)
     if args.compile:
         result["compile_vision"] = measure_compile(m, args.batches, args.repeats)
+        result["compile_decoder"] = measure_compile_decoder(m, args.batches, args.repeats)
     result["load"] = [load_before, load_average()]
     print(f"uptime: {os.popen('uptime').read().strip()}")
     if args.json:
