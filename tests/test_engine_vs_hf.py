@@ -3,6 +3,7 @@ for a plain decoder and for LLaVA with an image (each side through its own proce
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +23,20 @@ def _run(args: list[str]) -> str:
 
 
 @pytest.mark.slow
-def test_generate_vs_hf_bench_runs_and_tokens_agree():
+def test_generate_vs_hf_bench_runs_and_tokens_agree(tmp_path):
     args = ["--family", "decoder", "--vocab", "300", "--hidden", "64", "--layers", "2"]
     args += ["--heads", "4", "--kv-heads", "2", "--intermediate", "128", "--prompt-len", "12"]
-    out = _run([*args, "--new-tokens", "6"])
+    out = _run([*args, "--new-tokens", "6", "--json", str(tmp_path / "figures.json")])
     assert out.count("tokens identical") == 2  # batch 1 and batch 8
+    # issue 19's machine-readable figures: ours / transformers per batch size
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert set(figures["batch"]) == {"1", "8"}
+    for batch in figures["batch"].values():
+        assert batch["ttft_ratio"] > 0 and batch["tokps_ratio"] > 0
+        assert batch["ttft_ratio"] == pytest.approx(
+            batch["ttft_ms"]["visto"] / batch["ttft_ms"]["transformers"]
+        )
+    assert len(figures["load"]) == 2
 
 
 @pytest.mark.slow
