@@ -99,7 +99,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     load = [os.getloadavg()[0]]
-    photos = [photo(w, h, i) for i, (w, h) in enumerate([(640, 480), (500, 375), (800, 600), (480, 640)])]
+    photos = [
+        photo(w, h, i) for i, (w, h) in enumerate([(640, 480), (500, 375), (800, 600), (480, 640)])
+    ]
     print(f"load {load[0]:.2f}, torch threads {torch.get_num_threads()}, median of {args.rounds} "
           f"rounds x {args.calls} calls, process CPU time")  # fmt: skip
     print(f"{'set':<12} {'S':>4} {'visto img/s':>12} {'theirs img/s':>13} {'ratio':>6}  max |diff|")

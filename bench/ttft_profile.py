@@ -104,7 +104,9 @@ def load_model(args) -> SimpleNamespace:
 
     model = visto.load(args.model, device="cpu").eval()
     image = shapes_image(model.config.vision.image_size)
-    return SimpleNamespace(model=model, engine=Engine(model, model.processor.tokenizer), image=image)
+    return SimpleNamespace(
+        model=model, engine=Engine(model, model.processor.tokenizer), image=image
+    )
 
 
 class Stages:

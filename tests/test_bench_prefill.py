@@ -39,7 +39,10 @@ def test_ttft_profile_splits_the_call(tmp_path):
 @pytest.mark.slow
 def test_preprocess_speed_same_pixels_as_transformers(tmp_path):
     out = tmp_path / "pre.json"
-    _run("preprocess_speed.py", ["--sizes", "32", "--rounds", "1", "--calls", "1", "--json", str(out)])
+    _run(
+        "preprocess_speed.py",
+        ["--sizes", "32", "--rounds", "1", "--calls", "1", "--json", str(out)],
+    )
     figures = json.loads(out.read_text())["sizes"]["32"]
     for images in ("photos", "model size"):
         assert figures[images]["max_abs_diff"] == 0.0

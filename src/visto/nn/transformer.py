@@ -158,7 +158,8 @@ class FusedEncoderBlock:
         B, T, C = x.shape
         H, hd = self.heads, self.head_dim
         h = F.layer_norm(x, (C,), *self.ln1[:2], eps=self.ln1[2])
-        qkv = _linear_t(h, *self.qkv).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+        qkv = _linear_t(h, *self.qkv).view(B, T, 3, H, hd)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
         y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, T, hd)
         x = x + _linear_t(y.transpose(1, 2).reshape(B, T, H * hd), *self.out)
         h = F.layer_norm(x, (C,), *self.ln2[:2], eps=self.ln2[2])

@@ -259,7 +259,6 @@ class ViT(nn.Module):
             pooled_out = self.post_layernorm(token)
         return ViTOutput(pooled=pooled_out, features=features[:, prefix:])  # no CLS: (B, N, D)
 
-
     def _blocks(self, x: Tensor) -> Sequence[Callable[[Tensor], Tensor]]:
         """The encoder's blocks, or at inference on the CPU (no autograd, eval mode) their
         fused copies (`FusedEncoderBlock`: one q/k/v matmul, weights pre-transposed),
