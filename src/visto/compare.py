@@ -87,7 +87,6 @@ class CompareConfig:
     size: int = 128  # image side (the recipes are written for 128 px)
     seed: int = 0
     vision_steps: int = 500  # the shared ViT's dense pretraining (once, not per family)
-    reader_steps: int = 1000  # the connector's OCR reader, trained with the shared ViT (once)
     credit_vision_time: bool = True  # a family without a tower gets that pretraining's compute
     eval_images: int = 50  # test and held-out images for the final evaluation
     eval_batch: int = 32
@@ -120,7 +119,7 @@ class CompareConfig:
             problems.append("--families names a family twice")
         if self.minutes is not None and self.minutes <= 0:
             problems.append(f"--minutes must be positive (or left out: no cap), got {self.minutes}")
-        for name in ("steps", "vision_steps", "reader_steps"):
+        for name in ("steps", "vision_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -510,8 +509,7 @@ def shared_vision(cfg: CompareConfig, out: Path, console: Any) -> tuple[Path, Pa
     # Batch 64: the pace VISION_STEPS_PER_REFERENCE_MINUTE was measured at (the quickstart's
     # own default is 16 for four times the steps).
     qcfg = QuickstartConfig(n=cfg.n, size=cfg.size, seed=cfg.seed, workers=cfg.workers,
-                            threads=cfg.threads, vision_steps=cfg.vision_steps, vision_batch=64,
-                            reader_steps=cfg.reader_steps)  # fmt: skip
+                            threads=cfg.threads, vision_steps=cfg.vision_steps, vision_batch=64)  # fmt: skip
     qcfg.validate()
     if cfg.data is not None:
         world_dir = Path(cfg.data)

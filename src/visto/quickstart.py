@@ -79,12 +79,13 @@ class QuickstartConfig:
     # "mlp": 64 patch tokens; "pixel_shuffle": 16
     projector: str = "regions"
     slots: int = 10  # regions: object tokens per image (the world has at most 9 objects)
-    # regions: each object token is followed by its box's 4 location tokens, so a grounding
-    # answer is a copy (ProjectorConfig.box_tokens; 10 objects -> 50 visual tokens)
-    box_tokens: bool = True
-    # regions: lines of text read by the connector's OCR reader (connectors.text_reader),
-    # trained in the vision stage for `reader_steps` steps on the world's text boxes; 0: none
-    text_slots: int = 2
+    # regions: each object token followed by its box's 4 location tokens (ProjectorConfig.
+    # box_tokens), and lines of text read by the connector's OCR reader (connectors.text_reader,
+    # trained in the vision stage for `reader_steps` steps). Off by default: with both on
+    # (62 visual tokens instead of 10) the same budget learned less, not more (VQA 0.695 ->
+    # 0.532, grounding and OCR unchanged near 0: bench/README.md, "Quickstart", r6).
+    box_tokens: bool = False
+    text_slots: int = 0
     reader_steps: int = 1000
     decoder_width: int = 256
     decoder_layers: int = 4
@@ -123,6 +124,8 @@ class QuickstartConfig:
             problems.append(f"vision_stem must be one of {STEMS}, got {self.vision_stem!r}")
         if self.projector not in ("regions", "mlp", "pixel_shuffle"):
             problems.append(f"projector must be 'regions', 'mlp' or 'pixel_shuffle', got {self.projector!r}")
+        if self.text_slots < 0:
+            problems.append(f"--text-slots must be 0 or more, got {self.text_slots}")
         if self.vision_batch < 1:
             problems.append(f"--vision-batch must be at least 1, got {self.vision_batch}")
         from visto.data.synth.mixes import MIXES

@@ -13,7 +13,7 @@ DESCRIPTION = """\
 Train and evaluate a small vision-language model from nothing, offline, on a CPU.
 
 The training budget is a number of optimizer steps per stage, so the same seed gives the
-same model on any machine; the defaults are 4,000 (+ 1,000 OCR reader) + 800 + 200 steps (measured times per
+same model on any machine; the defaults are 4,000 + 800 + 200 steps (measured times per
 stage, with the machine's load, in bench/README.md "Quickstart").
 --minutes caps the training time instead: a stage it stops early prints (and records in
 its done.json) how many of its steps were cut, and its model differs from the default's.
@@ -22,14 +22,15 @@ Stages (each writes a folder in RUN and is skipped on a re-run when its settings
 unchanged; --fresh redoes everything):
   1. data     render the synthetic world: RUN/world (+ RUN/world/show.png, look at it)
   2. vision   pretrain the ViT on the world's dense labels (per-patch shape, colour,
-              size, object centres and boxes, characters of the texts), then train the
-              OCR reader (find each line of text, read it with CTC): RUN/vision
+              size, object centres and boxes, characters of the texts); with
+              --text-slots, also the OCR reader (find each line, read it with CTC): RUN/vision
   3. stage1   LLaVA stage 1 (recipe quickstart-stage1, mix "look": a caption and two short
               questions per image), vision tower frozen. The connector gives the decoder
               one token per detected object, made of the decoder's own words for its
-              colour, shape and size, followed by its box's 4 location tokens, and the
-              words the reader read as the decoder's own tokens (visto.connectors.regions,
-              visto.connectors.text_reader): RUN/stage1
+              colour, shape, size and box (visto.connectors.regions); --box-tokens
+              follows each with its box's 4 location tokens, --text-slots N adds N lines
+              of text the OCR reader read, as the decoder's own tokens (both measured
+              worse at the default budget: bench/README.md, "Quickstart"): RUN/stage1
   4. stage2   LLaVA stage 2 (recipe quickstart-stage2, mix "instruct+caption"): every question of
               an image (VQA, counting, grounding with box tokens, OCR, JSON) in one sample
               as independent turns, none of which can see another: RUN/stage2
@@ -53,9 +54,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run directory (default runs/quickstart)")  # fmt: skip
     p.add_argument("--vision-steps", type=int, default=None, metavar="N",
                    help="steps of the vision stage (default 4000)")  # fmt: skip
+    p.add_argument("--box-tokens", action="store_true",
+                   help="follow each object token with its box's 4 location tokens (5 tokens an "
+                        "object); measured worse at the default budget")  # fmt: skip
+    p.add_argument("--text-slots", type=int, default=None, metavar="N",
+                   help="lines of text the connector's OCR reader reads into the decoder's own "
+                        "tokens (default 0: no reader)")  # fmt: skip
     p.add_argument("--reader-steps", type=int, default=None, metavar="N",
-                   help="steps of the OCR reader, trained in the vision stage on the world's text "
-                        "boxes; its words reach the decoder as tokens (default 1000)")  # fmt: skip
+                   help="steps of the OCR reader (with --text-slots), trained in the vision stage "
+                        "on the world's text boxes (default 1000)")  # fmt: skip
     p.add_argument("--stage1-steps", type=int, default=None, metavar="N",
                    help="steps of LLaVA stage 1 (default 800)")  # fmt: skip
     p.add_argument("--stage2-steps", type=int, default=None, metavar="N",
@@ -112,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
            if (value := getattr(args, name)) is not None},
         **({"vision_stem": args.vision_stem} if args.vision_stem else {}),
         **({"vision_batch": args.vision_batch} if args.vision_batch is not None else {}),
+        **({"box_tokens": True} if args.box_tokens else {}),
+        **({"text_slots": args.text_slots} if args.text_slots is not None else {}),
     )  # fmt: skip
     console = Console()
     result = run_quickstart(cfg, args.out, fresh=args.fresh, console=console, until=args.until)
