@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers  # a hard dependency: a broken install fails here, not skips
 
 from visto.checkpoint import save_checkpoint
 from visto.cli import main
@@ -14,8 +15,6 @@ from visto.models import build_model
 from visto.models.llava import LlavaConfig
 from visto.nn.lora import LoraConfig, apply_lora
 from visto.nn.vision import ViTConfig
-
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+import transformers  # a hard dependency: a broken install fails here, not skips
 
 from test_flamingo_idefics import inputs as idefics_inputs
 from test_llava import TEXTS
@@ -20,7 +21,6 @@ from visto.models import build_model
 from visto.models.transformers_format import export_transformers
 from visto.nn.lora import LoraConfig, apply_lora
 
-transformers = pytest.importorskip("transformers")
 TOL = 1e-4
 
 

@@ -12,8 +12,6 @@ from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
 from visto.models.flamingo import from_idefics
 
-transformers = pytest.importorskip("transformers")
-
 
 def save_tiny_idefics(path, alpha_type: str = "float", interval: int = 2, extra_vocab: int = 2):
     from transformers import IdeficsConfig, IdeficsForVisionText2Text

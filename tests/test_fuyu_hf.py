@@ -8,14 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers  # a hard dependency: a broken install fails here, not skips
 from PIL import Image
 
 from visto.data.processor import ProcessorConfig, patch_image_transform
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
 from visto.models.fuyu import from_transformers
-
-transformers = pytest.importorskip("transformers")
 
 PATCH = 8
 TEXT = dict(

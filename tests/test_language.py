@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
+import transformers  # a hard dependency: a broken install fails here, not skips
 
 from visto.errors import UserError
 from visto.nn.language import DecoderConfig, DecoderLM
-
-transformers = pytest.importorskip("transformers")
 
 HF_SIZES = dict(
     vocab_size=97,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers  # a hard dependency: a broken install fails here, not skips
 
 from visto.data.sample import Sample, Turn
 from visto.data.tokenizer import train_tokenizer
@@ -12,8 +13,6 @@ from visto.errors import UserError
 from visto.models import build_model
 from visto.models.llava import LlavaConfig, export_hf
 from visto.nn.vision import ViTConfig
-
-transformers = pytest.importorskip("transformers")
 
 
 def samples():

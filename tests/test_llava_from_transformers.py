@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import transformers  # a hard dependency: a broken install fails here, not skips
 from PIL import Image
 
 import visto
@@ -17,8 +18,6 @@ from visto.errors import UserError
 from visto.infer import Engine, SamplingParams
 from visto.models.llava import Llava, LlavaConfig
 from visto.pretrained import build_model
-
-transformers = pytest.importorskip("transformers")
 
 TEXTS = ["What colour is the square?", "red", "blue", "Describe the image.", "a red square"] * 5
 

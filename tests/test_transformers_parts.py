@@ -9,14 +9,13 @@ import json
 
 import pytest
 import torch
+import transformers  # a hard dependency: a broken install fails here, not skips
 from PIL import Image
 
 import visto
 from visto.errors import UserError
 from visto.models.llava import LlavaConfig
 from visto.pretrained import build_model
-
-transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
