@@ -45,7 +45,7 @@ from typing import Any
 
 from visto.data.sample import Sample
 from visto.errors import UserError
-from visto.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from visto.utils.io import atomic_write_json, atomic_write_text, save_figure
 
 DEFAULT_FAMILIES = ("llava", "blip2", "flamingo", "fuyu", "cogvlm")
 # The compare recipes' max_steps are what each family trains in this many minutes on the
@@ -241,7 +241,6 @@ def markdown_tables(families: list[str], rows: list[dict[str, Any]],
 
 def plot_accuracy_vs_time(summaries: dict[str, dict[str, Any]], out: Path) -> Path:
     """Probe VQA accuracy of every family against minutes of training, one line each."""
-    import io
 
     import matplotlib
 
@@ -259,10 +258,7 @@ def plot_accuracy_vs_time(summaries: dict[str, dict[str, Any]], out: Path) -> Pa
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(out, buf.getvalue())
+    return save_figure(fig, out)
 
 
 # ----------------------------------------------------------------------------- measurements

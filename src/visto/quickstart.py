@@ -586,14 +586,13 @@ def merge_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path | None:
     """Training loss of every stage against run-wide minutes: one learning-curve figure."""
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from visto.utils.io import atomic_write_bytes
+    from visto.utils.io import save_figure
 
     train_rows = [r for r in rows if r.get("split") == "train" and "loss" in r]
     if not train_rows:
@@ -619,22 +618,18 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path | None:
     axes[1].grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(out, buf.getvalue())
+    return save_figure(fig, out)
 
 
 def plot_figures(metrics: dict[str, float], out: Path) -> Path | None:
     """Headline figures, test vs held-out vs the blind twin on test, against their targets."""
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from visto.utils.io import atomic_write_bytes
+    from visto.utils.io import save_figure
 
     names = [(k, label, target) for k, label, target in HEADLINE if k in metrics]
     if not names:
@@ -654,10 +649,7 @@ def plot_figures(metrics: dict[str, float], out: Path) -> Path | None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(out, buf.getvalue())
+    return save_figure(fig, out)
 
 
 def _figure(value: float | None) -> str:

@@ -26,7 +26,7 @@ from visto.data.tokenizer import parse_boxes
 from visto.eval.generative import answer_boxes
 from visto.tasks import detect
 from visto.tasks.common import norm_to_pixels
-from visto.utils.io import atomic_write_bytes
+from visto.utils.io import save_figure
 
 TASK_ORDER = ("ground", "boxes", "json", "refdesc", "vqa", "ocr", "count", "classify", "caption",
               "longform")  # fmt: skip
@@ -164,7 +164,6 @@ def render_examples(
 ) -> Path | None:
     """Write a PNG grid of `n` examples; None (and nothing written) when there are none.
     `images` ((split, image id) -> PIL image) stands in for `data_dir`'s world files."""
-    import io
 
     import matplotlib
 
@@ -231,7 +230,4 @@ def render_examples(
     ]
     fig.legend(handles=handles, loc="upper center", ncol=2, frameon=False, fontsize=10,
                bbox_to_anchor=(0.5, 1.0))  # fmt: skip
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", pad_inches=0.15)
-    plt.close(fig)
-    return atomic_write_bytes(Path(path), buf.getvalue())
+    return save_figure(fig, path, dpi=100, bbox_inches="tight", pad_inches=0.15)

@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from visto.utils.io import atomic_write_bytes, atomic_write_text
+from visto.utils.io import atomic_write_text, save_figure
 
 HELDOUT = "heldout."
 BLIND, GAIN = "blind.", "gain."
@@ -76,15 +76,6 @@ def metrics_table(metrics: Mapping[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save_figure(fig, path: Path) -> Path:  # noqa: ANN001 - a matplotlib Figure
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
 def _pyplot():
     import matplotlib
 
@@ -142,9 +133,7 @@ def plot_group_bars(
         ax.set_ylim(0, 1.02)
     ax.set_title(title or group)
     ax.grid(axis="y", alpha=0.3)
-    path = _save_figure(fig, Path(path))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -200,9 +189,7 @@ def plot_curve(
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()
-    path = _save_figure(fig, Path(path))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def metric_groups(metrics: Mapping[str, float]) -> list[str]:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from visto.utils.io import atomic_write_bytes, atomic_write_text
+from visto.utils.io import atomic_write_text, save_figure
 
 SKIP = {"step", "split", "lr", "samples_per_s", "elapsed_s", "grad_norm"}
 
@@ -20,7 +20,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def _plot(rows: list[dict[str, Any]], name: str, out: Path) -> bool:
     """One metric against step, a line per split. False when no row has it."""
-    import io
 
     import matplotlib
 
@@ -43,10 +42,7 @@ def _plot(rows: list[dict[str, Any]], name: str, out: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(out, buf.getvalue())
+    save_figure(fig, out)
     return True
 
 
