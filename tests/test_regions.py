@@ -222,3 +222,10 @@ def test_a_tower_from_a_checkpoint_brings_its_object_detector(tokenizer_dir, tmp
 
     with pytest.raises(UserError, match="has none; make a tower with them"):
         build_model("llava", config(vision_init=str(tmp_path / "plain")))
+    # Reading text needs the tower's OCR reader: one without it is a clear error too.
+    reading = ProjectorConfig(kind="regions", slots=5, text_slots=1, text_tokens=2)
+    c = LlavaConfig.preset("tiny", tokenizer_dir=str(tokenizer_dir), projector=reading,
+                           vision_init=str(tmp_path / "vision"))  # fmt: skip
+    c.processor.image_tokens = 7
+    with pytest.raises(UserError, match="OCR reader .* has none"):
+        build_model("llava", c)

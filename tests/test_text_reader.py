@@ -101,3 +101,24 @@ def test_a_reader_inside_a_connector_stays_in_eval_mode():
     c.train()
     assert c.training and not c.reader.training
     assert TextReader().train().training
+
+
+def test_evaluate_reader_sorts_the_misses_and_keeps_the_mode():
+    """Reads in eval mode (BatchNorm's running statistics, as inside the connector) and gives
+    the reader back in the mode it came in."""
+    from visto.train.reader import ReaderData, evaluate_reader
+
+    box = [0, 0, 10, 10]
+    truth = [[("CAT", box), ("DOG", box)], [("CAT", box), ("DOG", box)], [("CAT", box)],
+             [("CAT", box)], [("EXIT", box)], []]  # fmt: skip
+    read = [[("CAT", box), ("DOG", box)], [("DOG", box), ("CAT", box)], [("CAT", box), ("GO", box)],
+            [("CAR", box)], [("EXIT", box)], []]  # fmt: skip
+    reader = TextReader()
+    modes = []
+    reader.forward = lambda pixels: (modes.append(reader.training), read[: len(pixels)])[1]
+    data = ReaderData(torch.zeros(6, 3, 32, 32, dtype=torch.uint8), truth)
+    figures = evaluate_reader(reader, data)
+    assert modes == [False] and reader.training  # read in eval mode, handed back training
+    assert figures["images_with_text"] == 5 and figures["exact"] == pytest.approx(2 / 5)
+    assert figures["miss_order"] == figures["miss_lines"] == figures["miss_misread"] == pytest.approx(1 / 5)
+    assert figures["empty_right"] == 1.0

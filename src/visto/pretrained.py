@@ -116,6 +116,12 @@ def regions_projector(config: LlavaConfig, path: str | Path) -> nn.Module:
     detector = load_region_detector(path)
     projector.heads.load_state_dict(detector.heads.state_dict())
     if config.projector.text_slots:
+        if getattr(detector, "reader", None) is None:
+            raise UserError(
+                f"projector text_slots {config.projector.text_slots} reads text with the OCR reader "
+                f"trained beside its vision tower, and {path} has none; make a tower with one: "
+                "`visto quickstart --out DIR --text-slots 2 --until vision`, or set text_slots 0"
+            )
         projector.reader.load_state_dict(detector.reader.state_dict())
     return projector
 

@@ -111,24 +111,42 @@ def reader_loss(
 
 
 def evaluate_reader(reader: TextReader, data: ReaderData, batch_size: int = 64) -> dict[str, float]:
-    """Exact match of the whole reading (texts joined by spaces, as the OCR task answers) on
-    the images that hold text, and how many images without text stay empty."""
-    exact = with_text = empty_right = without_text = 0
+    """The reader as the connector runs it (eval mode) on every image of `data`:
+
+    exact         the whole reading equal to the OCR answer (texts in reading order, joined
+                  by spaces), over the images that hold text
+    miss_lines    another number of lines than the truth's (lines merged, split or missed)
+    miss_order    every text read, in another order
+    miss_misread  the lines right, some text wrong
+    empty_right   images without text that read nothing
+    """
+    counts = dict.fromkeys(("with_text", "exact", "lines", "order", "misread", "without", "empty"), 0)
+    was_training = reader.training
     reader.eval()
     for start in range(0, len(data.lines), batch_size):
-        pixels = normalise(data.images[start : start + batch_size])
-        for found, truth in zip(
-            reader(pixels), data.lines[start : start + batch_size], strict=True
-        ):
-            got, want = " ".join(t for t, _ in found), " ".join(t for t, _ in truth)
-            if truth:
-                with_text += 1
-                exact += got == want
+        found = reader(normalise(data.images[start : start + batch_size]))
+        for got, want in zip(found, data.lines[start : start + batch_size], strict=True):
+            got_texts, want_texts = [t for t, _ in got], [t for t, _ in want]
+            if not want:
+                counts["without"] += 1
+                counts["empty"] += not got
+                continue
+            counts["with_text"] += 1
+            if got_texts == want_texts:
+                counts["exact"] += 1
+            elif len(got_texts) != len(want_texts):
+                counts["lines"] += 1
+            elif sorted(got_texts) == sorted(want_texts):
+                counts["order"] += 1
             else:
-                without_text += 1
-                empty_right += got == ""
-    reader.train()
-    return {"exact": exact / max(1, with_text), "empty_right": empty_right / max(1, without_text)}
+                counts["misread"] += 1
+    reader.train(was_training)
+    n, m = max(1, counts["with_text"]), max(1, counts["without"])
+    return {
+        "exact": counts["exact"] / n, "miss_lines": counts["lines"] / n,
+        "miss_order": counts["order"] / n, "miss_misread": counts["misread"] / n,
+        "empty_right": counts["empty"] / m, "images_with_text": counts["with_text"],
+    }  # fmt: skip
 
 
 def train_reader(
@@ -144,7 +162,6 @@ def train_reader(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     reader = TextReader()
-    reader.train()
     optimizer = torch.optim.AdamW(reader.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=steps, pct_start=0.05
