@@ -24,7 +24,6 @@ Training stages are recipes (`llava-stage1.json`: projector only on captions;
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -51,8 +50,12 @@ from visto.models.common import (
 from visto.models.transformers_format import (
     act_from_hf,
     act_to_hf,
+    image_processor_json,
     legacy_key,
+    merged,
     read_hf_config,
+    refuse_export,
+    write_transformers_dir,
 )
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 from visto.nn.vision import (
@@ -343,21 +346,9 @@ def hf_config(model: Llava) -> dict[str, Any]:
     }
 
 
-def export_hf(model: Llava, directory: str | Path) -> Path:
-    """Write `directory` for `transformers.LlavaForConditionalGeneration.from_pretrained`
-    (and vLLM): config.json, model.safetensors, and the tokenizer with its chat template.
-
-    Exact for the `mlp` projector whose hidden width is the decoder's, with processor
-    `image_delimiters=False` (transformers' processor repeats `<image>` with no delimiters).
-    """
-    from safetensors.torch import save_file
-
-    from visto.nn.lora import has_lora, merge_lora
-    from visto.utils.io import atomic_directory, atomic_write_json
-
-    if has_lora(model):
-        # transformers' Llava has no adapters: export the merged weights, leave `model` as is.
-        model = merge_lora(copy.deepcopy(model))
+def export_problems(model: Llava) -> list[str]:
+    """What of this LLaVA transformers' `LlavaForConditionalGeneration` cannot hold exactly
+    (empty: it exports)."""
     cfg = model.config
     problems = []
     if cfg.projector.kind != "mlp" or cfg.projector.hidden_dim not in (None, cfg.decoder.hidden_size):
@@ -380,54 +371,46 @@ def export_hf(model: Llava, directory: str | Path) -> Path:
             "processor.image_delimiters must be false: transformers' LlavaProcessor puts no "
             "<im_start>/<im_end> around the image tokens, so prompts would differ from training"
         )
-    if problems:
-        raise UserError("cannot export this LLaVA to the transformers format: " + "; ".join(problems))
+    return problems
 
+
+def export_hf(model: Llava, directory: str | Path) -> Path:
+    """Write `directory` for `transformers.LlavaForConditionalGeneration.from_pretrained`
+    (and vLLM): config.json, model.safetensors, and the tokenizer with its chat template.
+    LoRA adapters are merged into a copy (transformers' Llava has none).
+
+    Exact for the `mlp` projector whose hidden width is the decoder's, with processor
+    `image_delimiters=False` (transformers' processor repeats `<image>` with no delimiters);
+    refused otherwise, each reason named (`export_problems`).
+    """
+    model = merged(model)
+    refuse_export("LLaVA", export_problems(model))
     state = model.state_dict()
-    tensors = {
-        theirs: state[ours].detach().float().contiguous().cpu()
-        for ours, theirs in hf_key_map(model).items()
-    }
-    if cfg.vision.pos_embed == "sincos":
+    tensors = {theirs: state[ours] for ours, theirs in hf_key_map(model).items()}
+    if model.config.vision.pos_embed == "sincos":
         # transformers' CLIP learns its position table; ours is fixed, so store it as one.
         table = model.vision_tower.embeddings.fixed_position_embedding
-        tensors["vision_tower.vision_model.embeddings.position_embedding.weight"] = (
-            table.detach().float().contiguous().cpu()
-        )
-    config = hf_config(model)
-    with atomic_directory(directory) as tmp:
-        atomic_write_json(tmp / "config.json", config)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if model._processor is not None or cfg.tokenizer_dir or cfg.tokenizer_corpus:
-            model.processor.tokenizer.to_hf_tokenizer().save_pretrained(str(tmp))
-            p = model.processor.config
-            atomic_write_json(
-                tmp / "preprocessor_config.json",
-                {
-                    "image_processor_type": "CLIPImageProcessor",
-                    "do_resize": True,
-                    "size": {"height": p.image_size, "width": p.image_size},
-                    "resample": 3,
-                    "do_center_crop": False,
-                    "do_rescale": True,
-                    "rescale_factor": 1 / 255,
-                    "do_normalize": True,
-                    "image_mean": list(p.mean),
-                    "image_std": list(p.std),
-                    "do_convert_rgb": True,
-                },
-            )
-            atomic_write_json(
-                tmp / "processor_config.json",
-                {
-                    "processor_class": "LlavaProcessor",
-                    "patch_size": cfg.vision.patch_size,
-                    "vision_feature_select_strategy": "default",
-                    "num_additional_image_tokens": 1,
-                    "image_token": IMAGE,
-                },
-            )
-    return Path(directory)
+        tensors["vision_tower.vision_model.embeddings.position_embedding.weight"] = table
+    return write_transformers_dir(model, directory, hf_config(model), tensors,
+                                  _hf_processor_files(model))  # fmt: skip
+
+
+def _hf_processor_files(model: Llava) -> dict[str, dict[str, Any]]:
+    """preprocessor_config.json and processor_config.json, from the model's own processor:
+    written beside its tokenizer, so only when it has one (no processor is built here)."""
+    cfg = model.config
+    if model._processor is None and not (cfg.tokenizer_dir or cfg.tokenizer_corpus):
+        return {}
+    return {
+        "preprocessor_config.json": image_processor_json(model.processor.config, "CLIPImageProcessor"),
+        "processor_config.json": {
+            "processor_class": "LlavaProcessor",
+            "patch_size": cfg.vision.patch_size,
+            "vision_feature_select_strategy": "default",
+            "num_additional_image_tokens": 1,
+            "image_token": IMAGE,
+        },
+    }
 
 
 def config_from_hf(
@@ -544,6 +527,7 @@ __all__ = [
     "build_llava_projector",
     "config_from_hf",
     "export_hf",
+    "export_problems",
     "hf_config",
     "hf_key_map",
     "load_hf",
