@@ -10,7 +10,8 @@ reader, a BLIP-2 stage 1, a Llama decoder) in a temporary directory, builds a mo
 config naming them (vision_init, language_init, clip_init, stage1_checkpoint), and hashes its
 state dict (names, shapes, bytes), its saved config and its processor's tokenizer. Plain
 builds of every family (no parts) are hashed too. Everything is seeded: the hashes depend on
-the code and the torch build alone.
+the code and the torch build alone. One case trains instead of building: a seeded dense
+pretraining of a tiny ViT (visto.train.dense), its weights and learning rates after 12 steps.
 """
 
 from __future__ import annotations
@@ -108,7 +109,35 @@ def cases(root: Path) -> dict[str, str]:
         out[name] = digest(build_model(family, config, seed=11), root)
         torch.manual_seed(12)  # unseeded builds draw from the global RNG, as visto train's
         out[name + ".unseeded"] = digest(build_model(family, config), root)
+    out["train.dense.pretrain_dense"] = dense_digest()
     return out
+
+
+def dense_digest() -> str:
+    """A seeded dense pretraining (visto.train.dense) of a tiny ViT on random per-patch targets,
+    stopped by steps (warmup and cosine over them): its weights and the lr of every step."""
+    from visto.nn.vision import ViTConfig
+    from visto.train.dense import DenseTargets, pretrain_dense
+
+    g = torch.Generator().manual_seed(0)
+    n, cells = 8, 4  # 16-px images, 8-px patches: a 2 x 2 grid
+    targets = DenseTargets(
+        pixels=torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8),
+        shape=torch.randint(0, 8, (n, cells), generator=g), colour=torch.randint(0, 9, (n, cells), generator=g),
+        size=torch.randint(0, 4, (n, cells), generator=g), centre=(torch.rand(n, cells, generator=g) > 0.6).float(),
+        centre_shape=torch.randint(0, 8, (n, cells), generator=g), box=torch.rand(n, cells, 4, generator=g),
+        chars=torch.randint(0, 37, (n, cells, 2), generator=g),
+    )
+    config = ViTConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2, mlp_hidden=64)
+    rows: list[dict[str, Any]] = []
+    result = pretrain_dense(config, targets, None, minutes=60, max_steps=12, batch_size=4,
+                            warmup_steps=3, seed=3, log=rows.append, log_every=1)
+    h = hashlib.sha256(json.dumps([r["lr"] for r in rows]).encode())
+    for part in (result.vit, result.heads):
+        for name, value in sorted(part.state_dict().items()):
+            h.update(name.encode())
+            h.update(value.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def main() -> None:

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from visto.data.synth.mixes import record_qas
+from visto.data.synth.vocab import SHAPES as SHAPE_NAMES
 from visto.data.tokenizer import boxes_to_loc, parse_boxes
 from visto.errors import UserError
 from visto.quickstart import QuickstartConfig, run_quickstart
-from visto.train.dense import CHARS, SHAPE_NAMES, record_targets
+from visto.train.dense import CHARS, record_targets
 
 
 def _record() -> dict:

@@ -35,10 +35,14 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-# The heads and the attribute names live with the connector that reads them at inference
-# (object tokens); this module trains them.
-from visto.connectors.regions import CHARS, COLOUR_NAMES, SHAPE_NAMES, SIZE_NAMES, DenseHeads
+# The heads and their character set live with the connector that reads them at inference
+# (object tokens); this module trains them. Class k + 1 is the world's k-th shape, colour, size.
+from visto.connectors.regions import CHARS, DenseHeads
+from visto.data.synth.vocab import COLOURS, SHAPES, SIZES
 from visto.nn.vision import ViT, ViTConfig
+from visto.train.optim import lr_factor
+
+MIN_LR_RATIO = 0.05  # the cosine ends at 5% of lr
 
 
 @dataclass
@@ -74,9 +78,9 @@ def record_targets(record: dict, mask: np.ndarray, grid: int) -> dict[str, np.nd
     size = np.zeros(grid * grid, np.int64)
     for i, o in enumerate(objs):
         hit = owner == i + 1
-        shape[hit] = 1 + SHAPE_NAMES.index(o["shape"])
-        colour[hit] = 1 + COLOUR_NAMES.index(o["colour"])
-        size[hit] = 1 + SIZE_NAMES.index(o["size"])
+        shape[hit] = 1 + SHAPES.index(o["shape"])
+        colour[hit] = 1 + list(COLOURS).index(o["colour"])
+        size[hit] = 1 + list(SIZES).index(o["size"])
     centre = np.zeros(grid * grid, np.float32)
     centre_shape = np.zeros(grid * grid, np.int64)
     box = np.zeros((grid * grid, 4), np.float32)
@@ -85,7 +89,7 @@ def record_targets(record: dict, mask: np.ndarray, grid: int) -> dict[str, np.nd
         cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
         k = min(grid - 1, int(cy // p)) * grid + min(grid - 1, int(cx // p))
         centre[k] = 1.0
-        centre_shape[k] = 1 + SHAPE_NAMES.index(o["shape"])
+        centre_shape[k] = 1 + SHAPES.index(o["shape"])
         box[k] = np.asarray([x1, y1, x2, y2], np.float32) / side
     chars = np.zeros((grid * grid, 2), np.int64)
     for t in truth["texts"]:
@@ -147,7 +151,7 @@ def dense_loss(out: dict[str, Tensor], t: dict[str, Tensor]) -> tuple[Tensor, di
         out["centre"], t["centre"], pos_weight=torch.tensor(8.0)
     )
     # Per-class centres: as rare as centres, weighted up alike.
-    centre_weight = torch.tensor([1.0] + [8.0] * len(SHAPE_NAMES))
+    centre_weight = torch.tensor([1.0] + [8.0] * len(SHAPES))
     loss_centre_shape = ce(
         out["centre_shape"].flatten(0, 1), t["centre_shape"].flatten(), weight=centre_weight
     )
@@ -204,7 +208,8 @@ def pretrain_dense(
     log_every: int = 10,
     on_step: Callable[[int, float, float], None] | None = None,
 ) -> DenseResult:
-    """Train a fresh ViT + dense heads for `minutes` (cosine to 5% of `lr` over that time).
+    """Train a fresh ViT + dense heads for `minutes` or `max_steps`, whichever ends first
+    (warmup, then a cosine to 5% of `lr` over that budget: `train.optim.lr_factor`).
 
     `log` receives a metrics row (train every `log_every` steps, val at the end);
     `on_step(step, fraction_of_budget, loss)` drives a progress bar.
@@ -232,9 +237,8 @@ def pretrain_dense(
         progress = min(1.0, max(elapsed / budget, step / max_steps))
         if progress >= 1.0:
             break
-        factor = (step + 1) / warmup_steps if step < warmup_steps else (
-            0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-        )  # fmt: skip
+        # recipes' schedule (train/optim.py), its progress the time or the steps used
+        factor = lr_factor(step, progress, warmup_steps, MIN_LR_RATIO)
         for group in opt.param_groups:
             group["lr"] = lr * factor
         if cursor + batch_size > n:
