@@ -16,10 +16,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from visto.checkpoint import save_checkpoint
 from visto.cli import main
+from visto.data.processor import Processor, ProcessorConfig
+from visto.data.tokenizer import train_tokenizer
 from visto.index import PixelEmbedder, VectorStore
 from visto.index.build import build_index
 from visto.index.sources import folder_items
+from visto.models import build_model
+from visto.models.clip import CLIPConfig
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30), (200, 40, 200)]
 
@@ -164,26 +169,8 @@ def test_killed_build_keeps_committed_batches_and_resumes(tmp_path):
     assert len(ids) == len(set(ids)) == store.count() == 40
 
 
-def _clip_available() -> bool:
-    try:
-        from visto.checkpoint import save_checkpoint  # noqa: F401
-        from visto.models.clip import CLIPConfig  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not _clip_available(), reason="visto.models.clip / visto.checkpoint not importable"
-)
 def test_cli_with_a_tiny_clip_checkpoint(tmp_path, capsys):
-    from visto.checkpoint import save_checkpoint
-    from visto.data.processor import Processor, ProcessorConfig
-    from visto.data.tokenizer import train_tokenizer
-    from visto.models import build_model
-    from visto.models.clip import CLIPConfig
-
     world = tmp_path / "world"
     assert main(["data", "synth", "--out", str(world), "--n", "24", "--size", "48",
                  "--workers", "1"]) == 0  # fmt: skip
