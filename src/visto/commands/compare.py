@@ -47,8 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--families", default="llava,blip2,flamingo,fuyu,cogvlm",
                    help="comma-separated families (default: llava,blip2,flamingo,fuyu,cogvlm)")  # fmt: skip
     p.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps per family (default: its recipe's, 8 minutes on the "
-                        "reference machine)")  # fmt: skip
+                   help="optimizer steps per family (default: its recipe's, the steps of the "
+                        "same minutes for every family; pace: bench/README.md)")  # fmt: skip
     p.add_argument("--minutes", type=float, default=None,
                    help="optional cap on each family's training minutes (default: none)")  # fmt: skip
     p.add_argument("--data", metavar="DIR", help="an existing 128-px synthetic world (default: render one)")
@@ -59,8 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", nargs="+", metavar="TASK",
                    help="world tasks to evaluate (default: all of visto eval's)")  # fmt: skip
     p.add_argument("--vision-steps", type=int, default=500,
-                   help="dense pretraining steps of the shared ViT, once (default 500: ~2 min "
-                        "on the reference machine)")  # fmt: skip
+                   help="dense pretraining steps of the shared ViT, once (default 500; minutes: "
+                        "bench/README.md)")  # fmt: skip
     p.add_argument("--no-credit", action="store_true",
                    help="do not give tower-less families the tower's pretraining time as steps")  # fmt: skip
     p.add_argument("--probe-images", type=int, default=8,
