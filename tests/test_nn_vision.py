@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 from visto.errors import UserError
 from visto.nn.vision import (
     ViT,
     ViTConfig,
-    images_to_tensor,
     load_transformers_clip_vision,
     sincos_position_embedding_2d,
 )
@@ -69,13 +67,6 @@ def test_config_validation_and_presets():
         ViTConfig(image_size=30, patch_size=8)
     with pytest.raises(UserError, match="unknown ViT preset"):
         ViTConfig.preset("huge")
-
-
-def test_images_to_tensor():
-    img = Image.new("RGB", (50, 20), (255, 0, 0))
-    x = images_to_tensor([img, img.convert("L")], size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
-    assert x.shape == (2, 3, 16, 16)
-    torch.testing.assert_close(x[0, :, 5, 5], torch.tensor([1.0, -1.0, -1.0]))
 
 
 def test_conv_stem_keeps_the_patch_grid_and_trains():

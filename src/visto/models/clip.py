@@ -39,12 +39,13 @@ from torch import Tensor, nn
 
 from visto.data.negatives import check_swap_groups, swap_word
 from visto.data.pairs import caption_of, image_key
+from visto.data.processor import ProcessorConfig, image_transform
 from visto.data.sample import Sample
 from visto.errors import UserError
 from visto.losses import batch_ids, clip_loss, contrastive_logits, pair_positives, siglip_loss
 from visto.models.common import refuse_part_paths
 from visto.nn.text import TextConfig, build_text_encoder
-from visto.nn.vision import ViT, ViTConfig, images_to_tensor
+from visto.nn.vision import ViT, ViTConfig
 
 LOSSES = ("infonce", "siglip")
 
@@ -335,8 +336,9 @@ class CLIP(nn.Module):
     # -- inference conveniences
 
     def image_tensor(self, images: list[Image.Image]) -> Tensor:
-        """PIL images -> (N, 3, S, S): the processor's transform if attached, else resize +
-        normalize with the vision config's mean/std."""
+        """PIL images -> (N, 3, S, S): the processor's transform if attached, else the same
+        transform in "resize" mode with the vision config's mean/std (the tower's own, e.g. a
+        transformers CLIP's preprocessor_config)."""
         size = self.config.vision.image_size
         processor = self.processor
         if processor is not None and processor.config.resize_mode != "patch":
@@ -348,7 +350,9 @@ class CLIP(nn.Module):
             pixel_values, _ = processor.pixel_values(images)
             return pixel_values
         vision = self.config.vision
-        return images_to_tensor(images, size, vision.image_mean, vision.image_std)
+        config = ProcessorConfig(image_size=size, resize_mode="resize", mean=vision.image_mean,
+                                 std=vision.image_std)  # fmt: skip
+        return torch.stack([image_transform(image, config) for image in images])
 
     @torch.no_grad()
     def embed_images(self, images: list[Image.Image], batch_size: int = 64) -> Tensor:

@@ -21,9 +21,7 @@ from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
 from visto.errors import UserError
@@ -374,23 +372,6 @@ def load_transformers_clip_vision(directory: str | Path) -> ViT:
 
 # --------------------------------------------------------------------------------------------
 # Images -> tensor (our own transform; the processor may provide a richer one)
-
-
-def images_to_tensor(
-    images: list[Image.Image],
-    size: int,
-    mean: tuple[float, float, float] = CLIP_MEAN,
-    std: tuple[float, float, float] = CLIP_STD,
-) -> Tensor:
-    """Resize each image to size x size (bicubic, aspect not kept) and normalize: (N, 3, S, S)."""
-    arrays = []
-    for image in images:
-        image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-        arrays.append(np.asarray(image, dtype=np.float32) / 255.0)  # (S, S, 3)
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (N, 3, S, S)
-    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
-    std_t = torch.tensor(std).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t
 
 
 def num_parameters(module: nn.Module) -> int:
