@@ -81,34 +81,6 @@ def test_object_token_is_the_sum_of_its_attribute_words(tokenizer_dir):
     assert torch.allclose(tokens[0, 0], want, atol=1e-5)
 
 
-def test_norm_starts_object_tokens_as_their_tags_whatever_the_feature_scale(tokenizer_dir):
-    """Without `norm` a fresh connector's token is dominated by the raw feature (what kept the
-    quickstart's decoder from binding words to objects); with it the token starts as the word
-    tags + box words, at the embeddings' scale, and the feature term still gets a gradient."""
-    from visto.connectors.projector import build_projector
-    from visto.data.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.load(tokenizer_dir / "tokenizer.json")
-    embed = nn.Embedding(400, 32)
-    nn.init.normal_(embed.weight, std=0.02)
-    features = 20.0 * torch.randn(2, 16, 16)  # a from-scratch tower's large features
-    rms = {}
-    for norm in (False, True):
-        torch.manual_seed(0)
-        c = build_projector(ProjectorConfig(kind="regions", slots=3, norm=norm), 16, 32)
-        c.set_vocabulary(tokenizer)
-        with torch.no_grad():
-            c.heads.centre.bias.fill_(5.0)  # every patch a centre: three present objects
-        tokens = c(features, embed)
-        rms[norm] = tokens.pow(2).mean().sqrt().item()
-        if norm:
-            assert torch.allclose(tokens, c(features * 100.0, embed), atol=1e-6)  # scale-free
-            tokens.pow(2).sum().backward()
-            assert c.feature.weight.grad.abs().sum() > 0  # the learned term can grow
-    tag_scale = embed.weight.pow(2).mean().sqrt().item()
-    assert rms[True] < 3 * tag_scale < rms[False] / 3, (rms, tag_scale)
-
-
 def test_no_object_gives_the_empty_token_everywhere(tokenizer_dir):
     c = connector(tokenizer_dir, slots=3)
     with torch.no_grad():

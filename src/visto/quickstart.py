@@ -266,7 +266,6 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
     projector = ProjectorConfig(
         kind=cfg.projector, scale_factor=2, slots=cfg.slots, box_tokens=cfg.box_tokens,
         text_slots=cfg.text_slots if cfg.projector == "regions" else 0,
-        norm=cfg.projector == "regions",  # object tokens start as their tags (start_from_tags)
     )  # fmt: skip
     patches = vision.num_patches
     decoder = DecoderConfig(

@@ -48,9 +48,7 @@ class ProjectorConfig:
     bias: bool = True
     # LayerNorm on each vision feature before the projection (InternVL's projector does
     # this): frozen features of a tower trained from scratch can be large and nearly
-    # collinear, which the language model then has trouble telling apart. For regions it also
-    # starts the feature and box terms at zero, so object tokens begin as their word tags
-    # (RegionConnector.start_from_tags; bench/README.md "Binding probe" measured why).
+    # collinear, which the language model then has trouble telling apart.
     norm: bool = False
 
     def __post_init__(self) -> None:
@@ -144,7 +142,7 @@ def build_projector(cfg: ProjectorConfig, input_dim: int, output_dim: int) -> nn
 
         module: nn.Module = RegionConnector(
             input_dim, output_dim, cfg.slots, box_tokens=cfg.box_tokens,
-            text_slots=cfg.text_slots, text_tokens=cfg.text_tokens, norm=cfg.norm,
+            text_slots=cfg.text_slots, text_tokens=cfg.text_tokens,
         )  # fmt: skip
     else:
         kinds = {"linear": LinearProjector, "mlp": MLPProjector, "pixel_shuffle": PixelShuffleProjector}
@@ -154,8 +152,6 @@ def build_projector(cfg: ProjectorConfig, input_dim: int, output_dim: int) -> nn
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-    if cfg.kind == "regions" and cfg.norm:
-        module.start_from_tags()
     return module
 
 

@@ -99,7 +99,7 @@ class RegionConnector(nn.Module):
 
     def __init__(
         self, input_dim: int, output_dim: int, slots: int, box_tokens: bool = False,
-        text_slots: int = 0, text_tokens: int = 6, norm: bool = False,
+        text_slots: int = 0, text_tokens: int = 6,
     ) -> None:  # fmt: skip
         super().__init__()
         self.slots = slots
@@ -112,26 +112,12 @@ class RegionConnector(nn.Module):
             self.text_marker = nn.Parameter(torch.zeros(output_dim))
         self.tokenizer = None  # encodes what the reader read; set by set_vocabulary
         self.heads = DenseHeads(input_dim)
-        # With `norm`, the centre feature is LayerNormed and `start_from_tags` zeroes the two
-        # learned terms: a frozen tower's raw feature through a fresh Linear came out ~100x
-        # the size of the word-embedding tags (rms 4.9 against 0.04 in a trained quickstart
-        # model), so the decoder saw the feature and not the tags that make binding learnable.
-        self.feature_norm = nn.LayerNorm(input_dim) if norm else nn.Identity()
         self.feature = nn.Linear(input_dim, output_dim)
         self.box = nn.Linear(4 * 2 * BOX_FREQUENCIES, output_dim)
         self.empty = nn.Parameter(torch.zeros(output_dim))
         # (attribute kind -> padded ids (n_values, L) and their mask), from the tokenizer
         self.vocabulary: dict[str, tuple[Tensor, Tensor]] = {}
         self.loc_ids: Tensor | None = None  # (loc_bins,) ids of <loc_0> .. <loc_{bins-1}>
-
-    def start_from_tags(self) -> None:
-        """Zero the feature and box projections, so that a fresh object token is exactly its
-        word tags plus its box's location words (the probe's `tags` tokens) and the learned
-        terms grow only as far as the loss asks (as zero-initialised branches in ReZero and
-        ControlNet)."""
-        for linear in (self.feature, self.box):
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
 
     def set_vocabulary(self, tokenizer) -> None:
         """Read the attribute words' token ids. A value's tag is the mean embedding of its two
@@ -219,7 +205,7 @@ class RegionConnector(nn.Module):
         box = at(heads["box"])  # (B, S, 4) in 0..1
         box_words = self.box_words(box, embed)  # (B, S, 4, D_lm)
         tokens = (
-            self.feature(self.feature_norm(at(features)))
+            self.feature(at(features))
             + p_shape @ self.word_table(embed, "shape")
             + p_colour @ self.word_table(embed, "colour")
             + p_size @ self.word_table(embed, "size")
