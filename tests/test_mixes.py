@@ -64,9 +64,11 @@ def test_every_mix_asks_its_tasks_of_each_image(world):
             asked = exchanges(sample)
             expected = record_qas(record, LOC_BINS) if "vqa" in mix.tasks else []
             captions = [(q, a) for q, a in asked if a in record["tasks"]["captions"]]
-            if name == "look":  # two of the image's short questions that name objects
+            if name in ("look", "bind"):  # two (three) of the image's short questions naming objects
                 short = [(qa["q"], qa["a"]) for qa in record["tasks"]["vqa"] if qa["type"] in LOOK_TYPES]
-                assert set(asked) - set(captions) <= set(short) and len(asked) == 1 + min(2, len(short))
+                kinds = {qa["type"] for qa in record["tasks"]["vqa"] if qa["type"] in LOOK_TYPES}
+                n = min(2, len(short)) if name == "look" else min(3, len(kinds))
+                assert set(asked) - set(captions) <= set(short) and len(asked) == 1 + n
             else:
                 assert sorted(set(asked) - set(captions)) == sorted(expected), name
             assert len(captions) == ("caption" in mix.tasks), name
@@ -74,6 +76,35 @@ def test_every_mix_asks_its_tasks_of_each_image(world):
             assert sample.independent_turns == mix.independent_turns
             if len(asked) > 1:
                 assert mix.independent_turns, f"mix {name} packs exchanges in one causal sequence"
+
+
+def test_bind_balances_question_types_and_avoids_the_largest_object(tmp_path):
+    """The `bind` mix asks colour as often as existence (the world has ~4 existence questions
+    per image to ~1.7 colour ones) and, where it can, about an object that is not the largest."""
+    import collections
+
+    from visto.data.synth.mixes import _bind, _look, _named_not_largest
+
+    root = tmp_path / "world"
+    generate_world(WorldConfig(n=60, size=48, seed=5, single_object_fraction=0.0,
+                               splits={"train": 1.0, "val": 0.0, "test": 0.0, "heldout": 0.0}),
+                   root, workers=1)  # fmt: skip
+    records = list(iter_records(root, "train"))
+    counts = {}
+    for exchanges_of in (_look, _bind):
+        rng, seen = random.Random(0), collections.Counter()
+        for _ in range(5):
+            for record in records:
+                kind = {(qa["q"], qa["a"]): qa for qa in record["tasks"]["vqa"]}
+                for qa in (kind[e] for e in exchanges_of(record, LOC_BINS, rng) if e in kind):
+                    seen[qa["type"]] += 1
+                    seen["named", _named_not_largest(record, qa)] += "object" in qa
+        counts[exchanges_of.__name__] = seen
+    look, bind = counts["_look"], counts["_bind"]
+    assert look["exist"] > 1.5 * look["colour"]  # the world's own proportions
+    assert bind["colour"] > 0.7 * bind["exist"] and bind["colour"] > 1.3 * look["colour"]
+    assert bind["named", True] / (bind["named", True] + bind["named", False]) > (
+        look["named", True] / (look["named", True] + look["named", False]) + 0.05)
 
 
 def test_boxes_are_location_tokens_outside_json(world):
@@ -111,7 +142,7 @@ def test_a_recipe_selects_a_mix_and_the_card_records_it(world):
 
 
 def test_bad_mix_settings_are_user_errors(world, tmp_path):
-    with pytest.raises(UserError, match="unknown data.mix 'nope'; choose one of captions, look, instruct"):
+    with pytest.raises(UserError, match="unknown data.mix 'nope'; choose one of captions, look, bind, instruct"):
         get_mix("nope")
     with pytest.raises(UserError, match="unknown data.mix 'nope'"):
         load_recipe("quickstart-stage2", ["data.mix=nope"])

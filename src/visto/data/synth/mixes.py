@@ -7,6 +7,8 @@ the quickstart and `visto compare` build the same batches from the same world:
     captions          one caption per image, its phrasing drawn per epoch (LLaVA stage 1)
     look              one caption and two short VQA questions per image: short, cheap samples
                       in which only the image lowers the loss (the quickstart's stage 1)
+    bind              `look` with three questions drawn type first (colour and shape as often as
+                      existence and counting), naming an object other than the largest
     instruct          every question of the image: VQA, grounding, box -> description, OCR,
                       JSON (LLaVA stage 2)
     instruct+caption  `instruct` plus one caption (every family in `visto compare`)
@@ -100,6 +102,35 @@ def _look(record: dict, loc_bins: int, rng: random.Random) -> list[QA]:
     return qas
 
 
+def _named_not_largest(record: dict, qa: dict) -> bool:
+    """Whether the question names an object other than the image's largest: the answer the
+    plateau's "biggest object" prior cannot give (bench/README.md, "Binding probe")."""
+    objects = record["truth"]["objects"]
+    if "object" not in qa or len(objects) < 2:
+        return False
+    largest = max(range(len(objects)), key=lambda i: objects[i]["area"])
+    return qa["object"] != largest
+
+
+def _bind(record: dict, loc_bins: int, rng: random.Random) -> list[QA]:
+    """`look` with three questions drawn type first: three different types uniformly over the
+    image's LOOK_TYPES (the world asks ~4 existence and ~4 counting questions per image but
+    ~1.7 colour ones, so `look` rarely asks what binding needs), and within a type a question
+    naming an object other than the largest when there is one (MDETR-style hard sampling)."""
+    by_type: dict[str, list[dict]] = {}
+    for qa in record["tasks"]["vqa"]:
+        if qa.get("type") in LOOK_TYPES:
+            by_type.setdefault(qa["type"], []).append(qa)
+    picked = []
+    for kind in rng.sample(sorted(by_type), min(3, len(by_type))):
+        hard = [qa for qa in by_type[kind] if _named_not_largest(record, qa)]
+        qa = rng.choice(hard or by_type[kind])
+        picked.append((qa["q"], qa["a"]))
+    qas = [caption_qa(record, rng), *picked]
+    rng.shuffle(qas)
+    return qas
+
+
 @dataclass(frozen=True)
 class Mix:
     """A named way to turn an image record into one training sample."""
@@ -140,6 +171,10 @@ MIXES: dict[str, Mix] = {
             "counting, relations) per image, as independent turns: cheap steps that teach the "
             "decoder to find the object a question names", ("caption", "vqa"),
             independent_turns=True, exchanges=_look),
+        Mix("bind", "look with three questions of three types drawn uniformly (colour and "
+            "shape as often as existence and counting), naming an object other than the "
+            "largest where the image has one", ("caption", "vqa"), independent_turns=True,
+            exchanges=_bind),
         Mix("instruct", "every question of an image (VQA, grounding with box tokens, box -> "
             "description, OCR, JSON) as independent turns, in an order drawn per epoch",
             INSTRUCT_TASKS, independent_turns=True, exchanges=_instruct),
