@@ -22,6 +22,14 @@ Levers (each a flag; combine them):
     --attnsup W       a loss pulling the answer position's attention onto the named object,
                       --attnsup-layers "last" | "all" | "1,2" (mean over heads or --attnsup-heads max)
     --curriculum N    scenes grow from 2 objects to 7, one more every N steps
+    --feature-ratio R add to each object token a learned projection of an informative but
+                      not word-tied feature (a fixed random code of its colour and shape, plus
+                      noise), starting at R times the tags' size: the real connector's
+                      `feature` term, which came out ~100x the tags in the quickstart
+    --embed-std S     word embeddings start N(0, S^2) (the real decoder: 0.02, as Llama's
+                      initializer_range) instead of torch's N(0, 1)
+    --feature-norm    that feature LayerNormed and its projection zero-initialised (what
+                      ProjectorConfig.norm does for the regions connector)
 
 Each run prints the held-out accuracy every 50 steps and a RESULT line with the first step at
 which accuracy reached 0.95; `--json F` appends the result to F (one JSON object per line).
@@ -48,7 +56,8 @@ WORDS += [f"c{i}" for i in range(COLOURS)] + [f"s{i}" for i in range(SHAPES)]
 WORD = {w: i for i, w in enumerate(WORDS)}
 COLOUR_IDS = torch.tensor([WORD[f"c{i}"] for i in range(COLOURS)])
 SHAPE_IDS = torch.tensor([WORD[f"s{i}"] for i in range(SHAPES)])
-QUESTION_LEN = 7  # which colour does the <shape> have ?
+QUESTION_LEN = 7
+FEATURE_DIM = 64  # the --feature-ratio term's input width  # which colour does the <shape> have ?
 
 
 def rotary(x: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
@@ -102,10 +111,13 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, tokens: str, qfirst: bool, d: int = 256, layers: int = 4, heads: int = 8,
                  qknorm: bool = False, normsoftmax: float = 0.0, mimetic: bool = False,
-                 rope: bool = False) -> None:  # fmt: skip
+                 rope: bool = False, feature_ratio: float = 0.0, feature_norm: bool = False,
+                 embed_std: float = 1.0) -> None:  # fmt: skip
         super().__init__()
         self.tokens, self.qfirst = tokens, qfirst
         self.embed = nn.Embedding(len(WORDS), d)
+        if embed_std != 1.0:  # (no redraw at torch's default, so seeded runs stay as measured)
+            nn.init.normal_(self.embed.weight, std=embed_std)
         self.rope = rope
         self.pos = nn.Embedding(128, d)
         self.image_type = nn.Parameter(torch.zeros(d))  # marks visual tokens
@@ -113,6 +125,17 @@ class Decoder(nn.Module):
         self.background = nn.Parameter(torch.randn(d) * 0.02)
         self.blocks = nn.ModuleList(Block(d, heads, qknorm, normsoftmax, mimetic, rope) for _ in range(layers))
         self.norm = nn.LayerNorm(d)
+        self.use_feature = feature_ratio > 0 or feature_norm
+        self.register_buffer("codes", torch.randn(COLOURS * SHAPES, FEATURE_DIM))
+        self.feature_in = nn.LayerNorm(FEATURE_DIM) if feature_norm else nn.Identity()
+        self.feature = nn.Linear(FEATURE_DIM, d)
+        with torch.no_grad():
+            if feature_norm:  # the token starts as its tags; the feature grows as the loss asks
+                self.feature.weight.zero_()
+            else:  # output rms = ratio x the tags' rms (two N(0, embed_std^2) embeddings)
+                std = feature_ratio * embed_std * math.sqrt(2) / math.sqrt(FEATURE_DIM)
+                self.feature.weight.normal_(0.0, std)
+            self.feature.bias.zero_()
 
     def visual(self, colours, shapes, present, cells):
         if self.tokens in ("tags", "patchtags"):
@@ -120,6 +143,9 @@ class Decoder(nn.Module):
         else:
             onehot = torch.cat([F.one_hot(colours, COLOURS), F.one_hot(shapes, SHAPES)], -1).float()
             vis = self.project(onehot)
+        if self.use_feature:
+            code = self.codes[colours * SHAPES + shapes]
+            vis = vis + self.feature(self.feature_in(code + 0.1 * torch.randn_like(code)))
         vis = (vis + self.image_type) * present[..., None]  # (B, K, d)
         if self.tokens == "patchtags":
             where = F.one_hot(cells, 64).float() * present[..., None]  # (B, K, 64)
@@ -192,13 +218,20 @@ def main() -> None:
     ap.add_argument("--attnsup-layers", default="last")
     ap.add_argument("--attnsup-heads", choices=["mean", "max"], default="mean")
     ap.add_argument("--curriculum", type=int, default=0)
+    ap.add_argument("--feature-ratio", type=float, default=0.0,
+                    help="add a learned feature term starting at this multiple of the tags' rms")
+    ap.add_argument("--embed-std", type=float, default=1.0,
+                    help="word embeddings' starting std (the real decoder: 0.02)")
+    ap.add_argument("--feature-norm", action="store_true",
+                    help="that feature LayerNormed, its projection zero-initialised")
     ap.add_argument("--stop-at", type=float, default=0.99, help="stop once held-out accuracy reaches this")
     ap.add_argument("--json", help="append the result to this JSON-lines file")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
     model = Decoder(a.tokens, a.qfirst, qknorm=a.qknorm, normsoftmax=a.normsoftmax,
-                    mimetic=a.init == "mimetic", rope=a.rope)  # fmt: skip
+                    mimetic=a.init == "mimetic", rope=a.rope, feature_ratio=a.feature_ratio,
+                    feature_norm=a.feature_norm, embed_std=a.embed_std)  # fmt: skip
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     layers = {"last": [len(model.blocks) - 1], "all": list(range(len(model.blocks)))}.get(a.attnsup_layers)
     layers = layers if layers is not None else [int(x) for x in a.attnsup_layers.split(",")]
