@@ -200,3 +200,36 @@ def make_scripted_llava_checkpoint(path: Path, answer: str) -> Path:
         for before, after in zip(script[:-1], script[1:], strict=True):
             head[after] += 10 * embed[before]
     return save_checkpoint(model, path)
+
+
+def make_clipseg_checkpoint(path: Path, image: Image.Image, fraction: float = 0.3) -> Path:
+    """A tiny clipseg (segment and detect tools) with random heads, except that its masks ignore
+    the prompt and cover about `fraction` of `image`: its FiLM passes the features through
+    unchanged, and the mask logits are shifted by their quantile on `image` (a shift commutes
+    with the bilinear resize to the image's size, so the cut is exact there)."""
+    import numpy as np
+
+    from visto.checkpoint import save_checkpoint
+    from visto.data.processor import Processor, ProcessorConfig
+    from visto.data.tokenizer import train_tokenizer
+    from visto.models import build_model
+    from visto.models.clip import CLIPConfig
+    from visto.models.clipseg import CLIPSegConfig
+    from visto.nn.vision import ViTConfig
+
+    vision = ViTConfig.preset("tiny", image_size=64, patch_size=16, stem="conv", pool="mean")
+    config = CLIPSegConfig(clip=CLIPConfig.preset("tiny", vision=vision), width=32,
+                           decoder_layers=2)  # fmt: skip
+    model = build_model("clipseg", config, seed=0).eval()
+    processor_config = ProcessorConfig(image_size=64, resize_mode="resize", loc_bins=4,
+                                       vocab_size=300)  # fmt: skip
+    model.processor = Processor(processor_config,
+                                train_tokenizer(corpus(), 300, loc_bins=4, min_frequency=1))  # fmt: skip
+    with torch.no_grad():
+        for film, value in ((model.film_mul, 1.0), (model.film_add, 0.0)):
+            film.weight.zero_()
+            film.bias.fill_(value)
+        prob = model.segment([image], ["anything"])[0].astype(np.float64)
+        logits = np.log(prob) - np.log1p(-prob)
+        model.upsampler.out.bias -= float(np.quantile(logits, 1 - fraction))
+    return save_checkpoint(model, path)

@@ -307,6 +307,8 @@ def _model_card(model_id: str, server: Server) -> dict[str, Any]:
 
         card.update(kind="chat", accepts_images=chat.accepts_images,
                     context_length=chat.context_length, int8=is_int8(chat.model))
+        if server.models.tools is not None:  # the server's own tools (--tools), for the page
+            card["tools"] = server.models.tools.names
     else:
         card.update(kind="embedding", dim=server.models.embedder.dim,
                     search=server.models.store is not None)

@@ -1,10 +1,12 @@
 // The visto page: pick or drop an image, chat about it with streamed answers (boxes in the
-// answer drawn on the image), and search the index by text. Plain JS over the same
-// OpenAI-compatible API any client uses; nothing here is page-only on the server.
+// answer drawn on the image; the server's tool calls listed, their masks and boxes drawn), and
+// search the index by text. Plain JS over the same OpenAI-compatible API any client uses;
+// nothing here is page-only on the server.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { chatModel: null, embedModel: null, image: null, imageSent: false, history: [] };
+const state = { chatModel: null, embedModel: null, image: null, imageSent: false, history: [],
+                imageName: "", masks: [], toolBoxes: [] };  // masks, boxes: the last answer's tools
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -37,23 +39,57 @@ async function loadModels() {
   $("models").textContent = models.map((m) => `${m.id} (${m.kind})`).join(", ") || "no models";
   $("chat-panel").hidden = !state.chatModel;
   $("search-panel").hidden = !(state.embedModel && state.embedModel.search);
+  // The server's own tools (--tools): the model may call them (auto), must, or must not, or
+  // must call the one named.
+  const tools = (state.chatModel && state.chatModel.tools) || [];
+  const select = $("tool-choice");
+  select.querySelectorAll("option[data-tool]").forEach((o) => o.remove());
+  for (const name of tools) {
+    const option = new Option("tools: call " + name, name);
+    option.dataset.tool = "true";
+    select.add(option);
+  }
+  select.hidden = tools.length === 0;
 }
 
 // ---- image --------------------------------------------------------------------------
 
+function imageError(text) {
+  $("image-error").textContent = text;
+  $("image-error").hidden = !text;
+}
+
 function useFile(file) {
-  if (!file || !file.type.startsWith("image/")) return;
+  if (!file) return;
+  if (!file.type.startsWith("image/")) {
+    imageError(`${file.name} is not an image (${file.type || "unknown type"}): choose a PNG, ` +
+               "JPEG or WebP file");
+    return;
+  }
   const reader = new FileReader();
+  reader.onerror = () => imageError(`could not read ${file.name}: ${reader.error}`);
   reader.onload = () => {
+    imageError("");
     state.image = reader.result;  // a data: URL, sent as an image_url part
+    state.imageName = file.name;
     state.imageSent = false;
     $("preview").src = state.image;
     $("stage").hidden = false;
     $("drop-hint").hidden = true;
-    drawBoxes([]);
   };
   reader.readAsDataURL(file);
 }
+
+$("preview").addEventListener("load", () => { clearToolOverlay(); drawBoxes([]); });
+$("preview").addEventListener("error", () => {
+  // An image the browser cannot decode is not sent: the server could not read it either.
+  if (!state.image) return;
+  imageError(`${state.imageName} could not be decoded as an image (corrupt, or a format ` +
+             "the browser does not read): choose another file");
+  state.image = null;
+  $("stage").hidden = true;
+  $("drop-hint").hidden = false;
+});
 
 // Boxes are [x1, y1, x2, y2] in 0..999 of the image (visto's convention), scaled here to
 // the size the image is shown at.
@@ -72,6 +108,108 @@ function drawBoxes(boxes) {
   canvas.dataset.boxes = JSON.stringify(boxes);
 }
 
+// ---- tool calls ---------------------------------------------------------------------
+
+// What a run's result says, in one line: an error, a mask's size, the objects found, the
+// text read, or (any other tool) its JSON, cut short.
+function toolSummary(run) {
+  const r = run.result;
+  if (!run.ok) return "error: " + (r && r.error ? r.error : JSON.stringify(r));
+  if (r && typeof r.found === "boolean" && typeof r.fraction === "number") {
+    return r.found ? `mask of ${r.pixels} pixels (${(100 * r.fraction).toFixed(1)}% of the image)`
+                   : "nothing found";
+  }
+  if (r && Array.isArray(r.objects)) {
+    const scores = r.objects.slice(0, 3).filter((o) => typeof o.score === "number")
+      .map((o) => o.score.toFixed(2)).join(", ");
+    return `${r.objects.length} object(s) found` + (scores ? ` (scores ${scores})` : "");
+  }
+  if (r && typeof r.text === "string") return r.text ? `read: ${r.text}` : "no text found";
+  const text = JSON.stringify(r);
+  return text.length > 200 ? text.slice(0, 200) + "…" : text;
+}
+
+function showToolRun(run, before) {
+  const div = document.createElement("div");
+  div.className = "msg tool" + (run.ok ? "" : " error");
+  div.dataset.ok = String(run.ok);
+  const line = (cls, text) => {
+    const span = document.createElement("span");
+    span.className = cls;
+    span.textContent = text;
+    div.appendChild(span);
+  };
+  line("name", run.name);
+  line("args", run.arguments);
+  line("result", toolSummary(run));
+  $("log").insertBefore(div, before);
+  return div;
+}
+
+function loadImage(url) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error("the mask PNG could not be decoded"));
+    img.src = url;
+  });
+}
+
+// A run's mask (a mask.png file: white inside) and boxes (`objects` with a `box` in 0..999)
+// are kept for the overlay, whichever tool returned them.
+async function addToolOverlay(run, div) {
+  if (!run.ok) return;
+  if (run.files && run.files["mask.png"]) {
+    try {
+      state.masks.push(await loadImage(run.files["mask.png"]));
+    } catch (e) {
+      div.querySelector(".result").textContent += " (" + e.message + ")";
+    }
+  }
+  if (run.result && Array.isArray(run.result.objects)) {
+    for (const o of run.result.objects) if (Array.isArray(o.box)) state.toolBoxes.push(o.box);
+  }
+}
+
+function clearToolOverlay() {
+  state.masks = [];
+  state.toolBoxes = [];
+  drawToolOverlay();
+}
+
+// Masks are tinted see-through cyan, pixel for pixel at the size the image is shown at;
+// boxes are drawn in orange.
+function drawToolOverlay() {
+  const img = $("preview"), canvas = $("overlay");
+  canvas.width = img.clientWidth;
+  canvas.height = img.clientHeight;
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  for (const mask of state.masks) {
+    const tint = document.createElement("canvas");
+    tint.width = canvas.width;
+    tint.height = canvas.height;
+    const tctx = tint.getContext("2d");
+    tctx.imageSmoothingEnabled = false;
+    tctx.drawImage(mask, 0, 0, tint.width, tint.height);
+    const px = tctx.getImageData(0, 0, tint.width, tint.height);
+    for (let i = 0; i < px.data.length; i += 4) {
+      const inside = px.data[i] > 127;
+      px.data.set([0, 200, 255, inside ? 128 : 0], i);
+    }
+    tctx.putImageData(px, 0, 0);
+    ctx.drawImage(tint, 0, 0);
+  }
+  ctx.lineWidth = 2;
+  ctx.strokeStyle = "#ff9900";
+  const sx = canvas.width / 1000, sy = canvas.height / 1000;
+  for (const [x1, y1, x2, y2] of state.toolBoxes) {
+    ctx.strokeRect(x1 * sx, y1 * sy, (x2 - x1) * sx, (y2 - y1) * sy);
+  }
+  canvas.dataset.masks = String(state.masks.length);
+  canvas.dataset.boxes = JSON.stringify(state.toolBoxes);
+}
+
 // ---- chat ---------------------------------------------------------------------------
 
 function settings() {
@@ -84,6 +222,11 @@ function settings() {
   if (q.has("schema")) {
     out.response_format = { type: "json_schema",
                             json_schema: { name: "answer", schema: JSON.parse(q.get("schema")) } };
+  }
+  const choice = $("tool-choice");
+  if (!choice.hidden) {
+    out.tool_choice = ["auto", "required", "none"].includes(choice.value) ? choice.value
+      : { type: "function", function: { name: choice.value } };
   }
   return out;
 }
@@ -98,6 +241,8 @@ async function send(text) {
   state.history.push({ role: "user", content });
   addMessage("user", text);
   const answer = addMessage("assistant", "");
+  if (state.image) clearToolOverlay();
+  let runs = 0;
   $("send").disabled = true;
   try {
     const r = await fetch("/v1/chat/completions", {
@@ -122,17 +267,25 @@ async function send(text) {
         if (data.error) throw new Error(data.error.message);
         for (const choice of data.choices || []) {
           if (choice.delta && choice.delta.content) answer.textContent += choice.delta.content;
+          // The server ran its own tools: list each call before the answer that follows it.
+          for (const run of choice.tool_runs || []) {
+            runs += 1;
+            await addToolOverlay(run, showToolRun(run, answer));
+            if (state.image) drawToolOverlay();
+          }
           if (choice.finish_reason) boxes = choice.boxes || [];
         }
       }
     }
     answer.dataset.done = "true";
+    answer.dataset.toolRuns = String(runs);
     state.history.push({ role: "assistant", content: answer.textContent });
     if (state.image) drawBoxes(boxes);
   } catch (e) {
     answer.remove();
     addMessage("error", String(e.message || e));
     state.history.pop();
+    if (content[0].type === "image_url") state.imageSent = false;  // not seen: send it again
   } finally {
     $("send").disabled = false;
   }
