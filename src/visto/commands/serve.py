@@ -30,7 +30,9 @@ first served); beyond that the server answers 429 with Retry-After.
 Remote image URLs are refused unless --allow-remote-images and the host is in --allowed-hosts.
 --tools offers the server's own experts to the model beside the client's tools; when the model
 calls one, the server runs it on the conversation's latest image, gives the model the result and
-lets it answer (the runs are listed in the choice's `tool_runs`). Built-in: ocr (PP-OCRv4).
+lets it answer (the runs are listed in the choice's `tool_runs`). Built-in: ocr (PP-OCRv4),
+segment and detect (a clipseg checkpoint: visto train --recipe clipseg-synth). The web page
+lists each call with its result and draws the masks and boxes the tools return on the image.
 
 Examples:
   visto serve --model runs/llava/checkpoint
@@ -39,6 +41,10 @@ Examples:
   visto serve --model runs/llava/checkpoint --int8          (int8 chat model on the CPU)
   visto serve --model runs/llava/checkpoint --tools ocr     (the model may read text with OCR)
   visto serve --model ckpt --tools ocr,my_pkg.tools:brightness   (and a visto.tools.Tool of yours)
+  visto serve --model runs/llava/checkpoint --tools ocr,segment,detect
+      (masks and boxes: runs/clipseg-synth/checkpoint; open http://127.0.0.1:8000/, choose
+      an image, pick "tools: call segment" and ask "Cut out the red star.")
+  visto serve --model ckpt --tools segment=runs/seg/checkpoint,detect=runs/seg/checkpoint
   curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{"model": "llava", "messages": [{"role": "user", "content": "hello"}]}'
 """
@@ -74,7 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "their memory, faster decoding; answers may differ slightly from fp32)")
     p.add_argument("--tools", metavar="NAMES",
                    help="tools the server runs itself when the model calls them: built-in names "
-                   "(ocr) and module:attribute of your visto.tools.Tool, comma-separated")
+                   "(ocr, segment, detect; segment=CKPT / detect=CKPT for your clipseg "
+                   "checkpoint) and module:attribute of your visto.tools.Tool, comma-separated")
     p.set_defaults(run=run_serve)
 
 
