@@ -76,6 +76,53 @@ def test_ocr_on_images_without_text_or_in_other_modes() -> None:
         assert tools.run("ocr", {}, image.convert(mode)).output["text"] == "HELLO 42"
 
 
+def small_scene() -> Image.Image:
+    """A 128-px image as the synthetic world draws them: a red cross, and two labels 4 px
+    apart ("22" in DejaVu Serif, "CAT" in DejaVu Sans Bold)."""
+    image = Image.new("RGB", (128, 128), (235, 230, 215))
+    draw = ImageDraw.Draw(image)
+    (x, y), r, t = (84, 40), 22, 7
+    draw.polygon([(x - t, y - r), (x + t, y - r), (x + t, y - t), (x + r, y - t), (x + r, y + t),
+                  (x + t, y + t), (x + t, y + r), (x - t, y + r), (x - t, y + t), (x - r, y + t),
+                  (x - r, y - t), (x - t, y - t)], fill=(200, 40, 40))  # fmt: skip
+    fonts = "/usr/share/fonts/truetype/dejavu/"
+    serif = ImageFont.truetype(fonts + "DejaVuSerif.ttf", 20)
+    bold = ImageFont.truetype(fonts + "DejaVuSans-Bold.ttf", 20)
+    draw.text((10, 95), "22", font=serif, fill=(20, 20, 20))
+    draw.text((draw.textbbox((10, 95), "22", font=serif)[2] + 4, 95), "CAT", font=bold,
+              fill=(20, 20, 20))  # fmt: skip
+    return image
+
+
+def test_ocr_enlarges_small_images_and_drops_shapes_read_as_symbols() -> None:
+    from visto.tools.ocr import is_text, read_lines
+
+    image = small_scene()
+    words = lambda lines: [w.text for line in lines for w in line]  # noqa: E731
+    # as read before: the cross is a "+", the two labels one word
+    assert words(read_lines(image, min_side=0, symbols=True)) == ["+", "22CAT"]
+    lines = read_lines(image)  # enlarged 3x, symbols-only runs dropped
+    assert words(lines) == ["22", "CAT"]
+    # boxes in the caller's pixels, not the enlarged image's
+    assert iou(lines[0][0].pixels, [10, 99, 33, 114]) > 0.4, lines[0][0]
+    assert max(lines[0][1].pixels) <= 128
+    assert not is_text("+") and not is_text("★★") and is_text("50%") and is_text("C++")
+
+
+def test_ocr_reads_a_real_scanned_page() -> None:
+    """scikit-image's data.page(): a photographed book page, unevenly lit (its lower lines
+    dark, which PP-OCR's detector misses)."""
+    from skimage import data
+
+    from visto.tools.ocr import read_lines
+
+    image = Image.fromarray(data.page())
+    lines = [" ".join(w.text for w in line) for line in read_lines(image)]
+    assert lines[0] == "Region-based segmentation"
+    assert lines[1] == "Let us first determine markers of the coins and the"
+    assert "histogram of grey values:" in lines
+
+
 def test_a_user_adds_a_tool_in_a_few_lines_and_bad_calls_become_error_results() -> None:
     tools = ToolRegistry()
 

@@ -6,7 +6,8 @@
     ocr_tool.run(image)         # {"text": "SALE 50% OFF", "words": [{"text", "box", ...}]}
 
 The recognizer reads a detected line at a time and gives a box per character; words are the
-runs of characters between spaces, their box the union of their characters'. Boxes follow
+runs of characters between spaces, their box the union of their characters'. Small images
+are enlarged before reading, and words of symbols alone (a drawn cross read as "+") dropped. Boxes follow
 visto's convention: `box` in 0..999 of the image, `pixels` in its pixels, both (x1, y1, x2, y2).
 """
 
@@ -25,6 +26,13 @@ from visto.tools.registry import Tool
 # Detected boxes grown 2.5x their outline (PP-OCR's default is 1.6): tight line crops made the
 # recognizer drop the spaces between words ("SALE50%OFF") on rendered labels.
 UNCLIP_RATIO = 2.5
+# Small images are enlarged (bicubic) by the largest whole factor that keeps their shorter
+# side within this, before reading: the recognizer reads each line crop resized to 48 px
+# high, and a 15-px label cut from a 128-px image came out merged with its neighbour ("22CAT"
+# for "22" and "CAT") or a shape's corner read as a letter (bench/ocr_world.py: 1x -> 3x on
+# the world). Images of 192 px and more are read as they are: a 200-px label enlarged 2x lost
+# its spaces ("NETWT12OZ").
+MIN_SIDE = 384
 _engine: Any = None
 _engine_lock = threading.Lock()  # one engine, loaded once, and one image at a time through it
 
@@ -84,13 +92,36 @@ def _line_words(line: list[Any], width: int, height: int) -> list[Word]:
     return words
 
 
-def read_lines(image: Image.Image) -> list[list[Word]]:
-    """The text on `image`, line by line (top to bottom), each line its words."""
-    array = np.asarray(image.convert("RGB"))[:, :, ::-1]  # RapidOCR reads OpenCV's BGR order
+def is_text(word: str) -> bool:
+    """A word holds at least one letter or digit. The detector also finds text-like strokes
+    in drawings (a cross read as "+", a star as "★", two crosses as "++"); runs of symbols
+    alone are dropped, symbols inside words ("50%", "C++") kept."""
+    return any(ch.isalnum() for ch in word)
+
+
+def read_lines(image: Image.Image, min_side: int = MIN_SIDE,
+               symbols: bool = False) -> list[list[Word]]:  # fmt: skip
+    """The text on `image`, line by line (top to bottom), each line its words; boxes in the
+    image's own pixels. `min_side`: enlarge small images by min_side // their shorter side
+    (0: never); `symbols`: keep words made of symbols only."""
+    image = image.convert("RGB")
+    width, height = image.size
+    scale = max(1, min_side // max(1, min(width, height)))
+    if scale > 1:
+        image = image.resize((width * scale, height * scale), Image.BICUBIC)
+    array = np.asarray(image)[:, :, ::-1]  # RapidOCR reads OpenCV's BGR order
     with _engine_lock:
         result, _ = _ocr_engine()(array, return_word_box=True, unclip_ratio=UNCLIP_RATIO)
-    lines = [_line_words(line, image.width, image.height) for line in result or []]
-    return [line for line in lines if line]
+    lines = []
+    for line in result or []:
+        if scale > 1:  # quads back to the caller's pixels
+            line = [np.asarray(line[0], float) / scale, line[1], line[2],
+                    *([[np.asarray(q, float) / scale for q in line[3]]] if len(line) > 3 else []),
+                    *line[4:]]  # fmt: skip
+        words = [w for w in _line_words(line, width, height) if symbols or is_text(w.text)]
+        if words:
+            lines.append(words)
+    return lines
 
 
 def read_words(image: Image.Image) -> list[Word]:
