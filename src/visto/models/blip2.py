@@ -55,11 +55,14 @@ from visto.data.special_tokens import IMAGE, IMAGE_TOKEN_ID
 from visto.errors import UserError
 from visto.losses import answer_loss, batch_ids, itm_loss, lm_loss, pair_positives
 from visto.models.common import (
-    LazyProcessor,
+    ConversationFamily,
     Objective,
     adopt_parts,
-    batch_field,
+    family_preset,
+    prompt_embeds,
     refuse_part_paths,
+    splice_visual_tokens,
+    training_logits,
 )
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 from visto.nn.vision import CLIP_MEAN, CLIP_STD, ViT, ViTConfig
@@ -166,8 +169,9 @@ class Blip2Config:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> Blip2Config:
         """`tiny` for unit tests (32 px, 8 queries, 2-layer towers); `small` for the CPU world."""
-        if name == "tiny":
-            base: dict[str, Any] = dict(
+
+        def tiny() -> dict[str, Any]:
+            return dict(
                 vision=ViTConfig.preset("tiny"),
                 qformer=_tiny_qformer(),
                 decoder=DecoderConfig.preset("tiny", vocab_size=400),
@@ -177,11 +181,8 @@ class Blip2Config:
                 ),
                 embed_dim=16,
             )
-        elif name == "small":
-            base = {}
-        else:
-            raise UserError(f"unknown BLIP-2 preset {name!r}; choose 'tiny' or 'small'")
-        return cls(**{**base, **overrides})
+
+        return family_preset(cls, name, "BLIP-2", tiny, overrides)
 
 
 # ----------------------------------------------------------------------------- stage-1 losses
@@ -234,7 +235,7 @@ def mine_hard_negatives(
 # ----------------------------------------------------------------------------- the model
 
 
-class Blip2(LazyProcessor, nn.Module):
+class Blip2(ConversationFamily, nn.Module):
     family = "blip2"
     display_name = "BLIP-2"
     PARAM_GROUPS = PARAM_GROUPS
@@ -291,7 +292,7 @@ class Blip2(LazyProcessor, nn.Module):
         if stage1._processor is not None:
             self.processor = stage1._processor
 
-    # -- processor (LazyProcessor: built from the config on first use)
+    # -- processor (ConversationFamily: built from the config on first use)
 
     def accept_processor(self, processor: Processor) -> None:
         vocab, cfg = processor.tokenizer.vocab_size, self.config
@@ -336,25 +337,11 @@ class Blip2(LazyProcessor, nn.Module):
     ) -> Tensor:
         """Token embeddings (B, T, D_lm), the k-th `<image>` id (row-major) holding the k-th
         visual prompt vector (images in batch order, Q ids each)."""
-        embeds = self.language_model.embed(input_ids)  # (B, T, C)
-        is_image = input_ids == IMAGE_TOKEN_ID  # (B, T)
-        expected, n_img = int(is_image.sum()), pixel_values.shape[0]
-        if n_img == 0:
-            assert expected == 0, f"{expected} <image> ids in the batch but no pixel_values"
-            return embeds
-        features = self.image_features(pixel_values)  # (N, Q, C)
-        Q = features.shape[1]
-        assert expected == n_img * Q, (
-            f"the batch has {expected} <image> ids but {n_img} images x {Q} queries = {n_img * Q}"
+        return splice_visual_tokens(
+            self.language_model.embed(input_ids),  # (B, T, C)
+            input_ids, pixel_values, self.image_features, image_sample_index,
+            hint=" (one per Q-Former query)",
         )
-        if image_sample_index is not None:
-            per_row = torch.bincount(image_sample_index, minlength=input_ids.shape[0]) * Q
-            assert torch.equal(per_row.to(is_image.device), is_image.sum(dim=1)), (
-                f"<image> ids per row {is_image.sum(dim=1).tolist()} do not match images per row "
-                f"x {Q} = {per_row.tolist()}"
-            )
-        features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # (N * Q, C)
-        return embeds.masked_scatter(is_image[..., None], features)
 
     # -- training
 
@@ -376,14 +363,11 @@ class Blip2(LazyProcessor, nn.Module):
 
     def generative_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Stage 2: next-token CE on the answers, the visual prompt at the <image> ids."""
-        input_ids, labels = batch["input_ids"], batch["labels"]
-        embeds = self.embed_inputs(input_ids, batch["pixel_values"], batch.get("image_sample_index"))
-        logits, _ = self.language_model(
-            inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-            position_ids=batch.get("position_ids"),
-            segment_ids=batch.get("segment_ids"),
-        )  # (B, T, V)
-        out = answer_loss(logits, labels)
+        embeds = self.embed_inputs(
+            batch["input_ids"], batch["pixel_values"], batch.get("image_sample_index")
+        )
+        logits = training_logits(self.language_model, embeds, batch)  # (B, T, V)
+        out = answer_loss(logits, batch["labels"])
         return {**out, "lm": out["loss"].detach()}
 
     def representation_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -497,21 +481,11 @@ class Blip2(LazyProcessor, nn.Module):
 
     # -- generation engine protocol (visto.infer.engine)
 
-    def prompt_batch(self, samples: list[Sample]) -> Any:
-        """Prompts for generation: a final assistant turn is dropped, left padding."""
-        processor = self.processor
-        return processor.collator("left")([processor.encode(s, train=False) for s in samples])
+    # prompt_batch (ConversationFamily): whole conversations by the processor, left padding.
 
     def prefill(self, batch: Any) -> tuple[Tensor, DecoderState]:
-        device = self.language_model.lm_head.weight.device
-        dtype = self.language_model.lm_head.weight.dtype
-        with torch.inference_mode():
-            embeds = self.embed_inputs(
-                batch_field(batch, "input_ids").to(device),
-                batch_field(batch, "pixel_values").to(device, dtype),
-                batch_field(batch, "image_sample_index").to(device),
-            )
-        return self.language_model.prefill_embeds(embeds, batch_field(batch, "attention_mask").to(device))
+        """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
+        return self.language_model.prefill_embeds(*prompt_embeds(self, batch))
 
     def decode_step(self, next_ids: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
         return self.language_model.decode_step(next_ids, state)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
 from visto.losses import answer_loss
-from visto.models.common import batch_field
+from visto.models.common import batch_field, training_logits
 from visto.models.llava import PARAM_GROUPS as LLAVA_GROUPS
 from visto.models.llava import Llava, LlavaConfig
 from visto.nn.language import Conditioning, DecoderInputs, DecoderLM, DecoderState
@@ -110,18 +110,14 @@ class CogVLM(Llava):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers)."""
-        input_ids, labels = batch["input_ids"], batch["labels"]
+        input_ids = batch["input_ids"]
         embeds = self.embed_inputs(
             input_ids, batch["pixel_values"], batch.get("image_sample_index")
         )  # LLaVA's: visual tokens at the <image> positions
-        logits, _ = self.language_model(
-            inputs_embeds=embeds,
-            attention_mask=batch["attention_mask"],
-            position_ids=batch.get("position_ids"),
-            segment_ids=batch.get("segment_ids"),
-            conditioning=self.experts(input_ids),
+        logits = training_logits(
+            self.language_model, embeds, batch, self.experts(input_ids)
         )  # (B, T, V)
-        return answer_loss(logits, labels)
+        return answer_loss(logits, batch["labels"])
 
     # -- generation engine protocol (visto.infer.engine)
 

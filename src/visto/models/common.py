@@ -1,7 +1,8 @@
 """What the family files share: taking pretrained parts (and refusing a config that still
 names them on disk), the processor a config names (and the lazy `processor` property built
-from it), the checks that a tokenizer fits a decoder, reading a batch, and naming a training
-objective.
+from it), the checks that a tokenizer fits a decoder, the batches made of whole conversations,
+reading a batch, splicing visual tokens into the decoder's input, the decoder's logits on a
+training batch, and naming a training objective.
 
 Every family builds its parts the same way (towers handed in by visto.pretrained, which reads
 `vision_init` / `language_init`; a tokenizer from `tokenizer_dir` or trained on
@@ -11,16 +12,21 @@ family's file for these steps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
+from torch import Tensor
+
 from visto.data.processor import Processor, ProcessorConfig
+from visto.data.sample import Sample
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.data.tokenizer import Tokenizer, corpus_texts, train_tokenizer
 from visto.errors import UserError
-from visto.nn.language import DecoderLM
-from visto.nn.vision import ViT
+from visto.nn.language import Conditioning, DecoderLM
+from visto.nn.vision import ViT, ViTConfig
 
 # ----------------------------------------------------------------------------- pretrained parts
 
@@ -49,6 +55,31 @@ def adopt_parts(config: Any, vision: ViT | None = None, language: DecoderLM | No
     if language is not None:
         changes["decoder"] = language.config
     return replace(config, **changes)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def family_preset(
+    cls: type, name: str, family: str, tiny: Callable[[], dict[str, Any]], overrides: dict[str, Any]
+) -> Any:
+    """A family config by preset name, `overrides` on top: "tiny" (unit tests: the fields
+    `tiny()` gives) or "small" (the dataclass's defaults, sized for the CPU)."""
+    presets: dict[str, Callable[[], dict[str, Any]]] = {"tiny": tiny, "small": dict}
+    if name not in presets:
+        raise UserError(f"unknown {family} preset {name!r}; choose 'tiny' or 'small'")
+    return cls(**{**presets[name](), **overrides})
+
+
+def feature_layer_problems(vision: ViTConfig, layer: int) -> list[str]:
+    """Why `layer` cannot index the tower's hidden states (transformers' indexing: 0 the
+    embeddings, -1 the last layer), or nothing."""
+    if -vision.layers - 1 <= layer <= vision.layers:
+        return []
+    return [
+        f"vision_feature_layer {layer} is outside the {vision.layers + 1} hidden states of the "
+        "vision tower"
+    ]
 
 
 # ----------------------------------------------------------------------------- processor
@@ -127,9 +158,94 @@ def check_tokenizer_fits(processor: Processor, decoder_vocab_size: int) -> None:
 # ----------------------------------------------------------------------------- batches
 
 
+class ConversationFamily(LazyProcessor):
+    """A family that reads whole conversations, as a mixin before nn.Module: its lazy
+    `processor` and the two batches the processor makes, for training and for the generation
+    engine (a family that trains in several ways overrides `collate`)."""
+
+    def collate(self, samples: list[Sample]) -> dict[str, Tensor | None]:
+        """Training batch: whole conversations, labels on the answers, right padding."""
+        return self.processor.training_batch(samples)
+
+    def prompt_batch(self, samples: list[Sample]) -> Any:
+        """Prompts for generation: a final assistant turn is dropped, left padding."""
+        processor = self.processor
+        return processor.collator("left")([processor.encode(s, train=False) for s in samples])
+
+
 def batch_field(batch: Any, name: str) -> Any:
     """A batch entry from a collated dict or a processor `Batch` alike."""
     return batch[name] if isinstance(batch, dict) else getattr(batch, name)
+
+
+# ----------------------------------------------------------------------------- the decoder's input
+
+
+def splice_visual_tokens(
+    embeds: Tensor,
+    input_ids: Tensor,
+    pixel_values: Tensor,
+    image_features: Callable[[Tensor], Tensor],
+    image_sample_index: Tensor | None = None,
+    hint: str = "",
+) -> Tensor:
+    """Token embeddings `embeds` (B, T, C) of `input_ids` with the k-th `<image>` id, counted
+    row-major over the batch, holding the k-th visual token of `image_features(pixel_values)`
+    (N_img, n, C): images in batch order, n `<image>` ids each. `image_sample_index` (N_img,):
+    each image's row, to check that every row got its own images; `hint` ends the message when
+    the counts disagree."""
+    is_image = input_ids == IMAGE_TOKEN_ID  # (B, T)
+    expected = int(is_image.sum())
+    if pixel_values.shape[0] == 0:
+        assert expected == 0, f"{expected} <image> ids in the batch but no pixel_values"
+        return embeds
+    features = image_features(pixel_values)  # (N_img, n, C)
+    n_img, per_image = features.shape[:2]
+    assert expected == n_img * per_image, (
+        f"the batch has {expected} <image> ids but {n_img} images x {per_image} visual tokens "
+        f"= {n_img * per_image}{hint}"
+    )
+    if image_sample_index is not None:
+        per_row = torch.bincount(image_sample_index, minlength=input_ids.shape[0]) * per_image
+        assert torch.equal(per_row.to(is_image.device), is_image.sum(dim=1)), (
+            f"<image> ids per row {is_image.sum(dim=1).tolist()} do not match the images per "
+            f"row x {per_image} = {per_row.tolist()}"
+        )
+    # masked_scatter fills the True positions in row-major order: row 0's images first.
+    features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # (N_img * n, C)
+    return embeds.masked_scatter(is_image[..., None], features)
+
+
+def prompt_embeds(model: Any, batch: Any) -> tuple[Tensor, Tensor]:
+    """A left-padded prompt batch (processor `Batch` or dict) -> the decoder's input embeddings
+    (B, T, C) by the family's `embed_inputs(input_ids, pixel_values, image_sample_index)`, and
+    the attention mask (B, T), on the decoder's device (pixels in its dtype)."""
+    weight = model.language_model.lm_head.weight
+    with torch.inference_mode():
+        embeds = model.embed_inputs(
+            batch_field(batch, "input_ids").to(weight.device),
+            batch_field(batch, "pixel_values").to(weight.device, weight.dtype),
+            batch_field(batch, "image_sample_index").to(weight.device),
+        )
+    return embeds, batch_field(batch, "attention_mask").to(weight.device)
+
+
+def training_logits(
+    language_model: DecoderLM,
+    embeds: Tensor,
+    batch: dict[str, Tensor],
+    conditioning: Conditioning | None = None,
+) -> Tensor:
+    """The decoder's next-token logits (B, T, V) on a collated training batch's input
+    embeddings (B, T, C): its attention mask, and positions and segments when packed."""
+    logits, _ = language_model(
+        inputs_embeds=embeds,
+        attention_mask=batch["attention_mask"],
+        position_ids=batch.get("position_ids"),
+        segment_ids=batch.get("segment_ids"),
+        conditioning=conditioning,
+    )
+    return logits
 
 
 # ----------------------------------------------------------------------------- objectives

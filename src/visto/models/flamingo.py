@@ -52,16 +52,17 @@ from visto.connectors.xattn import (
     num_gated_blocks,
 )
 from visto.data.processor import Processor, ProcessorConfig
-from visto.data.sample import Sample
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
 from visto.losses import answer_loss
 from visto.models.common import (
-    LazyProcessor,
+    ConversationFamily,
     adopt_parts,
     batch_field,
-    check_tokenizer_fits,
+    family_preset,
+    feature_layer_problems,
     refuse_part_paths,
+    training_logits,
 )
 from visto.nn.language import Conditioning, DecoderConfig, DecoderInputs, DecoderLM, DecoderState
 from visto.nn.vision import ViT, ViTConfig
@@ -104,12 +105,7 @@ class FlamingoConfig:
     language_init: str | None = None
 
     def __post_init__(self) -> None:
-        problems = []
-        if not -self.vision.layers - 1 <= self.vision_feature_layer <= self.vision.layers:
-            problems.append(
-                f"vision_feature_layer {self.vision_feature_layer} is outside the "
-                f"{self.vision.layers + 1} hidden states of the vision tower"
-            )
+        problems = feature_layer_problems(self.vision, self.vision_feature_layer)
         if self.cross_attn_every < 1:
             problems.append(f"cross_attn_every must be >= 1, got {self.cross_attn_every}")
         if self.gate not in GATE_SHAPES:
@@ -132,8 +128,9 @@ class FlamingoConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> FlamingoConfig:
         """`tiny` for unit tests (32 px, 4 latents, 2+2 layers); `small` for the CPU."""
-        if name == "tiny":
-            base: dict[str, Any] = dict(
+
+        def tiny() -> dict[str, Any]:
+            return dict(
                 vision=ViTConfig.preset("tiny"),
                 resampler=ResamplerConfig(num_latents=4, depth=1, heads=2),
                 decoder=DecoderConfig.preset("tiny", vocab_size=400),
@@ -142,11 +139,8 @@ class FlamingoConfig:
                     loc_bins=32,
                 ),
             )
-        elif name == "small":
-            base = {}
-        else:
-            raise UserError(f"unknown Flamingo preset {name!r}; choose 'tiny' or 'small'")
-        return cls(**{**base, **overrides})
+
+        return family_preset(cls, name, "Flamingo", tiny, overrides)
 
 
 def vision_hidden_state(vit: ViT, pixel_values: Tensor, layer: int, keep_cls: bool) -> Tensor:
@@ -216,7 +210,7 @@ class FlamingoState:
         return FlamingoState(self.decoder.select(rows), self.images.select(rows))
 
 
-class Flamingo(LazyProcessor, nn.Module):
+class Flamingo(ConversationFamily, nn.Module):
     family = "flamingo"
     display_name = "Flamingo"
     PARAM_GROUPS = PARAM_GROUPS
@@ -256,10 +250,10 @@ class Flamingo(LazyProcessor, nn.Module):
         )
         self.language_model = language if language is not None else DecoderLM(dec)
 
-    # -- processor (LazyProcessor: built from the config on first use)
+    # -- processor (ConversationFamily: built from the config on first use)
 
     def accept_processor(self, processor: Processor) -> None:
-        check_tokenizer_fits(processor, self.config.decoder.vocab_size)
+        super().accept_processor(processor)  # the tokenizer fits the decoder
         p = processor.config
         if p.image_tokens != 1 or p.resize_mode == "patch":
             raise UserError(
@@ -337,31 +331,20 @@ class Flamingo(LazyProcessor, nn.Module):
             input_ids, batch["pixel_values"], batch["image_sample_index"]
         )
         media = self.media(input_ids, visual)
-        logits, _ = self.language_model(
-            inputs_embeds=self.language_model.embed(input_ids),  # (B, T, C)
-            attention_mask=batch["attention_mask"],
-            position_ids=batch.get("position_ids"),
-            segment_ids=batch.get("segment_ids"),
-            conditioning=Conditioning(before_layer=self.cross_attention(media)),
+        return training_logits(
+            self.language_model,
+            self.language_model.embed(input_ids),  # (B, T, C)
+            batch,
+            Conditioning(before_layer=self.cross_attention(media)),
         )  # (B, T, V)
-        return logits
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers)."""
-        labels = batch["labels"]
-        logits = self.logits(batch)
-        return answer_loss(logits, labels)
+        return answer_loss(self.logits(batch), batch["labels"])
 
-    def collate(self, samples: list[Sample]) -> dict[str, Tensor | None]:
-        """Training batch: whole conversations, labels on the answers, right padding."""
-        return self.processor.training_batch(samples)
+    # collate and prompt_batch (ConversationFamily): whole conversations by the processor.
 
     # -- generation engine protocol (visto.infer.engine)
-
-    def prompt_batch(self, samples: list[Sample]) -> Any:
-        """Prompts for generation: a final assistant turn is dropped, left padding."""
-        processor = self.processor
-        return processor.collator("left")([processor.encode(s, train=False) for s in samples])
 
     def prefill_inputs(self, batch: Any) -> DecoderInputs:
         """A left-padded batch (processor `Batch` or dict) -> what the decoder runs on: token

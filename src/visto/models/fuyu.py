@@ -35,16 +35,16 @@ import torch
 from torch import Tensor, nn
 
 from visto.data.processor import Processor, ProcessorConfig
-from visto.data.sample import Sample
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
 from visto.losses import answer_loss
 from visto.models.common import (
-    LazyProcessor,
+    ConversationFamily,
     adopt_parts,
     batch_field,
-    check_tokenizer_fits,
+    family_preset,
     refuse_part_paths,
+    training_logits,
 )
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
 
@@ -100,22 +100,20 @@ class FuyuConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> FuyuConfig:
         """`tiny` for unit tests (longest side 32 px, 8 px patches, 2 layers); `small` for the CPU."""
-        if name == "tiny":
-            base: dict[str, Any] = dict(
+
+        def tiny() -> dict[str, Any]:
+            return dict(
                 decoder=DecoderConfig.preset("tiny", vocab_size=400),
                 processor=ProcessorConfig(
                     image_size=32, resize_mode="patch", patch_size=8, image_delimiters=False,
                     vocab_size=400, loc_bins=32,
                 ),
             )
-        elif name == "small":
-            base = {}
-        else:
-            raise UserError(f"unknown Fuyu preset {name!r}; choose 'tiny' or 'small'")
-        return cls(**{**base, **overrides})
+
+        return family_preset(cls, name, "Fuyu", tiny, overrides)
 
 
-class Fuyu(LazyProcessor, nn.Module):
+class Fuyu(ConversationFamily, nn.Module):
     family = "fuyu"
     display_name = "Fuyu"
     PARAM_GROUPS = PARAM_GROUPS
@@ -137,10 +135,10 @@ class Fuyu(LazyProcessor, nn.Module):
         DecoderLM._init_weights(self.vision_embed_tokens)
         self.language_model = language if language is not None else DecoderLM(config.decoder)
 
-    # -- processor (LazyProcessor: built from the config on first use)
+    # -- processor (ConversationFamily: built from the config on first use)
 
     def accept_processor(self, processor: Processor) -> None:
-        check_tokenizer_fits(processor, self.config.decoder.vocab_size)
+        super().accept_processor(processor)  # the tokenizer fits the decoder
         p = processor.config
         if p.resize_mode != "patch" or p.patch_size != self.config.processor.patch_size:
             raise UserError(
@@ -201,25 +199,12 @@ class Fuyu(LazyProcessor, nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers)."""
-        labels = batch["labels"]
-        logits, _ = self.language_model(
-            inputs_embeds=self._embed_batch(batch),
-            attention_mask=batch["attention_mask"],
-            position_ids=batch.get("position_ids"),
-            segment_ids=batch.get("segment_ids"),
-        )  # (B, T, V)
-        return answer_loss(logits, labels)
+        logits = training_logits(self.language_model, self._embed_batch(batch), batch)  # (B, T, V)
+        return answer_loss(logits, batch["labels"])
 
-    def collate(self, samples: list[Sample]) -> dict[str, Tensor | None]:
-        """Training batch: whole conversations, labels on the answers, right padding."""
-        return self.processor.training_batch(samples)
+    # collate and prompt_batch (ConversationFamily): whole conversations by the processor.
 
     # -- generation engine protocol (visto.infer.engine)
-
-    def prompt_batch(self, samples: list[Sample]) -> Any:
-        """Prompts for generation: a final assistant turn is dropped, left padding."""
-        processor = self.processor
-        return processor.collator("left")([processor.encode(s, train=False) for s in samples])
 
     def prefill_inputs(self, batch: Any) -> tuple[Tensor, Tensor]:
         """A left-padded batch (processor `Batch` or dict) -> the decoder's input embeddings

@@ -30,22 +30,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from visto.connectors.projector import ProjectorConfig, build_projector
 from visto.data.processor import Processor, ProcessorConfig
-from visto.data.sample import Sample
 from visto.data.special_tokens import IMAGE, IMAGE_TOKEN_ID
 from visto.data.tokenizer import DEFAULT_LOC_BINS, Tokenizer
 from visto.errors import UserError
 from visto.losses import answer_loss
 from visto.models.common import (
-    LazyProcessor,
+    ConversationFamily,
     adopt_parts,
-    batch_field,
-    check_tokenizer_fits,
+    family_preset,
+    feature_layer_problems,
+    prompt_embeds,
     refuse_part_paths,
+    splice_visual_tokens,
+    training_logits,
 )
 from visto.models.transformers_format import (
     act_from_hf,
@@ -107,11 +108,8 @@ class LlavaConfig:
     language_init: str | None = None
 
     def __post_init__(self) -> None:
-        if not -self.vision.layers - 1 <= self.vision_feature_layer <= self.vision.layers:
-            raise UserError(
-                f"vision_feature_layer {self.vision_feature_layer} is outside the "
-                f"{self.vision.layers + 1} hidden states of the vision tower"
-            )
+        if problems := feature_layer_problems(self.vision, self.vision_feature_layer):
+            raise UserError("; ".join(problems))
         if self.processor.resize_mode == "patch":
             raise UserError("LLaVA encodes square images: processor.resize_mode 'pad' or 'resize'")
 
@@ -145,8 +143,9 @@ class LlavaConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> LlavaConfig:
         """`tiny` for unit tests (32 px, 16 visual tokens, 2+2 layers); `small` for the CPU."""
-        if name == "tiny":
-            base: dict[str, Any] = dict(
+
+        def tiny() -> dict[str, Any]:
+            return dict(
                 vision=ViTConfig.preset("tiny"),
                 vision_feature_layer=-1,
                 decoder=DecoderConfig.preset("tiny", vocab_size=400),
@@ -155,11 +154,8 @@ class LlavaConfig:
                     loc_bins=32,
                 ),
             )
-        elif name == "small":
-            base = {}
-        else:
-            raise UserError(f"unknown LLaVA preset {name!r}; choose 'tiny' or 'small'")
-        return cls(**{**base, **overrides})
+
+        return family_preset(cls, name, "LLaVA", tiny, overrides)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -170,7 +166,7 @@ def build_llava_projector(config: LlavaConfig) -> nn.Module:
     return build_projector(config.projector, config.vision.width, config.decoder.hidden_size)
 
 
-class Llava(LazyProcessor, nn.Module):
+class Llava(ConversationFamily, nn.Module):
     family = "llava"
     display_name = "LLaVA"
     PARAM_GROUPS = PARAM_GROUPS
@@ -194,10 +190,10 @@ class Llava(LazyProcessor, nn.Module):
         self.language_model = language if language is not None else DecoderLM(config.decoder)
         self._processor: Processor | None = None
 
-    # -- processor (LazyProcessor: built from the config on first use)
+    # -- processor (ConversationFamily: built from the config on first use)
 
     def accept_processor(self, processor: Processor) -> None:
-        check_tokenizer_fits(processor, self.config.decoder.vocab_size)
+        super().accept_processor(processor)  # the tokenizer fits the decoder
         if processor.config.image_tokens != self.config.image_tokens:
             raise UserError(
                 f"the processor puts {processor.config.image_tokens} <image> ids per image but "
@@ -224,67 +220,29 @@ class Llava(LazyProcessor, nn.Module):
         image_sample_index: Tensor | None = None,
     ) -> Tensor:
         """Token embeddings (B, T, D_lm) with the visual tokens at the `<image>` positions."""
-        embeds = self.language_model.embed(input_ids)  # (B, T, C)
-        is_image = input_ids == IMAGE_TOKEN_ID  # (B, T)
-        n_img = pixel_values.shape[0]
-        expected = int(is_image.sum())
-        if n_img == 0:
-            assert expected == 0, f"{expected} <image> ids in the batch but no pixel_values"
-            return embeds
-        features = self.image_features(pixel_values)  # (N_img, n, C)
-        per_image = features.shape[1]
-        assert expected == n_img * per_image, (
-            f"the batch has {expected} <image> ids but {n_img} images x {per_image} visual tokens "
-            f"= {n_img * per_image}; the processor's image_tokens must equal the model's "
-            f"({self.config.image_tokens}) and every image needs its <image> run"
+        return splice_visual_tokens(
+            self.language_model.embed(input_ids),  # (B, T, C)
+            input_ids, pixel_values, self.image_features, image_sample_index,
+            hint=f"; the processor's image_tokens must equal the model's "
+            f"({self.config.image_tokens}) and every image needs its <image> run",
         )
-        if image_sample_index is not None:
-            per_row = torch.bincount(image_sample_index, minlength=input_ids.shape[0]) * per_image
-            assert torch.equal(per_row.to(is_image.device), is_image.sum(dim=1)), (
-                f"<image> ids per row {is_image.sum(dim=1).tolist()} do not match the images per "
-                f"row x {per_image} = {per_row.tolist()}"
-            )
-        # masked_scatter fills the True positions in row-major order: row 0's images first.
-        features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # (N_img * n, C)
-        return embeds.masked_scatter(is_image[..., None], features)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers)."""
-        input_ids, labels = batch["input_ids"], batch["labels"]
         embeds = self.embed_inputs(
-            input_ids, batch["pixel_values"], batch.get("image_sample_index")
+            batch["input_ids"], batch["pixel_values"], batch.get("image_sample_index")
         )
-        logits, _ = self.language_model(
-            inputs_embeds=embeds,
-            attention_mask=batch["attention_mask"],
-            position_ids=batch.get("position_ids"),
-            segment_ids=batch.get("segment_ids"),
-        )  # (B, T, V)
-        return answer_loss(logits, labels)
+        logits = training_logits(self.language_model, embeds, batch)  # (B, T, V)
+        return answer_loss(logits, batch["labels"])
 
-    def collate(self, samples: list[Sample]) -> dict[str, Tensor | None]:
-        """Training batch: whole conversations, labels on the answers, right padding."""
-        return self.processor.training_batch(samples)
+    # collate and prompt_batch (ConversationFamily): whole conversations by the processor.
 
     # -- generation engine protocol (visto.infer.engine)
-
-    def prompt_batch(self, samples: list[Sample]) -> Any:
-        """Prompts for generation: a final assistant turn is dropped, left padding."""
-        processor = self.processor
-        encoded = [processor.encode(s, train=False) for s in samples]
-        return processor.collator("left")(encoded)
 
     def prefill_inputs(self, batch: Any) -> tuple[Tensor, Tensor]:
         """A left-padded batch (processor `Batch` or dict) -> the decoder's input embeddings
         (B, T, C) and attention mask (B, T); the engine's fast path runs the decoder on them."""
-        device = self.language_model.lm_head.weight.device
-        with torch.inference_mode():
-            embeds = self.embed_inputs(
-                batch_field(batch, "input_ids").to(device),
-                batch_field(batch, "pixel_values").to(device, self.language_model.lm_head.weight.dtype),
-                batch_field(batch, "image_sample_index").to(device),
-            )
-        return embeds, batch_field(batch, "attention_mask").to(device)
+        return prompt_embeds(self, batch)
 
     def prefill(self, batch: Any) -> tuple[Tensor, DecoderState]:
         """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
