@@ -170,26 +170,13 @@ class DecoderConfig:
         )
 
 
+# One row a size, as a table (nanoGPT's config_args): what tells them apart reads down a column.
 PRESETS = {
-    "tiny": DecoderConfig(
-        vocab_size=512,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=512,
-    ),
-    "small": DecoderConfig(
-        vocab_size=1024,
-        hidden_size=256,
-        num_layers=4,
-        num_heads=8,
-        num_kv_heads=4,
-        intermediate_size=512,
-        max_position_embeddings=1024,
-    ),
-}
+    "tiny": DecoderConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
+                          num_kv_heads=2, intermediate_size=128, max_position_embeddings=512),
+    "small": DecoderConfig(vocab_size=1024, hidden_size=256, num_layers=4, num_heads=8,
+                           num_kv_heads=4, intermediate_size=512, max_position_embeddings=1024),
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
