@@ -30,6 +30,17 @@ def loadavg() -> str:
         return "unknown"
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the data-prefetch worker)."""
+    import resource
+
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def train(args: argparse.Namespace) -> dict:
     from visto.train.loop import train as run_training
     from visto.train.recipe import load_recipe
@@ -38,9 +49,11 @@ def train(args: argparse.Namespace) -> dict:
                  f"num_threads={args.threads}"] + [f"max_steps={args.steps}"] * bool(args.steps)  # fmt: skip
     recipe = load_recipe("clipseg-synth", overrides)
     before = loadavg()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     result = run_training(recipe, args.train, show_progress=False)
+    # CPU minutes too: on a shared machine the wall clock also counts the other jobs' share
     return {"run": args.train, "steps": result.step, "minutes": round((time.perf_counter() - start) / 60, 2),
+            "cpu_minutes": round((cpu_seconds() - cpu) / 60, 2),
             "threads": args.threads, "load_before": before, "load_after": loadavg(),
             "val": result.val_metrics}  # fmt: skip
 
@@ -82,7 +95,8 @@ def main() -> int:
         print(f"{k:32s} {v:.3f}")
     if "train" in out:
         t = out["train"]
-        print(f"trained {t['steps']} steps in {t['minutes']} min ({t['threads']} thread(s)); "
+        print(f"trained {t['steps']} steps in {t['minutes']} min, {t['cpu_minutes']} CPU min "
+              f"({t['threads']} thread(s)); "
               f"load {t['load_before']} -> {t['load_after']}")  # fmt: skip
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

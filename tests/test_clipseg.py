@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import numpy as np
 import pytest
@@ -90,6 +91,49 @@ def test_metrics_against_hand_counts() -> None:
     )
     assert average_precision([(0.9, False), (0.5, True)], 1) == pytest.approx(0.5)
     assert average_precision([], 3) == 0.0
+
+
+def test_focal_loss_against_hand_values() -> None:
+    from visto.models.clipseg import sigmoid_focal_loss
+
+    logits, targets = torch.tensor([0.0, 2.0, -1.0]), torch.tensor([1.0, 0.0, 0.0])
+    p = torch.sigmoid(logits)
+    # positive at p = .5: .25 * ln 2 * .5^2; negatives: .75 * -ln(1 - p) * p^2; one positive
+    want = 0.25 * math.log(2) * 0.25 + sum(
+        0.75 * -math.log(1 - float(q)) * float(q) ** 2 for q in p[1:]
+    )
+    assert sigmoid_focal_loss(logits, targets).item() == pytest.approx(want, rel=1e-5)
+    # an easy negative costs far less than under BCE, a hard one keeps most of its weight
+    easy, hard = torch.tensor([-4.0]), torch.tensor([2.0])
+    ratio = lambda x: sigmoid_focal_loss(x, torch.zeros(1)) / torch.nn.functional.softplus(x)  # noqa: E731
+    assert ratio(easy).item() < 1e-3 < 0.5 < ratio(hard).item()
+
+
+def test_detection_queries_are_standardized_by_the_training_vocabulary() -> None:
+    from visto.models.clipseg import CLIPSeg, CLIPSegConfig
+
+    torch.manual_seed(0)
+    clip = CLIPConfig.preset("tiny", vision=ViTConfig.preset("tiny", image_size=64, patch_size=16,
+                                                              stem="conv", pool="mean"))  # fmt: skip
+    model = CLIPSeg(CLIPSegConfig(clip=clip, width=32, decoder_layers=2)).train()
+    E, W = clip.embed_dim, model.clip.vision_model.output_dim
+    hidden = [torch.randn(2, 17, W)]
+    vocab = 3.0 + 0.1 * torch.randn(12, E)  # a vocabulary off the origin, small spread
+    model.detect_outputs(hidden, vocab)  # a training step's forward: the statistics move
+    assert torch.allclose(model.query_mean, 0.1 * vocab.mean(0), atol=1e-5)
+    for _ in range(200):
+        model.detect_outputs(hidden, vocab)
+    assert torch.allclose(model.query_mean, vocab.mean(0), atol=1e-3)
+    # at inference (no grad) any number of queries, one included, uses those statistics
+    model.eval()
+    with torch.no_grad():
+        one, _ = model.detect_outputs(hidden, vocab[:1])
+        all_, _ = model.detect_outputs(hidden, vocab)
+        mean, var = model.query_mean.clone(), model.query_var.clone()
+        model.detect_outputs(hidden, torch.randn(5, E))
+    assert torch.allclose(one[..., 0], all_[..., 0], atol=1e-5)
+    assert torch.equal(mean, model.query_mean) and torch.equal(var, model.query_var)
+    assert one.shape == (2, 16, 1)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,15 @@
         patches, too coarse for a 20-pixel star.               -> mask logits (S, S)
     detect (OWL-ViT, section 3.1): each patch of the last layer predicts one box (an MLP plus
         a bias that centres it on its patch, then a sigmoid) and a class embedding; a query's
-        logit on a patch is the cosine of that embedding with the query's text embedding,
-        scaled and shifted per patch, so any text is a class.  -> (N, Q) logits, (N, 4) boxes
+        logit on a patch is the cosine of that embedding with the query's text embedding
+        (standardized by the training queries' statistics, then an MLP), scaled and shifted
+        per patch, so any text is a class.                    -> (N, Q) logits, (N, 4) boxes
 
 Trained on the synthetic world (`visto train --recipe clipseg-synth`): the samples of the
 world's "segment" kind carry each image's prompts and instance mask
 (visto.data.synth.prompts); detection learns the seen colour-shape pairs as queries, one
-positive patch per object (the one holding its box centre, as CenterNet assigns). The CLIP is
-part of the checkpoint, so one directory answers both.
+positive patch per object (the one holding its box centre, as CenterNet assigns), under a
+focal loss. The CLIP is part of the checkpoint, so one directory answers both.
 """
 
 from __future__ import annotations
@@ -90,6 +91,19 @@ def generalized_iou(a: Tensor, b: Tensor) -> Tensor:
     return inter / union.clamp(min=1e-6) - (hull - union) / hull.clamp(min=1e-6)
 
 
+def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25,
+                       gamma: float = 2.0) -> Tensor:  # fmt: skip
+    """Focal loss (Lin et al. 2017, as OWL-ViT and DETR's successors train their classes),
+    summed and divided by the number of positives: of a patch's 49 queries the hard negatives
+    are the few that share a word with its object; BCE lets the thousands of easy ones
+    (other shapes, background patches) outweigh them, the (1 - p_t)^gamma factor does not."""
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    weight = alpha * targets + (1 - alpha) * (1 - targets)
+    return (weight * ce * (1 - p_t) ** gamma).sum() / targets.sum().clamp(min=1.0)
+
+
 class Upsampler(nn.Module):
     """Decoder grid (B, D, g, g) -> (B, 1, S, S): 2x steps, each joined with a skip map.
 
@@ -151,12 +165,16 @@ class CLIPSeg(nn.Module):
         self.box_head = nn.Sequential(nn.Linear(W, W), nn.GELU(), nn.Linear(W, 4))
         self.register_buffer("box_bias", box_bias(self.grid), persistent=False)
         self.class_head = nn.Linear(W, E)
-        # The frozen text space barely separates colours ("red star" . "purple star" = 0.98 on
-        # the world's CLIP, "red star" . "red circle" = 0.19): a learned linear map of the
-        # queries, from the identity, stretches what the cosine must tell apart.
-        self.query_proj = nn.Linear(E, E)
-        nn.init.eye_(self.query_proj.weight)
-        nn.init.zeros_(self.query_proj.bias)
+        # The frozen text space barely separates colours (on the world's CLIP the pairs sharing
+        # a shape have cosine 0.94, those sharing a colour 0.33), though a linear probe reads
+        # the colour of every held-out pair off it: the colour lies along directions of small
+        # variance, which a map of the raw embedding hardly learns to use (its gradient scales
+        # with the input). So each feature is first standardized by the statistics of the
+        # training queries (BatchNorm's running mean and variance, kept at inference), then an
+        # MLP maps the queries into the class embeddings' space.
+        self.register_buffer("query_mean", torch.zeros(E))
+        self.register_buffer("query_var", torch.ones(E))
+        self.query_proj = nn.Sequential(nn.Linear(E, E), nn.GELU(), nn.Linear(E, E))
         self.logit_shift = nn.Linear(W, 1)
         self.logit_scale = nn.Linear(W, 1)
         self.clip.eval()
@@ -231,7 +249,11 @@ class CLIPSeg(nn.Module):
         tokens = self.clip.vision_model.post_layernorm(hidden[-1][:, 1:])  # (B, N, W)
         boxes = torch.sigmoid(self.box_head(tokens) + self.box_bias)
         cls = F.normalize(self.class_head(tokens), dim=-1)  # (B, N, E)
-        cos = cls @ F.normalize(self.query_proj(query_emb), dim=-1).T  # (B, N, Q)
+        # a training step's queries are the whole seen vocabulary, so their batch statistics
+        # are the vocabulary's; inference (no grad) uses the running ones for any query set
+        learn = self.training and torch.is_grad_enabled()
+        z = F.batch_norm(query_emb, self.query_mean, self.query_var, training=learn)
+        cos = cls @ F.normalize(self.query_proj(z), dim=-1).T  # (B, N, Q)
         # OWL-ViT's per-patch scale (elu + 1 keeps it positive) and shift
         logits = (cos * (F.elu(self.logit_scale(tokens)) + 1) * 10) + self.logit_shift(tokens)
         return logits, boxes
@@ -252,9 +274,7 @@ class CLIPSeg(nn.Module):
 
         det_logits, boxes = self.detect_outputs(hidden, self.embed_prompts(batch["classes"]))
         labels, centre = batch["det_labels"], batch["det_centre"]  # (B, N, C), (B, N)
-        cls_loss = F.binary_cross_entropy_with_logits(
-            det_logits, labels, pos_weight=torch.tensor(10.0, device=labels.device)
-        )
+        cls_loss = sigmoid_focal_loss(det_logits, labels)
         on = centre.bool()
         box_loss = torch.zeros((), device=labels.device)
         if on.any():
@@ -385,4 +405,4 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-__all__ = ["CLIPSeg", "CLIPSegConfig", "box_bias", "generalized_iou", "nms"]
+__all__ = ["CLIPSeg", "CLIPSegConfig", "box_bias", "generalized_iou", "nms", "sigmoid_focal_loss"]
