@@ -1,19 +1,32 @@
-"""`visto quickstart`: the whole pipeline on the synthetic world (see `visto.quickstart`)."""
+"""`visto quickstart`: the whole pipeline on the synthetic world (see `visto.quickstart`).
+
+The options that set a QuickstartConfig field take their type and default from the dataclass
+(as litgpt's CLI derives its options from signatures), so the command cannot drift from the
+config; `OPTIONS` gives each one its help text, in the order --help lists them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
 from pathlib import Path
+from types import NoneType, UnionType
+from typing import Any
 
 from visto.commands._common import add_command
+from visto.quickstart import STAGES, QuickstartConfig  # no torch: `visto --help` stays instant
 
 ORDER = 10
 
-DESCRIPTION = """\
+DEFAULTS = QuickstartConfig()
+
+DESCRIPTION = f"""\
 Train and evaluate a small vision-language model from nothing, offline, on a CPU.
 
 The training budget is a number of optimizer steps per stage, so the same seed gives the
-same model on any machine; the defaults are 4,000 + 800 + 200 steps (measured times per
+same model on any machine; the defaults are {DEFAULTS.vision_steps:,} + {DEFAULTS.stage1_steps:,} + \
+{DEFAULTS.stage2_steps:,} steps (measured times per
 stage, with the machine's load, in bench/README.md "Quickstart").
 --minutes caps the training time instead: a stage it stops early prints (and records in
 its done.json) how many of its steps were cut, and its model differs from the default's.
@@ -47,81 +60,92 @@ Examples:
   visto quickstart --until data                             only render the world
 """
 
+# QuickstartConfig field -> its option's help (the default is appended from the dataclass,
+# unless the help says what the default means) and, where the type's name would not do, its
+# metavar. The fields left out keep their defaults on the command line (a recipe-level setting
+# such as the learning rates changes by editing the config, not by a flag).
+OPTIONS: dict[str, tuple[str, str | None]] = {
+    "vision_steps": ("steps of the vision stage", "N"),
+    "box_tokens": ("follow each object token with its box's 4 location tokens (5 tokens an "
+                   "object); measured worse at the default budget", None),
+    "text_slots": ("lines of text the connector's OCR reader reads into the decoder's own "
+                   f"tokens (default {DEFAULTS.text_slots}: no reader)", "N"),
+    "reader_steps": ("steps of the OCR reader (with --text-slots), trained in the vision stage "
+                     "on the world's text boxes", "N"),
+    "stage1_steps": ("steps of LLaVA stage 1", "N"),
+    "stage2_steps": ("steps of LLaVA stage 2", "N"),
+    "minutes": ("optional cap on the three training stages together (split "
+                f"{DEFAULTS.vision_share:.0%} vision, {DEFAULTS.stage1_share:.0%} stage 1, "
+                f"{DEFAULTS.stage2_share:.0%} stage 2); a stage it stops early says how many "
+                "steps it cut (default: no cap, the step budgets alone)", None),
+    "n": ("images in the world", None),
+    "size": ("image side in pixels", None),
+    "seed": ("random seed", None),
+    "workers": ("processes for rendering", None),
+    "threads": (f"torch threads (default {DEFAULTS.threads}: 1 on a busy machine, else all "
+                "cores)", None),
+    "eval_images": ("test and held-out images asked every question", None),
+    "stage1_mix": ("training mix of stage 1 (a name in visto.data.synth.mixes.MIXES; a wrong "
+                   "one lists them)", "MIX"),
+    "stage1_batch": ("samples per step of stage1", "N"),
+    "stage2_batch": ("samples per step of stage2", "N"),
+    "vision_stem": ("how the ViT embeds patches: 'patch' (one linear projection, exports to "
+                    "transformers/vLLM) or 'conv' (3x3 stride-2 convs: learns shapes faster "
+                    "from scratch, no transformers export; bench/dense_stem.py)", "{patch,conv}"),
+    "vision_batch": ("images per step of the vision stage. A step at 16 costs about a quarter "
+                     "of one at 64: on a 20,000-image world 4,000 steps at 16 gave val patch "
+                     "shape 0.965 against 0.862 for 1,000 at 64 (bench/clip_figures.py "
+                     "--dense-batch)", "N"),
+}  # fmt: skip
+
+
+def add_config_option(p: argparse.ArgumentParser, field: dataclasses.Field, help: str,
+                      metavar: str | None, hint: Any) -> None:  # fmt: skip
+    """`--field-name` with the field's type and default; a bool field (False by default) is a
+    switch."""
+    flag, default = "--" + field.name.replace("_", "-"), field.default
+    help = help.replace("%", "%%")  # argparse formats help with %
+    if hint is bool:
+        assert default is False, f"{field.name}: a switch turns a False default on"
+        p.add_argument(flag, action="store_true", help=help)
+        return
+    if "(default" not in help:
+        help = f"{help} (default {default})"
+    if typing.get_origin(hint) in (typing.Union, UnionType):  # `float | None`: the value's type
+        (hint,) = (t for t in typing.get_args(hint) if t is not NoneType)
+    p.add_argument(flag, type=hint, default=default, metavar=metavar, help=help)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "quickstart", "the whole pipeline on the synthetic world", DESCRIPTION)
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"),
                    help="run directory (default runs/quickstart)")  # fmt: skip
-    p.add_argument("--vision-steps", type=int, default=None, metavar="N",
-                   help="steps of the vision stage (default 4000)")  # fmt: skip
-    p.add_argument("--box-tokens", action="store_true",
-                   help="follow each object token with its box's 4 location tokens (5 tokens an "
-                        "object); measured worse at the default budget")  # fmt: skip
-    p.add_argument("--text-slots", type=int, default=None, metavar="N",
-                   help="lines of text the connector's OCR reader reads into the decoder's own "
-                        "tokens (default 0: no reader)")  # fmt: skip
-    p.add_argument("--reader-steps", type=int, default=None, metavar="N",
-                   help="steps of the OCR reader (with --text-slots), trained in the vision stage "
-                        "on the world's text boxes (default 1000)")  # fmt: skip
-    p.add_argument("--stage1-steps", type=int, default=None, metavar="N",
-                   help="steps of LLaVA stage 1 (default 800)")  # fmt: skip
-    p.add_argument("--stage2-steps", type=int, default=None, metavar="N",
-                   help="steps of LLaVA stage 2 (default 200)")  # fmt: skip
-    p.add_argument("--minutes", type=float, default=None,
-                   help="optional cap on the three training stages together (split 25%% vision, "
-                        "8%% stage 1, 55%% stage 2); a stage it stops early says how many steps "
-                        "it cut (default: no cap, the step budgets alone)")  # fmt: skip
-    p.add_argument("--n", type=int, default=5000, help="images in the world (default 5000)")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--workers", type=int, default=2, help="processes for rendering (default 2)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (default 0: 1 on a busy machine, else all cores)")  # fmt: skip
-    p.add_argument("--eval-images", type=int, default=None,
-                   help="test and held-out images asked every question (default 200)")  # fmt: skip
-    p.add_argument("--stage1-mix", default=None, metavar="MIX",
-                   help="training mix of stage 1 (visto.data.synth.mixes: captions, look, instruct, "
-                        "instruct+caption; default look)")  # fmt: skip
-    for stage in ("stage1", "stage2"):
-        p.add_argument(f"--{stage}-batch", type=int, default=None, metavar="N",
-                       help=f"samples per step of {stage} (default 16)")
-    p.add_argument("--vision-stem", default=None, metavar="{patch,conv}",
-                   help="how the ViT embeds patches: 'patch' (one linear projection, exports to "
-                        "transformers/vLLM) or 'conv' (3x3 stride-2 convs: learns shapes faster "
-                        "from scratch, no transformers export; default conv, bench/dense_stem.py)")  # fmt: skip
-    p.add_argument("--vision-batch", type=int, default=None, metavar="N",
-                   help="images per step of the vision stage (default 16). A step at 16 costs "
-                        "about a quarter of one at 64: on a 20,000-image world 4,000 steps at 16 "
-                        "gave val patch shape 0.965 against 0.862 for 1,000 at 64 "
-                        "(bench/clip_figures.py --dense-batch)")  # fmt: skip
-    p.add_argument("--until", choices=["data", "vision", "stage1", "stage2", "eval"],
-                   default="eval", help="stop after this stage (default: run them all)")  # fmt: skip
+    fields = {f.name: f for f in dataclasses.fields(QuickstartConfig)}
+    hints = typing.get_type_hints(QuickstartConfig)
+    for name, (help, metavar) in OPTIONS.items():
+        add_config_option(p, fields[name], help, metavar, hints[name])
+    p.add_argument("--until", choices=STAGES, default=STAGES[-1],
+                   help="stop after this stage (default: run them all)")  # fmt: skip
     p.add_argument("--fresh", action="store_true", help="redo every stage, even unchanged ones")
     p.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace) -> QuickstartConfig:
+    """The QuickstartConfig the options set (every other field at its default)."""
+    return QuickstartConfig(**{name: getattr(args, name) for name in OPTIONS})
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from visto.errors import UserError
-    from visto.quickstart import HEADLINE, QuickstartConfig, run_quickstart
+    from visto.quickstart import HEADLINE, run_quickstart
 
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     if args.threads < 0:
         raise UserError(f"--threads must be 0 (automatic) or more, got {args.threads}")
-    steps = {name: value for name in ("vision_steps", "reader_steps", "stage1_steps", "stage2_steps")
-             if (value := getattr(args, name)) is not None}  # fmt: skip
-    cfg = QuickstartConfig(
-        minutes=args.minutes, n=args.n, size=args.size, seed=args.seed, workers=args.workers,
-        threads=args.threads, **steps,
-        **{name: value for name in ("eval_images", "stage1_mix", "stage1_batch", "stage2_batch")
-           if (value := getattr(args, name)) is not None},
-        **({"vision_stem": args.vision_stem} if args.vision_stem else {}),
-        **({"vision_batch": args.vision_batch} if args.vision_batch is not None else {}),
-        **({"box_tokens": True} if args.box_tokens else {}),
-        **({"text_slots": args.text_slots} if args.text_slots is not None else {}),
-    )  # fmt: skip
+    cfg = config_from_args(args)
     console = Console()
     result = run_quickstart(cfg, args.out, fresh=args.fresh, console=console, until=args.until)
     m = result.metrics
