@@ -8,6 +8,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,3 +239,46 @@ def test_visto_chat_calls_segment_and_hands_back_the_mask(trained, world, tmp_pa
     runs = json.loads(captured.out)["tool_runs"]
     assert runs[0]["name"] == "segment" and runs[0]["ok"]
     assert runs[0]["files"]["mask.png"].startswith("data:image/png;base64,")
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _bench(script: str, args: list[str]) -> None:
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_detect_errors_accounts_for_every_detection(trained, world, tmp_path) -> None:
+    out = tmp_path / "errors.json"
+    _bench("detect_errors.py", ["--model", str(trained), "--data", str(world), "--json", str(out)])
+    figures = json.loads(out.read_text())
+    ev = trained.parent / "ev-errors"
+    assert main(["eval", "--model", str(trained), "--data", str(world), "--out", str(ev)]) == 0
+    metrics = json.loads((ev / "eval.json").read_text())
+    for split, prefix in (("test", ""), ("heldout", "heldout.")):
+        f = figures[split]
+        # the same protocol as visto eval's AP50, and each fix can only help
+        assert f["ap50"] == pytest.approx(metrics[prefix + "detect.ap50"], abs=1e-4)
+        for cause in ("absent", "dupe", "loc", "other", "bkg"):
+            assert f["ap50"] - 1e-9 <= f[f"fixed.{cause}"] <= f["fixed.all_fp"] + 1e-9
+        # every kept box is a hit or has one cause; hits never exceed the objects
+        assert 0 < f["objects"] and f["counts"]["tp"] <= f["objects"]
+        assert f["counts"]["tp"] / f["objects"] <= f["recall_cap"] + 1e-9
+
+
+@pytest.mark.slow
+def test_ocr_world_reads_the_worlds_text(world, tmp_path) -> None:
+    out = tmp_path / "ocr.json"
+    _bench("ocr_world.py", ["--data", str(world), "--variants", "1x-raw,3x", "--n", "6",
+                            "--json", str(out)])  # fmt: skip
+    figures = json.loads(out.read_text())
+    assert figures["images"] == 6
+    texts = [r["truth"]["texts"] for r in iter_records(world, "test") if r["truth"]["texts"]][:6]
+    for v in figures["variants"].values():
+        assert len(v["misses"]) == round((1 - v["exact"]) * 6)
+        assert v["exact_world"] <= v["exact"] and 0 <= v["cer"]
+        for miss in v["misses"]:  # what is written is the world's texts
+            assert miss["truth"].split() in [[t["text"] for t in ts] for ts in texts]
