@@ -282,3 +282,16 @@ def test_ocr_world_reads_the_worlds_text(world, tmp_path) -> None:
         assert v["exact_world"] <= v["exact"] and 0 <= v["cer"]
         for miss in v["misses"]:  # what is written is the world's texts
             assert miss["truth"].split() in [[t["text"] for t in ts] for ts in texts]
+
+
+@pytest.mark.slow
+def test_detect_heads_trains_each_variant_on_the_same_features(trained, world, tmp_path) -> None:
+    out = tmp_path / "heads.json"
+    clip = trained.parent.parent / "clip" / "checkpoint"
+    _bench("detect_heads.py", ["--clip", str(clip), "--data", str(world), "--steps", "3",
+                               "--train-images", "8", "--variants", "linear-bce,std-mlp-focal",
+                               "--json", str(out)])  # fmt: skip
+    figures = json.loads(out.read_text())
+    assert list(figures["variants"]) == ["linear-bce", "std-mlp-focal"] and figures["steps"] == 3
+    for v in figures["variants"].values():
+        assert 0.0 <= v["test"] <= 1.0 and 0.0 <= v["heldout"] <= 1.0
