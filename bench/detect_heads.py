@@ -18,6 +18,8 @@ over the seen pairs on the test split and over the 7 held-out pairs on the held-
     std-bce        queries standardized by the training vocabulary's statistics first
     std-focal      both
     std-mlp-focal  standardized, an MLP as the query map, focal loss (what clipseg trains)
+
+`probes`: what the frozen towers hold about colour (see `probes` below), the why of the fix.
 """
 
 from __future__ import annotations
@@ -44,6 +46,56 @@ def loadavg() -> str:
         return Path("/proc/loadavg").read_text().strip()
     except OSError:
         return "unknown"
+
+
+def ridge_accuracy(x_train, y_train, x_test, y_test, classes: int, lam: float = 1.0) -> float:
+    """A linear probe: ridge regression onto one-hot labels, argmax; accuracy on the test rows."""
+    import numpy as np
+
+    a = np.c_[x_train, np.ones(len(x_train))]
+    w = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ np.eye(classes)[y_train])
+    return float(((np.c_[x_test, np.ones(len(x_test))] @ w).argmax(1) == y_test).mean())
+
+
+def probes(tower, train_x, train_truth, test, grid: int) -> dict:
+    """What the frozen towers hold about colour: the text embeddings of the 56 pair phrases
+    (mean cosine of pairs sharing a shape / a colour; a probe fit on the 49 seen phrases
+    naming the colour and the shape of the 7 held-out ones) and the last-layer patch token at
+    each object's centre (a probe fit on train objects, scored on test objects)."""
+    import numpy as np
+
+    from visto.data.synth.prompts import pair_phrase, seen_pairs
+    from visto.data.synth.vocab import COLOURS, SHAPES, heldout_pairs
+
+    colours, shapes = list(COLOURS), list(SHAPES)
+    pairs = seen_pairs() + heldout_pairs()
+    emb = tower.embed_prompts([pair_phrase(*c) for c in pairs]).double().numpy()
+    cos = emb @ emb.T
+    same = lambda k: [cos[i, j] for i in range(56) for j in range(i + 1, 56)  # noqa: E731
+                      if pairs[i][k] == pairs[j][k]]  # fmt: skip
+    out = {"text.cos_same_shape": round(float(np.mean(same(1))), 3),
+           "text.cos_same_colour": round(float(np.mean(same(0))), 3)}  # fmt: skip
+    for name, k, vocab in (("colour", 0, colours), ("shape", 1, shapes)):
+        y = np.array([vocab.index(c[k]) for c in pairs])
+        out[f"text.heldout_{name}_probe"] = ridge_accuracy(emb[:49], y[:49], emb[49:], y[49:],
+                                                          len(vocab), 1e-3)  # fmt: skip
+
+    def centres(tokens, truths):
+        xs, ys = [], []
+        for b, truth in enumerate(truths):
+            for o in truth["objects"]:
+                x1, y1, x2, y2 = o["box"]
+                cx, cy = (x1 + x2) / 2 / truth["width"], (y1 + y2) / 2 / truth["height"]
+                k = min(grid - 1, int(cy * grid)) * grid + min(grid - 1, int(cx * grid))
+                xs.append(tokens[b, k].numpy())
+                ys.append((colours.index(o["colour"]), shapes.index(o["shape"])))
+        return np.array(xs), np.array(ys)
+
+    xa, ya = centres(train_x[:800], train_truth[:800])
+    xb, yb = centres(*test)
+    out["image.colour_probe"] = round(ridge_accuracy(xa, ya[:, 0], xb, yb[:, 0], len(colours)), 3)
+    out["image.shape_probe"] = round(ridge_accuracy(xa, ya[:, 1], xb, yb[:, 1], len(shapes)), 3)
+    return out
 
 
 def main() -> int:
@@ -173,6 +225,8 @@ def main() -> int:
 
     out: dict = {"command": " ".join(sys.argv), "steps": args.steps, "load_before": loadavg(),
                  "cache_seconds": round(cache_s, 1), "variants": {}}  # fmt: skip
+    out["probes"] = probes(tower, train_x, train_truth, splits["test"][:2], g)
+    print("probes:", json.dumps(out["probes"]), flush=True)
     order = torch.Generator().manual_seed(0)
     batches = [
         torch.randint(0, len(train_truth), (16,), generator=order) for _ in range(args.steps)

@@ -295,3 +295,8 @@ def test_detect_heads_trains_each_variant_on_the_same_features(trained, world, t
     assert list(figures["variants"]) == ["linear-bce", "std-mlp-focal"] and figures["steps"] == 3
     for v in figures["variants"].values():
         assert 0.0 <= v["test"] <= 1.0 and 0.0 <= v["heldout"] <= 1.0
+    probes = figures["probes"]
+    assert -1.0 <= probes["text.cos_same_shape"] <= 1.0
+    for name in ("text.heldout_colour_probe", "text.heldout_shape_probe", "image.colour_probe",
+                 "image.shape_probe"):  # fmt: skip
+        assert 0.0 <= probes[name] <= 1.0, name
