@@ -362,22 +362,66 @@ class DecoderRunner:
             len(self.lm.model.layers), B, self.n_kv, T + room, self.head_dim, w0.dtype, w0.device
         )
         real = attention_mask.bool()
-        state.real[:, :T] = real
-        positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): padding-skipping
-        # Causal and padding mask; a padding query that sees nothing would give NaN, so it
-        # sees everything instead (its output is never used).
-        padded = not bool(real.all())
-        mask: Tensor | bool = True  # no padding: SDPA's own causal path
-        if padded:
-            causal = torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()
-            mask = real[:, None, None, :] & causal  # (B, 1, T, T)
-            mask = mask | ~mask.any(dim=-1, keepdim=True)
-        last = self._forward(embeds.to(w0.dtype), positions, state, mask, inputs.conditioning)
+        embeds = embeds.to(w0.dtype)
+        shared = 0
+        if inputs.conditioning is None and B > 1 and self._rows_independent:
+            shared = shared_prefix(embeds, real)
+        if shared >= MIN_SHARED_PREFIX:
+            last, width = self._prefill_shared(embeds, real, shared, state)
+        else:
+            state.real[:, :T] = real
+            positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): padding-skipping
+            # Causal and padding mask; a padding query that sees nothing would give NaN, so it
+            # sees everything instead (its output is never used).
+            mask: Tensor | bool = True  # no padding: SDPA's own causal path
+            if not bool(real.all()):
+                causal = torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()
+                mask = real[:, None, None, :] & causal  # (B, 1, T, T)
+                mask = mask | ~mask.any(dim=-1, keepdim=True)
+            last, width = self._forward(embeds, positions, state, mask, inputs.conditioning), T
         state.context = inputs.context
-        state.end = T
+        state.end = width
         state.positions = real.sum(dim=1)
         state.sync_mask()
         return self._logits(last), state
+
+    def _prefill_shared(
+        self, embeds: Tensor, real: Tensor, P: int, state: RunnerState
+    ) -> tuple[Tensor, int]:
+        """Prefill of rows whose first P real tokens are the same (several questions about
+        one image: the template and the image's tokens): those P run once, as a batch of one,
+        and their keys and values are copied to every row; then each row's own suffix runs,
+        attending to them. The window becomes [shared prefix | left-padded suffixes]: padding
+        in the middle, which the decode mask and per-row positions handle as left padding.
+        Same numbers as one pass (positions and visible keys are the same), up to the rounding
+        of a matmul over fewer rows. Returns the last hidden states (B, C) and the width."""
+        B, T, _ = embeds.shape
+        lengths = real.sum(dim=1)
+        first = int(T - lengths[0])  # row 0's first real column
+        S = int(lengths.max()) - P  # the longest suffix
+        one = RunnerState(
+            k=[k[:1] for k in state.k], v=[v[:1] for v in state.v], real=state.real[:1],
+            bias=state.bias[:1], positions=state.positions[:1], start=0, end=0, padded=False,
+        )  # fmt: skip
+        positions = torch.arange(P, device=embeds.device)[None]
+        self._forward(embeds[:1, first : first + P], positions, one, True, None)
+        for cache in (*state.k, *state.v):
+            cache[1:, :, :P] = cache[:1, :, :P]
+        # Row i's own tokens are its last lengths[i] - P: right-aligned in the last S columns
+        # (before them: padding, or the row's copy of the prefix, which is not re-run).
+        own = torch.arange(S, device=embeds.device)[None]
+        suffix_real = own >= (S - (lengths - P))[:, None]  # (B, S)
+        state.real[:, :P] = True
+        state.real[:, P : P + S] = suffix_real
+        state.end = P
+        positions = P + (suffix_real.long().cumsum(-1) - 1).clamp(min=0)
+        # Every suffix query sees the prefix, then its own row causally; a padding query sees
+        # the prefix (never nothing: no NaN) and its output is never used.
+        causal = torch.ones(S, S, dtype=torch.bool, device=embeds.device).tril()
+        mask = torch.ones(B, 1, S, P + S, dtype=torch.bool, device=embeds.device)
+        mask[:, :, :, P:] = suffix_real[:, None, None, :] & causal
+        last = self._forward(embeds[:, T - S :], positions, state, mask, None)
+        return last, P + S
 
     @torch.inference_mode()
     def decode_step(self, next_ids: Tensor, state: RunnerState) -> tuple[Tensor, RunnerState]:
@@ -399,6 +443,26 @@ class DecoderRunner:
         state.end += 1
         state.positions += 1
         return self._logits(last), state
+
+
+# Below this many shared tokens a second, batch-of-one pass costs about what it saves.
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix(embeds: Tensor, real: Tensor) -> int:
+    """How many leading real tokens every row of a left-padded batch has in common (equal
+    input embeddings: the same tokens and the same images), at most the shortest row's
+    length less one (each row keeps a token of its own, the one whose logits are read)."""
+    B, T, C = embeds.shape
+    lengths = real.sum(dim=1)
+    shortest = int(lengths.min())
+    if shortest < 2:
+        return 0
+    columns = (T - lengths)[:, None] + torch.arange(shortest - 1, device=embeds.device)
+    head = embeds.gather(1, columns[..., None].expand(-1, -1, C))  # (B, shortest - 1, C)
+    same = (head == head[:1]).all(dim=-1).all(dim=0)  # (shortest - 1,)
+    differ = (~same).nonzero()
+    return int(differ[0]) if differ.numel() else shortest - 1
 
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -236,6 +236,14 @@ class ViT(nn.Module):
         """pixel_values (B, 3, S, S), normalized. `feature_layer` indexes hidden states as
         transformers does (0 = embeddings after pre_layrnorm, -1 = last layer, -2 = penultimate).
         With pooled=False the layers after `feature_layer` are skipped."""
+        if not (torch.is_grad_enabled() or self.training) and pixel_values.shape[0] > 1:
+            # At inference the same image asked about in several rows (questions about one
+            # picture) runs once; its outputs are repeated for the rows that hold it.
+            unique, inverse = distinct_images(pixel_values)
+            if unique.shape[0] < pixel_values.shape[0]:
+                out = self.forward(unique, feature_layer, pooled)
+                pooled_out = out.pooled[inverse] if out.pooled is not None else None
+                return ViTOutput(pooled=pooled_out, features=out.features[inverse])
         cfg = self.config
         layer = cfg.feature_layer if feature_layer is None else feature_layer
         layer = layer % (cfg.layers + 1)  # as a non-negative hidden-states index
@@ -273,6 +281,26 @@ class ViT(nn.Module):
             cache = (signature, [FusedEncoderBlock(block) for block in blocks])
             self.__dict__["_fused_blocks"] = cache  # a plain attribute: not in the state dict
         return cache[1]
+
+
+def distinct_images(pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+    """The batch's distinct images (B', ...) in order of first appearance, and for each row
+    the index of its image among them (B,). Rows are compared exactly, only those whose sums
+    agree (one cheap pass over the pixels)."""
+    sums = pixel_values.reshape(pixel_values.shape[0], -1).sum(dim=1).tolist()
+    keep: list[int] = []
+    inverse: list[int] = []
+    for row, total in enumerate(sums):
+        match = next((i for i, k in enumerate(keep) if sums[k] == total
+                      and torch.equal(pixel_values[k], pixel_values[row])), None)  # fmt: skip
+        if match is None:
+            keep.append(row)
+            match = len(keep) - 1
+        inverse.append(match)
+    index = torch.tensor(inverse, device=pixel_values.device)
+    if len(keep) == len(sums):
+        return pixel_values, index
+    return pixel_values[torch.tensor(keep, device=pixel_values.device)], index
 
 
 class AttentionPoolingHead(nn.Module):
