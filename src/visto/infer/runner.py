@@ -291,8 +291,9 @@ class DecoderRunner:
             qk = qkv[..., : (H + Hkv) * hd].view(B, T, H + Hkv, hd)
             # Rotary on q and k at once (RoFormer; Llama's "rotate half" layout): rotate_half(x)
             # = [-x2, x1] = roll(x, half) with the first half negated, and the sign lives in
-            # the sin table; the same floats as Llama's, in fewer ops.
-            qk = qk * cos + qk.roll(half, dims=-1) * sin
+            # the sin table; Llama's numbers in fewer ops (addcmul: one fewer, and its fused
+            # multiply-add may round the last bit differently).
+            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)
             q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
             k = qk[:, :, H:].transpose(1, 2)  # (B, H_kv, T, hd)
             v = qkv[..., (H + Hkv) * hd :].view(B, T, Hkv, hd).transpose(1, 2)
@@ -317,21 +318,23 @@ class DecoderRunner:
                 is_causal=layer_causal, enable_gqa=gqa,
             )  # (B, H, T, hd)
             y = y.transpose(1, 2).reshape(B, T, H * hd)
-            x = x + self._routed(w["o"], y, i, expert, "self_attn", ("o_proj",))
+            x = self._routed(w["o"], y, i, expert, "self_attn", ("o_proj",), residual=x)
             h = self._rms(x, w["ln2"])
             gate_up = self._routed(w["gate_up"], h, i, expert, "mlp", ("gate_proj", "up_proj"))
             gate, up = gate_up.chunk(2, -1)
-            x = x + self._routed(w["down"], F.silu(gate) * up, i, expert, "mlp", ("down_proj",))
+            x = self._routed(w["down"], F.silu(gate) * up, i, expert, "mlp", ("down_proj",),
+                             residual=x)  # fmt: skip
         return x[:, -1]  # (B, C)
 
-    def _routed(self, fused: Callable[[Tensor], Tensor], x: Tensor, layer: int,
-                expert: Expert | None, part: str, names: tuple[str, ...]) -> Tensor:  # fmt: skip
+    def _routed(self, fused: Callable[..., Tensor], x: Tensor, layer: int, expert: Expert | None,
+                part: str, names: tuple[str, ...], residual: Tensor | None = None) -> Tensor:  # fmt: skip
         """fused(x): the layer's projections `names` concatenated; with an expert, the rows its
-        mask marks computed again by the expert's projections (the layer's where it has none)."""
-        out = fused(x)
+        mask marks computed again by the expert's projections (the layer's where it has none).
+        `residual` is added to the result (in the matmul itself on the CPU)."""
         sub = expert.part(part) if expert is not None else None
         if sub is None or all(getattr(sub.module, n, None) is None for n in names):
-            return out
+            return fused(x, residual)
+        out = fused(x)
         own = getattr(self.lm.model.layers[layer], part)
         projections = [getattr(sub.module, n, None) for n in names]
         projections = [
@@ -339,7 +342,7 @@ class DecoderRunner:
         ]
         rows = x[sub.mask]  # (N, in)
         out[sub.mask] = torch.cat([p(rows) for p in projections], dim=-1)
-        return out
+        return out if residual is None else residual + out
 
     def _logits(self, last: Tensor) -> Tensor:
         norm = self.lm.model.norm
@@ -481,10 +484,12 @@ def _fusable_linears(lm: DecoderLM) -> bool:
     )
 
 
-def _fused(linears: tuple[nn.Module, ...]) -> Callable[[Tensor], Tensor]:
-    """One matmul computing the layers' outputs concatenated (they read the same input)."""
+def _fused(linears: tuple[nn.Module, ...]) -> Callable[..., Tensor]:
+    """One matmul computing the layers' outputs concatenated (they read the same input):
+    f(x, residual=None) -> residual + x @ W^T + b."""
     if all(is_int8_linear(m) for m in linears):
-        return fuse_int8_linears(linears)
+        int8 = fuse_int8_linears(linears)
+        return lambda x, residual=None: int8(x) if residual is None else residual + int8(x)
     assert all(type(m) is nn.Linear for m in linears), "a fused group mixes int8 and fp32 layers"
     with torch.no_grad():
         weight = torch.cat([m.weight for m in linears]).detach()
@@ -495,16 +500,22 @@ def _fused(linears: tuple[nn.Module, ...]) -> Callable[[Tensor], Tensor]:
                 for m in linears
             ]).detach()  # fmt: skip
     if weight.device.type != "cpu":
-        return lambda x: F.linear(x, weight, bias)
+        return lambda x, residual=None: (
+            F.linear(x, weight, bias) if residual is None else residual + F.linear(x, weight, bias)
+        )
     # On the CPU the weight is kept transposed, (in, out) contiguous: MKL reads it as it lies
     # instead of packing an (out, in) one at every call, which at decode's few rows, with
     # the weights out of cache, took about half of each matmul (bench/ttft_profile.py).
     weight_t = weight.t().contiguous()
     n_in, n_out = weight_t.shape
 
-    def linear(x: Tensor) -> Tensor:
+    def linear(x: Tensor, residual: Tensor | None = None) -> Tensor:
         rows = x.reshape(-1, n_in)
-        y = torch.mm(rows, weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
+        if residual is not None:  # the residual add inside the matmul: one op fewer
+            base = residual.reshape(-1, n_out)
+            y = torch.addmm(base if bias is None else base + bias, rows, weight_t)
+        else:
+            y = torch.mm(rows, weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
         return y.view(*x.shape[:-1], n_out)
 
     return linear
