@@ -57,6 +57,8 @@ def exchanges(sample) -> list[tuple[str, str]]:
 def test_every_mix_asks_its_tasks_of_each_image(world):
     records = list(iter_records(world, "train"))
     for name, mix in MIXES.items():
+        if name == "tools":  # a system turn offers the tool first: tests/test_tool_mix.py
+            continue
         samples = list(mix.samples(world, "train", seed=0, epoch=0, loc_bins=LOC_BINS))
         assert [s.id for s in samples] == [r["id"] for r in records], name
         for sample, record in zip(samples, records, strict=True):

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from visto.data.synth.tool_mix import TOOLS_MIX
 from visto.data.tokenizer import boxes_to_loc
 from visto.errors import UserError
 
@@ -180,6 +181,7 @@ MIXES: dict[str, Mix] = {
             INSTRUCT_TASKS, independent_turns=True, exchanges=_instruct),
         Mix("instruct+caption", "the instruct mix plus one caption, as independent turns",
             (*INSTRUCT_TASKS, "caption"), independent_turns=True, exchanges=_instruct_caption),
+        TOOLS_MIX,  # reading through the ocr tool, the rest directly (tool_mix.py)
     )
 }  # fmt: skip
 

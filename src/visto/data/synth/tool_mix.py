@@ -1,0 +1,167 @@
+"""The `tools` mix: the world's reading questions answered through the OCR tool, the rest
+directly, with the tool offered in every sample, so a model learns when to call.
+
+A reading question (the image's OCR question or one of its "read" VQA questions) becomes the
+exchange visto's tool loop (tools/loop.py) produces at inference:
+
+    <|system|>{tools_text([OCR_TOOL])}<|end|>
+    <|user|><image>\\nWhat is written in the image?<|end|>
+    <|assistant|><tool_call>{"name":"ocr","arguments":{"detail":"text"}}</tool_call><|end|>
+    <|user|><tool_response>{"text":"9658"}</tool_response><|end|>
+    <|assistant|>9658<|end|>
+
+Any other question (VQA, grounding, box -> description; a caption where the image has no
+text) is answered at once under the same system turn. The processor puts labels on the
+assistant turns only, so the model learns the call and the answer, never the tool's result.
+
+The tool's result is built from the world's ground truth in the exact format of the real tool
+(`visto.tools.ocr.run_ocr(image, "text")`: the lines top to bottom, each line's words left to
+right, lines joined by "\\n"), not by running PP-OCR: that would cost ~0.5 s a training image
+and need rapidocr at training time, and on the world's test split the real tool already gives
+the world's text (bench/ocr_world.py), so the two agree where it matters. Captions and JSON
+answers are left out: they quote the image's text, which the model cannot read without the
+tool.
+
+One conversation per sample, one question per image: shared-prefix packing
+(`Sample.independent_turns`) hides each user/assistant pair from the others, and a tool
+exchange is two such pairs that must see each other.
+
+The OCR tool's definition is copied here (data/ sits below tools/ in the layer order); a test
+holds it equal to `visto.tools.ocr.ocr_tool.openai()`, since the model learns this exact text.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from visto.data.tokenizer import boxes_to_loc
+from visto.data.tool_calls import assistant_turn, compact_json, tool_result_turn, with_tools
+
+OCR_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "ocr",
+        "description": "Read the text in the image: the text line by line and each word with its box "
+        "(x1, y1, x2, y2 in 0..999 and in pixels) and confidence.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "detail": {
+                    "type": "string",
+                    "enum": ["text", "words"],
+                    "description": "'text' for the text only, 'words' (the default) for each word's box too",
+                }
+            },
+            "additionalProperties": False,
+        },
+    },
+}  # fmt: skip
+OCR_ARGUMENTS = {"detail": "text"}  # the text alone: a short result the answer copies from
+ROW_PX = 4  # texts whose tops are closer than this share a row (read left to right)
+
+
+def reading_questions(record: dict) -> list[tuple[str, str]]:
+    """The image's questions that need its text read: OCR and "read" VQA, with answers."""
+    t = record["tasks"]
+    qas = [(qa["q"], qa["a"]) for qa in t["vqa"] if qa.get("type") == "read"]
+    if t["ocr"] is not None:
+        qas.append((t["ocr"]["q"], t["ocr"]["a"]))
+    return qas
+
+
+def direct_questions(record: dict, loc_bins: int) -> list[tuple[str, str]]:
+    """The image's questions answered from the pixels alone: VQA other than reading,
+    grounding and box -> description (boxes as location tokens), and a caption where the
+    image has no text (captions quote it)."""
+    t = record["tasks"]
+    qas = [(qa["q"], qa["a"]) for qa in t["vqa"] if qa.get("type") != "read"]
+    qas += [(g["q"], boxes_to_loc(g["a"], loc_bins)) for g in t["ground"]]
+    qas += [(boxes_to_loc(r["q"], loc_bins), r["a"]) for r in t["refdesc"]]
+    if not record["truth"]["texts"]:
+        qas += [("Describe this image.", c) for c in t["captions"][:1]]
+    return qas
+
+
+def ocr_result(texts: list[dict]) -> dict[str, str]:
+    """What `run_ocr(image, "text")` returns for the world's `texts`: rows top to bottom
+    (PP-OCR sorts its boxes so), each row left to right, one line per text."""
+    ordered = sorted(texts, key=lambda t: (t["box"][1], t["box"][0]))
+    rows: list[list[dict]] = []
+    for text in ordered:
+        if rows and abs(text["box"][1] - rows[-1][0]["box"][1]) < ROW_PX:
+            rows[-1].append(text)
+        else:
+            rows.append([text])
+    lines = [t["text"] for row in rows for t in sorted(row, key=lambda t: t["box"][0])]
+    return {"text": "\n".join(lines)}
+
+
+def tool_exchange(record: dict, question: str, answer: str) -> list[Turn]:
+    """A reading question answered through one OCR call."""
+    return [
+        Turn("user", f"{IMAGE_PLACEHOLDER}\n{question}"),
+        assistant_turn(None, [("ocr", OCR_ARGUMENTS)]),
+        tool_result_turn(compact_json(ocr_result(record["truth"]["texts"]))),
+        Turn("assistant", answer),
+    ]
+
+
+@dataclass(frozen=True)
+class ToolMix:
+    """A mix with tools offered (visto.data.synth.mixes.MIXES holds it beside the `Mix`es and
+    reads the same attributes: name, description, tasks, independent_turns, samples, card)."""
+
+    name: str
+    description: str
+    tasks: tuple[str, ...]
+    tools: tuple[dict[str, Any], ...]
+    tool_share: float  # of the images with text, the share asked a reading question
+    independent_turns: bool = False  # one conversation per sample (module docstring)
+
+    def turns(self, record: dict, loc_bins: int, rng: random.Random) -> list[Turn]:
+        """The image's one exchange, after the system turn that offers the tools."""
+        reading = reading_questions(record)
+        direct = direct_questions(record, loc_bins)
+        if reading and (not direct or rng.random() < self.tool_share):
+            exchange = tool_exchange(record, *rng.choice(reading))
+        else:
+            q, a = rng.choice(direct)
+            exchange = [Turn("user", f"{IMAGE_PLACEHOLDER}\n{q}"), Turn("assistant", a)]
+        return with_tools(exchange, list(self.tools))
+
+    def samples(self, world_dir: str | Path, split: str, *, seed: int, epoch: int,
+                loc_bins: int) -> Iterator[Sample]:  # fmt: skip
+        """One sample per image of `split`; the question is drawn from (seed, epoch, image)."""
+        from visto.data.images import open_image
+        from visto.data.synth.reader import iter_records
+
+        world_dir = Path(world_dir)
+        for record in iter_records(world_dir, split):
+            rng = random.Random(f"visto-mix/{self.name}/{seed}/{epoch}/{record['id']}")
+            yield Sample(id=record["id"], images=[open_image(world_dir / record["image"])],
+                         turns=self.turns(record, loc_bins, rng), source="synth")  # fmt: skip
+
+    def card(self) -> dict[str, Any]:
+        return {"name": self.name, "independent_turns": self.independent_turns,
+                "tasks": list(self.tasks), "description": self.description,
+                "tools": [t["function"]["name"] for t in self.tools],
+                "tool_share": self.tool_share}  # fmt: skip
+
+
+TOOLS_MIX = ToolMix(
+    "tools",
+    "reading questions (OCR, read) answered through an ocr tool call and its result, the "
+    "other questions (VQA, grounding, box -> description) directly, the ocr tool offered in "
+    "every sample; one question per image",
+    ("ocr", "vqa", "ground", "refdesc"),
+    tools=(OCR_TOOL,),
+    tool_share=0.75,
+)
+
+__all__ = ["OCR_ARGUMENTS", "OCR_TOOL", "TOOLS_MIX", "ToolMix", "direct_questions", "ocr_result",
+           "reading_questions", "tool_exchange"]  # fmt: skip
