@@ -10,7 +10,10 @@ weights is exported by `visto.models.llava.export_hf` and loaded as transformers
 `LlavaForConditionalGeneration`. Each timed call starts from the chat messages and a PIL image,
 so preprocessing is included on both sides: ours `Llava.prompt_batch` (our processor), theirs
 `LlavaProcessor` (chat template, `CLIPImageProcessorPil`, tokenizer) then `generate`.
-Batch 8 asks 8 different questions about the image (prompt lengths differ: left padding).
+Batch 8 asks 8 different questions about the image (prompt lengths differ: left padding); the
+engine then runs the image and the prompt's shared prefix once (issue 19). --distinct-images
+gives each row an image of its own (the test image with its values shifted per row), where
+nothing is shared.
 
 --family decoder: a random Llama built with transformers, saved, and loaded into visto's
 DecoderLM through `from_pretrained` (the same path a real checkpoint takes); token prompts.
@@ -176,13 +179,17 @@ def bench_llava(args) -> dict:
     results = {}
     for B in args.batches:
         questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(B)]
+        images = [image] * B
+        if args.distinct_images:
+            images = [image.point(lambda v, i=i: (v + 37 * i) % 256) for i in range(B)]
 
-        def run_ours(n: int, questions=questions) -> list[list[int]]:
-            samples = [Sample("q", [image], [Turn("user", "<image>\n" + q)]) for q in questions]
+        def run_ours(n: int, questions=questions, images=images) -> list[list[int]]:
+            samples = [Sample("q", [im], [Turn("user", "<image>\n" + q)])
+                       for q, im in zip(questions, images, strict=True)]  # fmt: skip
             done = engine.generate_batch(model.prompt_batch(samples), SamplingParams(max_new_tokens=n))
             return [c.token_ids for c in done]
 
-        def run_hf(n: int, questions=questions) -> list[list[int]]:
+        def run_hf(n: int, questions=questions, images=images) -> list[list[int]]:
             texts = [
                 hf_processor.apply_chat_template(
                     [{"role": "user", "content": "<image>\n" + q}],
@@ -191,7 +198,7 @@ def bench_llava(args) -> dict:
                 for q in questions
             ]  # fmt: skip
             inputs = hf_processor(
-                text=texts, images=[image] * len(texts), padding=True, return_tensors="pt"
+                text=texts, images=images, padding=True, return_tensors="pt"
             )
             with torch.no_grad():
                 out = hf.generate(
@@ -240,6 +247,8 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--distinct-images", action="store_true",
+                        help="llava: a different image in every row (nothing shared)")  # fmt: skip
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = parser.parse_args()
 
@@ -254,6 +263,7 @@ def main() -> None:
         atomic_write_json(args.json, {
             "family": args.family, "threads": torch.get_num_threads(), "repeats": args.repeats,
             "new_tokens": args.new_tokens, "load": [load_before, load_average()], "batch": results,
+            "distinct_images": args.distinct_images,
         })  # fmt: skip
         print(f"wrote {args.json}")
 

@@ -32,7 +32,8 @@ feature path as modules, compiled (inductor), against visto's eager inference pa
 blocks); compile time of the first call at each batch size, median CPU ms per call of each
 in turns; `pays_after_calls` = compile seconds / seconds saved per call (null: never). The
 same for the engine's decoder pass at prefill (dynamic=True: one graph for every prompt
-length), on the same input embeddings.
+length), on the same input embeddings, and at decode (one token per row, 31 steps after an
+eager prefill: CPU ms per step, `pays_after_steps`).
 """
 
 from __future__ import annotations
@@ -308,6 +309,65 @@ def measure_compile_decoder(m: SimpleNamespace, batches: list[int], repeats: int
     return out
 
 
+def measure_compile_decode(m: SimpleNamespace, batches: list[int], repeats: int,
+                           steps: int = 31) -> dict:  # fmt: skip
+    """torch.compile (dynamic shapes: the window grows by a column per step) of the engine's
+    decoder pass at decode, one token per row: compile seconds of the first `steps` steps
+    after a prefill, then CPU ms per decode step eager vs compiled, in turns (prefill eager)."""
+    from visto.data.sample import Sample, Turn
+
+    runner = m.engine.runner
+    marked_forward = runner._forward
+    eager_forward = type(runner)._forward.__get__(runner)  # without the stage marks
+    compiled = torch.compile(eager_forward, dynamic=True)
+
+    def at_decode(x, *args, **kwargs):  # the prefill stays eager
+        return (compiled if x.shape[1] == 1 else eager_forward)(x, *args, **kwargs)
+
+    out = {}
+    for B in batches:
+        questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(B)]
+        batch = m.model.prompt_batch(
+            [Sample("q", [m.image], [Turn("user", "<image>\n" + q)]) for q in questions]
+        )
+
+        def decode(batch=batch) -> tuple[float, list]:
+            logits, state = runner.prefill(batch, room=steps)
+            ids = logits.argmax(-1)
+            tokens, start = [ids.tolist()], time.process_time()
+            for _ in range(steps):
+                logits, state = runner.decode_step(ids, state)
+                ids = logits.argmax(-1)
+                tokens.append(ids.tolist())
+            return (time.process_time() - start) / steps * 1e3, tokens
+
+        try:
+            runner._forward = eager_forward
+            reference = decode()[1]
+            runner._forward = at_decode
+            start = time.perf_counter()
+            same = decode()[1] == reference
+            compile_s = time.perf_counter() - start
+            times: dict[str, list[float]] = {"eager": [], "compiled": []}
+            for _ in range(repeats):
+                for name, forward in (("eager", eager_forward), ("compiled", at_decode)):
+                    runner._forward = forward
+                    times[name].append(decode()[0])
+        finally:
+            runner._forward = marked_forward
+        eager_ms, comp_ms = (statistics.median(times[k]) for k in ("eager", "compiled"))
+        saved = (eager_ms - comp_ms) / 1e3
+        out[str(B)] = {
+            "compile_s": round(compile_s, 2), "eager_ms_per_step": round(eager_ms, 3),
+            "compiled_ms_per_step": round(comp_ms, 3), "same_tokens": same,
+            "pays_after_steps": round(compile_s / saved) if saved > 0 else None,
+        }  # fmt: skip
+        print(f"\ncompile, decode step at batch {B}: first {steps} steps {compile_s:.1f} s; eager "
+              f"{eager_ms:.2f} ms, compiled {comp_ms:.2f} ms per step (CPU, median of {repeats}); "
+              f"same tokens {same}; pays after {out[str(B)]['pays_after_steps']} steps")  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="a LLaVA checkpoint (default: the bench's)")
@@ -335,6 +395,7 @@ def main() -> None:
     if args.compile:
         result["compile_vision"] = measure_compile(m, args.batches, args.repeats)
         result["compile_decoder"] = measure_compile_decoder(m, args.batches, args.repeats)
+        result["compile_decode_step"] = measure_compile_decode(m, args.batches, args.repeats)
     result["load"] = [load_before, load_average()]
     print(f"uptime: {os.popen('uptime').read().strip()}")
     if args.json:
