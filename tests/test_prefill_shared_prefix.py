@@ -96,6 +96,17 @@ def test_text_rows_with_a_common_prefix_match_each_row_alone():
     assert got == [engine.generate([p], params)[0].token_ids for p in (prefix, prefix + [5, 6])]
 
 
+def test_equal_sums_are_not_taken_for_equal_tokens():
+    embeds = torch.zeros(2, 20, 8)
+    embeds[:, :, 0] = 1.0
+    embeds[1, :, :2] = torch.tensor([0.0, 1.0])  # same sum per token, other features
+    real = torch.ones(2, 20, dtype=torch.bool)
+    assert shared_prefix(embeds, real) == 0
+    embeds[1] = embeds[0]
+    embeds[1, 10:] += 1.0
+    assert shared_prefix(embeds, real) == 10
+
+
 def test_the_vision_tower_runs_each_distinct_image_once():
     torch.manual_seed(0)
     vit = ViT(ViTConfig.preset("tiny")).eval()

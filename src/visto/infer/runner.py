@@ -455,17 +455,22 @@ MIN_SHARED_PREFIX = 16
 def shared_prefix(embeds: Tensor, real: Tensor) -> int:
     """How many leading real tokens every row of a left-padded batch has in common (equal
     input embeddings: the same tokens and the same images), at most the shortest row's
-    length less one (each row keeps a token of its own, the one whose logits are read)."""
-    B, T, C = embeds.shape
+    length less one (each row keeps a token of its own, the one whose logits are read).
+    Candidates by each token's sum over the features, then confirmed exactly."""
+    B, T, _ = embeds.shape
     lengths = real.sum(dim=1)
     shortest = int(lengths.min())
     if shortest < 2:
         return 0
     columns = (T - lengths)[:, None] + torch.arange(shortest - 1, device=embeds.device)
-    head = embeds.gather(1, columns[..., None].expand(-1, -1, C))  # (B, shortest - 1, C)
-    same = (head == head[:1]).all(dim=-1).all(dim=0)  # (shortest - 1,)
-    differ = (~same).nonzero()
-    return int(differ[0]) if differ.numel() else shortest - 1
+    sums = embeds.sum(dim=-1).gather(1, columns)  # (B, shortest - 1)
+    differ = (sums != sums[:1]).any(dim=0).nonzero()
+    n = int(differ[0]) if differ.numel() else shortest - 1
+    starts = (T - lengths).tolist()
+    first = embeds[0, starts[0] : starts[0] + n]
+    if all(torch.equal(embeds[i, s : s + n], first) for i, s in enumerate(starts[1:], 1)):
+        return n
+    return 0  # equal sums, different tokens: not worth a search
 
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
