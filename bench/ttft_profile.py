@@ -393,8 +393,15 @@ def main() -> None:
     for B in args.batches:
         result["split_ms"][str(B)] = profile_split(m, stages, B, args.calls)
     if args.compile:
+        # Each measure compiles afresh (a reset: no graphs of the previous one reused), with
+        # room for a graph per batch size and call shape (past the default limit of 8 dynamo
+        # falls back to eager for that function, which would time a mix).
+        torch._dynamo.config.recompile_limit = 64
+        torch._dynamo.reset()
         result["compile_vision"] = measure_compile(m, args.batches, args.repeats)
+        torch._dynamo.reset()
         result["compile_decoder"] = measure_compile_decoder(m, args.batches, args.repeats)
+        torch._dynamo.reset()
         result["compile_decode_step"] = measure_compile_decode(m, args.batches, args.repeats)
     result["load"] = [load_before, load_average()]
     print(f"uptime: {os.popen('uptime').read().strip()}")
