@@ -12,6 +12,7 @@ from PIL import Image
 from test_llava import tiny, tokenizer_dir  # noqa: F401 (fixture)
 from visto.data.sample import Sample, Turn
 from visto.infer import Engine, PromptBatch, SamplingParams
+from visto.infer.continuous import ContinuousBatch
 from visto.infer.runner import MIN_SHARED_PREFIX, shared_prefix
 from visto.nn.language import DecoderConfig, DecoderLM
 from visto.nn.vision import ViT, ViTConfig, distinct_images
@@ -61,7 +62,16 @@ def test_questions_about_one_image_give_the_models_numbers(model, images):
     assert got == alone
 
 
-def test_text_rows_with_a_common_prefix_match_each_row_alone():
+class Ids:  # a random decoder has no vocabulary: text is the ids, space-separated
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(map(str, ids))
+
+
+@pytest.fixture(scope="module")
+def text_engine():
     torch.manual_seed(1)
     cfg = DecoderConfig(vocab_size=97, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
                         intermediate_size=128, max_position_embeddings=256)  # fmt: skip
@@ -70,18 +80,19 @@ def test_text_rows_with_a_common_prefix_match_each_row_alone():
         for p in lm.parameters():
             if p.ndim == 2:
                 p.normal_(0.0, 0.3)
+    return Engine(lm, Ids(), eos_token_ids=[], pad_id=0)
 
-    class Ids:
-        def encode(self, text: str) -> list[int]:
-            return [int(t) for t in text.split()]
 
-        def decode(self, ids: list[int]) -> str:
-            return " ".join(map(str, ids))
+def _prompts(prefix_len: int, suffixes: tuple[int, ...], seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(1, 97, (prefix_len,), generator=g).tolist()
+    return [prefix + torch.randint(1, 97, (n,), generator=g).tolist() for n in suffixes]
 
-    engine = Engine(lm, Ids(), eos_token_ids=[], pad_id=0)
-    g = torch.Generator().manual_seed(2)
-    prefix = torch.randint(1, 97, (24,), generator=g).tolist()
-    prompts = [prefix + torch.randint(1, 97, (n,), generator=g).tolist() for n in (1, 5, 9)]
+
+def test_text_rows_with_a_common_prefix_match_each_row_alone(text_engine):
+    engine, lm = text_engine, text_engine.model
+    prompts = _prompts(24, (1, 5, 9), seed=2)
+    prefix = prompts[0][:24]
     batch = PromptBatch.left_padded(prompts)
     embeds = lm.embed(batch.input_ids)
     assert shared_prefix(embeds, batch.attention_mask.bool()) == 24
@@ -94,6 +105,27 @@ def test_text_rows_with_a_common_prefix_match_each_row_alone():
     assert shared_prefix(lm.embed(batch.input_ids), batch.attention_mask.bool()) == 23
     got = [c.token_ids for c in engine.generate_batch(batch, params)]
     assert got == [engine.generate([p], params)[0].token_ids for p in (prefix, prefix + [5, 6])]
+
+
+def test_a_shared_prefix_batch_joins_and_leaves_a_running_one(text_engine):
+    """Continuous batching: its window (prefix, then padding in the middle) is merged with a
+    running batch's and rows leave one by one; every row keeps its tokens from alone."""
+    engine = text_engine
+    running = _prompts(0, (30,), seed=3)
+    joining = _prompts(20, (2, 7, 4), seed=4)
+    lengths = (14, 6, 11, 9)
+    params = [SamplingParams(max_new_tokens=n) for n in lengths]
+    alone = [engine.generate([p], [q])[0].token_ids
+             for p, q in zip(running + joining, params, strict=True)]  # fmt: skip
+    batch = ContinuousBatch(engine, stream=False)
+    requests = batch.add(PromptBatch.left_padded(running), params[:1])
+    for step in range(max(lengths) + 4):
+        if step == 3:
+            requests += batch.add(PromptBatch.left_padded(joining), params[1:])
+        batch.step()
+        if not batch.busy:
+            break
+    assert [r.completion.token_ids for r in requests] == alone
 
 
 def test_equal_sums_are_not_taken_for_equal_tokens():
