@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from visto.data.processor import IGNORE_INDEX, Processor
 from visto.data.sample import Turn
@@ -18,6 +19,7 @@ from visto.data.synth import WorldConfig, generate_world, iter_records
 from visto.data.synth.mixes import MIXES, get_mix, tokenizer_texts
 from visto.data.synth.tool_mix import (
     OCR_ARGUMENTS,
+    OCR_QUESTIONS,
     OCR_TOOL,
     TOOLS_MIX,
     direct_questions,
@@ -69,37 +71,73 @@ def test_the_mix_offers_the_ocr_tool_exactly_as_the_tool_defines_it():
     assert MIXES["tools"] is TOOLS_MIX and get_mix("tools").card()["tools"] == ["ocr"]
 
 
+def exchanges(sample) -> list[list[Turn]]:
+    """The sample's exchanges after the system turn: a tool result and the answer after it
+    belong to the call before them."""
+    out: list[list[Turn]] = []
+    for k in range(1, len(sample.turns), 2):
+        pair = list(sample.turns[k : k + 2])
+        if out and pair[0].content.startswith(TOOL_RESPONSE_START):
+            out[-1] += pair
+        else:
+            out.append(pair)
+    return out
+
+
 def test_reading_questions_go_through_the_tool_and_the_rest_are_answered(world):
     records = {r["id"]: r for r in iter_records(world, "train")}
     samples = list(TOOLS_MIX.samples(world, "train", seed=0, epoch=0, loc_bins=LOC_BINS))
-    assert [s.id for s in samples] == list(records)
-    kinds = set()
+    with_text = [i for i, r in records.items() if reading_questions(r)]
+    assert set(with_text) <= {s.id for s in samples} and len(with_text) > len(records) // 2
     for sample in samples:
         record = records[sample.id]
-        system, question, *rest = sample.turns
-        assert system == Turn("system", tools_text([OCR_TOOL])) and not sample.independent_turns
-        assert question.role == "user" and question.content.startswith("<image>\n")
-        asked = question.content.removeprefix("<image>\n")
-        if len(rest) == 3:  # call, result, answer
-            call, result, answer = rest
-            assert (asked, answer.content) in reading_questions(record)
+        assert sample.turns[0] == Turn("system", tools_text([OCR_TOOL]))
+        assert sample.independent_turns  # packed: the processor keeps them apart
+        assert sample.turns[1].content.startswith("<image>\n")
+        assert sum(t.content.count("<image>") for t in sample.turns) == 1
+        asked = exchanges(sample)
+        asked[0][0] = Turn("user", asked[0][0].content.removeprefix("<image>\n"))
+        tool = [x for x in asked if len(x) == 4]
+        direct = [x for x in asked if len(x) == 2]
+        assert asked == tool + direct  # reading first: they are kept when max_length cuts
+        # each reading question, the OCR question in all three wordings, through the tool
+        assert [(q.content, a.content) for q, _, _, a in tool] == reading_questions(
+            record, all_wordings=True
+        )
+        assert {q.content for q, *_ in tool} >= set(OCR_QUESTIONS)
+        result = f"{TOOL_RESPONSE_START}{compact_json(ocr_result(record['truth']['texts']))}</tool_response>"
+        for _, call, response, _ in tool:
             assert call == Turn("assistant", tool_call_text("ocr", OCR_ARGUMENTS))
-            assert result == Turn(
-                "user",
-                f"{TOOL_RESPONSE_START}{compact_json(ocr_result(record['truth']['texts']))}</tool_response>",
-            )
-            kinds.add("tool")
-        else:
-            [answer] = rest
-            assert (asked, answer.content) in direct_questions(record, LOC_BINS)
-            assert all(t["text"] not in answer.content for t in record["truth"]["texts"])
-            kinds.add("direct")
-    assert kinds == {"tool", "direct"}
+            assert response == Turn("user", result)
+        expected = direct_questions(record, LOC_BINS)
+        assert len(direct) == min(TOOLS_MIX.direct_per_image, len(expected))
+        for q, a in direct:
+            assert (q.content, a.content) in expected
+            assert all(t["text"] not in a.content for t in record["truth"]["texts"])
     again = [s.turns for s in TOOLS_MIX.samples(world, "train", seed=0, epoch=0, loc_bins=LOC_BINS)]
     assert again == [s.turns for s in samples]
     assert again != [
         s.turns for s in TOOLS_MIX.samples(world, "train", seed=0, epoch=1, loc_bins=LOC_BINS)
     ]
+
+
+def test_images_without_text_come_at_their_share(tmp_path):
+    generate_world(WorldConfig(n=40, size=48, seed=5, max_objects=2, text_probability=0.5,
+                               splits=TRAIN_ONLY), tmp_path, workers=1)  # fmt: skip
+    records = list(iter_records(tmp_path, "train"))
+    with_text = [r["id"] for r in records if reading_questions(r)]
+    assert 0 < len(with_text) < len(records)
+
+    def kept(share: float) -> list[str]:
+        mix = dataclasses.replace(TOOLS_MIX, textless_share=share)
+        return [s.id for s in mix.samples(tmp_path, "train", seed=0, epoch=0, loc_bins=LOC_BINS)]
+
+    assert kept(0.0) == with_text and len(kept(1.0)) == len(records)
+    assert set(with_text) < set(kept(0.5)) < set(kept(1.0))
+    # no text: no call, only direct questions
+    textless = next(s for s in TOOLS_MIX.samples(tmp_path, "train", seed=0, epoch=0, loc_bins=LOC_BINS)
+                    if s.id not in with_text)  # fmt: skip
+    assert all(len(x) == 2 for x in exchanges(textless))
 
 
 def test_ocr_result_reads_rows_top_to_bottom_and_left_to_right():
@@ -139,19 +177,98 @@ def supervised_text(processor: Processor, sample) -> list[str]:
 
 
 def test_labels_cover_the_call_and_the_answer_not_the_tool_result(world, processor):
-    samples = list(TOOLS_MIX.samples(world, "train", seed=0, epoch=0, loc_bins=LOC_BINS))
-    tool = next(s for s in samples if len(s.turns) == 5)
-    call, result, answer = (t.content for t in tool.turns[2:])
-    assert supervised_text(processor, tool) == [call + "<|end|>", answer + "<|end|>"]
-    encoded = processor.encode(tool, train=True)
+    sample = next(TOOLS_MIX.samples(world, "train", seed=0, epoch=0, loc_bins=LOC_BINS))
+    expected = []
+    for exchange in exchanges(sample):
+        if len(exchange) == 4:  # question, call, result, answer
+            expected += [exchange[1].content + "<|end|>", exchange[3].content + "<|end|>"]
+        else:
+            expected.append(exchange[1].content + "<|end|>")
+    assert supervised_text(processor, sample) == expected
+    encoded = processor.encode(sample, train=True)
     assert not encoded.truncated
     # the tool's result and the offer are in the input, with no loss on them
+    result = next(t.content for t in sample.turns if t.content.startswith(TOOL_RESPONSE_START))
     result_ids = processor.tokenizer.encode(result)
     ids = encoded.input_ids.tolist()
-    at = next(i for i in range(len(ids)) if ids[i : i + len(result_ids)] == result_ids)
-    assert set(encoded.labels[at : at + len(result_ids)].tolist()) == {IGNORE_INDEX}
-    direct = next(s for s in samples if len(s.turns) == 3)
-    assert supervised_text(processor, direct) == [direct.turns[2].content + "<|end|>"]
+    starts = [i for i in range(len(ids)) if ids[i : i + len(result_ids)] == result_ids]
+    assert len(starts) == sum(len(x) == 4 for x in exchanges(sample)) > 1
+    for at in starts:
+        assert set(encoded.labels[at : at + len(result_ids)].tolist()) == {IGNORE_INDEX}
+
+
+def test_packing_keeps_each_tool_exchange_whole_as_if_asked_alone(world, processor):
+    """Each segment of a packed sample is its exchange (a tool exchange: question, call,
+    result, answer) encoded alone behind the offer and the image: same ids, labels and
+    positions."""
+    sample = next(TOOLS_MIX.samples(world, "train", seed=0, epoch=0, loc_bins=LOC_BINS))
+    packed = processor.encode(sample, train=True)
+    seg = packed.segment_ids
+    asked = exchanges(sample)
+    assert seg is not None and int(seg.max()) == len(asked)
+    for k, exchange in enumerate(asked, start=1):
+        question = exchange[0].content
+        if not question.startswith("<image>"):
+            question = "<image>\n" + question
+        alone = processor.encode(dataclasses.replace(
+            sample, turns=[sample.turns[0], Turn("user", question), *exchange[1:]],
+            independent_turns=False), train=True)  # fmt: skip
+        rows = torch.cat([(seg == 0).nonzero().flatten(), (seg == k).nonzero().flatten()])
+        assert torch.equal(packed.input_ids[rows], alone.input_ids), k
+        assert torch.equal(packed.labels[rows], alone.labels), k
+        assert packed.position_ids[rows].tolist() == list(range(len(alone.input_ids)))
+
+
+def test_an_answer_after_the_tool_sees_its_call_and_result_and_no_other_exchange(world, processor):
+    """Through a real model: perturbing the tokens of every other exchange leaves each
+    exchange's logits unchanged, while perturbing its own call or its own result moves the
+    answer's."""
+    from visto.models import build_model
+    from visto.models.llava import LlavaConfig
+
+    config = LlavaConfig.preset("tiny")
+    config = dataclasses.replace(
+        config, decoder=dataclasses.replace(config.decoder, max_position_embeddings=1024)
+    )
+    model = build_model("llava", config, seed=0).eval()
+    model.processor = processor
+    sample = next(TOOLS_MIX.samples(world, "train", seed=0, epoch=0, loc_bins=LOC_BINS))
+    batch = model.collate([sample])
+    ids, seg, labels = batch["input_ids"][0], batch["segment_ids"][0], batch["labels"][0]
+
+    captured = {}
+    model.language_model.lm_head.register_forward_hook(lambda m, i, out: captured.update(out=out))
+
+    def logits(new_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            model({**batch, "input_ids": new_ids[None]})
+        return captured["out"][0]
+
+    def flipped(positions: torch.Tensor) -> torch.Tensor:
+        out = ids.clone()  # two ordinary ids swapped in: a different token everywhere
+        out[positions] = torch.where(ids[positions] == 5, 6, 5)
+        return out
+
+    clean = logits(ids)
+    n_tool = sum(len(x) == 4 for x in exchanges(sample))
+    assert n_tool > 1
+    for k in range(1, int(seg.max()) + 1):
+        mine = (seg == k).nonzero().flatten()
+        others = ((seg != k) & (seg != 0)).nonzero().flatten()
+        assert torch.allclose(logits(flipped(others))[mine], clean[mine], atol=1e-5), k
+        if k > n_tool:
+            continue
+        # the tool exchange: call (labelled), result (not), answer (labelled)
+        learned = mine[labels[mine] != IGNORE_INDEX].tolist()
+        gaps = [i for i in range(1, len(learned)) if learned[i] != learned[i - 1] + 1]
+        assert len(gaps) == 1, "a call, then an answer"
+        call = torch.tensor(learned[: gaps[0]])
+        answer = torch.tensor(learned[gaps[0] :])
+        result = torch.arange(int(call[-1]) + 2, int(answer[0]) - 2)  # inside <|user|>..<|end|>
+        assert processor.decode(ids[result]).startswith(TOOL_RESPONSE_START)
+        before = answer - 1  # the logits that predict the answer's tokens
+        for part in (call[:-1], result):
+            assert not torch.allclose(logits(flipped(part))[before], clean[before], atol=1e-5)
 
 
 @pytest.mark.slow

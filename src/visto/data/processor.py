@@ -64,6 +64,7 @@ from visto.data.tokenizer import (
     parse_boxes,
     train_tokenizer,
 )
+from visto.data.tool_calls import TOOL_RESPONSE_START
 from visto.errors import UserError
 from visto.utils.io import atomic_write_json
 
@@ -553,7 +554,11 @@ class Processor:
         last image span once, then each exchange's tokens exactly as if it were the only one
         (same ids, labels and positions), in a segment of its own. Exchanges that would pass
         `max_length` are left out (`truncated`); if even the first does not fit, the sample
-        is the first exchange alone, truncated as usual."""
+        is the first exchange alone, truncated as usual.
+
+        A tool exchange is one exchange: a user turn holding a tool's result
+        (`<tool_response>...`) and the answer after it belong to the pairs before them, since
+        the answer must see its call and the result (and nothing of the other exchanges)."""
         turns = list(sample.turns)
         system = turns[:1] if turns and turns[0].role == "system" else []
         pairs = turns[len(system) :]
@@ -563,6 +568,12 @@ class Processor:
                 f"sample {sample.id!r} has independent_turns, so its turns must be user/assistant "
                 f"pairs after an optional system turn; got roles {roles}"
             )
+        exchanges: list[list[Turn]] = []
+        for k in range(0, len(pairs), 2):
+            if exchanges and pairs[k].content.startswith(TOOL_RESPONSE_START):
+                exchanges[-1] += pairs[k : k + 2]
+            else:
+                exchanges.append(pairs[k : k + 2])
         first = pairs[0].content
         lead_end = first.rfind(IMAGE_PLACEHOLDER) + len(IMAGE_PLACEHOLDER)
         if lead_end < len(IMAGE_PLACEHOLDER) or any(
@@ -575,18 +586,21 @@ class Processor:
         while lead_end < len(first) and first[lead_end].isspace():
             lead_end += 1
         lead = first[:lead_end]
-        images, counts, grids = self._image_layout(sample.images[: lead.count(IMAGE_PLACEHOLDER)], None)
-        ids, labels, spans = self._tokens(system + pairs[:2], counts, grids, True)
+        images, counts, grids = self._image_layout(
+            sample.images[: lead.count(IMAGE_PLACEHOLDER)], None
+        )
+        ids, labels, spans = self._tokens(system + exchanges[0], counts, grids, True)
         if max_length is not None and len(ids) > max_length:
-            single = dataclasses.replace(sample, turns=system + pairs[:2], independent_turns=False)
+            single = dataclasses.replace(
+                sample, turns=system + exchanges[0], independent_turns=False
+            )
             return self.encode(single, max_length, train=True)
         prefix = spans[-1][1]
         segments = [0] * prefix + [1] * (len(ids) - prefix)
         positions = list(range(len(ids)))
         truncated = False
-        for k in range(2, len(pairs) // 2 + 1):
-            question, answer = pairs[2 * k - 2], pairs[2 * k - 1]
-            exchange = [*system, Turn("user", lead + question.content), answer]
+        for k, (question, *rest) in enumerate(exchanges[1:], start=2):
+            exchange = [*system, Turn("user", lead + question.content), *rest]
             ids_k, labels_k, _ = self._tokens(exchange, counts, grids, True)
             assert ids_k[:prefix] == ids[:prefix], "exchanges must share the prefix"
             tail = len(ids_k) - prefix

@@ -22,9 +22,17 @@ the world's text (bench/ocr_world.py), so the two agree where it matters. Captio
 answers are left out: they quote the image's text, which the model cannot read without the
 tool.
 
-One conversation per sample, one question per image: shared-prefix packing
-(`Sample.independent_turns`) hides each user/assistant pair from the others, and a tool
-exchange is two such pairs that must see each other.
+Every question of an image in one sample, behind one system turn and one image
+(`Sample.independent_turns`): the processor's shared-prefix packing keeps a tool exchange
+(question, call, result, answer) together as one exchange and hides each exchange from the
+others, so the ~365-token offer and the image are encoded once for many questions and each
+answer learns from its own call and result only. The reading questions come first (the
+processor leaves out exchanges that pass max_length, so they are the ones kept), the direct
+ones after them in an order drawn per epoch. One sample with a single reading question had
+the model answer from its prior instead of the result (tools-a in bench/README.md): the
+copy needs many more answers after a result per step than one per image with text. Images
+without text are kept at `textless_share` for the same reason: steps go to the copy, and the
+direct questions of images with text keep VQA in the mix.
 
 The OCR tool's definition is copied here (data/ sits below tools/ in the layer order); a test
 holds it equal to `visto.tools.ocr.ocr_tool.openai()`, since the model learns this exact text.
@@ -65,12 +73,21 @@ OCR_ARGUMENTS = {"detail": "text"}  # the text alone: a short result the answer 
 ROW_PX = 4  # texts whose tops are closer than this share a row (read left to right)
 
 
-def reading_questions(record: dict) -> list[tuple[str, str]]:
-    """The image's questions that need its text read: OCR and "read" VQA, with answers."""
+# The world's wordings of its OCR question (visto.data.synth.tasks): the training mix asks
+# the image's OCR question in all of them, more answers after a result for one prefix.
+OCR_QUESTIONS = ("Transcribe the text.", "What text appears in this image?",
+                 "Read all the text in the image.")  # fmt: skip
+
+
+def reading_questions(record: dict, all_wordings: bool = False) -> list[tuple[str, str]]:
+    """The image's questions that need its text read: OCR and "read" VQA, with answers;
+    `all_wordings`: the OCR question in each of OCR_QUESTIONS' wordings too."""
     t = record["tasks"]
     qas = [(qa["q"], qa["a"]) for qa in t["vqa"] if qa.get("type") == "read"]
     if t["ocr"] is not None:
         qas.append((t["ocr"]["q"], t["ocr"]["a"]))
+        if all_wordings:
+            qas += [(q, t["ocr"]["a"]) for q in OCR_QUESTIONS if q != t["ocr"]["q"]]
     return qas
 
 
@@ -102,9 +119,10 @@ def ocr_result(texts: list[dict]) -> dict[str, str]:
 
 
 def tool_exchange(record: dict, question: str, answer: str) -> list[Turn]:
-    """A reading question answered through one OCR call."""
+    """A reading question answered through one OCR call (no image: `ToolMix.turns` puts it
+    in the sample's first user turn)."""
     return [
-        Turn("user", f"{IMAGE_PLACEHOLDER}\n{question}"),
+        Turn("user", question),
         assistant_turn(None, [("ocr", OCR_ARGUMENTS)]),
         tool_result_turn(compact_json(ocr_result(record["truth"]["texts"]))),
         Turn("assistant", answer),
@@ -120,48 +138,59 @@ class ToolMix:
     description: str
     tasks: tuple[str, ...]
     tools: tuple[dict[str, Any], ...]
-    tool_share: float  # of the images with text, the share asked a reading question
-    independent_turns: bool = False  # one conversation per sample (module docstring)
+    textless_share: float  # of the images without text, the share drawn into an epoch
+    direct_per_image: int  # direct questions asked of an image (at most)
+    independent_turns: bool = True  # every question of the image packed (module docstring)
 
     def turns(self, record: dict, loc_bins: int, rng: random.Random) -> list[Turn]:
-        """The image's one exchange, after the system turn that offers the tools."""
-        reading = reading_questions(record)
+        """The image's exchanges after the system turn that offers the tools: each reading
+        question through the tool, then the direct questions shuffled. The image is in the
+        first user turn only (the packing gives it to every exchange)."""
         direct = direct_questions(record, loc_bins)
-        if reading and (not direct or rng.random() < self.tool_share):
-            exchange = tool_exchange(record, *rng.choice(reading))
-        else:
-            q, a = rng.choice(direct)
-            exchange = [Turn("user", f"{IMAGE_PLACEHOLDER}\n{q}"), Turn("assistant", a)]
-        return with_tools(exchange, list(self.tools))
+        rng.shuffle(direct)
+        reading = reading_questions(record, all_wordings=True)
+        turns = [turn for q, a in reading for turn in tool_exchange(record, q, a)]
+        for q, a in direct[: self.direct_per_image]:
+            turns += [Turn("user", q), Turn("assistant", a)]
+        turns[0] = Turn("user", f"{IMAGE_PLACEHOLDER}\n{turns[0].content}")
+        return with_tools(turns, list(self.tools))
 
     def samples(self, world_dir: str | Path, split: str, *, seed: int, epoch: int,
                 loc_bins: int) -> Iterator[Sample]:  # fmt: skip
-        """One sample per image of `split`; the question is drawn from (seed, epoch, image)."""
+        """One sample per image of `split` with text, and `textless_share` of the others;
+        which of those, and the order of the direct questions, drawn from (seed, epoch, image)."""
         from visto.data.images import open_image
         from visto.data.synth.reader import iter_records
 
         world_dir = Path(world_dir)
         for record in iter_records(world_dir, split):
             rng = random.Random(f"visto-mix/{self.name}/{seed}/{epoch}/{record['id']}")
+            if not reading_questions(record) and rng.random() >= self.textless_share:
+                continue
             yield Sample(id=record["id"], images=[open_image(world_dir / record["image"])],
-                         turns=self.turns(record, loc_bins, rng), source="synth")  # fmt: skip
+                         turns=self.turns(record, loc_bins, rng), source="synth",
+                         independent_turns=self.independent_turns)  # fmt: skip
 
     def card(self) -> dict[str, Any]:
         return {"name": self.name, "independent_turns": self.independent_turns,
                 "tasks": list(self.tasks), "description": self.description,
                 "tools": [t["function"]["name"] for t in self.tools],
-                "tool_share": self.tool_share}  # fmt: skip
+                "textless_share": self.textless_share,
+                "direct_per_image": self.direct_per_image}  # fmt: skip
 
 
 TOOLS_MIX = ToolMix(
     "tools",
     "reading questions (OCR, read) answered through an ocr tool call and its result, the "
     "other questions (VQA, grounding, box -> description) directly, the ocr tool offered in "
-    "every sample; one question per image",
+    "every sample; an image's reading questions (its OCR question in all three wordings) "
+    "and 5 direct ones packed behind one offer and image, images without text at a quarter "
+    "of their share",
     ("ocr", "vqa", "ground", "refdesc"),
     tools=(OCR_TOOL,),
-    tool_share=0.75,
+    textless_share=0.25,
+    direct_per_image=5,
 )
 
-__all__ = ["OCR_ARGUMENTS", "OCR_TOOL", "TOOLS_MIX", "ToolMix", "direct_questions", "ocr_result",
+__all__ = ["OCR_ARGUMENTS", "OCR_QUESTIONS", "OCR_TOOL", "TOOLS_MIX", "ToolMix", "direct_questions", "ocr_result",
            "reading_questions", "tool_exchange"]  # fmt: skip
