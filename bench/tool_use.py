@@ -19,6 +19,10 @@ questions) and a seeded sample of its other VQA questions, each asked alone abou
     other.vqa_tool        VQA accuracy on the other questions, tool offered
     other.vqa_no_tool     the same, no tool offered
     baseline.*            the --baseline model with no tool offered (it never saw one)
+    teacher_forced.exact  (--teacher-forced N) the answers after a tool result in the `tools`
+                          mix's packed samples of N images with text (the world's result, the
+                          reference call), each answer's tokens all argmax-right: whether the
+                          model copies at all, apart from the loop, the real tool and decoding
 
 The load average before and after goes with the figures: the CPU is shared.
 """
@@ -94,6 +98,46 @@ def args_valid(run: dict[str, Any]) -> bool:
             and not argument_problems(ocr_tool.parameters, arguments))  # fmt: skip
 
 
+def teacher_forced(path: str, data: str, split: str, n: int) -> dict[str, Any]:
+    """The answers after a tool result, teacher-forced in the mix's packed samples (the
+    segment of each tool exchange: its call labelled, then the result, then the answer)."""
+    import dataclasses
+    import itertools
+
+    import torch
+
+    from visto.checkpoint import load
+    from visto.data.processor import IGNORE_INDEX
+    from visto.data.synth.tool_mix import TOOLS_MIX
+
+    model = load(path).eval()
+    captured: dict[str, Any] = {}
+    model.language_model.lm_head.register_forward_hook(lambda m, i, out: captured.update(out=out))
+    mix = dataclasses.replace(TOOLS_MIX, textless_share=0.0)  # images with text only
+    samples = mix.samples(data, split, seed=0, epoch=0, loc_bins=model.processor.config.loc_bins)
+    right, said = [], []
+    for sample in itertools.islice(samples, n):
+        batch = model.collate([sample])
+        with torch.no_grad():
+            model(batch)
+        ids, labels = batch["input_ids"][0], batch["labels"][0]
+        seg = (
+            batch["segment_ids"][0]
+            if batch.get("segment_ids") is not None
+            else torch.ones_like(ids)
+        )
+        for k in range(1, int(seg.max()) + 1):
+            learned = ((seg == k) & (labels != IGNORE_INDEX)).nonzero().flatten().tolist()
+            gaps = [i for i in range(1, len(learned)) if learned[i] != learned[i - 1] + 1]
+            if len(gaps) != 1:
+                continue  # a direct exchange: one labelled run
+            answer = torch.tensor(learned[gaps[0] :])
+            guess = captured["out"][0][answer - 1].argmax(-1)
+            right.append(float(torch.equal(guess, ids[answer])))
+            said.append((model.processor.decode(ids[answer]), model.processor.decode(guess)))
+    return {"images": n, "answers": len(right), "exact": mean(right), "examples": said[:10]}
+
+
 def mean(values: list[float]) -> float:
     return round(sum(values) / len(values), 4) if values else float("nan")
 
@@ -110,6 +154,13 @@ def main() -> int:
     p.add_argument("--n-other", type=int, default=150, help="other VQA questions (default 150)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=128, help="as visto chat's default")
+    p.add_argument(
+        "--teacher-forced",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also score the answers after a tool result teacher-forced on N images",
+    )
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -182,12 +233,16 @@ def main() -> int:
                                         for x in read]),
             "other.vqa_no_tool": mean([vqa_accuracy(x["baseline"], [x["a"]]) for x in oth]),
         }  # fmt: skip
+    if args.teacher_forced:
+        out["teacher_forced"] = teacher_forced(
+            args.model, args.data, args.split, args.teacher_forced
+        )
     out["load_after"] = loadavg()
     out["misses"] = {
         "read": [x for x in read if normalize_ocr(x["tool"]) != normalize_ocr(x["a"])],
         "other_called": [x for x in oth if x["runs"]],
     }
-    for who in ("model", "baseline"):
+    for who in ("model", "baseline", "teacher_forced"):
         if who in out:
             print(who, json.dumps(out[who]), flush=True)
     print(
