@@ -28,11 +28,11 @@ Every question of an image in one sample, behind one system turn and one image
 others, so the ~365-token offer and the image are encoded once for many questions and each
 answer learns from its own call and result only. The reading questions come first (the
 processor leaves out exchanges that pass max_length, so they are the ones kept), the direct
-ones after them in an order drawn per epoch. One sample with a single reading question had
-the model answer from its prior instead of the result (tools-a in bench/README.md): the
-copy needs many more answers after a result per step than one per image with text. Images
-without text are kept at `textless_share` for the same reason: steps go to the copy, and the
-direct questions of images with text keep VQA in the mix.
+ones after them in an order drawn per epoch. Images without text are kept at
+`textless_share` so that steps go to answers after a result, the direct questions of images
+with text keeping VQA in the mix. Packed so, ~2.9 answers follow a result per sample instead
+of ~0.3; it kept VQA (0.667 against one question a sample's 0.620) but did not teach the
+quickstart model to copy the result (bench/README.md, tool_use.py: tools-c, tools-d).
 
 The OCR tool's definition is copied here (data/ sits below tools/ in the layer order); a test
 holds it equal to `visto.tools.ocr.ocr_tool.openai()`, since the model learns this exact text.
