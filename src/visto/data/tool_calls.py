@@ -111,3 +111,21 @@ def parse_tool_calls(
             return None
         calls.append(ParsedCall(call["name"], compact_json(call["arguments"])))
     return _CALL_RE.sub("", text), calls
+
+
+# The built-in OCR tool's definition, here in the data layer so that a training mix can offer
+# it (data/ may not import tools/); visto.tools.ocr builds its Tool from the same two values,
+# so the text a model learns and the tool it calls cannot drift apart.
+OCR_DESCRIPTION = ("Read the text in the image: the text line by line and each word with its box "
+                   "(x1, y1, x2, y2 in 0..999 and in pixels) and confidence.")
+OCR_PARAMETERS: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "detail": {
+            "type": "string",
+            "enum": ["text", "words"],
+            "description": "'text' for the text only, 'words' (the default) for each word's box too",
+        }
+    },
+    "additionalProperties": False,
+}  # fmt: skip

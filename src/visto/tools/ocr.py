@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from visto.data.tool_calls import OCR_DESCRIPTION, OCR_PARAMETERS
 from visto.errors import UserError
 from visto.tools.registry import Tool
 
@@ -137,20 +138,4 @@ def run_ocr(image: Image.Image, detail: str = "words") -> dict[str, Any]:
     return out
 
 
-ocr_tool = Tool(
-    name="ocr",
-    description="Read the text in the image: the text line by line and each word with its box "
-    "(x1, y1, x2, y2 in 0..999 and in pixels) and confidence.",
-    run=run_ocr,
-    parameters={
-        "type": "object",
-        "properties": {
-            "detail": {
-                "type": "string",
-                "enum": ["text", "words"],
-                "description": "'text' for the text only, 'words' (the default) for each word's box too",
-            }
-        },
-        "additionalProperties": False,
-    },  # fmt: skip
-)
+ocr_tool = Tool(name="ocr", description=OCR_DESCRIPTION, run=run_ocr, parameters=OCR_PARAMETERS)

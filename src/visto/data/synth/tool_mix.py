@@ -34,8 +34,8 @@ with text keeping VQA in the mix. Packed so, ~2.9 answers follow a result per sa
 of ~0.3; it kept VQA (0.667 against one question a sample's 0.620) but did not teach the
 quickstart model to copy the result (bench/README.md, tool_use.py: tools-c, tools-d).
 
-The OCR tool's definition is copied here (data/ sits below tools/ in the layer order); a test
-holds it equal to `visto.tools.ocr.ocr_tool.openai()`, since the model learns this exact text.
+The OCR tool's definition comes from `visto.data.tool_calls` (data/ sits below tools/ in the
+layer order), which `visto.tools.ocr` builds its Tool from too: the model learns this exact text.
 """
 
 from __future__ import annotations
@@ -48,27 +48,19 @@ from typing import Any
 
 from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
 from visto.data.tokenizer import boxes_to_loc
-from visto.data.tool_calls import assistant_turn, compact_json, tool_result_turn, with_tools
+from visto.data.tool_calls import (
+    OCR_DESCRIPTION,
+    OCR_PARAMETERS,
+    assistant_turn,
+    compact_json,
+    tool_result_turn,
+    with_tools,
+)
 
 OCR_TOOL: dict[str, Any] = {
     "type": "function",
-    "function": {
-        "name": "ocr",
-        "description": "Read the text in the image: the text line by line and each word with its box "
-        "(x1, y1, x2, y2 in 0..999 and in pixels) and confidence.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "detail": {
-                    "type": "string",
-                    "enum": ["text", "words"],
-                    "description": "'text' for the text only, 'words' (the default) for each word's box too",
-                }
-            },
-            "additionalProperties": False,
-        },
-    },
-}  # fmt: skip
+    "function": {"name": "ocr", "description": OCR_DESCRIPTION, "parameters": OCR_PARAMETERS},
+}
 OCR_ARGUMENTS = {"detail": "text"}  # the text alone: a short result the answer copies from
 ROW_PX = 4  # texts whose tops are closer than this share a row (read left to right)
 
