@@ -86,6 +86,9 @@ class QuickstartConfig:
     # 0.532, grounding and OCR unchanged near 0: bench/README.md, "Quickstart", r6).
     box_tokens: bool = False
     text_slots: int = 0
+    # regions: each answer's question picks the objects it names (connectors.focus, top-down
+    # attention), so the decoder need not learn to search for them (bench/README.md, "Focus")
+    focus: bool = False
     reader_steps: int = 1000
     decoder_width: int = 256
     decoder_layers: int = 4
@@ -147,7 +150,7 @@ class QuickstartConfig:
             "vision": data_keys + ("vision_steps", "minutes", "vision_share", "patch_size", "vision_stem",
                                    "vision_width", "vision_layers", "vision_batch", "vision_lr",
                                    # the saved checkpoint holds a fresh connector and decoder too
-                                   "projector", "slots", "box_tokens", "text_slots", "reader_steps",
+                                   "projector", "slots", "box_tokens", "text_slots", "focus", "reader_steps",
                                    "decoder_width", "decoder_layers",
                                    "decoder_init", "vocab_size", "loc_bins", "max_length"),
         }  # fmt: skip
@@ -266,6 +269,7 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
     projector = ProjectorConfig(
         kind=cfg.projector, scale_factor=2, slots=cfg.slots, box_tokens=cfg.box_tokens,
         text_slots=cfg.text_slots if cfg.projector == "regions" else 0,
+        focus=cfg.focus and cfg.projector == "regions",
     )  # fmt: skip
     patches = vision.num_patches
     decoder = DecoderConfig(

@@ -70,6 +70,8 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
                    "object); measured worse at the default budget", None),
     "text_slots": ("lines of text the connector's OCR reader reads into the decoder's own "
                    f"tokens (default {DEFAULTS.text_slots}: no reader)", "N"),
+    "focus": ("each answer's question picks the object tokens it names and hands them to the "
+              "decoder where the answer starts (top-down attention; regions only)", None),
     "reader_steps": ("steps of the OCR reader (with --text-slots), trained in the vision stage "
                      "on the world's text boxes", "N"),
     "stage1_steps": ("steps of LLaVA stage 1", "N"),

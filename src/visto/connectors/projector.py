@@ -44,6 +44,10 @@ class ProjectorConfig:
     # each given as up to `text_tokens` of the decoder's own token embeddings (M4C's OCR tokens)
     text_slots: int = 0
     text_tokens: int = 6
+    # regions only: each answer's question scores the objects, and the ones it names are added,
+    # pooled, where the answer starts (connectors.focus: top-down attention, Anderson et al.
+    # 2018), so the decoder reads the named object instead of searching for it
+    focus: bool = False
     act: str = "gelu"  # mlp only: "gelu" (exact, erf) as transformers' projector_hidden_act
     bias: bool = True
     # LayerNorm on each vision feature before the projection (InternVL's projector does
@@ -58,6 +62,8 @@ class ProjectorConfig:
             raise UserError(f"projector act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
         if self.slots < 1:
             raise UserError(f"projector slots must be at least 1, got {self.slots}")
+        if self.focus and self.kind != "regions":
+            raise UserError(f"projector focus needs kind 'regions' (object tokens), got {self.kind!r}")
         if self.text_slots < 0 or self.text_tokens < 1:
             raise UserError("projector text_slots must be >= 0 and text_tokens >= 1")
         if self.scale_factor < 1 or (self.hidden_dim is not None and self.hidden_dim < 1):
@@ -142,7 +148,7 @@ def build_projector(cfg: ProjectorConfig, input_dim: int, output_dim: int) -> nn
 
         module: nn.Module = RegionConnector(
             input_dim, output_dim, cfg.slots, box_tokens=cfg.box_tokens,
-            text_slots=cfg.text_slots, text_tokens=cfg.text_tokens,
+            text_slots=cfg.text_slots, text_tokens=cfg.text_tokens, focus=cfg.focus,
         )  # fmt: skip
     else:
         kinds = {"linear": LinearProjector, "mlp": MLPProjector, "pixel_shuffle": PixelShuffleProjector}

@@ -23,6 +23,9 @@ and learned projections of the same attributes do not in the same steps.
       -> with `box_tokens`, each object token is followed by E[<loc_x1>], E[<loc_y1>],
          E[<loc_x2>], E[<loc_y2>] of its box: the tokens a grounding answer writes, so
          "where is the red star?" is a copy, not a decode   (B, slots * 5, D_lm)
+      -> with `focus`, each answer's question scores the objects and the ones it names are
+         added, pooled, to the `<|assistant|>` token that opens the answer (connectors.focus:
+         top-down attention, so the decoder need not search for the named object itself)
       -> with `text_slots`, the lines of text the OCR reader (connectors.text_reader) finds
          and reads, each as the decoder's embeddings of its tokens (as the OCR answer writes
          them: later lines with their leading space) + a learned "read text" vector,
@@ -41,6 +44,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from visto.connectors.focus import Objects, QuestionFocus
 from visto.data.synth.vocab import COLOURS, SHAPES, SIZES
 
 SHAPE_NAMES: tuple[str, ...] = SHAPES
@@ -99,7 +103,7 @@ class RegionConnector(nn.Module):
 
     def __init__(
         self, input_dim: int, output_dim: int, slots: int, box_tokens: bool = False,
-        text_slots: int = 0, text_tokens: int = 6,
+        text_slots: int = 0, text_tokens: int = 6, focus: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.slots = slots
@@ -118,6 +122,7 @@ class RegionConnector(nn.Module):
         # (attribute kind -> padded ids (n_values, L) and their mask), from the tokenizer
         self.vocabulary: dict[str, tuple[Tensor, Tensor]] = {}
         self.loc_ids: Tensor | None = None  # (loc_bins,) ids of <loc_0> .. <loc_{bins-1}>
+        self.focus = QuestionFocus(output_dim) if focus else None
 
     def set_vocabulary(self, tokenizer) -> None:
         """Read the attribute words' token ids. A value's tag is the mean embedding of its two
@@ -133,6 +138,8 @@ class RegionConnector(nn.Module):
             self.vocabulary[kind] = (ids, weights)
         self.loc_ids = torch.tensor(tokenizer.loc_ids) if tokenizer.loc_ids else None
         self.tokenizer = tokenizer
+        if self.focus is not None:
+            self.focus.set_vocabulary(tokenizer)
 
     def word_table(self, embed: nn.Embedding, kind: str) -> Tensor:
         """(n_values, D_lm): each attribute value's tag embedding."""
@@ -181,14 +188,25 @@ class RegionConnector(nn.Module):
         return words.view(B, self.text_slots * self.text_tokens, D)
 
     def forward(self, features: Tensor, embed: nn.Embedding, pixels: Tensor | None = None) -> Tensor:
-        objects = self.object_tokens(features, embed)
+        return self.visual_tokens(self.objects(features, embed), embed, pixels)
+
+    def visual_tokens(self, objects: Objects, embed: nn.Embedding, pixels: Tensor | None = None) -> Tensor:
+        """Objects -> the visual tokens spliced at the `<image>` ids (N_img, n, D_lm)."""
+        present = objects.present
+        empty = self.empty.to(objects.tokens.dtype)
+        if self.box_tokens:  # object, x1, y1, x2, y2 for each slot in turn
+            tokens = torch.cat([objects.tokens[:, :, None], objects.box_words], 2)  # (B, S, 5, D_lm)
+            tokens = torch.where(present[..., None, None], tokens, empty).flatten(1, 2)
+        else:
+            tokens = torch.where(present[..., None], objects.tokens, empty)
         if not self.text_slots:
-            return objects
+            return tokens
         if pixels is None:
             raise RuntimeError("a RegionConnector with text_slots reads the image: pass pixels")
-        return torch.cat([objects, self.text_words(pixels, embed)], 1)
+        return torch.cat([tokens, self.text_words(pixels, embed)], 1)
 
-    def object_tokens(self, features: Tensor, embed: nn.Embedding) -> Tensor:
+    def objects(self, features: Tensor, embed: nn.Embedding) -> Objects:
+        """Patch features (B, N, D_v) -> the `slots` most confident objects (connectors.focus.Objects)."""
         if not self.vocabulary:
             raise RuntimeError("RegionConnector needs set_vocabulary(tokenizer) before use")
         with torch.no_grad():  # the heads are a frozen detector: selection needs no gradient
@@ -204,19 +222,14 @@ class RegionConnector(nn.Module):
         p_size = at(heads["size"])[..., 1:].softmax(-1)  # (B, S, 3)
         box = at(heads["box"])  # (B, S, 4) in 0..1
         box_words = self.box_words(box, embed)  # (B, S, 4, D_lm)
-        tokens = (
-            self.feature(at(features))
-            + p_shape @ self.word_table(embed, "shape")
+        tags = (
+            p_shape @ self.word_table(embed, "shape")
             + p_colour @ self.word_table(embed, "colour")
             + p_size @ self.word_table(embed, "size")
-            + self.box(box_fourier(box))
             + box_words.mean(-2)
-        )  # (B, S, D_lm)
-        if self.box_tokens:  # object, x1, y1, x2, y2 for each slot in turn
-            tokens = torch.cat([tokens[:, :, None], box_words], 2)  # (B, S, 5, D_lm)
-            empty = self.empty.to(tokens.dtype)
-            return torch.where(present[..., None, None], tokens, empty).flatten(1, 2)
-        return torch.where(present[..., None], tokens, self.empty.to(tokens.dtype))
+        )  # (B, S, D_lm): the object in the decoder's own words
+        tokens = self.feature(at(features)) + tags + self.box(box_fourier(box))  # (B, S, D_lm)
+        return Objects(tokens, tags, box_words, present)
 
 
 __all__ = ["CHARS", "COLOUR_NAMES", "DenseHeads", "RegionConnector", "SHAPE_NAMES", "SIZE_NAMES", "box_fourier"]

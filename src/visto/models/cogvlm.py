@@ -112,7 +112,7 @@ class CogVLM(Llava):
         """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers)."""
         input_ids = batch["input_ids"]
         embeds = self.embed_inputs(
-            input_ids, batch["pixel_values"], batch.get("image_sample_index")
+            input_ids, batch["pixel_values"], batch.get("image_sample_index"), batch.get("segment_ids")
         )  # LLaVA's: visual tokens at the <image> positions
         logits = training_logits(
             self.language_model, embeds, batch, self.experts(input_ids)

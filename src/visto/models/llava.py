@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from visto.connectors.projector import ProjectorConfig, build_projector
@@ -204,11 +205,15 @@ class Llava(ConversationFamily, nn.Module):
 
     # -- the forward pass
 
+    def patch_features(self, pixel_values: Tensor) -> Tensor:
+        """(N_img, 3, S, S) -> the tower's patch features (N_img, P, D_v), CLS dropped."""
+        return self.vision_tower(
+            pixel_values, feature_layer=self.config.vision_feature_layer, pooled=False
+        ).features
+
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """(N_img, 3, S, S) -> visual tokens (N_img, n, D_lm)."""
-        features = self.vision_tower(
-            pixel_values, feature_layer=self.config.vision_feature_layer, pooled=False
-        ).features  # (N_img, P, D_v), CLS dropped
+        features = self.patch_features(pixel_values)  # (N_img, P, D_v)
         if self.config.projector.kind == "regions":  # object tokens read the decoder's word embeddings
             return self.multi_modal_projector(features, self.language_model.model.embed_tokens, pixel_values)
         return self.multi_modal_projector(features)  # (N_img, n, D_lm)
@@ -218,19 +223,37 @@ class Llava(ConversationFamily, nn.Module):
         input_ids: Tensor,
         pixel_values: Tensor,
         image_sample_index: Tensor | None = None,
+        segment_ids: Tensor | None = None,
     ) -> Tensor:
-        """Token embeddings (B, T, D_lm) with the visual tokens at the `<image>` positions."""
-        return splice_visual_tokens(
-            self.language_model.embed(input_ids),  # (B, T, C)
-            input_ids, pixel_values, self.image_features, image_sample_index,
-            hint=f"; the processor's image_tokens must equal the model's "
-            f"({self.config.image_tokens}) and every image needs its <image> run",
+        """Token embeddings (B, T, D_lm) with the visual tokens at the `<image>` positions (and,
+        with the regions connector's `focus`, each answer's named objects at its start;
+        `segment_ids` of packed exchanges tell it where each exchange's question begins)."""
+        hint = (
+            f"; the processor's image_tokens must equal the model's "
+            f"({self.config.image_tokens}) and every image needs its <image> run"
         )
+        embeds = self.language_model.embed(input_ids)  # (B, T, C)
+        focus = getattr(self.multi_modal_projector, "focus", None)
+        if focus is None or pixel_values.shape[0] == 0:
+            return splice_visual_tokens(
+                embeds, input_ids, pixel_values, self.image_features, image_sample_index, hint=hint
+            )
+        connector, embed = self.multi_modal_projector, self.language_model.model.embed_tokens
+        objects = connector.objects(self.patch_features(pixel_values), embed)
+        visual = connector.visual_tokens(objects, embed, pixel_values)
+        embeds = splice_visual_tokens(
+            embeds, input_ids, pixel_values, lambda _: visual, image_sample_index, hint=hint
+        )
+        if image_sample_index is None:  # one image per row, in order (what the processor makes)
+            image_sample_index = torch.arange(pixel_values.shape[0], device=input_ids.device)
+        added = focus(input_ids, embed, objects, image_sample_index, segment_ids)
+        return embeds + added.to(embeds.dtype)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers)."""
         embeds = self.embed_inputs(
-            batch["input_ids"], batch["pixel_values"], batch.get("image_sample_index")
+            batch["input_ids"], batch["pixel_values"], batch.get("image_sample_index"),
+            batch.get("segment_ids"),
         )
         logits = training_logits(self.language_model, embeds, batch)  # (B, T, V)
         return answer_loss(logits, batch["labels"])

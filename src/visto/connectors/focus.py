@@ -1,0 +1,160 @@
+"""Question focus: top-down attention over object tokens, by the question being answered.
+
+Bottom-up object tokens (`connectors.regions`) leave the decoder a two-hop search: find the
+object the question names, then read it. A from-scratch decoder sits on a long plateau before
+it learns the first hop (bench/binding_probe.py; bench/README.md, "Quickstart"), and whether
+it crosses within the quickstart's budget depends on the seed. Top-down attention (Anderson
+et al. 2018, "Bottom-up and top-down attention for image captioning and VQA"; InstructBLIP's
+instruction-aware queries, Dai et al. 2023) does the first hop outside the decoder: the
+question scores every object, and the objects it names arrive, pooled, right where the answer
+starts. The decoder then only reads one vector, which it learns as fast as it learns
+one-object images.
+
+    question  = mean of the decoder's input embeddings of the user turn's text tokens
+    score_i   = scale * cos(question @ W_q, tag_i @ W_k)      tag_i: the object's attribute words
+                                                              and box tokens, in the same
+                                                              embedding space (regions.py)
+    focus     = (softmax_i score_i) @ object tokens @ W_out
+              + Linear(soft histogram of sum_i sigmoid(score_i - scale * threshold))
+                                                              (how many objects match: counting
+                                                              and existence questions)
+    added to the input embedding of the `<|assistant|>` token that opens each answer
+
+W_q and W_k start as the identity, so a question word and the same word in an object's tag
+match from the first step (the tags are the decoder's own word embeddings); W_out and the count
+map start at zero, so a fresh focus changes nothing until training finds it useful. Every
+answer gets the focus of its own user turn, so shared-prefix packing (independent turns),
+multi-turn chat and generation (the prompt ends with `<|assistant|>`) all see the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+COUNT_BINS = 10  # the world has at most 9 objects
+
+
+class Objects(NamedTuple):
+    """Object tokens of a batch of images (`RegionConnector.objects`)."""
+
+    tokens: Tensor  # (N_img, S, D_lm) what the decoder sees of each object
+    tags: Tensor  # (N_img, S, D_lm) its attribute words and box tokens, as embeddings
+    box_words: Tensor  # (N_img, S, 4, D_lm) the embeddings of its box's 4 location tokens
+    present: Tensor  # (N_img, S) bool: a detected object (else an empty slot)
+
+
+class QuestionFocus(nn.Module):
+    """Per answer, the objects its question names, pooled into one added input vector."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.eye(width))
+        self.key = nn.Parameter(torch.eye(width))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(20.0)))
+        self.threshold = nn.Parameter(torch.tensor(0.1))  # cosine above which an object "matches"
+        self.out = nn.Parameter(torch.zeros(width, width))
+        self.count = nn.Parameter(torch.zeros(COUNT_BINS, width))
+        # token ids, from the tokenizer (set_vocabulary)
+        self.user_id = self.assistant_id = -1
+        self.first_text_id = 0  # ids below this are special tokens (roles, image, padding)
+
+    def set_vocabulary(self, tokenizer) -> None:
+        self.user_id = tokenizer.role_ids["user"]
+        self.assistant_id = tokenizer.role_ids["assistant"]
+        special = [tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.image_id,
+                   tokenizer.im_start_id, tokenizer.im_end_id, tokenizer.im_newline_id,
+                   tokenizer.end_id, *tokenizer.role_ids.values()]  # fmt: skip
+        self.first_text_id = max(special) + 1
+
+    def questions(
+        self, input_ids: Tensor, embed: nn.Embedding, segment_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows (P,), columns (P,), question vectors (P, D)) for every `<|assistant|>` token:
+        the mean embedding of the text tokens since the last `<|user|>` token before it, or
+        since its exchange began when exchanges are packed (`segment_ids`: later exchanges
+        share the first one's `<|user|>` token, in the prefix, but must not read its question)."""
+        B, T = input_ids.shape
+        is_text = (input_ids >= self.first_text_id).to(embed.weight.dtype)  # (B, T)
+        total = (embed(input_ids) * is_text[..., None]).cumsum(1)  # (B, T, D)
+        count = is_text.cumsum(1)  # (B, T)
+        position = torch.arange(T, device=input_ids.device).expand(B, T)
+        # `begin`: the first position a token's question may include
+        begin = torch.where(input_ids == self.user_id, position + 1, 0).cummax(1).values
+        if segment_ids is not None:
+            starts = torch.ones_like(segment_ids, dtype=torch.bool)
+            starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+            begin = torch.maximum(begin, torch.where(starts, position, 0).cummax(1).values)
+        rows, cols = (input_ids == self.assistant_id).nonzero(as_tuple=True)
+        first = begin[rows, cols]  # (P,)
+        seen = (first > 0).to(total.dtype)  # something before `first` to subtract
+        before = total[rows, (first - 1).clamp(min=0)] * seen[:, None]
+        n = count[rows, cols] - count[rows, (first - 1).clamp(min=0)] * seen
+        return rows, cols, (total[rows, cols] - before) / n.clamp(min=1)[:, None]
+
+    def scores(self, question: Tensor, tags: Tensor) -> Tensor:
+        """(P, D) questions and (P, M, D) object tags -> (P, M) scaled cosine scores."""
+        q = F.normalize(question @ self.query, dim=-1)
+        k = F.normalize(tags @ self.key, dim=-1)
+        return self.log_scale.exp() * torch.einsum("pd,pmd->pm", q, k)
+
+    def attention(self, question: Tensor, tags: Tensor, present: Tensor) -> Tensor:
+        """(P, M) how each question's focus is spread over the objects (0 on empty slots)."""
+        score = self.scores(question, tags)
+        return score.masked_fill(~present, -1e4).softmax(-1) * present
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        embed: nn.Embedding,
+        objects: Objects,
+        image_sample_index: Tensor,
+        segment_ids: Tensor | None = None,
+    ) -> Tensor:
+        """(B, T, D_lm) to add to the input embeddings: zero except at `<|assistant|>` tokens
+        of rows with an image."""
+        B, T = input_ids.shape
+        out = objects.tokens.new_zeros(B, T, objects.tokens.shape[-1])
+        rows, cols, question = self.questions(input_ids, embed, segment_ids)
+        if rows.numel() == 0:
+            return out
+        tokens, tags, present = per_row(objects, image_sample_index, B)  # (B, M, ...)
+        tokens, tags, present = tokens[rows], tags[rows], present[rows]  # (P, M, ...)
+        score = self.scores(question, tags)  # (P, M)
+        weight = score.masked_fill(~present, -1e4).softmax(-1) * present  # as `attention`
+        value = torch.einsum("pm,pmd->pd", weight, tokens)  # (P, D)
+        matches = (torch.sigmoid(score - self.log_scale.exp() * self.threshold) * present).sum(-1)  # (P,)
+        bins = torch.arange(COUNT_BINS, device=matches.device, dtype=matches.dtype)
+        histogram = torch.exp(-((matches[:, None] - bins) ** 2))  # (P, COUNT_BINS)
+        focus = value @ self.out + histogram @ self.count  # (P, D)
+        return out.index_put((rows, cols), focus.to(out.dtype))
+
+
+def per_row(objects: Objects, image_sample_index: Tensor, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Images -> batch rows: (B, M, D) tokens and tags and (B, M) presence, where M is the
+    slots of the row with the most images (a row's images one after another)."""
+    n_img, slots, width = objects.tokens.shape
+    if n_img == rows and torch.equal(image_sample_index.cpu(), torch.arange(rows)):
+        return objects.tokens, objects.tags, objects.present  # one image per row, in order
+    per = torch.bincount(image_sample_index, minlength=rows)  # images per row
+    m = int(per.max()) * slots if n_img else slots
+    tokens = objects.tokens.new_zeros(rows, m, width)
+    tags = objects.tags.new_zeros(rows, m, width)
+    present = torch.zeros(rows, m, dtype=torch.bool, device=objects.present.device)
+    # Where each image's slots go: its row, after the row's earlier images.
+    rank = torch.zeros_like(image_sample_index)
+    for i in range(1, n_img):
+        rank[i] = (image_sample_index[:i] == image_sample_index[i]).sum()
+    for i in range(n_img):
+        row, at = int(image_sample_index[i]), int(rank[i]) * slots
+        tokens[row, at : at + slots] = objects.tokens[i]
+        tags[row, at : at + slots] = objects.tags[i]
+        present[row, at : at + slots] = objects.present[i]
+    return tokens, tags, present
+
+
+__all__ = ["COUNT_BINS", "Objects", "QuestionFocus", "per_row"]

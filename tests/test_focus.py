@@ -1,0 +1,167 @@
+"""Question focus (connectors/focus.py): each answer gets the objects its question names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from visto.connectors.focus import Objects, QuestionFocus, per_row
+from visto.connectors.projector import ProjectorConfig
+from visto.connectors.regions import COLOUR_NAMES, SHAPE_NAMES, SIZE_NAMES, RegionConnector
+from visto.data.tokenizer import Tokenizer, train_tokenizer
+from visto.models.llava import LlavaConfig
+from visto.pretrained import build_model
+
+TEXTS = [f"Which colour does the {s} have? Which shape is {c}? a {c} {s}, {z}" for s in SHAPE_NAMES
+         for c in COLOUR_NAMES for z in SIZE_NAMES]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    train_tokenizer(TEXTS, vocab_size=400, loc_bins=32, min_frequency=1).save(path / "tokenizer.json")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return Tokenizer.load(tokenizer_dir / "tokenizer.json")
+
+
+def prompt(tok: Tokenizer, *questions: str) -> torch.Tensor:
+    """<s> then, per question, <|user|> question <|end|> <|assistant|> "x" <|end|>."""
+    ids = [tok.bos_id]
+    for q in questions:
+        ids += [tok.role_ids["user"], tok.image_id, *tok.encode(q), tok.end_id, tok.role_ids["assistant"]]
+        ids += [*tok.encode("x"), tok.end_id]
+    return torch.tensor([ids])
+
+
+def world_objects(tok: Tokenizer, embed: nn.Embedding, named: list[tuple[str, str]]) -> Objects:
+    """One image whose objects are (colour, shape) pairs, tagged as the regions connector tags them."""
+    c = RegionConnector(8, embed.weight.shape[1], slots=len(named))
+    c.set_vocabulary(tok)
+    tags = torch.stack([c.word_table(embed, "colour")[COLOUR_NAMES.index(col)]
+                        + c.word_table(embed, "shape")[SHAPE_NAMES.index(shp)] for col, shp in named])  # fmt: skip
+    tokens = torch.randn(1, len(named), embed.weight.shape[1])
+    return Objects(tokens, tags[None], torch.zeros(1, len(named), 4, embed.weight.shape[1]),
+                   torch.ones(1, len(named), dtype=torch.bool))  # fmt: skip
+
+
+def test_question_is_the_mean_embedding_of_its_own_user_turn(tokenizer):
+    focus = QuestionFocus(16)
+    focus.set_vocabulary(tokenizer)
+    embed = nn.Embedding(400, 16)
+    ids = prompt(tokenizer, "Which colour does the star have?", "Which shape is red?")
+    rows, cols, question = focus.questions(ids, embed)
+    assert cols.tolist() == (ids[0] == tokenizer.role_ids["assistant"]).nonzero().flatten().tolist()
+    for k, q in enumerate(["Which colour does the star have?", "Which shape is red?"]):
+        want = embed(torch.tensor(tokenizer.encode(q))).mean(0)  # image, roles and <|end|> left out
+        assert torch.allclose(question[k], want, atol=1e-6)
+
+
+def test_the_untrained_focus_already_picks_the_named_object(tokenizer):
+    """W_q = W_k = identity and tags in the decoder's word space: "star" in the question
+    matches the star's tag from the first step (what removes the binding plateau)."""
+    torch.manual_seed(0)
+    embed = nn.Embedding(400, 256)
+    focus = QuestionFocus(256)
+    focus.set_vocabulary(tokenizer)
+    objects = world_objects(tokenizer, embed, [("red", "circle"), ("blue", "star"), ("green", "square"),
+                                               ("yellow", "triangle")])  # fmt: skip
+    for question, target in [("Which colour does the star have?", 1), ("Which shape is green?", 2),
+                             ("Which colour does the circle have?", 0)]:  # fmt: skip
+        _, _, q = focus.questions(prompt(tokenizer, question), embed)
+        weight = focus.attention(q, objects.tags, objects.present)[0]
+        assert weight.argmax().item() == target and weight[target] > 0.5, (question, weight)
+
+
+def test_focus_is_added_at_answer_starts_only_and_starts_at_zero(tokenizer):
+    embed = nn.Embedding(400, 32)
+    focus = QuestionFocus(32)
+    focus.set_vocabulary(tokenizer)
+    objects = world_objects(tokenizer, embed, [("red", "circle"), ("blue", "star")])
+    ids = prompt(tokenizer, "Which colour does the star have?", "Which shape is red?")
+    assert focus(ids, embed, objects, torch.tensor([0])).abs().sum() == 0  # W_out starts at zero
+    with torch.no_grad():
+        focus.out.normal_()
+    added = focus(ids, embed, objects, torch.tensor([0]))[0]
+    at = (ids[0] == tokenizer.role_ids["assistant"])
+    assert added[at].abs().sum(-1).min() > 0 and added[~at].abs().sum() == 0
+    # Each answer reads its own question: the two answer starts get different objects.
+    assert not torch.allclose(added[at][0], added[at][1])
+
+
+def test_images_go_to_their_rows(tokenizer):
+    d = 8
+    objects = Objects(torch.arange(3.0)[:, None, None].expand(3, 2, d), torch.zeros(3, 2, d),
+                      torch.zeros(3, 2, 4, d), torch.ones(3, 2, dtype=torch.bool))  # fmt: skip
+    tokens, _, present = per_row(objects, torch.tensor([0, 2, 2]), rows=3)
+    assert tokens.shape == (3, 4, d)
+    assert tokens[0, :2].eq(0).all() and not present[0, 2:].any()  # row 0: one image, then padding
+    assert not present[1].any()  # row 1: no image
+    assert tokens[2, :2].eq(1).all() and tokens[2, 2:].eq(2).all() and present[2].all()
+
+
+def focus_llava(tokenizer_dir):
+    config = LlavaConfig.preset(
+        "tiny", tokenizer_dir=str(tokenizer_dir), projector=ProjectorConfig(kind="regions", slots=5, focus=True)
+    )
+    config.processor.image_tokens = 5
+    model = build_model("llava", config, seed=0)
+    with torch.no_grad():  # a detector that finds objects, and a focus that is not zero
+        model.multi_modal_projector.heads.centre.bias.fill_(5.0)
+        model.multi_modal_projector.focus.out.normal_(std=0.1)
+    return model
+
+
+def test_llava_with_focus_trains_saves_loads_and_generates_as_it_trains(tokenizer_dir, tmp_path):
+    from PIL import Image
+
+    from visto.checkpoint import load, save_checkpoint
+    from visto.data.sample import Sample, Turn
+    from visto.models.common import prompt_embeds
+
+    model = focus_llava(tokenizer_dir)
+    sample = Sample("s", [Image.new("RGB", (40, 40), (200, 30, 30))],
+                    [Turn("user", "<image>\nWhich colour does the star have?"), Turn("assistant", "red")])  # fmt: skip
+    batch = model.collate([sample, sample])
+    out = model(batch)
+    out["loss"].backward()
+    assert model.multi_modal_projector.focus.query.grad.abs().sum() > 0  # the scorer learns
+    assert model.multi_modal_projector.focus.out.grad.abs().sum() > 0
+    save_checkpoint(model, tmp_path / "ckpt")
+    again = load(tmp_path / "ckpt")
+    assert again.config.projector.focus
+    model.eval()
+    again.eval()
+    with torch.no_grad():
+        assert torch.allclose(again(batch)["loss"], model(batch)["loss"], atol=1e-5)
+        # The generation prompt ends with <|assistant|>: it gets the same focus as in training.
+        train_embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_sample_index"])
+        prompt = model.prompt_batch([sample])
+        embeds, _ = prompt_embeds(model, prompt)
+    n = embeds.shape[1]
+    assert torch.allclose(embeds[0], train_embeds[0, :n], atol=1e-5)
+
+
+def test_packed_exchanges_each_get_the_focus_of_their_own_question(tokenizer_dir):
+    from PIL import Image
+
+    from visto.data.sample import Sample, Turn
+
+    model = focus_llava(tokenizer_dir).eval()
+    image = Image.new("RGB", (40, 40), (200, 30, 30))
+    turns = [Turn("user", "<image>\nWhich colour does the star have?"), Turn("assistant", "red"),
+             Turn("user", "Which shape is red?"), Turn("assistant", "star")]  # fmt: skip
+    packed = model.collate([Sample("p", [image], turns, independent_turns=True)])
+    alone = model.collate([Sample("a", [image], [Turn("user", "<image>\nWhich shape is red?"), turns[3]])])
+    with torch.no_grad():
+        e_packed = model.embed_inputs(packed["input_ids"], packed["pixel_values"], packed["image_sample_index"],
+                                      packed["segment_ids"])
+        e_alone = model.embed_inputs(alone["input_ids"], alone["pixel_values"], alone["image_sample_index"])
+    assistant = model.processor.tokenizer.role_ids["assistant"]
+    last_packed = (packed["input_ids"][0] == assistant).nonzero().max()
+    last_alone = (alone["input_ids"][0] == assistant).nonzero().max()
+    assert torch.allclose(e_packed[0, last_packed], e_alone[0, last_alone], atol=1e-5)
