@@ -46,7 +46,7 @@ def world_objects(tok: Tokenizer, embed: nn.Embedding, named: list[tuple[str, st
                         + c.word_table(embed, "shape")[SHAPE_NAMES.index(shp)] for col, shp in named])  # fmt: skip
     tokens = torch.randn(1, len(named), embed.weight.shape[1])
     return Objects(tokens, tags[None], torch.zeros(1, len(named), 4, embed.weight.shape[1]),
-                   torch.ones(1, len(named), dtype=torch.bool))  # fmt: skip
+                   torch.zeros(1, len(named), 4), torch.ones(1, len(named), dtype=torch.bool))  # fmt: skip
 
 
 def test_question_is_the_mean_embedding_of_its_own_user_turn(tokenizer):
@@ -96,7 +96,7 @@ def test_focus_is_added_at_answer_starts_only_and_starts_at_zero(tokenizer):
 def test_images_go_to_their_rows(tokenizer):
     d = 8
     objects = Objects(torch.arange(3.0)[:, None, None].expand(3, 2, d), torch.zeros(3, 2, d),
-                      torch.zeros(3, 2, 4, d), torch.ones(3, 2, dtype=torch.bool))  # fmt: skip
+                      torch.zeros(3, 2, 4, d), torch.zeros(3, 2, 4), torch.ones(3, 2, dtype=torch.bool))  # fmt: skip
     tokens, _, present = per_row(objects, torch.tensor([0, 2, 2]), rows=3)
     assert tokens.shape == (3, 4, d)
     assert tokens[0, :2].eq(0).all() and not present[0, 2:].any()  # row 0: one image, then padding

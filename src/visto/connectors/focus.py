@@ -45,6 +45,7 @@ class Objects(NamedTuple):
     tokens: Tensor  # (N_img, S, D_lm) what the decoder sees of each object
     tags: Tensor  # (N_img, S, D_lm) its attribute words and box tokens, as embeddings
     box_words: Tensor  # (N_img, S, 4, D_lm) the embeddings of its box's 4 location tokens
+    boxes: Tensor  # (N_img, S, 4) its box (x1, y1, x2, y2) in 0..1, as the detector predicts it
     present: Tensor  # (N_img, S) bool: a detected object (else an empty slot)
 
 

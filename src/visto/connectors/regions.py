@@ -229,7 +229,7 @@ class RegionConnector(nn.Module):
             + box_words.mean(-2)
         )  # (B, S, D_lm): the object in the decoder's own words
         tokens = self.feature(at(features)) + tags + self.box(box_fourier(box))  # (B, S, D_lm)
-        return Objects(tokens, tags, box_words, present)
+        return Objects(tokens, tags, box_words, box, present)
 
 
 __all__ = ["CHARS", "COLOUR_NAMES", "DenseHeads", "RegionConnector", "SHAPE_NAMES", "SIZE_NAMES", "box_fourier"]
