@@ -24,6 +24,9 @@ The run directory (--out, default runs/<recipe name>) receives:
 
 Ctrl-C once: finish the step, save a checkpoint and stop; `--resume RUN` continues it with
 the same loss curve. Resume a finished run with a larger budget to train it further.
+`--set processor.max_length=N` changes only where training truncates a sample, keeping the
+processor the model starts with (model.init_from's, a resumed run's); the saved checkpoint
+carries the new length.
 Under torchrun (WORLD_SIZE > 1) each rank reads its shard of the data and the model is
 wrapped in DDP, or sharded with FSDP2 with `--set distributed=fsdp` (parameters, gradients and
 optimizer state split over the ranks); checkpoints are gathered whole either way, so a run
@@ -43,6 +46,8 @@ Examples:
   visto train --recipe my-llava.json --set data.source=llava_v1_5_mix665k.json --image-root data/
   visto train --recipe llava-lora --set data.source=train.json --set data.image_root=images/ \
       --set model.init_from=runs/quickstart/checkpoint --set finish.eval_source=heldout.json
+  visto train --recipe llava-tools --set processor.max_length=1024
+                                  (its init_from checkpoint's processor, truncating at 1024)
   visto train --resume runs/exp1
   visto train --resume runs/exp1 --set max_steps=2000                 (train it further)
   torchrun --nproc_per_node 2 -m visto.cli train --recipe clip-synth --out runs/ddp

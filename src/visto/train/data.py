@@ -95,7 +95,7 @@ def training_loc_bins(model: Any, processor_spec: Any) -> int:
     from visto.config import from_dict
     from visto.data.processor import Processor, ProcessorConfig
 
-    if processor_spec is not None:
+    if processor_spec is not None and not processor_spec.keeps_model_processor:
         if processor_spec.path:
             return Processor.load(processor_spec.path).config.loc_bins
         return from_dict(ProcessorConfig, processor_spec.config, where="processor.config").loc_bins
@@ -325,3 +325,52 @@ def build_processor(spec: Any, source: SampleSource) -> Any:
     config = from_dict(ProcessorConfig, spec.config, where="processor.config")
     samples = itertools.islice(source("train"), spec.tokenizer_samples)
     return Processor.train(corpus_texts(samples), config)
+
+
+def run_processor(spec: Any, model: Any, source: SampleSource, resumed: bool) -> Any:
+    """The processor a run trains with: a resumed model's own, the model's own when the
+    section only sets max_length (`ProcessorSpec.keeps_model_processor`), else the section's;
+    then `spec.max_length`, if set, as its truncation length (checked against the model's
+    positions)."""
+    processor = getattr(model, "processor", None)
+    if spec is None:
+        return processor
+    if not resumed and not (spec.keeps_model_processor and processor is not None):
+        processor = build_processor(spec, source)
+    if spec.max_length is None:
+        return processor
+    if processor is None or not hasattr(processor, "config"):
+        raise UserError(
+            "processor.max_length changes the processor the model trains with, but the model "
+            "has none: give the recipe a processor section (path or config) as well"
+        )
+    positions = decoder_positions(model)
+    if positions is not None and spec.max_length > positions:
+        raise UserError(
+            f"processor.max_length {spec.max_length} is longer than the {positions} positions "
+            f"the model's decoder was built for (max_position_embeddings); use at most {positions}"
+        )
+    if processor.config.max_length == spec.max_length:
+        return processor
+    import dataclasses
+
+    config = dataclasses.replace(processor.config, max_length=spec.max_length)
+    return type(processor)(config, processor.tokenizer)
+
+
+def decoder_positions(model: Any) -> int | None:
+    """`max_position_embeddings` of the model's decoder, wherever its config (or a config
+    inside it) holds it; None when none does (a two-tower model: its text tower truncates)."""
+
+    def find(config: Any, depth: int) -> int | None:
+        if hasattr(config, "max_position_embeddings"):
+            return int(config.max_position_embeddings)
+        if depth == 0 or not hasattr(config, "__dict__"):
+            return None
+        for value in vars(config).values():
+            if hasattr(value, "__dict__") and (found := find(value, depth - 1)) is not None:
+                return found
+        return None
+
+    config = getattr(model, "config", None)
+    return None if config is None else find(config, 2)

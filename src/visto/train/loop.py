@@ -59,10 +59,10 @@ from visto.train.data import (
     BatchStream,
     PrefetchedBatches,
     SampleSource,
-    build_processor,
     data_card,
     first_batches,
     needs_loc_bins,
+    run_processor,
     source_from_spec,
     training_loc_bins,
 )
@@ -462,10 +462,10 @@ def _model_and_data(recipe: Recipe, run_dir: Path, resume: bool, source: SampleS
         source, has_val = source_from_spec(recipe.data, recipe.seed, loc_bins=loc_bins)
     else:
         has_val = True
-    if trainer_state is None and recipe.processor is not None:
+    if recipe.processor is not None:
         # A fresh model (or one from init_from) gets the recipe's processor; a resumed model
-        # keeps the one its checkpoint carries.
-        model.processor = build_processor(recipe.processor, source)
+        # keeps the one its checkpoint carries. processor.max_length applies to either.
+        model.processor = run_processor(recipe.processor, model, source, trainer_state is not None)
     if trainer_state is None and recipe.lora is not None and not has_lora(model):
         # Adapters go in before the optimizer is built, so it sees only what LoRA trains.
         apply_lora(model, recipe.lora)
@@ -646,6 +646,12 @@ def _save(run: RunState, path: Path, val_metrics: dict[str, float]) -> None:
                          "batch_size": recipe.batch_size * dist_info.world_size,
                          **({"steps_cut": run.steps_cut} if run.steps_cut else {})},
         }  # fmt: skip
+        processor_config = getattr(getattr(model, "processor", None), "config", None)
+        if getattr(processor_config, "max_length", None) is not None:
+            # training's truncation, and whether the recipe set it (processor.max_length)
+            card["processor"] = {"max_length": processor_config.max_length,
+                                 "max_length_from": "recipe" if recipe.processor and
+                                 recipe.processor.max_length else "processor"}  # fmt: skip
         if val_metrics:
             card["metrics (val)"] = val_metrics
         saved = run.shell.filled(weights) if run.sharded else model

@@ -155,11 +155,33 @@ class ProcessorSpec:
     `path`: an existing processor directory (processor.json + tokenizer.json). Otherwise a new
     one with `config` (visto.data.processor.ProcessorConfig fields), its tokenizer trained on
     the texts of the first `tokenizer_samples` training samples (deterministic).
+
+    `max_length`: training's truncation length, set on whichever processor the run trains
+    with. A section with neither `path` nor `config` keeps the model's own processor (the
+    `model.init_from` checkpoint's, a resumed run's) and changes only this, so that
+    `--set processor.max_length=1024` lets a fine-tune see longer samples than its starting
+    checkpoint was trained on; the saved checkpoint's processor.json carries the new value.
     """
 
     path: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     tokenizer_samples: int = 5000
+    max_length: int | None = None
+
+    @property
+    def keeps_model_processor(self) -> bool:
+        """True when the section only changes the model's own processor (see above)."""
+        return not self.path and not self.config
+
+
+def processor_problems(spec: ProcessorSpec | None) -> list[str]:
+    if spec is None or spec.max_length is None:
+        return []
+    n = spec.max_length
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return [f"processor.max_length must be a whole number of tokens >= 1 (or null: the "
+                f"processor's own), got {n!r}"]  # fmt: skip
+    return []
 
 
 @dataclass
@@ -257,6 +279,7 @@ class Recipe:
             if lr < 0:
                 problems.append(f"learning rate for {name!r} must be >= 0, got {lr}")
         problems += data_problems(self.data)
+        problems += processor_problems(self.processor)
         problems += finish_problems(self.finish, self.model)
         if self.distributed not in ("ddp", "fsdp"):
             problems.append(f'distributed must be "ddp" or "fsdp", got {self.distributed!r}')
