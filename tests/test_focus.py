@@ -165,3 +165,57 @@ def test_packed_exchanges_each_get_the_focus_of_their_own_question(tokenizer_dir
     last_packed = (packed["input_ids"][0] == assistant).nonzero().max()
     last_alone = (alone["input_ids"][0] == assistant).nonzero().max()
     assert torch.allclose(e_packed[0, last_packed], e_alone[0, last_alone], atol=1e-5)
+
+
+def test_the_processor_puts_focus_slots_before_every_answer(tokenizer):
+    from visto.data.processor import Processor, ProcessorConfig
+    from visto.data.sample import Sample, Turn
+    from visto.data.tokenizer import with_focus_token
+    from visto.errors import UserError
+
+    with pytest.raises(UserError, match="no <focus> token"):
+        Processor(ProcessorConfig(loc_bins=32, focus_tokens=5), tokenizer)
+    tok = with_focus_token(tokenizer)
+    assert tok.focus_id == tokenizer.vocab_size and with_focus_token(tok) is tok  # no id moves
+    assert tok.encode("Which colour does the star have?") == tokenizer.encode("Which colour does the star have?")
+    processor = Processor(ProcessorConfig(loc_bins=32, focus_tokens=5, image_delimiters=False), tok)
+    sample = Sample("s", [], [Turn("user", "Which shape is red?"), Turn("assistant", "star"),
+                              Turn("user", "Which shape is blue?"), Turn("assistant", "circle")])  # fmt: skip
+    enc = processor.encode(sample, train=True)
+    ids = enc.input_ids.tolist()
+    answers = [i for i, t in enumerate(ids) if t == tok.role_ids["assistant"]]
+    assert len(answers) == 2
+    for a in answers:
+        assert ids[a - 5 : a] == [tok.focus_id] * 5 and ids[a - 6] == tok.end_id
+        assert (enc.labels[a - 5 : a] == -100).all()  # slots are inputs, never targets
+    prompt = processor.encode(Sample("p", [], sample.turns[:1]), train=False).input_ids.tolist()
+    assert prompt[-6:] == [tok.focus_id] * 5 + [tok.role_ids["assistant"]]
+    assert processor.decode(ids).count("focus") == 0  # a special token: never in decoded text
+
+
+def test_focus_slots_hold_the_named_object_and_its_box_words(tokenizer):
+    from visto.data.tokenizer import with_focus_token
+
+    tok = with_focus_token(tokenizer)
+    torch.manual_seed(0)
+    embed = nn.Embedding(tok.vocab_size, 64)
+    focus = QuestionFocus(64)
+    focus.set_vocabulary(tok, slots=5)
+    objects = world_objects(tok, embed, [("red", "circle"), ("blue", "star")])
+    box_words = torch.randn(1, 2, 4, 64)
+    objects = objects._replace(box_words=box_words)
+    ids = [tok.bos_id, tok.role_ids["user"], tok.image_id, *tok.encode("Which colour does the star have?"),
+           tok.end_id, *[tok.focus_id] * 5, tok.role_ids["assistant"]]  # fmt: skip
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        focus.out.copy_(torch.eye(64))
+    added = focus(ids, embed, objects, torch.tensor([0]))[0]
+    _, _, q = focus.questions(ids, embed)
+    weight = focus.attention(q, objects.tags, objects.present)[0]  # mostly on the star (slot 1)
+    slots = (ids[0] == tok.focus_id).nonzero().flatten()
+    want_box = torch.einsum("m,mjd->jd", weight, box_words[0])
+    assert torch.allclose(added[slots[1:]], want_box, atol=1e-5)
+    assert torch.allclose(added[slots[0]], weight @ objects.tokens[0], atol=1e-5)  # + the zero count map
+    assert added[ids[0] == tok.role_ids["assistant"]].abs().sum() == 0  # the answer token keeps its own
+    with pytest.raises(ValueError, match="must follow 5 <focus> ids"):
+        focus(ids[:, [i for i in range(ids.shape[1]) if i != int(slots[0])]], embed, objects, torch.tensor([0]))

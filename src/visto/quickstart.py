@@ -89,6 +89,10 @@ class QuickstartConfig:
     # regions: each answer's question picks the objects it names (connectors.focus, top-down
     # attention), so the decoder need not learn to search for them (bench/README.md, "Focus")
     focus: bool = False
+    # with focus: <focus> slots before each answer (ProcessorConfig.focus_tokens): 5 = the named
+    # object and its box's 4 location tokens, so a grounding answer copies the box; 0 = the
+    # focus is added to the answer's first token instead
+    focus_slots: int = 5
     reader_steps: int = 1000
     decoder_width: int = 256
     decoder_layers: int = 4
@@ -127,6 +131,8 @@ class QuickstartConfig:
             problems.append(f"vision_stem must be one of {STEMS}, got {self.vision_stem!r}")
         if self.projector not in ("regions", "mlp", "pixel_shuffle"):
             problems.append(f"projector must be 'regions', 'mlp' or 'pixel_shuffle', got {self.projector!r}")
+        if self.focus_slots not in (0, 1, 5):
+            problems.append(f"--focus-slots must be 0, 1 or 5, got {self.focus_slots}")
         if self.text_slots < 0:
             problems.append(f"--text-slots must be 0 or more, got {self.text_slots}")
         if self.vision_batch < 1:
@@ -150,7 +156,8 @@ class QuickstartConfig:
             "vision": data_keys + ("vision_steps", "minutes", "vision_share", "patch_size", "vision_stem",
                                    "vision_width", "vision_layers", "vision_batch", "vision_lr",
                                    # the saved checkpoint holds a fresh connector and decoder too
-                                   "projector", "slots", "box_tokens", "text_slots", "focus", "reader_steps",
+                                   "projector", "slots", "box_tokens", "text_slots", "focus", "focus_slots",
+                                   "reader_steps",
                                    "decoder_width", "decoder_layers",
                                    "decoder_init", "vocab_size", "loc_bins", "max_length"),
         }  # fmt: skip
@@ -280,7 +287,7 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
     processor = ProcessorConfig(
         image_size=cfg.size, resize_mode="resize", image_tokens=projector.num_tokens(patches),
         image_delimiters=False, max_length=cfg.max_length, vocab_size=cfg.vocab_size,
-        loc_bins=cfg.loc_bins,
+        loc_bins=cfg.loc_bins, focus_tokens=focus_slots(cfg),
     )  # fmt: skip
     return LlavaConfig(
         vision=vision, vision_feature_layer=-1, projector=projector, decoder=decoder,
@@ -288,17 +295,25 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
     )  # fmt: skip
 
 
+def focus_slots(cfg: QuickstartConfig) -> int:
+    """The processor's `<focus>` slots before each answer (ProcessorConfig.focus_tokens)."""
+    return cfg.focus_slots if cfg.focus and cfg.projector == "regions" else 0
+
+
 def build_processor(cfg: QuickstartConfig, world_dir: Path) -> Any:
-    """A tokenizer trained on the texts the model will read and write (loc tokens included)."""
+    """A tokenizer trained on the texts the model will read and write (loc tokens included,
+    and `<focus>` when the model writes focus slots)."""
     from visto.data.processor import Processor, ProcessorConfig
     from visto.data.synth.mixes import tokenizer_texts
+    from visto.data.tokenizer import with_focus_token
 
     texts = tokenizer_texts(world_dir, cfg.loc_bins)
     pcfg = ProcessorConfig(
         image_size=cfg.size, resize_mode="resize", image_tokens=1, image_delimiters=False,
         vocab_size=cfg.vocab_size, loc_bins=cfg.loc_bins,
     )  # fmt: skip
-    return Processor.train(texts, pcfg).tokenizer
+    tokenizer = Processor.train(texts, pcfg).tokenizer
+    return with_focus_token(tokenizer) if focus_slots(cfg) else tokenizer
 
 
 def run_reader(cfg: QuickstartConfig, world_dir: Path, console: Any) -> Any:

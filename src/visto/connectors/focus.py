@@ -18,7 +18,12 @@ one-object images.
               + Linear(soft histogram of sum_i sigmoid(score_i - scale * threshold))
                                                               (how many objects match: counting
                                                               and existence questions)
-    added to the input embedding of the `<|assistant|>` token that opens each answer
+    added to the input embedding of the `<|assistant|>` token that opens each answer, or, with
+    `<focus>` slots before it (ProcessorConfig.focus_tokens), written into the slots:
+        slot 0      the focus above
+        slots 1-4   the attention-weighted embeddings of the objects' 4 box location tokens,
+                    x1 y1 x2 y2: what a grounding answer writes, so that answer is a copy from
+                    a fixed distance back (Pix2Seq tokens in the input, as OFA and Kosmos-2)
 
 W_q and W_k start as the identity, so a question word and the same word in an object's tag
 match from the first step (the tags are the decoder's own word embeddings); W_out and the count
@@ -61,10 +66,17 @@ class QuestionFocus(nn.Module):
         self.out = nn.Parameter(torch.zeros(width, width))
         self.count = nn.Parameter(torch.zeros(COUNT_BINS, width))
         # token ids, from the tokenizer (set_vocabulary)
-        self.user_id = self.assistant_id = -1
+        self.user_id = self.assistant_id = self.focus_id = -1
         self.first_text_id = 0  # ids below this are special tokens (roles, image, padding)
+        self.slots = 0  # <focus> slots before each answer (the processor's focus_tokens)
 
-    def set_vocabulary(self, tokenizer) -> None:
+    def set_vocabulary(self, tokenizer, slots: int = 0) -> None:
+        """Token ids from the tokenizer, and the `<focus>` slots the processor puts before
+        each answer (0: the focus is added to the `<|assistant|>` token itself)."""
+        if slots not in (0, 1, 5):
+            raise ValueError(f"a question focus writes 0, 1 or 5 <focus> slots, not {slots}")
+        self.slots = slots
+        self.focus_id = tokenizer.focus_id if tokenizer.focus_id is not None else -1
         self.user_id = tokenizer.role_ids["user"]
         self.assistant_id = tokenizer.role_ids["assistant"]
         special = [tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.image_id,
@@ -80,7 +92,7 @@ class QuestionFocus(nn.Module):
         since its exchange began when exchanges are packed (`segment_ids`: later exchanges
         share the first one's `<|user|>` token, in the prefix, but must not read its question)."""
         B, T = input_ids.shape
-        is_text = (input_ids >= self.first_text_id).to(embed.weight.dtype)  # (B, T)
+        is_text = ((input_ids >= self.first_text_id) & (input_ids != self.focus_id)).to(embed.weight.dtype)
         total = (embed(input_ids) * is_text[..., None]).cumsum(1)  # (B, T, D)
         count = is_text.cumsum(1)  # (B, T)
         position = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -117,7 +129,7 @@ class QuestionFocus(nn.Module):
         segment_ids: Tensor | None = None,
     ) -> Tensor:
         """(B, T, D_lm) to add to the input embeddings: zero except at `<|assistant|>` tokens
-        of rows with an image."""
+        (or the `<focus>` slots before them) of rows with an image."""
         B, T = input_ids.shape
         out = objects.tokens.new_zeros(B, T, objects.tokens.shape[-1])
         rows, cols, question = self.questions(input_ids, embed, segment_ids)
@@ -132,7 +144,22 @@ class QuestionFocus(nn.Module):
         bins = torch.arange(COUNT_BINS, device=matches.device, dtype=matches.dtype)
         histogram = torch.exp(-((matches[:, None] - bins) ** 2))  # (P, COUNT_BINS)
         focus = value @ self.out + histogram @ self.count  # (P, D)
-        return out.index_put((rows, cols), focus.to(out.dtype))
+        if not self.slots:
+            return out.index_put((rows, cols), focus.to(out.dtype))
+        first = cols - self.slots  # slot 0 of each answer's run of <focus> ids
+        if (first < 0).any() or not (input_ids[rows[:, None], first[:, None] + torch.arange(
+                self.slots, device=cols.device)] == self.focus_id).all():  # fmt: skip
+            raise ValueError(f"every <|assistant|> token must follow {self.slots} <focus> ids "
+                             "(the processor's focus_tokens)")  # fmt: skip
+        out = out.index_put((rows, first), focus.to(out.dtype))
+        if self.slots == 5:  # the named object's box, as the location tokens x1 y1 x2 y2
+            flat = objects._replace(tokens=objects.box_words.flatten(2))  # (N_img, S, 4 * D)
+            box_words, _, _ = per_row(flat, image_sample_index, B)
+            box_words = box_words[rows].view(*weight.shape, 4, -1)  # (P, M, 4, D)
+            box = torch.einsum("pm,pmjd->pjd", weight, box_words)  # (P, 4, D)
+            for j in range(4):
+                out = out.index_put((rows, first + 1 + j), box[:, j].to(out.dtype))
+        return out
 
 
 def per_row(objects: Objects, image_sample_index: Tensor, rows: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -124,8 +124,9 @@ class RegionConnector(nn.Module):
         self.loc_ids: Tensor | None = None  # (loc_bins,) ids of <loc_0> .. <loc_{bins-1}>
         self.focus = QuestionFocus(output_dim) if focus else None
 
-    def set_vocabulary(self, tokenizer) -> None:
-        """Read the attribute words' token ids. A value's tag is the mean embedding of its two
+    def set_vocabulary(self, tokenizer, focus_slots: int = 0) -> None:
+        """Read the attribute words' token ids (and tell the focus how many `<focus>` slots the
+        processor puts before each answer). A value's tag is the mean embedding of its two
         forms (`word_forms`), a form of several tokens counting as the mean of its pieces."""
         for kind, names in (("shape", SHAPE_NAMES), ("colour", COLOUR_NAMES), ("size", SIZE_NAMES)):
             rows = []
@@ -139,7 +140,7 @@ class RegionConnector(nn.Module):
         self.loc_ids = torch.tensor(tokenizer.loc_ids) if tokenizer.loc_ids else None
         self.tokenizer = tokenizer
         if self.focus is not None:
-            self.focus.set_vocabulary(tokenizer)
+            self.focus.set_vocabulary(tokenizer, focus_slots)
 
     def word_table(self, embed: nn.Embedding, kind: str) -> Tensor:
         """(n_values, D_lm): each attribute value's tag embedding."""

@@ -107,6 +107,11 @@ class ProcessorConfig:
     max_length: int | None = None  # default truncation length for encode()
     loc_bins: int = DEFAULT_LOC_BINS  # number of <loc_k> box tokens
     vocab_size: int = 1024  # target size when training the tokenizer
+    # `<focus>` slots before every answer (after the user turn's <|end|>, before <|assistant|>),
+    # in which a model with a question focus writes the named object and its box
+    # (visto.connectors.focus). Not part of the chat template's text: the processor adds them,
+    # as it expands <image>. Needs a tokenizer with the token (tokenizer.with_focus_token).
+    focus_tokens: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -122,6 +127,8 @@ class ProcessorConfig:
             problems.append("mean and std need 3 values each (R, G, B), std > 0")
         if self.max_length is not None and self.max_length < 1:
             problems.append(f"max_length must be positive or null, got {self.max_length}")
+        if self.focus_tokens < 0:
+            problems.append(f"focus_tokens must be 0 or more, got {self.focus_tokens}")
         if not 1 <= self.loc_bins <= 1000:
             problems.append(f"loc_bins must be in 1..1000, got {self.loc_bins}")
         if problems:
@@ -345,6 +352,12 @@ class Processor:
                 f"the tokenizer has {tokenizer.loc_bins} location tokens but the processor config "
                 f"says loc_bins={config.loc_bins}; retrain the tokenizer or fix processor.json"
             )
+        if config.focus_tokens and tokenizer.focus_id is None:
+            raise UserError(
+                f"the processor config asks for {config.focus_tokens} <focus> slots per answer but "
+                "the tokenizer has no <focus> token; add it with "
+                "visto.data.tokenizer.with_focus_token (and size the decoder to the new vocabulary)"
+            )
         self.config = config
         self.tokenizer = tokenizer
 
@@ -417,14 +430,19 @@ class Processor:
         """The chat template as ids, its labels, and [start, end) of each image span.
 
         Each content piece is tokenized alone; the template puts a special token at every
-        boundary, so this equals tokenizing the rendered string (tested against HF).
+        boundary, so this equals tokenizing the rendered string (tested against HF), plus
+        the `focus_tokens` slots before each answer, which the template does not spell.
         """
         tok = self.tokenizer
         ids: list[int] = [tok.bos_id]
         labels: list[int] = [IGNORE_INDEX]
         spans: list[tuple[int, int]] = []  # [start, end) of each image span in ids
+        focus = [tok.focus_id] * self.config.focus_tokens  # before every answer; never labels
         for turn in turns:
             learn = train and turn.role == "assistant"
+            if turn.role == "assistant" and focus:
+                ids += focus
+                labels += [IGNORE_INDEX] * len(focus)
             ids.append(tok.role_ids[turn.role])
             labels.append(IGNORE_INDEX)
             for j, piece in enumerate(turn.content.split(IMAGE_PLACEHOLDER)):
@@ -441,8 +459,8 @@ class Processor:
             ids.append(tok.end_id)
             labels.append(tok.end_id if learn else IGNORE_INDEX)
         if not train:
-            ids.append(tok.role_ids["assistant"])
-            labels.append(IGNORE_INDEX)
+            ids += [*focus, tok.role_ids["assistant"]]
+            labels += [IGNORE_INDEX] * (len(focus) + 1)
         return ids, labels, spans
 
     def encode(

@@ -44,5 +44,10 @@ SPECIAL_TOKENS = (
     END_OF_TURN,
 )
 
+# Optional, added after the location tokens by `tokenizer.with_focus_token` (so the ids above
+# never move): the slots in which a model with a question focus (visto.connectors.focus)
+# writes, before each answer, the object its question names and that object's box.
+FOCUS = "<focus>"
+
 # Where every family splices visual features into the token sequence (id 3).
 IMAGE_TOKEN_ID = SPECIAL_TOKENS.index(IMAGE)

@@ -31,6 +31,7 @@ from visto.data.special_tokens import (
     BOS,
     END_OF_TURN,
     EOS,
+    FOCUS,
     IM_END,
     IM_NEWLINE,
     IM_START,
@@ -185,6 +186,7 @@ class Tokenizer:
         while (i := raw.token_to_id(loc_token(len(self.loc_ids)))) is not None:
             self.loc_ids.append(i)
         self.loc_bins = len(self.loc_ids)
+        self.focus_id: int | None = raw.token_to_id(FOCUS)  # None: made without one
 
     @property
     def vocab_size(self) -> int:
@@ -298,6 +300,16 @@ def train_tokenizer(
     raw.add_tokens(
         [AddedToken(loc_token(k), special=False, normalized=False) for k in range(loc_bins)]
     )
+    return Tokenizer(raw)
+
+
+def with_focus_token(tokenizer: Tokenizer) -> Tokenizer:
+    """`tokenizer` plus the `<focus>` token (after every other id, so none moves); itself if it
+    has one already. Models with `ProcessorConfig.focus_tokens` need it."""
+    if tokenizer.focus_id is not None:
+        return tokenizer
+    raw = tokenizers.Tokenizer.from_str(tokenizer.raw.to_str())
+    raw.add_special_tokens([AddedToken(FOCUS, special=True, normalized=False)])
     return Tokenizer(raw)
 
 

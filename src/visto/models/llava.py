@@ -133,6 +133,11 @@ class LlavaConfig:
                 f"{self.image_tokens} visual tokens ({self.vision.num_patches} patches, "
                 f"projector {self.projector.kind})"
             )
+        if p.focus_tokens and not (self.projector.kind == "regions" and self.projector.focus):
+            problems.append(
+                f"processor.focus_tokens is {p.focus_tokens} but only a regions projector with "
+                "focus on writes <focus> slots; set focus_tokens 0 or projector.focus true"
+            )
         if p.vocab_size > self.decoder.vocab_size:
             problems.append(
                 f"processor.vocab_size {p.vocab_size} exceeds decoder.vocab_size "
@@ -201,7 +206,7 @@ class Llava(ConversationFamily, nn.Module):
                 f"this model makes {self.config.image_tokens} visual tokens per image"
             )
         if self.config.projector.kind == "regions":
-            self.multi_modal_projector.set_vocabulary(processor.tokenizer)
+            self.multi_modal_projector.set_vocabulary(processor.tokenizer, processor.config.focus_tokens)
 
     # -- the forward pass
 
