@@ -15,6 +15,7 @@ from visto.data.tool_calls import (
     assistant_turn,
     parse_tool_calls,
     tool_call_text,
+    tool_line,
     tool_result_turn,
     with_tools,
 )
@@ -64,8 +65,8 @@ def test_a_tool_conversation_renders_the_same_in_python_and_jinja(hf) -> None:
         ours = render_chat(with_tools(turns[1:], [OCR]), add_generation_prompt=gen)
         assert _hf_text(hf, messages[1:], [OCR], gen) == ours
     text = render_chat(with_tools(turns, [OCR]))
-    assert text.startswith("<s><|system|>You may call these tools.")
-    assert '<tools>{"type":"function","function":{"name":"ocr"' in text
+    assert text.startswith('<s><|system|>Call a tool as <tool_call>{"name":NAME,"arguments":{...}}</tool_call>.')
+    assert '<tools>ocr(lang?: "en"|"de"): Read the text in the image — every word, with its box</tools>' in text
     assert "</tools>\nBe brief.<|end|>" in text
     assert (
         '<|assistant|><tool_call>{"name":"ocr","arguments":{"lang":"en"}}</tool_call>'
@@ -122,3 +123,53 @@ def test_calls_parse_back_from_the_models_answer() -> None:
     assert parse_tool_calls('<tool_call>{"name":"ocr","arguments":[1]}</tool_call>') is None
     assert parse_tool_calls('<tool_call>{"name":"ocr","argu') is None  # cut by the token budget
     assert parse_tool_calls(tool_call_text("ocr", {}) + '<tool_call>{"name"') is None
+
+
+def test_tools_read_as_one_line_signatures() -> None:
+    assert tool_line(WEATHER) == "get_weather(city: string)"
+    assert tool_line({"type": "function", "function": {"name": "f"}}) == "f()"
+    big = {"type": "function", "function": {"name": "find", "description": "Find things.", "parameters": {
+        "type": "object", "required": ["query", "box"], "properties": {
+            "query": {"type": "string", "maxLength": 80, "description": "what to find"},
+            "limit": {"type": ["integer", "null"]},
+            "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}},
+            "box": {"type": "object", "required": ["x"], "properties": {
+                "x": {"type": "number", "description": "not shown"}, "y": {"type": "number"}}},
+            "any": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+            "flag": {"type": "boolean", "enum": [True]}}}}}  # fmt: skip
+    assert tool_line(big) == (
+        'find(query: string /*what to find*/, limit?: integer|null, tags?: ("a"|"b")[], '
+        'box: {x: number, y?: number}, any?: {"anyOf":[{"type":"string"},{"type":"integer"}]}, '
+        "flag?: true): Find things."
+    )
+
+
+SCHEMA_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+TYPES = st.sampled_from(["string", "integer", "number", "boolean", "null", "array", "object", "x"])
+schemas = st.recursive(
+    st.fixed_dictionaries({}, optional={"type": TYPES | st.lists(TYPES, max_size=2) | SCHEMA_VALUES,
+                                        "enum": st.lists(SCHEMA_VALUES, max_size=3) | SCHEMA_VALUES,
+                                        "description": values | SCHEMA_VALUES}) | SCHEMA_VALUES,
+    lambda inner: st.fixed_dictionaries({"type": st.sampled_from(["object", "array"])}, optional={
+        "properties": st.dictionaries(names, inner, max_size=3) | SCHEMA_VALUES,
+        "items": inner, "required": st.lists(names, max_size=2) | SCHEMA_VALUES,
+        "description": values}),
+    max_leaves=8,
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(parameters=schemas, description=values | st.none(), name=names)
+def test_jinja_writes_the_same_signature_for_any_schema(hf, parameters, description, name) -> None:
+    fn = {"name": name, "parameters": parameters}
+    if description is not None:
+        fn["description"] = description
+    tools = [{"type": "function", "function": fn}, WEATHER]
+    messages = [{"role": "user", "content": "go"}]
+    assert _hf_text(hf, messages, tools, True) == render_chat(
+        with_tools([Turn("user", "go")], tools), True
+    )

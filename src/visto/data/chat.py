@@ -65,12 +65,52 @@ _CONTENT_MACRO = (
     "{% endmacro %}"
 )
 
+# tool_calls.tool_line: a tool as a one-line signature. `x is list` below stands for Python's
+# isinstance(x, list): a sequence that is neither a string nor a mapping.
+_JSON = "| tojson(separators=(',', ':'))"
+_IS_LIST = "{0} is sequence and {0} is not string and {0} is not mapping"
+_SIGNATURE_MACROS = (
+    "{% macro key(k, required) %}{{ k }}{% if k not in required %}?{% endif %}: {% endmacro %}"
+    "{% macro type_text(spec) %}"
+    "{% if spec is not mapping %}{{ spec " + _JSON + " }}"
+    "{% elif " + _IS_LIST.format("spec.get('enum')") + " and spec['enum'] | length > 0 %}"
+    "{% for v in spec['enum'] %}{% if not loop.first %}|{% endif %}{{ v " + _JSON + " }}{% endfor %}"
+    "{% elif " + _IS_LIST.format("spec.get('type')") + " and spec['type'] | length > 0"
+    " and spec['type'] | reject('string') | list | length == 0 %}{{ spec['type'] | join('|') }}"
+    "{% elif spec.get('type') == 'array' %}"
+    "{% set inner = type_text(spec['items']) if spec.get('items') is mapping else 'any' %}"
+    "{% if '|' in inner %}({{ inner }})[]{% else %}{{ inner }}[]{% endif %}"
+    "{% elif spec.get('type') == 'object' and spec.get('properties') is mapping"
+    " and spec['properties'] | length > 0 %}"
+    "{% set required = spec.get('required') if " + _IS_LIST.format("spec.get('required')") + " else [] %}"
+    "{{ '{' }}{% for k, v in spec['properties'].items() %}{% if not loop.first %}, {% endif %}"
+    "{{ key(k, required) }}{{ type_text(v) }}{% endfor %}{{ '}' }}"
+    "{% elif spec.get('type') is string %}{{ spec['type'] }}"
+    "{% else %}{{ spec " + _JSON + " }}{% endif %}"
+    "{% endmacro %}"
+    "{% macro comment(spec) %}"
+    "{% if spec is mapping and spec.get('description') is string and spec['description'] %}"
+    " /*{{ spec['description'] }}*/{% endif %}"
+    "{% endmacro %}"
+    "{% macro tool_line(tool) %}"
+    "{% set fn = tool['function'] if tool.get('function') is mapping else tool %}"
+    "{% set params = fn.get('parameters') %}"
+    "{{ fn.get('name') }}("
+    "{% if params is mapping and params.get('properties', {}) is mapping %}"
+    "{% set required = params.get('required') if " + _IS_LIST.format("params.get('required')") + " else [] %}"
+    "{% for k, v in params.get('properties', {}).items() %}{% if not loop.first %}, {% endif %}"
+    "{{ key(k, required) }}{{ type_text(v) }}{{ comment(v) }}{% endfor %}"
+    "{% elif params is not none %}{{ params " + _JSON + " }}{% endif %})"
+    "{% if fn.get('description') is string and fn['description'] %}: {{ fn['description'] }}{% endif %}"
+    "{% endmacro %}"
+)
+
 # Tools first in the system turn (tool_calls.with_tools), the first system message after them.
 _TOOLS_BLOCK = (
     "{% if tools %}"
     "{{ " + _lit(ROLE_TOKENS["system"] + TOOLS_INTRO + TOOLS_START) + " }}"
     "{% for tool in tools %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
-    "{{ tool | tojson(separators=(',', ':')) }}{% endfor %}"
+    "{{ tool_line(tool) }}{% endfor %}"
     "{{ " + _lit(TOOLS_END) + " }}"
     "{% if messages and messages[0]['role'] == 'system' %}"
     "{{ '\\n' }}{{ content(messages[0]['content']) }}{% endif %}"
@@ -91,7 +131,7 @@ _TOOL_CALLS = (
 )
 
 JINJA_CHAT_TEMPLATE = (
-    _CONTENT_MACRO + "{{ bos_token }}" + _TOOLS_BLOCK + "{% for message in messages %}"
+    _CONTENT_MACRO + _SIGNATURE_MACROS + "{{ bos_token }}" + _TOOLS_BLOCK + "{% for message in messages %}"
     "{% if not (tools and loop.first and message['role'] == 'system') %}"
     "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
     "{{ raise_exception('visto chat roles are system, user, assistant and tool, got ' + message['role']) }}"

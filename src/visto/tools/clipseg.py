@@ -121,19 +121,12 @@ def segment_tool(path: str = DEFAULT_CHECKPOINT) -> Tool:
 
     return Tool(
         name="segment",
-        description="Find the pixels a short text names (e.g. 'the red star', 'all circles', "
-        "'all red shapes', 'the text'): whether any were found, how many, and their box "
-        "(x1, y1, x2, y2 in 0..999 and in pixels); the mask comes back as a PNG.",
+        # short: it is in every prompt that offers the tool (data/tool_calls.py, OCR_DESCRIPTION)
+        description="Mask what the prompt names, e.g. 'the red star', 'all circles', 'the text'.",
         run=run,
         parameters={
             "type": "object",
-            "properties": {
-                "prompt": {
-                    "type": "string",
-                    "maxLength": 80,
-                    "description": "what to segment, e.g. 'the red star'",
-                }
-            },
+            "properties": {"prompt": {"type": "string", "maxLength": 80}},
             "required": ["prompt"],
             "additionalProperties": False,
         },  # fmt: skip
@@ -149,18 +142,11 @@ def detect_tool(path: str = DEFAULT_CHECKPOINT) -> Tool:
 
     return Tool(
         name="detect",
-        description="Find every object a short text names (e.g. 'red star'): each one's box "
-        "(x1, y1, x2, y2 in 0..999 and in pixels) and score, best first.",
+        description="Box every object the query names, e.g. 'red star', best first.",
         run=run,
         parameters={
             "type": "object",
-            "properties": {
-                "query": {
-                    "type": "string",
-                    "maxLength": 80,
-                    "description": "what to find, e.g. 'red star'",
-                }
-            },
+            "properties": {"query": {"type": "string", "maxLength": 80}},
             "required": ["query"],
             "additionalProperties": False,
         },  # fmt: skip
