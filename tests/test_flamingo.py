@@ -238,6 +238,75 @@ def _full_logits_generated(model: Flamingo, prompt, tokens: list[list[int]]) -> 
     return logits[:, -1]
 
 
+def _fast_path_steps(model: Flamingo, prompt, steps: int = 4) -> None:
+    """The engine's runner decodes `steps` forced tokens (one an <image> id) for rows with
+    3, 1 and 0 images: every step's logits within 1e-5 of an uncached full forward through
+    the gated blocks as written, the same greedy token, and no block projects per step."""
+    from visto.infer.runner import DecoderRunner
+
+    runner = DecoderRunner.for_model(model)
+    assert runner is not None
+    logits, state = runner.prefill(prompt)
+    calls = []  # the blocks' own query projections: they run at prefill, never per step
+    hooks = [b.cross_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+             for b in model.gated_cross_attn_layers]
+    tokens: list[list[int]] = [[] for _ in range(prompt.input_ids.shape[0])]
+    for step in range(steps):
+        next_ids = torch.tensor([IMAGE_TOKEN_ID if step == 1 else 20 + step + r for r in range(len(tokens))])
+        for r, token in enumerate(next_ids.tolist()):
+            tokens[r].append(token)
+        calls.clear()
+        logits, state = runner.decode_step(next_ids, state)
+        # fused: no block module runs; as written: each block's query projection once
+        assert len(calls) == (0 if model.step_weights() is not None else len(hooks))
+        expected = _full_logits_generated(model, prompt, tokens)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+    for hook in hooks:
+        hook.remove()
+
+
+@pytest.mark.parametrize("every, gate", [(1, "float"), (2, "vector")])
+def test_fast_path_decoding_with_fused_gated_steps_equals_a_full_reforward(tokenizer_dir, every, gate):
+    model = tiny(tokenizer_dir, seed=3, open_gates=True, cross_attn_every=every, gate=gate)
+    if gate == "vector":  # a gate per channel, each folded into its own output column
+        with torch.no_grad():
+            for block in model.gated_cross_attn_layers:
+                alpha = block.alpha_cross_attn  # (1, 1, C)
+                alpha.copy_(torch.linspace(-1.0, 1.5, alpha.numel()).view_as(alpha))
+    samples = [interleaved("red", "blue", "green"), colour_samples(1, seed=4)[0],
+               Sample("text", [], [Turn("user", "Which came first?")])]
+    prompt = model.prompt_batch(samples)
+    _fast_path_steps(model, prompt)
+    assert model.step_weights() is not None
+    # The fused weights follow the parameters: gates changed in place are seen at the next prompt.
+    with torch.no_grad():
+        for block in model.gated_cross_attn_layers:
+            block.alpha_dense.mul_(-2.0)
+            block.mlp.down_proj.weight.mul_(1.5)
+    _fast_path_steps(model, prompt)
+
+
+def test_blocks_that_cannot_be_fused_decode_as_written(tokenizer_dir):
+    """A wrapped projection (as LoRA wraps one) is not a plain nn.Linear: no fused step; the
+    blocks run as written, with the same numbers."""
+
+    class Wrapped(torch.nn.Linear):
+        pass
+
+    model = tiny(tokenizer_dir, seed=4, open_gates=True)
+    samples = [interleaved("red", "blue", "green"), colour_samples(1, seed=5)[0]]
+    prompt = model.prompt_batch(samples)
+    _fast_path_steps(model, prompt, steps=2)
+    assert model.step_weights() is not None
+    block = model.gated_cross_attn_layers[0]
+    wrapped = Wrapped(block.mlp.up_proj.in_features, block.mlp.up_proj.out_features, bias=False)
+    wrapped.load_state_dict(block.mlp.up_proj.state_dict())
+    block.mlp.up_proj = wrapped
+    _fast_path_steps(model, prompt, steps=2)
+    assert model.step_weights() is None
+
+
 def test_engine_generates_with_several_images_like_a_full_reforward(tokenizer_dir):
     from visto.infer.engine import Engine
     from visto.infer.sampling import SamplingParams

@@ -23,7 +23,11 @@ each block's keys and values of them are computed once at prefill and kept in an
 `ImageContext`, with each row's current media index; new tokens read the row's last image (a
 generated `<image>` id opens no new image: it has no pixels). The engine's fast path
 (`visto.infer.runner`) runs the same loop: `prefill_inputs` gives it the prompt's
-conditioning and the `ImageContext`, `decode_conditioning` each step's.
+conditioning and the `ImageContext`, `decode_conditioning` each step's. A decoding step runs
+each block as `gated_step`: the same numbers (up to float rounding) with what is constant
+across steps done once, the keys and values of each row's last image (no media mask) and the
+block's weights fused with its tanh gates folded in (`GatedStepWeights`, rebuilt at a prefill
+when a parameter changed); blocks that cannot be fused (LoRA, non-fp32) run as written.
 
 Module names follow transformers' `IdeficsForVisionText2Text` (`vision_model`,
 `perceiver_resampler`, `gated_cross_attn_layers`) and LLaVA's `language_model`; `from_idefics`
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visto.connectors.resampler import PerceiverResampler, ResamplerConfig
@@ -173,6 +178,25 @@ class ImageContext:
         mask, has_media = media_mask(self.media_index[:, None], r, self.visual.shape[1] // r)
         return Media(self.visual, mask, has_media, kv=self.visual_kv)
 
+    @functools.cached_property
+    def last_image_kv(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """Each block's keys and values of each row's last image alone, (B, H, R, hd): all
+        that a decoding step's token reads, so the step needs no media mask. A row without an
+        image reads its first slot, whose visual tokens are zeros (`row_visual_tokens`): zero
+        keys and values (the projections have no bias), so its attention output is exactly
+        zero, as `has_media` makes it. Computed once per context (contexts are rebuilt when
+        rows leave or join)."""
+        r, media = self.tokens_per_image, self.media_index
+        if self.visual.shape[1] == r:  # one image slot per row: the keys are the last image's
+            return self.visual_kv
+        first = (media - 1).clamp(min=0) * r  # (B,) first column of the row's last image
+        index = first[:, None] + torch.arange(r, device=media.device)  # (B, R)
+        out = {}
+        for j, (k, v) in self.visual_kv.items():
+            columns = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            out[j] = (k.gather(2, columns), v.gather(2, columns))
+        return out
+
     def select(self, rows: Tensor) -> ImageContext:
         kv = {j: (k[rows], v[rows]) for j, (k, v) in self.visual_kv.items()}
         return ImageContext(self.visual[rows], self.media_index[rows], kv, self.tokens_per_image)
@@ -197,6 +221,68 @@ class ImageContext:
             kv,  # type: ignore[arg-type]
             contexts[0].tokens_per_image,
         )
+
+
+@dataclass(frozen=True)
+class GatedStepWeights:
+    """One gated block's weights as a decoding step multiplies them: transposed to (in, out)
+    (the layout the engine's runner keeps, read by MKL as it lies), gate and up projections
+    side by side, and each tanh gate folded into the projection it scales (tanh(alpha) * W y
+    = (tanh(alpha) W) y, per output channel for a vector gate). Built once per change of the
+    block's parameters, not per step."""
+
+    ln1: Tensor  # (C,)
+    ln2: Tensor  # (C,)
+    q: Tensor  # (C, H*hd)
+    o: Tensor  # (H*hd, C), scaled by tanh(alpha_cross_attn)
+    gate_up: Tensor  # (C, 2F)
+    down: Tensor  # (F, C), scaled by tanh(alpha_dense)
+    heads: int
+    eps: float
+
+    @classmethod
+    def of(cls, block: GatedCrossAttentionBlock) -> GatedStepWeights | None:
+        """None when the block is not plain fp32 nn.Linear layers without biases (LoRA
+        wrappers, other dtypes): decoding then runs the block itself."""
+        attn, mlp = block.cross_attn, block.mlp
+        # k/v too: without biases a row with no image reads zero values (last_image_kv)
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out, mlp.gate_proj, mlp.up_proj,
+                   mlp.down_proj)  # fmt: skip
+        if not all(type(m) is nn.Linear and m.bias is None for m in linears) or any(
+            m.weight.dtype != torch.float32 for m in linears
+        ):
+            return None
+        with torch.no_grad():
+            gate_attn = torch.tanh(block.alpha_cross_attn).reshape(-1, 1)  # (1 or C, 1)
+            gate_dense = torch.tanh(block.alpha_dense).reshape(-1, 1)
+            return cls(
+                ln1=block.input_layernorm.weight.detach(),
+                ln2=block.post_attention_layernorm.weight.detach(),
+                q=attn.q_proj.weight.t().contiguous(),
+                o=(gate_attn * attn.out.weight).t().contiguous(),
+                gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t().contiguous(),
+                down=(gate_dense * mlp.down_proj.weight).t().contiguous(),
+                heads=attn.n_heads,
+                eps=block.input_layernorm.eps,
+            )
+
+
+def gated_step(x: Tensor, w: GatedStepWeights, kv: tuple[Tensor, Tensor]) -> Tensor:
+    """A gated block on one decoding step's tokens x (B, 1, C) reading `kv`, each row's last
+    image (`ImageContext.last_image_kv`): the block's numbers up to float rounding, in about
+    a decoder layer's count of ops (no mask, no masked_fill, no separate gate multiplies)."""
+    B, T, C = x.shape
+    assert T == 1, f"gated_step runs one position per row, got {T}"
+    k, v = kv  # (B, H, R, hd)
+    x = x.reshape(B, C)
+    h = F.rms_norm(x, (C,), w.ln1, w.eps)
+    q = torch.mm(h, w.q).view(B, w.heads, 1, -1)  # one position: (B, H*hd) is (B, H, 1, hd)
+    y = F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != w.heads)
+    x = torch.addmm(x, y.reshape(B, -1), w.o)  # x + tanh(alpha) * o_proj(y)
+    h = F.rms_norm(x, (C,), w.ln2, w.eps)
+    gate, up = torch.mm(h, w.gate_up).chunk(2, dim=-1)
+    x = torch.addmm(x, F.silu(gate) * up, w.down)  # x + tanh(alpha_dense) * mlp(h)
+    return x.view(B, 1, C)
 
 
 @dataclass
@@ -249,6 +335,9 @@ class Flamingo(ConversationFamily, nn.Module):
             for _ in range(num_gated_blocks(dec.num_layers, config.cross_attn_every))
         )
         self.language_model = language if language is not None else DecoderLM(dec)
+        # The gated blocks' GatedStepWeights and the parameters they were built from
+        # (`step_weights`): refreshed at each prefill, read by every decoding step.
+        self._step_weights: tuple[tuple, list[GatedStepWeights] | None] | None = None
 
     # -- processor (ConversationFamily: built from the config on first use)
 
@@ -360,6 +449,7 @@ class Flamingo(ConversationFamily, nn.Module):
             visual_kv = {j: b.visual_kv(visual) for j, b in enumerate(self.gated_cross_attn_layers)}
             media = self.media(input_ids, visual, visual_kv)
             embeds = self.language_model.embed(input_ids)
+            self.step_weights(refresh=True)
         last = torch.cumsum(input_ids == IMAGE_TOKEN_ID, dim=1)[:, -1]  # (B,) each row's last image
         return DecoderInputs(
             embeds,
@@ -368,9 +458,33 @@ class Flamingo(ConversationFamily, nn.Module):
             context=ImageContext(visual, last, visual_kv, self.config.image_tokens),
         )
 
+    def step_weights(self, refresh: bool = False) -> list[GatedStepWeights] | None:
+        """Every gated block's `GatedStepWeights` (None: some block cannot be fused). Built
+        again on `refresh` (each prefill) when a parameter was replaced or changed in place
+        since, so decoding steps read them without checking (weights do not change between a
+        prompt's prefill and its last token; the engine's runner assumes the same)."""
+        if self._step_weights is None or refresh:
+            blocks = self.gated_cross_attn_layers
+            signature = tuple((p.data_ptr(), p._version) for p in blocks.parameters())
+            signature += tuple(id(m) for m in blocks.modules())  # a wrapper swapped in (LoRA)
+            if self._step_weights is None or self._step_weights[0] != signature:
+                weights = [GatedStepWeights.of(block) for block in blocks]
+                fused = None if any(w is None for w in weights) else weights
+                self._step_weights = (signature, fused)  # type: ignore[assignment]
+        return self._step_weights[1]
+
     def decode_conditioning(self, images: ImageContext) -> Conditioning:
-        """What one decoding step's layers read: the gated blocks on each row's last image."""
-        return Conditioning(before_layer=self.cross_attention(images.step_media()))
+        """What one decoding step's layers read: the gated blocks on each row's last image.
+        Everything constant across the steps is computed once: the keys and values of each
+        row's last image (`last_image_kv`: no media mask), and the blocks' fused weights with
+        their gates folded in (`gated_step`); blocks that cannot be fused run as written."""
+        weights = self.step_weights()
+        if weights is None:
+            return Conditioning(before_layer=self.cross_attention(images.step_media()))
+        every, kv = self.config.cross_attn_every, images.last_image_kv
+        return Conditioning(before_layer={
+            j * every: functools.partial(gated_step, w=w, kv=kv[j]) for j, w in enumerate(weights)
+        })  # fmt: skip
 
     def prefill(self, batch: Any) -> tuple[Tensor, FlamingoState]:
         """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
@@ -641,10 +755,12 @@ __all__ = [
     "Flamingo",
     "FlamingoConfig",
     "FlamingoState",
+    "GatedStepWeights",
     "ImageContext",
     "config_from_idefics",
     "export_idefics",
     "from_idefics",
+    "gated_step",
     "idefics_export_problems",
     "idefics_key_map",
     "vision_hidden_state",
