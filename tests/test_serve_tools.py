@@ -158,7 +158,7 @@ def test_tools_beside_a_json_response_format(client) -> None:
 def test_streamed_tool_calls_assemble_in_the_sdk_as_the_whole_answer(client) -> None:
     kwargs = dict(model="tiny-llava", messages=ask(), tools=[PAINT, COUNT], max_tokens=300,
                   tool_choice={"type": "function", "function": {"name": "paint"}},
-                  temperature=1.0, seed=0)  # fmt: skip
+                  temperature=1.0, seed=3)  # fmt: skip
     whole = client.chat.completions.create(**kwargs).choices[0].message.tool_calls
     assert len(whole) == 2  # parallel calls allowed: with this seed the model makes two
     with client.chat.completions.stream(**kwargs) as stream:
@@ -288,9 +288,17 @@ def test_the_stream_holds_back_only_what_may_be_a_call() -> None:
     assert deltas[0]["function"] == {"name": "paint", "arguments": ""} and deltas[0]["index"] == 0
     valid_paint(deltas[1]["function"]["arguments"])
 
+    for finish in ("length", "stop"):  # the beginning of a call that did not fit the budget
+        cut = ToolCallStream(plan)
+        assert "".join(cut.feed(p) for p in ["a <tool", "_ca"]) == "a "
+        assert cut.finish(finish) == ("", [], "length")
+    cut = ToolCallStream(plan)
+    assert "".join(cut.feed(p) for p in ["a ", call, " b", call[:20]]) == "a "
+    rest, deltas, finish = cut.finish("length")  # one call closed, the next cut
+    assert (rest, finish, len(deltas)) == (" b", "length", 2)
     plain = ToolCallStream(plan)
-    assert "".join(plain.feed(p) for p in ["a <tool", "_ca"]) == "a "
-    assert plain.finish("length") == ("<tool_ca", [], "length")  # not a call after all
+    assert "".join(plain.feed(p) for p in ["a <tool", "_ca", "ke> ok"]) == "a <tool_cake> ok"
+    assert plain.finish("stop") == ("", [], "stop")  # not a call after all
 
 
 JSON_VALUES = st.recursive(

@@ -138,6 +138,20 @@ def tool_result_turn(content: str) -> Turn:
     return Turn("user", TOOL_RESPONSE_START + content + TOOL_RESPONSE_END)
 
 
+def unfinished_call(text: str) -> int | None:
+    """Where a tool call that never closed begins in a model's answer: a `<tool_call>` with no
+    `</tool_call>` after it, or a beginning of `<tool_call>` at its very end (the budget ran
+    out, or the grammar ended the answer there because the call could not close within it);
+    None when there is none."""
+    start = text.rfind(TOOL_CALL_START)
+    if start >= 0 and text.find(TOOL_CALL_END, start) < 0:
+        return start
+    for k in range(len(TOOL_CALL_START) - 1, 0, -1):
+        if text.endswith(TOOL_CALL_START[:k]):
+            return len(text) - k
+    return None
+
+
 @dataclass(frozen=True)
 class ParsedCall:
     name: str

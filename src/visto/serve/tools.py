@@ -10,6 +10,19 @@ make it call. In every mode a call, once begun, is decoded under its tool's JSON
 (serve/grammar.py), so the arguments always parse and validate; "none" offers no tools.
 `ToolCallStream` turns the streamed text into content deltas and, at the end, tool_calls
 deltas in the order the openai SDK assembles them (id, type and name first, then arguments).
+
+A call that does not fit max_tokens is never sent, as content or as a call: the budget ran
+out inside it, or the grammar, which closes what it has begun within the budget
+(infer/constrain), ended the answer before `<tool_call>` was complete because the call could
+not close in what was left. Either way the answer ends with finish_reason "length", its
+content the text before the call ("", not null, when that is nothing and no call came
+before), like any answer max_tokens cut. OpenAI's own API sends such a call with its
+arguments cut mid-JSON; a client that runs the calls it gets (LangChain's agents,
+`json.loads(arguments)`) would fail on it, while "length" is what OpenAI clients already
+handle as "cut: raise the budget" (the SDK's `parse()` raises LengthFinishReasonError).
+Calls that closed before it are sent, with finish_reason "length" still. Where calls are
+possible, an answer that ends in a beginning of `<tool_call>` ("<", "<tool") is taken for
+such a call: that text is dropped and the reason is "length", even after a stop sequence.
 """
 
 from __future__ import annotations
@@ -19,7 +32,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from visto.data.tool_calls import NAME_RE, TOOL_CALL_START, ParsedCall, parse_tool_calls
+from visto.data.tool_calls import (
+    NAME_RE,
+    TOOL_CALL_START,
+    ParsedCall,
+    parse_tool_calls,
+    unfinished_call,
+)
 from visto.serve.errors import APIError
 from visto.serve.schemas import ChatCompletionRequest, NamedToolChoice
 from visto.tools.loop import round_choice
@@ -129,18 +148,29 @@ def openai_calls(calls: list[ParsedCall]) -> list[dict[str, Any]]:
              "function": {"name": c.name, "arguments": c.arguments}} for c in calls]  # fmt: skip
 
 
+def without_cut_call(text: str, plan: ToolPlan | None) -> tuple[str, bool]:
+    """(the answer without a call that never closed, whether one was dropped); see the module
+    docstring. Only where calls are possible: elsewhere `<tool_call>` is just text."""
+    if plan is None or not plan.calls:
+        return text, False
+    start = unfinished_call(text)
+    return (text, False) if start is None else (text[:start], True)
+
+
 def answer_message(
     text: str, finish_reason: str, plan: ToolPlan | None
 ) -> tuple[dict[str, Any], str]:
     """The chat.completion `message` for an answer, and its finish_reason ("tool_calls" when it
-    calls tools)."""
+    calls tools, "length" when max_tokens cut it, a call included)."""
+    text, cut = without_cut_call(text, plan)
+    finish_reason = "length" if cut else finish_reason
     parsed = client_calls(text, plan)
     if parsed is None:
         return {"role": "assistant", "content": text, "refusal": None}, finish_reason
     content, calls = parsed
     message = {"role": "assistant", "content": content if content.strip() else None,
                "refusal": None, "tool_calls": openai_calls(calls)}  # fmt: skip
-    return message, "tool_calls"
+    return message, "length" if cut else "tool_calls"
 
 
 class ToolCallStream:
@@ -172,10 +202,13 @@ class ToolCallStream:
         return out
 
     def finish(self, finish_reason: str) -> tuple[str, list[dict[str, Any]], str]:
-        """(content still to send, tool_calls deltas, finish_reason) at the end of the answer."""
-        parsed = client_calls(self.text, self.plan)
+        """(content still to send, tool_calls deltas, finish_reason) at the end of the answer.
+        A call cut by the budget was held back (it begins after `sent`) and is dropped."""
+        text, cut = without_cut_call(self.text, self.plan)
+        finish_reason = "length" if cut else finish_reason
+        parsed = client_calls(text, self.plan)
         if parsed is None:
-            return self.text[self.sent :], [], finish_reason
+            return text[self.sent :], [], finish_reason
         content, calls = parsed
         deltas = []
         for index, call in enumerate(openai_calls(calls)):
@@ -183,4 +216,4 @@ class ToolCallStream:
             deltas.append({"index": index, "id": call["id"], "type": "function",
                            "function": {"name": fn["name"], "arguments": ""}})  # fmt: skip
             deltas.append({"index": index, "function": {"arguments": fn["arguments"]}})
-        return content[self.sent :], deltas, "tool_calls"
+        return content[self.sent :], deltas, "length" if cut else "tool_calls"
