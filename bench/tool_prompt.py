@@ -19,7 +19,9 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", required=True, help="a checkpoint (or processor directory)")
     ap.add_argument("--tools", default="ocr,segment,detect")
     ap.add_argument("--question", default="What does the label say?")

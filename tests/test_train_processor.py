@@ -39,8 +39,11 @@ def start(tmp_path_factory) -> tuple[Path, Path]:
         config, decoder=dataclasses.replace(config.decoder, max_position_embeddings=1024)
     )
     processor_config = dataclasses.replace(config.processor, max_length=START_MAX_LENGTH)
-    texts = [*tokenizer_texts(world, config.processor.loc_bins), tools_text([OCR_TOOL]),
-             tool_call_text("ocr", OCR_ARGUMENTS)]
+    texts = [
+        *tokenizer_texts(world, config.processor.loc_bins),
+        tools_text([OCR_TOOL]),
+        tool_call_text("ocr", OCR_ARGUMENTS),
+    ]
     tokenizer = train_tokenizer(texts, vocab_size=400, loc_bins=config.processor.loc_bins,
                                 min_frequency=1)  # fmt: skip
     model = build_model("llava", config, seed=0)
@@ -67,15 +70,27 @@ def test_max_length_overrides_the_init_from_processor_and_is_saved(start, tmp_pa
     assert saved.processor.config.max_length == 1024
     assert json.loads((out / "checkpoint" / "processor.json").read_text())["max_length"] == 1024
     # the same processor otherwise: tokenizer and image settings are the checkpoint's
-    assert dataclasses.replace(saved.processor.config, max_length=START_MAX_LENGTH) == base.processor.config
-    assert saved.processor.tokenizer.encode("the red circle") == base.processor.tokenizer.encode("the red circle")
+    assert (
+        dataclasses.replace(saved.processor.config, max_length=START_MAX_LENGTH)
+        == base.processor.config
+    )
+    assert saved.processor.tokenizer.encode("the red circle") == base.processor.tokenizer.encode(
+        "the red circle"
+    )
     card = (out / "checkpoint" / "README.md").read_text()
-    assert "## processor" in card and "| max_length | 1024 |" in card and "| max_length_from | recipe |" in card
+    assert (
+        "## processor" in card
+        and "| max_length | 1024 |" in card
+        and "| max_length_from | recipe |" in card
+    )
     assert json.loads((out / "config.json").read_text())["processor"]["max_length"] == 1024
 
     # what training read: a mix sample is cut at 64 by the start's processor, whole at 1024
     sample = next(TOOLS_MIX.samples(world, "train", seed=0, epoch=0, loc_bins=32))
-    cut, whole = base.processor.encode(sample, train=True), saved.processor.encode(sample, train=True)
+    cut, whole = (
+        base.processor.encode(sample, train=True),
+        saved.processor.encode(sample, train=True),
+    )
     assert cut.truncated and len(cut.input_ids) <= START_MAX_LENGTH
     assert not whole.truncated and len(whole.input_ids) > START_MAX_LENGTH
 

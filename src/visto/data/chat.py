@@ -74,7 +74,9 @@ _SIGNATURE_MACROS = (
     "{% macro type_text(spec) %}"
     "{% if spec is not mapping %}{{ spec " + _JSON + " }}"
     "{% elif " + _IS_LIST.format("spec.get('enum')") + " and spec['enum'] | length > 0 %}"
-    "{% for v in spec['enum'] %}{% if not loop.first %}|{% endif %}{{ v " + _JSON + " }}{% endfor %}"
+    "{% for v in spec['enum'] %}{% if not loop.first %}|{% endif %}{{ v "
+    + _JSON
+    + " }}{% endfor %}"
     "{% elif " + _IS_LIST.format("spec.get('type')") + " and spec['type'] | length > 0"
     " and spec['type'] | reject('string') | list | length == 0 %}{{ spec['type'] | join('|') }}"
     "{% elif spec.get('type') == 'array' %}"
@@ -82,7 +84,9 @@ _SIGNATURE_MACROS = (
     "{% if '|' in inner %}({{ inner }})[]{% else %}{{ inner }}[]{% endif %}"
     "{% elif spec.get('type') == 'object' and spec.get('properties') is mapping"
     " and spec['properties'] | length > 0 %}"
-    "{% set required = spec.get('required') if " + _IS_LIST.format("spec.get('required')") + " else [] %}"
+    "{% set required = spec.get('required') if "
+    + _IS_LIST.format("spec.get('required')")
+    + " else [] %}"
     "{{ '{' }}{% for k, v in spec['properties'].items() %}{% if not loop.first %}, {% endif %}"
     "{{ key(k, required) }}{{ type_text(v) }}{% endfor %}{{ '}' }}"
     "{% elif spec.get('type') is string %}{{ spec['type'] }}"
@@ -97,7 +101,9 @@ _SIGNATURE_MACROS = (
     "{% set params = fn.get('parameters') %}"
     "{{ fn.get('name') }}("
     "{% if params is mapping and params.get('properties', {}) is mapping %}"
-    "{% set required = params.get('required') if " + _IS_LIST.format("params.get('required')") + " else [] %}"
+    "{% set required = params.get('required') if "
+    + _IS_LIST.format("params.get('required')")
+    + " else [] %}"
     "{% for k, v in params.get('properties', {}).items() %}{% if not loop.first %}, {% endif %}"
     "{{ key(k, required) }}{{ type_text(v) }}{{ comment(v) }}{% endfor %}"
     "{% elif params is not none %}{{ params " + _JSON + " }}{% endif %})"
@@ -131,7 +137,11 @@ _TOOL_CALLS = (
 )
 
 JINJA_CHAT_TEMPLATE = (
-    _CONTENT_MACRO + _SIGNATURE_MACROS + "{{ bos_token }}" + _TOOLS_BLOCK + "{% for message in messages %}"
+    _CONTENT_MACRO
+    + _SIGNATURE_MACROS
+    + "{{ bos_token }}"
+    + _TOOLS_BLOCK
+    + "{% for message in messages %}"
     "{% if not (tools and loop.first and message['role'] == 'system') %}"
     "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
     "{{ raise_exception('visto chat roles are system, user, assistant and tool, got ' + message['role']) }}"
