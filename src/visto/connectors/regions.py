@@ -23,9 +23,11 @@ and learned projections of the same attributes do not in the same steps.
       -> with `box_tokens`, each object token is followed by E[<loc_x1>], E[<loc_y1>],
          E[<loc_x2>], E[<loc_y2>] of its box: the tokens a grounding answer writes, so
          "where is the red star?" is a copy, not a decode   (B, slots * 5, D_lm)
-      -> with `focus`, each answer's question scores the objects and the ones it names are
-         added, pooled, to the `<|assistant|>` token that opens the answer (connectors.focus:
-         top-down attention, so the decoder need not search for the named object itself)
+      -> with `focus`, each answer's question scores the objects, and the ones it names
+         reach the decoder pooled, right before the answer: written into the processor's
+         `<focus>` slots (the object, then its box's 4 location tokens), or added to the
+         `<|assistant|>` token without slots (connectors.focus: top-down attention, so the
+         decoder need not search for the named object itself)
       -> with `text_slots`, the lines of text the OCR reader (connectors.text_reader) finds
          and reads, each as the decoder's embeddings of its tokens (as the OCR answer writes
          them: later lines with their leading space) + a learned "read text" vector,
