@@ -20,7 +20,18 @@ family's figure is the median over repeats; `vs_llava` is LLaVA's decode tokens/
 family's (1.0 = as fast, 2.0 = half as fast), and `macs_vs_llava` the same ratio of the
 matmul work one decoded token costs (its floor where matmuls dominate). `fast_path` says
 whether the engine ran the model on its fused runner (`visto.infer.runner`) or through the
-model's own decode_step.
+model's own decode_step. `batch_decode_tokens_per_s` (and `batch_vs_llava`) is the same
+decoding with the first --batch prompts as one left-padded batch (rows x decoded tokens over
+the decode seconds; 0 skips it), timed in the same alternation.
+
+    .venv/bin/python bench/decode_speed.py --families llava,flamingo --profile 50
+
+prints, per family, torch.profiler's operator table of 50 decode steps of the engine's fast
+path (batch 1, after 20 unprofiled steps) instead of timing: where a step's time goes.
+`--step-split` times the fast path's decode step alone (ms, 30 steps after 5, median over
+--repeats, families and variants alternated), at batch 1 and --batch, and for a conditioned
+family also without its decode conditioning (`bare`: Flamingo's gated blocks left out), so
+that the difference is what the blocks cost per step.
 """
 
 from __future__ import annotations
@@ -47,6 +58,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=8, help="--families: batch size of the batched run")
+    p.add_argument("--profile", type=int, default=0, help="--families: profile N decode steps")
+    p.add_argument(
+        "--step-split",
+        action="store_true",
+        help="--families: decode step ms with / without conditioning",
+    )
     args = p.parse_args()
     if (args.model is None) == (args.families is None):
         p.error("pass exactly one of --model and --families")
@@ -138,9 +156,23 @@ def families(args: argparse.Namespace) -> dict:
     samples = probe_prompts(world, args.prompts, seed=0)[: args.prompts]
     prompts = [dataclasses.replace(s, turns=s.turns[:-1]) for s in samples]
     runs: dict[str, list[dict]] = {name: [] for name in names}
+    if args.profile:
+        for name in names:
+            print(f"== {name}: {args.profile} decode steps, batch 1, fast path")
+            print(profile_decode(models[name], prompts[0], args.profile))
+        tmp.cleanup()
+        return {"profiled": names, "steps": args.profile, "load_average": os.getloadavg()}
+    if args.step_split:
+        split = step_split(models, prompts, [1, args.batch], args.repeats)
+        tmp.cleanup()
+        return {"step_ms": split, "repeats": args.repeats, "torch": torch.__version__,
+                "load_average": os.getloadavg()}  # fmt: skip
+    batched: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.repeats):  # alternated: load swings hit every family alike
         for name in names:
             runs[name].append(latency(models[name], prompts, args.tokens))
+            if args.batch:
+                batched[name].append(batch_decode(models[name], prompts[: args.batch], args.tokens))
     rows = {}
     for name in names:
         decoder = models[name].config.decoder
@@ -151,18 +183,104 @@ def families(args: argparse.Namespace) -> dict:
             "decode_macs_per_token": decode_macs(models[name]),
             "decoder": f"{decoder.num_layers} x {decoder.hidden_size}, {decoder.num_heads} heads",
         }
+        if args.batch:
+            rows[name]["batch_decode_tokens_per_s"] = statistics.median(batched[name])
     if "llava" in rows:
         for row in rows.values():
             row["vs_llava"] = rows["llava"]["decode_tokens_per_s"] / row["decode_tokens_per_s"]
+            if args.batch:
+                row["batch_vs_llava"] = (
+                    rows["llava"]["batch_decode_tokens_per_s"] / row["batch_decode_tokens_per_s"]
+                )
             row["macs_vs_llava"] = (
                 row["decode_macs_per_token"] / rows["llava"]["decode_macs_per_token"]
             )
     tmp.cleanup()
     return {
         "families": rows, "threads": args.threads, "repeats": args.repeats,
-        "prompts": args.prompts, "tokens": args.tokens, "torch": torch.__version__,
-        "load_average": os.getloadavg(),
+        "prompts": args.prompts, "tokens": args.tokens, "batch": args.batch,
+        "torch": torch.__version__, "load_average": os.getloadavg(),
     }  # fmt: skip
+
+
+def batch_decode(model, prompts: list, tokens: int) -> float:
+    """Decode tokens/s of `prompts` generated as one batch through the engine, every answer
+    forced to `tokens` tokens (a warm-up generation first)."""
+    import torch
+
+    from visto.infer import SamplingParams
+    from visto.tasks.runner import make_engine, prompt_batch
+
+    engine = make_engine(model)
+    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+    with torch.inference_mode():
+        batch, _ = prompt_batch(model, prompts, engine.device)
+        engine.generate_batch(batch, params)
+        outs = engine.generate_batch(batch, params)
+    seconds = max(o.timing.decode_s for o in outs)
+    return sum(o.timing.decode_tokens for o in outs) / seconds
+
+
+def step_split(models: dict, prompts: list, batches: list[int], repeats: int) -> dict:
+    """Median ms of one fast-path decode step per family and batch size; `<family> bare`: the
+    same without the model's decode conditioning (its per-step layer arguments)."""
+    import time
+
+    import torch
+
+    from visto.nn.language import Conditioning
+    from visto.tasks.runner import make_engine, prompt_batch
+
+    variants = []
+    for name, model in models.items():
+        variants.append((name, model, False))
+        if getattr(make_engine(model).runner, "decode_conditioning", None) is not None:
+            variants.append((f"{name} bare", model, True))
+    times: dict[str, dict[int, list[float]]] = {v[0]: {b: [] for b in batches} for v in variants}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for b in batches:
+                for label, model, bare in variants:
+                    runner = make_engine(model).runner
+                    assert runner is not None, f"{label} does not run on the fast path"
+                    if bare:
+                        runner.decode_conditioning = lambda context: Conditioning()
+                    batch, _ = prompt_batch(model, prompts[:b], runner.lm.lm_head.weight.device)
+                    logits, state = runner.prefill(batch, room=40)
+                    ids = logits.argmax(-1)
+                    for k in range(35):  # 5 warm-up steps, 30 timed
+                        if k == 5:
+                            t0 = time.perf_counter()
+                        logits, state = runner.decode_step(ids, state)
+                        ids = logits.argmax(-1)
+                    times[label][b].append((time.perf_counter() - t0) / 30 * 1000)
+    return {
+        label: {f"batch {b}": statistics.median(t) for b, t in bs.items()}
+        for label, bs in times.items()
+    }
+
+
+def profile_decode(model, prompt, steps: int) -> str:
+    """torch.profiler's table (by self CPU time) of `steps` fast-path decode steps, batch 1."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from visto.tasks.runner import make_engine, prompt_batch
+
+    engine = make_engine(model)
+    assert engine.runner is not None, "the model does not run on the engine's fast path"
+    with torch.inference_mode():
+        batch, _ = prompt_batch(model, [prompt], engine.device)
+        logits, state = engine.runner.prefill(batch, room=20 + steps)
+        ids = logits.argmax(-1)
+        for _ in range(20):  # warm-up
+            logits, state = engine.runner.decode_step(ids, state)
+            ids = logits.argmax(-1)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                logits, state = engine.runner.decode_step(ids, state)
+                ids = logits.argmax(-1)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
 
 
 if __name__ == "__main__":
