@@ -4,13 +4,18 @@ The model's first answer follows --tool-choice; each call it makes runs on the l
 result goes back as a tool turn, and the model answers again (calling at most MAX_TOOL_ROUNDS
 times). Calls are decoded under the tools' JSON schemas, with the grammar `visto serve` uses.
 Each run is printed as it happens ("tool ocr {...} -> {...}"; with --json, in "tool_runs").
+
+A call that does not fit --max-tokens is never printed or run, as `visto serve` never sends
+one (serve.tools.without_cut_call): the answer is the text before it, with finish_reason
+"length"; calls that closed before it run (the server sends those), and `cut_call` tells
+`visto chat` to say which budget to raise.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from visto.data.tool_calls import compact_json, parse_tool_calls
@@ -24,6 +29,7 @@ class ToolLoop:
     tools: ToolRegistry
     plan: Any  # visto.serve.tools.ToolPlan of the first answer
     grammars: Any  # visto.serve.grammar.GrammarFactory
+    cut_call: bool = field(default=False, init=False)  # a round of the last answer was cut
 
     @classmethod
     def build(cls, model: Any, spec: str, choice: str) -> ToolLoop:
@@ -69,7 +75,9 @@ class ToolLoop:
         """The model's final answer to `question` and the tool runs it took (printed as they
         happen unless --json)."""
         image = images[-1] if images else None
-        reply = self._reply(chat.ask, (question,), args, self.params(params, 0), task=args.task)
+        self.cut_call = False
+        reply = self._reply(chat, chat.ask, (question,), args, self.params(params, 0),
+                            task=args.task)  # fmt: skip
         runs: list[dict[str, Any]] = []
         for round_index in range(1, MAX_TOOL_ROUNDS + 1):
             done = run_tool_calls(reply.raw, self.tools, image)
@@ -80,24 +88,58 @@ class ToolLoop:
                 if not args.json:
                     print(f"tool {run['name']} {run['arguments']} -> {compact_json(run['result'])}",
                           flush=True)  # fmt: skip
-            reply = self._reply(chat.answer_after, (done.result_turns(),), args,
+            reply = self._reply(chat, chat.answer_after, (done.result_turns(),), args,
                                 self.params(params, round_index))  # fmt: skip
         return reply, runs
 
-    def _reply(self, ask: Any, what: tuple, args: argparse.Namespace, params: Any,
+    def _reply(self, chat: Any, ask: Any, what: tuple, args: argparse.Namespace, params: Any,
                **kwargs: Any) -> Any:  # fmt: skip
-        """One answer; with --stream, its text printed as it comes, a call's text held back."""
+        """One answer, without a call the budget cut; with --stream, its text printed as it
+        comes, a call's text held back."""
         from visto.serve.tools import ToolCallStream
 
         if not (args.stream and not args.json):
-            return ask(*what, params=params, **kwargs)
+            return self._without_cut_call(chat, ask(*what, params=params, **kwargs))
         stream = ask(*what, params=params, stream=True, **kwargs)
-        held = ToolCallStream(self.plan)
+        held = ToolCallStream(self._calls_plan())
         for piece in stream:
             print(held.feed(piece), end="", flush=True)
+        reply = self._without_cut_call(chat, stream.reply)
+        shown = self._without_cut(held.text)[0]
         # a call's text stays held back: its run is printed instead
-        calls = parse_tool_calls(stream.reply.raw, set(self.tools.names)) is not None
-        tail = "" if calls else held.text[held.sent :]
+        calls = parse_tool_calls(shown, set(self.tools.names)) is not None
+        tail = "" if calls else shown[held.sent :]
         if tail or held.sent:
             print(tail, flush=True)
-        return stream.reply
+        return reply
+
+    def _calls_plan(self) -> Any:
+        """The plan a cut call is read with. The chat runs every call its model writes, in
+        every round (its tools stay in the conversation, even with --tool-choice none or in
+        the last round), so a cut `<tool_call>` is one in every round, never text."""
+        return dataclasses.replace(self.plan, mode="auto")
+
+    def _without_cut(self, text: str) -> tuple[str, bool]:
+        """(`text` without a call the budget cut, whether there was one): the server's rule."""
+        from visto.serve.tools import without_cut_call
+
+        text, cut = without_cut_call(text, self._calls_plan())
+        return (text.rstrip(), True) if cut else (text, False)
+
+    def _without_cut_call(self, chat: Any, reply: Any) -> Any:
+        """`reply` with a call the budget cut left out (`cut_call` set), finish_reason
+        "length", and the conversation holding what is left, as a client's would."""
+        from visto.data.sample import Turn
+        from visto.tasks.runner import loc_to_text, parse_reply
+
+        raw, cut = self._without_cut(reply.raw)
+        if not cut:
+            return reply
+        self.cut_call = True
+        text = loc_to_text(raw, chat.loc_bins)
+        size = chat.images[0].size if chat.images else None
+        parsed, boxes = parse_reply(text, reply.task, size, chat.loc_bins)
+        if chat.turns and chat.turns[-1].role == "assistant":
+            chat.turns[-1] = Turn("assistant", raw)
+        return dataclasses.replace(reply, text=text, raw=raw, parsed=parsed, boxes=boxes,
+                                   finish_reason="length")  # fmt: skip

@@ -38,7 +38,9 @@ installed (always valid JSON; --no-constrain turns it off).
 clipseg checkpoint: runs/clipseg-synth/checkpoint or segment=CKPT; or module:attribute of
 your own visto.tools.Tool): visto runs each call on the last IMAGE, hands the result back to the
 model and lets it answer (a mask or boxes come back as PNGs in --json's tool_runs). --tool-choice required (or a tool's name) makes the first answer a
-call, decoded under the tool's JSON schema; the model may call again, up to 3 rounds.
+call, decoded under the tool's JSON schema; the model may call again, up to 3 rounds. A call
+cut by --max-tokens is left out and not run: the answer ends there (finish_reason "length") and
+visto says to raise --max-tokens.
 
 Boxes are printed as 0..999 ints (x1, y1, x2, y2) and as pixels of the first image, and
 drawn on a copy of it: IMAGE_STEM-boxes.png in the current directory, or --out PATH
@@ -169,6 +171,8 @@ def show_reply(args: argparse.Namespace, reply: Any, streamed: bool, extra: dict
     """Print one answer: as JSON, or as text with its boxes and parsed value."""
     if args.json:
         print(json.dumps({**extra, **reply.to_json()}, ensure_ascii=False), flush=True)
+        if extra.get("tool_call_cut"):  # stdout stays one JSON object; the why goes to stderr
+            print(cut_note(args, True), file=sys.stderr)
         return
     if not streamed:
         print(reply.text, flush=True)
@@ -185,8 +189,15 @@ def show_reply(args: argparse.Namespace, reply: Any, streamed: bool, extra: dict
         print(f"box {k}{label}: {box.norm} (0..999){pixels}")
     if extra.get("boxed_image"):
         print(f"boxes drawn on: {extra['boxed_image']}")
-    if reply.finish_reason == "length":
-        print(f"(the answer was cut at --max-tokens {args.max_tokens})", file=sys.stderr)
+    if reply.finish_reason == "length" or extra.get("tool_call_cut"):
+        print(cut_note(args, extra.get("tool_call_cut", False)), file=sys.stderr)
+
+
+def cut_note(args: argparse.Namespace, tool_call: bool) -> str:
+    if tool_call:  # the call's text is left out (serve.tools.without_cut_call): say why
+        return (f"(a tool call was cut at --max-tokens {args.max_tokens}; it was left out and "
+                "not run: raise --max-tokens)")  # fmt: skip
+    return f"(the answer was cut at --max-tokens {args.max_tokens})"
 
 
 def one_turn(
@@ -206,6 +217,7 @@ def one_turn(
     extra: dict[str, Any] = {"question": question, "images": paths}
     if args.tool_loop is not None:
         reply, extra["tool_runs"] = args.tool_loop.answer(chat, question, args, params, images)
+        extra["tool_call_cut"] = args.tool_loop.cut_call
     elif streamed:
         stream = chat.ask(question, task=args.task, params=params, stream=True)
         for piece in stream:
