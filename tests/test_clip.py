@@ -303,15 +303,16 @@ def test_vision_init_brings_a_pretrained_tower_and_keeps_the_recipes_pooling(pro
         tiny_clip(processor, vision_init=str(tmp_path / "nowhere"))
 
 
-def test_image_tensor_without_a_processor_uses_the_towers_normalisation():
+def test_image_tensor_without_a_processor_uses_the_configs_processor_settings():
     """A CLIP with no processor attached resizes with the processor's transform ("resize"
-    mode) and normalises with its vision config's mean/std (was nn.vision.images_to_tensor)."""
+    mode) and normalises with its config's `processor` settings (was nn.vision.images_to_tensor
+    with the vision config's mean/std)."""
     from dataclasses import replace
 
     config = CLIPConfig.preset("tiny")
-    vision = replace(config.vision, image_size=16, patch_size=8, image_mean=(0.5,) * 3,
-                     image_std=(0.5,) * 3)  # fmt: skip
-    model = build_model("clip", replace(config, vision=vision), seed=0)
+    vision = replace(config.vision, image_size=16, patch_size=8)
+    pixels = ProcessorConfig(image_size=16, resize_mode="resize", mean=(0.5,) * 3, std=(0.5,) * 3)
+    model = build_model("clip", replace(config, vision=vision, processor=pixels), seed=0)
     assert model.processor is None
     img = Image.new("RGB", (50, 20), (255, 0, 0))
     x = model.image_tensor([img, img.convert("L")])

@@ -2,7 +2,8 @@
 
 Every config in visto is a (possibly nested) dataclass. `to_dict`/`from_dict` turn them into
 plain JSON-able dicts and back, checking field names so that a typo in a recipe file is an
-error, not a silently ignored setting.
+error, not a silently ignored setting. A class whose saved layout changed gives `from_dict` an
+`upgrade` that turns the old layout into the new one (see ViTConfig.upgrade).
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str | None = None) -> T
     where = where or cls.__name__
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected an object with fields, got {type(data).__name__}")
+    # A config class that changed layout reads the old one with a static `upgrade(dict) -> dict`
+    # (e.g. ViTConfig.upgrade): checkpoints and runs saved before the change load as they are.
+    upgrade = getattr(cls, "upgrade", None)
+    if upgrade is not None:
+        data = upgrade(data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

@@ -100,6 +100,8 @@ class ProcessorConfig:
     image_size: int = 64  # square side for "pad"/"resize"; longest side cap for "patch"
     resize_mode: str = "pad"  # one of RESIZE_MODES (module docstring)
     patch_size: int = 8  # "patch" mode pads each side to a multiple of this
+    # The one image normalisation, (x / 255 - mean) / std per channel: a tower takes pixels as
+    # its processor made them (transformers keeps these in preprocessor_config.json).
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_tokens: int = 16  # visual feature vectors per image ("pad"/"resize" modes)

@@ -45,7 +45,7 @@ from visto.errors import UserError
 from visto.losses import batch_ids, clip_loss, contrastive_logits, pair_positives, siglip_loss
 from visto.models.common import refuse_part_paths
 from visto.nn.text import TextConfig, build_text_encoder
-from visto.nn.vision import ViT, ViTConfig
+from visto.nn.vision import CLIP_MEAN, CLIP_STD, ViT, ViTConfig, pop_old_normalisation
 
 LOSSES = ("infonce", "siglip")
 
@@ -69,6 +69,10 @@ class CLIPConfig:
     # A directory with processor.json + tokenizer.json (visto.data.processor.Processor.save),
     # used when no processor is attached (a fresh model; a checkpoint carries its own).
     processor_dir: str | None = None
+    # The image transform when no processor is attached (an attached one's settings come
+    # first): a transformers CLIP's preprocessor_config.json mean/std, say. None: resize to the
+    # tower's square and normalise with OpenAI CLIP's mean/std.
+    processor: ProcessorConfig | None = None
     # NegCLIP's hard negatives: lists of interchangeable words (e.g. the world's shapes, its
     # colours); each training caption gets one negative with a word swapped within its list.
     # Empty = none (plain in-batch negatives).
@@ -88,6 +92,10 @@ class CLIPConfig:
         )
         if self.loss not in LOSSES:
             raise UserError(f"clip loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.processor is not None and self.processor.resize_mode == "patch":
+            raise UserError(
+                "clip processor.resize_mode must be 'pad' or 'resize': CLIP encodes square images"
+            )
         if not 0 < self.init_temperature <= 1:
             raise UserError(f"init_temperature must be in (0, 1], got {self.init_temperature}")
         if 1 / self.init_temperature > self.max_logit_scale:
@@ -108,6 +116,22 @@ class CLIPConfig:
         else:
             raise UserError(f"unknown CLIP preset {name!r}; choose 'tiny' or 'small'")
         return cls(**{**base, **overrides})
+
+    @staticmethod
+    def upgrade(data: dict) -> dict:
+        """A saved CLIPConfig dict in today's layout (visto.config.from_dict calls this): the
+        normalisation an old config kept in `vision` (see pop_old_normalisation) moves to
+        `processor`, where a processor-less CLIP reads it; OpenAI CLIP's, the default, needs none."""
+        if not isinstance(data.get("vision"), dict):
+            return data
+        vision, moved = pop_old_normalisation(data["vision"])
+        data = {**data, "vision": vision}
+        mean = [float(v) for v in moved.get("mean", CLIP_MEAN)]
+        std = [float(v) for v in moved.get("std", CLIP_STD)]
+        if (mean, std) != (list(CLIP_MEAN), list(CLIP_STD)) and data.get("processor") is None:
+            size = vision.get("image_size", ViTConfig.image_size)
+            data["processor"] = dict(image_size=size, resize_mode="resize", mean=mean, std=std)
+        return data
 
 
 def negative_matches(batch: dict[str, Tensor]) -> Tensor:
@@ -336,22 +360,24 @@ class CLIP(nn.Module):
     # -- inference conveniences
 
     def image_tensor(self, images: list[Image.Image]) -> Tensor:
-        """PIL images -> (N, 3, S, S): the processor's transform if attached, else the same
-        transform in "resize" mode with the vision config's mean/std (the tower's own, e.g. a
-        transformers CLIP's preprocessor_config)."""
+        """PIL images -> (N, 3, S, S): the attached processor's transform, else that of the
+        config's `processor` settings (e.g. a transformers CLIP's preprocessor_config), else a
+        resize to the tower's square with OpenAI CLIP's mean/std."""
         size = self.config.vision.image_size
         processor = self.processor
         if processor is not None and processor.config.resize_mode != "patch":
-            if processor.config.image_size != size:
-                raise UserError(
-                    f"the processor makes {processor.config.image_size}px images but the vision "
-                    f"tower expects {size}px; make processor image_size and vision.image_size agree"
-                )
-            pixel_values, _ = processor.pixel_values(images)
-            return pixel_values
-        vision = self.config.vision
-        config = ProcessorConfig(image_size=size, resize_mode="resize", mean=vision.image_mean,
-                                 std=vision.image_std)  # fmt: skip
+            config = processor.config
+        else:
+            config = self.config.processor or ProcessorConfig(
+                image_size=size, resize_mode="resize", mean=CLIP_MEAN, std=CLIP_STD
+            )
+        if config.image_size != size:
+            raise UserError(
+                f"the processor makes {config.image_size}px images but the vision tower expects "
+                f"{size}px; make processor image_size and vision.image_size agree"
+            )
+        if not images:
+            return torch.zeros(0, 3, size, size)
         return torch.stack([image_transform(image, config) for image in images])
 
     @torch.no_grad()
@@ -397,12 +423,15 @@ def config_from_hf(hf: dict[str, Any], where: str, preprocessor: dict | None = N
     siglip = hf.get("model_type") == "siglip"
     t = hf.get("text_config") or {}
     vision = vit_config_from_transformers(hf)
-    preprocessor = preprocessor or {}
-    vision = replace(
-        vision,
-        image_mean=tuple(preprocessor.get("image_mean", vision.image_mean)),
-        image_std=tuple(preprocessor.get("image_std", vision.image_std)),
-    )
+    # The directory's image processor normalises as the tower was trained (CLIP's constants
+    # when it has no preprocessor_config.json).
+    processor = None
+    if preprocessor:
+        processor = ProcessorConfig(
+            image_size=vision.image_size, resize_mode="resize",
+            mean=tuple(preprocessor.get("image_mean", CLIP_MEAN)),
+            std=tuple(preprocessor.get("image_std", CLIP_STD)),
+        )  # fmt: skip
     width = t.get("hidden_size", 768 if siglip else 512)
     text = TextConfig(
         kind="transformer",
@@ -429,8 +458,10 @@ def config_from_hf(hf: dict[str, Any], where: str, preprocessor: dict | None = N
         if problems:
             raise UserError(f"{where}: visto cannot use this SigLIP as a two-tower model: " + "; ".join(problems))
         return CLIPConfig(vision=vision, text=text, embed_dim=vision.width, loss="siglip",
-                          image_projection=False, text_projection_bias=True)  # fmt: skip
-    return CLIPConfig(vision=vision, text=text, embed_dim=hf.get("projection_dim", 512))
+                          image_projection=False, text_projection_bias=True,
+                          processor=processor)  # fmt: skip
+    return CLIPConfig(vision=vision, text=text, embed_dim=hf.get("projection_dim", 512),
+                      processor=processor)  # fmt: skip
 
 
 def hf_key_map(model: CLIP) -> dict[str, str]:

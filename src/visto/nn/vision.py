@@ -11,13 +11,19 @@
 With the default linear stem, the state dict of `ViT` is key-for-key that of transformers'
 `CLIPVisionModel` (without its `vision_model.` prefix), misspelled `pre_layrnorm` included, so
 `load_transformers_vision` and export are a prefix away (SigLIP's tower too, with
-`cls_token`, `pre_norm` and `patch_bias` set as it has them). Also here: a small PIL -> tensor transform of our own.
+`cls_token`, `pre_norm` and `patch_bias` set as it has them).
+
+The tower takes pixels already normalised: the mean/std are the processor's
+(`visto.data.processor.ProcessorConfig.mean/std`, what transformers keeps in
+preprocessor_config.json), not the tower's. `pop_old_normalisation` reads configs saved when
+the tower held a copy.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import InitVar, dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -58,10 +64,20 @@ class ViTConfig:
     # scratch on small shapes. Only "patch" exports to transformers' CLIPVisionModel.
     stem: str = "patch"
     feature_layer: int = -1  # hidden_states index for patch features: -1 last, -2 penultimate
-    image_mean: tuple[float, float, float] = CLIP_MEAN
-    image_std: tuple[float, float, float] = CLIP_STD
+    # Not fields (never saved): accepted from callers written when the tower held a copy of
+    # the normalisation, and ignored, as every family but a processor-less CLIP ignored them.
+    # quickstart.llava_config and blip2.config_from_hf still pass them.
+    image_mean: InitVar[tuple[float, float, float] | None] = None
+    image_std: InitVar[tuple[float, float, float] | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, image_mean: object = None, image_std: object = None) -> None:
+        if image_mean is not None or image_std is not None:
+            warnings.warn(
+                "ViTConfig image_mean/image_std are not read: images are normalised by the "
+                "processor (ProcessorConfig.mean/std); drop them",
+                DeprecationWarning,
+                stacklevel=3,
+            )
         if self.image_size % self.patch_size:
             raise UserError(
                 f"vision image_size {self.image_size} must be a multiple of patch_size "
@@ -106,6 +122,26 @@ class ViTConfig:
         if name not in presets:
             raise UserError(f"unknown ViT preset {name!r}; choose one of {sorted(presets)}")
         return cls(**{**presets[name], **overrides})
+
+    @staticmethod
+    def upgrade(data: dict) -> dict:
+        """A saved ViTConfig dict in today's layout (visto.config.from_dict calls this)."""
+        return pop_old_normalisation(data)[0]
+
+
+# Configs saved by visto 0.1.0 before the normalisation moved to the processor alone (every
+# checkpoint config.json, run-directory config.json and recipe written until then) held it in
+# the tower's config too, as vision.image_mean / image_std. Only a CLIP with no processor
+# attached read it (CLIPConfig.upgrade moves it into that CLIP's `processor`); in every other
+# family it was a copy nothing read.
+OLD_NORMALISATION = {"image_mean": "mean", "image_std": "std"}
+
+
+def pop_old_normalisation(vision: dict) -> tuple[dict, dict]:
+    """`vision` (a ViTConfig dict) without the old normalisation keys, and what they held as
+    ProcessorConfig fields, e.g. {"mean": [...], "std": [...]} ({} when it had neither)."""
+    moved = {new: vision[old] for old, new in OLD_NORMALISATION.items() if old in vision}
+    return {k: v for k, v in vision.items() if k not in OLD_NORMALISATION}, moved
 
 
 def sincos_position_embedding_2d(grid: int, dim: int) -> Tensor:
@@ -396,10 +432,6 @@ def load_transformers_vision(directory: str | Path) -> ViT:
 def load_transformers_clip_vision(directory: str | Path) -> ViT:
     """`load_transformers_vision` (the name it had when it read CLIP alone)."""
     return load_transformers_vision(directory)
-
-
-# --------------------------------------------------------------------------------------------
-# Images -> tensor (our own transform; the processor may provide a richer one)
 
 
 def num_parameters(module: nn.Module) -> int:
