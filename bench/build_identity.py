@@ -12,6 +12,13 @@ state dict (names, shapes, bytes), its saved config and its processor's tokenize
 builds of every family (no parts) are hashed too. Everything is seeded: the hashes depend on
 the code and the torch build alone. One case trains instead of building: a seeded dense
 pretraining of a tiny ViT (visto.train.dense), its weights and learning rates after 12 steps.
+
+A change to a config's layout changes every config hash on purpose. `--parts` hashes the
+weights, the saved config and the tokenizer apart (so the diff says which changed), and
+`--configs DIR` writes each case's saved config as DIR/<case>.json; with `--parts`,
+`--old-configs DIR` (the configs an older commit wrote) adds {case}.old_config: the hash of
+that old config read by today's code (visto.config.from_dict) and saved again, which equals
+{case}.config when old saved configs load as today's.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Any
 import torch
 
 from visto.checkpoint import save_checkpoint
-from visto.config import to_dict
+from visto.config import from_dict, to_dict
 from visto.connectors.projector import ProjectorConfig
 from visto.data.processor import Processor, ProcessorConfig
 from visto.data.tokenizer import train_tokenizer
@@ -46,17 +53,42 @@ except ImportError:
 TEXTS = ["a red square", "a blue circle", "what colour is the star?", "two", "green"] * 5
 
 
-def digest(model: torch.nn.Module, root: Path) -> str:
-    h = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(value.shape)).encode())
-        h.update(value.detach().contiguous().cpu().numpy().tobytes())
-    # the config as saved, the temporary directory's name left out
-    h.update(json.dumps(to_dict(model.config), sort_keys=True).replace(str(root), "ROOT").encode())
+PARTS = False  # --parts: {case}.weights / .config / .tokenizer hashed apart
+CONFIGS: Path | None = None  # --configs DIR: each case's saved config as DIR/<case>.json
+OLD_CONFIGS: Path | None = None  # --old-configs DIR: an older commit's --configs DIR
+
+
+def saved_config(model: torch.nn.Module, root: Path) -> str:
+    """The config as saved, the temporary directory's name left out."""
+    return saved_config_of(model.config, root)
+
+
+def saved_config_of(config: Any, root: Path) -> str:
+    return json.dumps(to_dict(config), sort_keys=True).replace(str(root), "ROOT")
+
+
+def digest(model: torch.nn.Module, root: Path, name: str = "") -> str | dict[str, str]:
+    """sha256 of the state dict, the saved config and the tokenizer (with --parts: one each)."""
+    weights = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        weights.update(key.encode())
+        weights.update(str(tuple(value.shape)).encode())
+        weights.update(value.detach().contiguous().cpu().numpy().tobytes())
+    config = saved_config(model, root)
+    if CONFIGS is not None and name:
+        (CONFIGS / f"{name}.json").write_text(config + "\n")
     processor = getattr(model, "_processor", None)
-    if processor is not None:
-        h.update(json.dumps(processor.tokenizer.encode("a red square two")).encode())
+    tokens = b"" if processor is None else json.dumps(processor.tokenizer.encode("a red square two")).encode()
+    if PARTS:
+        parts = {"weights": weights.hexdigest(), "config": hashlib.sha256(config.encode()).hexdigest(),
+                 "tokenizer": hashlib.sha256(tokens).hexdigest()}  # fmt: skip
+        if OLD_CONFIGS is not None and name:
+            old = from_dict(type(model.config), json.loads((OLD_CONFIGS / f"{name}.json").read_text()))
+            parts["old_config"] = hashlib.sha256(saved_config_of(old, root).encode()).hexdigest()
+        return parts
+    h = weights  # the three fed into one hash, in this order
+    h.update(config.encode())
+    h.update(tokens)
     return h.hexdigest()
 
 
@@ -106,9 +138,9 @@ def cases(root: Path) -> dict[str, str]:
     built["clipseg.plain"] = ("clipseg", CLIPSegConfig(clip=CLIPConfig.preset("tiny"), decoder_layers=1))
     out = {}
     for name, (family, config) in built.items():
-        out[name] = digest(build_model(family, config, seed=11), root)
+        out[name] = digest(build_model(family, config, seed=11), root, name)
         torch.manual_seed(12)  # unseeded builds draw from the global RNG, as visto train's
-        out[name + ".unseeded"] = digest(build_model(family, config), root)
+        out[name + ".unseeded"] = digest(build_model(family, config), root, name + ".unseeded")
     out["train.dense.pretrain_dense"] = dense_digest()
     return out
 
@@ -143,10 +175,24 @@ def dense_digest() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="write {case: sha256} here")
+    parser.add_argument("--parts", action="store_true",
+                        help="hash weights, saved config and tokenizer apart: {case.part: sha256}")
+    parser.add_argument("--configs", type=Path, help="write each case's saved config as DIR/<case>.json")
+    parser.add_argument("--old-configs", type=Path,
+                        help="with --parts: an older commit's --configs DIR, read by today's code")
     args = parser.parse_args()
+    global PARTS, CONFIGS, OLD_CONFIGS
+    PARTS, CONFIGS, OLD_CONFIGS = args.parts, args.configs, args.old_configs
+    if CONFIGS is not None:
+        CONFIGS.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         hashes = cases(Path(tmp))
+    if PARTS:  # {case: {part: sha}} -> {case.part: sha}; the training case has one hash
+        flat: dict[str, str] = {}
+        for case, value in hashes.items():
+            flat.update({f"{case}.{p}": x for p, x in value.items()} if isinstance(value, dict) else {case: value})
+        hashes = flat
     for name, value in hashes.items():
         print(f"{value[:16]}  {name}")
     if args.json:
