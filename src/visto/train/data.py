@@ -332,11 +332,16 @@ def run_processor(spec: Any, model: Any, source: SampleSource, resumed: bool) ->
     section only sets max_length (`ProcessorSpec.keeps_model_processor`), else the section's;
     then `spec.max_length`, if set, as its truncation length (checked against the model's
     positions)."""
-    processor = getattr(model, "processor", None)
-    if spec is None:
-        return processor
-    if not resumed and not (spec.keeps_model_processor and processor is not None):
+    # A fresh model's `processor` is built on first use from its config and raises when the
+    # config names no tokenizer: read it only when the run keeps it.
+    if spec is not None and not resumed and not spec.keeps_model_processor:
         processor = build_processor(spec, source)
+    else:
+        processor = getattr(model, "processor", None)
+        if spec is None:
+            return processor
+        if processor is None and not resumed:
+            processor = build_processor(spec, source)
     if spec.max_length is None:
         return processor
     if processor is None or not hasattr(processor, "config"):
