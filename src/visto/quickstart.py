@@ -271,7 +271,6 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
     vision = ViTConfig(
         image_size=cfg.size, patch_size=cfg.patch_size, width=cfg.vision_width,
         layers=cfg.vision_layers, heads=4, mlp_hidden=4 * cfg.vision_width, stem=cfg.vision_stem,
-        image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
     )  # fmt: skip
     projector = ProjectorConfig(
         kind=cfg.projector, scale_factor=2, slots=cfg.slots, box_tokens=cfg.box_tokens,

@@ -526,7 +526,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Blip2Confi
         image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
         layers=v["num_hidden_layers"], heads=v["num_attention_heads"],
         mlp_hidden=v["intermediate_size"], act=v.get("hidden_act", "gelu"),
-        eps=float(v.get("layer_norm_eps", 1e-6)), image_mean=CLIP_MEAN, image_std=CLIP_STD,
+        eps=float(v.get("layer_norm_eps", 1e-6)),
     )
     qformer = QFormerConfig(
         num_queries=hf.get("num_query_tokens", 32), hidden_size=q["hidden_size"],
