@@ -219,3 +219,32 @@ def test_focus_slots_hold_the_named_object_and_its_box_words(tokenizer):
     assert added[ids[0] == tok.role_ids["assistant"]].abs().sum() == 0  # the answer token keeps its own
     with pytest.raises(ValueError, match="must follow 5 <focus> ids"):
         focus(ids[:, [i for i in range(ids.shape[1]) if i != int(slots[0])]], embed, objects, torch.tensor([0]))
+
+
+def test_side_heads_start_on_the_first_and_the_last_object_a_relation_names(tokenizer):
+    """The main head splits a two-object question between its objects; the side heads, pooled
+    toward the question's first and last words, pick one each from the first step."""
+    torch.manual_seed(0)
+    embed = nn.Embedding(400, 256)
+    focus = QuestionFocus(256)
+    focus.set_vocabulary(tokenizer)
+    objects = world_objects(tokenizer, embed, [("red", "circle"), ("blue", "star"), ("green", "square"),
+                                               ("yellow", "triangle")])  # fmt: skip
+    ids = prompt(tokenizer, "Is the star to the left of the square?")
+    _, _, _, side = focus.head_questions(ids, embed)
+    first = focus.attention(side[0], objects.tags, objects.present)[0]
+    last = focus.attention(side[1], objects.tags, objects.present)[0]
+    assert first.argmax().item() == 1 and last.argmax().item() == 2, (first, last)
+
+
+def test_the_best_match_tells_a_full_match_from_a_partial_one(tokenizer):
+    torch.manual_seed(0)
+    embed = nn.Embedding(400, 256)
+    focus = QuestionFocus(256)
+    focus.set_vocabulary(tokenizer)
+    objects = world_objects(tokenizer, embed, [("red", "square"), ("blue", "circle")])
+    _, _, there = focus.questions(prompt(tokenizer, "Is there a red square?"), embed)
+    _, _, not_there = focus.questions(prompt(tokenizer, "Is there a red circle?"), embed)
+    with torch.no_grad():
+        best = [float((focus.scores(q, objects.tags) / focus.log_scale.exp()).max()) for q in (there, not_there)]
+    assert best[0] > best[1] + 0.02, best  # small at the start; training sharpens W_q, W_k

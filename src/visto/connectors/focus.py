@@ -16,8 +16,15 @@ one-object images.
                                                               embedding space (regions.py)
     focus     = (softmax_i score_i) @ object tokens @ W_out
               + Linear(soft histogram of sum_i sigmoid(score_i - scale * threshold))
-                                                              (how many objects match: counting
-                                                              and existence questions)
+                                                              (how many objects match: counting)
+              + Linear(soft histogram of max_i cos_i)         (how well the best one matches:
+                                                              "is there a red circle?" when
+                                                              only a red square is there)
+              + sum over the side heads h of (softmax_i score_h,i) @ object tokens @ W_h
+                                                              (the same scores for a question
+                                                              pooled toward its first / last
+                                                              words: the two objects of "is the
+                                                              star left of the circle?")
     added to the input embedding of the `<|assistant|>` token that opens each answer, or, with
     `<focus>` slots before it (ProcessorConfig.focus_tokens), written into the slots:
         slot 0      the focus above
@@ -42,6 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 COUNT_BINS = 10  # the world has at most 9 objects
+MATCH_BINS = 11  # the best object's cosine with the question, at 0, 0.1, ..., 1
+SIDE_RAMPS = (-4.0, 4.0)  # side heads: question words weighted by exp(ramp * place in question)
 
 
 class Objects(NamedTuple):
@@ -65,6 +74,12 @@ class QuestionFocus(nn.Module):
         self.threshold = nn.Parameter(torch.tensor(0.1))  # cosine above which an object "matches"
         self.out = nn.Parameter(torch.zeros(width, width))
         self.count = nn.Parameter(torch.zeros(COUNT_BINS, width))
+        self.match = nn.Parameter(torch.zeros(MATCH_BINS, width))
+        # Side heads: a learned word weighting (zero: none) and a ramp over the question's
+        # words (SIDE_RAMPS: first words / last words), each with its own value map.
+        self.side_words = nn.Parameter(torch.zeros(len(SIDE_RAMPS), width))
+        self.side_ramp = nn.Parameter(torch.tensor(SIDE_RAMPS))
+        self.side_out = nn.Parameter(torch.zeros(len(SIDE_RAMPS), width, width))
         # token ids, from the tokenizer (set_vocabulary)
         self.user_id = self.assistant_id = self.focus_id = -1
         self.first_text_id = 0  # ids below this are special tokens (roles, image, padding)
@@ -84,17 +99,16 @@ class QuestionFocus(nn.Module):
                    tokenizer.end_id, *tokenizer.role_ids.values()]  # fmt: skip
         self.first_text_id = max(special) + 1
 
-    def questions(
-        self, input_ids: Tensor, embed: nn.Embedding, segment_ids: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """(rows (P,), columns (P,), question vectors (P, D)) for every `<|assistant|>` token:
-        the mean embedding of the text tokens since the last `<|user|>` token before it, or
-        since its exchange began when exchanges are packed (`segment_ids`: later exchanges
-        share the first one's `<|user|>` token, in the prefix, but must not read its question)."""
+    def spans(
+        self, input_ids: Tensor, segment_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Every `<|assistant|>` token's question: (rows (P,), columns (P,), the positions of
+        its text tokens (P, L), and which of those L are real (P, L)). A question is the text
+        since the last `<|user|>` token before the answer, or since its exchange began when
+        exchanges are packed (`segment_ids`: later exchanges share the first one's `<|user|>`
+        token, in the prefix, but must not read its question)."""
         B, T = input_ids.shape
-        is_text = ((input_ids >= self.first_text_id) & (input_ids != self.focus_id)).to(embed.weight.dtype)
-        total = (embed(input_ids) * is_text[..., None]).cumsum(1)  # (B, T, D)
-        count = is_text.cumsum(1)  # (B, T)
+        is_text = (input_ids >= self.first_text_id) & (input_ids != self.focus_id)  # (B, T)
         position = torch.arange(T, device=input_ids.device).expand(B, T)
         # `begin`: the first position a token's question may include
         begin = torch.where(input_ids == self.user_id, position + 1, 0).cummax(1).values
@@ -104,10 +118,35 @@ class QuestionFocus(nn.Module):
             begin = torch.maximum(begin, torch.where(starts, position, 0).cummax(1).values)
         rows, cols = (input_ids == self.assistant_id).nonzero(as_tuple=True)
         first = begin[rows, cols]  # (P,)
-        seen = (first > 0).to(total.dtype)  # something before `first` to subtract
-        before = total[rows, (first - 1).clamp(min=0)] * seen[:, None]
-        n = count[rows, cols] - count[rows, (first - 1).clamp(min=0)] * seen
-        return rows, cols, (total[rows, cols] - before) / n.clamp(min=1)[:, None]
+        width = int((cols - first).max()) if rows.numel() else 0
+        at = first[:, None] + torch.arange(width, device=input_ids.device)  # (P, L)
+        inside = at < cols[:, None]
+        at = at.clamp(max=T - 1)
+        return rows, cols, at, inside & is_text[rows[:, None], at]
+
+    def questions(
+        self, input_ids: Tensor, embed: nn.Embedding, segment_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows (P,), columns (P,), question vectors (P, D)): for every `<|assistant|>` token,
+        the mean embedding of its question's text tokens (`spans`)."""
+        rows, cols, question, _ = self.head_questions(input_ids, embed, segment_ids)
+        return rows, cols, question
+
+    def head_questions(
+        self, input_ids: Tensor, embed: nn.Embedding, segment_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`questions`, plus each side head's question (H, P, D): the same words weighted by
+        softmax(side_words . word + side_ramp * place), place running 0..1 over the question."""
+        rows, cols, at, real = self.spans(input_ids, segment_ids)
+        words = embed(input_ids[rows[:, None], at])  # (P, L, D)
+        realf = real.to(words.dtype)
+        mean = (words * realf[..., None]).sum(1) / realf.sum(1).clamp(min=1)[:, None]
+        rank = (realf.cumsum(1) - 1) * realf  # place of each real word: 0, 1, ...
+        place = rank / (realf.sum(1, keepdim=True) - 1).clamp(min=1)  # (P, L) in 0..1
+        logits = torch.einsum("hd,pld->hpl", self.side_words, words) + self.side_ramp[:, None, None] * place
+        weights = logits.masked_fill(~real, -1e4).softmax(-1) * realf  # (H, P, L)
+        side = torch.einsum("hpl,pld->hpd", weights, words)
+        return rows, cols, mean, side
 
     def scores(self, question: Tensor, tags: Tensor) -> Tensor:
         """(P, D) questions and (P, M, D) object tags -> (P, M) scaled cosine scores."""
@@ -132,7 +171,7 @@ class QuestionFocus(nn.Module):
         (or the `<focus>` slots before them) of rows with an image."""
         B, T = input_ids.shape
         out = objects.tokens.new_zeros(B, T, objects.tokens.shape[-1])
-        rows, cols, question = self.questions(input_ids, embed, segment_ids)
+        rows, cols, question, side = self.head_questions(input_ids, embed, segment_ids)
         if rows.numel() == 0:
             return out
         tokens, tags, present = per_row(objects, image_sample_index, B)  # (B, M, ...)
@@ -140,10 +179,17 @@ class QuestionFocus(nn.Module):
         score = self.scores(question, tags)  # (P, M)
         weight = score.masked_fill(~present, -1e4).softmax(-1) * present  # as `attention`
         value = torch.einsum("pm,pmd->pd", weight, tokens)  # (P, D)
-        matches = (torch.sigmoid(score - self.log_scale.exp() * self.threshold) * present).sum(-1)  # (P,)
-        bins = torch.arange(COUNT_BINS, device=matches.device, dtype=matches.dtype)
-        histogram = torch.exp(-((matches[:, None] - bins) ** 2))  # (P, COUNT_BINS)
-        focus = value @ self.out + histogram @ self.count  # (P, D)
+        scale = self.log_scale.exp()
+        matches = (torch.sigmoid(score - scale * self.threshold) * present).sum(-1)  # (P,)
+        best = (score / scale).masked_fill(~present, 0).max(-1).values  # (P,) cosine
+        focus = (
+            value @ self.out
+            + soft_histogram(matches, COUNT_BINS, 1.0) @ self.count
+            + soft_histogram(best * (MATCH_BINS - 1), MATCH_BINS, 1.0) @ self.match
+        )  # (P, D)
+        for h in range(len(SIDE_RAMPS)):
+            side_weight = self.attention(side[h], tags, present)
+            focus = focus + torch.einsum("pm,pmd->pd", side_weight, tokens) @ self.side_out[h]
         if not self.slots:
             return out.index_put((rows, cols), focus.to(out.dtype))
         first = cols - self.slots  # slot 0 of each answer's run of <focus> ids
@@ -160,6 +206,12 @@ class QuestionFocus(nn.Module):
             for j in range(4):
                 out = out.index_put((rows, first + 1 + j), box[:, j].to(out.dtype))
         return out
+
+
+def soft_histogram(x: Tensor, bins: int, width: float) -> Tensor:
+    """(P,) values -> (P, bins): a Gaussian bump per bin 0, 1, ..., bins - 1 (how near x is)."""
+    centres = torch.arange(bins, device=x.device, dtype=x.dtype)
+    return torch.exp(-(((x[:, None] - centres) / width) ** 2))
 
 
 def per_row(objects: Objects, image_sample_index: Tensor, rows: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -185,4 +237,4 @@ def per_row(objects: Objects, image_sample_index: Tensor, rows: int) -> tuple[Te
     return tokens, tags, present
 
 
-__all__ = ["COUNT_BINS", "Objects", "QuestionFocus", "per_row"]
+__all__ = ["COUNT_BINS", "MATCH_BINS", "Objects", "QuestionFocus", "SIDE_RAMPS", "per_row", "soft_histogram"]
