@@ -174,11 +174,11 @@ def test_the_processor_puts_focus_slots_before_every_answer(tokenizer):
     from visto.errors import UserError
 
     with pytest.raises(UserError, match="no <focus> token"):
-        Processor(ProcessorConfig(loc_bins=32, focus_tokens=5), tokenizer)
+        Processor(ProcessorConfig(loc_bins=32, focus_tokens=4), tokenizer)
     tok = with_focus_token(tokenizer)
     assert tok.focus_id == tokenizer.vocab_size and with_focus_token(tok) is tok  # no id moves
     assert tok.encode("Which colour does the star have?") == tokenizer.encode("Which colour does the star have?")
-    processor = Processor(ProcessorConfig(loc_bins=32, focus_tokens=5, image_delimiters=False), tok)
+    processor = Processor(ProcessorConfig(loc_bins=32, focus_tokens=4, image_delimiters=False), tok)
     sample = Sample("s", [], [Turn("user", "Which shape is red?"), Turn("assistant", "star"),
                               Turn("user", "Which shape is blue?"), Turn("assistant", "circle")])  # fmt: skip
     enc = processor.encode(sample, train=True)
@@ -186,26 +186,26 @@ def test_the_processor_puts_focus_slots_before_every_answer(tokenizer):
     answers = [i for i, t in enumerate(ids) if t == tok.role_ids["assistant"]]
     assert len(answers) == 2
     for a in answers:
-        assert ids[a - 5 : a] == [tok.focus_id] * 5 and ids[a - 6] == tok.end_id
-        assert (enc.labels[a - 5 : a] == -100).all()  # slots are inputs, never targets
+        assert ids[a - 4 : a] == [tok.focus_id] * 4 and ids[a - 5] == tok.end_id
+        assert (enc.labels[a - 4 : a] == -100).all()  # slots are inputs, never targets
     prompt = processor.encode(Sample("p", [], sample.turns[:1]), train=False).input_ids.tolist()
-    assert prompt[-6:] == [tok.focus_id] * 5 + [tok.role_ids["assistant"]]
+    assert prompt[-5:] == [tok.focus_id] * 4 + [tok.role_ids["assistant"]]
     assert processor.decode(ids).count("focus") == 0  # a special token: never in decoded text
 
 
-def test_focus_slots_hold_the_named_object_and_its_box_words(tokenizer):
+def test_focus_slots_hold_the_named_objects_box_words_and_the_answer_start_the_object(tokenizer):
     from visto.data.tokenizer import with_focus_token
 
     tok = with_focus_token(tokenizer)
     torch.manual_seed(0)
     embed = nn.Embedding(tok.vocab_size, 64)
     focus = QuestionFocus(64)
-    focus.set_vocabulary(tok, slots=5)
+    focus.set_vocabulary(tok, slots=4)
     objects = world_objects(tok, embed, [("red", "circle"), ("blue", "star")])
     box_words = torch.randn(1, 2, 4, 64)
     objects = objects._replace(box_words=box_words)
     ids = [tok.bos_id, tok.role_ids["user"], tok.image_id, *tok.encode("Which colour does the star have?"),
-           tok.end_id, *[tok.focus_id] * 5, tok.role_ids["assistant"]]  # fmt: skip
+           tok.end_id, *[tok.focus_id] * 4, tok.role_ids["assistant"]]  # fmt: skip
     ids = torch.tensor([ids])
     with torch.no_grad():
         focus.out.copy_(torch.eye(64))
@@ -213,11 +213,13 @@ def test_focus_slots_hold_the_named_object_and_its_box_words(tokenizer):
     _, _, q = focus.questions(ids, embed)
     weight = focus.attention(q, objects.tags, objects.present)[0]  # mostly on the star (slot 1)
     slots = (ids[0] == tok.focus_id).nonzero().flatten()
-    want_box = torch.einsum("m,mjd->jd", weight, box_words[0])
-    assert torch.allclose(added[slots[1:]], want_box, atol=1e-5)
-    assert torch.allclose(added[slots[0]], weight @ objects.tokens[0], atol=1e-5)  # + the zero count map
-    assert added[ids[0] == tok.role_ids["assistant"]].abs().sum() == 0  # the answer token keeps its own
-    with pytest.raises(ValueError, match="must follow 5 <focus> ids"):
+    assert torch.allclose(added[slots], torch.einsum("m,mjd->jd", weight, box_words[0]), atol=1e-5)
+    answer = ids[0] == tok.role_ids["assistant"]
+    assert torch.allclose(added[answer][0], weight @ objects.tokens[0], atol=1e-5)  # + maps that start at 0
+    # Only the answer-start path trains the scores (the box path's weights are detached).
+    added[slots].sum().backward()
+    assert focus.query.grad is None or focus.query.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="must follow 4 <focus> ids"):
         focus(ids[:, [i for i in range(ids.shape[1]) if i != int(slots[0])]], embed, objects, torch.tensor([0]))
 
 

@@ -89,10 +89,9 @@ class QuickstartConfig:
     # regions: each answer's question picks the objects it names (connectors.focus, top-down
     # attention), so the decoder need not learn to search for them (bench/README.md, "Focus")
     focus: bool = False
-    # with focus: <focus> slots before each answer (ProcessorConfig.focus_tokens): 5 = the named
-    # object and its box's 4 location tokens, so a grounding answer copies the box; 0 = the
-    # focus is added to the answer's first token instead
-    focus_slots: int = 5
+    # with focus: <focus> slots before each answer (ProcessorConfig.focus_tokens): 4 = the named
+    # object's box as its 4 location tokens, so a grounding answer copies it; 0 = none
+    focus_slots: int = 4
     reader_steps: int = 1000
     decoder_width: int = 256
     decoder_layers: int = 4
@@ -131,8 +130,8 @@ class QuickstartConfig:
             problems.append(f"vision_stem must be one of {STEMS}, got {self.vision_stem!r}")
         if self.projector not in ("regions", "mlp", "pixel_shuffle"):
             problems.append(f"projector must be 'regions', 'mlp' or 'pixel_shuffle', got {self.projector!r}")
-        if self.focus_slots not in (0, 1, 5):
-            problems.append(f"--focus-slots must be 0, 1 or 5, got {self.focus_slots}")
+        if self.focus_slots not in (0, 4):
+            problems.append(f"--focus-slots must be 0 or 4, got {self.focus_slots}")
         if self.text_slots < 0:
             problems.append(f"--text-slots must be 0 or more, got {self.text_slots}")
         if self.vision_batch < 1:

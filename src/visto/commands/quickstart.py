@@ -72,9 +72,8 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
                    f"tokens (default {DEFAULTS.text_slots}: no reader)", "N"),
     "focus": ("each answer's question picks the object tokens it names and hands them to the "
               "decoder where the answer starts (top-down attention; regions only)", None),
-    "focus_slots": ("with --focus: <focus> slots before each answer: 5 = the named object and "
-                    "its box's 4 location tokens (a grounding answer copies them), 0 = added to "
-                    "the answer's first token", "N"),
+    "focus_slots": ("with --focus: <focus> slots before each answer: 4 = the named object's box "
+                    "as its 4 location tokens (a grounding answer copies them), 0 = none", "N"),
     "reader_steps": ("steps of the OCR reader (with --text-slots), trained in the vision stage "
                      "on the world's text boxes", "N"),
     "stage1_steps": ("steps of LLaVA stage 1", "N"),

@@ -25,12 +25,14 @@ one-object images.
                                                               pooled toward its first / last
                                                               words: the two objects of "is the
                                                               star left of the circle?")
-    added to the input embedding of the `<|assistant|>` token that opens each answer, or, with
-    `<focus>` slots before it (ProcessorConfig.focus_tokens), written into the slots:
-        slot 0      the focus above
-        slots 1-4   the attention-weighted embeddings of the objects' 4 box location tokens,
-                    x1 y1 x2 y2: what a grounding answer writes, so that answer is a copy from
-                    a fixed distance back (Pix2Seq tokens in the input, as OFA and Kosmos-2)
+    added to the input embedding of the `<|assistant|>` token that opens each answer; with 4
+    `<focus>` slots before it (ProcessorConfig.focus_tokens), the slots hold the embeddings of
+    the named object's 4 box location tokens, x1 y1 x2 y2 (weighted as the objects are): what
+    a grounding answer writes, so that answer is a copy from a fixed distance back (Pix2Seq
+    tokens in the input, as OFA and Kosmos-2). Those weights are detached there, so only the
+    answer-start path trains the scores: with the object itself in a slot of its own and the
+    box path training the scores too, the scores drifted off the named object in stage 1
+    (bench/README.md, "Question focus": picks 0.90 -> 0.45, colour 0.30 against 0.89).
 
 W_q and W_k start as the identity, so a question word and the same word in an object's tag
 match from the first step (the tags are the decoder's own word embeddings); W_out and the count
@@ -88,8 +90,8 @@ class QuestionFocus(nn.Module):
     def set_vocabulary(self, tokenizer, slots: int = 0) -> None:
         """Token ids from the tokenizer, and the `<focus>` slots the processor puts before
         each answer (0: the focus is added to the `<|assistant|>` token itself)."""
-        if slots not in (0, 1, 5):
-            raise ValueError(f"a question focus writes 0, 1 or 5 <focus> slots, not {slots}")
+        if slots not in (0, 4):
+            raise ValueError(f"a question focus writes 0 or 4 <focus> slots (a box), not {slots}")
         self.slots = slots
         self.focus_id = tokenizer.focus_id if tokenizer.focus_id is not None else -1
         self.user_id = tokenizer.role_ids["user"]
@@ -190,22 +192,21 @@ class QuestionFocus(nn.Module):
         for h in range(len(SIDE_RAMPS)):
             side_weight = self.attention(side[h], tags, present)
             focus = focus + torch.einsum("pm,pmd->pd", side_weight, tokens) @ self.side_out[h]
+        out = out.index_put((rows, cols), focus.to(out.dtype))
         if not self.slots:
-            return out.index_put((rows, cols), focus.to(out.dtype))
-        first = cols - self.slots  # slot 0 of each answer's run of <focus> ids
-        if (first < 0).any() or not (input_ids[rows[:, None], first[:, None] + torch.arange(
-                self.slots, device=cols.device)] == self.focus_id).all():  # fmt: skip
+            return out
+        first = cols - self.slots  # the first of each answer's <focus> slots
+        span = first[:, None] + torch.arange(self.slots, device=cols.device)  # (P, 4)
+        if (first < 0).any() or not (input_ids[rows[:, None], span.clamp(min=0)] == self.focus_id).all():
             raise ValueError(f"every <|assistant|> token must follow {self.slots} <focus> ids "
                              "(the processor's focus_tokens)")  # fmt: skip
-        out = out.index_put((rows, first), focus.to(out.dtype))
-        if self.slots == 5:  # the named object's box, as the location tokens x1 y1 x2 y2
-            flat = objects._replace(tokens=objects.box_words.flatten(2))  # (N_img, S, 4 * D)
-            box_words, _, _ = per_row(flat, image_sample_index, B)
-            box_words = box_words[rows].view(*weight.shape, 4, -1)  # (P, M, 4, D)
-            box = torch.einsum("pm,pmjd->pjd", weight, box_words)  # (P, 4, D)
-            for j in range(4):
-                out = out.index_put((rows, first + 1 + j), box[:, j].to(out.dtype))
-        return out
+        # The named object's box, as the location tokens x1 y1 x2 y2 (weights detached: see
+        # the module doc).
+        flat = objects._replace(tokens=objects.box_words.flatten(2))  # (N_img, S, 4 * D)
+        box_words, _, _ = per_row(flat, image_sample_index, B)
+        box_words = box_words[rows].view(*weight.shape, 4, -1)  # (P, M, 4, D)
+        box = torch.einsum("pm,pmjd->pjd", weight.detach(), box_words)  # (P, 4, D)
+        return out.index_put((rows[:, None].expand_as(span), span), box.to(out.dtype))
 
 
 def soft_histogram(x: Tensor, bins: int, width: float) -> Tensor:
