@@ -71,7 +71,9 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
     "text_slots": ("lines of text the connector's OCR reader reads into the decoder's own "
                    f"tokens (default {DEFAULTS.text_slots}: no reader)", "N"),
     "focus": ("each answer's question picks the object tokens it names and hands them to the "
-              "decoder where the answer starts (top-down attention; regions only)", None),
+              "decoder where the answer starts (top-down attention; regions only); without it "
+              "the decoder must find the named object itself, which it did for shape "
+              "only, in one of three seeds (bench/README.md, 'Question focus')", None),
     "focus_slots": ("with --focus: <focus> slots before each answer: 4 = the named object's box "
                     "as its 4 location tokens (a grounding answer copies them), 0 = none", "N"),
     "reader_steps": ("steps of the OCR reader (with --text-slots), trained in the vision stage "
@@ -105,13 +107,16 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
 
 def add_config_option(p: argparse.ArgumentParser, field: dataclasses.Field, help: str,
                       metavar: str | None, hint: Any) -> None:  # fmt: skip
-    """`--field-name` with the field's type and default; a bool field (False by default) is a
-    switch."""
+    """`--field-name` with the field's type and default; a bool field is a switch (`--name`
+    when it is off by default, `--no-name` too when it is on)."""
     flag, default = "--" + field.name.replace("_", "-"), field.default
     help = help.replace("%", "%%")  # argparse formats help with %
     if hint is bool:
-        assert default is False, f"{field.name}: a switch turns a False default on"
-        p.add_argument(flag, action="store_true", help=help)
+        if default:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=True,
+                           help=f"{help} (default on)")  # fmt: skip
+        else:
+            p.add_argument(flag, action="store_true", help=help)
         return
     if "(default" not in help:
         help = f"{help} (default {default})"
