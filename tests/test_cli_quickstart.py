@@ -14,7 +14,8 @@ from visto.quickstart import QuickstartConfig
 
 # Every flag the command had when its defaults were written by hand: none may go or be renamed.
 FLAGS = [
-    "--out", "--vision-steps", "--box-tokens", "--text-slots", "--reader-steps", "--stage1-steps",
+    "--out", "--vision-steps", "--box-tokens", "--text-slots", "--focus", "--no-focus", "--focus-slots",
+    "--reader-steps", "--stage1-steps",
     "--stage2-steps", "--minutes", "--n", "--size", "--seed", "--workers", "--threads",
     "--eval-images", "--stage1-mix", "--stage1-batch", "--stage2-batch", "--vision-stem",
     "--vision-batch", "--until", "--fresh",
@@ -40,14 +41,16 @@ def test_each_flag_sets_its_field():
     argv, want = ["quickstart"], {}
     for name in OPTIONS:
         default, flag = getattr(defaults, name), "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            argv.append(flag)
-            want[name] = True
+        if isinstance(default, bool):  # a switch: --name turns it on, --no-name off
+            argv.append(flag if not default else "--no-" + name.replace("_", "-"))
+            want[name] = not default
         elif isinstance(default, str):
             argv += [flag, default + "x"]
             want[name] = default + "x"
         else:  # int, or float | None (minutes)
             value = 2.5 if default is None or isinstance(default, float) else default + 3
+            if name == "focus_slots":
+                value = 0  # the one other layout it takes
             argv += [flag, str(value)]
             want[name] = value
     cfg = config_from_args(build_parser().parse_args(argv))
