@@ -49,6 +49,18 @@ def world_objects(tok: Tokenizer, embed: nn.Embedding, named: list[tuple[str, st
                    torch.zeros(1, len(named), 4), torch.ones(1, len(named), dtype=torch.bool))  # fmt: skip
 
 
+def untrained_focus(tokenizer) -> tuple[QuestionFocus, nn.Embedding, Objects]:
+    """A fresh focus at the decoder's width, embeddings N(0, 1), and four objects: a red
+    circle, a blue star, a green square and a yellow triangle, in that order."""
+    torch.manual_seed(0)
+    embed = nn.Embedding(400, 256)
+    focus = QuestionFocus(256)
+    focus.set_vocabulary(tokenizer)
+    objects = world_objects(tokenizer, embed, [("red", "circle"), ("blue", "star"), ("green", "square"),
+                                               ("yellow", "triangle")])  # fmt: skip
+    return focus, embed, objects
+
+
 def test_question_is_the_mean_embedding_of_its_own_user_turn(tokenizer):
     focus = QuestionFocus(16)
     focus.set_vocabulary(tokenizer)
@@ -64,12 +76,7 @@ def test_question_is_the_mean_embedding_of_its_own_user_turn(tokenizer):
 def test_the_untrained_focus_already_picks_the_named_object(tokenizer):
     """W_q = W_k = identity and tags in the decoder's word space: "star" in the question
     matches the star's tag from the first step (what removes the binding plateau)."""
-    torch.manual_seed(0)
-    embed = nn.Embedding(400, 256)
-    focus = QuestionFocus(256)
-    focus.set_vocabulary(tokenizer)
-    objects = world_objects(tokenizer, embed, [("red", "circle"), ("blue", "star"), ("green", "square"),
-                                               ("yellow", "triangle")])  # fmt: skip
+    focus, embed, objects = untrained_focus(tokenizer)
     for question, target in [("Which colour does the star have?", 1), ("Which shape is green?", 2),
                              ("Which colour does the circle have?", 0)]:  # fmt: skip
         _, _, q = focus.questions(prompt(tokenizer, question), embed)
@@ -97,7 +104,8 @@ def test_images_go_to_their_rows(tokenizer):
     d = 8
     objects = Objects(torch.arange(3.0)[:, None, None].expand(3, 2, d), torch.zeros(3, 2, d),
                       torch.zeros(3, 2, 4, d), torch.zeros(3, 2, 4), torch.ones(3, 2, dtype=torch.bool))  # fmt: skip
-    tokens, _, present = per_row(objects, torch.tensor([0, 2, 2]), rows=3)
+    rowed = per_row(objects, torch.tensor([0, 2, 2]), rows=3)
+    tokens, present = rowed.tokens, rowed.present
     assert tokens.shape == (3, 4, d)
     assert tokens[0, :2].eq(0).all() and not present[0, 2:].any()  # row 0: one image, then padding
     assert not present[1].any()  # row 1: no image
@@ -226,12 +234,7 @@ def test_focus_slots_hold_the_named_objects_box_words_and_the_answer_start_the_o
 def test_side_heads_start_on_the_first_and_the_last_object_a_relation_names(tokenizer):
     """The main head splits a two-object question between its objects; the side heads, pooled
     toward the question's first and last words, pick one each from the first step."""
-    torch.manual_seed(0)
-    embed = nn.Embedding(400, 256)
-    focus = QuestionFocus(256)
-    focus.set_vocabulary(tokenizer)
-    objects = world_objects(tokenizer, embed, [("red", "circle"), ("blue", "star"), ("green", "square"),
-                                               ("yellow", "triangle")])  # fmt: skip
+    focus, embed, objects = untrained_focus(tokenizer)
     ids = prompt(tokenizer, "Is the star to the left of the square?")
     _, _, _, side = focus.head_questions(ids, embed)
     first = focus.attention(side[0], objects.tags, objects.present)[0]
@@ -250,3 +253,30 @@ def test_the_best_match_tells_a_full_match_from_a_partial_one(tokenizer):
     with torch.no_grad():
         best = [float((focus.scores(q, objects.tags) / focus.log_scale.exp()).max()) for q in (there, not_there)]
     assert best[0] > best[1] + 0.02, best  # small at the start; training sharpens W_q, W_k
+
+
+def test_a_row_with_two_images_focuses_over_both_images_objects(tokenizer):
+    """Two images in one row are one pool of objects: the same as one image holding all of
+    them (box slots included: this crashed when the box path mapped rows on its own)."""
+    from visto.data.tokenizer import with_focus_token
+
+    tok = with_focus_token(tokenizer)
+    torch.manual_seed(0)
+    embed = nn.Embedding(tok.vocab_size, 32)
+    focus = QuestionFocus(32)
+    focus.set_vocabulary(tok, slots=4)
+    with torch.no_grad():
+        focus.out.normal_()
+    a = world_objects(tok, embed, [("red", "circle"), ("blue", "star")])
+    b = world_objects(tok, embed, [("green", "square")])
+    a, b = (o._replace(box_words=torch.randn(1, o.present.shape[1], 4, 32)) for o in (a, b))
+    both = Objects(*(torch.cat([x, y], 1) for x, y in zip(a, b, strict=True)))
+    pad = lambda o: Objects(*(torch.cat([f, f[:, :1].new_zeros(f[:, :1].shape)], 1) for f in o))  # noqa: E731
+    two = Objects(*(torch.cat([x, y], 0) for x, y in zip(pad(b), a, strict=True)))  # 2 slots per image
+    ids = torch.tensor([[tok.bos_id, tok.role_ids["user"], tok.image_id, tok.image_id,
+                         *tok.encode("Which shape is green?"), tok.end_id, *[tok.focus_id] * 4,
+                         tok.role_ids["assistant"]]])  # fmt: skip
+    one_image = focus(ids, embed, both, torch.tensor([0]))
+    two_images = focus(ids, embed, two, torch.tensor([0, 0]))
+    assert torch.allclose(one_image, two_images, atol=1e-5)
+    assert two_images.abs().sum() > 0

@@ -158,8 +158,7 @@ class QuestionFocus(nn.Module):
 
     def attention(self, question: Tensor, tags: Tensor, present: Tensor) -> Tensor:
         """(P, M) how each question's focus is spread over the objects (0 on empty slots)."""
-        score = self.scores(question, tags)
-        return score.masked_fill(~present, -1e4).softmax(-1) * present
+        return spread(self.scores(question, tags), present)
 
     def forward(
         self,
@@ -176,10 +175,10 @@ class QuestionFocus(nn.Module):
         rows, cols, question, side = self.head_questions(input_ids, embed, segment_ids)
         if rows.numel() == 0:
             return out
-        tokens, tags, present = per_row(objects, image_sample_index, B)  # (B, M, ...)
-        tokens, tags, present = tokens[rows], tags[rows], present[rows]  # (P, M, ...)
+        rowed = per_row(objects, image_sample_index, B)  # (B, M, ...)
+        tokens, tags, present = rowed.tokens[rows], rowed.tags[rows], rowed.present[rows]  # (P, M, ...)
         score = self.scores(question, tags)  # (P, M)
-        weight = score.masked_fill(~present, -1e4).softmax(-1) * present  # as `attention`
+        weight = spread(score, present)
         value = torch.einsum("pm,pmd->pd", weight, tokens)  # (P, D)
         scale = self.log_scale.exp()
         matches = (torch.sigmoid(score - scale * self.threshold) * present).sum(-1)  # (P,)
@@ -202,10 +201,7 @@ class QuestionFocus(nn.Module):
                              "(the processor's focus_tokens)")  # fmt: skip
         # The named object's box, as the location tokens x1 y1 x2 y2 (weights detached: see
         # the module doc).
-        flat = objects._replace(tokens=objects.box_words.flatten(2))  # (N_img, S, 4 * D)
-        box_words, _, _ = per_row(flat, image_sample_index, B)
-        box_words = box_words[rows].view(*weight.shape, 4, -1)  # (P, M, 4, D)
-        box = torch.einsum("pm,pmjd->pjd", weight.detach(), box_words)  # (P, 4, D)
+        box = torch.einsum("pm,pmjd->pjd", weight.detach(), rowed.box_words[rows])  # (P, 4, D)
         return out.index_put((rows[:, None].expand_as(span), span), box.to(out.dtype))
 
 
@@ -215,27 +211,30 @@ def soft_histogram(x: Tensor, bins: int, width: float) -> Tensor:
     return torch.exp(-(((x[:, None] - centres) / width) ** 2))
 
 
-def per_row(objects: Objects, image_sample_index: Tensor, rows: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Images -> batch rows: (B, M, D) tokens and tags and (B, M) presence, where M is the
-    slots of the row with the most images (a row's images one after another)."""
-    n_img, slots, width = objects.tokens.shape
+def spread(score: Tensor, present: Tensor) -> Tensor:
+    """(P, M) scores -> softmax weights over the present objects (0 on empty slots)."""
+    return score.masked_fill(~present, -1e4).softmax(-1) * present
+
+
+def per_row(objects: Objects, image_sample_index: Tensor, rows: int) -> Objects:
+    """Images -> batch rows: every field (N_img, S, ...) as (B, M, ...), where M is the slots
+    of the row with the most images (a row's images one after another, empty slots after)."""
+    n_img, slots = objects.present.shape
     if n_img == rows and torch.equal(image_sample_index.cpu(), torch.arange(rows)):
-        return objects.tokens, objects.tags, objects.present  # one image per row, in order
+        return objects  # one image per row, in order
     per = torch.bincount(image_sample_index, minlength=rows)  # images per row
     m = int(per.max()) * slots if n_img else slots
-    tokens = objects.tokens.new_zeros(rows, m, width)
-    tags = objects.tags.new_zeros(rows, m, width)
-    present = torch.zeros(rows, m, dtype=torch.bool, device=objects.present.device)
     # Where each image's slots go: its row, after the row's earlier images.
-    rank = torch.zeros_like(image_sample_index)
-    for i in range(1, n_img):
-        rank[i] = (image_sample_index[:i] == image_sample_index[i]).sum()
-    for i in range(n_img):
-        row, at = int(image_sample_index[i]), int(rank[i]) * slots
-        tokens[row, at : at + slots] = objects.tokens[i]
-        tags[row, at : at + slots] = objects.tags[i]
-        present[row, at : at + slots] = objects.present[i]
-    return tokens, tags, present
+    places = [(int(row), int((image_sample_index[:i] == row).sum()) * slots)
+              for i, row in enumerate(image_sample_index)]  # fmt: skip
+
+    def place(field: Tensor) -> Tensor:
+        out = field.new_zeros(rows, m, *field.shape[2:])  # False for `present`
+        for i, (row, at) in enumerate(places):
+            out[row, at : at + slots] = field[i]
+        return out
+
+    return Objects(*(place(field) for field in objects))
 
 
-__all__ = ["COUNT_BINS", "MATCH_BINS", "Objects", "QuestionFocus", "SIDE_RAMPS", "per_row", "soft_histogram"]
+__all__ = ["COUNT_BINS", "MATCH_BINS", "Objects", "QuestionFocus", "SIDE_RAMPS", "per_row", "soft_histogram", "spread"]
