@@ -3,7 +3,7 @@ it (the connector, the decoder's initial draw, stages 1 and 2) differ.
 
 Copies the world, then builds a fresh LLaVA from today's `llava_config` for the given
 QuickstartConfig overrides, seeded with `--init-seed`, and copies in the source run's tower and
-object detector (and its OCR reader when `text_slots` asks for one). The tokenizer is the
+object detector (and its OCR reader when `text_slots` or `read_slots` ask for one). The tokenizer is the
 source run's (plus `<focus>` when the config writes focus slots). Its `done.json` carries the
 new settings, so `visto quickstart --out DST` with the same options goes on from stage 1.
 Every run in bench/README.md's "Question focus" and r8-r13 was started this way.
@@ -47,7 +47,7 @@ def main() -> None:
     model = Llava(config)
     model.vision_tower.load_state_dict(old.vision_tower.state_dict())
     model.multi_modal_projector.heads.load_state_dict(old.multi_modal_projector.heads.state_dict())
-    if config.projector.text_slots:
+    if config.projector.text_slots or config.projector.read_slots:
         reader = load((a.reader_from or a.source) / "vision" / "checkpoint").multi_modal_projector.reader
         model.multi_modal_projector.reader.load_state_dict(reader.state_dict())
     model.processor = Processor(config.processor, tokenizer)

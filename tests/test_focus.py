@@ -280,3 +280,119 @@ def test_a_row_with_two_images_focuses_over_both_images_objects(tokenizer):
     two_images = focus(ids, embed, two, torch.tensor([0, 0]))
     assert torch.allclose(one_image, two_images, atol=1e-5)
     assert two_images.abs().sum() > 0
+
+
+def reading_connector(tok, lines: list[str], read_slots: int = 4):
+    """A focus connector at width 64 whose OCR reader reads `lines` off any image, counting
+    how many images it was asked to read (the reader itself is tested in test_text_reader)."""
+    connector = RegionConnector(8, 64, slots=2, focus=True, read_slots=read_slots)
+    connector.set_vocabulary(tok, focus_slots=4 + read_slots)
+    calls = []
+
+    def read(pixels):
+        calls.append(pixels.shape[0])
+        return [[(text, [0, 0, 8, 8]) for text in lines] for _ in range(pixels.shape[0])]
+
+    connector.reader.forward = read
+    return connector, calls
+
+
+def test_read_slots_hold_the_read_text_after_the_box(tokenizer):
+    from visto.data.tokenizer import with_focus_token
+
+    tok = with_focus_token(tokenizer)
+    torch.manual_seed(0)
+    embed = nn.Embedding(tok.vocab_size, 64)
+    connector, calls = reading_connector(tok, ["STAR", "42"], read_slots=9)
+    pixels = torch.randn(2, 3, 16, 16)
+    words, filled = connector.read_words(pixels, embed)
+    pieces = tok.encode("STAR 42")  # joined as the world's OCR answer writes them
+    assert len(pieces) < 9 and filled[0].tolist() == [True] * len(pieces) + [False] * (9 - len(pieces))
+    assert torch.equal(words[0, : len(pieces)], embed(torch.tensor(pieces)))
+    # Read once per image: the frozen reader is not asked again for the same pixels ...
+    connector.read_words(pixels, embed)
+    assert calls == [2]
+    # ... unless its weights change (a checkpoint loaded into it).
+    with torch.no_grad():
+        next(connector.reader.parameters()).add_(1.0)
+    connector.read_words(pixels[:1], embed)
+    assert calls == [2, 1]
+
+    focus = connector.focus
+    objects = world_objects(tok, embed, [("red", "circle"), ("blue", "star")])
+    ids = [tok.bos_id, tok.role_ids["user"], tok.image_id, *tok.encode("Read the text."),
+           tok.end_id, *[tok.focus_id] * 13, tok.role_ids["assistant"]]  # fmt: skip
+    ids = torch.tensor([ids, ids])
+    both = Objects(*(torch.cat([f, f]) for f in objects))
+    added = focus(ids, embed, both, torch.tensor([0, 1]), read=(words, filled))
+    slots = (ids[0] == tok.focus_id).nonzero().flatten()
+    read_at = slots[4:]
+    assert torch.equal(added[0, read_at[: len(pieces)]], words[0, : len(pieces)])
+    assert added[0, read_at[len(pieces) :]].eq(0).all()  # nothing read: the <focus> token alone
+    with pytest.raises(ValueError, match="pass `read`"):
+        focus(ids, embed, both, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="writes 13"):
+        connector.set_vocabulary(tok, focus_slots=4)
+
+
+def test_llava_with_read_slots_puts_the_read_tokens_in_training_and_generation_prompts(tokenizer_dir):
+    """End to end through LLaVA: training and generation prompts carry the read tokens in the
+    slots after the box, and a config whose processor lacks them is refused."""
+    from PIL import Image
+
+    from visto.data.sample import Sample, Turn
+    from visto.data.tokenizer import with_focus_token
+    from visto.errors import UserError
+    from visto.models.common import prompt_embeds
+
+    tok = with_focus_token(Tokenizer.load(tokenizer_dir / "tokenizer.json"))
+    projector = ProjectorConfig(kind="regions", slots=5, focus=True, read_slots=3)
+    with pytest.raises(UserError, match="focus_tokens to 7"):
+        build_model("llava", LlavaConfig.preset("tiny", projector=projector), seed=0)
+    config = LlavaConfig.preset("tiny", projector=projector)
+    config.processor.image_tokens, config.processor.focus_tokens = 5, 7
+    config.processor.vocab_size = config.decoder.vocab_size = tok.vocab_size
+    from visto.data.processor import Processor
+
+    model = build_model("llava", config, seed=0)
+    model.processor = Processor(config.processor, tok)
+    model.multi_modal_projector.reader.forward = lambda px: [[("star", [0, 0, 4, 4])]] * px.shape[0]
+    sample = Sample("s", [Image.new("RGB", (40, 40), (9, 9, 9))],
+                    [Turn("user", "<image>\nRead the text."), Turn("assistant", "star")])  # fmt: skip
+    batch = model.collate([sample])
+    model(batch)["loss"].backward()
+    with torch.no_grad():
+        train = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_sample_index"])
+        prompt, _ = prompt_embeds(model, model.prompt_batch([sample]))
+    embed = model.language_model.model.embed_tokens
+    first_read = int((batch["input_ids"][0] == tok.focus_id).nonzero()[4])
+    star = tok.encode("star")
+    assert len(star) < 3
+    expect = embed(torch.tensor([tok.focus_id] * 3)) + torch.cat(
+        [embed(torch.tensor(star)), torch.zeros(3 - len(star), embed.weight.shape[1])])
+    assert torch.allclose(train[0, first_read : first_read + 3], expect, atol=1e-5)
+    assert torch.allclose(prompt[0], train[0, : prompt.shape[1]], atol=1e-5)
+
+
+def test_relation_offset_and_object_count_reach_the_answer_start(tokenizer):
+    """The side heads' objects' offset (left of / above) and the number of objects enter the
+    answer start through their own maps, zero at first; a checkpoint without those maps loads."""
+    focus, embed, objects = untrained_focus(tokenizer)
+    objects = objects._replace(boxes=torch.tensor([[[0.0, 0.0, 0.2, 0.2], [0.8, 0.8, 1.0, 1.0],
+                                                   [0.4, 0.0, 0.6, 0.2], [0.0, 0.8, 0.2, 1.0]]]))  # fmt: skip
+    ids = prompt(tokenizer, "Is the red circle to the left of the blue star?")
+    answer = ids[0] == tokenizer.role_ids["assistant"]
+    assert focus(ids, embed, objects, torch.tensor([0]))[0, answer].abs().sum() == 0  # all maps at zero
+    with torch.no_grad():
+        focus.relation.copy_(torch.eye(4, 256))
+    added = focus(ids, embed, objects, torch.tensor([0]))[0, answer][0]
+    assert added[0] < -0.3 and added[1] < -0.3  # the circle (top left) is left of and above the star
+    with torch.no_grad():
+        focus.relation.zero_()
+        focus.objects.copy_(torch.eye(10, 256))
+    added = focus(ids, embed, objects, torch.tensor([0]))[0, answer][0]
+    assert int(added[:10].argmax()) == 4  # four objects
+    old = {k: v for k, v in focus.state_dict().items() if k not in ("relation", "objects")}
+    fresh = QuestionFocus(256)
+    fresh.load_state_dict(old)
+    assert fresh.relation.abs().sum() == 0 and fresh.objects.abs().sum() == 0

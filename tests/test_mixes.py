@@ -66,11 +66,20 @@ def test_every_mix_asks_its_tasks_of_each_image(world):
             asked = exchanges(sample)
             expected = record_qas(record, LOC_BINS) if "vqa" in mix.tasks else []
             captions = [(q, a) for q, a in asked if a in record["tasks"]["captions"]]
-            if name in ("look", "bind"):  # two (three) of the image's short questions naming objects
+            if name in ("look", "bind", "look+copy"):  # two (three) short questions naming objects
                 short = [(qa["q"], qa["a"]) for qa in record["tasks"]["vqa"] if qa["type"] in LOOK_TYPES]
                 kinds = {qa["type"] for qa in record["tasks"]["vqa"] if qa["type"] in LOOK_TYPES}
-                n = min(2, len(short)) if name == "look" else min(3, len(kinds))
-                assert set(asked) - set(captions) <= set(short) and len(asked) == 1 + n
+                n = min(3, len(kinds)) if name == "bind" else min(2, len(short))
+                copied = set(asked) - set(short) - set(captions)  # look+copy: a box, the text
+                if name == "look+copy":
+                    t = record["tasks"]
+                    ground = [(qa, a) for qa, a in expected if any(qa == g["q"] for g in t["ground"])]
+                    ocr = [(t["ocr"]["q"], t["ocr"]["a"])] if t["ocr"] else []
+                    assert copied <= set(ground) | set(ocr) and set(ocr) <= copied
+                    assert len(copied) == bool(ground) + bool(ocr)
+                else:
+                    assert not copied
+                assert len(asked) == 1 + n + len(copied)
             else:
                 assert sorted(set(asked) - set(captions)) == sorted(expected), name
             assert len(captions) == ("caption" in mix.tasks), name
@@ -144,7 +153,7 @@ def test_a_recipe_selects_a_mix_and_the_card_records_it(world):
 
 
 def test_bad_mix_settings_are_user_errors(world, tmp_path):
-    with pytest.raises(UserError, match="unknown data.mix 'nope'; choose one of captions, look, bind, instruct"):
+    with pytest.raises(UserError, match="unknown data.mix 'nope'; choose one of captions, look, bind, look.copy, instruct"):
         get_mix("nope")
     with pytest.raises(UserError, match="unknown data.mix 'nope'"):
         load_recipe("quickstart-stage2", ["data.mix=nope"])
@@ -206,7 +215,7 @@ def leaking_answers(model, batch: dict, row: int) -> list[int]:
     return leaks
 
 
-@pytest.mark.parametrize("mix", ["instruct", "instruct+caption", "look"])
+@pytest.mark.parametrize("mix", ["instruct", "instruct+caption", "look", "look+copy"])
 def test_no_answer_of_a_real_mix_sees_another_exchange(mix, world, tokenizer_dir):
     from visto.models.llava import Llava, LlavaConfig
 
@@ -215,8 +224,9 @@ def test_no_answer_of_a_real_mix_sees_another_exchange(mix, world, tokenizer_dir
     samples = list(get_mix(mix).samples(world, "train", seed=0, epoch=0, loc_bins=LOC_BINS))[:2]
     batch = model.collate(samples)
     for row in range(len(samples)):
-        # exchanges to hide from each other: many in the instruct mixes, three in look
-        assert len(answer_runs(batch["labels"][row])) >= (3 if mix == "look" else 5)
+        # exchanges to hide from each other: many in the instruct mixes, three in look (four
+        # or five in look+copy)
+        assert len(answer_runs(batch["labels"][row])) >= {"look": 3, "look+copy": 4}.get(mix, 5)
         assert leaking_answers(model, batch, row) == [], f"{mix}: answers read another exchange"
 
     # The guard is not vacuous: the same exchanges as one plain conversation leak.

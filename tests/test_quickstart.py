@@ -107,7 +107,7 @@ def card_section(checkpoint: Path, title: str) -> dict:
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end_and_reuses_stages(tmp_path: Path):
     cfg = QuickstartConfig(
-        vision_steps=20, box_tokens=True, text_slots=2, reader_steps=5, stage1_steps=6, stage2_steps=4, n=120, size=64, workers=1, threads=1,
+        vision_steps=20, box_tokens=True, text_slots=2, read_slots=4, reader_steps=5, stage1_steps=6, stage2_steps=4, n=120, size=64, workers=1, threads=1,
         vision_width=32, vision_layers=1, decoder_width=64, decoder_layers=1, vocab_size=600,
         max_length=320, vision_batch=16, stage1_batch=8, stage2_batch=4, eval_images=6,
         eval_batch=32, json_max_tokens=96,

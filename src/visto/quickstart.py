@@ -93,6 +93,10 @@ class QuickstartConfig:
     # with focus: <focus> slots before each answer (ProcessorConfig.focus_tokens): 4 = the named
     # object's box as its 4 location tokens, so a grounding answer copies it; 0 = none
     focus_slots: int = 4
+    # with focus and 4 focus slots: this many more <focus> slots hold the tokens the OCR reader
+    # (trained in the vision stage) read, so an answer that reads copies them, as grounding
+    # copies the box (ProjectorConfig.read_slots; 0 = no reader)
+    read_slots: int = 0
     reader_steps: int = 1000
     decoder_width: int = 256
     decoder_layers: int = 4
@@ -133,6 +137,8 @@ class QuickstartConfig:
             problems.append(f"projector must be 'regions', 'mlp' or 'pixel_shuffle', got {self.projector!r}")
         if self.focus_slots not in (0, 4):
             problems.append(f"--focus-slots must be 0 or 4, got {self.focus_slots}")
+        if self.read_slots < 0 or (self.read_slots and not (self.focus and self.focus_slots == 4)):
+            problems.append(f"--read-slots {self.read_slots}: 0, or more with --focus and 4 --focus-slots")
         if self.text_slots < 0:
             problems.append(f"--text-slots must be 0 or more, got {self.text_slots}")
         if self.vision_batch < 1:
@@ -157,7 +163,7 @@ class QuickstartConfig:
                                    "vision_width", "vision_layers", "vision_batch", "vision_lr",
                                    # the saved checkpoint holds a fresh connector and decoder too
                                    "projector", "slots", "box_tokens", "text_slots", "focus", "focus_slots",
-                                   "reader_steps",
+                                   "read_slots", "reader_steps",
                                    "decoder_width", "decoder_layers",
                                    "decoder_init", "vocab_size", "loc_bins", "max_length"),
         }  # fmt: skip
@@ -275,7 +281,7 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
     projector = ProjectorConfig(
         kind=cfg.projector, scale_factor=2, slots=cfg.slots, box_tokens=cfg.box_tokens,
         text_slots=cfg.text_slots if cfg.projector == "regions" else 0,
-        focus=cfg.focus and cfg.projector == "regions",
+        focus=cfg.focus and cfg.projector == "regions", read_slots=read_slots(cfg),
     )  # fmt: skip
     patches = vision.num_patches
     decoder = DecoderConfig(
@@ -295,8 +301,14 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
 
 
 def focus_slots(cfg: QuickstartConfig) -> int:
-    """The processor's `<focus>` slots before each answer (ProcessorConfig.focus_tokens)."""
-    return cfg.focus_slots if cfg.focus and cfg.projector == "regions" else 0
+    """The processor's `<focus>` slots before each answer (ProcessorConfig.focus_tokens): the
+    box's, then the read text's."""
+    return cfg.focus_slots + read_slots(cfg) if cfg.focus and cfg.projector == "regions" else 0
+
+
+def read_slots(cfg: QuickstartConfig) -> int:
+    """`<focus>` slots of read text (ProjectorConfig.read_slots)."""
+    return cfg.read_slots if cfg.focus and cfg.focus_slots and cfg.projector == "regions" else 0
 
 
 def build_processor(cfg: QuickstartConfig, world_dir: Path) -> Any:
@@ -398,7 +410,7 @@ def run_vision(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, console: A
     model.vision_tower.load_state_dict(result.vit.state_dict())
     if cfg.projector == "regions":  # the dense heads are the object detector of the tokens
         model.multi_modal_projector.heads.load_state_dict(result.heads.state_dict())
-    if config.projector.text_slots:
+    if config.projector.text_slots or config.projector.read_slots:
         reader = run_reader(cfg, world_dir, console)
         model.multi_modal_projector.reader.load_state_dict(reader.reader.state_dict())
         result.val.update({f"reader_{k}": v for k, v in reader.val.items()})

@@ -76,7 +76,9 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
               "only, in one of three seeds (bench/README.md, 'Question focus')", None),
     "focus_slots": ("with --focus: <focus> slots before each answer: 4 = the named object's box "
                     "as its 4 location tokens (a grounding answer copies them), 0 = none", "N"),
-    "reader_steps": ("steps of the OCR reader (with --text-slots), trained in the vision stage "
+    "read_slots": ("with --focus: <focus> slots after the box's 4 that hold the tokens the OCR "
+                   "reader read, so an answer that reads copies them (default 0: no reader)", "N"),
+    "reader_steps": ("steps of the OCR reader (with --text-slots or --read-slots), trained in the vision stage "
                      "on the world's text boxes", "N"),
     "stage1_steps": ("steps of LLaVA stage 1", "N"),
     "stage2_steps": ("steps of LLaVA stage 2", "N"),

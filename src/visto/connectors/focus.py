@@ -25,11 +25,19 @@ one-object images.
                                                               pooled toward its first / last
                                                               words: the two objects of "is the
                                                               star left of the circle?")
+              + Linear(where the first side head's object lies from the last one's: the
+                       centres' offset dx, dy and tanh(8 dx), tanh(8 dy))
+                                                              (left of / above, as a sign the
+                                                              decoder reads, not a comparison
+                                                              of two positions it must learn)
+              + Linear(soft histogram of the number of objects) ("how many objects?")
     added to the input embedding of the `<|assistant|>` token that opens each answer; with 4
     `<focus>` slots before it (ProcessorConfig.focus_tokens), the slots hold the embeddings of
     the named object's 4 box location tokens, x1 y1 x2 y2 (weighted as the objects are): what
     a grounding answer writes, so that answer is a copy from a fixed distance back (Pix2Seq
-    tokens in the input, as OFA and Kosmos-2). Those weights are detached there, so only the
+    tokens in the input, as OFA and Kosmos-2). Slots after those 4 (the connector's
+    `read_slots`) hold the tokens of what the OCR reader read, so an answer that reads copies
+    them from a fixed distance back too (M4C's OCR tokens). Those weights are detached there, so only the
     answer-start path trains the scores: with the object itself in a slot of its own and the
     box path training the scores too, the scores drifted off the named object in stage 1
     (bench/README.md, "Question focus": picks 0.90 -> 0.45, colour 0.30 against 0.89).
@@ -52,7 +60,8 @@ from torch import Tensor, nn
 
 COUNT_BINS = 10  # the world has at most 9 objects
 MATCH_BINS = 11  # the best object's cosine with the question, at 0, 0.1, ..., 1
-SIDE_RAMPS = (-4.0, 4.0)  # side heads: question words weighted by exp(ramp * place in question)
+SIDE_RAMPS = (-4.0, 4.0)
+RELATION_FEATURES = 4  # the offset between the side heads' objects: dx, dy, tanh(8 dx), tanh(8 dy)  # side heads: question words weighted by exp(ramp * place in question)
 
 
 class Objects(NamedTuple):
@@ -82,16 +91,26 @@ class QuestionFocus(nn.Module):
         self.side_words = nn.Parameter(torch.zeros(len(SIDE_RAMPS), width))
         self.side_ramp = nn.Parameter(torch.tensor(SIDE_RAMPS))
         self.side_out = nn.Parameter(torch.zeros(len(SIDE_RAMPS), width, width))
+        self.relation = nn.Parameter(torch.zeros(RELATION_FEATURES, width))
+        self.objects = nn.Parameter(torch.zeros(COUNT_BINS, width))
         # token ids, from the tokenizer (set_vocabulary)
         self.user_id = self.assistant_id = self.focus_id = -1
         self.first_text_id = 0  # ids below this are special tokens (roles, image, padding)
         self.slots = 0  # <focus> slots before each answer (the processor's focus_tokens)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints saved before the relation and object-count maps: those maps start at
+        # zero, so a missing one is exactly a fresh one.
+        for name in ("relation", "objects"):
+            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def set_vocabulary(self, tokenizer, slots: int = 0) -> None:
         """Token ids from the tokenizer, and the `<focus>` slots the processor puts before
-        each answer (0: the focus is added to the `<|assistant|>` token itself)."""
-        if slots not in (0, 4):
-            raise ValueError(f"a question focus writes 0 or 4 <focus> slots (a box), not {slots}")
+        each answer (0: the focus is added to the `<|assistant|>` token itself; 4: the named
+        object's box; more: the box, then what the reader read)."""
+        if slots and slots < 4:
+            raise ValueError(f"a question focus writes 0 <focus> slots, or 4 (a box) and more, not {slots}")
         self.slots = slots
         self.focus_id = tokenizer.focus_id if tokenizer.focus_id is not None else -1
         self.user_id = tokenizer.role_ids["user"]
@@ -167,9 +186,12 @@ class QuestionFocus(nn.Module):
         objects: Objects,
         image_sample_index: Tensor,
         segment_ids: Tensor | None = None,
+        read: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """(B, T, D_lm) to add to the input embeddings: zero except at `<|assistant|>` tokens
-        (or the `<focus>` slots before them) of rows with an image."""
+        (or the `<focus>` slots before them) of rows with an image. `read`: per image, the
+        embeddings of the read tokens (N_img, slots - 4, D_lm) and which are real (N_img,
+        slots - 4), for the slots after the box (a row with several images reads its first)."""
         B, T = input_ids.shape
         out = objects.tokens.new_zeros(B, T, objects.tokens.shape[-1])
         rows, cols, question, side = self.head_questions(input_ids, embed, segment_ids)
@@ -188,9 +210,15 @@ class QuestionFocus(nn.Module):
             + soft_histogram(matches, COUNT_BINS, 1.0) @ self.count
             + soft_histogram(best * (MATCH_BINS - 1), MATCH_BINS, 1.0) @ self.match
         )  # (P, D)
+        centres = []
         for h in range(len(SIDE_RAMPS)):
             side_weight = self.attention(side[h], tags, present)
             focus = focus + torch.einsum("pm,pmd->pd", side_weight, tokens) @ self.side_out[h]
+            box = torch.einsum("pm,pmj->pj", side_weight.detach(), rowed.boxes[rows])  # (P, 4)
+            centres.append((box[:, :2] + box[:, 2:]) / 2)
+        offset = centres[0] - centres[-1]  # (P, 2): the first-named object from the last-named
+        focus = focus + torch.cat([offset, torch.tanh(8 * offset)], -1) @ self.relation
+        focus = focus + soft_histogram(present.sum(-1).to(score.dtype), COUNT_BINS, 1.0) @ self.objects
         out = out.index_put((rows, cols), focus.to(out.dtype))
         if not self.slots:
             return out
@@ -202,7 +230,21 @@ class QuestionFocus(nn.Module):
         # The named object's box, as the location tokens x1 y1 x2 y2 (weights detached: see
         # the module doc).
         box = torch.einsum("pm,pmjd->pjd", weight.detach(), rowed.box_words[rows])  # (P, 4, D)
-        return out.index_put((rows[:, None].expand_as(span), span), box.to(out.dtype))
+        box_span = span[:, :4]
+        out = out.index_put((rows[:, None].expand_as(box_span), box_span), box.to(out.dtype))
+        if self.slots == 4:
+            return out
+        if read is None:
+            raise ValueError(f"a focus with {self.slots} slots fills {self.slots - 4} with read text: pass `read`")
+        words, filled = read_per_row(*read, image_sample_index, B)  # (B, R, D), (B, R)
+        words, filled = words[rows], filled[rows]  # (P, R, ...)
+        read_span = span[:, 4:]
+        # Added to the `<focus>` token's embedding, as the box is; a slot with nothing read
+        # keeps that alone: "no more text".
+        return out.index_put(
+            (rows[:, None].expand_as(read_span), read_span),
+            (words * filled[..., None]).to(out.dtype),
+        )
 
 
 def soft_histogram(x: Tensor, bins: int, width: float) -> Tensor:
@@ -214,6 +256,17 @@ def soft_histogram(x: Tensor, bins: int, width: float) -> Tensor:
 def spread(score: Tensor, present: Tensor) -> Tensor:
     """(P, M) scores -> softmax weights over the present objects (0 on empty slots)."""
     return score.masked_fill(~present, -1e4).softmax(-1) * present
+
+
+def read_per_row(words: Tensor, filled: Tensor, image_sample_index: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """Per image (N_img, R, D) read-token embeddings and (N_img, R) masks -> per batch row (B,
+    R, ...): each row's first image (rows without an image read nothing)."""
+    out = words.new_zeros(rows, *words.shape[1:])
+    out_filled = filled.new_zeros(rows, *filled.shape[1:])
+    for i in reversed(range(words.shape[0])):  # reversed: a row's first image is written last
+        out[image_sample_index[i]] = words[i]
+        out_filled[image_sample_index[i]] = filled[i]
+    return out, out_filled
 
 
 def per_row(objects: Objects, image_sample_index: Tensor, rows: int) -> Objects:
@@ -237,4 +290,4 @@ def per_row(objects: Objects, image_sample_index: Tensor, rows: int) -> Objects:
     return Objects(*(place(field) for field in objects))
 
 
-__all__ = ["COUNT_BINS", "MATCH_BINS", "Objects", "QuestionFocus", "SIDE_RAMPS", "per_row", "soft_histogram", "spread"]
+__all__ = ["COUNT_BINS", "MATCH_BINS", "Objects", "QuestionFocus", "SIDE_RAMPS", "per_row", "read_per_row", "soft_histogram", "spread"]

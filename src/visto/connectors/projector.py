@@ -48,6 +48,11 @@ class ProjectorConfig:
     # pooled, where the answer starts (connectors.focus: top-down attention, Anderson et al.
     # 2018), so the decoder reads the named object instead of searching for it
     focus: bool = False
+    # regions with focus only: after the focus's 4 box slots, `read_slots` more `<focus>` slots
+    # hold what the OCR reader read (every line, joined as an OCR answer writes them), so
+    # reading is a copy from a fixed distance back, as grounding is (M4C's OCR tokens, placed
+    # where the answer can copy them)
+    read_slots: int = 0
     act: str = "gelu"  # mlp only: "gelu" (exact, erf) as transformers' projector_hidden_act
     bias: bool = True
     # LayerNorm on each vision feature before the projection (InternVL's projector does
@@ -64,6 +69,8 @@ class ProjectorConfig:
             raise UserError(f"projector slots must be at least 1, got {self.slots}")
         if self.focus and self.kind != "regions":
             raise UserError(f"projector focus needs kind 'regions' (object tokens), got {self.kind!r}")
+        if self.read_slots < 0 or (self.read_slots and not self.focus):
+            raise UserError("projector read_slots must be >= 0, and needs focus (they are <focus> slots)")
         if self.text_slots < 0 or self.text_tokens < 1:
             raise UserError("projector text_slots must be >= 0 and text_tokens >= 1")
         if self.scale_factor < 1 or (self.hidden_dim is not None and self.hidden_dim < 1):
@@ -149,6 +156,7 @@ def build_projector(cfg: ProjectorConfig, input_dim: int, output_dim: int) -> nn
         module: nn.Module = RegionConnector(
             input_dim, output_dim, cfg.slots, box_tokens=cfg.box_tokens,
             text_slots=cfg.text_slots, text_tokens=cfg.text_tokens, focus=cfg.focus,
+            read_slots=cfg.read_slots,
         )  # fmt: skip
     else:
         kinds = {"linear": LinearProjector, "mlp": MLPProjector, "pixel_shuffle": PixelShuffleProjector}

@@ -33,6 +33,9 @@ and learned projections of the same attributes do not in the same steps.
          them: later lines with their leading space) + a learned "read text" vector,
          `text_tokens` per line, `empty` where there is none (M4C's OCR tokens)
                                                   (B, slots * 5 + text_slots * text_tokens, D_lm)
+      -> with `read_slots` (and `focus`), what the reader read goes instead into `<focus>`
+         slots after the box's: all lines joined as an OCR answer writes them, one token a
+         slot, so an answer that reads copies from a fixed distance back (`read_words`)
 
 The word ids come from the tokenizer once a processor is attached (`set_vocabulary`). The
 heads only know the synthetic world's attributes: on other images they find no objects and
@@ -41,6 +44,7 @@ every slot is `empty`, so use a patch projector for real photos.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -105,17 +109,22 @@ class RegionConnector(nn.Module):
 
     def __init__(
         self, input_dim: int, output_dim: int, slots: int, box_tokens: bool = False,
-        text_slots: int = 0, text_tokens: int = 6, focus: bool = False,
+        text_slots: int = 0, text_tokens: int = 6, focus: bool = False, read_slots: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.slots = slots
         self.box_tokens = box_tokens
         self.text_slots, self.text_tokens = text_slots, text_tokens
-        if text_slots:
+        self.read_slots = read_slots
+        if text_slots or read_slots:
             from visto.connectors.text_reader import TextReader
 
             self.reader = TextReader(frozen=True)
+        if text_slots:
             self.text_marker = nn.Parameter(torch.zeros(output_dim))
+        # What the frozen reader read, by image content and reader weights: the tower and the
+        # reader are frozen in both LLaVA stages, so each image is read once, not every epoch.
+        self._read_cache: dict[bytes, list[str]] = {}
         self.tokenizer = None  # encodes what the reader read; set by set_vocabulary
         self.heads = DenseHeads(input_dim)
         self.feature = nn.Linear(input_dim, output_dim)
@@ -142,6 +151,12 @@ class RegionConnector(nn.Module):
         self.loc_ids = torch.tensor(tokenizer.loc_ids) if tokenizer.loc_ids else None
         self.tokenizer = tokenizer
         if self.focus is not None:
+            if focus_slots not in (0, 4 + self.read_slots) or (self.read_slots and not focus_slots):
+                raise ValueError(
+                    f"the processor puts {focus_slots} <focus> slots before each answer, but this "
+                    f"focus writes {4 + self.read_slots} (the box's 4 and {self.read_slots} read "
+                    "tokens)" + ("" if self.read_slots else " or none")
+                )
             self.focus.set_vocabulary(tokenizer, focus_slots)
 
     def word_table(self, embed: nn.Embedding, kind: str) -> Tensor:
@@ -175,13 +190,28 @@ class RegionConnector(nn.Module):
             present = torch.cat([present, present.new_zeros(present.shape[0], pad)], 1)
         return index, present
 
+    def read_lines(self, pixels: Tensor) -> list[list[str]]:
+        """(B, 3, S, S) -> per image, the lines of text the reader read, in reading order. Each
+        image is read once while the reader's weights stay the same (`_read_cache`)."""
+        weights = repr([(p.data_ptr(), p._version) for p in self.reader.parameters()]).encode()
+        keys = [hashlib.blake2b(weights + image.detach().cpu().numpy().tobytes(), digest_size=16).digest()
+                for image in pixels]  # fmt: skip
+        missing = [b for b, key in enumerate(keys) if key not in self._read_cache]
+        if missing:
+            if len(self._read_cache) > 50_000:  # a long run over many images: start over
+                self._read_cache.clear()
+            read = self.reader(pixels[missing])
+            for b, lines in zip(missing, read, strict=True):
+                self._read_cache[keys[b]] = [text for text, _ in lines]
+        return [self._read_cache[key] for key in keys]
+
     def text_words(self, pixels: Tensor, embed: nn.Embedding) -> Tensor:
         """(B, 3, S, S) -> (B, text_slots * text_tokens, D_lm): what the reader read, as tokens."""
         B, D = pixels.shape[0], embed.weight.shape[1]
         ids = torch.zeros(B, self.text_slots, self.text_tokens, dtype=torch.long)
         filled = torch.zeros(B, self.text_slots, self.text_tokens, dtype=torch.bool)
-        for b, lines in enumerate(self.reader(pixels)):
-            for k, (text, _) in enumerate(lines[: self.text_slots]):
+        for b, lines in enumerate(self.read_lines(pixels)):
+            for k, text in enumerate(lines[: self.text_slots]):
                 pieces = self.tokenizer.encode((" " if k else "") + text)[: self.text_tokens]
                 ids[b, k, : len(pieces)] = torch.tensor(pieces, dtype=torch.long)
                 filled[b, k, : len(pieces)] = True
@@ -189,6 +219,20 @@ class RegionConnector(nn.Module):
         words = embed(ids.to(device)) + self.text_marker.to(embed.weight.dtype)
         words = torch.where(filled.to(device)[..., None], words, self.empty.to(words.dtype))
         return words.view(B, self.text_slots * self.text_tokens, D)
+
+    def read_words(self, pixels: Tensor, embed: nn.Embedding) -> tuple[Tensor, Tensor]:
+        """(B, 3, S, S) -> ((B, read_slots, D_lm) the embeddings of the tokens of everything the
+        reader read, joined as an OCR answer writes it (lines in reading order, one space
+        between), cut at `read_slots`; (B, read_slots) which slots hold a token)."""
+        B = pixels.shape[0]
+        ids = torch.zeros(B, self.read_slots, dtype=torch.long)
+        filled = torch.zeros(B, self.read_slots, dtype=torch.bool)
+        for b, lines in enumerate(self.read_lines(pixels)):
+            pieces = self.tokenizer.encode(" ".join(lines))[: self.read_slots] if lines else []
+            ids[b, : len(pieces)] = torch.tensor(pieces, dtype=torch.long)
+            filled[b, : len(pieces)] = True
+        device = embed.weight.device
+        return embed(ids.to(device)), filled.to(device)
 
     def forward(self, features: Tensor, embed: nn.Embedding, pixels: Tensor | None = None) -> Tensor:
         return self.visual_tokens(self.objects(features, embed), embed, pixels)

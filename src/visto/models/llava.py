@@ -138,6 +138,11 @@ class LlavaConfig:
                 f"processor.focus_tokens is {p.focus_tokens} but only a regions projector with "
                 "focus on writes <focus> slots; set focus_tokens 0 or projector.focus true"
             )
+        elif self.projector.read_slots and p.focus_tokens != 4 + self.projector.read_slots:
+            problems.append(
+                f"projector.read_slots {self.projector.read_slots} are <focus> slots after the box's "
+                f"4: set processor.focus_tokens to {4 + self.projector.read_slots}"
+            )
         if p.vocab_size > self.decoder.vocab_size:
             problems.append(
                 f"processor.vocab_size {p.vocab_size} exceeds decoder.vocab_size "
@@ -251,7 +256,8 @@ class Llava(ConversationFamily, nn.Module):
         )
         if image_sample_index is None:  # one image per row, in order (what the processor makes)
             image_sample_index = torch.arange(pixel_values.shape[0], device=input_ids.device)
-        added = focus(input_ids, embed, objects, image_sample_index, segment_ids)
+        read = connector.read_words(pixel_values, embed) if connector.read_slots else None
+        added = focus(input_ids, embed, objects, image_sample_index, segment_ids, read)
         return embeds + added.to(embeds.dtype)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -9,6 +9,9 @@ the quickstart and `visto compare` build the same batches from the same world:
                       in which only the image lowers the loss (the quickstart's stage 1)
     bind              `look` with three questions drawn type first (colour and shape as often as
                       existence and counting), naming an object other than the largest
+    look+copy         `look` plus one grounding question and, where the image has text, the
+                      OCR question: the answers a model with a question focus copies from its
+                      `<focus>` slots (the named object's box, the text its reader read)
     instruct          every question of the image: VQA, grounding, box -> description, OCR,
                       JSON (LLaVA stage 2)
     instruct+caption  `instruct` plus one caption (every family in `visto compare`)
@@ -103,6 +106,19 @@ def _look(record: dict, loc_bins: int, rng: random.Random) -> list[QA]:
     return qas
 
 
+def _look_copy(record: dict, loc_bins: int, rng: random.Random) -> list[QA]:
+    """`look`, plus a grounding question and the OCR question (where there is text)."""
+    qas = _look(record, loc_bins, rng)
+    t = record["tasks"]
+    if t["ground"]:
+        g = rng.choice(t["ground"])
+        qas.append((g["q"], boxes_to_loc(g["a"], loc_bins)))
+    if t["ocr"] is not None:
+        qas.append((t["ocr"]["q"], t["ocr"]["a"]))
+    rng.shuffle(qas)
+    return qas
+
+
 def _named_not_largest(record: dict, qa: dict) -> bool:
     """Whether the question names an object other than the image's largest: the answer the
     plateau's "biggest object" prior cannot give (bench/README.md, "Binding probe")."""
@@ -176,6 +192,9 @@ MIXES: dict[str, Mix] = {
             "shape as often as existence and counting), naming an object other than the "
             "largest where the image has one", ("caption", "vqa"), independent_turns=True,
             exchanges=_bind),
+        Mix("look+copy", "look plus one grounding question and the OCR question where there "
+            "is text: answers copied from a question focus's <focus> slots (box, read text)",
+            ("caption", "vqa", "ground", "ocr"), independent_turns=True, exchanges=_look_copy),
         Mix("instruct", "every question of an image (VQA, grounding with box tokens, box -> "
             "description, OCR, JSON) as independent turns, in an order drawn per epoch",
             INSTRUCT_TASKS, independent_turns=True, exchanges=_instruct),
