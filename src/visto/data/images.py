@@ -1,4 +1,5 @@
-"""Bounded, safe decoding of untrusted image files: one function every reader uses.
+"""Bounded, safe decoding of untrusted image files: one function every reader uses; and the
+normalisation of decoded pixels that trainers reading whole image arrays share.
 
 Limits are checked before pixels are decoded (Pillow reads the header first), so a
 decompression bomb costs a header read, not gigabytes of memory.
@@ -9,8 +10,10 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from visto.errors import UserError
@@ -77,3 +80,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def normalise_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 (x / 255 - mean) / std per channel: the pixel values the
+    processor makes (`visto.data.processor`, its `ProcessorConfig.mean/std`), in the same
+    float32 operations in the same order, so a tower trained on arrays of decoded images (dense
+    pretraining, the OCR reader) sees the numbers it will get through the processor."""
+    assert pixels.dtype == torch.uint8 and pixels.shape[-3] == 3, (pixels.dtype, pixels.shape)
+    assert len(mean) == 3 and len(std) == 3, (mean, std)
+    m = torch.tensor(tuple(mean), dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(tuple(std), dtype=torch.float32).view(3, 1, 1)
+    return pixels.float().div_(255.0).sub_(m).div_(s)

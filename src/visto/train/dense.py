@@ -18,7 +18,9 @@ object is in its instance mask). Each patch of the ViT's grid gets (heads on the
 
 Shapes and colours are separate targets, so a held-out colour-shape pair is two seen facts.
 Images and targets are read once into memory (uint8 pixels, int8 labels): an epoch costs
-only the forward and backward passes.
+only the forward and backward passes. The tower trains on pixels normalised as the processor
+it will be used with normalises them (`ProcessorConfig.mean/std`, the `processor` argument of
+`pretrain_dense`): the same float32 values, so its features do not shift after training.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from torch.nn import functional as F
 # The heads and their character set live with the connector that reads them at inference
 # (object tokens); this module trains them. Class k + 1 is the world's k-th shape, colour, size.
 from visto.connectors.regions import CHARS, DenseHeads
+from visto.data.images import normalise_pixels
+from visto.data.processor import ProcessorConfig
 from visto.data.synth.vocab import COLOURS, SHAPES, SIZES
 from visto.nn.vision import ViT, ViTConfig
 from visto.train.optim import lr_factor
@@ -135,11 +139,6 @@ def load_dense_targets(
     return DenseTargets(pixels=torch.from_numpy(np.stack(pixels)), **stack)
 
 
-def normalize_pixels(pixels: Tensor, mean: float = 0.5, std: float = 0.5) -> Tensor:
-    """uint8 (B, 3, S, S) -> float, as the processor normalizes (mean/std 0.5 by default)."""
-    return (pixels.float() / 255.0 - mean) / std
-
-
 def dense_loss(out: dict[str, Tensor], t: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
     """Sum of the per-head losses; also per-patch accuracies on the object patches."""
     ce = F.cross_entropy
@@ -178,9 +177,15 @@ def dense_loss(out: dict[str, Tensor], t: dict[str, Tensor]) -> tuple[Tensor, di
     return loss, stats
 
 
-def batch_of(targets: DenseTargets, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def batch_of(
+    targets: DenseTargets, index: Tensor, processor: ProcessorConfig | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The images at `index`, normalised with `processor`'s mean/std (the default
+    ProcessorConfig's when None), and their targets."""
+    p = processor or ProcessorConfig()
     fields = ("shape", "colour", "size", "centre", "centre_shape", "box", "chars")
-    return normalize_pixels(targets.pixels[index]), {f: getattr(targets, f)[index] for f in fields}
+    pixels = normalise_pixels(targets.pixels[index], p.mean, p.std)
+    return pixels, {f: getattr(targets, f)[index] for f in fields}
 
 
 @dataclass
@@ -199,6 +204,7 @@ def pretrain_dense(
     val: DenseTargets | None,
     *,
     minutes: float,
+    processor: ProcessorConfig | None = None,
     max_steps: int = 100_000,
     batch_size: int = 64,
     lr: float = 2e-3,
@@ -211,8 +217,10 @@ def pretrain_dense(
     """Train a fresh ViT + dense heads for `minutes` or `max_steps`, whichever ends first
     (warmup, then a cosine to 5% of `lr` over that budget: `train.optim.lr_factor`).
 
-    `log` receives a metrics row (train every `log_every` steps, val at the end);
-    `on_step(step, fraction_of_budget, loss)` drives a progress bar.
+    `processor`: the settings of the processor the tower will be used with (a model config's
+    `processor`); the images are normalised with its mean/std (None: the default
+    ProcessorConfig's, 0.5/0.5). `log` receives a metrics row (train every `log_every` steps,
+    val at the end); `on_step(step, fraction_of_budget, loss)` drives a progress bar.
     """
     torch.manual_seed(seed)
     vit = ViT(vit_config)
@@ -245,7 +253,7 @@ def pretrain_dense(
             order, cursor = torch.randperm(n, generator=g), 0
         index = order[cursor : cursor + batch_size]
         cursor += batch_size
-        x, t = batch_of(train, index)
+        x, t = batch_of(train, index, processor)
         out = heads(vit(x, feature_layer=-1, pooled=False).features)
         loss, stats = dense_loss(out, t)
         opt.zero_grad(set_to_none=True)
@@ -271,7 +279,7 @@ def pretrain_dense(
              "elapsed_s": round(time.perf_counter() - start, 2)})  # fmt: skip
     val_stats: dict[str, float] = {}
     if val is not None:
-        val_stats = evaluate_dense(vit, heads, val)
+        val_stats = evaluate_dense(vit, heads, val, processor=processor)
         log({"step": step, "split": "val", **val_stats,
              "elapsed_s": round(time.perf_counter() - start, 2)})  # fmt: skip
     vit.eval()
@@ -279,13 +287,17 @@ def pretrain_dense(
 
 
 @torch.no_grad()
-def evaluate_dense(vit: ViT, heads: DenseHeads, data: DenseTargets, batch_size: int = 128) -> dict:
+def evaluate_dense(
+    vit: ViT, heads: DenseHeads, data: DenseTargets, batch_size: int = 128,
+    processor: ProcessorConfig | None = None,
+) -> dict:  # fmt: skip
+    """Mean loss and accuracies over `data`, its images normalised with `processor`'s mean/std."""
     vit.eval()
     sums: dict[str, float] = {}
     batches = 0
     for i in range(0, data.pixels.shape[0], batch_size):
         index = torch.arange(i, min(i + batch_size, data.pixels.shape[0]))
-        x, t = batch_of(data, index)
+        x, t = batch_of(data, index, processor)
         loss, stats = dense_loss(heads(vit(x, feature_layer=-1, pooled=False).features), t)
         for k, v in {"loss": float(loss), **stats}.items():
             if not math.isnan(v):
@@ -299,10 +311,10 @@ __all__ = [
     "DenseHeads",
     "DenseResult",
     "DenseTargets",
+    "batch_of",
     "dense_loss",
     "evaluate_dense",
     "load_dense_targets",
-    "normalize_pixels",
     "pretrain_dense",
     "record_targets",
 ]

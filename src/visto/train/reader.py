@@ -4,7 +4,8 @@ Two losses in one step, as the two parts never share weights:
   - find: per-cell binary cross-entropy against the cores of the world's text boxes;
   - read: CTC (Graves et al. 2006) on crops of the true boxes, jittered by a few pixels so
     the reader holds up against the finder's loose boxes.
-The world's images are 128 px, as the processor feeds them to the vision tower.
+The world's images are 128 px, as the processor feeds them to the vision tower, and
+normalised as it normalises them (`ProcessorConfig.mean/std`, the `processor` arguments).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from visto.connectors.text_reader import (
     encode_text,
     text_core,
 )
+from visto.data.images import normalise_pixels
+from visto.data.processor import ProcessorConfig
 
 
 @dataclass
@@ -58,9 +61,11 @@ def load_reader_data(world_dir: Path, split: str, size: int) -> ReaderData:
     return ReaderData(torch.stack(images), lines)
 
 
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, S, S) -> the processor's pixel values (mean 0.5, std 0.5)."""
-    return images.float() / 127.5 - 1.0
+def normalise(images: torch.Tensor, processor: ProcessorConfig | None = None) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> the pixel values `processor` makes (None: the default
+    ProcessorConfig's mean/std, 0.5/0.5)."""
+    p = processor or ProcessorConfig()
+    return normalise_pixels(images, p.mean, p.std)
 
 
 def text_mask(lines: list[list[tuple[str, list[int]]]], size: int) -> torch.Tensor:
@@ -110,8 +115,12 @@ def reader_loss(
     return find + read
 
 
-def evaluate_reader(reader: TextReader, data: ReaderData, batch_size: int = 64) -> dict[str, float]:
-    """The reader as the connector runs it (eval mode) on every image of `data`:
+def evaluate_reader(
+    reader: TextReader, data: ReaderData, batch_size: int = 64,
+    processor: ProcessorConfig | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """The reader as the connector runs it (eval mode) on every image of `data`, normalised
+    as `processor` normalises (`normalise`):
 
     exact         the whole reading equal to the OCR answer (texts in reading order, joined
                   by spaces), over the images that hold text
@@ -124,7 +133,7 @@ def evaluate_reader(reader: TextReader, data: ReaderData, batch_size: int = 64) 
     was_training = reader.training
     reader.eval()
     for start in range(0, len(data.lines), batch_size):
-        found = reader(normalise(data.images[start : start + batch_size]))
+        found = reader(normalise(data.images[start : start + batch_size], processor))
         for got, want in zip(found, data.lines[start : start + batch_size], strict=True):
             got_texts, want_texts = [t for t, _ in got], [t for t, _ in want]
             if not want:
@@ -157,8 +166,10 @@ def train_reader(
     lr: float = 3e-3,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
+    processor: ProcessorConfig | None = None,
 ) -> ReaderResult:
-    """AdamW with a cosine decay over `steps` steps of `batch_size` images."""
+    """AdamW with a cosine decay over `steps` steps of `batch_size` images, normalised as the
+    model's `processor` normalises them (None: the default ProcessorConfig's mean/std)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     reader = TextReader()
@@ -173,7 +184,7 @@ def train_reader(
             order += rng.sample(range(len(train.lines)), len(train.lines))
         batch, order = order[:batch_size], order[batch_size:]
         loss = reader_loss(
-            reader, normalise(train.images[batch]), [train.lines[i] for i in batch], rng
+            reader, normalise(train.images[batch], processor), [train.lines[i] for i in batch], rng
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -185,7 +196,8 @@ def train_reader(
     seconds = time.perf_counter() - t0
     reader.eval()
     return ReaderResult(
-        reader, steps, seconds, evaluate_reader(reader, val) if val is not None else {}
+        reader, steps, seconds,
+        evaluate_reader(reader, val, processor=processor) if val is not None else {},
     )
 
 
