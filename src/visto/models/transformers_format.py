@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,57 @@ def write_transformers_dir(
             for name, content in (extra_json or {}).items():
                 atomic_write_json(tmp / name, content)
     return Path(directory)
+
+
+def read_image_processor(directory: str | Path) -> tuple[dict[str, Any], Path] | None:
+    """The image processor settings transformers saved in `directory` and the file they came
+    from: preprocessor_config.json (an image processor's `save_pretrained`), else the
+    "image_processor" entry of processor_config.json (a whole processor's, as transformers 5
+    writes a CLIPProcessor or LlavaProcessor); None when neither holds them."""
+    directory = Path(directory)
+    for name, entry in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not valid JSON: {e}") from None
+        if entry is not None and isinstance(data, dict):
+            data = data.get(entry)
+        if isinstance(data, dict):
+            return data, path
+    return None
+
+
+def image_normalisation(
+    settings: dict[str, Any], where: str | Path, default: tuple[Sequence[float], Sequence[float]]
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """(mean, std) per channel of transformers image processor `settings` (`image_mean` and
+    `image_std`, one number or three; `default` for a missing one; 0 and 1 when `do_normalize`
+    is false), for a processor that computes (x / 255 - mean) / std as visto's does."""
+    scale = settings.get("rescale_factor", 1 / 255) if settings.get("do_rescale", True) else 1
+    if not isinstance(scale, (int, float)) or not math.isclose(scale, 1 / 255, rel_tol=1e-6):
+        raise UserError(
+            f"{where}: the image processor scales pixels by {scale!r} before normalising; "
+            "visto's processor divides them by 255 (do_rescale true, rescale_factor 1/255)"
+        )
+    if settings.get("do_normalize", True) is False:
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+    def three(key: str, fallback: Sequence[float]) -> tuple[float, float, float]:
+        value = settings.get(key, fallback)
+        values = [value] * 3 if isinstance(value, (int, float)) else value
+        if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        ):
+            raise UserError(f"{where}: {key} must be one number or three (R, G, B), got {value!r}")
+        return (float(values[0]), float(values[1]), float(values[2]))
+
+    mean, std = three("image_mean", default[0]), three("image_std", default[1])
+    if min(std) <= 0:
+        raise UserError(f"{where}: image_std must be positive, got {list(std)}")
+    return mean, std
 
 
 def image_processor_json(processor_config: Any, kind: str) -> dict[str, Any]:
