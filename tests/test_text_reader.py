@@ -78,9 +78,10 @@ def test_text_slots_carry_the_read_words_as_the_answers_tokens(tokenizer, tmp_pa
         c.text_marker.fill_(0.25)
         c.empty.fill_(0.5)
     lines = [[("CAT", [0, 0, 10, 10]), ("DOG", [0, 20, 10, 30])], []]
-    c.reader.forward = lambda pixels: lines  # what the reader read, fixed
+    c.reader.forward = lambda pixels: lines  # what the reader read, fixed (two different images:
+    # the connector reads each image once, by its pixels)
     embed = nn.Embedding(300, 32)
-    tokens = c(torch.randn(2, 16, 16), embed, torch.zeros(2, 3, 128, 128))
+    tokens = c(torch.randn(2, 16, 16), embed, torch.randn(2, 3, 128, 128))
     assert tokens.shape == (2, 2 + 2 * 4, 32)
     assert (
         ProjectorConfig(kind="regions", slots=2, text_slots=2, text_tokens=4).num_tokens(16) == 10

@@ -327,8 +327,9 @@ def build_processor(cfg: QuickstartConfig, world_dir: Path) -> Any:
     return with_focus_token(tokenizer) if focus_slots(cfg) else tokenizer
 
 
-def run_reader(cfg: QuickstartConfig, world_dir: Path, console: Any) -> Any:
-    """The connector's OCR reader, trained on the world's text boxes (visto.train.reader)."""
+def run_reader(cfg: QuickstartConfig, world_dir: Path, console: Any, processor: Any = None) -> Any:
+    """The connector's OCR reader, trained on the world's text boxes (visto.train.reader), on
+    pixels normalised as `processor` (a ProcessorConfig) normalises them."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from visto.train.reader import load_reader_data, train_reader
@@ -342,7 +343,7 @@ def run_reader(cfg: QuickstartConfig, world_dir: Path, console: Any) -> Any:
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("OCR reader", total=cfg.reader_steps, info="")
         result = train_reader(
-            train, val, cfg.reader_steps, batch_size=16, seed=cfg.seed,
+            train, val, cfg.reader_steps, batch_size=16, seed=cfg.seed, processor=processor,
             on_step=lambda step, loss: progress.update(bar, completed=step, info=f"loss {loss:.3f}"),
         )  # fmt: skip
     exact = result.val.get("exact", float("nan"))
@@ -402,7 +403,7 @@ def run_vision(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, console: A
         result = pretrain_dense(
             config.vision, train, val, minutes=left, max_steps=cfg.vision_steps,
             batch_size=cfg.vision_batch, lr=cfg.vision_lr, seed=cfg.seed, log=rows.append,
-            on_step=on_step,
+            on_step=on_step, processor=config.processor,
         )  # fmt: skip
     atomic_write_text(stage_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     torch.manual_seed(cfg.seed)
@@ -411,7 +412,7 @@ def run_vision(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, console: A
     if cfg.projector == "regions":  # the dense heads are the object detector of the tokens
         model.multi_modal_projector.heads.load_state_dict(result.heads.state_dict())
     if config.projector.text_slots or config.projector.read_slots:
-        reader = run_reader(cfg, world_dir, console)
+        reader = run_reader(cfg, world_dir, console, config.processor)
         model.multi_modal_projector.reader.load_state_dict(reader.reader.state_dict())
         result.val.update({f"reader_{k}": v for k, v in reader.val.items()})
     model.processor = Processor(config.processor, tokenizer)
