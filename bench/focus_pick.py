@@ -5,7 +5,10 @@ shape, size, grounding, box -> description, and a relation's subject), asked alo
 evaluation: the object the focus weights most (`connectors.focus`, on a checkpoint built with
 `projector.focus`) against the named object, matched by box IoU >= 0.5 between the detector's
 box of the picked slot and the object's true box. Also the weight on the picked slot (how sure
-the focus is). The decoder only has to read the picked object when this is high; when it is
+the focus is). For counting questions that name a shape or a colour: how well the scores
+separate the objects they count from the others (the share of (counted, other) pairs of
+detected objects whose cosines are in that order: 1 = a threshold exists), and how often the
+focus's own soft count (sum of sigmoid(score - scale * threshold)) rounds to the answer. The decoder only has to read the picked object when this is high; when it is
 low, the answer needs a second search the focus did not do.
 
     python bench/focus_pick.py runs/f0/stage1/checkpoint --world runs/f0/world --n 100 --json F
@@ -35,6 +38,39 @@ def named_questions(record: dict, loc_bins: int) -> list[tuple[str, str, int]]:
     out += [("ground", g["q"], g["object"]) for g in t["ground"]]
     out += [("refdesc", boxes_to_loc(r["q"], loc_bins), r["object"]) for r in t["refdesc"]]
     return out
+
+
+def count_stats(focus, model, record, image, objects, truth, embed, stats) -> None:
+    """Counting questions of one image that name a shape or a colour: see the module doc."""
+    from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+
+    asks = [qa for qa in record["tasks"]["vqa"] if qa.get("type") == "count" and ("shape" in qa or "colour" in qa)]
+    if not asks:
+        return
+    batch = model.prompt_batch([Sample(str(k), [image], [Turn("user", f"{IMAGE_PLACEHOLDER}\n{qa['q']}")])
+                                for k, qa in enumerate(asks)])  # fmt: skip
+    _, _, question = focus.questions(batch.input_ids, embed)
+    n = question.shape[0]
+    tags = objects.tags if objects.count_tags is None else objects.count_tags
+    score = focus.scores(question, tags.expand(n, -1, -1))  # (n, S)
+    scale = focus.log_scale.exp()
+    present = objects.present[0]
+    objs = record["truth"]["objects"]
+    # Each detected slot -> the true object it found (IoU >= 0.5), or None.
+    found = []
+    for k in range(present.shape[0]):
+        hits = [i for i, box in enumerate(truth) if present[k] and iou(objects.boxes[0, k], box) >= 0.5]
+        found.append(hits[0] if hits else None)
+    s = stats["count"]
+    for qa, row in zip(asks, score, strict=True):
+        key = "shape" if "shape" in qa else "colour"
+        counted = [k for k, i in enumerate(found) if i is not None and objs[i][key] == qa[key]]
+        others = [k for k, i in enumerate(found) if i is not None and objs[i][key] != qa[key]]
+        s["questions"] += 1
+        s["pairs"] += len(counted) * len(others)
+        s["ordered"] += sum(float(row[a] > row[b]) for a in counted for b in others)
+        soft = float((torch.sigmoid(row - scale * focus.threshold) * present).sum())
+        s["exact"] += float(round(soft) == qa["count"])
 
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -86,19 +122,32 @@ def main() -> None:
             weight = connector.focus.attention(
                 question, objects.tags.expand(n, -1, -1), objects.present.expand(n, -1)
             )  # (n, S)
+            count_stats(connector.focus, model, r, image, objects, truth, embed, stats)
             for (kind, _, target), w in zip(questions, weight, strict=True):
                 s = stats[kind]
                 s["questions"] += 1
                 top = int(w.argmax())
                 s["picked"] += float(objects.present[0, top] and iou(objects.boxes[0, top], truth[target]) >= 0.5)
                 s["weight"] += float(w[top])
+    counting = stats.pop("count", None)
     table = {k: {"questions": int(s["questions"]), "picked": s["picked"] / s["questions"],
                  "top_weight": s["weight"] / s["questions"]} for k, s in sorted(stats.items())}  # fmt: skip
+    if counting:
+        table["count (names a shape or colour)"] = {
+            "questions": int(counting["questions"]),
+            "pairs_ordered": counting["ordered"] / max(counting["pairs"], 1),
+            "soft_count_exact": counting["exact"] / counting["questions"],
+        }
     print(f"{a.checkpoint}: {a.n} {a.split} images, {time.time() - t0:.0f} s, load {os.getloadavg()[0]:.1f}")
     print("| question | questions | focus picks the named object | weight on the pick |")
     print("|---|---:|---:|---:|")
     for k, r in table.items():
-        print(f"| {k} | {r['questions']} | {r['picked']:.3f} | {r['top_weight']:.3f} |")
+        if "picked" in r:
+            print(f"| {k} | {r['questions']} | {r['picked']:.3f} | {r['top_weight']:.3f} |")
+    if "count (names a shape or colour)" in table:
+        c = table["count (names a shape or colour)"]
+        print(f"counting, {c['questions']} questions: counted objects score above the others in "
+              f"{c['pairs_ordered']:.3f} of pairs; the soft count rounds to the answer {c['soft_count_exact']:.3f}")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"checkpoint": a.checkpoint, "n": a.n, "types": table}, indent=1))

@@ -270,9 +270,9 @@ def test_a_row_with_two_images_focuses_over_both_images_objects(tokenizer):
     a = world_objects(tok, embed, [("red", "circle"), ("blue", "star")])
     b = world_objects(tok, embed, [("green", "square")])
     a, b = (o._replace(box_words=torch.randn(1, o.present.shape[1], 4, 32)) for o in (a, b))
-    both = Objects(*(torch.cat([x, y], 1) for x, y in zip(a, b, strict=True)))
-    pad = lambda o: Objects(*(torch.cat([f, f[:, :1].new_zeros(f[:, :1].shape)], 1) for f in o))  # noqa: E731
-    two = Objects(*(torch.cat([x, y], 0) for x, y in zip(pad(b), a, strict=True)))  # 2 slots per image
+    both = Objects(*(None if x is None else torch.cat([x, y], 1) for x, y in zip(a, b, strict=True)))
+    pad = lambda o: Objects(*(None if f is None else torch.cat([f, f[:, :1].new_zeros(f[:, :1].shape)], 1) for f in o))  # noqa: E731
+    two = Objects(*(None if x is None else torch.cat([x, y], 0) for x, y in zip(pad(b), a, strict=True)))  # 2 slots per image
     ids = torch.tensor([[tok.bos_id, tok.role_ids["user"], tok.image_id, tok.image_id,
                          *tok.encode("Which shape is green?"), tok.end_id, *[tok.focus_id] * 4,
                          tok.role_ids["assistant"]]])  # fmt: skip
@@ -323,7 +323,7 @@ def test_read_slots_hold_the_read_text_after_the_box(tokenizer):
     ids = [tok.bos_id, tok.role_ids["user"], tok.image_id, *tok.encode("Read the text."),
            tok.end_id, *[tok.focus_id] * 13, tok.role_ids["assistant"]]  # fmt: skip
     ids = torch.tensor([ids, ids])
-    both = Objects(*(torch.cat([f, f]) for f in objects))
+    both = Objects(*(None if f is None else torch.cat([f, f]) for f in objects))
     added = focus(ids, embed, both, torch.tensor([0, 1]), read=(words, filled))
     slots = (ids[0] == tok.focus_id).nonzero().flatten()
     read_at = slots[4:]
@@ -396,3 +396,29 @@ def test_relation_offset_and_object_count_reach_the_answer_start(tokenizer):
     fresh = QuestionFocus(256)
     fresh.load_state_dict(old)
     assert fresh.relation.abs().sum() == 0 and fresh.objects.abs().sum() == 0
+
+
+def test_counting_scores_tags_with_the_shapes_plural(tokenizer):
+    """'How many stars?' names the star by a token of its own: the count path scores tags that
+    hold the plural too, so the stars outscore the rest although the question never says 'star'."""
+    torch.manual_seed(0)
+    embed = nn.Embedding(400, 256)
+    c = RegionConnector(8, 256, slots=3)
+    c.set_vocabulary(tokenizer)
+    star = SHAPE_NAMES.index("star")
+    assert torch.allclose(c.word_table(embed, "plural")[star], embed(torch.tensor(tokenizer.encode(" stars"))).mean(0))
+    focus = QuestionFocus(256)
+    focus.set_vocabulary(tokenizer)
+    objects = world_objects(tokenizer, embed, [("red", "star"), ("blue", "circle"), ("green", "star")])
+    plural = torch.stack([c.word_table(embed, "plural")[SHAPE_NAMES.index(s)] for s in ("star", "circle", "star")])
+    objects = objects._replace(count_tags=objects.tags + plural[None])
+    _, _, q = focus.questions(prompt(tokenizer, "How many stars are there?"), embed)
+    by_count_tags = focus.scores(q, objects.count_tags)[0]
+    assert by_count_tags[0] > by_count_tags[1] and by_count_tags[2] > by_count_tags[1]
+    with torch.no_grad():
+        focus.count.copy_(torch.eye(10, 256))
+    ids = prompt(tokenizer, "How many stars are there?")
+    answer = ids[0] == tokenizer.role_ids["assistant"]
+    with_plural = focus(ids, embed, objects, torch.tensor([0]))[0, answer][0, :10]
+    without = focus(ids, embed, objects._replace(count_tags=None), torch.tensor([0]))[0, answer][0, :10]
+    assert not torch.allclose(with_plural, without)  # the count path reads count_tags

@@ -72,6 +72,8 @@ class Objects(NamedTuple):
     box_words: Tensor  # (N_img, S, 4, D_lm) the embeddings of its box's 4 location tokens
     boxes: Tensor  # (N_img, S, 4) its box (x1, y1, x2, y2) in 0..1, as the detector predicts it
     present: Tensor  # (N_img, S) bool: a detected object (else an empty slot)
+    # (N_img, S, D_lm) the tags counting scores (plus the shape's plural); None: `tags`
+    count_tags: Tensor | None = None
 
 
 class QuestionFocus(nn.Module):
@@ -203,7 +205,9 @@ class QuestionFocus(nn.Module):
         weight = spread(score, present)
         value = torch.einsum("pm,pmd->pd", weight, tokens)  # (P, D)
         scale = self.log_scale.exp()
-        matches = (torch.sigmoid(score - scale * self.threshold) * present).sum(-1)  # (P,)
+        count_tags = tags if rowed.count_tags is None else rowed.count_tags[rows]
+        count_score = self.scores(question, count_tags)
+        matches = (torch.sigmoid(count_score - scale * self.threshold) * present).sum(-1)  # (P,)
         best = (score / scale).masked_fill(~present, 0).max(-1).values  # (P,) cosine
         focus = (
             value @ self.out
@@ -287,7 +291,7 @@ def per_row(objects: Objects, image_sample_index: Tensor, rows: int) -> Objects:
             out[row, at : at + slots] = field[i]
         return out
 
-    return Objects(*(place(field) for field in objects))
+    return Objects(*(None if field is None else place(field) for field in objects))
 
 
 __all__ = ["COUNT_BINS", "MATCH_BINS", "Objects", "QuestionFocus", "SIDE_RAMPS", "per_row", "read_per_row", "soft_histogram", "spread"]

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from visto.connectors.focus import Objects, QuestionFocus
-from visto.data.synth.vocab import COLOURS, SHAPES, SIZES
+from visto.data.synth.vocab import COLOURS, SHAPE_PLURALS, SHAPES, SIZES
 
 SHAPE_NAMES: tuple[str, ...] = SHAPES
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
@@ -148,6 +148,13 @@ class RegionConnector(nn.Module):
             ids = torch.tensor([[i for i, _ in r] + [0] * (width - len(r)) for r in rows])
             weights = torch.tensor([[w for _, w in r] + [0.0] * (width - len(r)) for r in rows])
             self.vocabulary[kind] = (ids, weights)
+        # Counting questions name shapes in the plural (" stars"), a token of its own.
+        plurals = [tokenizer.encode(" " + SHAPE_PLURALS[name]) for name in SHAPE_NAMES]
+        width = max(len(p) for p in plurals)
+        self.vocabulary["plural"] = (
+            torch.tensor([p + [0] * (width - len(p)) for p in plurals]),
+            torch.tensor([[1.0 / len(p)] * len(p) + [0.0] * (width - len(p)) for p in plurals]),
+        )
         self.loc_ids = torch.tensor(tokenizer.loc_ids) if tokenizer.loc_ids else None
         self.tokenizer = tokenizer
         if self.focus is not None:
@@ -276,7 +283,10 @@ class RegionConnector(nn.Module):
             + box_words.mean(-2)
         )  # (B, S, D_lm): the object in the decoder's own words
         tokens = self.feature(at(features)) + tags + self.box(box_fourier(box))  # (B, S, D_lm)
-        return Objects(tokens, tags, box_words, box, present)
+        # What counting scores: the tag plus the shape's plural (added to the tag that picks
+        # one object, it lowered those picks: bench/README.md, "Question focus")
+        count_tags = tags + p_shape @ self.word_table(embed, "plural")
+        return Objects(tokens, tags, box_words, box, present, count_tags)
 
 
 __all__ = ["CHARS", "COLOUR_NAMES", "DenseHeads", "RegionConnector", "SHAPE_NAMES", "SIZE_NAMES", "box_fourier"]
