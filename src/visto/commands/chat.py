@@ -38,7 +38,8 @@ installed (always valid JSON; --no-constrain turns it off).
 clipseg checkpoint: runs/clipseg-synth/checkpoint or segment=CKPT; or module:attribute of
 your own visto.tools.Tool): visto runs each call on the last IMAGE, hands the result back to the
 model and lets it answer (a mask or boxes come back as PNGs in --json's tool_runs). --tool-choice required (or a tool's name) makes the first answer a
-call, decoded under the tool's JSON schema; the model may call again, up to 3 rounds. A call
+call, decoded under the tool's JSON schema; the model may call again, up to 3 rounds, and the
+answer after them cannot call (no <tool markup can begin in it: its grammar). A call
 cut by --max-tokens is left out and not run: the answer ends there (finish_reason "length") and
 visto says to raise --max-tokens.
 

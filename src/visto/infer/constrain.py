@@ -123,8 +123,13 @@ class Grammars:
                 json.dumps(plain_strings(schema)), **JSON_STYLE
             )
 
-    def constraint(self, compiled: Any) -> JSONConstraint:
-        """A fresh logits processor for one generated sequence."""
+    def constraint(self, compiled: Any, close: bool = True) -> GrammarMask:
+        """A fresh logits processor for one generated sequence: one that closes the grammar
+        within the budget (`JSONConstraint`), or, with `close=False`, one that only masks what
+        the grammar rejects (`GrammarMask`: for free text, which the budget cuts like any text;
+        a grammar that must end, JSON, would be left unfinished)."""
+        if not close:
+            return GrammarMask(self._xgr, compiled, self.vocab_size, self._forbidden)
         return JSONConstraint(self._xgr, compiled, self.vocab_size, self._forbidden, self._closing)
 
     def fewest_tokens(self, compiled: Any) -> int | None:
@@ -203,27 +208,53 @@ class ClosingPath:
         return bytes([allowed[0]])
 
 
-class JSONConstraint:
-    """`(generated ids, logits (V,)) -> logits (V,)` with every token the grammar rejects at -inf,
-    and `settle`, which keeps the answer able to close within the budget (module doc)."""
+class GrammarMask:
+    """`(generated ids, logits (V,)) -> logits (V,)` with every token the grammar rejects at -inf
+    (and the structural special tokens but the stop tokens). Nothing more: the answer may end
+    where the budget cuts it (JSONConstraint closes it in time)."""
 
-    def __init__(self, xgr: Any, compiled: Any, vocab_size: int, forbidden: Tensor,
-                 closing: ClosingPath) -> None:  # fmt: skip
+    def __init__(self, xgr: Any, compiled: Any, vocab_size: int, forbidden: Tensor) -> None:
         self._xgr = xgr
         self.matcher = xgr.GrammarMatcher(compiled)
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
         self.forbidden = forbidden
         self.consumed = 0  # generated tokens already fed to the matcher
         self._shifts = torch.arange(32, dtype=torch.int32)
-        self._closing = closing
-        self._path: list[int] | None = None  # the closing path from the matcher's state
 
     def _catch_up(self, generated: list[int]) -> None:
         for token in generated[self.consumed :]:
             accepted = self.matcher.accept_token(token)
             assert accepted, f"token {token} was sampled although the grammar forbids it"
-            self._path = None
+            self._moved()
         self.consumed = len(generated)
+
+    def _moved(self) -> None:
+        """The matcher took a token."""
+
+    def __call__(self, generated: list[int], logits: Tensor) -> Tensor:
+        self._catch_up(generated)
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        # The bitmask packs 32 tokens per int32, bit i of word w = token 32 * w + i. Unpacked
+        # here in torch: xgrammar's own CPU kernel hung when called from a server thread.
+        V = logits.shape[-1]
+        words = self.bitmask[0]  # (ceil(V / 32),) int32
+        allowed = ((words[:, None] >> self._shifts) & 1).bool().flatten()[:V]  # (V,)
+        blocked = ~allowed | self.forbidden[:V]
+        return logits.float().masked_fill(blocked, float("-inf"))
+
+
+class JSONConstraint(GrammarMask):
+    """A GrammarMask and `settle`, which keeps the answer able to close within the budget
+    (module doc)."""
+
+    def __init__(self, xgr: Any, compiled: Any, vocab_size: int, forbidden: Tensor,
+                 closing: ClosingPath) -> None:  # fmt: skip
+        super().__init__(xgr, compiled, vocab_size, forbidden)
+        self._closing = closing
+        self._path: list[int] | None = None  # the closing path from the matcher's state
+
+    def _moved(self) -> None:
+        self._path = None
 
     def settle(self, generated: list[int], token: int, left: int) -> int:
         """The token to take after `generated` where `token` was drawn and `left` tokens (this
@@ -256,14 +287,3 @@ class JSONConstraint:
         self.consumed += 1
         self._path = rest or None
         return token
-
-    def __call__(self, generated: list[int], logits: Tensor) -> Tensor:
-        self._catch_up(generated)
-        self.matcher.fill_next_token_bitmask(self.bitmask)
-        # The bitmask packs 32 tokens per int32, bit i of word w = token 32 * w + i. Unpacked
-        # here in torch: xgrammar's own CPU kernel hung when called from a server thread.
-        V = logits.shape[-1]
-        words = self.bitmask[0]  # (ceil(V / 32),) int32
-        allowed = ((words[:, None] >> self._shifts) & 1).bool().flatten()[:V]  # (V,)
-        blocked = ~allowed | self.forbidden[:V]
-        return logits.float().masked_fill(blocked, float("-inf"))

@@ -112,6 +112,7 @@ async def stream_chat(server: Server, job: Job, body: ChatCompletionRequest, rea
                 if done is not None:
                     yield chunk([{"index": 0, "delta": {}, "logprobs": None,
                                   "finish_reason": None, "tool_runs": done.report()}])
+                if done is not None and not done.cut:
                     rounds += 1
                     try:
                         ready = await run_in_threadpool(server.next_round, body, ready, done,
@@ -176,6 +177,8 @@ async def whole_chat(server: Server, body: ChatCompletionRequest, request: Reque
         if done is None:
             break
         tool_runs += done.report()
+        if done.cut:  # a call after those that ran was cut: the answer ends ("length")
+            break
         rounds += 1
         ready = await run_in_threadpool(server.next_round, body, ready, done, rounds)
         job = server.submit(ready.prompts, ready.params, deadline)

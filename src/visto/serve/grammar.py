@@ -9,6 +9,7 @@ wrong into OpenAI-envelope errors.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from visto.data.tokenizer import Tokenizer
@@ -42,6 +43,15 @@ def _schema_error(e: Exception) -> APIError:
                     "response_format.json_schema.schema")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class OpenEnded:
+    """A compiled grammar of free text, which the budget cuts like any text ("length"): its
+    constraint masks what the grammar rejects and does not end the answer in time, as a JSON
+    grammar's does (infer/constrain.py)."""
+
+    compiled: Any
+
+
 class GrammarFactory(Grammars):
     """The engine's grammars for one tokenizer, compiled from OpenAI requests."""
 
@@ -56,6 +66,16 @@ class GrammarFactory(Grammars):
                 "pip install --no-deps xgrammar apache-tvm-ffi",
                 "response_format",
             ) from None
+
+    def constraint(self, compiled: Any, close: bool = True) -> Any:
+        if isinstance(compiled, OpenEnded):
+            return super().constraint(compiled.compiled, close=False)
+        return super().constraint(compiled, close)
+
+    def fewest_tokens(self, compiled: Any) -> int | None:
+        if isinstance(compiled, OpenEnded):
+            return None  # free text: it need not close
+        return super().fewest_tokens(compiled)
 
     def compile(self, response_format: dict[str, Any]) -> Any:
         """A compiled grammar for an OpenAI `response_format`, or None for plain text."""
@@ -86,8 +106,11 @@ class GrammarFactory(Grammars):
         """A grammar for an answer under `plan` (serve/tools.py): with "auto", free text in which
         a `<tool_call>` opens a call of one of the tools, or, with a JSON `response_format`,
         either calls or that JSON; with "required" (or a named tool), calls and nothing else.
-        Either way a call's arguments follow its tool's JSON schema."""
+        Either way a call's arguments follow its tool's JSON schema. In the last round of a tool
+        loop (`plan.final`), free text that never holds `<tool` (no call may begin), or the
+        response_format's JSON."""
         from xgrammar.structural_tag import (
+            AnyTextFormat,
             GrammarFormat,
             OrFormat,
             StructuralTag,
@@ -97,6 +120,16 @@ class GrammarFactory(Grammars):
         )
 
         answer = self._answer_grammar(response_format)
+        if plan.final:  # the tool loop's last round: the answer, and no call may begin
+            from visto.serve.tools import TOOL_MARKUP
+
+            if answer is not None:
+                fmt = GrammarFormat(grammar=answer)
+                with self._lock:
+                    return self._compiler.compile_structural_tag(StructuralTag(format=fmt))
+            fmt = AnyTextFormat(excludes=[TOOL_MARKUP])
+            with self._lock:
+                return OpenEnded(self._compiler.compile_structural_tag(StructuralTag(format=fmt)))
 
         tags = []
         for name in plan.callable:

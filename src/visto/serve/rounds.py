@@ -3,7 +3,7 @@ prompts (one per choice) with their sampling params, and, when an answer calls t
 own tools (--tools), the next round built from the calls and their results.
 
     ready = first_round(chat, body, settings, tools, grammars)   # in a worker thread
-    done = server_tools(ready, text, tools)                      # None: the answer is final
+    done = server_tools(ready, text, tools)            # None (or done.cut): the answer is final
     ready = next_round(chat, body, ready, done, index, settings, grammars)
 
 Nothing here knows HTTP beyond raising `APIError`s; the server (server.py) runs the rounds
@@ -12,6 +12,7 @@ and the answers (answers.py) write them out.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from visto.data.tool_calls import with_tools
 from visto.serve.content import messages_to_turns
 from visto.serve.errors import APIError
 from visto.serve.schemas import MAX_SEED, ChatCompletionRequest
-from visto.serve.tools import ToolPlan, tool_plan
+from visto.serve.tools import ToolPlan, tool_plan, without_cut_call
 from visto.tasks.runner import NO_CUT
 from visto.tools.loop import ToolRound, run_tool_calls
 
@@ -86,10 +87,13 @@ def first_round(chat: ChatModel, body: ChatCompletionRequest, settings: ServeSet
 
 def server_tools(ready: ChatRound, text: str, tools: Any) -> ToolRound | None:
     """Runs the server's own tools that `text` calls on the latest image; None when it calls
-    none of them (the answer is final)."""
-    if tools is None or ready.plan is None or not ready.plan.calls:
+    none of them (the answer is final). When a call after them was cut by the budget
+    (serve/tools.py), they run but the answer is final as well: the round comes back `cut`."""
+    if tools is None or ready.plan is None or not ready.plan.calls or ready.plan.final:
         return None
-    return run_tool_calls(text, tools, ready.images[-1] if ready.images else None)
+    text, cut = without_cut_call(text, ready.plan)
+    done = run_tool_calls(text, tools, ready.images[-1] if ready.images else None)
+    return dataclasses.replace(done, cut=True) if done is not None and cut else done
 
 
 def next_round(chat: ChatModel, body: ChatCompletionRequest, ready: ChatRound, done: ToolRound,

@@ -23,6 +23,14 @@ handle as "cut: raise the budget" (the SDK's `parse()` raises LengthFinishReason
 Calls that closed before it are sent, with finish_reason "length" still. Where calls are
 possible, an answer that ends in a beginning of `<tool_call>` ("<", "<tool") is taken for
 such a call: that text is dropped and the reason is "length", even after a stop sequence.
+When the calls that closed before the cut are all the server's own (--tools), the server runs
+them (`tool_runs`) and the answer ends there: its content is the text outside the calls, with
+no markup of them, and the reason is "length" (serve/answers.py).
+
+The server's tool loop ends with a round in which no call may begin (`ToolPlan.final`): the
+tools are still in the conversation, so a model would go on calling, but the grammar of that
+round is free text in which `<tool` (visto's tool markup: `<tool_call>`, `<tools>`,
+`<tool_response>`) never appears, or the `response_format` alone.
 """
 
 from __future__ import annotations
@@ -44,6 +52,10 @@ from visto.serve.schemas import ChatCompletionRequest, NamedToolChoice
 from visto.tools.loop import round_choice
 
 CHOICES = ("none", "auto", "required")
+FINAL = "final"  # the plan of the tool loop's last round (ToolPlan.final), never a request's
+# No call may begin in the final round: its text never holds this, the start of every piece of
+# visto's tool markup (data/tool_calls.py).
+TOOL_MARKUP = TOOL_CALL_START[: len("<tool")]
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
@@ -51,20 +63,30 @@ EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 class ToolPlan:
     offered: list[dict[str, Any]]  # the tools as the model reads them (OpenAI dicts)
     parameters: dict[str, dict[str, Any]]  # name -> JSON schema of its arguments
-    mode: str  # "none", "auto" or "required" (a named choice is "required" of one tool)
+    mode: str  # "none", "auto" or "required" (a named choice is "required" of one tool), or FINAL
     callable: tuple[str, ...]  # the tools this answer may call
     parallel: bool  # more than one call per answer
     server_run: frozenset[str] = field(default_factory=frozenset)  # built-in tools (tools/)
 
     @property
     def calls(self) -> bool:
+        """Whether the answer decodes under a tool grammar and is read as one that may call
+        (a cut call dropped): every mode but "none"."""
         return self.mode != "none"
 
+    @property
+    def final(self) -> bool:
+        """The last round of a tool loop: the tools stay in the conversation but no call may
+        begin (module doc); its answer is the final one."""
+        return self.mode == FINAL
+
     def after_tool_round(self, index: int) -> ToolPlan:
-        """The plan of round `index` (>= 1) of the server's tool loop: the model may call any
-        tool, then, in the last round, none (tools/loop.py)."""
-        return dataclasses.replace(self, mode=round_choice(self.mode, index),
-                                   callable=tuple(self.parameters))  # fmt: skip
+        """The plan of round `index` (>= 1) of a tool loop (the server's, `visto chat`'s): the
+        model may call any tool, then, in the last round, none (tools/loop.py), which its
+        grammar enforces (`final`)."""
+        if round_choice(self.mode, index) == "none":
+            return dataclasses.replace(self, mode=FINAL, callable=())
+        return dataclasses.replace(self, mode="auto", callable=tuple(self.parameters))
 
 
 def _check_tool(i: int, tool: Any) -> tuple[str, dict[str, Any]]:
@@ -131,16 +153,16 @@ def new_call_id() -> str:
 
 def client_calls(text: str, plan: ToolPlan | None) -> tuple[str, list[ParsedCall]] | None:
     """(content, calls for the client) when the answer calls tools the plan lets it call, else
-    None. Calls of the server's own tools are left out: the server runs them (tools/loop.py),
-    or, in an answer that also calls the client's tools, drops them."""
-    if plan is None or not plan.calls:
+    None; the calls may be none when all of them are the server's own. Calls of the server's
+    own tools are left out, markup and all: the server runs them (tools/loop.py), or, in an
+    answer that also calls the client's tools or ends in a cut call, drops them."""
+    if plan is None or not plan.calls or plan.final:
         return None
     parsed = parse_tool_calls(text, set(plan.callable))
     if parsed is None:
         return None
     content, calls = parsed
-    calls = [c for c in calls if c.name not in plan.server_run]
-    return (content, calls) if calls else None
+    return content, [c for c in calls if c.name not in plan.server_run]
 
 
 def openai_calls(calls: list[ParsedCall]) -> list[dict[str, Any]]:
@@ -153,8 +175,28 @@ def without_cut_call(text: str, plan: ToolPlan | None) -> tuple[str, bool]:
     docstring. Only where calls are possible: elsewhere `<tool_call>` is just text."""
     if plan is None or not plan.calls:
         return text, False
+    if plan.final:  # no call can begin (its grammar): only a beginning of one, cut at the end
+        ends = (k for k in range(len(TOOL_MARKUP) - 1, 0, -1) if text.endswith(TOOL_MARKUP[:k]))
+        k = next(ends, 0)
+        return (text[: len(text) - k], True) if k else (text, False)
     start = unfinished_call(text)
     return (text, False) if start is None else (text[:start], True)
+
+
+def read_answer(text: str, finish_reason: str,
+                plan: ToolPlan | None) -> tuple[str, list[ParsedCall] | None, str]:  # fmt: skip
+    """(content, the client's calls or None, finish_reason) of an answer: a cut call dropped
+    ("length"), the calls of the server's own tools left out of the content, and "tool_calls"
+    when calls of the client's tools remain and none was cut."""
+    text, cut = without_cut_call(text, plan)
+    finish_reason = "length" if cut else finish_reason
+    parsed = client_calls(text, plan)
+    if parsed is None:
+        return text, None, finish_reason
+    content, calls = parsed
+    if not calls:  # only the server's own calls: run (and reported) before the cut, or dropped
+        return content, None, finish_reason
+    return content, calls, "length" if cut else "tool_calls"
 
 
 def answer_message(
@@ -162,15 +204,12 @@ def answer_message(
 ) -> tuple[dict[str, Any], str]:
     """The chat.completion `message` for an answer, and its finish_reason ("tool_calls" when it
     calls tools, "length" when max_tokens cut it, a call included)."""
-    text, cut = without_cut_call(text, plan)
-    finish_reason = "length" if cut else finish_reason
-    parsed = client_calls(text, plan)
-    if parsed is None:
-        return {"role": "assistant", "content": text, "refusal": None}, finish_reason
-    content, calls = parsed
+    content, calls, finish_reason = read_answer(text, finish_reason, plan)
+    if calls is None:
+        return {"role": "assistant", "content": content, "refusal": None}, finish_reason
     message = {"role": "assistant", "content": content if content.strip() else None,
                "refusal": None, "tool_calls": openai_calls(calls)}  # fmt: skip
-    return message, "length" if cut else "tool_calls"
+    return message, finish_reason
 
 
 class ToolCallStream:
@@ -203,17 +242,15 @@ class ToolCallStream:
 
     def finish(self, finish_reason: str) -> tuple[str, list[dict[str, Any]], str]:
         """(content still to send, tool_calls deltas, finish_reason) at the end of the answer.
-        A call cut by the budget was held back (it begins after `sent`) and is dropped."""
-        text, cut = without_cut_call(self.text, self.plan)
-        finish_reason = "length" if cut else finish_reason
-        parsed = client_calls(text, self.plan)
-        if parsed is None:
-            return text[self.sent :], [], finish_reason
-        content, calls = parsed
+        A call cut by the budget was held back (it begins after `sent`) and is dropped, as are
+        the server's own calls (held back too)."""
+        content, calls, finish_reason = read_answer(self.text, finish_reason, self.plan)
+        if calls is None:
+            return content[self.sent :], [], finish_reason
         deltas = []
         for index, call in enumerate(openai_calls(calls)):
             fn = call["function"]
             deltas.append({"index": index, "id": call["id"], "type": "function",
                            "function": {"name": fn["name"], "arguments": ""}})  # fmt: skip
             deltas.append({"index": index, "function": {"arguments": fn["arguments"]}})
-        return content[self.sent :], deltas, "length" if cut else "tool_calls"
+        return content[self.sent :], deltas, finish_reason

@@ -30,6 +30,7 @@ class ToolRound:
     content: str  # what the model wrote beside its calls
     calls: list[ParsedCall]
     results: list[ToolResult]
+    cut: bool = False  # a call after these was cut by the token budget: the answer ends here
 
     def turns(self) -> list[Turn]:
         """The model's turn with its calls, then one result turn per call."""
