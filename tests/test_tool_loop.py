@@ -98,6 +98,31 @@ def test_the_loop_streams_its_rounds(client, label_png) -> None:
     assert chunks[-1].usage.prompt_tokens > 0
 
 
+def test_an_image_the_ocr_expert_cannot_read_gives_the_model_an_error(client) -> None:
+    """The real expert on a 3000 x 2 strip (it used to run out to a RapidOCR error with no
+    message): the run fails at once with why, the model answers after it, the server goes on."""
+    import time
+
+    import httpx
+
+    from test_serve_support import png_bytes
+
+    strip = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes(size=(3000, 2)))}},
+        {"type": "text", "text": "What does it say?"},
+    ]}]  # fmt: skip
+    started = time.monotonic()
+    reply = client.chat.completions.create(model="tiny-llava", messages=strip,
+                                           tool_choice=FORCE_OCR, max_tokens=120)  # fmt: skip
+    assert time.monotonic() - started < 30
+    choice = reply.choices[0]
+    run = choice.model_extra["tool_runs"][0]
+    assert (run["name"], run["ok"]) == ("ocr", False)
+    assert "3000 x 2 pixels, too thin to read text in" in run["result"]["error"]
+    assert choice.finish_reason in ("stop", "length")  # the model answered after the error
+    assert httpx.get(str(client.base_url.join("/health"))).json()["status"] == "ok"
+
+
 def test_client_tools_go_back_to_the_client_beside_the_servers(client, label_png) -> None:
     reply = client.chat.completions.create(
         model="tiny-llava", messages=ask_label(label_png), tools=[COLOUR], max_tokens=120,

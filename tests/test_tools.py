@@ -153,6 +153,22 @@ def test_a_user_adds_a_tool_in_a_few_lines_and_bad_calls_become_error_results() 
 
     tools.add(Tool("boom", "raises", lambda image: 1 / 0))
     assert "ZeroDivisionError" in error("boom", "{}", grey)
+
+    def mute(image):
+        raise RuntimeError()
+
+    tools.add(Tool("mute", "raises without a word", mute))
+    assert error("mute", "{}", grey) == "the tool failed: RuntimeError (no message)"
+    tools.add(Tool("bounded", "bounds", lambda image, **a: a, {"type": "object", "properties": {
+        "name": {"type": "string", "minLength": 2, "maxLength": 4},
+        "n": {"type": "integer", "minimum": 1, "maximum": 9},
+        "tags": {"type": "array", "maxItems": 1}}}))  # fmt: skip
+    assert tools.run("bounded", '{"name":"ab","n":9,"tags":["x"]}', grey).ok
+    assert error("bounded", '{"name":"abcde","n":0,"tags":[1,2]}', grey) == (
+        "argument 'name' must be at most 4 characters, got 5 characters; "
+        "argument 'n' must be at least 1, got 0; argument 'tags' must be at most 1 items, got 2 items"
+    )
+    assert "at least 2 characters" in error("bounded", '{"name":"a"}', grey)
     tools.add(Tool("opaque", "returns what JSON cannot hold", lambda image: {"im": image}))
     assert "not JSON serializable" in error("opaque", "{}", grey)
     tools.add(Tool("slow", "hangs", lambda image: time.sleep(5), timeout_s=0.2))
@@ -167,6 +183,22 @@ def test_a_user_adds_a_tool_in_a_few_lines_and_bad_calls_become_error_results() 
     assert error("strict", "{}", grey) == "the image is too small to read"
     with pytest.raises(UserError, match="tool name"):
         tools.add(Tool("no spaces", "bad name", lambda image: 0))
+
+
+def test_ocr_on_an_image_too_thin_to_read_says_so_at_once() -> None:
+    """A 3000 x 2 strip was enlarged 192x (1.7 GB for 1 x 3000) and failed after up to a minute
+    with an empty ResizeImgError inside RapidOCR; now the model hears why, at once."""
+    tools = default_registry()
+    for size in [(3000, 2), (1, 3000)]:
+        started = time.monotonic()
+        result = tools.run("ocr", "{}", Image.new("RGB", size, "white"))
+        assert not result.ok and time.monotonic() - started < 1
+        w, h = size
+        assert result.output["error"] == (f"the image is {w} x {h} pixels, too thin to read text "
+                                          "in: OCR reads images up to 100:1; crop or pad it")  # fmt: skip
+    # a 1-pixel image and a long strip within 100:1 are read (nothing on them)
+    assert tools.run("ocr", "{}", Image.new("RGB", (1, 1), "white")).output == {"text": "", "words": []}
+    assert tools.run("ocr", '{"detail":"text"}', Image.new("RGB", (2000, 25), "white")).ok
 
 
 def test_load_tools_takes_builtins_and_a_users_module(tmp_path, monkeypatch) -> None:

@@ -34,6 +34,12 @@ UNCLIP_RATIO = 2.5
 # the world). Images of 192 px and more are read as they are: a 200-px label enlarged 2x lost
 # its spaces ("NETWT12OZ").
 MIN_SIDE = 384
+# ... and never past this long side: RapidOCR shrinks any image to 2,000 px on its long side
+# first, so more only costs memory (a 1 x 3,000 strip enlarged 384x took 1.7 GB and a minute).
+MAX_ENLARGED_SIDE = 8192
+# Longer sides than this many times the shorter one are refused with a clear error: shrunk to
+# 2,000 px long, the short side rounds to 0 in RapidOCR (which raised an empty ResizeImgError).
+MAX_ASPECT = 100
 _engine: Any = None
 _engine_lock = threading.Lock()  # one engine, loaded once, and one image at a time through it
 
@@ -107,7 +113,11 @@ def read_lines(image: Image.Image, min_side: int = MIN_SIDE,
     (0: never); `symbols`: keep words made of symbols only."""
     image = image.convert("RGB")
     width, height = image.size
-    scale = max(1, min_side // max(1, min(width, height)))
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise UserError(f"the image is {width} x {height} pixels, too thin to read text in: OCR "
+                        f"reads images up to {MAX_ASPECT}:1; crop or pad it")  # fmt: skip
+    scale = max(1, min(min_side // max(1, min(width, height)),
+                       MAX_ENLARGED_SIDE // max(width, height)))  # fmt: skip
     if scale > 1:
         image = image.resize((width * scale, height * scale), Image.BICUBIC)
     array = np.asarray(image)[:, :, ::-1]  # RapidOCR reads OpenCV's BGR order

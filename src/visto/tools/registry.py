@@ -77,7 +77,8 @@ class ToolResult:
 
 def argument_problems(schema: dict[str, Any], arguments: dict[str, Any]) -> list[str]:
     """What is wrong with `arguments` under an object schema, at its top level: missing required
-    keys, keys it does not allow, values of the wrong JSON type or outside an enum."""
+    keys, keys it does not allow, values of the wrong JSON type, outside an enum, or past their
+    bounds (minLength/maxLength, minItems/maxItems, minimum/maximum)."""
     properties = schema.get("properties", {})
     problems = [f"missing required argument {k!r}" for k in schema.get("required", [])
                 if k not in arguments]  # fmt: skip
@@ -95,6 +96,30 @@ def argument_problems(schema: dict[str, Any], arguments: dict[str, Any]) -> list
             problems.append(f"argument {key!r} must be {' or '.join(types)}, got {value!r}")
         elif "enum" in spec and value not in spec["enum"]:
             problems.append(f"argument {key!r} must be one of {spec['enum']}, got {value!r}")
+        else:
+            problems += _bound_problems(key, spec, value)
+    return problems
+
+
+# (schema keyword, the value's type, its measure, what it bounds, at least or at most)
+_BOUNDS = [("minLength", str, len, "characters", min), ("maxLength", str, len, "characters", max),
+           ("minItems", list, len, "items", min), ("maxItems", list, len, "items", max),
+           ("minimum", (int, float), float, "", min), ("maximum", (int, float), float, "", max)]  # fmt: skip
+
+
+def _bound_problems(key: str, spec: dict[str, Any], value: Any) -> list[str]:
+    """A value's lengths and sizes against its schema's bounds (the grammar keeps the model's
+    calls within them; a call from Python may not be)."""
+    problems = []
+    for word, kind, measure, unit, side in _BOUNDS:
+        bound = spec.get(word)
+        if bound is None or not isinstance(value, kind) or isinstance(value, bool):
+            continue
+        if (measure(value) < bound) if side is min else (measure(value) > bound):
+            least = "at least" if side is min else "at most"
+            what = f"{least} {bound} {unit}".rstrip()
+            got = f"{measure(value):g} {unit}".rstrip() if unit else repr(value)
+            problems.append(f"argument {key!r} must be {what}, got {got}")
     return problems
 
 
@@ -182,7 +207,8 @@ class ToolRegistry:
         if isinstance(error, UserError):  # the tool's own message for bad input
             return _failed(name, args, str(error))
         if error is not None:  # whatever a tool does wrong, the model hears it
-            return _failed(name, args, f"the tool failed: {type(error).__name__}: {error}")
+            said = f": {error}" if str(error) else " (no message)"
+            return _failed(name, args, f"the tool failed: {type(error).__name__}{said}")
         output, files = outcome["output"], {}
         if isinstance(output, ToolOutput):
             output, files = output.data, dict(output.files)
