@@ -350,3 +350,17 @@ def test_fuzzed_tool_requests_get_4xx_or_a_valid_answer(url, body) -> None:
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_a_text_answer_cut_by_max_tokens_ends_by_length_beside_tools(client) -> None:
+    """With tools in "auto" a text answer is decoded under the tool-call grammar, whose closing
+    within the budget ended free text with the stop token at the budget's last token: a cut
+    answer came back "stop" (without tools, "length"). Text is cut like text; a call begun
+    still closes in time (test_serve_tool_budget)."""
+    for tools in ([], [PAINT]):
+        extra = {"tools": tools, "tool_choice": "auto"} if tools else {}
+        reply = client.chat.completions.create(model="tiny-llava", messages=ask(), max_tokens=6,
+                                               **extra)  # fmt: skip
+        choice = reply.choices[0]
+        assert choice.message.tool_calls is None and choice.message.content, choice
+        assert (choice.finish_reason, reply.usage.completion_tokens) == ("length", 6), tools

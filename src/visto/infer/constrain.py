@@ -123,14 +123,12 @@ class Grammars:
                 json.dumps(plain_strings(schema)), **JSON_STYLE
             )
 
-    def constraint(self, compiled: Any, close: bool = True) -> GrammarMask:
-        """A fresh logits processor for one generated sequence: one that closes the grammar
-        within the budget (`JSONConstraint`), or, with `close=False`, one that only masks what
-        the grammar rejects (`GrammarMask`: for free text, which the budget cuts like any text;
-        a grammar that must end, JSON, would be left unfinished)."""
-        if not close:
-            return GrammarMask(self._xgr, compiled, self.vocab_size, self._forbidden)
-        return JSONConstraint(self._xgr, compiled, self.vocab_size, self._forbidden, self._closing)
+    def constraint(self, compiled: Any, open_ended: bool = False) -> JSONConstraint:
+        """A fresh logits processor for one generated sequence. `open_ended`: the grammar is
+        free text (with structures in it, such as tool calls) that the budget may cut where the
+        grammar could end, as it cuts any text ("length"); see JSONConstraint."""
+        return JSONConstraint(self._xgr, compiled, self.vocab_size, self._forbidden, self._closing,
+                              open_ended)  # fmt: skip
 
     def fewest_tokens(self, compiled: Any) -> int | None:
         """Tokens (the stop token included) of the closing path from the grammar's start: the
@@ -210,8 +208,8 @@ class ClosingPath:
 
 class GrammarMask:
     """`(generated ids, logits (V,)) -> logits (V,)` with every token the grammar rejects at -inf
-    (and the structural special tokens but the stop tokens). Nothing more: the answer may end
-    where the budget cuts it (JSONConstraint closes it in time)."""
+    (and the structural special tokens but the stop tokens). JSONConstraint adds closing within
+    the budget."""
 
     def __init__(self, xgr: Any, compiled: Any, vocab_size: int, forbidden: Tensor) -> None:
         self._xgr = xgr
@@ -245,11 +243,14 @@ class GrammarMask:
 
 class JSONConstraint(GrammarMask):
     """A GrammarMask and `settle`, which keeps the answer able to close within the budget
-    (module doc)."""
+    (module doc). With `open_ended`, a last token drawn where the grammar could end (free
+    text, outside any structure) stands: the budget cuts the text there ("length") instead of
+    the stop token ending it; a structure begun (a JSON value, a tool call) still closes."""
 
     def __init__(self, xgr: Any, compiled: Any, vocab_size: int, forbidden: Tensor,
-                 closing: ClosingPath) -> None:  # fmt: skip
+                 closing: ClosingPath, open_ended: bool = False) -> None:  # fmt: skip
         super().__init__(xgr, compiled, vocab_size, forbidden)
+        self.open_ended = open_ended
         self._closing = closing
         self._path: list[int] | None = None  # the closing path from the matcher's state
 
@@ -266,6 +267,10 @@ class JSONConstraint(GrammarMask):
         path = self._path if self._path is not None else self._closing(self.matcher)
         if path is not None and token == path[0]:
             return self._take(token, path[1:])
+        if self.open_ended and left == 1 and path is not None and len(path) == 1:
+            # the grammar could end here (its way out is the stop token alone): free text,
+            # which the budget cuts after this token like any text
+            return self._take(token, [])
         if path is None or len(path) < left:  # room to spare: does the draw leave a way out?
             accepted = self.matcher.accept_token(token)
             assert accepted, f"token {token} was sampled although the grammar forbids it"

@@ -45,9 +45,9 @@ def _schema_error(e: Exception) -> APIError:
 
 @dataclass(frozen=True)
 class OpenEnded:
-    """A compiled grammar of free text, which the budget cuts like any text ("length"): its
-    constraint masks what the grammar rejects and does not end the answer in time, as a JSON
-    grammar's does (infer/constrain.py)."""
+    """A compiled grammar of free text (tool calls in it may be), which the budget cuts like
+    any text ("length") where the grammar could end, instead of the stop token ending it in
+    time as it ends JSON (infer/constrain.py, open_ended)."""
 
     compiled: Any
 
@@ -67,14 +67,14 @@ class GrammarFactory(Grammars):
                 "response_format",
             ) from None
 
-    def constraint(self, compiled: Any, close: bool = True) -> Any:
+    def constraint(self, compiled: Any, open_ended: bool = False) -> Any:
         if isinstance(compiled, OpenEnded):
-            return super().constraint(compiled.compiled, close=False)
-        return super().constraint(compiled, close)
+            return super().constraint(compiled.compiled, open_ended=True)
+        return super().constraint(compiled, open_ended)
 
     def fewest_tokens(self, compiled: Any) -> int | None:
         if isinstance(compiled, OpenEnded):
-            return None  # free text: it need not close
+            compiled = compiled.compiled
         return super().fewest_tokens(compiled)
 
     def compile(self, response_format: dict[str, Any]) -> Any:
@@ -151,8 +151,10 @@ class GrammarFactory(Grammars):
             fmt = calls
         elif answer is not None:
             fmt = OrFormat(elements=[calls, GrammarFormat(grammar=answer)])
-        else:
+        else:  # free text, which the budget cuts as it cuts text without tools
             fmt = TriggeredTagsFormat(triggers=[TOOL_CALL_START], tags=tags,
                                       stop_after_first=one_call)  # fmt: skip
+            with self._lock:
+                return OpenEnded(self._compiler.compile_structural_tag(StructuralTag(format=fmt)))
         with self._lock:
             return self._compiler.compile_structural_tag(StructuralTag(format=fmt))
