@@ -5,10 +5,16 @@ result goes back as a tool turn, and the model answers again (calling at most MA
 times). Calls are decoded under the tools' JSON schemas, with the grammar `visto serve` uses.
 Each run is printed as it happens ("tool ocr {...} -> {...}"; with --json, in "tool_runs").
 
+Each round is read with its own plan (serve.tools.ToolPlan, as `visto serve` reads it): round
+0 follows --tool-choice ("none": the answer is text, no call is read or run), later rounds may
+call, and the last one cannot (its grammar lets no `<tool` begin, `ToolPlan.final`).
+
 A call that does not fit --max-tokens is never printed or run, as `visto serve` never sends
-one (serve.tools.without_cut_call): the answer is the text before it, with finish_reason
-"length"; calls that closed before it run (the server sends those), and `cut_call` tells
-`visto chat` to say which budget to raise.
+one (serve.tools.without_cut_call): the calls that closed before it run and the answer ends
+there, as the server's does (serve/answers.py, `ToolRound.cut`): its text is what the model
+wrote outside the calls, with finish_reason "length", and `cut_call` tells `visto chat` to say
+which budget to raise. The last round cannot call, so a `<` the budget cut it at is only text
+cut short (dropped, as the server drops it): finish_reason "length", no call cut.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class ToolLoop:
     plan: Any  # visto.serve.tools.ToolPlan of the first answer
     grammars: Any  # visto.serve.grammar.GrammarFactory
     cut_call: bool = field(default=False, init=False)  # a round of the last answer was cut
+    _after_runs: str = field(default="", init=False)  # --stream: text to print after the runs
 
     @classmethod
     def build(cls, model: Any, spec: str, choice: str) -> ToolLoop:
@@ -58,9 +65,12 @@ class ToolLoop:
             raise UserError(e.message) from None
         return cls(tools, plan, grammars)
 
-    def params(self, base: Any, round_index: int) -> Any:
-        """`base` sampling params with the grammar of round `round_index`'s tool choice."""
-        plan = self.plan if round_index == 0 else self.plan.after_tool_round(round_index)
+    def round_plan(self, round_index: int) -> Any:
+        """The ToolPlan of round `round_index` (0: the first answer, per --tool-choice)."""
+        return self.plan if round_index == 0 else self.plan.after_tool_round(round_index)
+
+    def params(self, base: Any, plan: Any) -> Any:
+        """`base` sampling params with the grammar of a round under `plan`."""
         if not plan.calls:
             return base
         try:
@@ -75,12 +85,15 @@ class ToolLoop:
         """The model's final answer to `question` and the tool runs it took (printed as they
         happen unless --json)."""
         image = images[-1] if images else None
-        self.cut_call = False
-        reply = self._reply(chat, chat.ask, (question,), args, self.params(params, 0),
+        self.cut_call, self._after_runs = False, ""
+        plan = self.round_plan(0)
+        reply = self._reply(chat, chat.ask, (question,), args, plan, self.params(params, plan),
                             task=args.task)  # fmt: skip
         runs: list[dict[str, Any]] = []
         for round_index in range(1, MAX_TOOL_ROUNDS + 1):
-            done = run_tool_calls(reply.raw, self.tools, image)
+            # the server's rule (serve.rounds.server_tools): only a round that may call runs calls
+            done = None if not plan.calls or plan.final else run_tool_calls(reply.raw, self.tools,
+                                                                             image)  # fmt: skip
             if done is None:
                 break
             for run in done.report():
@@ -88,58 +101,63 @@ class ToolLoop:
                 if not args.json:
                     print(f"tool {run['name']} {run['arguments']} -> {compact_json(run['result'])}",
                           flush=True)  # fmt: skip
-            reply = self._reply(chat, chat.answer_after, (done.result_turns(),), args,
-                                self.params(params, round_index))  # fmt: skip
+            if self.cut_call:  # a call after these was cut: the answer ends here ("length")
+                if self._after_runs:  # --stream: the rest of the answer's text
+                    print(self._after_runs, flush=True)
+                chat.turns = [*chat.turns, *done.result_turns()]
+                return self._with_raw(chat, reply, done.content.strip()), runs
+            plan = self.round_plan(round_index)
+            reply = self._reply(chat, chat.answer_after, (done.result_turns(),), args, plan,
+                                self.params(params, plan))  # fmt: skip
         return reply, runs
 
-    def _reply(self, chat: Any, ask: Any, what: tuple, args: argparse.Namespace, params: Any,
-               **kwargs: Any) -> Any:  # fmt: skip
-        """One answer, without a call the budget cut; with --stream, its text printed as it
-        comes, a call's text held back."""
+    def _reply(self, chat: Any, ask: Any, what: tuple, args: argparse.Namespace, plan: Any,
+               params: Any, **kwargs: Any) -> Any:  # fmt: skip
+        """One answer under `plan`, without a call the budget cut; with --stream, its text
+        printed as it comes, a call's text held back."""
         from visto.serve.tools import ToolCallStream
 
         if not (args.stream and not args.json):
-            return self._without_cut_call(chat, ask(*what, params=params, **kwargs))
+            return self._without_cut_call(chat, ask(*what, params=params, **kwargs), plan)
         stream = ask(*what, params=params, stream=True, **kwargs)
-        held = ToolCallStream(self._calls_plan())
+        held = ToolCallStream(plan)
         for piece in stream:
             print(held.feed(piece), end="", flush=True)
-        reply = self._without_cut_call(chat, stream.reply)
-        shown = self._without_cut(held.text)[0]
-        # a call's text stays held back: its run is printed instead
-        calls = parse_tool_calls(shown, set(self.tools.names)) is not None
-        tail = "" if calls else shown[held.sent :]
+        reply = self._without_cut_call(chat, stream.reply, plan)
+        # the text outside the calls (the server's own, as all of chat's are, are left out)
+        tail = held.finish(reply.finish_reason)[0].rstrip()
+        if plan.calls and parse_tool_calls(reply.raw, set(self.tools.names)) is not None:
+            # a call's text stays held back: its run is printed instead, and where a call
+            # after them was cut, the answer ends with the rest of its text after the runs
+            self._after_runs, tail = (tail if self.cut_call else ""), ""
         if tail or held.sent:
             print(tail, flush=True)
         return reply
 
-    def _calls_plan(self) -> Any:
-        """The plan a cut call is read with. The chat runs every call its model writes, in
-        every round (its tools stay in the conversation, even with --tool-choice none or in
-        the last round), so a cut `<tool_call>` is one in every round, never text."""
-        return dataclasses.replace(self.plan, mode="auto")
-
-    def _without_cut(self, text: str) -> tuple[str, bool]:
-        """(`text` without a call the budget cut, whether there was one): the server's rule."""
+    def _without_cut_call(self, chat: Any, reply: Any, plan: Any) -> Any:
+        """`reply` with what the budget cut of a call left out (the server's rule,
+        serve.tools.without_cut_call, under the round's own `plan`), finish_reason "length",
+        and the conversation holding what is left, as a client's would. `cut_call` is set
+        where a call was cut; in the last round, which cannot call, a cut `<` is only text."""
+        from visto.data.sample import Turn
         from visto.serve.tools import without_cut_call
 
-        text, cut = without_cut_call(text, self._calls_plan())
-        return (text.rstrip(), True) if cut else (text, False)
-
-    def _without_cut_call(self, chat: Any, reply: Any) -> Any:
-        """`reply` with a call the budget cut left out (`cut_call` set), finish_reason
-        "length", and the conversation holding what is left, as a client's would."""
-        from visto.data.sample import Turn
-        from visto.tasks.runner import loc_to_text, parse_reply
-
-        raw, cut = self._without_cut(reply.raw)
+        raw, cut = without_cut_call(reply.raw, plan)
         if not cut:
             return reply
-        self.cut_call = True
+        raw = raw.rstrip()
+        self.cut_call = not plan.final
+        if chat.turns and chat.turns[-1].role == "assistant":
+            chat.turns[-1] = Turn("assistant", raw)
+        return self._with_raw(chat, reply, raw)
+
+    @staticmethod
+    def _with_raw(chat: Any, reply: Any, raw: str) -> Any:
+        """`reply` with `raw` for its text, cut by the budget (finish_reason "length")."""
+        from visto.tasks.runner import loc_to_text, parse_reply
+
         text = loc_to_text(raw, chat.loc_bins)
         size = chat.images[0].size if chat.images else None
         parsed, boxes = parse_reply(text, reply.task, size, chat.loc_bins)
-        if chat.turns and chat.turns[-1].role == "assistant":
-            chat.turns[-1] = Turn("assistant", raw)
         return dataclasses.replace(reply, text=text, raw=raw, parsed=parsed, boxes=boxes,
                                    finish_reason="length")  # fmt: skip

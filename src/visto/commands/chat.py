@@ -39,9 +39,10 @@ clipseg checkpoint: runs/clipseg-synth/checkpoint or segment=CKPT; or module:att
 your own visto.tools.Tool): visto runs each call on the last IMAGE, hands the result back to the
 model and lets it answer (a mask or boxes come back as PNGs in --json's tool_runs). --tool-choice required (or a tool's name) makes the first answer a
 call, decoded under the tool's JSON schema; the model may call again, up to 3 rounds, and the
-answer after them cannot call (no <tool markup can begin in it: its grammar). A call
-cut by --max-tokens is left out and not run: the answer ends there (finish_reason "length") and
-visto says to raise --max-tokens.
+answer after them cannot call (no <tool markup can begin in it: its grammar); with
+--tool-choice none the answer is text and no call runs. A call cut by --max-tokens is left out
+and not run: the calls that closed before it run and the answer ends there (finish_reason
+"length"), and visto says to raise --max-tokens.
 
 Boxes are printed as 0..999 ints (x1, y1, x2, y2) and as pixels of the first image, and
 drawn on a copy of it: IMAGE_STEM-boxes.png in the current directory, or --out PATH
