@@ -214,4 +214,9 @@ def test_bad_budgets_are_user_errors(tmp_path, capsys):
     assert main(["compare", "--out", str(tmp_path / "c"), "--steps", "-3"]) == 2
     assert "--steps must be at least 1, got -3" in capsys.readouterr().err
     assert main(["quickstart", "--out", str(tmp_path / "q"), "--stage1-mix", "nope"]) == 2
-    assert "--stage1-mix must be one of captions, look, bind, instruct, instruct+caption, tools, got 'nope'" in capsys.readouterr().err
+    assert ("--stage1-mix must be one of captions, look, bind, look+copy, instruct, instruct+caption, tools, "
+            "got 'nope'") in capsys.readouterr().err
+    # Read slots are <focus> slots after the box's: they need the focus and its 4 box slots.
+    assert main(["quickstart", "--out", str(tmp_path / "q"), "--read-slots", "8", "--no-focus"]) == 2
+    assert "--read-slots 8: 0, or more with --focus and 4 --focus-slots" in capsys.readouterr().err
+    assert main(["quickstart", "--out", str(tmp_path / "q"), "--read-slots", "-1"]) == 2

@@ -218,8 +218,8 @@ class QuestionFocus(nn.Module):
         for h in range(len(SIDE_RAMPS)):
             side_weight = self.attention(side[h], tags, present)
             focus = focus + torch.einsum("pm,pmd->pd", side_weight, tokens) @ self.side_out[h]
-            box = torch.einsum("pm,pmj->pj", side_weight.detach(), rowed.boxes[rows])  # (P, 4)
-            centres.append((box[:, :2] + box[:, 2:]) / 2)
+            side_box = torch.einsum("pm,pmj->pj", side_weight.detach(), rowed.boxes[rows])  # (P, 4)
+            centres.append((side_box[:, :2] + side_box[:, 2:]) / 2)
         offset = centres[0] - centres[-1]  # (P, 2): the first-named object from the last-named
         focus = focus + torch.cat([offset, torch.tanh(8 * offset)], -1) @ self.relation
         focus = focus + soft_histogram(present.sum(-1).to(score.dtype), COUNT_BINS, 1.0) @ self.objects
@@ -227,7 +227,7 @@ class QuestionFocus(nn.Module):
         if not self.slots:
             return out
         first = cols - self.slots  # the first of each answer's <focus> slots
-        span = first[:, None] + torch.arange(self.slots, device=cols.device)  # (P, 4)
+        span = first[:, None] + torch.arange(self.slots, device=cols.device)  # (P, slots)
         if (first < 0).any() or not (input_ids[rows[:, None], span.clamp(min=0)] == self.focus_id).all():
             raise ValueError(f"every <|assistant|> token must follow {self.slots} <focus> ids "
                              "(the processor's focus_tokens)")  # fmt: skip
