@@ -50,6 +50,12 @@ JSON_STYLE: dict[str, Any] = {
     "strict_mode": True,
     "separators": (",", ":"),
 }
+# "Any JSON object" (OpenAI's response_format json_object, compile_json(None)): an object at
+# the root, never an array (xgrammar's built-in JSON grammar allows either). Whitespace is free
+# as in that grammar: its values are whatever JSON the model writes, compact or spaced
+# (JSON_STYLE's compact separators would force xgrammar's ", " in the nested values).
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
+ANY_OBJECT_STYLE: dict[str, Any] = {"any_whitespace": True, "strict_mode": True}
 _NOT_SCHEMAS = ("enum", "const", "default", "examples")  # values there are data, not schemas
 # A closing path writes one byte at a time, choosing the first byte the grammar allows in this
 # order: end a string, close an object or array, go on to the next required key, then the
@@ -58,6 +64,11 @@ _NOT_SCHEMAS = ("enum", "const", "default", "examples")  # values there are data
 # ends instead of growing.
 _CLOSING_BYTES = b'"}],0123456789tfn'
 CLOSE_LIMIT = 512  # bytes; a grammar with no way out as short as this gets no budget guarantee
+
+
+def any_object_grammar(xgr: Any) -> Any:
+    """The xgrammar Grammar of any JSON object (ANY_OBJECT)."""
+    return xgr.Grammar.from_json_schema(json.dumps(ANY_OBJECT), **ANY_OBJECT_STYLE)
 
 
 def plain_strings(schema: Any) -> Any:
@@ -117,8 +128,9 @@ class Grammars:
         """A compiled grammar of JSON under `schema`, or of any JSON object when it is None.
         A schema that does not compile raises what xgrammar raises (RuntimeError, ...)."""
         with self._lock:
-            if schema is None:
-                return self._compiler.compile_builtin_json_grammar()
+            if schema is None:  # an object, not xgrammar's built-in JSON (object or array)
+                return self._compiler.compile_json_schema(json.dumps(ANY_OBJECT),
+                                                          **ANY_OBJECT_STYLE)  # fmt: skip
             return self._compiler.compile_json_schema(
                 json.dumps(plain_strings(schema)), **JSON_STYLE
             )

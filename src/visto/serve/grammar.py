@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from visto.data.tokenizer import Tokenizer
 from visto.data.tool_calls import TOOL_CALL_END, TOOL_CALL_START
-from visto.infer.constrain import JSON_STYLE, Grammars, GrammarUnavailable, plain_strings
+from visto.infer.constrain import (
+    JSON_STYLE,
+    Grammars,
+    GrammarUnavailable,
+    any_object_grammar,
+    plain_strings,
+)
 from visto.serve.errors import APIError
 
 if TYPE_CHECKING:
@@ -92,8 +98,8 @@ class GrammarFactory(Grammars):
         schema = _response_schema(response_format) if response_format else None
         if schema is None:
             return None
-        if schema == "json_object":
-            return str(self._xgr.Grammar.builtin_json_grammar())
+        if schema == "json_object":  # an object at the root, as compile's (infer/constrain)
+            return str(any_object_grammar(self._xgr))
         try:
             grammar = self._xgr.Grammar.from_json_schema(
                 json.dumps(plain_strings(schema)), **JSON_STYLE
