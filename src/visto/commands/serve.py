@@ -14,8 +14,8 @@ DESCRIPTION = """\
 Serve models over an OpenAI-compatible HTTP API, with a web page at /.
 
   POST /v1/chat/completions   chat with images (data: URLs), streaming, n, seed, stop,
-                              response_format json_object / json_schema (always valid JSON:
-                              it closes within max_tokens, and a max_tokens too small to close
+                              response_format json_object (a JSON object) / json_schema
+                              (always valid JSON: it closes within max_tokens, and a max_tokens too small to close
                               it at all is a 400), tools / tool_choice (function calling: a
                               call's arguments are decoded under its tool's JSON schema, and
                               close within max_tokens the same way)
