@@ -37,16 +37,19 @@ one-object images.
     a grounding answer writes, so that answer is a copy from a fixed distance back (Pix2Seq
     tokens in the input, as OFA and Kosmos-2). Slots after those 4 (the connector's
     `read_slots`) hold the tokens of what the OCR reader read, so an answer that reads copies
-    them from a fixed distance back too (M4C's OCR tokens). Those weights are detached there, so only the
-    answer-start path trains the scores: with the object itself in a slot of its own and the
-    box path training the scores too, the scores drifted off the named object in stage 1
-    (bench/README.md, "Question focus": picks 0.90 -> 0.45, colour 0.30 against 0.89).
+    them from a fixed distance back too (M4C's OCR tokens).
 
-W_q and W_k start as the identity, so a question word and the same word in an object's tag
-match from the first step (the tags are the decoder's own word embeddings); W_out and the count
-map start at zero, so a fresh focus changes nothing until training finds it useful. Every
-answer gets the focus of its own user turn, so shared-prefix packing (independent turns),
-multi-turn chat and generation (the prompt ends with `<|assistant|>`) all see the same thing.
+W_q and W_k are the identity, so a question word and the same word in an object's tag match
+(the tags are the decoder's own word embeddings), and the scores take no gradient: the first
+hop is a fixed lookup by word identity, and only what it hands on is learned. Trained, the
+scores drifted off the named object in stage 1 twice (bench/README.md, "Question focus"):
+with the object in a slot of its own and the box path training them (picks 0.90 -> 0.45), and
+with grounding and OCR answers in stage 1 (colour picks 0.92 -> 0.62-0.79, shape 0.94 -> 0.46-0.50,
+three seeds), while untrained they pick the named object 0.92-0.94 of the time. W_out and the
+other maps start at zero, so a fresh focus changes nothing until training finds it useful.
+Every answer gets the focus of its own user turn, so shared-prefix packing (independent
+turns), multi-turn chat and generation (the prompt ends with `<|assistant|>`) all see the same
+thing.
 """
 
 from __future__ import annotations
@@ -201,24 +204,26 @@ class QuestionFocus(nn.Module):
             return out
         rowed = per_row(objects, image_sample_index, B)  # (B, M, ...)
         tokens, tags, present = rowed.tokens[rows], rowed.tags[rows], rowed.present[rows]  # (P, M, ...)
-        score = self.scores(question, tags)  # (P, M)
-        weight = spread(score, present)
-        value = torch.einsum("pm,pmd->pd", weight, tokens)  # (P, D)
-        scale = self.log_scale.exp()
         count_tags = tags if rowed.count_tags is None else rowed.count_tags[rows]
-        count_score = self.scores(question, count_tags)
-        matches = (torch.sigmoid(count_score - scale * self.threshold) * present).sum(-1)  # (P,)
-        best = (score / scale).masked_fill(~present, 0).max(-1).values  # (P,) cosine
+        # The scores take no gradient (see the module doc: trained, they drifted off the named
+        # object); what the focus hands on is learned.
+        with torch.no_grad():
+            score = self.scores(question, tags)  # (P, M)
+            weight = spread(score, present)
+            scale = self.log_scale.exp()
+            matches = (torch.sigmoid(self.scores(question, count_tags) - scale * self.threshold) * present).sum(-1)
+            best = (score / scale).masked_fill(~present, 0).max(-1).values  # (P,) cosine
+            side_weights = [self.attention(side[h], tags, present) for h in range(len(SIDE_RAMPS))]
+        value = torch.einsum("pm,pmd->pd", weight, tokens)  # (P, D)
         focus = (
             value @ self.out
             + soft_histogram(matches, COUNT_BINS, 1.0) @ self.count
             + soft_histogram(best * (MATCH_BINS - 1), MATCH_BINS, 1.0) @ self.match
         )  # (P, D)
         centres = []
-        for h in range(len(SIDE_RAMPS)):
-            side_weight = self.attention(side[h], tags, present)
+        for h, side_weight in enumerate(side_weights):
             focus = focus + torch.einsum("pm,pmd->pd", side_weight, tokens) @ self.side_out[h]
-            side_box = torch.einsum("pm,pmj->pj", side_weight.detach(), rowed.boxes[rows])  # (P, 4)
+            side_box = torch.einsum("pm,pmj->pj", side_weight, rowed.boxes[rows])  # (P, 4)
             centres.append((side_box[:, :2] + side_box[:, 2:]) / 2)
         offset = centres[0] - centres[-1]  # (P, 2): the first-named object from the last-named
         focus = focus + torch.cat([offset, torch.tanh(8 * offset)], -1) @ self.relation
@@ -231,9 +236,8 @@ class QuestionFocus(nn.Module):
         if (first < 0).any() or not (input_ids[rows[:, None], span.clamp(min=0)] == self.focus_id).all():
             raise ValueError(f"every <|assistant|> token must follow {self.slots} <focus> ids "
                              "(the processor's focus_tokens)")  # fmt: skip
-        # The named object's box, as the location tokens x1 y1 x2 y2 (weights detached: see
-        # the module doc).
-        box = torch.einsum("pm,pmjd->pjd", weight.detach(), rowed.box_words[rows])  # (P, 4, D)
+        # The named object's box, as the location tokens x1 y1 x2 y2.
+        box = torch.einsum("pm,pmjd->pjd", weight, rowed.box_words[rows])  # (P, 4, D)
         box_span = span[:, :4]
         out = out.index_put((rows[:, None].expand_as(box_span), box_span), box.to(out.dtype))
         if self.slots == 4:
