@@ -8,12 +8,10 @@ the last round, which cannot call, a `<` the budget cut is only text cut short."
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from test_serve_tool_budget import make_caller_checkpoint
-from test_serve_tool_rounds import MARK_TOOLS, check_runs, clean
+from test_serve_tool_rounds import caller_with_mark_tool, check_runs, clean
 from visto.cli import main
 from visto.tools.loop import MAX_TOOL_ROUNDS
 
@@ -25,13 +23,7 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def caller(tmp_path_factory):
     """(checkpoint, the tool spec): the wired caller and a tool module it calls."""
-    root = tmp_path_factory.mktemp("chat-rounds")
-    ckpt = make_caller_checkpoint(root / "caller" / "checkpoint")
-    (root / "chat_rounds_mark.py").write_text(MARK_TOOLS)
-    sys.path.insert(0, str(root))
-    yield ckpt, "chat_rounds_mark:mark"
-    sys.path.remove(str(root))
-    sys.modules.pop("chat_rounds_mark", None)
+    yield from caller_with_mark_tool(tmp_path_factory, "chat_rounds_mark")
 
 
 @pytest.fixture(scope="module")

@@ -37,16 +37,22 @@ MESSAGES = [{"role": "user", "content": [
 ]}]  # fmt: skip
 
 
+def caller_with_mark_tool(tmp_path_factory, module: str):
+    """Yields (checkpoint, the tool spec): the wired caller and a tool module named `module`
+    that it calls (a module fixture's body: the module leaves sys.path afterwards)."""
+    root = tmp_path_factory.mktemp(module)
+    ckpt = make_caller_checkpoint(root / "caller" / "checkpoint")
+    (root / f"{module}.py").write_text(MARK_TOOLS)
+    sys.path.insert(0, str(root))
+    yield ckpt, f"{module}:mark"
+    sys.path.remove(str(root))
+    sys.modules.pop(module, None)
+
+
 @pytest.fixture(scope="module")
 def caller(tmp_path_factory):
     """(checkpoint, the tool spec): the wired caller and a tool module it calls."""
-    root = tmp_path_factory.mktemp("rounds")
-    ckpt = make_caller_checkpoint(root / "caller" / "checkpoint")
-    (root / "rounds_mark.py").write_text(MARK_TOOLS)
-    sys.path.insert(0, str(root))
-    yield ckpt, "rounds_mark:mark"
-    sys.path.remove(str(root))
-    sys.modules.pop("rounds_mark", None)
+    yield from caller_with_mark_tool(tmp_path_factory, "rounds_mark")
 
 
 @pytest.fixture(scope="module")
