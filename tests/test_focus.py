@@ -424,3 +424,38 @@ def test_counting_scores_tags_with_the_shapes_plural(tokenizer):
     with_plural = focus(ids, embed, objects, torch.tensor([0]))[0, answer][0, :10]
     without = focus(ids, embed, objects._replace(count_tags=None), torch.tensor([0]))[0, answer][0, :10]
     assert not torch.allclose(with_plural, without)  # the count path reads count_tags
+
+
+def test_the_scores_read_a_fixed_copy_of_the_embeddings_taken_on_first_use(tokenizer_dir, tmp_path):
+    """The decoder's embeddings train; the table the focus scores with does not, and it is
+    saved with the model (a checkpoint without one takes it on first use)."""
+    from PIL import Image
+
+    from visto.checkpoint import load, save_checkpoint
+    from visto.data.sample import Sample, Turn
+
+    model = focus_llava(tokenizer_dir)
+    focus = model.multi_modal_projector.focus
+    assert focus.lookup.numel() == 0  # not taken yet
+    sample = Sample("s", [Image.new("RGB", (40, 40), (200, 30, 30))],
+                    [Turn("user", "<image>\nWhich colour does the star have?"), Turn("assistant", "red")])  # fmt: skip
+    batch = model.collate([sample])
+    embed = model.language_model.model.embed_tokens
+    model(batch)["loss"].backward()
+    taken = focus.lookup.clone()
+    assert torch.equal(taken, embed.weight.detach())
+    with torch.no_grad():
+        embed.weight.mul_(3.0).add_(1.0)  # training moves the decoder's embeddings ...
+    _, _, at, real = focus.spans(batch["input_ids"])
+    words = batch["input_ids"][0, at[0][real[0]]]
+    _, _, q = focus.questions(batch["input_ids"], embed)
+    assert torch.equal(focus.lookup, taken)  # ... not the focus's table, which the question reads
+    assert torch.allclose(q[0], taken[words].mean(0), atol=1e-6)
+    assert not torch.allclose(q[0], embed.weight[words].mean(0), atol=1e-3)
+    save_checkpoint(model, tmp_path / "ckpt")
+    again = load(tmp_path / "ckpt")
+    assert torch.equal(again.multi_modal_projector.focus.lookup, taken)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("focus.lookup")}
+    fresh = focus_llava(tokenizer_dir)
+    fresh.load_state_dict(state)  # an older checkpoint: no table, taken on first use
+    assert fresh.multi_modal_projector.focus.lookup.numel() == 0

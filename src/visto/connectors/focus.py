@@ -71,7 +71,7 @@ class Objects(NamedTuple):
     """Object tokens of a batch of images (`RegionConnector.objects`)."""
 
     tokens: Tensor  # (N_img, S, D_lm) what the decoder sees of each object
-    tags: Tensor  # (N_img, S, D_lm) its attribute words and box tokens, as embeddings
+    tags: Tensor  # (N_img, S, D_lm) its attribute words and box tokens, as the focus scores them
     box_words: Tensor  # (N_img, S, 4, D_lm) the embeddings of its box's 4 location tokens
     boxes: Tensor  # (N_img, S, 4) its box (x1, y1, x2, y2) in 0..1, as the detector predicts it
     present: Tensor  # (N_img, S) bool: a detected object (else an empty slot)
@@ -98,6 +98,9 @@ class QuestionFocus(nn.Module):
         self.side_out = nn.Parameter(torch.zeros(len(SIDE_RAMPS), width, width))
         self.relation = nn.Parameter(torch.zeros(RELATION_FEATURES, width))
         self.objects = nn.Parameter(torch.zeros(COUNT_BINS, width))
+        # The word embeddings the scores read (`lookup_embedding`): the decoder's own, as they
+        # were when the focus first ran, then fixed (saved with the model).
+        self.register_buffer("lookup", torch.zeros(0, width))
         # token ids, from the tokenizer (set_vocabulary)
         self.user_id = self.assistant_id = self.focus_id = -1
         self.first_text_id = 0  # ids below this are special tokens (roles, image, padding)
@@ -108,7 +111,23 @@ class QuestionFocus(nn.Module):
         # zero, so a missing one is exactly a fresh one.
         for name in ("relation", "objects"):
             state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        # The lookup table is as large as the vocabulary it was taken from (empty: not yet
+        # taken; missing in older checkpoints: taken on first use).
+        saved = state_dict.setdefault(prefix + "lookup", self.lookup)
+        self.lookup = self.lookup.new_zeros(saved.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def lookup_embedding(self, embed: nn.Embedding) -> nn.Embedding:
+        """The embedding table the scores read: the decoder's `embed` as it was on the focus's
+        first use, frozen. Scored through the live table, the picks drifted as the decoder's
+        embeddings trained (bench/README.md, "Question focus": colour picks 0.92 -> 0.54-0.69 in
+        400 stage-1 steps with grounding and OCR answers), while a word-identity lookup in the
+        initial table picks the named object 0.92-0.94 of the time. Rows added to the
+        vocabulary since (a new special token) are taken from `embed` when first seen."""
+        live = embed.weight.detach()
+        if self.lookup.shape[0] < live.shape[0]:
+            self.lookup = torch.cat([self.lookup.to(live), live[self.lookup.shape[0] :].clone()])
+        return nn.Embedding.from_pretrained(self.lookup.to(live), freeze=True)
 
     def set_vocabulary(self, tokenizer, slots: int = 0) -> None:
         """Token ids from the tokenizer, and the `<focus>` slots the processor puts before
@@ -164,7 +183,7 @@ class QuestionFocus(nn.Module):
         """`questions`, plus each side head's question (H, P, D): the same words weighted by
         softmax(side_words . word + side_ramp * place), place running 0..1 over the question."""
         rows, cols, at, real = self.spans(input_ids, segment_ids)
-        words = embed(input_ids[rows[:, None], at])  # (P, L, D)
+        words = self.lookup_embedding(embed)(input_ids[rows[:, None], at])  # (P, L, D)
         realf = real.to(words.dtype)
         mean = (words * realf[..., None]).sum(1) / realf.sum(1).clamp(min=1)[:, None]
         rank = (realf.cumsum(1) - 1) * realf  # place of each real word: 0, 1, ...

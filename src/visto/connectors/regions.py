@@ -276,17 +276,22 @@ class RegionConnector(nn.Module):
         p_size = at(heads["size"])[..., 1:].softmax(-1)  # (B, S, 3)
         box = at(heads["box"])  # (B, S, 4) in 0..1
         box_words = self.box_words(box, embed)  # (B, S, 4, D_lm)
-        tags = (
-            p_shape @ self.word_table(embed, "shape")
-            + p_colour @ self.word_table(embed, "colour")
-            + p_size @ self.word_table(embed, "size")
-            + box_words.mean(-2)
-        )  # (B, S, D_lm): the object in the decoder's own words
+
+        def tags_in(table: nn.Embedding) -> Tensor:  # (B, S, D_lm): the object in the decoder's own words
+            return (p_shape @ self.word_table(table, "shape") + p_colour @ self.word_table(table, "colour")
+                    + p_size @ self.word_table(table, "size") + self.box_words(box, table).mean(-2))  # fmt: skip
+
+        tags = tags_in(embed)
         tokens = self.feature(at(features)) + tags + self.box(box_fourier(box))  # (B, S, D_lm)
-        # What counting scores: the tag plus the shape's plural (added to the tag that picks
-        # one object, it lowered those picks: bench/README.md, "Question focus")
-        count_tags = tags + p_shape @ self.word_table(embed, "plural")
-        return Objects(tokens, tags, box_words, box, present, count_tags)
+        if self.focus is None:
+            return Objects(tokens, tags, box_words, box, present)
+        # What the focus scores: the same words in its fixed lookup table (focus.lookup_embedding),
+        # and for counting the shape's plural too (added to the tags that pick one object, the
+        # plural lowered those picks: bench/README.md, "Question focus").
+        lookup = self.focus.lookup_embedding(embed)
+        score_tags = tags_in(lookup)
+        count_tags = score_tags + p_shape @ self.word_table(lookup, "plural")
+        return Objects(tokens, score_tags, box_words, box, present, count_tags)
 
 
 __all__ = ["CHARS", "COLOUR_NAMES", "DenseHeads", "RegionConnector", "SHAPE_NAMES", "SIZE_NAMES", "box_fourier"]
