@@ -235,3 +235,16 @@ def test_llama_directory_as_a_llava_language_model(tmp_path):
     from test_llava import colour_samples
 
     assert torch.isfinite(llava(llava.collate(colour_samples(2, seed=0)))["loss"])
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_a_two_tower_directory_normalises_as_its_saved_image_processor(kind, tmp_path):
+    """The mean/std of the image processor saved beside the weights: preprocessor_config.json,
+    or a whole processor's processor_config.json (transformers 5 writes a CLIPProcessor that
+    way)."""
+    hf, tok = save_two_tower(kind, tmp_path / "m")
+    image_processor = transformers.CLIPImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6])
+    transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m" / "preprocessor_config.json").exists()  # transformers 5's layout
+    config = visto.load(tmp_path / "m").config.processor
+    assert (*config.mean, *config.std) == pytest.approx((0.1, 0.2, 0.3, 0.4, 0.5, 0.6))

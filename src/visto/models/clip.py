@@ -417,6 +417,7 @@ def config_from_hf(hf: dict[str, Any], where: str, preprocessor: dict | None = N
     """The CLIPConfig of a transformers `CLIPModel` or `SiglipModel` config.json: CLIP's text
     tower is causal and reads its end-of-text token; SigLIP's is bidirectional, reads the last
     position of a text padded to its context, and its image side has no projection."""
+    from visto.models.transformers_format import image_normalisation
     from visto.nn.transformer import act_from_hf
     from visto.nn.vision import vit_config_from_transformers
 
@@ -424,14 +425,12 @@ def config_from_hf(hf: dict[str, Any], where: str, preprocessor: dict | None = N
     t = hf.get("text_config") or {}
     vision = vit_config_from_transformers(hf)
     # The directory's image processor normalises as the tower was trained (CLIP's constants
-    # when it has no preprocessor_config.json).
+    # when it has none; SigLIP's are 0.5).
     processor = None
     if preprocessor:
-        processor = ProcessorConfig(
-            image_size=vision.image_size, resize_mode="resize",
-            mean=tuple(preprocessor.get("image_mean", CLIP_MEAN)),
-            std=tuple(preprocessor.get("image_std", CLIP_STD)),
-        )  # fmt: skip
+        default = ((0.5,) * 3, (0.5,) * 3) if siglip else (CLIP_MEAN, CLIP_STD)
+        mean, std = image_normalisation(preprocessor, where, default)
+        processor = ProcessorConfig(image_size=vision.image_size, resize_mode="resize", mean=mean, std=std)
     width = t.get("hidden_size", 768 if siglip else 512)
     text = TextConfig(
         kind="transformer",
@@ -486,9 +485,8 @@ def load_hf(directory: str | Path) -> CLIP:
     `embed_texts` give transformers' `get_image_features` / `get_text_features`, normalised.
     Images are resized to the tower's square, as SigLIP's processor does; CLIP's processor
     resizes the short side and crops the centre, which is the same for square images."""
-    import json
 
-    from visto.models.transformers_format import read_hf_config
+    from visto.models.transformers_format import read_hf_config, read_image_processor
     from visto.nn.weights import load_by_key_map
 
     directory = Path(directory)
@@ -496,9 +494,9 @@ def load_hf(directory: str | Path) -> CLIP:
     if hf is None or hf.get("model_type") not in ("clip", "siglip"):
         raise UserError(f"{directory} is not a transformers CLIP or SigLIP directory "
                         "(config.json model_type 'clip' or 'siglip')")  # fmt: skip
-    preprocessor_path = directory / "preprocessor_config.json"
-    preprocessor = json.loads(preprocessor_path.read_text()) if preprocessor_path.is_file() else None
-    model = CLIP(config_from_hf(hf, str(directory / "config.json"), preprocessor))
+    found = read_image_processor(directory)  # preprocessor_config.json, or transformers 5's processor_config.json
+    preprocessor, where = found if found else (None, directory)
+    model = CLIP(config_from_hf(hf, str(where), preprocessor))
     scalar = lambda t: t.reshape(())  # noqa: E731 (SigLIP stores them as (1,))
     transforms = {k: scalar for k in ("logit_scale", "logit_bias") if k in model.state_dict()}
     load_by_key_map(

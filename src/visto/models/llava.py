@@ -24,7 +24,6 @@ Training stages are recipes (`llava-stage1.json`: projector only on captions;
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,10 +51,12 @@ from visto.models.common import (
 from visto.models.transformers_format import (
     act_from_hf,
     act_to_hf,
+    image_normalisation,
     image_processor_json,
     legacy_key,
     merged,
     read_hf_config,
+    read_image_processor,
     refuse_export,
     write_transformers_dir,
 )
@@ -406,7 +407,8 @@ def _hf_processor_files(model: Llava) -> dict[str, dict[str, Any]]:
 
 
 def config_from_hf(
-    hf: dict[str, Any], where: str, tokenizer: Tokenizer | None = None, image_processor: dict | None = None
+    hf: dict[str, Any], where: str, tokenizer: Tokenizer | None = None, image_processor: dict | None = None,
+    image_processor_where: str | Path | None = None,
 ) -> LlavaConfig:
     """The LlavaConfig of a transformers LlavaConfig dict (the inverse of `hf_config`), or a
     UserError listing each setting visto cannot reproduce exactly."""
@@ -437,7 +439,7 @@ def config_from_hf(
     vision = vit_config_from_transformers(
         {**vision_hf, "hidden_act": act_from_hf(vision_hf.get("hidden_act", "quick_gelu"))}
     )
-    image_processor = image_processor or {}
+    mean, std = image_normalisation(image_processor or {}, image_processor_where or where, (CLIP_MEAN, CLIP_STD))
     processor = ProcessorConfig(
         image_size=vision.image_size,
         # Squashed to a square as visto's export writes it (do_center_crop false); a
@@ -445,8 +447,8 @@ def config_from_hf(
         resize_mode="resize",
         image_tokens=vision.num_patches,
         image_delimiters=False,
-        mean=tuple(image_processor.get("image_mean", CLIP_MEAN)),
-        std=tuple(image_processor.get("image_std", CLIP_STD)),
+        mean=mean,
+        std=std,
         vocab_size=tokenizer.vocab_size if tokenizer else decoder.vocab_size,
         loc_bins=tokenizer.loc_bins if tokenizer else DEFAULT_LOC_BINS,
     )
@@ -479,8 +481,9 @@ def load_hf(directory: str | Path) -> Llava:
     if hf is None or hf.get("model_type") != "llava":
         raise UserError(f"{directory} is not a transformers LLaVA directory (config.json model_type 'llava')")
     tokenizer = _visto_tokenizer(directory)
-    image_processor = _read_json(directory / "preprocessor_config.json")
-    config = config_from_hf(hf, str(directory / "config.json"), tokenizer, image_processor)
+    found = read_image_processor(directory)  # preprocessor_config.json, or transformers 5's processor_config.json
+    image_processor, image_processor_path = found if found else (None, None)
+    config = config_from_hf(hf, str(directory / "config.json"), tokenizer, image_processor, image_processor_path)
     model = Llava(config)
     tied = config.decoder.tie_word_embeddings
 
@@ -503,13 +506,6 @@ def _visto_tokenizer(directory: Path) -> Tokenizer | None:
     except UserError as e:
         log.warning("%s: loaded without a processor (chat and eval need one): %s", directory, e)
         return None
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
 __all__ = [
