@@ -147,7 +147,7 @@ def test_a_recipe_selects_a_mix_and_the_card_records_it(world):
     card = data_card(recipe.data)
     assert card["mix"]["name"] == "instruct+caption" and card["mix"]["independent_turns"] is True
     assert card["mix"]["tasks"] == ["vqa", "ground", "refdesc", "ocr", "json", "caption"]
-    assert load_recipe("quickstart-stage1").data.mix == "look"
+    assert load_recipe("quickstart-stage1").data.mix == "look+copy"
     for family in ("llava", "blip2", "flamingo", "fuyu", "cogvlm"):
         assert load_recipe(f"compare-{family}").data.mix == "instruct+caption"
 

@@ -123,7 +123,7 @@ def test_quickstart_runs_end_to_end_and_reuses_stages(tmp_path: Path):
     data = card_section(run / "checkpoint", "data")["mix"]
     assert (data["name"], data["independent_turns"]) == ("instruct+caption", True)
     assert data["tasks"] == ["vqa", "ground", "refdesc", "ocr", "json", "caption"]
-    assert card_section(run / "stage1" / "checkpoint", "data")["mix"]["name"] == "look"
+    assert card_section(run / "stage1" / "checkpoint", "data")["mix"]["name"] == "look+copy"
     report = (run / "report.md").read_text()
     assert "training budget in steps: vision 20, stage1 6, stage2 4 (no time cap)" in report
     for name in ("config.json", "eval.json", "report.md", "metrics.jsonl", "predictions.jsonl",

@@ -53,7 +53,7 @@ class QuickstartConfig:
     # Training budgets in optimizer steps, so that a seed gives the same model on any machine.
     # Measured times per stage (and the load they ran under): bench/README.md, "Quickstart".
     vision_steps: int = 4000
-    stage1_steps: int = 800
+    stage1_steps: int = 400
     stage2_steps: int = 200
     # An optional wall-clock cap on the three training stages together, split by the shares
     # below; a stage it stops early says how many of its steps it cut. None = no cap.
@@ -96,7 +96,7 @@ class QuickstartConfig:
     # with focus and 4 focus slots: this many more <focus> slots hold the tokens the OCR reader
     # (trained in the vision stage) read, so an answer that reads copies them, as grounding
     # copies the box (ProjectorConfig.read_slots; 0 = no reader)
-    read_slots: int = 0
+    read_slots: int = 8
     reader_steps: int = 1000
     decoder_width: int = 256
     decoder_layers: int = 4
@@ -106,9 +106,10 @@ class QuickstartConfig:
     max_length: int = 512
     # 16: four times the steps of 64 for the same images (bench/README.md, "Quickstart")
     vision_batch: int = 16
-    # Stage 1's training mix (visto.data.synth.mixes); stage 2 reads "instruct+caption". Why "look"
-    # (short questions that name objects) at 800 x 16: bench/README.md, "Quickstart".
-    stage1_mix: str = "look"
+    # Stage 1's training mix (visto.data.synth.mixes); stage 2 reads "instruct+caption". "look+copy":
+    # short questions that name objects, plus a grounding and the OCR question whose answers copy
+    # the focus slots, at 400 x 16 (bench/README.md, "Read slots, copies in stage 1").
+    stage1_mix: str = "look+copy"
     stage1_batch: int = 16
     stage2_batch: int = 16
     vision_lr: float = 2e-3

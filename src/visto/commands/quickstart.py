@@ -36,9 +36,11 @@ unchanged; --fresh redoes everything):
   1. data     render the synthetic world: RUN/world (+ RUN/world/show.png, look at it)
   2. vision   pretrain the ViT on the world's dense labels (per-patch shape, colour,
               size, object centres and boxes, characters of the texts); with
-              --text-slots, also the OCR reader (find each line, read it with CTC): RUN/vision
-  3. stage1   LLaVA stage 1 (recipe quickstart-stage1, mix "look": a caption and two short
-              questions per image), vision tower frozen. The connector gives the decoder
+              --read-slots or --text-slots, also the OCR reader (find each line, read it
+              with CTC): RUN/vision
+  3. stage1   LLaVA stage 1 (recipe quickstart-stage1, mix "look+copy": a caption, two short
+              questions, a grounding question and the OCR question per image), vision tower
+              frozen. The connector gives the decoder
               one token per detected object, made of the decoder's own words for its
               colour, shape, size and box (visto.connectors.regions); --box-tokens
               follows each with its box's 4 location tokens, --text-slots N adds N lines
@@ -77,7 +79,7 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
     "focus_slots": ("with --focus: <focus> slots before each answer: 4 = the named object's box "
                     "as its 4 location tokens (a grounding answer copies them), 0 = none", "N"),
     "read_slots": ("with --focus: <focus> slots after the box's 4 that hold the tokens the OCR "
-                   "reader read, so an answer that reads copies them (default 0: no reader)", "N"),
+                   "reader read, so an answer that reads copies them; 0 = no reader", "N"),
     "reader_steps": ("steps of the OCR reader (with --text-slots or --read-slots), trained in the vision stage "
                      "on the world's text boxes", "N"),
     "stage1_steps": ("steps of LLaVA stage 1", "N"),
