@@ -216,7 +216,12 @@ def test_bad_budgets_are_user_errors(tmp_path, capsys):
     assert main(["quickstart", "--out", str(tmp_path / "q"), "--stage1-mix", "nope"]) == 2
     assert ("--stage1-mix must be one of captions, look, bind, look+copy, instruct, instruct+caption, tools, "
             "got 'nope'") in capsys.readouterr().err
-    # Read slots are <focus> slots after the box's: they need the focus and its 4 box slots.
-    assert main(["quickstart", "--out", str(tmp_path / "q"), "--read-slots", "8", "--no-focus"]) == 2
-    assert "--read-slots 8: 0, or more with --focus and 4 --focus-slots" in capsys.readouterr().err
+    # Read slots are <focus> slots after the box's: without the focus (or its box slots) a
+    # quickstart has none, whatever --read-slots says (the default is 8).
+    from visto.quickstart import focus_slots, read_slots
+
+    assert read_slots(QuickstartConfig(focus=False).validate()) == 0
+    assert focus_slots(QuickstartConfig(focus_slots=0).validate()) == 0
+    assert focus_slots(QuickstartConfig().validate()) == 12
     assert main(["quickstart", "--out", str(tmp_path / "q"), "--read-slots", "-1"]) == 2
+    assert "--read-slots must be 0 or more, got -1" in capsys.readouterr().err

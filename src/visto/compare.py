@@ -505,10 +505,11 @@ def shared_vision(cfg: CompareConfig, out: Path, console: Any) -> tuple[Path, Pa
     # Batch 64: the pace VISION_STEPS_PER_REFERENCE_MINUTE was measured at (the quickstart's
     # own default is 16 for four times the steps).
     # focus=False: the tower's checkpoint carries the tokenizer every family reads, and the
-    # compare recipes' decoders are sized to the plain one (no <focus> token).
+    # compare recipes' decoders are sized to the plain one (no <focus> token); so no read slots
+    # (and no OCR reader to train) either.
     qcfg = QuickstartConfig(n=cfg.n, size=cfg.size, seed=cfg.seed, workers=cfg.workers,
                             threads=cfg.threads, vision_steps=cfg.vision_steps, vision_batch=64,
-                            focus=False)  # fmt: skip
+                            focus=False, read_slots=0)  # fmt: skip
     qcfg.validate()
     if cfg.data is not None:
         world_dir = Path(cfg.data)

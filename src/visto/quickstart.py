@@ -138,8 +138,8 @@ class QuickstartConfig:
             problems.append(f"projector must be 'regions', 'mlp' or 'pixel_shuffle', got {self.projector!r}")
         if self.focus_slots not in (0, 4):
             problems.append(f"--focus-slots must be 0 or 4, got {self.focus_slots}")
-        if self.read_slots < 0 or (self.read_slots and not (self.focus and self.focus_slots == 4)):
-            problems.append(f"--read-slots {self.read_slots}: 0, or more with --focus and 4 --focus-slots")
+        if self.read_slots < 0:  # without the focus's box slots they are not used (read_slots())
+            problems.append(f"--read-slots must be 0 or more, got {self.read_slots}")
         if self.text_slots < 0:
             problems.append(f"--text-slots must be 0 or more, got {self.text_slots}")
         if self.vision_batch < 1:
