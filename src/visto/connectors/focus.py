@@ -84,17 +84,20 @@ class QuestionFocus(nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.query = nn.Parameter(torch.eye(width))
-        self.key = nn.Parameter(torch.eye(width))
-        self.log_scale = nn.Parameter(torch.tensor(math.log(20.0)))
-        self.threshold = nn.Parameter(torch.tensor(0.1))  # cosine above which an object "matches"
+        # The scores' settings are fixed (buffers: the scores take no gradient, see the module
+        # doc); checkpoints keep them under the same names as when they were parameters.
+        self.register_buffer("query", torch.eye(width))
+        self.register_buffer("key", torch.eye(width))
+        self.register_buffer("log_scale", torch.tensor(math.log(20.0)))
+        self.register_buffer("threshold", torch.tensor(0.1))  # cosine above which an object "matches"
         self.out = nn.Parameter(torch.zeros(width, width))
         self.count = nn.Parameter(torch.zeros(COUNT_BINS, width))
         self.match = nn.Parameter(torch.zeros(MATCH_BINS, width))
-        # Side heads: a learned word weighting (zero: none) and a ramp over the question's
-        # words (SIDE_RAMPS: first words / last words), each with its own value map.
-        self.side_words = nn.Parameter(torch.zeros(len(SIDE_RAMPS), width))
-        self.side_ramp = nn.Parameter(torch.tensor(SIDE_RAMPS))
+        # Side heads: a word weighting (zero: none) and a ramp over the question's words
+        # (SIDE_RAMPS: first words / last words), fixed as the scores are, each with its own
+        # learned value map.
+        self.register_buffer("side_words", torch.zeros(len(SIDE_RAMPS), width))
+        self.register_buffer("side_ramp", torch.tensor(SIDE_RAMPS))
         self.side_out = nn.Parameter(torch.zeros(len(SIDE_RAMPS), width, width))
         self.relation = nn.Parameter(torch.zeros(RELATION_FEATURES, width))
         self.objects = nn.Parameter(torch.zeros(COUNT_BINS, width))

@@ -139,22 +139,20 @@ class RegionConnector(nn.Module):
         """Read the attribute words' token ids (and tell the focus how many `<focus>` slots the
         processor puts before each answer). A value's tag is the mean embedding of its two
         forms (`word_forms`), a form of several tokens counting as the mean of its pieces."""
-        for kind, names in (("shape", SHAPE_NAMES), ("colour", COLOUR_NAMES), ("size", SIZE_NAMES)):
-            rows = []
-            for name in names:
-                forms = word_forms(tokenizer, name)
-                rows.append([(i, 1.0 / (len(forms) * len(f))) for f in forms for i in f])
+        # kind -> each value's forms; counting questions name shapes in the plural (" stars"),
+        # a token of its own
+        kinds = {
+            "shape": [word_forms(tokenizer, n) for n in SHAPE_NAMES],
+            "colour": [word_forms(tokenizer, n) for n in COLOUR_NAMES],
+            "size": [word_forms(tokenizer, n) for n in SIZE_NAMES],
+            "plural": [[tokenizer.encode(" " + SHAPE_PLURALS[n])] for n in SHAPE_NAMES],
+        }
+        for kind, values in kinds.items():
+            rows = [[(i, 1.0 / (len(forms) * len(f))) for f in forms for i in f] for forms in values]
             width = max(len(r) for r in rows)
             ids = torch.tensor([[i for i, _ in r] + [0] * (width - len(r)) for r in rows])
             weights = torch.tensor([[w for _, w in r] + [0.0] * (width - len(r)) for r in rows])
             self.vocabulary[kind] = (ids, weights)
-        # Counting questions name shapes in the plural (" stars"), a token of its own.
-        plurals = [tokenizer.encode(" " + SHAPE_PLURALS[name]) for name in SHAPE_NAMES]
-        width = max(len(p) for p in plurals)
-        self.vocabulary["plural"] = (
-            torch.tensor([p + [0] * (width - len(p)) for p in plurals]),
-            torch.tensor([[1.0 / len(p)] * len(p) + [0.0] * (width - len(p)) for p in plurals]),
-        )
         self.loc_ids = torch.tensor(tokenizer.loc_ids) if tokenizer.loc_ids else None
         self.tokenizer = tokenizer
         if self.focus is not None:
@@ -277,11 +275,11 @@ class RegionConnector(nn.Module):
         box = at(heads["box"])  # (B, S, 4) in 0..1
         box_words = self.box_words(box, embed)  # (B, S, 4, D_lm)
 
-        def tags_in(table: nn.Embedding) -> Tensor:  # (B, S, D_lm): the object in the decoder's own words
+        def tags_in(table: nn.Embedding, box_words: Tensor) -> Tensor:  # (B, S, D_lm): the object in words
             return (p_shape @ self.word_table(table, "shape") + p_colour @ self.word_table(table, "colour")
-                    + p_size @ self.word_table(table, "size") + self.box_words(box, table).mean(-2))  # fmt: skip
+                    + p_size @ self.word_table(table, "size") + box_words.mean(-2))  # fmt: skip
 
-        tags = tags_in(embed)
+        tags = tags_in(embed, box_words)
         tokens = self.feature(at(features)) + tags + self.box(box_fourier(box))  # (B, S, D_lm)
         if self.focus is None:
             return Objects(tokens, tags, box_words, box, present)
@@ -289,7 +287,7 @@ class RegionConnector(nn.Module):
         # and for counting the shape's plural too (added to the tags that pick one object, the
         # plural lowered those picks: bench/README.md, "Question focus").
         lookup = self.focus.lookup_embedding(embed)
-        score_tags = tags_in(lookup)
+        score_tags = tags_in(lookup, self.box_words(box, lookup))
         count_tags = score_tags + p_shape @ self.word_table(lookup, "plural")
         return Objects(tokens, score_tags, box_words, box, present, count_tags)
 
