@@ -307,7 +307,7 @@ def test_read_slots_hold_the_read_text_after_the_box(tokenizer):
     embed = nn.Embedding(tok.vocab_size, 64)
     connector, calls = reading_connector(tok, ["STAR", "42"], read_slots=9)
     pixels = torch.randn(2, 3, 16, 16)
-    words, filled = connector.read_words(pixels, embed)
+    words, filled, _ = connector.read_words(pixels, embed)
     pieces = tok.encode("STAR 42")  # joined as the world's OCR answer writes them
     assert len(pieces) < 9 and filled[0].tolist() == [True] * len(pieces) + [False] * (9 - len(pieces))
     assert torch.equal(words[0, : len(pieces)], embed(torch.tensor(pieces)))

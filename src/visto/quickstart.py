@@ -97,6 +97,11 @@ class QuickstartConfig:
     # (trained in the vision stage) read, so an answer that reads copies them, as grounding
     # copies the box (ProjectorConfig.read_slots; 0 = no reader)
     read_slots: int = 8
+    # with focus slots: answers copy the slots' tokens (the box, what was read) through a
+    # pointer head beside the LM head, not through attention (connectors.pointer): a copy
+    # probe of this decoder copies at 1.000 after 50 steps with it, 0.000 after 300 without
+    # (bench/README.md, "Read slots, copies in stage 1")
+    pointer: bool = True
     reader_steps: int = 1000
     decoder_width: int = 256
     decoder_layers: int = 4
@@ -164,7 +169,7 @@ class QuickstartConfig:
                                    "vision_width", "vision_layers", "vision_batch", "vision_lr",
                                    # the saved checkpoint holds a fresh connector and decoder too
                                    "projector", "slots", "box_tokens", "text_slots", "focus", "focus_slots",
-                                   "read_slots", "reader_steps",
+                                   "read_slots", "pointer", "reader_steps",
                                    "decoder_width", "decoder_layers",
                                    "decoder_init", "vocab_size", "loc_bins", "max_length"),
         }  # fmt: skip
@@ -283,6 +288,7 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
         kind=cfg.projector, scale_factor=2, slots=cfg.slots, box_tokens=cfg.box_tokens,
         text_slots=cfg.text_slots if cfg.projector == "regions" else 0,
         focus=cfg.focus and cfg.projector == "regions", read_slots=read_slots(cfg),
+        pointer=cfg.pointer and focus_slots(cfg) > 0,
     )  # fmt: skip
     patches = vision.num_patches
     decoder = DecoderConfig(

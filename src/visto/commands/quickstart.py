@@ -80,6 +80,9 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
                     "as its 4 location tokens (a grounding answer copies them), 0 = none", "N"),
     "read_slots": ("with --focus: <focus> slots after the box's 4 that hold the tokens the OCR "
                    "reader read, so an answer that reads copies them; 0 = no reader", "N"),
+    "pointer": ("with --focus and its slots: answers copy the slots' tokens (the box, what was "
+                "read) through a pointer head beside the LM head (M4C's dynamic pointer), not "
+                "through attention, which the decoder did not learn (OCR 0.013 without it)", None),
     "reader_steps": ("steps of the OCR reader (with --text-slots or --read-slots), trained in the vision stage "
                      "on the world's text boxes", "N"),
     "stage1_steps": ("steps of LLaVA stage 1", "N"),

@@ -61,6 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visto.connectors.pointer import CopySlots, copy_runs
+
 COUNT_BINS = 10  # the world has at most 9 objects
 MATCH_BINS = 11  # the best object's cosine with the question, at 0, 0.1, ..., 1
 SIDE_RAMPS = (-4.0, 4.0)
@@ -77,6 +79,8 @@ class Objects(NamedTuple):
     present: Tensor  # (N_img, S) bool: a detected object (else an empty slot)
     # (N_img, S, D_lm) the tags counting scores (plus the shape's plural); None: `tags`
     count_tags: Tensor | None = None
+    # (N_img, S, 4) the ids of its box's 4 location tokens (what the pointer copies); None: none
+    box_ids: Tensor | None = None
 
 
 class QuestionFocus(nn.Module):
@@ -105,7 +109,7 @@ class QuestionFocus(nn.Module):
         # were when the focus first ran, then fixed (saved with the model).
         self.register_buffer("lookup", torch.zeros(0, width))
         # token ids, from the tokenizer (set_vocabulary)
-        self.user_id = self.assistant_id = self.focus_id = -1
+        self.user_id = self.assistant_id = self.focus_id = self.end_id = -1
         self.first_text_id = 0  # ids below this are special tokens (roles, image, padding)
         self.slots = 0  # <focus> slots before each answer (the processor's focus_tokens)
 
@@ -140,6 +144,7 @@ class QuestionFocus(nn.Module):
             raise ValueError(f"a question focus writes 0 <focus> slots, or 4 (a box) and more, not {slots}")
         self.slots = slots
         self.focus_id = tokenizer.focus_id if tokenizer.focus_id is not None else -1
+        self.end_id = tokenizer.end_id  # what ends an answer (the copies' end slots hold it)
         self.user_id = tokenizer.role_ids["user"]
         self.assistant_id = tokenizer.role_ids["assistant"]
         special = [tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.image_id,
@@ -213,17 +218,32 @@ class QuestionFocus(nn.Module):
         objects: Objects,
         image_sample_index: Tensor,
         segment_ids: Tensor | None = None,
-        read: tuple[Tensor, Tensor] | None = None,
+        read: tuple[Tensor, ...] | None = None,
     ) -> Tensor:
         """(B, T, D_lm) to add to the input embeddings: zero except at `<|assistant|>` tokens
         (or the `<focus>` slots before them) of rows with an image. `read`: per image, the
         embeddings of the read tokens (N_img, slots - 4, D_lm) and which are real (N_img,
         slots - 4), for the slots after the box (a row with several images reads its first)."""
+        return self.with_copies(input_ids, embed, objects, image_sample_index, segment_ids, read)[0]
+
+    def with_copies(
+        self,
+        input_ids: Tensor,
+        embed: nn.Embedding,
+        objects: Objects,
+        image_sample_index: Tensor,
+        segment_ids: Tensor | None = None,
+        read: tuple[Tensor, ...] | None = None,
+    ) -> tuple[Tensor, CopySlots | None]:
+        """`forward`, and what each answer's `<focus>` slots hold as token ids (`CopySlots`,
+        one row per `<|assistant|>` token in row-major order; None without slots): the box
+        slots each object's location token weighted as the objects are (`objects.box_ids`),
+        the read slots the read token (`read`'s third tensor: the ids (N_img, slots - 4))."""
         B, T = input_ids.shape
         out = objects.tokens.new_zeros(B, T, objects.tokens.shape[-1])
         rows, cols, question, side = self.head_questions(input_ids, embed, segment_ids)
         if rows.numel() == 0:
-            return out
+            return out, self._copies(0, None, None, None, None, out.device)
         rowed = per_row(objects, image_sample_index, B)  # (B, M, ...)
         tokens, tags, present = rowed.tokens[rows], rowed.tags[rows], rowed.present[rows]  # (P, M, ...)
         count_tags = tags if rowed.count_tags is None else rowed.count_tags[rows]
@@ -252,7 +272,7 @@ class QuestionFocus(nn.Module):
         focus = focus + soft_histogram(present.sum(-1).to(score.dtype), COUNT_BINS, 1.0) @ self.objects
         out = out.index_put((rows, cols), focus.to(out.dtype))
         if not self.slots:
-            return out
+            return out, None
         first = cols - self.slots  # the first of each answer's <focus> slots
         span = first[:, None] + torch.arange(self.slots, device=cols.device)  # (P, slots)
         if (first < 0).any() or not (input_ids[rows[:, None], span.clamp(min=0)] == self.focus_id).all():
@@ -262,19 +282,40 @@ class QuestionFocus(nn.Module):
         box = torch.einsum("pm,pmjd->pjd", weight, rowed.box_words[rows])  # (P, 4, D)
         box_span = span[:, :4]
         out = out.index_put((rows[:, None].expand_as(box_span), box_span), box.to(out.dtype))
+        box_ids = None if rowed.box_ids is None else rowed.box_ids[rows]  # (P, M, 4)
         if self.slots == 4:
-            return out
+            return out, self._copies(len(rows), weight, box_ids, None, None, out.device)
         if read is None:
             raise ValueError(f"a focus with {self.slots} slots fills {self.slots - 4} with read text: pass `read`")
-        words, filled = read_per_row(*read, image_sample_index, B)  # (B, R, D), (B, R)
-        words, filled = words[rows], filled[rows]  # (P, R, ...)
+        per_row_read = read_per_row(*read, image_sample_index=image_sample_index, rows=B)  # (B, R, ...)
+        words, filled, *read_ids = (t[rows] for t in per_row_read)  # (P, R, ...)
         read_span = span[:, 4:]
         # Added to the `<focus>` token's embedding, as the box is; a slot with nothing read
         # keeps that alone: "no more text".
-        return out.index_put(
+        out = out.index_put(
             (rows[:, None].expand_as(read_span), read_span),
             (words * filled[..., None]).to(out.dtype),
         )
+        ids = read_ids[0] if read_ids else None
+        return out, self._copies(len(rows), weight, box_ids, ids, filled, out.device)
+
+    def _copies(
+        self, answers: int, weight: Tensor | None, box_ids: Tensor | None,
+        read_ids: Tensor | None, filled: Tensor | None, device: torch.device,
+    ) -> CopySlots | None:  # fmt: skip
+        """The answers' slots as the pointer copies them (`with_copies`; connectors.pointer):
+        the box's 4 and the read ones, each run followed by its end slot."""
+        if not self.slots:
+            return None
+        M = weight.shape[1] if weight is not None else 1
+        box = (torch.zeros(answers, 4, M, dtype=torch.long, device=device), torch.zeros(answers, 4, M, device=device))
+        if box_ids is not None:  # box slot j: object m's j-th location token, weighted as m is
+            box = (box_ids.transpose(1, 2), weight[:, None, :].expand(-1, 4, -1))
+        R = self.slots - 4
+        read = (torch.zeros(answers, R, 1, dtype=torch.long, device=device), torch.zeros(answers, R, 1, device=device))
+        if read_ids is not None:  # read slot r: the r-th read token, if there is one
+            read = (read_ids[..., None], filled[..., None].to(read[1].dtype))
+        return copy_runs([box, read], self.end_id)
 
 
 def soft_histogram(x: Tensor, bins: int, width: float) -> Tensor:
@@ -288,15 +329,14 @@ def spread(score: Tensor, present: Tensor) -> Tensor:
     return score.masked_fill(~present, -1e4).softmax(-1) * present
 
 
-def read_per_row(words: Tensor, filled: Tensor, image_sample_index: Tensor, rows: int) -> tuple[Tensor, Tensor]:
-    """Per image (N_img, R, D) read-token embeddings and (N_img, R) masks -> per batch row (B,
-    R, ...): each row's first image (rows without an image read nothing)."""
-    out = words.new_zeros(rows, *words.shape[1:])
-    out_filled = filled.new_zeros(rows, *filled.shape[1:])
-    for i in reversed(range(words.shape[0])):  # reversed: a row's first image is written last
-        out[image_sample_index[i]] = words[i]
-        out_filled[image_sample_index[i]] = filled[i]
-    return out, out_filled
+def read_per_row(*per_image: Tensor, image_sample_index: Tensor, rows: int) -> tuple[Tensor, ...]:
+    """Per image (N_img, R, ...) tensors (the read tokens' embeddings, masks, ids) -> per batch
+    row (B, R, ...): each row's first image (rows without an image read nothing)."""
+    outs = tuple(t.new_zeros(rows, *t.shape[1:]) for t in per_image)
+    for i in reversed(range(image_sample_index.shape[0])):  # reversed: a row's first image is written last
+        for out, t in zip(outs, per_image, strict=True):
+            out[image_sample_index[i]] = t[i]
+    return outs
 
 
 def per_row(objects: Objects, image_sample_index: Tensor, rows: int) -> Objects:

@@ -53,6 +53,9 @@ class ProjectorConfig:
     # reading is a copy from a fixed distance back, as grounding is (M4C's OCR tokens, placed
     # where the answer can copy them)
     read_slots: int = 0
+    # regions with focus slots only: answers copy the slots' tokens through a pointer head
+    # beside the LM head (connectors.pointer: M4C's dynamic pointer), not through attention
+    pointer: bool = False
     act: str = "gelu"  # mlp only: "gelu" (exact, erf) as transformers' projector_hidden_act
     bias: bool = True
     # LayerNorm on each vision feature before the projection (InternVL's projector does
@@ -71,6 +74,8 @@ class ProjectorConfig:
             raise UserError(f"projector focus needs kind 'regions' (object tokens), got {self.kind!r}")
         if self.read_slots < 0 or (self.read_slots and not self.focus):
             raise UserError("projector read_slots must be >= 0, and needs focus (they are <focus> slots)")
+        if self.pointer and not self.focus:
+            raise UserError("projector pointer needs focus (it copies the <focus> slots' tokens)")
         if self.text_slots < 0 or self.text_tokens < 1:
             raise UserError("projector text_slots must be >= 0 and text_tokens >= 1")
         if self.scale_factor < 1 or (self.hidden_dim is not None and self.hidden_dim < 1):
@@ -156,7 +161,7 @@ def build_projector(cfg: ProjectorConfig, input_dim: int, output_dim: int) -> nn
         module: nn.Module = RegionConnector(
             input_dim, output_dim, cfg.slots, box_tokens=cfg.box_tokens,
             text_slots=cfg.text_slots, text_tokens=cfg.text_tokens, focus=cfg.focus,
-            read_slots=cfg.read_slots,
+            read_slots=cfg.read_slots, pointer=cfg.pointer,
         )  # fmt: skip
     else:
         kinds = {"linear": LinearProjector, "mlp": MLPProjector, "pixel_shuffle": PixelShuffleProjector}

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from visto.connectors.focus import Objects, QuestionFocus
+from visto.connectors.pointer import PointerHead
 from visto.data.synth.vocab import COLOURS, SHAPE_PLURALS, SHAPES, SIZES
 
 SHAPE_NAMES: tuple[str, ...] = SHAPES
@@ -110,6 +111,7 @@ class RegionConnector(nn.Module):
     def __init__(
         self, input_dim: int, output_dim: int, slots: int, box_tokens: bool = False,
         text_slots: int = 0, text_tokens: int = 6, focus: bool = False, read_slots: int = 0,
+        pointer: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.slots = slots
@@ -134,6 +136,10 @@ class RegionConnector(nn.Module):
         self.vocabulary: dict[str, tuple[Tensor, Tensor]] = {}
         self.loc_ids: Tensor | None = None  # (loc_bins,) ids of <loc_0> .. <loc_{bins-1}>
         self.focus = QuestionFocus(output_dim) if focus else None
+        # Answers copy what the focus's `<focus>` slots hold (connectors.pointer): the box's 4
+        # location tokens and the read tokens. It reads the decoder's last hidden state, whose
+        # width is this connector's output width.
+        self.pointer = PointerHead(output_dim, (4, read_slots)) if pointer else None
 
     def set_vocabulary(self, tokenizer, focus_slots: int = 0) -> None:
         """Read the attribute words' token ids (and tell the focus how many `<focus>` slots the
@@ -163,6 +169,8 @@ class RegionConnector(nn.Module):
                     "tokens)" + ("" if self.read_slots else " or none")
                 )
             self.focus.set_vocabulary(tokenizer, focus_slots)
+        if self.pointer is not None:
+            self.pointer.start_id = tokenizer.role_ids["assistant"]
 
     def word_table(self, embed: nn.Embedding, kind: str) -> Tensor:
         """(n_values, D_lm): each attribute value's tag embedding."""
@@ -170,13 +178,21 @@ class RegionConnector(nn.Module):
         weights = weights.to(embed.weight.device, embed.weight.dtype)
         return (embed(ids.to(embed.weight.device)) * weights[..., None]).sum(1)  # (n, D)
 
-    def box_words(self, box: Tensor, embed: nn.Embedding) -> Tensor:
-        """(B, S, 4) boxes in 0..1 -> (B, S, 4, D_lm): the embeddings of their 4 location tokens."""
-        if self.loc_ids is None:  # a tokenizer without location tokens: nothing to tie to
-            return box.new_zeros(*box.shape, embed.weight.shape[1])
+    def box_ids(self, box: Tensor) -> Tensor | None:
+        """(B, S, 4) boxes in 0..1 -> (B, S, 4) the ids of their 4 location tokens (None: the
+        tokenizer has no location tokens)."""
+        if self.loc_ids is None:
+            return None
         bins = len(self.loc_ids)
         k = (box * bins).long().clamp(0, bins - 1)  # the bin tokenizer.format_box writes
-        return embed(self.loc_ids.to(box.device)[k])
+        return self.loc_ids.to(box.device)[k]
+
+    def box_words(self, box: Tensor, embed: nn.Embedding) -> Tensor:
+        """(B, S, 4) boxes in 0..1 -> (B, S, 4, D_lm): the embeddings of their 4 location tokens."""
+        ids = self.box_ids(box)
+        if ids is None:  # a tokenizer without location tokens: nothing to tie to
+            return box.new_zeros(*box.shape, embed.weight.shape[1])
+        return embed(ids)
 
     def select(self, heads: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(patch index (B, slots), present (B, slots)): the most confident centres, in raster
@@ -225,10 +241,10 @@ class RegionConnector(nn.Module):
         words = torch.where(filled.to(device)[..., None], words, self.empty.to(words.dtype))
         return words.view(B, self.text_slots * self.text_tokens, D)
 
-    def read_words(self, pixels: Tensor, embed: nn.Embedding) -> tuple[Tensor, Tensor]:
-        """(B, 3, S, S) -> ((B, read_slots, D_lm) the embeddings of the tokens of everything the
-        reader read, joined as an OCR answer writes it (lines in reading order, one space
-        between), cut at `read_slots`; (B, read_slots) which slots hold a token)."""
+    def read_tokens(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, S, S) -> ((B, read_slots) the token ids of everything the reader read, joined
+        as an OCR answer writes it (lines in reading order, one space between), cut at
+        `read_slots`; (B, read_slots) which slots hold a token)."""
         B = pixels.shape[0]
         ids = torch.zeros(B, self.read_slots, dtype=torch.long)
         filled = torch.zeros(B, self.read_slots, dtype=torch.bool)
@@ -236,8 +252,13 @@ class RegionConnector(nn.Module):
             pieces = self.tokenizer.encode(" ".join(lines))[: self.read_slots] if lines else []
             ids[b, : len(pieces)] = torch.tensor(pieces, dtype=torch.long)
             filled[b, : len(pieces)] = True
+        return ids.to(pixels.device), filled.to(pixels.device)
+
+    def read_words(self, pixels: Tensor, embed: nn.Embedding) -> tuple[Tensor, Tensor, Tensor]:
+        """`read_tokens` with their embeddings first: ((B, read_slots, D_lm), filled, ids)."""
+        ids, filled = self.read_tokens(pixels)
         device = embed.weight.device
-        return embed(ids.to(device)), filled.to(device)
+        return embed(ids.to(device)), filled.to(device), ids.to(device)
 
     def forward(self, features: Tensor, embed: nn.Embedding, pixels: Tensor | None = None) -> Tensor:
         return self.visual_tokens(self.objects(features, embed), embed, pixels)
@@ -274,6 +295,7 @@ class RegionConnector(nn.Module):
         p_size = at(heads["size"])[..., 1:].softmax(-1)  # (B, S, 3)
         box = at(heads["box"])  # (B, S, 4) in 0..1
         box_words = self.box_words(box, embed)  # (B, S, 4, D_lm)
+        box_ids = self.box_ids(box)  # (B, S, 4) or None
 
         def tags_in(table: nn.Embedding, box_words: Tensor) -> Tensor:  # (B, S, D_lm): the object in words
             return (p_shape @ self.word_table(table, "shape") + p_colour @ self.word_table(table, "colour")
@@ -282,14 +304,14 @@ class RegionConnector(nn.Module):
         tags = tags_in(embed, box_words)
         tokens = self.feature(at(features)) + tags + self.box(box_fourier(box))  # (B, S, D_lm)
         if self.focus is None:
-            return Objects(tokens, tags, box_words, box, present)
+            return Objects(tokens, tags, box_words, box, present, None, box_ids)
         # What the focus scores: the same words in its fixed lookup table (focus.lookup_embedding),
         # and for counting the shape's plural too (added to the tags that pick one object, the
         # plural lowered those picks: bench/README.md, "Question focus").
         lookup = self.focus.lookup_embedding(embed)
         score_tags = tags_in(lookup, self.box_words(box, lookup))
         count_tags = score_tags + p_shape @ self.word_table(lookup, "plural")
-        return Objects(tokens, score_tags, box_words, box, present, count_tags)
+        return Objects(tokens, score_tags, box_words, box, present, count_tags, box_ids)
 
 
 __all__ = ["CHARS", "COLOUR_NAMES", "DenseHeads", "RegionConnector", "SHAPE_NAMES", "SIZE_NAMES", "box_fourier"]

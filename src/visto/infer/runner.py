@@ -33,6 +33,11 @@ buffer, the shorter one's extra columns marked as padding; each row keeps its ow
 a row's numbers do not depend on what it is batched with. Finished rows leave by `select`, and
 the window's leading columns that no remaining row uses are dropped.
 
+A model may change the logits after the LM head: its `output_logits(hidden, logits, context,
+tokens)` gets the last hidden states after the final norm, the logits, the rows' context and the
+tokens at those positions (None at prefill), and returns what is sampled from (LLaVA's pointer
+head mixes in the tokens each row may copy: visto.connectors.pointer).
+
 Conditioned decoders run here too, on the arguments their own forward passes the decoder
 (`visto.nn.language.Conditioning`): a model's `prefill_inputs(batch)` may return
 `DecoderInputs` with the prompt's conditioning and a per-row `context`, which the state keeps
@@ -175,9 +180,15 @@ class DecoderRunner:
     `decode_conditioning(context) -> Conditioning` gives each decode step's.
     """
 
-    def __init__(self, lm: DecoderLM, inputs: Any, decode_conditioning: Any = None) -> None:
+    def __init__(
+        self, lm: DecoderLM, inputs: Any, decode_conditioning: Any = None, output_logits: Any = None
+    ) -> None:
         self.lm, self.inputs = lm, inputs
         self.decode_conditioning = decode_conditioning
+        # The model's hook after the LM head, (hidden after the final norm (B, C), logits
+        # (B, V), the rows' context, the tokens at these positions (B,) or None at prefill)
+        # -> logits: a pointer head mixes in what rows may copy.
+        self.output_logits = output_logits
         cfg = lm.config
         self.n_heads, self.n_kv = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.resolved_head_dim
@@ -203,7 +214,10 @@ class DecoderRunner:
 
             return cls(model, embed)
         if isinstance(lm, DecoderLM) and hasattr(model, "prefill_inputs"):
-            return cls(lm, model.prefill_inputs, getattr(model, "decode_conditioning", None))
+            return cls(
+                lm, model.prefill_inputs, getattr(model, "decode_conditioning", None),
+                getattr(model, "output_logits", None),
+            )  # fmt: skip
         return None
 
     # -- weights, fused once and rebuilt when the model's parameters change
@@ -344,9 +358,14 @@ class DecoderRunner:
         out[sub.mask] = torch.cat([p(rows) for p in projections], dim=-1)
         return out if residual is None else residual + out
 
-    def _logits(self, last: Tensor) -> Tensor:
-        norm = self.lm.model.norm
-        return F.linear(self._rms(last, norm.weight), self.lm.lm_head.weight)  # (B, V)
+    def _logits(self, last: Tensor, context: Any, tokens: Tensor | None = None) -> Tensor:
+        """Logits (B, V) from the last hidden states (B, C) at the positions of `tokens` (B,)
+        (None: the prompt's last), through the model's `output_logits` hook if it has one."""
+        hidden = self._rms(last, self.lm.model.norm.weight)
+        logits = F.linear(hidden, self.lm.lm_head.weight)  # (B, V)
+        if self.output_logits is None or context is None:
+            return logits
+        return self.output_logits(hidden, logits, context, tokens)
 
     @torch.inference_mode()
     def prefill(self, batch: Any, room: int = 64) -> tuple[Tensor, RunnerState]:
@@ -386,7 +405,7 @@ class DecoderRunner:
         state.end = width
         state.positions = real.sum(dim=1)
         state.sync_mask()
-        return self._logits(last), state
+        return self._logits(last, state.context), state
 
     def _prefill_shared(
         self, embeds: Tensor, real: Tensor, P: int, state: RunnerState
@@ -445,7 +464,7 @@ class DecoderRunner:
         last = self._forward(x, state.positions[:, None], state, mask, conditioning)
         state.end += 1
         state.positions += 1
-        return self._logits(last), state
+        return self._logits(last, state.context, next_ids), state
 
 
 # Below this many shared tokens a second, batch-of-one pass costs about what it saves.

@@ -87,6 +87,9 @@ class CogVLM(Llava):
         projector: nn.Module | None = None,
         language: DecoderLM | None = None,
     ) -> None:
+        if config.projector.pointer:
+            raise UserError("projector.pointer is LLaVA's (its engine hook carries the copy slots); "
+                            "CogVLM's visual experts do not take it: set projector.pointer false")  # fmt: skip
         super().__init__(config, vision, projector, language)  # LLaVA's parts, as LLaVA takes them
         # visual_expert.layers.N.{self_attn,mlp}.<proj>: copies of the language projections.
         self.visual_expert = nn.Module()

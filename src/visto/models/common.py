@@ -235,15 +235,18 @@ def training_logits(
     embeds: Tensor,
     batch: dict[str, Tensor],
     conditioning: Conditioning | None = None,
+    head: bool = True,
 ) -> Tensor:
     """The decoder's next-token logits (B, T, V) on a collated training batch's input
-    embeddings (B, T, C): its attention mask, and positions and segments when packed."""
+    embeddings (B, T, C): its attention mask, and positions and segments when packed.
+    `head=False`: the last hidden states (B, T, C) instead (`DecoderLM.forward`)."""
     logits, _ = language_model(
         inputs_embeds=embeds,
         attention_mask=batch["attention_mask"],
         position_ids=batch.get("position_ids"),
         segment_ids=batch.get("segment_ids"),
         conditioning=conditioning,
+        head=head,
     )
     return logits
 

@@ -32,15 +32,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visto.connectors.pointer import CopyingState, CopySlots, PointerHead, answer_of_position
 from visto.connectors.projector import ProjectorConfig, build_projector
 from visto.data.processor import Processor, ProcessorConfig
 from visto.data.special_tokens import IMAGE, IMAGE_TOKEN_ID
 from visto.data.tokenizer import DEFAULT_LOC_BINS, Tokenizer
 from visto.errors import UserError
-from visto.losses import answer_loss
+from visto.losses import IGNORE_INDEX, answer_loss
 from visto.models.common import (
     ConversationFamily,
     adopt_parts,
+    batch_field,
     family_preset,
     feature_layer_problems,
     prompt_embeds,
@@ -60,7 +62,7 @@ from visto.models.transformers_format import (
     refuse_export,
     write_transformers_dir,
 )
-from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
+from visto.nn.language import DecoderConfig, DecoderInputs, DecoderLM
 from visto.nn.vision import (
     CLIP_MEAN,
     CLIP_STD,
@@ -239,6 +241,18 @@ class Llava(ConversationFamily, nn.Module):
         """Token embeddings (B, T, D_lm) with the visual tokens at the `<image>` positions (and,
         with the regions connector's `focus`, each answer's named objects at its start;
         `segment_ids` of packed exchanges tell it where each exchange's question begins)."""
+        return self.embed_with_copies(input_ids, pixel_values, image_sample_index, segment_ids)[0]
+
+    def embed_with_copies(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor,
+        image_sample_index: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+    ) -> tuple[Tensor, CopySlots | None]:
+        """`embed_inputs`, and what each answer's `<focus>` slots hold as token ids (one row
+        per `<|assistant|>` token, row-major; None without the focus's slots or images): what
+        the pointer head copies (connectors.pointer)."""
         hint = (
             f"; the processor's image_tokens must equal the model's "
             f"({self.config.image_tokens}) and every image needs its <image> run"
@@ -248,7 +262,7 @@ class Llava(ConversationFamily, nn.Module):
         if focus is None or pixel_values.shape[0] == 0:
             return splice_visual_tokens(
                 embeds, input_ids, pixel_values, self.image_features, image_sample_index, hint=hint
-            )
+            ), None
         connector, embed = self.multi_modal_projector, self.language_model.model.embed_tokens
         objects = connector.objects(self.patch_features(pixel_values), embed)
         visual = connector.visual_tokens(objects, embed, pixel_values)
@@ -258,33 +272,95 @@ class Llava(ConversationFamily, nn.Module):
         if image_sample_index is None:  # one image per row, in order (what the processor makes)
             image_sample_index = torch.arange(pixel_values.shape[0], device=input_ids.device)
         read = connector.read_words(pixel_values, embed) if connector.read_slots else None
-        added = focus(input_ids, embed, objects, image_sample_index, segment_ids, read)
-        return embeds + added.to(embeds.dtype)
+        added, copies = focus.with_copies(input_ids, embed, objects, image_sample_index, segment_ids, read)
+        return embeds + added.to(embeds.dtype), copies
+
+    @property
+    def pointer(self) -> PointerHead | None:
+        """The connector's pointer head (answers copy the `<focus>` slots' tokens), or None."""
+        return getattr(self.multi_modal_projector, "pointer", None)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers)."""
-        embeds = self.embed_inputs(
-            batch["input_ids"], batch["pixel_values"], batch.get("image_sample_index"),
-            batch.get("segment_ids"),
-        )
-        logits = training_logits(self.language_model, embeds, batch)  # (B, T, V)
-        return answer_loss(logits, batch["labels"])
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        embeds, copies = self.embed_with_copies(
+            input_ids, batch["pixel_values"], batch.get("image_sample_index"), batch.get("segment_ids"),
+        )  # fmt: skip
+        if self.pointer is None or copies is None:
+            return answer_loss(training_logits(self.language_model, embeds, batch), labels)  # (B, T, V)
+        hidden = training_logits(self.language_model, embeds, batch, head=False)  # (B, T, C)
+        logits = self.language_model.lm_head(hidden)
+        # Where an answer token is predicted, the pointer mixes in that answer's slots.
+        answer = answer_of_position(input_ids, self.multi_modal_projector.focus.assistant_id)
+        predicts = torch.zeros_like(labels, dtype=torch.bool)
+        predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        b, t = (predicts & (answer >= 0)).nonzero(as_tuple=True)
+        mixed = self.pointer(hidden[b, t], logits[b, t], copies[answer[b, t]], input_ids[b, t])
+        return answer_loss(logits.index_put((b, t), mixed.to(logits.dtype)), labels)
 
     # collate and prompt_batch (ConversationFamily): whole conversations by the processor.
 
     # -- generation engine protocol (visto.infer.engine)
 
-    def prefill_inputs(self, batch: Any) -> tuple[Tensor, Tensor]:
+    def prefill_inputs(self, batch: Any) -> tuple[Tensor, Tensor] | DecoderInputs:
         """A left-padded batch (processor `Batch` or dict) -> the decoder's input embeddings
-        (B, T, C) and attention mask (B, T); the engine's fast path runs the decoder on them."""
-        return prompt_embeds(self, batch)
+        (B, T, C) and attention mask (B, T); the engine's fast path runs the decoder on them.
+        With a pointer head, `DecoderInputs` whose per-row context is what the answer being
+        generated (the prompt's last `<|assistant|>`) may copy (`output_logits` mixes it in)."""
+        if self.pointer is None:
+            return prompt_embeds(self, batch)
+        weight = self.language_model.lm_head.weight
+        input_ids = batch_field(batch, "input_ids").to(weight.device)
+        with torch.inference_mode():
+            embeds, copies = self.embed_with_copies(
+                input_ids, batch_field(batch, "pixel_values").to(weight.device, weight.dtype),
+                batch_field(batch, "image_sample_index").to(weight.device),
+            )  # fmt: skip
+        mask = batch_field(batch, "attention_mask").to(weight.device)
+        return DecoderInputs(embeds, mask, context=self._last_answer_slots(input_ids, copies))
 
-    def prefill(self, batch: Any) -> tuple[Tensor, DecoderState]:
+    def _last_answer_slots(self, input_ids: Tensor, copies: CopySlots | None) -> CopySlots:
+        """Per row, the slots of its last `<|assistant|>` token (empty: none, or no image)."""
+        B, K = input_ids.shape[0], self.pointer.slots
+        out = CopySlots(torch.zeros(B, K, 1, dtype=torch.long, device=input_ids.device),
+                        torch.zeros(B, K, 1, device=input_ids.device))  # fmt: skip
+        if copies is None or copies.ids.shape[0] == 0:
+            return out
+        rows, _ = (input_ids == self.multi_modal_projector.focus.assistant_id).nonzero(as_tuple=True)
+        last = torch.full((B,), -1, dtype=torch.long, device=input_ids.device)
+        last = last.scatter_reduce(0, rows, torch.arange(len(rows), device=rows.device), "amax")
+        has = last >= 0
+        out = CopySlots.merge([out, copies[last.clamp(min=0)]])  # widened to the objects' M
+        ids, weights = out.ids[B:], out.weights[B:] * has[:, None, None]
+        return CopySlots(ids, weights, input_ids[:, -1])  # left-padded: the last column is real
+
+    def output_logits(self, hidden: Tensor, logits: Tensor, context: Any, tokens: Tensor | None = None) -> Tensor:
+        """The engine's hook after the LM head: hidden (B, C) after the final norm, logits
+        (B, V), the rows' `CopySlots`, and the tokens at these positions (B,) (None: the
+        prompt's last) -> what to sample from (log-probabilities with the slots' tokens mixed
+        in; the logits unchanged without a pointer)."""
+        if self.pointer is None or not isinstance(context, CopySlots):
+            return logits
+        tokens = context.prompt_last if tokens is None else tokens
+        return self.pointer(hidden, logits, context, tokens).to(logits.dtype)
+
+    @torch.inference_mode()
+    def prefill(self, batch: Any) -> tuple[Tensor, Any]:
         """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
-        return self.language_model.prefill_embeds(*self.prefill_inputs(batch))
+        inputs = self.prefill_inputs(batch)
+        if not isinstance(inputs, DecoderInputs):
+            return self.language_model.prefill_embeds(*inputs)
+        hidden, state = self.language_model.prefill_embeds(inputs.embeds, inputs.attention_mask, head=False)
+        logits = self.output_logits(hidden, self.language_model.lm_head(hidden), inputs.context)
+        return logits, CopyingState(state, inputs.context)
 
-    def decode_step(self, next_ids: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
-        return self.language_model.decode_step(next_ids, state)
+    @torch.inference_mode()
+    def decode_step(self, next_ids: Tensor, state: Any) -> tuple[Tensor, Any]:
+        if not isinstance(state, CopyingState):
+            return self.language_model.decode_step(next_ids, state)
+        hidden, decoder = self.language_model.decode_step(next_ids, state.decoder, head=False)
+        logits = self.output_logits(hidden, self.language_model.lm_head(hidden), state.slots, next_ids)
+        return logits, CopyingState(decoder, state.slots)
 
 
 # ----------------------------------------------------------------------------- transformers format

@@ -325,6 +325,7 @@ class DecoderLM(nn.Module):
         num_logits_to_keep: int = 0,
         segment_ids: Tensor | None = None,
         conditioning: Conditioning | None = None,
+        head: bool = True,
     ) -> tuple[Tensor, KVCache | None]:
         """Next-token logits (B, T, V) for input_ids (B, T) or inputs_embeds (B, T, C).
 
@@ -338,6 +339,8 @@ class DecoderLM(nn.Module):
             the earlier tokens of segment 0 and of its own segment only. Training only.
         conditioning: what the layers read besides the tokens (`Conditioning`): functions
             run before given layers, expert weights for masked positions.
+        head: False returns the last hidden states after the final norm (B, T, C) instead
+            of logits, for a caller with a head of its own beside `lm_head` (a pointer).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -379,17 +382,20 @@ class DecoderLM(nn.Module):
             x = layer(x, rope=rope, mask=mask, cache=cache, expert=cond.expert(i))
         if num_logits_to_keep > 0:
             x = x[:, -num_logits_to_keep:]
-        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
-        return logits, kv_cache
+        hidden = self.model.norm(x)
+        if not head:
+            return hidden, kv_cache
+        return self.lm_head(hidden), kv_cache  # (B, T, V)
 
     # ---------------------------------------------------------------- engine protocol
 
     @torch.inference_mode()
     def prefill_embeds(
         self, inputs_embeds: Tensor, attention_mask: Tensor,
-        conditioning: Conditioning | None = None,
+        conditioning: Conditioning | None = None, head: bool = True,
     ) -> tuple[Tensor, DecoderState]:  # fmt: skip
-        """Run a left-padded prompt (B, T, C); return the last position's logits (B, V)."""
+        """Run a left-padded prompt (B, T, C); return the last position's logits (B, V)
+        (`head=False`: its hidden state after the final norm, (B, C))."""
         kv = self.new_cache()
         logits, _ = self(
             inputs_embeds=inputs_embeds,
@@ -397,6 +403,7 @@ class DecoderLM(nn.Module):
             kv_cache=kv,
             num_logits_to_keep=1,
             conditioning=conditioning,
+            head=head,
         )
         return logits[:, -1], DecoderState(kv, attention_mask)
 
@@ -408,9 +415,11 @@ class DecoderLM(nn.Module):
 
     @torch.inference_mode()
     def decode_step(
-        self, next_ids: Tensor, state: DecoderState, conditioning: Conditioning | None = None
-    ) -> tuple[Tensor, DecoderState]:
-        """Feed one token per row (B,); return the next logits (B, V) and the extended state."""
+        self, next_ids: Tensor, state: DecoderState, conditioning: Conditioning | None = None,
+        head: bool = True,
+    ) -> tuple[Tensor, DecoderState]:  # fmt: skip
+        """Feed one token per row (B,); return the next logits (B, V) and the extended state
+        (`head=False`: the hidden state after the final norm (B, C) instead of logits)."""
         assert next_ids.ndim == 1 and next_ids.shape[0] == state.attention_mask.shape[0], (
             f"next_ids must be (B,) with B = {state.attention_mask.shape[0]}, "
             f"got {tuple(next_ids.shape)}"
@@ -420,7 +429,7 @@ class DecoderLM(nn.Module):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B, T_cached + 1)
         logits, kv = self(
             next_ids[:, None], attention_mask=mask, position_ids=position_ids, kv_cache=state.kv,
-            conditioning=conditioning,
+            conditioning=conditioning, head=head,
         )
         assert kv is not None
         return logits[:, -1], DecoderState(kv, mask)

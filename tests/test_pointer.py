@@ -1,0 +1,189 @@
+"""Pointer head (connectors/pointer.py): answers copy the `<focus>` slots' tokens, in
+training and in every generation path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from visto.connectors.pointer import CopySlots, PointerHead, answer_of_position
+from visto.connectors.projector import ProjectorConfig
+from visto.connectors.regions import COLOUR_NAMES, SHAPE_NAMES, SIZE_NAMES
+from visto.data.tokenizer import Tokenizer, train_tokenizer, with_focus_token
+from visto.errors import UserError
+from visto.models.llava import LlavaConfig
+from visto.pretrained import build_model
+
+TEXTS = [f"Which colour does the {s} have? Read the text. a {c} {s}, {z}" for s in SHAPE_NAMES
+         for c in COLOUR_NAMES for z in SIZE_NAMES]  # fmt: skip
+
+
+def test_the_mixture_is_a_distribution_and_empty_slots_change_nothing():
+    torch.manual_seed(0)
+    head = PointerHead(16, (2,))  # one run of 2 slots, then its end slot
+    assert head.slots == 3
+    hidden, logits, tokens = torch.randn(2, 16), torch.randn(2, 10), torch.tensor([1, 1])
+    empty = CopySlots(torch.zeros(2, 3, 2, dtype=torch.long), torch.zeros(2, 3, 2))
+    torch.testing.assert_close(head(hidden, logits, empty, tokens), logits.log_softmax(-1))
+    # slot 0 holds token 7; slot 1 is a box slot split 0.25 / 0.75 between tokens 3 and 4
+    ids = torch.tensor([[7, 0], [3, 4], [0, 0]]).expand(2, 3, 2)
+    weights = torch.tensor([[1.0, 0.0], [0.25, 0.75], [0.0, 0.0]]).expand(2, 3, 2)
+    slots = CopySlots(ids, weights)
+    with torch.no_grad():
+        head.keys.zero_()
+        head.keys[1, 0] = 1.0
+        head.query.weight.copy_(torch.eye(16) * 100)
+        hidden = torch.zeros(2, 16)
+        hidden[0, 0] = 1.0  # row 0 just wrote slot 0's token: slot 1 is next, and it asks for it
+        out = head(hidden, logits, slots, torch.tensor([7, 1])).exp()
+    torch.testing.assert_close(out.sum(-1), torch.ones(2))
+    assert out[0, 4] == pytest.approx(0.75, abs=1e-3) and out[0, 3] == pytest.approx(0.25, abs=1e-3)
+    # row 1's current token (1) is held by no slot and does not open the answer: nothing to copy
+    torch.testing.assert_close(out[1], logits[1].softmax(-1))
+    # a token that opens the answer makes the run's first slot eligible: score 0 beside the vocabulary
+    head.start_id = 1
+    with torch.no_grad():
+        out = head(torch.zeros(2, 16), logits, slots, tokens).exp()
+    z = logits[1].exp().sum() + 1
+    assert out[1, 7] == pytest.approx(float((logits[1, 7].exp() + 1) / z), rel=1e-4)
+
+
+def test_a_copy_goes_on_from_the_slot_holding_the_current_token_and_ends_with_its_run():
+    from visto.connectors.pointer import copy_runs
+
+    END, OPEN = 2, 1
+    # one answer: a box run of 2 slots (full) and a read run of 3 slots holding 2 tokens
+    box = (torch.tensor([[[5], [6]]]), torch.ones(1, 2, 1))
+    read = (torch.tensor([[[8], [9], [0]]]), torch.tensor([[[1.0], [1.0], [0.0]]]))
+    slots = copy_runs([box, read], END)
+    assert slots.ids[0, :, 0].tolist() == [5, 6, END, 8, 9, END, 0]
+    assert slots.weights[0, :, 0].tolist() == [1, 1, 1, 1, 1, 1, 0]
+    empty_run = copy_runs([(torch.zeros(1, 2, 1, dtype=torch.long), torch.zeros(1, 2, 1))], END)
+    assert empty_run.weights.sum() == 0  # nothing to copy: no end slot either
+    head = PointerHead(4, (2, 3))
+    head.start_id = OPEN
+    with torch.no_grad():
+        head.keys.zero_()  # only the successor feature scores
+        logits = torch.full((1, 12), -30.0)
+        nxt = lambda token: int(head(torch.zeros(1, 4), logits, slots, torch.tensor([token])).argmax())  # noqa: E731
+    assert [nxt(8), nxt(9), nxt(5), nxt(6)] == [9, END, 6, END]
+    assert nxt(OPEN) in (5, 8)  # the answer's first token: a run's first slot
+
+
+def test_each_position_belongs_to_the_last_answer_opened_in_its_row():
+    A = 9
+    ids = torch.tensor([[1, A, 2, 3, A, 4], [1, 2, A, 5, 6, 7]])
+    assert answer_of_position(ids, A).tolist() == [[-1, 0, 0, 0, 1, 1], [-1, -1, 2, 2, 2, 2]]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    train_tokenizer(TEXTS, vocab_size=400, loc_bins=32, min_frequency=1).save(path / "tokenizer.json")
+    return with_focus_token(Tokenizer.load(path / "tokenizer.json"))
+
+
+# What the stand-in reader reads off an image, by its colour: the reader itself is a trained
+# model (test_text_reader); here it only has to read different words of different lengths.
+TRAIN_READS = {(200, 30, 30): "red star", (30, 30, 200): "blue circle", (30, 200, 30): "red",
+               (200, 200, 30): "yellow triangle star", (30, 200, 200): "star circle square"}  # fmt: skip
+TEST_READS = {(200, 30, 200): "green square", (120, 120, 120): "purple diamond"}
+
+
+def reading_llava(tokenizer):
+    from visto.data.processor import Processor
+
+    projector = ProjectorConfig(kind="regions", slots=3, focus=True, read_slots=4, pointer=True)
+    config = LlavaConfig.preset("tiny", projector=projector)
+    config.processor.image_tokens, config.processor.focus_tokens = 3, 8
+    config.processor.loc_bins = 32
+    config.processor.vocab_size = config.decoder.vocab_size = tokenizer.vocab_size
+    model = build_model("llava", config, seed=0)
+    model.processor = Processor(config.processor, tokenizer)
+    reads = {**TRAIN_READS, **TEST_READS}
+    means = {c: model.collate([sample(c, "x")])["pixel_values"][0].mean((1, 2)) for c in reads}
+
+    def read(pixels):  # the phrase of the colour whose processed pixels the image has
+        return [[(reads[min(means, key=lambda c: float((means[c] - image.mean((1, 2))).abs().sum()))],
+                  [0, 0, 4, 4])] for image in pixels]  # fmt: skip
+
+    model.multi_modal_projector.reader.forward = read
+    return model
+
+
+def sample(colour, answer: str | None = None):
+    from PIL import Image
+
+    from visto.data.sample import Sample, Turn
+
+    turns = [Turn("user", "<image>\nRead the text.")] + ([Turn("assistant", answer)] if answer else [])
+    return Sample("s", [Image.new("RGB", (32, 32), colour)], turns)
+
+
+def test_pointer_config_needs_the_focus():
+    with pytest.raises(UserError, match="pointer needs focus"):
+        ProjectorConfig(kind="regions", pointer=True)
+
+
+def test_llava_learns_to_copy_what_was_read_and_every_generation_path_copies_it(tokenizer, tmp_path):
+    """Trained on two images whose read words are the answers, the model answers a third
+    image's word, never an answer in training: it copies. The engine's fast path, its generic
+    path (the model's own prefill/decode_step) and a reloaded checkpoint agree."""
+    from visto.checkpoint import load, save_checkpoint
+    from visto.infer.engine import Engine
+    from visto.infer.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    model = reading_llava(tokenizer)
+    batch = model.collate([sample(c, text) for c, text in TRAIN_READS.items()])
+    read = model.multi_modal_projector.read_tokens(batch["pixel_values"])[0]
+    for row in range(len(TRAIN_READS)):  # the answer is what was read
+        answer = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        assert answer[: len(answer) - 1] == [t for t in read[row].tolist() if t]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        out = model(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert model.pointer.keys.grad is not None and out["token_acc"] == 1.0
+
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+    prompts = model.prompt_batch([sample(c) for c in TEST_READS] + [sample((200, 30, 30))])
+    fast = Engine(model, tokenizer).generate_batch(prompts, greedy)
+    assert [c.text.strip() for c in fast] == [*TEST_READS.values(), "red star"]
+    generic = Engine(model, tokenizer, fast=False).generate_batch(prompts, greedy)
+    assert [c.token_ids for c in generic] == [c.token_ids for c in fast]
+    # Rows that join a running batch keep their own slots (the serving path).
+    from visto.infer.continuous import ContinuousBatch
+
+    running = ContinuousBatch(Engine(model, tokenizer))
+    first = running.add(model.prompt_batch([sample(c) for c in list(TEST_READS)[:1]]), [greedy])
+    running.step()
+    running.step()
+    second = running.add(model.prompt_batch([sample(c) for c in list(TEST_READS)[1:]]), [greedy])
+    while running.busy:
+        running.step()
+    assert [first[0].completion.token_ids, second[0].completion.token_ids] == [c.token_ids for c in fast[:2]]
+    # Without the pointer the same weights do not say the unseen words.
+    pointer = model.multi_modal_projector.pointer
+    model.multi_modal_projector.pointer = None
+    blind = Engine(model, tokenizer).generate_batch(prompts, greedy)
+    assert not any(c.text.strip() in TEST_READS.values() for c in blind)
+    model.multi_modal_projector.pointer = pointer
+
+    save_checkpoint(model, tmp_path / "ckpt")
+    again = load(tmp_path / "ckpt")
+    assert again.config.projector.pointer and again.pointer is not None
+    again.multi_modal_projector.reader.forward = model.multi_modal_projector.reader.forward
+    assert [c.token_ids for c in Engine(again, tokenizer).generate_batch(prompts, greedy)] == [
+        c.token_ids for c in fast
+    ]
+
+
+def test_cogvlm_refuses_the_pointer():
+    from visto.models.cogvlm import CogVLMConfig
+
+    projector = ProjectorConfig(kind="regions", slots=3, focus=True, pointer=True)
+    with pytest.raises(UserError, match="pointer"):
+        build_model("cogvlm", CogVLMConfig.preset("tiny", projector=projector), seed=0)
