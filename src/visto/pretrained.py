@@ -181,14 +181,14 @@ def take_tower_normalisation(
     """`config` whose processor normalises as the `vision_init` tower at `path` was trained
     (`stats`, from `read_vision_tower`). A processor left at the default mean/std takes the
     tower's; one set to other values is refused; a CLIP without processor settings (OpenAI
-    CLIP's) gets the tower's as a resize to its `image_size`."""
+    CLIP's) gets the tower's as a resize to its `image_size`, even where they are OpenAI CLIP's:
+    the same pixels, but settings that say a tower stands behind them, which a recipe's
+    `processor` section then follows (`visto.train.data.model_normalisation`)."""
     if stats is None or "processor" not in {f.name for f in dataclasses.fields(config)}:
         return config
     mean, std = stats
     current = config.processor
-    if current is None:  # a CLIP's: none means OpenAI CLIP's constants
-        if same_normalisation((CLIP_MEAN, CLIP_STD), stats):
-            return config
+    if current is None:  # a CLIP's
         processor = ProcessorConfig(image_size=image_size, resize_mode="resize", mean=mean, std=std)
         return dataclasses.replace(config, processor=processor)
     if same_normalisation((current.mean, current.std), stats):

@@ -10,6 +10,7 @@ exactly the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -18,6 +19,7 @@ from torch.utils.data import IterableDataset
 
 from visto.data.sample import Sample
 from visto.errors import UserError
+from visto.pretrained import Normalisation, same_normalisation
 
 SampleSource = Callable[[str], Iterable[Sample]]
 Collate = Callable[[list[Sample]], dict[str, Any]]
@@ -312,8 +314,10 @@ def first_batches(
     return batches
 
 
-def build_processor(spec: Any, source: SampleSource) -> Any:
-    """A processor from a recipe's `processor` section (a `ProcessorSpec`), see there."""
+def build_processor(spec: Any, source: SampleSource, tower: Normalisation | None = None) -> Any:
+    """A processor from a recipe's `processor` section (a `ProcessorSpec`, see there) that
+    normalises pixels as the model's vision tower takes them (`tower`: `model_normalisation`;
+    None: nothing to follow), see `follow_tower`."""
     import itertools
 
     from visto.config import from_dict
@@ -321,10 +325,57 @@ def build_processor(spec: Any, source: SampleSource) -> Any:
     from visto.data.tokenizer import corpus_texts
 
     if spec.path:
-        return Processor.load(spec.path)
+        processor = Processor.load(spec.path)
+        # A saved processor's mean/std were chosen, unless they are the default (as the
+        # family configs' are read by visto.pretrained): the default takes the tower's.
+        saved, default = processor.config, ProcessorConfig()
+        chosen = not same_normalisation((saved.mean, saved.std), (default.mean, default.std))
+        where = f"the processor at processor.path {spec.path}"
+        config = follow_tower(saved, {"mean", "std"} if chosen else set(), tower, where)
+        return processor if config == saved else type(processor)(config, processor.tokenizer)
     config = from_dict(ProcessorConfig, spec.config, where="processor.config")
+    config = follow_tower(config, {"mean", "std"} & set(spec.config), tower, "processor.config")
     samples = itertools.islice(source("train"), spec.tokenizer_samples)
     return Processor.train(corpus_texts(samples), config)
+
+
+def model_normalisation(model: Any) -> Normalisation | None:
+    """The (mean, std) the model's vision tower takes its pixels with, where the model says so:
+    the processor it carries (a `model.init_from` checkpoint's), else its config's processor
+    settings where they are not its family's default (a `vision_init` tower's own are put there,
+    `visto.pretrained.take_tower_normalisation`). None for a fresh tower: nothing to follow."""
+    carried = getattr(getattr(model, "_processor", None), "config", None)
+    if carried is not None:
+        return carried.mean, carried.std
+    config = getattr(model, "config", None)
+    settings = getattr(config, "processor", None)
+    if settings is None or not dataclasses.is_dataclass(config):
+        return None
+    field = next(f for f in dataclasses.fields(config) if f.name == "processor")
+    missing = field.default_factory is dataclasses.MISSING
+    default = field.default if missing else field.default_factory()  # type: ignore[misc]
+    stats = (settings.mean, settings.std)
+    if default is not None and same_normalisation(stats, (default.mean, default.std)):
+        return None
+    return stats
+
+
+def follow_tower(config: Any, chosen: set[str], tower: Normalisation | None, where: str) -> Any:
+    """`config` (a `ProcessorConfig`) with the normalisation of the model's vision tower
+    (`tower`), which was trained on pixels so normalised: its settings named in `chosen` ("mean",
+    "std": set by the recipe) must be the tower's, the others take the tower's."""
+    if tower is None:
+        return config
+    mean, std = tower
+    picked = (config.mean if "mean" in chosen else mean, config.std if "std" in chosen else std)
+    if not same_normalisation(picked, tower):
+        raise UserError(
+            f"{where} normalises pixels with mean {list(picked[0])} / std {list(picked[1])}, but "
+            f"the model's vision tower was trained on mean {list(mean)} / std {list(std)} (its "
+            "vision_init's, or the processor of the checkpoint it starts from): leave "
+            "processor.config's mean and std out (the tower's are taken) or set them to the tower's"
+        )
+    return dataclasses.replace(config, mean=tuple(mean), std=tuple(std))
 
 
 def run_processor(spec: Any, model: Any, source: SampleSource, resumed: bool) -> Any:
@@ -335,13 +386,13 @@ def run_processor(spec: Any, model: Any, source: SampleSource, resumed: bool) ->
     # A fresh model's `processor` is built on first use from its config and raises when the
     # config names no tokenizer: read it only when the run keeps it.
     if spec is not None and not resumed and not spec.keeps_model_processor:
-        processor = build_processor(spec, source)
+        processor = build_processor(spec, source, model_normalisation(model))
     else:
         processor = getattr(model, "processor", None)
         if spec is None:
             return processor
         if processor is None and not resumed:
-            processor = build_processor(spec, source)
+            processor = build_processor(spec, source, model_normalisation(model))
     if spec.max_length is None:
         return processor
     if processor is None or not hasattr(processor, "config"):
@@ -357,8 +408,6 @@ def run_processor(spec: Any, model: Any, source: SampleSource, resumed: bool) ->
         )
     if processor.config.max_length == spec.max_length:
         return processor
-    import dataclasses
-
     config = dataclasses.replace(processor.config, max_length=spec.max_length)
     return type(processor)(config, processor.tokenizer)
 
