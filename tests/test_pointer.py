@@ -172,6 +172,14 @@ def test_llava_learns_to_copy_what_was_read_and_every_generation_path_copies_it(
     assert not any(c.text.strip() in TEST_READS.values() for c in blind)
     model.multi_modal_projector.pointer = pointer
 
+    # A prompt without an image has nothing to copy, on either path.
+    from visto.data.sample import Sample, Turn
+
+    text_only = model.prompt_batch([Sample("t", [], [Turn("user", "Read the text.")])])
+    for fast_path in (True, False):
+        out = Engine(model, tokenizer, fast=fast_path).generate_batch(text_only, greedy)[0]
+        assert out.text.strip() not in TEST_READS.values()
+
     save_checkpoint(model, tmp_path / "ckpt")
     again = load(tmp_path / "ckpt")
     assert again.config.projector.pointer and again.pointer is not None

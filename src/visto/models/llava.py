@@ -320,19 +320,18 @@ class Llava(ConversationFamily, nn.Module):
         return DecoderInputs(embeds, mask, context=self._last_answer_slots(input_ids, copies))
 
     def _last_answer_slots(self, input_ids: Tensor, copies: CopySlots | None) -> CopySlots:
-        """Per row, the slots of its last `<|assistant|>` token (empty: none, or no image)."""
-        B, K = input_ids.shape[0], self.pointer.slots
-        out = CopySlots(torch.zeros(B, K, 1, dtype=torch.long, device=input_ids.device),
-                        torch.zeros(B, K, 1, device=input_ids.device))  # fmt: skip
+        """Per row, the slots of its last `<|assistant|>` token (empty: none, or no image),
+        and the prompt's last token (left-padded: the last column is real)."""
+        B, device = input_ids.shape[0], input_ids.device
         if copies is None or copies.ids.shape[0] == 0:
-            return out
+            K = self.pointer.slots
+            return CopySlots(torch.zeros(B, K, 1, dtype=torch.long, device=device),
+                             torch.zeros(B, K, 1, device=device), input_ids[:, -1])  # fmt: skip
         rows, _ = (input_ids == self.multi_modal_projector.focus.assistant_id).nonzero(as_tuple=True)
-        last = torch.full((B,), -1, dtype=torch.long, device=input_ids.device)
-        last = last.scatter_reduce(0, rows, torch.arange(len(rows), device=rows.device), "amax")
-        has = last >= 0
-        out = CopySlots.merge([out, copies[last.clamp(min=0)]])  # widened to the objects' M
-        ids, weights = out.ids[B:], out.weights[B:] * has[:, None, None]
-        return CopySlots(ids, weights, input_ids[:, -1])  # left-padded: the last column is real
+        last = torch.full((B,), -1, dtype=torch.long, device=device)
+        last = last.scatter_reduce(0, rows, torch.arange(len(rows), device=device), "amax")
+        picked = copies[last.clamp(min=0)]
+        return CopySlots(picked.ids, picked.weights * (last >= 0)[:, None, None], input_ids[:, -1])
 
     def output_logits(self, hidden: Tensor, logits: Tensor, context: Any, tokens: Tensor | None = None) -> Tensor:
         """The engine's hook after the LM head: hidden (B, C) after the final norm, logits
