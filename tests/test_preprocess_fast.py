@@ -1,5 +1,7 @@
 """The image transform's fast path (issue 19): pixel values bit-equal to the path it replaced
-(exif_transpose copy, an unconditional PIL resize, a per-channel lookup table)."""
+(exif_transpose copy, an unconditional PIL resize, a per-channel lookup table); its
+normalisation is the one of `visto.data.images.normalise_pixels` (issue 16), with the numbers
+it made before."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from visto.data.images import normalise_pixels
 from visto.data.processor import ProcessorConfig, image_transform, patch_image_transform
 from visto.nn.vision import CLIP_MEAN, CLIP_STD
 
@@ -94,12 +97,53 @@ def test_the_tensor_does_not_share_memory_with_the_image():
 
 
 def test_inside_and_outside_inference_mode():
-    from visto.data import processor
+    from visto.data import images
 
-    processor._channel_stats.cache_clear()
+    images._channel_stats.cache_clear()
     cfg = ProcessorConfig(image_size=32, resize_mode="resize", mean=(0.1, 0.2, 0.3))
     image = noise_image(40, 40)
     with torch.inference_mode():  # the engine's prompt_batch may run here first
         inside = image_transform(image, cfg)
     outside = image_transform(image, cfg)
     assert torch.equal(inside, outside) and not outside.is_inference()
+
+
+# sha256 (first 16 hex digits) of the float32 pixels the transforms made of noise_image(70, 45,
+# seed=16) at 48 px before they normalised through normalise_pixels (processor.py at a841339).
+BEFORE = {
+    ("resize", "half"): "904e4915e58f4536", ("resize", "clip"): "acc9ecd9eb46c53a",
+    ("resize", "other"): "5bf3a5c04e319d61", ("pad", "half"): "d5ab41399a40375a",
+    ("pad", "clip"): "0c03425d5fe2d40a", ("pad", "other"): "9e6679954f38de69",
+    ("patch", "half"): "38f53b76a971add4", ("patch", "clip"): "32dac53309d81c90",
+    ("patch", "other"): "5797c9428bce1eff",
+}  # fmt: skip
+STATS = {"half": ((0.5,) * 3, (0.5,) * 3), "clip": (CLIP_MEAN, CLIP_STD),
+         "other": ((0.1, 0.2, 0.3), (0.9, 0.8, 0.7))}  # fmt: skip
+
+
+@pytest.mark.parametrize(("mode", "stats"), sorted(BEFORE))
+def test_the_one_normalisation_makes_the_numbers_it_made_before(mode, stats):
+    import hashlib
+
+    mean, std = STATS[stats]
+    cfg = ProcessorConfig(image_size=48, resize_mode=mode, mean=mean, std=std)
+    image = noise_image(70, 45, seed=16)
+    if mode == "patch":
+        pixels = patch_image_transform(image, cfg)[0]
+    else:
+        pixels = image_transform(image, cfg)
+    assert pixels.dtype == torch.float32 and pixels.is_contiguous()
+    assert hashlib.sha256(pixels.numpy().tobytes()).hexdigest()[:16] == BEFORE[(mode, stats)]
+
+
+def test_the_processor_and_the_trainers_normalise_alike():
+    """An image already the model's size: the processor's pixels are normalise_pixels' of its
+    bytes, handed over as a tensor (dense pretraining, the OCR reader) or an array."""
+    mean, std = STATS["other"]
+    image = noise_image(32, 32, seed=7)
+    got = image_transform(image, ProcessorConfig(image_size=32, resize_mode="resize", mean=mean, std=std))
+    chw = np.asarray(image).transpose(2, 0, 1)
+    as_tensor = normalise_pixels(torch.from_numpy(chw.copy()), mean, std)
+    batch = normalise_pixels(torch.from_numpy(np.stack([chw, chw])), list(mean), list(std))
+    assert torch.equal(got, normalise_pixels(chw, mean, std)) and torch.equal(got, as_tensor)
+    assert torch.equal(batch, torch.stack([got, got])) and batch.is_contiguous()
