@@ -46,7 +46,7 @@ def analyse(model, data_dir: str, split: str, pairs, n: int, batch_size: int = 3
     from visto.data.images import open_image
     from visto.data.synth import iter_records
     from visto.data.synth.prompts import pair_phrase
-    from visto.eval.dense import average_precision, detections
+    from visto.eval.dense import average_precision, detections, greedy_matches
     from visto.eval.metrics import box_iou
 
     queries = [pair_phrase(*p) for p in pairs]
@@ -69,18 +69,11 @@ def analyse(model, data_dir: str, split: str, pairs, n: int, batch_size: int = 3
                 n_truth[query] += len(truth)
                 (present_best if truth else absent_best).append(float(scores[i, :, q].max()))
                 kept = detections(scores[i, :, q], boxes[i], images[i].size)
-                matched = [False] * len(truth)
                 for t in truth:
                     total += 1
                     covered += any(box_iou(b, t) >= 0.5 for _, b in kept)
-                for score, box in kept:
-                    best, best_iou = -1, 0.5
-                    for j, t in enumerate(truth):
-                        overlap = box_iou(box, t)
-                        if not matched[j] and overlap >= best_iou:
-                            best, best_iou = j, overlap
-                    if best >= 0:
-                        matched[best] = True
+                for (score, box), match in zip(kept, greedy_matches(kept, truth), strict=True):
+                    if match is not None:
                         found[query].append((score, "tp"))
                         continue
                     top = max((box_iou(box, t) for t in truth), default=0.0)

@@ -21,7 +21,7 @@ from visto.cli import main
 from visto.config import to_dict
 from visto.data.synth import WorldConfig, generate_world, iter_records, iter_samples
 from visto.data.synth.prompts import prompt_mask, record_prompts, text_mask
-from visto.eval.dense import average_precision, mask_iou
+from visto.eval.dense import average_precision, greedy_matches, mask_iou
 from visto.models.clip import CLIPConfig
 from visto.nn.vision import ViTConfig
 
@@ -94,6 +94,17 @@ def test_metrics_against_hand_counts() -> None:
     )
     assert average_precision([(0.9, False), (0.5, True)], 1) == pytest.approx(0.5)
     assert average_precision([], 3) == 0.0
+
+
+def test_detections_find_objects_greedily_by_score() -> None:
+    """VOC/COCO matching (the evaluation's and bench/detect_errors.py's): each detection, best
+    first, takes the object it overlaps most at IoU >= 0.5 among those not yet taken."""
+    a, b, far = [0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30]  # IoU(a, b) = 9/11
+    kept = [(0.9, a), (0.8, a), (0.7, a), (0.6, [0, 0, 10, 4]), (0.5, far)]
+    # the first takes a (IoU 1 beats 9/11), the second b (a is taken), the third nothing (a
+    # duplicate), the fourth overlaps a at 0.4 only, the fifth no object
+    assert greedy_matches(kept, [a, b]) == [0, 1, None, None, None]
+    assert greedy_matches(kept, []) == [None] * 5 and greedy_matches([], [a]) == []
 
 
 def test_focal_loss_against_hand_values() -> None:

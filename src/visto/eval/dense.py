@@ -85,6 +85,25 @@ def detections(
     return [(float(s[i]), px[i].tolist()) for i in nms(px, s, keep=MAX_DETECTIONS)]
 
 
+def greedy_matches(kept: Sequence[tuple[float, Sequence[float]]],
+                   truth: Sequence[Sequence[float]]) -> list[int | None]:  # fmt: skip
+    """Which object of `truth` (pixel boxes) each detection of `kept` (`detections`: highest
+    score first) finds, or None: the one it overlaps most at IoU >= 0.5 among those no
+    detection before it found (VOC/COCO's rule; a later one on a found object is a duplicate)."""
+    found = [False] * len(truth)
+    matches: list[int | None] = []
+    for _, box in kept:
+        best, best_iou = None, 0.5
+        for j, t in enumerate(truth):
+            overlap = box_iou(box, t)
+            if not found[j] and overlap >= best_iou:
+                best, best_iou = j, overlap
+        if best is not None:
+            found[best] = True
+        matches.append(best)
+    return matches
+
+
 def split_figures(model: Any, data_dir: str | os.PathLike, split: str, n: int,
                   pairs: Sequence[tuple[str, str]], batch_size: int,
                   log: Callable[[str], None]) -> dict[str, float]:  # fmt: skip
@@ -131,16 +150,9 @@ def split_figures(model: Any, data_dir: str | os.PathLike, split: str, n: int,
                     o["box"] for o in r["truth"]["objects"] if (o["colour"], o["shape"]) == pair
                 ]
                 n_truth[query] += len(truth)
-                matched = [False] * len(truth)
-                for score, box in detections(scores[i, :, q], boxes[i], images[i].size):
-                    best, best_iou = -1, 0.5
-                    for j, t in enumerate(truth):
-                        overlap = box_iou(box, t)
-                        if not matched[j] and overlap >= best_iou:
-                            best, best_iou = j, overlap
-                    if best >= 0:
-                        matched[best] = True
-                    found[query].append((score, best >= 0))
+                kept = detections(scores[i, :, q], boxes[i], images[i].size)
+                for (score, _), match in zip(kept, greedy_matches(kept, truth), strict=True):
+                    found[query].append((score, match is not None))
     out = {f"segment.miou.{k}": mean_or_nan(v) for k, v in ious.items() if k != "absent"}
     out["segment.miou"] = mean_or_nan([x for k, v in ious.items() if k != "absent" for x in v])
     out["segment.absent.empty"] = mean_or_nan(ious["absent"])
