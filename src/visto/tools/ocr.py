@@ -9,6 +9,12 @@ The recognizer reads a detected line at a time and gives a box per character; wo
 runs of characters between spaces, their box the union of their characters'. Small images
 are enlarged before reading, and words of symbols alone (a drawn cross read as "+") dropped. Boxes follow
 visto's convention: `box` in 0..999 of the image, `pixels` in its pixels, both (x1, y1, x2, y2).
+
+`ocr_tool` runs in a process of its own (visto.tools.registry, Tool.process), which loads the
+engine on its first call and keeps it: a call that runs past the tool's timeout inside the
+engine (native code, which no thread can interrupt) has that process killed, and the next call
+gets a fresh one instead of waiting on the engine's lock. `read_lines` and `read_words` read in
+the caller's process.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ MAX_ENLARGED_SIDE = 8192
 # 2,000 px long, the short side rounds to 0 in RapidOCR (which raised an empty ResizeImgError).
 MAX_ASPECT = 100
 _engine: Any = None
-_engine_lock = threading.Lock()  # one engine, loaded once, and one image at a time through it
+_engine_lock = threading.Lock()  # one engine per process, loaded once, one image at a time
 
 
 @dataclass(frozen=True)
@@ -148,4 +154,5 @@ def run_ocr(image: Image.Image, detail: str = "words") -> dict[str, Any]:
     return out
 
 
-ocr_tool = Tool(name="ocr", description=OCR_DESCRIPTION, run=run_ocr, parameters=OCR_PARAMETERS)
+ocr_tool = Tool(name="ocr", description=OCR_DESCRIPTION, run=run_ocr, parameters=OCR_PARAMETERS,
+                process="ocr")  # fmt: skip
