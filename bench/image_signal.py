@@ -49,10 +49,13 @@ def labelled_qas(record: dict, loc_bins: int) -> list[tuple[str, str, str]]:
 def token_losses(model, samples) -> list[torch.Tensor]:
     """Per sample, the answer tokens' cross-entropies (1-d) and whether argmax was right."""
     batch = model.collate(samples)
-    embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch.get("image_sample_index"))
-    logits, _ = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                     position_ids=batch.get("position_ids"),
-                                     segment_ids=batch.get("segment_ids"))  # fmt: skip
+    if hasattr(model, "answer_logits"):  # what the model's loss scores (a pointer head mixed in)
+        logits = model.answer_logits(batch)
+    else:
+        embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch.get("image_sample_index"))
+        logits, _ = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                         position_ids=batch.get("position_ids"),
+                                         segment_ids=batch.get("segment_ids"))  # fmt: skip
     target = batch["labels"][:, 1:]
     logits = logits[:, :-1]
     out = []

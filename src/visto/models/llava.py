@@ -282,21 +282,26 @@ class Llava(ConversationFamily, nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers)."""
+        return answer_loss(self.answer_logits(batch), batch["labels"])
+
+    def answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """A collated batch -> the next-token logits (B, T, V) the loss scores: the decoder's,
+        and with a pointer head, log-probabilities with each answer's slots mixed in where an
+        answer token is predicted (what generation samples from)."""
         input_ids, labels = batch["input_ids"], batch["labels"]
         embeds, copies = self.embed_with_copies(
             input_ids, batch["pixel_values"], batch.get("image_sample_index"), batch.get("segment_ids"),
         )  # fmt: skip
         if self.pointer is None or copies is None:
-            return answer_loss(training_logits(self.language_model, embeds, batch), labels)  # (B, T, V)
+            return training_logits(self.language_model, embeds, batch)  # (B, T, V)
         hidden = training_logits(self.language_model, embeds, batch, head=False)  # (B, T, C)
         logits = self.language_model.lm_head(hidden)
-        # Where an answer token is predicted, the pointer mixes in that answer's slots.
         answer = answer_of_position(input_ids, self.multi_modal_projector.focus.assistant_id)
         predicts = torch.zeros_like(labels, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         b, t = (predicts & (answer >= 0)).nonzero(as_tuple=True)
         mixed = self.pointer(hidden[b, t], logits[b, t], copies[answer[b, t]], input_ids[b, t])
-        return answer_loss(logits.index_put((b, t), mixed.to(logits.dtype)), labels)
+        return logits.index_put((b, t), mixed.to(logits.dtype))
 
     # collate and prompt_batch (ConversationFamily): whole conversations by the processor.
 
