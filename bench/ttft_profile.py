@@ -28,12 +28,17 @@ checkpoint (any LLaVA, e.g. the quickstart's) on a 128 px picture of coloured sh
 
 --compile also measures torch.compile on the vision tower (its shapes are fixed per batch
 size, the one part that compiles without recompiling for every prompt length): the tower's
-feature path as modules, compiled (inductor), against visto's eager inference path (fused
-blocks); compile time of the first call at each batch size, median CPU ms per call of each
-in turns; `pays_after_calls` = compile seconds / seconds saved per call (null: never). The
-same for the engine's decoder pass at prefill (dynamic=True: one graph for every prompt
-length), on the same input embeddings, and at decode (one token per row, 31 steps after an
-eager prefill: CPU ms per step, `pays_after_steps`).
+feature path as modules, compiled (inductor), against visto's eager inference path (the
+patch embedding as one matmul, fused blocks); compile time of the first call at each batch
+size, median CPU ms per call of each in turns; `pays_after_calls` = compile seconds /
+seconds saved per call (null: never). The same for the engine's decoder pass at prefill
+(dynamic=True: one graph for every prompt length), on the same input embeddings, and at
+decode (one token per row, 31 steps after an eager prefill: CPU ms per step,
+`pays_after_steps`). --inductor picks inductor's settings (cpp_wrapper, freezing,
+max_autotune), --parts which of the three to compile:
+
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) .venv/bin/python bench/ttft_profile.py --threads 1 \
+        --calls 3 --compile --inductor cpp_wrapper freezing max_autotune --parts vision
 """
 
 from __future__ import annotations
@@ -217,25 +222,34 @@ def profile_split(m: SimpleNamespace, stages: Stages, batch_size: int, calls: in
             "fraction_of_gemm_rate": round(floor_ms / med["total"], 3)}  # fmt: skip
 
 
-def measure_compile(m: SimpleNamespace, batches: list[int], repeats: int) -> dict:
+def measure_compile(m: SimpleNamespace, batches: list[int], repeats: int,
+                    mode: str | None = None) -> dict:  # fmt: skip
     """torch.compile of the vision tower's feature path (its modules, what dynamo traces)
-    against visto's eager inference path (the fused blocks): compile seconds of the first
-    call per batch size, CPU ms per call of each, in turns."""
+    against visto's eager inference path (`ViT.forward` at inference: the patch embedding as
+    one matmul, the fused blocks): compile seconds of the first call per batch size, CPU ms
+    per call of each, in turns."""
     tower = m.model.vision_tower
-    n_layers = m.model.config.vision_feature_layer % (tower.config.layers + 1)
+    feature_layer = m.model.config.vision_feature_layer
+    n_layers = feature_layer % (tower.config.layers + 1)
 
-    def features(pixels, blocks):
+    def features(pixels):
         x = tower.pre_layrnorm(tower.embeddings(pixels))
-        for block in blocks[:n_layers]:
+        for block in tower.encoder.layers[:n_layers]:
             x = block(x)
         return x[:, tower.num_prefix :]
 
-    compiled = torch.compile(lambda pixels: features(pixels, tower.encoder.layers))
+    compiled = torch.compile(features, mode=mode)
     out = {}
     for B in batches:
+        # Rows differ (the image's values shifted per row): the eager path runs an image
+        # repeated in a batch once (distinct_images), the compiled module path every row.
         pixels = m.model.processor.pixel_values([m.image] * B)[0]
+        pixels = pixels + 0.01 * torch.arange(B, dtype=pixels.dtype)[:, None, None, None]
         with torch.inference_mode():
-            eager = lambda pixels=pixels: features(pixels, tower._blocks(pixels))  # noqa: E731
+            # .forward: without the stage marks' hooks
+            eager = lambda pixels=pixels: tower.forward(  # noqa: E731
+                pixels, feature_layer=feature_layer, pooled=False
+            ).features
             start = time.perf_counter()
             compiled(pixels)
             compile_s = time.perf_counter() - start
@@ -261,7 +275,8 @@ def measure_compile(m: SimpleNamespace, batches: list[int], repeats: int) -> dic
     return out
 
 
-def measure_compile_decoder(m: SimpleNamespace, batches: list[int], repeats: int) -> dict:
+def measure_compile_decoder(m: SimpleNamespace, batches: list[int], repeats: int,
+                            mode: str | None = None) -> dict:  # fmt: skip
     """torch.compile (dynamic shapes: prompt lengths vary) of the engine's decoder pass, the
     prefill's largest stage: compile seconds of the first prefill per batch size, then the
     decoder prefill's CPU ms eager vs compiled, in turns, on the same input embeddings."""
@@ -270,7 +285,7 @@ def measure_compile_decoder(m: SimpleNamespace, batches: list[int], repeats: int
     runner = m.engine.runner
     marked_forward = runner._forward
     eager_forward = type(runner)._forward.__get__(runner)  # without the stage marks
-    compiled_forward = torch.compile(eager_forward, dynamic=True)
+    compiled_forward = torch.compile(eager_forward, dynamic=True, mode=mode)
     out = {}
     for B in batches:
         questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(B)]
@@ -310,7 +325,7 @@ def measure_compile_decoder(m: SimpleNamespace, batches: list[int], repeats: int
 
 
 def measure_compile_decode(m: SimpleNamespace, batches: list[int], repeats: int,
-                           steps: int = 31) -> dict:  # fmt: skip
+                           steps: int = 31, mode: str | None = None) -> dict:  # fmt: skip
     """torch.compile (dynamic shapes: the window grows by a column per step) of the engine's
     decoder pass at decode, one token per row: compile seconds of the first `steps` steps
     after a prefill, then CPU ms per decode step eager vs compiled, in turns (prefill eager)."""
@@ -319,7 +334,7 @@ def measure_compile_decode(m: SimpleNamespace, batches: list[int], repeats: int,
     runner = m.engine.runner
     marked_forward = runner._forward
     eager_forward = type(runner)._forward.__get__(runner)  # without the stage marks
-    compiled = torch.compile(eager_forward, dynamic=True)
+    compiled = torch.compile(eager_forward, dynamic=True, mode=mode)
 
     def at_decode(x, *args, **kwargs):  # the prefill stays eager
         return (compiled if x.shape[1] == 1 else eager_forward)(x, *args, **kwargs)
@@ -376,6 +391,14 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=9, help="profiled calls per batch size")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds for --compile")
+    parser.add_argument(
+        "--inductor", nargs="*", default=[], choices=["cpp_wrapper", "freezing", "max_autotune"],
+        help="--compile with these inductor settings: the C++ wrapper (no Python between "
+        "kernels), freezing (weights as constants, prepacked), mode max-autotune-no-cudagraphs "
+        "(its C++ GEMM template against MKL, per shape)",
+    )  # fmt: skip
+    parser.add_argument("--parts", nargs="+", default=["vision", "decoder", "decode"],
+                        choices=["vision", "decoder", "decode"], help="what --compile measures")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -396,13 +419,21 @@ def main() -> None:
         # Each measure compiles afresh (a reset: no graphs of the previous one reused), with
         # room for a graph per batch size and call shape (past the default limit of 8 dynamo
         # falls back to eager for that function, which would time a mix).
+        from torch._inductor import config as inductor
+
         torch._dynamo.config.recompile_limit = 64
-        torch._dynamo.reset()
-        result["compile_vision"] = measure_compile(m, args.batches, args.repeats)
-        torch._dynamo.reset()
-        result["compile_decoder"] = measure_compile_decoder(m, args.batches, args.repeats)
-        torch._dynamo.reset()
-        result["compile_decode_step"] = measure_compile_decode(m, args.batches, args.repeats)
+        inductor.cpp_wrapper = "cpp_wrapper" in args.inductor
+        inductor.freezing = "freezing" in args.inductor
+        mode = "max-autotune-no-cudagraphs" if "max_autotune" in args.inductor else None
+        result["inductor"] = sorted(args.inductor)
+        for part, key, measure in (
+            ("vision", "compile_vision", measure_compile),
+            ("decoder", "compile_decoder", measure_compile_decoder),
+            ("decode", "compile_decode_step", measure_compile_decode),
+        ):
+            if part in args.parts:
+                torch._dynamo.reset()
+                result[key] = measure(m, args.batches, args.repeats, mode=mode)
     result["load"] = [load_before, load_average()]
     print(f"uptime: {os.popen('uptime').read().strip()}")
     if args.json:

@@ -90,12 +90,13 @@ class RunnerState:
         cls, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
         dtype: torch.dtype, device: torch.device,
     ) -> RunnerState:  # fmt: skip
-        def buf() -> Tensor:
-            return torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
-
+        # Every layer's keys and values in one zeroed buffer: one allocation and one fill
+        # instead of two per layer (zeros: a window column no row wrote, after a merge, must
+        # not hold NaN, which the -inf of the mask would not hide).
+        kv = torch.zeros(2, layers, batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         return cls(
-            k=[buf() for _ in range(layers)],
-            v=[buf() for _ in range(layers)],
+            k=list(kv[0].unbind(0)),
+            v=list(kv[1].unbind(0)),
             real=torch.zeros(batch, capacity, dtype=torch.bool, device=device),
             bias=torch.full((batch, capacity), float("-inf"), dtype=dtype, device=device),
             positions=torch.zeros(batch, dtype=torch.long, device=device),
@@ -277,11 +278,12 @@ class DecoderRunner:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * x.to(dtype)
 
-    def _forward(self, x: Tensor, positions: Tensor, state: RunnerState,
+    def _forward(self, x: Tensor, positions: Tensor | None, state: RunnerState,
                  mask: Tensor | bool | None, conditioning: Conditioning | None) -> Tensor:  # fmt: skip
         """x (B, T, C) for columns [end, end + T) at positions (B, T) -> last hidden (B, C).
-        mask: boolean (B, 1, T, W) over the window, None (see everything) or True (causal,
-        an empty cache before x). conditioning: as `DecoderLM.forward` takes it."""
+        positions None: every row at end, end + 1, ... (no padding before x). mask: boolean
+        (B, 1, T, W) over the window, None (see everything) or True (causal, an empty cache
+        before x). conditioning: as `DecoderLM.forward` takes it."""
         causal = mask is True
         mask = None if causal else mask
         B, T, _ = x.shape
@@ -289,39 +291,59 @@ class DecoderRunner:
         lo, hi = state.start, state.end + T
         # A position never exceeds the columns written (no .item() sync to find the largest).
         cos_t, sin_t = self._rope_tables(state.end + T, x.device)
-        # (B, T, 1, hd); an embedding lookup is several times cheaper than tensor indexing here.
-        cos = F.embedding(positions, cos_t)[:, :, None]
-        sin = F.embedding(positions, sin_t)[:, :, None]  # sign-folded: see _rope_tables
+        if positions is None:  # (1, T, 1, hd): the tables' rows as they lie
+            cos, sin = cos_t[None, state.end : hi, None], sin_t[None, state.end : hi, None]
+        else:
+            # (B, T, 1, hd); an embedding lookup is several times cheaper than tensor indexing.
+            cos = F.embedding(positions, cos_t)[:, :, None]
+            sin = F.embedding(positions, sin_t)[:, :, None]  # sign-folded: see _rope_tables
         half = hd // 2
         gqa = H != Hkv
-        cond = conditioning or Conditioning()
+        cond = conditioning
         n_layers = len(self._layers)
+        expert = None
         for i, w in enumerate(self._layers):
-            if i in cond.before_layer:
-                x = cond.before_layer[i](x)
-            expert = cond.expert(i)
+            if cond is not None:
+                if i in cond.before_layer:
+                    x = cond.before_layer[i](x)
+                expert = cond.expert(i)
             h = self._rms(x, w["ln1"])
-            qkv = self._routed(w["qkv"], h, i, expert, "self_attn", ("q_proj", "k_proj", "v_proj"))
-            qk = qkv[..., : (H + Hkv) * hd].view(B, T, H + Hkv, hd)
-            # Rotary on q and k at once (RoFormer; Llama's "rotate half" layout): rotate_half(x)
-            # = [-x2, x1] = roll(x, half) with the first half negated, and the sign lives in
-            # the sin table; Llama's numbers in fewer ops (addcmul: one fewer, and its fused
-            # multiply-add may round the last bit differently).
-            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)
-            q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
-            k = qk[:, :, H:].transpose(1, 2)  # (B, H_kv, T, hd)
-            v = qkv[..., (H + Hkv) * hd :].view(B, T, Hkv, hd).transpose(1, 2)
+            # The last layer at prefill: only the last position's output is read (the next
+            # token's logits), so its queries, attention, output projection and MLP run on
+            # that position alone; its keys and values are cached for every position.
+            # (llama.cpp does the same with its output ids.) A fifth to a quarter of a
+            # 4-layer prefill's matmuls. fp32 rows only: an int8 layer's input scale spans
+            # all rows; an expert's rows run as below.
+            last_only = i == n_layers - 1 and T > 1 and self._rows_independent and expert is None
+            if last_only:  # the layer's own weights: no copies kept for the split
+                attn = self.lm.model.layers[i].self_attn
+                k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B, T, Hkv, hd)
+                k = torch.addcmul(k * cos, k.roll(half, dims=-1), sin).transpose(1, 2)
+                v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias)
+                v = v.view(B, T, Hkv, hd).transpose(1, 2)
+                q = F.linear(h[:, -1:], attn.q_proj.weight, attn.q_proj.bias).view(B, 1, H, hd)
+                q = torch.addcmul(q * cos[:, -1:], q.roll(half, dims=-1), sin[:, -1:])
+                q = q.transpose(1, 2)  # (B, H, 1, hd)
+            else:
+                names = ("q_proj", "k_proj", "v_proj")
+                qkv = self._routed(w["qkv"], h, i, expert, "self_attn", names)
+                qk = qkv[..., : (H + Hkv) * hd].view(B, T, H + Hkv, hd)
+                # Rotary on q and k at once (RoFormer; Llama's "rotate half" layout):
+                # rotate_half(x) = [-x2, x1] = roll(x, half) with the first half negated, and
+                # the sign lives in the sin table; Llama's numbers in fewer ops (addcmul: one
+                # fewer, and its fused multiply-add may round the last bit differently).
+                qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)
+                q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
+                k = qk[:, :, H:].transpose(1, 2)  # (B, H_kv, T, hd)
+                v = qkv[..., (H + Hkv) * hd :].view(B, T, Hkv, hd).transpose(1, 2)
             kc, vc = state.k[i], state.v[i]
             kc[:, :, state.end : hi] = k
             vc[:, :, state.end : hi] = v
             layer_mask, layer_causal = mask, causal
             if i == n_layers - 1 and T > 1 and self._rows_independent:
-                # Only the last position's output is read (the next token's logits), so the
-                # last layer's queries, output projection and MLP run on it alone; its keys
-                # and values are cached for every position above. (llama.cpp does the same
-                # with its output ids.) A fifth to a quarter of a 4-layer prefill's matmuls.
-                q, x, T = q[:, :, -1:], x[:, -1:], 1
-                if expert is not None:
+                x, T = x[:, -1:], 1
+                if expert is not None:  # q, k, v of every position, q's last row kept
+                    q = q[:, :, -1:]
                     expert = Expert(expert.module, expert.mask[:, -1:])
                 # The last query sees every key of its row: the padding mask's last row, or
                 # nothing to mask at all.
@@ -385,26 +407,35 @@ class DecoderRunner:
         )
         real = attention_mask.bool()
         embeds = embeds.to(w0.dtype)
+        padded = not bool(real.all())
         shared = 0
         if inputs.conditioning is None and B > 1 and self._rows_independent:
             shared = shared_prefix(embeds, real)
         if shared >= MIN_SHARED_PREFIX:
             last, width = self._prefill_shared(embeds, real, shared, state)
+        elif not padded:
+            # No padding (a batch of one, equal lengths): positions 0..T-1 are the rotary
+            # tables' first rows (no lookup), SDPA runs its own causal path, and the state's
+            # mask is set directly (what sync_mask would compute).
+            last, width = self._forward(embeds, None, state, True, inputs.conditioning), T
         else:
             state.real[:, :T] = real
             positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): padding-skipping
             # Causal and padding mask; a padding query that sees nothing would give NaN, so it
             # sees everything instead (its output is never used).
-            mask: Tensor | bool = True  # no padding: SDPA's own causal path
-            if not bool(real.all()):
-                causal = torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()
-                mask = real[:, None, None, :] & causal  # (B, 1, T, T)
-                mask = mask | ~mask.any(dim=-1, keepdim=True)
+            causal = torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()
+            mask = real[:, None, None, :] & causal  # (B, 1, T, T)
+            mask = mask | ~mask.any(dim=-1, keepdim=True)
             last, width = self._forward(embeds, positions, state, mask, inputs.conditioning), T
         state.context = inputs.context
         state.end = width
-        state.positions = real.sum(dim=1)
-        state.sync_mask()
+        if shared < MIN_SHARED_PREFIX and not padded:
+            state.real[:, :T] = True
+            state.bias[:, :T] = 0.0  # the rest stays -inf (allocate)
+            state.positions = torch.full((B,), T, dtype=torch.long, device=embeds.device)
+        else:
+            state.positions = real.sum(dim=1)
+            state.sync_mask()
         return self._logits(last, state.context), state
 
     def _prefill_shared(
