@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visto.errors import UserError
-from visto.nn.transformer import EncoderBlock
+from visto.nn.transformer import EncoderStack
 
 TEXT_KINDS = ("transformer", "pretrained")
 
@@ -129,24 +129,15 @@ class TextEmbeddings(nn.Module):
         return self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, T, D)
 
 
-class TextEncoderLayers(nn.Module):
-    def __init__(self, cfg: TextConfig) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(
-            [
-                EncoderBlock(cfg.width, cfg.heads, cfg.mlp_hidden, cfg.act, cfg.eps)
-                for _ in range(cfg.layers)
-            ]
-        )
-
-
 class TransformerTextEncoder(nn.Module):
     def __init__(self, cfg: TextConfig, tokenizer: Any = None) -> None:
         super().__init__()
         assert cfg.kind == "transformer", cfg.kind
         self.config = cfg
         self.embeddings = TextEmbeddings(cfg)
-        self.encoder = TextEncoderLayers(cfg)
+        self.encoder = EncoderStack(
+            cfg.layers, cfg.width, cfg.heads, cfg.mlp_hidden, cfg.act, cfg.eps
+        )
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self._tokenizer: _TextTokenizer | None = None
         if tokenizer is not None:

@@ -134,6 +134,18 @@ class EncoderBlock(nn.Module):
         )
 
 
+class EncoderStack(nn.Module):
+    """`n_layers` encoder blocks, the body of both CLIP towers: `layers.N`, as transformers
+    names them under each tower's `encoder`. The towers' forwards run the blocks themselves."""
+
+    def __init__(self, n_layers: int, dim: int, n_heads: int, mlp_hidden: int, act: str = "gelu",
+                 eps: float = 1e-5) -> None:  # fmt: skip
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [EncoderBlock(dim, n_heads, mlp_hidden, act, eps) for _ in range(n_layers)]
+        )
+
+
 class FusedEncoderBlock:
     """An `EncoderBlock` without its mask (a vision tower's block) as inference runs it on the
     CPU: q, k and v in one matmul, every weight kept transposed, (in, out) contiguous, so MKL

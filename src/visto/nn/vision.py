@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from visto.errors import UserError
-from visto.nn.transformer import MLP, EncoderBlock, FusedEncoderBlock, act_from_hf
+from visto.nn.transformer import MLP, EncoderStack, FusedEncoderBlock, act_from_hf
 
 STEMS = ("patch", "conv")
 POOLS = ("cls", "mean", "map")  # ViTConfig.stem: linear patch embedding | 3x3 stride-2 conv stack
@@ -209,17 +209,6 @@ class ViTEmbeddings(nn.Module):
         return torch.cat([cls, patches], dim=1) + self.positions()  # (B, 1 + N, D)
 
 
-class ViTEncoder(nn.Module):
-    def __init__(self, cfg: ViTConfig) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(
-            [
-                EncoderBlock(cfg.width, cfg.heads, cfg.mlp_hidden, cfg.act, cfg.eps)
-                for _ in range(cfg.layers)
-            ]
-        )
-
-
 @dataclass
 class ViTOutput:
     pooled: Tensor | None  # (B, D), None when not asked for
@@ -233,7 +222,9 @@ class ViT(nn.Module):
         self.embeddings = ViTEmbeddings(cfg)
         # sic: transformers' name; SigLIP has none (Identity: no weights, the same code path)
         self.pre_layrnorm = nn.LayerNorm(cfg.width, eps=cfg.eps) if cfg.pre_norm else nn.Identity()
-        self.encoder = ViTEncoder(cfg)
+        self.encoder = EncoderStack(
+            cfg.layers, cfg.width, cfg.heads, cfg.mlp_hidden, cfg.act, cfg.eps
+        )
         self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.eps)
         if cfg.pool == "map":
             self.head = AttentionPoolingHead(cfg)
