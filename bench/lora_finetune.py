@@ -2,22 +2,45 @@
 written as a VQA set by HF `datasets` (parquet: an `image` column and chat `messages`), then
 one `visto train --recipe llava-lora` that scores the held-out file before and after.
 
-    python bench/lora_finetune.py --model runs/r3/checkpoint --json bench/out/lora_finetune.json
+    python bench/lora_finetune.py --model runs/n0/stage1/checkpoint --n 4000 --steps 500 \
+        --replay 0.5 --eval-n 600 --json bench/out/lora_new.json
+    python bench/lora_finetune.py --questions world --model runs/r3/checkpoint   # the old run
+
+--questions new (the default): something the model was never taught, derived from each
+image's ground truth (`new_questions`): three families, each answered in a word or two.
+    where        "In which part of the image is the red circle?" -> "top left": the 3x3 cell
+                 of a named object (the world's captions say "a red circle in the top left",
+                 its VQA never asks; a new question form and answer format of a known fact)
+    superlative  "What colour is the largest shape?" / "What shape is the smallest object?"
+                 (a new fact type: a comparison of sizes over the image, asked only where one
+                 object is at least 1.5x the area of every other)
+    cell         "What colour is the object in the top left?" (a new fact type: an object
+                 named by where it is, only where it is alone in its cell)
+Objects asked about are at least 80% visible, and their centres at least 5% of the image
+from the cell lines, so that every answer is clear from the picture.
+--questions world: the world's own VQA questions (what the quickstart trained on).
+--replay F (new): F of the training rows are the world's own questions of the training images,
+so that the model keeps what it knew (trained on the new questions alone, it does not).
 
 1. `visto data synth` renders --n fresh images (seed --seed, not the checkpoint's world) at the
-   model's image size; the VQA questions of its train split and of its test split become two
-   parquet files written with `datasets` (what a user's own dataset looks like: visto did
-   not write them).
+   model's image size (--size); OUT/data.json records the settings, and a rerun with the same
+   ones reuses the files; the questions of its train split and of its test split become parquet
+   files written with `datasets` (what a user's own dataset looks like: visto did not write
+   them), rows shuffled (seeded) so that the first --eval-n held-out rows span many images.
+   With --questions new, the world's VQA of the test split is written too
+   (heldout-vqa.parquet): what the model knew before.
 2. `visto train --recipe llava-lora --set model.init_from=MODEL --set data.source=TRAIN
    --set finish.eval_source=HELDOUT --set max_steps=--steps --set batch_size=--batch`,
-   with num_threads --threads and no export: LoRA rank 16 on every decoder linear layer, the
-   projector in full. Its finish step runs `visto eval` on the held-out file for the starting
-   model (RUN/eval-start/eval.json) and the trained one (RUN/eval.json), --eval-n questions.
-3. Reported: vqa.overall before/after and the gain, per question type, each blind twin
-   (images swapped: what looking is worth), the first and last logged training loss, steps,
-   training seconds (the loop's elapsed_s), the questions the fine-tune fixed and broke (the
-   same held-out questions before and after, with the exact sign test), wall time and the
-   machine's load before and after (`/proc/loadavg`).
+   with num_threads --threads, seed --train-seed and no export: LoRA rank 16 on every decoder
+   linear layer, the projector in full (--freeze-projector: adapters only). Its finish step runs `visto eval` on the held-out file for the starting
+   model (RUN/eval-start) and the trained one (RUN), --eval-n rows. With --questions new,
+   `visto eval --data heldout-vqa.parquet` then scores both models on --eval-n old questions
+   (RUN/old-start, RUN/old).
+3. Reported: vqa.overall before/after and the gain, per family (new) or answer type, each
+   blind twin (images swapped: what looking is worth), the questions the fine-tune fixed and
+   broke (the same held-out questions before and after, exact sign test), for the blind twin
+   too; the first and last logged training loss, steps, training seconds (the loop's
+   elapsed_s), wall time and the machine's load before and after (`/proc/loadavg`).
 """
 
 from __future__ import annotations
@@ -29,7 +52,18 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from visto.data.synth.tasks import centre, position_phrase, unique_descriptions
+
+QUESTION_SETS = ("new", "world")
+FAMILIES = ("where", "superlative", "cell")
+MIN_VISIBLE = 0.8  # an object asked about shows at least this much of itself
+CELL_MARGIN = 0.05  # its centre at least this far (a fraction of the side) from a cell line
+AREA_RATIO = 1.5  # "largest" / "smallest": by at least this factor over every other object
+
+QA = tuple[str, str, str]  # (question, answer, family)
 
 
 def loadavg() -> str:
@@ -41,106 +75,315 @@ def visto(*argv: str, threads: int) -> None:
     subprocess.run([sys.executable, "-m", "visto.cli", *argv], check=True, env=env)
 
 
-def write_vqa_parquet(world: Path, split: str, out: Path, seed: int) -> int:
-    """The VQA exchanges of `split` as a parquet file written by HF `datasets` (an Image
-    column and chat messages with an image slot), one row per question, rows shuffled (seeded)
-    so that the first --eval-n of the held-out file span many images."""
+def clear_cell(box: list[int], size: int) -> bool:
+    """Whether the box's centre lies clear of the lines of the 3x3 grid (position_phrase's)."""
+    lines = (size / 3, 2 * size / 3)
+    return all(abs(c - line) >= CELL_MARGIN * size for c in centre(box) for line in lines)
+
+
+def cell_words(box: list[int], size: int) -> str:
+    """position_phrase without its preposition: "top left", "top", "left", "centre"."""
+    phrase = position_phrase(box, size)
+    return phrase.removeprefix("in the ").removeprefix("on the ").removeprefix("at the ")
+
+
+def where_questions(truth: dict, rng: random.Random) -> list[QA]:
+    """At most two named objects' cells."""
+    objs, size = truth["objects"], truth["width"]
+    out = []
+    order = list(range(len(objs)))
+    rng.shuffle(order)
+    for i in order:
+        names = unique_descriptions(objs, i, size)
+        if not names or objs[i]["visible"] < MIN_VISIBLE or not clear_cell(objs[i]["box"], size):
+            continue
+        q = rng.choice(["In which part of the image is the {r}?",
+                        "Which part of the picture is the {r} in?",
+                        "Where in the image is the {r}: top, bottom, left, right or centre?"])  # fmt: skip
+        out.append((q.format(r=names[0]), cell_words(objs[i]["box"], size), "where"))
+        if len(out) == 2:
+            break
+    return out
+
+
+def superlative_questions(truth: dict, rng: random.Random) -> list[QA]:
+    """The largest and the smallest object's colour or shape, where it is clearly so."""
+    objs = truth["objects"]
+    if len(objs) < 2:
+        return []
+    out = []
+    for word, sign in ((rng.choice(["largest", "biggest"]), 1), ("smallest", -1)):
+        ranked = sorted(range(len(objs)), key=lambda k: sign * objs[k]["area"], reverse=True)
+        first, second = (objs[ranked[0]]["area"], objs[ranked[1]]["area"])[::sign]
+        if first < AREA_RATIO * second or objs[ranked[0]]["visible"] < MIN_VISIBLE:
+            continue
+        o = objs[ranked[0]]
+        if rng.random() < 0.5:
+            q = rng.choice(
+                ["What colour is the {w} shape?", "Which colour does the {w} object have?"]
+            )
+            out.append((q.format(w=word), o["colour"], "superlative"))
+        else:
+            q = rng.choice(["What shape is the {w} object?", "Which shape is the {w} one?"])
+            out.append((q.format(w=word), o["shape"], "superlative"))
+    return out
+
+
+def cell_questions(truth: dict, rng: random.Random) -> list[QA]:
+    """One object named by its cell alone (alone in it, in an image of two or more)."""
+    objs, size = truth["objects"], truth["width"]
+    if len(objs) < 2:
+        return []
+    cells = [position_phrase(o["box"], size) for o in objs]
+    alone = [i for i, o in enumerate(objs) if cells.count(cells[i]) == 1
+             and o["visible"] >= MIN_VISIBLE and clear_cell(o["box"], size)]  # fmt: skip
+    if not alone:
+        return []
+    o = objs[i := rng.choice(alone)]
+    if rng.random() < 0.5:
+        return [(f"What colour is the object {cells[i]}?", o["colour"], "cell")]
+    return [(f"What shape is the object {cells[i]}?", o["shape"], "cell")]
+
+
+NEW_FAMILIES: dict[str, Callable[[dict, random.Random], list[QA]]] = {
+    "where": where_questions, "superlative": superlative_questions, "cell": cell_questions,
+}  # fmt: skip
+
+
+def new_questions(truth: dict, rng: random.Random) -> list[QA]:
+    return [qa for family in FAMILIES for qa in NEW_FAMILIES[family](truth, rng)]
+
+
+def world_questions(world: Path, split: str) -> list[tuple[str, Path, list[QA]]]:
+    """(image id, image file, the world's VQA questions) of each image of `split`."""
+    out = []
+    for line in (world / f"{split}.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        qas = [(qa["q"], qa["a"], qa["type"]) for qa in record["tasks"]["vqa"]]
+        out.append((record["id"], world / record["image"], qas))
+    return out
+
+
+def invented_questions(world: Path, split: str, seed: int) -> list[tuple[str, Path, list[QA]]]:
+    """(image id, image file, `new_questions`) of each image of `split`, each image's
+    questions drawn from a stream of its own (seed, id)."""
+    out = []
+    for line in (world / f"{split}.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        rng = random.Random(f"lora-new/{seed}/{record['id']}")
+        out.append((record["id"], world / record["image"], new_questions(record["truth"], rng)))
+    return out
+
+
+def with_replay(
+    new: list[tuple[str, Path, list[QA]]],
+    old: list[tuple[str, Path, list[QA]]],
+    fraction: float,
+    seed: int,
+) -> list[tuple[str, Path, list[QA]]]:
+    """`new`'s questions and, drawn (seeded) from `old` (the world's own questions of the
+    same images), as many more as make `fraction` of the rows the old questions."""
+    if fraction <= 0:
+        return new
+    pool = [(image_id, qa) for image_id, _, qas in old for qa in qas]
+    n_new = sum(len(qas) for _, _, qas in new)
+    drawn = random.Random(f"lora-replay/{seed}").sample(
+        pool, round(n_new * fraction / (1 - fraction))
+    )
+    extra: dict[str, list[QA]] = {}
+    for image_id, qa in drawn:
+        extra.setdefault(image_id, []).append(qa)
+    return [(image_id, image, qas + extra.get(image_id, [])) for image_id, image, qas in new]
+
+
+def write_parquet(images: list[tuple[str, Path, list[QA]]], out: Path, seed: int) -> dict[str, int]:
+    """One row per question, written by HF `datasets` as a user's file is: an `id`
+    ("<image>-<family>-<k>"), an Image column and chat messages with an image slot; rows
+    shuffled (seeded). Returns the rows per family."""
     from datasets import Dataset
     from datasets import Image as ImageFeature
+    from PIL import Image
 
-    from visto.data.formats import read_samples
-
-    rows: dict[str, list] = {"image": [], "messages": []}
-    for sample in read_samples(world, "synth", split=split, tasks=["vqa"]):
-        turns = sample.turns
-        for user, answer in zip(turns[::2], turns[1::2], strict=True):
-            question = user.content.replace("<image>", "").strip()
-            rows["image"].append(sample.images[0])
+    rows: dict[str, list] = {"id": [], "image": [], "messages": []}
+    counts: dict[str, int] = {}
+    images_read: dict[str, Image.Image] = {}
+    for image_id, image, qas in images:
+        for k, (question, answer, family) in enumerate(qas):
+            rows["id"].append(f"{image_id}-{family}-{k}")
+            if image_id not in images_read:
+                images_read[image_id] = Image.open(image).convert("RGB")
+            rows["image"].append(images_read[image_id])
             rows["messages"].append([
                 {"role": "user", "content": [{"type": "image", "text": None},
                                              {"type": "text", "text": question}]},
-                {"role": "assistant", "content": [{"type": "text", "text": answer.content}]},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
             ])  # fmt: skip
-    order = list(range(len(rows["image"])))
+            counts[family] = counts.get(family, 0) + 1
+    order = list(range(len(rows["id"])))
     random.Random(seed).shuffle(order)
     data = Dataset.from_dict({k: [v[i] for i in order] for k, v in rows.items()})
     data = data.cast_column("image", ImageFeature())
     out.parent.mkdir(parents=True, exist_ok=True)
-    data.to_parquet(str(out))
-    return len(data)
+    data.to_parquet(str(out))  # PIL images: their bytes go into the file (a path would not)
+    return counts
 
 
-def paired_counts(before: Path, after: Path) -> dict[str, float]:
-    """The same held-out questions before and after: how many the fine-tune fixed and broke,
-    and the exact two-sided sign-test p-value of that split (McNemar's test, exact)."""
+def exact_sign_test(fixed: int, broke: int) -> float:
+    """Two-sided exact sign test (McNemar's, exact) of `fixed` against `broke`."""
     from math import comb
 
-    def scores(path: Path) -> dict[str, float]:
-        return {r["id"]: r["score"] for r in map(json.loads, path.read_text().splitlines())}
-
-    a, b = scores(before), scores(after)
-    fixed = sum(1 for k in a if k in b and b[k] > a[k])
-    broke = sum(1 for k in a if k in b and b[k] < a[k])
     n, low = fixed + broke, min(fixed, broke)
-    p = min(1.0, 2 * sum(comb(n, i) for i in range(low + 1)) / 2**n) if n else 1.0
-    return {"questions": len(set(a) & set(b)), "fixed": fixed, "broke": broke, "sign_test_p": round(p, 4)}
+    return min(1.0, 2 * sum(comb(n, i) for i in range(low + 1)) / 2**n) if n else 1.0
+
+
+def family_of(prediction_id: str) -> str:
+    """ "<image>-<family>-<k>-vqa-0" (the eval's item id of one of our rows) -> family."""
+    return prediction_id.split("-")[1]
+
+
+def paired_figures(before: Path, after: Path) -> dict[str, dict]:
+    """The same held-out questions before and after, per family and over all: accuracy, its
+    blind twin, and how many the fine-tune fixed and broke, with the exact sign test, for
+    the model and for its blind twin (a gain the blind twin shares did not come from looking)."""
+
+    def records(path: Path) -> dict[str, dict]:
+        return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+    a, b = records(before), records(after)
+    shared = [k for k in a if k in b and a[k]["score"] is not None]
+    groups: dict[str, list[str]] = {"all": shared}
+    for k in shared:
+        groups.setdefault(family_of(k), []).append(k)
+    out = {}
+    for name, keys in groups.items():
+        figures: dict[str, float | int] = {"questions": len(keys)}
+        for prefix, field in (("", "score"), ("blind_", "blind_score")):
+            fixed = sum(1 for k in keys if b[k][field] > a[k][field])
+            broke = sum(1 for k in keys if b[k][field] < a[k][field])
+            figures |= {
+                f"{prefix}before": round(sum(a[k][field] for k in keys) / len(keys), 4),
+                f"{prefix}after": round(sum(b[k][field] for k in keys) / len(keys), 4),
+                f"{prefix}fixed": fixed, f"{prefix}broke": broke,
+                f"{prefix}sign_test_p": round(exact_sign_test(fixed, broke), 6),
+            }  # fmt: skip
+        out[name] = figures
+    return out
+
+
+def eval_old(model: str | Path, data: Path, out: Path, n: int, threads: int) -> None:
+    """`visto eval` of `model` on the world's VQA held-out file (what it knew before)."""
+    visto("eval", "--model", str(model), "--data", str(data), "--out", str(out), "--n", str(n),
+          threads=threads)  # fmt: skip
+
+
+DATA_FILES = ("train.parquet", "heldout.parquet", "heldout-vqa.parquet")
+
+
+def build_data(args: argparse.Namespace, size: int) -> dict:
+    """Render OUT/world and write the parquet files (step 1); the rows written per family.
+    OUT/data.json records the settings they were made with: the same settings reuse them."""
+    settings = {k: getattr(args, k) for k in ("questions", "replay", "n", "seed")} | {"size": size}
+    record, world = args.out / "data.json", args.out / "world"
+    if record.exists() and json.loads(record.read_text())["settings"] == settings:
+        return json.loads(record.read_text())["rows"]
+    train_file, heldout_file, old_file = (args.out / f for f in DATA_FILES)
+    visto("data", "synth", "--out", str(world), "--n", str(args.n), "--seed", str(args.seed),
+          "--size", str(size), "--workers", "1", threads=args.threads)  # fmt: skip
+    if args.questions == "new":
+        train = with_replay(invented_questions(world, "train", args.seed),
+                            world_questions(world, "train"), args.replay, args.seed)  # fmt: skip
+        heldout = invented_questions(world, "test", args.seed)
+    else:
+        train, heldout = world_questions(world, "train"), world_questions(world, "test")
+    rows = {"train": write_parquet(train, train_file, args.seed),
+            "heldout": write_parquet(heldout, heldout_file, args.seed)}  # fmt: skip
+    if args.questions == "new":
+        rows["heldout_vqa"] = write_parquet(world_questions(world, "test"), old_file, args.seed)
+    record.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    return rows
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="runs/r3/checkpoint", help="a visto or transformers LLaVA")
+    p.add_argument("--questions", choices=QUESTION_SETS, default="new",
+                   help="new: questions the model never saw (module doc); world: the world's VQA")  # fmt: skip
+    p.add_argument("--replay", type=float, default=0.0,
+                   help="--questions new: this fraction of the training rows are the world's own "
+                        "questions of the same images (what the model knew), the rest new")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("bench/out/lora_finetune"))
     p.add_argument("--n", type=int, default=2000, help="images rendered (train 80%%, test 5%%)")
+    p.add_argument("--size", type=int, help="image side rendered (default: the model's)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--freeze-projector", action="store_true",
+                   help="adapters only: the recipe's projector (trained in full) frozen too")  # fmt: skip
+    p.add_argument("--train-seed", type=int, default=0, help="the recipe's seed (order, init)")
     p.add_argument("--eval-n", type=int, default=200, help="held-out questions scored")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args()
+    if not 0 <= args.replay < 1:
+        p.error(f"--replay is a fraction of the training rows in [0, 1), got {args.replay}")
+    if args.replay and args.questions == "world":
+        p.error("--replay mixes the world's questions into --questions new; world has only those")
 
     from visto.checkpoint import read_config
 
-    size = read_config(args.model)["config"]["processor"]["image_size"]
+    size = args.size or read_config(args.model)["config"]["processor"]["image_size"]
     t0, load_before = time.time(), loadavg()
-    world = args.out / "world"
-    visto("data", "synth", "--out", str(world), "--n", str(args.n), "--seed", str(args.seed),
-          "--size", str(size), "--workers", "1", threads=args.threads)  # fmt: skip
-    train_rows = write_vqa_parquet(world, "train", args.out / "train.parquet", args.seed)
-    heldout_rows = write_vqa_parquet(world, "test", args.out / "heldout.parquet", args.seed)
+    train_file, heldout_file, old_file = (args.out / f for f in DATA_FILES)
+    rows = build_data(args, size)
+    t_data = time.time() - t0
+
     run = args.out / "run"
     t1 = time.time()
     visto("train", "--recipe", "llava-lora", "--out", str(run), "--no-progress",
           "--set", f"model.init_from={args.model}",
-          "--set", f"data.source={args.out / 'train.parquet'}", "--set", "data.image_root=null",
-          "--set", f"finish.eval_source={args.out / 'heldout.parquet'}",
+          "--set", f"data.source={train_file}", "--set", "data.image_root=null",
+          "--set", f"finish.eval_source={heldout_file}",
           "--set", "finish.eval_image_root=null", "--set", f"finish.eval_n={args.eval_n}",
           "--set", "finish.export=null", "--set", f"max_steps={args.steps}",
           "--set", f"batch_size={args.batch}", "--set", f"optim.lr={args.lr}",
-          "--set", f"num_threads={args.threads}", threads=args.threads)  # fmt: skip
+          "--set", f"num_threads={args.threads}", "--set", f"seed={args.train_seed}",
+          *(["--set", "lora.trainable=[]"] if args.freeze_projector else []),
+          threads=args.threads)  # fmt: skip
     wall_train = time.time() - t1
     before = json.loads((run / "eval-start" / "eval.json").read_text())
     after = json.loads((run / "eval.json").read_text())
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    train_rows_logged = [r for r in rows if "loss" in r and r.get("split", "train") == "train"]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if "loss" in r and r.get("split", "train") == "train"]
     keys = sorted(k for k in after if k.startswith(("vqa.", "blind.vqa.")))
-    paired = paired_counts(run / "eval-start" / "predictions.jsonl", run / "predictions.jsonl")
     result = {
-        "model": args.model, "rendered_images": args.n, "seed": args.seed,
-        "train_questions": train_rows, "heldout_questions": heldout_rows, "eval_n": args.eval_n,
-        "steps": args.steps, "batch": args.batch, "lr": args.lr, "threads": args.threads,
+        "model": args.model, "questions": args.questions, "replay": args.replay,
+        "rendered_images": args.n, "seed": args.seed, "rows": rows, "eval_n": args.eval_n,
+        "steps": args.steps, "batch": args.batch, "lr": args.lr, "train_seed": args.train_seed,
+        "freeze_projector": args.freeze_projector, "threads": args.threads,
         "vqa_before": before.get("vqa.overall"), "vqa_after": after.get("vqa.overall"),
         "vqa_gain": round(after.get("vqa.overall", 0) - before.get("vqa.overall", 0), 4),
         "figures": {k: {"before": before.get(k), "after": after.get(k)} for k in keys},
-        "paired": paired,
-        "first_loss": train_rows_logged[0]["loss"] if train_rows_logged else None,
-        "last_loss": train_rows_logged[-1]["loss"] if train_rows_logged else None,
-        "train_seconds": train_rows_logged[-1].get("elapsed_s") if train_rows_logged else None,
+        "paired": paired_figures(run / "eval-start" / "predictions.jsonl", run / "predictions.jsonl"),
+        "first_loss": logged[0]["loss"] if logged else None,
+        "last_loss": logged[-1]["loss"] if logged else None,
+        "train_seconds": logged[-1].get("elapsed_s") if logged else None,
+        "data_wall_s": round(t_data, 1),
         "train_and_two_evals_wall_s": round(wall_train, 1),
-        "total_wall_s": round(time.time() - t0, 1),
-        "load_before": load_before, "load_after": loadavg(),
     }  # fmt: skip
+    if args.questions == "new":
+        t2 = time.time()
+        eval_old(args.model, old_file, run / "old-start", args.eval_n, args.threads)
+        eval_old(run / "checkpoint", old_file, run / "old", args.eval_n, args.threads)
+        result["old_vqa"] = {
+            "paired": paired_figures(run / "old-start" / "predictions.jsonl",
+                                     run / "old" / "predictions.jsonl"),
+            "wall_s": round(time.time() - t2, 1),
+        }  # fmt: skip
+    result |= {"total_wall_s": round(time.time() - t0, 1), "load_before": load_before,
+               "load_after": loadavg()}  # fmt: skip
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,12 @@ file before and after, and exports the model merged; from a visto or a transform
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +124,132 @@ def test_bad_finish_settings_are_clear_errors(tmp_path, capsys):
     assert "finish.eval_source runs/nowhere.json does not exist" in error(
         "finish.eval_source=runs/nowhere.json"
     )
+
+
+# ---------------------------------------------------------------- bench/lora_finetune.py
+# The user's set of questions the model never saw (issue 18): each answer must be what the
+# picture shows, or the before/after figures measure noise.
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("lora_finetune_bench", BENCH / "lora_finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def obj(shape, colour, box, area, visible=1.0):
+    return {"shape": shape, "colour": colour, "size": "medium", "box": box, "area": area,
+            "visible": visible}  # fmt: skip
+
+
+def truth(*objects):
+    return {"width": 96, "height": 96, "objects": list(objects)}
+
+
+# 96 px: the cell lines at 32 and 64, the margin 4.8 px. The star's centre (33, 50) is on a line.
+SCENE = truth(obj("circle", "red", [5, 5, 30, 30], 500), obj("square", "blue", [70, 70, 80, 80], 100),
+              obj("star", "green", [28, 45, 38, 55], 200))  # fmt: skip
+
+
+def test_where_asks_the_cell_of_named_objects_clear_of_the_lines(bench):
+    seen = set()
+    for seed in range(30):
+        for q, a, family in bench.where_questions(SCENE, random.Random(seed)):
+            assert family == "where"
+            assert "star" not in q  # its centre is 1 px from the line x = 32
+            assert a == ("top left" if "circle" in q else "bottom right"), q
+            seen.add(a)
+    assert seen == {"top left", "bottom right"}
+    half_hidden = truth(obj("circle", "red", [5, 5, 30, 30], 500, visible=0.7))
+    assert bench.where_questions(half_hidden, random.Random(0)) == []
+
+
+def test_superlatives_only_where_one_object_is_clearly_the_largest_or_smallest(bench):
+    answers = set()
+    for seed in range(30):
+        for q, a, _ in bench.superlative_questions(SCENE, random.Random(seed)):
+            expected = ("blue", "square") if "smallest" in q else ("red", "circle")
+            assert a == (expected[0] if "colour" in q else expected[1]), q
+            answers.add(a)
+    assert answers == {"red", "circle", "blue", "square"}
+    close = truth(
+        obj("circle", "red", [5, 5, 30, 30], 500), obj("square", "blue", [70, 70, 80, 80], 400)
+    )
+    assert bench.superlative_questions(close, random.Random(0)) == []  # 1.25x: neither asked
+    assert bench.superlative_questions(truth(SCENE["objects"][0]), random.Random(0)) == []
+
+
+def test_cell_names_an_object_alone_in_its_cell(bench):
+    answers = set()
+    for seed in range(30):
+        ((q, a, _),) = bench.cell_questions(SCENE, random.Random(seed))
+        expected = {"in the top left": ("red", "circle"), "in the bottom right": ("blue", "square")}
+        cell = q.removeprefix("What colour is the object ").removeprefix(
+            "What shape is the object "
+        )
+        assert a == expected[cell.rstrip("?")][0 if "colour" in q else 1]
+        answers.add(a)
+    assert answers == {"red", "circle", "blue", "square"}
+    shared = truth(
+        obj("circle", "red", [5, 5, 25, 25], 400), obj("square", "blue", [8, 8, 28, 28], 100)
+    )
+    assert bench.cell_questions(shared, random.Random(0)) == []  # both in the top left
+
+
+def test_paired_figures_count_fixed_and_broke_per_family(bench, tmp_path):
+    def write(path, scores):
+        path.write_text("".join(json.dumps({"id": k, "score": s, "blind_score": b}) + "\n"
+                                for k, (s, b) in scores.items()))  # fmt: skip
+
+    ids = [f"00000{i}-where-0-vqa-0" for i in range(4)] + ["000009-cell-1-vqa-0"]
+    # (score, blind score) of each question, before and after
+    write(
+        tmp_path / "a.jsonl", dict(zip(ids, [(0, 0), (0, 0), (1, 0), (0, 1), (1, 0)], strict=True))
+    )
+    write(
+        tmp_path / "b.jsonl", dict(zip(ids, [(1, 0), (1, 1), (1, 0), (0, 0), (0, 0)], strict=True))
+    )
+    figures = bench.paired_figures(tmp_path / "a.jsonl", tmp_path / "b.jsonl")
+    assert figures["where"] == {
+        "questions": 4, "before": 0.25, "after": 0.75, "fixed": 2, "broke": 0,
+        "sign_test_p": 0.5, "blind_before": 0.25, "blind_after": 0.25, "blind_fixed": 1,
+        "blind_broke": 1, "blind_sign_test_p": 1.0,
+    }  # fmt: skip
+    assert (figures["cell"]["fixed"], figures["cell"]["broke"]) == (0, 1)
+    assert (figures["all"]["fixed"], figures["all"]["broke"]) == (2, 1)
+    assert bench.exact_sign_test(20, 12) == pytest.approx(0.21533, abs=1e-5)  # McNemar, exact
+    assert bench.exact_sign_test(10, 0) == pytest.approx(0.001953, abs=1e-6)
+    assert bench.exact_sign_test(0, 0) == 1.0
+
+
+@pytest.mark.slow
+def test_bench_trains_on_new_questions_with_replay_and_scores_old_and_new(start, bench, tmp_path):
+    """The bench end to end on the tiny model: parquet files written by `datasets`, the
+    recipe from the CLI, the new and the old held-out questions before and after."""
+    _, init, _, _ = start
+    out, figures_file = tmp_path / "bench", tmp_path / "figures.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "lora_finetune.py"), "--model", str(init), "--n", "120", "--size", "48",
+         "--steps", "3", "--batch", "4", "--eval-n", "12", "--replay", "0.5", "--out", str(out),
+         "--json", str(figures_file)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(figures_file.read_text())
+    train_rows = figures["rows"]["train"]
+    new = sum(train_rows[f] for f in bench.FAMILIES)
+    assert sum(train_rows.values()) - new == new  # replay 0.5: as many world questions
+    assert set(figures["rows"]["heldout"]) <= set(bench.FAMILIES)
+    assert "exist" in figures["rows"]["heldout_vqa"]
+    for paired, run in ((figures["paired"], out / "run"),
+                        (figures["old_vqa"]["paired"], out / "run" / "old")):  # fmt: skip
+        scored = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+        assert paired["all"]["questions"] == len(scored) == 12
+        assert paired["all"]["after"] == pytest.approx(
+            sum(r["score"] for r in scored) / 12, abs=1e-4
+        )
+    assert figures["steps"] == 3 and figures["last_loss"] is not None
