@@ -74,6 +74,29 @@ def test_hf_datasets_parquet_with_an_image_feature(tmp_path, column):
         assert sample.images[0].size == foreign_data.picture(i)[0].size
 
 
+def test_hf_datasets_parquet_of_images_cast_from_file_paths(tmp_path):
+    """`Dataset.from_dict({"image": [paths]}).cast_column("image", Image())` then `to_parquet`
+    keeps only each file's absolute path (no bytes): the images are read where they are, and a
+    file since removed is skipped as a missing image."""
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    paths, captions = [], []
+    for i in range(3):
+        image, caption = foreign_data.picture(i)
+        image.save(tmp_path / f"{i}.png")
+        paths.append(str((tmp_path / f"{i}.png").resolve()))
+        captions.append(caption)
+    dataset = Dataset.from_dict({"image": paths, "text": captions}).cast_column("image", ImageFeature())
+    dataset.to_parquet(str(tmp_path / "train.parquet"))
+    (tmp_path / "2.png").unlink()
+    samples, stats = read_all(tmp_path / "train.parquet")
+    assert (stats.read, stats.skipped, dict(stats.reasons)) == (2, 1, {"missing image": 1})
+    for i, sample in enumerate(samples):
+        assert_caption_sample(sample, captions[i])
+        assert sample.images[0].size == foreign_data.picture(i)[0].size
+
+
 def test_parquet_columns_are_named_or_the_error_says_how(tmp_path):
     from datasets import Dataset
     from datasets import Image as ImageFeature

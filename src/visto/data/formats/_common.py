@@ -141,11 +141,18 @@ def decode_image(data: Any, what: str) -> Image.Image:
 
 
 def resolve_image_path(relative: Any, roots: list[Path]) -> Path:
-    """The first existing `root / relative`; refuses paths that leave their root."""
+    """The first existing `root / relative`; refuses relative paths that leave their root. An
+    absolute path is read where it is: HF `datasets` stores an `Image` feature cast from file
+    paths as the files' absolute paths, without their bytes (`to_parquet`), and LLaVA-style
+    JSONs written on one machine often hold absolute paths too."""
     if not isinstance(relative, str) or not relative:
         raise BadRecord(BAD_FIELDS, f"image path must be a non-empty string, got {relative!r}")
-    if Path(relative).is_absolute() or ".." in Path(relative).parts:
-        raise BadRecord(BAD_FIELDS, f"image path {relative!r} must be relative, without '..'")
+    if Path(relative).is_absolute():
+        if Path(relative).is_file():
+            return Path(relative)
+        raise BadRecord(MISSING_IMAGE, f"image {relative!r} not found (an absolute path is read where it is)")
+    if ".." in Path(relative).parts:
+        raise BadRecord(BAD_FIELDS, f"image path {relative!r} must stay inside its folder (no '..')")
     for root in roots:
         if (root / relative).is_file():
             return root / relative
