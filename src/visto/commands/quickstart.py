@@ -45,7 +45,9 @@ unchanged; --fresh redoes everything):
               colour, shape, size and box (visto.connectors.regions); --box-tokens
               follows each with its box's 4 location tokens, --text-slots N adds N lines
               of text the OCR reader read, as the decoder's own tokens (both measured
-              worse at the default budget: bench/README.md, "Quickstart"): RUN/stage1
+              worse at the default budget: bench/README.md, "Quickstart"). The question
+              focus hands each answer the named object and, in <focus> slots, its box and
+              the text that was read, which a pointer head copies (--pointer): RUN/stage1
   4. stage2   LLaVA stage 2 (recipe quickstart-stage2, mix "instruct+caption"): every question of
               an image (VQA, counting, grounding with box tokens, OCR, JSON) in one sample
               as independent turns, none of which can see another: RUN/stage2

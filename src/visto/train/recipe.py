@@ -161,6 +161,10 @@ class ProcessorSpec:
     `model.init_from` checkpoint's, a resumed run's) and changes only this, so that
     `--set processor.max_length=1024` lets a fine-tune see longer samples than its starting
     checkpoint was trained on; the saved checkpoint's processor.json carries the new value.
+
+    Image normalisation follows the model's vision tower (`train.data.model_normalisation`): a
+    section that sets no `image_mean`/`image_std` takes the tower's, and one that sets others
+    is refused.
     """
 
     path: str | None = None
