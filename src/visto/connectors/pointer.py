@@ -58,15 +58,10 @@ class CopySlots:
     @staticmethod
     def merge(slots: list[CopySlots]) -> CopySlots:
         """One batch of every part's rows (the objects' axis M padded to the widest)."""
-        width = max(s.ids.shape[-1] for s in slots)
-
-        def padded(t: Tensor) -> Tensor:
-            return nn.functional.pad(t, (0, width - t.shape[-1]))
-
         last = None
         if all(s.prompt_last is not None for s in slots):
             last = torch.cat([s.prompt_last for s in slots])
-        return CopySlots(torch.cat([padded(s.ids) for s in slots]), torch.cat([padded(s.weights) for s in slots]), last)
+        return CopySlots(*_joined([s.ids for s in slots], [s.weights for s in slots], 0), last)
 
 
 @dataclass
@@ -143,9 +138,18 @@ def copy_runs(runs: list[tuple[Tensor, Tensor]], end_id: int) -> CopySlots:
         weights[rows, n, 0] = (n > 0).to(weights.dtype)
         out_ids.append(ids)
         out_weights.append(weights)
-    width = max(i.shape[-1] for i in out_ids)
-    pad = lambda t: nn.functional.pad(t, (0, width - t.shape[-1]))  # noqa: E731
-    return CopySlots(torch.cat([pad(i) for i in out_ids], 1), torch.cat([pad(w) for w in out_weights], 1))
+    return CopySlots(*_joined(out_ids, out_weights, 1))
+
+
+def _joined(ids: list[Tensor], weights: list[Tensor], dim: int) -> tuple[Tensor, Tensor]:
+    """Slot ids and weights (..., M_i) concatenated along `dim`, their last axis (the objects a
+    slot is spread over) zero-padded to the widest: a padded entry holds nothing."""
+    width = max(t.shape[-1] for t in ids)
+
+    def cat(parts: list[Tensor]) -> Tensor:
+        return torch.cat([nn.functional.pad(t, (0, width - t.shape[-1])) for t in parts], dim)
+
+    return cat(ids), cat(weights)
 
 
 def answer_of_position(input_ids: Tensor, assistant_id: int) -> Tensor:

@@ -314,8 +314,9 @@ class DecoderRunner:
             # (llama.cpp does the same with its output ids.) A fifth to a quarter of a
             # 4-layer prefill's matmuls. fp32 rows only: an int8 layer's input scale spans
             # all rows; an expert's rows run as below.
-            last_only = i == n_layers - 1 and T > 1 and self._rows_independent and expert is None
-            if last_only:  # the layer's own weights: no copies kept for the split
+            # The last layer at prefill reads one position (fp32 rows only; see below).
+            last_layer = i == n_layers - 1 and T > 1 and self._rows_independent
+            if last_layer and expert is None:  # the layer's own weights: no copies kept for the split
                 attn = self.lm.model.layers[i].self_attn
                 k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B, T, Hkv, hd)
                 k = torch.addcmul(k * cos, k.roll(half, dims=-1), sin).transpose(1, 2)
@@ -340,7 +341,7 @@ class DecoderRunner:
             kc[:, :, state.end : hi] = k
             vc[:, :, state.end : hi] = v
             layer_mask, layer_causal = mask, causal
-            if i == n_layers - 1 and T > 1 and self._rows_independent:
+            if last_layer:
                 x, T = x[:, -1:], 1
                 if expert is not None:  # q, k, v of every position, q's last row kept
                     q = q[:, :, -1:]
@@ -407,13 +408,13 @@ class DecoderRunner:
         )
         real = attention_mask.bool()
         embeds = embeds.to(w0.dtype)
-        padded = not bool(real.all())
         shared = 0
         if inputs.conditioning is None and B > 1 and self._rows_independent:
             shared = shared_prefix(embeds, real)
+        plain = shared < MIN_SHARED_PREFIX and bool(real.all())  # one pass, no padding
         if shared >= MIN_SHARED_PREFIX:
             last, width = self._prefill_shared(embeds, real, shared, state)
-        elif not padded:
+        elif plain:
             # No padding (a batch of one, equal lengths): positions 0..T-1 are the rotary
             # tables' first rows (no lookup), SDPA runs its own causal path, and the state's
             # mask is set directly (what sync_mask would compute).
@@ -429,7 +430,7 @@ class DecoderRunner:
             last, width = self._forward(embeds, positions, state, mask, inputs.conditioning), T
         state.context = inputs.context
         state.end = width
-        if shared < MIN_SHARED_PREFIX and not padded:
+        if plain:
             state.real[:, :T] = True
             state.bias[:, :T] = 0.0  # the rest stays -inf (allocate)
             state.positions = torch.full((B,), T, dtype=torch.long, device=embeds.device)

@@ -216,13 +216,14 @@ def splice_visual_tokens(
     return embeds.masked_scatter(is_image[..., None], features)
 
 
-def prompt_embeds(model: Any, batch: Any) -> tuple[Tensor, Tensor]:
+def prompt_embeds(model: Any, batch: Any, embed: Any = None) -> tuple[Any, Tensor]:
     """A left-padded prompt batch (processor `Batch` or dict) -> the decoder's input embeddings
-    (B, T, C) by the family's `embed_inputs(input_ids, pixel_values, image_sample_index)`, and
-    the attention mask (B, T), on the decoder's device (pixels in its dtype)."""
+    (B, T, C) by the family's `embed_inputs(input_ids, pixel_values, image_sample_index)` (or
+    whatever `embed`, taking the same, returns), and the attention mask (B, T), on the
+    decoder's device (pixels in its dtype)."""
     weight = model.language_model.lm_head.weight
     with torch.inference_mode():
-        embeds = model.embed_inputs(
+        embeds = (embed or model.embed_inputs)(
             batch_field(batch, "input_ids").to(weight.device),
             batch_field(batch, "pixel_values").to(weight.device, weight.dtype),
             batch_field(batch, "image_sample_index").to(weight.device),

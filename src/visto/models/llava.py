@@ -314,14 +314,8 @@ class Llava(ConversationFamily, nn.Module):
         generated (the prompt's last `<|assistant|>`) may copy (`output_logits` mixes it in)."""
         if self.pointer is None:
             return prompt_embeds(self, batch)
-        weight = self.language_model.lm_head.weight
-        input_ids = batch_field(batch, "input_ids").to(weight.device)
-        with torch.inference_mode():
-            embeds, copies = self.embed_with_copies(
-                input_ids, batch_field(batch, "pixel_values").to(weight.device, weight.dtype),
-                batch_field(batch, "image_sample_index").to(weight.device),
-            )  # fmt: skip
-        mask = batch_field(batch, "attention_mask").to(weight.device)
+        (embeds, copies), mask = prompt_embeds(self, batch, self.embed_with_copies)
+        input_ids = batch_field(batch, "input_ids").to(mask.device)
         return DecoderInputs(embeds, mask, context=self._last_answer_slots(input_ids, copies))
 
     def _last_answer_slots(self, input_ids: Tensor, copies: CopySlots | None) -> CopySlots:
@@ -332,9 +326,7 @@ class Llava(ConversationFamily, nn.Module):
             K = self.pointer.slots
             return CopySlots(torch.zeros(B, K, 1, dtype=torch.long, device=device),
                              torch.zeros(B, K, 1, device=device), input_ids[:, -1])  # fmt: skip
-        rows, _ = (input_ids == self.multi_modal_projector.focus.assistant_id).nonzero(as_tuple=True)
-        last = torch.full((B,), -1, dtype=torch.long, device=device)
-        last = last.scatter_reduce(0, rows, torch.arange(len(rows), device=device), "amax")
+        last = answer_of_position(input_ids, self.multi_modal_projector.focus.assistant_id)[:, -1]
         picked = copies[last.clamp(min=0)]
         return CopySlots(picked.ids, picked.weights * (last >= 0)[:, None, None], input_ids[:, -1])
 
