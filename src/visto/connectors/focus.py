@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visto.connectors.named import AttributeWords, match, names_any, relation_holds
 from visto.connectors.pointer import CopySlots, copy_runs
 
 COUNT_BINS = 10  # the world has at most 9 objects
@@ -81,13 +82,20 @@ class Objects(NamedTuple):
     count_tags: Tensor | None = None
     # (N_img, S, 4) the ids of its box's 4 location tokens (what the pointer copies); None: none
     box_ids: Tensor | None = None
+    # (N_img, S, connectors.named.VALUES) its predicted shape, colour and size probabilities
+    attributes: Tensor | None = None
 
 
 class QuestionFocus(nn.Module):
     """Per answer, the objects its question names, pooled into one added input vector."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, named: bool = False) -> None:
         super().__init__()
+        # With `named`, the words a question names pick, count and relate the objects by
+        # their predicted attributes (connectors.named); the cosine scores stay where a
+        # question names none.
+        self.named = named
+        self.words: AttributeWords | None = None  # set_vocabulary
         # The scores' settings are fixed (buffers: the scores take no gradient, see the module
         # doc); checkpoints keep them under the same names as when they were parameters.
         self.register_buffer("query", torch.eye(width))
@@ -105,6 +113,8 @@ class QuestionFocus(nn.Module):
         self.side_out = nn.Parameter(torch.zeros(len(SIDE_RAMPS), width, width))
         self.relation = nn.Parameter(torch.zeros(RELATION_FEATURES, width))
         self.objects = nn.Parameter(torch.zeros(COUNT_BINS, width))
+        # Whether the relation a question names holds between its two named objects (yes, no)
+        self.relate = nn.Parameter(torch.zeros(2, width))
         # The word embeddings the scores read (`lookup_embedding`): the decoder's own, as they
         # were when the focus first ran, then fixed (saved with the model).
         self.register_buffer("lookup", torch.zeros(0, width))
@@ -116,7 +126,7 @@ class QuestionFocus(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Checkpoints saved before the relation and object-count maps: those maps start at
         # zero, so a missing one is exactly a fresh one.
-        for name in ("relation", "objects"):
+        for name in ("relation", "objects", "relate"):
             state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
         # The lookup table is as large as the vocabulary it was taken from (empty: not yet
         # taken; missing in older checkpoints: taken on first use).
@@ -151,6 +161,8 @@ class QuestionFocus(nn.Module):
                    tokenizer.im_start_id, tokenizer.im_end_id, tokenizer.im_newline_id,
                    tokenizer.end_id, *tokenizer.role_ids.values()]  # fmt: skip
         self.first_text_id = max(special) + 1
+        if self.named:
+            self.words = AttributeWords(tokenizer)
 
     def spans(
         self, input_ids: Tensor, segment_ids: Tensor | None = None
@@ -186,11 +198,13 @@ class QuestionFocus(nn.Module):
         return rows, cols, question
 
     def head_questions(
-        self, input_ids: Tensor, embed: nn.Embedding, segment_ids: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        self, input_ids: Tensor, embed: nn.Embedding, segment_ids: Tensor | None = None,
+        spans: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
         """`questions`, plus each side head's question (H, P, D): the same words weighted by
-        softmax(side_words . word + side_ramp * place), place running 0..1 over the question."""
-        rows, cols, at, real = self.spans(input_ids, segment_ids)
+        softmax(side_words . word + side_ramp * place), place running 0..1 over the question.
+        `spans`: `self.spans(input_ids, segment_ids)`, when the caller has it."""
+        rows, cols, at, real = spans if spans is not None else self.spans(input_ids, segment_ids)
         words = self.lookup_embedding(embed)(input_ids[rows[:, None], at])  # (P, L, D)
         realf = real.to(words.dtype)
         mean = (words * realf[..., None]).sum(1) / realf.sum(1).clamp(min=1)[:, None]
@@ -241,7 +255,8 @@ class QuestionFocus(nn.Module):
         the read slots the read token (`read`'s third tensor: the ids (N_img, slots - 4))."""
         B, T = input_ids.shape
         out = objects.tokens.new_zeros(B, T, objects.tokens.shape[-1])
-        rows, cols, question, side = self.head_questions(input_ids, embed, segment_ids)
+        spans = self.spans(input_ids, segment_ids)
+        rows, cols, question, side = self.head_questions(input_ids, embed, segment_ids, spans)
         if rows.numel() == 0:
             return out, self._copies(0, None, None, None, None, out.device)
         rowed = per_row(objects, image_sample_index, B)  # (B, M, ...)
@@ -256,6 +271,12 @@ class QuestionFocus(nn.Module):
             matches = (torch.sigmoid(self.scores(question, count_tags) - scale * self.threshold) * present).sum(-1)
             best = (score / scale).masked_fill(~present, 0).max(-1).values  # (P,) cosine
             side_weights = [self.attention(side[h], tags, present) for h in range(len(SIDE_RAMPS))]
+            holds = None
+            if self.words is not None and rowed.attributes is not None:
+                weight, side_weights, matches, holds = self._by_named_words(
+                    input_ids[rows[:, None], spans[2]], spans[3], rowed.attributes[rows], rowed.boxes[rows],
+                    present, weight, side_weights,
+                )  # fmt: skip
         value = torch.einsum("pm,pmd->pd", weight, tokens)  # (P, D)
         focus = (
             value @ self.out
@@ -269,6 +290,8 @@ class QuestionFocus(nn.Module):
             centres.append((side_box[:, :2] + side_box[:, 2:]) / 2)
         offset = centres[0] - centres[-1]  # (P, 2): the first-named object from the last-named
         focus = focus + torch.cat([offset, torch.tanh(8 * offset)], -1) @ self.relation
+        if holds is not None:
+            focus = focus + torch.stack([holds, 1 - holds], -1) * (holds >= 0)[:, None] @ self.relate
         focus = focus + soft_histogram(present.sum(-1).to(score.dtype), COUNT_BINS, 1.0) @ self.objects
         out = out.index_put((rows, cols), focus.to(out.dtype))
         if not self.slots:
@@ -298,6 +321,37 @@ class QuestionFocus(nn.Module):
         )
         ids = read_ids[0] if read_ids else None
         return out, self._copies(len(rows), weight, box_ids, ids, filled, out.device)
+
+    def _by_named_words(
+        self, question_ids: Tensor, real: Tensor, attributes: Tensor, boxes: Tensor, present: Tensor,
+        weight: Tensor, side_weights: list[Tensor],
+    ) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:  # fmt: skip
+        """The focus by the attribute words each question names (connectors.named): the
+        question's ids (P, L), which are real words (P, L), the objects' attribute
+        probabilities (P, M, VALUES), boxes (P, M, 4), present (P, M), and the cosine weights
+        (P, M) and side weights it replaces where a question names something -> (the object
+        weights, the side weights [subject, object], the count (P,), whether the named
+        relation holds (P,), -1 where none is named)."""
+        named = self.words.named(question_ids, real.to(torch.float32))
+        presentf = present.to(attributes.dtype)
+        subject = match(named.first.to(attributes.dtype), attributes) * presentf  # (P, M)
+        other = match(named.last.to(attributes.dtype), attributes) * presentf
+        count = subject.sum(-1)  # nothing named: every present object
+
+        def where_named(phrase: Tensor, found: Tensor, fallback: Tensor) -> Tensor:
+            use = names_any(phrase) & (found.sum(-1) > 0.5)  # named, and some object has it
+            return torch.where(use[:, None], found / found.sum(-1, keepdim=True).clamp(min=1e-6), fallback)
+
+        weight = where_named(named.first, subject, weight)
+        sides = [where_named(named.first, subject, side_weights[0]), where_named(named.last, other, side_weights[-1])]
+
+        def centre(w: Tensor) -> Tensor:
+            box = torch.einsum("pm,pmj->pj", w, boxes)
+            return (box[:, :2] + box[:, 2:]) / 2
+
+        holds = relation_holds(named.relation.to(attributes.dtype), centre(sides[0]) - centre(sides[1]))
+        holds = torch.where(named.relation.sum(-1) > 0, holds, torch.full_like(holds, -1.0))
+        return weight, sides, count, holds
 
     def _copies(
         self, answers: int, weight: Tensor | None, box_ids: Tensor | None,

@@ -56,6 +56,13 @@ class ProjectorConfig:
     # regions with focus slots only: answers copy the slots' tokens through a pointer head
     # beside the LM head (connectors.pointer: M4C's dynamic pointer), not through attention
     pointer: bool = False
+    # regions only: a detected centre whose box overlaps a more confident one's by more than
+    # this IoU is dropped as the same object found twice (greedy NMS); 0 = off
+    box_nms: float = 0.0
+    # regions with focus only: the focus reads which attribute words a question names and
+    # matches them against each object's predicted attributes (connectors.named: filter,
+    # count, relate), instead of the cosine of the question's mean embedding alone
+    named: bool = False
     act: str = "gelu"  # mlp only: "gelu" (exact, erf) as transformers' projector_hidden_act
     bias: bool = True
     # LayerNorm on each vision feature before the projection (InternVL's projector does
@@ -76,6 +83,10 @@ class ProjectorConfig:
             raise UserError("projector read_slots must be >= 0, and needs focus (they are <focus> slots)")
         if self.pointer and not self.focus:
             raise UserError("projector pointer needs focus (it copies the <focus> slots' tokens)")
+        if self.named and not self.focus:
+            raise UserError("projector named needs focus (it is how the focus reads the question)")
+        if not 0 <= self.box_nms < 1:
+            raise UserError(f"projector box_nms is an IoU in [0, 1) (0 = off), got {self.box_nms}")
         if self.text_slots < 0 or self.text_tokens < 1:
             raise UserError("projector text_slots must be >= 0 and text_tokens >= 1")
         if self.scale_factor < 1 or (self.hidden_dim is not None and self.hidden_dim < 1):
@@ -161,7 +172,7 @@ def build_projector(cfg: ProjectorConfig, input_dim: int, output_dim: int) -> nn
         module: nn.Module = RegionConnector(
             input_dim, output_dim, cfg.slots, box_tokens=cfg.box_tokens,
             text_slots=cfg.text_slots, text_tokens=cfg.text_tokens, focus=cfg.focus,
-            read_slots=cfg.read_slots, pointer=cfg.pointer,
+            read_slots=cfg.read_slots, pointer=cfg.pointer, box_nms=cfg.box_nms, named=cfg.named,
         )  # fmt: skip
     else:
         kinds = {"linear": LinearProjector, "mlp": MLPProjector, "pixel_shuffle": PixelShuffleProjector}

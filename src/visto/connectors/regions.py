@@ -111,10 +111,11 @@ class RegionConnector(nn.Module):
     def __init__(
         self, input_dim: int, output_dim: int, slots: int, box_tokens: bool = False,
         text_slots: int = 0, text_tokens: int = 6, focus: bool = False, read_slots: int = 0,
-        pointer: bool = False,
+        pointer: bool = False, box_nms: float = 0.0, named: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.slots = slots
+        self.box_nms = box_nms
         self.box_tokens = box_tokens
         self.text_slots, self.text_tokens = text_slots, text_tokens
         self.read_slots = read_slots
@@ -135,7 +136,7 @@ class RegionConnector(nn.Module):
         # (attribute kind -> padded ids (n_values, L) and their mask), from the tokenizer
         self.vocabulary: dict[str, tuple[Tensor, Tensor]] = {}
         self.loc_ids: Tensor | None = None  # (loc_bins,) ids of <loc_0> .. <loc_{bins-1}>
-        self.focus = QuestionFocus(output_dim) if focus else None
+        self.focus = QuestionFocus(output_dim, named=named) if focus else None
         # Answers copy what the focus's `<focus>` slots hold (connectors.pointer): the box's 4
         # location tokens and the read tokens. It reads the decoder's last hidden state, whose
         # width is this connector's output width.
@@ -196,11 +197,18 @@ class RegionConnector(nn.Module):
 
     def select(self, heads: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(patch index (B, slots), present (B, slots)): the most confident centres, in raster
-        order (top-left first), real objects before empty slots."""
+        order (top-left first), real objects before empty slots. With `box_nms`, a centre whose
+        box overlaps a more confident centre's box by more than that IoU is the same object
+        seen from a neighbouring patch, and is dropped (greedy NMS): on n0's detector, 200 test
+        images, the object count was exact for 0.86 of images without it and 0.945 with it at
+        0.3 (18 of the 28 misses were one object found twice; bench/README.md, "Named words")."""
         score = heads["centre"]  # (B, N) logits
         k = min(self.slots, score.shape[1])
         top = score.topk(k, dim=1)
         present = top.values > 0  # sigmoid > 0.5
+        if self.box_nms > 0:
+            present = present & ~overlapped(heads["box"].gather(1, top.indices[..., None].expand(-1, -1, 4)),
+                                            present, self.box_nms)  # fmt: skip
         # Raster order among present ones; absent ones sort last.
         key = top.indices + (~present) * score.shape[1]
         order = key.argsort(dim=1)
@@ -303,15 +311,38 @@ class RegionConnector(nn.Module):
 
         tags = tags_in(embed, box_words)
         tokens = self.feature(at(features)) + tags + self.box(box_fourier(box))  # (B, S, D_lm)
+        attributes = torch.cat([p_shape, p_colour, p_size], -1)  # (B, S, 18): connectors.named's layout
         if self.focus is None:
-            return Objects(tokens, tags, box_words, box, present, None, box_ids)
+            return Objects(tokens, tags, box_words, box, present, None, box_ids, attributes)
         # What the focus scores: the same words in its fixed lookup table (focus.lookup_embedding),
         # and for counting the shape's plural too (added to the tags that pick one object, the
         # plural lowered those picks: bench/README.md, "Question focus").
         lookup = self.focus.lookup_embedding(embed)
         score_tags = tags_in(lookup, self.box_words(box, lookup))
         count_tags = score_tags + p_shape @ self.word_table(lookup, "plural")
-        return Objects(tokens, score_tags, box_words, box, present, count_tags, box_ids)
+        return Objects(tokens, score_tags, box_words, box, present, count_tags, box_ids, attributes)
 
 
-__all__ = ["CHARS", "COLOUR_NAMES", "DenseHeads", "RegionConnector", "SHAPE_NAMES", "SIZE_NAMES", "box_fourier"]
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """(B, K, 4) and (B, K, 4) boxes (x1, y1, x2, y2) -> (B, K, K) pairwise IoU."""
+    lo = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
+    hi = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
+    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
+    return inter / (area_a[:, :, None] + area_b[:, None, :] - inter).clamp(min=1e-9)
+
+
+def overlapped(boxes: Tensor, present: Tensor, threshold: float) -> Tensor:
+    """Greedy NMS over candidates sorted by confidence: (B, K, 4) boxes, (B, K) which are
+    candidates -> (B, K) bool: overlaps a kept, more confident candidate by more than
+    `threshold` IoU."""
+    iou = box_iou(boxes, boxes)  # (B, K, K)
+    dropped = torch.zeros_like(present)
+    for i in range(1, boxes.shape[1]):  # K <= slots: a short loop
+        kept_before = present[:, :i] & ~dropped[:, :i]
+        dropped[:, i] = (kept_before & (iou[:, i, :i] > threshold)).any(1)
+    return dropped
+
+
+__all__ = ["CHARS", "COLOUR_NAMES", "DenseHeads", "RegionConnector", "SHAPE_NAMES", "SIZE_NAMES", "box_fourier", "box_iou", "overlapped"]
