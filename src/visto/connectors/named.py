@@ -71,7 +71,7 @@ class AttributeWords:
                         values.append(offset + v)
             offset += len(names)
         self.ids = torch.tensor(ids, dtype=torch.long)  # (F,)
-        self.values = torch.nn.functional.one_hot(torch.tensor(values), VALUES).float()  # (F, VALUES)
+        self.values = torch.nn.functional.one_hot(torch.tensor(values, dtype=torch.long), VALUES).float()  # (F, VALUES)
         rel_ids, rel_values = [], []
         for r, word in enumerate(RELATIONS):
             for form in (" " + word, word):
@@ -80,7 +80,7 @@ class AttributeWords:
                     rel_ids.append(pieces[0])
                     rel_values.append(r)
         self.relation_ids = torch.tensor(rel_ids, dtype=torch.long)
-        self.relation_values = torch.nn.functional.one_hot(torch.tensor(rel_values), len(RELATIONS)).float()
+        self.relation_values = torch.nn.functional.one_hot(torch.tensor(rel_values, dtype=torch.long), len(RELATIONS)).float()
 
     def named(self, ids: Tensor, real: Tensor) -> Named:
         """Question token ids (P, L) and which are real words (P, L) -> `Named`."""
