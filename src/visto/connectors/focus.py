@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visto.connectors.named import AttributeWords, match, names_any, relation_holds
+from visto.connectors.named import AttributeWords, execute
 from visto.connectors.pointer import CopySlots, copy_runs
 
 COUNT_BINS = 10  # the world has at most 9 objects
@@ -326,32 +326,15 @@ class QuestionFocus(nn.Module):
         self, question_ids: Tensor, real: Tensor, attributes: Tensor, boxes: Tensor, present: Tensor,
         weight: Tensor, side_weights: list[Tensor],
     ) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:  # fmt: skip
-        """The focus by the attribute words each question names (connectors.named): the
-        question's ids (P, L), which are real words (P, L), the objects' attribute
-        probabilities (P, M, VALUES), boxes (P, M, 4), present (P, M), and the cosine weights
-        (P, M) and side weights it replaces where a question names something -> (the object
-        weights, the side weights [subject, object], the count (P,), whether the named
-        relation holds (P,), -1 where none is named)."""
+        """The focus by the attribute words each question names (connectors.named.execute):
+        (the object weights, the side weights [subject, object], the count (P,), whether the
+        named relation holds (P,), -1 where none is named); the cosine weights stay where a
+        question names nothing."""
         named = self.words.named(question_ids, real.to(torch.float32))
-        presentf = present.to(attributes.dtype)
-        subject = match(named.first.to(attributes.dtype), attributes) * presentf  # (P, M)
-        other = match(named.last.to(attributes.dtype), attributes) * presentf
-        count = subject.sum(-1)  # nothing named: every present object
+        sides = execute(named, attributes, boxes, present, side_weights[0], side_weights[-1])
+        weight = execute(named, attributes, boxes, present, weight, side_weights[-1]).subject
+        return weight, [sides.subject, sides.object], sides.count, sides.holds
 
-        def where_named(phrase: Tensor, found: Tensor, fallback: Tensor) -> Tensor:
-            use = names_any(phrase) & (found.sum(-1) > 0.5)  # named, and some object has it
-            return torch.where(use[:, None], found / found.sum(-1, keepdim=True).clamp(min=1e-6), fallback)
-
-        weight = where_named(named.first, subject, weight)
-        sides = [where_named(named.first, subject, side_weights[0]), where_named(named.last, other, side_weights[-1])]
-
-        def centre(w: Tensor) -> Tensor:
-            box = torch.einsum("pm,pmj->pj", w, boxes)
-            return (box[:, :2] + box[:, 2:]) / 2
-
-        holds = relation_holds(named.relation.to(attributes.dtype), centre(sides[0]) - centre(sides[1]))
-        holds = torch.where(named.relation.sum(-1) > 0, holds, torch.full_like(holds, -1.0))
-        return weight, sides, count, holds
 
     def _copies(
         self, answers: int, weight: Tensor | None, box_ids: Tensor | None,

@@ -128,4 +128,43 @@ def relation_holds(relation: Tensor, offset: Tensor, sharpness: float = 20.0) ->
     return (relation * torch.sigmoid(sharpness * sign)).sum(-1).clamp(max=1)
 
 
-__all__ = ["AttributeWords", "KINDS", "Named", "RELATIONS", "VALUES", "match", "names_any", "relation_holds"]
+class Executed(NamedTuple):
+    """A question run on one image's objects (`execute`): weights over the objects (P, M) of
+    its subject and of a relation's object, the count of its subject (P,), and whether the
+    named relation holds (P,) in 0..1 (-1 where it names no relation)."""
+
+    subject: Tensor
+    object: Tensor
+    count: Tensor
+    holds: Tensor
+
+
+def execute(
+    named: Named, attributes: Tensor, boxes: Tensor, present: Tensor,
+    subject_fallback: Tensor, object_fallback: Tensor,
+) -> Executed:  # fmt: skip
+    """Filter, count and relate: what P questions name (`Named`), their objects' attribute
+    probabilities (P, M, VALUES), boxes (P, M, 4) and which are present (P, M) -> `Executed`.
+    A phrase that names nothing, or that no object has, keeps its fallback weights (P, M)."""
+    dtype = attributes.dtype
+    presentf = present.to(dtype)
+    subject = match(named.first.to(dtype), attributes) * presentf  # (P, M)
+    other = match(named.last.to(dtype), attributes) * presentf
+
+    def where_named(phrase: Tensor, found: Tensor, fallback: Tensor) -> Tensor:
+        use = names_any(phrase) & (found.sum(-1) > 0.5)  # named, and some object has it
+        return torch.where(use[:, None], found / found.sum(-1, keepdim=True).clamp(min=1e-6), fallback)
+
+    subject_weight = where_named(named.first, subject, subject_fallback)
+    object_weight = where_named(named.last, other, object_fallback)
+
+    def centre(w: Tensor) -> Tensor:
+        box = torch.einsum("pm,pmj->pj", w, boxes.to(w.dtype))
+        return (box[:, :2] + box[:, 2:]) / 2
+
+    holds = relation_holds(named.relation.to(dtype), centre(subject_weight) - centre(object_weight))
+    holds = torch.where(named.relation.sum(-1) > 0, holds, torch.full_like(holds, -1.0))
+    return Executed(subject_weight, object_weight, subject.sum(-1), holds)
+
+
+__all__ = ["AttributeWords", "Executed", "KINDS", "Named", "RELATIONS", "VALUES", "execute", "match", "names_any", "relation_holds"]
