@@ -2,7 +2,10 @@
 between calls, and a call that runs past its timeout, or that kills it, costs that call only:
 the process is killed and the next call runs on a fresh one. End to end with the OCR expert: an
 OCR process stuck in the engine (a page too long to read in time, or a call that sleeps holding
-the engine's lock) is killed, and the next OCR call reads the label right.
+the engine's lock) is killed, and the next OCR call reads the label right. And with the segment
+and detect experts (a clipseg checkpoint, loaded by path in their process): the masks, boxes,
+scores and PNGs equal those of the caller's own process, and a segment call killed at its
+timeout leaves the next call answering right.
 
 The tools below are this module's functions, so that their process can import them by name."""
 
@@ -14,11 +17,14 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from test_serve_support import make_clipseg_checkpoint
 from test_tools import photo_label
 from visto.errors import UserError
 from visto.tools import Tool, ToolRegistry, default_registry
@@ -73,6 +79,26 @@ def hang_in_ocr(image: Image.Image, seconds: float) -> dict:
     with ocr._engine_lock:
         time.sleep(seconds)
     return {}
+
+
+def hang_in_clipseg(image: Image.Image, seconds: float) -> dict:
+    """A segment or detect call that hangs: it holds the models' lock, as a stuck call does."""
+    from visto.tools import clipseg
+
+    with clipseg._lock:
+        time.sleep(seconds)
+    return {}
+
+
+def loaded(image: Image.Image) -> dict:
+    """The checkpoints its process holds."""
+    from visto.tools import clipseg
+
+    return {"loaded": sorted(clipseg._models)}
+
+
+def threads(image: Image.Image, path: str) -> dict:
+    return {"threads": torch.get_num_threads(), "path": path}
 
 
 def alive(pid_: int) -> bool:
@@ -269,3 +295,134 @@ def test_a_hung_ocr_call_is_killed_and_the_next_ocr_call_reads_the_label() -> No
     started = time.monotonic()
     assert tools.run("ocr", '{"detail": "text"}', label).output == {"text": expected["text"]}
     assert time.monotonic() - started < 30
+
+
+def scene(size=(160, 120)) -> Image.Image:
+    image = Image.new("RGB", size, (245, 240, 230))
+    draw = ImageDraw.Draw(image)
+    draw.polygon([(40, 15), (52, 50), (20, 30), (60, 30), (28, 50)], fill=(210, 40, 40))
+    draw.ellipse((90, 60, 140, 110), fill=(40, 60, 200))
+    return image
+
+
+@pytest.fixture(scope="module")
+def seg_checkpoint(tmp_path_factory) -> Path:
+    """A tiny clipseg (visto.models.clipseg) saved as a checkpoint: random heads, masks about
+    30% of the scene whatever the prompt, boxes and scores from its random detection head."""
+    return make_clipseg_checkpoint(tmp_path_factory.mktemp("clipseg") / "checkpoint", scene())
+
+
+def in_callers_process(tools: ToolRegistry, process: str | None = None) -> ToolRegistry:
+    """The same tools, run in a thread of this process (the way they ran before), or in the
+    tool process `process` (one of this test's own, which no other test's calls reach)."""
+    return ToolRegistry(replace(tools.get(name), process=process) for name in tools.names)
+
+
+CALLS = [("segment", {"prompt": "the red star"}), ("segment", {"prompt": "all circles"}),
+         ("detect", {"query": "red star"}), ("detect", {"query": "blue circle"})]  # fmt: skip
+
+
+def test_segment_and_detect_answer_from_their_process_as_in_the_callers(seg_checkpoint) -> None:
+    from visto.tools import clipseg, load_tools
+
+    tools = load_tools(f"segment={seg_checkpoint},detect={seg_checkpoint}")
+    assert {tools.get(n).process for n in tools.names} == {clipseg.PROCESS}
+    tools = in_callers_process(tools, "test-clipseg")
+    probe = in_process("test-clipseg", (pid, 60), (loaded, 60))
+    clipseg._models.pop(str(seg_checkpoint), None)
+    images = [scene(), scene((333, 201)).convert("P"), scene((64, 64)).convert("L")]
+    there = [tools.run(name, args, image) for image in images for name, args in CALLS]
+    worker = probe.run("pid", "{}", images[0]).output["pid"]
+    assert worker != os.getpid()
+    # both tools ran in that one process, on one copy of the checkpoint, loaded by its path;
+    # this process loaded none
+    assert probe.run("loaded", "{}", images[0]).output == {"loaded": [str(seg_checkpoint)]}
+    assert str(seg_checkpoint) not in clipseg._models
+    here = [in_callers_process(tools).run(name, args, image)
+            for image in images for name, args in CALLS]  # fmt: skip
+    assert str(seg_checkpoint) in clipseg._models
+    for a, b in zip(there, here, strict=True):
+        assert a.ok and b.ok, (a.output, b.output)
+        assert a.output == b.output and a.files == b.files  # masks, boxes, scores, PNG bytes
+    assert any(r.output.get("found") for r in there[:2])
+    assert any(r.output.get("objects") for r in there)
+    assert probe.run("pid", "{}", images[0]).output["pid"] == worker  # kept between calls
+
+    # the process computes with the torch threads of the caller at each call
+    counted = ToolRegistry([Tool("threads", "", clipseg.OnCheckpoint(threads, "/some/ckpt"),
+                                 process="test-clipseg")])  # fmt: skip
+    before = torch.get_num_threads()
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            assert counted.run("threads", "{}", images[0]).output == {"threads": n,
+                                                                       "path": "/some/ckpt"}  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_missing_checkpoint_is_the_tool_result_error_it_was(tmp_path) -> None:
+    from visto.tools.clipseg import segment_tool
+
+    tool = segment_tool(str(tmp_path / "none"))  # not checked until called, as before
+    there = ToolRegistry([tool]).run("segment", {"prompt": "x"}, scene())
+    here = in_callers_process(ToolRegistry([tool])).run("segment", {"prompt": "x"}, scene())
+    assert not there.ok and there.output == here.output
+    assert there.output["error"].startswith("the segment and detect tools read a clipseg "
+                                            f"checkpoint; there is none at {tmp_path / 'none'}")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_segment_call_past_its_timeout_is_killed_and_the_next_call_answers_right(
+    seg_checkpoint,
+) -> None:
+    """Before: segment and detect ran in a thread, which no timeout stops: a call that hung
+    holding the models' lock made every later call wait on it and time out too."""
+    from visto.tools import clipseg, load_tools
+
+    tools = in_callers_process(load_tools(f"segment={seg_checkpoint},detect={seg_checkpoint}"),
+                               "test-clipseg-hang")  # fmt: skip
+    impatient = ToolRegistry([replace(tools.get("segment"), timeout_s=0.01)])
+    probe = in_process("test-clipseg-hang", (pid, 60), (hang_in_clipseg, 0.5))
+    small, big = scene(), scene((2400, 1800))
+    local = in_callers_process(tools)
+    expected = {(name, str(args)): local.run(name, args, small) for name, args in CALLS}
+    started = time.monotonic()
+    assert local.run("segment", {"prompt": "the red star"}, big).ok
+    assert time.monotonic() - started > 0.1  # the call below is cut short inside the model
+
+    def answers_right() -> None:
+        for name, args in CALLS:
+            result = tools.run(name, args, small)
+            want = expected[(name, str(args))]
+            assert (result.output, result.files) == (want.output, want.files)
+
+    answers_right()
+    first = probe.run("pid", "{}", small).output["pid"]
+    # a real segment call, on the warm process, past a timeout of 0.01 s
+    started = time.monotonic()
+    result = impatient.run("segment", {"prompt": "the red star"}, big)
+    assert result.output == {"error": "the tool took longer than its 0.01 s"}
+    assert time.monotonic() - started < 1 and not alive(first)
+    answers_right()  # a fresh process, which loaded the checkpoint again
+    second = probe.run("pid", "{}", small).output["pid"]
+    assert second != first
+
+    # ... and on a process still starting (the first call of a fresh one)
+    assert not probe.run("hang_in_clipseg", '{"seconds": 600}', small).ok
+    assert not alive(second)
+    assert impatient.run("segment", {"prompt": "x"}, small).output == {
+        "error": "the tool took longer than its 0.01 s"
+    }
+    answers_right()
+
+    # the way it was: a hung call in a thread holds this process's lock past its timeout ...
+    hung = in_callers_process(in_process("test-clipseg-hang", (hang_in_clipseg, 0.5)))
+    assert not hung.run("hang_in_clipseg", '{"seconds": 3}', small).ok
+    slow_local = ToolRegistry([replace(local.get("segment"), timeout_s=1)])
+    assert slow_local.run("segment", {"prompt": "x"}, small).output == {
+        "error": "the tool took longer than its 1 s"
+    }
+    answers_right()  # ... while the tool process answers on
+    with clipseg._lock:  # the hung thread is done with it
+        pass

@@ -28,7 +28,8 @@ from visto.tools.registry import (
 
 def default_registry() -> ToolRegistry:
     """The built-in experts: `ocr` (PP-OCRv4, offline), `segment` and `detect` (a clipseg
-    checkpoint at visto.tools.clipseg.DEFAULT_CHECKPOINT, loaded on the first call)."""
+    checkpoint at visto.tools.clipseg.DEFAULT_CHECKPOINT, loaded on the first call). Each runs
+    in a tool process of its own (Tool.process: "ocr", "clipseg"), killed at a call's timeout."""
     from visto.tools.clipseg import detect_tool, segment_tool
     from visto.tools.ocr import ocr_tool
 

@@ -12,13 +12,24 @@
          with files {"boxes.png": the boxes drawn on the image}
 
 The model reads the JSON; the PNGs travel beside it (visto.tools.ToolOutput), for the user.
-One checkpoint path is loaded once, on the first call, and shared by both tools.
+
+Both tools run in one tool process, "clipseg" (visto.tools.registry, Tool.process): started on
+the first call, it loads each checkpoint it is asked about once, by its path, and keeps it, so
+segment and detect over one checkpoint share one copy and the caller holds none. A call past
+its tool's timeout has the process killed, model and all; the next call starts a fresh one,
+which loads the checkpoint again. What comes back is what the same call returns in the
+caller's process (OnCheckpoint: the process computes with the caller's torch threads).
+`segment_tool(path, process=None)` runs in a thread of the caller's instead, and
+`segment_image` / `detect_objects` in the caller's own.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +46,11 @@ DEFAULT_CHECKPOINT = (
     "runs/clipseg-synth/checkpoint"  # where `visto train --recipe clipseg-synth` writes
 )
 EXPERT_TOOLS = ("segment", "detect")
+PROCESS = "clipseg"  # the tool process both tools run in (module doc)
 MIN_SCORE = 0.3  # detections below this are left out
 MASK_COLOUR = (230, 30, 200)
 
-_models: dict[str, Any] = {}
+_models: dict[str, Any] = {}  # path -> model, in the process that calls (a tool process's own)
 _lock = threading.Lock()  # one load per checkpoint, one image at a time through a model
 
 
@@ -106,50 +118,79 @@ def detect_objects(image: Image.Image, query: str, path: str = DEFAULT_CHECKPOIN
     return out
 
 
-def segment_tool(path: str = DEFAULT_CHECKPOINT) -> Tool:
-    def run(image: Image.Image, prompt: str) -> ToolOutput:
-        mask = segment_image(image, prompt, path)
-        out: dict[str, Any] = {"prompt": prompt, "found": bool(mask.any()),
-                               "pixels": int(mask.sum()), "fraction": round(float(mask.mean()), 4)}  # fmt: skip
-        if mask.any():
-            ys, xs = np.nonzero(mask)
-            pixels = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-            out.update(box=pixels_to_norm(pixels, image.size), box_pixels=pixels)
-        files = {"mask.png": png(Image.fromarray(mask.astype(np.uint8) * 255, "L")),
-                 "overlay.png": png(draw_mask(image, mask))}  # fmt: skip
-        return ToolOutput(out, files)
+def run_segment(image: Image.Image, prompt: str, path: str = DEFAULT_CHECKPOINT) -> ToolOutput:
+    """The segment tool: the mask of what `prompt` names, as JSON and PNGs."""
+    mask = segment_image(image, prompt, path)
+    out: dict[str, Any] = {"prompt": prompt, "found": bool(mask.any()),
+                           "pixels": int(mask.sum()), "fraction": round(float(mask.mean()), 4)}  # fmt: skip
+    if mask.any():
+        ys, xs = np.nonzero(mask)
+        pixels = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+        out.update(box=pixels_to_norm(pixels, image.size), box_pixels=pixels)
+    files = {"mask.png": png(Image.fromarray(mask.astype(np.uint8) * 255, "L")),
+             "overlay.png": png(draw_mask(image, mask))}  # fmt: skip
+    return ToolOutput(out, files)
 
+
+def run_detect(image: Image.Image, query: str, path: str = DEFAULT_CHECKPOINT) -> ToolOutput:
+    """The detect tool: the boxes of what `query` names, as JSON and a PNG."""
+    found = detect_objects(image, query, path)
+    drawn = draw_boxes(image, [o["box_pixels"] for o in found],
+                       [f"{query} {o['score']:.2f}" for o in found])  # fmt: skip
+    return ToolOutput({"query": query, "objects": found}, {"boxes.png": png(drawn)})
+
+
+@dataclass(frozen=True)
+class OnCheckpoint:
+    """A tool's `run` over a checkpoint: `fn(image, path=path, **arguments)`. It pickles as
+    `fn` (by name), `path` and the caller's torch thread count of that moment, so a tool process
+    loads the checkpoint itself (once: `_model` keeps it) and computes with the threads the
+    caller would have used; called where it was made, it leaves the threads alone."""
+
+    fn: Callable[..., Any]
+    path: str
+    threads: int | None = None
+
+    def __call__(self, image: Image.Image, **arguments: Any) -> Any:
+        if self.threads is not None and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        return self.fn(image, path=self.path, **arguments)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return OnCheckpoint, (self.fn, self.path, torch.get_num_threads())
+
+
+def segment_tool(path: str = DEFAULT_CHECKPOINT, process: str | None = PROCESS) -> Tool:
+    """The segment tool over the checkpoint at `path` (loaded on the first call), in the tool
+    process `process` (None: in a thread of the caller's, which loads its own copy)."""
     return Tool(
         name="segment",
         # short: it is in every prompt that offers the tool (data/tool_calls.py, OCR_DESCRIPTION)
         description="Mask what the prompt names, e.g. 'the red star', 'all circles', 'the text'.",
-        run=run,
+        run=OnCheckpoint(run_segment, os.path.abspath(path)),
         parameters={
             "type": "object",
             "properties": {"prompt": {"type": "string", "maxLength": 80}},
             "required": ["prompt"],
             "additionalProperties": False,
         },  # fmt: skip
+        process=process,
     )
 
 
-def detect_tool(path: str = DEFAULT_CHECKPOINT) -> Tool:
-    def run(image: Image.Image, query: str) -> ToolOutput:
-        found = detect_objects(image, query, path)
-        drawn = draw_boxes(image, [o["box_pixels"] for o in found],
-                           [f"{query} {o['score']:.2f}" for o in found])  # fmt: skip
-        return ToolOutput({"query": query, "objects": found}, {"boxes.png": png(drawn)})
-
+def detect_tool(path: str = DEFAULT_CHECKPOINT, process: str | None = PROCESS) -> Tool:
+    """The detect tool over the checkpoint at `path`, as segment_tool."""
     return Tool(
         name="detect",
         description="Box every object the query names, e.g. 'red star', best first.",
-        run=run,
+        run=OnCheckpoint(run_detect, os.path.abspath(path)),
         parameters={
             "type": "object",
             "properties": {"query": {"type": "string", "maxLength": 80}},
             "required": ["query"],
             "additionalProperties": False,
         },  # fmt: skip
+        process=process,
     )
 
 

@@ -22,6 +22,9 @@ spawned on its first call and kept for the next ones (a model loaded once); a ca
 timeout, or one that kills the process, stops it, and the next call starts a fresh one:
 
     Tool("ocr", ..., run=run_ocr, process="ocr")   # a hung engine call does not block the next
+
+A model such a process loads is loaded there by what `run` names, not sent: segment and detect
+(visto.tools.clipseg) send a small object holding their checkpoint's path (OnCheckpoint).
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ class Tool:
     # The name of a process to run in instead of a thread (module doc): for a tool whose calls
     # cannot be interrupted (native code) or hold a lock. Tools naming the same process share
     # it, one call at a time; `run` must then be a function a module defines (it is sent by
-    # name), and its arguments and result picklable.
+    # name) or an object that pickles (clipseg.OnCheckpoint), and its arguments and result
+    # picklable.
     process: str | None = None
 
     def openai(self) -> dict[str, Any]:
