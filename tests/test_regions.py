@@ -229,3 +229,32 @@ def test_a_tower_from_a_checkpoint_brings_its_object_detector(tokenizer_dir, tmp
     c.processor.image_tokens = 7
     with pytest.raises(UserError, match="OCR reader .* has none"):
         build_model("llava", c)
+
+
+def test_read_slots_take_the_towers_ocr_reader_too(tokenizer_dir, tmp_path):
+    """A recipe LLaVA whose focus reads text into `<focus>` slots (read_slots, as visto compare's
+    LLaVA) takes the OCR reader trained beside its tower, not a fresh one (it took only the
+    heads before, and read with random weights); a tower without a reader is a clear error."""
+    from visto.data.tokenizer import Tokenizer, with_focus_token
+    from visto.errors import UserError
+
+    focus_dir = tmp_path / "tok"
+    focus_dir.mkdir()
+    with_focus_token(Tokenizer.load(tokenizer_dir / "tokenizer.json")).save(focus_dir / "tokenizer.json")
+
+    def config(projector, image_tokens, focus_tokens=0, **kw):
+        c = LlavaConfig.preset("tiny", tokenizer_dir=str(focus_dir), projector=projector, **kw)
+        c.processor.image_tokens, c.processor.focus_tokens = image_tokens, focus_tokens
+        return c
+
+    donor = build_model("llava", config(ProjectorConfig(kind="regions", slots=5, text_slots=1, text_tokens=2), 7),
+                        seed=1)  # fmt: skip
+    save_checkpoint(donor, tmp_path / "vision")
+    reading = ProjectorConfig(kind="regions", slots=5, focus=True, read_slots=3)
+    model = build_model("llava", config(reading, 5, 7, vision_init=str(tmp_path / "vision")), seed=2)
+    for name, value in donor.multi_modal_projector.reader.state_dict().items():
+        assert torch.equal(model.multi_modal_projector.reader.state_dict()[name], value), name
+    save_checkpoint(build_model("llava", config(ProjectorConfig(kind="regions", slots=5), 5), seed=3),
+                    tmp_path / "no-reader")  # fmt: skip
+    with pytest.raises(UserError, match="read_slots 3 reads text with the OCR reader"):
+        build_model("llava", config(reading, 5, 7, vision_init=str(tmp_path / "no-reader")))

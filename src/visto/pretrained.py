@@ -220,12 +220,13 @@ def regions_projector(config: LlavaConfig, path: str | Path) -> nn.Module:
     # the decoder that follows stay what they were.
     detector = load_region_detector(path)
     projector.heads.load_state_dict(detector.heads.state_dict())
-    if config.projector.text_slots:
+    if config.projector.text_slots or config.projector.read_slots:
         if getattr(detector, "reader", None) is None:
+            setting = "text_slots" if config.projector.text_slots else "read_slots"
             raise UserError(
-                f"projector text_slots {config.projector.text_slots} reads text with the OCR reader "
-                f"trained beside its vision tower, and {path} has none; make a tower with one: "
-                "`visto quickstart --out DIR --text-slots 2 --until vision`, or set text_slots 0"
+                f"projector {setting} {getattr(config.projector, setting)} reads text with the OCR "
+                f"reader trained beside its vision tower, and {path} has none; make a tower with one: "
+                f"`visto quickstart --out DIR --until vision` (read slots are on by default), or set {setting} 0"
             )
         projector.reader.load_state_dict(detector.reader.state_dict())
     return projector
