@@ -87,6 +87,7 @@ class CompareConfig:
     size: int = 128  # image side (the recipes are written for 128 px)
     seed: int = 0
     vision_steps: int = 500  # the shared ViT's dense pretraining (once, not per family)
+    reader_steps: int = 1000  # the shared OCR reader's training, beside the ViT (once)
     credit_vision_time: bool = True  # a family without a tower gets that pretraining's compute
     eval_images: int = 50  # test and held-out images for the final evaluation
     eval_batch: int = 32
@@ -504,12 +505,12 @@ def shared_vision(cfg: CompareConfig, out: Path, console: Any) -> tuple[Path, Pa
 
     # Batch 64: the pace VISION_STEPS_PER_REFERENCE_MINUTE was measured at (the quickstart's
     # own default is 16 for four times the steps).
-    # focus=False: the tower's checkpoint carries the tokenizer every family reads, and the
-    # compare recipes' decoders are sized to the plain one (no <focus> token); so no read slots
-    # (and no OCR reader to train) either.
+    # The quickstart's connector settings (focus, 8 read slots): the tower's checkpoint then
+    # carries the OCR reader that LLaVA's and CogVLM's object tokens read with, and a tokenizer
+    # with the `<focus>` token that every family reads (their decoders are sized for it).
     qcfg = QuickstartConfig(n=cfg.n, size=cfg.size, seed=cfg.seed, workers=cfg.workers,
                             threads=cfg.threads, vision_steps=cfg.vision_steps, vision_batch=64,
-                            focus=False, read_slots=0)  # fmt: skip
+                            reader_steps=cfg.reader_steps)  # fmt: skip
     qcfg.validate()
     if cfg.data is not None:
         world_dir = Path(cfg.data)

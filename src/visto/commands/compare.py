@@ -61,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vision-steps", type=int, default=500,
                    help="dense pretraining steps of the shared ViT, once (default 500; minutes: "
                         "bench/README.md)")  # fmt: skip
+    p.add_argument("--reader-steps", type=int, default=1000,
+                   help="training steps of the shared OCR reader that LLaVA's and CogVLM's object "
+                        "tokens read text with, once, beside the ViT (default 1000)")  # fmt: skip
     p.add_argument("--no-credit", action="store_true",
                    help="do not give tower-less families the tower's pretraining time as steps")  # fmt: skip
     p.add_argument("--probe-images", type=int, default=8,
@@ -79,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = CompareConfig(
         families=[f.strip() for f in args.families.split(",") if f.strip()], steps=args.steps,
         minutes=args.minutes, data=args.data, n=args.n, seed=args.seed, vision_steps=args.vision_steps,
+        reader_steps=args.reader_steps,
         credit_vision_time=not args.no_credit, eval_images=args.eval_images, tasks=args.tasks,
         probe_images=args.probe_images, probe_points=args.probe_points, threads=args.threads,
     )  # fmt: skip

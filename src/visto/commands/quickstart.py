@@ -47,7 +47,10 @@ unchanged; --fresh redoes everything):
               of text the OCR reader read, as the decoder's own tokens (both measured
               worse at the default budget: bench/README.md, "Quickstart"). The question
               focus hands each answer the named object and, in <focus> slots, its box and
-              the text that was read, which a pointer head copies (--pointer): RUN/stage1
+              the text that was read, which a pointer head copies (--pointer); it also
+              runs the question's attribute words on the detected objects (--named:
+              filter, count, relate) and hands on the count and whether the relation
+              holds: RUN/stage1
   4. stage2   LLaVA stage 2 (recipe quickstart-stage2, mix "instruct+caption"): every question of
               an image (VQA, counting, grounding with box tokens, OCR, JSON) in one sample
               as independent turns, none of which can see another: RUN/stage2
