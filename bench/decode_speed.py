@@ -32,6 +32,14 @@ path (batch 1, after 20 unprofiled steps) instead of timing: where a step's time
 --repeats, families and variants alternated), at batch 1 and --batch, and for a conditioned
 family also without its decode conditioning (`bare`: Flamingo's gated blocks left out), so
 that the difference is what the blocks cost per step.
+
+    git show REV:src/visto/models/flamingo.py > /tmp/flamingo_before.py
+    .venv/bin/python bench/decode_speed.py --families llava,flamingo --step-split \
+        --against /tmp/flamingo_before.py --repeats 41
+
+`--against FILE` adds, for each family whose class FILE defines (a family's module from another
+tree), that code's model with the same config and weights as '<family> (<stem>)', alternated
+with the rest in every mode: before and after timed in one process under the same load.
 """
 
 from __future__ import annotations
@@ -64,6 +72,14 @@ def main() -> None:
         "--step-split",
         action="store_true",
         help="--families: decode step ms with / without conditioning",
+    )
+    p.add_argument(
+        "--against",
+        type=Path,
+        action="append",
+        default=[],
+        help="--families: a family's module file of another tree, timed beside today's (A/B); "
+        "repeat for several",
     )
     args = p.parse_args()
     if (args.model is None) == (args.families is None):
@@ -111,6 +127,61 @@ def checkpoint(args: argparse.Namespace) -> dict:
     return result
 
 
+def shared_tokenizer(world: Path, configs: dict[str, dict], out: Path) -> Path:
+    """One tokenizer for every family, as `visto compare` gives them the tower's: trained on the
+    world's texts at the recipes' vocabulary size, with the `<focus>` token when a recipe's
+    processor asks for focus slots (their decoders are sized for it). Written to `out`."""
+    from visto.data.processor import ProcessorConfig
+    from visto.data.tokenizer import with_focus_token
+    from visto.models.common import tokenizer_from_corpus
+
+    processors = {name: ProcessorConfig(**c.get("processor", {})) for name, c in configs.items()}
+    shapes = {(p.vocab_size, p.loc_bins) for p in processors.values()}
+    if len(shapes) > 1:
+        raise SystemExit(
+            f"the compare recipes' processors disagree on (vocab_size, loc_bins): {shapes}"
+        )
+    tokenizer = tokenizer_from_corpus(world, next(iter(processors.values())))
+    if any(p.focus_tokens for p in processors.values()):
+        tokenizer = with_focus_token(tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out / "tokenizer.json")
+    return out
+
+
+def against(path: Path, models: dict) -> dict:
+    """The models of `path`, a family's module file from another tree (`git show
+    REV:src/visto/models/flamingo.py > old.py`), loaded as a module of its own against today's
+    visto: each family whose class it defines, built from the same config with the same weights
+    and tokenizer, under the name '<family> (<file stem>)'. The variants then alternate with
+    the others, so before and after meet the same machine load (an A/B in one process)."""
+    import importlib.util
+    import sys
+
+    if not path.is_file():
+        raise SystemExit(f"--against {path}: no such file")
+    name = f"decode_speed_against_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    out = {}
+    for family, model in models.items():
+        cls = getattr(module, type(model).__name__, None)
+        if cls is None:
+            continue
+        other = cls(model.config).eval()
+        other.load_state_dict(model.state_dict())
+        other.processor = model.processor
+        out[f"{family} ({path.stem})"] = other
+    if not out:
+        raise SystemExit(
+            f"--against {path}: defines none of {sorted(type(m).__name__ for m in models.values())}"
+        )
+    return out
+
+
 def decode_macs(model) -> int:
     """Multiply-adds of the matmuls one decoded token runs (batch 1): the decoder's layers and
     head, and Flamingo's gated blocks less their keys/values of the images (computed at
@@ -148,11 +219,17 @@ def families(args: argparse.Namespace) -> dict:
     if world is None:
         world = Path(tmp.name) / "world"
         generate_world(WorldConfig(n=max(200, 20 * args.prompts), seed=0), world)
+    configs = {name: dict(load_recipe(f"compare-{name}").model.config) for name in names}
+    tokenizer_dir = shared_tokenizer(world, configs, Path(tmp.name) / "tokenizer")
     models = {}
-    for name in names:
-        config = dict(load_recipe(f"compare-{name}").model.config)
-        config.update(tokenizer_corpus=str(world), vision_init=None, tokenizer_dir=None)
+    for name, config in configs.items():
+        config.pop("vision_init", None)  # random towers (Fuyu has none: no such setting)
+        config.update(tokenizer_dir=str(tokenizer_dir), tokenizer_corpus=None)
         models[name] = build_model(name, config, seed=0).eval()
+    if args.against:
+        for path in args.against:
+            models.update(against(path, {n: models[n] for n in names}))
+        names = list(models)
     samples = probe_prompts(world, args.prompts, seed=0)[: args.prompts]
     prompts = [dataclasses.replace(s, turns=s.turns[:-1]) for s in samples]
     runs: dict[str, list[dict]] = {name: [] for name in names}
