@@ -214,8 +214,10 @@ def test_a_looking_model_loses_its_figures_blind_and_a_prior_does_not(test_sampl
     assert all(r["blind_image"] != r["id"].split("-")[0] for r in records)
     assert all("blind_prediction" in r and "blind_score" in r for r in records)
     # The same answers whatever the image (a prior): the blind twin scores the same.
+    # It answers by the sample's id, which no model sees: its answers are no function of the
+    # images and turns, so none is reused for the same image and question (reuse=False).
     prior = oracle_for(test_samples)  # answers by question id, never looks
-    metrics, _ = evaluate_generative(prior, test_samples, blind="swap")
+    metrics, _ = evaluate_generative(prior, test_samples, blind="swap", reuse=False)
     assert metrics["blind.vqa.overall"] == metrics["vqa.overall"] == 1.0
     blank, _ = evaluate_generative(looking_oracle(test_samples), test_samples, blind="blank")
     assert blank["blind.vqa.overall"] == 0.0  # nothing to read off a grey image

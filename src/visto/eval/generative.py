@@ -34,6 +34,7 @@ gains from looking (for `ocr.cer`, lower is better: there a negative gain is the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -129,6 +130,7 @@ def answer_boxes(text: str) -> list[list[int]]:
 
 
 def generate_all(generate: GenerateFn, prompts: Sequence[Sample], batch_size: int) -> list[str]:
+    """One answer per prompt, asked in batches of `batch_size` in the order given."""
     assert batch_size >= 1
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
@@ -139,6 +141,83 @@ def generate_all(generate: GenerateFn, prompts: Sequence[Sample], batch_size: in
         )
         out.extend(str(a) for a in answers)
     return out
+
+
+# Answers that run long: the engine's JSON budget (`tasks.runner.make_generate`: hundreds of
+# tokens), against a few tokens for every other answer.
+LONG_ANSWER_TASKS = ("json",)
+
+
+def batch_order(items: Sequence[Item]) -> list[list[int]]:
+    """The item indices in the groups and order they are asked in: the short answers, then
+    the long ones (LONG_ANSWER_TASKS), each group by task and question type (file order within
+    one). A batch decodes until its longest answer ends, its finished rows dropped as they end:
+    a JSON question among 63 one-word answers kept a batch decoding ~300 steps at one to three
+    rows. On n0's quickstart model the seeing pass took 35.4 CPU s in file order and 13.8 s in
+    these groups, the same answers (bench/README.md, "Quickstart wall clock"). The answers do
+    not depend on the order."""
+    order = sorted(range(len(items)), key=lambda k: (items[k].task, items[k].qtype or "", k))
+    short = [k for k in order if items[k].task not in LONG_ANSWER_TASKS]
+    long = [k for k in order if items[k].task in LONG_ANSWER_TASKS]
+    return [group for group in (short, long) if group]
+
+
+def generate_grouped(generate: GenerateFn, prompts: Sequence[Sample], groups: Sequence[Sequence[int]],
+                     batch_size: int) -> dict[int, str]:  # fmt: skip
+    """`generate_all` over each group of prompt indices in turn (`batch_order`; a batch never
+    spans two groups): prompt index -> answer, for the indices in `groups`."""
+    out: dict[int, str] = {}
+    for group in groups:
+        answers = generate_all(generate, [prompts[k] for k in group], batch_size)
+        out.update(zip(group, answers, strict=True))
+    return out
+
+
+class Answered:
+    """The answers an evaluation has generated, by what a model's answer depends on: the
+    images it is shown (their pixels) and the turns (`key`); a sample's id and truth do not
+    reach the model. The blind twin shows every image in place of another one, so each of its
+    questions that the shown image was itself asked (the JSON, classify and OCR questions,
+    and the VQA questions the two images share) is a prompt already answered: greedy decoding
+    answers it the same, and it is not asked again. An evaluation whose `generate` is not a
+    function of images and turns (sampling, an oracle by sample id) passes `reuse=False`."""
+
+    def __init__(self) -> None:
+        self.answers: dict[tuple, str] = {}
+        self._pixels: dict[int, bytes] = {}  # id(image) -> digest, for the images of this run
+        self._held: list[Any] = []  # keeps those images alive, so no id is reused
+
+    def key(self, sample: Sample, kind: str) -> tuple:
+        """(kind: which generate function, the images' digests, the turns)."""
+        digests = []
+        for image in sample.images:
+            digest = self._pixels.get(id(image))
+            if digest is None:
+                h = hashlib.blake2b(digest_size=16)
+                h.update(f"{image.mode}/{image.size}".encode())
+                h.update(image.tobytes())
+                digest = self._pixels[id(image)] = h.digest()
+                self._held.append(image)
+            digests.append(digest)
+        return (kind, tuple(digests), tuple((t.role, t.content) for t in sample.turns))
+
+    def ask(self, generate: GenerateFn, prompts: Sequence[Sample], groups: Sequence[Sequence[int]],
+            batch_size: int, kind: str, log: Callable[[str], None], message: str) -> list[str]:  # fmt: skip
+        """Answers to `prompts`: those already known from here, the others generated
+        (`generate_grouped` over `groups`, each distinct prompt once). `message` is logged with
+        the number of questions asked first: "asking {n} question(s)..."."""
+        keys = [self.key(p, kind) for p in prompts]
+        first: dict[tuple, int] = {}
+        for k, key in enumerate(keys):
+            if key not in self.answers:
+                first.setdefault(key, k)
+        todo = set(first.values())
+        known = len(prompts) - len(todo)
+        log(message.format(n=len(todo)) + (f" ({known} asked before: the same images and turns)" if known else ""))
+        groups = [[k for k in group if k in todo] for group in groups]
+        for k, answer in generate_grouped(generate, prompts, [g for g in groups if g], batch_size).items():
+            self.answers[keys[k]] = answer
+        return [self.answers[key] for key in keys]
 
 
 def _present(item: Item) -> bool:
@@ -385,19 +464,32 @@ def run_pass(
     batch_size: int,
     log: Callable[[str], None],
     what: str = "",
+    answered: Answered | None = None,
 ) -> Pass:
-    """Ask every item's prompt (`prompts[k]` for `items[k]`), then the JSON items again
-    through `constrained_generate` where one is given; score both."""
-    log(f"asking {len(prompts)} question(s) in batches of {batch_size}{what}")
-    answers = generate_all(generate, prompts, batch_size)
+    """Ask every item's prompt (`prompts[k]` for `items[k]`; batched by `batch_order`), then
+    the JSON items again through `constrained_generate` where one is given; score both.
+    `answered`: the answers generated so far, reused for the same images and turns (None:
+    every prompt is asked)."""
+    message = f"asking {{n}} question(s) in batches of {batch_size}{what}"
+    groups = batch_order(items)
+    if answered is None:
+        log(message.format(n=len(prompts)))
+        by_index = generate_grouped(generate, prompts, groups, batch_size)
+        answers = [by_index[k] for k in range(len(prompts))]
+    else:
+        answers = answered.ask(generate, prompts, groups, batch_size, "own", log, message)
     metrics, scores = score_items(items, answers)
     json_items = [k for k, it in enumerate(items) if it.task == "json"]
     if constrained_generate is None or not json_items:
         return Pass(answers, scores, {}, {}, metrics)
-    log(
-        f"asking {len(json_items)} question(s) in batches of {batch_size}{what}, JSON under its grammar"
-    )
-    constrained = generate_all(constrained_generate, [prompts[k] for k in json_items], batch_size)
+    json_prompts = [prompts[k] for k in json_items]
+    message += ", JSON under its grammar"
+    if answered is None:
+        log(message.format(n=len(json_items)))
+        constrained = generate_all(constrained_generate, json_prompts, batch_size)
+    else:
+        constrained = answered.ask(constrained_generate, json_prompts, [list(range(len(json_items)))],
+                                   batch_size, "constrained", log, message)  # fmt: skip
     sub_scores = [M.NAN] * len(json_items)
     figures = _score_json(
         [items[k] for k in json_items], constrained, list(range(len(json_items))), sub_scores
@@ -449,6 +541,7 @@ def evaluate_generative(
     constrained_generate: GenerateFn | None = None,
     blind: str | None = None,
     seed: int = 0,
+    reuse: bool = True,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(flat metrics dict, one record per question asked) for `samples` with task truth.
 
@@ -459,6 +552,9 @@ def evaluate_generative(
     constrained_prediction). `blind` ("swap" or "blank", `blind_prompts` with `seed`) asks
     every item again with its image hidden: blind.<prefix><name>, and in each record
     blind_prediction, blind_score and blind_image (the image shown instead, or "blank").
+    `reuse`: a prompt whose images and turns were asked before takes that answer (`Answered`:
+    right for any `generate` that answers from the images and turns alone, as greedy decoding
+    does; False for one that samples or reads the sample's id).
     """
     check_blind_mode(blind)  # before any question is asked
     items, skipped = build_items(samples)
@@ -466,7 +562,7 @@ def evaluate_generative(
         log(f"skipped {n} sample(s) with {reason}: no generative metric for it")
     return ask_items(
         items, model_generate_fn, prefix=prefix, batch_size=batch_size, log=log,
-        constrained_generate=constrained_generate, blind=blind, seed=seed,
+        constrained_generate=constrained_generate, blind=blind, seed=seed, reuse=reuse,
     )  # fmt: skip
 
 
@@ -480,20 +576,24 @@ def ask_items(
     constrained_generate: GenerateFn | None = None,
     blind: str | None = None,
     seed: int = 0,
+    reuse: bool = True,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """`evaluate_generative` on items already built (from the world's truth, or from a
-    dataset's exchanges: `visto.eval.dataset`)."""
+    dataset's exchanges: `visto.eval.dataset`). `reuse`: a prompt with the same images and
+    turns as one asked before (the blind twin's, mostly) takes its answer (`Answered`)."""
     check_blind_mode(blind)
     if not items:
         return {}, []
     prompts = [it.prompt for it in items]
-    seeing = run_pass(items, prompts, model_generate_fn, constrained_generate, batch_size, log)
+    answered = Answered() if reuse else None
+    seeing = run_pass(items, prompts, model_generate_fn, constrained_generate, batch_size, log,
+                      answered=answered)  # fmt: skip
     metrics = {f"{prefix}{name}": float(v) for name, v in seeing.metrics.items()}
     blind_pass, shown = None, []
     if blind is not None:
         hidden, shown = blind_prompts(prompts, blind, seed)
         blind_pass = run_pass(items, hidden, model_generate_fn, constrained_generate, batch_size,
-                              log, f" with the images hidden ({blind})")  # fmt: skip
+                              log, f" with the images hidden ({blind})", answered)  # fmt: skip
         metrics.update(
             {f"{BLIND}{prefix}{name}": float(v) for name, v in blind_pass.metrics.items()}
         )
