@@ -11,7 +11,8 @@ alone as at evaluation:
   - count: the executed count of the question's subject rounds to the answer;
   - exist: an executed count above 0.5 says "yes" exactly when the answer is yes;
   - relation: the executed relation truth above 0.5 says "yes" exactly when the answer is yes;
-  - the old cosine count (`QuestionFocus`'s soft count), for comparison.
+  - the old cosine count (`QuestionFocus`'s soft count), and a hard count (matches above 0.5),
+    for comparison, and the count by its true answer (0, 1, 2, 3 and more).
 
 The decoder reaches at most these figures through the focus; its own (bench/image_signal.py,
 `visto eval`) say how much of them it learned to read.
@@ -45,7 +46,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from visto.checkpoint import load
-    from visto.connectors.named import AttributeWords, execute
+    from visto.connectors.named import AttributeWords, execute, match
     from visto.data.images import open_image
     from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
     from visto.data.synth import iter_records
@@ -92,10 +93,16 @@ def main() -> None:
             scale = focus.log_scale.exp()
             cosine = (torch.sigmoid(focus.scores(question, tags.expand(P, -1, -1)) - scale * focus.threshold)
                       * present).sum(-1)  # fmt: skip
-            for qa, count, holds, old in zip(asks, run.count, run.holds, cosine, strict=True):
+            hard = ((match(named.first, attributes) * present) > 0.5).sum(-1)  # matches above 0.5
+            for qa, count, holds, old, strict in zip(asks, run.count, run.holds, cosine, hard, strict=True):
                 kind = qa["type"]
                 if kind == "count":
                     right = round(float(count)) == qa["count"]
+                    by_truth = f"count, answer {min(qa['count'], 3)}{'+' if qa['count'] >= 3 else ''}"
+                    answered[by_truth][0] += right
+                    answered[by_truth][1] += 1
+                    answered["count (hard: matches above 0.5)"][0] += int(strict) == qa["count"]
+                    answered["count (hard: matches above 0.5)"][1] += 1
                     answered["count (cosine, before)"][0] += round(float(old)) == qa["count"]
                     answered["count (cosine, before)"][1] += 1
                 elif kind == "exist":

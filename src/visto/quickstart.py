@@ -103,12 +103,12 @@ class QuickstartConfig:
     # (bench/README.md, "Read slots, copies in stage 1")
     pointer: bool = True
     # with focus: the question's attribute words pick, count and relate the detected objects by
-    # their predicted attributes (connectors.named; NS-VQA's filter/count/relate): on n0's
-    # detector, 200 test images, the count is right 0.953, existence 0.978, a relation 0.897
-    # (bench/README.md, "Named words")
+    # their predicted attributes (connectors.named; NS-VQA's filter/count/relate); counting,
+    # existence and relations left their blind twins' figures with it (bench/README.md,
+    # "Named words")
     named: bool = True
     # a detected object whose box overlaps a more confident one's by more than this IoU is the
-    # same object found twice (greedy NMS); object count exact 0.86 -> 0.945 (0 = off)
+    # same object found twice (greedy NMS; 0 = off; bench/README.md, "Named words")
     box_nms: float = 0.3
     reader_steps: int = 1000
     decoder_width: int = 256

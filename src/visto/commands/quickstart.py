@@ -91,7 +91,8 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
     "named": ("with --focus: the attribute words a question names pick, count and relate the "
               "detected objects by their predicted attributes (filter, count, relate, as NS-VQA "
               "executes a question on a scene parse); without it the focus scores a question's "
-              "mean embedding alone, which counted right 0.52 of the time", None),
+              "mean embedding alone, and counting and relations stayed at their blind figures "
+              "(bench/README.md, 'Named words')", None),
     "box_nms": ("regions: drop a detected object whose box overlaps a more confident one's by "
                 "more than this IoU (the same object found twice); 0 = off", "IOU"),
     "reader_steps": ("steps of the OCR reader (with --text-slots or --read-slots), trained in the vision stage "

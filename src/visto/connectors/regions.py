@@ -199,9 +199,8 @@ class RegionConnector(nn.Module):
         """(patch index (B, slots), present (B, slots)): the most confident centres, in raster
         order (top-left first), real objects before empty slots. With `box_nms`, a centre whose
         box overlaps a more confident centre's box by more than that IoU is the same object
-        seen from a neighbouring patch, and is dropped (greedy NMS): on n0's detector, 200 test
-        images, the object count was exact for 0.86 of images without it and 0.945 with it at
-        0.3 (18 of the 28 misses were one object found twice; bench/README.md, "Named words")."""
+        seen from a neighbouring patch, and is dropped (greedy NMS; most of the detector's
+        miscounts were one object found twice: bench/README.md, "Named words")."""
         score = heads["centre"]  # (B, N) logits
         k = min(self.slots, score.shape[1])
         top = score.topk(k, dim=1)
