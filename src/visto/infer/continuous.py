@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from visto.errors import UserError
-from visto.infer.engine import Completion, Engine, Timing, _Row, choose_tokens, new_row
+from visto.infer.engine import Completion, Engine, Timing, _Row, choose_tokens, new_rows
 from visto.infer.runner import RunnerState
 from visto.infer.sampling import SamplingParams
 
@@ -86,13 +86,9 @@ class ContinuousBatch:
         B = batch.input_ids.shape[0]
         assert len(params) == B, f"{len(params)} sampling params for a batch of {B}"
         tags = list(tags) if tags is not None else [None] * B
-        mask = batch.attention_mask.bool().cpu()
-        ids = batch.input_ids.cpu()
         now = time.perf_counter()
-        eos = self.engine.eos_token_ids
-        requests = [
-            Request(new_row(p, eos, ids[i][mask[i]]), now, tag=tags[i]) for i, p in enumerate(params)
-        ]
+        rows = new_rows(params, self.engine.eos_token_ids, batch)
+        requests = [Request(row, now, tag=tag) for row, tag in zip(rows, tags, strict=True)]
         self._pending.append((batch, requests))
         return requests
 
@@ -102,7 +98,7 @@ class ContinuousBatch:
             text=row.text,
             token_ids=row.generated,
             finish_reason=row.finish_reason or "length",
-            prompt_tokens=len(row.prompt_ids),
+            prompt_tokens=row.prompt_tokens,
             timing=Timing(
                 ttft_s=request.first_token - request.added,
                 decode_s=now - request.first_token,

@@ -41,6 +41,7 @@ retracted and never splits a character.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -113,13 +114,22 @@ class _Row:
 
     params: SamplingParams
     stop_ids: frozenset[int]
-    prompt_ids: Tensor  # (T_prompt,) real tokens only, for the repetition penalty
-    generator: torch.Generator
+    prompt: Tensor  # (T,) the prompt's row as batched (padding included)
+    prompt_mask: Tensor | None  # (T,) bool, True at real tokens; None: all real
+    prompt_tokens: int  # real tokens in the prompt
+    # A sampling request's own seeded generator; None for a greedy one, which never draws.
+    generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
     text: str = ""  # decoded content so far (after a stop: the final, trimmed text)
     emitted: int = 0  # characters of `text` already streamed
     finish_reason: str | None = None
     end_time: float = 0.0
+
+    @functools.cached_property
+    def prompt_ids(self) -> Tensor:
+        """(T_prompt,) the real tokens only, for the repetition penalty (made when first
+        asked: a boolean gather per row costs more than a greedy request's first step)."""
+        return self.prompt if self.prompt_mask is None else self.prompt[self.prompt_mask]
 
     def seen_ids(self) -> Tensor:
         return torch.cat([self.prompt_ids, torch.tensor(self.generated, dtype=torch.long)])
@@ -162,19 +172,38 @@ def choose_tokens(logits: Tensor, rows: Sequence[_Row], eos_ids: Sequence[int]) 
     logits = logits.float().cpu()
     chosen = []
     for pos, row in enumerate(rows):
-        seen = row.seen_ids() if row.params.repetition_penalty != 1.0 else row.prompt_ids[:0]
+        seen = row.seen_ids() if row.params.repetition_penalty != 1.0 else row.prompt[:0]
         chosen.append(sample_token(logits[pos], row.params, row.generator, seen, row.generated))
     return chosen
 
 
-def new_row(params: SamplingParams, eos_ids: Sequence[int], prompt_ids: Tensor) -> _Row:
-    """A request's progress, with its own seeded generator."""
-    g = torch.Generator()
-    g.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ()).item()))
+def new_row(
+    params: SamplingParams, eos_ids: Sequence[int], prompt: Tensor, mask: Tensor | None, n: int
+) -> _Row:
+    """A request's progress: `prompt` (T,) its ids as batched, `mask` (T,) bool which of them
+    are real (None: all) and `n` how many; a sampling request gets its own seeded generator
+    (a greedy one never draws: none is made, and the global RNG is not drawn from)."""
+    g = None
+    if not params.greedy:
+        seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()).item())
+        g = torch.Generator()
+        g.manual_seed(seed)
     stop_ids = frozenset(params.stop_token_ids)
     if not params.ignore_eos:
         stop_ids |= frozenset(eos_ids)
-    return _Row(params, stop_ids, prompt_ids, g)
+    return _Row(params, stop_ids, prompt, mask, n, g)
+
+
+def new_rows(params: Sequence[SamplingParams], eos_ids: Sequence[int], batch: Any) -> list[_Row]:
+    """One row per prompt of a left-padded batch (its `input_ids` and `attention_mask`)."""
+    mask = batch.attention_mask.bool().cpu()
+    ids = batch.input_ids.cpu()
+    T = ids.shape[1]
+    counts = mask.sum(dim=1).tolist()
+    return [
+        new_row(p, eos_ids, ids[i], None if n == T else mask[i], n)
+        for i, (p, n) in enumerate(zip(params, counts, strict=True))
+    ]
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
@@ -212,12 +241,17 @@ class Generation:
         )
         assert len(params) == B, f"{len(params)} sampling params for a batch of {B}"
         self.engine, self.batch, self.stream = engine, batch, stream
-        mask = batch.attention_mask.bool().cpu()
-        ids = batch.input_ids.cpu()
-        self.rows = [new_row(p, engine.eos_token_ids, ids[i][mask[i]]) for i, p in enumerate(params)]
+        self.rows = new_rows(params, engine.eos_token_ids, batch)
         self.completions: list[Completion] = []
+        # Every row plain greedy, no eos to suppress: each step's tokens are one argmax (what
+        # choose_tokens does for such rows, without asking every row at every step).
+        self._argmax_only = all(r.params.plain_greedy for r in self.rows) and not (
+            engine.eos_token_ids and any(r.params.ignore_eos for r in self.rows)
+        )
 
     def _choose(self, logits: Tensor, active: list[int]) -> list[int]:
+        if self._argmax_only:
+            return logits.argmax(dim=-1).tolist()
         return choose_tokens(logits, [self.rows[r] for r in active], self.engine.eos_token_ids)
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
@@ -255,7 +289,7 @@ class Generation:
                 text=row.text,
                 token_ids=row.generated,
                 finish_reason=row.finish_reason or "length",
-                prompt_tokens=len(row.prompt_ids),
+                prompt_tokens=row.prompt_tokens,
                 timing=Timing(
                     ttft_s=first_token_time - start,
                     decode_s=row.end_time - first_token_time,
