@@ -24,11 +24,7 @@ Training stages are recipes (`llava-stage1.json`: projector only on captions;
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import weakref
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,150 +180,6 @@ def build_llava_projector(config: LlavaConfig) -> nn.Module:
     return build_projector(config.projector, config.vision.width, config.decoder.hidden_size)
 
 
-# ----------------------------------------------------------------------------- feature cache
-
-
-class FeatureCache:
-    """Patch features of frozen vision towers, by image content and tower weights.
-
-    The tower is frozen in both LLaVA stages, and the quickstart's stage 2 and evaluation
-    show the tower images it already ran (stage 1 reads the train split ~1.6 times, stage 2
-    again; the eval asks ~11 questions per image, and its blind twin shows every image again).
-    A key is a hash of the image's pixels (dtype and shape included) and of the tower: its
-    class, feature layer and every parameter and buffer, hashed again whenever one of them is
-    replaced or changed in place (their `data_ptr` and `_version`; a change behind autograd's
-    back, `p.data.copy_(...)`, is not seen: `clear()` then). Least recently used entries go
-    first once `max_bytes` is reached (32 KiB per image for the quickstart's tower). Features
-    run through the tower's modules (training) and through its fused inference path are kept
-    apart: the two agree only to the last bits.
-
-    Used only where nothing depends on running the tower (`usable`): no gradient reaches it
-    (every parameter frozen, or gradients off), no dropout or batch statistics in training
-    mode, pixels that need no gradient, and at least two distinct images in the batch. A row's
-    features do not depend on its batch mates once a batch holds two images or more, but the
-    tower run on one image alone differs in the last bits (measured on the 2-core VM), so a
-    batch of one image runs the tower as before, and a single missing image is run beside one
-    it already has. The features are then the bits the tower gives (`tests/test_feature_cache.py`:
-    a training loss and gradients bit-identical with and without the cache).
-
-    What it saves is small in training: the tower is ~4% of a quickstart stage-1 step and ~1%
-    of a stage-2 step (the decoder is the rest); at evaluation, where questions are batched by
-    task and each image comes back in ~12 batches, more (bench/README.md, "Quickstart wall
-    clock").
-    """
-
-    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"FeatureCache max_bytes must be 0 or more, got {max_bytes}")
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self._entries: OrderedDict[bytes, Tensor] = OrderedDict()
-        # tower -> (its tensors now: name, data_ptr, _version of each; the hash of their values)
-        self._towers: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, bytes]] = weakref.WeakKeyDictionary()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._towers = weakref.WeakKeyDictionary()
-        self.bytes = self.hits = self.misses = 0
-
-    @staticmethod
-    def usable(tower: nn.Module, pixel_values: Tensor) -> bool:
-        """Whether features of `tower` on these pixels may come from the cache."""
-        if pixel_values.shape[0] < 2 or pixel_values.requires_grad:
-            return False
-        if torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters()):
-            return False  # the tower trains: its features must carry the graph
-        if tower.training:
-            for m in tower.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) or (
-                    isinstance(m, nn.Dropout) and m.p > 0
-                ):
-                    return False
-        return True
-
-    def tower_key(self, tower: nn.Module, feature_layer: int) -> bytes:
-        """A hash of the tower's class, feature layer and weights (rehashed when they change)."""
-        tensors = list(tower.state_dict(keep_vars=True).items())
-        now = tuple((name, t.data_ptr(), t._version) for name, t in tensors)
-        known = self._towers.get(tower)
-        if known is None or known[0] != now:
-            h = hashlib.blake2b(digest_size=16)
-            h.update(f"{type(tower).__qualname__}/{feature_layer}".encode())
-            for name, t in tensors:
-                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            known = (now, h.digest())
-            self._towers[tower] = known
-        return known[1] + f"/{feature_layer}".encode()
-
-    def features(self, tower: nn.Module, feature_layer: int, pixel_values: Tensor,
-                 run: Callable[[Tensor], Tensor]) -> Tensor:  # fmt: skip
-        """`run(pixel_values)` (the tower's features (B, P, D)), from the cache where it has the
-        images; what it runs is stored."""
-        from visto.nn.vision import distinct_images
-
-        unique, inverse = distinct_images(pixel_values.detach())
-        if unique.shape[0] < 2:
-            return run(pixel_values)
-        # The tower's inference path (no autograd, eval mode: fused blocks) and its modules
-        # agree only to the last bits: features of one are not the other's.
-        path = "modules" if torch.is_grad_enabled() or tower.training else "inference"
-        tower_key = self.tower_key(tower, feature_layer) + f"/{path}/{pixel_values.device}".encode()
-        keys = []
-        for image in unique:
-            h = hashlib.blake2b(tower_key, digest_size=16)
-            h.update(f"{image.dtype}:{tuple(image.shape)}".encode())
-            h.update(image.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            keys.append(h.digest())
-        missing = [i for i, key in enumerate(keys) if key not in self._entries]
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        if len(missing) == len(keys):  # nothing to reuse: the tower runs as without a cache
-            out = run(pixel_values)
-            first = {}
-            for row, i in enumerate(inverse.tolist()):
-                first.setdefault(i, row)
-            self._store(keys, {i: out[row] for i, row in first.items()})
-            return out
-        found = {i: self._entries[keys[i]] for i in range(len(keys)) if i not in missing}
-        for i in found:
-            self._entries.move_to_end(keys[i])
-        if missing:
-            # one image alone would run differently from a batch: run it beside one it has
-            rows = missing if len(missing) > 1 else missing + [next(iter(found))]
-            computed = run(unique[rows])
-            new = {i: computed[j] for j, i in enumerate(rows) if i in missing}
-            self._store(keys, new)
-            found.update(new)
-        device = pixel_values.device
-        return torch.stack([found[i].to(device) for i in inverse.tolist()])
-
-    def _store(self, keys: list[bytes], features: dict[int, Tensor]) -> None:
-        with torch.inference_mode(False):  # usable later in training too
-            for i, value in features.items():
-                stored = value.detach().clone()
-                size = stored.numel() * stored.element_size()
-                if size > self.max_bytes:
-                    continue
-                old = self._entries.pop(keys[i], None)
-                if old is not None:
-                    self.bytes -= old.numel() * old.element_size()
-                self._entries[keys[i]] = stored
-                self.bytes += size
-                while self.bytes > self.max_bytes:
-                    _, evicted = self._entries.popitem(last=False)
-                    self.bytes -= evicted.numel() * evicted.element_size()
-
-
-# The process-wide cache every LLaVA reads (Llava.feature_cache).
-PATCH_FEATURES = FeatureCache()
-
-
 class Llava(ConversationFamily, nn.Module):
     family = "llava"
     display_name = "LLaVA"
@@ -366,22 +218,11 @@ class Llava(ConversationFamily, nn.Module):
 
     # -- the forward pass
 
-    # Patch features of a frozen tower, by image and weights (FeatureCache; None: always run
-    # the tower). Process-wide, so the quickstart's stage 2 and eval reuse what stage 1 ran.
-    feature_cache: FeatureCache | None = PATCH_FEATURES
-
     def patch_features(self, pixel_values: Tensor) -> Tensor:
-        """(N_img, 3, S, S) -> the tower's patch features (N_img, P, D_v), CLS dropped. A
-        frozen tower's (no gradient reaches it) come from `feature_cache` where it has them."""
-        layer = self.config.vision_feature_layer
-
-        def run(pixels: Tensor) -> Tensor:
-            return self.vision_tower(pixels, feature_layer=layer, pooled=False).features
-
-        cache = self.feature_cache
-        if cache is None or not cache.usable(self.vision_tower, pixel_values):
-            return run(pixel_values)
-        return cache.features(self.vision_tower, layer, pixel_values, run)
+        """(N_img, 3, S, S) -> the tower's patch features (N_img, P, D_v), CLS dropped."""
+        return self.vision_tower(
+            pixel_values, feature_layer=self.config.vision_feature_layer, pooled=False
+        ).features
 
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """(N_img, 3, S, S) -> visual tokens (N_img, n, D_lm)."""
@@ -741,8 +582,6 @@ def _visto_tokenizer(directory: Path) -> Tokenizer | None:
 
 __all__ = [
     "PARAM_GROUPS",
-    "PATCH_FEATURES",
-    "FeatureCache",
     "Llava",
     "LlavaConfig",
     "build_llava_projector",
