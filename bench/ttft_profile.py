@@ -39,6 +39,13 @@ max_autotune), --parts which of the three to compile:
 
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) .venv/bin/python bench/ttft_profile.py --threads 1 \
         --calls 3 --compile --inductor cpp_wrapper freezing max_autotune --parts vision
+
+--against SRC puts this tree's engine runner (`visto.infer.runner`) beside the one in another
+source tree (e.g. `git archive REV src | tar -x -C /tmp/before`, then `--against
+/tmp/before/src`), both on the same model: the decoder prefill (`DecoderRunner.prefill` on the
+prompt's embeddings, computed once) and 8 decode steps after it, the two runners in turns call
+by call (--against-calls each), CPU ms p10 and median, with the greedy tokens of 32 steps
+checked equal. Steadier than two processes on a shared machine: both see the same load.
 """
 
 from __future__ import annotations
@@ -81,10 +88,17 @@ def gemm_peak_gflops(n: int = 1024) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def counted_gflop(call) -> float:
+def counted_gflop(call, modules: dict[str, torch.nn.Module] | None = None
+                  ) -> tuple[float, dict[str, float]]:  # fmt: skip
+    """GFLOP of one call, in all and inside each of `modules` (stage name -> module; the
+    counter names a module called on its own by its class). The decoder's runner calls no
+    modules: its GFLOP are the rest."""
     with FlopCounterMode(display=False) as counter:
         call()
-    return counter.get_total_flops() / 1e9
+    by_module = counter.get_flop_counts()
+    parts = {stage: sum(by_module.get(type(module).__name__, {}).values()) / 1e9
+             for stage, module in (modules or {}).items()}  # fmt: skip
+    return counter.get_total_flops() / 1e9, parts
 
 
 def shapes_image(size: int):
@@ -199,7 +213,8 @@ def profile_split(m: SimpleNamespace, stages: Stages, batch_size: int, calls: in
         per_call["total"].append(cpu["total"] * 1e3)
         per_call["rest"].append(per_call["total"][-1] - sum(per_call[s][-1] for s in STAGES))
     med = {name: statistics.median(v) for name, v in per_call.items()}
-    gflop, peak = counted_gflop(call), gemm_peak_gflops()
+    stage_modules = {"vision tower": m.model.vision_tower, "projector": m.model.multi_modal_projector}
+    (gflop, parts), peak = counted_gflop(call, stage_modules), gemm_peak_gflops()
     floor_ms = gflop / peak * 1e3
     print(f"\nbatch {batch_size}: median CPU ms per call over {calls} calls")
     for name in (*STAGES, "rest", "total"):
@@ -207,6 +222,9 @@ def profile_split(m: SimpleNamespace, stages: Stages, batch_size: int, calls: in
     print(f"  {gflop:.3f} GFLOP per call (matmuls, convolutions, attention); at this moment's "
           f"GEMM rate ({peak:.0f} GFLOP/s, 1024^2) that is {floor_ms:.2f} ms: the call runs "
           f"at {100 * floor_ms / med['total']:.0f}% of it")  # fmt: skip
+    parts["decoder and the rest"] = gflop - sum(parts.values())
+    print("  GFLOP by stage (ms at that GEMM rate): " + ", ".join(
+        f"{k} {v:.3f} ({v / peak * 1e3:.2f})" for k, v in parts.items()))  # fmt: skip
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(3):
             call()
@@ -219,6 +237,7 @@ def profile_split(m: SimpleNamespace, stages: Stages, batch_size: int, calls: in
         print(f"    {e.key:<52} {e.self_cpu_time_total / 3e3:7.2f}  x{e.count // 3}")
     return {"stages": {name: round(v, 3) for name, v in med.items()}, "top_ops_ms": top,
             "gflop": round(gflop, 4), "gemm_gflops": round(peak, 1),
+            "gflop_by_stage": {k: round(v, 4) for k, v in parts.items()},
             "fraction_of_gemm_rate": round(floor_ms / med["total"], 3)}  # fmt: skip
 
 
@@ -383,6 +402,66 @@ def measure_compile_decode(m: SimpleNamespace, batches: list[int], repeats: int,
     return out
 
 
+def measure_against(m: SimpleNamespace, src: str, batches: list[int], calls: int) -> dict:
+    """This tree's runner against `src`'s (see --against), call by call."""
+    import importlib.util
+
+    from visto.data.sample import Sample, Turn
+    from visto.infer import runner as this
+
+    path = Path(src) / "visto" / "infer" / "runner.py"
+    spec = importlib.util.spec_from_file_location("against_runner", path)
+    other = importlib.util.module_from_spec(spec)
+    sys.modules["against_runner"] = other  # dataclasses look their module up
+    spec.loader.exec_module(other)
+    lm = m.model.language_model
+    out = {}
+    for B in batches:
+        samples = [Sample("q", [m.image], [Turn("user", "<image>\n" + QUESTIONS[i % len(QUESTIONS)])])
+                   for i in range(B)]  # fmt: skip
+        batch = m.model.prompt_batch(samples)
+        with torch.inference_mode():
+            inputs = m.model.prefill_inputs(batch)
+        runners = {"this": this.DecoderRunner(lm, lambda _b, inputs=inputs: inputs),
+                   "against": other.DecoderRunner(lm, lambda _b, inputs=inputs: inputs)}  # fmt: skip
+
+        def generate(runner, steps: int, batch=batch) -> tuple[float, float, list]:
+            start = time.process_time()
+            logits, state = runner.prefill(batch, room=steps)
+            prefill = time.process_time() - start
+            ids, tokens = logits.argmax(-1), []
+            start = time.process_time()
+            for _ in range(steps):
+                logits, state = runner.decode_step(ids, state)
+                ids = logits.argmax(-1)
+                tokens.append(ids.tolist())
+            return prefill, (time.process_time() - start) / max(steps, 1), tokens
+
+        same = generate(runners["this"], 32)[2] == generate(runners["against"], 32)[2]
+        times: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "step": []} for n in runners}
+        for _ in range(calls):
+            for name, runner in runners.items():
+                prefill, step, _ = generate(runner, 8)
+                times[name]["prefill"].append(prefill * 1e3)
+                times[name]["step"].append(step * 1e3)
+        row = {"same_tokens": same}
+        for part in ("prefill", "step"):
+            for name in runners:
+                v = sorted(times[name][part])
+                row[f"{part}_{name}_ms"] = {"p10": round(v[len(v) // 10], 3),
+                                            "median": round(statistics.median(v), 3)}  # fmt: skip
+            row[f"{part}_ratio"] = round(row[f"{part}_this_ms"]["median"]
+                                         / row[f"{part}_against_ms"]["median"], 3)  # fmt: skip
+            print(f"batch {B} {part:>7}: this {row[f'{part}_this_ms']['median']:.3f} ms "
+                  f"(p10 {row[f'{part}_this_ms']['p10']:.3f}), against "
+                  f"{row[f'{part}_against_ms']['median']:.3f} (p10 "
+                  f"{row[f'{part}_against_ms']['p10']:.3f}): this / against "
+                  f"{row[f'{part}_ratio']:.3f}")  # fmt: skip
+        print(f"batch {B}: greedy tokens of 32 steps equal: {same}")
+        out[str(B)] = row
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="a LLaVA checkpoint (default: the bench's)")
@@ -399,6 +478,9 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--parts", nargs="+", default=["vision", "decoder", "decode"],
                         choices=["vision", "decoder", "decode"], help="what --compile measures")  # fmt: skip
+    parser.add_argument("--against", default=None, metavar="SRC",
+                        help="also time this tree's runner against SRC/visto/infer/runner.py")
+    parser.add_argument("--against-calls", type=int, default=300)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -434,6 +516,9 @@ def main() -> None:
             if part in args.parts:
                 torch._dynamo.reset()
                 result[key] = measure(m, args.batches, args.repeats, mode=mode)
+    if args.against:
+        result["against"] = {"src": args.against, **measure_against(
+            m, args.against, args.batches, args.against_calls)}  # fmt: skip
     result["load"] = [load_before, load_average()]
     print(f"uptime: {os.popen('uptime').read().strip()}")
     if args.json:
