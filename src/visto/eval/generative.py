@@ -153,9 +153,9 @@ def batch_order(items: Sequence[Item]) -> list[list[int]]:
     the long ones (LONG_ANSWER_TASKS), each group by task and question type (file order within
     one). A batch decodes until its longest answer ends, its finished rows dropped as they end:
     a JSON question among 63 one-word answers kept a batch decoding ~300 steps at one to three
-    rows. On n0's quickstart model the seeing pass took 35.4 CPU s in file order and 13.8 s in
-    these groups, the same answers (bench/README.md, "Quickstart wall clock"). The answers do
-    not depend on the order."""
+    rows. On n0's quickstart model (200 test + 200 held-out images, idle) the seeing pass took
+    126 s in file order and 63 s in these groups, every answer the same (bench/README.md,
+    "Quickstart wall clock"). The answers do not depend on the order."""
     order = sorted(range(len(items)), key=lambda k: (items[k].task, items[k].qtype or "", k))
     short = [k for k in order if items[k].task not in LONG_ANSWER_TASKS]
     long = [k for k in order if items[k].task in LONG_ANSWER_TASKS]
