@@ -340,7 +340,7 @@ class QuestionFocus(nn.Module):
         question names nothing."""
         named = self.words.named(question_ids, real.to(torch.float32))
         sides = execute(named, attributes, boxes, present, side_weights[0], side_weights[-1])
-        weight = execute(named, attributes, boxes, present, weight, side_weights[-1]).subject
+        weight = torch.where(sides.subject_named[:, None], sides.subject, weight)
         return weight, [sides.subject, sides.object], sides.count, sides.holds
 
     def _copies(

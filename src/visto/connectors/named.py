@@ -131,12 +131,14 @@ def relation_holds(relation: Tensor, offset: Tensor, sharpness: float = 20.0) ->
 class Executed(NamedTuple):
     """A question run on one image's objects (`execute`): weights over the objects (P, M) of
     its subject and of a relation's object, the count of its subject (P,), and whether the
-    named relation holds (P,) in 0..1 (-1 where it names no relation)."""
+    named relation holds (P,) in 0..1 (-1 where it names no relation); and where the subject's
+    weights are the named match rather than the fallback (P,) bool."""
 
     subject: Tensor
     object: Tensor
     count: Tensor
     holds: Tensor
+    subject_named: Tensor
 
 
 def execute(
@@ -151,12 +153,12 @@ def execute(
     subject = match(named.first.to(dtype), attributes) * presentf  # (P, M)
     other = match(named.last.to(dtype), attributes) * presentf
 
-    def where_named(phrase: Tensor, found: Tensor, fallback: Tensor) -> Tensor:
+    def where_named(phrase: Tensor, found: Tensor, fallback: Tensor) -> tuple[Tensor, Tensor]:
         use = names_any(phrase) & (found.sum(-1) > 0.5)  # named, and some object has it
-        return torch.where(use[:, None], found / found.sum(-1, keepdim=True).clamp(min=1e-6), fallback)
+        return torch.where(use[:, None], found / found.sum(-1, keepdim=True).clamp(min=1e-6), fallback), use
 
-    subject_weight = where_named(named.first, subject, subject_fallback)
-    object_weight = where_named(named.last, other, object_fallback)
+    subject_weight, subject_named = where_named(named.first, subject, subject_fallback)
+    object_weight, _ = where_named(named.last, other, object_fallback)
 
     def centre(w: Tensor) -> Tensor:
         box = torch.einsum("pm,pmj->pj", w, boxes.to(w.dtype))
@@ -164,7 +166,7 @@ def execute(
 
     holds = relation_holds(named.relation.to(dtype), centre(subject_weight) - centre(object_weight))
     holds = torch.where(named.relation.sum(-1) > 0, holds, torch.full_like(holds, -1.0))
-    return Executed(subject_weight, object_weight, subject.sum(-1), holds)
+    return Executed(subject_weight, object_weight, subject.sum(-1), holds, subject_named)
 
 
 __all__ = ["AttributeWords", "Executed", "KINDS", "Named", "RELATIONS", "VALUES", "execute", "match", "names_any", "relation_holds"]
