@@ -307,10 +307,15 @@ def test_read_slots_hold_the_read_text_after_the_box(tokenizer):
     embed = nn.Embedding(tok.vocab_size, 64)
     connector, calls = reading_connector(tok, ["STAR", "42"], read_slots=9)
     pixels = torch.randn(2, 3, 16, 16)
-    words, filled, _ = connector.read_words(pixels, embed)
-    pieces = tok.encode("STAR 42")  # joined as the world's OCR answer writes them
-    assert len(pieces) < 9 and filled[0].tolist() == [True] * len(pieces) + [False] * (9 - len(pieces))
-    assert torch.equal(words[0, : len(pieces)], embed(torch.tensor(pieces)))
+    words, filled, ids = connector.read_words(pixels, embed)
+    # Per image three variants: everything (joined as the world's OCR answer writes it), only
+    # the words, only the numbers (what "What number is written?" copies).
+    for variant, text in enumerate(["STAR 42", "STAR", "42"]):
+        pieces = tok.encode(text)
+        assert filled[0, variant].tolist() == [True] * len(pieces) + [False] * (9 - len(pieces))
+        assert ids[0, variant, : len(pieces)].tolist() == pieces
+    pieces = tok.encode("STAR 42")
+    assert torch.equal(words[0, 0, : len(pieces)], embed(torch.tensor(pieces)))
     # Read once per image: the frozen reader is not asked again for the same pixels ...
     connector.read_words(pixels, embed)
     assert calls == [2]
@@ -329,7 +334,7 @@ def test_read_slots_hold_the_read_text_after_the_box(tokenizer):
     added = focus(ids, embed, both, torch.tensor([0, 1]), read=(words, filled))
     slots = (ids[0] == tok.focus_id).nonzero().flatten()
     read_at = slots[4:]
-    assert torch.equal(added[0, read_at[: len(pieces)]], words[0, : len(pieces)])
+    assert torch.equal(added[0, read_at[: len(pieces)]], words[0, 0, : len(pieces)])
     assert added[0, read_at[len(pieces) :]].eq(0).all()  # nothing read: the <focus> token alone
     with pytest.raises(ValueError, match="pass `read`"):
         focus(ids, embed, both, torch.tensor([0, 1]))

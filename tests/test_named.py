@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from visto.connectors.focus import COUNT_BINS, Objects, QuestionFocus
-from visto.connectors.named import KINDS, VALUES, AttributeWords, match, relation_holds
+from visto.connectors.focus import COUNT_BINS, Objects, QuestionFocus, read_for_questions, soft_histogram
+from visto.connectors.named import KINDS, VALUES, AttributeWords, match, relation_holds, split_by_kind
 from visto.connectors.projector import ProjectorConfig
 from visto.connectors.regions import RegionConnector, overlapped
 from visto.data.synth.vocab import COLOURS, SHAPE_PLURALS, SHAPES, SIZES
@@ -20,7 +20,7 @@ TEXTS = [
     f"Is the {z} {c} {s} to the left of the {s}? How many {SHAPE_PLURALS[s]} are there? How many {c} "
     f"objects are there? Is the {s} to the right of, above or below the {c} {s}? {c} {s} {z}"
     for s in SHAPES for c in COLOURS for z in SIZES
-]  # fmt: skip
+] + ["What word is written in the image? What number is written in the image? What is in the box [700, 10, 900, 200]?"] * 20  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +203,49 @@ def test_a_tokenizer_without_the_worlds_words_names_nothing(tmp_path):
     words = AttributeWords(Tokenizer.load(path))
     named = words.named(torch.tensor([[5, 6, 7]]), torch.ones(1, 3))
     assert named.first.sum() == 0 and named.relation.sum() == 0
+
+
+def test_a_written_box_names_the_object_it_overlaps(tokenizer):
+    words = AttributeWords(tokenizer)
+    named = words.named(*question(tokenizer, "What is in the box [700, 10, 900, 200]?"))
+    assert named.has_box.tolist() == [True] and named.box[0].tolist() == pytest.approx([0.7, 0.01, 0.9, 0.2])
+    assert not words.named(*question(tokenizer, "How many stars are there?")).has_box.any()
+    focus, embed, objects = focus_with_objects(tokenizer, named=True)
+    with torch.no_grad():
+        focus.out.copy_(torch.eye(64))
+    # The small blue circle's box (top right): its token alone, though the question names no attribute.
+    blue = answer_start(focus, tokenizer, embed, objects, "What is in the box [700, 10, 900, 200]?")
+    assert torch.allclose(blue, objects.tokens[0, 2], atol=1e-5)
+    # A box that overlaps no object keeps the fallback (cosine) weights: a mix, not one object.
+    nowhere = answer_start(focus, tokenizer, embed, objects, "What is in the box [300, 400, 500, 600]?")
+    assert not any(torch.allclose(nowhere, objects.tokens[0, m], atol=1e-3) for m in range(3))
+
+
+def test_a_reading_question_that_names_a_kind_reads_only_that_kind(tokenizer):
+    assert split_by_kind(["EXIT 15", "PARK"]) == ["EXIT 15 PARK", "EXIT PARK", "15"]
+    assert split_by_kind([]) == ["", "", ""]
+    words = AttributeWords(tokenizer)
+    texts = ["What number is written in the image?", "What word is written in the image?",
+             "What is in the box [700, 10, 900, 200]?", "What number is written in the image?"]  # fmt: skip
+    encoded = [tokenizer.encode(t) for t in texts]
+    width = max(map(len, encoded))
+    ids = torch.tensor([e + [0] * (width - len(e)) for e in encoded])
+    real = torch.tensor([[1.0] * len(e) + [0.0] * (width - len(e)) for e in encoded])
+    named = words.named(ids, real)
+    assert named.text_kind.tolist() == [[0, 1], [1, 0], [0, 0], [0, 1]]
+    # Per answer: variants everything / words / numbers (ids 1.., 0 = empty); the last image read no number.
+    read_ids = torch.tensor([[[1, 2, 0], [1, 0, 0], [2, 0, 0]]] * 3 + [[[1, 0, 0], [1, 0, 0], [0, 0, 0]]])
+    chosen = read_for_questions([read_ids.float(), read_ids > 0, read_ids], named)[2]
+    assert chosen.tolist() == [[2, 0, 0], [1, 0, 0], [1, 2, 0], [1, 0, 0]]
+
+
+def test_a_narrow_count_histogram_gives_each_count_its_own_bin():
+    wide, narrow = soft_histogram(torch.tensor([2.0, 1.6]), COUNT_BINS, 1.0), soft_histogram(torch.tensor([2.0, 1.6]), COUNT_BINS, 0.35)
+    assert wide[0, 1] / wide[0, 2] > 0.3 and narrow[0, 1] / narrow[0, 2] < 0.001
+    assert narrow[1].argmax() == 2 and narrow[1, 1] / narrow[1, 2] < 0.2  # 1.6 reads as 2, not between
+    with pytest.raises(UserError, match="count_width"):
+        ProjectorConfig(kind="regions", focus=True, count_width=0.0)
+    from visto.quickstart import QuickstartConfig, llava_config
+
+    assert llava_config(QuickstartConfig(), vocab_size=1024).projector.count_width == 0.35
+    assert ProjectorConfig().count_width == 1.0  # checkpoints from before the setting

@@ -95,6 +95,9 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
               "(bench/README.md, 'Named words')", None),
     "box_nms": ("regions: drop a detected object whose box overlaps a more confident one's by "
                 "more than this IoU (the same object found twice); 0 = off", "IOU"),
+    "count_width": ("with --focus: the width of the count histograms' bumps (how near a count "
+                    "lights its neighbours' bins); 1.0 lit 1 and 3 at 0.37 of 2, and the decoder "
+                    "undercounted", "W"),
     "reader_steps": ("steps of the OCR reader (with --text-slots or --read-slots), trained in the vision stage "
                      "on the world's text boxes", "N"),
     "stage1_steps": ("steps of LLaVA stage 1", "N"),

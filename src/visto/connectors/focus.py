@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visto.connectors.named import AttributeWords, execute
+from visto.connectors.named import AttributeWords, Named, execute
 from visto.connectors.pointer import CopySlots, copy_runs
 
 COUNT_BINS = 10  # the world has at most 9 objects
@@ -97,12 +97,17 @@ class Objects(NamedTuple):
 class QuestionFocus(nn.Module):
     """Per answer, the objects its question names, pooled into one added input vector."""
 
-    def __init__(self, width: int, named: bool = False) -> None:
+    def __init__(self, width: int, named: bool = False, count_width: float = 1.0) -> None:
         super().__init__()
         # With `named`, the words a question names pick, count and relate the objects by
         # their predicted attributes (connectors.named); the cosine scores stay where a
         # question names none.
         self.named = named
+        # The count histograms' bump width (`soft_histogram`): at 1.0 a count of 2 lights bins
+        # 1 and 3 at 0.37 of bin 2 and a soft count of 1.6 lights 1 and 2 alike, and the
+        # decoder answered "1" for 2 objects in 33 of 86 questions where the count itself was
+        # right (w0, test split); narrower, each count is its own bin.
+        self.count_width = count_width
         self.words: AttributeWords | None = None  # set_vocabulary
         # The scores' settings are fixed (buffers: the scores take no gradient, see the module
         # doc); checkpoints keep them under the same names as when they were parameters.
@@ -260,7 +265,8 @@ class QuestionFocus(nn.Module):
         """`forward`, and what each answer's `<focus>` slots hold as token ids (`CopySlots`,
         one row per `<|assistant|>` token in row-major order; None without slots): the box
         slots each object's location token weighted as the objects are (`objects.box_ids`),
-        the read slots the read token (`read`'s third tensor: the ids (N_img, slots - 4))."""
+        the read slots the read token (`read`'s third tensor: the ids (N_img, slots - 4), or
+        per variant (N_img, V, slots - 4): `read_for_questions` picks one per question)."""
         B, T = input_ids.shape
         out = objects.tokens.new_zeros(B, T, objects.tokens.shape[-1])
         spans = self.spans(input_ids, segment_ids)
@@ -279,16 +285,17 @@ class QuestionFocus(nn.Module):
             matches = (torch.sigmoid(self.scores(question, count_tags) - scale * self.threshold) * present).sum(-1)
             best = (score / scale).masked_fill(~present, 0).max(-1).values  # (P,) cosine
             side_weights = [self.attention(side[h], tags, present) for h in range(len(SIDE_RAMPS))]
-            holds = None
-            if self.words is not None and rowed.attributes is not None:
+            holds = named = None
+            if self.words is not None:
+                named = self.words.named(input_ids[rows[:, None], spans[2]], spans[3].to(torch.float32))
+            if named is not None and rowed.attributes is not None:
                 weight, side_weights, matches, holds = self._by_named_words(
-                    input_ids[rows[:, None], spans[2]], spans[3], rowed.attributes[rows], rowed.boxes[rows],
-                    present, weight, side_weights,
-                )  # fmt: skip
+                    named, rowed.attributes[rows], rowed.boxes[rows], present, weight, side_weights
+                )
         value = torch.einsum("pm,pmd->pd", weight, tokens)  # (P, D)
         focus = (
             value @ self.out
-            + soft_histogram(matches, COUNT_BINS, 1.0) @ self.count
+            + soft_histogram(matches, COUNT_BINS, self.count_width) @ self.count
             + soft_histogram(best * (MATCH_BINS - 1), MATCH_BINS, 1.0) @ self.match
         )  # (P, D)
         centres = []
@@ -300,7 +307,7 @@ class QuestionFocus(nn.Module):
         focus = focus + torch.cat([offset, torch.tanh(8 * offset)], -1) @ self.relation
         if holds is not None:
             focus = focus + torch.stack([holds, 1 - holds], -1) * (holds >= 0)[:, None] @ self.relate
-        focus = focus + soft_histogram(present.sum(-1).to(score.dtype), COUNT_BINS, 1.0) @ self.objects
+        focus = focus + soft_histogram(present.sum(-1).to(score.dtype), COUNT_BINS, self.count_width) @ self.objects
         out = out.index_put((rows, cols), focus.to(out.dtype))
         if not self.slots:
             return out, None
@@ -318,8 +325,8 @@ class QuestionFocus(nn.Module):
             return out, self._copies(len(rows), weight, box_ids, None, None, out.device)
         if read is None:
             raise ValueError(f"a focus with {self.slots} slots fills {self.slots - 4} with read text: pass `read`")
-        per_row_read = read_per_row(*read, image_sample_index=image_sample_index, rows=B)  # (B, R, ...)
-        words, filled, *read_ids = (t[rows] for t in per_row_read)  # (P, R, ...)
+        per_row_read = read_per_row(*read, image_sample_index=image_sample_index, rows=B)  # (B, V, R, ...)
+        words, filled, *read_ids = read_for_questions([t[rows] for t in per_row_read], named)  # (P, R, ...)
         read_span = span[:, 4:]
         # Added to the `<focus>` token's embedding, as the box is; a slot with nothing read
         # keeps that alone: "no more text".
@@ -331,14 +338,13 @@ class QuestionFocus(nn.Module):
         return out, self._copies(len(rows), weight, box_ids, ids, filled, out.device)
 
     def _by_named_words(
-        self, question_ids: Tensor, real: Tensor, attributes: Tensor, boxes: Tensor, present: Tensor,
+        self, named: Named, attributes: Tensor, boxes: Tensor, present: Tensor,
         weight: Tensor, side_weights: list[Tensor],
     ) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:  # fmt: skip
-        """The focus by the attribute words each question names (connectors.named.execute):
+        """The focus by the words (and box) each question names (connectors.named.execute):
         (the object weights, the side weights [subject, object], the count (P,), whether the
         named relation holds (P,), -1 where none is named); the cosine weights stay where a
         question names nothing."""
-        named = self.words.named(question_ids, real.to(torch.float32))
         sides = execute(named, attributes, boxes, present, side_weights[0], side_weights[-1])
         weight = torch.where(sides.subject_named[:, None], sides.subject, weight)
         return weight, [sides.subject, sides.object], sides.count, sides.holds
@@ -373,6 +379,24 @@ def spread(score: Tensor, present: Tensor) -> Tensor:
     return score.masked_fill(~present, -1e4).softmax(-1) * present
 
 
+def read_for_questions(read: list[Tensor], named: Named | None) -> list[Tensor]:
+    """Per answer, the read tokens' variants (P, 1 + len(TEXT_KINDS), R, ...: everything read,
+    then only its words, only its numbers; `RegionConnector.read_tokens`) -> the one its
+    question asks for (P, R, ...): the kind it names ("What number is written?"), where it
+    names one kind and the reader read text of that kind; everything otherwise. A single
+    variant (P, R, ...) passes as it is."""
+    filled = read[1]  # (P, V, R) or (P, R)
+    if filled.dim() == 2:  # one variant
+        return read
+    rows = torch.arange(filled.shape[0], device=filled.device)
+    choice = torch.zeros_like(rows)
+    if named is not None and named.text_kind is not None:
+        kind = named.text_kind.to(filled.device)
+        asked = 1 + kind.argmax(-1)  # (P,) the variant of the named kind
+        choice = torch.where((kind.sum(-1) == 1) & filled[rows, asked].any(-1), asked, choice)
+    return [t[rows, choice] for t in read]
+
+
 def read_per_row(*per_image: Tensor, image_sample_index: Tensor, rows: int) -> tuple[Tensor, ...]:
     """Per image (N_img, R, ...) tensors (the read tokens' embeddings, masks, ids) -> per batch
     row (B, R, ...): each row's first image (rows without an image read nothing)."""
@@ -404,4 +428,4 @@ def per_row(objects: Objects, image_sample_index: Tensor, rows: int) -> Objects:
     return Objects(*(None if field is None else place(field) for field in objects))
 
 
-__all__ = ["COUNT_BINS", "MATCH_BINS", "Objects", "QuestionFocus", "SIDE_RAMPS", "per_row", "read_per_row", "soft_histogram", "spread"]
+__all__ = ["COUNT_BINS", "MATCH_BINS", "Objects", "QuestionFocus", "SIDE_RAMPS", "per_row", "read_for_questions", "read_per_row", "soft_histogram", "spread"]

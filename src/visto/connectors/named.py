@@ -21,6 +21,11 @@ by token identity, and scores each object by how well it has them:
                (a phrase without a colour leaves colour free: "How many circles?")
     count      = sum_m present_m * match_m                 ("How many red objects?": 0..9)
     relation   = which of left / right / above / below the question names
+    box        = a box the question writes ("What is in the box [695, 226, 866, 382]?"): the
+                 subject is the object whose detected box overlaps it most (IoU above 0.3)
+    text kind  = "word" or "number" ("What number is written in the image?"): the focus's
+                 read slots then hold only the lines of that kind (focus.py), so the answer
+                 is a copy from the slots' start, as when the image has one text
 
 A question that names no attribute ("How many objects are there?", a box question) matches
 every object; the focus then keeps its cosine scores (it falls back where nothing is named).
@@ -30,25 +35,35 @@ projector for real photos (regions.py says the same).
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from visto.data.synth.vocab import COLOURS, SHAPE_PLURALS, SHAPES, SIZES
+from visto.data.tokenizer import BOX_RANGE
 
 KINDS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES)}
 VALUES = sum(len(v) for v in KINDS.values())  # the width of `Objects.attributes`: 7 + 8 + 3
 RELATIONS = ("left", "right", "above", "below")
+TEXT_KINDS = ("word", "number")  # what a reading question may ask for (the world's text kinds)
+BOX_MATCH_IOU = 0.3  # a question's box names the object it overlaps most, if by more than this
+_BOX_RE = re.compile(r"\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]")
 
 
 class Named(NamedTuple):
     """What each of P questions names: the first phrase's values (P, VALUES), the last
-    phrase's (P, VALUES), and the relation words (P, len(RELATIONS)), each 0 or 1."""
+    phrase's (P, VALUES), and the relation words (P, len(RELATIONS)), each 0 or 1; the kind
+    of text it asks to read (P, len(TEXT_KINDS)) 0 or 1; the box it writes (P, 4) in 0..1,
+    and whether it writes one (P,) bool."""
 
     first: Tensor
     last: Tensor
     relation: Tensor
+    text_kind: Tensor | None = None
+    box: Tensor | None = None
+    has_box: Tensor | None = None
 
 
 class AttributeWords:
@@ -81,6 +96,27 @@ class AttributeWords:
                     rel_values.append(r)
         self.relation_ids = torch.tensor(rel_ids, dtype=torch.long)
         self.relation_values = torch.nn.functional.one_hot(torch.tensor(rel_values, dtype=torch.long), len(RELATIONS)).float()
+        self.text_kind_ids, self.text_kind_values = self._one_token_forms(tokenizer, TEXT_KINDS)
+        # A box is written as text ("[695, 226, 866, 382]"), its numbers split into tokens as
+        # the BPE merged them: questions with a "[" are decoded and parsed.
+        self.tokenizer = tokenizer
+        self.bracket_ids = torch.tensor(
+            [i for form in ("[", " [") for i in tokenizer.encode(form) if tokenizer.decode([i]).strip() == "["]
+        )
+
+    @staticmethod
+    def _one_token_forms(tokenizer, words: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+        """The one-token forms of each word (" word", "word", " words") -> (ids (F,), one-hot
+        (F, len(words)) of the word each names)."""
+        ids, values = [], []
+        for w, word in enumerate(words):
+            for form in (" " + word, word, " " + word + "s"):
+                pieces = tokenizer.encode(form)
+                if len(pieces) == 1:
+                    ids.append(pieces[0])
+                    values.append(w)
+        one_hot = torch.nn.functional.one_hot(torch.tensor(values, dtype=torch.long), len(words)).float()
+        return torch.tensor(ids, dtype=torch.long), one_hot
 
     def named(self, ids: Tensor, real: Tensor) -> Named:
         """Question token ids (P, L) and which are real words (P, L) -> `Named`."""
@@ -96,7 +132,25 @@ class AttributeWords:
         last_named = (hit * ((phrase == last) & (last > 0))[..., None]).amax(1)
         rel = (ids[..., None] == self.relation_ids.to(ids.device)).to(dtype) @ self.relation_values.to(ids.device)
         relation = (rel * real[..., None]).amax(1)  # (P, len(RELATIONS))
-        return Named(first_named, last_named, relation)
+        kind = (ids[..., None] == self.text_kind_ids.to(ids.device)).to(dtype) @ self.text_kind_values.to(ids.device)
+        text_kind = (kind * real[..., None]).amax(1)  # (P, len(TEXT_KINDS))
+        box, has_box = self.boxes(ids, real)
+        return Named(first_named, last_named, relation, text_kind, box, has_box)
+
+    def boxes(self, ids: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
+        """The box each question writes, as `tokenizer.format_box` / the world's questions
+        write one ("[x1, y1, x2, y2]", 0..BOX_RANGE) -> ((P, 4) in 0..1, (P,) bool: it writes
+        one). Only questions holding a "[" token are decoded."""
+        box = torch.zeros(ids.shape[0], 4, device=ids.device)
+        has = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        bracket = ((ids[..., None] == self.bracket_ids.to(ids.device)).any(-1) & real.bool()).any(1)
+        for p in bracket.nonzero().flatten().tolist():
+            text = self.tokenizer.decode(ids[p][real[p].bool()].tolist())
+            found = _BOX_RE.search(text)
+            if found:
+                box[p] = torch.tensor([int(v) for v in found.groups()], dtype=box.dtype) / BOX_RANGE
+                has[p] = True
+        return box, has
 
 
 def match(named: Tensor, attributes: Tensor) -> Tensor:
@@ -159,6 +213,11 @@ def execute(
 
     subject_weight, subject_named = where_named(named.first, subject, subject_fallback)
     object_weight, _ = where_named(named.last, other, object_fallback)
+    if named.has_box is not None and named.has_box.any():
+        by_box, boxed = box_match(named.box, boxes, present)
+        use = named.has_box & boxed
+        subject_weight = torch.where(use[:, None], by_box.to(dtype), subject_weight)
+        subject_named = subject_named | use
 
     def centre(w: Tensor) -> Tensor:
         box = torch.einsum("pm,pmj->pj", w, boxes.to(w.dtype))
@@ -169,4 +228,37 @@ def execute(
     return Executed(subject_weight, object_weight, subject.sum(-1), holds, subject_named)
 
 
-__all__ = ["AttributeWords", "Executed", "KINDS", "Named", "RELATIONS", "VALUES", "execute", "match", "names_any", "relation_holds"]
+def box_match(box: Tensor, boxes: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+    """The object a written box names: (P, 4) boxes and the objects' (P, M, 4), present (P, M)
+    -> (one-hot weights (P, M) on the present object that overlaps it most, (P,) bool: it
+    overlaps by more than BOX_MATCH_IOU)."""
+    iou = box_iou(box[:, None].to(boxes.dtype), boxes)[:, 0].masked_fill(~present, -1.0)  # (P, M)
+    best = iou.max(-1)
+    weights = torch.nn.functional.one_hot(best.indices, iou.shape[1]).to(boxes.dtype)
+    return weights, best.values > BOX_MATCH_IOU
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """(B, K, 4) and (B, J, 4) boxes (x1, y1, x2, y2) -> (B, K, J) pairwise IoU."""
+    lo = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
+    hi = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
+    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
+    return inter / (area_a[:, :, None] + area_b[:, None, :] - inter).clamp(min=1e-9)
+
+
+def split_by_kind(lines: list[str]) -> list[str]:
+    """The lines a reader read, in reading order -> what an answer writes for each reading
+    question: [everything (lines joined by a space, as an OCR answer), then per TEXT_KINDS
+    only the texts of that kind (numbers: all digits; words: the rest)]."""
+    texts = [t for line in lines for t in line.split()]
+    numbers = [t for t in texts if t.isdigit()]
+    words = [t for t in texts if not t.isdigit()]
+    return [" ".join(lines), " ".join(words), " ".join(numbers)]
+
+
+__all__ = [
+    "AttributeWords", "BOX_MATCH_IOU", "Executed", "KINDS", "Named", "RELATIONS", "TEXT_KINDS", "VALUES",
+    "box_iou", "box_match", "execute", "match", "names_any", "relation_holds", "split_by_kind",
+]  # fmt: skip

@@ -63,6 +63,10 @@ class ProjectorConfig:
     # matches them against each object's predicted attributes (connectors.named: filter,
     # count, relate), instead of the cosine of the question's mean embedding alone
     named: bool = False
+    # regions with focus only: the bump width of the focus's count histograms (a count c
+    # lights bin k by exp(-((c - k) / width)^2)); 1.0 in checkpoints from before it was a
+    # setting, narrower in the quickstart (connectors.focus: each count its own bin)
+    count_width: float = 1.0
     act: str = "gelu"  # mlp only: "gelu" (exact, erf) as transformers' projector_hidden_act
     bias: bool = True
     # LayerNorm on each vision feature before the projection (InternVL's projector does
@@ -85,6 +89,8 @@ class ProjectorConfig:
             raise UserError("projector pointer needs focus (it copies the <focus> slots' tokens)")
         if self.named and not self.focus:
             raise UserError("projector named needs focus (it is how the focus reads the question)")
+        if self.count_width <= 0:
+            raise UserError(f"projector count_width must be > 0 (a histogram bump's width), got {self.count_width}")
         if not 0 <= self.box_nms < 1:
             raise UserError(f"projector box_nms is an IoU in [0, 1) (0 = off), got {self.box_nms}")
         if self.text_slots < 0 or self.text_tokens < 1:
@@ -173,6 +179,7 @@ def build_projector(cfg: ProjectorConfig, input_dim: int, output_dim: int) -> nn
             input_dim, output_dim, cfg.slots, box_tokens=cfg.box_tokens,
             text_slots=cfg.text_slots, text_tokens=cfg.text_tokens, focus=cfg.focus,
             read_slots=cfg.read_slots, pointer=cfg.pointer, box_nms=cfg.box_nms, named=cfg.named,
+            count_width=cfg.count_width,
         )  # fmt: skip
     else:
         kinds = {"linear": LinearProjector, "mlp": MLPProjector, "pixel_shuffle": PixelShuffleProjector}

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from visto.connectors.focus import Objects, QuestionFocus
+from visto.connectors.named import TEXT_KINDS, box_iou, split_by_kind
 from visto.connectors.pointer import PointerHead
 from visto.data.synth.vocab import COLOURS, SHAPE_PLURALS, SHAPES, SIZES
 
@@ -111,7 +112,7 @@ class RegionConnector(nn.Module):
     def __init__(
         self, input_dim: int, output_dim: int, slots: int, box_tokens: bool = False,
         text_slots: int = 0, text_tokens: int = 6, focus: bool = False, read_slots: int = 0,
-        pointer: bool = False, box_nms: float = 0.0, named: bool = False,
+        pointer: bool = False, box_nms: float = 0.0, named: bool = False, count_width: float = 1.0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.slots = slots
@@ -136,7 +137,7 @@ class RegionConnector(nn.Module):
         # (attribute kind -> padded ids (n_values, L) and their mask), from the tokenizer
         self.vocabulary: dict[str, tuple[Tensor, Tensor]] = {}
         self.loc_ids: Tensor | None = None  # (loc_bins,) ids of <loc_0> .. <loc_{bins-1}>
-        self.focus = QuestionFocus(output_dim, named=named) if focus else None
+        self.focus = QuestionFocus(output_dim, named=named, count_width=count_width) if focus else None
         # Answers copy what the focus's `<focus>` slots hold (connectors.pointer): the box's 4
         # location tokens and the read tokens. It reads the decoder's last hidden state, whose
         # width is this connector's output width.
@@ -249,20 +250,24 @@ class RegionConnector(nn.Module):
         return words.view(B, self.text_slots * self.text_tokens, D)
 
     def read_tokens(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, 3, S, S) -> ((B, read_slots) the token ids of everything the reader read, joined
-        as an OCR answer writes it (lines in reading order, one space between), cut at
-        `read_slots`; (B, read_slots) which slots hold a token)."""
+        """(B, 3, S, S) -> ((B, 1 + len(TEXT_KINDS), read_slots) the token ids of what the reader
+        read, cut at `read_slots`: everything, joined as an OCR answer writes it (lines in
+        reading order, one space between), then only its words, only its numbers
+        (`named.split_by_kind`: what "What number is written?" copies); (B, 1 + len(TEXT_KINDS),
+        read_slots) which slots hold a token)."""
         B = pixels.shape[0]
-        ids = torch.zeros(B, self.read_slots, dtype=torch.long)
-        filled = torch.zeros(B, self.read_slots, dtype=torch.bool)
+        ids = torch.zeros(B, 1 + len(TEXT_KINDS), self.read_slots, dtype=torch.long)
+        filled = torch.zeros(B, 1 + len(TEXT_KINDS), self.read_slots, dtype=torch.bool)
         for b, lines in enumerate(self.read_lines(pixels)):
-            pieces = self.tokenizer.encode(" ".join(lines))[: self.read_slots] if lines else []
-            ids[b, : len(pieces)] = torch.tensor(pieces, dtype=torch.long)
-            filled[b, : len(pieces)] = True
+            for v, text in enumerate(split_by_kind(lines)):
+                pieces = self.tokenizer.encode(text)[: self.read_slots] if text else []
+                ids[b, v, : len(pieces)] = torch.tensor(pieces, dtype=torch.long)
+                filled[b, v, : len(pieces)] = True
         return ids.to(pixels.device), filled.to(pixels.device)
 
     def read_words(self, pixels: Tensor, embed: nn.Embedding) -> tuple[Tensor, Tensor, Tensor]:
-        """`read_tokens` with their embeddings first: ((B, read_slots, D_lm), filled, ids)."""
+        """`read_tokens` with their embeddings first: ((B, 1 + len(TEXT_KINDS), read_slots,
+        D_lm), filled, ids)."""
         ids, filled = self.read_tokens(pixels)
         device = embed.weight.device
         return embed(ids.to(device)), filled.to(device), ids.to(device)
@@ -322,16 +327,6 @@ class RegionConnector(nn.Module):
         return Objects(tokens, score_tags, box_words, box, present, count_tags, box_ids, attributes)
 
 
-def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """(B, K, 4) and (B, K, 4) boxes (x1, y1, x2, y2) -> (B, K, K) pairwise IoU."""
-    lo = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
-    hi = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
-    inter = (hi - lo).clamp(min=0).prod(-1)
-    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
-    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
-    return inter / (area_a[:, :, None] + area_b[:, None, :] - inter).clamp(min=1e-9)
-
-
 def overlapped(boxes: Tensor, present: Tensor, threshold: float) -> Tensor:
     """Greedy NMS over candidates sorted by confidence: (B, K, 4) boxes, (B, K) which are
     candidates -> (B, K) bool: overlaps a kept, more confident candidate by more than
@@ -344,4 +339,4 @@ def overlapped(boxes: Tensor, present: Tensor, threshold: float) -> Tensor:
     return dropped
 
 
-__all__ = ["CHARS", "COLOUR_NAMES", "DenseHeads", "RegionConnector", "SHAPE_NAMES", "SIZE_NAMES", "box_fourier", "box_iou", "overlapped"]
+__all__ = ["CHARS", "COLOUR_NAMES", "DenseHeads", "RegionConnector", "SHAPE_NAMES", "SIZE_NAMES", "box_fourier", "overlapped"]
