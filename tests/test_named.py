@@ -8,8 +8,21 @@ import pytest
 import torch
 from torch import nn
 
-from visto.connectors.focus import COUNT_BINS, Objects, QuestionFocus, read_for_questions, soft_histogram
-from visto.connectors.named import KINDS, VALUES, AttributeWords, match, relation_holds, split_by_kind
+from visto.connectors.focus import (
+    COUNT_BINS,
+    Objects,
+    QuestionFocus,
+    read_for_questions,
+    soft_histogram,
+)
+from visto.connectors.named import (
+    KINDS,
+    VALUES,
+    AttributeWords,
+    match,
+    relation_holds,
+    split_by_kind,
+)
 from visto.connectors.projector import ProjectorConfig
 from visto.connectors.regions import RegionConnector, overlapped
 from visto.data.synth.vocab import COLOURS, SHAPE_PLURALS, SHAPES, SIZES
@@ -249,3 +262,20 @@ def test_a_narrow_count_histogram_gives_each_count_its_own_bin():
 
     assert llava_config(QuickstartConfig(), vocab_size=1024).projector.count_width == 0.35
     assert ProjectorConfig().count_width == 1.0  # checkpoints from before the setting
+
+
+def test_left_to_right_order_lists_objects_as_the_json_answer_does(tokenizer):
+    connector = RegionConnector(8, 16, slots=4, object_order="left_to_right")
+    connector.set_vocabulary(tokenizer)
+    centre = torch.full((1, 16), -5.0)
+    centre[0, [1, 6, 12]] = torch.tensor([3.0, 2.0, 4.0])
+    box = torch.zeros(1, 16, 4)
+    box[0, 1] = torch.tensor([0.6, 0.0, 0.8, 0.2])  # top right
+    box[0, 6] = torch.tensor([0.1, 0.9, 0.3, 1.0])  # bottom left: left of the others, though lower
+    box[0, 12] = torch.tensor([0.6, 0.5, 0.8, 0.7])  # same left edge as patch 1, lower
+    index, present = connector.select({"centre": centre, "box": box})
+    assert index[present].tolist() == [6, 1, 12] and present.tolist() == [[True, True, True, False]]
+    connector.object_order = "raster"
+    assert connector.select({"centre": centre, "box": box})[0][0, :3].tolist() == [1, 6, 12]
+    with pytest.raises(UserError, match="object_order"):
+        ProjectorConfig(kind="regions", object_order="by size")

@@ -113,6 +113,9 @@ class QuickstartConfig:
     # with focus: the count histograms' bump width (ProjectorConfig.count_width): at 1.0 the
     # decoder answered "1" for 2 objects in 33 of 86 questions whose count the focus had right
     count_width: float = 0.35
+    # regions: object tokens left to right (ProjectorConfig.object_order), as the JSON answer
+    # lists the objects; "raster": by the centre's patch
+    object_order: str = "left_to_right"
     reader_steps: int = 1000
     decoder_width: int = 256
     decoder_layers: int = 4
@@ -180,7 +183,7 @@ class QuickstartConfig:
                                    "vision_width", "vision_layers", "vision_batch", "vision_lr",
                                    # the saved checkpoint holds a fresh connector and decoder too
                                    "projector", "slots", "box_tokens", "text_slots", "focus", "focus_slots",
-                                   "read_slots", "pointer", "named", "box_nms", "count_width", "reader_steps",
+                                   "read_slots", "pointer", "named", "box_nms", "count_width", "object_order", "reader_steps",
                                    "decoder_width", "decoder_layers",
                                    "decoder_init", "vocab_size", "loc_bins", "max_length"),
         }  # fmt: skip
@@ -302,7 +305,7 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
         pointer=cfg.pointer and focus_slots(cfg) > 0,
         named=cfg.named and cfg.focus and cfg.projector == "regions",
         box_nms=cfg.box_nms if cfg.projector == "regions" else 0.0,
-        count_width=cfg.count_width,
+        count_width=cfg.count_width, object_order=cfg.object_order,
     )  # fmt: skip
     patches = vision.num_patches
     decoder = DecoderConfig(

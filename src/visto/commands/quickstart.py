@@ -98,6 +98,9 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
     "count_width": ("with --focus: the width of the count histograms' bumps (how near a count "
                     "lights its neighbours' bins); 1.0 lit 1 and 3 at 0.37 of 2, and the decoder "
                     "undercounted", "W"),
+    "object_order": ("regions: the order of the object tokens: left_to_right (by the box's left "
+                     "edge, the order the JSON answer lists objects in) or raster (by the "
+                     "centre's patch)", "ORDER"),
     "reader_steps": ("steps of the OCR reader (with --text-slots or --read-slots), trained in the vision stage "
                      "on the world's text boxes", "N"),
     "stage1_steps": ("steps of LLaVA stage 1", "N"),

@@ -67,6 +67,10 @@ class ProjectorConfig:
     # lights bin k by exp(-((c - k) / width)^2)); 1.0 in checkpoints from before it was a
     # setting, narrower in the quickstart (connectors.focus: each count its own bin)
     count_width: float = 1.0
+    # regions only: the order of the object tokens: "raster" (their centres' patches, top-left
+    # first) or "left_to_right" (their boxes' left edges: the order the world's JSON answer
+    # lists objects in, so writing it is a scan over the tokens, not a sort)
+    object_order: str = "raster"
     act: str = "gelu"  # mlp only: "gelu" (exact, erf) as transformers' projector_hidden_act
     bias: bool = True
     # LayerNorm on each vision feature before the projection (InternVL's projector does
@@ -89,6 +93,8 @@ class ProjectorConfig:
             raise UserError("projector pointer needs focus (it copies the <focus> slots' tokens)")
         if self.named and not self.focus:
             raise UserError("projector named needs focus (it is how the focus reads the question)")
+        if self.object_order not in ("raster", "left_to_right"):
+            raise UserError(f"projector object_order must be 'raster' or 'left_to_right', got {self.object_order!r}")
         if self.count_width <= 0:
             raise UserError(f"projector count_width must be > 0 (a histogram bump's width), got {self.count_width}")
         if not 0 <= self.box_nms < 1:
@@ -179,7 +185,7 @@ def build_projector(cfg: ProjectorConfig, input_dim: int, output_dim: int) -> nn
             input_dim, output_dim, cfg.slots, box_tokens=cfg.box_tokens,
             text_slots=cfg.text_slots, text_tokens=cfg.text_tokens, focus=cfg.focus,
             read_slots=cfg.read_slots, pointer=cfg.pointer, box_nms=cfg.box_nms, named=cfg.named,
-            count_width=cfg.count_width,
+            count_width=cfg.count_width, object_order=cfg.object_order,
         )  # fmt: skip
     else:
         kinds = {"linear": LinearProjector, "mlp": MLPProjector, "pixel_shuffle": PixelShuffleProjector}

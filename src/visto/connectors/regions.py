@@ -113,10 +113,12 @@ class RegionConnector(nn.Module):
         self, input_dim: int, output_dim: int, slots: int, box_tokens: bool = False,
         text_slots: int = 0, text_tokens: int = 6, focus: bool = False, read_slots: int = 0,
         pointer: bool = False, box_nms: float = 0.0, named: bool = False, count_width: float = 1.0,
+        object_order: str = "raster",
     ) -> None:  # fmt: skip
         super().__init__()
         self.slots = slots
         self.box_nms = box_nms
+        self.object_order = object_order
         self.box_tokens = box_tokens
         self.text_slots, self.text_tokens = text_slots, text_tokens
         self.read_slots = read_slots
@@ -198,7 +200,8 @@ class RegionConnector(nn.Module):
 
     def select(self, heads: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(patch index (B, slots), present (B, slots)): the most confident centres, in raster
-        order (top-left first), real objects before empty slots. With `box_nms`, a centre whose
+        order (top-left first; with `object_order` "left_to_right", by their boxes' left edge,
+        then top edge), real objects before empty slots. With `box_nms`, a centre whose
         box overlaps a more confident centre's box by more than that IoU is the same object
         seen from a neighbouring patch, and is dropped (greedy NMS; most of the detector's
         miscounts were one object found twice: bench/README.md, "Named words")."""
@@ -209,8 +212,13 @@ class RegionConnector(nn.Module):
         if self.box_nms > 0:
             present = present & ~overlapped(heads["box"].gather(1, top.indices[..., None].expand(-1, -1, 4)),
                                             present, self.box_nms)  # fmt: skip
-        # Raster order among present ones; absent ones sort last.
-        key = top.indices + (~present) * score.shape[1]
+        # Raster order (or left to right) among present ones; absent ones sort last.
+        key = top.indices.to(torch.float64)
+        if self.object_order == "left_to_right":  # the order the world's JSON lists objects in
+            box = heads["box"].gather(1, top.indices[..., None].expand(-1, -1, 4)).to(torch.float64)
+            box = box.clamp(0, 0.999)
+            key = (box[..., 0] * 1000).floor() + box[..., 1]  # left edge (in 0..999), then top
+        key = key + (~present) * (score.shape[1] + 1000.0)
         order = key.argsort(dim=1)
         index, present = top.indices.gather(1, order), present.gather(1, order)
         if k < self.slots:  # fewer patches than slots: pad with absent slots
