@@ -10,7 +10,12 @@ alone as at evaluation:
     with each `--nms` IoU), and how it errs (one object found twice, two found as one);
   - count: the executed count of the question's subject rounds to the answer;
   - exist: an executed count above 0.5 says "yes" exactly when the answer is yes;
-  - relation: the executed relation truth above 0.5 says "yes" exactly when the answer is yes;
+  - relation: the executed relation truth above 0.5 says "yes" exactly when the answer is yes
+    (twins told apart by "on the left" / "on the right": `named.by_side`);
+  - box -> description: the object a written box names (`named.box_match`) has the described
+    size, colour and shape (its most likely ones);
+  - read: what the reader read, of the kind the question asks ("What number is written?":
+    `named.split_by_kind`), is the answer;
   - the old cosine count (`QuestionFocus`'s soft count), and a hard count (matches above 0.5),
     for comparison, and the count by its true answer (0, 1, 2, 3 and more).
 
@@ -69,7 +74,8 @@ def main() -> None:
         for r in itertools.islice(iter_records(world, a.split), a.n):
             image = open_image(world / r["image"])
             truth = len(r["truth"]["objects"])
-            asks = [qa for qa in r["tasks"]["vqa"] if qa.get("type") in ("count", "exist", "relation")]
+            asks = [qa for qa in r["tasks"]["vqa"] if qa.get("type") in ("count", "exist", "relation", "read")]
+            asks += [{**qa, "type": "refdesc"} for qa in r["tasks"]["refdesc"]]
             batch = model.prompt_batch([Sample(str(k), [image], [Turn("user", f"{IMAGE_PLACEHOLDER}\n{qa['q']}")])
                                         for k, qa in enumerate(asks or [{"q": "?"}])])  # fmt: skip
             features = model.patch_features(batch.pixel_values[:1])
@@ -94,7 +100,14 @@ def main() -> None:
             cosine = (torch.sigmoid(focus.scores(question, tags.expand(P, -1, -1)) - scale * focus.threshold)
                       * present).sum(-1)  # fmt: skip
             hard = ((match(named.first, attributes) * present) > 0.5).sum(-1)  # matches above 0.5
-            for qa, count, holds, old, strict in zip(asks, run.count, run.holds, cosine, hard, strict=True):
+            read = None
+            if connector.read_slots:
+                from visto.connectors.focus import read_for_questions
+
+                ids, filled = connector.read_tokens(batch.pixel_values[:1])
+                read = read_for_questions([ids.expand(P, -1, -1), filled.expand(P, -1, -1)], named)[0]
+            described = describe_objects(attributes[0])
+            for p, (qa, count, holds, old, strict) in enumerate(zip(asks, run.count, run.holds, cosine, hard, strict=True)):
                 kind = qa["type"]
                 if kind == "count":
                     right = round(float(count)) == qa["count"]
@@ -107,6 +120,13 @@ def main() -> None:
                     answered["count (cosine, before)"][1] += 1
                 elif kind == "exist":
                     right = (float(count) > 0.5) == (qa["a"] == "yes")
+                elif kind == "refdesc":
+                    right = bool(run.subject_named[p]) and described[int(run.subject[p].argmax())] == qa["a"]
+                elif kind == "read":
+                    if read is None:
+                        continue
+                    tokens = [t for t in read[p].tolist() if t]
+                    right = model.processor.tokenizer.decode(tokens).strip() == qa["a"]
                 else:
                     right = (float(holds) > 0.5) == (qa["a"] == "yes")
                 answered[kind][0] += right
@@ -131,6 +151,17 @@ def main() -> None:
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"checkpoint": a.checkpoint, "n": images, **table}, indent=1))
+
+
+def describe_objects(attributes: torch.Tensor) -> list[str]:
+    """(M, VALUES) attribute probabilities -> each object's most likely "size colour shape"."""
+    from visto.connectors.named import KINDS
+
+    picks, at = {}, 0
+    for kind, names in KINDS.items():
+        picks[kind] = [names[i] for i in attributes[:, at : at + len(names)].argmax(-1).tolist()]
+        at += len(names)
+    return [f"{z} {c} {s}" for z, c, s in zip(picks["size"], picks["colour"], picks["shape"], strict=True)]
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ from visto.connectors.focus import (
 )
 from visto.connectors.named import (
     KINDS,
+    RELATIONS,
     VALUES,
     AttributeWords,
+    execute,
     match,
     relation_holds,
     split_by_kind,
@@ -33,7 +35,8 @@ TEXTS = [
     f"Is the {z} {c} {s} to the left of the {s}? How many {SHAPE_PLURALS[s]} are there? How many {c} "
     f"objects are there? Is the {s} to the right of, above or below the {c} {s}? {c} {s} {z}"
     for s in SHAPES for c in COLOURS for z in SIZES
-] + ["What word is written in the image? What number is written in the image? What is in the box [700, 10, 900, 200]?"] * 20  # fmt: skip
+] + ["What word is written in the image? What number is written in the image? What is in the box [700, 10, 900, 200]?",
+       "Is the red star on the left to the right of the red star on the right? What colour is the star on the left?"] * 20  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +282,24 @@ def test_left_to_right_order_lists_objects_as_the_json_answer_does(tokenizer):
     assert connector.select({"centre": centre, "box": box})[0][0, :3].tolist() == [1, 6, 12]
     with pytest.raises(UserError, match="object_order"):
         ProjectorConfig(kind="regions", object_order="by size")
+
+
+def test_on_the_left_picks_the_left_twin_and_is_no_relation(tokenizer):
+    words = AttributeWords(tokenizer)
+    named = words.named(*question(tokenizer, "Is the red star on the left to the right of the red star on the right?"))
+    assert named.relation[0].tolist() == [0, 1, 0, 0]  # "to the right of" only
+    assert named.first_side[0].tolist() == [1, 0] and named.last_side[0].tolist() == [0, 1]
+    plain = words.named(*question(tokenizer, "Is the red star to the left of the blue circle?"))
+    assert plain.first_side.sum() == 0 and plain.relation[0, RELATIONS.index("left")] == 1
+    # Two red stars (right one first in slot order) and a blue circle.
+    attrs = attributes(("large", "red", "star"), ("large", "red", "star"), ("small", "blue", "circle"))
+    boxes = torch.tensor([[[0.7, 0.1, 0.9, 0.3], [0.1, 0.1, 0.3, 0.3], [0.4, 0.6, 0.6, 0.8]]])
+    present = torch.ones(1, 3, dtype=torch.bool)
+    uniform = torch.full((1, 3), 1 / 3)
+    run = execute(named, attrs, boxes, present, uniform, uniform)
+    assert run.subject[0].tolist() == [0, 1, 0] and run.object[0].tolist() == [1, 0, 0]
+    assert run.holds.item() < 0.01  # the left star is not right of the right one
+    one = words.named(*question(tokenizer, "What colour is the star on the left?"))
+    assert execute(one, attrs, boxes, present, uniform, uniform).subject[0].tolist() == [0, 1, 0]
+    unsided = words.named(*question(tokenizer, "Is the red star to the left of the blue circle?"))
+    assert execute(unsided, attrs, boxes, present, uniform, uniform).subject[0].tolist() == [0.5, 0.5, 0]

@@ -21,6 +21,9 @@ by token identity, and scores each object by how well it has them:
                (a phrase without a colour leaves colour free: "How many circles?")
     count      = sum_m present_m * match_m                 ("How many red objects?": 0..9)
     relation   = which of left / right / above / below the question names
+    side       = "on the left" / "on the right" right after a phrase (how the world tells two
+                 identical objects apart: "the purple star on the left"): of the objects the
+                 phrase matches, the leftmost / rightmost; those words are no relation
     box        = a box the question writes ("What is in the box [695, 226, 866, 382]?"): the
                  subject is the object whose detected box overlaps it most (IoU above 0.3)
     text kind  = "word" or "number" ("What number is written in the image?"): the focus's
@@ -64,6 +67,8 @@ class Named(NamedTuple):
     text_kind: Tensor | None = None
     box: Tensor | None = None
     has_box: Tensor | None = None
+    first_side: Tensor | None = None  # (P, 2): "on the left" / "on the right" after the first phrase
+    last_side: Tensor | None = None  # (P, 2): ... after the last phrase
 
 
 class AttributeWords:
@@ -97,6 +102,10 @@ class AttributeWords:
         self.relation_ids = torch.tensor(rel_ids, dtype=torch.long)
         self.relation_values = torch.nn.functional.one_hot(torch.tensor(rel_values, dtype=torch.long), len(RELATIONS)).float()
         self.text_kind_ids, self.text_kind_values = self._one_token_forms(tokenizer, TEXT_KINDS)
+        # "on the left" / "on the right": a side, not a relation ("to the left of")
+        self.on_ids = self._one_token_forms(tokenizer, ("on",))[0]
+        self.the_ids = self._one_token_forms(tokenizer, ("the",))[0]
+        self.side_ids, self.side_values = self._one_token_forms(tokenizer, ("left", "right"))
         # A box is written as text ("[695, 226, 866, 382]"), its numbers split into tokens as
         # the BPE merged them: questions with a "[" are decoded and parsed.
         self.tokenizer = tokenizer
@@ -130,12 +139,29 @@ class AttributeWords:
         last = phrase.max(1, keepdim=True).values
         first_named = (hit * (phrase == 1)[..., None]).amax(1)  # (P, VALUES)
         last_named = (hit * ((phrase == last) & (last > 0))[..., None]).amax(1)
+        side = self.sides(ids, real)  # (P, L, 2)
+        is_side = side.sum(-1) > 0
+        upto = phrase.cummax(1).values  # (P, L): the last phrase at or before each word
+        first_side = (side * ((upto == 1) & is_side)[..., None]).amax(1)  # (P, 2)
+        last_side = (side * ((upto == last) & (last > 0) & is_side)[..., None]).amax(1)
         rel = (ids[..., None] == self.relation_ids.to(ids.device)).to(dtype) @ self.relation_values.to(ids.device)
-        relation = (rel * real[..., None]).amax(1)  # (P, len(RELATIONS))
+        relation = (rel * (real * ~is_side)[..., None]).amax(1)  # (P, len(RELATIONS))
         kind = (ids[..., None] == self.text_kind_ids.to(ids.device)).to(dtype) @ self.text_kind_values.to(ids.device)
         text_kind = (kind * real[..., None]).amax(1)  # (P, len(TEXT_KINDS))
         box, has_box = self.boxes(ids, real)
-        return Named(first_named, last_named, relation, text_kind, box, has_box)
+        return Named(first_named, last_named, relation, text_kind, box, has_box, first_side, last_side)
+
+    def sides(self, ids: Tensor, real: Tensor) -> Tensor:
+        """(P, L) -> (P, L, 2): at the last word of each "on the left" / "on the right", which."""
+        dtype = self.side_values.dtype
+
+        def one_of(table: Tensor) -> Tensor:
+            return (ids[..., None] == table.to(ids.device)).any(-1) & real.bool()
+
+        side = (ids[..., None] == self.side_ids.to(ids.device)).to(dtype) @ self.side_values.to(ids.device)
+        after = torch.zeros_like(real, dtype=torch.bool)
+        after[:, 2:] = one_of(self.on_ids)[:, :-2] & one_of(self.the_ids)[:, 1:-1]
+        return side * (after & real.bool())[..., None]
 
     def boxes(self, ids: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
         """The box each question writes, as `tokenizer.format_box` / the world's questions
@@ -206,6 +232,9 @@ def execute(
     presentf = present.to(dtype)
     subject = match(named.first.to(dtype), attributes) * presentf  # (P, M)
     other = match(named.last.to(dtype), attributes) * presentf
+    if named.first_side is not None:
+        subject = by_side(subject, named.first_side.to(dtype), boxes)
+        other = by_side(other, named.last_side.to(dtype), boxes)
 
     def where_named(phrase: Tensor, found: Tensor, fallback: Tensor) -> tuple[Tensor, Tensor]:
         use = names_any(phrase) & (found.sum(-1) > 0.5)  # named, and some object has it
@@ -226,6 +255,20 @@ def execute(
     holds = relation_holds(named.relation.to(dtype), centre(subject_weight) - centre(object_weight))
     holds = torch.where(named.relation.sum(-1) > 0, holds, torch.full_like(holds, -1.0))
     return Executed(subject_weight, object_weight, subject.sum(-1), holds, subject_named)
+
+
+def by_side(found: Tensor, side: Tensor, boxes: Tensor) -> Tensor:
+    """Matches (P, M) narrowed by a side (P, 2: left, right; 0 = none): the leftmost (or
+    rightmost) of the objects that match by more than half keeps its match, the rest drop
+    to 0. Rows that name no side, or match nothing, stay as they were."""
+    x = (boxes[..., 0] + boxes[..., 2]).to(found.dtype) / 2  # (P, M) centres
+    matched = found > 0.5
+    left = x.masked_fill(~matched, float("inf")).argmin(-1)
+    right = x.masked_fill(~matched, float("-inf")).argmax(-1)
+    pick = torch.where(side[:, 1] > side[:, 0], right, left)  # (P,)
+    keep = torch.nn.functional.one_hot(pick, found.shape[1]).to(found.dtype) * found
+    use = (side.sum(-1) > 0) & matched.any(-1)
+    return torch.where(use[:, None], keep, found)
 
 
 def box_match(box: Tensor, boxes: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
@@ -260,5 +303,5 @@ def split_by_kind(lines: list[str]) -> list[str]:
 
 __all__ = [
     "AttributeWords", "BOX_MATCH_IOU", "Executed", "KINDS", "Named", "RELATIONS", "TEXT_KINDS", "VALUES",
-    "box_iou", "box_match", "execute", "match", "names_any", "relation_holds", "split_by_kind",
+    "box_iou", "box_match", "by_side", "execute", "match", "names_any", "relation_holds", "split_by_kind",
 ]  # fmt: skip
