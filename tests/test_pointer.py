@@ -195,3 +195,149 @@ def test_cogvlm_refuses_the_pointer():
     projector = ProjectorConfig(kind="regions", slots=3, focus=True, pointer=True)
     with pytest.raises(UserError, match="pointer"):
         build_model("cogvlm", CogVLMConfig.preset("tiny", projector=projector), seed=0)
+
+
+# ---------------------------------------------------------------- answers copied (copy_answers)
+
+ANSWER_TEXTS = [f"What colour is the {s}? What size is the {s}? How many {s}s are there? {z} {c} {s} {z} {c} {s} "
+                f"{c} {s} {z} 0 1 2 3 4 5 6 7 8 9" for s in SHAPE_NAMES for c in COLOUR_NAMES for z in SIZE_NAMES]  # fmt: skip
+
+
+def answer_runs_fixture():
+    from visto.connectors.named import VALUES, AttributeWords, answer_runs
+
+    bare = [w for names in (SHAPE_NAMES, COLOUR_NAMES, SIZE_NAMES) for w in names] * 20  # answers' first words
+    path_tok = train_tokenizer(ANSWER_TEXTS * 3 + bare, vocab_size=500, loc_bins=32, min_frequency=1)
+    words = AttributeWords(path_tok)
+    return path_tok, words, VALUES, answer_runs
+
+
+def one_object_attributes(values: int, shape: str, colour: str, size: str, colour_share: float = 1.0) -> torch.Tensor:
+    from visto.connectors.named import KINDS
+
+    out = torch.zeros(values)
+    out[KINDS["shape"].index(shape)] = 1
+    off = len(KINDS["shape"])
+    out[off + KINDS["colour"].index(colour)] = colour_share
+    if colour_share < 1:  # the rest on the next colour
+        out[off + (KINDS["colour"].index(colour) + 1) % len(KINDS["colour"])] = 1 - colour_share
+    out[off + len(KINDS["colour"]) + KINDS["size"].index(size)] = 1
+    return out
+
+
+def test_answer_runs_hold_the_subjects_words_and_its_count():
+    tok, words, values, answer_runs = answer_runs_fixture()
+    attributes = torch.stack([one_object_attributes(values, "star", "red", "large", 0.8),
+                              one_object_attributes(values, "circle", "blue", "small")])[None]  # fmt: skip
+    weight = torch.tensor([[1.0, 0.0]])  # the subject is the star
+    describe, colour, shape, size, count = answer_runs(words, weight, attributes, torch.tensor([2.0]), 0.35)
+    assert describe[0].shape[:2] == (1, 3) and colour[0].shape[:2] == (1, 1)
+
+    def held(run, slot: int) -> dict[str, float]:
+        ids, w = run[0][0, slot], run[1][0, slot]
+        return {tok.decode([int(i)]): round(float(x), 3) for i, x in zip(ids, w, strict=True) if x > 0}
+
+    assert sorted(held(colour, 0).values()) == [0.2, 0.8] and held(colour, 0)["red"] == 0.8
+    assert held(describe, 0) == {"large": 1.0}
+    assert held(describe, 1)[" red"] == 0.8 and held(describe, 2) == {" star": 1.0}
+    assert held(shape, 0) == {"star": 1.0} and held(size, 0) == {"large": 1.0}
+    assert max(held(count, 0), key=held(count, 0).get) == "2" and sum(held(count, 0).values()) == pytest.approx(1.0, abs=0.01)
+    # Without objects (weights 0) the attribute slots are empty: nothing to copy.
+    empty = answer_runs(words, torch.zeros(1, 2), attributes, torch.tensor([0.0]), 0.35)
+    assert all(run[1].sum() == 0 for run in empty[:4]) and held(empty[4], 0)["0"] == pytest.approx(1.0, abs=0.01)
+
+
+def test_the_pointer_copies_a_description_word_by_word():
+    from visto.connectors.pointer import copy_runs
+
+    tok, words, values, answer_runs = answer_runs_fixture()
+    attributes = one_object_attributes(values, "star", "red", "large")[None, None]
+    runs = answer_runs(words, torch.ones(1, 1), attributes, torch.tensor([1.0]), 0.35)
+    END, OPEN = tok.end_id, tok.role_ids["assistant"]
+    slots = copy_runs(runs, END)
+    head = PointerHead(4, (3, 1, 1, 1, 1))
+    head.start_id = OPEN
+    with torch.no_grad():
+        head.keys.zero_()
+        head.query.weight.copy_(torch.eye(4))
+        head.keys[0:4, 0] = 1.0  # hidden feature 0 asks for the description run (3 slots and its end)
+    logits = torch.full((1, tok.vocab_size), -30.0)
+    hidden = torch.tensor([[5.0, 0, 0, 0]])
+    out, token = [], OPEN
+    for _ in range(4):
+        token = int(head(hidden, logits, slots, torch.tensor([token])).argmax())
+        out.append(token)
+    assert tok.decode(out[:3]) == "large red star" and out[3] == END
+
+
+def test_config_refuses_copy_answers_without_named_words_and_a_pointer():
+    with pytest.raises(UserError, match="copy_answers"):
+        ProjectorConfig(kind="regions", focus=True, pointer=True, copy_answers=True)
+
+
+def test_llava_copies_a_colour_it_never_answered_in_training():
+    """copy_answers end to end: trained to answer "What colour is the star?" on images whose
+    detector sees a red or a blue star, the model answers "green" for a green one (a word
+    it never wrote), by copying the detector's word, in training and generation. Only the
+    pointer head trains, so the copy is the one way to the answers (with the decoder
+    training too, two images are learned by the LM head from the image's features)."""
+    from PIL import Image
+
+    from visto.data.processor import Processor
+    from visto.data.sample import Sample, Turn
+    from visto.infer.engine import Engine
+    from visto.infer.sampling import SamplingParams
+
+    tok, *_ = answer_runs_fixture()
+    tok = with_focus_token(tok)
+    projector = ProjectorConfig(kind="regions", slots=2, focus=True, pointer=True, named=True, copy_answers=True)
+    config = LlavaConfig.preset("tiny", projector=projector)
+    config.processor.image_tokens, config.processor.focus_tokens, config.processor.loc_bins = 2, 4, 32
+    config.processor.vocab_size = config.decoder.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    model = build_model("llava", config, seed=0)
+    model.processor = Processor(config.processor, tok)
+    colours = {(200, 30, 30): "red", (30, 30, 200): "blue", (30, 200, 30): "green"}
+    images = {c: Image.new("RGB", (32, 32), c) for c in colours}
+    connector = model.multi_modal_projector
+    with torch.no_grad():
+        seen = {c: model.patch_features(model.collate([Sample("s", [im], [Turn("user", "<image>\n?")])])["pixel_values"])[0]
+                for c, im in images.items()}  # fmt: skip
+
+    def heads(features):  # a detector that sees one star of the image's colour
+        B, N, _ = features.shape
+        out = {"centre": torch.full((B, N), -10.0), "centre_shape": torch.zeros(B, N, 8), "colour": torch.zeros(B, N, 9),
+               "size": torch.zeros(B, N, 4), "box": torch.full((B, N, 4), 0.5)}  # fmt: skip
+        for b in range(B):
+            c = min(seen, key=lambda c: float((seen[c] - features[b]).abs().sum()))
+            out["centre"][b, 0] = 10.0
+            out["centre_shape"][b, 0, 1 + SHAPE_NAMES.index("star")] = 10.0
+            out["colour"][b, 0, 1 + COLOUR_NAMES.index(colours[c])] = 10.0
+            out["size"][b, 0, 1] = 10.0
+            out["box"][b, 0] = torch.tensor([0.1, 0.1, 0.5, 0.5])
+        return out
+
+    connector.heads.forward = heads
+
+    def ask(c, answer=None):
+        turns = [Turn("user", "<image>\nWhat colour is the star?")] + ([Turn("assistant", answer)] if answer else [])
+        return Sample("s", [images[c]], turns)
+
+    batch = model.collate([ask((200, 30, 30), "red"), ask((30, 30, 200), "blue")])
+    opt = torch.optim.AdamW(model.pointer.parameters(), lr=3e-2)
+    for _ in range(60):
+        out = model(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert out["token_acc"] == 1.0
+    model.eval()
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+    prompts = model.prompt_batch([ask(c) for c in colours])
+    fast = Engine(model, tok).generate_batch(prompts, greedy)
+    # The first word is the copy; where the frozen decoder's answer ends after a word it was
+    # never trained on ("green") is the LM head's, which did not train here.
+    assert [c.text.strip() for c in fast[:2]] == ["red", "blue"]
+    assert [tok.decode(c.token_ids[:1]) for c in fast] == ["red", "blue", "green"]
+    generic = Engine(model, tok, fast=False).generate_batch(prompts, greedy)
+    assert [c.token_ids for c in generic] == [c.token_ids for c in fast]

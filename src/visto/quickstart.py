@@ -116,6 +116,9 @@ class QuickstartConfig:
     # regions: object tokens left to right (ProjectorConfig.object_order), as the JSON answer
     # lists the objects; "raster": by the centre's patch
     object_order: str = "left_to_right"
+    # with named words and the pointer: answers about the named subject may copy its detected
+    # size, colour and shape words and its count (ProjectorConfig.copy_answers)
+    copy_answers: bool = False
     reader_steps: int = 1000
     decoder_width: int = 256
     decoder_layers: int = 4
@@ -183,7 +186,7 @@ class QuickstartConfig:
                                    "vision_width", "vision_layers", "vision_batch", "vision_lr",
                                    # the saved checkpoint holds a fresh connector and decoder too
                                    "projector", "slots", "box_tokens", "text_slots", "focus", "focus_slots",
-                                   "read_slots", "pointer", "named", "box_nms", "count_width", "object_order", "reader_steps",
+                                   "read_slots", "pointer", "named", "box_nms", "count_width", "object_order", "copy_answers", "reader_steps",
                                    "decoder_width", "decoder_layers",
                                    "decoder_init", "vocab_size", "loc_bins", "max_length"),
         }  # fmt: skip
@@ -306,6 +309,7 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
         named=cfg.named and cfg.focus and cfg.projector == "regions",
         box_nms=cfg.box_nms if cfg.projector == "regions" else 0.0,
         count_width=cfg.count_width, object_order=cfg.object_order,
+        copy_answers=cfg.copy_answers and cfg.named and cfg.focus and cfg.pointer and focus_slots(cfg) > 0,
     )  # fmt: skip
     patches = vision.num_patches
     decoder = DecoderConfig(

@@ -101,6 +101,10 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
     "object_order": ("regions: the order of the object tokens: left_to_right (by the box's left "
                      "edge, the order the JSON answer lists objects in) or raster (by the "
                      "centre's patch)", "ORDER"),
+    "copy_answers": ("with --named and --pointer: answers about the named object may copy its "
+                     "detected size, colour and shape words and its count through the pointer, "
+                     "as a box is copied (a colour word the decoder never wrote for that shape "
+                     "comes from the detector)", None),
     "reader_steps": ("steps of the OCR reader (with --text-slots or --read-slots), trained in the vision stage "
                      "on the world's text boxes", "N"),
     "stage1_steps": ("steps of LLaVA stage 1", "N"),

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visto.connectors.named import AttributeWords, Named, execute
+from visto.connectors.named import ANSWER_RUNS, AttributeWords, Named, answer_runs, execute
 from visto.connectors.pointer import CopySlots, copy_runs
 
 COUNT_BINS = 10  # the world has at most 9 objects
@@ -97,7 +97,7 @@ class Objects(NamedTuple):
 class QuestionFocus(nn.Module):
     """Per answer, the objects its question names, pooled into one added input vector."""
 
-    def __init__(self, width: int, named: bool = False, count_width: float = 1.0) -> None:
+    def __init__(self, width: int, named: bool = False, count_width: float = 1.0, copy_answers: bool = False) -> None:
         super().__init__()
         # With `named`, the words a question names pick, count and relate the objects by
         # their predicted attributes (connectors.named); the cosine scores stay where a
@@ -108,6 +108,11 @@ class QuestionFocus(nn.Module):
         # decoder answered "1" for 2 objects in 33 of 86 questions where the count itself was
         # right (w0, test split); narrower, each count is its own bin.
         self.count_width = count_width
+        # With `copy_answers` (and `named`), the copies after the box and the read text also
+        # hold the words an answer about the subject writes and its count (named.answer_runs),
+        # for the pointer to copy: colour, shape and size words come from the detector's
+        # attributes, not from a decoding of the object token that must be learned per pair.
+        self.copy_answers = copy_answers
         self.words: AttributeWords | None = None  # set_vocabulary
         # The scores' settings are fixed (buffers: the scores take no gradient, see the module
         # doc); checkpoints keep them under the same names as when they were parameters.
@@ -272,7 +277,7 @@ class QuestionFocus(nn.Module):
         spans = self.spans(input_ids, segment_ids)
         rows, cols, question, side = self.head_questions(input_ids, embed, segment_ids, spans)
         if rows.numel() == 0:
-            return out, self._copies(0, None, None, None, None, out.device)
+            return out, self._copies(0, None, None, None, None, out.device, self._no_answers(0, out.device))
         rowed = per_row(objects, image_sample_index, B)  # (B, M, ...)
         tokens, tags, present = rowed.tokens[rows], rowed.tags[rows], rowed.present[rows]  # (P, M, ...)
         count_tags = tags if rowed.count_tags is None else rowed.count_tags[rows]
@@ -308,6 +313,9 @@ class QuestionFocus(nn.Module):
         if holds is not None:
             focus = focus + torch.stack([holds, 1 - holds], -1) * (holds >= 0)[:, None] @ self.relate
         focus = focus + soft_histogram(present.sum(-1).to(score.dtype), COUNT_BINS, self.count_width) @ self.objects
+        answers = self._no_answers(len(rows), out.device)
+        if answers and named is not None and rowed.attributes is not None:
+            answers = answer_runs(self.words, weight, rowed.attributes[rows], matches, self.count_width)
         out = out.index_put((rows, cols), focus.to(out.dtype))
         if not self.slots:
             return out, None
@@ -322,7 +330,7 @@ class QuestionFocus(nn.Module):
         out = out.index_put((rows[:, None].expand_as(box_span), box_span), box.to(out.dtype))
         box_ids = None if rowed.box_ids is None else rowed.box_ids[rows]  # (P, M, 4)
         if self.slots == 4:
-            return out, self._copies(len(rows), weight, box_ids, None, None, out.device)
+            return out, self._copies(len(rows), weight, box_ids, None, None, out.device, answers)
         if read is None:
             raise ValueError(f"a focus with {self.slots} slots fills {self.slots - 4} with read text: pass `read`")
         per_row_read = read_per_row(*read, image_sample_index=image_sample_index, rows=B)  # (B, V, R, ...)
@@ -335,7 +343,7 @@ class QuestionFocus(nn.Module):
             (words * filled[..., None]).to(out.dtype),
         )
         ids = read_ids[0] if read_ids else None
-        return out, self._copies(len(rows), weight, box_ids, ids, filled, out.device)
+        return out, self._copies(len(rows), weight, box_ids, ids, filled, out.device, answers)
 
     def _by_named_words(
         self, named: Named, attributes: Tensor, boxes: Tensor, present: Tensor,
@@ -349,12 +357,22 @@ class QuestionFocus(nn.Module):
         weight = torch.where(sides.subject_named[:, None], sides.subject, weight)
         return weight, [sides.subject, sides.object], sides.count, sides.holds
 
+    def _no_answers(self, answers: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+        """Empty answer runs (`copy_answers` without named words or detections; none without
+        `copy_answers`)."""
+        if not self.copy_answers:
+            return []
+        return [(torch.zeros(answers, n, 1, dtype=torch.long, device=device), torch.zeros(answers, n, 1, device=device))
+                for n in ANSWER_RUNS]  # fmt: skip
+
     def _copies(
         self, answers: int, weight: Tensor | None, box_ids: Tensor | None,
         read_ids: Tensor | None, filled: Tensor | None, device: torch.device,
+        answer_slots: list[tuple[Tensor, Tensor]] = (),
     ) -> CopySlots | None:  # fmt: skip
         """The answers' slots as the pointer copies them (`with_copies`; connectors.pointer):
-        the box's 4 and the read ones, each run followed by its end slot."""
+        the box's 4, the read ones, then the answer runs (`copy_answers`), each run followed
+        by its end slot."""
         if not self.slots:
             return None
         M = weight.shape[1] if weight is not None else 1
@@ -365,7 +383,7 @@ class QuestionFocus(nn.Module):
         read = (torch.zeros(answers, R, 1, dtype=torch.long, device=device), torch.zeros(answers, R, 1, device=device))
         if read_ids is not None:  # read slot r: the r-th read token, if there is one
             read = (read_ids[..., None], filled[..., None].to(read[1].dtype))
-        return copy_runs([box, read], self.end_id)
+        return copy_runs([box, read, *answer_slots], self.end_id)
 
 
 def soft_histogram(x: Tensor, bins: int, width: float) -> Tensor:

@@ -21,6 +21,12 @@ by token identity, and scores each object by how well it has them:
                (a phrase without a colour leaves colour free: "How many circles?")
     count      = sum_m present_m * match_m                 ("How many red objects?": 0..9)
     relation   = which of left / right / above / below the question names
+    answers    = with `copy_answers` (focus.py), the words an answer about the subject writes,
+                 as slots the pointer copies: "large red hexagon" (size, colour, shape), the
+                 colour, the shape, the size alone, and the count as a digit; each slot a
+                 distribution over those words, the subject's weights times its detected
+                 attribute probabilities (`answer_runs`), so an answer about an unseen
+                 colour-shape pair copies the detector's words instead of decoding them
     side       = "on the left" / "on the right" right after a phrase (how the world tells two
                  identical objects apart: "the purple star on the left"): of the objects the
                  phrase matches, the leftmost / rightmost; those words are no relation
@@ -51,6 +57,8 @@ KINDS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": tuple(COLOURS), 
 VALUES = sum(len(v) for v in KINDS.values())  # the width of `Objects.attributes`: 7 + 8 + 3
 RELATIONS = ("left", "right", "above", "below")
 TEXT_KINDS = ("word", "number")  # what a reading question may ask for (the world's text kinds)
+# The pointer's runs of answer slots (`answer_runs`): "size colour shape", colour, shape, size, count
+ANSWER_RUNS = (3, 1, 1, 1, 1)
 BOX_MATCH_IOU = 0.3  # a question's box names the object it overlaps most, if by more than this
 _BOX_RE = re.compile(r"\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]")
 
@@ -102,6 +110,13 @@ class AttributeWords:
         self.relation_ids = torch.tensor(rel_ids, dtype=torch.long)
         self.relation_values = torch.nn.functional.one_hot(torch.tensor(rel_values, dtype=torch.long), len(RELATIONS)).float()
         self.text_kind_ids, self.text_kind_values = self._one_token_forms(tokenizer, TEXT_KINDS)
+        # The words an answer writes (`answer_runs`): each value as an answer's first word
+        # ("red") and as a later one (" red"), and the digits of a count; -1 where not one token
+        self.answer_ids = {
+            kind: (self._ids_or_missing(tokenizer, names), self._ids_or_missing(tokenizer, [" " + n for n in names]))
+            for kind, names in KINDS.items()
+        }  # fmt: skip
+        self.digit_ids = self._ids_or_missing(tokenizer, [str(d) for d in range(10)])
         # "on the left" / "on the right": a side, not a relation ("to the left of")
         self.on_ids = self._one_token_forms(tokenizer, ("on",))[0]
         self.the_ids = self._one_token_forms(tokenizer, ("the",))[0]
@@ -112,6 +127,12 @@ class AttributeWords:
         self.bracket_ids = torch.tensor(
             [i for form in ("[", " [") for i in tokenizer.encode(form) if tokenizer.decode([i]).strip() == "["]
         )
+
+    @staticmethod
+    def _ids_or_missing(tokenizer, forms: list[str]) -> Tensor:
+        """Each form's token id, -1 where it is not one token."""
+        pieces = [tokenizer.encode(form) for form in forms]
+        return torch.tensor([p[0] if len(p) == 1 else -1 for p in pieces], dtype=torch.long)
 
     @staticmethod
     def _one_token_forms(tokenizer, words: tuple[str, ...]) -> tuple[Tensor, Tensor]:
@@ -257,6 +278,44 @@ def execute(
     return Executed(subject_weight, object_weight, subject.sum(-1), holds, subject_named)
 
 
+def answer_runs(
+    words: AttributeWords, weight: Tensor, attributes: Tensor, count: Tensor, count_width: float
+) -> list[tuple[Tensor, Tensor]]:  # fmt: skip
+    """The answer slots the pointer copies (ANSWER_RUNS), for P answers whose subject is weighted
+    (P, M) over objects with attribute probabilities (P, M, VALUES) and counted (P,) -> runs of
+    (ids (P, L, W), weights (P, L, W)), each slot's weights summing to 1 (0: an empty slot):
+    ["size colour shape"], [colour], [shape], [size], [count digit]."""
+    P, M, _ = attributes.shape
+    slots: dict[tuple[str, bool], tuple[Tensor, Tensor]] = {}  # (kind, spaced) -> ids, weights (P, M * n)
+    at = 0
+    for kind, names in KINDS.items():
+        p = attributes[..., at : at + len(names)] * weight[..., None]  # (P, M, n)
+        at += len(names)
+        for spaced, table in zip((False, True), words.answer_ids[kind], strict=True):
+            table = table.to(attributes.device)
+            ids = table.clamp(min=0).expand(P, M, -1).flatten(1)
+            slots[kind, spaced] = (ids, (p * (table >= 0)).flatten(1))
+    digits = words.digit_ids.to(attributes.device)
+    bins = torch.arange(10, device=count.device, dtype=count.dtype)
+    near = torch.exp(-(((count[:, None] - bins) / count_width) ** 2))  # (P, 10)
+    near = near * (digits >= 0) / near.sum(-1, keepdim=True).clamp(min=1e-6)
+    count_slot = (digits.clamp(min=0).expand(P, -1), near)
+
+    def run(*parts: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        width = max(ids.shape[1] for ids, _ in parts)
+        pad = [(torch.nn.functional.pad(i, (0, width - i.shape[1])), torch.nn.functional.pad(w, (0, width - w.shape[1])))
+               for i, w in parts]  # fmt: skip
+        return torch.stack([i for i, _ in pad], 1), torch.stack([w for _, w in pad], 1)
+
+    return [
+        run(slots["size", False], slots["colour", True], slots["shape", True]),
+        run(slots["colour", False]),
+        run(slots["shape", False]),
+        run(slots["size", False]),
+        run(count_slot),
+    ]
+
+
 def by_side(found: Tensor, side: Tensor, boxes: Tensor) -> Tensor:
     """Matches (P, M) narrowed by a side (P, 2: left, right; 0 = none): the leftmost (or
     rightmost) of the objects that match by more than half keeps its match, the rest drop
@@ -302,6 +361,6 @@ def split_by_kind(lines: list[str]) -> list[str]:
 
 
 __all__ = [
-    "AttributeWords", "BOX_MATCH_IOU", "Executed", "KINDS", "Named", "RELATIONS", "TEXT_KINDS", "VALUES",
-    "box_iou", "box_match", "by_side", "execute", "match", "names_any", "relation_holds", "split_by_kind",
+    "ANSWER_RUNS", "AttributeWords", "BOX_MATCH_IOU", "Executed", "KINDS", "Named", "RELATIONS", "TEXT_KINDS", "VALUES",
+    "answer_runs", "box_iou", "box_match", "by_side", "execute", "match", "names_any", "relation_holds", "split_by_kind",
 ]  # fmt: skip

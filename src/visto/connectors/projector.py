@@ -71,6 +71,11 @@ class ProjectorConfig:
     # first) or "left_to_right" (their boxes' left edges: the order the world's JSON answer
     # lists objects in, so writing it is a scan over the tokens, not a sort)
     object_order: str = "raster"
+    # regions with named words and a pointer only: the pointer may also copy the words an
+    # answer about the named subject writes ("large red hexagon", its colour, shape or size
+    # alone, its count as a digit) from the detector's attribute probabilities
+    # (connectors.named.answer_runs), as it copies a box
+    copy_answers: bool = False
     act: str = "gelu"  # mlp only: "gelu" (exact, erf) as transformers' projector_hidden_act
     bias: bool = True
     # LayerNorm on each vision feature before the projection (InternVL's projector does
@@ -93,6 +98,8 @@ class ProjectorConfig:
             raise UserError("projector pointer needs focus (it copies the <focus> slots' tokens)")
         if self.named and not self.focus:
             raise UserError("projector named needs focus (it is how the focus reads the question)")
+        if self.copy_answers and not (self.named and self.pointer):
+            raise UserError("projector copy_answers needs named and pointer (the named words pick what the pointer copies)")
         if self.object_order not in ("raster", "left_to_right"):
             raise UserError(f"projector object_order must be 'raster' or 'left_to_right', got {self.object_order!r}")
         if self.count_width <= 0:
@@ -185,7 +192,7 @@ def build_projector(cfg: ProjectorConfig, input_dim: int, output_dim: int) -> nn
             input_dim, output_dim, cfg.slots, box_tokens=cfg.box_tokens,
             text_slots=cfg.text_slots, text_tokens=cfg.text_tokens, focus=cfg.focus,
             read_slots=cfg.read_slots, pointer=cfg.pointer, box_nms=cfg.box_nms, named=cfg.named,
-            count_width=cfg.count_width, object_order=cfg.object_order,
+            count_width=cfg.count_width, object_order=cfg.object_order, copy_answers=cfg.copy_answers,
         )  # fmt: skip
     else:
         kinds = {"linear": LinearProjector, "mlp": MLPProjector, "pixel_shuffle": PixelShuffleProjector}

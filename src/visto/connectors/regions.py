@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from visto.connectors.focus import Objects, QuestionFocus
-from visto.connectors.named import TEXT_KINDS, box_iou, split_by_kind
+from visto.connectors.named import ANSWER_RUNS, TEXT_KINDS, box_iou, split_by_kind
 from visto.connectors.pointer import PointerHead
 from visto.data.synth.vocab import COLOURS, SHAPE_PLURALS, SHAPES, SIZES
 
@@ -113,7 +113,7 @@ class RegionConnector(nn.Module):
         self, input_dim: int, output_dim: int, slots: int, box_tokens: bool = False,
         text_slots: int = 0, text_tokens: int = 6, focus: bool = False, read_slots: int = 0,
         pointer: bool = False, box_nms: float = 0.0, named: bool = False, count_width: float = 1.0,
-        object_order: str = "raster",
+        object_order: str = "raster", copy_answers: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.slots = slots
@@ -139,11 +139,12 @@ class RegionConnector(nn.Module):
         # (attribute kind -> padded ids (n_values, L) and their mask), from the tokenizer
         self.vocabulary: dict[str, tuple[Tensor, Tensor]] = {}
         self.loc_ids: Tensor | None = None  # (loc_bins,) ids of <loc_0> .. <loc_{bins-1}>
-        self.focus = QuestionFocus(output_dim, named=named, count_width=count_width) if focus else None
+        self.focus = QuestionFocus(output_dim, named=named, count_width=count_width, copy_answers=copy_answers) if focus else None
         # Answers copy what the focus's `<focus>` slots hold (connectors.pointer): the box's 4
         # location tokens and the read tokens. It reads the decoder's last hidden state, whose
         # width is this connector's output width.
-        self.pointer = PointerHead(output_dim, (4, read_slots)) if pointer else None
+        runs = (4, read_slots) + (ANSWER_RUNS if copy_answers else ())
+        self.pointer = PointerHead(output_dim, runs) if pointer else None
 
     def set_vocabulary(self, tokenizer, focus_slots: int = 0) -> None:
         """Read the attribute words' token ids (and tell the focus how many `<focus>` slots the
