@@ -31,6 +31,17 @@ eval      the quickstart's eval (`evaluate_generative_world`, its settings: ever
           the grammar); and whether every answer (own, constrained, blind) is the same both
           ways.
 
+fast      (--parts fast1,fast2 for stage 1, stage 2) a step's forward + backward three ways in
+          turns, on --steps batches of the stage, --rounds rounds, from the stage's checkpoint
+          with no optimizer step (so every way computes from the same weights):
+            dense   the decoder's dense (T, T) mask over every position, the loss's softmax
+                    over every position (the code before the packed attention)
+            blocks  `PackedLayout`: the attention of the shared prefix and of each exchange
+                    only, every other layer on the real tokens only (no padding)
+            +loss   blocks, and the loss's softmax on the scored positions only (`_scored`)
+          CPU seconds per way, the ratios, and the loss and every gradient against dense
+          (max abs difference).
+
 Then the eval's after/before ratio applied to the idle figures of the default quickstart
 (--idle-*: measured on this machine near idle) gives the extrapolated end-to-end time.
 """
@@ -169,6 +180,90 @@ def run_training(args: argparse.Namespace, cfg: dict[str, Any], report: dict[str
         print(f"{'step (without data)':<26}{step:>10.3f}")
         print("(CPU seconds of this one-thread process, which other jobs' load moves less than the "
               "wall clock; wall: the step's wall clock)\n")
+
+
+def _dense_answer_loss(logits: Any, labels: Any) -> dict[str, Any]:
+    """`visto.losses.answer_loss` before the scored-rows change: the softmax and the argmax
+    over every position (the reference of the fast part)."""
+    import torch
+    import torch.nn.functional as F
+
+    V = logits.shape[-1]
+    shifted = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), shifted, ignore_index=-100, reduction="sum")
+    loss = total / (shifted != -100).sum().clamp(min=1)
+    with torch.no_grad():
+        target = labels[:, 1:]
+        scored = target != -100
+        token_acc = ((logits[:, :-1].argmax(dim=-1) == target) & scored).sum() / scored.sum().clamp(min=1)
+    return {"loss": loss, "token_acc": token_acc}
+
+
+FAST_WAYS = ("dense", "blocks", "+loss")
+
+
+def run_fast(args: argparse.Namespace, cfg: dict[str, Any], report: dict[str, Any], stages: list[str]) -> None:
+    """The decoder's packed attention and the scored-rows loss against the dense reference,
+    in turns, on the same batches and weights (see the module docstring: fast)."""
+    import visto.models.llava as llava_module
+
+    real_loss = llava_module.answer_loss
+    for stage in stages:
+        state = stage_state(args.run, stage, args.out / f"{stage}-fast", cfg)
+        batches = [next(state.stream) for _ in range(args.steps)]
+        state.stream.close()
+        model = state.model
+        params = [p for p in model.parameters() if p.requires_grad]
+        seconds: dict[str, list[float]] = {w: [] for w in FAST_WAYS}
+        kernel: dict[str, list[float]] = {w: [] for w in FAST_WAYS}  # of seconds: the system's
+        diffs: dict[str, dict[str, float]] = {w: {"loss": 0.0, "grad": 0.0} for w in FAST_WAYS}
+        grad_scale = 0.0
+        try:
+            for r in range(args.rounds):
+                for i, b in enumerate(batches):
+                    k = (r * len(batches) + i) % len(FAST_WAYS)
+                    results = {}
+                    for way in FAST_WAYS[k:] + FAST_WAYS[:k]:  # each way first as often
+                        model.language_model.fast_packing = way != "dense"
+                        llava_module.answer_loss = real_loss if way == "+loss" else _dense_answer_loss
+                        for p in params:
+                            p.grad = None
+                        t, k0 = CLOCK(), os.times().system
+                        loss = model(b)["loss"]
+                        loss.backward()
+                        seconds[way].append(CLOCK() - t)
+                        kernel[way].append(os.times().system - k0)
+                        results[way] = (float(loss.detach()), [p.grad for p in params])
+                    ref_loss, ref_grads = results["dense"]
+                    grad_scale = max([grad_scale] + [float(g.abs().max()) for g in ref_grads if g is not None])
+                    for way, (loss_w, grads) in results.items():
+                        d = diffs[way]
+                        d["loss"] = max(d["loss"], abs(loss_w - ref_loss))
+                        for g, g_ref in zip(grads, ref_grads, strict=True):
+                            if (g is None) != (g_ref is None):
+                                raise AssertionError(f"{way}: a gradient is missing where dense has one")
+                            if g is not None:
+                                d["grad"] = max(d["grad"], float((g - g_ref).abs().max()))
+        finally:
+            llava_module.answer_loss = real_loss
+            model.language_model.fast_packing = True
+        med = {w: statistics.median(v) for w, v in seconds.items()}
+        sys_med = {w: statistics.median(v) for w, v in kernel.items()}
+        shape = tuple(batches[0]["input_ids"].shape)
+        print(f"\n{stage} fast: batch {shape}, forward + backward, CPU s (median of {args.rounds} rounds x "
+              f"{args.steps} batches, ways in turns; load {load_avg()}); max |grad| of dense {grad_scale:.3g}")  # fmt: skip
+        print(f"malloc: {'glibc defaults' if args.malloc == 'default' else 'freed memory kept (keep_freed_memory)'}")
+        print(f"{'way':<10}{'CPU s':>10}{'of it sys':>10}{'x dense':>10}{'x previous':>12}{'max |loss diff|':>18}"
+              f"{'max |grad diff|':>18}")  # fmt: skip
+        previous = None
+        for w in FAST_WAYS:
+            step = f"{med[w] / med[previous]:>12.3f}" if previous else f"{'':>12}"
+            print(f"{w:<10}{med[w]:>10.3f}{sys_med[w]:>10.3f}{med[w] / med['dense']:>10.3f}{step}"
+                  f"{diffs[w]['loss']:>18.2e}{diffs[w]['grad']:>18.2e}")  # fmt: skip
+            previous = w
+        report.setdefault("fast", {})[stage] = {"batch": shape, "cpu_s": med, "sys_s": sys_med, "malloc": args.malloc,
+                                                "diffs": diffs, "grad_scale": grad_scale,
+                                                "load": load_avg(), "samples": {w: len(v) for w, v in seconds.items()}}  # fmt: skip
 
 
 def eval_run(args: argparse.Namespace, cfg: dict[str, Any], variant: str) -> dict[str, Any]:
@@ -345,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, default=Path("runs/n0"), help="a finished quickstart run (read only)")
     p.add_argument("--out", type=Path, default=Path("runs/wallclock-0"), help="scratch directory (emptied)")
-    p.add_argument("--parts", default="train,eval", help="comma-separated: train (= stage1,stage2), stage1, stage2, eval")
+    p.add_argument("--parts", default="train,eval", help="comma-separated: train (= stage1,stage2), stage1, stage2, fast1, fast2, eval")
     p.add_argument("--steps", type=int, default=6, help="training steps per stage and way")
     p.add_argument("--rounds", type=int, default=2, help="training rounds (each way once per round)")
     p.add_argument("--eval-images", type=int, default=24, help="images per split (the quickstart: 200)")
@@ -355,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--combine", type=Path, nargs="*", default=[],
                    help="--json files of earlier invocations: their runs join this one's tables")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                   help="keep: the trainer's keep_freed_memory (glibc keeps freed memory for the next "
+                        "step); default: glibc's own settings (the trainer before it)")
     p.add_argument("--idle-vision-min", type=float, default=11.6)
     p.add_argument("--idle-reader-min", type=float, default=4.2)
     p.add_argument("--idle-stage1-s", type=float, default=1.6, help="seconds per stage-1 step at idle")
@@ -367,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.malloc == "default":
+        import visto.train.loop
+
+        visto.train.loop.keep_freed_memory = lambda: False
     cfg = json.loads((args.run / "config.json").read_text())
     if args.out.exists():
         shutil.rmtree(args.out)
@@ -378,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     stages = [s for s in ("stage1", "stage2") if s in parts or "train" in parts]
     if stages:
         run_training(args, cfg, report, stages)
+    fast = [s for s, part in (("stage1", "fast1"), ("stage2", "fast2")) if part in parts]
+    if fast:
+        run_fast(args, cfg, report, fast)
     if "eval" in parts:
         run_eval_parts(args, cfg, report)
     # The --json file holds this invocation's runs only; the tables read earlier ones too.

@@ -153,6 +153,148 @@ def position_ids_from_padding(padding_mask: Tensor, past_length: int = 0) -> Ten
 
 
 # --------------------------------------------------------------------------------------------
+# Packed training batches without the masked blocks
+
+
+@dataclass
+class AttentionGroup:
+    """Blocks of one padded size attended in one call: G blocks of Lq query slots each
+    reading Lk = Lp + Lq key slots (the block's shared prefix, then its own tokens)."""
+
+    queries: Tensor  # (G * Lq,) token index of each query slot (padding slots repeat one)
+    keys: Tensor  # (G * Lk,) token index of each key slot
+    mask: Tensor  # (G, 1, Lq, Lk) bool, True = may attend; no row is all False
+    shape: tuple[int, int, int]  # (G, Lq, Lk)
+
+
+@dataclass
+class PackedLayout:
+    """The attention of a right- or left-padded training batch with shared-prefix packing
+    (`segment_ids`, `Sample.independent_turns`) as blocks, computed without the masked parts
+    of the (T, T) mask: a row's shared prefix (segment 0) attends to itself causally; each
+    exchange (a run of one nonzero segment id) to the whole prefix and causally to itself;
+    a row without segments is one causal block. Exactly the keys the dense mask
+    `(key segment == 0 or == query segment) & causal & key is real` lets each real query see,
+    so the outputs at real positions are the dense attention's to float rounding.
+
+    Token indices count along the flattened token axis of the attention's input: B * T of
+    a padded (B, T, C) input, or the N real tokens of an unpadded (1, N, C) one (`tokens`).
+    """
+
+    groups: list[AttentionGroup]
+    # (n,) for every token of the attention's input, its slot in the groups' concatenated
+    # query slots (a padding token of a padded input: slot 0, an output nothing reads).
+    inverse: Tensor
+    # Unpadded: (N,) the flat (B * T) index of each real token, row by row; and
+    # `restore` (B * T,) the real index of each position, N for padding (a zero row).
+    tokens: Tensor | None = None
+    restore: Tensor | None = None
+
+    def unpad(self, x: Tensor) -> Tensor:
+        """(B, T, ...) -> (1, N, ...): the real tokens, row by row."""
+        assert self.tokens is not None, "a padded layout"
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.tokens)[None]
+
+    def pad(self, x: Tensor, shape: tuple[int, int]) -> Tensor:
+        """(1, N, C) -> (B, T, C), zeros at the padding."""
+        assert self.restore is not None, "a padded layout"
+        flat = torch.cat([x[0], x.new_zeros(1, x.shape[-1])])  # (N + 1, C)
+        return flat.index_select(0, self.restore).view(*shape, x.shape[-1])
+
+
+def packed_layout(
+    attention_mask: Tensor | None,
+    segment_ids: Tensor | None,
+    shape: tuple[int, int],
+    unpad: bool,
+    slack: float = 1.3,
+) -> PackedLayout | None:
+    """The `PackedLayout` of a batch (B, T) with its padding mask (1 = real; None: none) and
+    segments (None: every row one causal sequence), or None where the batch is not of that
+    shape (a row's real tokens not one span, a prefix token after an exchange, one segment id
+    in two runs): the caller then uses the dense mask.
+
+    unpad: index the real tokens only (the decoder runs on (1, N, C)); else B * T.
+    slack: blocks go into one group while the longest is at most `slack` times the shortest
+    (+ 4 tokens): fewer calls against less padding inside a group.
+    """
+    B, T = shape
+    device = (attention_mask if attention_mask is not None else segment_ids).device  # type: ignore[union-attr]
+    real = (
+        torch.ones(B, T, dtype=torch.bool)
+        if attention_mask is None
+        else attention_mask.detach().to("cpu").bool()
+    )
+    seg = (
+        torch.zeros(B, T, dtype=torch.long)
+        if segment_ids is None
+        else segment_ids.detach().to("cpu").long()
+    )
+    counts = real.sum(1).tolist()
+    first = real.int().argmax(1).tolist()
+    blocks: list[tuple[int, int, int, int]] = []  # (query start, length, prefix start, length)
+    offset = 0
+    for r in range(B):
+        n, a = counts[r], first[r]
+        if n == 0:
+            continue
+        if not bool(real[r, a : a + n].all()):
+            return None  # the real tokens of the row are not one span
+        base = offset - a if unpad else r * T  # token index of the row's position p: base + p
+        ids, lens = torch.unique_consecutive(seg[r, a : a + n], return_counts=True)
+        pos, prefix, seen = a, 0, set()
+        for i, (s, length) in enumerate(zip(ids.tolist(), lens.tolist(), strict=True)):
+            if s == 0:
+                if i != 0:
+                    return None  # a prefix token after an exchange
+                prefix = length
+                blocks.append((base + pos, length, base + a, 0))
+            else:
+                if s in seen:
+                    return None  # one exchange in two runs
+                seen.add(s)
+                blocks.append((base + pos, length, base + a, prefix))
+            pos += length
+        offset += n
+    n_tokens = offset if unpad else B * T
+    blocks.sort(key=lambda b: b[1])
+    groups: list[AttentionGroup] = []
+    inverse = torch.zeros(n_tokens, dtype=torch.long)
+    slots = 0
+    start = 0
+    while start < len(blocks):
+        end = start + 1
+        limit = blocks[start][1] * slack + 4
+        while end < len(blocks) and blocks[end][1] <= limit:
+            end += 1
+        q_start, q_len, p_start, p_len = torch.tensor(blocks[start:end], dtype=torch.long).unbind(1)
+        G, Lq, Lp = end - start, int(q_len.max()), int(p_len.max())
+        i = torch.arange(Lq)
+        own = i[None] < q_len[:, None]  # (G, Lq) real query slots
+        queries = torch.where(own, q_start[:, None] + i, q_start[:, None])  # pads repeat the first
+        j = torch.arange(Lp)
+        in_prefix = j[None] < p_len[:, None]  # (G, Lp)
+        prefix_keys = torch.where(in_prefix, p_start[:, None] + j, q_start[:, None])
+        keys = torch.cat([prefix_keys, queries], 1)  # (G, Lp + Lq)
+        causal = (i[None, :] <= i[:, None])[None] & own[:, None, :]  # (G, Lq, Lq)
+        mask = torch.cat([in_prefix[:, None, :].expand(G, Lq, Lp), causal], 2)[:, None]
+        slot = slots + torch.arange(G * Lq).view(G, Lq)
+        inverse[queries[own]] = slot[own]
+        slots += G * Lq
+        groups.append(AttentionGroup(queries.flatten().to(device), keys.flatten().to(device),
+                                     mask.to(device), (G, Lq, Lp + Lq)))  # fmt: skip
+        start = end
+    layout = PackedLayout(groups, inverse.to(device))
+    if unpad:
+        flat = real.flatten()
+        layout.tokens = flat.nonzero().flatten().to(device)
+        restore = torch.full((B * T,), n_tokens, dtype=torch.long)
+        restore[flat] = torch.arange(n_tokens)
+        layout.restore = restore.to(device)
+    return layout
+
+
+# --------------------------------------------------------------------------------------------
 # Attention
 
 
@@ -226,6 +368,7 @@ class Attention(nn.Module):
         cache: LayerCache | None = None,
         context_kv: tuple[Tensor, Tensor] | None = None,
         expert: Expert | None = None,
+        packed: PackedLayout | None = None,
     ) -> Tensor:
         """x (B, T, dim) -> (B, T, dim).
 
@@ -240,8 +383,15 @@ class Attention(nn.Module):
             `context` again.
         expert: self-attention only: the positions `expert.mask` marks are projected by the
             expert's q/k/v/o where it has them (CogVLM's visual expert, `visto.nn.experts`).
+        packed: a training batch's `PackedLayout` (its causality, padding and segments):
+            only the blocks it names are computed, instead of a mask.
         """
         assert x.ndim == 3, f"attention input must be (B, T, C), got {tuple(x.shape)}"
+        if packed is not None:
+            assert context is None and context_kv is None and cache is None and mask is None, (
+                "a packed layout is self-attention over a whole training batch"
+            )
+            return self._packed(x, packed, rope, expert)
         B, T, _ = x.shape
         q = self._heads(x, "q_proj", self.n_heads, expert)  # (B, H, T, hd)
         cross = context is not None or context_kv is not None  # no rotary, no causality
@@ -284,4 +434,39 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)
+        return self.out(y) if expert is None else expert.linear(self.out_name, self.out, y)
+
+    def _packed(
+        self, x: Tensor, layout: PackedLayout, rope: tuple[Tensor, Tensor] | None,
+        expert: Expert | None,
+    ) -> Tensor:  # fmt: skip
+        """Self-attention over the blocks of `layout` (see `PackedLayout`): x (B, T, dim),
+        B * T tokens (or (1, N, dim), the real ones) -> (B, T, dim)."""
+        B, T, _ = x.shape
+        H, H_kv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+
+        def proj(name: str, n: int) -> Tensor:  # (B, T, n, hd)
+            module = getattr(self, name)
+            y = module(x) if expert is None else expert.linear(name, module, x)
+            return y.view(B, T, n, hd)
+
+        q, k, v = proj("q_proj", H), proj("k_proj", H_kv), proj("v_proj", H_kv)
+        if rope is not None:
+            cos, sin = rope[0][:, :, None], rope[1][:, :, None]  # (B, T, 1, hd)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        q, k, v = q.reshape(B * T, H, hd), k.reshape(B * T, H_kv, hd), v.reshape(B * T, H_kv, hd)
+        outs = []
+        for g in layout.groups:
+            G, Lq, Lk = g.shape
+            y = F.scaled_dot_product_attention(
+                q.index_select(0, g.queries).view(G, Lq, H, hd).transpose(1, 2),
+                k.index_select(0, g.keys).view(G, Lk, H_kv, hd).transpose(1, 2),
+                v.index_select(0, g.keys).view(G, Lk, H_kv, hd).transpose(1, 2),
+                attn_mask=g.mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=H_kv != H,
+            )  # (G, H, Lq, hd)
+            outs.append(y.transpose(1, 2).reshape(G * Lq, H * hd))
+        y = torch.cat(outs).index_select(0, layout.inverse).view(B, T, H * hd)
         return self.out(y) if expert is None else expert.linear(self.out_name, self.out, y)

@@ -40,7 +40,13 @@ import torch
 from torch import Tensor, nn
 
 from visto.errors import UserError
-from visto.nn.attention import Attention, KVCache, RotaryEmbedding, position_ids_from_padding
+from visto.nn.attention import (
+    Attention,
+    KVCache,
+    RotaryEmbedding,
+    packed_layout,
+    position_ids_from_padding,
+)
 from visto.nn.experts import Expert
 from visto.nn.transformer import DecoderBlock, RMSNorm, SwiGLU
 
@@ -290,6 +296,12 @@ def mimetic_init(layers: nn.ModuleList) -> None:
 class DecoderLM(nn.Module):
     """A Llama-layout causal LM with transformers' `LlamaForCausalLM` parameter names."""
 
+    # A training batch (no cache) with padding or packed exchanges runs its attention as
+    # blocks (`PackedLayout`: no masked block computed) and, without conditioning, every
+    # other layer on its real tokens only; False: the dense (T, T) mask over every position,
+    # the reference the fast path is tested against (same numbers to float rounding).
+    fast_packing: bool = True
+
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.config = config
@@ -350,21 +362,53 @@ class DecoderLM(nn.Module):
         )
         B, T, _ = x.shape
         past = kv_cache.length if kv_cache is not None else 0
-        mask = None
+        if segment_ids is not None:
+            assert past == 0 and segment_ids.shape == (B, T), (
+                f"segment_ids must be (B, T) = {(B, T)} without a cache, got {tuple(segment_ids.shape)}"
+            )
         if attention_mask is not None:
             assert attention_mask.shape == (B, past + T), (
                 f"attention_mask must be (B, past + T) = {(B, past + T)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
+        cond = conditioning or Conditioning()
+        layout = None
+        if self.fast_packing and kv_cache is None and (
+            segment_ids is not None or (attention_mask is not None and not bool(attention_mask.all()))
+        ):
+            # Conditioning reads (B, T) positions (Flamingo's blocks, CogVLM's expert mask):
+            # then the padding stays and only the attention is blocked.
+            plain = not cond.before_layer and cond.expert(0) is None
+            layout = packed_layout(attention_mask, segment_ids, (B, T), unpad=plain)
+        if layout is not None:
+            if position_ids is None:
+                position_ids = (
+                    position_ids_from_padding(attention_mask)
+                    if attention_mask is not None
+                    else torch.arange(T, device=x.device).expand(B, T)
+                )
+            assert position_ids.shape == (B, T), (
+                f"position_ids must be (B, T) = {(B, T)}, got {tuple(position_ids.shape)}"
+            )
+            if layout.tokens is not None:  # every layer on the real tokens only
+                h = layout.unpad(x)  # (1, N, C)
+                rope = self.model.rotary(layout.unpad(position_ids), dtype=x.dtype)
+            else:
+                h, rope = x, self.model.rotary(position_ids, dtype=x.dtype)
+            for i, layer in enumerate(self.model.layers):
+                if i in cond.before_layer:
+                    h = cond.before_layer[i](h)
+                h = layer(h, rope=rope, expert=cond.expert(i), packed=layout)
+            x = h if layout.tokens is None else layout.pad(h, (B, T))
+            return self._output(x, num_logits_to_keep, head, kv_cache)
+        mask = None
+        if attention_mask is not None:
             if position_ids is None:
                 position_ids = position_ids_from_padding(attention_mask, past)
             if not bool(attention_mask.all()):
                 # (B, 1, 1, T_k): padding keys hidden from every query; Attention adds causality.
                 mask = attention_mask.bool()[:, None, None, :]
         if segment_ids is not None:
-            assert past == 0 and segment_ids.shape == (B, T), (
-                f"segment_ids must be (B, T) = {(B, T)} without a cache, got {tuple(segment_ids.shape)}"
-            )
             keys, queries = segment_ids[:, None, None, :], segment_ids[:, None, :, None]
             same = (keys == 0) | (keys == queries)  # (B, 1, T, T); Attention adds causality
             mask = same if mask is None else mask & same
@@ -374,12 +418,17 @@ class DecoderLM(nn.Module):
             f"position_ids must be (B, T) = {(B, T)}, got {tuple(position_ids.shape)}"
         )
         rope = self.model.rotary(position_ids, dtype=x.dtype)
-        cond = conditioning or Conditioning()
         for i, layer in enumerate(self.model.layers):
             if i in cond.before_layer:
                 x = cond.before_layer[i](x)
             cache = kv_cache.layers[i] if kv_cache is not None else None
             x = layer(x, rope=rope, mask=mask, cache=cache, expert=cond.expert(i))
+        return self._output(x, num_logits_to_keep, head, kv_cache)
+
+    def _output(
+        self, x: Tensor, num_logits_to_keep: int, head: bool, kv_cache: KVCache | None
+    ) -> tuple[Tensor, KVCache | None]:
+        """The last layer's output (B, T, C) -> the final norm, and the logits if `head`."""
         if num_logits_to_keep > 0:
             x = x[:, -num_logits_to_keep:]
         hidden = self.model.norm(x)

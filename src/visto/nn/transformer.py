@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visto.nn.attention import Attention, LayerCache
+from visto.nn.attention import Attention, LayerCache, PackedLayout
 from visto.nn.experts import Expert
 
 
@@ -224,10 +224,13 @@ class DecoderBlock(nn.Module):
         mask: Tensor | None = None,
         cache: LayerCache | None = None,
         expert: Expert | None = None,
+        packed: PackedLayout | None = None,
     ) -> Tensor:
         """x (B, T, dim); mask as in `Attention` (padding), causality is always applied.
         expert: projections (under this block's names: self_attn.q_proj, mlp.up_proj, ...)
-        that compute the positions its mask marks (CogVLM's visual expert, `visto.nn.experts`)."""
+        that compute the positions its mask marks (CogVLM's visual expert, `visto.nn.experts`).
+        packed: a training batch's `PackedLayout` (causality, padding and segments), in place
+        of `mask`."""
         attn_expert = expert.part("self_attn") if expert is not None else None
         mlp_expert = expert.part("mlp") if expert is not None else None
         x = x + self.self_attn(
@@ -237,5 +240,6 @@ class DecoderBlock(nn.Module):
             rope=rope,
             cache=cache,
             expert=attn_expert,
+            packed=packed,
         )
         return x + self.mlp(self.post_attention_layernorm(x), expert=mlp_expert)
