@@ -147,33 +147,38 @@ def itm_loss(logits: Tensor, is_match: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, is_match.to(logits.dtype))
 
 
+def _scored(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """The logits (n, V) of the positions whose next label is scored, and those labels (n,):
+    only these rows go through the softmax (an answer-only batch scores a few of its
+    positions), in row-major order."""
+    assert logits.ndim == 3 and labels.shape == logits.shape[:2], (
+        f"logits must be (B, T, V) and labels (B, T), got {tuple(logits.shape)} and "
+        f"{tuple(labels.shape)}"
+    )
+    B, T, V = logits.shape
+    scored = labels[:, 1:] != ignore_index  # (B, T-1): position t predicts labels[t + 1]
+    b, t = scored.nonzero(as_tuple=True)
+    picked = logits.reshape(B * T, V).index_select(0, b * T + t)  # (n, V)
+    return picked, labels[b, t + 1]
+
+
 def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Next-token cross-entropy: logits (B, T, V) at position t predict labels[t + 1].
 
     The mean is over the labelled tokens of the whole batch; a batch with none gives 0 (with
     a gradient path), not NaN, so one fully truncated sample cannot poison a run.
     """
-    assert logits.ndim == 3 and labels.shape == logits.shape[:2], (
-        f"logits must be (B, T, V) and labels (B, T), got {tuple(logits.shape)} and "
-        f"{tuple(labels.shape)}"
-    )
-    V = logits.shape[-1]
-    shifted_logits = logits[:, :-1].reshape(-1, V)  # (B * (T-1), V)
-    shifted_labels = labels[:, 1:].reshape(-1)  # (B * (T-1),)
-    total = F.cross_entropy(
-        shifted_logits.float(), shifted_labels, ignore_index=ignore_index, reduction="sum"
-    )
-    count = (shifted_labels != ignore_index).sum().clamp(min=1)
-    return total / count
+    picked, targets = _scored(logits, labels, ignore_index)
+    total = F.cross_entropy(picked.float(), targets, reduction="sum")
+    return total / max(targets.numel(), 1)
 
 
 def answer_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
     """What a generative family's forward returns: {"loss": `lm_loss`, "token_acc": the share
     of labelled next tokens that the argmax gets right (no gradient)}."""
-    loss = lm_loss(logits, labels)
+    picked, targets = _scored(logits, labels, IGNORE_INDEX)
+    loss = F.cross_entropy(picked.float(), targets, reduction="sum") / max(targets.numel(), 1)
     with torch.no_grad():
-        target = labels[:, 1:]
-        scored = target != IGNORE_INDEX
-        hits = (logits[:, :-1].argmax(dim=-1) == target) & scored
-        token_acc = hits.sum() / scored.sum().clamp(min=1)
+        hits = (picked.argmax(dim=-1) == targets).sum()
+        token_acc = hits / max(targets.numel(), 1)
     return {"loss": loss, "token_acc": token_acc}
