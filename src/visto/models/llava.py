@@ -30,10 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visto.connectors.pointer import CopyingState, CopySlots, PointerHead, answer_of_position
-from visto.connectors.projector import ProjectorConfig, build_projector
+from visto.connectors.projector import (
+    LinearProjector,
+    MLPProjector,
+    ProjectorConfig,
+    build_projector,
+)
 from visto.data.processor import Processor, ProcessorConfig
 from visto.data.special_tokens import IMAGE, IMAGE_TOKEN_ID
 from visto.data.tokenizer import DEFAULT_LOC_BINS, Tokenizer
@@ -66,8 +72,10 @@ from visto.nn.language import DecoderConfig, DecoderInputs, DecoderLM
 from visto.nn.vision import (
     CLIP_MEAN,
     CLIP_STD,
+    InferenceWatch,
     ViT,
     ViTConfig,
+    distinct_images,
     vit_config_from_transformers,
 )
 from visto.nn.weights import load_by_key_map
@@ -226,9 +234,21 @@ class Llava(ConversationFamily, nn.Module):
 
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """(N_img, 3, S, S) -> visual tokens (N_img, n, D_lm)."""
+        regions = self.config.projector.kind == "regions"
+        inference = not (torch.is_grad_enabled() or self.training)
+        if inference and not regions and pixel_values.shape[0] > 1:
+            # Several questions about one picture: each distinct image through the tower and
+            # the projector once (row by row the same numbers: both are per image), its
+            # tokens repeated for the rows that hold it.
+            unique, inverse = distinct_images(pixel_values)
+            if unique.shape[0] < pixel_values.shape[0]:
+                return self.image_features(unique)[inverse]
         features = self.patch_features(pixel_values)  # (N_img, P, D_v)
-        if self.config.projector.kind == "regions":  # object tokens read the decoder's word embeddings
+        if regions:  # object tokens read the decoder's word embeddings
             return self.multi_modal_projector(features, self.language_model.model.embed_tokens, pixel_values)
+        plan = _projector_plan(self, features) if inference else None
+        if plan is not None:
+            return plan(features)
         return self.multi_modal_projector(features)  # (N_img, n, D_lm)
 
     def embed_inputs(
@@ -360,6 +380,78 @@ class Llava(ConversationFamily, nn.Module):
 
 
 # ----------------------------------------------------------------------------- transformers format
+
+
+class _ProjectorPlan:
+    """A linear or mlp projector as inference on the CPU runs it: each weight kept transposed,
+    (in, out) contiguous, multiplied by `addmm` (`F.linear`'s (out, in) weight is packed by
+    MKL at every call), the activation in place on the first matmul's output, no module
+    calls. Its weights are copies, remade when the projector changes (`InferenceWatch`);
+    the numbers are the modules' (tested equal)."""
+
+    ACTS = {(nn.GELU, "none"), (nn.GELU, "tanh"), (nn.SiLU, None)}
+
+    def __init__(self, projector: nn.Module) -> None:
+        norm = projector.pre_norm
+        self.norm = None if isinstance(norm, nn.Identity) else (norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        linears = [projector.linear_1] + ([projector.linear_2] if hasattr(projector, "linear_2") else [])
+        with torch.no_grad():
+            self.layers = [(m.weight.detach().t().contiguous(), None if m.bias is None else m.bias.detach())
+                           for m in linears]  # fmt: skip
+        act = getattr(projector, "act", None)
+        self.act = None if act is None else (type(act), getattr(act, "approximate", None))
+        self.out_dim = linears[-1].out_features
+
+    @classmethod
+    def fits(cls, projector: nn.Module) -> bool:
+        """A plain linear or mlp projector: exactly nn.Linear layers (not int8 or LoRA), a
+        LayerNorm or nothing before them, one of the ACTS between, no hooks anywhere."""
+        mlp = type(projector) is MLPProjector
+        if not (mlp or type(projector) is LinearProjector):
+            return False
+        modules = list(projector.modules())
+        if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+            return False
+        linears = [projector.linear_1] + ([projector.linear_2] if mlp else [])
+        if any(type(m) is not nn.Linear for m in linears):
+            return False
+        if type(projector.pre_norm) not in (nn.Identity, nn.LayerNorm):
+            return False
+        if mlp and (type(projector.act), getattr(projector.act, "approximate", None)) not in cls.ACTS:
+            return False
+        return len(modules) == 2 + len(linears) + mlp
+
+    def __call__(self, features: Tensor) -> Tensor:
+        N, P, D = features.shape
+        x = features.reshape(N * P, D)
+        if self.norm is not None:
+            x = torch.layer_norm(x, *self.norm)
+        for i, (weight_t, bias) in enumerate(self.layers):
+            x = torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+            if i == 0 and self.act is not None:  # x is the matmul's own output: in place
+                kind, approximate = self.act
+                x = F.silu(x, inplace=True) if kind is nn.SiLU else torch.ops.aten.gelu_(x, approximate=approximate)
+        return x.view(N, P, self.out_dim)
+
+
+def _projector_plan(model: Llava, features: Tensor) -> _ProjectorPlan | None:
+    """`model`'s projector as a `_ProjectorPlan` at inference on the CPU, or None where it runs
+    as modules (another kind, another device, int8 or LoRA layers, hooks, fp64 features
+    into fp32 weights, ...). Made on first use, remade when the projector changes."""
+    projector = model.multi_modal_projector
+    if features.device.type != "cpu" or projector.training:
+        return None
+    cache = model.__dict__.get("_projector_plan")
+    if cache is None or cache[1] is not projector or not cache[0].current():
+        plan = _ProjectorPlan(projector) if _ProjectorPlan.fits(projector) else None
+        cache = (InferenceWatch(projector), projector, plan)
+        model.__dict__["_projector_plan"] = cache
+    plan = cache[2]
+    if plan is None or features.dtype != plan.layers[0][0].dtype:
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (projector, *projector.children())):
+        return None  # hooks added after the plan was made
+    return plan
 
 
 def hf_key_map(model: Llava) -> dict[str, str]:
