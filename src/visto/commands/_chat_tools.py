@@ -15,6 +15,10 @@ there, as the server's does (serve/answers.py, `ToolRound.cut`): its text is wha
 wrote outside the calls, with finish_reason "length", and `cut_call` tells `visto chat` to say
 which budget to raise. The last round cannot call, so a `<` the budget cut it at is only text
 cut short (dropped, as the server drops it): finish_reason "length", no call cut.
+
+The tools' processes (OCR, segment and detect) start before the chat model loads
+(`start_tools`), in the background, so the first call finds its expert loaded; `visto chat`
+stops them when it ends (visto.tools.registry: ToolRegistry.start / stop).
 """
 
 from __future__ import annotations
@@ -30,6 +34,28 @@ from visto.tools import ToolRegistry, load_tools
 from visto.tools.loop import MAX_TOOL_ROUNDS, run_tool_calls
 
 
+def start_tools(spec: str, choice: str, task: str | None) -> ToolRegistry:
+    """The tools of --tools, checked with --tool-choice and --task, their processes started
+    in the background (ToolRegistry.start) unless no call can run: the caller stops them
+    (ToolRegistry.stop)."""
+    if task in ("detect", "extract"):
+        raise UserError(f"--tools and --task {task} do not mix: both constrain the answer's "
+                        "form; leave out one")  # fmt: skip
+    tools = load_tools(spec)
+    check_choice(tools, choice)
+    if choice != "none":  # "none": no call is read or run (the tools are only offered)
+        tools.start()
+    return tools
+
+
+def check_choice(tools: ToolRegistry, choice: str) -> None:
+    from visto.serve.tools import CHOICES
+
+    if choice not in (*CHOICES, *tools.names):
+        raise UserError(f"--tool-choice {choice!r}: give auto, required, none or one of the "
+                        f"tools: {', '.join(tools.names)}")  # fmt: skip
+
+
 @dataclass
 class ToolLoop:
     tools: ToolRegistry
@@ -39,16 +65,16 @@ class ToolLoop:
     _after_runs: str = field(default="", init=False)  # --stream: text to print after the runs
 
     @classmethod
-    def build(cls, model: Any, spec: str, choice: str) -> ToolLoop:
+    def build(cls, model: Any, tools: ToolRegistry | str, choice: str) -> ToolLoop:
+        """The loop over `tools` (a registry, or a --tools spec to load)."""
         from visto.serve.errors import APIError
         from visto.serve.grammar import GrammarFactory
-        from visto.serve.tools import CHOICES, ToolPlan
+        from visto.serve.tools import ToolPlan
         from visto.tasks.runner import logits_width, processor_of
 
-        tools = load_tools(spec)
-        if choice not in (*CHOICES, *tools.names):
-            raise UserError(f"--tool-choice {choice!r}: give auto, required, none or one of the "
-                            f"tools: {', '.join(tools.names)}")  # fmt: skip
+        if isinstance(tools, str):
+            tools = load_tools(tools)
+        check_choice(tools, choice)
         named = choice in tools.names
         plan = ToolPlan(
             offered=tools.openai(),

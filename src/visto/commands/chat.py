@@ -299,21 +299,25 @@ def run(args: argparse.Namespace) -> int:
     if demos and len(images) != 1:
         raise UserError(f"--demo asks about one IMAGE after the demonstrations; got {len(images)}")
 
-    model = load_for_inference(args.model, args.device, args.int8)
-    args.tool_loop = None
+    args.tool_loop = registry = None
     if args.tool_choice != "auto" and not args.tools:
         raise UserError("--tool-choice needs --tools NAMES (e.g. --tools ocr)")
     if args.tools:
-        from visto.commands._chat_tools import ToolLoop
+        from visto.commands._chat_tools import ToolLoop, start_tools
 
-        if args.task in ("detect", "extract"):
-            raise UserError(f"--tools and --task {args.task} do not mix: both constrain the "
-                            "answer's form; leave out one")  # fmt: skip
-        args.tool_loop = ToolLoop.build(model, args.tools, args.tool_choice)
-    tools = args.tool_loop.tools.openai() if args.tool_loop else ()
-    chat = Chat(model, images, demos=demos, constrain_json=not args.no_constrain, tools=tools)
-    if args.interactive:
-        interactive(args, chat, question, images, paths)
-    else:
-        one_turn(args, chat, question or "", 1, images, paths)
+        # their processes start now and load their experts while the model loads
+        registry = start_tools(args.tools, args.tool_choice, args.task)
+    try:
+        model = load_for_inference(args.model, args.device, args.int8)
+        if registry is not None:
+            args.tool_loop = ToolLoop.build(model, registry, args.tool_choice)
+        tools = registry.openai() if registry is not None else ()
+        chat = Chat(model, images, demos=demos, constrain_json=not args.no_constrain, tools=tools)
+        if args.interactive:
+            interactive(args, chat, question, images, paths)
+        else:
+            one_turn(args, chat, question or "", 1, images, paths)
+    finally:  # on Ctrl-C and errors too
+        if registry is not None:
+            registry.stop()
     return 0

@@ -112,6 +112,14 @@ def build_app(args: argparse.Namespace):
 
     if args.int8 and args.model is None:
         raise UserError("--int8 quantizes the chat model: give --model CKPT")
+    tools = None
+    if args.tools:
+        if args.model is None:
+            raise UserError("--tools are called by the chat model: give --model CKPT")
+        from visto.tools import load_tools
+
+        tools = load_tools(args.tools)
+        tools.start()  # their processes load their experts while the models load; app stops them
     chat = None
     if args.model is not None:
         model = load_for_inference(args.model, args.device, args.int8)
@@ -125,13 +133,6 @@ def build_app(args: argparse.Namespace):
         if not spec:
             raise UserError(f"the index at {args.db} does not record its model; pass --clip CKPT")
         embedder = load_embedder(spec)
-    tools = None
-    if args.tools:
-        if chat is None:
-            raise UserError("--tools are called by the chat model: give --model CKPT")
-        from visto.tools import load_tools
-
-        tools = load_tools(args.tools)
     models = ServedModels(
         chat=chat,
         embedder=embedder,

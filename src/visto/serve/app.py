@@ -160,14 +160,23 @@ def create_app(models: ServedModels, settings: ServeSettings | None = None) -> F
 
 
 def _lifespan(server: Server) -> Any:
-    """The batcher's worker thread runs while the app does."""
+    """The batcher's worker thread runs while the app does, and so do the processes of the
+    server's own tools (--tools): started, if `visto serve` has not started them already, so
+    that the first call finds its expert loaded; stopped at shutdown (visto.tools.registry)."""
 
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        tools = server.models.tools
+        if tools is not None:
+            tools.start()  # returns at once
         if server.batcher is not None:
             server.batcher.start()
-        yield
-        if server.batcher is not None:
-            server.batcher.stop()
+        try:
+            yield
+        finally:
+            if server.batcher is not None:
+                server.batcher.stop()
+            if tools is not None:
+                await run_in_threadpool(tools.stop)
 
     return lifespan
 

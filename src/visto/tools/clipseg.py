@@ -13,8 +13,10 @@
 
 The model reads the JSON; the PNGs travel beside it (visto.tools.ToolOutput), for the user.
 
-Both tools run in one tool process, "clipseg" (visto.tools.registry, Tool.process): started on
-the first call, it loads each checkpoint it is asked about once, by its path, and keeps it, so
+Both tools run in one tool process, "clipseg" (visto.tools.registry, Tool.process): started by
+`tools.start()` (`visto chat --tools` and `visto serve --tools` call it as they start), which
+loads the checkpoint there ahead of the first call (`preload`), or else by the first call, it
+loads each checkpoint it is asked about once, by its path, and keeps it, so
 segment and detect over one checkpoint share one copy and the caller holds none. A call past
 its tool's timeout has the process killed, model and all; the next call starts a fresh one,
 which loads the checkpoint again. What comes back is what the same call returns in the
@@ -74,6 +76,16 @@ def _model(path: str) -> Any:
 
         _models[path] = visto.load(check_checkpoint(path))
     return _models[path]
+
+
+def preload(path: str = DEFAULT_CHECKPOINT) -> None:
+    """The tools' warm-up in their process: load the checkpoint and run it once on a small
+    blank image (the first forward's one-time costs), so that the first call finds it ready."""
+    blank = Image.new("RGB", (32, 32))
+    with _lock:
+        model = _model(path)
+        model.segment([blank], ["x"])
+        model.detect([blank], ["x"])
 
 
 def png(image: Image.Image) -> bytes:
@@ -142,7 +154,8 @@ def run_detect(image: Image.Image, query: str, path: str = DEFAULT_CHECKPOINT) -
 
 @dataclass(frozen=True)
 class OnCheckpoint:
-    """A tool's `run` over a checkpoint: `fn(image, path=path, **arguments)`. It pickles as
+    """A tool's `run` over a checkpoint: `fn(image, path=path, **arguments)` (or its `warm`:
+    `fn(path=path)`, called without an image). It pickles as
     `fn` (by name), `path` and the caller's torch thread count of that moment, so a tool process
     loads the checkpoint itself (once: `_model` keeps it) and computes with the threads the
     caller would have used; called where it was made, it leaves the threads alone."""
@@ -151,18 +164,19 @@ class OnCheckpoint:
     path: str
     threads: int | None = None
 
-    def __call__(self, image: Image.Image, **arguments: Any) -> Any:
+    def __call__(self, *image: Image.Image, **arguments: Any) -> Any:
         if self.threads is not None and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
-        return self.fn(image, path=self.path, **arguments)
+        return self.fn(*image, path=self.path, **arguments)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return OnCheckpoint, (self.fn, self.path, torch.get_num_threads())
 
 
 def segment_tool(path: str = DEFAULT_CHECKPOINT, process: str | None = PROCESS) -> Tool:
-    """The segment tool over the checkpoint at `path` (loaded on the first call), in the tool
-    process `process` (None: in a thread of the caller's, which loads its own copy)."""
+    """The segment tool over the checkpoint at `path` (loaded by its process's warm-up or on
+    the first call), in the tool process `process` (None: in a thread of the caller's, which
+    loads its own copy on the first call)."""
     return Tool(
         name="segment",
         # short: it is in every prompt that offers the tool (data/tool_calls.py, OCR_DESCRIPTION)
@@ -175,6 +189,7 @@ def segment_tool(path: str = DEFAULT_CHECKPOINT, process: str | None = PROCESS) 
             "additionalProperties": False,
         },  # fmt: skip
         process=process,
+        warm=OnCheckpoint(preload, os.path.abspath(path)) if process is not None else None,
     )
 
 
@@ -191,6 +206,7 @@ def detect_tool(path: str = DEFAULT_CHECKPOINT, process: str | None = PROCESS) -
             "additionalProperties": False,
         },  # fmt: skip
         process=process,
+        warm=OnCheckpoint(preload, os.path.abspath(path)) if process is not None else None,
     )
 
 

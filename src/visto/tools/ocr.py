@@ -11,7 +11,8 @@ are enlarged before reading, and words of symbols alone (a drawn cross read as "
 visto's convention: `box` in 0..999 of the image, `pixels` in its pixels, both (x1, y1, x2, y2).
 
 `ocr_tool` runs in a process of its own (visto.tools.registry, Tool.process), which loads the
-engine on its first call and keeps it: a call that runs past the tool's timeout inside the
+engine when it starts (`warm_ocr`, where `tools.start()` starts it ahead of the first call) or
+on its first call, and keeps it: a call that runs past the tool's timeout inside the
 engine (native code, which no thread can interrupt) has that process killed, and the next call
 gets a fresh one instead of waiting on the engine's lock. `read_lines` and `read_words` read in
 the caller's process.
@@ -154,5 +155,11 @@ def run_ocr(image: Image.Image, detail: str = "words") -> dict[str, Any]:
     return out
 
 
+def warm_ocr() -> None:
+    """The OCR tool's warm-up in its process: load the engine and read a small blank image
+    (the ONNX sessions' first run), so that the first call finds it ready."""
+    read_lines(Image.new("RGB", (32, 32), "white"))
+
+
 ocr_tool = Tool(name="ocr", description=OCR_DESCRIPTION, run=run_ocr, parameters=OCR_PARAMETERS,
-                process="ocr")  # fmt: skip
+                process="ocr", warm=warm_ocr)  # fmt: skip

@@ -25,6 +25,17 @@ timeout, or one that kills the process, stops it, and the next call starts a fre
 
 A model such a process loads is loaded there by what `run` names, not sent: segment and detect
 (visto.tools.clipseg) send a small object holding their checkpoint's path (OnCheckpoint).
+
+Starting that process (a Python that imports torch) and loading its model take seconds. A
+program that knows it will call its tools starts their processes ahead, in the background, and
+ends them when it is done (`visto chat --tools` and `visto serve --tools` do):
+
+    tools.start()     # returns at once; each process starts and runs its tools' `warm`
+    tools.ready(30)   # (optional) wait for that; the first call otherwise waits on what is left
+    tools.stop()      # an idle process is told to end (its pipe closed), a busy one killed
+
+A process that dies or is stopped after that is started again by the next call, as always; at
+the interpreter's exit every tool process is ended the same way (Ctrl-C included).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from __future__ import annotations
 import atexit
 import inspect
 import json
+import logging
 import multiprocessing
 import pickle
 import signal
@@ -49,8 +61,10 @@ from PIL import Image
 from visto.data.tool_calls import NAME_RE, compact_json
 from visto.errors import UserError
 
+log = logging.getLogger("visto.tools")
 NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 DEFAULT_TIMEOUT_S = 60.0
+STOP_WAIT_S = 2.0  # how long an idle tool process is given to end by itself before it is killed
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
     "array": (list,), "object": (dict,), "null": (type(None),),
@@ -70,6 +84,11 @@ class Tool:
     # name) or an object that pickles (clipseg.OnCheckpoint), and its arguments and result
     # picklable.
     process: str | None = None
+    # What its process runs, with no arguments, when it is started ahead of the first call
+    # (ToolRegistry.start): load the model, so that the first call does not. Sent as `run` is;
+    # what it returns is dropped. None: the process imports `run`'s module and nothing more.
+    # A tool without a process has nothing started ahead, and its warm is not run.
+    warm: Callable[[], Any] | None = None
 
     def openai(self) -> dict[str, Any]:
         """This tool as an entry of an OpenAI request's `tools`."""
@@ -162,9 +181,10 @@ class ToolRegistry:
             raise UserError(f"tool name {tool.name!r}: use 1-64 letters, digits, '_' or '-'")
         if tool.parameters.get("type") != "object":
             raise UserError(f"tool {tool.name!r}: parameters must be a JSON Schema of an object")
-        if tool.process is not None and (problem := _unsendable(tool.run)):
-            raise UserError(f"tool {tool.name!r} runs in process {tool.process!r}, so its run "
-                            f"must be a function a module defines: {problem}")  # fmt: skip
+        for what, fn in (("run", tool.run), ("warm", tool.warm)):
+            if tool.process is not None and fn is not None and (problem := _unsendable(fn)):
+                raise UserError(f"tool {tool.name!r} runs in process {tool.process!r}, so its "
+                                f"{what} must be a function a module defines: {problem}")  # fmt: skip
         with self._lock:
             self._tools[tool.name] = tool
         return tool
@@ -197,6 +217,44 @@ class ToolRegistry:
 
     def openai(self, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
         return [self.get(n).openai() for n in (self.names if names is None else names)]
+
+    def _processes(self) -> dict[str, list[Tool]]:
+        """The tool processes these tools run in, each with its tools."""
+        named: dict[str, list[Tool]] = {}
+        for tool in self._tools.values():
+            if tool.process is not None:
+                named.setdefault(tool.process, []).append(tool)
+        return named
+
+    def start(self) -> None:
+        """Start these tools' processes now, in the background, and have each run its tools'
+        `warm` (load their models); returns at once. A call made before a process is ready
+        waits for it (its timeout counts the wait, as it counts a start); a process that fails
+        to start or to warm is logged (logger "visto.tools") and left to the first call, which
+        starts it again and says what went wrong. Tools without a process have nothing to
+        start. Starting a process that is running only warms what it has not loaded."""
+        for name, tools in self._processes().items():
+            calls = [(t.warm, (), {}) if t.warm is not None else (_imported, (t.run,), {})
+                     for t in tools]  # fmt: skip
+            _ToolProcess.named(name).start_soon(calls, max(t.timeout_s for t in tools))
+
+    def ready(self, timeout_s: float | None = None) -> bool:
+        """Wait for the processes `start` started to be ready (or to have failed); True when
+        none is still starting."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for name in self._processes():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not _ToolProcess.named(name).wait_warm(left):
+                return False
+        return True
+
+    def stop(self, timeout_s: float = STOP_WAIT_S) -> None:
+        """End these tools' processes (a server's shutdown): an idle one is told to, and exits
+        by itself (killed if it has not within `timeout_s`); one running a call is killed, and
+        that call answers with the error of a process that died. A later call starts a fresh
+        process, as after any stop."""
+        for name in self._processes():
+            _ToolProcess.named(name).stop(timeout_s)
 
     def run(
         self, name: str, arguments: str | dict[str, Any], image: Image.Image | None
@@ -292,9 +350,12 @@ class _ToolProcess:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one call (or warm-up) at a time
         self.process: subprocess.Popen[bytes] | None = None
         self.conn: Connection | None = None
+        self.epoch = 0  # counts stop()s: a warm-up asked for before one does not start it again
+        self.warming: threading.Thread | None = None
+        self.warmed: set[Any] = set()  # the warm-ups the running process has done
 
     @classmethod
     def named(cls, name: str) -> _ToolProcess:
@@ -312,7 +373,7 @@ class _ToolProcess:
                 if self.process is None:
                     self._start()
                 assert self.conn is not None
-                self.conn.send((tool.run, image, args))
+                self.conn.send((tool.run, (image,), args))
                 if not self.conn.poll(max(0.0, deadline - time.monotonic())):
                     self._stop()  # and whatever it holds; the next call starts a fresh one
                     return None, _too_slow(tool)
@@ -328,6 +389,97 @@ class _ToolProcess:
         finally:
             self.lock.release()
 
+    def start_soon(self, calls: list[tuple[Any, tuple, dict[str, Any]]], timeout_s: float) -> None:
+        """Start the process in a thread of its own, unless one is starting it, and run `calls`
+        there (ToolRegistry.start)."""
+        with _bookkeeping:
+            if self.warming is not None and self.warming.is_alive():
+                return
+            if (self.process is not None and self.process.poll() is None
+                    and {_key(c) for c in calls} <= self.warmed):  # fmt: skip
+                return  # running and warm
+            self.warming = threading.Thread(target=self._warm, args=(calls, timeout_s, self.epoch),
+                                            name=f"tool-process-{self.name}", daemon=True)  # fmt: skip
+            self.warming.start()
+
+    def wait_warm(self, timeout_s: float | None) -> bool:
+        warming = self.warming
+        if warming is not None:
+            warming.join(timeout_s)
+        return warming is None or not warming.is_alive()
+
+    def _warm(self, calls: list[tuple[Any, tuple, dict[str, Any]]], timeout_s: float,
+              epoch: int) -> None:  # fmt: skip
+        """Start the process and run `calls` in it, within `timeout_s` (the tools' longest
+        timeout): past it, the process is stopped and left to the first call."""
+        deadline = time.monotonic() + timeout_s
+        if not self.lock.acquire(timeout=timeout_s):
+            return  # a call has it; it started the process
+        try:
+            if self.epoch != epoch:
+                return  # stopped since start_soon was called
+            if self.process is not None and self.process.poll() is not None:
+                self._stop()
+            try:
+                if self.process is None:
+                    self._start()
+                for call in calls:
+                    if self.epoch != epoch:  # stop() came while this started it
+                        self._stop()
+                        return
+                    if _key(call) in self.warmed:
+                        continue
+                    assert self.conn is not None
+                    self.conn.send(call)
+                    if not self.conn.poll(max(0.0, deadline - time.monotonic())):
+                        self._stop()
+                        log.warning("tool process %r was not ready within %g s; stopped, the "
+                                    "first call starts it again", self.name, timeout_s)  # fmt: skip
+                        return
+                    failure = self.conn.recv()[1]
+                    if failure is not None:
+                        log.warning("tool process %r could not warm up: %s", self.name, failure)
+                    else:
+                        self.warmed.add(_key(call))
+                if self.epoch != epoch:
+                    self._stop()
+            except (EOFError, OSError):
+                log.warning("tool process %r %s while starting; the first call starts a new one",
+                            self.name, self._stop())  # fmt: skip
+            except (pickle.PickleError, AttributeError, TypeError, ImportError) as e:
+                log.warning("tool process %r could not be sent its warm-up: %s", self.name, e)
+        finally:
+            self.lock.release()
+
+    def stop(self, timeout_s: float) -> None:
+        """End the process (ToolRegistry.stop): an idle one by closing its pipe, where it waits
+        for a call (it exits by itself; killed after `timeout_s`), a busy one by killing it
+        (the call or warm-up that holds it then hears it died, and cleans up)."""
+        with _bookkeeping:
+            self.epoch += 1
+        if self.lock.acquire(blocking=False):
+            try:
+                process, conn = self.process, self.conn
+                self.process = self.conn = None
+                if conn is not None:
+                    conn.close()
+                if process is not None:
+                    try:
+                        process.wait(timeout_s)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+                        process.wait()
+            finally:
+                self.lock.release()
+        else:
+            process = self.process
+            if process is not None:
+                process.kill()
+                process.wait()
+        warming = self.warming
+        if warming is not None and warming is not threading.current_thread():
+            warming.join(timeout_s)  # a warm-up that was starting it ends it (the epoch)
+
     def _start(self) -> None:
         # A fresh interpreter, neither a fork of the caller (whose other threads may hold locks:
         # torch's, a server's) nor multiprocessing's spawn, which re-runs the caller's script
@@ -338,7 +490,7 @@ class _ToolProcess:
                                             pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)  # fmt: skip
         finally:
             child.close()
-        self.conn = conn
+        self.conn, self.warmed = conn, set()
         conn.send(sys.path)  # the caller's modules (its tools) import there too, as of now
 
     def _stop(self) -> str:
@@ -357,25 +509,45 @@ class _ToolProcess:
         return f"exited with code {code}"
 
     @classmethod
-    def kill_all(cls) -> None:
-        """At exit: a call still running would otherwise run on (an idle process just ends)."""
-        for each in cls._all.values():
-            if each.process is not None:
-                each.process.kill()
+    def stop_all(cls, timeout_s: float = STOP_WAIT_S) -> None:
+        """At exit (normal, Ctrl-C, an uncaught error): every tool process ends, idle ones by
+        themselves, busy ones killed, before this interpreter does; none outlives it."""
+        for each in list(cls._all.values()):
+            each.stop(timeout_s)
 
 
-atexit.register(_ToolProcess.kill_all)
-_CHILD = ("import sys; from multiprocessing.connection import Connection; "
+_bookkeeping = threading.Lock()  # _ToolProcess.warming and .epoch
+atexit.register(_ToolProcess.stop_all)
+# When the caller has gone, the process ends at once (os._exit, after flushing what a tool
+# printed), not through the interpreter's teardown of torch and the models.
+_CHILD = ("import os, sys; from multiprocessing.connection import Connection; "
           "conn = Connection(int(sys.argv[1])); sys.path[:] = conn.recv(); "
-          "from visto.tools.registry import _serve; _serve(conn)")  # fmt: skip
+          "from visto.tools.registry import _serve; _serve(conn); "
+          "sys.stdout.flush(); sys.stderr.flush(); os._exit(0)")  # fmt: skip
+
+
+def _key(call: tuple[Any, tuple, dict[str, Any]]) -> Any:
+    """What a warm-up call is known by: its function, or the tool's run it imports."""
+    fn = call[1][0] if call[0] is _imported else call[0]
+    try:
+        hash(fn)
+    except TypeError:
+        return id(fn)
+    return fn
+
+
+def _imported(run: Callable[..., Any]) -> None:
+    """The warm-up of a tool without `warm`: receiving its `run` imported its module."""
 
 
 def _serve(conn: Connection) -> None:
-    """A tool process: a call in, (output, None) or (None, failure) out, until the caller goes."""
+    """A tool process: a call in, (output, None) or (None, failure) out, until the caller goes
+    (closes its end of the pipe, or dies). A call is (function, positional, keyword arguments):
+    a tool's run (image, arguments) or warm ((), {})."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's, who stops us
     while True:
         try:
-            run, image, args = conn.recv()
+            run, positional, args = conn.recv()
         except (EOFError, OSError):
             return
         except Exception as e:  # the message was read whole: the next one reads fine
@@ -383,7 +555,7 @@ def _serve(conn: Connection) -> None:
                            "it has the caller's sys.path of when it started")  # fmt: skip
         else:
             try:
-                reply = (run(image, **args), None)
+                reply = (run(*positional, **args), None)
             except BaseException as e:
                 reply = (None, _failure(e))
         try:
