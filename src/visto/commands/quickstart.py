@@ -48,13 +48,17 @@ unchanged; --fresh redoes everything):
               worse at the default budget: bench/README.md, "Quickstart"). The question
               focus hands each answer the named object and, in <focus> slots, its box and
               the text that was read, which a pointer head copies (--pointer); it also
-              runs the question's attribute words on the detected objects (--named:
-              filter, count, relate) and hands on the count and whether the relation
+              runs the question's words on the detected objects (--named: filter,
+              count, relate; a box the question writes, the kind of text it asks for,
+              twins told apart by side) and hands on the count and whether the relation
               holds: RUN/stage1
   4. stage2   LLaVA stage 2 (recipe quickstart-stage2, mix "instruct+caption"): every question of
               an image (VQA, counting, grounding with box tokens, OCR, JSON) in one sample
               as independent turns, none of which can see another: RUN/stage2
-  5. eval     test split and held-out colour-shape pairs: RUN/eval.json, RUN/report.md
+  5. eval     test split and held-out colour-shape pairs, every figure beside a blind
+              twin (the images swapped): RUN/eval.json, RUN/report.md. What the default
+              reaches, per question type, over three seeds: bench/README.md, "Named words,
+              second round"
 
 The final model is RUN/checkpoint (open it with visto.load).
 
