@@ -252,7 +252,6 @@ def run_fast(args: argparse.Namespace, cfg: dict[str, Any], report: dict[str, An
         shape = tuple(batches[0]["input_ids"].shape)
         print(f"\n{stage} fast: batch {shape}, forward + backward, CPU s (median of {args.rounds} rounds x "
               f"{args.steps} batches, ways in turns; load {load_avg()}); max |grad| of dense {grad_scale:.3g}")  # fmt: skip
-        print(f"malloc: {'glibc defaults' if args.malloc == 'default' else 'freed memory kept (keep_freed_memory)'}")
         print(f"{'way':<10}{'CPU s':>10}{'of it sys':>10}{'x dense':>10}{'x previous':>12}{'max |loss diff|':>18}"
               f"{'max |grad diff|':>18}")  # fmt: skip
         previous = None
@@ -261,7 +260,7 @@ def run_fast(args: argparse.Namespace, cfg: dict[str, Any], report: dict[str, An
             print(f"{w:<10}{med[w]:>10.3f}{sys_med[w]:>10.3f}{med[w] / med['dense']:>10.3f}{step}"
                   f"{diffs[w]['loss']:>18.2e}{diffs[w]['grad']:>18.2e}")  # fmt: skip
             previous = w
-        report.setdefault("fast", {})[stage] = {"batch": shape, "cpu_s": med, "sys_s": sys_med, "malloc": args.malloc,
+        report.setdefault("fast", {})[stage] = {"batch": shape, "cpu_s": med, "sys_s": sys_med,
                                                 "diffs": diffs, "grad_scale": grad_scale,
                                                 "load": load_avg(), "samples": {w: len(v) for w, v in seconds.items()}}  # fmt: skip
 
@@ -450,9 +449,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--combine", type=Path, nargs="*", default=[],
                    help="--json files of earlier invocations: their runs join this one's tables")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
-                   help="keep: the trainer's keep_freed_memory (glibc keeps freed memory for the next "
-                        "step); default: glibc's own settings (the trainer before it)")
     p.add_argument("--idle-vision-min", type=float, default=11.6)
     p.add_argument("--idle-reader-min", type=float, default=4.2)
     p.add_argument("--idle-stage1-s", type=float, default=1.6, help="seconds per stage-1 step at idle")
@@ -465,10 +461,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.malloc == "default":
-        import visto.train.loop
-
-        visto.train.loop.keep_freed_memory = lambda: False
     cfg = json.loads((args.run / "config.json").read_text())
     if args.out.exists():
         shutil.rmtree(args.out)
