@@ -31,7 +31,7 @@ eval      the quickstart's eval (`evaluate_generative_world`, its settings: ever
           the grammar); and whether every answer (own, constrained, blind) is the same both
           ways.
 
-fast      (--parts fast1,fast2 for stage 1, stage 2) a step's forward + backward three ways in
+fast      (--parts fast1,fast2 for stage 1, stage 2) a step's forward + backward four ways in
           turns, on --steps batches of the stage, --rounds rounds, from the stage's checkpoint
           with no optimizer step (so every way computes from the same weights):
             dense   the decoder's dense (T, T) mask over every position, the loss's softmax
@@ -39,6 +39,9 @@ fast      (--parts fast1,fast2 for stage 1, stage 2) a step's forward + backward
             blocks  `PackedLayout`: the attention of the shared prefix and of each exchange
                     only, every other layer on the real tokens only (no padding)
             +loss   blocks, and the loss's softmax on the scored positions only (`_scored`)
+            +head   +loss, and LLaVA's LM head and pointer on the scored positions only
+                    (`Llava.scored_answer_logits`, what `Llava.forward` runs), not over
+                    every position with a copy of the whole logits
           CPU seconds per way, the ratios, and the loss and every gradient against dense
           (max abs difference).
 
@@ -199,7 +202,9 @@ def _dense_answer_loss(logits: Any, labels: Any) -> dict[str, Any]:
     return {"loss": loss, "token_acc": token_acc}
 
 
-FAST_WAYS = ("dense", "blocks", "+loss")
+# dense: the (T, T) mask; blocks: packed attention; +loss: the loss on the scored rows only;
+# +head: LLaVA's LM head and pointer on the scored rows only (`Llava.scored_answer_logits`)
+FAST_WAYS = ("dense", "blocks", "+loss", "+head")
 
 
 def run_fast(args: argparse.Namespace, cfg: dict[str, Any], report: dict[str, Any], stages: list[str]) -> None:
@@ -225,11 +230,14 @@ def run_fast(args: argparse.Namespace, cfg: dict[str, Any], report: dict[str, An
                     results = {}
                     for way in FAST_WAYS[k:] + FAST_WAYS[:k]:  # each way first as often
                         model.language_model.fast_packing = way != "dense"
-                        llava_module.answer_loss = real_loss if way == "+loss" else _dense_answer_loss
+                        llava_module.answer_loss = real_loss if way in ("+loss", "+head") else _dense_answer_loss
                         for p in params:
                             p.grad = None
                         t, k0 = CLOCK(), os.times().system
-                        loss = model(b)["loss"]
+                        if way == "+head" or not hasattr(model, "answer_logits"):
+                            loss = model(b)["loss"]
+                        else:  # the LM head over every position, as before `scored_answer_logits`
+                            loss = llava_module.answer_loss(model.answer_logits(b), b["labels"])["loss"]
                         loss.backward()
                         seconds[way].append(CLOCK() - t)
                         kernel[way].append(os.times().system - k0)

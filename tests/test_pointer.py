@@ -341,3 +341,24 @@ def test_llava_copies_a_colour_it_never_answered_in_training():
     assert [tok.decode(c.token_ids[:1]) for c in fast] == ["red", "blue", "green"]
     generic = Engine(model, tok, fast=False).generate_batch(prompts, greedy)
     assert [c.token_ids for c in generic] == [c.token_ids for c in fast]
+
+
+def test_the_loss_on_scored_positions_equals_the_loss_on_every_position(tokenizer):
+    """Llava.forward with a pointer runs the LM head and the pointer on the scored positions
+    only; its loss, accuracy and gradients are those of `answer_logits` over every position."""
+    from visto.losses import answer_loss
+
+    torch.manual_seed(0)
+    model = reading_llava(tokenizer)
+    batch = model.collate([sample(c, text) for c, text in TRAIN_READS.items()])
+    fast = model(batch)
+    fast["loss"].backward()
+    fast_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    full = answer_loss(model.answer_logits(batch), batch["labels"])
+    full["loss"].backward()
+    assert torch.allclose(fast["loss"], full["loss"], atol=1e-6) and fast["token_acc"] == full["token_acc"]
+    assert fast_grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(fast_grads[n], p.grad, atol=1e-6), n

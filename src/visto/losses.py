@@ -176,7 +176,12 @@ def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) ->
 def answer_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
     """What a generative family's forward returns: {"loss": `lm_loss`, "token_acc": the share
     of labelled next tokens that the argmax gets right (no gradient)}."""
-    picked, targets = _scored(logits, labels, IGNORE_INDEX)
+    return scored_answer_loss(*_scored(logits, labels, IGNORE_INDEX))
+
+
+def scored_answer_loss(picked: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    """`answer_loss` on the scored positions' logits (n, V) and their labels (n,) alone (a
+    family that computes its head only there: `Llava.forward`)."""
     loss = F.cross_entropy(picked.float(), targets, reduction="sum") / max(targets.numel(), 1)
     with torch.no_grad():
         hits = (picked.argmax(dim=-1) == targets).sum()
