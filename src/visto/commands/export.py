@@ -19,10 +19,18 @@ and vLLM (`vllm serve OUT`) load it and compute the same logits. LoRA adapters a
 into the exported weights (the checkpoint itself is left as it is).
 
 Exports LLaVA (LlavaForConditionalGeneration), BLIP-2 (Blip2ForConditionalGeneration), Fuyu
-(FuyuForCausalLM) and Flamingo (IdeficsForVisionText2Text). What transformers' class has no
-counterpart for is refused with the part and what to change, e.g. a conv-stem vision tower
-(train it with `visto quickstart --vision-stem patch`), a BLIP-2 tower with a LayerNorm before
-its blocks, a Flamingo that drops the CLS token.
+(FuyuForCausalLM) and Flamingo (IdeficsForVisionText2Text). The export is exact or refused: what
+transformers' class has no counterpart for is named with what to change, e.g. a conv-stem
+vision tower (vision.stem 'patch' exports), a BLIP-2 tower with a LayerNorm before its blocks,
+a Flamingo that drops the CLS token.
+
+The quickstart's model (`visto quickstart`, any flags) does not export to transformers: its
+regions connector (an object detector writing each object as the decoder's words, with the
+question focus, named words and a pointer head) and its conv stem have no transformers
+counterpart, and an approximation would answer differently. Run it with `visto chat` or
+`visto serve` (an OpenAI-compatible API), or export it with --format visto / --int8. What
+exports: a LLaVA with projector kind 'mlp' and a patch-stem CLIP tower, e.g. a transformers
+LLaVA fine-tuned with `visto train --recipe llava-lora --set data.replay=null`.
 
 --format visto writes a visto checkpoint with the LoRA adapters merged into the weights: plain
 Linear layers again, any family, for chat/serve without the adapters' extra matmuls (and for
@@ -34,9 +42,8 @@ disk: bench/README.md, "int8 inference"); `visto chat/serve --model OUT` run it 
 transformers has no loader for these weights, so --int8 and --format hf do not mix.
 
 Examples:
-  visto quickstart --out runs/qs-patch --vision-stem patch
-  visto export runs/qs-patch/checkpoint --out runs/qs-hf
-  visto export runs/qs-patch/checkpoint --out runs/qs-hf --overwrite
+  visto export runs/lora-hf/checkpoint --out runs/lora-hf-export
+  visto export runs/lora-hf/checkpoint --out runs/lora-hf-export --overwrite
   visto export runs/quickstart/checkpoint --out runs/qs-int8 --int8
   visto export runs/lora/checkpoint --out runs/lora-merged --format visto
 """

@@ -89,6 +89,8 @@ def export_transformers(model: nn.Module, directory: str | Path) -> Path:
             "checkpoint (`visto export --format visto`), or train one of those families to take "
             "a model to transformers or vLLM"
         )
+    if family == "llava":
+        refuse_without_counterpart(model)
     vision = getattr(getattr(model, "config", None), "vision", None)
     if family == "llava" and vision is not None and not vision.cls_token:
         # llava.export_hf writes a CLIP vision config; this tower has SigLIP's layout.
@@ -100,6 +102,61 @@ def export_transformers(model: nn.Module, directory: str | Path) -> Path:
         )
     module, function = EXPORTERS[family]
     return getattr(importlib.import_module(module), function)(model, directory)
+
+
+def parts_without_counterpart(model: nn.Module) -> list[str]:
+    """The parts of a LLaVA that no setting of transformers' `LlavaForConditionalGeneration`
+    computes (empty: none). Its connector is a two-layer MLP over the tower's patch features,
+    and its CLIP vision tower embeds each patch with one linear map of that patch's pixels;
+    the parts below compute something else, so no exact export exists, only a different model."""
+    cfg = model.config
+    parts = []
+    projector = cfg.projector
+    if projector.kind == "regions":
+        extra = [name for name, on in (
+            ("the question focus", projector.focus), ("named words (filter, count, relate)", projector.named),
+            ("a pointer head beside the LM head", projector.pointer),
+            ("read slots from its OCR reader", projector.read_slots or projector.text_slots),
+        ) if on]  # fmt: skip
+        parts.append(
+            "its connector is visto's regions connector (an object detector over the tower's "
+            "patches that writes each object as the decoder's own words"
+            + (", with " + ", ".join(extra) if extra else "")
+            + "), where transformers' Llava has a two-layer MLP over the patch features"
+        )
+    if cfg.vision.stem == "conv":
+        parts.append(
+            "its vision tower has a conv stem (3x3 stride-2 convolutions with GELUs between: each "
+            "patch's embedding sees its neighbours' pixels), where transformers' CLIP vision tower "
+            "embeds each patch by one linear map of its own pixels (a tower trained with "
+            "vision.stem 'patch' exports)"
+        )
+    return parts
+
+
+def refuse_without_counterpart(model: nn.Module) -> None:
+    """A UserError when a LLaVA has parts that transformers cannot compute at all (what no
+    setting of the export changes, `parts_without_counterpart`): which parts, and what does
+    export instead. The quickstart's model is such a LLaVA, whatever its flags."""
+    parts = parts_without_counterpart(model)
+    if not parts:
+        return
+    regions = model.config.projector.kind == "regions"
+    raise UserError(
+        "cannot export this LLaVA to the transformers format: "
+        + "; ".join(parts)
+        + ". No transformers class computes "
+        + ("these parts" if len(parts) > 1 else "this part")
+        + ", so an export would be another model with other answers, and visto writes none. "
+        + ("This is the model `visto quickstart` trains, whatever its flags (its connector is "
+           "always the regions connector); " if regions else "")  # fmt: skip
+        + "keep it as a visto checkpoint: `visto chat` / `visto serve --model CKPT` (an "
+        "OpenAI-compatible server), `visto export --format visto` (LoRA merged) or `--int8`. "
+        "What exports to transformers and vLLM: a LLaVA with projector kind 'mlp' and a "
+        "patch-stem CLIP tower, such as a transformers LLaVA directory fine-tuned with `visto "
+        "train --recipe llava-lora` (LoRA merged on export), and BLIP-2, Fuyu and Flamingo "
+        "models (`visto export --help`)"
+    )
 
 
 def legacy_key(key: str) -> str:
