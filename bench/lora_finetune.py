@@ -2,7 +2,7 @@
 written as a VQA set by HF `datasets` (parquet: an `image` column and chat `messages`), then
 one `visto train --recipe llava-lora` that scores the held-out file before and after.
 
-    python bench/lora_finetune.py --model runs/n0/stage1/checkpoint --n 4000 --steps 500 \
+    python bench/lora_finetune.py --model runs/w0/checkpoint --n 4000 --steps 500 \
         --replay 0.5 --eval-n 600 --json bench/out/lora_new.json
     python bench/lora_finetune.py --questions world --model runs/r3/checkpoint   # the old run
 
@@ -19,18 +19,24 @@ image's ground truth (`new_questions`): three families, each answered in a word 
 Objects asked about are at least 80% visible, and their centres at least 5% of the image
 from the cell lines, so that every answer is clear from the picture.
 --questions world: the world's own VQA questions (what the quickstart trained on).
---replay F (new): F of the training rows are the world's own questions of the training images,
-so that the model keeps what it knew (trained on the new questions alone, it does not).
+--replay F: F of the training samples are old data, so that the model keeps what it knew
+(trained on the new questions alone, it does not); 0 = none (data.replay null).
+    --replay-from init_from (the default): the recipe's data.replay, a share of what the
+        checkpoint was trained on as its card records it (the quickstart's: its world in the
+        stage-2 mix, every task of an image in one sample), drawn by `visto train`
+    --replay-from questions (--questions new only): the world's own VQA questions of the
+        training images, written into the training parquet beside the new ones (F of the rows)
 
 1. `visto data synth` renders --n fresh images (seed --seed, not the checkpoint's world) at the
-   model's image size (--size); OUT/data.json records the settings, and a rerun with the same
+   model's image size (--size) into --data (default OUT); DATA/data.json records the settings, and a rerun with the same
    ones reuses the files; the questions of its train split and of its test split become parquet
    files written with `datasets` (what a user's own dataset looks like: visto did not write
    them), rows shuffled (seeded) so that the first --eval-n held-out rows span many images.
    With --questions new, the world's VQA of the test split is written too
    (heldout-vqa.parquet): what the model knew before.
 2. `visto train --recipe llava-lora --set model.init_from=MODEL --set data.source=TRAIN
-   --set finish.eval_source=HELDOUT --set max_steps=--steps --set batch_size=--batch`,
+   --set finish.eval_source=HELDOUT --set max_steps=--steps --set batch_size=--batch
+   --set data.replay.share=--replay` (or data.replay=null),
    with num_threads --threads, seed --train-seed and no export: LoRA rank 16 on every decoder
    linear layer, the projector in full (--freeze-projector: adapters only). Its finish step runs `visto eval` on the held-out file for the starting
    model (RUN/eval-start) and the trained one (RUN), --eval-n rows. With --questions new,
@@ -72,7 +78,15 @@ def loadavg() -> str:
 
 def visto(*argv: str, threads: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    subprocess.run([sys.executable, "-m", "visto.cli", *argv], check=True, env=env)
+    command = [sys.executable, "-m", "visto.cli", *argv]
+    process = subprocess.Popen(command, env=env)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.wait()  # it had the same Ctrl-C: a training run saves its checkpoint first
+        raise
+    if code:
+        raise subprocess.CalledProcessError(code, command)
 
 
 def clear_cell(box: list[int], size: int) -> bool:
@@ -244,7 +258,8 @@ def family_of(prediction_id: str) -> str:
 def paired_figures(before: Path, after: Path) -> dict[str, dict]:
     """The same held-out questions before and after, per family and over all: accuracy, its
     blind twin, and how many the fine-tune fixed and broke, with the exact sign test, for
-    the model and for its blind twin (a gain the blind twin shares did not come from looking)."""
+    the model and for its blind twin (a gain the blind twin shares did not come from looking;
+    only where both evaluations asked it: `visto eval --no-blind` skips it)."""
 
     def records(path: Path) -> dict[str, dict]:
         return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
@@ -257,7 +272,8 @@ def paired_figures(before: Path, after: Path) -> dict[str, dict]:
     out = {}
     for name, keys in groups.items():
         figures: dict[str, float | int] = {"questions": len(keys)}
-        for prefix, field in (("", "score"), ("blind_", "blind_score")):
+        blind = all("blind_score" in a[k] and "blind_score" in b[k] for k in keys)
+        for prefix, field in (("", "score"), ("blind_", "blind_score"))[: 2 if blind else 1]:
             fixed = sum(1 for k in keys if b[k][field] > a[k][field])
             broke = sum(1 for k in keys if b[k][field] < a[k][field])
             figures |= {
@@ -270,8 +286,11 @@ def paired_figures(before: Path, after: Path) -> dict[str, dict]:
     return out
 
 
-def eval_old(model: str | Path, data: Path, out: Path, n: int, threads: int) -> None:
-    """`visto eval` of `model` on the world's VQA held-out file (what it knew before)."""
+def eval_old(model: str | Path, data: Path, out: Path, n: int, threads: int, reuse: bool) -> None:
+    """`visto eval` of `model` on the world's VQA held-out file (what it knew before); with
+    `reuse`, an evaluation already in `out` is kept."""
+    if reuse and (out / "eval.json").exists():
+        return
     visto("eval", "--model", str(model), "--data", str(data), "--out", str(out), "--n", str(n),
           threads=threads)  # fmt: skip
 
@@ -280,18 +299,20 @@ DATA_FILES = ("train.parquet", "heldout.parquet", "heldout-vqa.parquet")
 
 
 def build_data(args: argparse.Namespace, size: int) -> dict:
-    """Render OUT/world and write the parquet files (step 1); the rows written per family.
-    OUT/data.json records the settings they were made with: the same settings reuse them."""
-    settings = {k: getattr(args, k) for k in ("questions", "replay", "n", "seed")} | {"size": size}
-    record, world = args.out / "data.json", args.out / "world"
+    """Render DATA/world and write the parquet files (step 1); the rows written per family.
+    DATA/data.json records the settings they were made with: the same settings reuse them."""
+    in_file = args.replay if args.replay_from == "questions" else 0.0  # replay the parquet holds
+    settings = {k: getattr(args, k) for k in ("questions", "n", "seed")} | {"size": size,
+                                                                          "replay": in_file}  # fmt: skip
+    record, world = args.data / "data.json", args.data / "world"
     if record.exists() and json.loads(record.read_text())["settings"] == settings:
         return json.loads(record.read_text())["rows"]
-    train_file, heldout_file, old_file = (args.out / f for f in DATA_FILES)
+    train_file, heldout_file, old_file = (args.data / f for f in DATA_FILES)
     visto("data", "synth", "--out", str(world), "--n", str(args.n), "--seed", str(args.seed),
           "--size", str(size), "--workers", "1", threads=args.threads)  # fmt: skip
     if args.questions == "new":
         train = with_replay(invented_questions(world, "train", args.seed),
-                            world_questions(world, "train"), args.replay, args.seed)  # fmt: skip
+                            world_questions(world, "train"), in_file, args.seed)  # fmt: skip
         heldout = invented_questions(world, "test", args.seed)
     else:
         train, heldout = world_questions(world, "train"), world_questions(world, "test")
@@ -303,6 +324,40 @@ def build_data(args: argparse.Namespace, size: int) -> dict:
     return rows
 
 
+def replay_settings(args: argparse.Namespace) -> list[str]:
+    """The recipe's data.replay for --replay/--replay-from (the parquet holds the questions'
+    replay itself): a share of what --model was trained on, or none."""
+    if args.replay and args.replay_from == "init_from":
+        return ["--set", f"data.replay={json.dumps({'share': args.replay, 'source': 'init_from'})}"]
+    return ["--set", "data.replay=null"]
+
+
+def replayed(run: Path) -> list[dict] | None:
+    """The old data the run mixed in (its resolved recipe's data.sources marked replay), with
+    each source's share of the samples drawn; None when it replayed none through the recipe."""
+    data = json.loads((run / "config.json").read_text())["data"]
+    sources = data.get("sources") or []
+    total = sum(s["weight"] for s in sources)
+    old = [{"source": s["source"], "mix": s["mix"], "tasks": s["tasks"],
+            "share": round(s["weight"] / total, 4)} for s in sources if s.get("replay")]  # fmt: skip
+    return old or None
+
+
+def train(args: argparse.Namespace, run: Path, train_file: Path, heldout_file: Path) -> None:
+    """Step 2: `visto train --recipe llava-lora`, which scores the held-out file before and after."""
+    visto("train", "--recipe", "llava-lora", "--out", str(run), "--no-progress",
+          "--set", f"model.init_from={args.model}",
+          "--set", f"data.source={train_file}", "--set", "data.image_root=null",
+          "--set", f"finish.eval_source={heldout_file}",
+          "--set", "finish.eval_image_root=null", "--set", f"finish.eval_n={args.eval_n}",
+          "--set", "finish.export=null", "--set", f"max_steps={args.steps}",
+          "--set", f"batch_size={args.batch}", "--set", f"optim.lr={args.lr}",
+          "--set", f"num_threads={args.threads}", "--set", f"seed={args.train_seed}",
+          *(["--set", "lora.trainable=[]"] if args.freeze_projector else []),
+          *replay_settings(args), "--set", f"checkpoint_every={args.checkpoint_every}",
+          threads=args.threads)  # fmt: skip
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -311,9 +366,16 @@ def main() -> int:
     p.add_argument("--questions", choices=QUESTION_SETS, default="new",
                    help="new: questions the model never saw (module doc); world: the world's VQA")  # fmt: skip
     p.add_argument("--replay", type=float, default=0.0,
-                   help="--questions new: this fraction of the training rows are the world's own "
-                        "questions of the same images (what the model knew), the rest new")  # fmt: skip
+                   help="this fraction of the training samples are old data (what the model "
+                        "knew), the rest new; 0: none")  # fmt: skip
+    p.add_argument("--replay-from", choices=("init_from", "questions"), default="init_from",
+                   help="init_from: the recipe's data.replay (what --model was trained on, as its "
+                        "card records it); questions: the world's own questions of the training "
+                        "images written into the training parquet (--questions new)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("bench/out/lora_finetune"))
+    p.add_argument("--data", type=Path,
+                   help="where the world and parquet files are built, or reused when built with "
+                        "the same settings (default --out): several runs share one set")  # fmt: skip
     p.add_argument("--n", type=int, default=2000, help="images rendered (train 80%%, test 5%%)")
     p.add_argument("--size", type=int, help="image side rendered (default: the model's)")
     p.add_argument("--seed", type=int, default=7)
@@ -326,32 +388,37 @@ def main() -> int:
     p.add_argument("--eval-n", type=int, default=200, help="held-out questions scored")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--checkpoint-every", type=int, default=50,
+                   help="steps between the run's checkpoints (what --reuse resumes from)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep OUT/run's training and evaluations where they are done (a run cut "
+                        "short goes on from its last finished step; wall times then cover only "
+                        "what ran)")  # fmt: skip
     args = p.parse_args()
     if not 0 <= args.replay < 1:
         p.error(f"--replay is a fraction of the training rows in [0, 1), got {args.replay}")
-    if args.replay and args.questions == "world":
-        p.error("--replay mixes the world's questions into --questions new; world has only those")
+    if args.replay and args.replay_from == "questions" and args.questions == "world":
+        p.error("--replay-from questions mixes the world's questions into --questions new; "
+                "world has only those")
 
     from visto.checkpoint import read_config
 
     size = args.size or read_config(args.model)["config"]["processor"]["image_size"]
     t0, load_before = time.time(), loadavg()
-    train_file, heldout_file, old_file = (args.out / f for f in DATA_FILES)
+    args.data = args.data or args.out
+    train_file, heldout_file, old_file = (args.data / f for f in DATA_FILES)
     rows = build_data(args, size)
     t_data = time.time() - t0
 
     run = args.out / "run"
     t1 = time.time()
-    visto("train", "--recipe", "llava-lora", "--out", str(run), "--no-progress",
-          "--set", f"model.init_from={args.model}",
-          "--set", f"data.source={train_file}", "--set", "data.image_root=null",
-          "--set", f"finish.eval_source={heldout_file}",
-          "--set", "finish.eval_image_root=null", "--set", f"finish.eval_n={args.eval_n}",
-          "--set", "finish.export=null", "--set", f"max_steps={args.steps}",
-          "--set", f"batch_size={args.batch}", "--set", f"optim.lr={args.lr}",
-          "--set", f"num_threads={args.threads}", "--set", f"seed={args.train_seed}",
-          *(["--set", "lora.trainable=[]"] if args.freeze_projector else []),
-          threads=args.threads)  # fmt: skip
+    if args.reuse and (run / "eval.json").exists():
+        print(f"--reuse: {run} is trained and scored; not run again", flush=True)
+    elif args.reuse and (run / "config.json").exists():
+        # Cut short (Ctrl-C saves a checkpoint): the run goes on with its own recipe.
+        visto("train", "--resume", str(run), "--no-progress", threads=args.threads)
+    else:
+        train(args, run, train_file, heldout_file)
     wall_train = time.time() - t1
     before = json.loads((run / "eval-start" / "eval.json").read_text())
     after = json.loads((run / "eval.json").read_text())
@@ -360,6 +427,7 @@ def main() -> int:
     keys = sorted(k for k in after if k.startswith(("vqa.", "blind.vqa.")))
     result = {
         "model": args.model, "questions": args.questions, "replay": args.replay,
+        "replay_from": args.replay_from if args.replay else None, "replayed": replayed(run),
         "rendered_images": args.n, "seed": args.seed, "rows": rows, "eval_n": args.eval_n,
         "steps": args.steps, "batch": args.batch, "lr": args.lr, "train_seed": args.train_seed,
         "freeze_projector": args.freeze_projector, "threads": args.threads,
@@ -375,8 +443,8 @@ def main() -> int:
     }  # fmt: skip
     if args.questions == "new":
         t2 = time.time()
-        eval_old(args.model, old_file, run / "old-start", args.eval_n, args.threads)
-        eval_old(run / "checkpoint", old_file, run / "old", args.eval_n, args.threads)
+        eval_old(args.model, old_file, run / "old-start", args.eval_n, args.threads, args.reuse)
+        eval_old(run / "checkpoint", old_file, run / "old", args.eval_n, args.threads, args.reuse)
         result["old_vqa"] = {
             "paired": paired_figures(run / "old-start" / "predictions.jsonl",
                                      run / "old" / "predictions.jsonl"),

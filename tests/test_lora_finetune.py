@@ -57,8 +57,11 @@ def test_llava_lora_trains_adapters_scores_the_heldout_file_and_exports_merged(s
 
     root, init, train, heldout = start
     run = root / "tuned"
+    # Without the recipe's replay: the start's card names the world (all its tasks) while it
+    # was trained on one constant answer, and half of each batch from there keeps the tiny
+    # model below 0.1 at 300 steps; replay is tested in test_lora_replay and the bench below.
     args = ["train", "--recipe", "llava-lora", "--set", f"model.init_from={init}",
-            *data_flags(train, heldout), "--out", str(run), *TINY]  # fmt: skip
+            *data_flags(train, heldout), "--out", str(run), *TINY, "--set", "data.replay=null"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "held-out figures: start -> trained" in out
@@ -104,6 +107,13 @@ def test_llava_lora_from_a_transformers_directory_exports_one(start, capsys):
             *data_flags(train, heldout), "--set", "finish.eval_source=null",
             "--set", "finish.eval_image_root=null", "--set", "finish.eval_start=false",
             "--set", "finish.export=hf", "--out", str(run), *TINY, "--set", "max_steps=3"]  # fmt: skip
+    # The recipe replays what the model was trained on, which a transformers directory does
+    # not record: the user is told what to set.
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "a transformers directory records no training data" in err
+    assert "set data.replay to null to fine-tune without replay" in err and not run.exists()
+    args += ["--set", "data.replay=null"]
     assert main(args) == 0
     assert is_transformers_dir(run / "export") and not (run / "eval.json").exists()
     sample = next(iter(read_samples(heldout / "data.json")))
@@ -122,7 +132,11 @@ def test_bad_finish_settings_are_clear_errors(tmp_path, capsys):
     assert "finish.export must be one of visto, hf or null" in error("finish.export=onnx")
     assert "finish.eval_start scores the model.init_from" in error("model.init_from=null")
     assert "finish.eval_source runs/nowhere.json does not exist" in error(
-        "finish.eval_source=runs/nowhere.json"
+        "finish.eval_source=runs/nowhere.json", "data.replay=null"
+    )
+    # The recipe's replay reads the starting checkpoint's card: a missing one is named.
+    assert "there is no checkpoint there; fix model.init_from" in error(
+        f"model.init_from={tmp_path / 'nowhere'}"
     )
 
 
@@ -230,7 +244,8 @@ def test_paired_figures_count_fixed_and_broke_per_family(bench, tmp_path):
 def test_bench_trains_on_new_questions_with_replay_and_scores_old_and_new(start, bench, tmp_path):
     """The bench end to end on the tiny model: parquet files written by `datasets`, the
     recipe from the CLI, the new and the old held-out questions before and after."""
-    _, init, _, _ = start
+    root, init, _, _ = start
+    world = root / "world"
     out, figures_file = tmp_path / "bench", tmp_path / "figures.json"
     done = subprocess.run(
         [sys.executable, str(BENCH / "lora_finetune.py"), "--model", str(init), "--n", "120", "--size", "48",
@@ -240,9 +255,11 @@ def test_bench_trains_on_new_questions_with_replay_and_scores_old_and_new(start,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     figures = json.loads(figures_file.read_text())
-    train_rows = figures["rows"]["train"]
-    new = sum(train_rows[f] for f in bench.FAMILIES)
-    assert sum(train_rows.values()) - new == new  # replay 0.5: as many world questions
+    # Replay through the recipe: the parquet holds the new questions only, and the run drew
+    # half its samples from what the start checkpoint was trained on (its card's world).
+    assert set(figures["rows"]["train"]) <= set(bench.FAMILIES)
+    assert figures["replay_from"] == "init_from"
+    assert [(r["source"], r["share"]) for r in figures["replayed"]] == [(str(world), 0.5)]
     assert set(figures["rows"]["heldout"]) <= set(bench.FAMILIES)
     assert "exist" in figures["rows"]["heldout_vqa"]
     for paired, run in ((figures["paired"], out / "run"),

@@ -69,6 +69,44 @@ class WeightedSource(SourceSpec):
     samples drawn, relative to the others' (3 and 1: three samples in four from the first)."""
 
     weight: float = 1.0
+    # Old data replayed against forgetting: what data.replay turned into a source.
+    replay: bool = False
+
+
+REPLAY_FROM_CHECKPOINT = "init_from"
+
+
+@dataclass
+class ReplaySpec:
+    """Old data mixed into fine-tuning so that the model keeps what it knew (data.replay).
+
+    Fine-tuned on new data alone, a model forgets its old tasks (bench/README.md, "LoRA
+    fine-tuning": the quickstart's VQA 0.69 -> 0.30 after 300 LoRA steps on new questions);
+    LLaVA's instruction mix carries general data beside the task data for the same reason.
+    `share` of the training samples are drawn from the old data, the rest from the new.
+
+    `source`: "init_from" (the default) replays what the `model.init_from` checkpoint was
+    trained on, as its card records it (the quickstart's: its world, in its stage-2 mix);
+    or the path of a dataset in any format, read with the settings below as data.source is.
+    The recipe's resolved form (RUN/config.json, the checkpoint card) lists the old data as a
+    source of data.sources with `replay: true` and a weight that gives it `share`.
+
+    `whole_mix`: a checkpoint trained on a world mix (the quickstart's stage 2: every task of an
+    image in one sample, ~500 tokens) is replayed one exchange per sample, the mix's tasks, so
+    that an old sample costs what a new one does (false, the default); true replays the mix's
+    samples whole (a LoRA step at share 0.5 took 7x as long: bench/README.md).
+    """
+
+    share: float = 0.5
+    source: str = REPLAY_FROM_CHECKPOINT
+    whole_mix: bool = False
+    format: str | None = None
+    split: str = "train"
+    tasks: list[str] | None = None
+    mix: str | None = None
+    image_root: str | None = None
+    caption_key: str | None = None
+    image_key: str | None = None
 
 
 @dataclass
@@ -77,6 +115,10 @@ class DataSpec(SourceSpec):
     # [{"source": "a.json", "image_root": "images/", "weight": 3}, {"source": "b.parquet"}].
     # data.source and the per-dataset settings then stay unset here: each source has its own.
     sources: list[WeightedSource] | None = None
+    # Old data mixed in against forgetting (a ReplaySpec: its share of the samples, and where
+    # the old data is); None = the new data alone. Resolved into one more source of
+    # data.sources when the recipe is read.
+    replay: ReplaySpec | None = None
     # Samples held for shuffling (>= dataset size: a full shuffle). Each epoch starts by
     # reading this many, so a larger buffer shuffles better but stalls longer.
     shuffle_buffer: int = 1024
@@ -146,6 +188,68 @@ def data_problems(data: DataSpec) -> list[str]:
             problems.append(f"{where}.weight must be a positive number, got {source.weight}")
         problems += source_problems(source, where)
     return problems
+
+
+def replay_problems(data: DataSpec, model: ModelSpec) -> list[str]:
+    """What is wrong with data.replay's settings (the data itself is checked when resolved)."""
+    replay = data.replay
+    if replay is None:
+        return []
+    problems = []
+    if not (isinstance(replay.share, (int, float)) and 0 < replay.share < 1):
+        problems.append(f"data.replay.share is the fraction of training samples drawn from the "
+                        f"old data, in (0, 1) (or data.replay null: none), got {replay.share!r}")  # fmt: skip
+    if not replay.source:
+        problems.append(f"data.replay.source is not set: {REPLAY_FROM_CHECKPOINT!r} (what "
+                        "model.init_from was trained on) or a dataset path")  # fmt: skip
+    elif replay.source == REPLAY_FROM_CHECKPOINT:
+        if not model.init_from:
+            problems.append("data.replay.source 'init_from' replays what model.init_from was "
+                            "trained on: set model.init_from, or give data.replay.source a "
+                            "dataset path")  # fmt: skip
+        own = [n for n in ("format", "tasks", "mix", "image_root", "caption_key", "image_key")
+               if getattr(replay, n) is not None]  # fmt: skip
+        if own:
+            problems.append(f"data.replay.{own[0]} applies to a dataset path; with source "
+                            "'init_from' the checkpoint's card says how its data was read")  # fmt: skip
+    else:
+        problems += source_problems(replay, "data.replay")  # type: ignore[arg-type]
+    if any(s.replay for s in data.sources or []):
+        problems.append("data.replay is already resolved into data.sources (the source marked "
+                        "replay true): change that source's weight, or start a new run")  # fmt: skip
+    return problems
+
+
+def resolve_replay(data: DataSpec, model: ModelSpec) -> DataSpec:
+    """`data` with data.replay turned into sources of data.sources (see ReplaySpec): the new
+    datasets keep their settings and relative weights, the old ones get `replay.share` of
+    the samples. Reads the init_from checkpoint's card; a UserError when the old data is not
+    there. Without data.replay, `data` as it is."""
+    import dataclasses
+
+    from visto.config import from_dict
+    from visto.train.mixture import trained_on, with_replay
+
+    replay = data.replay
+    if replay is None:
+        return data
+    if data.sources is not None:
+        new = [to_dict(s) for s in data.sources]
+    else:
+        fields = [f.name for f in dataclasses.fields(SourceSpec)]
+        new = [{name: getattr(data, name) for name in fields} | {"weight": 1.0}]
+    if replay.source == REPLAY_FROM_CHECKPOINT:
+        assert model.init_from is not None
+        old = trained_on(model.init_from, whole_mix=replay.whole_mix)
+    else:
+        if not Path(replay.source).exists():
+            raise UserError(f"data.replay.source {replay.source} does not exist; fix the path, "
+                            "or set data.replay to null")  # fmt: skip
+        old = [{k: v for k, v in to_dict(replay).items() if k not in ("share", "whole_mix")}]
+    sources = [from_dict(WeightedSource, s, where=f"data.sources[{i}]")
+               for i, s in enumerate(with_replay(new, old, replay.share))]  # fmt: skip
+    cleared = {name: (None if name != "source" else "") for name in PER_SOURCE}
+    return dataclasses.replace(data, **cleared, sources=sources, replay=None)
 
 
 @dataclass
@@ -283,6 +387,7 @@ class Recipe:
             if lr < 0:
                 problems.append(f"learning rate for {name!r} must be >= 0, got {lr}")
         problems += data_problems(self.data)
+        problems += replay_problems(self.data, self.model)
         problems += processor_problems(self.processor)
         problems += finish_problems(self.finish, self.model)
         if self.distributed not in ("ddp", "fsdp"):
@@ -295,6 +400,8 @@ class Recipe:
                 problems.append(f"{name} must be >= 1 (or null), got {value}")
         if problems:
             raise UserError(f"recipe {self.name or '(unnamed)'}: " + "; ".join(problems))
+        # The resolved recipe (RUN/config.json, what --resume reads) names the replayed data.
+        self.data = resolve_replay(self.data, self.model)
 
     @property
     def micro_batch_size(self) -> int:
