@@ -96,9 +96,12 @@ def test_merged_equals_unmerged(family, tokenizer_dir):
     batch = model.collate(colour_samples(3, seed=1))
     base_loss, base_logits = losses_and_logits(model, batch)
     apply_lora(model, lora_for(family))
-    # A fresh adapter (B = 0) changes nothing.
-    fresh_loss, _ = losses_and_logits(model, batch)
-    assert torch.equal(fresh_loss, base_loss)
+    # A fresh adapter (B = 0) changes nothing, to fp32 rounding: an adapted vision tower runs
+    # its modules, where the plain one runs the fused inference blocks (FusedEncoderBlock),
+    # which sum in another order (logits 3e-7 apart; an adapted decoder alone: bit-equal).
+    fresh_loss, fresh_logits = losses_and_logits(model, batch)
+    torch.testing.assert_close(fresh_loss, base_loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fresh_logits, base_logits, atol=1e-6, rtol=0)
     randomize_adapters(model)
     loss, logits = losses_and_logits(model, batch)
     assert (logits - base_logits).abs().max() > 1e-3  # the adapters do act
