@@ -264,6 +264,9 @@ def test_a_narrow_count_histogram_gives_each_count_its_own_bin():
     from visto.quickstart import QuickstartConfig, llava_config
 
     assert llava_config(QuickstartConfig(), vocab_size=1024).projector.count_width == 0.35
+    projector = llava_config(QuickstartConfig(), vocab_size=1024).projector
+    assert projector.copy_answers and projector.object_order == "left_to_right"
+    assert not llava_config(QuickstartConfig(pointer=False), vocab_size=1024).projector.copy_answers
     assert ProjectorConfig().count_width == 1.0  # checkpoints from before the setting
 
 
