@@ -57,8 +57,8 @@ unchanged; --fresh redoes everything):
               as independent turns, none of which can see another: RUN/stage2
   5. eval     test split and held-out colour-shape pairs, every figure beside a blind
               twin (the images swapped): RUN/eval.json, RUN/report.md. What the default
-              reaches, per question type, over three seeds: bench/README.md, "Named words,
-              second round"
+              reaches, per question type, over three seeds: bench/README.md, "Copied
+              answers"
 
 The final model is RUN/checkpoint (open it with visto.load).
 
