@@ -125,9 +125,16 @@ def test_init_from_without_a_record_of_its_data_says_what_to_set(start, tmp_path
     recipe["model"]["init_from"] = None
     with pytest.raises(UserError, match="set model.init_from, or give data.replay.source"):
         recipe_from_dict(recipe)
+    # A start that does not exist yet (a shipped recipe's default) parses; training stops
+    # before it begins, saying what is missing.
     recipe["model"]["init_from"] = str(tmp_path / "gone")
+    waiting = recipe_from_dict(recipe)
+    assert waiting.data.replay is not None and waiting.data.sources is None
+    from visto.train.loop import train
+
     with pytest.raises(UserError, match="but there is no checkpoint there; fix model.init_from"):
-        recipe_from_dict(recipe)
+        train(waiting, tmp_path / "run-gone")
+    assert not (tmp_path / "run-gone").exists()
     # A checkpoint written without a card's data section (an export, a hand-saved model).
     save_checkpoint(visto.load(init), tmp_path / "bare")
     recipe["model"]["init_from"] = str(tmp_path / "bare")

@@ -31,6 +31,7 @@ DistributedDataParallel from outside (or sharded with FSDP2: recipe `distributed
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -75,7 +76,7 @@ from visto.train.distributed import (
 )
 from visto.train.objective import fsdp_root, loss_module, select_objective
 from visto.train.optim import build_optimizer, lr_factor, schedule_progress, set_lr
-from visto.train.recipe import Recipe, recipe_from_dict
+from visto.train.recipe import Recipe, recipe_from_dict, resolve_replay
 from visto.train.report import write_report
 from visto.utils.io import atomic_directory, atomic_write_json, atomic_write_text
 
@@ -327,6 +328,8 @@ def train(
     from rich.console import Console
 
     run_dir = Path(run_dir)
+    if recipe.data.replay is not None:  # left for now by a recipe whose start did not exist yet
+        recipe = dataclasses.replace(recipe, data=resolve_replay(recipe.data, recipe.model))
     console = console or Console(soft_wrap=True)
     dist_info = init_distributed()
     _check_run_dir(run_dir, resume)

@@ -220,6 +220,13 @@ def replay_problems(data: DataSpec, model: ModelSpec) -> list[str]:
     return problems
 
 
+def replay_waits_for_checkpoint(data: DataSpec, model: ModelSpec) -> bool:
+    """data.replay replays what model.init_from was trained on, and there is nothing at
+    model.init_from yet (resolved by `train`, which stops with a UserError if still so)."""
+    return (data.replay is not None and data.replay.source == REPLAY_FROM_CHECKPOINT
+            and model.init_from is not None and not Path(model.init_from).exists())  # fmt: skip
+
+
 def resolve_replay(data: DataSpec, model: ModelSpec) -> DataSpec:
     """`data` with data.replay turned into sources of data.sources (see ReplaySpec): the new
     datasets keep their settings and relative weights, the old ones get `replay.share` of
@@ -401,7 +408,11 @@ class Recipe:
         if problems:
             raise UserError(f"recipe {self.name or '(unnamed)'}: " + "; ".join(problems))
         # The resolved recipe (RUN/config.json, what --resume reads) names the replayed data.
-        self.data = resolve_replay(self.data, self.model)
+        # A shipped recipe names a start that may not exist yet (llava-lora's
+        # runs/quickstart/checkpoint): it still parses, and `train` resolves the replay (or
+        # says what is missing) before it starts.
+        if not replay_waits_for_checkpoint(self.data, self.model):
+            self.data = resolve_replay(self.data, self.model)
 
     @property
     def micro_batch_size(self) -> int:
