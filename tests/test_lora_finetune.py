@@ -134,10 +134,12 @@ def test_bad_finish_settings_are_clear_errors(tmp_path, capsys):
     assert "finish.eval_source runs/nowhere.json does not exist" in error(
         "finish.eval_source=runs/nowhere.json", "data.replay=null"
     )
-    # The recipe's replay reads the starting checkpoint's card: a missing one is named.
+    # The recipe's replay reads the starting checkpoint's card: a missing one is named (when
+    # training starts, after the recipe's own checks).
     assert "there is no checkpoint there; fix model.init_from" in error(
-        f"model.init_from={tmp_path / 'nowhere'}"
+        f"model.init_from={tmp_path / 'nowhere'}", "finish=null"
     )
+    assert not (tmp_path / "r").exists()
 
 
 # ---------------------------------------------------------------- bench/lora_finetune.py

@@ -375,6 +375,8 @@ class Recipe:
     device: str | None = None  # None = cuda if present, else cpu
 
     def __post_init__(self) -> None:
+        if self.finish is None:  # `--set finish=null`: nothing after training (no eval, no export)
+            self.finish = FinishSpec()
         problems = []
         if not self.model.family and not self.model.init_from:
             problems.append("model.family (or model.init_from) must be set")
