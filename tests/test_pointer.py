@@ -203,6 +203,13 @@ ANSWER_TEXTS = [f"What colour is the {s}? What size is the {s}? How many {s}s ar
                 f"{c} {s} {z} 0 1 2 3 4 5 6 7 8 9" for s in SHAPE_NAMES for c in COLOUR_NAMES for z in SIZE_NAMES]  # fmt: skip
 
 
+def count_histogram(count: float) -> torch.Tensor:
+    """The focus's histogram of an executed count (width 0.35, the quickstart's)."""
+    from visto.connectors.focus import COUNT_BINS, soft_histogram
+
+    return soft_histogram(torch.tensor([count]), COUNT_BINS, 0.35)
+
+
 def answer_runs_fixture():
     from visto.connectors.named import VALUES, AttributeWords, answer_runs
 
@@ -230,7 +237,7 @@ def test_answer_runs_hold_the_subjects_words_and_its_count():
     attributes = torch.stack([one_object_attributes(values, "star", "red", "large", 0.8),
                               one_object_attributes(values, "circle", "blue", "small")])[None]  # fmt: skip
     weight = torch.tensor([[1.0, 0.0]])  # the subject is the star
-    describe, colour, shape, size, count = answer_runs(words, weight, attributes, torch.tensor([2.0]), 0.35)
+    describe, colour, shape, size, count = answer_runs(words, weight, attributes, count_histogram(2.0))
     assert describe[0].shape[:2] == (1, 3) and colour[0].shape[:2] == (1, 1)
 
     def held(run, slot: int) -> dict[str, float]:
@@ -243,7 +250,7 @@ def test_answer_runs_hold_the_subjects_words_and_its_count():
     assert held(shape, 0) == {"star": 1.0} and held(size, 0) == {"large": 1.0}
     assert max(held(count, 0), key=held(count, 0).get) == "2" and sum(held(count, 0).values()) == pytest.approx(1.0, abs=0.01)
     # Without objects (weights 0) the attribute slots are empty: nothing to copy.
-    empty = answer_runs(words, torch.zeros(1, 2), attributes, torch.tensor([0.0]), 0.35)
+    empty = answer_runs(words, torch.zeros(1, 2), attributes, count_histogram(0.0))
     assert all(run[1].sum() == 0 for run in empty[:4]) and held(empty[4], 0)["0"] == pytest.approx(1.0, abs=0.01)
 
 
@@ -252,7 +259,7 @@ def test_the_pointer_copies_a_description_word_by_word():
 
     tok, words, values, answer_runs = answer_runs_fixture()
     attributes = one_object_attributes(values, "star", "red", "large")[None, None]
-    runs = answer_runs(words, torch.ones(1, 1), attributes, torch.tensor([1.0]), 0.35)
+    runs = answer_runs(words, torch.ones(1, 1), attributes, count_histogram(1.0))
     END, OPEN = tok.end_id, tok.role_ids["assistant"]
     slots = copy_runs(runs, END)
     head = PointerHead(4, (3, 1, 1, 1, 1))

@@ -303,15 +303,16 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
         image_size=cfg.size, patch_size=cfg.patch_size, width=cfg.vision_width,
         layers=cfg.vision_layers, heads=4, mlp_hidden=4 * cfg.vision_width, stem=cfg.vision_stem,
     )  # fmt: skip
+    pointer = cfg.pointer and focus_slots(cfg) > 0
+    named = cfg.named and cfg.focus and cfg.projector == "regions"
     projector = ProjectorConfig(
         kind=cfg.projector, scale_factor=2, slots=cfg.slots, box_tokens=cfg.box_tokens,
         text_slots=cfg.text_slots if cfg.projector == "regions" else 0,
         focus=cfg.focus and cfg.projector == "regions", read_slots=read_slots(cfg),
-        pointer=cfg.pointer and focus_slots(cfg) > 0,
-        named=cfg.named and cfg.focus and cfg.projector == "regions",
+        pointer=pointer, named=named,
         box_nms=cfg.box_nms if cfg.projector == "regions" else 0.0,
         count_width=cfg.count_width, object_order=cfg.object_order,
-        copy_answers=cfg.copy_answers and cfg.named and cfg.focus and cfg.pointer and focus_slots(cfg) > 0,
+        copy_answers=cfg.copy_answers and named and pointer,
     )  # fmt: skip
     patches = vision.num_patches
     decoder = DecoderConfig(

@@ -270,8 +270,8 @@ class QuestionFocus(nn.Module):
         """`forward`, and what each answer's `<focus>` slots hold as token ids (`CopySlots`,
         one row per `<|assistant|>` token in row-major order; None without slots): the box
         slots each object's location token weighted as the objects are (`objects.box_ids`),
-        the read slots the read token (`read`'s third tensor: the ids (N_img, slots - 4), or
-        per variant (N_img, V, slots - 4): `read_for_questions` picks one per question)."""
+        the read slots the read token (`read`'s third tensor: the ids per variant (N_img, V,
+        slots - 4), of which `read_for_questions` picks one per question)."""
         B, T = input_ids.shape
         out = objects.tokens.new_zeros(B, T, objects.tokens.shape[-1])
         spans = self.spans(input_ids, segment_ids)
@@ -298,9 +298,10 @@ class QuestionFocus(nn.Module):
                     named, rowed.attributes[rows], rowed.boxes[rows], present, weight, side_weights
                 )
         value = torch.einsum("pm,pmd->pd", weight, tokens)  # (P, D)
+        count_histogram = soft_histogram(matches, COUNT_BINS, self.count_width)  # (P, COUNT_BINS)
         focus = (
             value @ self.out
-            + soft_histogram(matches, COUNT_BINS, self.count_width) @ self.count
+            + count_histogram @ self.count
             + soft_histogram(best * (MATCH_BINS - 1), MATCH_BINS, 1.0) @ self.match
         )  # (P, D)
         centres = []
@@ -315,7 +316,7 @@ class QuestionFocus(nn.Module):
         focus = focus + soft_histogram(present.sum(-1).to(score.dtype), COUNT_BINS, self.count_width) @ self.objects
         answers = self._no_answers(len(rows), out.device)
         if answers and named is not None and rowed.attributes is not None:
-            answers = answer_runs(self.words, weight, rowed.attributes[rows], matches, self.count_width)
+            answers = answer_runs(self.words, weight, rowed.attributes[rows], count_histogram)
         out = out.index_put((rows, cols), focus.to(out.dtype))
         if not self.slots:
             return out, None
@@ -401,11 +402,8 @@ def read_for_questions(read: list[Tensor], named: Named | None) -> list[Tensor]:
     """Per answer, the read tokens' variants (P, 1 + len(TEXT_KINDS), R, ...: everything read,
     then only its words, only its numbers; `RegionConnector.read_tokens`) -> the one its
     question asks for (P, R, ...): the kind it names ("What number is written?"), where it
-    names one kind and the reader read text of that kind; everything otherwise. A single
-    variant (P, R, ...) passes as it is."""
-    filled = read[1]  # (P, V, R) or (P, R)
-    if filled.dim() == 2:  # one variant
-        return read
+    names one kind and the reader read text of that kind; everything otherwise."""
+    filled = read[1]  # (P, V, R)
     rows = torch.arange(filled.shape[0], device=filled.device)
     choice = torch.zeros_like(rows)
     if named is not None and named.text_kind is not None:

@@ -279,11 +279,12 @@ def execute(
 
 
 def answer_runs(
-    words: AttributeWords, weight: Tensor, attributes: Tensor, count: Tensor, count_width: float
+    words: AttributeWords, weight: Tensor, attributes: Tensor, count_histogram: Tensor
 ) -> list[tuple[Tensor, Tensor]]:  # fmt: skip
     """The answer slots the pointer copies (ANSWER_RUNS), for P answers whose subject is weighted
-    (P, M) over objects with attribute probabilities (P, M, VALUES) and counted (P,) -> runs of
-    (ids (P, L, W), weights (P, L, W)), each slot's weights summing to 1 (0: an empty slot):
+    (P, M) over objects with attribute probabilities (P, M, VALUES), and the count's histogram
+    over 0..9 (P, 10: the focus's `soft_histogram` of the executed count) -> runs of (ids (P, L,
+    W), weights (P, L, W)), each slot's weights summing to 1 (0: an empty slot):
     ["size colour shape"], [colour], [shape], [size], [count digit]."""
     P, M, _ = attributes.shape
     slots: dict[tuple[str, bool], tuple[Tensor, Tensor]] = {}  # (kind, spaced) -> ids, weights (P, M * n)
@@ -296,9 +297,7 @@ def answer_runs(
             ids = table.clamp(min=0).expand(P, M, -1).flatten(1)
             slots[kind, spaced] = (ids, (p * (table >= 0)).flatten(1))
     digits = words.digit_ids.to(attributes.device)
-    bins = torch.arange(10, device=count.device, dtype=count.dtype)
-    near = torch.exp(-(((count[:, None] - bins) / count_width) ** 2))  # (P, 10)
-    near = near * (digits >= 0) / near.sum(-1, keepdim=True).clamp(min=1e-6)
+    near = count_histogram * (digits >= 0) / count_histogram.sum(-1, keepdim=True).clamp(min=1e-6)
     count_slot = (digits.clamp(min=0).expand(P, -1), near)
 
     def run(*parts: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
