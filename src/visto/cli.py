@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 from rich_argparse import RawDescriptionRichHelpFormatter
 
@@ -52,15 +55,59 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 0
-    try:
-        code = args.run(args)
-    except UserError as e:
-        print(f"visto: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("visto: interrupted", file=sys.stderr)
-        return 130
+    with _remember_ctrl_c() as ctrl_c:
+        try:
+            code = args.run(args)
+        except KeyboardInterrupt:
+            return _interrupted()
+        except Exception as e:
+            if ctrl_c.pressed:  # C code that Ctrl-C cut short replaced the KeyboardInterrupt
+                return _interrupted()
+            if not isinstance(e, UserError):
+                raise
+            print(f"visto: error: {e}", file=sys.stderr)
+            return 2
     return int(code or 0)
+
+
+class _CtrlC:
+    pressed = False
+
+
+@contextmanager
+def _remember_ctrl_c():
+    """Ctrl-C raises KeyboardInterrupt as Python's own handler does, and is remembered: a
+    library whose C code it interrupts may replace the KeyboardInterrupt by an error of its
+    own (torch loading a checkpoint: "could not determine the shape of object type ..."),
+    which must still end the command as an interruption, not as a wrong diagnosis."""
+    ctrl_c = _CtrlC()
+    previous = signal.getsignal(signal.SIGINT)
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or previous is not signal.default_int_handler
+    ):
+        yield ctrl_c  # someone else's handler (or a thread, where none can be set): theirs
+        return
+
+    def on_sigint(signum, frame):
+        ctrl_c.pressed = True
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield ctrl_c
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted() -> int:
+    print("visto: interrupted", file=sys.stderr)
+    # CPython remembers a KeyboardInterrupt that left code run by exec() (dataclasses build
+    # their methods so; Ctrl-C during an import lands there) even when we catch it, and then
+    # kills itself with SIGINT at exit instead of exiting with our code (caller sees -2, not
+    # 130). Running any exec'd code clears that memory.
+    exec("")
+    return 130
 
 
 if __name__ == "__main__":
