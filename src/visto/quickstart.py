@@ -121,6 +121,9 @@ class QuickstartConfig:
     # 0.958, counting 0.923 -> 0.953, held-out shape 0.820 -> 0.891, but JSON fields 0.534 ->
     # 0.179 (bench/README.md, "Copied answers")
     copy_answers: bool = True
+    # with the pointer: a JSON answer may copy, token by token, the JSON the connector writes
+    # from its detections and what it read (ProjectorConfig.copy_json; connectors.script)
+    copy_json: bool = True
     reader_steps: int = 1000
     decoder_width: int = 256
     decoder_layers: int = 4
@@ -188,7 +191,7 @@ class QuickstartConfig:
                                    "vision_width", "vision_layers", "vision_batch", "vision_lr",
                                    # the saved checkpoint holds a fresh connector and decoder too
                                    "projector", "slots", "box_tokens", "text_slots", "focus", "focus_slots",
-                                   "read_slots", "pointer", "named", "box_nms", "count_width", "object_order", "copy_answers", "reader_steps",
+                                   "read_slots", "pointer", "named", "box_nms", "count_width", "object_order", "copy_answers", "copy_json", "reader_steps",
                                    "decoder_width", "decoder_layers",
                                    "decoder_init", "vocab_size", "loc_bins", "max_length"),
         }  # fmt: skip
@@ -313,6 +316,7 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
         box_nms=cfg.box_nms if cfg.projector == "regions" else 0.0,
         count_width=cfg.count_width, object_order=cfg.object_order,
         copy_answers=cfg.copy_answers and named and pointer,
+        copy_json=cfg.copy_json and pointer and cfg.projector == "regions",
     )  # fmt: skip
     patches = vision.num_patches
     decoder = DecoderConfig(

@@ -108,8 +108,9 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
     "copy_answers": ("with --named and --pointer: answers about the named object may copy its "
                      "detected size, colour and shape words and its count through the pointer, "
                      "as a box is copied (a colour word the decoder never wrote for that shape "
-                     "comes from the detector). Costs JSON answers, which cannot copy: "
-                     "bench/README.md, 'Copied answers'", None),
+                     "comes from the detector); bench/README.md, 'Copied answers'", None),
+    "copy_json": ("with --pointer: a JSON answer may copy, token by token, the JSON the connector "
+                  "writes from its detected objects and what it read (connectors/script.py)", None),
     "reader_steps": ("steps of the OCR reader (with --text-slots or --read-slots), trained in the vision stage "
                      "on the world's text boxes", "N"),
     "stage1_steps": ("steps of LLaVA stage 1", "N"),

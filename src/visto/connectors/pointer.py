@@ -22,6 +22,20 @@ pointer-generator of See et al. 2017):
                                                 object's location token, weighted as the focus
                                                 weights the objects; a read slot: one token)
 
+With a script (`copy_json`), an answer may also copy a whole structured answer that the
+connector wrote from what it detected (the world's JSON: every object's shape, colour, size
+and box, the counts, the text), token by token. Its slots are too many, and too alike (every
+object's colour follows the same `":"`), for the successor rule, so the script has one column
+of its own, which offers the token at a cursor: where the answer written so far is in the
+script. The cursor moves on when the answer writes the token it offers, jumps ahead to the
+next place within `SCRIPT_RESYNC` tokens that holds the token written where the answer wrote
+something else (a box number of another length), and waits otherwise (`advance_cursor`):
+
+    score_script = (W_q h_t) . key_script    eligible while the cursor is inside the script
+
+The cursor is computed over the answer's tokens in training (`script_cursors`) and carried
+per generating row in generation (`CopySlots.cursor`, moved on at each decode step).
+
 Empty slots take no probability. Each answer copies from its own slots only (`CopySlots`,
 one row per answer), in training as in generation; the engine keeps each generating row's
 slots (`CopySlots` is the runner's per-row context: it has `select` and `merge`) and mixes
@@ -37,6 +51,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+SCRIPT_RESYNC = 8  # how far ahead the script's cursor looks for the token an answer wrote
+
 
 @dataclass
 class CopySlots:
@@ -47,10 +63,17 @@ class CopySlots:
     ids: Tensor
     weights: Tensor
     prompt_last: Tensor | None = None
+    # With a script: its token ids (N, L), -1 past its end (which holds the end token), and
+    # for generating rows the cursor into it (N,): how much of it the answer has written.
+    script: Tensor | None = None
+    cursor: Tensor | None = None
 
     def __getitem__(self, index: Tensor) -> CopySlots:
-        last = None if self.prompt_last is None else self.prompt_last[index]
-        return CopySlots(self.ids[index], self.weights[index], last)
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[index]
+
+        return CopySlots(self.ids[index], self.weights[index], pick(self.prompt_last),
+                         pick(self.script), pick(self.cursor))  # fmt: skip
 
     def select(self, rows: Tensor) -> CopySlots:
         return self[rows.to(self.ids.device)]
@@ -58,10 +81,29 @@ class CopySlots:
     @staticmethod
     def merge(slots: list[CopySlots]) -> CopySlots:
         """One batch of every part's rows (the objects' axis M padded to the widest)."""
-        last = None
+        last = script = cursor = None
         if all(s.prompt_last is not None for s in slots):
             last = torch.cat([s.prompt_last for s in slots])
-        return CopySlots(*_joined([s.ids for s in slots], [s.weights for s in slots], 0), last)
+        if all(s.script is not None for s in slots):
+            width = max(s.script.shape[1] for s in slots)
+            script = torch.cat([nn.functional.pad(s.script, (0, width - s.script.shape[1]), value=-1)
+                                for s in slots])  # fmt: skip
+            cursor = torch.cat([s.cursor if s.cursor is not None else s.script.new_zeros(len(s.script))
+                                for s in slots])  # fmt: skip
+        ids, weights = _joined([s.ids for s in slots], [s.weights for s in slots], 0)
+        return CopySlots(ids, weights, last, script, cursor)
+
+    def script_next(self, tokens: Tensor | None) -> Tensor | None:
+        """For generating rows: move each row's cursor past `tokens` (N,), what it wrote last
+        (None: nothing yet, at prefill), and return the script token each row may copy next
+        (N,) (-1: none). Called once per decode step (Llava.output_logits)."""
+        if self.script is None:
+            return None
+        if self.cursor is None:
+            self.cursor = self.script.new_zeros(self.script.shape[0])
+        if tokens is not None:
+            self.cursor = advance_cursor(self.script, self.cursor, tokens)
+        return script_token(self.script, self.cursor)
 
 
 @dataclass
@@ -82,11 +124,13 @@ class PointerHead(nn.Module):
     each followed by an end slot that holds the end token right after the run's last token
     (`copy_runs`), so a copy ends as it was copied."""
 
-    def __init__(self, width: int, runs: tuple[int, ...]) -> None:
+    def __init__(self, width: int, runs: tuple[int, ...], script: bool = False) -> None:
         super().__init__()
         self.runs = tuple(runs)
         self.query = nn.Linear(width, width, bias=False)
         self.keys = nn.Parameter(torch.randn(self.slots, width) * 0.02)
+        # the script's column (module doc); absent in checkpoints without one
+        self.script_key = nn.Parameter(torch.randn(width) * 0.02) if script else None
         self.start_id = -1  # the token that opens an answer (`<|assistant|>`); set_vocabulary
 
     @property
@@ -100,9 +144,13 @@ class PointerHead(nn.Module):
             at += length + 1
         return starts
 
-    def forward(self, hidden: Tensor, logits: Tensor, slots: CopySlots, tokens: Tensor) -> Tensor:
-        """hidden (N, C), logits (N, V), slots of N answers, and the tokens at those N positions
-        (N,) -> log-probabilities (N, V) of the next token."""
+    def forward(
+        self, hidden: Tensor, logits: Tensor, slots: CopySlots, tokens: Tensor,
+        script_next: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
+        """hidden (N, C), logits (N, V), slots of N answers, the tokens at those N positions
+        (N,), and with a script the token each may copy from it (N,) (-1: none) ->
+        log-probabilities (N, V) of the next token."""
         weights = slots.weights.to(logits.dtype)
         # A copy goes on in order: the slot after the one that holds the current token (a
         # run's first slot when the current token opens the answer), weighted by how much it
@@ -112,13 +160,21 @@ class PointerHead(nn.Module):
         successor = torch.cat([torch.zeros_like(holds[:, :1]), holds[:, :-1]], 1)
         successor[:, self.run_starts()] = (tokens == self.start_id).to(holds.dtype)[:, None]
         eligible = (successor > 0) & (weights.sum(-1) > 0)  # (N, K)
-        scores = self.query(hidden.to(self.keys.dtype)) @ self.keys.T  # (N, K): whether to copy
+        query = self.query(hidden.to(self.keys.dtype))
+        scores = query @ self.keys.T  # (N, K): whether to copy
         scores = (scores.to(logits.dtype) + successor.clamp(min=1e-30).log()).masked_fill(~eligible, float("-inf"))
+        ids, K = slots.ids.flatten(1), scores.shape[1]
+        if self.script_key is not None and script_next is not None:  # the script's column
+            script_score = (query @ self.script_key).to(logits.dtype).masked_fill(script_next < 0, float("-inf"))
+            scores = torch.cat([scores, script_score[:, None]], -1)
+            ids = torch.cat([ids, script_next.clamp(min=0)[:, None]], -1)
         joint = torch.cat([logits, scores], -1).log_softmax(-1)  # one softmax over both
         V = logits.shape[-1]
-        p_slot = joint[:, V:].exp()  # (N, K); 0 on empty slots
-        share = (p_slot[..., None] * weights).flatten(1)  # (N, K * M)
-        copied = p_slot.new_zeros(logits.shape).scatter_add(-1, slots.ids.flatten(1), share)  # (N, V)
+        p_slot = joint[:, V:].exp()  # (N, K [+ 1]); 0 on empty slots
+        share = (p_slot[:, :K, None] * weights).flatten(1)  # (N, K * M)
+        if p_slot.shape[1] > K:
+            share = torch.cat([share, p_slot[:, K:]], -1)
+        copied = p_slot.new_zeros(logits.shape).scatter_add(-1, ids, share)  # (N, V)
         # log(p_vocab + copied); copied is 0 for most tokens (clamped: no infinite gradient)
         return torch.logaddexp(joint[:, :V], copied.clamp(min=1e-30).log())
 
@@ -141,6 +197,41 @@ def copy_runs(runs: list[tuple[Tensor, Tensor]], end_id: int) -> CopySlots:
     return CopySlots(*_joined(out_ids, out_weights, 1))
 
 
+def advance_cursor(script: Tensor, cursor: Tensor, tokens: Tensor) -> Tensor:
+    """Cursors (N,) into scripts (N, L) moved past the tokens written (N,): one on where the
+    script holds the token there, to just after the first place within SCRIPT_RESYNC ahead
+    that holds it otherwise, unchanged where none does."""
+    L = script.shape[1]
+    at = cursor[:, None] + torch.arange(SCRIPT_RESYNC + 1, device=script.device)  # (N, W)
+    held = script.gather(1, at.clamp(max=L - 1)) if L else script.new_full(at.shape, -1)
+    found = (held == tokens[:, None]) & (at < L) & (tokens[:, None] >= 0)
+    first = found.to(torch.uint8).argmax(1)
+    return torch.where(found.any(1), cursor + first + 1, cursor)
+
+
+def script_token(script: Tensor, cursor: Tensor) -> Tensor:
+    """The token each cursor points at (N,) (-1 past the script)."""
+    L = script.shape[1]
+    if L == 0:
+        return cursor.new_full(cursor.shape, -1)
+    token = script.gather(1, cursor.clamp(max=L - 1)[:, None])[:, 0]
+    return torch.where(cursor < L, token, -1)
+
+
+def script_cursors(script: Tensor, written: Tensor, real: Tensor) -> Tensor:
+    """Teacher forcing: for A answers' scripts (A, L) and the tokens each answer wrote (A, T)
+    (its `<|assistant|>` token first; `real` (A, T) marks them), the cursor at each of those
+    positions (A, T): 0 at the `<|assistant|>` token, then moved past each token written, as
+    generation moves it (`CopySlots.script_next`)."""
+    A, T = written.shape
+    cursors = written.new_zeros(A, T)
+    cursor = written.new_zeros(A)
+    for t in range(1, T):
+        cursor = torch.where(real[:, t], advance_cursor(script, cursor, written[:, t]), cursor)
+        cursors[:, t] = cursor
+    return cursors
+
+
 def _joined(ids: list[Tensor], weights: list[Tensor], dim: int) -> tuple[Tensor, Tensor]:
     """Slot ids and weights (..., M_i) concatenated along `dim`, their last axis (the objects a
     slot is spread over) zero-padded to the widest: a padded entry holds nothing."""
@@ -161,4 +252,5 @@ def answer_of_position(input_ids: Tensor, assistant_id: int) -> Tensor:
     return torch.where(seen, number, -1)
 
 
-__all__ = ["CopySlots", "CopyingState", "PointerHead", "answer_of_position", "copy_runs"]
+__all__ = ["SCRIPT_RESYNC", "CopySlots", "CopyingState", "PointerHead", "advance_cursor",
+           "answer_of_position", "copy_runs", "script_cursors", "script_token"]  # fmt: skip

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from visto.connectors.focus import Objects, QuestionFocus
 from visto.connectors.named import ANSWER_RUNS, TEXT_KINDS, box_iou, split_by_kind
 from visto.connectors.pointer import PointerHead
+from visto.connectors.script import detected_json, script_ids
 from visto.data.synth.vocab import COLOURS, SHAPE_PLURALS, SHAPES, SIZES
 
 SHAPE_NAMES: tuple[str, ...] = SHAPES
@@ -113,7 +114,7 @@ class RegionConnector(nn.Module):
         self, input_dim: int, output_dim: int, slots: int, box_tokens: bool = False,
         text_slots: int = 0, text_tokens: int = 6, focus: bool = False, read_slots: int = 0,
         pointer: bool = False, box_nms: float = 0.0, named: bool = False, count_width: float = 1.0,
-        object_order: str = "raster", copy_answers: bool = False,
+        object_order: str = "raster", copy_answers: bool = False, copy_json: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.slots = slots
@@ -144,7 +145,10 @@ class RegionConnector(nn.Module):
         # location tokens and the read tokens. It reads the decoder's last hidden state, whose
         # width is this connector's output width.
         runs = (4, read_slots) + (ANSWER_RUNS if copy_answers else ())
-        self.pointer = PointerHead(output_dim, runs) if pointer else None
+        self.pointer = PointerHead(output_dim, runs, script=copy_json) if pointer else None
+        # With `copy_json`, the pointer may also copy the JSON answer these detections write
+        # (connectors.script), token by token.
+        self.copy_json = copy_json and pointer
 
     def set_vocabulary(self, tokenizer, focus_slots: int = 0) -> None:
         """Read the attribute words' token ids (and tell the focus how many `<focus>` slots the
@@ -273,6 +277,17 @@ class RegionConnector(nn.Module):
                 ids[b, v, : len(pieces)] = torch.tensor(pieces, dtype=torch.long)
                 filled[b, v, : len(pieces)] = True
         return ids.to(pixels.device), filled.to(pixels.device)
+
+    def scripts(self, objects: Objects, pixels: Tensor) -> Tensor:
+        """(N_img, L) token ids of the JSON answer each image's detections write
+        (connectors.script), -1 past its end token."""
+        if self.focus is None or objects.attributes is None:
+            raise RuntimeError("a RegionConnector writes JSON answers with its focus and detector")
+        reads = self.read_slots or self.text_slots
+        lines = self.read_lines(pixels) if reads else [[] for _ in range(pixels.shape[0])]
+        answers = [detected_json(objects.attributes[b], objects.boxes[b], objects.present[b], lines[b])
+                   for b in range(pixels.shape[0])]  # fmt: skip
+        return script_ids(self.tokenizer, answers, self.focus.end_id).to(pixels.device)
 
     def read_words(self, pixels: Tensor, embed: nn.Embedding) -> tuple[Tensor, Tensor, Tensor]:
         """`read_tokens` with their embeddings first: ((B, 1 + len(TEXT_KINDS), read_slots,
