@@ -69,9 +69,16 @@ def test_the_cursor_follows_the_answer_and_finds_its_place_after_a_token_of_its_
     assert script_cursors(script, torch.tensor([[99, 10, 11, 11]]), real).tolist() == [[0, 1, 1, 2]]
 
 
-def test_config_refuses_copy_json_without_a_pointer():
+def test_config_refuses_copy_json_without_a_pointer_and_the_default_paths_switch_it_on():
     with pytest.raises(UserError, match="copy_json needs pointer"):
         ProjectorConfig(kind="regions", slots=2, focus=True, copy_json=True)
+    from visto.quickstart import QuickstartConfig, llava_config
+    from visto.train.recipe import load_recipe
+
+    assert llava_config(QuickstartConfig(), vocab_size=1024).projector.copy_json  # quickstart
+    assert not llava_config(QuickstartConfig(pointer=False), vocab_size=1024).projector.copy_json
+    assert load_recipe("compare-llava").model.config["projector"]["copy_json"]  # compare's LLaVA
+    assert not ProjectorConfig().copy_json  # checkpoints from before the setting
 
 
 QUESTION = "Describe the image as JSON with the keys objects, counts and text."
