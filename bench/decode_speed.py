@@ -22,14 +22,18 @@ matmul work one decoded token costs (its floor where matmuls dominate). `fast_pa
 whether the engine ran the model on its fused runner (`visto.infer.runner`) or through the
 model's own decode_step. `batch_decode_tokens_per_s` (and `batch_vs_llava`) is the same
 decoding with the first --batch prompts as one left-padded batch (rows x decoded tokens over
-the decode seconds; 0 skips it), timed in the same alternation.
+the decode seconds; 0 skips it), timed in the same alternation. `decode_cpu_ms_per_token`
+(and `cpu_vs_llava`, the family's over LLaVA's) is this process's CPU time per decoded token,
+one prompt at a time (each prompt to --tokens tokens less the same prompt to 1 token): on a
+machine shared with other jobs the wall-clock figures follow the load, the CPU ones much less.
 
     .venv/bin/python bench/decode_speed.py --families llava,flamingo --profile 50
 
 prints, per family, torch.profiler's operator table of 50 decode steps of the engine's fast
 path (batch 1, after 20 unprofiled steps) instead of timing: where a step's time goes.
 `--step-split` times the fast path's decode step alone (ms, 30 steps after 5, median over
---repeats, families and variants alternated), at batch 1 and --batch, and for a conditioned
+--repeats, families and variants alternated; wall clock and `cpu batch N`, this process's
+CPU time), at batch 1 and --batch, and for a conditioned
 family also without its decode conditioning (`bare`: Flamingo's gated blocks left out), so
 that the difference is what the blocks cost per step.
 
@@ -245,9 +249,11 @@ def families(args: argparse.Namespace) -> dict:
         return {"step_ms": split, "repeats": args.repeats, "torch": torch.__version__,
                 "load_average": os.getloadavg()}  # fmt: skip
     batched: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.repeats):  # alternated: load swings hit every family alike
         for name in names:
             runs[name].append(latency(models[name], prompts, args.tokens))
+            cpu[name].append(cpu_decode_ms(models[name], prompts, args.tokens))
             if args.batch:
                 batched[name].append(batch_decode(models[name], prompts[: args.batch], args.tokens))
     rows = {}
@@ -256,6 +262,7 @@ def families(args: argparse.Namespace) -> dict:
         rows[name] = {
             "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs[name]),
             "ttft_ms": statistics.median(r["ttft_ms"] for r in runs[name]),
+            "decode_cpu_ms_per_token": statistics.median(cpu[name]),
             "fast_path": make_engine(models[name]).runner is not None,
             "decode_macs_per_token": decode_macs(models[name]),
             "decoder": f"{decoder.num_layers} x {decoder.hidden_size}, {decoder.num_heads} heads",
@@ -265,6 +272,9 @@ def families(args: argparse.Namespace) -> dict:
     if "llava" in rows:
         for row in rows.values():
             row["vs_llava"] = rows["llava"]["decode_tokens_per_s"] / row["decode_tokens_per_s"]
+            row["cpu_vs_llava"] = (
+                row["decode_cpu_ms_per_token"] / rows["llava"]["decode_cpu_ms_per_token"]
+            )
             if args.batch:
                 row["batch_vs_llava"] = (
                     rows["llava"]["batch_decode_tokens_per_s"] / row["batch_decode_tokens_per_s"]
@@ -298,9 +308,41 @@ def batch_decode(model, prompts: list, tokens: int) -> float:
     return sum(o.timing.decode_tokens for o in outs) / seconds
 
 
+def cpu_decode_ms(model, prompts: list, tokens: int) -> float:
+    """CPU ms (this process's, `time.process_time`) per decoded token, one prompt at a time
+    through the engine: each prompt generated to `tokens` tokens and to 1 token, the difference
+    over tokens - 1 (prefill and the first token cancel; a warm-up generation first). CPU time
+    is what the other jobs on a shared machine disturb least: a wall-clock second there holds
+    a varying share of a core."""
+    import time
+
+    import torch
+
+    from visto.infer import SamplingParams
+    from visto.tasks.runner import make_engine, prompt_batch
+
+    if tokens < 2:
+        raise SystemExit(f"--tokens {tokens}: the CPU figure needs at least 2 tokens")
+    engine = make_engine(model)
+    full = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+    one = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    seconds = 0.0
+    with torch.inference_mode():
+        engine.generate_batch(prompt_batch(model, prompts[:1], engine.device)[0], full)
+        for prompt in prompts:
+            batch, _ = prompt_batch(model, [prompt], engine.device)
+            t0 = time.process_time()
+            engine.generate_batch(batch, full)
+            t1 = time.process_time()
+            engine.generate_batch(batch, one)
+            seconds += (t1 - t0) - (time.process_time() - t1)
+    return 1000 * seconds / (len(prompts) * (tokens - 1))
+
+
 def step_split(models: dict, prompts: list, batches: list[int], repeats: int) -> dict:
-    """Median ms of one fast-path decode step per family and batch size; `<family> bare`: the
-    same without the model's decode conditioning (its per-step layer arguments)."""
+    """Median ms of one fast-path decode step per family and batch size, wall clock and this
+    process's CPU time (`cpu batch N`); `<family> bare`: the same without the model's decode
+    conditioning (its per-step layer arguments)."""
     import time
 
     import torch
@@ -314,6 +356,7 @@ def step_split(models: dict, prompts: list, batches: list[int], repeats: int) ->
         if getattr(make_engine(model).runner, "decode_conditioning", None) is not None:
             variants.append((f"{name} bare", model, True))
     times: dict[str, dict[int, list[float]]] = {v[0]: {b: [] for b in batches} for v in variants}
+    cpu: dict[str, dict[int, list[float]]] = {v[0]: {b: [] for b in batches} for v in variants}
     with torch.inference_mode():
         for _ in range(repeats):
             for b in batches:
@@ -327,12 +370,16 @@ def step_split(models: dict, prompts: list, batches: list[int], repeats: int) ->
                     ids = logits.argmax(-1)
                     for k in range(35):  # 5 warm-up steps, 30 timed
                         if k == 5:
-                            t0 = time.perf_counter()
+                            t0, c0 = time.perf_counter(), time.process_time()
                         logits, state = runner.decode_step(ids, state)
                         ids = logits.argmax(-1)
                     times[label][b].append((time.perf_counter() - t0) / 30 * 1000)
+                    cpu[label][b].append((time.process_time() - c0) / 30 * 1000)
     return {
-        label: {f"batch {b}": statistics.median(t) for b, t in bs.items()}
+        label: {
+            **{f"batch {b}": statistics.median(t) for b, t in bs.items()},
+            **{f"cpu batch {b}": statistics.median(t) for b, t in cpu[label].items()},
+        }
         for label, bs in times.items()
     }
 
