@@ -26,8 +26,9 @@ generated `<image>` id opens no new image: it has no pixels). The engine's fast 
 conditioning and the `ImageContext`, `decode_conditioning` each step's. A decoding step runs
 each block as `gated_step`: the same numbers (up to float rounding) with what is constant
 across steps done once, the keys and values of each row's last image (no media mask) and the
-block's weights fused with its tanh gates folded in (`GatedStepWeights`, rebuilt at a prefill
-when a parameter changed); blocks that cannot be fused (LoRA, non-fp32) run as written.
+block's weights fused with its norm weights, attention scale and tanh gates folded in
+(`GatedStepWeights`, rebuilt at a prefill when a parameter changed); blocks that cannot be
+fused (LoRA, non-fp32) run as written.
 
 Module names follow transformers' `IdeficsForVisionText2Text` (`vision_model`,
 `perceiver_resampler`, `gated_cross_attn_layers`) and LLaVA's `language_model`; `from_idefics`
@@ -185,16 +186,16 @@ class ImageContext:
         image reads its first slot, whose visual tokens are zeros (`row_visual_tokens`): zero
         keys and values (the projections have no bias), so its attention output is exactly
         zero, as `has_media` makes it. Computed once per context (contexts are rebuilt when
-        rows leave or join)."""
+        rows leave or join), contiguous: `gated_step` reads them as (B*H, R, hd) views."""
         r, media = self.tokens_per_image, self.media_index
         if self.visual.shape[1] == r:  # one image slot per row: the keys are the last image's
-            return self.visual_kv
+            return {j: (k.contiguous(), v.contiguous()) for j, (k, v) in self.visual_kv.items()}
         first = (media - 1).clamp(min=0) * r  # (B,) first column of the row's last image
         index = first[:, None] + torch.arange(r, device=media.device)  # (B, R)
         out = {}
         for j, (k, v) in self.visual_kv.items():
             columns = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            out[j] = (k.gather(2, columns), v.gather(2, columns))
+            out[j] = (k.gather(2, columns).contiguous(), v.gather(2, columns).contiguous())
         return out
 
     def select(self, rows: Tensor) -> ImageContext:
@@ -227,18 +228,19 @@ class ImageContext:
 class GatedStepWeights:
     """One gated block's weights as a decoding step multiplies them: transposed to (in, out)
     (the layout the engine's runner keeps, read by MKL as it lies), gate and up projections
-    side by side, and each tanh gate folded into the projection it scales (tanh(alpha) * W y
-    = (tanh(alpha) W) y, per output channel for a vector gate). Built once per change of the
-    block's parameters, not per step."""
+    side by side, each RMSNorm's weight folded into the projection that reads its output
+    ((x_hat * w) W = x_hat (w W), per input row of the (in, out) matrix, as the runner folds
+    the decoder's), the attention's 1/sqrt(hd) folded into the query projection, and each tanh
+    gate folded into the projection it scales (tanh(alpha) * W y = (tanh(alpha) W) y, per
+    output channel for a vector gate). Built once per change of the block's parameters, not
+    per step."""
 
-    ln1: Tensor  # (C,)
-    ln2: Tensor  # (C,)
-    q: Tensor  # (C, H*hd)
+    q: Tensor  # (C, H*hd), rows scaled by input_layernorm's weight, all by 1/sqrt(hd)
     o: Tensor  # (H*hd, C), scaled by tanh(alpha_cross_attn)
-    gate_up: Tensor  # (C, 2F)
+    gate_up: Tensor  # (C, 2F), rows scaled by post_attention_layernorm's weight
     down: Tensor  # (F, C), scaled by tanh(alpha_dense)
+    eps: Tensor  # () the norms' epsilon, a tensor for addcmul
     heads: int
-    eps: float
 
     @classmethod
     def of(cls, block: GatedCrossAttentionBlock) -> GatedStepWeights | None:
@@ -248,40 +250,56 @@ class GatedStepWeights:
         # k/v too: without biases a row with no image reads zero values (last_image_kv)
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out, mlp.gate_proj, mlp.up_proj,
                    mlp.down_proj)  # fmt: skip
-        if not all(type(m) is nn.Linear and m.bias is None for m in linears) or any(
-            m.weight.dtype != torch.float32 for m in linears
+        norms = (block.input_layernorm, block.post_attention_layernorm)
+        if (
+            not all(type(m) is nn.Linear and m.bias is None for m in linears)
+            or any(m.weight.dtype != torch.float32 for m in linears)
+            or any(n.weight.dtype != torch.float32 for n in norms)
         ):
             return None
         with torch.no_grad():
             gate_attn = torch.tanh(block.alpha_cross_attn).reshape(-1, 1)  # (1 or C, 1)
             gate_dense = torch.tanh(block.alpha_dense).reshape(-1, 1)
+            ln1 = block.input_layernorm.weight.reshape(-1, 1)  # (C, 1): scales W^T's rows
+            ln2 = block.post_attention_layernorm.weight.reshape(-1, 1)
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t()
             return cls(
-                ln1=block.input_layernorm.weight.detach(),
-                ln2=block.post_attention_layernorm.weight.detach(),
-                q=attn.q_proj.weight.t().contiguous(),
+                q=(attn.q_proj.weight.t() * ln1 * attn.head_dim**-0.5).contiguous(),
                 o=(gate_attn * attn.out.weight).t().contiguous(),
-                gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t().contiguous(),
+                gate_up=(gate_up * ln2).contiguous(),
                 down=(gate_dense * mlp.down_proj.weight).t().contiguous(),
+                eps=torch.tensor(block.input_layernorm.eps, device=ln1.device),
                 heads=attn.n_heads,
-                eps=block.input_layernorm.eps,
             )
+
+
+def _unit_rms(x: Tensor, eps: Tensor) -> Tensor:
+    """x (N, C) / rms(x), RMSNorm without its weight (folded into the next matmul): from the
+    row's 2-norm in four small ops, as the engine's runner computes it (F.rms_norm's CPU
+    kernel runs pow, mean, add, rsqrt, two multiplies and two casts)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (N, 1)
+    return x * torch.addcmul(eps, norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
 
 
 def gated_step(x: Tensor, w: GatedStepWeights, kv: tuple[Tensor, Tensor]) -> Tensor:
     """A gated block on one decoding step's tokens x (B, 1, C) reading `kv`, each row's last
     image (`ImageContext.last_image_kv`): the block's numbers up to float rounding, in about
-    a decoder layer's count of ops (no mask, no masked_fill, no separate gate multiplies)."""
+    a decoder layer's count of ops (no mask, no masked_fill, no separate gate or norm-weight
+    multiplies). The attention over the image's R keys is two batched matmuls and a softmax:
+    with one query per row and a few keys, SDPA's kernel costs more than its arithmetic."""
     B, T, C = x.shape
     assert T == 1, f"gated_step runs one position per row, got {T}"
-    k, v = kv  # (B, H, R, hd)
+    k, v = kv  # (B, H_kv, R, hd)
+    Hkv, R, hd = k.shape[1:]
     x = x.reshape(B, C)
-    h = F.rms_norm(x, (C,), w.ln1, w.eps)
-    q = torch.mm(h, w.q).view(B, w.heads, 1, -1)  # one position: (B, H*hd) is (B, H, 1, hd)
-    y = F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != w.heads)
-    x = torch.addmm(x, y.reshape(B, -1), w.o)  # x + tanh(alpha) * o_proj(y)
-    h = F.rms_norm(x, (C,), w.ln2, w.eps)
-    gate, up = torch.mm(h, w.gate_up).chunk(2, dim=-1)
-    x = torch.addmm(x, F.silu(gate) * up, w.down)  # x + tanh(alpha_dense) * mlp(h)
+    # One position per row: (B, H*hd) is H heads, a kv head's G = H / H_kv query heads in a row
+    # of G queries (each key read once), the 1/sqrt(hd) scale in w.q.
+    q = torch.mm(_unit_rms(x, w.eps), w.q).view(B * Hkv, w.heads // Hkv, hd)
+    scores = torch.bmm(q, k.reshape(B * Hkv, R, hd).transpose(1, 2))  # (B*H_kv, G, R)
+    y = torch.bmm(scores.softmax(dim=-1), v.reshape(B * Hkv, R, hd))  # (B*H_kv, G, hd)
+    x = torch.addmm(x, y.view(B, -1), w.o)  # x + tanh(alpha) * o_proj(y)
+    gate, up = torch.mm(_unit_rms(x, w.eps), w.gate_up).chunk(2, dim=-1)
+    x = torch.addmm(x, F.silu(gate).mul_(up), w.down)  # x + tanh(alpha_dense) * mlp(h)
     return x.view(B, 1, C)
 
 
