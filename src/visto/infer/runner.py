@@ -343,16 +343,7 @@ class DecoderRunner:
         H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
         n_q, n_qk = H * hd, (H + Hkv) * hd
         lo, hi = state.start, state.end + T
-        # A position never exceeds the columns written (no .item() sync to find the largest).
-        table = self._rope_table(state.end + T, x.device)  # (max_positions, 2, hd)
-        if positions is None:  # (1, T, 1, hd): the table's rows as they lie
-            rows = table[None, state.end : hi, :, None]  # (1, T, 2, 1, hd)
-        else:
-            # One embedding lookup for cos and sin together (several times cheaper than
-            # tensor indexing): (B, T, 2, 1, hd).
-            rows = F.embedding(positions, table.view(table.shape[0], 2 * hd))
-            rows = rows.view(B, T, 2, 1, hd)
-        cos, sin = rows.unbind(2)  # sin's first half negated: see _rope_table
+        cos, sin = self._rope_rows(positions, state.end, B, T, x.device)
         half = hd // 2
         gqa = H != Hkv
         cond = conditioning
@@ -374,16 +365,7 @@ class DecoderRunner:
             last_layer = i == n_layers - 1 and T > 1 and self._rows_independent
             qkv_w = w["qkv"]
             if last_layer and expert is None:
-                # Keys and values of every row, the query of the last row: column ranges of
-                # the fused q/k/v matmul (no copies of the weights kept for the split).
-                kv = qkv_w(h, cols=(n_q, None)).view(B, T, 2 * Hkv, hd)
-                k = torch.addcmul(kv[:, :, :Hkv] * cos, kv[:, :, :Hkv].roll(half, dims=-1), sin)
-                k = k.transpose(1, 2)  # (B, H_kv, T, hd)
-                v = kv[:, :, Hkv:].transpose(1, 2)
-                last_h = h.view(B, T, C)[:, -1]  # (B, C)
-                q = qkv_w(last_h, cols=(0, n_q)).view(B, 1, H, hd)
-                q = torch.addcmul(q * cos[:, -1:], q.roll(half, dims=-1), sin[:, -1:])
-                q = q.transpose(1, 2)  # (B, H, 1, hd)
+                q, k, v = self._last_query_keys_values(qkv_w, h.view(B, T, C), cos, sin)
             else:
                 names = ("q_proj", "k_proj", "v_proj")
                 qkv = self._routed(qkv_w, h, i, expert, "self_attn", names)
@@ -432,6 +414,37 @@ class DecoderRunner:
             x = self._routed(w["down"], F.silu(gate) * up, i, expert, "mlp", ("down_proj",),
                              residual=x)  # fmt: skip
         return x if T == 1 else x.view(B, T, C)[:, -1]  # (B, C)
+
+    def _rope_rows(self, positions: Tensor | None, end: int, B: int, T: int,
+                   device: torch.device) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """The rotary tables' cos and sin rows for x's positions (B, T) (None: end, end + 1,
+        ...), each (B or 1, T, 1, hd); sin's first half negated (see _rope_table)."""
+        hd = self.head_dim
+        # A position never exceeds the columns written (no .item() sync to find the largest).
+        table = self._rope_table(end + T, device)  # (max_positions, 2, hd)
+        if positions is None:  # (1, T, 1, hd): the table's rows as they lie
+            rows = table[None, end : end + T, :, None]  # (1, T, 2, 1, hd)
+        else:
+            # One embedding lookup for cos and sin together (several times cheaper than
+            # tensor indexing): (B, T, 2, 1, hd).
+            rows = F.embedding(positions, table.view(table.shape[0], 2 * hd)).view(B, T, 2, 1, hd)
+        cos, sin = rows.unbind(2)
+        return cos, sin
+
+    def _last_query_keys_values(self, qkv_w: _Linear, h: Tensor, cos: Tensor,
+                                sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """The last layer at prefill (`_forward`): keys and values of every row of h (B, T, C)
+        -> (B, H_kv, T, hd) each, the query of its last row only -> (B, H, 1, hd), with
+        rotary; column ranges of the fused q/k/v matmul (no copies of the weights kept)."""
+        B, T, C = h.shape
+        H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
+        n_q, half = H * hd, hd // 2
+        kv = qkv_w(h.reshape(B * T, C), cols=(n_q, None)).view(B, T, 2 * Hkv, hd)
+        k = torch.addcmul(kv[:, :, :Hkv] * cos, kv[:, :, :Hkv].roll(half, dims=-1), sin)
+        v = kv[:, :, Hkv:].transpose(1, 2)
+        q = qkv_w(h[:, -1], cols=(0, n_q)).view(B, 1, H, hd)
+        q = torch.addcmul(q * cos[:, -1:], q.roll(half, dims=-1), sin[:, -1:])
+        return q.transpose(1, 2), k.transpose(1, 2), v
 
     def _routed(self, fused: _Linear, x: Tensor, layer: int, expert: Expert | None,
                 part: str, names: tuple[str, ...], residual: Tensor | None = None) -> Tensor:  # fmt: skip
