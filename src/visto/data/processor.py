@@ -42,7 +42,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,7 @@ __all__ = [
     "Batch",
     "Collator",
     "Encoded",
+    "ImageMemo",
     "Processor",
     "ProcessorConfig",
     "Tokenizer",
@@ -226,6 +227,35 @@ def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
     return x.reshape(rows * cols, c * patch * patch)
 
 
+class ImageMemo:
+    """Each distinct image of one batch decoded and transformed once: a batch of questions
+    about one picture (the same PIL image, bytes or path in every row) preprocesses it once
+    and every row reads the same pixel values (a resize of a 500 px photo costs milliseconds).
+    An image is known by its source: a PIL image by identity (the memo holds it, so its id is
+    not reused while the memo lives), bytes by their value, a path by its string. For one
+    batch: an image changed in place, or a file rewritten, after it was read is not read again."""
+
+    def __init__(self) -> None:
+        self._made: dict[Hashable, Any] = {}
+        self._held: list[ImageSource] = []
+
+    def get(self, what: str, source: ImageSource, make: Callable[[Any], Any]) -> Any:
+        """`make(source)`, made once per `what` and source."""
+        if isinstance(source, Image.Image):
+            key: Hashable = (what, "image", id(source))
+        elif isinstance(source, (bytes, bytearray)):
+            key = (what, "bytes", bytes(source))
+        else:
+            try:
+                key = (what, "path", os.fspath(source))
+            except TypeError:  # not an image source: `make` says so, as without a memo
+                return make(source)
+        if key not in self._made:
+            self._made[key] = make(source)
+            self._held.append(source)
+        return self._made[key]
+
+
 # ----------------------------------------------------------------------------- encoding
 
 
@@ -291,18 +321,28 @@ class Collator:
 
     def __call__(self, items: Sequence[Encoded]) -> Batch:
         assert items, "cannot collate an empty batch"
-        width = max(len(e.input_ids) for e in items)
-        b = len(items)
-        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((b, width), dtype=torch.long)
-        for row, e in enumerate(items):
-            n = len(e.input_ids)
-            cols = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
-            input_ids[row, cols] = e.input_ids
-            labels[row, cols] = e.labels
-            attention_mask[row, cols] = 1
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_(min=0)
+        lengths = [len(e.input_ids) for e in items]
+        width, b = max(lengths), len(items)
+        # A fixed number of tensor ops whatever the batch size (a prompt's collation is part of
+        # its time to first token): rows as they are when none is padded, else each row's
+        # tokens scattered into its real columns (masked_scatter fills them row-major).
+        if min(lengths) == width:
+            input_ids = torch.stack([e.input_ids for e in items]).long()
+            labels = torch.stack([e.labels for e in items]).long()
+            attention_mask = torch.ones((b, width), dtype=torch.long)
+            position_ids = torch.arange(width).repeat(b, 1)
+        else:
+            real = torch.tensor(lengths)[:, None]
+            columns = torch.arange(width)
+            mask = columns < real if self.padding_side == "right" else columns >= width - real
+            input_ids = torch.full((b, width), self.pad_id, dtype=torch.long).masked_scatter_(
+                mask, torch.cat([e.input_ids for e in items]).long()
+            )
+            labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long).masked_scatter_(
+                mask, torch.cat([e.labels for e in items]).long()
+            )
+            attention_mask = mask.long()
+            position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_(min=0)
         segment_ids = None
         if any(e.segment_ids is not None for e in items):
             assert self.padding_side == "right", (
@@ -320,7 +360,9 @@ class Collator:
             attention_mask=attention_mask,
             position_ids=position_ids,
             labels=labels,
-            pixel_values=torch.cat([e.pixel_values for e in items], dim=0),
+            pixel_values=items[0].pixel_values if b == 1 else torch.cat(
+                [e.pixel_values for e in items], dim=0
+            ),
             image_sample_index=torch.tensor(
                 [row for row, e in enumerate(items) for _ in e.image_token_counts], dtype=torch.long
             ),
@@ -390,20 +432,26 @@ class Processor:
         return body
 
     def pixel_values(
-        self, images: Sequence[ImageSource]
+        self, images: Sequence[ImageSource], memo: ImageMemo | None = None
     ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Images -> the `pixel_values` tensor of `Encoded` (and grids in "patch" mode)."""
+        """Images -> the `pixel_values` tensor of `Encoded` (and grids in "patch" mode).
+        `memo`: the batch's `ImageMemo` (each distinct image transformed once)."""
         cfg = self.config
         if cfg.resize_mode == "patch":
             p = cfg.patch_size
-            out = [patch_image_transform(im, cfg) for im in images]
+            patch = lambda im: patch_image_transform(im, cfg)  # noqa: E731
+            out = [patch(im) if memo is None else memo.get("patch", im, patch) for im in images]
             grids = [grid for _, grid in out]
             if not out:
                 return torch.zeros(0, 3 * p * p), []
             return torch.cat([patchify(x, p) for x, _ in out], dim=0), grids
         if not images:
             return torch.zeros(0, 3, cfg.image_size, cfg.image_size), []
-        return torch.stack([image_transform(im, cfg) for im in images]), []
+        square = lambda im: image_transform(im, cfg)  # noqa: E731
+        pixels = [square(im) if memo is None else memo.get("square", im, square) for im in images]
+        if len(pixels) == 1:  # a view: the collator copies it into the batch
+            return pixels[0][None], []
+        return torch.stack(pixels), []
 
     # -- text
 
@@ -456,6 +504,7 @@ class Processor:
         max_length: int | None = None,
         train: bool = True,
         image_token_counts: Sequence[int] | None = None,
+        memo: ImageMemo | None = None,
     ) -> Encoded:
         """A sample -> ids, labels and pixels.
 
@@ -465,6 +514,8 @@ class Processor:
         `max_length` (default `config.max_length`) truncates as the module docstring says.
         `image_token_counts` overrides `config.image_tokens` per image, for models whose
         feature count varies by image ("pad"/"resize" modes only).
+        `memo`: an `ImageMemo` shared by the samples of one batch, so that an image several
+        samples hold is decoded and transformed once (`prompt_batch`).
         """
         try:
             sample = sample.normalized()
@@ -476,9 +527,11 @@ class Processor:
         if not train and turns and turns[-1].role == "assistant":
             turns.pop()
         if train and sample.independent_turns:
-            return self._encode_independent(sample, max_length)
+            return self._encode_independent(sample, max_length, memo)
         n_images = sum(t.content.count(IMAGE_PLACEHOLDER) for t in turns)
-        images, counts, grids = self._image_layout(sample.images[:n_images], image_token_counts)
+        images, counts, grids = self._image_layout(
+            sample.images[:n_images], image_token_counts, memo
+        )
 
         ids, labels, spans = self._tokens(turns, counts, grids, train)
         assert len(spans) == len(images) and len(ids) == len(labels)
@@ -499,7 +552,14 @@ class Processor:
             images, counts, grids = images[:kept], counts[:kept], grids[:kept]
             truncated = True
 
-        return self._encoded(ids, labels, images, counts, truncated)
+        return self._encoded(ids, labels, images, counts, truncated, memo=memo)
+
+    def prompt_batch(self, samples: Sequence[Sample]) -> Batch:
+        """Prompts for generation (`encode(train=False)`), left padded: what every generative
+        family's `prompt_batch` returns. An image several samples hold (questions about one
+        picture) is preprocessed once (`ImageMemo`)."""
+        memo = ImageMemo()
+        return self.collator("left")([self.encode(s, train=False, memo=memo) for s in samples])
 
     def _encoded(
         self,
@@ -510,8 +570,9 @@ class Processor:
         truncated: bool,
         segments: list[int] | None = None,
         positions: list[int] | None = None,
+        memo: ImageMemo | None = None,
     ) -> Encoded:
-        pixel_values, pixel_grids = self.pixel_values(images)
+        pixel_values, pixel_grids = self.pixel_values(images, memo)
         return Encoded(
             input_ids=_long_tensor(ids),
             labels=_long_tensor(labels),
@@ -524,7 +585,10 @@ class Processor:
         )
 
     def _image_layout(
-        self, images: list[ImageSource], image_token_counts: Sequence[int] | None
+        self,
+        images: list[ImageSource],
+        image_token_counts: Sequence[int] | None,
+        memo: ImageMemo | None = None,
     ) -> tuple[list[ImageSource], list[int], list[tuple[int, int] | None]]:
         """The images, their feature counts and (patch mode) grids, known before any pixel
         work (patch mode: from each image's size)."""
@@ -535,7 +599,8 @@ class Processor:
                 raise ValueError(
                     "patch mode derives token counts from image sizes; do not pass them"
                 )
-            images = [load_rgb(im) for im in images]
+            images = [load_rgb(im) if memo is None else memo.get("rgb", im, load_rgb)
+                      for im in images]  # fmt: skip
             grids = [
                 patch_geometry(im.width, im.height, cfg.image_size, cfg.patch_size)[2:]
                 for im in images
@@ -554,7 +619,9 @@ class Processor:
                 )
         return images, counts, grids
 
-    def _encode_independent(self, sample: Sample, max_length: int | None) -> Encoded:
+    def _encode_independent(
+        self, sample: Sample, max_length: int | None, memo: ImageMemo | None = None
+    ) -> Encoded:
         """Shared-prefix packing (`Sample.independent_turns`): the tokens up to the end of the
         last image span once, then each exchange's tokens exactly as if it were the only one
         (same ids, labels and positions), in a segment of its own. Exchanges that would pass
@@ -592,14 +659,14 @@ class Processor:
             lead_end += 1
         lead = first[:lead_end]
         images, counts, grids = self._image_layout(
-            sample.images[: lead.count(IMAGE_PLACEHOLDER)], None
+            sample.images[: lead.count(IMAGE_PLACEHOLDER)], None, memo
         )
         ids, labels, spans = self._tokens(system + exchanges[0], counts, grids, True)
         if max_length is not None and len(ids) > max_length:
             single = dataclasses.replace(
                 sample, turns=system + exchanges[0], independent_turns=False
             )
-            return self.encode(single, max_length, train=True)
+            return self.encode(single, max_length, train=True, memo=memo)
         prefix = spans[-1][1]
         segments = [0] * prefix + [1] * (len(ids) - prefix)
         positions = list(range(len(ids)))
@@ -616,7 +683,7 @@ class Processor:
             labels += labels_k[prefix:]
             segments += [k] * tail
             positions += range(prefix, prefix + tail)
-        return self._encoded(ids, labels, images, counts, truncated, segments, positions)
+        return self._encoded(ids, labels, images, counts, truncated, segments, positions, memo)
 
     def encode_text(self, text: str, max_length: int | None = None) -> torch.Tensor:
         """Plain text -> (T,) ids `<s> text </s>`, for text encoders (CLIP) and caption-only LM data.

@@ -168,9 +168,10 @@ class ConversationFamily(LazyProcessor):
         return self.processor.training_batch(samples)
 
     def prompt_batch(self, samples: list[Sample]) -> Any:
-        """Prompts for generation: a final assistant turn is dropped, left padding."""
-        processor = self.processor
-        return processor.collator("left")([processor.encode(s, train=False) for s in samples])
+        """Prompts for generation: a final assistant turn is dropped, left padding; an image
+        several rows hold (questions about one picture) is preprocessed once
+        (`Processor.prompt_batch`)."""
+        return self.processor.prompt_batch(samples)
 
 
 def batch_field(batch: Any, name: str) -> Any:
