@@ -28,10 +28,11 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visto.errors import UserError
-from visto.nn.transformer import MLP, EncoderStack, FusedEncoderBlock, act_from_hf
+from visto.nn.transformer import MLP, EncoderStack, FusedEncoderBlock, act_from_hf, activation
 
 STEMS = ("patch", "conv")
 POOLS = ("cls", "mean", "map")  # ViTConfig.stem: linear patch embedding | 3x3 stride-2 conv stack
@@ -368,7 +369,7 @@ class _InferencePlan:
     a 2 ms tower); numbers equal up to float rounding (the sums run in another order)."""
 
     def __init__(self, vit: ViT) -> None:
-        self.blocks = [FusedEncoderBlock(block) for block in vit.encoder.layers]
+        self.blocks = [_TowerBlock(block) for block in vit.encoder.layers]
         self.embed: Callable[[Tensor], Tensor] | None = None
         embeddings, cfg = vit.embeddings, vit.config
         conv = embeddings.patch_embedding
@@ -405,6 +406,42 @@ class _InferencePlan:
         if self.norm is None:
             return x
         return torch.layer_norm(x, (D,), self.norm[0], self.norm[1], self.norm[2])
+
+
+class _TowerBlock(FusedEncoderBlock):
+    """`FusedEncoderBlock`'s weights, run with fewer tensors made: the residual stream as rows
+    (B * T, C), each residual added in place into its projection's output and the activation
+    in place on the first MLP matmul's output (each block made three tensors of its size
+    more). The same operations on the same numbers, so the same bits as the block's call (an
+    IEEE sum is the same either way round; tested equal)."""
+
+    INPLACE = {"gelu": lambda a: torch.ops.aten.gelu_(a),
+               "gelu_tanh": lambda a: torch.ops.aten.gelu_(a, approximate="tanh"),
+               "silu": lambda a: F.silu(a, inplace=True)}  # fmt: skip
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__(block)
+        self.act_inplace = self.INPLACE.get(block.mlp.act_name) if block.mlp.act is \
+            activation(block.mlp.act_name) else None  # fmt: skip
+
+    def __call__(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        H, hd = self.heads, self.head_dim
+        rows = x.reshape(B * T, C)
+        h = torch.layer_norm(rows, (C,), self.ln1[0], self.ln1[1], self.ln1[2])
+        qkv = _matmul(h, self.qkv).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, T, hd)
+        rows = _matmul(y.transpose(1, 2).reshape(B * T, C), self.out).add_(rows)
+        h = torch.layer_norm(rows, (C,), self.ln2[0], self.ln2[1], self.ln2[2])
+        a = _matmul(h, self.fc1)
+        a = self.act(a) if self.act_inplace is None else self.act_inplace(a)
+        return _matmul(a, self.fc2).add_(rows).view(B, T, C)
+
+
+def _matmul(rows: Tensor, weight: tuple[Tensor, Tensor | None]) -> Tensor:
+    """rows (N, in) @ weight_t (in, out) + bias, a new tensor."""
+    weight_t, bias = weight
+    return torch.mm(rows, weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
 
 
 def distinct_images(pixel_values: Tensor) -> tuple[Tensor, Tensor]:
