@@ -15,6 +15,13 @@ kept, as the tool did before it dropped them):
     cer            corpus character error rate of the order-free form (sorted words)
     misses         each miss: the id, what was read, what is written
 
+`--reads FILE` also writes, per image id, what the OCR tool returns for `{"detail": "text"}`
+(`run_ocr`'s {"text": lines joined by newlines}) as read by the variant the tool runs (3x,
+symbol runs dropped), for bench/tool_use.py's --ocr-reads: the expert read once, not once per
+question and way of asking.
+
+    python bench/ocr_world.py --data runs/y0/world --variants 3x --reads bench/out/ocr_reads_y0.json
+
 The load average before and after goes with the figures: the CPU is shared.
 """
 
@@ -44,8 +51,14 @@ def main() -> int:
     p.add_argument("--data", required=True, help="a synthetic world directory")
     p.add_argument("--split", default="test")
     p.add_argument("--n", type=int, default=1000, help="images with text to read (default 1000)")
+    p.add_argument("--skip", type=int, default=0, help="images with text to pass over first")
     p.add_argument("--variants", default="1x-raw,3x", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--json", metavar="FILE")
+    p.add_argument(
+        "--reads",
+        metavar="FILE",
+        help="write the tool's text result per image id (needs the 3x variant)",
+    )
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from PIL import Image
@@ -58,8 +71,12 @@ def main() -> int:
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     if unknown := [v for v in names if v not in VARIANTS]:
         p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    records = [r for r in iter_records(args.data, args.split) if r["truth"]["texts"]][: args.n]
-    out: dict = {"command": " ".join(sys.argv), "split": args.split, "images": len(records),
+    if args.reads and "3x" not in names:
+        p.error("--reads writes what the tool reads: add the 3x variant (the tool's own)")
+    records = [r for r in iter_records(args.data, args.split) if r["truth"]["texts"]]
+    records = records[args.skip : args.skip + args.n]
+    reads: dict[str, dict[str, str]] = {}
+    out: dict = {"command": " ".join(sys.argv), "split": args.split, "images": len(records), "skip": args.skip,
                  "load_before": loadavg(), "variants": {}}  # fmt: skip
     for name in names:
         min_side, symbols = VARIANTS[name]
@@ -70,6 +87,9 @@ def main() -> int:
             with Image.open(os.path.join(args.data, r["image"])) as im:
                 lines = read_lines(im, min_side=min_side, symbols=symbols)
             words = [w.text for line in lines for w in line]
+            if name == "3x":  # run_ocr(image, "text") of the tool, from the same lines
+                reads[r["id"]] = {"text": "\n".join(" ".join(w.text for w in line)
+                                                    for line in lines)}  # fmt: skip
             truth = [t["text"] for t in r["truth"]["texts"]]
             exact += sorted(words) == sorted(truth)
             exact_world += normalize_ocr(" ".join(words)) == normalize_ocr(" ".join(truth))
@@ -90,6 +110,10 @@ def main() -> int:
         for m in misses:
             print(f"    {m['id']}: read {m['read']!r}, written {m['truth']!r}")
     out["load_after"] = loadavg()
+    if args.reads:
+        Path(args.reads).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.reads).write_text(json.dumps({"data": args.data, "split": args.split,
+                                                "reads": reads}, indent=1) + "\n")  # fmt: skip
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

@@ -2,28 +2,41 @@
 `visto chat --tools ocr` runs: grammar-constrained calls, the real PP-OCR tool on the image,
 the result fed back as a tool turn, the model answering again), on the world's test split.
 
-    python bench/tool_use.py --model runs/tools-a/checkpoint --baseline runs/r3cap/checkpoint \\
-        --data runs/r3/world --json bench/out/tool_use.json
+    python bench/ocr_world.py --data runs/y0/world --variants 3x --reads bench/out/ocr_reads_y0.json
+    python bench/tool_use.py --model runs/t17a/checkpoint --data runs/y0/world \\
+        --ocr-reads bench/out/ocr_reads_y0.json --n-ocr 40 --json bench/out/tool_use.json
 
-Questions: the reading questions of the split (each image's OCR question and its "read" VQA
-questions) and a seeded sample of its other VQA questions, each asked alone about its image.
+Questions, each asked alone about its image: the split's OCR questions (one per image with
+text), a seeded sample of its "read" VQA questions, and of its other VQA questions. Each
+reading question is asked in the ways of `--modes`:
 
-    read.right_tool       reading questions on which the model called ocr (the only tool offered)
-    other.right_tool      other questions answered without a call
-    right_tool            both together
+    direct      no tool offered: the model answers from the pixels           (a)
+    tool        the ocr tool offered (tool_choice auto): the model calls, visto runs the tool,
+                the model answers after its result                          (b)
+    quote       as tool, the answer after a result decoded under the quote constraint
+                (ToolLoop(quote=True), visto.tools.quote: made of the result's words)   (b')
+    swap        as tool, but the tool reads another test image with other text (the model
+                still sees its own): does the answer follow the tool's text or the image?
+    swap-quote  swap with the quote constraint
+and, for OCR questions, the expert alone: the tool's text, its lines joined by spaces   (c)
+
+    <mode>.exact          OCR exact (normalize_ocr, as `visto eval`'s ocr.exact) per question kind
+    <mode>.right_tool     tool modes: reading questions on which ocr (the only tool) was called
+    <mode>.follows_tool   swap modes, OCR questions: the answer is the other image's text
+    <mode>.follows_image  swap modes, OCR questions: the answer is the model's own image's text
     args_valid            calls whose arguments parse and pass the ocr tool's schema
-    read.exact_tool       OCR exact (normalize_ocr) of the answer after the loop, tool offered
-    read.exact_no_tool    the same model asked the same questions with no tool offered
-    read.exact_blind      with the tool, each image swapped for another test image with text
-                          (the blind twin: the answer must come from this image's text)
-    other.vqa_tool        VQA accuracy on the other questions, tool offered
-    other.vqa_no_tool     the same, no tool offered
+    other.right_tool      other questions answered without a call (tool offered)
+    other.vqa_tool / other.vqa_direct   VQA accuracy on the other questions with / without it
     baseline.*            the --baseline model with no tool offered (it never saw one)
     teacher_forced.exact  (--teacher-forced N) the answers after a tool result in the `tools`
                           mix's packed samples of N images with text (the world's result, the
                           reference call), each answer's tokens all argmax-right: whether the
                           model copies at all, apart from the loop, the real tool and decoding
 
+The OCR tool is the real one (visto.tools.ocr.run_ocr, the `ocr` tool's name, description and
+schema) run in this process and read once per image and detail: `--ocr-reads FILE`
+(bench/ocr_world.py --reads) gives the {"detail": "text"} reads computed before, so that a
+command that asks many questions fits a CPU budget; the expert is the same either way.
 The load average before and after goes with the figures: the CPU is shared.
 """
 
@@ -46,43 +59,84 @@ def loadavg() -> str:
         return "unknown"
 
 
-def questions(data: str, split: str, n_read: int, n_other: int, seed: int) -> tuple[list, list]:
-    """(reading, other): (record, question, answer) triples of `split`."""
-    from visto.data.synth import iter_records
-    from visto.data.synth.tool_mix import reading_questions
+MODES = ("direct", "tool", "quote", "swap", "swap-quote")
+TOOL_MODES = ("tool", "quote", "swap", "swap-quote")
 
-    records = list(iter_records(data, split))
-    reading = [(r, q, a) for r in records for q, a in reading_questions(r)]
+
+def questions(data: str, split: str, n_ocr: int, n_read: int, n_other: int,
+              seed: int) -> tuple[list, list, list]:  # fmt: skip
+    """(ocr, read, other): (record, question, answer) triples of `split`; the OCR questions
+    of the first `n_ocr` images with text (by id), the others a seeded sample."""
+    from visto.data.synth import iter_records
+
+    records = sorted(iter_records(data, split), key=lambda r: r["id"])
+    ocr = [(r, r["tasks"]["ocr"]["q"], r["tasks"]["ocr"]["a"]) for r in records
+           if r["tasks"]["ocr"] is not None][:n_ocr]  # fmt: skip
+    read = [(r, qa["q"], qa["a"]) for r in records for qa in r["tasks"]["vqa"]
+            if qa.get("type") == "read"]  # fmt: skip
     other = [(r, qa["q"], qa["a"]) for r in records for qa in r["tasks"]["vqa"]
              if qa.get("type") != "read"]  # fmt: skip
     rng = random.Random(seed)
-    return rng.sample(reading, min(n_read, len(reading))), rng.sample(
-        other, min(n_other, len(other))
+    return (
+        ocr,
+        rng.sample(read, min(n_read, len(read))),
+        rng.sample(other, min(n_other, len(other))),
     )
+
+
+class ReadOnce:
+    """The OCR tool's function (visto.tools.ocr.run_ocr), each image read once per detail:
+    `reads` maps an image object's id() to its {"detail": "text"} result read before."""
+
+    def __init__(self, reads: dict[int, dict[str, Any]]) -> None:
+        self.cache: dict[tuple[int, str], Any] = {(k, "text"): v for k, v in reads.items()}
+        self.calls = self.live = 0
+
+    def __call__(self, image: Any, detail: str = "words") -> Any:
+        from visto.tools.ocr import run_ocr
+
+        self.calls += 1
+        key = (id(image), detail)
+        if key not in self.cache:
+            self.live += 1
+            self.cache[key] = run_ocr(image, detail)
+        return self.cache[key]
 
 
 class Asker:
     """One model, asked each question in a fresh conversation, with or without the tool."""
 
-    def __init__(self, path: str, max_tokens: int) -> None:
+    def __init__(self, path: str, max_tokens: int, read_once: ReadOnce | None = None) -> None:
+        import dataclasses
+
         from visto.commands._chat_tools import ToolLoop
         from visto.commands._common import load_for_inference
         from visto.infer import SamplingParams
+        from visto.tools import ToolRegistry
+        from visto.tools.ocr import ocr_tool
 
         self.model = load_for_inference(path, "cpu", False)
-        self.loop = ToolLoop.build(self.model, "ocr", "auto")
+        # the ocr tool as the model is offered it (name, description, schema), run here
+        tool = dataclasses.replace(ocr_tool, run=read_once or ReadOnce({}), process=None,
+                                   warm=None, timeout_s=600.0)  # fmt: skip
+        self.loop = ToolLoop.build(self.model, ToolRegistry([tool]), "auto")
+        self.quote_loop = dataclasses.replace(self.loop, quote=True)
         self.params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0)
         # what ToolLoop.answer reads of `visto chat`'s arguments
         self.args = argparse.Namespace(task=None, stream=False, json=True)
 
-    def ask(self, image: Any, question: str, tools: bool) -> tuple[str, list[dict[str, Any]]]:
+    def ask(self, image: Any, question: str, mode: str,
+            tool_image: Any = None) -> tuple[str, list[dict[str, Any]]]:  # fmt: skip
+        """The answer and the tool runs; `tool_image`: the image the tool reads (swap modes)."""
         from visto.tasks.runner import Chat
 
-        if not tools:
+        if mode == "direct":
             chat = Chat(self.model, [image])
             return chat.ask(question, params=self.params).text, []
-        chat = Chat(self.model, [image], tools=self.loop.tools.openai())
-        reply, runs = self.loop.answer(chat, question, self.args, self.params, [image])
+        loop = self.quote_loop if mode.endswith("quote") else self.loop
+        chat = Chat(self.model, [image], tools=loop.tools.openai())
+        seen = [tool_image if mode.startswith("swap") else image]
+        reply, runs = loop.answer(chat, question, self.args, self.params, seen)
         return reply.text, runs
 
 
@@ -142,6 +196,12 @@ def mean(values: list[float]) -> float:
     return round(sum(values) / len(values), 4) if values else float("nan")
 
 
+def exact(said: str, truth: str) -> float:
+    from visto.tasks.parsers import normalize_ocr
+
+    return float(normalize_ocr(said) == normalize_ocr(truth))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -150,8 +210,19 @@ def main() -> int:
     p.add_argument("--baseline", help="a checkpoint asked without tools, for comparison")
     p.add_argument("--data", required=True, help="the synthetic world the models were trained on")
     p.add_argument("--split", default="test")
-    p.add_argument("--n-read", type=int, default=120, help="reading questions (default 120)")
-    p.add_argument("--n-other", type=int, default=150, help="other VQA questions (default 150)")
+    p.add_argument(
+        "--n-ocr", type=int, default=40, help="OCR questions (images with text, default 40)"
+    )
+    p.add_argument("--n-read", type=int, default=0, help='"read" VQA questions (default 0)')
+    p.add_argument("--n-other", type=int, default=0, help="other VQA questions (default 0)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    p.add_argument(
+        "--ocr-reads",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="bench/ocr_world.py --reads of --data (repeatable)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=128, help="as visto chat's default")
     p.add_argument(
@@ -163,98 +234,133 @@ def main() -> int:
     )
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := [m for m in modes if m not in MODES]:
+        p.error(f"unknown modes {unknown}; choose from {list(MODES)}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from visto.data.images import open_image
     from visto.eval.metrics import vqa_accuracy
-    from visto.tasks.parsers import normalize_ocr
 
-    reading, other = questions(args.data, args.split, args.n_read, args.n_other, args.seed)
-    out: dict[str, Any] = {"command": " ".join(sys.argv), "split": args.split,
-                           "n_read": len(reading), "n_other": len(other), "load_before": loadavg()}  # fmt: skip
-    image = {}
-    for r, _, _ in reading + other:
+    ocr, read, other = questions(args.data, args.split, args.n_ocr, args.n_read, args.n_other,
+                                 args.seed)  # fmt: skip
+    out: dict[str, Any] = {"command": " ".join(sys.argv), "split": args.split, "modes": modes,
+                           "n_ocr": len(ocr), "n_read": len(read), "n_other": len(other),
+                           "load_before": loadavg()}  # fmt: skip
+    image: dict[str, Any] = {}
+    for r, _, _ in ocr + read + other:
         image.setdefault(r["id"], open_image(Path(args.data) / r["image"]))
-    # the blind twin: each reading image swapped for the next one with different text
-    texts = sorted({r["id"]: r for r, _, _ in reading}.values(), key=lambda r: r["id"])
-    swap = {}
-    for k, r in enumerate(texts):
-        for other_r in texts[k + 1 :] + texts[:k]:
-            if [t["text"] for t in other_r["truth"]["texts"]] != [
-                t["text"] for t in r["truth"]["texts"]
-            ]:
-                swap[r["id"]] = other_r["id"]
+    # the swap: each reading image's tool reads the next one (by id) with other text
+    by_id = sorted({r["id"]: r for r, _, _ in ocr + read}.values(), key=lambda r: r["id"])
+    twin: dict[str, dict] = {}
+    for k, r in enumerate(by_id):
+        mine = sorted(t["text"] for t in r["truth"]["texts"])
+        for o in by_id[k + 1 :] + by_id[:k]:
+            if sorted(t["text"] for t in o["truth"]["texts"]) != mine:
+                twin[r["id"]] = o
+                image.setdefault(o["id"], open_image(Path(args.data) / o["image"]))
                 break
+    reads: dict[int, dict[str, Any]] = {}
+    for path in args.ocr_reads:
+        saved = json.loads(Path(path).read_text())
+        if saved.get("split") != args.split:
+            p.error(f"{path} holds the {saved.get('split')!r} split, not {args.split!r}")
+        reads.update({id(image[i]): v for i, v in saved["reads"].items() if i in image})
+    read_once = ReadOnce(reads)
 
     start = time.perf_counter()
-    model = Asker(args.model, args.max_tokens)
-    rows: dict[str, list] = {"read": [], "other": []}
-    for r, q, a in reading:
-        said, runs = model.ask(image[r["id"]], q, tools=True)
-        blind, _ = model.ask(image.get(swap.get(r["id"]), image[r["id"]]), q, tools=True)
-        plain, _ = model.ask(image[r["id"]], q, tools=False)
-        rows["read"].append({"id": r["id"], "q": q, "a": a, "tool": said, "no_tool": plain,
-                             "blind": blind, "runs": runs})  # fmt: skip
+    cpu = time.process_time()
+    model = Asker(args.model, args.max_tokens, read_once)
+    rows: dict[str, list] = {"ocr": [], "read": [], "other": []}
+    for kind, items in (("ocr", ocr), ("read", read)):
+        for r, q, a in items:
+            row: dict[str, Any] = {"id": r["id"], "q": q, "a": a}
+            for mode in modes:
+                other_image = image[twin[r["id"]]["id"]] if r["id"] in twin else None
+                if mode.startswith("swap") and (kind != "ocr" or other_image is None):
+                    continue
+                row[mode], runs = model.ask(image[r["id"]], q, mode, other_image)
+                if mode in TOOL_MODES:
+                    row[mode + "_runs"] = runs
+            if kind == "ocr":
+                row["expert"] = " ".join(read_once(image[r["id"]], "text")["text"].split())
+                if r["id"] in twin:
+                    row["twin"] = twin[r["id"]]["tasks"]["ocr"]["a"]
+            rows[kind].append(row)
     for r, q, a in other:
-        said, runs = model.ask(image[r["id"]], q, tools=True)
-        plain, _ = model.ask(image[r["id"]], q, tools=False)
-        rows["other"].append(
-            {"id": r["id"], "q": q, "a": a, "tool": said, "no_tool": plain, "runs": runs}
-        )
-    model_s = time.perf_counter() - start
+        row = {"id": r["id"], "q": q, "a": a}
+        for mode in [m for m in modes if m in ("direct", "tool")]:
+            row[mode], runs = model.ask(image[r["id"]], q, mode)
+            if mode == "tool":
+                row["tool_runs"] = runs
+        rows["other"].append(row)
+    out["model"] = {"path": args.model, "seconds": round(time.perf_counter() - start, 1),
+                    "cpu_seconds": round(time.process_time() - cpu, 1),
+                    "ocr_tool_calls": read_once.calls, "ocr_tool_read_live": read_once.live}  # fmt: skip
 
-    read, oth = rows["read"], rows["other"]
-    calls = [run for row in read + oth for run in row["runs"]]
-    figures = {
-        "read.right_tool": mean([float(bool(x["runs"]) and all(c["name"] == "ocr" for c in x["runs"]))
-                                 for x in read]),
-        "other.right_tool": mean([float(not x["runs"]) for x in oth]),
-        "args_valid": mean([float(args_valid(c)) for c in calls]),
-        "calls": len(calls),
-        "read.exact_tool": mean([float(normalize_ocr(x["tool"]) == normalize_ocr(x["a"])) for x in read]),
-        "read.exact_no_tool": mean([float(normalize_ocr(x["no_tool"]) == normalize_ocr(x["a"])) for x in read]),
-        "read.exact_blind": mean([float(normalize_ocr(x["blind"]) == normalize_ocr(x["a"])) for x in read]),
-        "other.vqa_tool": mean([vqa_accuracy(x["tool"], [x["a"]]) for x in oth]),
-        "other.vqa_no_tool": mean([vqa_accuracy(x["no_tool"], [x["a"]]) for x in oth]),
-    }  # fmt: skip
-    right = [float(bool(x["runs"])) for x in read] + [float(not x["runs"]) for x in oth]
-    figures["right_tool"] = mean(right)
-    out["model"] = {"path": args.model, "seconds": round(model_s, 1), **figures}
+    figures: dict[str, Any] = {}
+    calls = []
+    for kind in ("ocr", "read"):
+        got = rows[kind]
+        for mode in modes:
+            done = [x for x in got if mode in x]
+            if not done:
+                continue
+            figures[f"{kind}.{mode}.exact"] = mean([exact(x[mode], x["a"]) for x in done])
+            if mode in TOOL_MODES:
+                figures[f"{kind}.{mode}.right_tool"] = mean(
+                    [float(bool(x[mode + "_runs"]) and all(c["name"] == "ocr" for c in x[mode + "_runs"]))
+                     for x in done])  # fmt: skip
+                calls += [c for x in done for c in x[mode + "_runs"]]
+            if mode.startswith("swap"):
+                figures[f"{kind}.{mode}.follows_tool"] = mean(
+                    [exact(x[mode], x["twin"]) for x in done]
+                )
+                figures[f"{kind}.{mode}.follows_image"] = mean(
+                    [exact(x[mode], x["a"]) for x in done]
+                )
+        if kind == "ocr" and got:
+            figures["ocr.expert.exact"] = mean([exact(x["expert"], x["a"]) for x in got])
+    oth = rows["other"]
+    if oth and "tool" in modes:
+        figures["other.right_tool"] = mean([float(not x["tool_runs"]) for x in oth])
+        figures["other.vqa_tool"] = mean([vqa_accuracy(x["tool"], [x["a"]]) for x in oth])
+        calls += [c for x in oth for c in x["tool_runs"]]
+    if oth and "direct" in modes:
+        figures["other.vqa_direct"] = mean([vqa_accuracy(x["direct"], [x["a"]]) for x in oth])
+    figures["calls"] = len(calls)
+    figures["args_valid"] = mean([float(args_valid(c)) for c in calls])
+    out["model"].update(figures)
     if args.baseline:
         start = time.perf_counter()
-        base = Asker(args.baseline, args.max_tokens)
-        for x, (r, q, _) in zip(read + oth, reading + other, strict=True):
-            x["baseline"], _ = base.ask(image[r["id"]], q, tools=False)
-        out["baseline"] = {
-            "path": args.baseline, "seconds": round(time.perf_counter() - start, 1),
-            "read.exact_no_tool": mean([float(normalize_ocr(x["baseline"]) == normalize_ocr(x["a"]))
-                                        for x in read]),
-            "other.vqa_no_tool": mean([vqa_accuracy(x["baseline"], [x["a"]]) for x in oth]),
-        }  # fmt: skip
+        base = Asker(args.baseline, args.max_tokens, read_once)
+        for kind, items in (("ocr", ocr), ("read", read), ("other", other)):
+            for x, (r, q, _) in zip(rows[kind], items, strict=True):
+                x["baseline"], _ = base.ask(image[r["id"]], q, "direct")
+        out["baseline"] = {"path": args.baseline, "seconds": round(time.perf_counter() - start, 1)}
+        for kind in ("ocr", "read"):
+            if rows[kind]:
+                out["baseline"][f"{kind}.direct.exact"] = mean([exact(x["baseline"], x["a"])
+                                                                for x in rows[kind]])  # fmt: skip
+        if oth:
+            out["baseline"]["other.vqa_direct"] = mean([vqa_accuracy(x["baseline"], [x["a"]])
+                                                        for x in oth])  # fmt: skip
     if args.teacher_forced:
         out["teacher_forced"] = teacher_forced(
             args.model, args.data, args.split, args.teacher_forced
         )
     out["load_after"] = loadavg()
-    out["misses"] = {
-        "read": [x for x in read if normalize_ocr(x["tool"]) != normalize_ocr(x["a"])],
-        "other_called": [x for x in oth if x["runs"]],
-    }
+    out["rows"] = rows
     for who in ("model", "baseline", "teacher_forced"):
         if who in out:
             print(who, json.dumps(out[who]), flush=True)
-    print(
-        f"misses: {len(out['misses']['read'])} reading answers, "
-        f"{len(out['misses']['other_called'])} other questions that called",
-        flush=True,
-    )
-    for x in out["misses"]["read"][:20]:
-        print(
-            f"    {x['id']} {x['q']!r}: said {x['tool']!r}, truth {x['a']!r}, "
-            f"runs {[(c['name'], c['arguments'], c['result']) for c in x['runs']]}"
-        )
+    for x in rows["ocr"] + rows["read"]:
+        said = {m: x[m] for m in modes if m in x and not exact(x[m], x["a"])}
+        if said:
+            print(f"    {x['id']} {x['q']!r} truth {x['a']!r} expert {x.get('expert')!r} "
+                  f"twin {x.get('twin')!r}: {said}")  # fmt: skip
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")

@@ -19,6 +19,13 @@ cut short (dropped, as the server drops it): finish_reason "length", no call cut
 The tools' processes (OCR, segment and detect) start before the chat model loads
 (`start_tools`), in the background, so the first call finds its expert loaded; `visto chat`
 stops them when it ends (visto.tools.registry: ToolRegistry.start / stop).
+
+`ToolLoop.build(..., quote=True)` (Python callers such as bench/tool_use.py; not a `visto chat`
+flag yet) decodes the answer after a result that holds text (the OCR tool's) under
+`visto.tools.quote.QuoteConstraint`: the answer is made of the result's words and is the final
+one (no call after it). For a model that cannot copy from its context (the quickstart's), the
+copy from the tool's text happens at decoding time; the model still picks the words and their
+order.
 """
 
 from __future__ import annotations
@@ -61,12 +68,16 @@ class ToolLoop:
     tools: ToolRegistry
     plan: Any  # visto.serve.tools.ToolPlan of the first answer
     grammars: Any  # visto.serve.grammar.GrammarFactory
+    tokenizer: Any = None  # the model's (QuoteConstraint encodes the quoted words with it)
+    quote: bool = False  # the answer after a result with text quotes its words (module doc)
     cut_call: bool = field(default=False, init=False)  # a round of the last answer was cut
     _after_runs: str = field(default="", init=False)  # --stream: text to print after the runs
 
     @classmethod
-    def build(cls, model: Any, tools: ToolRegistry | str, choice: str) -> ToolLoop:
-        """The loop over `tools` (a registry, or a --tools spec to load)."""
+    def build(cls, model: Any, tools: ToolRegistry | str, choice: str,
+              quote: bool = False) -> ToolLoop:  # fmt: skip
+        """The loop over `tools` (a registry, or a --tools spec to load); `quote`: answers
+        after a result with text quote its words (module doc)."""
         from visto.serve.errors import APIError
         from visto.serve.grammar import GrammarFactory
         from visto.serve.tools import ToolPlan
@@ -89,7 +100,7 @@ class ToolLoop:
             grammars = GrammarFactory(tokenizer, logits_width(model), [tokenizer.end_id])
         except APIError as e:  # xgrammar is not installed
             raise UserError(e.message) from None
-        return cls(tools, plan, grammars)
+        return cls(tools, plan, grammars, tokenizer, quote)
 
     def round_plan(self, round_index: int) -> Any:
         """The ToolPlan of round `round_index` (0: the first answer, per --tool-choice)."""
@@ -133,8 +144,16 @@ class ToolLoop:
                 chat.turns = [*chat.turns, *done.result_turns()]
                 return self._with_raw(chat, reply, done.content.strip()), runs
             plan = self.round_plan(round_index)
+            round_params = self.params(params, plan)
+            if self.quote:  # the answer quotes the result's words and ends the loop
+                from visto.tools.quote import QuoteConstraint, quoted_words  # torch: only here
+
+                if words := quoted_words(done.results):
+                    plan = dataclasses.replace(self.plan, mode="none", callable=())
+                    constraint = QuoteConstraint(self.tokenizer, words, [self.tokenizer.end_id])
+                    round_params = dataclasses.replace(params, logits_processor=constraint)
             reply = self._reply(chat, chat.answer_after, (done.result_turns(),), args, plan,
-                                self.params(params, plan))  # fmt: skip
+                                round_params)  # fmt: skip
         return reply, runs
 
     def _reply(self, chat: Any, ask: Any, what: tuple, args: argparse.Namespace, plan: Any,

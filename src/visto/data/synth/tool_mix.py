@@ -32,7 +32,11 @@ ones after them in an order drawn per epoch. Images without text are kept at
 `textless_share` so that steps go to answers after a result, the direct questions of images
 with text keeping VQA in the mix. Packed so, ~2.9 answers follow a result per sample instead
 of ~0.3; it kept VQA (0.667 against one question a sample's 0.620) but did not teach the
-quickstart model to copy the result (bench/README.md, tool_use.py: tools-c, tools-d).
+quickstart model to copy the result (bench/README.md, tool_use.py: tools-c, tools-d). The
+quickstart's model with its text reader (runs/y0, 110 steps: t17b) calls right every time and
+answers from its own reader, never from the result (a swapped result: 0.000 followed);
+`visto.tools.quote` makes the answer quote the result at decoding time (bench/README.md, "The
+quickstart model through the tool").
 
 The OCR tool's definition comes from `visto.data.tool_calls` (data/ sits below tools/ in the
 layer order), which `visto.tools.ocr` builds its Tool from too: the model learns this exact text.
