@@ -27,12 +27,9 @@ connector wrote from what it detected (the world's JSON: every object's shape, c
 and box, the counts, the text), token by token. Its slots are too many, and too alike (every
 object's colour follows the same `":"`), for the successor rule, so the script has one column
 of its own, which offers the token at a cursor: where the answer written so far is in the
-script. The cursor moves on when the answer writes the token it offers. Where the answer
-writes a number piece of its own while the script offers one, the cursor moves on too (a box's
-numbers are the detector's, other digits than the truth's: in training, the truth's); where the
-script's number has more pieces than the answer's, the cursor steps over them to the token
-written. Anything else jumps ahead to the next place within `SCRIPT_RESYNC` tokens that holds
-the token written, or waits (`advance_cursor`):
+script. The cursor moves on when the answer writes the token it offers, jumps ahead to the
+next place within `SCRIPT_RESYNC` tokens that holds the token written where the answer wrote
+something else (a box number of another length), and waits otherwise (`advance_cursor`):
 
     score_script = (W_q h_t) . key_script    eligible while the cursor is inside the script
 
@@ -70,7 +67,6 @@ class CopySlots:
     # for generating rows the cursor into it (N,): how much of it the answer has written.
     script: Tensor | None = None
     cursor: Tensor | None = None
-    script_box: Tensor | None = None  # training only: (N, L) which script tokens write box numbers
 
     def __getitem__(self, index: Tensor) -> CopySlots:
         def pick(t: Tensor | None) -> Tensor | None:
@@ -97,17 +93,16 @@ class CopySlots:
         ids, weights = _joined([s.ids for s in slots], [s.weights for s in slots], 0)
         return CopySlots(ids, weights, last, script, cursor)
 
-    def script_next(self, tokens: Tensor | None, numbers: Tensor) -> Tensor | None:
+    def script_next(self, tokens: Tensor | None) -> Tensor | None:
         """For generating rows: move each row's cursor past `tokens` (N,), what it wrote last
         (None: nothing yet, at prefill), and return the script token each row may copy next
-        (N,) (-1: none). `numbers`: PointerHead.numbers. Called once per decode step
-        (Llava.output_logits)."""
+        (N,) (-1: none). Called once per decode step (Llava.output_logits)."""
         if self.script is None:
             return None
         if self.cursor is None:
             self.cursor = self.script.new_zeros(self.script.shape[0])
         if tokens is not None:
-            self.cursor = advance_cursor(self.script, self.cursor, tokens, numbers)
+            self.cursor = advance_cursor(self.script, self.cursor, tokens)
         return script_token(self.script, self.cursor)
 
 
@@ -137,13 +132,6 @@ class PointerHead(nn.Module):
         # the script's column (module doc); absent in checkpoints without one
         self.script_key = nn.Parameter(torch.randn(width) * 0.02) if script else None
         self.start_id = -1  # the token that opens an answer (`<|assistant|>`); set_vocabulary
-        # which token ids are pieces of a number (digits only): the script's cursor steps
-        # over numbers (advance_cursor); set_vocabulary
-        self.numbers = torch.zeros(0, dtype=torch.bool)
-
-    def set_vocabulary(self, tokenizer) -> None:
-        self.start_id = tokenizer.role_ids["assistant"]
-        self.numbers = number_tokens(tokenizer)
 
     @property
     def slots(self) -> int:
@@ -209,42 +197,16 @@ def copy_runs(runs: list[tuple[Tensor, Tensor]], end_id: int) -> CopySlots:
     return CopySlots(*_joined(out_ids, out_weights, 1))
 
 
-def number_tokens(tokenizer) -> Tensor:
-    """(vocab,) bool: the token ids whose text is digits only (pieces of a number)."""
-    return torch.tensor([tokenizer.decode([i]).strip().isdigit() for i in range(tokenizer.vocab_size)],
-                        dtype=torch.bool)  # fmt: skip
-
-
-def advance_cursor(script: Tensor, cursor: Tensor, tokens: Tensor, numbers: Tensor | None = None) -> Tensor:
-    """Cursors (N,) into scripts (N, L) moved past the tokens written (N,) (module doc): one on
-    where the script holds the token there, or where both are number pieces (`numbers`: which
-    ids are, (vocab,) bool; None: none are); past the script's number pieces to the token
-    written when it follows them; else to just after the first place within SCRIPT_RESYNC
-    ahead that holds it; unchanged where none does, or where the answer writes a number piece
-    and the script offers none (the answer's number is longer)."""
+def advance_cursor(script: Tensor, cursor: Tensor, tokens: Tensor) -> Tensor:
+    """Cursors (N,) into scripts (N, L) moved past the tokens written (N,): one on where the
+    script holds the token there, to just after the first place within SCRIPT_RESYNC ahead
+    that holds it otherwise, unchanged where none does."""
     L = script.shape[1]
     at = cursor[:, None] + torch.arange(SCRIPT_RESYNC + 1, device=script.device)  # (N, W)
     held = script.gather(1, at.clamp(max=L - 1)) if L else script.new_full(at.shape, -1)
-    inside = at < L
-    held = held.masked_fill(~inside, -1)
-    found = (held == tokens[:, None]) & (tokens[:, None] >= 0)
+    found = (held == tokens[:, None]) & (at < L) & (tokens[:, None] >= 0)
     first = found.to(torch.uint8).argmax(1)
-    moved = torch.where(found.any(1), cursor + first + 1, cursor)
-    if numbers is None or numbers.numel() == 0:
-        return moved
-    numbers = numbers.to(script.device)
-
-    def is_number(ids: Tensor) -> Tensor:
-        return numbers[ids.clamp(0, len(numbers) - 1)] & (ids >= 0) & (ids < len(numbers))
-
-    offered, wrote = held[:, 0], tokens
-    number_offered, number_wrote = is_number(offered), is_number(wrote)
-    # past the script's number pieces: the first held token that is not one
-    after = (~is_number(held) & inside).to(torch.uint8).argmax(1)
-    skipped = held.gather(1, after[:, None])[:, 0] == wrote
-    moved = torch.where(number_offered & ~number_wrote & skipped, cursor + after + 1, moved)
-    moved = torch.where(number_offered & number_wrote & (offered != wrote), cursor + 1, moved)
-    return torch.where(number_wrote & ~number_offered & (offered != wrote), cursor, moved)
+    return torch.where(found.any(1), cursor + first + 1, cursor)
 
 
 def script_token(script: Tensor, cursor: Tensor) -> Tensor:
@@ -256,16 +218,16 @@ def script_token(script: Tensor, cursor: Tensor) -> Tensor:
     return torch.where(cursor < L, token, -1)
 
 
-def script_cursors(script: Tensor, written: Tensor, real: Tensor, numbers: Tensor | None = None) -> Tensor:
+def script_cursors(script: Tensor, written: Tensor, real: Tensor) -> Tensor:
     """Teacher forcing: for A answers' scripts (A, L) and the tokens each answer wrote (A, T)
     (its `<|assistant|>` token first; `real` (A, T) marks them), the cursor at each of those
     positions (A, T): 0 at the `<|assistant|>` token, then moved past each token written, as
-    generation moves it (`CopySlots.script_next`; `numbers` as advance_cursor takes it)."""
+    generation moves it (`CopySlots.script_next`)."""
     A, T = written.shape
     cursors = written.new_zeros(A, T)
     cursor = written.new_zeros(A)
     for t in range(1, T):
-        cursor = torch.where(real[:, t], advance_cursor(script, cursor, written[:, t], numbers), cursor)
+        cursor = torch.where(real[:, t], advance_cursor(script, cursor, written[:, t]), cursor)
         cursors[:, t] = cursor
     return cursors
 
@@ -291,4 +253,4 @@ def answer_of_position(input_ids: Tensor, assistant_id: int) -> Tensor:
 
 
 __all__ = ["SCRIPT_RESYNC", "CopySlots", "CopyingState", "PointerHead", "advance_cursor",
-           "answer_of_position", "copy_runs", "number_tokens", "script_cursors", "script_token"]  # fmt: skip
+           "answer_of_position", "copy_runs", "script_cursors", "script_token"]  # fmt: skip

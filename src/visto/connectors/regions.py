@@ -179,7 +179,7 @@ class RegionConnector(nn.Module):
                 )
             self.focus.set_vocabulary(tokenizer, focus_slots)
         if self.pointer is not None:
-            self.pointer.set_vocabulary(tokenizer)
+            self.pointer.start_id = tokenizer.role_ids["assistant"]
 
     def word_table(self, embed: nn.Embedding, kind: str) -> Tensor:
         """(n_values, D_lm): each attribute value's tag embedding."""
@@ -278,17 +278,16 @@ class RegionConnector(nn.Module):
                 filled[b, v, : len(pieces)] = True
         return ids.to(pixels.device), filled.to(pixels.device)
 
-    def scripts(self, objects: Objects, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    def scripts(self, objects: Objects, pixels: Tensor) -> Tensor:
         """(N_img, L) token ids of the JSON answer each image's detections write
-        (connectors.script), -1 past its end token, and which write a box's numbers."""
+        (connectors.script), -1 past its end token."""
         if self.focus is None or objects.attributes is None:
             raise RuntimeError("a RegionConnector writes JSON answers with its focus and detector")
         reads = self.read_slots or self.text_slots
         lines = self.read_lines(pixels) if reads else [[] for _ in range(pixels.shape[0])]
         answers = [detected_json(objects.attributes[b], objects.boxes[b], objects.present[b], lines[b])
                    for b in range(pixels.shape[0])]  # fmt: skip
-        ids, box = script_ids(self.tokenizer, answers, self.focus.end_id)
-        return ids.to(pixels.device), box.to(pixels.device)
+        return script_ids(self.tokenizer, answers, self.focus.end_id).to(pixels.device)
 
     def read_words(self, pixels: Tensor, embed: nn.Embedding) -> tuple[Tensor, Tensor, Tensor]:
         """`read_tokens` with their embeddings first: ((B, 1 + len(TEXT_KINDS), read_slots,

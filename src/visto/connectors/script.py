@@ -41,33 +41,15 @@ def detected_json(attributes: Tensor, boxes: Tensor, present: Tensor, lines: lis
     return json.dumps(json_target(truth), separators=(",", ":"))
 
 
-def script_ids(tokenizer, answers: list[str], end_id: int) -> tuple[Tensor, Tensor]:
+def script_ids(tokenizer, answers: list[str], end_id: int) -> Tensor:
     """Answers -> their token ids as the processor encodes an answer, each followed by the end
-    token (an answer ends as it was copied), padded with -1: (N, L); and which of those
-    tokens write a box's numbers (N, L) bool (`in_box`)."""
+    token (an answer ends as it was copied), padded with -1: (N, L)."""
     encoded = [[*tokenizer.encode(text), end_id] for text in answers]
     width = max((len(ids) for ids in encoded), default=0)
     out = torch.full((len(encoded), width), -1, dtype=torch.long)
-    box = torch.zeros(len(encoded), width, dtype=torch.bool)
     for n, ids in enumerate(encoded):
         out[n, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        box[n, : len(ids) - 1] = torch.tensor(in_box(tokenizer, ids[:-1]), dtype=torch.bool)
-    return out, box
-
-
-def in_box(tokenizer, ids: list[int]) -> list[bool]:
-    """Per token of a JSON answer: whether it is a piece of a number in a "box" list. A box's
-    numbers are the detector's, never the truth's digits (a box is right at IoU 0.5), so
-    training takes either as right there (Llava's `_script_next`)."""
-    pieces = [tokenizer.decode([i]) for i in ids]
-    flags, text = [], ""
-    for piece in pieces:
-        start = len(text)
-        text += piece
-        opened = text.rfind('"box":[', 0, start + 1)
-        inside = opened >= 0 and "]" not in text[opened:start] and piece.strip().isdigit()
-        flags.append(inside)
-    return flags
+    return out
 
 
 __all__ = ["detected_json", "script_ids"]

@@ -304,10 +304,9 @@ class Llava(ConversationFamily, nn.Module):
         if copies is not None and getattr(connector, "copy_json", False):
             # each answer's script: the JSON its row's (first) image's detections write
             # (shifted by one through read_per_row: a row without an image gets -1, none)
-            scripts, box = connector.scripts(objects, pixel_values)
-            script, box = read_per_row(scripts + 1, box, image_sample_index=image_sample_index, rows=input_ids.shape[0])
-            answer_rows = (input_ids == focus.assistant_id).nonzero(as_tuple=True)[0]
-            copies.script, copies.script_box = script[answer_rows] - 1, box[answer_rows]
+            scripts = connector.scripts(objects, pixel_values) + 1
+            script = read_per_row(scripts, image_sample_index=image_sample_index, rows=input_ids.shape[0])[0] - 1
+            copies.script = script[(input_ids == focus.assistant_id).nonzero(as_tuple=True)[0]]
         return embeds + added.to(embeds.dtype), copies
 
     @property
@@ -338,10 +337,9 @@ class Llava(ConversationFamily, nn.Module):
         if copies is not None:
             answer = answer_of_position(input_ids, self.multi_modal_projector.focus.assistant_id)[b, t]
             inside = (answer >= 0).nonzero().flatten()
-            script_next, box = self._script_next(input_ids, copies, b[inside], t[inside])
+            script_next = self._script_next(input_ids, copies, b[inside], t[inside])
             mixed = self.pointer(rows[inside], logits[inside], copies[answer[inside]],
                                  input_ids[b, t][inside], script_next)  # fmt: skip
-            mixed = self._box_numbers_either(mixed, labels[b, t + 1][inside], script_next, box)
             logits = logits.index_put((inside,), mixed.to(logits.dtype))
         return logits, labels[b, t + 1]
 
@@ -361,43 +359,16 @@ class Llava(ConversationFamily, nn.Module):
         predicts = torch.zeros_like(labels, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         b, t = (predicts & (answer >= 0)).nonzero(as_tuple=True)
-        script_next, box = self._script_next(input_ids, copies, b, t)
+        script_next = self._script_next(input_ids, copies, b, t)
         mixed = self.pointer(hidden[b, t], logits[b, t], copies[answer[b, t]], input_ids[b, t], script_next)
-        mixed = self._box_numbers_either(mixed, labels[b, t + 1], script_next, box)
         return logits.index_put((b, t), mixed.to(logits.dtype))
 
-    def _box_numbers_either(self, logp: Tensor, labels: Tensor, script_next: Tensor | None,
-                            box: Tensor | None) -> Tensor:  # fmt: skip
-        """Training: where the label is a piece of a box's number and the script offers another
-        (the detector's box, not the truth's digits; a box is right at IoU 0.5), either is
-        right: the offered token's probability moves onto the label's (log-probabilities (n,
-        V) stay normalised). Without this the pointer learned that the script is wrong at
-        every box number and the LM head wrote the numbers itself (z0-z2: own decoding valid
-        0.63, the copy lost its place)."""
-        if script_next is None or box is None:
-            return logp
-        numbers = self.pointer.numbers.to(labels.device)
-
-        def is_number(ids: Tensor) -> Tensor:
-            return numbers[ids.clamp(0, len(numbers) - 1)] & (ids >= 0) & (ids < len(numbers))
-
-        either = box & is_number(script_next) & is_number(labels) & (script_next != labels)
-        rows = either.nonzero().flatten()
-        if rows.numel() == 0:
-            return logp
-        label, offered = labels[rows], script_next[rows]
-        merged = torch.logaddexp(logp[rows, label], logp[rows, offered])
-        logp = logp.index_put((rows, offered), torch.full_like(merged, float("-inf")))
-        return logp.index_put((rows, label), merged)
-
-    def _script_next(self, input_ids: Tensor, copies: CopySlots, b: Tensor,
-                     t: Tensor) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    def _script_next(self, input_ids: Tensor, copies: CopySlots, b: Tensor, t: Tensor) -> Tensor | None:
         """Teacher forcing: at answer positions (b, t) (n,), the token each answer's script
         offers (n,) (-1: none; None: no scripts), the cursor moved over the answer's own tokens
-        up to t as generation moves it (connectors.pointer.script_cursors); and whether that
-        token writes a box's number (n,)."""
+        up to t as generation moves it (connectors.pointer.script_cursors)."""
         if copies.script is None or b.numel() == 0:
-            return None, None
+            return None
         assistant = self.multi_modal_projector.focus.assistant_id
         open_b, open_t = (input_ids == assistant).nonzero(as_tuple=True)  # (A,): where answers open
         answer = answer_of_position(input_ids, assistant)[b, t]
@@ -405,10 +376,8 @@ class Llava(ConversationFamily, nn.Module):
         at = open_t[:, None] + torch.arange(int(offset.max()) + 1, device=input_ids.device)  # (A, L)
         real = at < input_ids.shape[1]
         written = input_ids[open_b[:, None], at.clamp(max=input_ids.shape[1] - 1)]
-        cursors = script_cursors(copies.script, written, real, self.pointer.numbers)
-        cursor = cursors[answer, offset]
-        box = copies.script_box[answer].gather(1, cursor.clamp(max=copies.script.shape[1] - 1)[:, None])[:, 0]
-        return script_token(copies.script[answer], cursor), box
+        cursors = script_cursors(copies.script, written, real)
+        return script_token(copies.script[answer], cursors[answer, offset])
 
     # collate and prompt_batch (ConversationFamily): whole conversations by the processor.
 
@@ -451,7 +420,7 @@ class Llava(ConversationFamily, nn.Module):
         in; the logits unchanged without a pointer)."""
         if self.pointer is None or not isinstance(context, CopySlots):
             return logits
-        script_next = context.script_next(tokens, self.pointer.numbers)  # moves each row's cursor past `tokens`
+        script_next = context.script_next(tokens)  # moves each row's script cursor past `tokens`
         tokens = context.prompt_last if tokens is None else tokens
         return self.pointer(hidden, logits, context, tokens, script_next).to(logits.dtype)
 
