@@ -117,12 +117,13 @@ class QuickstartConfig:
     # lists the objects; "raster": by the centre's patch
     object_order: str = "left_to_right"
     # with named words and the pointer: answers about the named subject may copy its detected
-    # size, colour and shape words and its count (ProjectorConfig.copy_answers): VQA 0.946 ->
-    # 0.958, counting 0.923 -> 0.953, held-out shape 0.820 -> 0.891, but JSON fields 0.534 ->
-    # 0.179 (bench/README.md, "Copied answers")
+    # size, colour and shape words and its count (ProjectorConfig.copy_answers; measured in
+    # bench/README.md, "Copied answers")
     copy_answers: bool = True
     # with the pointer: a JSON answer may copy, token by token, the JSON the connector writes
-    # from its detections and what it read (ProjectorConfig.copy_json; connectors.script)
+    # from its detections and what it read (ProjectorConfig.copy_json; connectors.script;
+    # measured in bench/README.md, "Copied JSON": a gain under the grammar, and own decoding
+    # that breaks inside box lists)
     copy_json: bool = True
     reader_steps: int = 1000
     decoder_width: int = 256
