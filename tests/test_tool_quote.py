@@ -116,6 +116,13 @@ def read_label(image, detail: str = "words") -> dict:
     return {"text": LABEL}
 
 
+def label_tool():
+    from visto.data.tool_calls import OCR_DESCRIPTION, OCR_PARAMETERS
+    from visto.tools import Tool
+
+    return Tool("ocr", OCR_DESCRIPTION, read_label, OCR_PARAMETERS)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from test_serve_support import make_llava_checkpoint
@@ -159,3 +166,29 @@ def test_the_loop_quotes_the_tools_text_and_then_stops_calling(checkpoint, quote
         assert json.loads(runs[0]["arguments"]) in ({}, {"detail": "text"}, {"detail": "words"})
     else:  # the random model writes what it likes after the result (or calls again)
         assert not all(quoted), answers
+
+
+@pytest.mark.timeout(300)
+def test_visto_chat_quotes_the_tools_text_for_the_ocr_task(checkpoint, tmp_path, monkeypatch, capsys) -> None:
+    """`visto chat --task ocr --tools ...` quotes by default (--quote-results auto): the answer
+    is the tool's words; `--quote-results never` leaves the random model's own answer."""
+    from PIL import Image
+
+    import test_tool_quote
+    from visto.cli import main
+
+    monkeypatch.setattr(test_tool_quote, "LABEL_TOOL", label_tool(), raising=False)
+    image = tmp_path / "label.png"
+    Image.new("RGB", (64, 64), (200, 180, 40)).save(image)
+    answers = {}
+    for how in ("auto", "never"):
+        argv = ["chat", "--model", str(checkpoint), str(image), "--task", "ocr", "--tools",
+                "test_tool_quote:LABEL_TOOL", "--tool-choice", "ocr", "--json", "--max-tokens", "120",
+                "--quote-results", how]  # fmt: skip
+        assert main(argv) == 0
+        reply = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert reply["tool_runs"] and reply["tool_runs"][0]["result"] == {"text": LABEL}
+        answers[how] = reply["answer"] if "answer" in reply else reply["text"]
+    words = answers["auto"].split()
+    assert words and not Counter(words) - Counter(LABEL.split()), answers
+    assert answers["never"] != answers["auto"], answers

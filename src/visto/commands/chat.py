@@ -108,6 +108,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     tools.add_argument("--tool-choice", default="auto", metavar="CHOICE",
                        help="auto (default: the model decides), required (it calls a tool "
                        "first), none, or a tool's name (it calls that one first)")  # fmt: skip
+    tools.add_argument("--quote-results", choices=("auto", "always", "never"), default="auto",
+                       help="the answer after a tool result that holds text is made of that "
+                       "result's words (visto.tools.quote): auto (default) does so for --task ocr, "
+                       "where the answer is the text; always; never. A model trained to call "
+                       "tools copies its own reader otherwise: bench/README.md, 'A generative "
+                       "model calling the OCR tool'")  # fmt: skip
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present, else cpu)")
     p.add_argument("--int8", action="store_true",
                    help="run the Linear layers in int8 (CPU only: a quarter of their memory, "
@@ -310,7 +316,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = load_for_inference(args.model, args.device, args.int8)
         if registry is not None:
-            args.tool_loop = ToolLoop.build(model, registry, args.tool_choice)
+            quote = args.quote_results == "always" or (args.quote_results == "auto" and args.task == "ocr")
+            args.tool_loop = ToolLoop.build(model, registry, args.tool_choice, quote=quote)
         tools = registry.openai() if registry is not None else ()
         chat = Chat(model, images, demos=demos, constrain_json=not args.no_constrain, tools=tools)
         if args.interactive:
