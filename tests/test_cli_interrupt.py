@@ -7,6 +7,7 @@ own (torch loading a checkpoint: the chat used to say the checkpoint did not mat
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,12 +41,18 @@ sys.exit(visto.cli.main(["compare"]))
 """
 
 
+def sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(how: str, tmp_path: Path) -> subprocess.CompletedProcess:
     # run as `python -m`, as the `visto` script runs: CPython's check at exit is on that path
     (tmp_path / "interrupt_probe.py").write_text(SCRIPT.format(how=how))
     path = [str(tmp_path), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-    return subprocess.run([sys.executable, "-m", "interrupt_probe"], env=env,
+    # Ctrl-C as a terminal delivers it: a shell runs a background job with SIGINT ignored,
+    # which a child inherits (and then nothing interrupts it); the command starts with it back
+    return subprocess.run([sys.executable, "-m", "interrupt_probe"], env=env, preexec_fn=sigint_default,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 

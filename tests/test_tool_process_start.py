@@ -295,8 +295,11 @@ def launch(cli, log: Path, *argv: str) -> subprocess.Popen:
     env = {**os.environ, "WARM_PAINT_LOG": str(log), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(root), str(REPO / "src"),
                                           os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    # SIGINT as a terminal delivers it (a shell's background job, CI's included, may run with
+    # SIGINT ignored, which the command would inherit: the Ctrl-C test then waits forever)
     return subprocess.Popen([sys.executable, "-m", "visto.cli", *argv], env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def notes(log: Path, what: str, timeout: float = 120.0) -> list[tuple[int, int]]:

@@ -59,8 +59,10 @@ def test_plan_gives_the_projector_modules_numbers(tokenizer_dir, projector):  # 
         assert plan is not None
         torch.testing.assert_close(plan(features), model.multi_modal_projector(features),
                                    atol=1e-6, rtol=1e-6)  # fmt: skip
+        # batched against image by image: other GEMM shapes, so fp32 rounding of values up to
+        # ~10 (1e-6 is below 10 x fp32's epsilon; CI saw 2.6e-6 depending on the worker's state)
         torch.testing.assert_close(model.image_features(pixels), _modules_features(model, pixels),
-                                   atol=1e-6, rtol=1e-6)  # fmt: skip
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
 
 
 def test_pixel_shuffle_and_training_run_the_modules(tokenizer_dir):  # noqa: F811
@@ -93,7 +95,7 @@ def test_plan_follows_weights_hooks_and_swapped_layers(tokenizer_dir):  # noqa: 
         projector.linear_2.weight.mul_(2.0)  # in place, after the copies were made
         after = model.image_features(pixels)
         assert not torch.allclose(before, after)
-        torch.testing.assert_close(after, _modules_features(model, pixels), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(after, _modules_features(model, pixels), atol=1e-5, rtol=1e-5)  # see above
         calls = []
         handle = projector.linear_1.register_forward_hook(lambda *_: calls.append(1))
         model.image_features(pixels)
