@@ -32,6 +32,15 @@ beside them. --json FILE writes them: {"batch": {"1": {"ttft_ratio", "tokps_rati
 ours / transformers), "ttft_ratio_cpu", "tokps_ratio_cpu", "ttft_ms", "tokps"}, "8": ...},
 "load": [before, after]}. The weights are drawn wider than the usual init so that greedy choices are not
 near-ties that float noise could flip. The machine load (`uptime`) is printed before and after.
+
+--against SRC (llava) adds a third side: the visto package of another source tree, e.g. the
+commit before a change (`git archive REV src | tar -x -C /tmp/before`, then `--against
+/tmp/before/src`), imported beside this one (`import_tree`: its own `import visto...` read its
+own modules) with the same weights, its own processor, model code and engine. The three sides
+take turns in one process (the two trees swap places every other turn), so before and after
+see the same load; rows `against` and `this/against` are printed, and the JSON's batch
+entries gain "against" (its figures and ratios to transformers) and "vs_against" (this tree /
+SRC; its tokens are checked equal too).
 """
 
 from __future__ import annotations
@@ -47,15 +56,19 @@ from pathlib import Path
 import torch
 
 
-def interleaved_medians(fns: dict, repeats: int) -> tuple[dict, dict]:
+def interleaved_medians(fns: dict, repeats: int, orders: list[list] | None = None
+                        ) -> tuple[dict, dict]:  # fmt: skip
     """Median wall and CPU seconds of each function, run in turns (A, B, A, B, ...) after one
-    warm-up each, so that the load drift of a shared machine hits both sides alike."""
+    warm-up each, so that the load drift of a shared machine hits both sides alike. `orders`:
+    the turn's order of the names, cycled repeat by repeat (default: the dict's order)."""
     for fn in fns.values():
         fn()
     wall: dict = {name: [] for name in fns}
     cpu: dict = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    orders = orders or [list(fns)]
+    for r in range(repeats):
+        for name in orders[r % len(orders)]:
+            fn = fns[name]
             start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             wall[name].append(time.perf_counter() - start)
@@ -64,9 +77,11 @@ def interleaved_medians(fns: dict, repeats: int) -> tuple[dict, dict]:
     return {n: med(t) for n, t in wall.items()}, {n: med(t) for n, t in cpu.items()}
 
 
-def report(B: int, N: int, wall: dict, cpu: dict, sides: tuple[str, str]) -> dict:
-    """Rows of ttft and tok/s per side (wall, then CPU time), and the ratio ours / theirs;
-    returns the batch's entry of the --json file."""
+def report(B: int, N: int, wall: dict, cpu: dict, sides: tuple[str, str],
+           rows: tuple[str, ...] | None = None, label: str = "ratio") -> dict:  # fmt: skip
+    """Rows of ttft and tok/s per side (wall, then CPU time; `rows`: which sides to print, all
+    by default), and the ratio of the first side to the second; returns the batch's entry of
+    the --json file."""
     figures = {}
     for side in sides:
         row = []
@@ -74,13 +89,14 @@ def report(B: int, N: int, wall: dict, cpu: dict, sides: tuple[str, str]) -> dic
             ttft = t[(side, 1)]
             row += [ttft, B * (N - 1) / max(t[(side, N)] - ttft, 1e-9)]
         figures[side] = row
-        print(f"{B:>5} {side:>12} {row[0] * 1e3:>9.1f} {row[1]:>9.1f} {row[2] * 1e3:>11.1f} "
-              f"{row[3]:>10.1f}")  # fmt: skip
+        if rows is None or side in rows:
+            print(f"{B:>5} {side:>12} {row[0] * 1e3:>9.1f} {row[1]:>9.1f} {row[2] * 1e3:>11.1f} "
+                  f"{row[3]:>10.1f}")  # fmt: skip
     o, h = figures[sides[0]], figures[sides[1]]
     print(
-        f"{B:>5} {'ratio':>12} {o[0] / h[0]:>9.2f} {o[1] / h[1]:>9.2f} {o[2] / h[2]:>11.2f} "
-        f"{o[3] / h[3]:>10.2f}   (ttft ours/hf: lower is better; tok/s ours/hf: higher is "
-        "better); tokens identical"
+        f"{B:>5} {label:>12} {o[0] / h[0]:>9.3f} {o[1] / h[1]:>9.2f} {o[2] / h[2]:>11.3f} "
+        f"{o[3] / h[3]:>10.2f}   ({sides[0]} / {sides[1]}; ttft: lower is better, tok/s: "
+        "higher); tokens identical"
     )
     return {
         "ttft_ratio": o[0] / h[0], "tokps_ratio": o[1] / h[1],
@@ -88,6 +104,73 @@ def report(B: int, N: int, wall: dict, cpu: dict, sides: tuple[str, str]) -> dic
         "ttft_ms": {side: figures[side][0] * 1e3 for side in sides},
         "tokps": {side: figures[side][1] for side in sides},
     }  # fmt: skip
+
+
+def import_tree(src: str | Path, alias: str = "visto_against"):
+    """The `visto` package under `src` (another source tree), imported as `alias` beside the
+    one this process runs: each of its modules gets an `__import__` that reads `visto...` as
+    `alias...`, so the tree's own imports stay inside it. Returns the package module."""
+    import builtins
+    import importlib.abc
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    root = Path(src).resolve() / "visto"
+    if not (root / "__init__.py").is_file():
+        raise SystemExit(f"--against {src}: no visto package there ({root}/__init__.py)")
+    if alias in sys.modules:
+        return sys.modules[alias]
+    real_import = builtins.__import__
+
+    def aliased_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0 and (name == "visto" or name.startswith("visto.")):
+            name = alias + name[len("visto"):]
+        return real_import(name, globals, locals, fromlist, level)
+
+    own_builtins = dict(builtins.__dict__, __import__=aliased_import)
+
+    class Loader(importlib.machinery.SourceFileLoader):
+        def exec_module(self, module):
+            module.__dict__["__builtins__"] = own_builtins
+            super().exec_module(module)
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname != alias and not fullname.startswith(alias + "."):
+                return None
+            base = root.joinpath(*fullname.split(".")[1:])
+            if (base / "__init__.py").is_file():
+                file, search = base / "__init__.py", [str(base)]
+            elif base.with_suffix(".py").is_file():
+                file, search = base.with_suffix(".py"), None
+            else:
+                return None
+            return importlib.util.spec_from_file_location(
+                fullname, file, loader=Loader(fullname, str(file)),
+                submodule_search_locations=search,
+            )  # fmt: skip
+
+    sys.meta_path.insert(0, Finder())
+    return importlib.import_module(alias)
+
+
+def build_against(pair: dict, src: str) -> dict:
+    """`build_llava`'s model built by the visto of `src` (`import_tree`), with the same config,
+    tokenizer and weights, and its engine."""
+    import importlib
+
+    from visto.config import to_dict
+
+    import_tree(src)
+    pkg = {name: importlib.import_module(f"visto_against.{name}")
+           for name in ("config", "models", "models.llava", "infer", "data.sample")}  # fmt: skip
+    config = pkg["config"].from_dict(pkg["models.llava"].LlavaConfig, to_dict(pair["config"]))
+    model = pkg["models"].build_model("llava", config, seed=0).eval()
+    model.load_state_dict(pair["model"].state_dict())
+    engine = pkg["infer"].Engine(model, model.processor.tokenizer, eos_token_ids=[])
+    return dict(model=model, engine=engine, Sample=pkg["data.sample"].Sample,
+                Turn=pkg["data.sample"].Turn, SamplingParams=pkg["infer"].SamplingParams)  # fmt: skip
 
 
 def load_average() -> float:
@@ -162,6 +245,7 @@ def bench_llava(args) -> dict:
     from visto.infer import SamplingParams
 
     pair = build_llava(args)
+    against = build_against(pair, args.against) if args.against else None
     model, hf, hf_processor = pair["model"], pair["hf"], pair["hf_processor"]
     image, engine = pair["image"], pair["engine"]
     tokenizer, config = pair["tokenizer"], pair["config"]
@@ -172,7 +256,7 @@ def bench_llava(args) -> dict:
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
         f"{config.image_tokens} visual tokens, image processor "
         f"{type(hf_processor.image_processor).__name__}, new tokens {args.new_tokens}, "
-        f"median of {args.repeats}"
+        f"median of {args.repeats}" + (f"; against the visto of {args.against}" if against else "")
     )
     print(HEADER)
     N = args.new_tokens
@@ -207,13 +291,36 @@ def bench_llava(args) -> dict:
                 )  # fmt: skip
             return out[:, inputs["input_ids"].shape[1] :].tolist()
 
+        sides = [("visto", run_ours), ("transformers", run_hf)]
+        if against is not None:
+
+            def run_against(n: int, questions=questions, images=images, a=against) -> list[list[int]]:
+                samples = [a["Sample"]("q", [im], [a["Turn"]("user", "<image>\n" + q)])
+                           for q, im in zip(questions, images, strict=True)]  # fmt: skip
+                done = a["engine"].generate_batch(a["model"].prompt_batch(samples),
+                                                  a["SamplingParams"](max_new_tokens=n))  # fmt: skip
+                return [c.token_ids for c in done]
+
+            sides.insert(1, ("against", run_against))
+            check_same(run_ours(N), run_against(N))
         check_same(run_ours(N), run_hf(N))
         fns = {}
-        for side, fn in (("visto", run_ours), ("transformers", run_hf)):
+        for side, fn in sides:
             fns[(side, 1)] = lambda fn=fn: fn(1)
             fns[(side, N)] = lambda fn=fn: fn(N)
-        wall, cpu = interleaved_medians(fns, args.repeats)
+        # With --against the two visto trees swap places every other turn (each runs after
+        # transformers as often as after the other tree: what ran just before warms or evicts
+        # a call's code and data), transformers last in each turn as in the two-sided runs.
+        swapped = [("against", 1), ("against", N), ("visto", 1), ("visto", N),
+                   ("transformers", 1), ("transformers", N)]  # fmt: skip
+        orders = [list(fns), swapped] if against is not None else None
+        wall, cpu = interleaved_medians(fns, args.repeats, orders)
         results[str(B)] = report(B, N, wall, cpu, ("visto", "transformers"))
+        if against is not None:
+            results[str(B)]["against"] = report(B, N, wall, cpu, ("against", "transformers"),
+                                                rows=("against",))  # fmt: skip
+            results[str(B)]["vs_against"] = report(B, N, wall, cpu, ("visto", "against"),
+                                                    rows=(), label="this/against")  # fmt: skip
     print(f"uptime: {os.popen('uptime').read().strip()}")
     return results
 
@@ -250,7 +357,12 @@ def main() -> None:
     parser.add_argument("--distinct-images", action="store_true",
                         help="llava: a different image in every row (nothing shared)")  # fmt: skip
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
+    parser.add_argument("--against", default=None, metavar="SRC",
+                        help="llava: also time the visto package of this source tree (its src "
+                             "directory), in turns in this process")  # fmt: skip
     args = parser.parse_args()
+    if args.against and args.family != "llava":
+        parser.error("--against compares LLaVA pipelines (--family llava)")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -263,7 +375,7 @@ def main() -> None:
         atomic_write_json(args.json, {
             "family": args.family, "threads": torch.get_num_threads(), "repeats": args.repeats,
             "new_tokens": args.new_tokens, "load": [load_before, load_average()], "batch": results,
-            "distinct_images": args.distinct_images,
+            "distinct_images": args.distinct_images, "against": args.against,
         })  # fmt: skip
         print(f"wrote {args.json}")
 
