@@ -286,3 +286,59 @@ def test_a_training_run_on_a_mix_records_it_in_the_card(world, tokenizer_dir, tm
     assert data["mix"] == {**get_mix("instruct").card(), "tasks": ["vqa", "ground", "refdesc", "ocr", "json"]}
     assert data["mix"]["independent_turns"] is True
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["mix"] == "instruct"
+
+
+def test_json_boxes_rewrite_the_matched_boxes_of_json_answers_in_training_only(world, tmp_path):
+    """data.json_boxes: the boxes a detector found replace the truth's box numbers in JSON
+    answers where they match one to one (IoU >= 0.5), in the truth's object order; an object no
+    box matches keeps its own; validation answers stay the truth's."""
+    from visto.data.synth.mixes import with_json_boxes
+    from visto.utils.boxes import box_iou
+
+    record = next(r for r in iter_records(world, "train") if len(r["truth"]["objects"]) >= 2)
+    objects = record["truth"]["objects"]
+    near = [v + 7 for v in objects[0]["box_norm"]]  # overlaps object 0, nothing else as well
+    assert box_iou(near, objects[0]["box_norm"]) >= 0.5
+    far = [0, 0, 3, 3]  # matches nothing
+    rewritten = with_json_boxes(record, [far, near])
+    before, after = (json.loads(r["tasks"]["json"]["a"]) for r in (record, rewritten))
+    changed = [(b["box"], a["box"]) for b, a in zip(before["objects"], after["objects"], strict=True)
+               if b["box"] != a["box"]]  # fmt: skip
+    assert changed == [(objects[0]["box_norm"], near)]
+    for b, a in zip(before["objects"], after["objects"], strict=True):  # only box numbers change
+        assert {k: v for k, v in b.items() if k != "box"} == {k: v for k, v in a.items() if k != "box"}
+    assert (before["counts"], before["text"]) == (after["counts"], after["text"])
+    assert with_json_boxes(record, [far]) is record  # nothing matched: the record as it was
+    assert record["tasks"]["json"]["a"] == json.dumps(before, separators=(",", ":"))  # not mutated
+
+    # Through a recipe: the training role's JSON answers carry the file's boxes, val's the truth's.
+    path = tmp_path / "boxes.jsonl"
+    train_ids = [r["id"] for r in iter_records(world, "train")]
+    path.write_text("".join(json.dumps({"id": i, "boxes": [near]}) + "\n" for i in train_ids))
+    recipe = load_recipe("quickstart-stage2", [f"data.source={json.dumps(str(world))}",
+                                               f"data.json_boxes={json.dumps(str(path))}"])  # fmt: skip
+    source, _ = source_from_spec(recipe.data, recipe.seed, loc_bins=LOC_BINS)
+    json_q = {r["tasks"]["json"]["q"] for r in iter_records(world, "train")} | {
+        r["tasks"]["json"]["q"] for r in iter_records(world, "val")}
+    for sample in source("train"):
+        if sample.id == record["id"]:
+            answer = next(a for q, a in exchanges(sample) if q in json_q)
+            assert answer == rewritten["tasks"]["json"]["a"]
+    val = {r["id"]: r for r in iter_records(world, "val")}
+    for sample in source("val"):
+        answer = next(a for q, a in exchanges(sample) if q in json_q)
+        assert answer == val[sample.id]["tasks"]["json"]["a"]
+    assert data_card(recipe.data)["json_boxes"] == str(path)  # the card says which boxes
+
+
+def test_bad_json_boxes_are_user_errors(world, tmp_path):
+    from visto.data.synth.mixes import read_json_boxes
+
+    with pytest.raises(UserError, match="does not exist"):
+        read_json_boxes(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "boxes": [[1, 2, 3, 4]]}\n{"id": "b"}\n')
+    with pytest.raises(UserError, match=r"not a JSON-lines file of .*\"boxes\""):
+        read_json_boxes(bad)
+    with pytest.raises(UserError, match="data.json_boxes rewrites the JSON answers of a world mix"):
+        load_recipe("quickstart-stage2", ["data.mix=null", f"data.json_boxes={json.dumps(str(bad))}"])

@@ -8,7 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import visto
+from visto.connectors.script import world_boxes
+from visto.data.synth import iter_records
 from visto.data.synth.mixes import record_qas
 from visto.data.synth.vocab import SHAPES as SHAPE_NAMES
 from visto.data.tokenizer import boxes_to_loc, parse_boxes
@@ -124,6 +128,19 @@ def test_quickstart_runs_end_to_end_and_reuses_stages(tmp_path: Path):
     assert (data["name"], data["independent_turns"]) == ("instruct+caption", True)
     assert data["tasks"] == ["vqa", "ground", "refdesc", "ocr", "json", "caption"]
     assert card_section(run / "stage1" / "checkpoint", "data")["mix"]["name"] == "look+copy"
+    # Stage 2's JSON answers write the boxes the frozen detector finds (copy_json's script
+    # boxes): one row per training image, and the card names the file.
+    boxes = [json.loads(line) for line in (run / "stage2-boxes" / "train.jsonl").read_text().splitlines()]
+    assert [b["id"] for b in boxes] == [r["id"] for r in iter_records(run / "world", "train")]
+    assert all(0 <= v <= 999 for b in boxes for box in b["boxes"] for v in box)
+    assert card_section(run / "checkpoint", "data")["json_boxes"] == str(run / "stage2-boxes" / "train.jsonl")
+    first = next(iter_records(run / "world", "train"))
+    model = visto.load(run / "stage1" / "checkpoint")
+    pixels, _ = model.processor.pixel_values([Image.open(run / "world" / first["image"])])
+    with torch.no_grad():
+        objects = model.multi_modal_projector.objects(model.patch_features(pixels),
+                                                      model.language_model.model.embed_tokens)  # fmt: skip
+    assert boxes[0]["boxes"] == world_boxes(objects.boxes[0], objects.present[0])
     report = (run / "report.md").read_text()
     assert "training budget in steps: vision 20, stage1 6, stage2 4 (no time cap)" in report
     for name in ("config.json", "eval.json", "report.md", "metrics.jsonl", "predictions.jsonl",

@@ -125,6 +125,11 @@ class QuickstartConfig:
     # measured in bench/README.md, "Copied JSON": a gain under the grammar, and own decoding
     # that breaks inside box lists)
     copy_json: bool = True
+    # with copy_json: stage 2's JSON answers write each object's box as the frozen detector
+    # finds it (where it matches the truth at IoU >= 0.5; RUN/stage2-boxes), so the pointer
+    # is taught to copy the script's box numbers instead of the LM head to write its own
+    # (bench/README.md, "Detector boxes in the JSON labels")
+    detector_json_boxes: bool = True
     reader_steps: int = 1000
     decoder_width: int = 256
     decoder_layers: int = 4
@@ -200,6 +205,8 @@ class QuickstartConfig:
             return {k: d[k] for k in keys[stage]}
         d.pop("workers")
         d.pop("threads")
+        if stage == "stage1":  # stage 1 asks no JSON question
+            d.pop("detector_json_boxes")
         if stage != "eval":
             for k in ("eval_images", "eval_batch", "constrain_json", "json_max_tokens"):
                 d.pop(k)
@@ -471,6 +478,38 @@ def run_vision(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, console: A
     return stage_dir / "checkpoint"
 
 
+def write_detector_boxes(checkpoint: Path, world_dir: Path, out: Path, console: Any, batch: int = 64) -> Path:
+    """The boxes the checkpoint's frozen detector finds in every training image (present
+    objects, ints 0..999, as its copied JSON writes them) -> `out`, JSON lines {"id", "boxes"}
+    (the data.json_boxes of stage 2). The detector is frozen from the vision stage on, so these
+    are the boxes the connector's JSON script holds for the image in training."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from visto.checkpoint import load
+    from visto.connectors.script import world_boxes
+    from visto.data.images import open_image
+    from visto.data.synth.reader import iter_records
+
+    model = load(checkpoint).eval()
+    connector, embed = model.multi_modal_projector, model.language_model.model.embed_tokens
+    records = list(iter_records(world_dir, "train"))
+    rows = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with torch.no_grad(), Progress(*columns, console=console) as progress:
+        bar = progress.add_task("detector boxes for the JSON answers", total=len(records))
+        for at in range(0, len(records), batch):
+            chunk = records[at : at + batch]
+            pixels, _ = model.processor.pixel_values([open_image(world_dir / r["image"]) for r in chunk])
+            objects = connector.objects(model.patch_features(pixels), embed)
+            for b, record in enumerate(chunk):
+                rows.append({"id": record["id"], "boxes": world_boxes(objects.boxes[b], objects.present[b])})
+            progress.update(bar, completed=at + len(chunk))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
 def run_llava_stage(
     stage: str, cfg: QuickstartConfig, run_dir: Path, world_dir: Path, init: Path,
     console: Any, fresh: bool,
@@ -489,6 +528,9 @@ def run_llava_stage(
         return stage_dir / "checkpoint"
     if stage_dir.exists():
         shutil.rmtree(stage_dir)
+    boxes = None
+    if stage == "stage2" and cfg.detector_json_boxes and cfg.copy_json and cfg.pointer and cfg.projector == "regions":
+        boxes = write_detector_boxes(init, world_dir, run_dir / "stage2-boxes" / "train.jsonl", console)
     steps = cfg.stage1_steps if stage == "stage1" else cfg.stage2_steps
     batch = cfg.stage1_batch if stage == "stage1" else cfg.stage2_batch
     lr = cfg.stage1_lr if stage == "stage1" else cfg.stage2_lr
@@ -504,9 +546,12 @@ def run_llava_stage(
             f"optim.lr={lr}",
             f"seed={cfg.seed}",
             *([f"data.mix={json.dumps(cfg.stage1_mix)}"] if stage == "stage1" else []),
+            *([f"data.json_boxes={json.dumps(str(boxes))}"] if boxes is not None else []),
         ],
     )
     mix = get_mix(recipe.data.mix)
+    if recipe.data.json_boxes is not None:
+        console.print(f"[bold]{stage}[/]: JSON answers write the boxes of {recipe.data.json_boxes}")
     console.print(f"[bold]{stage}[/]: mix {mix.name!r} ({mix.description}), {steps} steps at batch {batch}"
                   + (f", capped at {cap:.1f} min" if cap is not None else ""))  # fmt: skip
     t0 = time.perf_counter()

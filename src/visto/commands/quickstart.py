@@ -111,6 +111,11 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
                      "comes from the detector); bench/README.md, 'Copied answers'", None),
     "copy_json": ("with --pointer: a JSON answer may copy, token by token, the JSON the connector "
                   "writes from its detected objects and what it read (connectors/script.py)", None),
+    "detector_json_boxes": ("with --copy-json: stage 2's JSON answers write each object's box as "
+                            "the frozen detector finds it (where it matches the truth), so the "
+                            "model learns to copy the box numbers its connector writes rather "
+                            "than to write its own (bench/README.md, 'Detector boxes in the "
+                            "JSON labels')", None),
     "reader_steps": ("steps of the OCR reader (with --text-slots or --read-slots), trained in the vision stage "
                      "on the world's text boxes", "N"),
     "stage1_steps": ("steps of LLaVA stage 1", "N"),

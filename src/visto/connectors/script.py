@@ -29,16 +29,22 @@ def detected_json(attributes: Tensor, boxes: Tensor, present: Tensor, lines: lis
     (S, 4) in 0..1, which slots are objects (S,), and the lines read -> its JSON answer,
     written as the world writes it (compact separators, objects left to right)."""
     objects = []
-    for s in present.nonzero().flatten().tolist():
+    for s, box in zip(present.nonzero().flatten().tolist(), world_boxes(boxes, present), strict=True):
         at, values = 0, {}
         for kind, names in KINDS.items():
             values[kind] = names[int(attributes[s, at : at + len(names)].argmax())]
             at += len(names)
-        box = [min(max(round(float(v) * 999), 0), 999) for v in boxes[s]]
         objects.append({**values, "box": box, "box_norm": box})
     counts = {shape: n for shape in SHAPES if (n := sum(o["shape"] == shape for o in objects))}
     truth = {"objects": objects, "counts": counts, "texts": [{"text": line} for line in lines]}
     return json.dumps(json_target(truth), separators=(",", ":"))
+
+
+def world_boxes(boxes: Tensor, present: Tensor) -> list[list[int]]:
+    """One image's boxes (S, 4) in 0..1 and which slots are objects (S,) -> the present
+    objects' boxes as the world writes them in a JSON answer: ints 0..999."""
+    return [[min(max(round(float(v) * 999), 0), 999) for v in boxes[s]]
+            for s in present.nonzero().flatten().tolist()]  # fmt: skip
 
 
 def script_ids(tokenizer, answers: list[str], end_id: int) -> Tensor:
@@ -52,4 +58,4 @@ def script_ids(tokenizer, answers: list[str], end_id: int) -> Tensor:
     return out
 
 
-__all__ = ["detected_json", "script_ids"]
+__all__ = ["detected_json", "script_ids", "world_boxes"]

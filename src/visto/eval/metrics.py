@@ -24,9 +24,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from visto.tasks.parsers import normalize_ocr, parse_count
+from visto.utils.boxes import Box, box_iou
 
 NAN = float("nan")
-Box = Sequence[float]  # (x1, y1, x2, y2), any one coordinate system per comparison
 
 # =============================================================================== VQA
 # The answer processing of the official VQA evaluation (GT-Vision-Lab/VQA,
@@ -303,21 +303,6 @@ def cider_d(
 
 
 # =============================================================================== boxes
-
-
-def box_iou(a: Box, b: Box) -> float:
-    """Intersection over union of two (x1, y1, x2, y2) boxes in one coordinate system.
-
-    Coordinates are continuous (x2 - x1 is the width), the convention of pixel boxes with
-    exclusive x2/y2 and of 0..999 boxes alike; a degenerate box has IoU 0 with everything.
-    """
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    area_a = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1])
-    area_b = max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
-    union = area_a + area_b - inter
-    return inter / union if union > 0 else 0.0
 
 
 def grounding_accuracy(

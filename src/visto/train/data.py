@@ -70,7 +70,9 @@ def one_source(spec: Any, seed: int, *, loc_bins: int | None = None, where: str 
             from visto.data.synth.mixes import mix_source
 
             assert loc_bins is not None, "a mix needs the model's loc_bins"
-            return mix_source(spec.mix, spec.source, splits, seed=seed, loc_bins=loc_bins), spec.val_split is not None
+            source = mix_source(spec.mix, spec.source, splits, seed=seed, loc_bins=loc_bins,
+                                json_boxes=spec.json_boxes)  # fmt: skip
+            return source, spec.val_split is not None
 
         def synth(role: str) -> Iterable[Sample]:
             return read_samples(spec.source, "synth", split=splits[role], tasks=spec.tasks, seed=seed)

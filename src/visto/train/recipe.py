@@ -53,6 +53,11 @@ class SourceSpec:
     # per image holding the mix's exchanges ("captions", "instruct", "instruct+caption"; see
     # visto.data.synth.mixes). The mix names its own tasks, so data.tasks stays null.
     mix: str | None = None
+    # With a mix: a JSON-lines file of boxes per training image ({"id", "boxes": 0..999}) that
+    # its JSON answers write in place of the truth's where one matches (IoU >= 0.5): the
+    # quickstart writes its frozen detector's boxes there for a connector that copies the JSON
+    # its detector writes (visto.data.synth.mixes.with_json_boxes).
+    json_boxes: str | None = None
     # Real formats hold one split per file: validation data is another path (None = none).
     val_source: str | None = None
     # Where LLaVA JSON / COCO image paths point (LLaVA's --image_folder); None = beside the JSON.
@@ -129,8 +134,8 @@ class DataSpec(SourceSpec):
 
 
 # The settings of one dataset that a mixture's sources set each for itself.
-PER_SOURCE = ("source", "format", "tasks", "mix", "val_source", "image_root", "caption_key",
-              "image_key")  # fmt: skip
+PER_SOURCE = ("source", "format", "tasks", "mix", "json_boxes", "val_source", "image_root",
+              "caption_key", "image_key")  # fmt: skip
 
 
 def source_problems(spec: SourceSpec, where: str) -> list[str]:
@@ -146,6 +151,9 @@ def source_problems(spec: SourceSpec, where: str) -> list[str]:
                 f"{where}.mix {spec.mix!r} names its own tasks "
                 f"({', '.join(MIXES[spec.mix].tasks)}); set {where}.tasks to null"
             )
+    if spec.json_boxes is not None and spec.mix is None:
+        problems.append(f"{where}.json_boxes rewrites the JSON answers of a world mix: set {where}.mix "
+                        f"(e.g. instruct+caption) or set {where}.json_boxes to null")  # fmt: skip
     return problems
 
 

@@ -22,11 +22,16 @@ multi-turn conversation would let later answers be copied from earlier ones (the
 names every object's colour and shape), while at evaluation every question is asked alone.
 
 Boxes outside JSON answers become location tokens (`loc_bins` of the model's tokenizer); JSON
-answers keep their plain int lists.
+answers keep their plain int lists. With `json_boxes` (a file of boxes per image, `data.json_boxes`)
+a JSON answer writes each object's box as that file has it where one matches the object (IoU >=
+0.5): the boxes a model's own frozen detector finds, so that a model which copies the JSON its
+detector writes (`projector.copy_json`) is taught to copy them rather than to write boxes of its
+own (bench/README.md, "Detector boxes in the JSON labels").
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -34,9 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from visto.data.synth.tasks import json_target
 from visto.data.synth.tool_mix import TOOLS_MIX
 from visto.data.tokenizer import boxes_to_loc
 from visto.errors import UserError
+from visto.utils.boxes import match_boxes
 
 CAPTION_PROMPTS = ("Describe this image.", "Write a caption for this image.", "What do you see in this picture?")
 INSTRUCT_TASKS = ("vqa", "ground", "refdesc", "ocr", "json")
@@ -55,6 +62,36 @@ def record_qas(record: dict, loc_bins: int) -> list[QA]:
         qas.append((t["ocr"]["q"], t["ocr"]["a"]))
     qas.append((t["json"]["q"], t["json"]["a"]))
     return qas
+
+
+def with_json_boxes(record: dict, boxes: list[list[int]]) -> dict:
+    """The record with its JSON answer rewritten: each object's box (0..999) replaced by the
+    box of `boxes` it matches (one to one, IoU >= 0.5); unmatched objects keep their own. The
+    objects stay in the truth's order, so only the box numbers change."""
+    truth = record["truth"]
+    objects = truth["objects"]
+    matched = match_boxes([o["box_norm"] for o in objects], boxes)
+    if not matched:
+        return record
+    objects = [{**o, "box_norm": list(boxes[matched[i]])} if i in matched else o
+               for i, o in enumerate(objects)]  # fmt: skip
+    answer = json.dumps(json_target({**truth, "objects": objects}), separators=(",", ":"))
+    tasks = {**record["tasks"], "json": {**record["tasks"]["json"], "a": answer}}
+    return {**record, "tasks": tasks}
+
+
+def read_json_boxes(path: str | Path) -> dict[str, list[list[int]]]:
+    """A JSON-lines file of {"id": image id, "boxes": [[x1, y1, x2, y2] in 0..999, ...]} -> by id."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        rows = [json.loads(line) for line in lines if line.strip()]
+        return {str(r["id"]): [[int(v) for v in box] for box in r["boxes"]] for r in rows}
+    except FileNotFoundError:
+        raise UserError(f"data.json_boxes: {path} does not exist (the quickstart writes "
+                        "RUN/stage2-boxes/train.jsonl before stage 2)") from None  # fmt: skip
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"data.json_boxes: {path} is not a JSON-lines file of "
+                        f'{{"id": ..., "boxes": [[x1, y1, x2, y2], ...]}} rows ({e})') from None  # fmt: skip
 
 
 def caption_qa(record: dict, rng: random.Random) -> QA:
@@ -160,14 +197,17 @@ class Mix:
     exchanges: Callable[[dict, int, random.Random], list[QA]]  # (record, loc_bins, rng) -> qas
 
     def samples(self, world_dir: str | Path, split: str, *, seed: int, epoch: int,
-                loc_bins: int) -> Iterator[Sample]:  # fmt: skip
-        """One sample per image of `split`; what varies per epoch is drawn from (seed, epoch)."""
+                loc_bins: int, json_boxes: dict[str, list[list[int]]] | None = None) -> Iterator[Sample]:  # fmt: skip
+        """One sample per image of `split`; what varies per epoch is drawn from (seed, epoch).
+        `json_boxes` (by image id) rewrites the boxes of JSON answers (`with_json_boxes`)."""
         from visto.data.images import open_image
         from visto.data.synth.reader import iter_records
 
         world_dir = Path(world_dir)
         for record in iter_records(world_dir, split):
             rng = random.Random(f"visto-mix/{self.name}/{seed}/{epoch}/{record['id']}")
+            if json_boxes and record["id"] in json_boxes:
+                record = with_json_boxes(record, json_boxes[record["id"]])
             qas = self.exchanges(record, loc_bins, rng)
             yield conversation(open_image(world_dir / record["image"]), qas, record["id"],
                                independent_turns=self.independent_turns)  # fmt: skip
@@ -212,10 +252,12 @@ def get_mix(name: str) -> Mix:
 
 
 def mix_source(name: str, world_dir: str | Path, splits: dict[str, str | None], *, seed: int,
-               loc_bins: int) -> Callable[[str], Iterable[Sample]]:  # fmt: skip
+               loc_bins: int, json_boxes: str | Path | None = None) -> Callable[[str], Iterable[Sample]]:  # fmt: skip
     """A training source (role "train"/"val" -> samples of `splits[role]`) over the mix
-    `name`; every call on a role reads that role's next epoch."""
+    `name`; every call on a role reads that role's next epoch. `json_boxes`: a file of boxes
+    per image for the JSON answers of the training role (`read_json_boxes`)."""
     mix = get_mix(name)
+    boxes = read_json_boxes(json_boxes) if json_boxes is not None else None
     calls = dict.fromkeys(splits, 0)
 
     def source(role: str) -> Iterable[Sample]:
@@ -223,7 +265,8 @@ def mix_source(name: str, world_dir: str | Path, splits: dict[str, str | None], 
         assert split is not None, f"no split for role {role!r}"
         epoch = calls[role]
         calls[role] += 1
-        return mix.samples(world_dir, split, seed=seed, epoch=epoch, loc_bins=loc_bins)
+        return mix.samples(world_dir, split, seed=seed, epoch=epoch, loc_bins=loc_bins,
+                           json_boxes=boxes if role == "train" else None)  # fmt: skip
 
     return source
 
