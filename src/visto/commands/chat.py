@@ -316,7 +316,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = load_for_inference(args.model, args.device, args.int8)
         if registry is not None:
-            quote = args.quote_results == "always" or (args.quote_results == "auto" and args.task == "ocr")
+            from visto.tools.quote import quotes
+
+            quote = quotes(args.quote_results, args.task)
             args.tool_loop = ToolLoop.build(model, registry, args.tool_choice, quote=quote)
         tools = registry.openai() if registry is not None else ()
         chat = Chat(model, images, demos=demos, constrain_json=not args.no_constrain, tools=tools)

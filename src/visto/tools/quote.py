@@ -15,6 +15,10 @@ token: which words, in what order, and when to stop is still the model's choice 
 that is the whole answer (an OCR question, "What is written on the sign?") fits it; an answer
 that says more than the text ("The price is above ten") does not, so quoting is a choice of the
 caller (`ToolLoop(quote=True)`), never the default. Results without text leave the answer free.
+
+`visto chat` and `visto serve` choose with `--quote-results {auto,always,never}` (`quotes`):
+auto quotes for the OCR task, where the answer is the text (`visto chat --task ocr`; in
+`visto serve`, a request whose question is that task's prompt).
 """
 
 from __future__ import annotations
@@ -29,6 +33,17 @@ from torch import Tensor
 
 from visto.errors import UserError
 from visto.tools.registry import ToolResult
+
+QUOTE_RESULTS = ("auto", "always", "never")  # --quote-results of visto chat and visto serve
+
+
+def quotes(how: str, task: str | None) -> bool:
+    """Whether the answer after a tool result with text quotes it, under --quote-results `how`
+    for a question of `task` (visto.tasks' name, None for a free question): always; never;
+    auto for "ocr", where the answer is the text."""
+    if how not in QUOTE_RESULTS:
+        raise UserError(f"--quote-results {how!r}: give one of {', '.join(QUOTE_RESULTS)}")
+    return how == "always" or (how == "auto" and task == "ocr")
 
 
 def quoted_words(results: Sequence[ToolResult]) -> list[str]:
