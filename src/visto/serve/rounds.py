@@ -6,6 +6,15 @@ own tools (--tools), the next round built from the calls and their results.
     done = server_tools(ready, text, tools)            # None (or done.cut): the answer is final
     ready = next_round(chat, body, ready, done, index, settings, grammars)
 
+An answer that follows tool results (the client's `role: tool` messages at the end of the
+request, or the server's own tools' results in the next round) quotes their text under
+--quote-results (`quote_words`, visto.tools.quote, as `visto chat` does): it is made of the
+results' words, decoded under `QuoteConstraint`, with no call after it. "auto" quotes for the
+OCR task, a request whose question is the prompt `visto chat --task ocr` asks ("Read all the
+text in the image."); "always" for any question; "never" leaves the model's own answer. Only
+where the answer may be plain text: not under a required or named tool_choice, a JSON
+response_format or ignore_eos, and only results that hold text.
+
 Nothing here knows HTTP beyond raising `APIError`s; the server (server.py) runs the rounds
 and the answers (answers.py) write them out.
 """
@@ -13,6 +22,7 @@ and the answers (answers.py) write them out.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,10 +31,12 @@ from visto.data.sample import Sample
 from visto.data.tool_calls import with_tools
 from visto.serve.content import messages_to_turns
 from visto.serve.errors import APIError
-from visto.serve.schemas import MAX_SEED, ChatCompletionRequest
+from visto.serve.schemas import MAX_SEED, ChatCompletionRequest, Message, TextPart
 from visto.serve.tools import ToolPlan, tool_plan, without_cut_call
+from visto.tasks import ocr
 from visto.tasks.runner import NO_CUT
 from visto.tools.loop import ToolRound, run_tool_calls
+from visto.tools.registry import ToolResult
 
 if TYPE_CHECKING:
     from visto.serve.grammar import GrammarFactory
@@ -82,7 +94,10 @@ def first_round(chat: ChatModel, body: ChatCompletionRequest, settings: ServeSet
     if images and not chat.accepts_images:
         raise APIError(400, f"the model {chat.name!r} reads text only; send no image_url parts",
                        "messages", "images_not_supported")
-    return encode_round(chat, body, turns, images, plan, settings, grammars)
+    # an answer to the client's tool results (its tool loop) quotes them (module doc)
+    words = quote_words(body, plan, client_tool_results(body.messages), settings)
+    return encode_round(chat, body, turns, images, quoting(plan) if words else plan, settings,
+                        grammars, words)  # fmt: skip
 
 
 def server_tools(ready: ChatRound, text: str, tools: Any) -> ToolRound | None:
@@ -101,14 +116,78 @@ def next_round(chat: ChatModel, body: ChatCompletionRequest, ready: ChatRound, d
     """Round `index` of the tool loop: the conversation with the calls and their results."""
     assert ready.plan is not None
     plan = ready.plan.after_tool_round(index)
-    return encode_round(chat, body, [*ready.turns, *done.turns()], ready.images, plan, settings,
-                        grammars)  # fmt: skip
+    words = quote_words(body, plan, done.results, settings)  # the answer quotes them (module doc)
+    return encode_round(chat, body, [*ready.turns, *done.turns()], ready.images,
+                        quoting(plan) if words else plan, settings, grammars, words)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- quoting
+
+
+def client_tool_results(messages: list[Message]) -> list[ToolResult]:
+    """The results of the client's tool messages that end the conversation (the answer follows
+    them), as visto's tools write theirs: content that is a JSON object is the result's output
+    (an {"error": ...} one failed); any other content is a result whose "text" it is."""
+    results = []
+    for message in reversed(messages):
+        if message.role != "tool":
+            break
+        content = message.content
+        if not isinstance(content, str):  # text parts (content.py refuses others)
+            content = "\n".join(p.text for p in content or [] if isinstance(p, TextPart))
+        try:
+            output = json.loads(content)
+        except ValueError:
+            output = None
+        if not isinstance(output, dict):
+            output = {"text": content}
+        results.append(ToolResult("client", {}, output, ok="error" not in output))
+    return results[::-1]
+
+
+def question_task(messages: list[Message]) -> str | None:
+    """"ocr" when the last user message asks what `visto chat --task ocr` asks (the OCR task's
+    prompt, beside its images; case and spacing aside), else None: a free question."""
+    for message in reversed(messages):
+        if message.role == "user":
+            content = message.content
+            if not isinstance(content, str):
+                content = " ".join(p.text for p in content or [] if isinstance(p, TextPart))
+            said = " ".join(content.split()).lower()
+            return "ocr" if said == " ".join(ocr.PROMPT.split()).lower() else None
+    return None
+
+
+def quote_words(body: ChatCompletionRequest, plan: ToolPlan | None, results: list[ToolResult],
+                settings: ServeSettings) -> list[str]:  # fmt: skip
+    """The words the answer after `results` quotes under --quote-results (module doc); [] when
+    it does not quote: not asked, the answer must call (`plan`: required or named) or be JSON
+    (response_format), eos is ignored (no stop to end the quote), or no result holds text."""
+    from visto.tools.quote import quoted_words, quotes
+
+    if not results or not quotes(settings.quote_results, question_task(body.messages)):
+        return []
+    fmt = body.response_format
+    if (plan is not None and plan.mode == "required") or body.ignore_eos or (
+        fmt is not None and fmt.type != "text"
+    ):
+        return []
+    return quoted_words(results)
+
+
+def quoting(plan: ToolPlan | None) -> ToolPlan | None:
+    """The plan of a quoted answer: text, no call (the tools stay in the prompt as they were)."""
+    return None if plan is None else dataclasses.replace(plan, mode="none", callable=())
+
+
+# ----------------------------------------------------------------------------- encoding
 
 
 def encode_round(chat: ChatModel, body: ChatCompletionRequest, turns: list[Any],
                  images: list[Any], plan: ToolPlan | None, settings: ServeSettings,
-                 grammars: Grammars) -> ChatRound:  # fmt: skip
-    """The prompts of `turns`, checked against the context, and each choice's params."""
+                 grammars: Grammars, quote: list[str] = ()) -> ChatRound:  # fmt: skip
+    """The prompts of `turns`, checked against the context, and each choice's params; with
+    `quote`, each choice's answer is made of those words (visto.tools.quote)."""
     try:  # not cut at the processor's max_length (training's): the context decides
         encoded = chat.processor.encode(Sample("request", images, turns), max_length=NO_CUT,
                                         train=False)  # fmt: skip
@@ -118,6 +197,12 @@ def encode_round(chat: ChatModel, body: ChatCompletionRequest, turns: list[Any],
     max_new = _max_new_tokens(chat, body, prompt_tokens, settings.default_max_tokens)
     compiled = _compiled_grammar(body, plan, max_new, grammars)
     params = _sampling_params(body, max_new, compiled, grammars)
+    if quote:
+        from visto.tools.quote import QuoteConstraint
+
+        tokenizer = chat.processor.tokenizer  # one constraint per answer (it reads its ids)
+        params = [dataclasses.replace(p, logits_processor=QuoteConstraint(
+            tokenizer, quote, [tokenizer.end_id])) for p in params]  # fmt: skip
     return ChatRound([encoded] * body.n, params, prompt_tokens, plan, turns, images)
 
 

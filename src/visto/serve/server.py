@@ -49,6 +49,16 @@ class ServeSettings:
     default_max_tokens: int = 256  # when the request gives no max_tokens
     max_n: int = 8  # choices per request
     images: ImagePolicy = field(default_factory=ImagePolicy)
+    # the answer after a tool result with text quotes its words (rounds.py, visto.tools.quote):
+    # "auto" for the OCR task's question, "always", "never" (--quote-results)
+    quote_results: str = "auto"
+
+    def __post_init__(self) -> None:
+        from visto.tools.quote import QUOTE_RESULTS
+
+        if self.quote_results not in QUOTE_RESULTS:
+            raise UserError(f"quote_results {self.quote_results!r}: give one of "
+                            f"{', '.join(QUOTE_RESULTS)}")  # fmt: skip
 
 
 @dataclass
