@@ -33,6 +33,10 @@ calls one, the server runs it on the conversation's latest image, gives the mode
 lets it answer (the runs are listed in the choice's `tool_runs`). Built-in: ocr (PP-OCRv4),
 segment and detect (a clipseg checkpoint: visto train --recipe clipseg-synth). The web page
 lists each call with its result and draws the masks and boxes the tools return on the image.
+--quote-results: the answer after a tool result that holds text (a client's `role: tool`
+message, or the result of one of --tools) is made of that result's words, as `visto chat
+--quote-results` makes it (visto.tools.quote): auto (default) for a request that asks what
+`visto chat --task ocr` asks ("Read all the text in the image."), always, or never.
 
 Examples:
   visto serve --model runs/llava/checkpoint
@@ -45,6 +49,9 @@ Examples:
       (masks and boxes: runs/clipseg-synth/checkpoint; open http://127.0.0.1:8000/, choose
       an image, pick "tools: call segment" and ask "Cut out the red star.")
   visto serve --model ckpt --tools segment=runs/seg/checkpoint,detect=runs/seg/checkpoint
+  visto serve --model runs/quickstart/checkpoint --tools ocr --quote-results always
+      (after an OCR result, "What does the label say?" is answered with the result's words;
+      a client's own tool results sent back as role "tool" messages are quoted the same way)
   curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{"model": "llava", "messages": [{"role": "user", "content": "hello"}]}'
 """
@@ -82,6 +89,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tools the server runs itself when the model calls them: built-in names "
                    "(ocr, segment, detect; segment=CKPT / detect=CKPT for your clipseg "
                    "checkpoint) and module:attribute of your visto.tools.Tool, comma-separated")
+    p.add_argument("--quote-results", choices=("auto", "always", "never"), default="auto",
+                   help="the answer after a tool result that holds text (a client's role "
+                   "\"tool\" message, or a result of --tools) is made of that result's words "
+                   "(visto.tools.quote), as in visto chat: auto (default) does so for a request "
+                   "that asks the OCR task's prompt (visto chat --task ocr's), where the answer "
+                   "is the text; always; never (the model's own answer). Only where the answer "
+                   "may be text: not under tool_choice required or a named function, a JSON "
+                   "response_format or ignore_eos")  # fmt: skip
     p.set_defaults(run=run_serve)
 
 
@@ -147,6 +162,7 @@ def build_app(args: argparse.Namespace):
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
         timeout_s=args.timeout,
+        quote_results=args.quote_results,
         images=ImagePolicy(
             max_images=args.max_images, allow_remote=args.allow_remote_images, allowed_hosts=hosts
         ),
