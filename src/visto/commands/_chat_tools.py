@@ -20,8 +20,8 @@ The tools' processes (OCR, segment and detect) start before the chat model loads
 (`start_tools`), in the background, so the first call finds its expert loaded; `visto chat`
 stops them when it ends (visto.tools.registry: ToolRegistry.start / stop).
 
-`ToolLoop.build(..., quote=True)` (Python callers such as bench/tool_use.py; not a `visto chat`
-flag yet) decodes the answer after a result that holds text (the OCR tool's) under
+`ToolLoop.build(..., quote=True)` (`visto chat --quote-results`, visto.tools.quote.quotes;
+Python callers such as bench/tool_use.py) decodes the answer after a result that holds text (the OCR tool's) under
 `visto.tools.quote.QuoteConstraint`: the answer is made of the result's words and is the final
 one (no call after it). For a model that cannot copy from its context (the quickstart's), the
 copy from the tool's text happens at decoding time; the model still picks the words and their
