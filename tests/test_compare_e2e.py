@@ -12,6 +12,7 @@ def test_compare_two_families_end_to_end(tmp_path):
     from rich.console import Console
 
     from visto.compare import CompareConfig, family_budget, run_compare
+    from visto.data.synth import iter_records
     from visto.train.recipe import load_recipe
 
     cfg = CompareConfig(
@@ -49,6 +50,12 @@ def test_compare_two_families_end_to_end(tmp_path):
     # Each family trained on the compare mix, and its checkpoint card says so.
     card = (tmp_path / "llava" / "train" / "checkpoint" / "README.md").read_text()
     assert '"name": "instruct+caption"' in card and '"independent_turns": true' in card
+    # LLaVA copies the JSON its detector writes, so its JSON labels write that detector's boxes
+    # (the shared tower's heads): a row per training image, named in its card; Fuyu has none.
+    boxes = (tmp_path / "llava" / "json-boxes.jsonl").read_text().splitlines()
+    assert len(boxes) == sum(1 for _ in iter_records(tmp_path / "world", "train"))
+    assert f'"json_boxes": "{tmp_path / "llava" / "json-boxes.jsonl"}"' in card
+    assert not (tmp_path / "fuyu" / "json-boxes.jsonl").exists()
     rows = {r["key"]: r for r in data["tasks"]}
     assert set(rows["vqa.overall"]["values"]) == {"llava", "fuyu"}
     assert all("winner" in r for r in data["tasks"])

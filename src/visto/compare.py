@@ -377,15 +377,26 @@ def train_family(family: str, cfg: CompareConfig, out: Path, world_dir: Path, vi
         overrides.append(f"model.config.vision_init={json.dumps(str(vision_ckpt))}")
     recipe = load_recipe(f"compare-{family}", overrides)
     assert recipe.max_steps is not None, f"compare-{family}.json needs max_steps"
+    # A connector that copies the JSON its detector writes learns from JSON labels with the
+    # boxes that detector (frozen, the shared tower's) finds, as the quickstart's stage 2 does.
+    boxes = out / family / "json-boxes.jsonl"
+    copies_json = takes_tower and (recipe.model.config or {}).get("projector", {}).get("copy_json", False)
+    if copies_json:
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, json_boxes=str(boxes)))
     steps, budget_minutes = family_budget(cfg, recipe.max_steps, takes_tower)
     # A credited family's cap grows by its credit, as its steps do.
     cap = None if cfg.minutes is None else cfg.minutes * steps / (cfg.steps or recipe.max_steps)
-    settings = {**cfg.family_settings(), "family": family, "budget_steps": steps}
+    settings = {**cfg.family_settings(), "family": family, "budget_steps": steps,
+                "json_boxes": copies_json}  # fmt: skip
     if _stamp_matches(stamp, settings):
         console.print(f"[bold]{family}[/]: reusing {run_dir} (same settings)")
         return json.loads(stamp.read_text())["facts"]
     if run_dir.exists():
         shutil.rmtree(run_dir)
+    if copies_json:
+        from visto.quickstart import write_detector_boxes
+
+        write_detector_boxes(vision_ckpt, world_dir, boxes, console)
     every = max(1, steps // cfg.probe_points)
     recipe = dataclasses.replace(recipe, max_steps=steps, max_minutes=cap, checkpoint_every=every)
     console.print(f"[bold]{family}[/]: training {steps} steps (~{budget_minutes:.1f} min on the reference "
