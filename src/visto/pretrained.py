@@ -35,7 +35,7 @@ from visto.checkpoint import is_checkpoint, load, read_config
 from visto.data.processor import ProcessorConfig
 from visto.errors import UserError
 from visto.models import FAMILIES, family_config, seeded
-from visto.models.blip2 import Blip2
+from visto.models.blip2 import Blip2, Blip2Config
 from visto.models.clip import CLIP
 from visto.models.common import PART_PATHS, adopt_parts
 from visto.models.llava import LlavaConfig, build_llava_projector
@@ -100,6 +100,13 @@ def read_parts(config: Any) -> tuple[Any, dict[str, Any]]:
         parts["language"] = DecoderLM.from_pretrained(paths["language_init"])
     if any(paths.values()):
         config = dataclasses.replace(config, **dict.fromkeys(paths))
+    if isinstance(config, Blip2Config) and config.qformer_input == "regions" and paths.get("vision_init"):
+        # the Q-Former reads object tokens: the detector that was trained with the tower
+        from visto.models.blip2 import build_regions
+
+        regions = build_regions(adopt_parts(config, parts["vision"], parts.get("language")))
+        regions.heads.load_state_dict(load_region_detector(paths["vision_init"]).heads.state_dict())
+        parts["regions"] = regions
     if isinstance(config, LlavaConfig) and config.projector.kind == "regions" and paths.get("vision_init"):
         # object tokens need the detector that was trained with the tower
         parts["projector"] = regions_projector(

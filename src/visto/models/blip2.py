@@ -21,6 +21,19 @@ at the `<image>` ids (the processor puts `num_queries` of them per image), then 
 on the answers. Generation is the LLaVA engine protocol: `prompt_batch`, `prefill`,
 `decode_step`, so `visto chat`, `visto eval` and `visto serve` need nothing BLIP-2-specific.
 
+Two options beyond the paper, both off by default (their checkpoints and the transformers
+format are unchanged without them; `export_hf` refuses a model with either):
+    qformer_input "regions"  the queries cross-attend the object tokens of the region
+        connector (connectors.regions: one token per object the dense heads of the
+        `vision_init` tower detect, its attributes as the decoder's word embeddings) instead of
+        every patch; its keys are `regions.*`, new ones.
+    instruct  InstructBLIP's instruction-aware queries (Dai et al. 2023): before every answer
+        the queries run again with that answer's question beside them in the Q-Former's
+        self-attention, and the first `processor.focus_tokens` outputs fill the `<focus>`
+        slots the processor puts before the answer (one pass per answer, so independent turns,
+        multi-turn chat and generation see the same thing); no new parameter.
+Measured in `visto compare`: bench/README.md, "BLIP-2 in compare".
+
 Stages are recipes (`blip2-stage1.json`, `blip2-stage2.json`); stage 2 starts from stage 1 by
 `stage1_checkpoint` (read by visto.pretrained, handed in as `stage1`), which brings the towers'
 configs, weights and the processor, while the losses (and optionally a pretrained decoder) are
@@ -48,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visto.connectors.qformer import QFormer, QFormerConfig
+from visto.connectors.regions import RegionConnector
 from visto.data.pairs import caption_of, image_key
 from visto.data.processor import IGNORE_INDEX, Processor, ProcessorConfig
 from visto.data.sample import Sample
@@ -69,6 +83,7 @@ from visto.nn.vision import CLIP_MEAN, CLIP_STD, ViT, ViTConfig
 
 STAGE1_LOSSES = ("itc", "itm", "itg")
 STAGE2_LOSSES = ("lm",)
+QFORMER_INPUTS = ("patches", "regions")
 NEGATIVE_MINING = ("sample", "hardest")
 
 # Names for optim.module_lrs: group -> the parameter-name prefix it covers.
@@ -82,6 +97,8 @@ PARAM_GROUPS = {
     "projection": "language_projection",
     "language": "language_model",
 }
+# (qformer_input "regions" adds `regions`, the object tokens' maps; its dense heads take no
+# gradient: the detector that selects the objects is frozen)
 
 
 def _tiny_qformer() -> QFormerConfig:
@@ -124,6 +141,19 @@ class Blip2Config:
     vision_init: str | None = None
     language_init: str | None = None
     stage1_checkpoint: str | None = None
+    # What the Q-Former's queries cross-attend: "patches", every token of the ViT's last layer
+    # (the paper's), or "regions", the object tokens of the region connector
+    # (connectors.regions: one token per object the dense heads of a `vision_init` tower
+    # detect, its attributes as the decoder's word embeddings; `region_slots` of them).
+    qformer_input: str = "patches"
+    region_slots: int = 10
+    # Instruction-aware queries (InstructBLIP, Dai et al. 2023, section 2.2): before every
+    # answer the queries run again with that answer's question in the Q-Former's
+    # self-attention (queries and question see each other; only the queries read the image),
+    # and the first `processor.focus_tokens` query outputs, through language_projection, fill
+    # the `<focus>` slots the processor puts before the answer. The question-free visual
+    # prompt at `<image>` stays.
+    instruct: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -141,6 +171,10 @@ class Blip2Config:
             problems.append("init_temperature must be in (0, 0.5]")
         if self.processor.resize_mode == "patch":
             problems.append("BLIP-2 encodes square images: processor.resize_mode 'pad' or 'resize'")
+        if self.qformer_input not in QFORMER_INPUTS:
+            problems.append(f"qformer_input must be one of {QFORMER_INPUTS}, got {self.qformer_input!r}")
+        if self.region_slots < 1:
+            problems.append("region_slots must be >= 1")
         if problems:
             raise UserError("blip2 config: " + "; ".join(problems))
 
@@ -160,6 +194,14 @@ class Blip2Config:
                 f"processor.image_tokens {p.image_tokens} but the Q-Former makes "
                 f"{self.qformer.num_queries} query outputs per image"
             )
+        if self.instruct and not 1 <= p.focus_tokens <= self.qformer.num_queries:
+            problems.append(
+                f"instruct writes query outputs into the <focus> slots before each answer: "
+                f"processor.focus_tokens must be 1 to {self.qformer.num_queries} (num_queries), "
+                f"got {p.focus_tokens}"
+            )
+        if p.focus_tokens and not self.instruct:
+            problems.append(f"processor.focus_tokens is {p.focus_tokens} but only instruct fills <focus> slots")
         for name, size in (("decoder", self.decoder.vocab_size), ("qformer", self.qformer.vocab_size)):
             if p.vocab_size > size:
                 problems.append(f"processor.vocab_size {p.vocab_size} exceeds {name}.vocab_size {size}")
@@ -232,6 +274,79 @@ def mine_hard_negatives(
     return image_for_text, text_has, text_for_image, image_has
 
 
+# ----------------------------------------------------------------------------- connector parts
+
+
+def build_regions(config: Blip2Config) -> RegionConnector:
+    """The region connector the Q-Former reads with qformer_input "regions": patch features at
+    the tower's width in, `region_slots` object tokens at the decoder's width out (its dense
+    heads fresh here; visto.pretrained loads those of the `vision_init` tower)."""
+    return RegionConnector(config.vision.width, config.decoder.hidden_size, config.region_slots)
+
+
+@dataclass(frozen=True)
+class QuestionIds:
+    """The token ids an answer's question is found by (`question_spans`)."""
+
+    user: int
+    assistant: int
+    focus: int
+    first_text: int  # ids below this are special tokens (roles, image, padding)
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> QuestionIds:
+        if tokenizer.focus_id is None:
+            raise UserError(
+                "instruct writes into <focus> slots and the tokenizer has no <focus> token; add it "
+                "with visto.data.tokenizer.with_focus_token (and size both vocabularies to it)"
+            )
+        special = [tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.image_id,
+                   tokenizer.im_start_id, tokenizer.im_end_id, tokenizer.im_newline_id,
+                   tokenizer.end_id, *tokenizer.role_ids.values()]  # fmt: skip
+        return cls(tokenizer.role_ids["user"], tokenizer.role_ids["assistant"], tokenizer.focus_id,
+                   max(i for i in special if i is not None) + 1)  # fmt: skip
+
+
+def question_spans(
+    input_ids: Tensor, ids: QuestionIds, segment_ids: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every `<|assistant|>` token's question: (rows (P,), columns (P,), its text tokens (P, L),
+    left-aligned and padded with 0, which are real (P, L)). A question is the text since the
+    last `<|user|>` token before the answer, or since its exchange began when exchanges are
+    packed (`segment_ids`: later exchanges share the first one's `<|user|>` in the prefix)."""
+    B, T = input_ids.shape
+    device = input_ids.device
+    is_text = (input_ids >= ids.first_text) & (input_ids != ids.focus)  # (B, T)
+    position = torch.arange(T, device=device).expand(B, T)
+    begin = torch.where(input_ids == ids.user, position + 1, 0).cummax(1).values
+    if segment_ids is not None:
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        begin = torch.maximum(begin, torch.where(starts, position, 0).cummax(1).values)
+    rows, cols = (input_ids == ids.assistant).nonzero(as_tuple=True)
+    first = begin[rows, cols]  # (P,)
+    width = int((cols - first).max()) if rows.numel() else 0
+    at = (first[:, None] + torch.arange(width, device=device)).clamp(max=T - 1)  # (P, W)
+    text = (first[:, None] + torch.arange(width, device=device) < cols[:, None]) & is_text[rows[:, None], at]
+    # left-align each question's text tokens (a stable sort puts the real ones first, in order)
+    order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices
+    at, text = at.gather(1, order), text.gather(1, order)
+    L = int(text.sum(1).max()) if rows.numel() else 0
+    at, text = at[:, :L], text[:, :L]
+    return rows, cols, torch.where(text, input_ids[rows[:, None], at], 0), text
+
+
+def first_image_of_rows(image_sample_index: Tensor | None, rows: int, images: int) -> Tensor:
+    """(rows,) the index of each row's first image, -1 for a row without one (images in batch
+    order; `image_sample_index` (N_img,) the row of each, None: image i in row i)."""
+    if image_sample_index is None:
+        image_sample_index = torch.arange(images)
+    device = image_sample_index.device
+    first = torch.full((rows,), images, dtype=torch.long, device=device)
+    first = first.scatter_reduce(0, image_sample_index.long(), torch.arange(images, device=device), "amin")
+    return torch.where(first < images, first, -1)
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -246,10 +361,12 @@ class Blip2(ConversationFamily, nn.Module):
         vision: ViT | None = None,
         language: DecoderLM | None = None,
         stage1: Blip2 | None = None,
+        regions: RegionConnector | None = None,
     ) -> None:
         """Parts built elsewhere (visto.pretrained): a stage-1 model brings its towers'
         configs, weights and processor; `vision` / `language` (vision_init, language_init)
-        replace its tower / decoder. What is not given is built fresh here."""
+        replace its tower / decoder; `regions`, the region connector with the dense heads of
+        the `vision_init` tower (qformer_input "regions"). What is not given is built fresh here."""
         super().__init__()
         refuse_part_paths(config, self.family)
         if stage1 is not None:
@@ -258,6 +375,7 @@ class Blip2(ConversationFamily, nn.Module):
                 config, vision=s.vision, vision_pre_norm=s.vision_pre_norm, qformer=s.qformer,
                 embed_dim=s.embed_dim, processor=s.processor, decoder=s.decoder,
                 tokenizer_dir=s.tokenizer_dir, tokenizer_corpus=s.tokenizer_corpus,
+                qformer_input=s.qformer_input, region_slots=s.region_slots,
             )
         config = adopt_parts(config, vision, language)
         if vision is not None:  # a tower handed in is used as it was trained: nothing removed
@@ -268,7 +386,8 @@ class Blip2(ConversationFamily, nn.Module):
         if not config.vision_pre_norm:
             self.vision_model.pre_layrnorm = nn.Identity()  # BLIP's ViT has none
         q = config.qformer
-        self.qformer = QFormer(q, config.vision.width)
+        by_regions = config.qformer_input == "regions"
+        self.qformer = QFormer(q, config.decoder.hidden_size if by_regions else config.vision.width)
         self.vision_projection = nn.Linear(q.hidden_size, config.embed_dim)
         self.text_projection = nn.Linear(q.hidden_size, config.embed_dim)
         self.temp = nn.Parameter(torch.tensor(config.init_temperature))
@@ -278,6 +397,10 @@ class Blip2(ConversationFamily, nn.Module):
         for head in (self.vision_projection, self.text_projection, self.itm_head, self.language_projection):
             nn.init.normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
+        if by_regions:  # object tokens at the decoder's width, read by the Q-Former
+            self.regions = regions if regions is not None else build_regions(config)
+        # token ids the instruction-aware queries find each answer's question by (accept_processor)
+        self._question_ids: QuestionIds | None = None
         if stage1 is not None:
             self._adopt_stage1(stage1, keep_decoder=language is None)
 
@@ -310,6 +433,16 @@ class Blip2(ConversationFamily, nn.Module):
                 f"Q-Former makes {cfg.qformer.num_queries} query outputs; set processor.image_tokens "
                 f"= qformer.num_queries"
             )
+        if processor.config.focus_tokens != (cfg.processor.focus_tokens if cfg.instruct else 0):
+            raise UserError(
+                f"the processor puts {processor.config.focus_tokens} <focus> slots before each answer "
+                f"but this model fills {cfg.processor.focus_tokens if cfg.instruct else 0} "
+                "(instruct: processor.focus_tokens)"
+            )
+        if cfg.qformer_input == "regions":
+            self.regions.set_vocabulary(processor.tokenizer)
+        if cfg.instruct:
+            self._question_ids = QuestionIds.of(processor.tokenizer)
 
     # -- towers
 
@@ -322,9 +455,18 @@ class Blip2(ConversationFamily, nn.Module):
             x = block(x)
         return vit.post_layernorm(x)
 
+    def qformer_image(self, pixel_values: Tensor) -> Tensor:
+        """(N, 3, S, S) -> what the Q-Former's queries cross-attend: `image_embeds` (N, 1 + P, D_v),
+        or with qformer_input "regions" the object tokens (N, region_slots, D_lm): the region
+        connector on the tower's patch features (CLS dropped, as LLaVA's connector reads them)."""
+        if self.config.qformer_input == "patches":
+            return self.image_embeds(pixel_values)
+        features = self.vision_model(pixel_values, feature_layer=-1, pooled=False).features
+        return self.regions(features, self.language_model.model.embed_tokens)
+
     def query_outputs(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, S, S) -> the Q-Former's query outputs (N, Q, D_q), no text."""
-        out = self.qformer(self.image_embeds(pixel_values))
+        out = self.qformer(self.qformer_image(pixel_values))
         assert out.queries is not None
         return out.queries
 
@@ -333,15 +475,63 @@ class Blip2(ConversationFamily, nn.Module):
         return self.language_projection(self.query_outputs(pixel_values))
 
     def embed_inputs(
-        self, input_ids: Tensor, pixel_values: Tensor, image_sample_index: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor,
+        image_sample_index: Tensor | None = None,
+        segment_ids: Tensor | None = None,
     ) -> Tensor:
         """Token embeddings (B, T, D_lm), the k-th `<image>` id (row-major) holding the k-th
-        visual prompt vector (images in batch order, Q ids each)."""
-        return splice_visual_tokens(
-            self.language_model.embed(input_ids),  # (B, T, C)
-            input_ids, pixel_values, self.image_features, image_sample_index,
-            hint=" (one per Q-Former query)",
-        )
+        visual prompt vector (images in batch order, Q ids each); with `instruct`, each
+        answer's `<focus>` slots holding its question's query outputs (`segment_ids` of packed
+        exchanges tell where each exchange's question begins)."""
+        embeds = self.language_model.embed(input_ids)  # (B, T, C)
+        if not self.config.instruct or pixel_values.shape[0] == 0:
+            return splice_visual_tokens(
+                embeds, input_ids, pixel_values, self.image_features, image_sample_index,
+                hint=" (one per Q-Former query)",
+            )  # fmt: skip
+        image = self.qformer_image(pixel_values)  # read once, by both passes
+        embeds = splice_visual_tokens(
+            embeds, input_ids, pixel_values, lambda _: self.language_projection(self._queries(image)),
+            image_sample_index, hint=" (one per Q-Former query)",
+        )  # fmt: skip
+        return self._instruct_slots(embeds, input_ids, image, image_sample_index, segment_ids)
+
+    def _queries(self, image: Tensor) -> Tensor:
+        out = self.qformer(image)
+        assert out.queries is not None
+        return out.queries
+
+    def _instruct_slots(
+        self, embeds: Tensor, input_ids: Tensor, image: Tensor, image_sample_index: Tensor | None,
+        segment_ids: Tensor | None,
+    ) -> Tensor:  # fmt: skip
+        """`embeds` with every answer's `<focus>` slots (the K positions before its
+        `<|assistant|>` token) replaced by the first K query outputs of a Q-Former pass over
+        the answer's row's (first) image with its question's tokens beside the queries."""
+        ids = self._question_ids
+        if ids is None:
+            raise RuntimeError("instruct needs the processor's token ids: attach a processor first")
+        K = self.config.processor.focus_tokens
+        rows, cols, question, real = question_spans(input_ids, ids, segment_ids)
+        first_image = first_image_of_rows(image_sample_index, input_ids.shape[0], image.shape[0])
+        image_of = first_image[rows]  # (P,)
+        at = cols[:, None] - K + torch.arange(K, device=cols.device)  # (P, K)
+        # An answer of a row with an image, after its K slots (the processor puts them before
+        # every answer; an `<|assistant|>` token a model wrote itself has none and is left as it is)
+        keep = (image_of >= 0) & (input_ids[rows[:, None], at.clamp(min=0)] == ids.focus).all(1) & (cols >= K)
+        rows, at, question, real, image_of = rows[keep], at[keep], question[keep], real[keep], image_of[keep]
+        if not rows.numel():
+            return embeds
+        n = self.config.qformer.max_text_len  # the Q-Former's text positions: a question's first n words
+        question, real = question[:, :n], real[:, :n]
+        out = self.qformer(image[image_of], question, real.long(), mode="bidirectional")
+        assert out.queries is not None
+        slots = self.language_projection(out.queries[:, :K]).to(embeds.dtype)  # (P, K, D_lm)
+        embeds = embeds.clone()
+        embeds[rows[:, None].expand_as(at), at] = slots
+        return embeds
 
     # -- training
 
@@ -364,7 +554,8 @@ class Blip2(ConversationFamily, nn.Module):
     def generative_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Stage 2: next-token CE on the answers, the visual prompt at the <image> ids."""
         embeds = self.embed_inputs(
-            batch["input_ids"], batch["pixel_values"], batch.get("image_sample_index")
+            batch["input_ids"], batch["pixel_values"], batch.get("image_sample_index"),
+            batch.get("segment_ids"),
         )
         logits = training_logits(self.language_model, embeds, batch)  # (B, T, V)
         out = answer_loss(logits, batch["labels"])
@@ -374,7 +565,7 @@ class Blip2(ConversationFamily, nn.Module):
         """Stage 1: the sum of the configured ITC, ITM and ITG losses (module docstring)."""
         losses = set(self.config.losses)
         assert losses <= set(STAGE1_LOSSES), f"config.losses {self.config.losses} are not stage 1's"
-        image = self.image_embeds(batch["pixel_values"])  # (B, 1 + P, D_v)
+        image = self.qformer_image(batch["pixel_values"])  # (B, 1 + P, D_v) or object tokens
         ids, mask = batch["text_ids"], batch["text_mask"]  # (B, T)
         B = ids.shape[0]
         ids_key = [batch[k] for k in ("caption_ids", "image_ids") if k in batch]
@@ -663,6 +854,12 @@ def export_hf(model: Blip2, directory: str | Path) -> Path:
            "vision_init), which BLIP's ViT in transformers' Blip2VisionModel lacks: train a "
            "BLIP-2 with vision_pre_norm false and no vision_init (or start from a transformers "
            "BLIP-2), or keep this one as a visto checkpoint"] if cfg.vision_pre_norm else []),
+        *([f"its Q-Former reads {cfg.qformer_input!r} (object tokens of visto's region connector), "
+           "which transformers' BLIP-2 has no place for: keep it as a visto checkpoint"]
+          if cfg.qformer_input != "patches" else []),
+        *(["its queries are instruction-aware (instruct: the question joins them before each "
+           "answer, into <focus> slots), which transformers' Blip2ForConditionalGeneration does "
+           "not do: keep it as a visto checkpoint"] if cfg.instruct else []),
         *(["its vision tower has no class token (SigLIP layout); BLIP's ViT has one"]
           if not v.cls_token else []),
         *([f"the vision tower has a {v.stem} stem; transformers' has one linear patch "
@@ -721,8 +918,10 @@ __all__ = [
     "config_from_hf",
     "contrastive_ce",
     "export_hf",
+    "first_image_of_rows",
     "hf_key_map",
     "itc_similarity",
     "load_hf",
     "mine_hard_negatives",
+    "question_spans",
 ]
