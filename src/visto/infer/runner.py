@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from visto.nn.experts import Expert
 from visto.nn.language import Conditioning, DecoderInputs, DecoderLM
 from visto.nn.quantize import fuse_int8_linears, is_int8_linear
+from visto.nn.vision import InferenceWatch
 
 
 @dataclass
@@ -206,9 +207,7 @@ class DecoderRunner:
         self.n_heads, self.n_kv = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.resolved_head_dim
         self.eps = cfg.rms_norm_eps
-        self._signature: list[tuple] | None = None
-        self._entries: list[tuple[dict, str, Any]] = []
-        self._params: list[Tensor] = []
+        self._watch: InferenceWatch | None = None
         self._layers: list[dict[str, Any]] = []
         self._table: Tensor | None = None
         self._eps: dict[torch.device, Tensor] = {}
@@ -241,35 +240,22 @@ class DecoderRunner:
         """Fuse the weights again if a parameter or a module of the decoder was replaced, or
         a parameter changed in place, since the last prefill (checked per prefill, not per
         step: weights do not change mid-generation)."""
-        if self._signature is not None and self._unchanged():
+        if self._unchanged():
             return
         self._layers = [self._fuse(layer) for layer in self.lm.model.layers]
         # int8 layers quantize their input with one scale over all its rows, so a row's
         # numbers depend on the other rows: those run the last layer on every position.
         self._rows_independent = not any(is_int8_linear(m) for m in _projections(self.lm))
         self._table = None
-        # What the check compares: every parent -> child entry of the module tree (a module
-        # or parameter swapped anywhere, e.g. an int8 layer, which holds no parameters, or
-        # an adapter's wrapper, changes its parent's entry), and each parameter's storage
-        # and version (in-place changes, casts, moves). A flat list, walked without the
-        # module generators.
-        self._entries = [
-            (table, name, child)
-            for module in self.lm.modules()
-            for table in (module._modules, module._parameters)
-            for name, child in table.items()
-        ]
-        self._params = list(self.lm.parameters())
-        self._signature = self._param_signature()
-
-    def _param_signature(self) -> list[tuple[int, int, torch.dtype, torch.device]]:
-        return [(p.data_ptr(), p._version, p.dtype, p.device) for p in self._params]
+        # What the check compares (`InferenceWatch`, as the vision tower's copies): every
+        # parent -> child entry of the module tree (a module or parameter swapped anywhere,
+        # e.g. an int8 layer, which holds no parameters, or an adapter's wrapper, changes its
+        # parent's entry), and each parameter's and buffer's storage and version (in-place
+        # changes; a cast or a move gives a new storage).
+        self._watch = InferenceWatch(self.lm)
 
     def _unchanged(self) -> bool:
-        for table, name, child in self._entries:
-            if table.get(name) is not child:
-                return False
-        return self._param_signature() == self._signature
+        return self._watch is not None and self._watch.current()
 
     def _fuse(self, layer: Any) -> dict[str, Any]:
         assert _fusable_linears(self.lm), (
