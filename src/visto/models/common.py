@@ -206,7 +206,7 @@ def splice_visual_tokens(
         f"the batch has {expected} <image> ids but {n_img} images x {per_image} visual tokens "
         f"= {n_img * per_image}{hint}"
     )
-    if image_sample_index is not None:
+    if image_sample_index is not None and input_ids.shape[0] > 1:  # one row: the total above
         per_row = torch.bincount(image_sample_index, minlength=input_ids.shape[0]) * per_image
         assert torch.equal(per_row.to(is_image.device), is_image.sum(dim=1)), (
             f"<image> ids per row {is_image.sum(dim=1).tolist()} do not match the images per "

@@ -502,18 +502,20 @@ def _projector_plan(model: Llava, features: Tensor) -> _ProjectorPlan | None:
     """`model`'s projector as a `_ProjectorPlan` at inference on the CPU, or None where it runs
     as modules (another kind, another device, int8 or LoRA layers, hooks, fp64 features
     into fp32 weights, ...). Made on first use, remade when the projector changes."""
-    projector = model.multi_modal_projector
+    projector = model._modules["multi_modal_projector"]
     if features.device.type != "cpu" or projector.training:
         return None
     cache = model.__dict__.get("_projector_plan")
     if cache is None or cache[1] is not projector or not cache[0].current():
         plan = _ProjectorPlan(projector) if _ProjectorPlan.fits(projector) else None
-        cache = (InferenceWatch(projector), projector, plan)
+        # the modules whose hooks would be skipped (a module swapped in later changes the
+        # watch's entries, so the tuple stays the projector's)
+        cache = (InferenceWatch(projector), projector, plan, (projector, *projector.children()))
         model.__dict__["_projector_plan"] = cache
     plan = cache[2]
     if plan is None or features.dtype != plan.layers[0][0].dtype:
         return None
-    if any(m._forward_hooks or m._forward_pre_hooks for m in (projector, *projector.children())):
+    if any(m._forward_hooks or m._forward_pre_hooks for m in cache[3]):
         return None  # hooks added after the plan was made
     return plan
 
