@@ -122,8 +122,7 @@ class QuickstartConfig:
     copy_answers: bool = True
     # with the pointer: a JSON answer may copy, token by token, the JSON the connector writes
     # from its detections and what it read (ProjectorConfig.copy_json; connectors.script;
-    # measured in bench/README.md, "Copied JSON": a gain under the grammar, and own decoding
-    # that breaks inside box lists)
+    # measured in bench/README.md, "Copied JSON" and "Detector boxes in the JSON labels")
     copy_json: bool = True
     # with copy_json: stage 2's JSON answers write each object's box as the frozen detector
     # finds it (where it matches the truth at IoU >= 0.5; RUN/stage2-boxes), so the pointer
