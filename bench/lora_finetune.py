@@ -5,6 +5,10 @@ one `visto train --recipe llava-lora` that scores the held-out file before and a
     python bench/lora_finetune.py --model runs/w0/checkpoint --n 4000 --steps 500 \
         --replay 0.5 --eval-n 600 --json bench/out/lora_new.json
     python bench/lora_finetune.py --questions world --model runs/r3/checkpoint   # the old run
+    # levers, one at a time against one baseline: the start's evaluations shared (--start)
+    python bench/lora_finetune.py --model runs/final/checkpoint --data runs/l19/data --n 4000 \
+        --steps 100 --replay 0.5 --eval-n 300 --old-n 600 --start runs/l19/start --no-blind \
+        --out runs/l19/rank4 --set lora.rank=4 --set lora.alpha=8
 
 --questions new (the default): something the model was never taught, derived from each
 image's ground truth (`new_questions`): three families, each answered in a word or two.
@@ -36,17 +40,28 @@ from the cell lines, so that every answer is clear from the picture.
    (heldout-vqa.parquet): what the model knew before.
 2. `visto train --recipe llava-lora --set model.init_from=MODEL --set data.source=TRAIN
    --set finish.eval_source=HELDOUT --set max_steps=--steps --set batch_size=--batch
-   --set data.replay.share=--replay` (or data.replay=null),
-   with num_threads --threads, seed --train-seed and no export: LoRA rank 16 on every decoder
-   linear layer, the projector in full (--freeze-projector: adapters only). Its finish step runs `visto eval` on the held-out file for the starting
-   model (RUN/eval-start) and the trained one (RUN), --eval-n rows. With --questions new,
-   `visto eval --data heldout-vqa.parquet` then scores both models on --eval-n old questions
+   --set data.replay.share=--replay` (or data.replay=null), then each --set KEY=VALUE (a lever:
+   lora.rank, lora.trainable, optim.module_lrs..., data.replay={...}), with num_threads
+   --threads, seed --train-seed, optim.lr --lr (default: the recipe's) and no export: the
+   recipe's LoRA (rank 16 on every decoder linear layer, the connector frozen;
+   --freeze-projector sets lora.trainable=[] explicitly, the default before was to train it;
+   --set 'lora.trainable=["multi_modal_projector"]' trains it).
+   Its finish step runs `visto eval` on the held-out file for the starting model
+   (RUN/eval-start) and the trained one (RUN), --eval-n rows. With --questions new,
+   `visto eval --data heldout-vqa.parquet` then scores both models on --old-n old questions
    (RUN/old-start, RUN/old).
+   With --start DIR the starting model is scored once into DIR/new and DIR/old and shared by
+   every run naming DIR (DIR/start.json records the settings; others are refused), the recipe
+   only trains, and the bench scores the trained model itself (RUN/new, RUN/old), without
+   blind twins under --no-blind. With --reuse a run cut short (a timeout's SIGINT: the run
+   saves its checkpoint) goes on from there.
 3. Reported: vqa.overall before/after and the gain, per family (new) or answer type, each
    blind twin (images swapped: what looking is worth), the questions the fine-tune fixed and
    broke (the same held-out questions before and after, exact sign test), for the blind twin
    too; the first and last logged training loss, steps, training seconds (the loop's
-   elapsed_s), wall time and the machine's load before and after (`/proc/loadavg`).
+   elapsed_s), wall time and the machine's load before and after (`/proc/loadavg`); and a
+   `summary`: one line per new family and per old type (counting, relations, ...), before ->
+   after (fixed / broke, questions).
 """
 
 from __future__ import annotations
@@ -344,18 +359,79 @@ def replayed(run: Path) -> list[dict] | None:
 
 
 def train(args: argparse.Namespace, run: Path, train_file: Path, heldout_file: Path) -> None:
-    """Step 2: `visto train --recipe llava-lora`, which scores the held-out file before and after."""
+    """Step 2: `visto train --recipe llava-lora`, which scores the held-out file before and
+    after (with --start the bench scores them itself: the recipe only trains)."""
+    if args.start:
+        finish = ["--set", "finish.eval_source=null", "--set", "finish.eval_start=false"]
+    else:
+        finish = ["--set", f"finish.eval_source={heldout_file}",
+                  "--set", f"finish.eval_n={args.eval_n}"]  # fmt: skip
     visto("train", "--recipe", "llava-lora", "--out", str(run), "--no-progress",
           "--set", f"model.init_from={args.model}",
           "--set", f"data.source={train_file}", "--set", "data.image_root=null",
-          "--set", f"finish.eval_source={heldout_file}",
-          "--set", "finish.eval_image_root=null", "--set", f"finish.eval_n={args.eval_n}",
+          *finish, "--set", "finish.eval_image_root=null",
           "--set", "finish.export=null", "--set", f"max_steps={args.steps}",
-          "--set", f"batch_size={args.batch}", "--set", f"optim.lr={args.lr}",
+          "--set", f"batch_size={args.batch}",
+          *(["--set", f"optim.lr={args.lr}"] if args.lr is not None else []),
           "--set", f"num_threads={args.threads}", "--set", f"seed={args.train_seed}",
           *(["--set", "lora.trainable=[]"] if args.freeze_projector else []),
           *replay_settings(args), "--set", f"checkpoint_every={args.checkpoint_every}",
+          *(x for setting in args.set for x in ("--set", setting)),
           threads=args.threads)  # fmt: skip
+
+
+def trained_steps(run: Path) -> tuple[int, int]:
+    """(the last step RUN/metrics.jsonl logged, the run's max_steps): a run cut short (Ctrl-C,
+    a timeout's SIGINT) saves a checkpoint but has not reached its budget."""
+    recipe = json.loads((run / "config.json").read_text())
+    metrics = run / "metrics.jsonl"
+    if not metrics.exists():
+        return 0, recipe["max_steps"]
+    steps = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines()]
+    return max(steps, default=0), recipe["max_steps"]
+
+
+def evaluate(model: str | Path, data: Path, out: Path, n: int, args: argparse.Namespace) -> None:
+    """`visto eval` of `model` on the first `n` rows of `data` into `out`; one already there is
+    kept with --reuse (and always under --start, whose settings are checked once)."""
+    if (args.reuse or out.parent == args.start) and (out / "eval.json").exists():
+        return
+    visto("eval", "--model", str(model), "--data", str(data), "--out", str(out), "--n", str(n),
+          *(["--no-blind"] if args.no_blind else []), threads=args.threads)  # fmt: skip
+
+
+def check_start(args: argparse.Namespace) -> None:
+    """--start DIR holds the starting model's evaluations for these settings only:
+    DIR/start.json records them, and other settings are refused (name another DIR)."""
+    settings = {"model": str(args.model), "data": str(args.data), "questions": args.questions,
+                "eval_n": args.eval_n, "old_n": args.old_n, "blind": not args.no_blind}  # fmt: skip
+    record = args.start / "start.json"
+    if record.exists():
+        held = json.loads(record.read_text())
+        if held != settings:
+            changed = sorted(k for k in settings if held.get(k) != settings[k])
+            raise SystemExit(f"--start {args.start} holds the evaluations of other settings "
+                             f"({', '.join(changed)}: {[held.get(k) for k in changed]}); "
+                             "name another directory")  # fmt: skip
+        return
+    args.start.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+OLD_TYPES_SHOWN = ("all", "count", "relation", "exist", "colour", "shape", "attribute", "read")
+
+
+def summary(result: dict) -> dict[str, str]:
+    """One line per figure the issue's goal names: 'before -> after (fixed/broke)'."""
+
+    def line(f: dict) -> str:
+        change = f"{f['before']:.3f} -> {f['after']:.3f}"
+        return f"{change} ({f['fixed']}/{f['broke']}, n {f['questions']})"
+
+    out = {f"new.{k}": line(v) for k, v in result["paired"].items()}
+    old = result.get("old_vqa", {}).get("paired", {})
+    out |= {f"old.{k}": line(old[k]) for k in OLD_TYPES_SHOWN if k in old}
+    return out
 
 
 def main() -> int:
@@ -381,11 +457,26 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, help="optim.lr (default: the recipe's)")
     p.add_argument("--freeze-projector", action="store_true",
-                   help="adapters only: the recipe's projector (trained in full) frozen too")  # fmt: skip
+                   help="lora.trainable=[]: adapters only (the recipe's default now; it trained "
+                        "the projector before)")  # fmt: skip
     p.add_argument("--train-seed", type=int, default=0, help="the recipe's seed (order, init)")
     p.add_argument("--eval-n", type=int, default=200, help="held-out questions scored")
+    p.add_argument("--old-n", type=int,
+                   help="old questions scored (--questions new; default --eval-n): counting and "
+                        "relations are 28%% and 10%% of them")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more recipe setting for `visto train` (after the bench's own, so it "
+                        "wins), e.g. lora.rank=8 or optim.module_lrs.multi_modal_projector=0; "
+                        "repeatable: the levers one run measures")  # fmt: skip
+    p.add_argument("--start", type=Path,
+                   help="a directory for the starting model's evaluations (new, old), computed "
+                        "once and shared by every run that names it with the same model, data "
+                        "and --eval-n/--old-n/--no-blind; the runs' own are then scored by the "
+                        "bench (RUN/new, RUN/old) and the recipe only trains")  # fmt: skip
+    p.add_argument("--no-blind", action="store_true",
+                   help="with --start: no blind twins (half the evaluation time)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--checkpoint-every", type=int, default=50,
@@ -401,6 +492,10 @@ def main() -> int:
         p.error("--replay-from questions mixes the world's questions into --questions new; "
                 "world has only those")
 
+    if args.no_blind and not args.start:
+        p.error("--no-blind goes with --start (the recipe's own evaluation asks blind twins)")
+    args.old_n = args.old_n or args.eval_n
+
     from visto.checkpoint import read_config
 
     size = args.size or read_config(args.model)["config"]["processor"]["image_size"]
@@ -412,44 +507,70 @@ def main() -> int:
 
     run = args.out / "run"
     t1 = time.time()
-    if args.reuse and (run / "eval.json").exists():
-        print(f"--reuse: {run} is trained and scored; not run again", flush=True)
-    elif args.reuse and (run / "config.json").exists():
-        # Cut short (Ctrl-C saves a checkpoint): the run goes on with its own recipe.
-        visto("train", "--resume", str(run), "--no-progress", threads=args.threads)
+    if args.start:
+        check_start(args)
+        start_new, after_new = args.start / "new", run / "new"
+        start_old, after_old = args.start / "old", run / "old"
+        evaluate(args.model, heldout_file, start_new, args.eval_n, args)
+        if args.reuse and (run / "config.json").exists():
+            done, budget = trained_steps(run)
+            if done < budget:  # cut short: the run goes on with its own recipe
+                for stale in (after_new, after_old):  # scores of the checkpoint cut short
+                    (stale / "eval.json").unlink(missing_ok=True)
+                visto("train", "--resume", str(run), "--no-progress", threads=args.threads)
+        else:
+            train(args, run, train_file, heldout_file)
+        evaluate(run / "checkpoint", heldout_file, after_new, args.eval_n, args)
     else:
-        train(args, run, train_file, heldout_file)
+        start_new, after_new = run / "eval-start", run
+        start_old, after_old = run / "old-start", run / "old"
+        if args.reuse and (run / "eval.json").exists():
+            print(f"--reuse: {run} is trained and scored; not run again", flush=True)
+        elif args.reuse and (run / "config.json").exists():
+            # Cut short (Ctrl-C saves a checkpoint): the run goes on with its own recipe.
+            visto("train", "--resume", str(run), "--no-progress", threads=args.threads)
+        else:
+            train(args, run, train_file, heldout_file)
     wall_train = time.time() - t1
-    before = json.loads((run / "eval-start" / "eval.json").read_text())
-    after = json.loads((run / "eval.json").read_text())
+    before = json.loads((start_new / "eval.json").read_text())
+    after = json.loads((after_new / "eval.json").read_text())
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in logged if "loss" in r and r.get("split", "train") == "train"]
     keys = sorted(k for k in after if k.startswith(("vqa.", "blind.vqa.")))
+    recipe = json.loads((run / "config.json").read_text())
     result = {
         "model": args.model, "questions": args.questions, "replay": args.replay,
         "replay_from": args.replay_from if args.replay else None, "replayed": replayed(run),
         "rendered_images": args.n, "seed": args.seed, "rows": rows, "eval_n": args.eval_n,
-        "steps": args.steps, "batch": args.batch, "lr": args.lr, "train_seed": args.train_seed,
-        "freeze_projector": args.freeze_projector, "threads": args.threads,
+        "old_n": args.old_n, "steps": args.steps, "batch": args.batch,
+        "lr": recipe["optim"]["lr"], "lora": recipe["lora"],
+        "module_lrs": recipe["optim"]["module_lrs"], "settings": args.set,
+        "train_seed": args.train_seed, "freeze_projector": args.freeze_projector,
+        "threads": args.threads,
         "vqa_before": before.get("vqa.overall"), "vqa_after": after.get("vqa.overall"),
         "vqa_gain": round(after.get("vqa.overall", 0) - before.get("vqa.overall", 0), 4),
         "figures": {k: {"before": before.get(k), "after": after.get(k)} for k in keys},
-        "paired": paired_figures(run / "eval-start" / "predictions.jsonl", run / "predictions.jsonl"),
+        "paired": paired_figures(start_new / "predictions.jsonl", after_new / "predictions.jsonl"),
         "first_loss": logged[0]["loss"] if logged else None,
         "last_loss": logged[-1]["loss"] if logged else None,
+        "last_step": logged[-1]["step"] if logged else None,
         "train_seconds": logged[-1].get("elapsed_s") if logged else None,
         "data_wall_s": round(t_data, 1),
-        "train_and_two_evals_wall_s": round(wall_train, 1),
+        "train_and_evals_wall_s": round(wall_train, 1),
     }  # fmt: skip
     if args.questions == "new":
         t2 = time.time()
-        eval_old(args.model, old_file, run / "old-start", args.eval_n, args.threads, args.reuse)
-        eval_old(run / "checkpoint", old_file, run / "old", args.eval_n, args.threads, args.reuse)
+        if args.start:
+            evaluate(args.model, old_file, start_old, args.old_n, args)
+            evaluate(run / "checkpoint", old_file, after_old, args.old_n, args)
+        else:
+            eval_old(args.model, old_file, start_old, args.old_n, args.threads, args.reuse)
+            eval_old(run / "checkpoint", old_file, after_old, args.old_n, args.threads, args.reuse)
         result["old_vqa"] = {
-            "paired": paired_figures(run / "old-start" / "predictions.jsonl",
-                                     run / "old" / "predictions.jsonl"),
+            "paired": paired_figures(start_old / "predictions.jsonl", after_old / "predictions.jsonl"),
             "wall_s": round(time.time() - t2, 1),
         }  # fmt: skip
+    result["summary"] = summary(result)
     result |= {"total_wall_s": round(time.time() - t0, 1), "load_before": load_before,
                "load_after": loadavg()}  # fmt: skip
     print(json.dumps(result, indent=2))

@@ -75,7 +75,8 @@ def test_llava_lora_trains_adapters_scores_the_heldout_file_and_exports_merged(s
     assert "blind.vqa.overall" in after and "vqa.count" in after  # scored as the world
     assert "## Example predictions" in (run / "report.md").read_text()
 
-    # Adapters trained, the base weights frozen as they were.
+    # Adapters trained, every other weight (the projector too: lora.trainable is empty)
+    # frozen as it was.
     tuned, base = visto.load(run / "checkpoint"), visto.load(init)
     assert has_lora(tuned)
     state, base_state = tuned.state_dict(), base.state_dict()
@@ -83,7 +84,7 @@ def test_llava_lora_trains_adapters_scores_the_heldout_file_and_exports_merged(s
     assert b_norms and all(n > 0 for n in b_norms)
     for key, value in state.items():
         original = key.replace(".base_layer.", ".")
-        if "lora_" not in key and not key.startswith("multi_modal_projector."):
+        if "lora_" not in key:
             assert torch.equal(value, base_state[original]), key
 
     # Exported with the adapters merged: plain weights, the same logits.
@@ -272,3 +273,55 @@ def test_bench_trains_on_new_questions_with_replay_and_scores_old_and_new(start,
             sum(r["score"] for r in scored) / 12, abs=1e-4
         )
     assert figures["steps"] == 3 and figures["last_loss"] is not None
+
+
+@pytest.mark.slow
+def test_bench_levers_share_the_starts_evaluations(start, bench, tmp_path):
+    """Levers measured one at a time (--set) against one baseline: the starting model is
+    scored once into --start and reused, the trained one by the bench (RUN/new, RUN/old, no
+    blind twins), the old questions --old-n; another model or size in the same --start is
+    refused."""
+    root, init, _, _ = start
+    data, shared = tmp_path / "data", tmp_path / "start"
+
+    def run(name: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(BENCH / "lora_finetune.py"), "--model", str(init), "--n", "120",
+             "--size", "48", "--steps", "2", "--batch", "4", "--eval-n", "8", "--old-n", "10",
+             "--replay", "0.5", "--data", str(data), "--start", str(shared), "--no-blind",
+             "--out", str(tmp_path / name), "--json", str(tmp_path / f"{name}.json"), *extra],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+
+    first = run("base")
+    assert first.returncode == 0, first.stdout + first.stderr
+    scored_at = (shared / "new" / "eval.json").stat().st_mtime_ns
+    second = run("rank2", "--set", "lora.rank=2", "--set", "lora.alpha=4")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert (shared / "new" / "eval.json").stat().st_mtime_ns == scored_at  # not scored again
+    figures = json.loads((tmp_path / "rank2.json").read_text())
+    assert figures["lora"]["rank"] == 2 and figures["settings"] == ["lora.rank=2", "lora.alpha=4"]
+    assert figures["lora"]["trainable"] == []  # the recipe's default: the connector frozen
+    assert figures["old_vqa"]["paired"]["all"]["questions"] == 10
+    assert figures["paired"]["all"]["questions"] == 8
+    assert "blind_before" not in figures["paired"]["all"]  # --no-blind
+    assert figures["summary"]["old.all"].endswith("n 10)") and "new.all" in figures["summary"]
+    for path in ("run/new/eval.json", "run/old/eval.json"):
+        assert (tmp_path / "rank2" / path).exists()
+    assert not (tmp_path / "rank2" / "run" / "eval-start").exists()  # the recipe only trained
+
+    # A run short of its budget (as one cut by a timeout's SIGINT; here its budget raised by
+    # a step) goes on under --reuse, and the trained model is scored again, not kept.
+    recipe_file = tmp_path / "rank2" / "run" / "config.json"
+    recipe_file.write_text(json.dumps(json.loads(recipe_file.read_text()) | {"max_steps": 3}))
+    scored = {p: (tmp_path / "rank2" / "run" / p / "eval.json").stat().st_mtime_ns
+              for p in ("new", "old")}  # fmt: skip
+    again = run("rank2", "--set", "lora.rank=2", "--set", "lora.alpha=4", "--reuse")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads((tmp_path / "rank2.json").read_text())["last_step"] == 3
+    for p, mtime in scored.items():
+        assert (tmp_path / "rank2" / "run" / p / "eval.json").stat().st_mtime_ns != mtime, p
+    assert (shared / "new" / "eval.json").stat().st_mtime_ns == scored_at
+
+    refused = run("other", "--eval-n", "9")
+    assert refused.returncode != 0 and "holds the evaluations of other settings (eval_n" in refused.stderr
