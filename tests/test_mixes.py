@@ -292,7 +292,7 @@ def test_json_boxes_rewrite_the_matched_boxes_of_json_answers_in_training_only(w
     """data.json_boxes: the boxes a detector found replace the truth's box numbers in JSON
     answers where they match one to one (IoU >= 0.5), in the truth's object order; an object no
     box matches keeps its own; validation answers stay the truth's."""
-    from visto.data.synth.mixes import with_json_boxes
+    from visto.data.synth.tasks import with_json_boxes
     from visto.utils.boxes import box_iou
 
     record = next(r for r in iter_records(world, "train") if len(r["truth"]["objects"]) >= 2)

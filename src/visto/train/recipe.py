@@ -56,7 +56,7 @@ class SourceSpec:
     # With a mix: a JSON-lines file of boxes per training image ({"id", "boxes": 0..999}) that
     # its JSON answers write in place of the truth's where one matches (IoU >= 0.5): the
     # quickstart writes its frozen detector's boxes there for a connector that copies the JSON
-    # its detector writes (visto.data.synth.mixes.with_json_boxes).
+    # its detector writes (visto.data.synth.tasks.with_json_boxes).
     json_boxes: str | None = None
     # Real formats hold one split per file: validation data is another path (None = none).
     val_source: str | None = None
@@ -151,7 +151,7 @@ def source_problems(spec: SourceSpec, where: str) -> list[str]:
                 f"{where}.mix {spec.mix!r} names its own tasks "
                 f"({', '.join(MIXES[spec.mix].tasks)}); set {where}.tasks to null"
             )
-    if spec.json_boxes is not None and spec.mix is None:
+    if getattr(spec, "json_boxes", None) is not None and spec.mix is None:  # a ReplaySpec has none
         problems.append(f"{where}.json_boxes rewrites the JSON answers of a world mix: set {where}.mix "
                         f"(e.g. instruct+caption) or set {where}.json_boxes to null")  # fmt: skip
     return problems

@@ -39,11 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
-from visto.data.synth.tasks import json_target
+from visto.data.synth.tasks import with_json_boxes
 from visto.data.synth.tool_mix import TOOLS_MIX
 from visto.data.tokenizer import boxes_to_loc
 from visto.errors import UserError
-from visto.utils.boxes import match_boxes
 
 CAPTION_PROMPTS = ("Describe this image.", "Write a caption for this image.", "What do you see in this picture?")
 INSTRUCT_TASKS = ("vqa", "ground", "refdesc", "ocr", "json")
@@ -62,22 +61,6 @@ def record_qas(record: dict, loc_bins: int) -> list[QA]:
         qas.append((t["ocr"]["q"], t["ocr"]["a"]))
     qas.append((t["json"]["q"], t["json"]["a"]))
     return qas
-
-
-def with_json_boxes(record: dict, boxes: list[list[int]]) -> dict:
-    """The record with its JSON answer rewritten: each object's box (0..999) replaced by the
-    box of `boxes` it matches (one to one, IoU >= 0.5); unmatched objects keep their own. The
-    objects stay in the truth's order, so only the box numbers change."""
-    truth = record["truth"]
-    objects = truth["objects"]
-    matched = match_boxes([o["box_norm"] for o in objects], boxes)
-    if not matched:
-        return record
-    objects = [{**o, "box_norm": list(boxes[matched[i]])} if i in matched else o
-               for i, o in enumerate(objects)]  # fmt: skip
-    answer = json.dumps(json_target({**truth, "objects": objects}), separators=(",", ":"))
-    tasks = {**record["tasks"], "json": {**record["tasks"]["json"], "a": answer}}
-    return {**record, "tasks": tasks}
 
 
 def read_json_boxes(path: str | Path) -> dict[str, list[list[int]]]:

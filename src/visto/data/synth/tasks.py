@@ -25,6 +25,7 @@ from visto.data.synth.vocab import (
     plural,
     with_article,
 )
+from visto.utils.boxes import match_boxes
 
 # ---------------------------------------------------------------- geometry helpers
 
@@ -385,6 +386,22 @@ def json_task(truth: dict, rng: random.Random) -> dict:
         "List every object with its shape, colour, size and box, the counts per shape and the text, as JSON.",
     ])  # fmt: skip
     return {"q": q, "a": json.dumps(json_target(truth), separators=(",", ":"))}
+
+
+def with_json_boxes(record: dict, boxes: list[list[int]]) -> dict:
+    """The record with its JSON answer rewritten: each object's box (0..999) replaced by the
+    box of `boxes` it matches (one to one, IoU >= 0.5); unmatched objects keep their own. The
+    objects stay in the truth's order, so only the box numbers change."""
+    truth = record["truth"]
+    objects = truth["objects"]
+    matched = match_boxes([o["box_norm"] for o in objects], boxes)
+    if not matched:
+        return record
+    objects = [{**o, "box_norm": list(boxes[matched[i]])} if i in matched else o
+               for i, o in enumerate(objects)]  # fmt: skip
+    answer = json.dumps(json_target({**truth, "objects": objects}), separators=(",", ":"))
+    tasks = {**record["tasks"], "json": {**record["tasks"]["json"], "a": answer}}
+    return {**record, "tasks": tasks}
 
 
 def label(truth: dict) -> dict:

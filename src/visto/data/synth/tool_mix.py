@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from visto.data.synth.tasks import with_json_boxes
 from visto.data.tokenizer import boxes_to_loc
 from visto.data.tool_calls import (
     OCR_DESCRIPTION,
@@ -152,9 +153,10 @@ class ToolMix:
         return with_tools(turns, list(self.tools))
 
     def samples(self, world_dir: str | Path, split: str, *, seed: int, epoch: int,
-                loc_bins: int) -> Iterator[Sample]:  # fmt: skip
+                loc_bins: int, json_boxes: dict[str, list[list[int]]] | None = None) -> Iterator[Sample]:  # fmt: skip
         """One sample per image of `split` with text, and `textless_share` of the others;
-        which of those, and the order of the direct questions, drawn from (seed, epoch, image)."""
+        which of those, and the order of the direct questions, drawn from (seed, epoch, image).
+        `json_boxes` (by image id) rewrites the boxes of JSON answers, as `Mix.samples` does."""
         from visto.data.images import open_image
         from visto.data.synth.reader import iter_records
 
@@ -163,6 +165,8 @@ class ToolMix:
             rng = random.Random(f"visto-mix/{self.name}/{seed}/{epoch}/{record['id']}")
             if not reading_questions(record) and rng.random() >= self.textless_share:
                 continue
+            if json_boxes and record["id"] in json_boxes:
+                record = with_json_boxes(record, json_boxes[record["id"]])
             yield Sample(id=record["id"], images=[open_image(world_dir / record["image"])],
                          turns=self.turns(record, loc_bins, rng), source="synth",
                          independent_turns=self.independent_turns)  # fmt: skip
