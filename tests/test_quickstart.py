@@ -242,3 +242,27 @@ def test_bad_budgets_are_user_errors(tmp_path, capsys):
     assert focus_slots(QuickstartConfig().validate()) == 12
     assert main(["quickstart", "--out", str(tmp_path / "q"), "--read-slots", "-1"]) == 2
     assert "--read-slots must be 0 or more, got -1" in capsys.readouterr().err
+
+
+def test_a_stage_stopped_by_ctrl_c_is_not_marked_done(tmp_path: Path, monkeypatch):
+    """Ctrl-C during a LLaVA stage: the loop saves a checkpoint and returns `stopped_early`;
+    the quickstart neither marks the stage done nor prints a --minutes cut (it used to format
+    a cap of None), and the interrupt goes on to the command, so the next run trains it again."""
+    from rich.console import Console
+
+    import visto.train.loop as loop
+    from visto.quickstart import run_llava_stage
+    from visto.train.loop import TrainResult
+
+    def stopped(recipe, run_dir, **_):
+        run_dir.mkdir(parents=True)
+        return TrainResult(run_dir, 3, None, {}, {}, stopped_early=True)
+
+    monkeypatch.setattr(loop, "train", stopped)
+    cfg = QuickstartConfig(stage1_steps=10, detector_json_boxes=False)
+    console = Console(record=True, width=200)
+    with pytest.raises(KeyboardInterrupt):
+        run_llava_stage("stage1", cfg, tmp_path, tmp_path / "world", tmp_path / "init", console, fresh=True)
+    assert not (tmp_path / "stage1" / "done.json").exists()
+    out = console.export_text()
+    assert "stage1: stopped by Ctrl-C at step 3; not marked done" in out and "--minutes" not in out

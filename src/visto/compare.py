@@ -363,6 +363,7 @@ def train_family(family: str, cfg: CompareConfig, out: Path, world_dir: Path, vi
     the training facts (budget, steps, samples/s, checkpoints with their elapsed minutes)."""
     from visto.checkpoint import load_trainer_state
     from visto.models import FAMILIES
+    from visto.quickstart import stop_if_interrupted
     from visto.train.loop import train
     from visto.train.recipe import load_recipe
     from visto.train.report import read_metrics
@@ -405,6 +406,7 @@ def train_family(family: str, cfg: CompareConfig, out: Path, world_dir: Path, vi
                   f"mix {recipe.data.mix!r}, a checkpoint every {every} steps")  # fmt: skip
     t0 = time.perf_counter()
     result = train(recipe, run_dir, console=console)
+    stop_if_interrupted(result, family, console)  # not stamped: a second run retrains it
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == "train"]
     last = rows[-1]["elapsed_s"] if rows else math.nan
     checkpoints = []

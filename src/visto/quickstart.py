@@ -555,6 +555,7 @@ def run_llava_stage(
                   + (f", capped at {cap:.1f} min" if cap is not None else ""))  # fmt: skip
     t0 = time.perf_counter()
     result = train(recipe, stage_dir, console=console)
+    stop_if_interrupted(result, stage, console)
     budget = step_budget(result.step, steps, cap)
     mark_done(stage_dir, settings, time.perf_counter() - t0, {**budget, "data": mix.card()})
     print_cut(console, stage, budget)
@@ -580,6 +581,16 @@ def budget_sentence(cfg: QuickstartConfig, run_dir: Path) -> str:
         parts.append(f"{stage} {reached}")
     cap = "no time cap" if cfg.minutes is None else f"capped at {cfg.minutes:g} min"
     return "training budget in steps: " + ", ".join(parts) + f" ({cap})"
+
+
+def stop_if_interrupted(result: Any, stage: str, console: Any) -> None:
+    """A stage that Ctrl-C stopped (its checkpoint saved) is not done: it is not marked so,
+    and the interrupt goes on to the command (exit 130), so a second run trains it anew
+    rather than reusing a model cut short."""
+    if result.stopped_early:
+        console.print(f"[bold yellow]{stage}[/]: stopped by Ctrl-C at step {result.step}; not marked "
+                      "done, so the same command trains this stage again")  # fmt: skip
+        raise KeyboardInterrupt
 
 
 def print_cut(console: Any, stage: str, budget: dict[str, Any]) -> None:
