@@ -527,6 +527,7 @@ def run_llava_stage(
         return stage_dir / "checkpoint"
     if stage_dir.exists():
         shutil.rmtree(stage_dir)
+    t0 = time.perf_counter()  # the stage's seconds include writing its JSON boxes
     boxes = None
     if stage == "stage2" and cfg.detector_json_boxes and cfg.copy_json and cfg.pointer and cfg.projector == "regions":
         boxes = write_detector_boxes(init, world_dir, run_dir / "stage2-boxes" / "train.jsonl", console)
@@ -553,7 +554,6 @@ def run_llava_stage(
         console.print(f"[bold]{stage}[/]: JSON answers write the boxes of {recipe.data.json_boxes}")
     console.print(f"[bold]{stage}[/]: mix {mix.name!r} ({mix.description}), {steps} steps at batch {batch}"
                   + (f", capped at {cap:.1f} min" if cap is not None else ""))  # fmt: skip
-    t0 = time.perf_counter()
     result = train(recipe, stage_dir, console=console)
     stop_if_interrupted(result, stage, console)
     budget = step_budget(result.step, steps, cap)
