@@ -54,11 +54,13 @@ unchanged; --fresh redoes everything):
               holds: RUN/stage1
   4. stage2   LLaVA stage 2 (recipe quickstart-stage2, mix "instruct+caption"): every question of
               an image (VQA, counting, grounding with box tokens, OCR, JSON) in one sample
-              as independent turns, none of which can see another: RUN/stage2
+              as independent turns, none of which can see another; a JSON answer copies
+              the JSON the connector writes from its detections, and its labels write the
+              boxes the frozen detector finds (--detector-json-boxes): RUN/stage2
   5. eval     test split and held-out colour-shape pairs, every figure beside a blind
               twin (the images swapped): RUN/eval.json, RUN/report.md. What the default
-              reaches, per question type, over three seeds: bench/README.md, "Copied
-              answers"
+              reaches, per question type, over three seeds: bench/README.md, "Detector
+              boxes in the JSON labels"
 
 The final model is RUN/checkpoint (open it with visto.load).
 
