@@ -94,6 +94,33 @@ class Objects(NamedTuple):
     attributes: Tensor | None = None
 
 
+def answer_questions(
+    input_ids: Tensor, user_id: int, assistant_id: int, focus_id: int, first_text_id: int,
+    segment_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Every `<|assistant|>` token's question: (rows (P,), columns (P,), the positions of its
+    text tokens (P, L), and which of those L are real (P, L)). A question is the text (ids from
+    `first_text_id` on, `<focus>` excepted) since the last `<|user|>` token before the answer,
+    or since its exchange began when exchanges are packed (`segment_ids`: later exchanges share
+    the first one's `<|user|>` token, in the prefix, but must not read its question)."""
+    B, T = input_ids.shape
+    is_text = (input_ids >= first_text_id) & (input_ids != focus_id)  # (B, T)
+    position = torch.arange(T, device=input_ids.device).expand(B, T)
+    # `begin`: the first position a token's question may include
+    begin = torch.where(input_ids == user_id, position + 1, 0).cummax(1).values
+    if segment_ids is not None:
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        begin = torch.maximum(begin, torch.where(starts, position, 0).cummax(1).values)
+    rows, cols = (input_ids == assistant_id).nonzero(as_tuple=True)
+    first = begin[rows, cols]  # (P,)
+    width = int((cols - first).max()) if rows.numel() else 0
+    at = first[:, None] + torch.arange(width, device=input_ids.device)  # (P, L)
+    inside = at < cols[:, None]
+    at = at.clamp(max=T - 1)
+    return rows, cols, at, inside & is_text[rows[:, None], at]
+
+
 class QuestionFocus(nn.Module):
     """Per answer, the objects its question names, pooled into one added input vector."""
 
@@ -190,22 +217,8 @@ class QuestionFocus(nn.Module):
         since the last `<|user|>` token before the answer, or since its exchange began when
         exchanges are packed (`segment_ids`: later exchanges share the first one's `<|user|>`
         token, in the prefix, but must not read its question)."""
-        B, T = input_ids.shape
-        is_text = (input_ids >= self.first_text_id) & (input_ids != self.focus_id)  # (B, T)
-        position = torch.arange(T, device=input_ids.device).expand(B, T)
-        # `begin`: the first position a token's question may include
-        begin = torch.where(input_ids == self.user_id, position + 1, 0).cummax(1).values
-        if segment_ids is not None:
-            starts = torch.ones_like(segment_ids, dtype=torch.bool)
-            starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-            begin = torch.maximum(begin, torch.where(starts, position, 0).cummax(1).values)
-        rows, cols = (input_ids == self.assistant_id).nonzero(as_tuple=True)
-        first = begin[rows, cols]  # (P,)
-        width = int((cols - first).max()) if rows.numel() else 0
-        at = first[:, None] + torch.arange(width, device=input_ids.device)  # (P, L)
-        inside = at < cols[:, None]
-        at = at.clamp(max=T - 1)
-        return rows, cols, at, inside & is_text[rows[:, None], at]
+        return answer_questions(input_ids, self.user_id, self.assistant_id, self.focus_id,
+                                self.first_text_id, segment_ids)  # fmt: skip
 
     def questions(
         self, input_ids: Tensor, embed: nn.Embedding, segment_ids: Tensor | None = None
@@ -444,4 +457,4 @@ def per_row(objects: Objects, image_sample_index: Tensor, rows: int) -> Objects:
     return Objects(*(None if field is None else place(field) for field in objects))
 
 
-__all__ = ["COUNT_BINS", "MATCH_BINS", "Objects", "QuestionFocus", "SIDE_RAMPS", "per_row", "read_for_questions", "read_per_row", "soft_histogram", "spread"]
+__all__ = ["COUNT_BINS", "MATCH_BINS", "Objects", "answer_questions", "QuestionFocus", "SIDE_RAMPS", "per_row", "read_for_questions", "read_per_row", "soft_histogram", "spread"]

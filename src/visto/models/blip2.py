@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visto.connectors.focus import answer_questions
 from visto.connectors.qformer import QFormer, QFormerConfig
 from visto.connectors.regions import RegionConnector
 from visto.data.pairs import caption_of, image_key
@@ -314,20 +315,8 @@ def question_spans(
     left-aligned and padded with 0, which are real (P, L)). A question is the text since the
     last `<|user|>` token before the answer, or since its exchange began when exchanges are
     packed (`segment_ids`: later exchanges share the first one's `<|user|>` in the prefix)."""
-    B, T = input_ids.shape
-    device = input_ids.device
-    is_text = (input_ids >= ids.first_text) & (input_ids != ids.focus)  # (B, T)
-    position = torch.arange(T, device=device).expand(B, T)
-    begin = torch.where(input_ids == ids.user, position + 1, 0).cummax(1).values
-    if segment_ids is not None:
-        starts = torch.ones_like(segment_ids, dtype=torch.bool)
-        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-        begin = torch.maximum(begin, torch.where(starts, position, 0).cummax(1).values)
-    rows, cols = (input_ids == ids.assistant).nonzero(as_tuple=True)
-    first = begin[rows, cols]  # (P,)
-    width = int((cols - first).max()) if rows.numel() else 0
-    at = (first[:, None] + torch.arange(width, device=device)).clamp(max=T - 1)  # (P, W)
-    text = (first[:, None] + torch.arange(width, device=device) < cols[:, None]) & is_text[rows[:, None], at]
+    rows, cols, at, text = answer_questions(input_ids, ids.user, ids.assistant, ids.focus,
+                                            ids.first_text, segment_ids)  # fmt: skip
     # left-align each question's text tokens (a stable sort puts the real ones first, in order)
     order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices
     at, text = at.gather(1, order), text.gather(1, order)
