@@ -204,3 +204,35 @@ def test_qformer_reads_object_tokens_of_the_towers_detector(tokenizer_dir, tmp_p
         k for k in model.state_dict() if k.startswith("regions.")}
     with pytest.raises(UserError, match="Q-Former reads 'regions'"):
         export_hf(model, tmp_path / "hf")
+
+
+def test_prompt_words_mix_the_decoders_word_embeddings(tokenizer_dir, tmp_path):
+    """prompt_words: each prompt vector is language_projection(q) + softmax(word_head(q)) @ E,
+    in the <image> ids and in the instruct slots alike; a word head that picks one word puts
+    that word's embedding into the prompt; the option round-trips and the export refuses it."""
+    model = build_model("blip2", config(tokenizer_dir, prompt_words=True), seed=4).eval()
+    plain = build_model("blip2", config(tokenizer_dir), seed=4)
+    assert set(model.state_dict()) - set(plain.state_dict()) == {"word_head.weight", "word_head.bias"}
+    E = model.language_model.model.embed_tokens.weight
+    red = model.processor.tokenizer.encode(" red")[0]
+    with torch.no_grad():  # a word head certain of " red"
+        model.word_head.bias.fill_(-1e4)
+        model.word_head.bias[red] = 0.0
+    batch = model.collate([sample(picture())])
+    embeds, at = slots_of(model, batch)
+    with torch.no_grad():
+        queries = model.query_outputs(batch["pixel_values"])
+        expected = model.language_projection(queries[0]) + E[red]
+        torch.testing.assert_close(model.image_features(batch["pixel_values"])[0], expected)
+        slot = embeds[0, at[0, -1]] - E[red]
+    # the slot's continuous part is language_projection of an instruct query output: not E
+    assert slot.abs().sum() > 0
+    with torch.no_grad():  # back to the zero start: the mean word, and gradients reach the head
+        model.word_head.bias.zero_()
+    model.train()
+    model(batch)["loss"].backward()
+    assert model.word_head.weight.grad is not None and model.word_head.weight.grad.abs().sum() > 0
+    save_checkpoint(model, tmp_path / "ck")
+    assert load(tmp_path / "ck").config.prompt_words
+    with pytest.raises(UserError, match="word mixes"):
+        export_hf(model, tmp_path / "hf")

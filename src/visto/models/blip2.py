@@ -32,6 +32,12 @@ format are unchanged without them; `export_hf` refuses a model with either):
         self-attention, and the first `processor.focus_tokens` outputs fill the `<focus>`
         slots the processor puts before the answer (one pass per answer, so independent turns,
         multi-turn chat and generation see the same thing); no new parameter.
+    prompt_words  every visual prompt vector also carries a distribution over the decoder's
+        words: softmax(word_head(query output)) @ E (E: the decoder's input embeddings) is
+        added to language_projection(query output), so the prompt speaks the decoder's own
+        word space (OSCAR's tags; what the region connector's object tokens do for LLaVA),
+        and with the decoder's tied output head a word in the last `<focus>` slot is already
+        that word's logit; its keys are `word_head.*`, new ones.
 Measured in `visto compare`: bench/README.md, "BLIP-2 in compare".
 
 Stages are recipes (`blip2-stage1.json`, `blip2-stage2.json`); stage 2 starts from stage 1 by
@@ -155,6 +161,9 @@ class Blip2Config:
     # the `<focus>` slots the processor puts before the answer. The question-free visual
     # prompt at `<image>` stays.
     instruct: bool = False
+    # The visual prompt in the decoder's word space (module docstring): each prompt vector is
+    # language_projection(q) + softmax(word_head(q)) @ E, E the decoder's input embeddings.
+    prompt_words: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -383,6 +392,10 @@ class Blip2(ConversationFamily, nn.Module):
         self.itm_head = nn.Linear(q.hidden_size, 2)  # (no match, match), as transformers'
         self.language_projection = nn.Linear(q.hidden_size, config.decoder.hidden_size)
         self.language_model = language if language is not None else DecoderLM(config.decoder)
+        if config.prompt_words:  # zero: the word mix starts as the mean word, then learns
+            self.word_head = nn.Linear(q.hidden_size, config.decoder.vocab_size)
+            nn.init.zeros_(self.word_head.weight)
+            nn.init.zeros_(self.word_head.bias)
         for head in (self.vision_projection, self.text_projection, self.itm_head, self.language_projection):
             nn.init.normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
@@ -461,7 +474,17 @@ class Blip2(ConversationFamily, nn.Module):
 
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, S, S) -> the soft visual prompt (N, Q, D_lm)."""
-        return self.language_projection(self.query_outputs(pixel_values))
+        return self.prompt(self.query_outputs(pixel_values))
+
+    def prompt(self, queries: Tensor) -> Tensor:
+        """Query outputs (..., D_q) -> visual prompt vectors (..., D_lm) in the decoder's input
+        space: language_projection, plus with `prompt_words` a mix of the decoder's word
+        embeddings weighted by softmax(word_head)."""
+        out = self.language_projection(queries)
+        if self.config.prompt_words:
+            words = self.language_model.model.embed_tokens.weight  # (V, D_lm)
+            out = out + self.word_head(queries).softmax(-1) @ words
+        return out
 
     def embed_inputs(
         self,
@@ -482,7 +505,7 @@ class Blip2(ConversationFamily, nn.Module):
             )  # fmt: skip
         image = self.qformer_image(pixel_values)  # read once, by both passes
         embeds = splice_visual_tokens(
-            embeds, input_ids, pixel_values, lambda _: self.language_projection(self._queries(image)),
+            embeds, input_ids, pixel_values, lambda _: self.prompt(self._queries(image)),
             image_sample_index, hint=" (one per Q-Former query)",
         )  # fmt: skip
         return self._instruct_slots(embeds, input_ids, image, image_sample_index, segment_ids)
@@ -517,7 +540,7 @@ class Blip2(ConversationFamily, nn.Module):
         question, real = question[:, :n], real[:, :n]
         out = self.qformer(image[image_of], question, real.long(), mode="bidirectional")
         assert out.queries is not None
-        slots = self.language_projection(out.queries[:, :K]).to(embeds.dtype)  # (P, K, D_lm)
+        slots = self.prompt(out.queries[:, :K]).to(embeds.dtype)  # (P, K, D_lm)
         embeds = embeds.clone()
         embeds[rows[:, None].expand_as(at), at] = slots
         return embeds
@@ -849,6 +872,9 @@ def export_hf(model: Blip2, directory: str | Path) -> Path:
         *(["its queries are instruction-aware (instruct: the question joins them before each "
            "answer, into <focus> slots), which transformers' Blip2ForConditionalGeneration does "
            "not do: keep it as a visto checkpoint"] if cfg.instruct else []),
+        *(["its visual prompt carries word mixes (prompt_words: word_head over the decoder's "
+           "embeddings), which transformers' BLIP-2 has no place for: keep it as a visto "
+           "checkpoint"] if cfg.prompt_words else []),
         *(["its vision tower has no class token (SigLIP layout); BLIP's ViT has one"]
           if not v.cls_token else []),
         *([f"the vision tower has a {v.stem} stem; transformers' has one linear patch "
