@@ -25,7 +25,7 @@ from visto.data.sample import Sample
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.data.tokenizer import Tokenizer, corpus_texts, train_tokenizer
 from visto.errors import UserError
-from visto.nn.language import Conditioning, DecoderLM
+from visto.nn.language import Conditioning, DecoderConfig, DecoderLM
 from visto.nn.vision import ViT, ViTConfig
 
 # ----------------------------------------------------------------------------- pretrained parts
@@ -58,6 +58,31 @@ def adopt_parts(config: Any, vision: ViT | None = None, language: DecoderLM | No
 
 
 # ----------------------------------------------------------------------------- configs
+
+
+def fit_problems(
+    processor: ProcessorConfig, decoder: DecoderConfig, vision: ViTConfig | None = None
+) -> list[str]:
+    """Where a family's processor does not fit its towers: images of another size than the
+    vision tower takes, token ids past the decoder's vocabulary (empty where it fits)."""
+    problems = []
+    if vision is not None and processor.image_size != vision.image_size:
+        problems.append(
+            f"processor.image_size is {processor.image_size} but the vision tower takes "
+            f"{vision.image_size} px images"
+        )
+    if processor.vocab_size > decoder.vocab_size:
+        problems.append(
+            f"processor.vocab_size {processor.vocab_size} exceeds decoder.vocab_size "
+            f"{decoder.vocab_size}"
+        )
+    return problems
+
+
+def refuse_problems(family: str, problems: list[str]) -> None:
+    """One UserError naming every problem of a family's config, or nothing."""
+    if problems:
+        raise UserError(f"{family} config: " + "; ".join(problems) + "; make them agree")
 
 
 def family_preset(

@@ -67,7 +67,9 @@ from visto.models.common import (
     batch_field,
     family_preset,
     feature_layer_problems,
+    fit_problems,
     refuse_part_paths,
+    refuse_problems,
     training_logits,
 )
 from visto.nn.language import Conditioning, DecoderConfig, DecoderInputs, DecoderLM, DecoderState
@@ -327,16 +329,7 @@ class Flamingo(ConversationFamily, nn.Module):
         super().__init__()
         refuse_part_paths(config, self.family)
         config = adopt_parts(config, vision, language)
-        if config.processor.image_size != config.vision.image_size:
-            raise UserError(
-                f"flamingo config: processor.image_size is {config.processor.image_size} but the "
-                f"vision tower takes {config.vision.image_size} px images; make them agree"
-            )
-        if config.processor.vocab_size > config.decoder.vocab_size:
-            raise UserError(
-                f"flamingo config: processor.vocab_size {config.processor.vocab_size} exceeds "
-                f"decoder.vocab_size {config.decoder.vocab_size}; make them agree"
-            )
+        refuse_problems("flamingo", fit_problems(config.processor, config.decoder, config.vision))
         self.config = config
         dec, width = config.decoder, config.vision.width
         self.vision_model = vision if vision is not None else ViT(config.vision)

@@ -43,7 +43,9 @@ from visto.models.common import (
     adopt_parts,
     batch_field,
     family_preset,
+    fit_problems,
     refuse_part_paths,
+    refuse_problems,
     training_logits,
 )
 from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
@@ -124,11 +126,7 @@ class Fuyu(ConversationFamily, nn.Module):
         super().__init__()
         refuse_part_paths(config, self.family)
         config = adopt_parts(config, language=language)
-        if config.processor.vocab_size > config.decoder.vocab_size:
-            raise UserError(
-                f"fuyu config: processor.vocab_size {config.processor.vocab_size} exceeds "
-                f"decoder.vocab_size {config.decoder.vocab_size}; make them agree"
-            )
+        refuse_problems("fuyu", fit_problems(config.processor, config.decoder))
         self.config = config
         # Named as in transformers' FuyuForCausalLM; initialised like the decoder's matrices.
         self.vision_embed_tokens = nn.Linear(config.patch_dim, config.decoder.hidden_size)

@@ -59,8 +59,10 @@ from visto.models.common import (
     batch_field,
     family_preset,
     feature_layer_problems,
+    fit_problems,
     prompt_embeds,
     refuse_part_paths,
+    refuse_problems,
     splice_visual_tokens,
     training_logits,
 )
@@ -140,12 +142,8 @@ class LlavaConfig:
 
     def check_processor(self) -> None:
         """The processor must make the images and the `<image>` runs the towers expect."""
-        p, problems = self.processor, []
-        if p.image_size != self.vision.image_size:
-            problems.append(
-                f"processor.image_size is {p.image_size} but the vision tower takes "
-                f"{self.vision.image_size} px images"
-            )
+        p = self.processor
+        problems = fit_problems(p, self.decoder, self.vision)
         if p.image_tokens != self.image_tokens:
             problems.append(
                 f"processor.image_tokens is {p.image_tokens} but each image gives "
@@ -162,13 +160,7 @@ class LlavaConfig:
                 f"projector.read_slots {self.projector.read_slots} are <focus> slots after the box's "
                 f"4: set processor.focus_tokens to {4 + self.projector.read_slots}"
             )
-        if p.vocab_size > self.decoder.vocab_size:
-            problems.append(
-                f"processor.vocab_size {p.vocab_size} exceeds decoder.vocab_size "
-                f"{self.decoder.vocab_size}"
-            )
-        if problems:
-            raise UserError("llava config: " + "; ".join(problems) + "; make them agree")
+        refuse_problems("llava", problems)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> LlavaConfig:
