@@ -49,9 +49,11 @@ from visto.utils.io import atomic_write_json, atomic_write_text, save_figure
 
 DEFAULT_FAMILIES = ("llava", "blip2", "flamingo", "fuyu", "cogvlm")
 # The compare recipes' max_steps are what each family trains in this many minutes on the
-# reference machine (2 idle cores); the shared tower's dense steps (batch 64) run at this pace.
+# reference machine (2 idle cores). The shared tower is the quickstart's own (its world size,
+# 4,000 dense steps at batch 16): 358 s of the quickstart's 424 s vision stage on that machine
+# (the rest its OCR reader), so about this many steps a minute.
 FAMILY_REFERENCE_MINUTES = 8.0
-VISION_STEPS_PER_REFERENCE_MINUTE = 250
+VISION_STEPS_PER_REFERENCE_MINUTE = 670
 
 # (eval.json name, label, higher is better) in report order; VQA types are found in the
 # metrics. Each is also reported with `heldout.` in front (unseen colour-shape pairs), and
@@ -83,13 +85,13 @@ class CompareConfig:
     steps: int | None = None  # optimizer steps per family; None = its recipe's max_steps
     minutes: float | None = None  # an optional wall-clock cap per family
     data: str | None = None  # an existing synthetic world; None = render one into OUT/world
-    n: int = 2000  # images of a rendered world
+    n: int = 5000  # images of a rendered world (the quickstart's: fewer overfit the tower)
     size: int = 128  # image side (the recipes are written for 128 px)
     seed: int = 0
-    vision_steps: int = 500  # the shared ViT's dense pretraining (once, not per family)
+    vision_steps: int = 4000  # the shared ViT's dense pretraining at batch 16 (once, not per family)
     reader_steps: int = 1000  # the shared OCR reader's training, beside the ViT (once)
     credit_vision_time: bool = True  # a family without a tower gets that pretraining's compute
-    eval_images: int = 50  # test and held-out images for the final evaluation
+    eval_images: int = 200  # test and held-out images for the final evaluation
     eval_batch: int = 32
     tasks: list[str] | None = None  # world tasks evaluated (None: visto eval's default, all)
     probe_images: int = 8  # test images whose VQA questions are asked at every checkpoint
@@ -516,14 +518,14 @@ def shared_vision(cfg: CompareConfig, out: Path, console: Any) -> tuple[Path, Pa
     """(world dir, the quickstart's dense-pretrained vision checkpoint, seconds it took)."""
     from visto.quickstart import QuickstartConfig, run_data, run_vision
 
-    # Batch 64: the pace VISION_STEPS_PER_REFERENCE_MINUTE was measured at (the quickstart's
-    # own default is 16 for four times the steps).
+    # The quickstart's own tower settings (batch 16, the pace VISION_STEPS_PER_REFERENCE_MINUTE
+    # was measured at), so a quickstart's OUT/vision can be copied in and reused.
     # The quickstart's connector settings: the tower's checkpoint carries a tokenizer with the
     # `<focus>` token that every family reads (their decoders are sized for it) and, when a
     # compared family's recipe reads text into read slots, the OCR reader trained beside it
     # (not trained for families that would not read with it).
     qcfg = QuickstartConfig(n=cfg.n, size=cfg.size, seed=cfg.seed, workers=cfg.workers,
-                            threads=cfg.threads, vision_steps=cfg.vision_steps, vision_batch=64,
+                            threads=cfg.threads, vision_steps=cfg.vision_steps,
                             reader_steps=cfg.reader_steps,
                             read_slots=QuickstartConfig.read_slots if reads_text(cfg.families) else 0)  # fmt: skip
     qcfg.validate()

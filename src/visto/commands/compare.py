@@ -52,15 +52,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--minutes", type=float, default=None,
                    help="optional cap on each family's training minutes (default: none)")  # fmt: skip
     p.add_argument("--data", metavar="DIR", help="an existing 128-px synthetic world (default: render one)")
-    p.add_argument("--n", type=int, default=2000, help="images of the rendered world (default 2000)")
+    p.add_argument("--n", type=int, default=5000, help="images of the rendered world (default 5000, the quickstart's)")
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory")
-    p.add_argument("--eval-images", type=int, default=50,
-                   help="test and held-out images evaluated per family (default 50)")  # fmt: skip
+    p.add_argument("--eval-images", type=int, default=200,
+                   help="test and held-out images evaluated per family (default 200)")  # fmt: skip
     p.add_argument("--tasks", nargs="+", metavar="TASK",
                    help="world tasks to evaluate (default: all of visto eval's)")  # fmt: skip
-    p.add_argument("--vision-steps", type=int, default=500,
-                   help="dense pretraining steps of the shared ViT, once (default 500; minutes: "
-                        "bench/README.md)")  # fmt: skip
+    p.add_argument("--vision-steps", type=int, default=4000,
+                   help="dense pretraining steps of the shared ViT at batch 16, once (default "
+                        "4000, the quickstart's: copy a quickstart's world/ and vision/ into --out "
+                        "to reuse them; minutes: bench/README.md)")  # fmt: skip
     p.add_argument("--reader-steps", type=int, default=1000,
                    help="training steps of the shared OCR reader that LLaVA's and CogVLM's object "
                         "tokens read text with, once, beside the ViT (default 1000)")  # fmt: skip
