@@ -166,10 +166,3 @@ def test_training_rate_weights_windows_by_their_samples():
     # 80 samples in 8 s, then 80 in 2 s: 160 / 10
     assert training_rate(rows, 16) == pytest.approx(16.0)
     assert math.isnan(training_rate([], 16))
-
-
-def test_the_shared_tower_trains_a_reader_only_for_families_that_read():
-    from visto.compare import reads_text
-
-    assert reads_text(["llava", "fuyu"])  # compare's LLaVA copies read text (read slots)
-    assert not reads_text(["cogvlm", "blip2", "flamingo", "fuyu"])

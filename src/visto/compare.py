@@ -518,16 +518,15 @@ def shared_vision(cfg: CompareConfig, out: Path, console: Any) -> tuple[Path, Pa
     """(world dir, the quickstart's dense-pretrained vision checkpoint, seconds it took)."""
     from visto.quickstart import QuickstartConfig, run_data, run_vision
 
-    # The quickstart's own tower settings (batch 16, the pace VISION_STEPS_PER_REFERENCE_MINUTE
-    # was measured at), so a quickstart's OUT/vision can be copied in and reused.
-    # The quickstart's connector settings: the tower's checkpoint carries a tokenizer with the
-    # `<focus>` token that every family reads (their decoders are sized for it) and, when a
-    # compared family's recipe reads text into read slots, the OCR reader trained beside it
-    # (not trained for families that would not read with it).
+    # The quickstart's own tower and connector settings (batch 16, the pace
+    # VISION_STEPS_PER_REFERENCE_MINUTE was measured at), whichever families are compared, so
+    # one OUT/vision serves any subset and a quickstart's OUT/vision can be copied in and
+    # reused. Its checkpoint carries a tokenizer with the `<focus>` token that every family
+    # reads (their decoders are sized for it) and the OCR reader trained beside the ViT, which
+    # the families whose recipes read text into read slots use (a minute of the stage).
     qcfg = QuickstartConfig(n=cfg.n, size=cfg.size, seed=cfg.seed, workers=cfg.workers,
                             threads=cfg.threads, vision_steps=cfg.vision_steps,
-                            reader_steps=cfg.reader_steps,
-                            read_slots=QuickstartConfig.read_slots if reads_text(cfg.families) else 0)  # fmt: skip
+                            reader_steps=cfg.reader_steps)  # fmt: skip
     qcfg.validate()
     if cfg.data is not None:
         world_dir = Path(cfg.data)
@@ -541,15 +540,6 @@ def shared_vision(cfg: CompareConfig, out: Path, console: Any) -> tuple[Path, Pa
     vision = run_vision(qcfg, out, world_dir, console, fresh=False)
     seconds = json.loads((out / "vision" / "done.json").read_text())["seconds"]
     return world_dir, vision, float(seconds)
-
-
-def reads_text(families: list[str]) -> bool:
-    """Whether any of these families' compare recipes reads text into read slots (and so needs
-    the OCR reader trained beside the shared tower)."""
-    from visto.train.recipe import load_recipe
-
-    return any(load_recipe(f"compare-{f}").model.config.get("projector", {}).get("read_slots", 0)
-               for f in families)  # fmt: skip
 
 
 def budget_sentence(cfg: CompareConfig) -> str:
