@@ -165,3 +165,17 @@ def test_every_exception_is_still_needed():
     edges = graph()
     stale = [f"{a} -> {b}" for a, b in EXCEPTIONS if b not in edges.get(a, set())]
     assert not stale, "these imports are gone; delete their EXCEPTIONS lines:\n" + "\n".join(stale)
+
+
+MAX_FUNCTION_LINES = 100  # issue 16: a function longer than this is split where it reads best
+
+
+def test_no_function_over_a_screenful():
+    long = []
+    for path in sorted((SRC / "visto").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
