@@ -464,3 +464,80 @@ def test_the_scores_read_a_fixed_copy_of_the_embeddings_taken_on_first_use(token
     fresh = focus_llava(tokenizer_dir)
     fresh.load_state_dict(state)  # an older checkpoint: no table, taken on first use
     assert fresh.multi_modal_projector.focus.lookup.numel() == 0
+
+
+def tool_prompt(tok: Tokenizer, question: str, result: str, then: str | None = None) -> torch.Tensor:
+    """<s> <|user|> image question <|end|> <|assistant|> a call <|end|> <|user|> the tool's
+    result <|end|> <|assistant|> "x" <|end|>, and a plain question `then` after it."""
+    from visto.data.tool_calls import tool_call_text, tool_result_turn
+
+    ids = [tok.bos_id, tok.role_ids["user"], tok.image_id, *tok.encode(question), tok.end_id,
+           tok.role_ids["assistant"], *tok.encode(tool_call_text("ocr", {"detail": "text"})), tok.end_id,
+           tok.role_ids["user"], *tok.encode(tool_result_turn(result).content), tok.end_id,
+           tok.role_ids["assistant"], *tok.encode("x"), tok.end_id]  # fmt: skip
+    if then is not None:
+        ids += [tok.role_ids["user"], *tok.encode(then), tok.end_id, tok.role_ids["assistant"]]
+    return torch.tensor([ids])
+
+
+def test_the_answer_after_a_tool_result_has_the_question_before_the_call(tokenizer):
+    # issue 17: the answer after the OCR tool's result read the result turn as its question,
+    # so a "what number is written?" picked the first text it read instead of the number
+    focus = QuestionFocus(16)
+    focus.set_vocabulary(tokenizer)
+    embed = nn.Embedding(400, 16)
+    question, then = "Which colour does the star have?", "Which shape is red?"
+    ids = tool_prompt(tokenizer, question, '{"text":"a red circle"}', then)
+    rows, cols, q = focus.questions(ids, embed)
+    assert len(cols) == 3  # the call, the answer after the result, the next question's answer
+    want = embed(torch.tensor(tokenizer.encode(question))).mean(0)
+    assert torch.allclose(q[0], want, atol=1e-6)
+    assert torch.allclose(q[1], want, atol=1e-6)  # the question, not the result
+    # a plain question after a tool exchange is its own, as before
+    assert torch.allclose(q[2], embed(torch.tensor(tokenizer.encode(then))).mean(0), atol=1e-6)
+    # the question's words only: neither the call nor the result
+    _, _, at, real = focus.spans(ids, None)
+    assert at[1][real[1]].tolist() == at[0][real[0]].tolist()
+
+
+def test_the_answer_after_a_tool_result_in_a_packed_exchange_has_its_own_question(tokenizer_dir):
+    from PIL import Image
+
+    from visto.data.sample import Sample, Turn
+    from visto.data.tool_calls import assistant_turn, tool_result_turn
+
+    model = focus_llava(tokenizer_dir).eval()
+    focus = model.multi_modal_projector.focus
+    image = Image.new("RGB", (40, 40), (200, 30, 30))
+    call = assistant_turn(None, [("ocr", {"detail": "text"})])
+    result = tool_result_turn('{"text":"a blue star"}')
+    first, second = "Which colour does the star have?", "Which shape is red?"
+    turns = [Turn("user", f"<image>\n{first}"), Turn("assistant", "red"),
+             Turn("user", second), call, result, Turn("assistant", "star")]  # fmt: skip
+    packed = model.collate([Sample("p", [image], turns, independent_turns=True)])
+    ids = packed["input_ids"]
+    rows, cols, at, real = focus.spans(ids, packed["segment_ids"])
+    tok = model.processor.tokenizer
+    words = [tok.decode(ids[0, at[k][real[k]]].tolist()).strip() for k in range(len(cols))]
+    # the call and the answer after the result: the second exchange's question, not the result
+    assert words == [first, second, second]
+
+
+def test_without_tool_result_ids_the_question_is_the_last_user_turn(tokenizer):
+    # BLIP-2 calls answer_questions without them: its questions are as they were
+    from visto.connectors.focus import answer_questions, tool_result_prefix
+
+    focus = QuestionFocus(16)
+    focus.set_vocabulary(tokenizer)
+    assert focus.tool_result_ids == tool_result_prefix(tokenizer) and focus.tool_result_ids
+    ids = tool_prompt(tokenizer, "Which colour does the star have?", '{"text":"a red circle"}')
+    args = (ids, focus.user_id, focus.assistant_id, focus.focus_id, focus.first_text_id)
+    _, _, at, real = answer_questions(*args)
+    result = tokenizer.encode('<tool_response>{"text":"a red circle"}</tool_response>')
+    assert ids[0, at[1][real[1]]].tolist() == result
+    plain = prompt(tokenizer, "Which colour does the star have?", "Which shape is red?")
+    old = answer_questions(plain, *args[1:])
+    new = answer_questions(plain, *args[1:], tool_result_ids=focus.tool_result_ids, end_id=focus.end_id)
+    assert torch.equal(old[0], new[0]) and torch.equal(old[1], new[1])
+    for k in range(len(old[1])):  # the same question tokens (the padding may be narrower)
+        assert torch.equal(old[2][k][old[3][k]], new[2][k][new[3][k]])

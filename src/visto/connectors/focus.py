@@ -63,6 +63,7 @@ thing.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -71,6 +72,7 @@ from torch import Tensor, nn
 
 from visto.connectors.named import ANSWER_RUNS, AttributeWords, Named, answer_runs, execute
 from visto.connectors.pointer import CopySlots, copy_runs
+from visto.data.tool_calls import TOOL_RESPONSE_START
 
 COUNT_BINS = 10  # the world has at most 9 objects
 MATCH_BINS = 11  # the best object's cosine with the question, at 0, 0.1, ..., 1
@@ -96,29 +98,68 @@ class Objects(NamedTuple):
 
 def answer_questions(
     input_ids: Tensor, user_id: int, assistant_id: int, focus_id: int, first_text_id: int,
-    segment_ids: Tensor | None = None,
+    segment_ids: Tensor | None = None, tool_result_ids: Sequence[int] = (), end_id: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Every `<|assistant|>` token's question: (rows (P,), columns (P,), the positions of its
     text tokens (P, L), and which of those L are real (P, L)). A question is the text (ids from
     `first_text_id` on, `<focus>` excepted) since the last `<|user|>` token before the answer,
     or since its exchange began when exchanges are packed (`segment_ids`: later exchanges share
-    the first one's `<|user|>` token, in the prefix, but must not read its question)."""
+    the first one's `<|user|>` token, in the prefix, but must not read its question).
+
+    With `tool_result_ids` (the ids a tool result's user turn starts with: `<tool_response`,
+    `tool_result_prefix`) and `end_id`, a user turn that holds a tool's result is not a
+    question: the answer after a result has the question of the user turn before its call,
+    and a question ends at its turn's end (so it leaves out the call and the result). Without
+    them, or in a conversation without tool results, the questions are as before."""
     B, T = input_ids.shape
     is_text = (input_ids >= first_text_id) & (input_ids != focus_id)  # (B, T)
     position = torch.arange(T, device=input_ids.device).expand(B, T)
+    asks = input_ids == user_id
+    if len(tool_result_ids) and end_id is not None:
+        asks = asks & ~starts_with(input_ids, position, tool_result_ids)
     # `begin`: the first position a token's question may include
-    begin = torch.where(input_ids == user_id, position + 1, 0).cummax(1).values
+    begin = torch.where(asks, position + 1, 0).cummax(1).values
     if segment_ids is not None:
         starts = torch.ones_like(segment_ids, dtype=torch.bool)
         starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
         begin = torch.maximum(begin, torch.where(starts, position, 0).cummax(1).values)
     rows, cols = (input_ids == assistant_id).nonzero(as_tuple=True)
     first = begin[rows, cols]  # (P,)
-    width = int((cols - first).max()) if rows.numel() else 0
+    stop = cols
+    if len(tool_result_ids) and end_id is not None:
+        # the question's turn ends at the first `<|end|>` from its first position on
+        ends = torch.where(input_ids == end_id, position, T).flip(1).cummin(1).values.flip(1)
+        stop = torch.minimum(cols, ends[rows, first.clamp(max=T - 1)])
+    width = int((stop - first).clamp(min=0).max()) if rows.numel() else 0
     at = first[:, None] + torch.arange(width, device=input_ids.device)  # (P, L)
-    inside = at < cols[:, None]
+    inside = at < stop[:, None]
     at = at.clamp(max=T - 1)
     return rows, cols, at, inside & is_text[rows[:, None], at]
+
+
+def starts_with(input_ids: Tensor, position: Tensor, prefix: Sequence[int]) -> Tensor:
+    """(B, T) bool: the tokens right after position t are `prefix` (a tool result's user turn
+    from its `<|user|>` token on, `answer_questions`)."""
+    B, T = input_ids.shape
+    hit = position < T - len(prefix)
+    for k, token in enumerate(prefix, start=1):
+        ahead = torch.full_like(input_ids, -1)
+        ahead[:, : T - k] = input_ids[:, k:]
+        hit = hit & (ahead == token)
+    return hit
+
+
+def tool_result_prefix(tokenizer) -> tuple[int, ...]:
+    """The ids every tool result's user turn starts with (`data.tool_calls.TOOL_RESPONSE_START`
+    encoded alone may merge its `>` with what follows: the ids all continuations share)."""
+    encoded = [tokenizer.encode(TOOL_RESPONSE_START + rest) for rest in ('{"text":"A"}', "x", "\n", " 1", "[")]
+    shared = encoded[0]
+    for ids in encoded[1:]:
+        n = 0
+        while n < min(len(shared), len(ids)) and shared[n] == ids[n]:
+            n += 1
+        shared = shared[:n]
+    return tuple(shared)
 
 
 class QuestionFocus(nn.Module):
@@ -166,6 +207,8 @@ class QuestionFocus(nn.Module):
         # token ids, from the tokenizer (set_vocabulary)
         self.user_id = self.assistant_id = self.focus_id = self.end_id = -1
         self.first_text_id = 0  # ids below this are special tokens (roles, image, padding)
+        # the ids a tool result's user turn starts with: such a turn is not a question (spans)
+        self.tool_result_ids: tuple[int, ...] = ()
         self.slots = 0  # <focus> slots before each answer (the processor's focus_tokens)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -206,6 +249,7 @@ class QuestionFocus(nn.Module):
                    tokenizer.im_start_id, tokenizer.im_end_id, tokenizer.im_newline_id,
                    tokenizer.end_id, *tokenizer.role_ids.values()]  # fmt: skip
         self.first_text_id = max(special) + 1
+        self.tool_result_ids = tool_result_prefix(tokenizer)
         if self.named:
             self.words = AttributeWords(tokenizer)
 
@@ -216,9 +260,12 @@ class QuestionFocus(nn.Module):
         its text tokens (P, L), and which of those L are real (P, L)). A question is the text
         since the last `<|user|>` token before the answer, or since its exchange began when
         exchanges are packed (`segment_ids`: later exchanges share the first one's `<|user|>`
-        token, in the prefix, but must not read its question)."""
+        token, in the prefix, but must not read its question). The answer after a tool's
+        result has the question of the user turn before the call (`answer_questions`'
+        `tool_result_ids`): the result turn is the tool's, not a question."""
         return answer_questions(input_ids, self.user_id, self.assistant_id, self.focus_id,
-                                self.first_text_id, segment_ids)  # fmt: skip
+                                self.first_text_id, segment_ids, self.tool_result_ids,
+                                self.end_id)  # fmt: skip
 
     def questions(
         self, input_ids: Tensor, embed: nn.Embedding, segment_ids: Tensor | None = None
@@ -457,4 +504,5 @@ def per_row(objects: Objects, image_sample_index: Tensor, rows: int) -> Objects:
     return Objects(*(None if field is None else place(field) for field in objects))
 
 
-__all__ = ["COUNT_BINS", "MATCH_BINS", "Objects", "answer_questions", "QuestionFocus", "SIDE_RAMPS", "per_row", "read_for_questions", "read_per_row", "soft_histogram", "spread"]
+__all__ = ["COUNT_BINS", "MATCH_BINS", "Objects", "answer_questions", "QuestionFocus", "SIDE_RAMPS", "per_row",
+           "read_for_questions", "read_per_row", "soft_histogram", "spread", "starts_with", "tool_result_prefix"]
