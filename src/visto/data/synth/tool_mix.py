@@ -38,6 +38,11 @@ answers from its own reader, never from the result (a swapped result: 0.000 foll
 `visto.tools.quote` makes the answer quote the result at decoding time (bench/README.md, "The
 quickstart model through the tool").
 
+Trained on tool exchanges alone, that model forgot to answer reading questions without the
+tool (OCR exact 0.289 with no tool offered, 0.908 before: t17b): `untooled_share` of the
+images with text also come as a sample with no tool offered, their reading questions answered
+directly, as the quickstart's instruct mix asks them.
+
 The OCR tool's definition comes from `visto.data.tool_calls` (data/ sits below tools/ in the
 layer order), which `visto.tools.ocr` builds its Tool from too: the model learns this exact text.
 """
@@ -138,6 +143,10 @@ class ToolMix:
     textless_share: float  # of the images without text, the share drawn into an epoch
     direct_per_image: int  # direct questions asked of an image (at most)
     independent_turns: bool = True  # every question of the image packed (module docstring)
+    # of the images with text, the share that also comes without the tool: its reading
+    # questions answered directly (as the quickstart's instruct mix asks them), so that a
+    # model trained on the mix still answers them when no tool is offered (`untooled_turns`)
+    untooled_share: float = 0.0
 
     def turns(self, record: dict, loc_bins: int, rng: random.Random) -> list[Turn]:
         """The image's exchanges after the system turn that offers the tools: each reading
@@ -152,10 +161,23 @@ class ToolMix:
         turns[0] = Turn("user", f"{IMAGE_PLACEHOLDER}\n{turns[0].content}")
         return with_tools(turns, list(self.tools))
 
+    def untooled_turns(self, record: dict, loc_bins: int, rng: random.Random) -> list[Turn]:
+        """The image's reading questions (the OCR question in one wording) answered directly,
+        then the direct questions shuffled, with no tool offered (no system turn): the
+        conversation the model has when it is asked without tools."""
+        direct = direct_questions(record, loc_bins)
+        rng.shuffle(direct)
+        turns = [Turn(role, text) for q, a in [*reading_questions(record), *direct[: self.direct_per_image]]
+                 for role, text in (("user", q), ("assistant", a))]  # fmt: skip
+        turns[0] = Turn("user", f"{IMAGE_PLACEHOLDER}\n{turns[0].content}")
+        return turns
+
     def samples(self, world_dir: str | Path, split: str, *, seed: int, epoch: int,
                 loc_bins: int, json_boxes: dict[str, list[list[int]]] | None = None) -> Iterator[Sample]:  # fmt: skip
         """One sample per image of `split` with text, and `textless_share` of the others;
         which of those, and the order of the direct questions, drawn from (seed, epoch, image).
+        `untooled_share` of the images with text give a second sample after their first, with
+        no tool offered (`untooled_turns`; its id the image's with "-direct" after it).
         `json_boxes` (by image id) rewrites the boxes of JSON answers, as `Mix.samples` does."""
         from visto.data.images import open_image
         from visto.data.synth.reader import iter_records
@@ -167,16 +189,22 @@ class ToolMix:
                 continue
             if json_boxes and record["id"] in json_boxes:
                 record = with_json_boxes(record, json_boxes[record["id"]])
-            yield Sample(id=record["id"], images=[open_image(world_dir / record["image"])],
-                         turns=self.turns(record, loc_bins, rng), source="synth",
-                         independent_turns=self.independent_turns)  # fmt: skip
+            image = open_image(world_dir / record["image"])
+            yield Sample(id=record["id"], images=[image], turns=self.turns(record, loc_bins, rng),
+                         source="synth", independent_turns=self.independent_turns)  # fmt: skip
+            untooled = random.Random(f"visto-mix/{self.name}/{seed}/{epoch}/{record['id']}/untooled")
+            if reading_questions(record) and untooled.random() < self.untooled_share:
+                yield Sample(id=f"{record['id']}-direct", images=[image],
+                             turns=self.untooled_turns(record, loc_bins, untooled), source="synth",
+                             independent_turns=self.independent_turns)  # fmt: skip
 
     def card(self) -> dict[str, Any]:
         return {"name": self.name, "independent_turns": self.independent_turns,
                 "tasks": list(self.tasks), "description": self.description,
                 "tools": [t["function"]["name"] for t in self.tools],
                 "textless_share": self.textless_share,
-                "direct_per_image": self.direct_per_image}  # fmt: skip
+                "direct_per_image": self.direct_per_image,
+                "untooled_share": self.untooled_share}  # fmt: skip
 
 
 TOOLS_MIX = ToolMix(
@@ -185,11 +213,13 @@ TOOLS_MIX = ToolMix(
     "other questions (VQA, grounding, box -> description) directly, the ocr tool offered in "
     "every sample; an image's reading questions (its OCR question in all three wordings) "
     "and 5 direct ones packed behind one offer and image, images without text at a quarter "
-    "of their share",
+    "of their share; a third of the images with text also asked their reading questions and 5 "
+    "direct ones without the tool offered (so the model still answers them without a tool)",
     ("ocr", "vqa", "ground", "refdesc"),
     tools=(OCR_TOOL,),
     textless_share=0.25,
     direct_per_image=5,
+    untooled_share=1 / 3,
 )
 
 __all__ = ["OCR_ARGUMENTS", "OCR_QUESTIONS", "OCR_TOOL", "TOOLS_MIX", "ToolMix", "direct_questions", "ocr_result",
