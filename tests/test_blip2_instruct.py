@@ -236,3 +236,20 @@ def test_prompt_words_mix_the_decoders_word_embeddings(tokenizer_dir, tmp_path):
     assert load(tmp_path / "ck").config.prompt_words
     with pytest.raises(UserError, match="word mixes"):
         export_hf(model, tmp_path / "hf")
+
+
+def test_instruct_assistant_adds_the_last_slot_to_the_answers_assistant_token(tokenizer_dir):
+    with pytest.raises(UserError, match="set instruct too"):
+        config(tokenizer_dir, instruct=False, instruct_assistant=True)
+    on = build_model("blip2", config(tokenizer_dir, instruct_assistant=True, prompt_words=True), seed=5).eval()
+    off = build_model("blip2", config(tokenizer_dir, prompt_words=True), seed=5).eval()
+    off.load_state_dict(on.state_dict())
+    batch = on.collate([sample(picture())])
+    with_, at = slots_of(on, batch)
+    without, _ = slots_of(off, batch)
+    assistant = at[:, -1] + 1
+    assert (batch["input_ids"][0, assistant] == on.processor.tokenizer.role_ids["assistant"]).all()
+    torch.testing.assert_close(with_[0, assistant], without[0, assistant] + without[0, at[:, -1]])
+    rest = torch.ones(with_.shape[1], dtype=torch.bool)
+    rest[assistant] = False
+    assert torch.equal(with_[0, rest], without[0, rest])

@@ -37,7 +37,8 @@ format are unchanged without them; `export_hf` refuses a model with either):
         added to language_projection(query output), so the prompt speaks the decoder's own
         word space (OSCAR's tags; what the region connector's object tokens do for LLaVA),
         and with the decoder's tied output head a word in the last `<focus>` slot is already
-        that word's logit; its keys are `word_head.*`, new ones.
+        that word's logit; its keys are `word_head.*`, new ones. With `instruct_assistant` the
+        last slot's vector is also added to the answer's `<|assistant|>` token.
 Measured in `visto compare`: bench/README.md, "BLIP-2 in compare".
 
 Stages are recipes (`blip2-stage1.json`, `blip2-stage2.json`); stage 2 starts from stage 1 by
@@ -164,6 +165,11 @@ class Blip2Config:
     # The visual prompt in the decoder's word space (module docstring): each prompt vector is
     # language_projection(q) + softmax(word_head(q)) @ E, E the decoder's input embeddings.
     prompt_words: bool = False
+    # With instruct, the last <focus> slot's prompt vector is also added to the answer's
+    # `<|assistant|>` token, where the answer's first token is predicted (what the region
+    # connector's focus does without slots): through the decoder's tied output head a word
+    # mix there is already that word's logit, so the Q-Former learns from the first step.
+    instruct_assistant: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -185,6 +191,8 @@ class Blip2Config:
             problems.append(f"qformer_input must be one of {QFORMER_INPUTS}, got {self.qformer_input!r}")
         if self.region_slots < 1:
             problems.append("region_slots must be >= 1")
+        if self.instruct_assistant and not self.instruct:
+            problems.append("instruct_assistant adds the instruct slots' last vector to <|assistant|>: set instruct too")
         if problems:
             raise UserError("blip2 config: " + "; ".join(problems))
 
@@ -543,6 +551,8 @@ class Blip2(ConversationFamily, nn.Module):
         slots = self.prompt(out.queries[:, :K]).to(embeds.dtype)  # (P, K, D_lm)
         embeds = embeds.clone()
         embeds[rows[:, None].expand_as(at), at] = slots
+        if self.config.instruct_assistant:  # the answer's first token is predicted at <|assistant|>
+            embeds[rows, at[:, -1] + 1] = embeds[rows, at[:, -1] + 1] + slots[:, -1]
         return embeds
 
     # -- training
