@@ -238,10 +238,12 @@ def test_prompt_words_mix_the_decoders_word_embeddings(tokenizer_dir, tmp_path):
         export_hf(model, tmp_path / "hf")
 
 
-def test_instruct_assistant_adds_the_last_slot_to_the_answers_assistant_token(tokenizer_dir):
+def test_instruct_assistant_adds_the_last_slots_word_mix_to_the_answers_assistant_token(tokenizer_dir):
     with pytest.raises(UserError, match="set instruct too"):
         config(tokenizer_dir, instruct=False, instruct_assistant=True)
     on = build_model("blip2", config(tokenizer_dir, instruct_assistant=True, prompt_words=True), seed=5).eval()
+    with torch.no_grad():  # a word head that is not uniform
+        on.word_head.weight.normal_(std=1.0)
     off = build_model("blip2", config(tokenizer_dir, prompt_words=True), seed=5).eval()
     off.load_state_dict(on.state_dict())
     batch = on.collate([sample(picture())])
@@ -249,7 +251,12 @@ def test_instruct_assistant_adds_the_last_slot_to_the_answers_assistant_token(to
     without, _ = slots_of(off, batch)
     assistant = at[:, -1] + 1
     assert (batch["input_ids"][0, assistant] == on.processor.tokenizer.role_ids["assistant"]).all()
-    torch.testing.assert_close(with_[0, assistant], without[0, assistant] + without[0, at[:, -1]])
+    with torch.no_grad():  # by hand: each answer's instruct pass, its last slot's query -> word mix
+        image = on.qformer_image(batch["pixel_values"])
+        rows, cols, question, real = question_spans(batch["input_ids"], on._question_ids, None)
+        queries = on.qformer(image[[0, 0]], question, real.long(), mode="bidirectional").queries
+        mix = on.word_head(queries[:, K - 1]).softmax(-1) @ on.language_model.model.embed_tokens.weight
+    torch.testing.assert_close(with_[0, assistant], without[0, assistant] + mix)
     rest = torch.ones(with_.shape[1], dtype=torch.bool)
     rest[assistant] = False
     assert torch.equal(with_[0, rest], without[0, rest])

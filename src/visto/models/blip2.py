@@ -38,7 +38,7 @@ format are unchanged without them; `export_hf` refuses a model with either):
         word space (OSCAR's tags; what the region connector's object tokens do for LLaVA),
         and with the decoder's tied output head a word in the last `<focus>` slot is already
         that word's logit; its keys are `word_head.*`, new ones. With `instruct_assistant` the
-        last slot's vector is also added to the answer's `<|assistant|>` token.
+        last slot's word mix is also added to the answer's `<|assistant|>` token.
 Measured in `visto compare`: bench/README.md, "BLIP-2 in compare".
 
 Stages are recipes (`blip2-stage1.json`, `blip2-stage2.json`); stage 2 starts from stage 1 by
@@ -165,9 +165,9 @@ class Blip2Config:
     # The visual prompt in the decoder's word space (module docstring): each prompt vector is
     # language_projection(q) + softmax(word_head(q)) @ E, E the decoder's input embeddings.
     prompt_words: bool = False
-    # With instruct, the last <focus> slot's prompt vector is also added to the answer's
-    # `<|assistant|>` token, where the answer's first token is predicted (what the region
-    # connector's focus does without slots): through the decoder's tied output head a word
+    # With instruct, the last <focus> slot's prompt vector (with prompt_words: its word mix
+    # alone) is also added to the answer's `<|assistant|>` token, where the answer's first
+    # token is predicted (what the region connector's focus does without slots): through the decoder's tied output head a word
     # mix there is already that word's logit, so the Q-Former learns from the first step.
     instruct_assistant: bool = False
 
@@ -489,10 +489,11 @@ class Blip2(ConversationFamily, nn.Module):
         space: language_projection, plus with `prompt_words` a mix of the decoder's word
         embeddings weighted by softmax(word_head)."""
         out = self.language_projection(queries)
-        if self.config.prompt_words:
-            words = self.language_model.model.embed_tokens.weight  # (V, D_lm)
-            out = out + self.word_head(queries).softmax(-1) @ words
-        return out
+        return out + self.word_mix(queries) if self.config.prompt_words else out
+
+    def word_mix(self, queries: Tensor) -> Tensor:
+        """(..., D_q) -> softmax(word_head) @ E, the decoder's word embeddings mixed (..., D_lm)."""
+        return self.word_head(queries).softmax(-1) @ self.language_model.model.embed_tokens.weight
 
     def embed_inputs(
         self,
@@ -552,7 +553,11 @@ class Blip2(ConversationFamily, nn.Module):
         embeds = embeds.clone()
         embeds[rows[:, None].expand_as(at), at] = slots
         if self.config.instruct_assistant:  # the answer's first token is predicted at <|assistant|>
-            embeds[rows, at[:, -1] + 1] = embeds[rows, at[:, -1] + 1] + slots[:, -1]
+            # With prompt_words only the word mix: a word embedding's size, where the projection
+            # (norm ~10 after training, the words' ~0.6) would drown the token in the decoder's norm.
+            last = out.queries[:, K - 1]
+            add = self.word_mix(last) if self.config.prompt_words else self.prompt(last)
+            embeds[rows, at[:, -1] + 1] = embeds[rows, at[:, -1] + 1] + add.to(embeds.dtype)
         return embeds
 
     # -- training
