@@ -21,6 +21,8 @@ reading question is asked in the ways of `--modes`:
 and, for OCR questions, the expert alone: the tool's text, its lines joined by spaces   (c)
 
     <mode>.exact          OCR exact (normalize_ocr, as `visto eval`'s ocr.exact) per question kind
+    read.<mode>.<w>.exact "read" VQA questions that ask for a number / a word ("What number is
+                          written in the image?"), where the question must pick one of the texts
     <mode>.right_tool     tool modes: reading questions on which ocr (the only tool) was called
     <mode>.follows_tool   swap modes, OCR questions: the answer is the other image's text
     <mode>.follows_image  swap modes, OCR questions: the answer is the model's own image's text
@@ -309,6 +311,10 @@ def main() -> int:
             if not done:
                 continue
             figures[f"{kind}.{mode}.exact"] = mean([exact(x[mode], x["a"]) for x in done])
+            for asked in ("number", "word") if kind == "read" else ():
+                figures[f"{kind}.{mode}.{asked}.exact"] = mean(
+                    [exact(x[mode], x["a"]) for x in done if f"What {asked} " in x["q"]]
+                )
             if mode in TOOL_MODES:
                 figures[f"{kind}.{mode}.right_tool"] = mean(
                     [float(bool(x[mode + "_runs"]) and all(c["name"] == "ocr" for c in x[mode + "_runs"]))
