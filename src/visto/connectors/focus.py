@@ -57,7 +57,8 @@ three seeds), while untrained they pick the named object 0.92-0.94 of the time. 
 other maps start at zero, so a fresh focus changes nothing until training finds it useful.
 Every answer gets the focus of its own user turn, so shared-prefix packing (independent
 turns), multi-turn chat and generation (the prompt ends with `<|assistant|>`) all see the same
-thing.
+thing; the answer after a tool's result (a user turn `<tool_response>...`) gets the question
+before the call, not the result (`answer_questions`).
 """
 
 from __future__ import annotations
