@@ -43,9 +43,10 @@ from the cell lines, so that every answer is clear from the picture.
    --set data.replay.share=--replay` (or data.replay=null), then each --set KEY=VALUE (a lever:
    lora.rank, lora.trainable, optim.module_lrs..., data.replay={...}), with num_threads
    --threads, seed --train-seed, optim.lr --lr (default: the recipe's) and no export: the
-   recipe's LoRA (rank 16 on every decoder linear layer, the connector frozen;
-   --freeze-projector sets lora.trainable=[] explicitly, the default before was to train it;
-   --set 'lora.trainable=["multi_modal_projector"]' trains it).
+   recipe's LoRA (rank 16 on every decoder linear layer, the connector at a tenth of the lr:
+   optim.module_lrs {"multi_modal_projector": 1e-4}; --freeze-projector sets
+   lora.trainable=[], as --set 'lora.trainable=[]' does; --set 'optim.module_lrs={}' trains
+   it at the full lr).
    Its finish step runs `visto eval` on the held-out file for the starting model
    (RUN/eval-start) and the trained one (RUN), --eval-n rows. With --questions new,
    `visto eval --data heldout-vqa.parquet` then scores both models on --old-n old questions
@@ -459,8 +460,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, help="optim.lr (default: the recipe's)")
     p.add_argument("--freeze-projector", action="store_true",
-                   help="lora.trainable=[]: adapters only (the recipe's default now; it trained "
-                        "the projector before)")  # fmt: skip
+                   help="lora.trainable=[]: adapters only (the recipe's default trains the "
+                        "projector at a tenth of the lr)")  # fmt: skip
     p.add_argument("--train-seed", type=int, default=0, help="the recipe's seed (order, init)")
     p.add_argument("--eval-n", type=int, default=200, help="held-out questions scored")
     p.add_argument("--old-n", type=int,

@@ -75,8 +75,8 @@ def test_llava_lora_trains_adapters_scores_the_heldout_file_and_exports_merged(s
     assert "blind.vqa.overall" in after and "vqa.count" in after  # scored as the world
     assert "## Example predictions" in (run / "report.md").read_text()
 
-    # Adapters trained, every other weight (the projector too: lora.trainable is empty)
-    # frozen as it was.
+    # Adapters trained (and the connector, at its own lr: lora.trainable), every other
+    # weight frozen as it was.
     tuned, base = visto.load(run / "checkpoint"), visto.load(init)
     assert has_lora(tuned)
     state, base_state = tuned.state_dict(), base.state_dict()
@@ -84,7 +84,7 @@ def test_llava_lora_trains_adapters_scores_the_heldout_file_and_exports_merged(s
     assert b_norms and all(n > 0 for n in b_norms)
     for key, value in state.items():
         original = key.replace(".base_layer.", ".")
-        if "lora_" not in key:
+        if "lora_" not in key and not key.startswith("multi_modal_projector."):
             assert torch.equal(value, base_state[original]), key
 
     # Exported with the adapters merged: plain weights, the same logits.
@@ -301,7 +301,9 @@ def test_bench_levers_share_the_starts_evaluations(start, bench, tmp_path):
     assert (shared / "new" / "eval.json").stat().st_mtime_ns == scored_at  # not scored again
     figures = json.loads((tmp_path / "rank2.json").read_text())
     assert figures["lora"]["rank"] == 2 and figures["settings"] == ["lora.rank=2", "lora.alpha=4"]
-    assert figures["lora"]["trainable"] == []  # the recipe's default: the connector frozen
+    # the recipe's default: the connector trained at a tenth of the lr
+    assert figures["lora"]["trainable"] == ["multi_modal_projector"]
+    assert figures["module_lrs"] == {"multi_modal_projector": 0.0001}
     assert figures["old_vqa"]["paired"]["all"]["questions"] == 10
     assert figures["paired"]["all"]["questions"] == 8
     assert "blind_before" not in figures["paired"]["all"]  # --no-blind
