@@ -142,6 +142,8 @@ def starts_with(input_ids: Tensor, position: Tensor, prefix: Sequence[int]) -> T
     """(B, T) bool: the tokens right after position t are `prefix` (a tool result's user turn
     from its `<|user|>` token on, `answer_questions`)."""
     B, T = input_ids.shape
+    if not 0 < len(prefix) < T:  # a prefix longer than the row fits nowhere
+        return torch.zeros_like(input_ids, dtype=torch.bool)
     hit = position < T - len(prefix)
     for k, token in enumerate(prefix, start=1):
         ahead = torch.full_like(input_ids, -1)
