@@ -225,6 +225,11 @@ def test_prompt_words_mix_the_decoders_word_embeddings(tokenizer_dir, tmp_path):
         expected = model.language_projection(queries[0]) + E[red]
         torch.testing.assert_close(model.image_features(batch["pixel_values"])[0], expected)
         slot = embeds[0, at[0, -1]] - E[red]
+        # by hand: the first answer's instruct pass, its last slot's query through the projection
+        rows, cols, question, real = question_spans(batch["input_ids"], model._question_ids, None)
+        image = model.qformer_image(batch["pixel_values"])
+        last = model.qformer(image[[0]], question[:1], real[:1].long(), mode="bidirectional").queries[0, K - 1]
+        torch.testing.assert_close(slot, model.language_projection(last))
     # the slot's continuous part is language_projection of an instruct query output: not E
     assert slot.abs().sum() > 0
     with torch.no_grad():  # back to the zero start: the mean word, and gradients reach the head

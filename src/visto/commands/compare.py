@@ -63,8 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "4000, the quickstart's: copy a quickstart's world/ and vision/ into --out "
                         "to reuse them; minutes: bench/README.md)")  # fmt: skip
     p.add_argument("--reader-steps", type=int, default=1000,
-                   help="training steps of the shared OCR reader that LLaVA's and CogVLM's object "
-                        "tokens read text with, once, beside the ViT (default 1000)")  # fmt: skip
+                   help="training steps of the shared OCR reader, once, beside the ViT; the "
+                        "families whose recipes read text (compare's LLaVA) read with it "
+                        "(default 1000)")  # fmt: skip
     p.add_argument("--no-credit", action="store_true",
                    help="do not give tower-less families the tower's pretraining time as steps")  # fmt: skip
     p.add_argument("--probe-images", type=int, default=8,

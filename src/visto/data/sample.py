@@ -35,6 +35,19 @@ class Turn:
             raise ValueError(f"turn role must be one of {ROLES}, got {self.role!r}")
 
 
+def exchanges(qas: list[tuple[str, str]]) -> list[Turn]:
+    """(question, answer) pairs -> user and assistant turns, in order."""
+    return [Turn(role, text) for q, a in qas for role, text in (("user", q), ("assistant", a))]
+
+
+def with_image(turns: list[Turn]) -> list[Turn]:
+    """The turns with the image placeholder leading the first (user) turn: one image per
+    conversation, asked about in its first question."""
+    if not turns:
+        return turns
+    return [Turn(turns[0].role, f"{IMAGE_PLACEHOLDER}\n{turns[0].content}"), *turns[1:]]
+
+
 @dataclass
 class Sample:
     id: str

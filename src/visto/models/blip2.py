@@ -35,10 +35,10 @@ format are unchanged without them; `export_hf` refuses a model with either):
     prompt_words  every visual prompt vector also carries a distribution over the decoder's
         words: softmax(word_head(query output)) @ E (E: the decoder's input embeddings) is
         added to language_projection(query output), so the prompt speaks the decoder's own
-        word space (OSCAR's tags; what the region connector's object tokens do for LLaVA),
-        and with the decoder's tied output head a word in the last `<focus>` slot is already
-        that word's logit; its keys are `word_head.*`, new ones. With `instruct_assistant` the
-        last slot's word mix is also added to the answer's `<|assistant|>` token.
+        word space (OSCAR's tags; what the region connector's object tokens do for LLaVA);
+        its keys are `word_head.*`, new ones. With `instruct_assistant` the last slot's word
+        mix is also added to the answer's `<|assistant|>` token, where the answer's first
+        token is predicted, so through the decoder's tied output head it is already a logit.
 Measured in `visto compare`: bench/README.md, "BLIP-2 in compare".
 
 Stages are recipes (`blip2-stage1.json`, `blip2-stage2.json`); stage 2 starts from stage 1 by
@@ -167,8 +167,8 @@ class Blip2Config:
     prompt_words: bool = False
     # With instruct, the last <focus> slot's prompt vector (with prompt_words: its word mix
     # alone) is also added to the answer's `<|assistant|>` token, where the answer's first
-    # token is predicted (what the region connector's focus does without slots): through the decoder's tied output head a word
-    # mix there is already that word's logit, so the Q-Former learns from the first step.
+    # token is predicted (what the region connector's focus does without slots): through the
+    # decoder's tied output head a word mix there is already that word's logit.
     instruct_assistant: bool = False
 
     def __post_init__(self) -> None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from visto.data.sample import Sample, exchanges, with_image
 from visto.data.synth.tasks import with_json_boxes
 from visto.data.synth.tool_mix import TOOLS_MIX
 from visto.data.tokenizer import boxes_to_loc
@@ -86,11 +86,7 @@ def caption_qa(record: dict, rng: random.Random) -> QA:
 
 def conversation(image: Any, qas: list[QA], sample_id: str, *, independent_turns: bool) -> Sample:
     """The exchanges about one image as a Sample: the image leads the first question."""
-    turns: list[Turn] = []
-    for j, (q, a) in enumerate(qas):
-        turns.append(Turn("user", f"{IMAGE_PLACEHOLDER}\n{q}" if j == 0 else q))
-        turns.append(Turn("assistant", a))
-    return Sample(id=sample_id, images=[image], turns=turns, source="synth",
+    return Sample(id=sample_id, images=[image], turns=with_image(exchanges(qas)), source="synth",
                   independent_turns=independent_turns)  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from visto.data.images import open_image
-from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from visto.data.sample import Sample, exchanges, with_image
 from visto.data.synth.config import SPLITS
 from visto.data.synth.generate import TASK_KINDS
 from visto.errors import UserError
@@ -139,10 +139,7 @@ def iter_samples(
         for k, (task, qtype, qas, facts) in enumerate(record_items(record, tasks, rng)):
             if image is None:
                 image = open_image(root / record["image"])
-            turns: list[Turn] = []
-            for j, (q, a) in enumerate(qas):
-                turns.append(Turn("user", f"{IMAGE_PLACEHOLDER}\n{q}" if j == 0 else q))
-                turns.append(Turn("assistant", a))
+            turns = with_image(exchanges(qas))
             truth = {**record["truth"], "task": task, "qtype": qtype, "split": split,
                      "image_id": record["id"], "item": facts}  # fmt: skip
             if task == "segment":  # where the instance mask lies, for the collate

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from visto.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from visto.data.sample import Sample, Turn, exchanges, with_image
 from visto.data.synth.tasks import with_json_boxes
 from visto.data.tokenizer import boxes_to_loc
 from visto.data.tool_calls import (
@@ -152,25 +152,23 @@ class ToolMix:
         """The image's exchanges after the system turn that offers the tools: each reading
         question through the tool, then the direct questions shuffled. The image is in the
         first user turn only (the packing gives it to every exchange)."""
-        direct = direct_questions(record, loc_bins)
-        rng.shuffle(direct)
+        direct = self._direct(record, loc_bins, rng)
         reading = reading_questions(record, all_wordings=True)
         turns = [turn for q, a in reading for turn in tool_exchange(record, q, a)]
-        for q, a in direct[: self.direct_per_image]:
-            turns += [Turn("user", q), Turn("assistant", a)]
-        turns[0] = Turn("user", f"{IMAGE_PLACEHOLDER}\n{turns[0].content}")
-        return with_tools(turns, list(self.tools))
+        return with_tools(with_image([*turns, *exchanges(direct)]), list(self.tools))
 
     def untooled_turns(self, record: dict, loc_bins: int, rng: random.Random) -> list[Turn]:
         """The image's reading questions (the OCR question in one wording) answered directly,
         then the direct questions shuffled, with no tool offered (no system turn): the
         conversation the model has when it is asked without tools."""
+        direct = self._direct(record, loc_bins, rng)
+        return with_image(exchanges([*reading_questions(record), *direct]))
+
+    def _direct(self, record: dict, loc_bins: int, rng: random.Random) -> list[tuple[str, str]]:
+        """The image's direct questions, shuffled by `rng`, at most `direct_per_image`."""
         direct = direct_questions(record, loc_bins)
         rng.shuffle(direct)
-        turns = [Turn(role, text) for q, a in [*reading_questions(record), *direct[: self.direct_per_image]]
-                 for role, text in (("user", q), ("assistant", a))]  # fmt: skip
-        turns[0] = Turn("user", f"{IMAGE_PLACEHOLDER}\n{turns[0].content}")
-        return turns
+        return direct[: self.direct_per_image]
 
     def samples(self, world_dir: str | Path, split: str, *, seed: int, epoch: int,
                 loc_bins: int, json_boxes: dict[str, list[list[int]]] | None = None) -> Iterator[Sample]:  # fmt: skip
