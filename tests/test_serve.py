@@ -286,13 +286,22 @@ def test_client_disconnect_stops_the_generation(url):
 
 
 
-def test_client_disconnect_stops_a_plain_request_too(url):
+def test_client_disconnect_stops_a_plain_request_too(files, tmp_path):
     # Not streamed: the handler polls request.is_disconnected() (blind before the API-key and
     # metrics middleware became plain ASGI), and stops the job when its client has gone.
+    # The job must outlive the client's 0.3 s and the handler's 0.25 s poll on any machine:
+    # 480 tokens x 8 rows took 0.71 s here and finished first on a faster CI machine, so a
+    # 4,096-position model writes 4,000 tokens x 8 rows (about 6 s here).
+    long = make_llava_checkpoint(tmp_path / "tiny-llava" / "checkpoint", context=4096)
+    with running(app_for({**files, "llava": long}, "--batch-wait-ms", "30")) as url:
+        abandon_a_plain_request(url)
+
+
+def abandon_a_plain_request(url: str) -> None:
     name = 'visto_requests_cancelled_total{reason="client_disconnected"}'
     before = metric(httpx.get(url + "/metrics").text, name)
     body = {"model": "tiny-llava", "messages": [{"role": "user", "content": "the red"}],
-            "max_tokens": 480, "n": 8, "ignore_eos": True}  # fmt: skip
+            "max_tokens": 4000, "n": 8, "ignore_eos": True}  # fmt: skip
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/chat/completions", json=body, timeout=0.3)
     deadline = time.monotonic() + 20
