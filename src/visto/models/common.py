@@ -20,11 +20,20 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from visto.connectors.focus import Objects, read_per_row
+from visto.connectors.pointer import (
+    CopySlots,
+    PointerHead,
+    answer_of_position,
+    script_cursors,
+    script_token,
+)
 from visto.data.processor import Processor, ProcessorConfig
 from visto.data.sample import Sample
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.data.tokenizer import Tokenizer, corpus_texts, train_tokenizer
 from visto.errors import UserError
+from visto.losses import IGNORE_INDEX
 from visto.nn.language import Conditioning, DecoderConfig, DecoderLM
 from visto.nn.vision import ViT, ViTConfig
 
@@ -289,3 +298,120 @@ class Objective(NamedTuple):
 
     loss: str
     batches: str
+
+
+# ----------------------------------------------------------------------------- question focus and pointer
+# The region connector's question focus and pointer head (visto.connectors.regions, focus,
+# pointer) as a family runs them around its decoder: LLaVA's `regions` projector and
+# Flamingo's `question_focus`. `connector` is a RegionConnector with its focus on.
+
+
+def focus_with_copies(
+    connector: Any,
+    objects: Objects,
+    embed: Any,
+    input_ids: Tensor,
+    pixel_values: Tensor,
+    image_sample_index: Tensor | None = None,
+    segment_ids: Tensor | None = None,
+) -> tuple[Tensor, CopySlots | None]:
+    """What the focus adds to the token embeddings (B, T, C) of `input_ids` (each answer's
+    named objects in its `<focus>` slots and on its `<|assistant|>` token), and what each
+    answer's slots hold as token ids (one row per `<|assistant|>` token, row-major; None
+    without slots): what the pointer head copies, with the JSON script its row's (first)
+    image's detections write when the connector copies JSON."""
+    if image_sample_index is None:  # one image per row, in order (what the processor makes)
+        image_sample_index = torch.arange(pixel_values.shape[0], device=input_ids.device)
+    focus = connector.focus
+    read = connector.read_words(pixel_values, embed) if connector.read_slots else None
+    added, copies = focus.with_copies(input_ids, embed, objects, image_sample_index, segment_ids, read)
+    if copies is not None and getattr(connector, "copy_json", False):
+        # each answer's script: the JSON its row's (first) image's detections write
+        # (shifted by one through read_per_row: a row without an image gets -1, none)
+        scripts = connector.scripts(objects, pixel_values) + 1
+        script = read_per_row(scripts, image_sample_index=image_sample_index, rows=input_ids.shape[0])[0] - 1
+        copies.script = script[(input_ids == focus.assistant_id).nonzero(as_tuple=True)[0]]
+    return added, copies
+
+
+def pointer_script_next(connector: Any, input_ids: Tensor, copies: CopySlots, b: Tensor, t: Tensor) -> Tensor | None:
+    """Teacher forcing: at answer positions (b, t) (n,), the token each answer's script
+    offers (n,) (-1: none; None: no scripts), the cursor moved over the answer's own tokens
+    up to t as generation moves it (connectors.pointer.script_cursors)."""
+    if copies.script is None or b.numel() == 0:
+        return None
+    assistant = connector.focus.assistant_id
+    open_b, open_t = (input_ids == assistant).nonzero(as_tuple=True)  # (A,): where answers open
+    answer = answer_of_position(input_ids, assistant)[b, t]
+    offset = t - open_t[answer]
+    at = open_t[:, None] + torch.arange(int(offset.max()) + 1, device=input_ids.device)  # (A, L)
+    real = at < input_ids.shape[1]
+    written = input_ids[open_b[:, None], at.clamp(max=input_ids.shape[1] - 1)]
+    cursors = script_cursors(copies.script, written, real)
+    return script_token(copies.script[answer], cursors[answer, offset])
+
+
+def pointer_scored_logits(
+    connector: Any, hidden: Tensor, lm_head: Any, input_ids: Tensor, labels: Tensor, copies: CopySlots | None
+) -> tuple[Tensor, Tensor]:
+    """The decoder's last hidden states (B, T, C) -> the logits at the positions whose next
+    label is scored, in row-major order (n, V), with each answer's slots mixed in by the
+    pointer head, and those labels (n,)."""
+    b, t = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # position t predicts t + 1
+    rows = hidden[b, t]  # (n, C)
+    logits = lm_head(rows)  # (n, V)
+    if copies is not None:
+        answer = answer_of_position(input_ids, connector.focus.assistant_id)[b, t]
+        inside = (answer >= 0).nonzero().flatten()
+        script_next = pointer_script_next(connector, input_ids, copies, b[inside], t[inside])
+        mixed = connector.pointer(rows[inside], logits[inside], copies[answer[inside]],
+                                  input_ids[b, t][inside], script_next)  # fmt: skip
+        logits = logits.index_put((inside,), mixed.to(logits.dtype))
+    return logits, labels[b, t + 1]
+
+
+def pointer_answer_logits(
+    connector: Any, hidden: Tensor, logits: Tensor, input_ids: Tensor, labels: Tensor, copies: CopySlots
+) -> Tensor:
+    """Every position's logits (B, T, V) from the decoder's hidden states (B, T, C), with each
+    answer's slots mixed in where an answer token is predicted (what generation samples from)."""
+    answer = answer_of_position(input_ids, connector.focus.assistant_id)
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    b, t = (predicts & (answer >= 0)).nonzero(as_tuple=True)
+    script_next = pointer_script_next(connector, input_ids, copies, b, t)
+    mixed = connector.pointer(hidden[b, t], logits[b, t], copies[answer[b, t]], input_ids[b, t], script_next)
+    return logits.index_put((b, t), mixed.to(logits.dtype))
+
+
+def last_answer_slots(connector: Any, input_ids: Tensor, copies: CopySlots | None) -> CopySlots:
+    """Per prompt row, the slots of its last `<|assistant|>` token (empty: none, or no image),
+    and the prompt's last token (left-padded: the last column is real): what the answer being
+    generated may copy."""
+    pointer: PointerHead = connector.pointer
+    B, device = input_ids.shape[0], input_ids.device
+    # with a script column, every row has a script (-1: an empty one), so rows merge
+    no_script = torch.full((B, 1), -1, dtype=torch.long, device=device)
+    scripted = pointer.script_key is not None
+    if copies is None or copies.ids.shape[0] == 0:
+        K = pointer.slots
+        return CopySlots(torch.zeros(B, K, 1, dtype=torch.long, device=device),
+                         torch.zeros(B, K, 1, device=device), input_ids[:, -1],
+                         no_script if scripted else None)  # fmt: skip
+    last = answer_of_position(input_ids, connector.focus.assistant_id)[:, -1]
+    picked = copies[last.clamp(min=0)]
+    script = None
+    if scripted:
+        script = (no_script if picked.script is None else picked.script).masked_fill((last < 0)[:, None], -1)
+    return CopySlots(picked.ids, picked.weights * (last >= 0)[:, None, None], input_ids[:, -1], script)
+
+
+def pointer_output_logits(
+    pointer: PointerHead, hidden: Tensor, logits: Tensor, slots: CopySlots, tokens: Tensor | None = None
+) -> Tensor:
+    """The engine's hook after the LM head with a pointer: hidden (B, C) after the final norm,
+    logits (B, V), the rows' slots, and the tokens at these positions (B,) (None: the prompt's
+    last) -> log-probabilities with the slots' tokens mixed in."""
+    script_next = slots.script_next(tokens)  # moves each row's script cursor past `tokens`
+    tokens = slots.prompt_last if tokens is None else tokens
+    return pointer(hidden, logits, slots, tokens, script_next).to(logits.dtype)

@@ -33,14 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visto.connectors.focus import read_per_row
 from visto.connectors.pointer import (
     CopyingState,
     CopySlots,
     PointerHead,
-    answer_of_position,
-    script_cursors,
-    script_token,
 )
 from visto.connectors.projector import (
     LinearProjector,
@@ -52,7 +48,7 @@ from visto.data.processor import Processor, ProcessorConfig
 from visto.data.special_tokens import IMAGE, IMAGE_TOKEN_ID
 from visto.data.tokenizer import DEFAULT_LOC_BINS, Tokenizer
 from visto.errors import UserError
-from visto.losses import IGNORE_INDEX, answer_loss, scored_answer_loss
+from visto.losses import answer_loss, scored_answer_loss
 from visto.models.common import (
     ConversationFamily,
     adopt_parts,
@@ -60,6 +56,11 @@ from visto.models.common import (
     family_preset,
     feature_layer_problems,
     fit_problems,
+    focus_with_copies,
+    last_answer_slots,
+    pointer_answer_logits,
+    pointer_output_logits,
+    pointer_scored_logits,
     prompt_embeds,
     refuse_part_paths,
     refuse_problems,
@@ -289,16 +290,9 @@ class Llava(ConversationFamily, nn.Module):
         embeds = splice_visual_tokens(
             embeds, input_ids, pixel_values, lambda _: visual, image_sample_index, hint=hint
         )
-        if image_sample_index is None:  # one image per row, in order (what the processor makes)
-            image_sample_index = torch.arange(pixel_values.shape[0], device=input_ids.device)
-        read = connector.read_words(pixel_values, embed) if connector.read_slots else None
-        added, copies = focus.with_copies(input_ids, embed, objects, image_sample_index, segment_ids, read)
-        if copies is not None and getattr(connector, "copy_json", False):
-            # each answer's script: the JSON its row's (first) image's detections write
-            # (shifted by one through read_per_row: a row without an image gets -1, none)
-            scripts = connector.scripts(objects, pixel_values) + 1
-            script = read_per_row(scripts, image_sample_index=image_sample_index, rows=input_ids.shape[0])[0] - 1
-            copies.script = script[(input_ids == focus.assistant_id).nonzero(as_tuple=True)[0]]
+        added, copies = focus_with_copies(
+            connector, objects, embed, input_ids, pixel_values, image_sample_index, segment_ids
+        )
         return embeds + added.to(embeds.dtype), copies
 
     @property
@@ -323,17 +317,9 @@ class Llava(ConversationFamily, nn.Module):
             input_ids, batch["pixel_values"], batch.get("image_sample_index"), batch.get("segment_ids"),
         )  # fmt: skip
         hidden = training_logits(self.language_model, embeds, batch, head=False)  # (B, T, C)
-        b, t = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # position t predicts t + 1
-        rows = hidden[b, t]  # (n, C)
-        logits = self.language_model.lm_head(rows)  # (n, V)
-        if copies is not None:
-            answer = answer_of_position(input_ids, self.multi_modal_projector.focus.assistant_id)[b, t]
-            inside = (answer >= 0).nonzero().flatten()
-            script_next = self._script_next(input_ids, copies, b[inside], t[inside])
-            mixed = self.pointer(rows[inside], logits[inside], copies[answer[inside]],
-                                 input_ids[b, t][inside], script_next)  # fmt: skip
-            logits = logits.index_put((inside,), mixed.to(logits.dtype))
-        return logits, labels[b, t + 1]
+        return pointer_scored_logits(
+            self.multi_modal_projector, hidden, self.language_model.lm_head, input_ids, labels, copies
+        )
 
     def answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
         """A collated batch -> the next-token logits (B, T, V) the loss scores: the decoder's,
@@ -347,29 +333,7 @@ class Llava(ConversationFamily, nn.Module):
             return training_logits(self.language_model, embeds, batch)  # (B, T, V)
         hidden = training_logits(self.language_model, embeds, batch, head=False)  # (B, T, C)
         logits = self.language_model.lm_head(hidden)
-        answer = answer_of_position(input_ids, self.multi_modal_projector.focus.assistant_id)
-        predicts = torch.zeros_like(labels, dtype=torch.bool)
-        predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        b, t = (predicts & (answer >= 0)).nonzero(as_tuple=True)
-        script_next = self._script_next(input_ids, copies, b, t)
-        mixed = self.pointer(hidden[b, t], logits[b, t], copies[answer[b, t]], input_ids[b, t], script_next)
-        return logits.index_put((b, t), mixed.to(logits.dtype))
-
-    def _script_next(self, input_ids: Tensor, copies: CopySlots, b: Tensor, t: Tensor) -> Tensor | None:
-        """Teacher forcing: at answer positions (b, t) (n,), the token each answer's script
-        offers (n,) (-1: none; None: no scripts), the cursor moved over the answer's own tokens
-        up to t as generation moves it (connectors.pointer.script_cursors)."""
-        if copies.script is None or b.numel() == 0:
-            return None
-        assistant = self.multi_modal_projector.focus.assistant_id
-        open_b, open_t = (input_ids == assistant).nonzero(as_tuple=True)  # (A,): where answers open
-        answer = answer_of_position(input_ids, assistant)[b, t]
-        offset = t - open_t[answer]
-        at = open_t[:, None] + torch.arange(int(offset.max()) + 1, device=input_ids.device)  # (A, L)
-        real = at < input_ids.shape[1]
-        written = input_ids[open_b[:, None], at.clamp(max=input_ids.shape[1] - 1)]
-        cursors = script_cursors(copies.script, written, real)
-        return script_token(copies.script[answer], cursors[answer, offset])
+        return pointer_answer_logits(self.multi_modal_projector, hidden, logits, input_ids, labels, copies)
 
     # collate and prompt_batch (ConversationFamily): whole conversations by the processor.
 
@@ -387,23 +351,8 @@ class Llava(ConversationFamily, nn.Module):
         return DecoderInputs(embeds, mask, context=self._last_answer_slots(input_ids, copies))
 
     def _last_answer_slots(self, input_ids: Tensor, copies: CopySlots | None) -> CopySlots:
-        """Per row, the slots of its last `<|assistant|>` token (empty: none, or no image),
-        and the prompt's last token (left-padded: the last column is real)."""
-        B, device = input_ids.shape[0], input_ids.device
-        # with a script column, every row has a script (-1: an empty one), so rows merge
-        no_script = torch.full((B, 1), -1, dtype=torch.long, device=device)
-        scripted = self.pointer.script_key is not None
-        if copies is None or copies.ids.shape[0] == 0:
-            K = self.pointer.slots
-            return CopySlots(torch.zeros(B, K, 1, dtype=torch.long, device=device),
-                             torch.zeros(B, K, 1, device=device), input_ids[:, -1],
-                             no_script if scripted else None)  # fmt: skip
-        last = answer_of_position(input_ids, self.multi_modal_projector.focus.assistant_id)[:, -1]
-        picked = copies[last.clamp(min=0)]
-        script = None
-        if scripted:
-            script = (no_script if picked.script is None else picked.script).masked_fill((last < 0)[:, None], -1)
-        return CopySlots(picked.ids, picked.weights * (last >= 0)[:, None, None], input_ids[:, -1], script)
+        """Per row, the slots of its last `<|assistant|>` token (models.common.last_answer_slots)."""
+        return last_answer_slots(self.multi_modal_projector, input_ids, copies)
 
     def output_logits(self, hidden: Tensor, logits: Tensor, context: Any, tokens: Tensor | None = None) -> Tensor:
         """The engine's hook after the LM head: hidden (B, C) after the final norm, logits
@@ -412,9 +361,7 @@ class Llava(ConversationFamily, nn.Module):
         in; the logits unchanged without a pointer)."""
         if self.pointer is None or not isinstance(context, CopySlots):
             return logits
-        script_next = context.script_next(tokens)  # moves each row's script cursor past `tokens`
-        tokens = context.prompt_last if tokens is None else tokens
-        return self.pointer(hidden, logits, context, tokens, script_next).to(logits.dtype)
+        return pointer_output_logits(self.pointer, hidden, logits, context, tokens)
 
     @torch.inference_mode()
     def prefill(self, batch: Any) -> tuple[Tensor, Any]:
