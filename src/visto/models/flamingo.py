@@ -30,6 +30,17 @@ block's weights fused with its norm weights, attention scale and tanh gates fold
 (`GatedStepWeights`, rebuilt at a prefill when a parameter changed); blocks that cannot be
 fused (LoRA, non-fp32) run as written.
 
+With `question_focus` (off by default) Flamingo shares the region connector's question focus
+(visto.connectors.regions, focus, pointer; LLaVA's `regions` projector with focus): the
+frozen tower's dense heads detect objects, each answer's question picks the ones it names
+(named words: no gradient), written into the processor's `<focus>` slots before the answer
+and added to its `<|assistant|>` token, and a pointer head lets the answer copy the slots'
+tokens. The image itself still reaches the decoder Flamingo's way: the resampler reads the
+patch features, the gated blocks read its latents. The connector is the module
+`question_focus` (its keys `question_focus.*`); decoding keeps each row's slots beside its
+images (`FocusedImages`), the pointer mixes them into the fused decode path's logits
+(`output_logits`). Idefics cannot hold it: `export_idefics` refuses it.
+
 Module names follow transformers' `IdeficsForVisionText2Text` (`vision_model`,
 `perceiver_resampler`, `gated_cross_attn_layers`) and LLaVA's `language_model`; `from_idefics`
 loads a transformers Idefics directory whose parts fit (see its docstring for what does not).
@@ -49,6 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visto.connectors.pointer import CopySlots, PointerHead
+from visto.connectors.projector import ProjectorConfig, build_projector
 from visto.connectors.resampler import PerceiverResampler, ResamplerConfig
 from visto.connectors.xattn import (
     GATE_SHAPES,
@@ -60,7 +73,7 @@ from visto.connectors.xattn import (
 from visto.data.processor import Processor, ProcessorConfig
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
-from visto.losses import answer_loss
+from visto.losses import answer_loss, scored_answer_loss
 from visto.models.common import (
     ConversationFamily,
     adopt_parts,
@@ -68,6 +81,11 @@ from visto.models.common import (
     family_preset,
     feature_layer_problems,
     fit_problems,
+    focus_with_copies,
+    last_answer_slots,
+    pointer_answer_logits,
+    pointer_output_logits,
+    pointer_scored_logits,
     refuse_part_paths,
     refuse_problems,
     training_logits,
@@ -81,6 +99,7 @@ PARAM_GROUPS = {
     "xattn": "gated_cross_attn_layers",
     "language": "language_model",
 }
+# With `question_focus`, its region connector is `question_focus` (module_lrs takes the prefix).
 
 
 def _default_processor() -> ProcessorConfig:
@@ -104,6 +123,12 @@ class FlamingoConfig:
     gate: str = "float"  # "float": one alpha per gate; "vector": one per channel
     decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig.preset("small"))
     processor: ProcessorConfig = field(default_factory=_default_processor)
+    # The region connector's question focus beside the resampler (see the module doc): a
+    # projector config of kind "regions" with focus on, as LLaVA's `projector` sets it (its
+    # object tokens are not spliced into the text; `slots` objects are detected), with the
+    # processor's `focus_tokens` <focus> slots before each answer (4 + read_slots). Its dense
+    # heads (and OCR reader) come from the `vision_init` checkpoint. None: plain Flamingo.
+    question_focus: ProjectorConfig | None = None
     # As in LlavaConfig: the tokenizer's source for a fresh model, and pretrained towers read
     # once by visto.pretrained.build_model (a visto CLIP/LLaVA checkpoint or a transformers CLIP
     # directory; a transformers Llama/Qwen2 directory), then forgotten.
@@ -125,8 +150,24 @@ class FlamingoConfig:
                 f"processor.image_tokens must be 1 (one <image> marker per image; the visual "
                 f"tokens are read by cross-attention), got {self.processor.image_tokens}"
             )
+        problems += self.focus_problems()
         if problems:
             raise UserError("flamingo config: " + "; ".join(problems))
+
+    def focus_problems(self) -> list[str]:
+        """Where `question_focus` and the processor's <focus> slots disagree (LLaVA's rule)."""
+        focus, slots = self.question_focus, self.processor.focus_tokens
+        if focus is None:
+            return [f"processor.focus_tokens is {slots} but only question_focus fills <focus> slots; "
+                    "set focus_tokens 0 or question_focus"] if slots else []  # fmt: skip
+        if focus.kind != "regions" or not focus.focus:
+            return [f"question_focus is the region connector's focus: kind 'regions' with focus true "
+                    f"(got kind {focus.kind!r}, focus {focus.focus})"]  # fmt: skip
+        if slots not in (0, 4 + focus.read_slots) or (focus.read_slots and not slots):
+            return [f"question_focus writes {4 + focus.read_slots} <focus> slots before each answer "
+                    f"(the box's 4 and read_slots {focus.read_slots}): set processor.focus_tokens to "
+                    f"{4 + focus.read_slots}" + ("" if focus.read_slots else " or 0")]  # fmt: skip
+        return []
 
     @property
     def image_tokens(self) -> int:
@@ -226,6 +267,23 @@ class ImageContext:
         )
 
 
+@dataclass
+class FocusedImages:
+    """A decoding row's context with `question_focus`'s pointer: the images its gated blocks
+    read, and the `<focus>` slots its answer may copy (the prompt's last answer's)."""
+
+    images: ImageContext
+    slots: CopySlots
+
+    def select(self, rows: Tensor) -> FocusedImages:
+        return FocusedImages(self.images.select(rows), self.slots.select(rows))
+
+    @staticmethod
+    def merge(contexts: list[FocusedImages]) -> FocusedImages:
+        return FocusedImages(ImageContext.merge([c.images for c in contexts]),
+                             CopySlots.merge([c.slots for c in contexts]))  # fmt: skip
+
+
 @dataclass(frozen=True)
 class GatedStepWeights:
     """One gated block's weights as a decoding step multiplies them: transposed to (in, out)
@@ -310,10 +368,17 @@ class FlamingoState:
     """Decoding state of the model's own decode_step: the decoder's KV cache and the images."""
 
     decoder: DecoderState
-    images: ImageContext
+    images: ImageContext | FocusedImages
 
     def select(self, rows: Tensor) -> FlamingoState:
         return FlamingoState(self.decoder.select(rows), self.images.select(rows))
+
+
+def build_focus_connector(config: FlamingoConfig) -> nn.Module:
+    """`question_focus`'s region connector, fresh: patch features at the tower's width in,
+    the decoder's width out (visto.pretrained loads its detector from the vision_init tower)."""
+    assert config.question_focus is not None
+    return build_projector(config.question_focus, config.vision.width, config.decoder.hidden_size)
 
 
 class Flamingo(ConversationFamily, nn.Module):
@@ -322,10 +387,12 @@ class Flamingo(ConversationFamily, nn.Module):
     PARAM_GROUPS = PARAM_GROUPS
 
     def __init__(
-        self, config: FlamingoConfig, vision: ViT | None = None, language: DecoderLM | None = None
+        self, config: FlamingoConfig, vision: ViT | None = None, language: DecoderLM | None = None,
+        focus: nn.Module | None = None,
     ) -> None:
         """`vision` / `language`: pretrained parts built elsewhere (visto.pretrained reads
-        vision_init / language_init), which bring their architectures; else built fresh."""
+        vision_init / language_init), which bring their architectures; else built fresh.
+        `focus`: the `question_focus` connector with the detector of the vision_init tower."""
         super().__init__()
         refuse_part_paths(config, self.family)
         config = adopt_parts(config, vision, language)
@@ -346,6 +413,9 @@ class Flamingo(ConversationFamily, nn.Module):
             for _ in range(num_gated_blocks(dec.num_layers, config.cross_attn_every))
         )
         self.language_model = language if language is not None else DecoderLM(dec)
+        self.question_focus = None
+        if config.question_focus is not None:
+            self.question_focus = focus if focus is not None else build_focus_connector(config)
         # The gated blocks' GatedStepWeights and the parameters they were built from
         # (`step_weights`): refreshed at each prefill, read by every decoding step.
         self._step_weights: tuple[tuple, list[GatedStepWeights] | None] | None = None
@@ -365,19 +435,37 @@ class Flamingo(ConversationFamily, nn.Module):
                 f"the processor makes {p.image_size} px images but the vision tower takes "
                 f"{self.config.vision.image_size} px"
             )
+        if p.focus_tokens != self.config.processor.focus_tokens:
+            raise UserError(
+                f"the processor puts {p.focus_tokens} <focus> slots before each answer but this "
+                f"model fills {self.config.processor.focus_tokens} (question_focus)"
+            )
+        if self.question_focus is not None:
+            self.question_focus.set_vocabulary(processor.tokenizer, p.focus_tokens)
+
+    @property
+    def pointer(self) -> PointerHead | None:
+        """`question_focus`'s pointer head (answers copy the `<focus>` slots' tokens), or None."""
+        return None if self.question_focus is None else self.question_focus.pointer
 
     # -- visual tokens and the media mask
 
-    def visual_tokens(self, pixel_values: Tensor) -> Tensor:
-        """(N_img, 3, S, S) -> (N_img, R, D_v): a fixed number of tokens per image."""
-        features = vision_hidden_state(
-            self.vision_model, pixel_values, self.config.vision_feature_layer,
-            self.config.vision_cls_token,
-        )  # (N_img, P, D_v)
-        return self.perceiver_resampler(features)  # (N_img, R, D_v)
+    def image_states(self, pixel_values: Tensor, keep_cls: bool | None = None) -> Tensor:
+        """(N_img, 3, S, S) -> the tower's hidden state the resampler reads (N_img, P, D_v)
+        (with `vision_cls_token`, CLS first); `keep_cls` False: the patches alone."""
+        keep = self.config.vision_cls_token if keep_cls is None else keep_cls
+        return vision_hidden_state(self.vision_model, pixel_values, self.config.vision_feature_layer, keep)
+
+    def visual_tokens(self, pixel_values: Tensor, states: Tensor | None = None) -> Tensor:
+        """(N_img, 3, S, S) -> (N_img, R, D_v): a fixed number of tokens per image (`states`:
+        the images' `image_states`, when computed already)."""
+        if states is None:
+            states = self.image_states(pixel_values)  # (N_img, P, D_v)
+        return self.perceiver_resampler(states)  # (N_img, R, D_v)
 
     def row_visual_tokens(
-        self, input_ids: Tensor, pixel_values: Tensor, image_sample_index: Tensor
+        self, input_ids: Tensor, pixel_values: Tensor, image_sample_index: Tensor,
+        states: Tensor | None = None,
     ) -> Tensor:
         """Each row's images' visual tokens side by side, (B, M*R, D_v), M = most images in a
         row (at least 1: a row without images gets a slot that no token may read)."""
@@ -394,7 +482,7 @@ class Flamingo(ConversationFamily, nn.Module):
         dtype = self.language_model.lm_head.weight.dtype
         rows = torch.zeros(b, m, r, width, device=input_ids.device, dtype=dtype)  # (B, M, R, D)
         if pixel_values.shape[0]:
-            tokens = self.visual_tokens(pixel_values.to(dtype))  # (N_img, R, D_v)
+            tokens = self.visual_tokens(pixel_values.to(dtype), states)  # (N_img, R, D_v)
             index = image_sample_index.to(input_ids.device)
             # Images arrive in batch order (row 0's first): slot = rank within its row.
             first = torch.cumsum(per_row, 0) - per_row  # (B,) index of each row's first image
@@ -424,23 +512,68 @@ class Flamingo(ConversationFamily, nn.Module):
 
     # -- the forward pass
 
-    def logits(self, batch: dict[str, Tensor]) -> Tensor:
-        """Next-token logits (B, T, V) for a collated (right-padded) batch."""
+    def embed_with_copies(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor,
+        image_sample_index: Tensor,
+        segment_ids: Tensor | None = None,
+    ) -> tuple[Tensor, CopySlots | None, Tensor]:
+        """The decoder's input embeddings (B, T, C) (with `question_focus`, each answer's named
+        objects in its `<focus>` slots and on its `<|assistant|>` token; `segment_ids` of
+        packed exchanges tell it where each exchange's question begins), what each answer's
+        slots hold for the pointer (one row per `<|assistant|>` token; None without slots or
+        images), and each row's visual tokens for the gated blocks (`row_visual_tokens`)."""
+        embeds = self.language_model.embed(input_ids)  # (B, T, C)
+        connector, states, copies = self.question_focus, None, None
+        if connector is not None and pixel_values.shape[0]:
+            pixel_values = pixel_values.to(self.language_model.lm_head.weight.dtype)
+            states = self.image_states(pixel_values)  # one tower pass for both paths
+            patches = self.image_states(pixel_values, keep_cls=False) if self.config.vision_cls_token else states
+            embed = self.language_model.model.embed_tokens
+            objects = connector.objects(patches, embed)
+            added, copies = focus_with_copies(
+                connector, objects, embed, input_ids, pixel_values, image_sample_index, segment_ids
+            )
+            embeds = embeds + added.to(embeds.dtype)
+        visual = self.row_visual_tokens(input_ids, pixel_values, image_sample_index, states)
+        return embeds, copies, visual
+
+    def decoder_outputs(self, batch: dict[str, Tensor], head: bool = True) -> tuple[Tensor, CopySlots | None]:
+        """A collated (right-padded) batch -> the decoder's logits (B, T, V) (`head` False: its
+        last hidden states (B, T, C)) and the answers' slots (`embed_with_copies`)."""
         input_ids = batch["input_ids"]
-        visual = self.row_visual_tokens(
-            input_ids, batch["pixel_values"], batch["image_sample_index"]
+        embeds, copies, visual = self.embed_with_copies(
+            input_ids, batch["pixel_values"], batch["image_sample_index"], batch.get("segment_ids")
         )
         media = self.media(input_ids, visual)
-        return training_logits(
-            self.language_model,
-            self.language_model.embed(input_ids),  # (B, T, C)
-            batch,
-            Conditioning(before_layer=self.cross_attention(media)),
-        )  # (B, T, V)
+        out = training_logits(
+            self.language_model, embeds, batch, Conditioning(before_layer=self.cross_attention(media)), head=head
+        )  # (B, T, V) or (B, T, C)
+        return out, copies
+
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """Next-token logits (B, T, V) for a collated (right-padded) batch; with a pointer head,
+        log-probabilities with each answer's slots mixed in where an answer token is predicted
+        (what generation samples from)."""
+        if self.pointer is None:
+            return self.decoder_outputs(batch)[0]
+        hidden, copies = self.decoder_outputs(batch, head=False)
+        logits = self.language_model.lm_head(hidden)
+        if copies is None:
+            return logits
+        return pointer_answer_logits(self.question_focus, hidden, logits, batch["input_ids"], batch["labels"], copies)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers)."""
-        return answer_loss(self.logits(batch), batch["labels"])
+        """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers).
+        With a pointer head, the LM head and the pointer run on the scored positions only
+        (as LLaVA's `scored_answer_logits`)."""
+        if self.pointer is None:
+            return answer_loss(self.logits(batch), batch["labels"])
+        hidden, copies = self.decoder_outputs(batch, head=False)
+        return scored_answer_loss(*pointer_scored_logits(
+            self.question_focus, hidden, self.language_model.lm_head, batch["input_ids"], batch["labels"], copies
+        ))  # fmt: skip
 
     # collate and prompt_batch (ConversationFamily): whole conversations by the processor.
 
@@ -453,20 +586,22 @@ class Flamingo(ConversationFamily, nn.Module):
         device = self.language_model.lm_head.weight.device
         input_ids = batch_field(batch, "input_ids").to(device)
         with torch.inference_mode():
-            visual = self.row_visual_tokens(
+            embeds, copies, visual = self.embed_with_copies(
                 input_ids, batch_field(batch, "pixel_values").to(device),
                 batch_field(batch, "image_sample_index").to(device),
             )
             visual_kv = {j: b.visual_kv(visual) for j, b in enumerate(self.gated_cross_attn_layers)}
             media = self.media(input_ids, visual, visual_kv)
-            embeds = self.language_model.embed(input_ids)
             self.step_weights(refresh=True)
-        last = torch.cumsum(input_ids == IMAGE_TOKEN_ID, dim=1)[:, -1]  # (B,) each row's last image
+            last = torch.cumsum(input_ids == IMAGE_TOKEN_ID, dim=1)[:, -1]  # (B,) each row's last image
+            context: ImageContext | FocusedImages = ImageContext(visual, last, visual_kv, self.config.image_tokens)
+            if self.pointer is not None:  # what the answer being generated may copy
+                context = FocusedImages(context, last_answer_slots(self.question_focus, input_ids, copies))
         return DecoderInputs(
             embeds,
             batch_field(batch, "attention_mask").to(device),
             Conditioning(before_layer=self.cross_attention(media)),
-            context=ImageContext(visual, last, visual_kv, self.config.image_tokens),
+            context=context,
         )
 
     def step_weights(self, refresh: bool = False) -> list[GatedStepWeights] | None:
@@ -484,11 +619,13 @@ class Flamingo(ConversationFamily, nn.Module):
                 self._step_weights = (signature, fused)  # type: ignore[assignment]
         return self._step_weights[1]
 
-    def decode_conditioning(self, images: ImageContext) -> Conditioning:
+    def decode_conditioning(self, images: ImageContext | FocusedImages) -> Conditioning:
         """What one decoding step's layers read: the gated blocks on each row's last image.
         Everything constant across the steps is computed once: the keys and values of each
         row's last image (`last_image_kv`: no media mask), and the blocks' fused weights with
         their gates folded in (`gated_step`); blocks that cannot be fused run as written."""
+        if isinstance(images, FocusedImages):
+            images = images.images
         weights = self.step_weights()
         if weights is None:
             return Conditioning(before_layer=self.cross_attention(images.step_media()))
@@ -497,19 +634,39 @@ class Flamingo(ConversationFamily, nn.Module):
             j * every: functools.partial(gated_step, w=w, kv=kv[j]) for j, w in enumerate(weights)
         })  # fmt: skip
 
+    def output_logits(self, hidden: Tensor, logits: Tensor, context: Any, tokens: Tensor | None = None) -> Tensor:
+        """The engine's hook after the LM head: hidden (B, C) after the final norm, logits
+        (B, V), the rows' context, the tokens at these positions (B,) (None: the prompt's
+        last) -> what to sample from: with `question_focus`'s pointer, log-probabilities with
+        each row's slots mixed in; else the logits unchanged."""
+        if self.pointer is None or not isinstance(context, FocusedImages):
+            return logits
+        return pointer_output_logits(self.pointer, hidden, logits, context.slots, tokens)
+
     def prefill(self, batch: Any) -> tuple[Tensor, FlamingoState]:
         """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
         inputs = self.prefill_inputs(batch)
-        logits, decoder = self.language_model.prefill_embeds(
-            inputs.embeds, inputs.attention_mask, inputs.conditioning
-        )
+        if self.pointer is None:
+            logits, decoder = self.language_model.prefill_embeds(
+                inputs.embeds, inputs.attention_mask, inputs.conditioning
+            )
+            return logits, FlamingoState(decoder, inputs.context)
+        with torch.inference_mode():
+            hidden, decoder = self.language_model.prefill_embeds(
+                inputs.embeds, inputs.attention_mask, inputs.conditioning, head=False
+            )
+            logits = self.output_logits(hidden, self.language_model.lm_head(hidden), inputs.context)
         return logits, FlamingoState(decoder, inputs.context)
 
     def decode_step(self, next_ids: Tensor, state: FlamingoState) -> tuple[Tensor, FlamingoState]:
         """One token per row (B,): it reads the row's last image, as the tokens before it."""
-        logits, decoder = self.language_model.decode_step(
-            next_ids, state.decoder, self.decode_conditioning(state.images)
-        )
+        conditioning = self.decode_conditioning(state.images)
+        if self.pointer is None:
+            logits, decoder = self.language_model.decode_step(next_ids, state.decoder, conditioning)
+            return logits, FlamingoState(decoder, state.images)
+        with torch.inference_mode():
+            hidden, decoder = self.language_model.decode_step(next_ids, state.decoder, conditioning, head=False)
+            logits = self.output_logits(hidden, self.language_model.lm_head(hidden), state.images, next_ids)
         return logits, FlamingoState(decoder, state.images)
 
 
@@ -709,6 +866,9 @@ def idefics_export_problems(model: Flamingo) -> list[str]:
          f"Idefics puts num_hidden_layers // cross_layer_interval gated blocks: num_layers "
          f"{dec.num_layers} must be a multiple of cross_attn_every {cfg.cross_attn_every}"),
     ]  # fmt: skip
+    if cfg.question_focus is not None:
+        checks.append((False, "Idefics has no question focus (question_focus: the region connector's "
+                       "<focus> slots and pointer head); export a Flamingo without it"))
     return [why for ok, why in checks if not ok]
 
 
@@ -766,8 +926,10 @@ __all__ = [
     "Flamingo",
     "FlamingoConfig",
     "FlamingoState",
+    "FocusedImages",
     "GatedStepWeights",
     "ImageContext",
+    "build_focus_connector",
     "config_from_idefics",
     "export_idefics",
     "from_idefics",
