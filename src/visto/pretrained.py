@@ -38,6 +38,7 @@ from visto.models import FAMILIES, family_config, seeded
 from visto.models.blip2 import Blip2, Blip2Config
 from visto.models.clip import CLIP
 from visto.models.common import PART_PATHS, adopt_parts
+from visto.models.flamingo import FlamingoConfig
 from visto.models.llava import LlavaConfig, build_llava_projector
 from visto.models.transformers_format import (
     image_normalisation,
@@ -100,13 +101,29 @@ def read_parts(config: Any) -> tuple[Any, dict[str, Any]]:
         parts["language"] = DecoderLM.from_pretrained(paths["language_init"])
     if any(paths.values()):
         config = dataclasses.replace(config, **dict.fromkeys(paths))
-    if isinstance(config, Blip2Config) and config.qformer_input == "regions" and paths.get("vision_init"):
-        # the Q-Former reads object tokens: the detector that was trained with the tower
+    blip2_objects = isinstance(config, Blip2Config) and (
+        config.qformer_input == "regions" or config.question_focus is not None
+    )
+    if blip2_objects and paths.get("vision_init"):
+        # the Q-Former (or the question focus) reads object tokens: the detector that was
+        # trained with the tower (and its OCR reader, for the focus's read slots)
         from visto.models.blip2 import build_regions
 
         regions = build_regions(adopt_parts(config, parts["vision"], parts.get("language")))
-        regions.heads.load_state_dict(load_region_detector(paths["vision_init"]).heads.state_dict())
+        detector = load_region_detector(paths["vision_init"])
+        regions.heads.load_state_dict(detector.heads.state_dict())
+        if regions.read_slots:
+            if getattr(detector, "reader", None) is None:
+                raise UserError(f"question_focus read_slots reads text with the OCR reader trained beside "
+                                f"its vision tower, and {paths['vision_init']} has none; set read_slots 0")  # fmt: skip
+            regions.reader.load_state_dict(detector.reader.state_dict())
         parts["regions"] = regions
+    if isinstance(config, FlamingoConfig) and config.question_focus is not None and paths.get("vision_init"):
+        # the question focus reads objects with the detector that was trained with the tower
+        from visto.models.flamingo import build_focus_connector
+
+        focus = build_focus_connector(adopt_parts(config, parts["vision"], parts.get("language")))
+        parts["focus"] = with_region_detector(focus, paths["vision_init"])
     if isinstance(config, LlavaConfig) and config.projector.kind == "regions" and paths.get("vision_init"):
         # object tokens need the detector that was trained with the tower
         parts["projector"] = regions_projector(
@@ -222,16 +239,22 @@ def same_normalisation(
 def regions_projector(config: LlavaConfig, path: str | Path) -> nn.Module:
     """A LLaVA's fresh `regions` connector with the object detector (dense heads) and, if it
     reads text, the OCR reader of the checkpoint its tower comes from (`load_region_detector`)."""
-    projector = build_llava_projector(config)
     # Read after the fresh connector is built, as LLaVA built it before: the seeded draws for
     # the decoder that follows stay what they were.
+    return with_region_detector(build_llava_projector(config), path)
+
+
+def with_region_detector(projector: nn.Module, path: str | Path) -> nn.Module:
+    """A fresh region connector (LLaVA's `regions` projector, Flamingo's `question_focus`)
+    with the object detector (dense heads) and, if it reads text, the OCR reader of the
+    checkpoint its tower comes from (`load_region_detector`)."""
     detector = load_region_detector(path)
     projector.heads.load_state_dict(detector.heads.state_dict())
-    if config.projector.text_slots or config.projector.read_slots:
+    if projector.text_slots or projector.read_slots:
         if getattr(detector, "reader", None) is None:
-            setting = "text_slots" if config.projector.text_slots else "read_slots"
+            setting = "text_slots" if projector.text_slots else "read_slots"
             raise UserError(
-                f"projector {setting} {getattr(config.projector, setting)} reads text with the OCR "
+                f"projector {setting} {getattr(projector, setting)} reads text with the OCR "
                 f"reader trained beside its vision tower, and {path} has none; make a tower with one: "
                 f"`visto quickstart --out DIR --until vision` (read slots are on by default), or set {setting} 0"
             )
