@@ -21,8 +21,8 @@ at the `<image>` ids (the processor puts `num_queries` of them per image), then 
 on the answers. Generation is the LLaVA engine protocol: `prompt_batch`, `prefill`,
 `decode_step`, so `visto chat`, `visto eval` and `visto serve` need nothing BLIP-2-specific.
 
-Two options beyond the paper, both off by default (their checkpoints and the transformers
-format are unchanged without them; `export_hf` refuses a model with either):
+Options beyond the paper, all off by default (their checkpoints and the transformers format
+are unchanged without them; `export_hf` refuses a model with any):
     qformer_input "regions"  the queries cross-attend the object tokens of the region
         connector (connectors.regions: one token per object the dense heads of the
         `vision_init` tower detect, its attributes as the decoder's word embeddings) instead of
@@ -39,6 +39,15 @@ format are unchanged without them; `export_hf` refuses a model with either):
         its keys are `word_head.*`, new ones. With `instruct_assistant` the last slot's word
         mix is also added to the answer's `<|assistant|>` token, where the answer's first
         token is predicted, so through the decoder's tied output head it is already a logit.
+    question_focus  the region connector's question focus and pointer (connectors.focus,
+        named, pointer; LLaVA's `regions` projector settings): each answer's question picks
+        the objects it names (by word identity, no gradient), and they reach the decoder in
+        that answer's `<focus>` slots (their box's location tokens, what the OCR reader read)
+        and on its `<|assistant|>` token, where a pointer head lets the answer copy the slots'
+        tokens; the soft visual prompt at `<image>` stays the Q-Former's (over the patches, or
+        over the same object tokens with qformer_input "regions"). Training, eval and the
+        generation engine run it as LLaVA does (models.common's focus and pointer functions);
+        its keys are `regions.*`.
 Measured in `visto compare`: bench/README.md, "BLIP-2 in compare".
 
 Stages are recipes (`blip2-stage1.json`, `blip2-stage2.json`); stage 2 starts from stage 1 by
@@ -68,6 +77,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visto.connectors.focus import answer_questions
+from visto.connectors.pointer import CopyingState, CopySlots, PointerHead
+from visto.connectors.projector import ProjectorConfig, build_projector
 from visto.connectors.qformer import QFormer, QFormerConfig
 from visto.connectors.regions import RegionConnector
 from visto.data.pairs import caption_of, image_key
@@ -75,18 +86,31 @@ from visto.data.processor import IGNORE_INDEX, Processor, ProcessorConfig
 from visto.data.sample import Sample
 from visto.data.special_tokens import IMAGE, IMAGE_TOKEN_ID
 from visto.errors import UserError
-from visto.losses import answer_loss, batch_ids, itm_loss, lm_loss, pair_positives
+from visto.losses import (
+    answer_loss,
+    batch_ids,
+    itm_loss,
+    lm_loss,
+    pair_positives,
+    scored_answer_loss,
+)
 from visto.models.common import (
     ConversationFamily,
     Objective,
     adopt_parts,
+    batch_field,
     family_preset,
+    focus_with_copies,
+    last_answer_slots,
+    pointer_answer_logits,
+    pointer_output_logits,
+    pointer_scored_logits,
     prompt_embeds,
     refuse_part_paths,
     splice_visual_tokens,
     training_logits,
 )
-from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
+from visto.nn.language import DecoderConfig, DecoderInputs, DecoderLM
 from visto.nn.vision import CLIP_MEAN, CLIP_STD, ViT, ViTConfig
 
 STAGE1_LOSSES = ("itc", "itm", "itg")
@@ -170,6 +194,14 @@ class Blip2Config:
     # token is predicted (what the region connector's focus does without slots): through the
     # decoder's tied output head a word mix there is already that word's logit.
     instruct_assistant: bool = False
+    # The region connector's question focus (connectors.focus, named, pointer: the settings of
+    # LLaVA's `projector` block, kind "regions" with focus), in front of BLIP-2's decoder: each
+    # answer's `<focus>` slots and `<|assistant|>` token hold what its question names of the
+    # object tokens (their box's and the read text's tokens, the named words), and with
+    # `pointer` the answer may copy them. The visual prompt at `<image>` stays the Q-Former's
+    # query outputs (over the patches, or with qformer_input "regions" over the same object
+    # tokens). None: off. Its keys are `regions.*` (the connector's).
+    question_focus: ProjectorConfig | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -193,6 +225,18 @@ class Blip2Config:
             problems.append("region_slots must be >= 1")
         if self.instruct_assistant and not self.instruct:
             problems.append("instruct_assistant adds the instruct slots' last vector to <|assistant|>: set instruct too")
+        f = self.question_focus
+        if f is not None:
+            if f.kind != "regions" or not f.focus:
+                problems.append("question_focus is the region connector's focus: set its kind 'regions' and focus true")
+            if self.instruct:
+                problems.append("question_focus and instruct both fill the <focus> slots: set one")
+            if self.qformer_input == "regions" and f.slots != self.region_slots:
+                problems.append(f"the Q-Former reads the question focus's object tokens: question_focus.slots "
+                                f"{f.slots} and region_slots {self.region_slots} must agree")  # fmt: skip
+            if self.qformer_input == "patches" and (f.box_tokens or f.text_slots):
+                problems.append("question_focus box_tokens and text_slots shape the object tokens the Q-Former "
+                                "reads only with qformer_input 'regions'; set them off")  # fmt: skip
         if problems:
             raise UserError("blip2 config: " + "; ".join(problems))
 
@@ -212,14 +256,23 @@ class Blip2Config:
                 f"processor.image_tokens {p.image_tokens} but the Q-Former makes "
                 f"{self.qformer.num_queries} query outputs per image"
             )
+        f = self.question_focus
+        if f is not None and (p.focus_tokens not in (0, 4 + f.read_slots) or (f.read_slots and not p.focus_tokens)):
+            problems.append(
+                f"question_focus writes the box's 4 and {f.read_slots} read tokens into the <focus> slots "
+                f"before each answer: processor.focus_tokens must be {4 + f.read_slots}"
+                + ("" if f.read_slots else " or 0")
+                + f", got {p.focus_tokens}"
+            )
         if self.instruct and not 1 <= p.focus_tokens <= self.qformer.num_queries:
             problems.append(
                 f"instruct writes query outputs into the <focus> slots before each answer: "
                 f"processor.focus_tokens must be 1 to {self.qformer.num_queries} (num_queries), "
                 f"got {p.focus_tokens}"
             )
-        if p.focus_tokens and not self.instruct:
-            problems.append(f"processor.focus_tokens is {p.focus_tokens} but only instruct fills <focus> slots")
+        if p.focus_tokens and not (self.instruct or f is not None):
+            problems.append(f"processor.focus_tokens is {p.focus_tokens} but only instruct fills <focus> slots "
+                            "(or question_focus)")  # fmt: skip
         for name, size in (("decoder", self.decoder.vocab_size), ("qformer", self.qformer.vocab_size)):
             if p.vocab_size > size:
                 problems.append(f"processor.vocab_size {p.vocab_size} exceeds {name}.vocab_size {size}")
@@ -298,7 +351,13 @@ def mine_hard_negatives(
 def build_regions(config: Blip2Config) -> RegionConnector:
     """The region connector the Q-Former reads with qformer_input "regions": patch features at
     the tower's width in, `region_slots` object tokens at the decoder's width out (its dense
-    heads fresh here; visto.pretrained loads those of the `vision_init` tower)."""
+    heads fresh here; visto.pretrained loads those of the `vision_init` tower). With
+    `question_focus`, the connector those settings make, as LLaVA's `regions` projector
+    builds it (`build_projector`), its focus and pointer on."""
+    if config.question_focus is not None:
+        connector = build_projector(config.question_focus, config.vision.width, config.decoder.hidden_size)
+        assert isinstance(connector, RegionConnector)
+        return connector
     return RegionConnector(config.vision.width, config.decoder.hidden_size, config.region_slots)
 
 
@@ -407,7 +466,8 @@ class Blip2(ConversationFamily, nn.Module):
         for head in (self.vision_projection, self.text_projection, self.itm_head, self.language_projection):
             nn.init.normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
-        if by_regions:  # object tokens at the decoder's width, read by the Q-Former
+        if by_regions or config.question_focus is not None:
+            # object tokens at the decoder's width, read by the Q-Former and/or the question focus
             self.regions = regions if regions is not None else build_regions(config)
         # token ids the instruction-aware queries find each answer's question by (accept_processor)
         self._question_ids: QuestionIds | None = None
@@ -443,13 +503,15 @@ class Blip2(ConversationFamily, nn.Module):
                 f"Q-Former makes {cfg.qformer.num_queries} query outputs; set processor.image_tokens "
                 f"= qformer.num_queries"
             )
-        if processor.config.focus_tokens != (cfg.processor.focus_tokens if cfg.instruct else 0):
+        fills = cfg.processor.focus_tokens if (cfg.instruct or cfg.question_focus is not None) else 0
+        if processor.config.focus_tokens != fills:
             raise UserError(
                 f"the processor puts {processor.config.focus_tokens} <focus> slots before each answer "
-                f"but this model fills {cfg.processor.focus_tokens if cfg.instruct else 0} "
-                "(instruct: processor.focus_tokens)"
+                f"but this model fills {fills} (instruct or question_focus: processor.focus_tokens)"
             )
-        if cfg.qformer_input == "regions":
+        if cfg.question_focus is not None:
+            self.regions.set_vocabulary(processor.tokenizer, processor.config.focus_tokens)
+        elif cfg.qformer_input == "regions":
             self.regions.set_vocabulary(processor.tokenizer)
         if cfg.instruct:
             self._question_ids = QuestionIds.of(processor.tokenizer)
@@ -504,20 +566,61 @@ class Blip2(ConversationFamily, nn.Module):
     ) -> Tensor:
         """Token embeddings (B, T, D_lm), the k-th `<image>` id (row-major) holding the k-th
         visual prompt vector (images in batch order, Q ids each); with `instruct`, each
-        answer's `<focus>` slots holding its question's query outputs (`segment_ids` of packed
+        answer's `<focus>` slots holding its question's query outputs, and with
+        `question_focus` what the region connector's focus adds (`segment_ids` of packed
         exchanges tell where each exchange's question begins)."""
+        return self.embed_with_copies(input_ids, pixel_values, image_sample_index, segment_ids)[0]
+
+    def embed_with_copies(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor,
+        image_sample_index: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+    ) -> tuple[Tensor, CopySlots | None]:
+        """`embed_inputs`, and with `question_focus` what each answer's `<focus>` slots hold as
+        token ids (one row per `<|assistant|>` token, row-major; None without the focus's slots
+        or images): what the pointer head copies (connectors.pointer)."""
         embeds = self.language_model.embed(input_ids)  # (B, T, C)
+        hint = " (one per Q-Former query)"
+        connector = self.focus_connector
+        if connector is not None and pixel_values.shape[0] > 0:
+            # the objects, detected once: the focus reads them, and with qformer_input "regions"
+            # the Q-Former too; the soft prompt at <image> is the Q-Former's either way
+            embed = self.language_model.model.embed_tokens
+            features = self.vision_model(pixel_values, feature_layer=-1, pooled=False).features
+            objects = connector.objects(features, embed)
+            if self.config.qformer_input == "regions":
+                image = connector.visual_tokens(objects, embed, pixel_values)
+            else:
+                image = self.image_embeds(pixel_values)
+            embeds = splice_visual_tokens(
+                embeds, input_ids, pixel_values, lambda _: self.prompt(self._queries(image)),
+                image_sample_index, hint=hint,
+            )  # fmt: skip
+            added, copies = focus_with_copies(connector, objects, embed, input_ids, pixel_values,
+                                              image_sample_index, segment_ids)  # fmt: skip
+            return embeds + added.to(embeds.dtype), copies
         if not self.config.instruct or pixel_values.shape[0] == 0:
             return splice_visual_tokens(
-                embeds, input_ids, pixel_values, self.image_features, image_sample_index,
-                hint=" (one per Q-Former query)",
-            )  # fmt: skip
+                embeds, input_ids, pixel_values, self.image_features, image_sample_index, hint=hint,
+            ), None  # fmt: skip
         image = self.qformer_image(pixel_values)  # read once, by both passes
         embeds = splice_visual_tokens(
             embeds, input_ids, pixel_values, lambda _: self.prompt(self._queries(image)),
-            image_sample_index, hint=" (one per Q-Former query)",
+            image_sample_index, hint=hint,
         )  # fmt: skip
-        return self._instruct_slots(embeds, input_ids, image, image_sample_index, segment_ids)
+        return self._instruct_slots(embeds, input_ids, image, image_sample_index, segment_ids), None
+
+    @property
+    def focus_connector(self) -> RegionConnector | None:
+        """The region connector whose question focus fills the `<focus>` slots (question_focus), or None."""
+        return self.regions if self.config.question_focus is not None else None
+
+    @property
+    def pointer(self) -> PointerHead | None:
+        """The focus connector's pointer head (answers copy the `<focus>` slots' tokens), or None."""
+        return getattr(self.focus_connector, "pointer", None)
 
     def _queries(self, image: Tensor) -> Tensor:
         out = self.qformer(image)
@@ -579,14 +682,37 @@ class Blip2(ConversationFamily, nn.Module):
         return getattr(self, self.OBJECTIVES[self.default_objective].loss)(batch)
 
     def generative_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Stage 2: next-token CE on the answers, the visual prompt at the <image> ids."""
-        embeds = self.embed_inputs(
-            batch["input_ids"], batch["pixel_values"], batch.get("image_sample_index"),
-            batch.get("segment_ids"),
-        )
-        logits = training_logits(self.language_model, embeds, batch)  # (B, T, V)
-        out = answer_loss(logits, batch["labels"])
+        """Stage 2: next-token CE on the answers, the visual prompt at the <image> ids. With
+        the focus's pointer head, on the scored positions only, the slots' tokens mixed in
+        (`scored_answer_logits`, as LLaVA's)."""
+        if self.pointer is not None:
+            out = scored_answer_loss(*self.scored_answer_logits(batch))
+        else:
+            out = answer_loss(self.answer_logits(batch), batch["labels"])
         return {**out, "lm": out["loss"].detach()}
+
+    def scored_answer_logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """`answer_logits` at the positions whose next label is scored, in row-major order
+        (n, V), and those labels (n,) (models.common.pointer_scored_logits)."""
+        embeds, copies = self.embed_with_copies(
+            batch["input_ids"], batch["pixel_values"], batch.get("image_sample_index"), batch.get("segment_ids"),
+        )  # fmt: skip
+        hidden = training_logits(self.language_model, embeds, batch, head=False)  # (B, T, C)
+        return pointer_scored_logits(self.focus_connector, hidden, self.language_model.lm_head,
+                                     batch["input_ids"], batch["labels"], copies)  # fmt: skip
+
+    def answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """A collated batch -> the next-token logits (B, T, V) the loss scores: the decoder's,
+        and with the focus's pointer head, log-probabilities with each answer's slots mixed in
+        where an answer token is predicted (what generation samples from)."""
+        embeds, copies = self.embed_with_copies(
+            batch["input_ids"], batch["pixel_values"], batch.get("image_sample_index"), batch.get("segment_ids"),
+        )  # fmt: skip
+        if self.pointer is None or copies is None:
+            return training_logits(self.language_model, embeds, batch)  # (B, T, V)
+        hidden = training_logits(self.language_model, embeds, batch, head=False)  # (B, T, C)
+        return pointer_answer_logits(self.focus_connector, hidden, self.language_model.lm_head(hidden),
+                                     batch["input_ids"], batch["labels"], copies)  # fmt: skip
 
     def representation_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Stage 1: the sum of the configured ITC, ITM and ITG losses (module docstring)."""
@@ -701,12 +827,41 @@ class Blip2(ConversationFamily, nn.Module):
 
     # prompt_batch (ConversationFamily): whole conversations by the processor, left padding.
 
-    def prefill(self, batch: Any) -> tuple[Tensor, DecoderState]:
-        """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
-        return self.language_model.prefill_embeds(*prompt_embeds(self, batch))
+    def prefill_inputs(self, batch: Any) -> tuple[Tensor, Tensor] | DecoderInputs:
+        """A left-padded batch (processor `Batch` or dict) -> the decoder's input embeddings
+        (B, T, C) and attention mask (B, T) (the engine's fast path runs the decoder on them).
+        With the focus's pointer head, `DecoderInputs` whose per-row context is what the answer
+        being generated may copy (`output_logits` mixes it in), as LLaVA's."""
+        if self.pointer is None:
+            return prompt_embeds(self, batch)
+        (embeds, copies), mask = prompt_embeds(self, batch, self.embed_with_copies)
+        input_ids = batch_field(batch, "input_ids").to(mask.device)
+        return DecoderInputs(embeds, mask, context=last_answer_slots(self.focus_connector, input_ids, copies))
 
-    def decode_step(self, next_ids: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
-        return self.language_model.decode_step(next_ids, state)
+    def output_logits(self, hidden: Tensor, logits: Tensor, context: Any, tokens: Tensor | None = None) -> Tensor:
+        """The engine's hook after the LM head: with the focus's pointer head, the rows'
+        `CopySlots` mixed in (models.common.pointer_output_logits); else the logits unchanged."""
+        if self.pointer is None or not isinstance(context, CopySlots):
+            return logits
+        return pointer_output_logits(self.pointer, hidden, logits, context, tokens)
+
+    @torch.inference_mode()
+    def prefill(self, batch: Any) -> tuple[Tensor, Any]:
+        """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
+        inputs = self.prefill_inputs(batch)
+        if not isinstance(inputs, DecoderInputs):
+            return self.language_model.prefill_embeds(*inputs)
+        hidden, state = self.language_model.prefill_embeds(inputs.embeds, inputs.attention_mask, head=False)
+        logits = self.output_logits(hidden, self.language_model.lm_head(hidden), inputs.context)
+        return logits, CopyingState(state, inputs.context)
+
+    @torch.inference_mode()
+    def decode_step(self, next_ids: Tensor, state: Any) -> tuple[Tensor, Any]:
+        if not isinstance(state, CopyingState):
+            return self.language_model.decode_step(next_ids, state)
+        hidden, decoder = self.language_model.decode_step(next_ids, state.decoder, head=False)
+        logits = self.output_logits(hidden, self.language_model.lm_head(hidden), state.slots, next_ids)
+        return logits, CopyingState(decoder, state.slots)
 
 
 # ----------------------------------------------------------------------------- transformers format
@@ -887,6 +1042,10 @@ def export_hf(model: Blip2, directory: str | Path) -> Path:
         *(["its queries are instruction-aware (instruct: the question joins them before each "
            "answer, into <focus> slots), which transformers' Blip2ForConditionalGeneration does "
            "not do: keep it as a visto checkpoint"] if cfg.instruct else []),
+        *(["it has the region connector's question focus (question_focus: the named objects, their "
+           "box and read tokens in <focus> slots before each answer, and a pointer head), which "
+           "transformers' Blip2ForConditionalGeneration has no place for: keep it as a visto "
+           "checkpoint"] if cfg.question_focus is not None else []),
         *(["its visual prompt carries word mixes (prompt_words: word_head over the decoder's "
            "embeddings), which transformers' BLIP-2 has no place for: keep it as a visto "
            "checkpoint"] if cfg.prompt_words else []),
