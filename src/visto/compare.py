@@ -381,9 +381,12 @@ def train_family(family: str, cfg: CompareConfig, out: Path, world_dir: Path, vi
     recipe = load_recipe(f"compare-{family}", overrides)
     assert recipe.max_steps is not None, f"compare-{family}.json needs max_steps"
     # A connector that copies the JSON its detector writes learns from JSON labels with the
-    # boxes that detector (frozen, the shared tower's) finds, as the quickstart's stage 2 does.
+    # boxes that detector (frozen, the shared tower's) finds, as the quickstart's stage 2 does
+    # (LLaVA's `projector`, or a family's `question_focus`: BLIP-2's, Flamingo's).
     boxes = out / family / "json-boxes.jsonl"
-    copies_json = takes_tower and (recipe.model.config or {}).get("projector", {}).get("copy_json", False)
+    model_config = recipe.model.config or {}
+    copies_json = takes_tower and any((model_config.get(key) or {}).get("copy_json", False)
+                                      for key in ("projector", "question_focus"))  # fmt: skip
     if copies_json:
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, json_boxes=str(boxes)))
     steps, budget_minutes = family_budget(cfg, recipe.max_steps, takes_tower)
