@@ -70,10 +70,10 @@ def sample(colour, answer: str | None = None, question: str = "Read the text.") 
     return Sample("s", [Image.new("RGB", (32, 32), colour)], turns)
 
 
-def trained(tokenizer, steps: int = 40):
+def trained(tokenizer, steps: int = 40, **overrides):
     """Trained on reading: each image's answer is what its reader read (a copy)."""
     torch.manual_seed(0)
-    model = focused(tokenizer)
+    model = focused(tokenizer, **overrides)
     batch = model.collate([sample(c, text) for c, text in READS.items()])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(steps):
@@ -89,6 +89,8 @@ def test_config_and_export_refuse_what_they_cannot_hold(tokenizer):
         FlamingoConfig.preset("tiny", question_focus=ProjectorConfig(**FOCUS))
     with pytest.raises(UserError, match="only question_focus fills <focus> slots"):
         FlamingoConfig.preset("tiny", processor=ProcessorConfig(image_size=32, image_tokens=1, focus_tokens=8))
+    with pytest.raises(UserError, match="resampler_input 'objects' reads question_focus"):
+        FlamingoConfig.preset("tiny", resampler_input="objects")
     with pytest.raises(UserError, match="kind 'regions' with focus true"):
         config(tokenizer, question_focus=ProjectorConfig(kind="regions"))
     model = focused(tokenizer)
@@ -99,8 +101,9 @@ def test_config_and_export_refuse_what_they_cannot_hold(tokenizer):
         export_idefics(model, "/nonexistent/never-written")
 
 
-def test_a_training_step_reaches_the_focus_the_pointer_and_the_gated_blocks(tokenizer):
-    model = focused(tokenizer)
+@pytest.mark.parametrize("reads", ["patches", "objects"])
+def test_a_training_step_reaches_the_focus_the_pointer_and_the_gated_blocks(tokenizer, reads):
+    model = focused(tokenizer, resampler_input=reads)
     with torch.no_grad():  # open gates, as after training: the resampler gets a gradient too
         for block in model.gated_cross_attn_layers:
             block.alpha_cross_attn.fill_(0.5)
@@ -160,13 +163,19 @@ def test_answers_change_with_the_image_and_decoding_equals_a_full_forward(tokeni
     assert (logits - swapped).abs().max() > 1e-3
 
 
-def test_fast_path_logits_match_the_models_own_decoding_with_rows_joining(tokenizer):
+@pytest.mark.parametrize("reads", ["patches", "objects"])
+def test_fast_path_logits_match_the_models_own_decoding_with_rows_joining(tokenizer, reads):
     """The engine's runner (fused gated steps, the pointer on its output logits) and the
     model's own prefill/decode_step agree within 1e-5 at every step; rows keep their slots
     when selected and merged."""
     from visto.infer.runner import DecoderRunner
 
-    model, _, _ = trained(tokenizer, steps=10)
+    model, _, _ = trained(tokenizer, steps=10, resampler_input=reads)
+    if reads == "objects":  # the resampler reads the object tokens, at the decoder's width
+        assert model.perceiver_resampler.dim == model.config.decoder.hidden_size
+    with torch.no_grad():  # gates open: the images' keys and values count in every step
+        for block in model.gated_cross_attn_layers:
+            block.alpha_cross_attn.fill_(1.0)
     prompts = model.prompt_batch([sample(c) for c in READS])
     runner = DecoderRunner.for_model(model)
     fast, fast_state = runner.prefill(prompts)

@@ -129,6 +129,10 @@ class FlamingoConfig:
     # processor's `focus_tokens` <focus> slots before each answer (4 + read_slots). Its dense
     # heads (and OCR reader) come from the `vision_init` checkpoint. None: plain Flamingo.
     question_focus: ProjectorConfig | None = None
+    # What the resampler reads: "patches", the tower's hidden state (Flamingo's), or, with
+    # question_focus, "objects", its region connector's object tokens at the decoder's width
+    # (`slots` per image; the resampler and the gated blocks' keys and values at that width).
+    resampler_input: str = "patches"
     # As in LlavaConfig: the tokenizer's source for a fresh model, and pretrained towers read
     # once by visto.pretrained.build_model (a visto CLIP/LLaVA checkpoint or a transformers CLIP
     # directory; a transformers Llama/Qwen2 directory), then forgotten.
@@ -157,6 +161,10 @@ class FlamingoConfig:
     def focus_problems(self) -> list[str]:
         """Where `question_focus` and the processor's <focus> slots disagree (LLaVA's rule)."""
         focus, slots = self.question_focus, self.processor.focus_tokens
+        if self.resampler_input not in ("patches", "objects"):
+            return [f"resampler_input must be 'patches' or 'objects', got {self.resampler_input!r}"]
+        if self.resampler_input == "objects" and focus is None:
+            return ["resampler_input 'objects' reads question_focus's object tokens: set question_focus"]
         if focus is None:
             return [f"processor.focus_tokens is {slots} but only question_focus fills <focus> slots; "
                     "set focus_tokens 0 or question_focus"] if slots else []  # fmt: skip
@@ -173,6 +181,11 @@ class FlamingoConfig:
     def image_tokens(self) -> int:
         """Visual tokens per image (what the gated blocks read), whatever the image size."""
         return self.resampler.num_latents
+
+    @property
+    def visual_width(self) -> int:
+        """The width of what the resampler reads and the gated blocks' keys and values."""
+        return self.decoder.hidden_size if self.resampler_input == "objects" else self.vision.width
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> FlamingoConfig:
@@ -398,7 +411,7 @@ class Flamingo(ConversationFamily, nn.Module):
         config = adopt_parts(config, vision, language)
         refuse_problems("flamingo", fit_problems(config.processor, config.decoder, config.vision))
         self.config = config
-        dec, width = config.decoder, config.vision.width
+        dec, width = config.decoder, config.visual_width
         self.vision_model = vision if vision is not None else ViT(config.vision)
         self.perceiver_resampler = PerceiverResampler(width, config.resampler)
         self.gated_cross_attn_layers = nn.ModuleList(
@@ -459,7 +472,11 @@ class Flamingo(ConversationFamily, nn.Module):
     def visual_tokens(self, pixel_values: Tensor, states: Tensor | None = None) -> Tensor:
         """(N_img, 3, S, S) -> (N_img, R, D_v): a fixed number of tokens per image (`states`:
         the images' `image_states`, when computed already)."""
-        if states is None:
+        if states is None and self.config.resampler_input == "objects":
+            connector, embed = self.question_focus, self.language_model.model.embed_tokens
+            objects = connector.objects(self.image_states(pixel_values, keep_cls=False), embed)
+            states = connector.visual_tokens(objects, embed, pixel_values)  # (N_img, slots, D_lm)
+        elif states is None:
             states = self.image_states(pixel_values)  # (N_img, P, D_v)
         return self.perceiver_resampler(states)  # (N_img, R, D_v)
 
@@ -477,7 +494,7 @@ class Flamingo(ConversationFamily, nn.Module):
             f"{per_row.tolist()}; the processor must put one <image> id per image "
             "(image_tokens 1)"
         )
-        r, width = self.config.image_tokens, self.config.vision.width
+        r, width = self.config.image_tokens, self.config.visual_width
         m = max(1, int(per_row.max()) if b else 1)
         dtype = self.language_model.lm_head.weight.dtype
         rows = torch.zeros(b, m, r, width, device=input_ids.device, dtype=dtype)  # (B, M, R, D)
@@ -536,6 +553,8 @@ class Flamingo(ConversationFamily, nn.Module):
                 connector, objects, embed, input_ids, pixel_values, image_sample_index, segment_ids
             )
             embeds = embeds + added.to(embeds.dtype)
+            if self.config.resampler_input == "objects":  # the resampler reads the object tokens
+                states = connector.visual_tokens(objects, embed, pixel_values)  # (N_img, slots, D_lm)
         visual = self.row_visual_tokens(input_ids, pixel_values, image_sample_index, states)
         return embeds, copies, visual
 
