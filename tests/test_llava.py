@@ -128,7 +128,8 @@ def test_label_mask_reaches_the_loss(tokenizer_dir):
         output.retain_grad()
         captured["logits"] = output
 
-    handle = model.language_model.lm_head.register_forward_hook(keep)
+    # The decoder's last hidden states (B, T, C): the LM head runs on the scored rows only.
+    handle = model.language_model.model.norm.register_forward_hook(keep)
     loss = model(batch)["loss"]
     loss.backward()
     handle.remove()

@@ -188,7 +188,9 @@ def leaking_answers(model, batch: dict, row: int) -> list[int]:
     from visto.data.special_tokens import IMAGE_TOKEN_ID
 
     captured = {}
-    hook = model.language_model.lm_head.register_forward_hook(lambda m, i, out: captured.update(logits=out))
+    # the last hidden states (B, T, C), which the logits are a function of: the LM head runs
+    # on the scored rows only
+    hook = model.language_model.model.norm.register_forward_hook(lambda m, i, out: captured.update(logits=out))
     ids = batch["input_ids"][row]
     runs = answer_runs(batch["labels"][row])
     image_end = int((ids == IMAGE_TOKEN_ID).nonzero().max()) + 1

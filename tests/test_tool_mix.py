@@ -269,7 +269,7 @@ def test_an_answer_after_the_tool_sees_its_call_and_result_and_no_other_exchange
     ids, seg, labels = batch["input_ids"][0], batch["segment_ids"][0], batch["labels"][0]
 
     captured = {}
-    model.language_model.lm_head.register_forward_hook(lambda m, i, out: captured.update(out=out))
+    model.language_model.model.norm.register_forward_hook(lambda m, i, out: captured.update(out=out))
 
     def logits(new_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

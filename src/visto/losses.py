@@ -162,6 +162,14 @@ def _scored(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, 
     return picked, labels[b, t + 1]
 
 
+def scored_rows(x: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+    """The rows (n, C) of per-position values x (B, T, C) whose next label is scored, and those
+    labels (n,), row-major: a family hands its last hidden states here and runs its LM head on
+    the n rows only (LLaVA's, CogVLM's and Fuyu's `forward`), not on every position of the
+    batch: the same loss, without the head's matmul and softmax over padding and prompts."""
+    return _scored(x, labels, ignore_index)
+
+
 def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Next-token cross-entropy: logits (B, T, V) at position t predict labels[t + 1].
 

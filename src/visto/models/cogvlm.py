@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
-from visto.losses import answer_loss
+from visto.losses import scored_answer_loss, scored_rows
 from visto.models.common import batch_field, training_logits
 from visto.models.llava import PARAM_GROUPS as LLAVA_GROUPS
 from visto.models.llava import Llava, LlavaConfig
@@ -117,10 +117,11 @@ class CogVLM(Llava):
         embeds = self.embed_inputs(
             input_ids, batch["pixel_values"], batch.get("image_sample_index"), batch.get("segment_ids")
         )  # LLaVA's: visual tokens at the <image> positions
-        logits = training_logits(
-            self.language_model, embeds, batch, self.experts(input_ids)
-        )  # (B, T, V)
-        return answer_loss(logits, batch["labels"])
+        hidden = training_logits(
+            self.language_model, embeds, batch, self.experts(input_ids), head=False
+        )  # (B, T, C); the LM head on the scored positions only
+        picked, targets = scored_rows(hidden, batch["labels"])
+        return scored_answer_loss(self.language_model.lm_head(picked), targets)
 
     # -- generation engine protocol (visto.infer.engine)
 

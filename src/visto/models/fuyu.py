@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from visto.data.processor import Processor, ProcessorConfig
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
-from visto.losses import answer_loss
+from visto.losses import scored_answer_loss, scored_rows
 from visto.models.common import (
     ConversationFamily,
     adopt_parts,
@@ -197,8 +197,9 @@ class Fuyu(ConversationFamily, nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers)."""
-        logits = training_logits(self.language_model, self._embed_batch(batch), batch)  # (B, T, V)
-        return answer_loss(logits, batch["labels"])
+        hidden = training_logits(self.language_model, self._embed_batch(batch), batch, head=False)
+        picked, targets = scored_rows(hidden, batch["labels"])  # the LM head on these rows only
+        return scored_answer_loss(self.language_model.lm_head(picked), targets)
 
     # collate and prompt_batch (ConversationFamily): whole conversations by the processor.
 

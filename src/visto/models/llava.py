@@ -48,7 +48,7 @@ from visto.data.processor import Processor, ProcessorConfig
 from visto.data.special_tokens import IMAGE, IMAGE_TOKEN_ID
 from visto.data.tokenizer import DEFAULT_LOC_BINS, Tokenizer
 from visto.errors import UserError
-from visto.losses import answer_loss, scored_answer_loss
+from visto.losses import scored_answer_loss, scored_rows
 from visto.models.common import (
     ConversationFamily,
     adopt_parts,
@@ -306,7 +306,13 @@ class Llava(ConversationFamily, nn.Module):
         (`scored_answer_logits`): the same loss as `answer_logits`' without the head over
         every position and a copy of all the logits (~9% of a quickstart stage-2 step)."""
         if self.pointer is None:
-            return answer_loss(self.answer_logits(batch), batch["labels"])
+            embeds = self.embed_inputs(
+                batch["input_ids"], batch["pixel_values"], batch.get("image_sample_index"),
+                batch.get("segment_ids"),
+            )  # fmt: skip
+            hidden = training_logits(self.language_model, embeds, batch, head=False)  # (B, T, C)
+            picked, targets = scored_rows(hidden, batch["labels"])
+            return scored_answer_loss(self.language_model.lm_head(picked), targets)
         return scored_answer_loss(*self.scored_answer_logits(batch))
 
     def scored_answer_logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
