@@ -21,6 +21,20 @@ weight's layout), so the patch projection's input columns are permuted on the wa
 The released Fuyu-8B's decoder is Persimmon, which a Llama decoder cannot reproduce (see
 `PERSIMMON_DIFFERENCES`); a transformers Fuyu whose text_config is Llama or Qwen2 loads exactly.
 
+With `question_focus` (off by default) Fuyu shares the perception front end of `visto
+compare`'s other families: the region connector's question focus and pointer (connectors.regions,
+focus, pointer; LLaVA's `regions` projector with focus). A frozen ViT (`vision`, read from
+`vision_init`) serves that focus alone: its dense heads detect objects, its OCR reader reads
+text; each answer's question picks the objects it names (named words: no gradient), written into
+the processor's `<focus>` slots before the answer and added to its `<|assistant|>` token, and a
+pointer head lets the answer copy the slots' tokens. The image still reaches the decoder Fuyu's
+way, as linearly projected raw patches at the `<image>` ids; the tower never sees them as
+tokens. It reads each image rebuilt from its patches (`tower_images`: the patch grid stretched
+to the tower's square, as a "resize" processor does; the same pixels for images already the
+tower's size, as compare's are). The connector is the module `question_focus`, the tower
+`vision_tower` (kept frozen by the model). Transformers' Fuyu holds neither: `export_hf`
+refuses such a model.
+
 Training stages are recipes (`fuyu-synth.json`); the groups for `optim.module_lrs` are
 `PARAM_GROUPS` (0 = frozen).
 """
@@ -29,11 +43,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visto.connectors.pointer import CopyingState, CopySlots, PointerHead
+from visto.connectors.projector import ProjectorConfig, build_projector
 from visto.data.processor import Processor, ProcessorConfig
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
@@ -43,17 +60,26 @@ from visto.models.common import (
     adopt_parts,
     batch_field,
     family_preset,
+    feature_layer_problems,
     fit_problems,
+    focus_with_copies,
+    last_answer_slots,
+    pointer_answer_logits,
+    pointer_output_logits,
+    pointer_scored_logits,
     refuse_part_paths,
     refuse_problems,
     training_logits,
 )
-from visto.nn.language import DecoderConfig, DecoderLM, DecoderState
+from visto.nn.language import DecoderConfig, DecoderInputs, DecoderLM
+from visto.nn.vision import ViT, ViTConfig
 
 PARAM_GROUPS = {
     "vision": "vision_embed_tokens",
     "language": "language_model",
 }
+# With `question_focus`, its region connector is `question_focus` and the tower it reads objects
+# with `vision_tower` (frozen by the model itself); module_lrs takes the prefixes.
 
 # Why transformers' Fuyu-8B (adept/fuyu-8b) cannot be mapped onto visto's Llama decoder: its
 # language model is Persimmon, which differs from Llama in every block, not by a renaming.
@@ -79,6 +105,10 @@ def _default_processor() -> ProcessorConfig:
 
 @dataclass
 class FuyuConfig:
+    # `vision_init` serves this option alone (visto compare gives the shared tower only to a
+    # recipe that sets it, and credits a Fuyu without it the tower's minutes).
+    VISION_INIT_ONLY_FOR: ClassVar[str] = "question_focus"
+
     decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig.preset("small"))
     processor: ProcessorConfig = field(default_factory=_default_processor)
     # Where the tokenizer comes from when no processor is attached (as in LlavaConfig).
@@ -87,12 +117,50 @@ class FuyuConfig:
     # A transformers Llama/Qwen2 directory whose vocabulary is a visto tokenizer's; read by
     # visto.pretrained.build_model, then forgotten (the saved config holds the decoder's config).
     language_init: str | None = None
+    # The shared perception front end's question focus (see the module doc): a projector config
+    # of kind "regions" with focus on, as LLaVA's `projector` sets it (its object tokens are not
+    # spliced into the text), with the processor's `focus_tokens` <focus> slots before each
+    # answer (4 + read_slots). None: plain Fuyu (no tower at all).
+    question_focus: ProjectorConfig | None = None
+    # Used by question_focus alone: the frozen tower whose dense heads (and OCR reader) find the
+    # objects and text the focus reads. Fuyu's patches never pass through it. `vision_init`
+    # names the checkpoint the tower, its detector and its reader come from (read by
+    # visto.pretrained.build_model, then forgotten: the saved config holds `vision`).
+    vision_init: str | None = None
+    vision: ViTConfig | None = None
+    vision_feature_layer: int = -1
 
     def __post_init__(self) -> None:
         if self.processor.resize_mode != "patch":
             raise UserError(
                 "Fuyu reads raw patches of any aspect ratio: set processor.resize_mode to 'patch'"
             )
+        if self.question_focus is not None and self.vision is None:
+            self.vision = ViTConfig()  # the focus's tower, by default (vision_init's replaces it)
+        problems = self.focus_problems()
+        if problems:
+            raise UserError("fuyu config: " + "; ".join(problems))
+
+    def focus_problems(self) -> list[str]:
+        """Where `question_focus`, its tower and the processor's <focus> slots disagree."""
+        focus, slots = self.question_focus, self.processor.focus_tokens
+        if focus is None:
+            problems = [f"{name} is used by question_focus alone (Fuyu has no vision encoder: its "
+                        "patches never pass through a tower); set question_focus or leave it out"
+                        for name in ("vision_init", "vision") if getattr(self, name) is not None]  # fmt: skip
+            if slots:
+                problems.append(f"processor.focus_tokens is {slots} but only question_focus fills "
+                                "<focus> slots; set focus_tokens 0 or question_focus")  # fmt: skip
+            return problems
+        if focus.kind != "regions" or not focus.focus:
+            return [f"question_focus is the region connector's focus: kind 'regions' with focus true "
+                    f"(got kind {focus.kind!r}, focus {focus.focus})"]  # fmt: skip
+        problems = []
+        if slots not in (0, 4 + focus.read_slots) or (focus.read_slots and not slots):
+            problems.append(f"question_focus writes {4 + focus.read_slots} <focus> slots before each answer "
+                            f"(the box's 4 and read_slots {focus.read_slots}): set processor.focus_tokens to "
+                            f"{4 + focus.read_slots}" + ("" if focus.read_slots else " or 0"))  # fmt: skip
+        return problems + feature_layer_problems(self.vision, self.vision_feature_layer) if self.vision else problems
 
     @property
     def patch_dim(self) -> int:
@@ -115,23 +183,43 @@ class FuyuConfig:
         return family_preset(cls, name, "Fuyu", tiny, overrides)
 
 
+def build_focus_connector(config: FuyuConfig) -> nn.Module:
+    """`question_focus`'s region connector, fresh: the tower's patch features in, the decoder's
+    width out (visto.pretrained loads its detector and reader from the vision_init tower)."""
+    assert config.question_focus is not None and config.vision is not None
+    return build_projector(config.question_focus, config.vision.width, config.decoder.hidden_size)
+
+
 class Fuyu(ConversationFamily, nn.Module):
     family = "fuyu"
     display_name = "Fuyu"
     PARAM_GROUPS = PARAM_GROUPS
 
-    def __init__(self, config: FuyuConfig, language: DecoderLM | None = None) -> None:
+    def __init__(
+        self, config: FuyuConfig, language: DecoderLM | None = None, vision: ViT | None = None,
+        focus: nn.Module | None = None,
+    ) -> None:  # fmt: skip
         """`language`: a pretrained decoder built elsewhere (visto.pretrained reads
-        language_init), which brings its architecture; else built fresh."""
+        language_init), which brings its architecture; else built fresh. With `question_focus`,
+        `vision` / `focus`: the vision_init tower and the connector with its detector (and
+        reader), read by visto.pretrained; else built fresh."""
         super().__init__()
         refuse_part_paths(config, self.family)
-        config = adopt_parts(config, language=language)
+        config = adopt_parts(config, vision, language)
         refuse_problems("fuyu", fit_problems(config.processor, config.decoder))
         self.config = config
         # Named as in transformers' FuyuForCausalLM; initialised like the decoder's matrices.
         self.vision_embed_tokens = nn.Linear(config.patch_dim, config.decoder.hidden_size)
         DecoderLM._init_weights(self.vision_embed_tokens)
         self.language_model = language if language is not None else DecoderLM(config.decoder)
+        self.question_focus: nn.Module | None = None
+        self.vision_tower: ViT | None = None
+        if config.question_focus is not None:
+            assert config.vision is not None
+            # Built after the decoder: a plain Fuyu's seeded draws stay what they were.
+            self.vision_tower = vision if vision is not None else ViT(config.vision)
+            self.vision_tower.requires_grad_(False)  # the detector's tower: frozen, always
+            self.question_focus = focus if focus is not None else build_focus_connector(config)
 
     # -- processor (ConversationFamily: built from the config on first use)
 
@@ -144,6 +232,18 @@ class Fuyu(ConversationFamily, nn.Module):
                 f"{self.config.processor.patch_size}; got resize_mode {p.resize_mode!r}, "
                 f"patch_size {p.patch_size}"
             )
+        if p.focus_tokens != self.config.processor.focus_tokens:
+            raise UserError(
+                f"the processor puts {p.focus_tokens} <focus> slots before each answer but this "
+                f"model fills {self.config.processor.focus_tokens} (question_focus)"
+            )
+        if self.question_focus is not None:
+            self.question_focus.set_vocabulary(processor.tokenizer, p.focus_tokens)
+
+    @property
+    def pointer(self) -> PointerHead | None:
+        """`question_focus`'s pointer head (answers copy the `<focus>` slots' tokens), or None."""
+        return None if self.question_focus is None else self.question_focus.pointer
 
     # -- the forward pass
 
@@ -185,40 +285,143 @@ class Fuyu(ConversationFamily, nn.Module):
         # masked_scatter fills the True positions in row-major order: row 0's patches first.
         return embeds.masked_scatter(is_image[..., None], patches)
 
+    # -- the question focus (with `question_focus`)
+
+    def tower_images(self, pixel_values: Tensor, image_grids: Tensor) -> Tensor:
+        """Patches (N_patches, 3*p*p) of images with grids (N_img, 2) (rows, cols) -> the
+        images as the focus's tower takes them (N_img, 3, S, S): each rebuilt from its patches
+        (the processor's canvas, padded right/bottom to whole patches) and stretched to the
+        tower's square as a "resize" processor does (unchanged where it is that size already)."""
+        assert self.config.vision is not None
+        p, size = self.config.processor.patch_size, self.config.vision.image_size
+        counts = (image_grids[:, 0] * image_grids[:, 1]).tolist()
+        images = []
+        for patches, (rows, cols) in zip(pixel_values.split(counts), image_grids.tolist(), strict=True):
+            image = patches.view(rows, cols, 3, p, p).permute(2, 0, 3, 1, 4).reshape(3, rows * p, cols * p)
+            if image.shape[1:] != (size, size):
+                image = F.interpolate(image[None], size=(size, size), mode="bicubic", align_corners=False,
+                                      antialias=True)[0]  # fmt: skip
+            images.append(image)
+        return torch.stack(images)
+
+    def patch_features(self, images: Tensor) -> Tensor:
+        """(N_img, 3, S, S) -> the frozen tower's patch features (N_img, P, D_v), CLS dropped."""
+        assert self.vision_tower is not None
+        with torch.no_grad():  # the tower serves the detector and the connector's inputs only
+            return self.vision_tower(images, feature_layer=self.config.vision_feature_layer, pooled=False).features
+
+    def embed_with_copies(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor,
+        image_sample_index: Tensor | None = None,
+        image_token_counts: Tensor | None = None,
+        image_grids: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+    ) -> tuple[Tensor, CopySlots | None]:
+        """`embed_inputs` (the patch embeddings at the `<image>` ids: Fuyu's own path) and,
+        with `question_focus`, what the focus adds (each answer's named objects in its `<focus>`
+        slots and on its `<|assistant|>` token; `segment_ids` of packed exchanges tell it where
+        each exchange's question begins), and what each answer's slots hold for the pointer
+        (one row per `<|assistant|>` token; None without the focus or images)."""
+        embeds = self.embed_inputs(input_ids, pixel_values, image_sample_index, image_token_counts)
+        connector = self.question_focus
+        if connector is None or pixel_values.shape[0] == 0:
+            return embeds, None
+        assert image_grids is not None, "question_focus rebuilds each image from its patches: pass image_grids"
+        images = self.tower_images(pixel_values.to(embeds.dtype), image_grids.to(pixel_values.device))
+        embed = self.language_model.model.embed_tokens
+        objects = connector.objects(self.patch_features(images), embed)
+        added, copies = focus_with_copies(
+            connector, objects, embed, input_ids, images, image_sample_index, segment_ids
+        )
+        return embeds + added.to(embeds.dtype), copies
+
     def _embed_batch(self, batch: Any, device: torch.device | None = None) -> Tensor:
+        """A batch (collated dict or processor `Batch`) -> the decoder's input embeddings."""
+        return self._embed_batch_with_copies(batch, device)[0]
+
+    def _embed_batch_with_copies(
+        self, batch: Any, device: torch.device | None = None
+    ) -> tuple[Tensor, CopySlots | None]:
+        """`embed_with_copies` of a batch's fields (moved to `device`)."""
+
         def get(name: str) -> Any:
-            value = batch_field(batch, name)
+            value = batch.get(name) if isinstance(batch, dict) else getattr(batch, name, None)
             return value.to(device) if device is not None and value is not None else value
 
-        return self.embed_inputs(
-            get("input_ids"), get("pixel_values"),
-            get("image_sample_index"), get("image_token_counts"),
-        )
+        return self.embed_with_copies(
+            get("input_ids"), get("pixel_values"), get("image_sample_index"),
+            get("image_token_counts"), get("image_grids"), get("segment_ids"),
+        )  # fmt: skip
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers)."""
-        hidden = training_logits(self.language_model, self._embed_batch(batch), batch, head=False)
-        picked, targets = scored_rows(hidden, batch["labels"])  # the LM head on these rows only
-        return scored_answer_loss(self.language_model.lm_head(picked), targets)
+        """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers).
+        The LM head (and with `question_focus`, the pointer) runs on the scored positions only."""
+        embeds, copies = self._embed_batch_with_copies(batch)
+        hidden = training_logits(self.language_model, embeds, batch, head=False)
+        if self.pointer is None:
+            picked, targets = scored_rows(hidden, batch["labels"])  # the LM head on these rows only
+            return scored_answer_loss(self.language_model.lm_head(picked), targets)
+        return scored_answer_loss(*pointer_scored_logits(
+            self.question_focus, hidden, self.language_model.lm_head, batch["input_ids"], batch["labels"], copies
+        ))  # fmt: skip
+
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """Next-token logits (B, T, V) for a collated (right-padded) batch; with a pointer head,
+        log-probabilities with each answer's slots mixed in where an answer token is predicted
+        (what generation samples from)."""
+        embeds, copies = self._embed_batch_with_copies(batch)
+        hidden = training_logits(self.language_model, embeds, batch, head=False)
+        logits = self.language_model.lm_head(hidden)
+        if self.pointer is None or copies is None:
+            return logits
+        return pointer_answer_logits(self.question_focus, hidden, logits, batch["input_ids"], batch["labels"], copies)
 
     # collate and prompt_batch (ConversationFamily): whole conversations by the processor.
 
     # -- generation engine protocol (visto.infer.engine)
 
-    def prefill_inputs(self, batch: Any) -> tuple[Tensor, Tensor]:
+    def prefill_inputs(self, batch: Any) -> tuple[Tensor, Tensor] | DecoderInputs:
         """A left-padded batch (processor `Batch` or dict) -> the decoder's input embeddings
-        (B, T, C) and attention mask (B, T); the engine's fast path runs the decoder on them."""
+        (B, T, C) and attention mask (B, T); the engine's fast path runs the decoder on them.
+        With a pointer head, `DecoderInputs` whose per-row context is what the answer being
+        generated (the prompt's last `<|assistant|>`) may copy (`output_logits` mixes it in)."""
         device = self.language_model.lm_head.weight.device
         with torch.inference_mode():
-            embeds = self._embed_batch(batch, device)
-        return embeds, batch_field(batch, "attention_mask").to(device)
+            embeds, copies = self._embed_batch_with_copies(batch, device)
+        mask = batch_field(batch, "attention_mask").to(device)
+        if self.pointer is None:
+            return embeds, mask
+        input_ids = batch_field(batch, "input_ids").to(device)
+        return DecoderInputs(embeds, mask, context=last_answer_slots(self.question_focus, input_ids, copies))
 
-    def prefill(self, batch: Any) -> tuple[Tensor, DecoderState]:
+    def output_logits(self, hidden: Tensor, logits: Tensor, context: Any, tokens: Tensor | None = None) -> Tensor:
+        """The engine's hook after the LM head: hidden (B, C) after the final norm, logits
+        (B, V), the rows' `CopySlots`, and the tokens at these positions (B,) (None: the
+        prompt's last) -> what to sample from (log-probabilities with the slots' tokens mixed
+        in; the logits unchanged without a pointer)."""
+        if self.pointer is None or not isinstance(context, CopySlots):
+            return logits
+        return pointer_output_logits(self.pointer, hidden, logits, context, tokens)
+
+    def prefill(self, batch: Any) -> tuple[Tensor, Any]:
         """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
-        return self.language_model.prefill_embeds(*self.prefill_inputs(batch))
+        inputs = self.prefill_inputs(batch)
+        if not isinstance(inputs, DecoderInputs):
+            return self.language_model.prefill_embeds(*inputs)
+        with torch.inference_mode():
+            hidden, state = self.language_model.prefill_embeds(inputs.embeds, inputs.attention_mask, head=False)
+            logits = self.output_logits(hidden, self.language_model.lm_head(hidden), inputs.context)
+        return logits, CopyingState(state, inputs.context)
 
-    def decode_step(self, next_ids: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
-        return self.language_model.decode_step(next_ids, state)
+    def decode_step(self, next_ids: Tensor, state: Any) -> tuple[Tensor, Any]:
+        if not isinstance(state, CopyingState):
+            return self.language_model.decode_step(next_ids, state)
+        with torch.inference_mode():
+            hidden, decoder = self.language_model.decode_step(next_ids, state.decoder, head=False)
+            logits = self.output_logits(hidden, self.language_model.lm_head(hidden), state.slots, next_ids)
+        return logits, CopyingState(decoder, state.slots)
 
 
 # ----------------------------------------------------------------------------- transformers format
@@ -302,6 +505,11 @@ def export_hf(model: Fuyu, directory: str | Path) -> Path:
     FuyuProcessor builds prompts with Persimmon's own special tokens, so use visto's."""
     from visto.models.transformers_format import merged, write_transformers_dir
 
+    if model.config.question_focus is not None:
+        raise UserError(
+            "transformers' Fuyu has no question focus (question_focus: the region connector's <focus> "
+            "slots, pointer head and the vision tower its detector reads); export a Fuyu without it"
+        )
     model = merged(model)
     cfg, patch = model.config, model.config.processor.patch_size
     state = model.state_dict()
@@ -326,6 +534,7 @@ __all__ = [
     "PERSIMMON_DIFFERENCES",
     "Fuyu",
     "FuyuConfig",
+    "build_focus_connector",
     "export_hf",
     "from_transformers",
     "patch_columns_from_transformers",
