@@ -39,6 +39,7 @@ from visto.models.blip2 import Blip2, Blip2Config
 from visto.models.clip import CLIP
 from visto.models.common import PART_PATHS, adopt_parts
 from visto.models.flamingo import FlamingoConfig
+from visto.models.fuyu import FuyuConfig
 from visto.models.llava import LlavaConfig, build_llava_projector
 from visto.models.transformers_format import (
     image_normalisation,
@@ -123,6 +124,12 @@ def read_parts(config: Any) -> tuple[Any, dict[str, Any]]:
         from visto.models.flamingo import build_focus_connector
 
         focus = build_focus_connector(adopt_parts(config, parts["vision"], parts.get("language")))
+        parts["focus"] = with_region_detector(focus, paths["vision_init"])
+    if isinstance(config, FuyuConfig) and config.question_focus is not None and paths.get("vision_init"):
+        # Fuyu's question focus (the tower serves it alone): the tower's detector and reader
+        from visto.models.fuyu import build_focus_connector as build_fuyu_focus
+
+        focus = build_fuyu_focus(adopt_parts(config, parts["vision"], parts.get("language")))
         parts["focus"] = with_region_detector(focus, paths["vision_init"])
     if isinstance(config, LlavaConfig) and config.projector.kind == "regions" and paths.get("vision_init"):
         # object tokens need the detector that was trained with the tower
