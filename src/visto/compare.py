@@ -21,9 +21,10 @@ What is held equal (so that the architecture is what differs):
   models on any machine (`--steps` sets one count for all; `--minutes` is an optional
   wall-clock cap per family, and a family it stops early reports the steps it cut). A
   family that has no vision tower to take the shared one (its config has no `vision_init`,
-  e.g. Fuyu, which reads raw patches) is credited the reference minutes of the shared
-  tower's pretraining, as steps at its own reference pace: it learns to see inside its own
-  budget, so it gets that compute back (`credit_vision_time`; reported either way);
+  or takes one only for an option its recipe leaves off, `VISION_INIT_ONLY_FOR`: Fuyu reads
+  raw patches, its tower serves its question_focus alone) is credited the reference minutes
+  of the shared tower's pretraining, as steps at its own reference pace: it learns to see
+  inside its own budget, so it gets that compute back (`credit_vision_time`; reported either way);
 - evaluation: the `visto eval` path (`visto.eval.evaluator_for`), greedy decoding through
   the one engine; latency on the same prompts through the same engine.
 
@@ -376,9 +377,16 @@ def train_family(family: str, cfg: CompareConfig, out: Path, world_dir: Path, vi
     takes_tower = "vision_init" in {f.name for f in dataclasses.fields(config_cls)}
     overrides = [f"model.config.tokenizer_dir={json.dumps(str(vision_ckpt))}",
                  f"data.source={json.dumps(str(world_dir))}", f"seed={cfg.seed}"]  # fmt: skip
+    recipe = load_recipe(f"compare-{family}", overrides)
+    only_for = getattr(config_cls, "VISION_INIT_ONLY_FOR", None)
+    if only_for is not None:
+        # A tower that serves one option alone (Fuyu's question_focus): a plain Fuyu takes none
+        # and is credited the tower's minutes; with the focus it reads the shared tower's
+        # detector and reader, that pretraining's compute, so it takes it and is not credited.
+        takes_tower = bool((recipe.model.config or {}).get(only_for))
     if takes_tower:
         overrides.append(f"model.config.vision_init={json.dumps(str(vision_ckpt))}")
-    recipe = load_recipe(f"compare-{family}", overrides)
+        recipe = load_recipe(f"compare-{family}", overrides)
     assert recipe.max_steps is not None, f"compare-{family}.json needs max_steps"
     # A connector that copies the JSON its detector writes learns from JSON labels with the
     # boxes that detector (frozen, the shared tower's) finds, as the quickstart's stage 2 does
