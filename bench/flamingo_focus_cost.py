@@ -5,7 +5,8 @@ in training (the focus's OCR reader reads every new image). The ratio sizes the 
 compare's recipes take `max_steps` = FAMILY_REFERENCE_MINUTES of the reference machine's
 steps, so a step that costs r times as much makes the same steps r times the minutes.
 
-    python bench/flamingo_focus_cost.py --run runs/f17/focus --blocks 4 --steps 5
+    python bench/flamingo_focus_cost.py --run runs/f17/focus --blocks 4 --steps 5 \
+        [--set model.config.resampler_input=objects]
 (RUN holds compare's world/ and vision/checkpoint, as `visto compare --out RUN` writes them.)
 """
 
@@ -30,6 +31,8 @@ def main() -> None:
     p.add_argument("--run", required=True)
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more overrides of the focus variant (e.g. model.config.resampler_input=objects)")
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -42,7 +45,8 @@ def main() -> None:
     common = [f"data.source={json.dumps(str(run_dir / 'world'))}",
               f"model.config.vision_init={json.dumps(str(vision))}",
               f"model.config.tokenizer_dir={json.dumps(str(vision))}", "num_threads=1"]  # fmt: skip
-    variants = {"shipped": common, "question_focus": [*common, FOCUS, "model.config.processor.focus_tokens=12"]}
+    variants = {"shipped": common,
+                "question_focus": [*common, FOCUS, "model.config.processor.focus_tokens=12", *args.set]}  # fmt: skip
     runs, streams = {}, {}
     for name, overrides in variants.items():
         recipe = load_recipe("compare-flamingo", overrides)
