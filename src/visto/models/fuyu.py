@@ -145,9 +145,12 @@ class FuyuConfig:
         """Where `question_focus`, its tower and the processor's <focus> slots disagree."""
         focus, slots = self.question_focus, self.processor.focus_tokens
         if focus is None:
-            problems = [f"{name} is used by question_focus alone (Fuyu has no vision encoder: its "
-                        "patches never pass through a tower); set question_focus or leave it out"
-                        for name in ("vision_init", "vision") if getattr(self, name) is not None]  # fmt: skip
+            # (a vision_init is read into `vision` by visto.pretrained.build_model, which this
+            # refuses then; a constructor refuses a path before: refuse_part_paths)
+            problems = [] if self.vision is None else [
+                "vision (the tower vision_init names) is used by question_focus alone (Fuyu has no "
+                "vision encoder: its patches never pass through a tower); set question_focus or leave "
+                "vision and vision_init out"]  # fmt: skip
             if slots:
                 problems.append(f"processor.focus_tokens is {slots} but only question_focus fills "
                                 "<focus> slots; set focus_tokens 0 or question_focus")  # fmt: skip
