@@ -15,6 +15,19 @@ the pointer's slots, and the visual tokens the gated blocks read):
   focus_swap   the focus (its <focus> slots, <|assistant|> token and pointer copies) reads the
                partner image; the gated cross-attention reads the question's own
 Prints one JSON line per mode: vqa overall, per type, and held-out (heldout.vqa.*).
+
+A Fuyu checkpoint with `question_focus` takes its own modes (`install_fuyu`; the seam is
+`Fuyu.embed_with_copies`: the decoder's input embeddings, Fuyu's patch embeddings at the
+`<image>` ids and the focus's additions elsewhere, and the pointer's slots):
+  patches_swap  the patch embeddings at the `<image>` ids are the partner image's; the focus
+                reads its own
+  patches_zero  the patch embeddings are zero vectors (the decoder reads nothing at the
+                `<image>` ids but their positions); the focus reads its own
+  focus_swap    the focus (its <focus> slots, <|assistant|> token and pointer copies) reads the
+                partner image; the patches are the question's own
+
+    python bench/flamingo_paths.py runs/u17/focus/fuyu/checkpoint --world runs/u17/focus/world \\
+        --modes seeing,patches_swap,patches_zero,focus_swap --n 200
 """
 
 from __future__ import annotations
@@ -77,6 +90,39 @@ def install(model, mode: str) -> None:
     model.embed_with_copies = mixed
 
 
+def install_fuyu(model, mode: str) -> None:
+    """Replace a Fuyu's `model.embed_with_copies` by the mode's mix of two calls of the
+    original (the patch embeddings sit at the `<image>` ids, the focus adds elsewhere, so the
+    two mix position by position)."""
+    from visto.data.special_tokens import IMAGE_TOKEN_ID
+
+    if mode == "seeing":
+        return
+    if mode not in ("patches_swap", "patches_zero", "focus_swap"):
+        raise SystemExit(f"unknown Fuyu mode {mode!r}")
+    original = model.embed_with_copies
+    partner = Partner()
+
+    def mixed(input_ids, pixel_values, image_sample_index=None, image_token_counts=None, image_grids=None,
+              segment_ids=None):  # fmt: skip
+        own = original(input_ids, pixel_values, image_sample_index, image_token_counts, image_grids, segment_ids)
+        if pixel_values.shape[0] == 0:
+            return own
+        is_image = (input_ids == IMAGE_TOKEN_ID)[..., None]
+        if mode == "patches_zero":
+            return own[0].masked_fill(is_image, 0.0), own[1]
+        if image_grids.unique(dim=0).shape[0] != 1:
+            raise SystemExit("flamingo_paths: swapping Fuyu's images needs one patch grid for all")
+        n = image_grids.shape[0]
+        others = partner(pixel_values.reshape(n, -1)).view_as(pixel_values)
+        other = original(input_ids, others, image_sample_index, image_token_counts, image_grids, segment_ids)
+        if mode == "patches_swap":
+            return torch.where(is_image, other[0], own[0]), own[1]
+        return torch.where(is_image, own[0], other[0]), other[1]  # focus_swap
+
+    model.embed_with_copies = mixed
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
@@ -94,9 +140,9 @@ def main() -> None:
     for mode in args.modes.split(","):
         model = visto.load(args.checkpoint)
         if getattr(model, "question_focus", None) is None:
-            raise SystemExit(f"{args.checkpoint} is not a Flamingo with question_focus")
-        install(model, mode)
-        _, evaluate = evaluator_for("flamingo")
+            raise SystemExit(f"{args.checkpoint} is not a Flamingo (or Fuyu) with question_focus")
+        (install_fuyu if model.family == "fuyu" else install)(model, mode)
+        _, evaluate = evaluator_for(model.family)
         t0 = time.time()
         # the test split's first n images and the held-out split's (heldout.*), as compare's eval
         result = evaluate(model, args.world, split="test", n=args.n, batch_size=args.batch, seed=0,
