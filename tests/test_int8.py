@@ -208,3 +208,39 @@ def test_eval_int8_scores_as_fp32_does_and_says_so(trained_tiny, capsys, tmp_pat
     assert main([*args, "--model", str(exported), "--out", str(tmp_path / "exp")]) == 0
     assert json.loads((tmp_path / "exp" / "eval.json").read_text()) == metrics["fp32"]
     assert "int8: " in (tmp_path / "exp" / "report.md").read_text()
+
+
+def test_matrices_that_are_not_linear_layers_are_stored_as_int8_rows(random_tiny, tmp_path, monkeypatch):
+    """Float matrices in the quantized parts (a conv stem, the focus's maps; in the tiny model
+    the patch embedding and the position table, once the size floor is lowered) are rounded
+    to int8 rows when the model is quantized and stored that way: the export is smaller, and
+    loads back to exactly what the model quantized in memory computes."""
+    from safetensors.torch import load_file
+
+    from visto.checkpoint import WEIGHTS_FILE, save_checkpoint
+    from visto.nn import quantize
+
+    fp32 = visto.load(random_tiny)
+    sizes = {}
+    for floor in (None, 1):
+        if floor is not None:
+            monkeypatch.setattr(quantize, "STORED_INT8_MIN_ELEMENTS", floor)
+            monkeypatch.setattr(quantize, "STORED_INT8_MIN_ROW", 4)
+        int8 = quantize_int8(visto.load(random_tiny))
+        out = save_checkpoint(int8, tmp_path / f"int8-{floor}")
+        sizes[floor] = (out / WEIGHTS_FILE).stat().st_size
+    names = quantize.stored_int8_names(int8)
+    assert "vision_tower.embeddings.patch_embedding.weight" in names
+    assert not any(n.startswith("language_model.model.embed_tokens") for n in names)  # head's twin
+    assert sizes[1] < sizes[None]
+    tensors = load_file(out / WEIGHTS_FILE)
+    for name in names:
+        assert tensors[name + "__int8"].dtype == torch.int8 and name not in tensors
+        before, after = fp32.state_dict()[name], int8.state_dict()[name]
+        step = before.reshape(before.shape[0], -1).abs().amax(1) / 127  # conv: per out channel
+        assert bool(((after - before).reshape(before.shape[0], -1).abs() <= step[:, None] / 2 + 1e-7).all())
+    loaded = visto.load(out)
+    make = lambda m: Engine(m, AnswerTokenizer(m.processor.tokenizer))  # noqa: E731
+    with torch.inference_mode():  # the same numbers as in memory, not a second rounding
+        torch.testing.assert_close(make(loaded).prefill(batch(loaded), room=1)[0],
+                                   make(int8).prefill(batch(int8), room=1)[0], rtol=0, atol=0)  # fmt: skip

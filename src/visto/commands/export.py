@@ -37,8 +37,10 @@ Linear layers again, any family, for chat/serve without the adapters' extra matm
 --int8 or another LoRA round). A checkpoint without adapters is copied as it is.
 
 --int8 writes a visto checkpoint for the CPU instead, any generative family: the Linear layers
-of the vision tower, connector and decoder stored as int8 with per-channel scales (smaller on
-disk: bench/README.md, "int8 inference"); `visto chat/serve --model OUT` run it in int8.
+of the vision tower, connector and decoder stored as int8 with per-channel scales, and their
+other large matrices (a conv stem, the question focus's maps, the OCR reader's) as int8 rows
+that run in fp32 (about 3x smaller on disk than fp32: bench/README.md, "int8 inference"); the
+token embeddings and the output head stay fp32. `visto chat/serve --model OUT` run it in int8.
 transformers has no loader for these weights, so --int8 and --format hf do not mix.
 
 Examples:

@@ -21,6 +21,14 @@ An int8 checkpoint (`visto export --int8`) stores each int8 layer as plain tenso
 fits safetensors (no pickled packed weights): `NAME.weight` (int8, out x in), `NAME.weight_scale`
 (fp32, one per output row; the zero points of symmetric int8 are 0) and `NAME.bias`.
 
+The same parts also hold float matrices that are not Linear layers: the question focus's maps
+and word lookup, the OCR reader's, a conv stem (`stored_int8_names`). They run as fp32, but are
+rounded to int8 per row in place when the model is quantized and stored that way
+(`NAME__int8`, `NAME__scale`): weight-only int8, as GGUF stores a model, so the int8 export is
+~3x smaller than the fp32 checkpoint (without it the quickstart's was 2.4x: its focus and
+reader are 1.9 MB of matrices), and a model quantized in memory computes exactly what its
+export loads back. The token embeddings and the output head tied to them stay fp32.
+
 It lives in nn/ (not infer/) because the checkpoint layer reads and writes it.
 
 `torch.ao.quantization` is deprecated in favour of torchao (its warnings are silenced here;
@@ -29,6 +37,7 @@ bench/README.md says why we use it on torch 2.13). It runs on the CPU only.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -115,7 +124,49 @@ def quantize_int8(model: nn.Module) -> nn.Module:
             mapping={nn.Linear: _int8_linear_type()},  # Linear only: not the position embeddings
             inplace=True,
         )
+    state = model.state_dict()
+    with torch.no_grad():
+        for name in stored_int8_names(model):
+            values, scale = _rows_to_int8(state[name])
+            state[name].copy_(_rows_from_int8(values, scale, state[name].shape))
     return model
+
+
+# A float matrix in a quantized part with at least this many entries and rows this long is
+# stored as int8 rows (smaller ones: norms, biases, position tables, are not worth a scale).
+STORED_INT8_MIN_ELEMENTS = 16384
+STORED_INT8_MIN_ROW = 64
+
+
+def stored_int8_names(model: nn.Module) -> list[str]:
+    """State-dict names of the float matrices (parameters and saved buffers, 2-D or more) in
+    the quantized parts that are not inside an int8 Linear layer: stored as int8 rows."""
+    int8 = {name: m for name, m in model.named_modules() if is_int8_linear(m)}
+    parts = tuple(path + "." for path in QUANTIZED_PARTS)
+    return [key for key, value in model.state_dict().items()
+            if isinstance(value, Tensor) and value.is_floating_point() and value.ndim >= 2
+            and value.numel() >= STORED_INT8_MIN_ELEMENTS and _row_length(value.shape) >= STORED_INT8_MIN_ROW
+            and key.startswith(parts) and not _owned_by(key, int8)]  # fmt: skip
+
+
+def _row_length(shape: torch.Size) -> int:
+    """A matrix's rows run along its last dimension; a convolution's (out, in, kh, kw) are
+    its output channels (per-channel, as the int8 Linear layers' rows are)."""
+    return math.prod(shape[1:]) if len(shape) == 4 else shape[-1]
+
+
+def _rows_to_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per row: values (x's shape, int8) and scales (one per row, fp32), so
+    that values * scale is x to half a step of its row's range."""
+    rows = x.detach().float().reshape(-1, _row_length(x.shape))
+    scale = rows.abs().amax(dim=1).clamp(min=1e-12) / 127
+    values = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return values.reshape(x.shape), scale
+
+
+def _rows_from_int8(values: Tensor, scale: Tensor, shape: torch.Size) -> Tensor:
+    rows = values.reshape(-1, _row_length(shape)).float() * scale[:, None].float()
+    return rows.reshape(shape)
 
 
 def fuse_int8_linears(linears: Sequence[nn.Module]) -> Callable[[Tensor], Tensor]:
@@ -161,6 +212,7 @@ def int8_tensors(model: nn.Module) -> dict[str, Tensor]:
     NAME.weight (int8), NAME.weight_scale (fp32) and NAME.bias; one name per shared tensor
     (tied weights), as safetensors wants."""
     int8 = {name: m for name, m in model.named_modules() if is_int8_linear(m)}
+    rows = set(stored_int8_names(model))
     out: dict[str, Tensor] = {}
     seen: set[int] = set()
     for key, value in model.state_dict().items():
@@ -169,6 +221,9 @@ def int8_tensors(model: nn.Module) -> dict[str, Tensor]:
         if value.data_ptr() in seen:
             continue  # a tied alias: loading its twin sets it too
         seen.add(value.data_ptr())
+        if key in rows:  # already int8 values (quantize_int8 rounded it): exact
+            out[f"{key}{INT8_SUFFIX}"], out[f"{key}{SCALE_SUFFIX}"] = _rows_to_int8(value)
+            continue
         out[key] = value.detach().contiguous()
     with _quiet_deprecation():
         for name, layer in int8.items():
@@ -187,6 +242,12 @@ def load_int8_tensors(model: nn.Module, tensors: dict[str, Tensor]) -> None:
     structure; the values are overwritten). Raises ValueError naming what does not match."""
     int8 = {name: m for name, m in model.named_modules() if is_int8_linear(m)}
     rest = dict(tensors)
+    for key in [k for k in rest if k.endswith(INT8_SUFFIX)]:
+        name = key[: -len(INT8_SUFFIX)]
+        values, scale = rest.pop(key), rest.pop(f"{name}{SCALE_SUFFIX}", None)
+        if scale is None or values.dtype != torch.int8 or scale.numel() * _row_length(values.shape) != values.numel():
+            raise ValueError(f"{name} is stored as int8 rows without a matching {name}{SCALE_SUFFIX}")
+        rest[name] = _rows_from_int8(values, scale, values.shape)
     with _quiet_deprecation(), torch.no_grad():
         for name, layer in int8.items():
             try:
@@ -214,6 +275,10 @@ def load_int8_tensors(model: nn.Module, tensors: dict[str, Tensor]) -> None:
         raise ValueError(f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     state.update(rest)  # in place: state_dict()'s own mapping carries the module versions
     model.load_state_dict(state, strict=True)
+
+
+# How int8_tensors names a float matrix stored as int8 rows: NAME__int8 and NAME__scale.
+INT8_SUFFIX, SCALE_SUFFIX = "__int8", "__scale"
 
 
 def _owned_by(key: str, int8: dict[str, nn.Module]) -> bool:
