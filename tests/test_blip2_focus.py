@@ -199,3 +199,18 @@ def test_config_refusals_and_the_export_refuses_it(tokenizer, tmp_path):
     model = reading_blip2(tokenizer)
     with pytest.raises(UserError, match="question focus"):
         export_hf(model, tmp_path / "hf")
+
+
+def test_compare_blip2_shares_compare_llavas_focus_and_its_sizes_agree():
+    """compare's BLIP-2 has the question focus compare's LLaVA has (the same region connector
+    settings), the Q-Former reading its object tokens, and a processor that fits both."""
+    from visto.config import from_dict
+    from visto.train.recipe import load_recipe
+
+    blip2 = load_recipe("compare-blip2").model.config
+    llava = load_recipe("compare-llava").model.config
+    assert blip2["question_focus"] == llava["projector"]
+    assert blip2["processor"]["focus_tokens"] == llava["processor"]["focus_tokens"]
+    cfg = from_dict(Blip2Config, blip2)
+    cfg.check_sizes()
+    assert cfg.qformer_input == "regions" and cfg.question_focus.pointer
