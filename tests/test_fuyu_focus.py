@@ -5,6 +5,7 @@ path (linearly projected raw patches), a frozen tower serving the focus alone
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -272,8 +273,9 @@ def test_compare_gives_fuyu_the_tower_only_with_the_focus(tmp_path, monkeypatch,
 
     original = recipe_module.load_recipe
     focus = {**FOCUS, "slots": 10, "read_slots": 8}
-    extra = ([f"model.config.question_focus={__import__('json').dumps(focus)}",
-              "model.config.processor.focus_tokens=12"] if with_focus else [])  # fmt: skip
+    extra = ([f"model.config.question_focus={json.dumps(focus)}", "model.config.processor.focus_tokens=12"]
+             if with_focus else ["model.config.question_focus=null", "model.config.processor.focus_tokens=0",
+                                 "optim.module_lrs={}"])  # fmt: skip
     monkeypatch.setattr(recipe_module, "load_recipe", lambda name, overrides=None: original(name, [*(overrides or []), *extra]))
     monkeypatch.setattr(visto.quickstart, "write_detector_boxes", lambda *a: None)
     seen = {}
@@ -291,7 +293,7 @@ def test_compare_gives_fuyu_the_tower_only_with_the_focus(tmp_path, monkeypatch,
         compare.train_family("fuyu", cfg, tmp_path, tmp_path / "world", tmp_path / "vision",
                              console=type("C", (), {"print": staticmethod(lambda *a, **k: None)})())  # fmt: skip
     recipe = seen["recipe"]
-    plain_steps = original("compare-fuyu").max_steps
+    plain_steps = original("compare-fuyu", extra).max_steps
     if with_focus:
         assert recipe.model.config["vision_init"] == str(tmp_path / "vision")
         assert recipe.max_steps == plain_steps and recipe.data.json_boxes is not None
