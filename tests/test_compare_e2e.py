@@ -16,7 +16,7 @@ def test_compare_two_families_end_to_end(tmp_path):
     from visto.train.recipe import load_recipe
 
     cfg = CompareConfig(
-        families=["llava", "fuyu"], steps=2, n=600, vision_steps=40,  # 40 of 670 a minute: Fuyu is credited >= 1 step
+        families=["llava", "fuyu"], steps=2, n=600, vision_steps=40,
         reader_steps=5, eval_images=1,
         eval_batch=64, tasks=["vqa", "ground"], probe_images=1, probe_points=2,
         latency_prompts=1, latency_tokens=2, threads=1,
@@ -41,22 +41,25 @@ def test_compare_two_families_end_to_end(tmp_path):
         assert s["visual_tokens"] == {"llava": 10, "fuyu": 64}[family]
         assert s["ttft_ms"] > 0 and s["steps"] >= 1
         assert s["probe_curve"] and all(0 <= p["vqa"] <= 1 for p in s["probe_curve"])
-    # The shared tower is frozen in LLaVA; Fuyu trains everything and is credited its time,
-    # as steps at its own reference pace.
+    # The shared tower is frozen in LLaVA, and in Fuyu, whose question_focus reads it (its
+    # detector and reader): Fuyu takes it, so it is not credited the tower's time (a plain
+    # Fuyu is: tests/test_fuyu_focus.py).
     assert data["families"]["llava"]["trained_parameters"] < data["families"]["llava"]["parameters"]
     assert data["families"]["llava"]["steps"] == 2
-    fuyu_steps, _ = family_budget(cfg, load_recipe("compare-fuyu").max_steps, takes_tower=False)
-    assert data["families"]["fuyu"]["steps"] == fuyu_steps > 2
-    assert data["families"]["fuyu"]["budget_minutes"] > data["families"]["llava"]["budget_minutes"]
+    assert load_recipe("compare-fuyu").model.config["question_focus"]
+    assert family_budget(cfg, load_recipe("compare-fuyu").max_steps, takes_tower=True)[0] == 2
+    assert data["families"]["fuyu"]["steps"] == 2 and data["families"]["fuyu"]["takes_shared_vision"]
+    assert data["families"]["fuyu"]["trained_parameters"] < data["families"]["fuyu"]["parameters"]
     # Each family trained on the compare mix, and its checkpoint card says so.
     card = (tmp_path / "llava" / "train" / "checkpoint" / "README.md").read_text()
     assert '"name": "instruct+caption"' in card and '"independent_turns": true' in card
     # LLaVA copies the JSON its detector writes, so its JSON labels write that detector's boxes
-    # (the shared tower's heads): a row per training image, named in its card; Fuyu has none.
+    # (the shared tower's heads): a row per training image, named in its card; so does Fuyu's
+    # question_focus.
     boxes = (tmp_path / "llava" / "json-boxes.jsonl").read_text().splitlines()
     assert len(boxes) == sum(1 for _ in iter_records(tmp_path / "world", "train"))
     assert f'"json_boxes": "{tmp_path / "llava" / "json-boxes.jsonl"}"' in card
-    assert not (tmp_path / "fuyu" / "json-boxes.jsonl").exists()
+    assert (tmp_path / "fuyu" / "json-boxes.jsonl").read_text().splitlines() == boxes
     rows = {r["key"]: r for r in data["tasks"]}
     assert set(rows["vqa.overall"]["values"]) == {"llava", "fuyu"}
     assert all("winner" in r for r in data["tasks"])
