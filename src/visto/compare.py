@@ -16,6 +16,11 @@ What is held equal (so that the architecture is what differs):
   for every family;
 - the vision tower: the quickstart's ViT, pretrained once on the world's dense labels and
   frozen in every family that has a tower (`model.config.vision_init`);
+- the question focus in front of every decoder (LLaVA's and CogVLM's regions projector,
+  the others' `question_focus`): the tower's detector and OCR reader, the question's named
+  words, `<focus>` slots before each answer and a pointer that copies them; the families
+  differ in how the image itself reaches the decoder (bench/README.md measures that path
+  apart in each: within these budgets most answers come through the focus);
 - the budget: the optimizer steps each family takes in FAMILY_REFERENCE_MINUTES on the
   reference machine (2 idle cores): its recipe's `max_steps`, so a seed gives the same
   models on any machine (`--steps` sets one count for all; `--minutes` is an optional

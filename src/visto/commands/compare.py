@@ -17,12 +17,21 @@ Held equal: the data (the mix "instruct+caption": every VQA, grounding, box ->
 description, OCR and JSON question of an image and a caption, as independent turns of
 one sample), the image size and tokenizer, batch 16, the compute, and the vision tower
 (the quickstart's dense-pretrained ViT, trained once and frozen in every family that has
-one). The compute is a step budget per family: the steps that family takes in 8 minutes
-on the reference machine (2 idle cores; its recipe compare-<family> holds the number), so
-the same seed gives the same models on any machine. A family without a vision tower (Fuyu
-reads raw patches) is credited the shared tower's pretraining time as steps at its own
-pace (--no-credit: not). --steps sets one count for every family; --minutes caps each
-family's training time, and a family it stops early says how many steps it cut.
+one), and in front of every decoder the same question focus (the tower's detector and OCR
+reader, frozen; the question's named words pick the objects each answer is about, written
+into <focus> slots before the answer and copied by a pointer head; CogVLM's has box slots
+only, no read slots or pointer): the families differ in
+how the image itself reaches the decoder (LLaVA's object tokens in the sequence, BLIP-2's
+Q-Former, Flamingo's resampler and gated cross-attention, Fuyu's raw patches, CogVLM's
+visual expert). Within these budgets most of what the families answer comes through that
+shared focus; bench/README.md measures each family's own path apart. The compute is a step
+budget per family: the steps that family takes in 8 minutes on the reference machine (2
+idle cores; its recipe compare-<family> holds the number), so the same seed gives the same
+models on any machine. A family that takes nothing from the shared tower (a recipe of
+your own: Fuyu without its question_focus reads raw patches only) is credited the tower's
+pretraining time as steps at its own pace (--no-credit: not). --steps sets one count for
+every family; --minutes caps each family's training time, and a family it stops early says
+how many steps it cut.
 
 Writes into OUT (default runs/compare):
   world/ vision/                       the world and the shared vision tower
