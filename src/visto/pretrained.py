@@ -111,14 +111,7 @@ def read_parts(config: Any) -> tuple[Any, dict[str, Any]]:
         from visto.models.blip2 import build_regions
 
         regions = build_regions(adopt_parts(config, parts["vision"], parts.get("language")))
-        detector = load_region_detector(paths["vision_init"])
-        regions.heads.load_state_dict(detector.heads.state_dict())
-        if regions.read_slots:
-            if getattr(detector, "reader", None) is None:
-                raise UserError(f"question_focus read_slots reads text with the OCR reader trained beside "
-                                f"its vision tower, and {paths['vision_init']} has none; set read_slots 0")  # fmt: skip
-            regions.reader.load_state_dict(detector.reader.state_dict())
-        parts["regions"] = regions
+        parts["regions"] = with_region_detector(regions, paths["vision_init"])
     if isinstance(config, FlamingoConfig) and config.question_focus is not None and paths.get("vision_init"):
         # the question focus reads objects with the detector that was trained with the tower
         from visto.models.flamingo import build_focus_connector

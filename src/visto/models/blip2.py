@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visto.connectors.focus import answer_questions
-from visto.connectors.pointer import CopyingState, CopySlots, PointerHead
+from visto.connectors.pointer import CopySlots, PointerHead
 from visto.connectors.projector import ProjectorConfig, build_projector
 from visto.connectors.qformer import QFormer, QFormerConfig
 from visto.connectors.regions import RegionConnector
@@ -96,6 +96,7 @@ from visto.losses import (
 )
 from visto.models.common import (
     ConversationFamily,
+    CopyingDecoding,
     Objective,
     adopt_parts,
     batch_field,
@@ -103,7 +104,6 @@ from visto.models.common import (
     focus_with_copies,
     last_answer_slots,
     pointer_answer_logits,
-    pointer_output_logits,
     pointer_scored_logits,
     prompt_embeds,
     refuse_part_paths,
@@ -415,7 +415,7 @@ def first_image_of_rows(image_sample_index: Tensor | None, rows: int, images: in
 # ----------------------------------------------------------------------------- the model
 
 
-class Blip2(ConversationFamily, nn.Module):
+class Blip2(CopyingDecoding, ConversationFamily, nn.Module):
     family = "blip2"
     display_name = "BLIP-2"
     PARAM_GROUPS = PARAM_GROUPS
@@ -837,31 +837,6 @@ class Blip2(ConversationFamily, nn.Module):
         (embeds, copies), mask = prompt_embeds(self, batch, self.embed_with_copies)
         input_ids = batch_field(batch, "input_ids").to(mask.device)
         return DecoderInputs(embeds, mask, context=last_answer_slots(self.focus_connector, input_ids, copies))
-
-    def output_logits(self, hidden: Tensor, logits: Tensor, context: Any, tokens: Tensor | None = None) -> Tensor:
-        """The engine's hook after the LM head: with the focus's pointer head, the rows'
-        `CopySlots` mixed in (models.common.pointer_output_logits); else the logits unchanged."""
-        if self.pointer is None or not isinstance(context, CopySlots):
-            return logits
-        return pointer_output_logits(self.pointer, hidden, logits, context, tokens)
-
-    @torch.inference_mode()
-    def prefill(self, batch: Any) -> tuple[Tensor, Any]:
-        """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
-        inputs = self.prefill_inputs(batch)
-        if not isinstance(inputs, DecoderInputs):
-            return self.language_model.prefill_embeds(*inputs)
-        hidden, state = self.language_model.prefill_embeds(inputs.embeds, inputs.attention_mask, head=False)
-        logits = self.output_logits(hidden, self.language_model.lm_head(hidden), inputs.context)
-        return logits, CopyingState(state, inputs.context)
-
-    @torch.inference_mode()
-    def decode_step(self, next_ids: Tensor, state: Any) -> tuple[Tensor, Any]:
-        if not isinstance(state, CopyingState):
-            return self.language_model.decode_step(next_ids, state)
-        hidden, decoder = self.language_model.decode_step(next_ids, state.decoder, head=False)
-        logits = self.output_logits(hidden, self.language_model.lm_head(hidden), state.slots, next_ids)
-        return logits, CopyingState(decoder, state.slots)
 
 
 # ----------------------------------------------------------------------------- transformers format

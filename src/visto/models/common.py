@@ -22,6 +22,7 @@ from torch import Tensor
 
 from visto.connectors.focus import Objects, read_per_row
 from visto.connectors.pointer import (
+    CopyingState,
     CopySlots,
     PointerHead,
     answer_of_position,
@@ -34,7 +35,7 @@ from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.data.tokenizer import Tokenizer, corpus_texts, train_tokenizer
 from visto.errors import UserError
 from visto.losses import IGNORE_INDEX
-from visto.nn.language import Conditioning, DecoderConfig, DecoderLM
+from visto.nn.language import Conditioning, DecoderConfig, DecoderInputs, DecoderLM
 from visto.nn.vision import ViT, ViTConfig
 
 # ----------------------------------------------------------------------------- pretrained parts
@@ -415,3 +416,46 @@ def pointer_output_logits(
     script_next = slots.script_next(tokens)  # moves each row's script cursor past `tokens`
     tokens = slots.prompt_last if tokens is None else tokens
     return pointer(hidden, logits, slots, tokens, script_next).to(logits.dtype)
+
+
+class CopyingDecoding:
+    """The generation engine's protocol (visto.infer.engine) for a family whose answers may copy
+    their `<focus>` slots through a pointer head (LLaVA's and CogVLM's regions projector, the
+    `question_focus` of BLIP-2 and Fuyu), as a mixin before ConversationFamily. The family
+    gives `language_model`, `pointer` (None without one) and `prefill_inputs`, which returns
+    `DecoderInputs` whose context is each row's `CopySlots` when there is a pointer; these run
+    the decoder without its head, mix the slots in after it, and carry the slots beside the
+    decoder's state. (Flamingo keeps its own: its state holds the images' keys and values.)"""
+
+    language_model: DecoderLM
+    pointer: PointerHead | None
+
+    def prefill_inputs(self, batch: Any) -> tuple[Tensor, Tensor] | DecoderInputs:
+        raise NotImplementedError
+
+    def output_logits(self, hidden: Tensor, logits: Tensor, context: Any, tokens: Tensor | None = None) -> Tensor:
+        """The engine's hook after the LM head: hidden (B, C) after the final norm, logits
+        (B, V), the rows' `CopySlots`, and the tokens at these positions (B,) (None: the
+        prompt's last) -> what to sample from (log-probabilities with the slots' tokens mixed
+        in; the logits unchanged without a pointer)."""
+        if self.pointer is None or not isinstance(context, CopySlots):
+            return logits
+        return pointer_output_logits(self.pointer, hidden, logits, context, tokens)
+
+    @torch.inference_mode()
+    def prefill(self, batch: Any) -> tuple[Tensor, Any]:
+        """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
+        inputs = self.prefill_inputs(batch)
+        if not isinstance(inputs, DecoderInputs):
+            return self.language_model.prefill_embeds(*inputs)
+        hidden, state = self.language_model.prefill_embeds(inputs.embeds, inputs.attention_mask, head=False)
+        logits = self.output_logits(hidden, self.language_model.lm_head(hidden), inputs.context)
+        return logits, CopyingState(state, inputs.context)
+
+    @torch.inference_mode()
+    def decode_step(self, next_ids: Tensor, state: Any) -> tuple[Tensor, Any]:
+        if not isinstance(state, CopyingState):
+            return self.language_model.decode_step(next_ids, state)
+        hidden, decoder = self.language_model.decode_step(next_ids, state.decoder, head=False)
+        logits = self.output_logits(hidden, self.language_model.lm_head(hidden), state.slots, next_ids)
+        return logits, CopyingState(decoder, state.slots)

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visto.connectors.pointer import CopyingState, CopySlots, PointerHead
+from visto.connectors.pointer import CopySlots, PointerHead
 from visto.connectors.projector import ProjectorConfig, build_projector
 from visto.data.processor import Processor, ProcessorConfig
 from visto.data.special_tokens import IMAGE_TOKEN_ID
@@ -57,6 +57,7 @@ from visto.errors import UserError
 from visto.losses import scored_answer_loss, scored_rows
 from visto.models.common import (
     ConversationFamily,
+    CopyingDecoding,
     adopt_parts,
     batch_field,
     family_preset,
@@ -65,7 +66,6 @@ from visto.models.common import (
     focus_with_copies,
     last_answer_slots,
     pointer_answer_logits,
-    pointer_output_logits,
     pointer_scored_logits,
     refuse_part_paths,
     refuse_problems,
@@ -193,7 +193,7 @@ def build_focus_connector(config: FuyuConfig) -> nn.Module:
     return build_projector(config.question_focus, config.vision.width, config.decoder.hidden_size)
 
 
-class Fuyu(ConversationFamily, nn.Module):
+class Fuyu(CopyingDecoding, ConversationFamily, nn.Module):
     family = "fuyu"
     display_name = "Fuyu"
     PARAM_GROUPS = PARAM_GROUPS
@@ -398,33 +398,6 @@ class Fuyu(ConversationFamily, nn.Module):
             return embeds, mask
         input_ids = batch_field(batch, "input_ids").to(device)
         return DecoderInputs(embeds, mask, context=last_answer_slots(self.question_focus, input_ids, copies))
-
-    def output_logits(self, hidden: Tensor, logits: Tensor, context: Any, tokens: Tensor | None = None) -> Tensor:
-        """The engine's hook after the LM head: hidden (B, C) after the final norm, logits
-        (B, V), the rows' `CopySlots`, and the tokens at these positions (B,) (None: the
-        prompt's last) -> what to sample from (log-probabilities with the slots' tokens mixed
-        in; the logits unchanged without a pointer)."""
-        if self.pointer is None or not isinstance(context, CopySlots):
-            return logits
-        return pointer_output_logits(self.pointer, hidden, logits, context, tokens)
-
-    def prefill(self, batch: Any) -> tuple[Tensor, Any]:
-        """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
-        inputs = self.prefill_inputs(batch)
-        if not isinstance(inputs, DecoderInputs):
-            return self.language_model.prefill_embeds(*inputs)
-        with torch.inference_mode():
-            hidden, state = self.language_model.prefill_embeds(inputs.embeds, inputs.attention_mask, head=False)
-            logits = self.output_logits(hidden, self.language_model.lm_head(hidden), inputs.context)
-        return logits, CopyingState(state, inputs.context)
-
-    def decode_step(self, next_ids: Tensor, state: Any) -> tuple[Tensor, Any]:
-        if not isinstance(state, CopyingState):
-            return self.language_model.decode_step(next_ids, state)
-        with torch.inference_mode():
-            hidden, decoder = self.language_model.decode_step(next_ids, state.decoder, head=False)
-            logits = self.output_logits(hidden, self.language_model.lm_head(hidden), state.slots, next_ids)
-        return logits, CopyingState(decoder, state.slots)
 
 
 # ----------------------------------------------------------------------------- transformers format

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visto.connectors.pointer import (
-    CopyingState,
     CopySlots,
     PointerHead,
 )
@@ -51,6 +50,7 @@ from visto.errors import UserError
 from visto.losses import scored_answer_loss, scored_rows
 from visto.models.common import (
     ConversationFamily,
+    CopyingDecoding,
     adopt_parts,
     batch_field,
     family_preset,
@@ -59,7 +59,6 @@ from visto.models.common import (
     focus_with_copies,
     last_answer_slots,
     pointer_answer_logits,
-    pointer_output_logits,
     pointer_scored_logits,
     prompt_embeds,
     refuse_part_paths,
@@ -189,7 +188,7 @@ def build_llava_projector(config: LlavaConfig) -> nn.Module:
     return build_projector(config.projector, config.vision.width, config.decoder.hidden_size)
 
 
-class Llava(ConversationFamily, nn.Module):
+class Llava(CopyingDecoding, ConversationFamily, nn.Module):
     family = "llava"
     display_name = "LLaVA"
     PARAM_GROUPS = PARAM_GROUPS
@@ -359,33 +358,6 @@ class Llava(ConversationFamily, nn.Module):
     def _last_answer_slots(self, input_ids: Tensor, copies: CopySlots | None) -> CopySlots:
         """Per row, the slots of its last `<|assistant|>` token (models.common.last_answer_slots)."""
         return last_answer_slots(self.multi_modal_projector, input_ids, copies)
-
-    def output_logits(self, hidden: Tensor, logits: Tensor, context: Any, tokens: Tensor | None = None) -> Tensor:
-        """The engine's hook after the LM head: hidden (B, C) after the final norm, logits
-        (B, V), the rows' `CopySlots`, and the tokens at these positions (B,) (None: the
-        prompt's last) -> what to sample from (log-probabilities with the slots' tokens mixed
-        in; the logits unchanged without a pointer)."""
-        if self.pointer is None or not isinstance(context, CopySlots):
-            return logits
-        return pointer_output_logits(self.pointer, hidden, logits, context, tokens)
-
-    @torch.inference_mode()
-    def prefill(self, batch: Any) -> tuple[Tensor, Any]:
-        """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
-        inputs = self.prefill_inputs(batch)
-        if not isinstance(inputs, DecoderInputs):
-            return self.language_model.prefill_embeds(*inputs)
-        hidden, state = self.language_model.prefill_embeds(inputs.embeds, inputs.attention_mask, head=False)
-        logits = self.output_logits(hidden, self.language_model.lm_head(hidden), inputs.context)
-        return logits, CopyingState(state, inputs.context)
-
-    @torch.inference_mode()
-    def decode_step(self, next_ids: Tensor, state: Any) -> tuple[Tensor, Any]:
-        if not isinstance(state, CopyingState):
-            return self.language_model.decode_step(next_ids, state)
-        hidden, decoder = self.language_model.decode_step(next_ids, state.decoder, head=False)
-        logits = self.output_logits(hidden, self.language_model.lm_head(hidden), state.slots, next_ids)
-        return logits, CopyingState(decoder, state.slots)
 
 
 # ----------------------------------------------------------------------------- transformers format
