@@ -418,6 +418,23 @@ def pointer_output_logits(
     return pointer(hidden, logits, slots, tokens, script_next).to(logits.dtype)
 
 
+def question_focus_problems(focus: Any, slots: int) -> list[str]:
+    """Where a family's `question_focus` (a regions ProjectorConfig, or None) and its
+    processor's `slots` <focus> tokens disagree: the region connector's focus writes the
+    box's 4 and then `read_slots` tokens before each answer (LLaVA's rule for its projector),
+    and nothing else fills them. Flamingo's and Fuyu's configs ask this."""
+    if focus is None:
+        return [f"processor.focus_tokens is {slots} but only question_focus fills <focus> slots; "
+                "set focus_tokens 0 or question_focus"] if slots else []  # fmt: skip
+    if focus.kind != "regions" or not focus.focus:
+        return [f"question_focus is the region connector's focus: kind 'regions' with focus true "
+                f"(got kind {focus.kind!r}, focus {focus.focus})"]  # fmt: skip
+    if slots not in (0, 4 + focus.read_slots) or (focus.read_slots and not slots):
+        return [f"question_focus writes {4 + focus.read_slots} <focus> slots before each answer "
+                f"(the box's 4 and read_slots {focus.read_slots}): set processor.focus_tokens to "
+                f"{4 + focus.read_slots}" + ("" if focus.read_slots else " or 0")]  # fmt: skip
+    return []
+
 class CopyingDecoding:
     """The generation engine's protocol (visto.infer.engine) for a family whose answers may copy
     their `<focus>` slots through a pointer head (LLaVA's and CogVLM's regions projector, the

@@ -86,6 +86,7 @@ from visto.models.common import (
     pointer_answer_logits,
     pointer_output_logits,
     pointer_scored_logits,
+    question_focus_problems,
     refuse_part_paths,
     refuse_problems,
     training_logits,
@@ -165,17 +166,7 @@ class FlamingoConfig:
             return [f"resampler_input must be 'patches' or 'objects', got {self.resampler_input!r}"]
         if self.resampler_input == "objects" and focus is None:
             return ["resampler_input 'objects' reads question_focus's object tokens: set question_focus"]
-        if focus is None:
-            return [f"processor.focus_tokens is {slots} but only question_focus fills <focus> slots; "
-                    "set focus_tokens 0 or question_focus"] if slots else []  # fmt: skip
-        if focus.kind != "regions" or not focus.focus:
-            return [f"question_focus is the region connector's focus: kind 'regions' with focus true "
-                    f"(got kind {focus.kind!r}, focus {focus.focus})"]  # fmt: skip
-        if slots not in (0, 4 + focus.read_slots) or (focus.read_slots and not slots):
-            return [f"question_focus writes {4 + focus.read_slots} <focus> slots before each answer "
-                    f"(the box's 4 and read_slots {focus.read_slots}): set processor.focus_tokens to "
-                    f"{4 + focus.read_slots}" + ("" if focus.read_slots else " or 0")]  # fmt: skip
-        return []
+        return question_focus_problems(focus, slots)
 
     @property
     def image_tokens(self) -> int:

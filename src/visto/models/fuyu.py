@@ -67,6 +67,7 @@ from visto.models.common import (
     last_answer_slots,
     pointer_answer_logits,
     pointer_scored_logits,
+    question_focus_problems,
     refuse_part_paths,
     refuse_problems,
     training_logits,
@@ -151,18 +152,8 @@ class FuyuConfig:
                 "vision (the tower vision_init names) is used by question_focus alone (Fuyu has no "
                 "vision encoder: its patches never pass through a tower); set question_focus or leave "
                 "vision and vision_init out"]  # fmt: skip
-            if slots:
-                problems.append(f"processor.focus_tokens is {slots} but only question_focus fills "
-                                "<focus> slots; set focus_tokens 0 or question_focus")  # fmt: skip
-            return problems
-        if focus.kind != "regions" or not focus.focus:
-            return [f"question_focus is the region connector's focus: kind 'regions' with focus true "
-                    f"(got kind {focus.kind!r}, focus {focus.focus})"]  # fmt: skip
-        problems = []
-        if slots not in (0, 4 + focus.read_slots) or (focus.read_slots and not slots):
-            problems.append(f"question_focus writes {4 + focus.read_slots} <focus> slots before each answer "
-                            f"(the box's 4 and read_slots {focus.read_slots}): set processor.focus_tokens to "
-                            f"{4 + focus.read_slots}" + ("" if focus.read_slots else " or 0"))  # fmt: skip
+            return problems + question_focus_problems(None, slots)
+        problems = question_focus_problems(focus, slots)
         return problems + feature_layer_problems(self.vision, self.vision_feature_layer) if self.vision else problems
 
     @property
