@@ -11,13 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from focus_family_support import FOCUS, READS, world_words_tokenizer
 from visto.checkpoint import load, save_checkpoint
 from visto.connectors.pointer import CopySlots
 from visto.connectors.projector import ProjectorConfig
-from visto.connectors.regions import COLOUR_NAMES, SHAPE_NAMES, SIZE_NAMES
 from visto.data.processor import Processor, ProcessorConfig, image_transform
 from visto.data.sample import Sample, Turn
-from visto.data.tokenizer import Tokenizer, train_tokenizer, with_focus_token
 from visto.errors import UserError
 from visto.infer.engine import Engine
 from visto.infer.sampling import SamplingParams
@@ -26,21 +25,10 @@ from visto.nn.language import DecoderConfig
 from visto.nn.vision import ViTConfig
 from visto.pretrained import build_model
 
-TEXTS = [f"Which colour does the {s} have? Which shape is {c}? a {c} {s}, {z}" for s in SHAPE_NAMES
-         for c in COLOUR_NAMES for z in SIZE_NAMES]  # fmt: skip
-# compare-llava's focus, at 3 objects and 4 read slots
-FOCUS = dict(kind="regions", slots=3, focus=True, read_slots=4, pointer=True, named=True, box_nms=0.3,
-             count_width=0.35, object_order="left_to_right", copy_answers=True, copy_json=True)  # fmt: skip
-# What the stand-in reader reads off an image, by its colour (the reader is a trained model:
-# test_text_reader); the answers are the words read, so the pointer has something to copy.
-READS = {(200, 30, 30): "red star", (30, 30, 200): "blue circle", (30, 200, 30): "star circle square"}
-
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    train_tokenizer(TEXTS, vocab_size=400, loc_bins=32, min_frequency=1).save(path / "tokenizer.json")
-    return with_focus_token(Tokenizer.load(path / "tokenizer.json"))
+    return world_words_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def processor_config(tokenizer, **overrides) -> ProcessorConfig:

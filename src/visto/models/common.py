@@ -435,6 +435,17 @@ def question_focus_problems(focus: Any, slots: int) -> list[str]:
                 f"{4 + focus.read_slots}" + ("" if focus.read_slots else " or 0")]  # fmt: skip
     return []
 
+def accept_focus_processor(question_focus: Any, processor: Processor, slots: int) -> None:
+    """A family with an optional `question_focus` (Flamingo's, Fuyu's) takes a processor: it
+    must put the `slots` <focus> tokens before each answer that the model fills, and the
+    focus learns the tokenizer's word ids."""
+    given = processor.config.focus_tokens
+    if given != slots:
+        raise UserError(f"the processor puts {given} <focus> slots before each answer but this "
+                        f"model fills {slots} (question_focus)")  # fmt: skip
+    if question_focus is not None:
+        question_focus.set_vocabulary(processor.tokenizer, given)
+
 class CopyingDecoding:
     """The generation engine's protocol (visto.infer.engine) for a family whose answers may copy
     their `<focus>` slots through a pointer head (LLaVA's and CogVLM's regions projector, the

@@ -76,6 +76,7 @@ from visto.errors import UserError
 from visto.losses import answer_loss, scored_answer_loss
 from visto.models.common import (
     ConversationFamily,
+    accept_focus_processor,
     adopt_parts,
     batch_field,
     family_preset,
@@ -439,13 +440,7 @@ class Flamingo(ConversationFamily, nn.Module):
                 f"the processor makes {p.image_size} px images but the vision tower takes "
                 f"{self.config.vision.image_size} px"
             )
-        if p.focus_tokens != self.config.processor.focus_tokens:
-            raise UserError(
-                f"the processor puts {p.focus_tokens} <focus> slots before each answer but this "
-                f"model fills {self.config.processor.focus_tokens} (question_focus)"
-            )
-        if self.question_focus is not None:
-            self.question_focus.set_vocabulary(processor.tokenizer, p.focus_tokens)
+        accept_focus_processor(self.question_focus, processor, self.config.processor.focus_tokens)
 
     @property
     def pointer(self) -> PointerHead | None:

@@ -58,6 +58,7 @@ from visto.losses import scored_answer_loss, scored_rows
 from visto.models.common import (
     ConversationFamily,
     CopyingDecoding,
+    accept_focus_processor,
     adopt_parts,
     batch_field,
     family_preset,
@@ -226,13 +227,7 @@ class Fuyu(CopyingDecoding, ConversationFamily, nn.Module):
                 f"{self.config.processor.patch_size}; got resize_mode {p.resize_mode!r}, "
                 f"patch_size {p.patch_size}"
             )
-        if p.focus_tokens != self.config.processor.focus_tokens:
-            raise UserError(
-                f"the processor puts {p.focus_tokens} <focus> slots before each answer but this "
-                f"model fills {self.config.processor.focus_tokens} (question_focus)"
-            )
-        if self.question_focus is not None:
-            self.question_focus.set_vocabulary(processor.tokenizer, p.focus_tokens)
+        accept_focus_processor(self.question_focus, processor, self.config.processor.focus_tokens)
 
     @property
     def pointer(self) -> PointerHead | None:
