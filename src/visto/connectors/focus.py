@@ -71,7 +71,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visto.connectors.named import ANSWER_RUNS, AttributeWords, Named, answer_runs, execute
+from visto.connectors.named import (
+    ANSWER_RUNS,
+    VERDICT_RUNS,
+    AttributeWords,
+    Executed,
+    Named,
+    answer_runs,
+    execute,
+    verdict_run,
+)
 from visto.connectors.pointer import CopySlots, copy_runs
 from visto.data.tool_calls import TOOL_RESPONSE_START
 
@@ -168,7 +177,10 @@ def tool_result_prefix(tokenizer) -> tuple[int, ...]:
 class QuestionFocus(nn.Module):
     """Per answer, the objects its question names, pooled into one added input vector."""
 
-    def __init__(self, width: int, named: bool = False, count_width: float = 1.0, copy_answers: bool = False) -> None:
+    def __init__(
+        self, width: int, named: bool = False, count_width: float = 1.0, copy_answers: bool = False,
+        copy_verdicts: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         # With `named`, the words a question names pick, count and relate the objects by
         # their predicted attributes (connectors.named); the cosine scores stay where a
@@ -184,6 +196,11 @@ class QuestionFocus(nn.Module):
         # for the pointer to copy: colour, shape and size words come from the detector's
         # attributes, not from a decoding of the object token that must be learned per pair.
         self.copy_answers = copy_answers
+        # With `copy_verdicts` (and `copy_answers`), one more run after the answer runs holds
+        # the executed yes/no (named.verdict_run: a named relation's `holds`, else whether the
+        # named subject is there): existence and relation answers are a copy too, instead of
+        # a reading of the `relate` and `match` signals the decoder must learn.
+        self.copy_verdicts = copy_verdicts and copy_answers
         self.words: AttributeWords | None = None  # set_vocabulary
         # The scores' settings are fixed (buffers: the scores take no gradient, see the module
         # doc); checkpoints keep them under the same names as when they were parameters.
@@ -353,11 +370,11 @@ class QuestionFocus(nn.Module):
             matches = (torch.sigmoid(self.scores(question, count_tags) - scale * self.threshold) * present).sum(-1)
             best = (score / scale).masked_fill(~present, 0).max(-1).values  # (P,) cosine
             side_weights = [self.attention(side[h], tags, present) for h in range(len(SIDE_RAMPS))]
-            holds = named = None
+            holds = named = executed = None
             if self.words is not None:
                 named = self.words.named(input_ids[rows[:, None], spans[2]], spans[3].to(torch.float32))
             if named is not None and rowed.attributes is not None:
-                weight, side_weights, matches, holds = self._by_named_words(
+                weight, side_weights, matches, holds, executed = self._by_named_words(
                     named, rowed.attributes[rows], rowed.boxes[rows], present, weight, side_weights
                 )
         value = torch.einsum("pm,pmd->pd", weight, tokens)  # (P, D)
@@ -380,6 +397,8 @@ class QuestionFocus(nn.Module):
         answers = self._no_answers(len(rows), out.device)
         if answers and named is not None and rowed.attributes is not None:
             answers = answer_runs(self.words, weight, rowed.attributes[rows], count_histogram)
+            if self.copy_verdicts:
+                answers.append(verdict_run(self.words, named, executed))
         out = out.index_put((rows, cols), focus.to(out.dtype))
         if not self.slots:
             return out, None
@@ -412,22 +431,23 @@ class QuestionFocus(nn.Module):
     def _by_named_words(
         self, named: Named, attributes: Tensor, boxes: Tensor, present: Tensor,
         weight: Tensor, side_weights: list[Tensor],
-    ) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:  # fmt: skip
+    ) -> tuple[Tensor, list[Tensor], Tensor, Tensor, Executed]:  # fmt: skip
         """The focus by the words (and box) each question names (connectors.named.execute):
         (the object weights, the side weights [subject, object], the count (P,), whether the
-        named relation holds (P,), -1 where none is named); the cosine weights stay where a
-        question names nothing."""
+        named relation holds (P,), -1 where none is named, and the executed question itself);
+        the cosine weights stay where a question names nothing."""
         sides = execute(named, attributes, boxes, present, side_weights[0], side_weights[-1])
         weight = torch.where(sides.subject_named[:, None], sides.subject, weight)
-        return weight, [sides.subject, sides.object], sides.count, sides.holds
+        return weight, [sides.subject, sides.object], sides.count, sides.holds, sides
 
     def _no_answers(self, answers: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
         """Empty answer runs (`copy_answers` without named words or detections; none without
-        `copy_answers`)."""
+        `copy_answers`), and the empty verdict run after them with `copy_verdicts`."""
         if not self.copy_answers:
             return []
+        runs = ANSWER_RUNS + (VERDICT_RUNS if self.copy_verdicts else ())
         return [(torch.zeros(answers, n, 1, dtype=torch.long, device=device), torch.zeros(answers, n, 1, device=device))
-                for n in ANSWER_RUNS]  # fmt: skip
+                for n in runs]  # fmt: skip
 
     def _copies(
         self, answers: int, weight: Tensor | None, box_ids: Tensor | None,
@@ -435,8 +455,8 @@ class QuestionFocus(nn.Module):
         answer_slots: list[tuple[Tensor, Tensor]] = (),
     ) -> CopySlots | None:  # fmt: skip
         """The answers' slots as the pointer copies them (`with_copies`; connectors.pointer):
-        the box's 4, the read ones, then the answer runs (`copy_answers`), each run followed
-        by its end slot."""
+        the box's 4, the read ones, then the answer runs (`copy_answers`) and the verdict
+        (`copy_verdicts`), each run followed by its end slot."""
         if not self.slots:
             return None
         M = weight.shape[1] if weight is not None else 1

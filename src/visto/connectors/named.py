@@ -21,6 +21,10 @@ by token identity, and scores each object by how well it has them:
                (a phrase without a colour leaves colour free: "How many circles?")
     count      = sum_m present_m * match_m                 ("How many red objects?": 0..9)
     relation   = which of left / right / above / below the question names
+    verdict    = with `copy_verdicts` (focus.py), the executed yes/no as one more slot the
+                 pointer copies (`verdict_run`): a named relation's `holds` where the question
+                 names one, else whether the named subject is there (`exists`: the best present
+                 object's match); an empty slot where the question names nothing
     answers    = with `copy_answers` (focus.py), the words an answer about the subject writes,
                  as slots the pointer copies: "large red hexagon" (size, colour, shape), the
                  colour, the shape, the size alone, and the count as a digit; each slot a
@@ -59,6 +63,9 @@ RELATIONS = ("left", "right", "above", "below")
 TEXT_KINDS = ("word", "number")  # what a reading question may ask for (the world's text kinds)
 # The pointer's runs of answer slots (`answer_runs`): "size colour shape", colour, shape, size, count
 ANSWER_RUNS = (3, 1, 1, 1, 1)
+# The pointer's run of the yes/no verdict (`verdict_run`), after the answer runs: one slot
+VERDICT_RUNS = (1,)
+VERDICTS = ("yes", "no")  # the world's yes/no answers, as an answer's first word writes them
 BOX_MATCH_IOU = 0.3  # a question's box names the object it overlaps most, if by more than this
 _BOX_RE = re.compile(r"\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]")
 
@@ -117,6 +124,7 @@ class AttributeWords:
             for kind, names in KINDS.items()
         }  # fmt: skip
         self.digit_ids = self._ids_or_missing(tokenizer, [str(d) for d in range(10)])
+        self.verdict_ids = self._ids_or_missing(tokenizer, list(VERDICTS))  # "yes", "no"
         # "on the left" / "on the right": a side, not a relation ("to the left of")
         self.on_ids = self._one_token_forms(tokenizer, ("on",))[0]
         self.the_ids = self._one_token_forms(tokenizer, ("the",))[0]
@@ -232,14 +240,17 @@ def relation_holds(relation: Tensor, offset: Tensor, sharpness: float = 20.0) ->
 class Executed(NamedTuple):
     """A question run on one image's objects (`execute`): weights over the objects (P, M) of
     its subject and of a relation's object, the count of its subject (P,), and whether the
-    named relation holds (P,) in 0..1 (-1 where it names no relation); and where the subject's
-    weights are the named match rather than the fallback (P,) bool."""
+    named relation holds (P,) in 0..1 (-1 where it names no relation); where the subject's
+    weights are the named match rather than the fallback (P,) bool; and whether the named
+    subject is there (P,) in 0..1: the best present object's match (0 where none matches;
+    1 where the first phrase names nothing, as every object matches it then)."""
 
     subject: Tensor
     object: Tensor
     count: Tensor
     holds: Tensor
     subject_named: Tensor
+    exists: Tensor | None = None
 
 
 def execute(
@@ -275,7 +286,27 @@ def execute(
 
     holds = relation_holds(named.relation.to(dtype), centre(subject_weight) - centre(object_weight))
     holds = torch.where(named.relation.sum(-1) > 0, holds, torch.full_like(holds, -1.0))
-    return Executed(subject_weight, object_weight, subject.sum(-1), holds, subject_named)
+    exists = subject.amax(-1) if subject.shape[-1] else subject.new_zeros(subject.shape[0])
+    return Executed(subject_weight, object_weight, subject.sum(-1), holds, subject_named, exists)
+
+
+def verdict_run(words: AttributeWords, named: Named, executed: Executed) -> tuple[Tensor, Tensor]:
+    """The yes/no slot the pointer copies (VERDICT_RUNS), for P questions (`Named`) run on their
+    objects (`execute`) -> (ids (P, 1, 2), weights (P, 1, 2)) over VERDICTS ("yes", "no"): where
+    a relation is named, yes = `holds`; else, where the first phrase names a value, yes =
+    `exists` (is there a red star?); no = 1 - yes; weights 0 where the question names neither
+    (nothing to affirm: a box question, "How many objects?"), or where the tokenizer does not
+    write "yes" / "no" as one token."""
+    P = executed.holds.shape[0]
+    device, dtype = executed.holds.device, executed.holds.dtype
+    related = named.relation.to(device).sum(-1) > 0
+    exists = executed.exists if executed.exists is not None else torch.zeros_like(executed.holds)
+    yes = torch.where(related, executed.holds, exists).clamp(0, 1)
+    said = (related | names_any(named.first.to(device))).to(dtype)  # (P,): the question names something
+    table = words.verdict_ids.to(device)
+    weights = torch.stack([yes, 1 - yes], -1) * said[:, None] * (table >= 0).to(dtype)  # (P, 2)
+    ids = table.clamp(min=0).expand(P, -1)
+    return ids[:, None, :], weights[:, None, :]
 
 
 def answer_runs(
@@ -361,5 +392,6 @@ def split_by_kind(lines: list[str]) -> list[str]:
 
 __all__ = [
     "ANSWER_RUNS", "AttributeWords", "BOX_MATCH_IOU", "Executed", "KINDS", "Named", "RELATIONS", "TEXT_KINDS", "VALUES",
-    "answer_runs", "box_iou", "box_match", "by_side", "execute", "match", "names_any", "relation_holds", "split_by_kind",
+    "VERDICTS", "VERDICT_RUNS", "answer_runs", "box_iou", "box_match", "by_side", "execute", "match", "names_any",
+    "relation_holds", "split_by_kind", "verdict_run",
 ]  # fmt: skip

@@ -76,6 +76,11 @@ class ProjectorConfig:
     # alone, its count as a digit) from the detector's attribute probabilities
     # (connectors.named.answer_runs), as it copies a box
     copy_answers: bool = False
+    # regions with copy_answers only: the pointer may also copy the executed yes/no of an
+    # existence or relation question (connectors.named.verdict_run: whether the named relation
+    # holds, else whether the named subject is there), as one more run after the answer runs;
+    # off in checkpoints from before it (their pointer has one run fewer)
+    copy_verdicts: bool = False
     # regions with a pointer only: the pointer may also copy the JSON answer the connector
     # writes from its detections and what it read (connectors.script), token by token
     copy_json: bool = False
@@ -103,6 +108,9 @@ class ProjectorConfig:
             raise UserError("projector named needs focus (it is how the focus reads the question)")
         if self.copy_answers and not (self.named and self.pointer):
             raise UserError("projector copy_answers needs named and pointer (the named words pick what the pointer copies)")
+        if self.copy_verdicts and not self.copy_answers:
+            raise UserError("projector copy_verdicts needs copy_answers (with named and pointer: the verdict is "
+                            "one more answer run the pointer copies)")  # fmt: skip
         if self.copy_json and not self.pointer:
             raise UserError("projector copy_json needs pointer (it copies the JSON the detections write)")
         if self.object_order not in ("raster", "left_to_right"):
@@ -198,7 +206,7 @@ def build_projector(cfg: ProjectorConfig, input_dim: int, output_dim: int) -> nn
             text_slots=cfg.text_slots, text_tokens=cfg.text_tokens, focus=cfg.focus,
             read_slots=cfg.read_slots, pointer=cfg.pointer, box_nms=cfg.box_nms, named=cfg.named,
             count_width=cfg.count_width, object_order=cfg.object_order, copy_answers=cfg.copy_answers,
-            copy_json=cfg.copy_json,
+            copy_json=cfg.copy_json, copy_verdicts=cfg.copy_verdicts,
         )  # fmt: skip
     else:
         kinds = {"linear": LinearProjector, "mlp": MLPProjector, "pixel_shuffle": PixelShuffleProjector}
