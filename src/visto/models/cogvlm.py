@@ -38,7 +38,6 @@ from torch import Tensor, nn
 
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
-from visto.losses import scored_answer_loss, scored_rows
 from visto.models.common import batch_field, training_logits
 from visto.models.llava import PARAM_GROUPS as LLAVA_GROUPS
 from visto.models.llava import Llava, LlavaConfig
@@ -77,20 +76,16 @@ class CogVLMConfig(LlavaConfig):
 
 
 class CogVLM(Llava):
-    family = "cogvlm"
-    PARAM_GROUPS = PARAM_GROUPS
+    family, PARAM_GROUPS = "cogvlm", PARAM_GROUPS
 
-    def __init__(
-        self,
-        config: CogVLMConfig,
-        vision: ViT | None = None,
-        projector: nn.Module | None = None,
-        language: DecoderLM | None = None,
-    ) -> None:
+    def __init__(self, config: CogVLMConfig, vision: ViT | None = None, projector: nn.Module | None = None,
+                 language: DecoderLM | None = None) -> None:  # fmt: skip
+        """LLaVA's parts, as LLaVA takes them, and the visual expert: copies of the decoder's
+        projections that `expert_modules` names."""
         if config.projector.pointer:
             raise UserError("projector.pointer is LLaVA's (its engine hook carries the copy slots); "
                             "CogVLM's visual experts do not take it: set projector.pointer false")  # fmt: skip
-        super().__init__(config, vision, projector, language)  # LLaVA's parts, as LLaVA takes them
+        super().__init__(config, vision, projector, language)
         # visual_expert.layers.N.{self_attn,mlp}.<proj>: copies of the language projections.
         self.visual_expert = nn.Module()
         self.visual_expert.layers = nn.ModuleList()
@@ -111,17 +106,15 @@ class CogVLM(Llava):
             experts=self.visual_expert.layers, expert_mask=input_ids == IMAGE_TOKEN_ID
         )
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers)."""
+    def decoder_hidden(self, batch: dict[str, Tensor]) -> tuple[Tensor, None]:
+        """A collated batch -> the decoder's last hidden states (B, T, C), the visual expert on
+        the `<image>` positions: what `forward` (LLaVA's: the LM head on the scored positions
+        only) and `answer_logits` read. No slots: CogVLM takes no pointer head."""
         input_ids = batch["input_ids"]
         embeds = self.embed_inputs(
             input_ids, batch["pixel_values"], batch.get("image_sample_index"), batch.get("segment_ids")
         )  # LLaVA's: visual tokens at the <image> positions
-        hidden = training_logits(
-            self.language_model, embeds, batch, self.experts(input_ids), head=False
-        )  # (B, T, C); the LM head on the scored positions only
-        picked, targets = scored_rows(hidden, batch["labels"])
-        return scored_answer_loss(self.language_model.lm_head(picked), targets)
+        return training_logits(self.language_model, embeds, batch, self.experts(input_ids), head=False), None
 
     # -- generation engine protocol (visto.infer.engine)
 
@@ -139,7 +132,8 @@ class CogVLM(Llava):
             inputs.embeds, inputs.attention_mask, inputs.conditioning
         )
 
-    # decode_step is Llava's: one new (text) token per row, no experts, language weights.
+    # decode_step is LLaVA's (CopyingDecoding's): one new (text) token per row, no experts,
+    # language weights.
 
 
 __all__ = ["PARAM_GROUPS", "CogVLM", "CogVLMConfig"]

@@ -13,9 +13,9 @@ family's file for these steps.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ from visto.data.sample import Sample
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.data.tokenizer import Tokenizer, corpus_texts, train_tokenizer
 from visto.errors import UserError
-from visto.losses import IGNORE_INDEX
+from visto.losses import IGNORE_INDEX, scored_rows
 from visto.nn.language import Conditioning, DecoderConfig, DecoderInputs, DecoderLM
 from visto.nn.vision import ViT, ViTConfig
 
@@ -104,6 +104,53 @@ def family_preset(
     if name not in presets:
         raise UserError(f"unknown {family} preset {name!r}; choose 'tiny' or 'small'")
     return cls(**{**presets[name](), **overrides})
+
+
+def tiny_text_parts(**processor: Any) -> dict[str, Any]:
+    """The `tiny` presets' decoder (DecoderConfig's tiny, 400 tokens) and processor (32 px
+    images, no delimiters, 400 tokens, 32 location bins, and a family's own `processor`
+    settings): a family's `tiny_fields` adds its towers."""
+    return dict(
+        decoder=DecoderConfig.preset("tiny", vocab_size=400),
+        processor=ProcessorConfig(image_size=32, image_delimiters=False, vocab_size=400, loc_bins=32, **processor),
+    )
+
+
+@dataclass
+class FamilyConfig:
+    """What every generative family's config holds, before the family's own fields (its
+    towers and connectors): the decoder, the processor (a family redeclares it with its own
+    default), where a fresh model's tokenizer comes from, and the pretrained parts
+    visto.pretrained reads. `preset("tiny")` is `tiny_fields()` (unit tests), `preset("small")`
+    the defaults (sized for the CPU)."""
+
+    DISPLAY_NAME: ClassVar[str] = "generative"  # the family in error messages ("LLaVA")
+
+    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig.preset("small"))
+    processor: ProcessorConfig = field(default_factory=ProcessorConfig)
+    # Where the tokenizer comes from when no processor is attached (a fresh model; a checkpoint
+    # carries its own): a directory holding tokenizer.json (e.g. a CLIP checkpoint trained on
+    # the same world), else a dataset path whose texts train one (synthetic world: every task
+    # of its train split), with processor.vocab_size and processor.loc_bins.
+    tokenizer_dir: str | None = None
+    tokenizer_corpus: str | None = None
+    # Pretrained parts, read by visto.pretrained.build_model and then forgotten (the saved
+    # config holds their configs, the weights hold their weights): for the vision tower a visto
+    # CLIP (or LLaVA) checkpoint or a transformers CLIP directory; for the decoder a
+    # transformers Llama/Qwen2 directory (DecoderLM.from_pretrained) whose vocabulary is a
+    # visto tokenizer's.
+    vision_init: str | None = None
+    language_init: str | None = None
+
+    @classmethod
+    def tiny_fields(cls) -> dict[str, Any]:
+        """The fields of the `tiny` preset (unit tests)."""
+        raise NotImplementedError
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> Any:
+        """The config of preset `name` ("tiny" or "small"), `overrides` on top."""
+        return family_preset(cls, name, cls.DISPLAY_NAME, cls.tiny_fields, overrides)
 
 
 def feature_layer_problems(vision: ViTConfig, layer: int) -> list[str]:
@@ -207,6 +254,17 @@ class ConversationFamily(LazyProcessor):
         several rows hold (questions about one picture) is preprocessed once
         (`Processor.prompt_batch`)."""
         return self.processor.prompt_batch(samples)
+
+    @property
+    def focus_connector(self) -> Any:
+        """The region connector whose question focus fills the `<focus>` slots before each
+        answer, or None (LLaVA's `regions` projector with focus; the others' `question_focus`)."""
+        return None
+
+    @property
+    def pointer(self) -> PointerHead | None:
+        """The focus connector's pointer head (answers copy the `<focus>` slots' tokens), or None."""
+        return getattr(self.focus_connector, "pointer", None)
 
 
 def batch_field(batch: Any, name: str) -> Any:
@@ -404,7 +462,34 @@ def last_answer_slots(connector: Any, input_ids: Tensor, copies: CopySlots | Non
     script = None
     if scripted:
         script = (no_script if picked.script is None else picked.script).masked_fill((last < 0)[:, None], -1)
-    return CopySlots(picked.ids, picked.weights * (last >= 0)[:, None, None], input_ids[:, -1], script)
+    return CopySlots(picked.ids, picked.weights * (last >= 0)[:, None, None], input_ids[:, -1], script,
+                     question=picked.question)  # fmt: skip
+
+
+def head_on_scored_positions(
+    model: Any, hidden: Tensor, batch: dict[str, Tensor], copies: CopySlots | None
+) -> tuple[Tensor, Tensor]:
+    """A family's LM head on its decoder's last hidden states (B, T, C) at the positions whose
+    next label is scored, row-major (n, V), and those labels (n,): what the loss reads, without
+    the head over padding and prompts. With the family's pointer head, each answer's slots
+    (`copies`) mixed in (`pointer_scored_logits`)."""
+    if model.pointer is None:
+        picked, targets = scored_rows(hidden, batch["labels"])
+        return model.language_model.lm_head(picked), targets
+    return pointer_scored_logits(model.focus_connector, hidden, model.language_model.lm_head,
+                                 batch["input_ids"], batch["labels"], copies)  # fmt: skip
+
+
+def head_on_every_position(
+    model: Any, hidden: Tensor, batch: dict[str, Tensor], copies: CopySlots | None
+) -> Tensor:
+    """A family's next-token logits (B, T, V) from its decoder's last hidden states (B, T, C):
+    the LM head's, and with the family's pointer head, log-probabilities with each answer's
+    slots mixed in where an answer token is predicted (what generation samples from)."""
+    logits = model.language_model.lm_head(hidden)
+    if model.pointer is None or copies is None:
+        return logits
+    return pointer_answer_logits(model.focus_connector, hidden, logits, batch["input_ids"], batch["labels"], copies)
 
 
 def pointer_output_logits(
@@ -447,19 +532,67 @@ def accept_focus_processor(question_focus: Any, processor: Processor, slots: int
         question_focus.set_vocabulary(processor.tokenizer, given)
 
 class CopyingDecoding:
-    """The generation engine's protocol (visto.infer.engine) for a family whose answers may copy
-    their `<focus>` slots through a pointer head (LLaVA's and CogVLM's regions projector, the
-    `question_focus` of BLIP-2 and Fuyu), as a mixin before ConversationFamily. The family
-    gives `language_model`, `pointer` (None without one) and `prefill_inputs`, which returns
-    `DecoderInputs` whose context is each row's `CopySlots` when there is a pointer; these run
-    the decoder without its head, mix the slots in after it, and carry the slots beside the
-    decoder's state. (Flamingo keeps its own: its state holds the images' keys and values.)"""
+    """A family whose decoder reads its input embeddings and nothing else, and whose answers
+    may copy their `<focus>` slots through a pointer head (LLaVA's and CogVLM's regions
+    projector, the `question_focus` of BLIP-2 and Fuyu), as a mixin before ConversationFamily.
+    The family gives `language_model` and `embed_with_copies` (input ids and pixels -> the
+    decoder's input embeddings and each answer's slots); this runs the rest the same way for
+    every such family: the decoder and its LM head (with a pointer head, the slots mixed in
+    after it) on a training batch, and the generation engine's protocol (visto.infer.engine),
+    whose state carries the slots beside the decoder's. (Flamingo keeps its own: its decoder
+    also reads the images through gated blocks, and its state holds their keys and values.)"""
 
     language_model: DecoderLM
-    pointer: PointerHead | None
+    pointer: PointerHead | None  # ConversationFamily's
+    focus_connector: Any  # ConversationFamily's
+
+    def embed_with_copies(self, input_ids: Tensor, pixel_values: Tensor, image_sample_index: Tensor | None = None,
+                          segment_ids: Tensor | None = None) -> tuple[Tensor, CopySlots | None]:  # fmt: skip
+        raise NotImplementedError  # the family's: its input embeddings and each answer's slots
+
+    def embed_inputs(self, input_ids: Tensor, pixel_values: Tensor, image_sample_index: Tensor | None = None,
+                     segment_ids: Tensor | None = None) -> Tensor:  # fmt: skip
+        """The decoder's input embeddings (B, T, C): the family's `embed_with_copies` without
+        the slots (Fuyu's own: its patch embeddings alone)."""
+        return self.embed_with_copies(input_ids, pixel_values, image_sample_index, segment_ids)[0]
+
+    # -- training: the decoder on a collated batch, the LM head (and pointer) after it
+
+    def decoder_hidden(self, batch: dict[str, Tensor]) -> tuple[Tensor, CopySlots | None]:
+        """A collated (right-padded) batch -> the decoder's last hidden states (B, T, C) and
+        each answer's slots, from the family's `embed_with_copies` of the batch's fields."""
+        embeds, copies = self.embed_with_copies(
+            batch["input_ids"], batch["pixel_values"], batch.get("image_sample_index"), batch.get("segment_ids"),
+        )  # fmt: skip
+        return training_logits(self.language_model, embeds, batch, head=False), copies
+
+    def scored_answer_logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """`answer_logits` at the positions whose next label is scored, in row-major order
+        (n, V), and those labels (n,): what `forward`'s loss reads, without the head over every
+        position and a copy of all the logits (`head_on_scored_positions`)."""
+        hidden, copies = self.decoder_hidden(batch)
+        return head_on_scored_positions(self, hidden, batch, copies)
+
+    def answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """A collated batch -> the next-token logits (B, T, V) the loss scores: the decoder's,
+        and with a pointer head, log-probabilities with each answer's slots mixed in where an
+        answer token is predicted (what generation samples from; `head_on_every_position`)."""
+        hidden, copies = self.decoder_hidden(batch)
+        return head_on_every_position(self, hidden, batch, copies)
+
+    # -- generation: the engine's protocol
 
     def prefill_inputs(self, batch: Any) -> tuple[Tensor, Tensor] | DecoderInputs:
-        raise NotImplementedError
+        """A left-padded batch (processor `Batch` or dict) -> the decoder's input embeddings
+        (B, T, C) by `embed_with_copies` and the attention mask (B, T); the engine's fast path
+        runs the decoder on them. With a pointer head, `DecoderInputs` whose per-row context
+        is what the answer being generated (the prompt's last `<|assistant|>`) may copy
+        (`output_logits` mixes it in). (Fuyu's own: its batches carry patch grids.)"""
+        if self.pointer is None:
+            return prompt_embeds(self, batch)
+        (embeds, copies), mask = prompt_embeds(self, batch, self.embed_with_copies)
+        input_ids = batch_field(batch, "input_ids").to(mask.device)
+        return DecoderInputs(embeds, mask, context=last_answer_slots(self.focus_connector, input_ids, copies))
 
     def output_logits(self, hidden: Tensor, logits: Tensor, context: Any, tokens: Tensor | None = None) -> Tensor:
         """The engine's hook after the LM head: hidden (B, C) after the final norm, logits

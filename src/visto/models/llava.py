@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,6 @@ from torch import Tensor, nn
 
 from visto.connectors.pointer import (
     CopySlots,
-    PointerHead,
 )
 from visto.connectors.projector import (
     LinearProjector,
@@ -47,24 +46,19 @@ from visto.data.processor import Processor, ProcessorConfig
 from visto.data.special_tokens import IMAGE, IMAGE_TOKEN_ID
 from visto.data.tokenizer import DEFAULT_LOC_BINS, Tokenizer
 from visto.errors import UserError
-from visto.losses import scored_answer_loss, scored_rows
+from visto.losses import scored_answer_loss
 from visto.models.common import (
     ConversationFamily,
     CopyingDecoding,
+    FamilyConfig,
     adopt_parts,
-    batch_field,
-    family_preset,
     feature_layer_problems,
     fit_problems,
     focus_with_copies,
-    last_answer_slots,
-    pointer_answer_logits,
-    pointer_scored_logits,
-    prompt_embeds,
     refuse_part_paths,
     refuse_problems,
     splice_visual_tokens,
-    training_logits,
+    tiny_text_parts,
 )
 from visto.models.transformers_format import (
     act_from_hf,
@@ -78,7 +72,7 @@ from visto.models.transformers_format import (
     refuse_export,
     write_transformers_dir,
 )
-from visto.nn.language import DecoderConfig, DecoderInputs, DecoderLM
+from visto.nn.language import DecoderConfig, DecoderLM
 from visto.nn.vision import (
     CLIP_MEAN,
     CLIP_STD,
@@ -107,27 +101,19 @@ def _default_processor() -> ProcessorConfig:
 
 
 @dataclass
-class LlavaConfig:
+class LlavaConfig(FamilyConfig):
+    """FamilyConfig's decoder, processor, tokenizer source and pretrained parts
+    (`vision_init`: the tower), then LLaVA's vision tower and projector."""
+
+    DISPLAY_NAME: ClassVar[str] = "LLaVA"
+
+    processor: ProcessorConfig = field(default_factory=_default_processor)
     vision: ViTConfig = field(default_factory=lambda: ViTConfig.preset("small"))
     # Hidden state fed to the projector, indexed as transformers does (-1 last, -2 the
     # penultimate layer, which LLaVA 1.5 uses: its last layer is tuned to CLIP's objective).
     # The CLS token is always dropped (transformers' vision_feature_select_strategy "default").
     vision_feature_layer: int = -2
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig.preset("small"))
-    processor: ProcessorConfig = field(default_factory=_default_processor)
-    # Where the tokenizer comes from when no processor is attached (a fresh model; a checkpoint
-    # carries its own): a directory holding tokenizer.json (e.g. a CLIP checkpoint trained on
-    # the same world), else a dataset path whose texts train one (synthetic world: every task
-    # of its train split), with processor.vocab_size and processor.loc_bins.
-    tokenizer_dir: str | None = None
-    tokenizer_corpus: str | None = None
-    # Pretrained towers, read by visto.pretrained.build_model and then forgotten (the saved
-    # config holds the towers' configs, the weights hold their weights): a visto CLIP (or LLaVA)
-    # checkpoint or a transformers CLIP directory; a transformers Llama/Qwen2 directory
-    # (DecoderLM.from_pretrained) whose vocabulary is a visto tokenizer's.
-    vision_init: str | None = None
-    language_init: str | None = None
 
     def __post_init__(self) -> None:
         if problems := feature_layer_problems(self.vision, self.vision_feature_layer):
@@ -163,21 +149,9 @@ class LlavaConfig:
         refuse_problems("llava", problems)
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> LlavaConfig:
-        """`tiny` for unit tests (32 px, 16 visual tokens, 2+2 layers); `small` for the CPU."""
-
-        def tiny() -> dict[str, Any]:
-            return dict(
-                vision=ViTConfig.preset("tiny"),
-                vision_feature_layer=-1,
-                decoder=DecoderConfig.preset("tiny", vocab_size=400),
-                processor=ProcessorConfig(
-                    image_size=32, image_tokens=16, image_delimiters=False, vocab_size=400,
-                    loc_bins=32,
-                ),
-            )
-
-        return family_preset(cls, name, "LLaVA", tiny, overrides)
+    def tiny_fields(cls) -> dict[str, Any]:
+        """Unit tests: 32 px, 16 visual tokens, 2+2 layers (`small`, the defaults: the CPU)."""
+        return dict(vision=ViTConfig.preset("tiny"), vision_feature_layer=-1, **tiny_text_parts(image_tokens=16))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -189,17 +163,10 @@ def build_llava_projector(config: LlavaConfig) -> nn.Module:
 
 
 class Llava(CopyingDecoding, ConversationFamily, nn.Module):
-    family = "llava"
-    display_name = "LLaVA"
-    PARAM_GROUPS = PARAM_GROUPS
+    family, display_name, PARAM_GROUPS = "llava", "LLaVA", PARAM_GROUPS
 
-    def __init__(
-        self,
-        config: LlavaConfig,
-        vision: ViT | None = None,
-        projector: nn.Module | None = None,
-        language: DecoderLM | None = None,
-    ) -> None:
+    def __init__(self, config: LlavaConfig, vision: ViT | None = None, projector: nn.Module | None = None,
+                 language: DecoderLM | None = None) -> None:  # fmt: skip
         """Parts built elsewhere (visto.pretrained: `vision_init`, `language_init`, the regions
         connector's detector) bring their architectures; the others are built fresh here."""
         super().__init__()
@@ -251,35 +218,20 @@ class Llava(CopyingDecoding, ConversationFamily, nn.Module):
             return plan(features)
         return self.multi_modal_projector(features)  # (N_img, n, D_lm)
 
-    def embed_inputs(
-        self,
-        input_ids: Tensor,
-        pixel_values: Tensor,
-        image_sample_index: Tensor | None = None,
-        segment_ids: Tensor | None = None,
-    ) -> Tensor:
+    def embed_with_copies(self, input_ids: Tensor, pixel_values: Tensor, image_sample_index: Tensor | None = None,
+                          segment_ids: Tensor | None = None) -> tuple[Tensor, CopySlots | None]:  # fmt: skip
         """Token embeddings (B, T, D_lm) with the visual tokens at the `<image>` positions (and,
         with the regions connector's `focus`, each answer's named objects at its start;
-        `segment_ids` of packed exchanges tell it where each exchange's question begins)."""
-        return self.embed_with_copies(input_ids, pixel_values, image_sample_index, segment_ids)[0]
-
-    def embed_with_copies(
-        self,
-        input_ids: Tensor,
-        pixel_values: Tensor,
-        image_sample_index: Tensor | None = None,
-        segment_ids: Tensor | None = None,
-    ) -> tuple[Tensor, CopySlots | None]:
-        """`embed_inputs`, and what each answer's `<focus>` slots hold as token ids (one row
-        per `<|assistant|>` token, row-major; None without the focus's slots or images): what
-        the pointer head copies (connectors.pointer)."""
+        `segment_ids` of packed exchanges tell it where each exchange's question begins), and
+        what each answer's `<focus>` slots hold as token ids (one row per `<|assistant|>` token,
+        row-major; None without the focus's slots or images): what the pointer head copies
+        (connectors.pointer). `embed_inputs` (CopyingDecoding) is the embeddings alone."""
         hint = (
             f"; the processor's image_tokens must equal the model's "
             f"({self.config.image_tokens}) and every image needs its <image> run"
         )
         embeds = self.language_model.embed(input_ids)  # (B, T, C)
-        focus = getattr(self.multi_modal_projector, "focus", None)
-        if focus is None or pixel_values.shape[0] == 0:
+        if self.focus_connector is None or pixel_values.shape[0] == 0:
             return splice_visual_tokens(
                 embeds, input_ids, pixel_values, self.image_features, image_sample_index, hint=hint
             ), None
@@ -295,72 +247,27 @@ class Llava(CopyingDecoding, ConversationFamily, nn.Module):
         return embeds + added.to(embeds.dtype), copies
 
     @property
-    def pointer(self) -> PointerHead | None:
-        """The connector's pointer head (answers copy the `<focus>` slots' tokens), or None."""
-        return getattr(self.multi_modal_projector, "pointer", None)
+    def focus_connector(self) -> nn.Module | None:
+        """The regions projector when its question focus is on (it fills the `<focus>` slots;
+        `pointer`, ConversationFamily's, is its pointer head), else None."""
+        projector = self.multi_modal_projector
+        return projector if getattr(projector, "focus", None) is not None else None
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers).
-        With a pointer head, the LM head and the pointer run on the scored positions only
-        (`scored_answer_logits`): the same loss as `answer_logits`' without the head over
-        every position and a copy of all the logits (~9% of a quickstart stage-2 step)."""
-        if self.pointer is None:
-            embeds = self.embed_inputs(
-                batch["input_ids"], batch["pixel_values"], batch.get("image_sample_index"),
-                batch.get("segment_ids"),
-            )  # fmt: skip
-            hidden = training_logits(self.language_model, embeds, batch, head=False)  # (B, T, C)
-            picked, targets = scored_rows(hidden, batch["labels"])
-            return scored_answer_loss(self.language_model.lm_head(picked), targets)
+        """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers):
+        `embed_with_copies`, the decoder, and its LM head (and a pointer head) on the scored
+        positions only (CopyingDecoding's `scored_answer_logits`; `answer_logits` gives every
+        position's): the same loss without the head over every position and a copy of all the
+        logits (~9% of a quickstart stage-2 step)."""
         return scored_answer_loss(*self.scored_answer_logits(batch))
 
-    def scored_answer_logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """`answer_logits` at the positions whose next label is scored, in row-major order
-        (n, V), and those labels (n,)."""
-        input_ids, labels = batch["input_ids"], batch["labels"]
-        embeds, copies = self.embed_with_copies(
-            input_ids, batch["pixel_values"], batch.get("image_sample_index"), batch.get("segment_ids"),
-        )  # fmt: skip
-        hidden = training_logits(self.language_model, embeds, batch, head=False)  # (B, T, C)
-        return pointer_scored_logits(
-            self.multi_modal_projector, hidden, self.language_model.lm_head, input_ids, labels, copies
-        )
-
-    def answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
-        """A collated batch -> the next-token logits (B, T, V) the loss scores: the decoder's,
-        and with a pointer head, log-probabilities with each answer's slots mixed in where an
-        answer token is predicted (what generation samples from)."""
-        input_ids, labels = batch["input_ids"], batch["labels"]
-        embeds, copies = self.embed_with_copies(
-            input_ids, batch["pixel_values"], batch.get("image_sample_index"), batch.get("segment_ids"),
-        )  # fmt: skip
-        if self.pointer is None or copies is None:
-            return training_logits(self.language_model, embeds, batch)  # (B, T, V)
-        hidden = training_logits(self.language_model, embeds, batch, head=False)  # (B, T, C)
-        logits = self.language_model.lm_head(hidden)
-        return pointer_answer_logits(self.multi_modal_projector, hidden, logits, input_ids, labels, copies)
-
     # collate and prompt_batch (ConversationFamily): whole conversations by the processor.
-
-    # -- generation engine protocol (visto.infer.engine)
-
-    def prefill_inputs(self, batch: Any) -> tuple[Tensor, Tensor] | DecoderInputs:
-        """A left-padded batch (processor `Batch` or dict) -> the decoder's input embeddings
-        (B, T, C) and attention mask (B, T); the engine's fast path runs the decoder on them.
-        With a pointer head, `DecoderInputs` whose per-row context is what the answer being
-        generated (the prompt's last `<|assistant|>`) may copy (`output_logits` mixes it in)."""
-        if self.pointer is None:
-            return prompt_embeds(self, batch)
-        (embeds, copies), mask = prompt_embeds(self, batch, self.embed_with_copies)
-        input_ids = batch_field(batch, "input_ids").to(mask.device)
-        return DecoderInputs(embeds, mask, context=self._last_answer_slots(input_ids, copies))
-
-    def _last_answer_slots(self, input_ids: Tensor, copies: CopySlots | None) -> CopySlots:
-        """Per row, the slots of its last `<|assistant|>` token (models.common.last_answer_slots)."""
-        return last_answer_slots(self.multi_modal_projector, input_ids, copies)
+    # The generation engine's protocol (visto.infer.engine) is CopyingDecoding's: prefill_inputs
+    # embeds the prompt by `embed_with_copies`; with a pointer head each row keeps the slots its
+    # answer may copy, mixed in after the LM head (output_logits).
 
 
-# ----------------------------------------------------------------------------- transformers format
+# ----------------------------------------------------------------------------- the projector at inference
 
 
 class _ProjectorPlan:
