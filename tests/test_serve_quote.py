@@ -13,6 +13,7 @@ import contextlib
 import json
 import re
 from collections import Counter
+from typing import Any
 
 import openai
 import pytest
@@ -195,6 +196,50 @@ def test_the_servers_own_tool_loop_quotes_its_result(clients) -> None:
             assert choice.message.content != WORD
 
 
+def quoted_flags(client, messages: list[dict], **kwargs) -> tuple[Any, Any]:
+    """The choice's `quoted` (visto's extension, which the SDK keeps in model_extra) of the
+    whole answer and of the streamed one's last chunk (the one with the finish reason)."""
+    kwargs = {k: v for k, v in {"tools": [READ_LABEL], "max_tokens": 40, **kwargs}.items() if v}
+    whole = client.chat.completions.create(model="tiny-llava", messages=messages, **kwargs)
+    last = [c.choices[0] for c in client.chat.completions.create(
+        model="tiny-llava", messages=messages, stream=True, **kwargs)
+        if c.choices and c.choices[0].finish_reason]  # fmt: skip
+    assert len(last) == 1
+    return whole.choices[0].model_extra.get("quoted"), last[0].model_extra.get("quoted")
+
+
+def test_the_choice_says_whether_the_answer_quoted(clients) -> None:
+    always, never, auto = clients("always"), clients("never"), clients("auto")
+    messages = after_result("What does the label say?", json.dumps({"text": WORD}))
+    assert quoted_flags(always, messages) == (True, True)
+    assert quoted_flags(never, messages) == (False, False)
+    assert quoted_flags(auto, messages) == (False, False)  # a free question under auto
+    assert quoted_flags(auto, after_result(ocr.PROMPT, json.dumps({"text": WORD}))) == (True, True)
+    # nothing to quote, or an answer that may not be text: not quoted, even with always
+    assert quoted_flags(always, [question("What does the label say?")]) == (False, False)
+    failed = after_result("What does the label say?", json.dumps({"error": "unreadable"}))
+    assert quoted_flags(always, failed) == (False, False)
+    assert quoted_flags(always, messages, response_format={"type": "json_object"},
+                        tool_choice="none", max_tokens=120) == (False, False)  # fmt: skip
+    assert quoted_flags(always, messages, tool_choice="required",
+                        max_tokens=120) == (False, False)  # fmt: skip
+    # the server's own tool loop: the final answer's choice says it quoted the result
+    named = {"type": "function", "function": {"name": "read"}}
+    spec = ("--tools", "test_serve_quote:WORD_TOOL")
+    plain = [question("What does the label say?")]
+    assert quoted_flags(clients("always", *spec), plain, tools=None, tool_choice=named,
+                        max_tokens=60) == (True, True)  # fmt: skip
+    assert quoted_flags(clients("never", *spec), plain, tools=None, tool_choice=named,
+                        max_tokens=60) == (False, False)  # fmt: skip
+    # LangChain's ChatOpenAI reads the same body unchanged (the extra field is ignored)
+    from langchain_openai import ChatOpenAI
+
+    base = str(always.base_url)
+    llm = ChatOpenAI(model="tiny-llava", base_url=base, api_key="unused", max_tokens=40,
+                     max_retries=0)  # fmt: skip
+    assert llm.bind_tools([READ_LABEL]).invoke(messages).content == WORD
+
+
 def test_bad_values_get_a_clear_error(capsys) -> None:
     for bad in ("sometimes", "ALWAYS", ""):
         with pytest.raises(SystemExit) as info:
@@ -214,3 +259,4 @@ def test_the_help_documents_it(capsys) -> None:
     out = " ".join(capsys.readouterr().out.split())
     assert "--quote-results {auto,always,never}" in out
     assert "--tools ocr --quote-results always" in out  # an example
+    assert 'each choice says whether its answer quoted: "quoted": true/false' in out

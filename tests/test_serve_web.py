@@ -1,6 +1,7 @@
 """The web page in a real browser (Debian's chromium driven by Playwright): choose an image,
 chat with a streamed answer whose boxes are drawn on the image, search the index by text; with
-the server's tools, each call listed and a segment mask and detect boxes drawn on the image;
+the server's tools, each call listed and a segment mask and detect boxes drawn on the image,
+and an answer that quotes a tool's text (--quote-results) marked so;
 bad input (a file that is not an image, one that cannot be decoded, one only the server cannot
 read, a tool that fails) shown as an error in the page."""
 
@@ -24,6 +25,7 @@ from test_serve_support import (
 )
 from visto.cli import build_parser
 from visto.commands.serve import build_app
+from visto.tasks import ocr
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
@@ -121,6 +123,7 @@ def run(image):
 
 
 broken = Tool("broken", "Always fails", run)
+read = Tool("read", "Read the text in the image", lambda image: {"text": "EXIT"})
 """
 
 
@@ -140,14 +143,14 @@ def test_page_lists_tool_calls_draws_the_mask_and_boxes_and_shows_errors(tmp_pat
     monkeypatch.syspath_prepend(str(tmp_path))
     app = build_app(build_parser().parse_args(
         ["serve", "--model", str(llava),
-         "--tools", f"segment={seg},detect={seg},page_tools:broken"]))  # fmt: skip
+         "--tools", f"segment={seg},detect={seg},page_tools:broken,page_tools:read"]))  # fmt: skip
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "corrupt.png").write_bytes(image[:8] + b"no chunks follow")  # a PNG signature only
     (tmp_path / "drawing.svg").write_text(  # the browser shows it; the server reads no SVG
         '<svg xmlns="http://www.w3.org/2000/svg" width="40" height="30">'
         '<rect width="40" height="30" fill="red"/></svg>')  # fmt: skip
 
-    def expected_runs(url: str, tool: str, question: str) -> list[dict]:
+    def expected_choice(url: str, tool: str, question: str) -> dict:
         body = {"model": "tiny-llava", "max_tokens": 120,
                 "tool_choice": {"type": "function", "function": {"name": tool}},
                 "messages": [{"role": "user", "content": [
@@ -155,9 +158,19 @@ def test_page_lists_tool_calls_draws_the_mask_and_boxes_and_shows_errors(tmp_pat
                     {"type": "text", "text": question}]}]}  # fmt: skip
         reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
         assert reply.status_code == 200, reply.text
-        runs = reply.json()["choices"][0]["tool_runs"]
-        assert runs and runs[0]["name"] == tool
-        return runs
+        choice = reply.json()["choices"][0]
+        assert choice["tool_runs"] and choice["tool_runs"][0]["name"] == tool
+        return choice
+
+    def expected_runs(url: str, tool: str, question: str) -> list[dict]:
+        return expected_choice(url, tool, question)["tool_runs"]
+
+    def quoted_note(page) -> tuple[str | None, list[str]]:
+        """The answer's data-quoted, and the notes shown under it (the page's "quoted")."""
+        return (page.get_attribute(".msg.assistant", "data-quoted"),
+                page.eval_on_selector_all(".msg.assistant + .quoted",
+                                          "ns => ns.filter(n => n.offsetParent !== null)"
+                                          ".map(n => n.textContent)"))  # fmt: skip
 
     def ask(page, url: str, tool: str, question: str) -> list[dict]:
         """A fresh page: the scene chosen, `tool` called, the answer done; the calls listed."""
@@ -177,7 +190,7 @@ def test_page_lists_tool_calls_draws_the_mask_and_boxes_and_shows_errors(tmp_pat
 
     with running(app) as url, sync_playwright() as pw:
         cards = httpx.get(url + "/v1/models").json()["data"]
-        assert cards[0]["tools"] == ["segment", "detect", "broken"]
+        assert cards[0]["tools"] == ["segment", "detect", "broken", "read"]
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
@@ -200,6 +213,8 @@ def test_page_lists_tool_calls_draws_the_mask_and_boxes_and_shows_errors(tmp_pat
             if not boxes:  # nothing drawn over the mask: every mask pixel is there
                 assert cyan == 5760
             assert abs(cyan / (160 * 120) - 0.3) < 0.05
+            # a mask's result holds no text: the answer is the model's own, not marked quoted
+            assert quoted_note(page) == ("false", [])
 
             # detect: the boxes found drawn in orange
             question = "Find the red square."
@@ -212,6 +227,23 @@ def test_page_lists_tool_calls_draws_the_mask_and_boxes_and_shows_errors(tmp_pat
             boxes = [o["box"] for r in runs if r["ok"] for o in r["result"].get("objects", [])]
             assert json.loads(page.get_attribute("#overlay", "data-boxes")) == boxes
             assert page.evaluate(COUNT_PIXELS, ["overlay", "orange"]) > 0
+
+            # the OCR task's question answered from a result with text: under the server's
+            # default --quote-results auto the answer is the tool's word, and the page says so
+            # (the choice's `quoted`, which the server sends on the last chunk)
+            expected = expected_choice(url, "read", ocr.PROMPT)
+            assert (expected["message"]["content"], expected["quoted"]) == ("EXIT", True)
+            listed = ask(page, url, "read", ocr.PROMPT)
+            assert [(t["name"], t["result"]) for t in listed] == [("read", "read: EXIT")]
+            assert page.inner_text(".msg.assistant") == "EXIT"
+            assert quoted_note(page) == (
+                "true", ["quoted from the tool result: every word of this answer is the tool's"])
+            # the same tool on a free question: the model's own answer, not marked
+            expected = expected_choice(url, "read", "What is wrong?")
+            assert expected["quoted"] is False
+            ask(page, url, "read", "What is wrong?")
+            assert page.inner_text(".msg.assistant") == expected["message"]["content"]
+            assert quoted_note(page) == ("false", [])
 
             # a tool that raises: its call listed as an error, with the tool's words
             listed = ask(page, url, "broken", "What is wrong?")

@@ -36,7 +36,9 @@ lists each call with its result and draws the masks and boxes the tools return o
 --quote-results: the answer after a tool result that holds text (a client's `role: tool`
 message, or the result of one of --tools) is made of that result's words, as `visto chat
 --quote-results` makes it (visto.tools.quote): auto (default) for a request that asks what
-`visto chat --task ocr` asks ("Read all the text in the image."), always, or never.
+`visto chat --task ocr` asks ("Read all the text in the image."), always, or never; each
+choice says whether its answer quoted: "quoted": true/false (visto's extension, as `boxes` and
+`tool_runs`: the openai SDK keeps it in choice.model_extra; the web page marks it).
 
 Examples:
   visto serve --model runs/llava/checkpoint

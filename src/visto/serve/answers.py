@@ -34,8 +34,9 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 
 def completion_body(server: Server, body: ChatCompletionRequest, completions: list[Any],
                     prompt_tokens: int, generated: int, plan: ToolPlan | None = None,
-                    tool_runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    choices = [_choice(server, i, c, plan) for i, c in enumerate(completions)]
+                    tool_runs: list[dict[str, Any]] | None = None,
+                    quoted: bool = False) -> dict[str, Any]:  # fmt: skip
+    choices = [_choice(server, i, c, plan, quoted) for i, c in enumerate(completions)]
     if server.models.tools is not None:
         # visto's extension: the server's own tools that ran, with their results, in order
         choices[0]["tool_runs"] = tool_runs or []
@@ -50,13 +51,15 @@ def completion_body(server: Server, body: ChatCompletionRequest, completions: li
     }
 
 
-def _choice(server: Server, i: int, completion: Any, plan: ToolPlan | None) -> dict[str, Any]:
+def _choice(server: Server, i: int, completion: Any, plan: ToolPlan | None,
+            quoted: bool) -> dict[str, Any]:  # fmt: skip
     message, finish_reason = answer_message(completion.text, completion.finish_reason, plan)
     if message["content"]:
         message["content"] = loc_to_text(message["content"], server.loc_bins)
     return {"index": i, "message": message, "finish_reason": finish_reason, "logprobs": None,
-            # visto's extension: boxes in the answer, [x1, y1, x2, y2] in 0..999.
-            "boxes": server.boxes(message["content"] or "")}  # fmt: skip
+            # visto's extensions: boxes in the answer, [x1, y1, x2, y2] in 0..999, and
+            # whether the answer quotes tool results (--quote-results; rounds.py)
+            "boxes": server.boxes(message["content"] or ""), "quoted": quoted}  # fmt: skip
 
 
 async def stream_chat(server: Server, job: Job, body: ChatCompletionRequest, ready: ChatRound,
@@ -126,7 +129,7 @@ async def stream_chat(server: Server, job: Job, body: ChatCompletionRequest, rea
                     continue
                 for i, c in enumerate(completions):
                     for choice in _choice_end(server, i, c, calls[i] if calls else None,
-                                              texts[i], ready.plan):  # fmt: skip
+                                              texts[i], ready.plan, ready.quoted):  # fmt: skip
                         yield chunk([choice])
                 if include_usage:
                     yield chunk([], _usage(prompt_tokens, generated))
@@ -144,8 +147,9 @@ async def stream_chat(server: Server, job: Job, body: ChatCompletionRequest, rea
 
 
 def _choice_end(server: Server, i: int, completion: Any, call: ToolCallStream | None,
-                text: LocText, plan: ToolPlan | None) -> list[dict[str, Any]]:  # fmt: skip
-    """The last chunks of choice `i`: the text held back, its tool calls, its finish reason."""
+                text: LocText, plan: ToolPlan | None, quoted: bool) -> list[dict[str, Any]]:  # fmt: skip
+    """The last chunks of choice `i`: the text held back, its tool calls, its finish reason
+    (with visto's `boxes` and `quoted`, as the whole answer's choice has them)."""
     finish_reason, content, deltas, held = completion.finish_reason, completion.text, [], ""
     if call is not None:
         held, deltas, finish_reason = call.finish(completion.finish_reason)
@@ -159,7 +163,7 @@ def _choice_end(server: Server, i: int, completion: Any, call: ToolCallStream | 
         ends.append({"index": i, "delta": {"tool_calls": [delta]}, "logprobs": None,
                      "finish_reason": None})  # fmt: skip
     ends.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason,
-                 "boxes": server.boxes(content or "")})  # fmt: skip
+                 "boxes": server.boxes(content or ""), "quoted": quoted})  # fmt: skip
     return ends
 
 
@@ -183,7 +187,7 @@ async def whole_chat(server: Server, body: ChatCompletionRequest, request: Reque
         ready = await run_in_threadpool(server.next_round, body, ready, done, rounds)
         job = server.submit(ready.prompts, ready.params, deadline)
     return completion_body(server, body, completions, prompt_tokens, generated, ready.plan,
-                           tool_runs)  # fmt: skip
+                           tool_runs, ready.quoted)  # fmt: skip
 
 
 __all__ = ["completion_body", "stream_chat", "whole_chat"]

@@ -60,6 +60,9 @@ class ChatRound:
     plan: ToolPlan | None
     turns: list[Any]  # the conversation, for the tool loop's next round
     images: list[Any]
+    # whether the answers are decoded as a quote of tool results (--quote-results): the
+    # choice's `quoted` field (answers.py)
+    quoted: bool = False
 
 
 def check_supported(body: ChatCompletionRequest, plan: ToolPlan | None, max_n: int) -> None:
@@ -203,7 +206,8 @@ def encode_round(chat: ChatModel, body: ChatCompletionRequest, turns: list[Any],
         tokenizer = chat.processor.tokenizer  # one constraint per answer (it reads its ids)
         params = [dataclasses.replace(p, logits_processor=QuoteConstraint(
             tokenizer, quote, [tokenizer.end_id])) for p in params]  # fmt: skip
-    return ChatRound([encoded] * body.n, params, prompt_tokens, plan, turns, images)
+    return ChatRound([encoded] * body.n, params, prompt_tokens, plan, turns, images,
+                     quoted=bool(quote))  # fmt: skip
 
 
 def _max_new_tokens(chat: ChatModel, body: ChatCompletionRequest, prompt_tokens: int,

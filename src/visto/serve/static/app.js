@@ -1,6 +1,6 @@
 // The visto page: pick or drop an image, chat about it with streamed answers (boxes in the
-// answer drawn on the image; the server's tool calls listed, their masks and boxes drawn), and
-// search the index by text. Plain JS over the same OpenAI-compatible API any client uses;
+// answer drawn on the image; the server's tool calls listed, their masks and boxes drawn, and
+// an answer that quotes a tool's result marked so), and search the index by text. Plain JS over the same OpenAI-compatible API any client uses;
 // nothing here is page-only on the server.
 "use strict";
 
@@ -146,6 +146,16 @@ function showToolRun(run, before) {
   return div;
 }
 
+// Under an answer that quotes tool results: its words are the results' words, the server
+// allowed no others (visto serve --quote-results; the choice's `quoted`).
+function showQuoted(answer) {
+  const note = document.createElement("div");
+  note.className = "quoted";
+  note.textContent = "quoted from the tool result: every word of this answer is the tool's";
+  answer.after(note);
+  return note;
+}
+
 function loadImage(url) {
   return new Promise((resolve, reject) => {
     const img = new Image();
@@ -251,7 +261,7 @@ async function send(text) {
                              ...settings() }),
     });
     if (!r.ok) throw new Error(await errorText(r));
-    let boxes = [];
+    let boxes = [], quoted = false;
     const reader = r.body.getReader(), decoder = new TextDecoder();
     let buffer = "";
     for (;;) {
@@ -273,10 +283,16 @@ async function send(text) {
             await addToolOverlay(run, showToolRun(run, answer));
             if (state.image) drawToolOverlay();
           }
-          if (choice.finish_reason) boxes = choice.boxes || [];
+          if (choice.finish_reason) {
+            boxes = choice.boxes || [];
+            quoted = choice.quoted === true;  // visto's extension, on the last chunk
+          }
         }
       }
     }
+    // An answer decoded as a quote of the tools' results (--quote-results) says so under it.
+    answer.dataset.quoted = String(quoted);
+    if (quoted) showQuoted(answer);
     answer.dataset.done = "true";
     answer.dataset.toolRuns = String(runs);
     state.history.push({ role: "assistant", content: answer.textContent });
