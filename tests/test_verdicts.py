@@ -149,3 +149,66 @@ def test_config_refuses_verdicts_without_copied_answers_and_old_configs_load_wit
     assert not before.focus.copy_verdicts and on.focus.copy_verdicts
     fresh = build_projector(config, 16, 32)
     fresh.load_state_dict(before.state_dict())  # strict: an old checkpoint loads as it was
+
+
+# ---------------------------------------------------------------- question-aware pointer (question_pointer)
+
+
+def two_runs(tok: Tokenizer, P: int):
+    """P answers' slots: a colour run holding " red" and a shape run holding " star", both full."""
+    red, star = tok.encode(" red"), tok.encode(" star")
+    assert len(red) == len(star) == 1
+    runs = [(torch.full((P, 1, 1), red[0]), torch.ones(P, 1, 1)), (torch.full((P, 1, 1), star[0]), torch.ones(P, 1, 1))]
+    return copy_runs(runs, end_id=3), red[0], star[0]
+
+
+def test_a_fresh_question_term_changes_nothing_and_rows_keep_their_questions(tokenizer):
+    from visto.connectors.pointer import CopySlots
+
+    slots, *_ = two_runs(tokenizer, 2)
+    torch.manual_seed(0)
+    plain, aware = PointerHead(8, (1, 1)), PointerHead(8, (1, 1), question=True)
+    aware.load_state_dict({**plain.state_dict(), "question": torch.zeros(8, 8)})
+    hidden, logits, tokens = torch.randn(2, 8), torch.randn(2, tokenizer.vocab_size), torch.tensor([4, 4])
+    plain.start_id = aware.start_id = 4
+    slots.question = torch.randn(2, 8)
+    torch.testing.assert_close(aware(hidden, logits, slots, tokens), plain(hidden, logits, slots, tokens))
+    merged = CopySlots.merge([slots, slots.select(torch.tensor([1])), CopySlots(slots.ids[:1], slots.weights[:1])])
+    assert merged.question.shape == (4, 8) and torch.equal(merged.question[2], slots.question[1])
+    assert merged.question[3].abs().sum() == 0  # a row without a question: no question term
+
+
+@pytest.mark.parametrize("question", [True, False])
+def test_a_question_aware_pointer_picks_the_run_its_question_asks_for(tokenizer, question):
+    """Colour and shape questions with the same hidden state and the same slots: only the
+    question's own vector tells which run to copy. With the question term the pointer learns
+    it; without, it cannot do better than one of the two."""
+    P = 8
+    slots, red, star = two_runs(tokenizer, P)
+    torch.manual_seed(0)
+    colour_q, shape_q = torch.randn(8), torch.randn(8)
+    asks_colour = torch.arange(P) % 2 == 0
+    slots.question = torch.where(asks_colour[:, None], colour_q, shape_q)
+    answers = torch.where(asks_colour, red, star)
+    head = PointerHead(8, (1, 1), question=question)
+    head.start_id = 4
+    hidden, logits, tokens = torch.ones(P, 8), torch.zeros(P, tokenizer.vocab_size), torch.full((P,), 4)
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(60):
+        loss = torch.nn.functional.nll_loss(head(hidden, logits, slots, tokens), answers)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        right = (head(hidden, logits, slots, tokens).argmax(-1) == answers).float().mean()
+    assert (right == 1.0) if question else (right <= 0.5)
+
+
+def test_config_refuses_a_question_pointer_without_a_pointer():
+    with pytest.raises(UserError, match="question_pointer"):
+        ProjectorConfig(kind="regions", focus=True, question_pointer=True)
+    config = ProjectorConfig(kind="regions", slots=3, focus=True, pointer=True, named=True, question_pointer=True)
+    connector = build_projector(config, 16, 32)
+    assert connector.pointer.question is not None and connector.focus.question_pointer
+    assert connector.pointer.question.abs().sum() == 0  # zero at first, not re-initialised
+    assert build_projector(ProjectorConfig(kind="regions", slots=3, focus=True, pointer=True), 16, 32).pointer.question is None

@@ -179,7 +179,7 @@ class QuestionFocus(nn.Module):
 
     def __init__(
         self, width: int, named: bool = False, count_width: float = 1.0, copy_answers: bool = False,
-        copy_verdicts: bool = False,
+        copy_verdicts: bool = False, question_pointer: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         # With `named`, the words a question names pick, count and relate the objects by
@@ -201,6 +201,11 @@ class QuestionFocus(nn.Module):
         # named subject is there): existence and relation answers are a copy too, instead of
         # a reading of the `relate` and `match` signals the decoder must learn.
         self.copy_verdicts = copy_verdicts and copy_answers
+        # With `question_pointer`, each answer's copies also carry its question, pooled (the
+        # mean of its words in the fixed lookup table, at unit RMS: `CopySlots.question`), for
+        # the pointer's question term (connectors.pointer: which run an answer copies from
+        # the question's words, not only from the decoder's hidden state).
+        self.question_pointer = question_pointer
         self.words: AttributeWords | None = None  # set_vocabulary
         # The scores' settings are fixed (buffers: the scores take no gradient, see the module
         # doc); checkpoints keep them under the same names as when they were parameters.
@@ -357,7 +362,7 @@ class QuestionFocus(nn.Module):
         spans = self.spans(input_ids, segment_ids)
         rows, cols, question, side = self.head_questions(input_ids, embed, segment_ids, spans)
         if rows.numel() == 0:
-            return out, self._copies(0, None, None, None, None, out.device, self._no_answers(0, out.device))
+            return out, self._copies(0, None, None, None, None, out.device, self._no_answers(0, out.device), question)
         rowed = per_row(objects, image_sample_index, B)  # (B, M, ...)
         tokens, tags, present = rowed.tokens[rows], rowed.tags[rows], rowed.present[rows]  # (P, M, ...)
         count_tags = tags if rowed.count_tags is None else rowed.count_tags[rows]
@@ -413,7 +418,7 @@ class QuestionFocus(nn.Module):
         out = out.index_put((rows[:, None].expand_as(box_span), box_span), box.to(out.dtype))
         box_ids = None if rowed.box_ids is None else rowed.box_ids[rows]  # (P, M, 4)
         if self.slots == 4:
-            return out, self._copies(len(rows), weight, box_ids, None, None, out.device, answers)
+            return out, self._copies(len(rows), weight, box_ids, None, None, out.device, answers, question)
         if read is None:
             raise ValueError(f"a focus with {self.slots} slots fills {self.slots - 4} with read text: pass `read`")
         per_row_read = read_per_row(*read, image_sample_index=image_sample_index, rows=B)  # (B, V, R, ...)
@@ -426,7 +431,7 @@ class QuestionFocus(nn.Module):
             (words * filled[..., None]).to(out.dtype),
         )
         ids = read_ids[0] if read_ids else None
-        return out, self._copies(len(rows), weight, box_ids, ids, filled, out.device, answers)
+        return out, self._copies(len(rows), weight, box_ids, ids, filled, out.device, answers, question)
 
     def _by_named_words(
         self, named: Named, attributes: Tensor, boxes: Tensor, present: Tensor,
@@ -452,11 +457,12 @@ class QuestionFocus(nn.Module):
     def _copies(
         self, answers: int, weight: Tensor | None, box_ids: Tensor | None,
         read_ids: Tensor | None, filled: Tensor | None, device: torch.device,
-        answer_slots: list[tuple[Tensor, Tensor]] = (),
+        answer_slots: list[tuple[Tensor, Tensor]] = (), question: Tensor | None = None,
     ) -> CopySlots | None:  # fmt: skip
         """The answers' slots as the pointer copies them (`with_copies`; connectors.pointer):
         the box's 4, the read ones, then the answer runs (`copy_answers`) and the verdict
-        (`copy_verdicts`), each run followed by its end slot."""
+        (`copy_verdicts`), each run followed by its end slot; with `question_pointer`, each
+        answer's pooled `question` (P, D) at unit RMS."""
         if not self.slots:
             return None
         M = weight.shape[1] if weight is not None else 1
@@ -467,7 +473,10 @@ class QuestionFocus(nn.Module):
         read = (torch.zeros(answers, R, 1, dtype=torch.long, device=device), torch.zeros(answers, R, 1, device=device))
         if read_ids is not None:  # read slot r: the r-th read token, if there is one
             read = (read_ids[..., None], filled[..., None].to(read[1].dtype))
-        return copy_runs([box, read, *answer_slots], self.end_id)
+        slots = copy_runs([box, read, *answer_slots], self.end_id)
+        if self.question_pointer and question is not None:
+            slots.question = F.normalize(question.detach(), dim=-1) * math.sqrt(question.shape[-1])
+        return slots
 
 
 def soft_histogram(x: Tensor, bins: int, width: float) -> Tensor:

@@ -16,6 +16,11 @@ pointer-generator of See et al. 2017):
                                                 holds the current token (a run's first slot:
                                                 whether the current token opens the answer),
                                                 so a copy goes on in order; 0 = not eligible
+    with `question` (ProjectorConfig.question_pointer), W_q h_t + W_u u in place of W_q h_t:
+    u the answer's question pooled by the focus (its words' mean, in the decoder's word space,
+    `CopySlots.question`), W_u zero at first (a fresh pointer scores as without it); which run
+    an answer copies (its colour or its shape) is then one linear read of the question's
+    words, not something the decoder's hidden state must learn to separate
     p(. | t) = softmax([vocabulary logits, score_1..K])   one softmax over both
     p(w | t) = p_vocab(w) + sum_k p_slot(k) * slot_k(w)   slot_k: what slot k holds, as a
                                                 distribution over token ids (a box slot: each
@@ -67,13 +72,16 @@ class CopySlots:
     # for generating rows the cursor into it (N,): how much of it the answer has written.
     script: Tensor | None = None
     cursor: Tensor | None = None
+    # With a question-aware pointer (`PointerHead(question=True)`): each answer's question,
+    # pooled (N, D) (connectors.focus); None: no question term
+    question: Tensor | None = None
 
     def __getitem__(self, index: Tensor) -> CopySlots:
         def pick(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[index]
 
         return CopySlots(self.ids[index], self.weights[index], pick(self.prompt_last),
-                         pick(self.script), pick(self.cursor))  # fmt: skip
+                         pick(self.script), pick(self.cursor), pick(self.question))  # fmt: skip
 
     def select(self, rows: Tensor) -> CopySlots:
         return self[rows.to(self.ids.device)]
@@ -91,7 +99,12 @@ class CopySlots:
             cursor = torch.cat([s.cursor if s.cursor is not None else s.script.new_zeros(len(s.script))
                                 for s in slots])  # fmt: skip
         ids, weights = _joined([s.ids for s in slots], [s.weights for s in slots], 0)
-        return CopySlots(ids, weights, last, script, cursor)
+        question = None
+        given = [s.question for s in slots if s.question is not None]
+        if given:  # rows without a question (no image: nothing to copy) get none (zeros)
+            question = torch.cat([s.question if s.question is not None else given[0].new_zeros(len(s.ids), given[0].shape[1])
+                                  for s in slots])  # fmt: skip
+        return CopySlots(ids, weights, last, script, cursor, question)
 
     def script_next(self, tokens: Tensor | None) -> Tensor | None:
         """For generating rows: move each row's cursor past `tokens` (N,), what it wrote last
@@ -124,13 +137,16 @@ class PointerHead(nn.Module):
     each followed by an end slot that holds the end token right after the run's last token
     (`copy_runs`), so a copy ends as it was copied."""
 
-    def __init__(self, width: int, runs: tuple[int, ...], script: bool = False) -> None:
+    def __init__(self, width: int, runs: tuple[int, ...], script: bool = False, question: bool = False) -> None:
         super().__init__()
         self.runs = tuple(runs)
         self.query = nn.Linear(width, width, bias=False)
         self.keys = nn.Parameter(torch.randn(self.slots, width) * 0.02)
         # the script's column (module doc); absent in checkpoints without one
         self.script_key = nn.Parameter(torch.randn(width) * 0.02) if script else None
+        # W_u, the question's term in the query (module doc); zero: a fresh pointer is unchanged.
+        # A parameter, not a Linear (build_projector re-initialises every Linear).
+        self.question = nn.Parameter(torch.zeros(width, width)) if question else None
         self.start_id = -1  # the token that opens an answer (`<|assistant|>`); set_vocabulary
 
     @property
@@ -161,6 +177,8 @@ class PointerHead(nn.Module):
         successor[:, self.run_starts()] = (tokens == self.start_id).to(holds.dtype)[:, None]
         eligible = (successor > 0) & (weights.sum(-1) > 0)  # (N, K)
         query = self.query(hidden.to(self.keys.dtype))
+        if self.question is not None and slots.question is not None:
+            query = query + slots.question.to(self.question.dtype) @ self.question
         scores = query @ self.keys.T  # (N, K): whether to copy
         scores = (scores.to(logits.dtype) + successor.clamp(min=1e-30).log()).masked_fill(~eligible, float("-inf"))
         ids, K = slots.ids.flatten(1), scores.shape[1]

@@ -81,6 +81,10 @@ class ProjectorConfig:
     # holds, else whether the named subject is there), as one more run after the answer runs;
     # off in checkpoints from before it (their pointer has one run fewer)
     copy_verdicts: bool = False
+    # regions with a pointer only: the pointer's slot scores also read each answer's question
+    # itself (its words pooled by the focus, through a zero-initialised map: connectors.pointer),
+    # so which run an answer copies is one linear read of the question's words
+    question_pointer: bool = False
     # regions with a pointer only: the pointer may also copy the JSON answer the connector
     # writes from its detections and what it read (connectors.script), token by token
     copy_json: bool = False
@@ -111,6 +115,8 @@ class ProjectorConfig:
         if self.copy_verdicts and not self.copy_answers:
             raise UserError("projector copy_verdicts needs copy_answers (with named and pointer: the verdict is "
                             "one more answer run the pointer copies)")  # fmt: skip
+        if self.question_pointer and not self.pointer:
+            raise UserError("projector question_pointer needs pointer (it adds the question to the pointer's scores)")
         if self.copy_json and not self.pointer:
             raise UserError("projector copy_json needs pointer (it copies the JSON the detections write)")
         if self.object_order not in ("raster", "left_to_right"):
@@ -206,7 +212,7 @@ def build_projector(cfg: ProjectorConfig, input_dim: int, output_dim: int) -> nn
             text_slots=cfg.text_slots, text_tokens=cfg.text_tokens, focus=cfg.focus,
             read_slots=cfg.read_slots, pointer=cfg.pointer, box_nms=cfg.box_nms, named=cfg.named,
             count_width=cfg.count_width, object_order=cfg.object_order, copy_answers=cfg.copy_answers,
-            copy_json=cfg.copy_json, copy_verdicts=cfg.copy_verdicts,
+            copy_json=cfg.copy_json, copy_verdicts=cfg.copy_verdicts, question_pointer=cfg.question_pointer,
         )  # fmt: skip
     else:
         kinds = {"linear": LinearProjector, "mlp": MLPProjector, "pixel_shuffle": PixelShuffleProjector}

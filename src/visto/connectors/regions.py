@@ -115,7 +115,7 @@ class RegionConnector(nn.Module):
         text_slots: int = 0, text_tokens: int = 6, focus: bool = False, read_slots: int = 0,
         pointer: bool = False, box_nms: float = 0.0, named: bool = False, count_width: float = 1.0,
         object_order: str = "raster", copy_answers: bool = False, copy_json: bool = False,
-        copy_verdicts: bool = False,
+        copy_verdicts: bool = False, question_pointer: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.slots = slots
@@ -142,13 +142,14 @@ class RegionConnector(nn.Module):
         self.vocabulary: dict[str, tuple[Tensor, Tensor]] = {}
         self.loc_ids: Tensor | None = None  # (loc_bins,) ids of <loc_0> .. <loc_{bins-1}>
         self.focus = QuestionFocus(output_dim, named=named, count_width=count_width, copy_answers=copy_answers,
-                                   copy_verdicts=copy_verdicts) if focus else None  # fmt: skip
+                                   copy_verdicts=copy_verdicts, question_pointer=question_pointer and pointer,
+                                   ) if focus else None  # fmt: skip
         # Answers copy what the focus's `<focus>` slots hold (connectors.pointer): the box's 4
         # location tokens and the read tokens. It reads the decoder's last hidden state, whose
         # width is this connector's output width.
         runs = (4, read_slots) + (ANSWER_RUNS if copy_answers else ())
         runs += VERDICT_RUNS if copy_answers and copy_verdicts else ()  # the yes/no after them
-        self.pointer = PointerHead(output_dim, runs, script=copy_json) if pointer else None
+        self.pointer = PointerHead(output_dim, runs, script=copy_json, question=question_pointer) if pointer else None
         # With `copy_json`, the pointer may also copy the JSON answer these detections write
         # (connectors.script), token by token.
         self.copy_json = copy_json and pointer
