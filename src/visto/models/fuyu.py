@@ -49,28 +49,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visto.connectors.pointer import CopySlots, PointerHead
+from visto.connectors.pointer import CopySlots
 from visto.connectors.projector import ProjectorConfig, build_projector
 from visto.data.processor import Processor, ProcessorConfig
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
-from visto.losses import scored_answer_loss, scored_rows
+from visto.losses import scored_answer_loss
 from visto.models.common import (
     ConversationFamily,
     CopyingDecoding,
+    FamilyConfig,
     accept_focus_processor,
     adopt_parts,
     batch_field,
-    family_preset,
     feature_layer_problems,
     fit_problems,
     focus_with_copies,
     last_answer_slots,
-    pointer_answer_logits,
-    pointer_scored_logits,
     question_focus_problems,
     refuse_part_paths,
     refuse_problems,
+    tiny_text_parts,
     training_logits,
 )
 from visto.nn.language import DecoderConfig, DecoderInputs, DecoderLM
@@ -106,19 +105,16 @@ def _default_processor() -> ProcessorConfig:
 
 
 @dataclass
-class FuyuConfig:
+class FuyuConfig(FamilyConfig):
+    """FamilyConfig's decoder, processor, tokenizer source and pretrained parts (`vision_init`:
+    the question focus's tower alone), then the optional question focus and its tower."""
+
+    DISPLAY_NAME: ClassVar[str] = "Fuyu"
     # `vision_init` serves this option alone (visto compare gives the shared tower only to a
     # recipe that sets it, and credits a Fuyu without it the tower's minutes).
     VISION_INIT_ONLY_FOR: ClassVar[str] = "question_focus"
 
-    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig.preset("small"))
     processor: ProcessorConfig = field(default_factory=_default_processor)
-    # Where the tokenizer comes from when no processor is attached (as in LlavaConfig).
-    tokenizer_dir: str | None = None
-    tokenizer_corpus: str | None = None
-    # A transformers Llama/Qwen2 directory whose vocabulary is a visto tokenizer's; read by
-    # visto.pretrained.build_model, then forgotten (the saved config holds the decoder's config).
-    language_init: str | None = None
     # The shared perception front end's question focus (see the module doc): a projector config
     # of kind "regions" with focus on, as LLaVA's `projector` sets it (its object tokens are not
     # spliced into the text), with the processor's `focus_tokens` <focus> slots before each
@@ -128,7 +124,6 @@ class FuyuConfig:
     # objects and text the focus reads. Fuyu's patches never pass through it. `vision_init`
     # names the checkpoint the tower, its detector and its reader come from (read by
     # visto.pretrained.build_model, then forgotten: the saved config holds `vision`).
-    vision_init: str | None = None
     vision: ViTConfig | None = None
     vision_feature_layer: int = -1
 
@@ -163,19 +158,9 @@ class FuyuConfig:
         return 3 * self.processor.patch_size**2
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> FuyuConfig:
-        """`tiny` for unit tests (longest side 32 px, 8 px patches, 2 layers); `small` for the CPU."""
-
-        def tiny() -> dict[str, Any]:
-            return dict(
-                decoder=DecoderConfig.preset("tiny", vocab_size=400),
-                processor=ProcessorConfig(
-                    image_size=32, resize_mode="patch", patch_size=8, image_delimiters=False,
-                    vocab_size=400, loc_bins=32,
-                ),
-            )
-
-        return family_preset(cls, name, "Fuyu", tiny, overrides)
+    def tiny_fields(cls) -> dict[str, Any]:
+        """Unit tests: longest side 32 px, 8 px patches, 2 layers (`small`, the defaults: the CPU)."""
+        return tiny_text_parts(resize_mode="patch", patch_size=8)
 
 
 def build_focus_connector(config: FuyuConfig) -> nn.Module:
@@ -186,9 +171,7 @@ def build_focus_connector(config: FuyuConfig) -> nn.Module:
 
 
 class Fuyu(CopyingDecoding, ConversationFamily, nn.Module):
-    family = "fuyu"
-    display_name = "Fuyu"
-    PARAM_GROUPS = PARAM_GROUPS
+    family, display_name, PARAM_GROUPS = "fuyu", "Fuyu", PARAM_GROUPS
 
     def __init__(
         self, config: FuyuConfig, language: DecoderLM | None = None, vision: ViT | None = None,
@@ -230,9 +213,9 @@ class Fuyu(CopyingDecoding, ConversationFamily, nn.Module):
         accept_focus_processor(self.question_focus, processor, self.config.processor.focus_tokens)
 
     @property
-    def pointer(self) -> PointerHead | None:
-        """`question_focus`'s pointer head (answers copy the `<focus>` slots' tokens), or None."""
-        return None if self.question_focus is None else self.question_focus.pointer
+    def focus_connector(self) -> nn.Module | None:
+        """`question_focus` (its pointer head is `pointer`, ConversationFamily's), or None."""
+        return self.question_focus
 
     # -- the forward pass
 
@@ -344,28 +327,23 @@ class Fuyu(CopyingDecoding, ConversationFamily, nn.Module):
             get("image_token_counts"), get("image_grids"), get("segment_ids"),
         )  # fmt: skip
 
+    def decoder_hidden(self, batch: dict[str, Tensor]) -> tuple[Tensor, CopySlots | None]:
+        """A collated batch -> the decoder's last hidden states (B, T, C) and each answer's
+        slots (`embed_with_copies` of the batch's patches and grids)."""
+        embeds, copies = self._embed_batch_with_copies(batch)
+        return training_logits(self.language_model, embeds, batch, head=False), copies
+
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers).
-        The LM head (and with `question_focus`, the pointer) runs on the scored positions only."""
-        embeds, copies = self._embed_batch_with_copies(batch)
-        hidden = training_logits(self.language_model, embeds, batch, head=False)
-        if self.pointer is None:
-            picked, targets = scored_rows(hidden, batch["labels"])  # the LM head on these rows only
-            return scored_answer_loss(self.language_model.lm_head(picked), targets)
-        return scored_answer_loss(*pointer_scored_logits(
-            self.question_focus, hidden, self.language_model.lm_head, batch["input_ids"], batch["labels"], copies
-        ))  # fmt: skip
+        The LM head (and with `question_focus`, the pointer) runs on the scored positions only
+        (CopyingDecoding's `scored_answer_logits`, on `decoder_hidden`)."""
+        return scored_answer_loss(*self.scored_answer_logits(batch))
 
     def logits(self, batch: dict[str, Tensor]) -> Tensor:
         """Next-token logits (B, T, V) for a collated (right-padded) batch; with a pointer head,
         log-probabilities with each answer's slots mixed in where an answer token is predicted
-        (what generation samples from)."""
-        embeds, copies = self._embed_batch_with_copies(batch)
-        hidden = training_logits(self.language_model, embeds, batch, head=False)
-        logits = self.language_model.lm_head(hidden)
-        if self.pointer is None or copies is None:
-            return logits
-        return pointer_answer_logits(self.question_focus, hidden, logits, batch["input_ids"], batch["labels"], copies)
+        (what generation samples from; CopyingDecoding's `answer_logits`)."""
+        return self.answer_logits(batch)
 
     # collate and prompt_batch (ConversationFamily): whole conversations by the processor.
 
@@ -383,7 +361,7 @@ class Fuyu(CopyingDecoding, ConversationFamily, nn.Module):
         if self.pointer is None:
             return embeds, mask
         input_ids = batch_field(batch, "input_ids").to(device)
-        return DecoderInputs(embeds, mask, context=last_answer_slots(self.question_focus, input_ids, copies))
+        return DecoderInputs(embeds, mask, context=last_answer_slots(self.focus_connector, input_ids, copies))
 
 
 # ----------------------------------------------------------------------------- transformers format
