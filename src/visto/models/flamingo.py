@@ -54,13 +54,13 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visto.connectors.pointer import CopySlots, PointerHead
+from visto.connectors.pointer import CopySlots
 from visto.connectors.projector import ProjectorConfig, build_projector
 from visto.connectors.resampler import PerceiverResampler, ResamplerConfig
 from visto.connectors.xattn import (
@@ -76,20 +76,21 @@ from visto.errors import UserError
 from visto.losses import answer_loss, scored_answer_loss
 from visto.models.common import (
     ConversationFamily,
+    FamilyConfig,
     accept_focus_processor,
     adopt_parts,
     batch_field,
-    family_preset,
     feature_layer_problems,
     fit_problems,
     focus_with_copies,
+    head_on_every_position,
+    head_on_scored_positions,
     last_answer_slots,
-    pointer_answer_logits,
     pointer_output_logits,
-    pointer_scored_logits,
     question_focus_problems,
     refuse_part_paths,
     refuse_problems,
+    tiny_text_parts,
     training_logits,
 )
 from visto.nn.language import Conditioning, DecoderConfig, DecoderInputs, DecoderLM, DecoderState
@@ -110,7 +111,13 @@ def _default_processor() -> ProcessorConfig:
 
 
 @dataclass
-class FlamingoConfig:
+class FlamingoConfig(FamilyConfig):
+    """FamilyConfig's decoder, processor, tokenizer source and pretrained parts, then
+    Flamingo's vision tower, resampler and gated blocks, and the optional question focus."""
+
+    DISPLAY_NAME: ClassVar[str] = "Flamingo"
+
+    processor: ProcessorConfig = field(default_factory=_default_processor)
     vision: ViTConfig = field(default_factory=lambda: ViTConfig.preset("small"))
     # Hidden state read by the resampler, indexed as transformers does (-1 = last layer).
     vision_feature_layer: int = -1
@@ -123,8 +130,6 @@ class FlamingoConfig:
     cross_attn_heads: int | None = None  # default: the decoder's num_heads
     cross_attn_intermediate: int | None = None  # gated FFW width; default the decoder's
     gate: str = "float"  # "float": one alpha per gate; "vector": one per channel
-    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig.preset("small"))
-    processor: ProcessorConfig = field(default_factory=_default_processor)
     # The region connector's question focus beside the resampler (see the module doc): a
     # projector config of kind "regions" with focus on, as LLaVA's `projector` sets it (its
     # object tokens are not spliced into the text; `slots` objects are detected), with the
@@ -135,13 +140,6 @@ class FlamingoConfig:
     # question_focus, "objects", its region connector's object tokens at the decoder's width
     # (`slots` per image; the resampler and the gated blocks' keys and values at that width).
     resampler_input: str = "patches"
-    # As in LlavaConfig: the tokenizer's source for a fresh model, and pretrained towers read
-    # once by visto.pretrained.build_model (a visto CLIP/LLaVA checkpoint or a transformers CLIP
-    # directory; a transformers Llama/Qwen2 directory), then forgotten.
-    tokenizer_dir: str | None = None
-    tokenizer_corpus: str | None = None
-    vision_init: str | None = None
-    language_init: str | None = None
 
     def __post_init__(self) -> None:
         problems = feature_layer_problems(self.vision, self.vision_feature_layer)
@@ -180,21 +178,10 @@ class FlamingoConfig:
         return self.decoder.hidden_size if self.resampler_input == "objects" else self.vision.width
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> FlamingoConfig:
-        """`tiny` for unit tests (32 px, 4 latents, 2+2 layers); `small` for the CPU."""
-
-        def tiny() -> dict[str, Any]:
-            return dict(
-                vision=ViTConfig.preset("tiny"),
-                resampler=ResamplerConfig(num_latents=4, depth=1, heads=2),
-                decoder=DecoderConfig.preset("tiny", vocab_size=400),
-                processor=ProcessorConfig(
-                    image_size=32, image_tokens=1, image_delimiters=False, vocab_size=400,
-                    loc_bins=32,
-                ),
-            )
-
-        return family_preset(cls, name, "Flamingo", tiny, overrides)
+    def tiny_fields(cls) -> dict[str, Any]:
+        """Unit tests: 32 px, 4 latents, 2+2 layers (`small`, the defaults: the CPU)."""
+        return dict(vision=ViTConfig.preset("tiny"), resampler=ResamplerConfig(num_latents=4, depth=1, heads=2),
+                    **tiny_text_parts(image_tokens=1))  # fmt: skip
 
 
 def vision_hidden_state(vit: ViT, pixel_values: Tensor, layer: int, keep_cls: bool) -> Tensor:
@@ -387,9 +374,7 @@ def build_focus_connector(config: FlamingoConfig) -> nn.Module:
 
 
 class Flamingo(ConversationFamily, nn.Module):
-    family = "flamingo"
-    display_name = "Flamingo"
-    PARAM_GROUPS = PARAM_GROUPS
+    family, display_name, PARAM_GROUPS = "flamingo", "Flamingo", PARAM_GROUPS
 
     def __init__(
         self, config: FlamingoConfig, vision: ViT | None = None, language: DecoderLM | None = None,
@@ -443,9 +428,9 @@ class Flamingo(ConversationFamily, nn.Module):
         accept_focus_processor(self.question_focus, processor, self.config.processor.focus_tokens)
 
     @property
-    def pointer(self) -> PointerHead | None:
-        """`question_focus`'s pointer head (answers copy the `<focus>` slots' tokens), or None."""
-        return None if self.question_focus is None else self.question_focus.pointer
+    def focus_connector(self) -> nn.Module | None:
+        """`question_focus` (its pointer head is `pointer`, ConversationFamily's), or None."""
+        return self.question_focus
 
     # -- visual tokens and the media mask
 
@@ -561,24 +546,17 @@ class Flamingo(ConversationFamily, nn.Module):
         """Next-token logits (B, T, V) for a collated (right-padded) batch; with a pointer head,
         log-probabilities with each answer's slots mixed in where an answer token is predicted
         (what generation samples from)."""
-        if self.pointer is None:
-            return self.decoder_outputs(batch)[0]
         hidden, copies = self.decoder_outputs(batch, head=False)
-        logits = self.language_model.lm_head(hidden)
-        if copies is None:
-            return logits
-        return pointer_answer_logits(self.question_focus, hidden, logits, batch["input_ids"], batch["labels"], copies)
+        return head_on_every_position(self, hidden, batch, copies)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers).
-        With a pointer head, the LM head and the pointer run on the scored positions only
-        (as LLaVA's `scored_answer_logits`)."""
+        """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers):
+        over every position's logits without a pointer head; with one, the LM head and the
+        pointer on the scored positions only (models.common.head_on_scored_positions)."""
         if self.pointer is None:
             return answer_loss(self.logits(batch), batch["labels"])
         hidden, copies = self.decoder_outputs(batch, head=False)
-        return scored_answer_loss(*pointer_scored_logits(
-            self.question_focus, hidden, self.language_model.lm_head, batch["input_ids"], batch["labels"], copies
-        ))  # fmt: skip
+        return scored_answer_loss(*head_on_scored_positions(self, hidden, batch, copies))
 
     # collate and prompt_batch (ConversationFamily): whole conversations by the processor.
 
@@ -601,7 +579,7 @@ class Flamingo(ConversationFamily, nn.Module):
             last = torch.cumsum(input_ids == IMAGE_TOKEN_ID, dim=1)[:, -1]  # (B,) each row's last image
             context: ImageContext | FocusedImages = ImageContext(visual, last, visual_kv, self.config.image_tokens)
             if self.pointer is not None:  # what the answer being generated may copy
-                context = FocusedImages(context, last_answer_slots(self.question_focus, input_ids, copies))
+                context = FocusedImages(context, last_answer_slots(self.focus_connector, input_ids, copies))
         return DecoderInputs(
             embeds,
             batch_field(batch, "attention_mask").to(device),
