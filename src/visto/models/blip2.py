@@ -70,14 +70,14 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visto.connectors.focus import answer_questions
-from visto.connectors.pointer import CopySlots, PointerHead
+from visto.connectors.pointer import CopySlots
 from visto.connectors.projector import ProjectorConfig, build_projector
 from visto.connectors.qformer import QFormer, QFormerConfig
 from visto.connectors.regions import RegionConnector
@@ -97,20 +97,15 @@ from visto.losses import (
 from visto.models.common import (
     ConversationFamily,
     CopyingDecoding,
+    FamilyConfig,
     Objective,
     adopt_parts,
-    batch_field,
-    family_preset,
     focus_with_copies,
-    last_answer_slots,
-    pointer_answer_logits,
-    pointer_scored_logits,
-    prompt_embeds,
     refuse_part_paths,
     splice_visual_tokens,
-    training_logits,
+    tiny_text_parts,
 )
-from visto.nn.language import DecoderConfig, DecoderInputs, DecoderLM
+from visto.nn.language import DecoderConfig, DecoderLM
 from visto.nn.vision import CLIP_MEAN, CLIP_STD, ViT, ViTConfig
 
 STAGE1_LOSSES = ("itc", "itm", "itg")
@@ -149,29 +144,28 @@ def _default_processor() -> ProcessorConfig:
 
 
 @dataclass
-class Blip2Config:
+class Blip2Config(FamilyConfig):
+    """FamilyConfig's decoder, processor, tokenizer source and pretrained parts, then BLIP-2's
+    vision tower, Q-Former and losses, stage 2's start, and the options beyond the paper."""
+
+    DISPLAY_NAME: ClassVar[str] = "BLIP-2"
+
+    processor: ProcessorConfig = field(default_factory=_default_processor)
     vision: ViTConfig = field(default_factory=lambda: ViTConfig.preset("small"))
     # False: no LayerNorm before the ViT blocks (BLIP's ViT, as transformers stores BLIP-2).
     vision_pre_norm: bool = True
     qformer: QFormerConfig = field(
         default_factory=lambda: QFormerConfig(num_queries=16, max_text_len=48)
     )
-    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig.preset("small"))
-    processor: ProcessorConfig = field(default_factory=_default_processor)
     embed_dim: int = 64  # the ITC space (the paper's 256)
     losses: list[str] = field(default_factory=lambda: list(STAGE1_LOSSES))
     itm_negatives: str = "sample"  # "sample" ∝ exp(similarity) (ALBEF, BLIP-2) | "hardest"
     itc_label_smoothing: float = 0.1  # as in BLIP-2's released training code
     init_temperature: float = 0.07
-    # Where the tokenizer comes from when no processor is attached (see LlavaConfig).
-    tokenizer_dir: str | None = None
-    tokenizer_corpus: str | None = None
-    # Read by visto.pretrained.build_model, then forgotten (the saved config holds what they brought):
-    # a visto CLIP/LLaVA checkpoint or transformers CLIP directory for the vision tower; a
-    # transformers Llama/Qwen2 directory for the decoder; a BLIP-2 stage-1 checkpoint for the
-    # vision tower, Q-Former, ITC/ITM heads and processor (and the decoder unless language_init).
-    vision_init: str | None = None
-    language_init: str | None = None
+    # Read by visto.pretrained.build_model, then forgotten (the saved config holds what it
+    # brought), as FamilyConfig's vision_init and language_init: a BLIP-2 stage-1 checkpoint
+    # for the vision tower, Q-Former, ITC/ITM heads and processor (and the decoder unless
+    # language_init).
     stage1_checkpoint: str | None = None
     # What the Q-Former's queries cross-attend: "patches", every token of the ViT's last layer
     # (the paper's), or "regions", the object tokens of the region connector
@@ -280,22 +274,10 @@ class Blip2Config:
             raise UserError("blip2 config: " + "; ".join(problems) + "; make them agree")
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> Blip2Config:
-        """`tiny` for unit tests (32 px, 8 queries, 2-layer towers); `small` for the CPU world."""
-
-        def tiny() -> dict[str, Any]:
-            return dict(
-                vision=ViTConfig.preset("tiny"),
-                qformer=_tiny_qformer(),
-                decoder=DecoderConfig.preset("tiny", vocab_size=400),
-                processor=ProcessorConfig(
-                    image_size=32, image_tokens=8, image_delimiters=False, resize_mode="resize",
-                    vocab_size=400, loc_bins=32,
-                ),
-                embed_dim=16,
-            )
-
-        return family_preset(cls, name, "BLIP-2", tiny, overrides)
+    def tiny_fields(cls) -> dict[str, Any]:
+        """Unit tests: 32 px, 8 queries, 2-layer towers (`small`, the defaults: the CPU world)."""
+        return dict(vision=ViTConfig.preset("tiny"), qformer=_tiny_qformer(), embed_dim=16,
+                    **tiny_text_parts(image_tokens=8, resize_mode="resize"))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- stage-1 losses
@@ -416,18 +398,10 @@ def first_image_of_rows(image_sample_index: Tensor | None, rows: int, images: in
 
 
 class Blip2(CopyingDecoding, ConversationFamily, nn.Module):
-    family = "blip2"
-    display_name = "BLIP-2"
-    PARAM_GROUPS = PARAM_GROUPS
+    family, display_name, PARAM_GROUPS = "blip2", "BLIP-2", PARAM_GROUPS
 
-    def __init__(
-        self,
-        config: Blip2Config,
-        vision: ViT | None = None,
-        language: DecoderLM | None = None,
-        stage1: Blip2 | None = None,
-        regions: RegionConnector | None = None,
-    ) -> None:
+    def __init__(self, config: Blip2Config, vision: ViT | None = None, language: DecoderLM | None = None,
+                 stage1: Blip2 | None = None, regions: RegionConnector | None = None) -> None:  # fmt: skip
         """Parts built elsewhere (visto.pretrained): a stage-1 model brings its towers'
         configs, weights and processor; `vision` / `language` (vision_init, language_init)
         replace its tower / decoder; `regions`, the region connector with the dense heads of
@@ -538,9 +512,7 @@ class Blip2(CopyingDecoding, ConversationFamily, nn.Module):
 
     def query_outputs(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, S, S) -> the Q-Former's query outputs (N, Q, D_q), no text."""
-        out = self.qformer(self.qformer_image(pixel_values))
-        assert out.queries is not None
-        return out.queries
+        return self._queries(self.qformer_image(pixel_values))
 
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, S, S) -> the soft visual prompt (N, Q, D_lm)."""
@@ -557,34 +529,25 @@ class Blip2(CopyingDecoding, ConversationFamily, nn.Module):
         """(..., D_q) -> softmax(word_head) @ E, the decoder's word embeddings mixed (..., D_lm)."""
         return self.word_head(queries).softmax(-1) @ self.language_model.model.embed_tokens.weight
 
-    def embed_inputs(
-        self,
-        input_ids: Tensor,
-        pixel_values: Tensor,
-        image_sample_index: Tensor | None = None,
-        segment_ids: Tensor | None = None,
-    ) -> Tensor:
+    def embed_with_copies(self, input_ids: Tensor, pixel_values: Tensor, image_sample_index: Tensor | None = None,
+                          segment_ids: Tensor | None = None) -> tuple[Tensor, CopySlots | None]:  # fmt: skip
         """Token embeddings (B, T, D_lm), the k-th `<image>` id (row-major) holding the k-th
         visual prompt vector (images in batch order, Q ids each); with `instruct`, each
         answer's `<focus>` slots holding its question's query outputs, and with
         `question_focus` what the region connector's focus adds (`segment_ids` of packed
-        exchanges tell where each exchange's question begins)."""
-        return self.embed_with_copies(input_ids, pixel_values, image_sample_index, segment_ids)[0]
-
-    def embed_with_copies(
-        self,
-        input_ids: Tensor,
-        pixel_values: Tensor,
-        image_sample_index: Tensor | None = None,
-        segment_ids: Tensor | None = None,
-    ) -> tuple[Tensor, CopySlots | None]:
-        """`embed_inputs`, and with `question_focus` what each answer's `<focus>` slots hold as
-        token ids (one row per `<|assistant|>` token, row-major; None without the focus's slots
-        or images): what the pointer head copies (connectors.pointer)."""
+        exchanges tell where each exchange's question begins). Also, with `question_focus`,
+        what each answer's `<focus>` slots hold as token ids (one row per `<|assistant|>` token,
+        row-major; None without the focus's slots or images): what the pointer head copies
+        (connectors.pointer). `embed_inputs` (CopyingDecoding) is the embeddings alone."""
         embeds = self.language_model.embed(input_ids)  # (B, T, C)
         hint = " (one per Q-Former query)"
         connector = self.focus_connector
-        if connector is not None and pixel_values.shape[0] > 0:
+        if pixel_values.shape[0] == 0 or (connector is None and not self.config.instruct):
+            return splice_visual_tokens(
+                embeds, input_ids, pixel_values, self.image_features, image_sample_index, hint=hint,
+            ), None  # fmt: skip
+        # What the Q-Former reads, computed once for the visual prompt and the <focus> slots
+        if connector is not None:
             # the objects, detected once: the focus reads them, and with qformer_input "regions"
             # the Q-Former too; the soft prompt at <image> is the Q-Former's either way
             embed = self.language_model.model.embed_tokens
@@ -594,33 +557,23 @@ class Blip2(CopyingDecoding, ConversationFamily, nn.Module):
                 image = connector.visual_tokens(objects, embed, pixel_values)
             else:
                 image = self.image_embeds(pixel_values)
-            embeds = splice_visual_tokens(
-                embeds, input_ids, pixel_values, lambda _: self.prompt(self._queries(image)),
-                image_sample_index, hint=hint,
-            )  # fmt: skip
-            added, copies = focus_with_copies(connector, objects, embed, input_ids, pixel_values,
-                                              image_sample_index, segment_ids)  # fmt: skip
-            return embeds + added.to(embeds.dtype), copies
-        if not self.config.instruct or pixel_values.shape[0] == 0:
-            return splice_visual_tokens(
-                embeds, input_ids, pixel_values, self.image_features, image_sample_index, hint=hint,
-            ), None  # fmt: skip
-        image = self.qformer_image(pixel_values)  # read once, by both passes
+        else:  # instruct: the question-free prompt and each answer's question pass
+            image = self.qformer_image(pixel_values)
         embeds = splice_visual_tokens(
             embeds, input_ids, pixel_values, lambda _: self.prompt(self._queries(image)),
             image_sample_index, hint=hint,
         )  # fmt: skip
-        return self._instruct_slots(embeds, input_ids, image, image_sample_index, segment_ids), None
+        if connector is None:
+            return self._instruct_slots(embeds, input_ids, image, image_sample_index, segment_ids), None
+        added, copies = focus_with_copies(connector, objects, embed, input_ids, pixel_values,
+                                          image_sample_index, segment_ids)  # fmt: skip
+        return embeds + added.to(embeds.dtype), copies
 
     @property
     def focus_connector(self) -> RegionConnector | None:
-        """The region connector whose question focus fills the `<focus>` slots (question_focus), or None."""
+        """The region connector whose question focus fills the `<focus>` slots (question_focus),
+        or None; its pointer head is `pointer` (ConversationFamily's)."""
         return self.regions if self.config.question_focus is not None else None
-
-    @property
-    def pointer(self) -> PointerHead | None:
-        """The focus connector's pointer head (answers copy the `<focus>` slots' tokens), or None."""
-        return getattr(self.focus_connector, "pointer", None)
 
     def _queries(self, image: Tensor) -> Tensor:
         out = self.qformer(image)
@@ -691,28 +644,8 @@ class Blip2(CopyingDecoding, ConversationFamily, nn.Module):
             out = answer_loss(self.answer_logits(batch), batch["labels"])
         return {**out, "lm": out["loss"].detach()}
 
-    def scored_answer_logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """`answer_logits` at the positions whose next label is scored, in row-major order
-        (n, V), and those labels (n,) (models.common.pointer_scored_logits)."""
-        embeds, copies = self.embed_with_copies(
-            batch["input_ids"], batch["pixel_values"], batch.get("image_sample_index"), batch.get("segment_ids"),
-        )  # fmt: skip
-        hidden = training_logits(self.language_model, embeds, batch, head=False)  # (B, T, C)
-        return pointer_scored_logits(self.focus_connector, hidden, self.language_model.lm_head,
-                                     batch["input_ids"], batch["labels"], copies)  # fmt: skip
-
-    def answer_logits(self, batch: dict[str, Tensor]) -> Tensor:
-        """A collated batch -> the next-token logits (B, T, V) the loss scores: the decoder's,
-        and with the focus's pointer head, log-probabilities with each answer's slots mixed in
-        where an answer token is predicted (what generation samples from)."""
-        embeds, copies = self.embed_with_copies(
-            batch["input_ids"], batch["pixel_values"], batch.get("image_sample_index"), batch.get("segment_ids"),
-        )  # fmt: skip
-        if self.pointer is None or copies is None:
-            return training_logits(self.language_model, embeds, batch)  # (B, T, V)
-        hidden = training_logits(self.language_model, embeds, batch, head=False)  # (B, T, C)
-        return pointer_answer_logits(self.focus_connector, hidden, self.language_model.lm_head(hidden),
-                                     batch["input_ids"], batch["labels"], copies)  # fmt: skip
+    # scored_answer_logits and answer_logits (CopyingDecoding): `embed_with_copies`, the
+    # decoder, and its LM head (with the focus's pointer, the slots mixed in), as LLaVA's.
 
     def representation_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Stage 1: the sum of the configured ITC, ITM and ITG losses (module docstring)."""
@@ -826,17 +759,8 @@ class Blip2(CopyingDecoding, ConversationFamily, nn.Module):
     # -- generation engine protocol (visto.infer.engine)
 
     # prompt_batch (ConversationFamily): whole conversations by the processor, left padding.
-
-    def prefill_inputs(self, batch: Any) -> tuple[Tensor, Tensor] | DecoderInputs:
-        """A left-padded batch (processor `Batch` or dict) -> the decoder's input embeddings
-        (B, T, C) and attention mask (B, T) (the engine's fast path runs the decoder on them).
-        With the focus's pointer head, `DecoderInputs` whose per-row context is what the answer
-        being generated may copy (`output_logits` mixes it in), as LLaVA's."""
-        if self.pointer is None:
-            return prompt_embeds(self, batch)
-        (embeds, copies), mask = prompt_embeds(self, batch, self.embed_with_copies)
-        input_ids = batch_field(batch, "input_ids").to(mask.device)
-        return DecoderInputs(embeds, mask, context=last_answer_slots(self.focus_connector, input_ids, copies))
+    # prefill_inputs, prefill, decode_step (CopyingDecoding): the prompt by `embed_with_copies`,
+    # then the decoder as for LLaVA; with the focus's pointer, each row's slots beside its state.
 
 
 # ----------------------------------------------------------------------------- transformers format
