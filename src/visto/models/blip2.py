@@ -94,17 +94,7 @@ from visto.losses import (
     pair_positives,
     scored_answer_loss,
 )
-from visto.models.common import (
-    ConversationFamily,
-    CopyingDecoding,
-    FamilyConfig,
-    Objective,
-    adopt_parts,
-    focus_with_copies,
-    refuse_part_paths,
-    splice_visual_tokens,
-    tiny_text_parts,
-)
+from visto.models import common
 from visto.nn.language import DecoderConfig, DecoderLM
 from visto.nn.vision import CLIP_MEAN, CLIP_STD, ViT, ViTConfig
 
@@ -135,22 +125,18 @@ def _tiny_qformer() -> QFormerConfig:
     )
 
 
-def _default_processor() -> ProcessorConfig:
-    # image_tokens = the Q-Former's num_queries; no delimiters, as transformers' Blip2Processor.
-    return ProcessorConfig(
-        image_size=64, image_tokens=16, image_delimiters=False, resize_mode="resize",
-        max_length=192,
-    )
-
 
 @dataclass
-class Blip2Config(FamilyConfig):
-    """FamilyConfig's decoder, processor, tokenizer source and pretrained parts, then BLIP-2's
+class Blip2Config(common.FamilyConfig):
+    """common.FamilyConfig's decoder, processor, tokenizer source and pretrained parts, then BLIP-2's
     vision tower, Q-Former and losses, stage 2's start, and the options beyond the paper."""
 
     DISPLAY_NAME: ClassVar[str] = "BLIP-2"
 
-    processor: ProcessorConfig = field(default_factory=_default_processor)
+    # image_tokens = the Q-Former's num_queries; no delimiters, as transformers' Blip2Processor.
+    processor: ProcessorConfig = field(default_factory=lambda: ProcessorConfig(
+        image_size=64, image_tokens=16, image_delimiters=False, resize_mode="resize", max_length=192
+    ))
     vision: ViTConfig = field(default_factory=lambda: ViTConfig.preset("small"))
     # False: no LayerNorm before the ViT blocks (BLIP's ViT, as transformers stores BLIP-2).
     vision_pre_norm: bool = True
@@ -163,7 +149,7 @@ class Blip2Config(FamilyConfig):
     itc_label_smoothing: float = 0.1  # as in BLIP-2's released training code
     init_temperature: float = 0.07
     # Read by visto.pretrained.build_model, then forgotten (the saved config holds what it
-    # brought), as FamilyConfig's vision_init and language_init: a BLIP-2 stage-1 checkpoint
+    # brought), as common.FamilyConfig's vision_init and language_init: a BLIP-2 stage-1 checkpoint
     # for the vision tower, Q-Former, ITC/ITM heads and processor (and the decoder unless
     # language_init).
     stage1_checkpoint: str | None = None
@@ -277,7 +263,7 @@ class Blip2Config(FamilyConfig):
     def tiny_fields(cls) -> dict[str, Any]:
         """Unit tests: 32 px, 8 queries, 2-layer towers (`small`, the defaults: the CPU world)."""
         return dict(vision=ViTConfig.preset("tiny"), qformer=_tiny_qformer(), embed_dim=16,
-                    **tiny_text_parts(image_tokens=8, resize_mode="resize"))  # fmt: skip
+                    **common.tiny_text_parts(image_tokens=8, resize_mode="resize"))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- stage-1 losses
@@ -397,7 +383,7 @@ def first_image_of_rows(image_sample_index: Tensor | None, rows: int, images: in
 # ----------------------------------------------------------------------------- the model
 
 
-class Blip2(CopyingDecoding, ConversationFamily, nn.Module):
+class Blip2(common.CopyingDecoding, common.ConversationFamily, nn.Module):
     family, display_name, PARAM_GROUPS = "blip2", "BLIP-2", PARAM_GROUPS
 
     def __init__(self, config: Blip2Config, vision: ViT | None = None, language: DecoderLM | None = None,
@@ -407,7 +393,7 @@ class Blip2(CopyingDecoding, ConversationFamily, nn.Module):
         replace its tower / decoder; `regions`, the region connector with the dense heads of
         the `vision_init` tower (qformer_input "regions"). What is not given is built fresh here."""
         super().__init__()
-        refuse_part_paths(config, self.family)
+        common.refuse_part_paths(config, self.family)
         if stage1 is not None:
             s = stage1.config
             config = replace(
@@ -416,7 +402,7 @@ class Blip2(CopyingDecoding, ConversationFamily, nn.Module):
                 tokenizer_dir=s.tokenizer_dir, tokenizer_corpus=s.tokenizer_corpus,
                 qformer_input=s.qformer_input, region_slots=s.region_slots,
             )
-        config = adopt_parts(config, vision, language)
+        config = common.adopt_parts(config, vision, language)
         if vision is not None:  # a tower handed in is used as it was trained: nothing removed
             config = replace(config, vision_pre_norm=True)
         config.check_sizes()
@@ -459,7 +445,7 @@ class Blip2(CopyingDecoding, ConversationFamily, nn.Module):
         if stage1._processor is not None:
             self.processor = stage1._processor
 
-    # -- processor (ConversationFamily: built from the config on first use)
+    # -- processor (common.ConversationFamily: built from the config on first use)
 
     def accept_processor(self, processor: Processor) -> None:
         vocab, cfg = processor.tokenizer.vocab_size, self.config
@@ -538,12 +524,12 @@ class Blip2(CopyingDecoding, ConversationFamily, nn.Module):
         exchanges tell where each exchange's question begins). Also, with `question_focus`,
         what each answer's `<focus>` slots hold as token ids (one row per `<|assistant|>` token,
         row-major; None without the focus's slots or images): what the pointer head copies
-        (connectors.pointer). `embed_inputs` (CopyingDecoding) is the embeddings alone."""
+        (connectors.pointer). `embed_inputs` (common.CopyingDecoding) is the embeddings alone."""
         embeds = self.language_model.embed(input_ids)  # (B, T, C)
         hint = " (one per Q-Former query)"
         connector = self.focus_connector
         if pixel_values.shape[0] == 0 or (connector is None and not self.config.instruct):
-            return splice_visual_tokens(
+            return common.splice_visual_tokens(
                 embeds, input_ids, pixel_values, self.image_features, image_sample_index, hint=hint,
             ), None  # fmt: skip
         # What the Q-Former reads, computed once for the visual prompt and the <focus> slots
@@ -559,20 +545,20 @@ class Blip2(CopyingDecoding, ConversationFamily, nn.Module):
                 image = self.image_embeds(pixel_values)
         else:  # instruct: the question-free prompt and each answer's question pass
             image = self.qformer_image(pixel_values)
-        embeds = splice_visual_tokens(
+        embeds = common.splice_visual_tokens(
             embeds, input_ids, pixel_values, lambda _: self.prompt(self._queries(image)),
             image_sample_index, hint=hint,
         )  # fmt: skip
         if connector is None:
             return self._instruct_slots(embeds, input_ids, image, image_sample_index, segment_ids), None
-        added, copies = focus_with_copies(connector, objects, embed, input_ids, pixel_values,
+        added, copies = common.focus_with_copies(connector, objects, embed, input_ids, pixel_values,
                                           image_sample_index, segment_ids)  # fmt: skip
         return embeds + added.to(embeds.dtype), copies
 
     @property
     def focus_connector(self) -> RegionConnector | None:
         """The region connector whose question focus fills the `<focus>` slots (question_focus),
-        or None; its pointer head is `pointer` (ConversationFamily's)."""
+        or None; its pointer head is `pointer` (common.ConversationFamily's)."""
         return self.regions if self.config.question_focus is not None else None
 
     def _queries(self, image: Tensor) -> Tensor:
@@ -621,8 +607,8 @@ class Blip2(CopyingDecoding, ConversationFamily, nn.Module):
     # The two training objectives, one per stage: the recipe names one (`model.objective`)
     # and visto train calls its loss and batch methods (visto.train.objective).
     OBJECTIVES = {
-        "representation": Objective(loss="representation_losses", batches="pair_batch"),
-        "generative": Objective(loss="generative_loss", batches="conversation_batch"),
+        "representation": common.Objective(loss="representation_losses", batches="pair_batch"),
+        "generative": common.Objective(loss="generative_loss", batches="conversation_batch"),
     }
 
     @property
@@ -644,7 +630,7 @@ class Blip2(CopyingDecoding, ConversationFamily, nn.Module):
             out = answer_loss(self.answer_logits(batch), batch["labels"])
         return {**out, "lm": out["loss"].detach()}
 
-    # scored_answer_logits and answer_logits (CopyingDecoding): `embed_with_copies`, the
+    # scored_answer_logits and answer_logits (common.CopyingDecoding): `embed_with_copies`, the
     # decoder, and its LM head (with the focus's pointer, the slots mixed in), as LLaVA's.
 
     def representation_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -758,8 +744,8 @@ class Blip2(CopyingDecoding, ConversationFamily, nn.Module):
 
     # -- generation engine protocol (visto.infer.engine)
 
-    # prompt_batch (ConversationFamily): whole conversations by the processor, left padding.
-    # prefill_inputs, prefill, decode_step (CopyingDecoding): the prompt by `embed_with_copies`,
+    # prompt_batch (common.ConversationFamily): whole conversations by the processor, left padding.
+    # prefill_inputs, prefill, decode_step (common.CopyingDecoding): the prompt by `embed_with_copies`,
     # then the decoder as for LLaVA; with the focus's pointer, each row's slots beside its state.
 
 

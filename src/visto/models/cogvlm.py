@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
-from visto.models.common import batch_field, training_logits
+from visto.models import common
 from visto.models.llava import PARAM_GROUPS as LLAVA_GROUPS
 from visto.models.llava import Llava, LlavaConfig
 from visto.nn.language import Conditioning, DecoderInputs, DecoderLM, DecoderState
@@ -114,7 +114,7 @@ class CogVLM(Llava):
         embeds = self.embed_inputs(
             input_ids, batch["pixel_values"], batch.get("image_sample_index"), batch.get("segment_ids")
         )  # LLaVA's: visual tokens at the <image> positions
-        return training_logits(self.language_model, embeds, batch, self.experts(input_ids), head=False), None
+        return common.training_logits(self.language_model, embeds, batch, self.experts(input_ids), head=False), None
 
     # -- generation engine protocol (visto.infer.engine)
 
@@ -122,7 +122,7 @@ class CogVLM(Llava):
         """A left-padded batch -> LLaVA's decoder input, with the visual expert on the image
         positions (what the engine's fast path runs the prompt on)."""
         embeds, attention_mask = super().prefill_inputs(batch)
-        input_ids = batch_field(batch, "input_ids").to(embeds.device)
+        input_ids = common.batch_field(batch, "input_ids").to(embeds.device)
         return DecoderInputs(embeds, attention_mask, self.experts(input_ids))
 
     def prefill(self, batch: Any) -> tuple[Tensor, DecoderState]:

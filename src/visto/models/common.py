@@ -258,8 +258,9 @@ class ConversationFamily(LazyProcessor):
     @property
     def focus_connector(self) -> Any:
         """The region connector whose question focus fills the `<focus>` slots before each
-        answer, or None (LLaVA's `regions` projector with focus; the others' `question_focus`)."""
-        return None
+        answer, or None: the family's `question_focus` module (Flamingo's, Fuyu's; None when
+        off); LLaVA (its `regions` projector with focus) and BLIP-2 (`regions`) say their own."""
+        return getattr(self, "question_focus", None)
 
     @property
     def pointer(self) -> PointerHead | None:

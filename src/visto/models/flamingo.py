@@ -74,25 +74,7 @@ from visto.data.processor import Processor, ProcessorConfig
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
 from visto.losses import answer_loss, scored_answer_loss
-from visto.models.common import (
-    ConversationFamily,
-    FamilyConfig,
-    accept_focus_processor,
-    adopt_parts,
-    batch_field,
-    feature_layer_problems,
-    fit_problems,
-    focus_with_copies,
-    head_on_every_position,
-    head_on_scored_positions,
-    last_answer_slots,
-    pointer_output_logits,
-    question_focus_problems,
-    refuse_part_paths,
-    refuse_problems,
-    tiny_text_parts,
-    training_logits,
-)
+from visto.models import common
 from visto.nn.language import Conditioning, DecoderConfig, DecoderInputs, DecoderLM, DecoderState
 from visto.nn.vision import ViT, ViTConfig
 
@@ -105,19 +87,16 @@ PARAM_GROUPS = {
 # With `question_focus`, its region connector is `question_focus` (module_lrs takes the prefix).
 
 
-def _default_processor() -> ProcessorConfig:
-    # One <image> marker per image, no delimiters: the paper's "<image>" tag in the text.
-    return ProcessorConfig(image_size=64, image_tokens=1, image_delimiters=False, max_length=256)
-
 
 @dataclass
-class FlamingoConfig(FamilyConfig):
-    """FamilyConfig's decoder, processor, tokenizer source and pretrained parts, then
+class FlamingoConfig(common.FamilyConfig):
+    """common.FamilyConfig's decoder, processor, tokenizer source and pretrained parts, then
     Flamingo's vision tower, resampler and gated blocks, and the optional question focus."""
 
     DISPLAY_NAME: ClassVar[str] = "Flamingo"
 
-    processor: ProcessorConfig = field(default_factory=_default_processor)
+    # One <image> marker per image, no delimiters: the paper's "<image>" tag in the text.
+    processor: ProcessorConfig = field(default_factory=lambda: ProcessorConfig(image_size=64, image_tokens=1, image_delimiters=False, max_length=256))
     vision: ViTConfig = field(default_factory=lambda: ViTConfig.preset("small"))
     # Hidden state read by the resampler, indexed as transformers does (-1 = last layer).
     vision_feature_layer: int = -1
@@ -142,7 +121,7 @@ class FlamingoConfig(FamilyConfig):
     resampler_input: str = "patches"
 
     def __post_init__(self) -> None:
-        problems = feature_layer_problems(self.vision, self.vision_feature_layer)
+        problems = common.feature_layer_problems(self.vision, self.vision_feature_layer)
         if self.cross_attn_every < 1:
             problems.append(f"cross_attn_every must be >= 1, got {self.cross_attn_every}")
         if self.gate not in GATE_SHAPES:
@@ -165,7 +144,7 @@ class FlamingoConfig(FamilyConfig):
             return [f"resampler_input must be 'patches' or 'objects', got {self.resampler_input!r}"]
         if self.resampler_input == "objects" and focus is None:
             return ["resampler_input 'objects' reads question_focus's object tokens: set question_focus"]
-        return question_focus_problems(focus, slots)
+        return common.question_focus_problems(focus, slots)
 
     @property
     def image_tokens(self) -> int:
@@ -181,7 +160,7 @@ class FlamingoConfig(FamilyConfig):
     def tiny_fields(cls) -> dict[str, Any]:
         """Unit tests: 32 px, 4 latents, 2+2 layers (`small`, the defaults: the CPU)."""
         return dict(vision=ViTConfig.preset("tiny"), resampler=ResamplerConfig(num_latents=4, depth=1, heads=2),
-                    **tiny_text_parts(image_tokens=1))  # fmt: skip
+                    **common.tiny_text_parts(image_tokens=1))  # fmt: skip
 
 
 def vision_hidden_state(vit: ViT, pixel_values: Tensor, layer: int, keep_cls: bool) -> Tensor:
@@ -373,7 +352,7 @@ def build_focus_connector(config: FlamingoConfig) -> nn.Module:
     return build_projector(config.question_focus, config.vision.width, config.decoder.hidden_size)
 
 
-class Flamingo(ConversationFamily, nn.Module):
+class Flamingo(common.ConversationFamily, nn.Module):
     family, display_name, PARAM_GROUPS = "flamingo", "Flamingo", PARAM_GROUPS
 
     def __init__(
@@ -384,9 +363,9 @@ class Flamingo(ConversationFamily, nn.Module):
         vision_init / language_init), which bring their architectures; else built fresh.
         `focus`: the `question_focus` connector with the detector of the vision_init tower."""
         super().__init__()
-        refuse_part_paths(config, self.family)
-        config = adopt_parts(config, vision, language)
-        refuse_problems("flamingo", fit_problems(config.processor, config.decoder, config.vision))
+        common.refuse_part_paths(config, self.family)
+        config = common.adopt_parts(config, vision, language)
+        common.refuse_problems("flamingo", common.fit_problems(config.processor, config.decoder, config.vision))
         self.config = config
         dec, width = config.decoder, config.visual_width
         self.vision_model = vision if vision is not None else ViT(config.vision)
@@ -410,7 +389,7 @@ class Flamingo(ConversationFamily, nn.Module):
         # (`step_weights`): refreshed at each prefill, read by every decoding step.
         self._step_weights: tuple[tuple, list[GatedStepWeights] | None] | None = None
 
-    # -- processor (ConversationFamily: built from the config on first use)
+    # -- processor (common.ConversationFamily: built from the config on first use)
 
     def accept_processor(self, processor: Processor) -> None:
         super().accept_processor(processor)  # the tokenizer fits the decoder
@@ -425,12 +404,10 @@ class Flamingo(ConversationFamily, nn.Module):
                 f"the processor makes {p.image_size} px images but the vision tower takes "
                 f"{self.config.vision.image_size} px"
             )
-        accept_focus_processor(self.question_focus, processor, self.config.processor.focus_tokens)
+        common.accept_focus_processor(self.question_focus, processor, self.config.processor.focus_tokens)
 
-    @property
-    def focus_connector(self) -> nn.Module | None:
-        """`question_focus` (its pointer head is `pointer`, ConversationFamily's), or None."""
-        return self.question_focus
+    # focus_connector and pointer (common.ConversationFamily): `question_focus` and its pointer
+    # head, or None.
 
     # -- visual tokens and the media mask
 
@@ -520,7 +497,7 @@ class Flamingo(ConversationFamily, nn.Module):
             patches = self.image_states(pixel_values, keep_cls=False) if self.config.vision_cls_token else states
             embed = self.language_model.model.embed_tokens
             objects = connector.objects(patches, embed)
-            added, copies = focus_with_copies(
+            added, copies = common.focus_with_copies(
                 connector, objects, embed, input_ids, pixel_values, image_sample_index, segment_ids
             )
             embeds = embeds + added.to(embeds.dtype)
@@ -537,7 +514,7 @@ class Flamingo(ConversationFamily, nn.Module):
             input_ids, batch["pixel_values"], batch["image_sample_index"], batch.get("segment_ids")
         )
         media = self.media(input_ids, visual)
-        out = training_logits(
+        out = common.training_logits(
             self.language_model, embeds, batch, Conditioning(before_layer=self.cross_attention(media)), head=head
         )  # (B, T, V) or (B, T, C)
         return out, copies
@@ -547,7 +524,7 @@ class Flamingo(ConversationFamily, nn.Module):
         log-probabilities with each answer's slots mixed in where an answer token is predicted
         (what generation samples from)."""
         hidden, copies = self.decoder_outputs(batch, head=False)
-        return head_on_every_position(self, hidden, batch, copies)
+        return common.head_on_every_position(self, hidden, batch, copies)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers):
@@ -556,9 +533,9 @@ class Flamingo(ConversationFamily, nn.Module):
         if self.pointer is None:
             return answer_loss(self.logits(batch), batch["labels"])
         hidden, copies = self.decoder_outputs(batch, head=False)
-        return scored_answer_loss(*head_on_scored_positions(self, hidden, batch, copies))
+        return scored_answer_loss(*common.head_on_scored_positions(self, hidden, batch, copies))
 
-    # collate and prompt_batch (ConversationFamily): whole conversations by the processor.
+    # collate and prompt_batch (common.ConversationFamily): whole conversations by the processor.
 
     # -- generation engine protocol (visto.infer.engine)
 
@@ -567,11 +544,11 @@ class Flamingo(ConversationFamily, nn.Module):
         embeddings, the gated blocks reading each token's image, and the `ImageContext` that
         decoding steps read (every block's keys and values of the images, computed here)."""
         device = self.language_model.lm_head.weight.device
-        input_ids = batch_field(batch, "input_ids").to(device)
+        input_ids = common.batch_field(batch, "input_ids").to(device)
         with torch.inference_mode():
             embeds, copies, visual = self.embed_with_copies(
-                input_ids, batch_field(batch, "pixel_values").to(device),
-                batch_field(batch, "image_sample_index").to(device),
+                input_ids, common.batch_field(batch, "pixel_values").to(device),
+                common.batch_field(batch, "image_sample_index").to(device),
             )
             visual_kv = {j: b.visual_kv(visual) for j, b in enumerate(self.gated_cross_attn_layers)}
             media = self.media(input_ids, visual, visual_kv)
@@ -579,10 +556,10 @@ class Flamingo(ConversationFamily, nn.Module):
             last = torch.cumsum(input_ids == IMAGE_TOKEN_ID, dim=1)[:, -1]  # (B,) each row's last image
             context: ImageContext | FocusedImages = ImageContext(visual, last, visual_kv, self.config.image_tokens)
             if self.pointer is not None:  # what the answer being generated may copy
-                context = FocusedImages(context, last_answer_slots(self.focus_connector, input_ids, copies))
+                context = FocusedImages(context, common.last_answer_slots(self.focus_connector, input_ids, copies))
         return DecoderInputs(
             embeds,
-            batch_field(batch, "attention_mask").to(device),
+            common.batch_field(batch, "attention_mask").to(device),
             Conditioning(before_layer=self.cross_attention(media)),
             context=context,
         )
@@ -624,7 +601,7 @@ class Flamingo(ConversationFamily, nn.Module):
         each row's slots mixed in; else the logits unchanged."""
         if self.pointer is None or not isinstance(context, FocusedImages):
             return logits
-        return pointer_output_logits(self.pointer, hidden, logits, context.slots, tokens)
+        return common.pointer_output_logits(self.pointer, hidden, logits, context.slots, tokens)
 
     def prefill(self, batch: Any) -> tuple[Tensor, FlamingoState]:
         """A left-padded batch (processor `Batch` or dict) -> last logits (B, V) and state."""
@@ -903,21 +880,7 @@ def export_idefics(model: Flamingo, directory: str | Path) -> Path:
     return write_transformers_dir(model, directory, config, tensors)
 
 
-__all__ = [
-    "IDEFICS_REQUIREMENTS",
-    "PARAM_GROUPS",
-    "Flamingo",
-    "FlamingoConfig",
-    "FlamingoState",
-    "FocusedImages",
-    "GatedStepWeights",
-    "ImageContext",
-    "build_focus_connector",
-    "config_from_idefics",
-    "export_idefics",
-    "from_idefics",
-    "gated_step",
-    "idefics_export_problems",
-    "idefics_key_map",
-    "vision_hidden_state",
-]
+__all__ = ["IDEFICS_REQUIREMENTS", "PARAM_GROUPS", "Flamingo", "FlamingoConfig", "FlamingoState", "FocusedImages",
+           "GatedStepWeights", "ImageContext", "build_focus_connector", "config_from_idefics", "export_idefics",
+           "from_idefics", "gated_step", "idefics_export_problems", "idefics_key_map",
+           "vision_hidden_state"]  # fmt: skip

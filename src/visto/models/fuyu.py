@@ -55,23 +55,7 @@ from visto.data.processor import Processor, ProcessorConfig
 from visto.data.special_tokens import IMAGE_TOKEN_ID
 from visto.errors import UserError
 from visto.losses import scored_answer_loss
-from visto.models.common import (
-    ConversationFamily,
-    CopyingDecoding,
-    FamilyConfig,
-    accept_focus_processor,
-    adopt_parts,
-    batch_field,
-    feature_layer_problems,
-    fit_problems,
-    focus_with_copies,
-    last_answer_slots,
-    question_focus_problems,
-    refuse_part_paths,
-    refuse_problems,
-    tiny_text_parts,
-    training_logits,
-)
+from visto.models import common
 from visto.nn.language import DecoderConfig, DecoderInputs, DecoderLM
 from visto.nn.vision import ViT, ViTConfig
 
@@ -96,17 +80,10 @@ PERSIMMON_DIFFERENCES = (
 )
 
 
-def _default_processor() -> ProcessorConfig:
-    # Longest side capped at 64 px, 8 px patches: at most 8 x 8 patches (+ 8 newlines) per image.
-    # No <im_start>/<im_end>: Fuyu's prompt has only the patch and newline tokens.
-    return ProcessorConfig(
-        image_size=64, resize_mode="patch", patch_size=8, image_delimiters=False, max_length=256
-    )
-
 
 @dataclass
-class FuyuConfig(FamilyConfig):
-    """FamilyConfig's decoder, processor, tokenizer source and pretrained parts (`vision_init`:
+class FuyuConfig(common.FamilyConfig):
+    """common.FamilyConfig's decoder, processor, tokenizer source and pretrained parts (`vision_init`:
     the question focus's tower alone), then the optional question focus and its tower."""
 
     DISPLAY_NAME: ClassVar[str] = "Fuyu"
@@ -114,7 +91,11 @@ class FuyuConfig(FamilyConfig):
     # recipe that sets it, and credits a Fuyu without it the tower's minutes).
     VISION_INIT_ONLY_FOR: ClassVar[str] = "question_focus"
 
-    processor: ProcessorConfig = field(default_factory=_default_processor)
+    # Longest side capped at 64 px, 8 px patches: at most 8 x 8 patches (+ 8 newlines) per image.
+    # No <im_start>/<im_end>: Fuyu's prompt has only the patch and newline tokens.
+    processor: ProcessorConfig = field(default_factory=lambda: ProcessorConfig(
+        image_size=64, resize_mode="patch", patch_size=8, image_delimiters=False, max_length=256
+    ))
     # The shared perception front end's question focus (see the module doc): a projector config
     # of kind "regions" with focus on, as LLaVA's `projector` sets it (its object tokens are not
     # spliced into the text), with the processor's `focus_tokens` <focus> slots before each
@@ -143,14 +124,14 @@ class FuyuConfig(FamilyConfig):
         focus, slots = self.question_focus, self.processor.focus_tokens
         if focus is None:
             # (a vision_init is read into `vision` by visto.pretrained.build_model, which this
-            # refuses then; a constructor refuses a path before: refuse_part_paths)
+            # refuses then; a constructor refuses a path before: common.refuse_part_paths)
             problems = [] if self.vision is None else [
                 "vision (the tower vision_init names) is used by question_focus alone (Fuyu has no "
                 "vision encoder: its patches never pass through a tower); set question_focus or leave "
                 "vision and vision_init out"]  # fmt: skip
-            return problems + question_focus_problems(None, slots)
-        problems = question_focus_problems(focus, slots)
-        return problems + feature_layer_problems(self.vision, self.vision_feature_layer) if self.vision else problems
+            return problems + common.question_focus_problems(None, slots)
+        problems = common.question_focus_problems(focus, slots)
+        return problems + common.feature_layer_problems(self.vision, self.vision_feature_layer) if self.vision else problems
 
     @property
     def patch_dim(self) -> int:
@@ -160,7 +141,7 @@ class FuyuConfig(FamilyConfig):
     @classmethod
     def tiny_fields(cls) -> dict[str, Any]:
         """Unit tests: longest side 32 px, 8 px patches, 2 layers (`small`, the defaults: the CPU)."""
-        return tiny_text_parts(resize_mode="patch", patch_size=8)
+        return common.tiny_text_parts(resize_mode="patch", patch_size=8)
 
 
 def build_focus_connector(config: FuyuConfig) -> nn.Module:
@@ -170,7 +151,7 @@ def build_focus_connector(config: FuyuConfig) -> nn.Module:
     return build_projector(config.question_focus, config.vision.width, config.decoder.hidden_size)
 
 
-class Fuyu(CopyingDecoding, ConversationFamily, nn.Module):
+class Fuyu(common.CopyingDecoding, common.ConversationFamily, nn.Module):
     family, display_name, PARAM_GROUPS = "fuyu", "Fuyu", PARAM_GROUPS
 
     def __init__(
@@ -182,9 +163,9 @@ class Fuyu(CopyingDecoding, ConversationFamily, nn.Module):
         `vision` / `focus`: the vision_init tower and the connector with its detector (and
         reader), read by visto.pretrained; else built fresh."""
         super().__init__()
-        refuse_part_paths(config, self.family)
-        config = adopt_parts(config, vision, language)
-        refuse_problems("fuyu", fit_problems(config.processor, config.decoder))
+        common.refuse_part_paths(config, self.family)
+        config = common.adopt_parts(config, vision, language)
+        common.refuse_problems("fuyu", common.fit_problems(config.processor, config.decoder))
         self.config = config
         # Named as in transformers' FuyuForCausalLM; initialised like the decoder's matrices.
         self.vision_embed_tokens = nn.Linear(config.patch_dim, config.decoder.hidden_size)
@@ -199,7 +180,7 @@ class Fuyu(CopyingDecoding, ConversationFamily, nn.Module):
             self.vision_tower.requires_grad_(False)  # the detector's tower: frozen, always
             self.question_focus = focus if focus is not None else build_focus_connector(config)
 
-    # -- processor (ConversationFamily: built from the config on first use)
+    # -- processor (common.ConversationFamily: built from the config on first use)
 
     def accept_processor(self, processor: Processor) -> None:
         super().accept_processor(processor)  # the tokenizer fits the decoder
@@ -210,22 +191,15 @@ class Fuyu(CopyingDecoding, ConversationFamily, nn.Module):
                 f"{self.config.processor.patch_size}; got resize_mode {p.resize_mode!r}, "
                 f"patch_size {p.patch_size}"
             )
-        accept_focus_processor(self.question_focus, processor, self.config.processor.focus_tokens)
+        common.accept_focus_processor(self.question_focus, processor, self.config.processor.focus_tokens)
 
-    @property
-    def focus_connector(self) -> nn.Module | None:
-        """`question_focus` (its pointer head is `pointer`, ConversationFamily's), or None."""
-        return self.question_focus
+    # focus_connector and pointer (common.ConversationFamily): `question_focus` and its pointer
+    # head, or None.
 
     # -- the forward pass
 
-    def embed_inputs(
-        self,
-        input_ids: Tensor,
-        pixel_values: Tensor,
-        image_sample_index: Tensor | None = None,
-        image_token_counts: Tensor | None = None,
-    ) -> Tensor:
+    def embed_inputs(self, input_ids: Tensor, pixel_values: Tensor, image_sample_index: Tensor | None = None,
+                     image_token_counts: Tensor | None = None) -> Tensor:  # fmt: skip
         """Token embeddings (B, T, C) with one patch embedding at each `<image>` position.
 
         pixel_values: (N_patches, 3*p*p), all patches of the batch in order (processor layout).
@@ -282,15 +256,9 @@ class Fuyu(CopyingDecoding, ConversationFamily, nn.Module):
         with torch.no_grad():  # the tower serves the detector and the connector's inputs only
             return self.vision_tower(images, feature_layer=self.config.vision_feature_layer, pooled=False).features
 
-    def embed_with_copies(
-        self,
-        input_ids: Tensor,
-        pixel_values: Tensor,
-        image_sample_index: Tensor | None = None,
-        image_token_counts: Tensor | None = None,
-        image_grids: Tensor | None = None,
-        segment_ids: Tensor | None = None,
-    ) -> tuple[Tensor, CopySlots | None]:
+    def embed_with_copies(self, input_ids: Tensor, pixel_values: Tensor, image_sample_index: Tensor | None = None,
+                          image_token_counts: Tensor | None = None, image_grids: Tensor | None = None,
+                          segment_ids: Tensor | None = None) -> tuple[Tensor, CopySlots | None]:  # fmt: skip
         """`embed_inputs` (the patch embeddings at the `<image>` ids: Fuyu's own path) and,
         with `question_focus`, what the focus adds (each answer's named objects in its `<focus>`
         slots and on its `<|assistant|>` token; `segment_ids` of packed exchanges tell it where
@@ -304,7 +272,7 @@ class Fuyu(CopyingDecoding, ConversationFamily, nn.Module):
         images = self.tower_images(pixel_values.to(embeds.dtype), image_grids.to(pixel_values.device))
         embed = self.language_model.model.embed_tokens
         objects = connector.objects(self.patch_features(images), embed)
-        added, copies = focus_with_copies(
+        added, copies = common.focus_with_copies(
             connector, objects, embed, input_ids, images, image_sample_index, segment_ids
         )
         return embeds + added.to(embeds.dtype), copies
@@ -331,21 +299,21 @@ class Fuyu(CopyingDecoding, ConversationFamily, nn.Module):
         """A collated batch -> the decoder's last hidden states (B, T, C) and each answer's
         slots (`embed_with_copies` of the batch's patches and grids)."""
         embeds, copies = self._embed_batch_with_copies(batch)
-        return training_logits(self.language_model, embeds, batch, head=False), copies
+        return common.training_logits(self.language_model, embeds, batch, head=False), copies
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers).
         The LM head (and with `question_focus`, the pointer) runs on the scored positions only
-        (CopyingDecoding's `scored_answer_logits`, on `decoder_hidden`)."""
+        (common.CopyingDecoding's `scored_answer_logits`, on `decoder_hidden`)."""
         return scored_answer_loss(*self.scored_answer_logits(batch))
 
     def logits(self, batch: dict[str, Tensor]) -> Tensor:
         """Next-token logits (B, T, V) for a collated (right-padded) batch; with a pointer head,
         log-probabilities with each answer's slots mixed in where an answer token is predicted
-        (what generation samples from; CopyingDecoding's `answer_logits`)."""
+        (what generation samples from; common.CopyingDecoding's `answer_logits`)."""
         return self.answer_logits(batch)
 
-    # collate and prompt_batch (ConversationFamily): whole conversations by the processor.
+    # collate and prompt_batch (common.ConversationFamily): whole conversations by the processor.
 
     # -- generation engine protocol (visto.infer.engine)
 
@@ -357,11 +325,11 @@ class Fuyu(CopyingDecoding, ConversationFamily, nn.Module):
         device = self.language_model.lm_head.weight.device
         with torch.inference_mode():
             embeds, copies = self._embed_batch_with_copies(batch, device)
-        mask = batch_field(batch, "attention_mask").to(device)
+        mask = common.batch_field(batch, "attention_mask").to(device)
         if self.pointer is None:
             return embeds, mask
-        input_ids = batch_field(batch, "input_ids").to(device)
-        return DecoderInputs(embeds, mask, context=last_answer_slots(self.focus_connector, input_ids, copies))
+        input_ids = common.batch_field(batch, "input_ids").to(device)
+        return DecoderInputs(embeds, mask, context=common.last_answer_slots(self.focus_connector, input_ids, copies))
 
 
 # ----------------------------------------------------------------------------- transformers format
@@ -469,14 +437,5 @@ def export_hf(model: Fuyu, directory: str | Path) -> Path:
     return write_transformers_dir(model, directory, config, tensors)
 
 
-__all__ = [
-    "PARAM_GROUPS",
-    "PERSIMMON_DIFFERENCES",
-    "Fuyu",
-    "FuyuConfig",
-    "build_focus_connector",
-    "export_hf",
-    "from_transformers",
-    "patch_columns_from_transformers",
-    "patch_columns_to_transformers",
-]
+__all__ = ["PARAM_GROUPS", "PERSIMMON_DIFFERENCES", "Fuyu", "FuyuConfig", "build_focus_connector", "export_hf",
+           "from_transformers", "patch_columns_from_transformers", "patch_columns_to_transformers"]  # fmt: skip

@@ -47,19 +47,7 @@ from visto.data.special_tokens import IMAGE, IMAGE_TOKEN_ID
 from visto.data.tokenizer import DEFAULT_LOC_BINS, Tokenizer
 from visto.errors import UserError
 from visto.losses import scored_answer_loss
-from visto.models.common import (
-    ConversationFamily,
-    CopyingDecoding,
-    FamilyConfig,
-    adopt_parts,
-    feature_layer_problems,
-    fit_problems,
-    focus_with_copies,
-    refuse_part_paths,
-    refuse_problems,
-    splice_visual_tokens,
-    tiny_text_parts,
-)
+from visto.models import common
 from visto.models.transformers_format import (
     act_from_hf,
     act_to_hf,
@@ -94,20 +82,17 @@ PARAM_GROUPS = {
 }
 
 
-def _default_processor() -> ProcessorConfig:
-    # 64 px, 8 px patches -> 64 patches -> 64 visual tokens with the mlp projector; no
-    # delimiters, so the exported model reads the same ids transformers' LlavaProcessor makes.
-    return ProcessorConfig(image_size=64, image_tokens=64, image_delimiters=False, max_length=256)
-
 
 @dataclass
-class LlavaConfig(FamilyConfig):
-    """FamilyConfig's decoder, processor, tokenizer source and pretrained parts
+class LlavaConfig(common.FamilyConfig):
+    """common.FamilyConfig's decoder, processor, tokenizer source and pretrained parts
     (`vision_init`: the tower), then LLaVA's vision tower and projector."""
 
     DISPLAY_NAME: ClassVar[str] = "LLaVA"
 
-    processor: ProcessorConfig = field(default_factory=_default_processor)
+    # 64 px, 8 px patches -> 64 patches -> 64 visual tokens with the mlp projector; no
+    # delimiters, so the exported model reads the same ids transformers' LlavaProcessor makes.
+    processor: ProcessorConfig = field(default_factory=lambda: ProcessorConfig(image_size=64, image_tokens=64, image_delimiters=False, max_length=256))
     vision: ViTConfig = field(default_factory=lambda: ViTConfig.preset("small"))
     # Hidden state fed to the projector, indexed as transformers does (-1 last, -2 the
     # penultimate layer, which LLaVA 1.5 uses: its last layer is tuned to CLIP's objective).
@@ -116,7 +101,7 @@ class LlavaConfig(FamilyConfig):
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
 
     def __post_init__(self) -> None:
-        if problems := feature_layer_problems(self.vision, self.vision_feature_layer):
+        if problems := common.feature_layer_problems(self.vision, self.vision_feature_layer):
             raise UserError("; ".join(problems))
         if self.processor.resize_mode == "patch":
             raise UserError("LLaVA encodes square images: processor.resize_mode 'pad' or 'resize'")
@@ -129,7 +114,7 @@ class LlavaConfig(FamilyConfig):
     def check_processor(self) -> None:
         """The processor must make the images and the `<image>` runs the towers expect."""
         p = self.processor
-        problems = fit_problems(p, self.decoder, self.vision)
+        problems = common.fit_problems(p, self.decoder, self.vision)
         if p.image_tokens != self.image_tokens:
             problems.append(
                 f"processor.image_tokens is {p.image_tokens} but each image gives "
@@ -146,12 +131,12 @@ class LlavaConfig(FamilyConfig):
                 f"projector.read_slots {self.projector.read_slots} are <focus> slots after the box's "
                 f"4: set processor.focus_tokens to {4 + self.projector.read_slots}"
             )
-        refuse_problems("llava", problems)
+        common.refuse_problems("llava", problems)
 
     @classmethod
     def tiny_fields(cls) -> dict[str, Any]:
         """Unit tests: 32 px, 16 visual tokens, 2+2 layers (`small`, the defaults: the CPU)."""
-        return dict(vision=ViTConfig.preset("tiny"), vision_feature_layer=-1, **tiny_text_parts(image_tokens=16))
+        return dict(vision=ViTConfig.preset("tiny"), vision_feature_layer=-1, **common.tiny_text_parts(image_tokens=16))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -162,7 +147,7 @@ def build_llava_projector(config: LlavaConfig) -> nn.Module:
     return build_projector(config.projector, config.vision.width, config.decoder.hidden_size)
 
 
-class Llava(CopyingDecoding, ConversationFamily, nn.Module):
+class Llava(common.CopyingDecoding, common.ConversationFamily, nn.Module):
     family, display_name, PARAM_GROUPS = "llava", "LLaVA", PARAM_GROUPS
 
     def __init__(self, config: LlavaConfig, vision: ViT | None = None, projector: nn.Module | None = None,
@@ -170,8 +155,8 @@ class Llava(CopyingDecoding, ConversationFamily, nn.Module):
         """Parts built elsewhere (visto.pretrained: `vision_init`, `language_init`, the regions
         connector's detector) bring their architectures; the others are built fresh here."""
         super().__init__()
-        refuse_part_paths(config, self.family)
-        config = adopt_parts(config, vision, language)
+        common.refuse_part_paths(config, self.family)
+        config = common.adopt_parts(config, vision, language)
         config.check_processor()
         self.config = config
         self.vision_tower = vision if vision is not None else ViT(config.vision)
@@ -179,7 +164,7 @@ class Llava(CopyingDecoding, ConversationFamily, nn.Module):
         self.language_model = language if language is not None else DecoderLM(config.decoder)
         self._processor: Processor | None = None
 
-    # -- processor (ConversationFamily: built from the config on first use)
+    # -- processor (common.ConversationFamily: built from the config on first use)
 
     def accept_processor(self, processor: Processor) -> None:
         super().accept_processor(processor)  # the tokenizer fits the decoder
@@ -225,23 +210,23 @@ class Llava(CopyingDecoding, ConversationFamily, nn.Module):
         `segment_ids` of packed exchanges tell it where each exchange's question begins), and
         what each answer's `<focus>` slots hold as token ids (one row per `<|assistant|>` token,
         row-major; None without the focus's slots or images): what the pointer head copies
-        (connectors.pointer). `embed_inputs` (CopyingDecoding) is the embeddings alone."""
+        (connectors.pointer). `embed_inputs` (common.CopyingDecoding) is the embeddings alone."""
         hint = (
             f"; the processor's image_tokens must equal the model's "
             f"({self.config.image_tokens}) and every image needs its <image> run"
         )
         embeds = self.language_model.embed(input_ids)  # (B, T, C)
         if self.focus_connector is None or pixel_values.shape[0] == 0:
-            return splice_visual_tokens(
+            return common.splice_visual_tokens(
                 embeds, input_ids, pixel_values, self.image_features, image_sample_index, hint=hint
             ), None
         connector, embed = self.multi_modal_projector, self.language_model.model.embed_tokens
         objects = connector.objects(self.patch_features(pixel_values), embed)
         visual = connector.visual_tokens(objects, embed, pixel_values)
-        embeds = splice_visual_tokens(
+        embeds = common.splice_visual_tokens(
             embeds, input_ids, pixel_values, lambda _: visual, image_sample_index, hint=hint
         )
-        added, copies = focus_with_copies(
+        added, copies = common.focus_with_copies(
             connector, objects, embed, input_ids, pixel_values, image_sample_index, segment_ids
         )
         return embeds + added.to(embeds.dtype), copies
@@ -249,20 +234,20 @@ class Llava(CopyingDecoding, ConversationFamily, nn.Module):
     @property
     def focus_connector(self) -> nn.Module | None:
         """The regions projector when its question focus is on (it fills the `<focus>` slots;
-        `pointer`, ConversationFamily's, is its pointer head), else None."""
+        `pointer`, common.ConversationFamily's, is its pointer head), else None."""
         projector = self.multi_modal_projector
         return projector if getattr(projector, "focus", None) is not None else None
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers):
         `embed_with_copies`, the decoder, and its LM head (and a pointer head) on the scored
-        positions only (CopyingDecoding's `scored_answer_logits`; `answer_logits` gives every
+        positions only (common.CopyingDecoding's `scored_answer_logits`; `answer_logits` gives every
         position's): the same loss without the head over every position and a copy of all the
         logits (~9% of a quickstart stage-2 step)."""
         return scored_answer_loss(*self.scored_answer_logits(batch))
 
-    # collate and prompt_batch (ConversationFamily): whole conversations by the processor.
-    # The generation engine's protocol (visto.infer.engine) is CopyingDecoding's: prefill_inputs
+    # collate and prompt_batch (common.ConversationFamily): whole conversations by the processor.
+    # The generation engine's protocol (visto.infer.engine) is common.CopyingDecoding's: prefill_inputs
     # embeds the prompt by `embed_with_copies`; with a pointer head each row keeps the slots its
     # answer may copy, mixed in after the LM head (output_logits).
 
