@@ -463,7 +463,8 @@ def last_answer_slots(connector: Any, input_ids: Tensor, copies: CopySlots | Non
     script = None
     if scripted:
         script = (no_script if picked.script is None else picked.script).masked_fill((last < 0)[:, None], -1)
-    return CopySlots(picked.ids, picked.weights * (last >= 0)[:, None, None], input_ids[:, -1], script)
+    return CopySlots(picked.ids, picked.weights * (last >= 0)[:, None, None], input_ids[:, -1], script,
+                     question=picked.question)  # fmt: skip
 
 
 def head_on_scored_positions(
