@@ -1,8 +1,13 @@
-"""What the family files share: taking pretrained parts (and refusing a config that still
-names them on disk), the processor a config names (and the lazy `processor` property built
-from it), the checks that a tokenizer fits a decoder, the batches made of whole conversations,
-reading a batch, splicing visual tokens into the decoder's input, the decoder's logits on a
-training batch, and naming a training objective.
+"""What the family files share, so that each reads as its own data flow: taking pretrained
+parts (and refusing a config that still names them on disk), the config fields every family
+has (`FamilyConfig`: decoder, processor, tokenizer source, pretrained parts; presets), the
+processor a config names (and the lazy `processor` property built from it), the checks that a
+tokenizer fits a decoder, the batches made of whole conversations, reading a batch, splicing
+visual tokens into the decoder's input, the decoder's logits on a training batch, naming a
+training objective, the region connector's question focus and pointer around a decoder, and
+(`CopyingDecoding`) the LM head, pointer and generation protocol of a family whose decoder
+reads its input embeddings alone. The family files import this module as `common`, so every
+shared step reads `common.<name>` where it is used.
 
 Every family builds its parts the same way (towers handed in by visto.pretrained, which reads
 `vision_init` / `language_init`; a tokenizer from `tokenizer_dir` or trained on
@@ -242,8 +247,9 @@ def check_tokenizer_fits(processor: Processor, decoder_vocab_size: int) -> None:
 
 class ConversationFamily(LazyProcessor):
     """A family that reads whole conversations, as a mixin before nn.Module: its lazy
-    `processor` and the two batches the processor makes, for training and for the generation
-    engine (a family that trains in several ways overrides `collate`)."""
+    `processor`, the two batches the processor makes, for training and for the generation
+    engine (a family that trains in several ways overrides `collate`), and its question focus
+    (`focus_connector`, `pointer`: None where the family has none)."""
 
     def collate(self, samples: list[Sample]) -> dict[str, Tensor | None]:
         """Training batch: whole conversations, labels on the answers, right padding."""

@@ -123,8 +123,9 @@ class FuyuConfig(common.FamilyConfig):
         """Where `question_focus`, its tower and the processor's <focus> slots disagree."""
         focus, slots = self.question_focus, self.processor.focus_tokens
         if focus is None:
-            # (a vision_init is read into `vision` by visto.pretrained.build_model, which this
-            # refuses then; a constructor refuses a path before: common.refuse_part_paths)
+            # Without the focus Fuyu has no tower: a `vision` (what visto.pretrained reads from
+            # vision_init) is refused here; a vision_init path that was never read is refused
+            # by the constructor (common.refuse_part_paths).
             problems = [] if self.vision is None else [
                 "vision (the tower vision_init names) is used by question_focus alone (Fuyu has no "
                 "vision encoder: its patches never pass through a tower); set question_focus or leave "
