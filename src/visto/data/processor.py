@@ -42,7 +42,6 @@ import dataclasses
 import json
 import math
 import os
-import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,9 +184,9 @@ def resized_pixels(image: Image.Image, width: int, height: int) -> np.ndarray:
     if image.size == (width, height):
         return np.asarray(image).transpose(2, 0, 1)
     if max(image.width / width, image.height / height) >= FAST_DOWNSCALE_FROM:
-        with warnings.catch_warnings():  # PIL's array (a view of bytes) is read-only: only read
-            warnings.simplefilter("ignore", UserWarning)
-            hwc = torch.from_numpy(np.asarray(image))
+        # a writable copy: PIL's own array is a read-only view, which torch warns about, and a
+        # warnings filter around it is not thread-safe (the server preprocesses in threads)
+        hwc = torch.from_numpy(np.array(image))
         chw = hwc.permute(2, 0, 1)  # channels-last, as torch's uint8 kernel takes it
         out = F.interpolate(chw[None], size=(height, width), mode="bicubic", antialias=True)
         return out[0].numpy()
