@@ -488,7 +488,8 @@ class Flamingo(common.ConversationFamily, nn.Module):
         objects in its `<focus>` slots and on its `<|assistant|>` token; `segment_ids` of
         packed exchanges tell it where each exchange's question begins), what each answer's
         slots hold for the pointer (one row per `<|assistant|>` token; None without slots or
-        images), and each row's visual tokens for the gated blocks (`row_visual_tokens`)."""
+        images), and, unlike the other families' pair, a third: each row's visual tokens for
+        the gated blocks (`row_visual_tokens`), which the decoder reads beside its input."""
         embeds = self.language_model.embed(input_ids)  # (B, T, C)
         connector, states, copies = self.question_focus, None, None
         if connector is not None and pixel_values.shape[0]:
@@ -506,24 +507,24 @@ class Flamingo(common.ConversationFamily, nn.Module):
         visual = self.row_visual_tokens(input_ids, pixel_values, image_sample_index, states)
         return embeds, copies, visual
 
-    def decoder_outputs(self, batch: dict[str, Tensor], head: bool = True) -> tuple[Tensor, CopySlots | None]:
-        """A collated (right-padded) batch -> the decoder's logits (B, T, V) (`head` False: its
-        last hidden states (B, T, C)) and the answers' slots (`embed_with_copies`)."""
+    def decoder_hidden(self, batch: dict[str, Tensor]) -> tuple[Tensor, CopySlots | None]:
+        """A collated (right-padded) batch -> the decoder's last hidden states (B, T, C), its
+        gated blocks reading each token's image, and the answers' slots (`embed_with_copies`)."""
         input_ids = batch["input_ids"]
         embeds, copies, visual = self.embed_with_copies(
             input_ids, batch["pixel_values"], batch["image_sample_index"], batch.get("segment_ids")
         )
         media = self.media(input_ids, visual)
-        out = common.training_logits(
-            self.language_model, embeds, batch, Conditioning(before_layer=self.cross_attention(media)), head=head
-        )  # (B, T, V) or (B, T, C)
-        return out, copies
+        hidden = common.training_logits(
+            self.language_model, embeds, batch, Conditioning(before_layer=self.cross_attention(media)), head=False
+        )  # (B, T, C)
+        return hidden, copies
 
     def logits(self, batch: dict[str, Tensor]) -> Tensor:
         """Next-token logits (B, T, V) for a collated (right-padded) batch; with a pointer head,
         log-probabilities with each answer's slots mixed in where an answer token is predicted
         (what generation samples from)."""
-        hidden, copies = self.decoder_outputs(batch, head=False)
+        hidden, copies = self.decoder_hidden(batch)
         return common.head_on_every_position(self, hidden, batch, copies)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -532,7 +533,7 @@ class Flamingo(common.ConversationFamily, nn.Module):
         pointer on the scored positions only (models.common.head_on_scored_positions)."""
         if self.pointer is None:
             return answer_loss(self.logits(batch), batch["labels"])
-        hidden, copies = self.decoder_outputs(batch, head=False)
+        hidden, copies = self.decoder_hidden(batch)
         return scored_answer_loss(*common.head_on_scored_positions(self, hidden, batch, copies))
 
     # collate and prompt_batch (common.ConversationFamily): whole conversations by the processor.

@@ -176,6 +176,13 @@ class Llava(common.CopyingDecoding, common.ConversationFamily, nn.Module):
         if self.config.projector.kind == "regions":
             self.multi_modal_projector.set_vocabulary(processor.tokenizer, processor.config.focus_tokens)
 
+    @property
+    def focus_connector(self) -> nn.Module | None:
+        """The regions projector when its question focus is on (it fills the `<focus>` slots;
+        `pointer`, common.ConversationFamily's, is its pointer head), else None."""
+        projector = self.multi_modal_projector
+        return projector if getattr(projector, "focus", None) is not None else None
+
     # -- the forward pass
 
     def patch_features(self, pixel_values: Tensor) -> Tensor:
@@ -230,13 +237,6 @@ class Llava(common.CopyingDecoding, common.ConversationFamily, nn.Module):
             connector, objects, embed, input_ids, pixel_values, image_sample_index, segment_ids
         )
         return embeds + added.to(embeds.dtype), copies
-
-    @property
-    def focus_connector(self) -> nn.Module | None:
-        """The regions projector when its question focus is on (it fills the `<focus>` slots;
-        `pointer`, common.ConversationFamily's, is its pointer head), else None."""
-        projector = self.multi_modal_projector
-        return projector if getattr(projector, "focus", None) is not None else None
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A collated batch -> {"loss", "token_acc"} (next-token CE and accuracy on answers):
