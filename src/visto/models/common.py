@@ -368,19 +368,14 @@ class Objective(NamedTuple):
 
 # ----------------------------------------------------------------------------- question focus and pointer
 # The region connector's question focus and pointer head (visto.connectors.regions, focus,
-# pointer) as a family runs them around its decoder: LLaVA's `regions` projector and
-# Flamingo's `question_focus`. `connector` is a RegionConnector with its focus on.
+# pointer) as a family runs them around its decoder: LLaVA's (and CogVLM's) `regions`
+# projector, BLIP-2's `regions` with question_focus, Flamingo's and Fuyu's `question_focus`.
+# `connector` is a RegionConnector with its focus on (a family's `focus_connector`).
 
 
-def focus_with_copies(
-    connector: Any,
-    objects: Objects,
-    embed: Any,
-    input_ids: Tensor,
-    pixel_values: Tensor,
-    image_sample_index: Tensor | None = None,
-    segment_ids: Tensor | None = None,
-) -> tuple[Tensor, CopySlots | None]:
+def focus_with_copies(connector: Any, objects: Objects, embed: Any, input_ids: Tensor, pixel_values: Tensor,
+                      image_sample_index: Tensor | None = None,
+                      segment_ids: Tensor | None = None) -> tuple[Tensor, CopySlots | None]:  # fmt: skip
     """What the focus adds to the token embeddings (B, T, C) of `input_ids` (each answer's
     named objects in its `<focus>` slots and on its `<|assistant|>` token), and what each
     answer's slots hold as token ids (one row per `<|assistant|>` token, row-major; None
