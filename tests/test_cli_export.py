@@ -74,7 +74,7 @@ def test_export_with_lora_merged_gives_our_logits_in_transformers(tokenizer_dir,
 def test_the_conv_stem_is_refused_with_what_to_do(tokenizer_dir, tmp_path, capsys):
     model = tiny_llava(tokenizer_dir, vision=ViTConfig.preset("tiny", stem="conv"))
     save_checkpoint(model, tmp_path / "ckpt")
-    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 2
+    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"), "--remote-code", "never"]) == 2
     err = capsys.readouterr().err
     # A patch stem alone does not make the quickstart's model export (its connector has no
     # counterpart either: tests/test_export_quickstart.py), so the quickstart is not offered.

@@ -1,7 +1,9 @@
-"""The quickstart's model cannot be exported to transformers, whatever its flags: `visto
-export` says which parts transformers' LlavaForConditionalGeneration has no counterpart for
-(the regions connector with its focus, named words and pointer; a conv stem), writes nothing,
-and names what does export. Built as the quickstart builds it (`quickstart.llava_config`)."""
+"""The quickstart's model has no native transformers export, whatever its flags: `visto export
+--remote-code never` says which parts transformers' LlavaForConditionalGeneration has no
+counterpart for (the regions connector with its focus, named words and pointer; a conv stem),
+writes nothing, and names what does export. (By default it is exported with custom code
+instead: tests/test_export_remote_code.py.) Built as the quickstart builds it
+(`quickstart.llava_config`)."""
 
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def test_the_quickstarts_model_is_refused_with_each_part_and_what_exports(
     model = quickstart_model(tokenizer_dir, tmp_path / "tok", vision_stem=stem)
     assert model.config.projector.kind == "regions" and model.config.projector.pointer
     save_checkpoint(model, tmp_path / "ckpt")
-    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 2
+    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"), "--remote-code", "never"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "its connector is visto's regions connector" in err
     assert "the question focus, named words (filter, count, relate), a pointer head" in err
@@ -58,7 +60,7 @@ def test_the_quickstarts_model_is_refused_with_each_part_and_what_exports(
 def test_a_conv_stem_alone_is_named_with_the_setting_that_exports(tokenizer_dir, tmp_path, capsys):  # noqa: F811
     model = tiny_llava(tokenizer_dir, vision=ViTConfig.preset("tiny", stem="conv"))
     save_checkpoint(model, tmp_path / "ckpt")
-    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 2
+    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"), "--remote-code", "never"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "its vision tower has a conv stem" in err and "vision.stem 'patch'" in err
     assert "regions connector" not in err and "visto quickstart" not in err
@@ -75,6 +77,6 @@ def test_a_regions_connector_without_focus_is_refused_too(tokenizer_dir, tmp_pat
     )  # fmt: skip
     model = build_model("llava", config, seed=0)
     save_checkpoint(model, tmp_path / "ckpt")
-    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 2
+    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"), "--remote-code", "never"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "writes each object as the decoder's own words), where" in err  # no focus named

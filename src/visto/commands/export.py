@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from visto.commands._common import add_command
 from visto.errors import UserError
@@ -13,24 +14,32 @@ ORDER = 35
 
 DESCRIPTION = """\
 Write a visto checkpoint as a transformers directory: config.json, model.safetensors, the
-tokenizer with its chat template and the processor settings, so that
-`LlavaForConditionalGeneration.from_pretrained(OUT)`, `AutoProcessor.from_pretrained(OUT)`
-and vLLM (`vllm serve OUT`) load it and compute the same logits. LoRA adapters are merged
-into the exported weights (the checkpoint itself is left as it is).
+tokenizer with its chat template and the processor settings. LoRA adapters are merged into the
+exported weights (the checkpoint itself is left as it is). Two kinds of directory, the exact
+one for each model (--remote-code auto, the default, picks and says which it wrote):
 
-Exports LLaVA (LlavaForConditionalGeneration), BLIP-2 (Blip2ForConditionalGeneration), Fuyu
-(FuyuForCausalLM) and Flamingo (IdeficsForVisionText2Text). The export is exact or refused: what
-transformers' class has no counterpart for is named with what to change, e.g. a conv-stem
-vision tower (vision.stem 'patch' exports), a BLIP-2 tower with a LayerNorm before its blocks,
-a Flamingo that drops the CLS token.
+Native, where a transformers class computes the model: LLaVA (LlavaForConditionalGeneration),
+BLIP-2 (Blip2ForConditionalGeneration), Fuyu (FuyuForCausalLM) and Flamingo
+(IdeficsForVisionText2Text). `LlavaForConditionalGeneration.from_pretrained(OUT)`,
+`AutoProcessor.from_pretrained(OUT)` and vLLM (`vllm serve OUT`) load it with the same logits.
+A LLaVA exports natively with projector kind 'mlp' (or 'linear') and a patch-stem CLIP tower,
+e.g. a transformers LLaVA fine-tuned with `visto train --recipe llava-lora`.
 
-The quickstart's model (`visto quickstart`, any flags) does not export to transformers: its
-regions connector (an object detector writing each object as the decoder's words, with the
-question focus, named words and a pointer head) and its conv stem have no transformers
-counterpart, and an approximation would answer differently. Run it with `visto chat` or
-`visto serve` (an OpenAI-compatible API), or export it with --format visto / --int8. What
-exports: a LLaVA with projector kind 'mlp' and a patch-stem CLIP tower, e.g. a transformers
-LLaVA fine-tuned with `visto train --recipe llava-lora --set data.replay=null`.
+Custom code ("remote code", as Phi-3-vision, Florence-2 and InternVL are published), for a
+LLaVA that no transformers class computes: the quickstart's model (`visto quickstart`, any
+flags: its regions connector with the question focus, named words, pointer head, read slots
+and OCR reader, its conv stem), a conv-stem or SigLIP-layout tower. config.json's auto_map
+names configuration_visto.py, modeling_visto.py and processing_visto.py written beside the
+weights; they import visto and run visto's own model, so the directory loads in transformers
+wherever visto is installed, offline:
+  AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)  (or AutoModel,
+  AutoModelForImageTextToText), AutoProcessor.from_pretrained(OUT, trust_remote_code=True)
+Its forward returns what visto's engine samples from (with the pointer head's copies mixed
+in: log-probabilities inside answers), equal to visto's within 1e-4, and generate() gives
+visto's greedy tokens; it has no KV cache (each step recomputes the sequence), and vLLM does
+not serve it (`visto serve` does, with an OpenAI-compatible API).
+--remote-code never: native or an error naming each part transformers has no class for;
+--remote-code always: custom code even where a native class exists.
 
 --format visto writes a visto checkpoint with the LoRA adapters merged into the weights: plain
 Linear layers again, any family, for chat/serve without the adapters' extra matmuls (and for
@@ -45,7 +54,8 @@ transformers has no loader for these weights, so --int8 and --format hf do not m
 
 Examples:
   visto export runs/lora-hf/checkpoint --out runs/lora-hf-export
-  visto export runs/lora-hf/checkpoint --out runs/lora-hf-export --overwrite
+  visto export runs/quickstart/checkpoint --out runs/qs-hf          (custom code)
+  visto export runs/lora-hf/checkpoint --out runs/lora-hf-export --remote-code never --overwrite
   visto export runs/quickstart/checkpoint --out runs/qs-int8 --int8
   visto export runs/lora/checkpoint --out runs/lora-merged --format visto
 """
@@ -62,6 +72,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="hf: transformers' from_pretrained layout (the default without --int8); "
         "visto: a visto checkpoint with LoRA merged",
     )
+    p.add_argument(
+        "--remote-code",
+        choices=("auto", "always", "never"),
+        help="hf format: auto (default) writes the native transformers class where one computes "
+        "the model, else a directory with custom code (modeling_visto.py imports visto; loads with "
+        "trust_remote_code=True where visto is installed; vLLM does not serve it); never: native "
+        "or an error; always: custom code",
+    )
     p.add_argument("--int8", action="store_true",
                    help="write an int8 visto checkpoint for the CPU (not the transformers format)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -71,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import visto
     from visto.checkpoint import read_config
-    from visto.models.transformers_format import export_transformers, is_transformers_dir
+    from visto.models.transformers_format import is_transformers_dir
 
     if is_transformers_dir(args.checkpoint):
         raise UserError(f"{args.checkpoint} is already a transformers directory; nothing to export")
@@ -80,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.out} already exists; choose another --out or pass --overwrite")
     if args.out.resolve() == args.checkpoint.resolve():
         raise UserError("--out must not be the checkpoint itself")
+    if args.remote_code is not None and (args.int8 or args.fmt == "visto"):
+        raise UserError("--remote-code picks between the two transformers formats; --int8 and "
+                        "--format visto write visto checkpoints: drop it")
     if args.int8:
         if args.fmt == "hf":
             raise UserError("--int8 writes a visto checkpoint, whose int8 weights transformers "
@@ -89,7 +110,37 @@ def run(args: argparse.Namespace) -> int:
     if args.fmt == "visto":
         return export_merged(args)
     model = visto.load(args.checkpoint)
-    out = export_transformers(model, args.out)
+    mode = args.remote_code or "auto"
+    why = None
+    if mode == "auto":
+        from visto.models.remote_code import native_export_problems, remote_code_problems
+
+        if not remote_code_problems(model):  # else the native export writes it or says why not
+            problems = native_export_problems(model)
+            if problems:
+                why = "; ".join(problems)
+            else:
+                try:
+                    return _native(model, args.out)
+                except UserError as e:  # a refusal found while writing: nothing was written
+                    why = str(e)
+    if mode == "always" or why is not None:
+        from visto.models.remote_code import NOTE, export_remote_code
+
+        out = export_remote_code(model, args.out)
+        print(f"wrote {out} ({model.family}, transformers format with custom code: {NOTE})")
+        if why is not None:
+            print(f"custom code because no transformers class computes this model: {why}")
+        print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}, "
+              "trust_remote_code=True), its inputs with AutoProcessor the same way")
+        return 0
+    return _native(model, args.out)
+
+
+def _native(model: Any, directory: Path) -> int:
+    from visto.models.transformers_format import export_transformers
+
+    out = export_transformers(model, directory)
     print(f"wrote {out} ({model.family}, transformers format)")
     print(f"load it with transformers.AutoModelForImageTextToText.from_pretrained({str(out)!r})")
     return 0

@@ -139,8 +139,9 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
     "stage2_batch": ("samples per step of stage2", "N"),
     "vision_stem": ("how the ViT embeds patches: 'patch' (one linear projection, as CLIP's) "
                     "or 'conv' (3x3 stride-2 convs: learns shapes faster from scratch; "
-                    "bench/dense_stem.py). Either way the quickstart's model does not export "
-                    "to transformers (its connector has no counterpart: visto export --help)", "{patch,conv}"),
+                    "bench/dense_stem.py). Either way the quickstart's model exports to "
+                    "transformers with custom code only (its connector has no transformers "
+                    "class: visto export --help)", "{patch,conv}"),
     "vision_batch": ("images per step of the vision stage. A step at 16 costs about a quarter "
                      "of one at 64: on a 20,000-image world 4,000 steps at 16 gave val patch "
                      "shape 0.965 against 0.862 for 1,000 at 64 (bench/clip_figures.py "

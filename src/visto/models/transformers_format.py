@@ -2,7 +2,10 @@
 safetensors weights) opened as visto models, and visto models written as such directories.
 
     model = load_transformers("llava-hf-dir")      # what visto.load does for such a directory
-    export_transformers(model, "out-dir")           # what `visto export` does
+    export_transformers(model, "out-dir")           # what `visto export` does (native classes)
+
+A model no transformers class computes (the quickstart's) is written with custom code
+instead: visto.models.remote_code.
 
 One loader per family lives beside that family's export (`llava.load_hf` next to
 `llava.export_hf`, both driven by `llava.hf_key_map`); this module holds what they share:
@@ -32,10 +35,13 @@ LOADERS = {
     "idefics": ("visto.models.flamingo", "from_idefics"),
     "clip": ("visto.models.clip", "load_hf"),
     "siglip": ("visto.models.clip", "load_hf"),
+    # visto's own export with custom code (visto.models.remote_code): read back as visto
+    "visto": ("visto.models.remote_code", "load_remote_code"),
 }
-# transformers model_type -> the visto family its loader returns.
+# transformers model_type -> the visto family its loader returns ("visto": the remote-code
+# export covers LLaVA only, remote_code.FAMILIES).
 FAMILY_OF = {"llava": "llava", "blip-2": "blip2", "fuyu": "fuyu", "idefics": "flamingo",
-             "clip": "clip", "siglip": "clip"}  # fmt: skip
+             "clip": "clip", "siglip": "clip", "visto": "llava"}  # fmt: skip
 # visto family -> (module, function) that writes a transformers directory of it.
 EXPORTERS = {
     "llava": ("visto.models.llava", "export_hf"),
@@ -73,7 +79,7 @@ def load_transformers(directory: str | Path) -> nn.Module:
         raise UserError(
             f"{directory} holds a transformers {model_type!r} model; visto reads "
             f"{', '.join(sorted(LOADERS))} (LLaVA, BLIP-2, Fuyu, Idefics as Flamingo, CLIP and "
-            "SigLIP as two-tower models) directories"
+            "SigLIP as two-tower models, and visto's own custom-code export) directories"
         )
     module, function = LOADERS[model_type]
     return getattr(importlib.import_module(module), function)(directory).eval()
@@ -147,11 +153,15 @@ def refuse_without_counterpart(model: nn.Module) -> None:
         + "; ".join(parts)
         + ". No transformers class computes "
         + ("these parts" if len(parts) > 1 else "this part")
-        + ", so an export would be another model with other answers, and visto writes none. "
+        + ", so a native export would be another model with other answers, and visto writes "
+        "none. "
         + ("This is the model `visto quickstart` trains, whatever its flags (its connector is "
            "always the regions connector); " if regions else "")  # fmt: skip
-        + "keep it as a visto checkpoint: `visto chat` / `visto serve --model CKPT` (an "
-        "OpenAI-compatible server), `visto export --format visto` (LoRA merged) or `--int8`. "
+        + "`visto export` without `--remote-code never` writes it with custom code instead "
+        "(modeling_visto.py imports visto: transformers loads it with trust_remote_code=True "
+        "wherever visto is installed; vLLM does not serve it); or keep it as a visto "
+        "checkpoint: `visto chat` / `visto serve --model CKPT` (an OpenAI-compatible server), "
+        "`visto export --format visto` (LoRA merged) or `--int8`. "
         "What exports to transformers and vLLM: a LLaVA with projector kind 'mlp' and a "
         "patch-stem CLIP tower, such as a transformers LLaVA directory fine-tuned with `visto "
         "train --recipe llava-lora` (LoRA merged on export), and BLIP-2, Fuyu and Flamingo "
