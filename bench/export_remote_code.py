@@ -9,7 +9,9 @@ offline), and on N test prompts of the world (one question per test image, tasks
   greedy answer vs visto's `answer_logits` on the same sequences (every position before the
   last) and the engine's step-by-step logits (every generated position): max |diff|;
 - greedy tokens: `model.generate(do_sample=False)` vs visto's Engine at temperature 0, per
-  row up to its end-of-turn.
+  row up to its end-of-turn;
+- how many of the answer tokens the pointer's copies decide (the decoder's own argmax differs
+  there): what a wrapper without the mixing would get wrong.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python bench/export_remote_code.py \
         --checkpoint runs/q0/checkpoint --world runs/q0/world --n 20 --out /tmp/q0-hf
@@ -90,6 +92,7 @@ def main() -> None:
         equal += ours[:cut] == list(c.token_ids)
 
     diffs = {"prompt_last": 0.0, "answer_logits": 0.0, "engine_steps": 0.0}
+    copied = 0
     with torch.no_grad():
         logits = hf(**inputs).logits  # (B, P, V)
         engine_first, _ = model.prefill(batch)
@@ -108,11 +111,17 @@ def main() -> None:
                 step, state = model.decode_step(torch.tensor([tok]), state)
                 worst = max(worst, float((full[n + i] - step[0]).abs().max()))
             diffs["engine_steps"] = max(diffs["engine_steps"], worst)
+            # where the pointer's copies decide the token: the decoder's own argmax differs
+            embeds = model.embed_inputs(ids, one.pixel_values)
+            hidden, _ = model.language_model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), head=False)
+            head = model.language_model.lm_head(hidden[0])
+            copied += int((head[n - 1:].argmax(-1) != full[n - 1:].argmax(-1)).sum())
     result = {
         "checkpoint": args.checkpoint, "prompts": len(samples),
         "tasks": sorted({s.truth["task"] for s in samples}),
         "greedy_equal": f"{equal}/{len(samples)}", "max_abs_diff": diffs,
         "answer_tokens": sum(len(c.token_ids) for c in completions),
+        "tokens_the_pointer_decides": copied,
         "export_s": round(export_s, 2), "load_s": round(load_s, 2),
         "visto_engine_s": round(engine_s, 2), "transformers_generate_s": round(hf_s, 2),
         "example": {"question": questions[0], "answer": processor.decode(generated[0, P:])},
