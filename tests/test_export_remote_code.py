@@ -152,6 +152,14 @@ def test_its_logits_are_what_the_engine_samples_from_and_generate_gives_its_toke
         assert ours[:cut] == answer
     assert processor.batch_decode(generated[:, P:])[0] == model.processor.tokenizer.decode(answers[0], skip_special=True)
 
+    # save_pretrained (the tied head written once) and load again: the same numbers
+    hf.save_pretrained(exported / "resaved")
+    processor.save_pretrained(exported / "resaved")
+    again = load_hf(exported / "resaved")
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, logits)
+    assert torch.equal(load(exported / "resaved").prefill(batch)[0], first)  # and visto reads it
+
 
 def test_remote_code_never_keeps_the_refusal(exported, capsys):
     assert main(["export", str(exported / "ckpt"), "--out", str(exported / "no"), "--remote-code", "never"]) == 2

@@ -111,7 +111,9 @@ def hf_config(model: nn.Module) -> dict[str, Any]:
         "bos_token_id": getattr(tokenizer, "bos_id", None),
         "eos_token_id": eos,
         "pad_token_id": tokenizer.pad_id,
-        "tie_word_embeddings": False,  # visto ties inside its own model; transformers keeps out
+        # transformers' save_pretrained keeps one name of a tied pair (modeling_visto's
+        # _tied_weights_keys); visto's own model holds the tie
+        "tie_word_embeddings": bool(cfg.decoder.tie_word_embeddings),
         "use_cache": False,  # generate recomputes the sequence: visto's cache is the engine's
     }
 
@@ -279,10 +281,19 @@ def load_remote_code(directory: str | Path) -> nn.Module:
     meta = json.loads((directory / "config.json").read_text())["visto"]
     model = build_visto(meta)
     state = {k.removeprefix("model."): v for k, v in load_file(directory / "model.safetensors").items()}
+    # a tied weight may be stored under one of its names (transformers' save_pretrained)
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    tied = {n for group in names.values() if any(g in state for g in group) for n in group}
     try:
-        model.load_state_dict(state, strict=True)
+        result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise UserError(f"{directory / 'model.safetensors'} does not match the model config.json describes: {e}") from None
+        result, error = None, str(e)
+    if result is not None and (result.unexpected_keys or set(result.missing_keys) - tied):
+        error = f"missing {sorted(set(result.missing_keys) - tied)}, unexpected {result.unexpected_keys}"
+    if result is None or result.unexpected_keys or set(result.missing_keys) - tied:
+        raise UserError(f"{directory / 'model.safetensors'} does not match the model config.json describes: {error}")
     attach_processor(model, directory)
     return model.eval()
 

@@ -16,6 +16,6 @@ class VistoConfig(PretrainedConfig):
     def __init__(self, visto: dict[str, Any] | None = None, image_token_id: int | None = None, **kwargs: Any) -> None:
         self.visto = visto or {}
         self.image_token_id = image_token_id
-        kwargs.setdefault("tie_word_embeddings", False)  # visto ties inside its own model
+        kwargs.setdefault("tie_word_embeddings", False)  # as visto's decoder config says
         kwargs.setdefault("use_cache", False)  # no KV cache: generate recomputes the sequence
         super().__init__(**kwargs)

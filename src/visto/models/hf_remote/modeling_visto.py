@@ -32,6 +32,9 @@ class VistoForConditionalGeneration(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _no_split_modules: list[str] = []
     _supports_cache_class = False
+    # visto's decoder ties its head to the embeddings when its config says so (as
+    # tie_word_embeddings in config.json): save_pretrained writes the embeddings once
+    _tied_weights_keys = {"model.language_model.lm_head.weight": "model.language_model.model.embed_tokens.weight"}
 
     def __init__(self, config: VistoConfig) -> None:
         super().__init__(config)
@@ -61,6 +64,12 @@ class VistoForConditionalGeneration(PreTrainedModel, GenerationMixin):
         directory = cached_file(pretrained_model_name_or_path, "processor.json", **hub)
         attach_processor(model.model, os.path.dirname(directory))
         return model
+
+    def save_pretrained(self, save_directory: Any, **kwargs: Any) -> Any:
+        # The tensors under visto's own names, as the export wrote them (transformers would
+        # "revert" key renames it never applied to this model).
+        kwargs.setdefault("save_original_format", False)
+        return super().save_pretrained(save_directory, **kwargs)
 
     def forward(
         self,

@@ -35,6 +35,21 @@ class VistoProcessor:
         path = cached_file(pretrained_model_name_or_path, "processor.json", **hub)
         return cls(Processor.load(os.path.dirname(path)))
 
+    def save_pretrained(self, save_directory: Any, **kwargs: Any) -> list[str]:
+        """processor.json, tokenizer.json, processor_config.json and this file, so that
+        AutoProcessor (and the model, which reads the tokenizer) load the directory again."""
+        import json
+        import shutil
+
+        os.makedirs(save_directory, exist_ok=True)
+        self.processor.save(save_directory)
+        config = os.path.join(save_directory, "processor_config.json")
+        with open(config, "w") as f:
+            json.dump({"processor_class": "VistoProcessor",
+                       "auto_map": {"AutoProcessor": "processing_visto.VistoProcessor"}}, f, indent=2)  # fmt: skip
+        shutil.copyfile(__file__, os.path.join(save_directory, "processing_visto.py"))
+        return [config]
+
     def __call__(self, images: Any = None, text: Any = None, **kwargs: Any) -> Any:
         """One prompt per text (a question; `<image>` is put before it when the text has none
         and an image is given), each with its image (or a list of images, or None)."""
