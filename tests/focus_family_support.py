@@ -10,7 +10,8 @@ TEXTS = [f"Which colour does the {s} have? Which shape is {c}? a {c} {s}, {z}" f
          for c in COLOUR_NAMES for z in SIZE_NAMES]  # fmt: skip
 # compare-llava's focus, at 3 objects and 4 read slots
 FOCUS = dict(kind="regions", slots=3, focus=True, read_slots=4, pointer=True, named=True, box_nms=0.3,
-             count_width=0.35, object_order="left_to_right", copy_answers=True, copy_json=True)  # fmt: skip
+             count_width=0.35, object_order="left_to_right", copy_answers=True, copy_json=True, copy_verdicts=True,
+             question_pointer=True)  # fmt: skip
 # What the stand-in reader reads off an image, by its colour (the reader is a trained model:
 # test_text_reader); the answers are the words read, so the pointer has something to copy.
 READS = {(200, 30, 30): "red star", (30, 30, 200): "blue circle", (30, 200, 30): "star circle square"}

@@ -28,7 +28,7 @@ TEXTS = [f"Which colour does the {s} have? Read the text. a {c} {s}, {z}" for s 
 READ = 4  # read slots after the box's 4
 FOCUS = ProjectorConfig(kind="regions", slots=3, focus=True, read_slots=READ, pointer=True, named=True,
                         box_nms=0.3, count_width=0.35, object_order="left_to_right", copy_answers=True,
-                        copy_json=True)  # fmt: skip
+                        copy_json=True, copy_verdicts=True, question_pointer=True)  # fmt: skip
 
 # What the stand-in reader reads off an image, by its colour (as tests/test_pointer.py: the
 # reader itself is a trained model, tests/test_text_reader.py).
