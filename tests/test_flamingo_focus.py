@@ -219,3 +219,36 @@ def test_the_detector_comes_from_the_vision_init_checkpoint(tokenizer, tmp_path)
         assert torch.equal(model.question_focus.reader.state_dict()[k], v), k
     plain = build_model("flamingo", FlamingoConfig.preset("tiny"), seed=0)
     assert plain.question_focus is None and not any(k.startswith("question_focus") for k in plain.state_dict())
+
+
+def test_generation_scores_with_each_answers_question_as_training_does(tokenizer, monkeypatch):
+    """question_pointer (FOCUS has it): the pointer's question term reaches generation. With
+    a large W_u, prefill's next-token log-probabilities at each prompt's `<|assistant|>` equal
+    a full forward's there; with the question dropped from the prompt rows' slots they do not
+    (so the equality is the question term's)."""
+    from visto.models import common
+
+    model = focused(tokenizer)
+    pointer = model.question_focus.pointer
+    with torch.no_grad():
+        pointer.question.normal_(std=1.0)
+        pointer.keys.normal_(std=1.0)
+    questions = ["Read the text.", "Which colour does the star have?", "Which shape is red?"]
+    prompts = model.prompt_batch([sample(c, question=q) for c, q in zip(READS, questions, strict=True)])
+    batch = model.collate([sample(c, "x", q) for c, q in zip(READS, questions, strict=True)])
+    opens = (batch["input_ids"] == model.question_focus.focus.assistant_id).nonzero(as_tuple=True)
+    with torch.no_grad():
+        full = model.logits(batch)[opens].log_softmax(-1)
+        prefilled, state = model.prefill(prompts)
+        assert state.images.slots.question is not None
+        torch.testing.assert_close(prefilled.log_softmax(-1), full, rtol=1e-4, atol=1e-4)
+        slots_of = common.last_answer_slots
+
+        def without_question(*args):
+            slots = slots_of(*args)
+            slots.question = None
+            return slots
+
+        monkeypatch.setattr(common, "last_answer_slots", without_question)
+        dropped, _ = model.prefill(prompts)
+    assert (dropped.log_softmax(-1) - full).abs().max() > 1e-2
