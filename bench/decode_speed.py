@@ -41,6 +41,12 @@ that the difference is what the blocks cost per step.
     .venv/bin/python bench/decode_speed.py --families llava,flamingo --step-split \
         --against /tmp/flamingo_before.py --repeats 41
 
+`--without-focus` adds, for each family whose recipe has a `question_focus` (Flamingo's), the
+same recipe without it as '<family> (no focus)': no <focus> slots, no pointer head, the
+resampler on the tower's patches; the difference is what the focus and its pointer add to a
+step. Flamingo's tanh gates are set to 0.5 in every model built here (a fresh model's are 0,
+closed: its gated blocks would then add exactly zero, as a trained model's do not).
+
 `--against FILE` adds, for each family whose class FILE defines (a family's module from another
 tree), that code's model with the same config and weights as '<family> (<stem>)', alternated
 with the rest in every mode: before and after timed in one process under the same load.
@@ -49,6 +55,7 @@ with the rest in every mode: before and after timed in one process under the sam
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -76,6 +83,12 @@ def main() -> None:
         "--step-split",
         action="store_true",
         help="--families: decode step ms with / without conditioning",
+    )
+    p.add_argument(
+        "--without-focus",
+        action="store_true",
+        help="--families: also each family whose recipe has a question_focus without it "
+        "(no focus, no pointer: '<family> (no focus)'), alternated with the rest",
     )
     p.add_argument(
         "--against",
@@ -186,6 +199,34 @@ def against(path: Path, models: dict) -> dict:
     return out
 
 
+def without_focus(config: dict) -> dict | None:
+    """A family's recipe config without its `question_focus` (None if it has none): no <focus>
+    slots, no pointer head, the resampler on the tower's patches where it read the focus's
+    object tokens. The same decoder and conditioning: what the focus and its pointer add to a
+    decoding step is the difference."""
+    if config.get("question_focus") is None:
+        return None
+    plain = copy.deepcopy(config)
+    plain["question_focus"] = None
+    if plain.get("resampler_input") == "objects":
+        plain["resampler_input"] = "patches"
+    plain["processor"] = {**plain.get("processor", {}), "focus_tokens": 0}
+    return plain
+
+
+def open_gates(model):
+    """Flamingo's tanh gates set to 0.5 (a fresh model's are 0: closed, its gated blocks then
+    add exactly zero, which a shortcut for closed gates could skip). A trained model's gates
+    are open; the timed work is the same either way today."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1].startswith("alpha_"):
+                p.fill_(0.5)
+    return model
+
+
 def decode_macs(model) -> int:
     """Multiply-adds of the matmuls one decoded token runs (batch 1): the decoder's layers and
     head, and Flamingo's gated blocks less their keys/values of the images (computed at
@@ -229,11 +270,14 @@ def families(args: argparse.Namespace) -> dict:
     for name, config in configs.items():
         config.pop("vision_init", None)  # random towers (Fuyu has none: no such setting)
         config.update(tokenizer_dir=str(tokenizer_dir), tokenizer_corpus=None)
-        models[name] = build_model(name, config, seed=0).eval()
+        models[name] = open_gates(build_model(name, config, seed=0).eval())
+        plain = without_focus(config) if args.without_focus else None
+        if plain is not None:
+            models[f"{name} (no focus)"] = open_gates(build_model(name, plain, seed=0).eval())
     if args.against:
         for path in args.against:
             models.update(against(path, {n: models[n] for n in names}))
-        names = list(models)
+    names = list(models)
     samples = probe_prompts(world, args.prompts, seed=0)[: args.prompts]
     prompts = [dataclasses.replace(s, turns=s.turns[:-1]) for s in samples]
     runs: dict[str, list[dict]] = {name: [] for name in names}
