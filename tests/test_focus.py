@@ -541,3 +541,40 @@ def test_without_tool_result_ids_the_question_is_the_last_user_turn(tokenizer):
     assert torch.equal(old[0], new[0]) and torch.equal(old[1], new[1])
     for k in range(len(old[1])):  # the same question tokens (the padding may be narrower)
         assert torch.equal(old[2][k][old[3][k]], new[2][k][new[3][k]])
+
+
+def test_instruction_lines_in_front_of_a_question_are_not_its_question(tokenizer_dir):
+    # The question is its user turn's last line (newline_ids): instructions on lines in front
+    # of it, with attribute words of their own, are not read; a question on one line (the
+    # lead "<image>\n" before it) is read as before.
+    from PIL import Image
+
+    from visto.data.sample import Sample, Turn
+
+    model = focus_llava(tokenizer_dir).eval()
+    focus = model.multi_modal_projector.focus
+    image = Image.new("RGB", (40, 40), (200, 30, 30))
+    first, second = "Which colour does the star have?", "Which shape is red?"
+    lines = "Answer about the blue circle.\nReply briefly.\n\n"
+    tok = model.processor.tokenizer
+
+    def questions(turns: list) -> list[str]:
+        batch = model.collate([Sample("p", [image], turns, independent_turns=True)])
+        rows, cols, at, real = focus.spans(batch["input_ids"], batch["segment_ids"])
+        ids = batch["input_ids"]
+        return [tok.decode(ids[0, at[k][real[k]]].tolist()).strip() for k in range(len(cols))]
+
+    plain = [Turn("user", f"<image>\n{first}"), Turn("assistant", "red"),
+             Turn("user", second), Turn("assistant", "star")]  # fmt: skip
+    assert questions(plain) == [first, second]
+    assert focus.newline_ids
+    told = [Turn("system", "Use the green words.\nBe brief."), Turn("user", f"<image>\n{lines}{first}"),
+            Turn("assistant", "red"), Turn("user", lines + second), Turn("assistant", "star")]  # fmt: skip
+    assert questions(told) == [first, second]
+    # without the last-line rule the instructions were part of the question
+    from visto.connectors.focus import answer_questions
+
+    batch = model.collate([Sample("p", [image], told, independent_turns=True)])
+    _, _, at, real = answer_questions(batch["input_ids"], focus.user_id, focus.assistant_id, focus.focus_id,
+                                      focus.first_text_id, batch["segment_ids"])  # fmt: skip
+    assert "blue circle" in tok.decode(batch["input_ids"][0, at[0][real[0]]].tolist())

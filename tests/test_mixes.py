@@ -59,6 +59,8 @@ def test_every_mix_asks_its_tasks_of_each_image(world):
     for name, mix in MIXES.items():
         if name == "tools":  # a system turn offers the tool first: tests/test_tool_mix.py
             continue
+        if mix.prefixes is not None:  # text in front of its questions: tests/test_mix_prefixes.py
+            continue
         samples = list(mix.samples(world, "train", seed=0, epoch=0, loc_bins=LOC_BINS))
         assert [s.id for s in samples] == [r["id"] for r in records], name
         for sample, record in zip(samples, records, strict=True):
@@ -142,10 +144,12 @@ def test_epochs_redraw_but_a_seed_repeats(world):
 def test_a_recipe_selects_a_mix_and_the_card_records_it(world):
     recipe = load_recipe("quickstart-stage2", [f"data.source={json.dumps(str(world))}"])
     source, has_val = source_from_spec(recipe.data, recipe.seed, loc_bins=LOC_BINS)
-    expected = get_mix("instruct+caption").samples(world, "train", seed=recipe.seed, epoch=0, loc_bins=LOC_BINS)
+    mix = "instruct+caption+prefixes"
+    expected = get_mix(mix).samples(world, "train", seed=recipe.seed, epoch=0, loc_bins=LOC_BINS)
     assert has_val and [s.turns for s in source("train")] == [s.turns for s in expected]
     card = data_card(recipe.data)
-    assert card["mix"]["name"] == "instruct+caption" and card["mix"]["independent_turns"] is True
+    assert card["mix"]["name"] == mix and card["mix"]["independent_turns"] is True
+    assert card["mix"]["prefixes"]["system_share"] > 0
     assert card["mix"]["tasks"] == ["vqa", "ground", "refdesc", "ocr", "json", "caption"]
     assert load_recipe("quickstart-stage1").data.mix == "look+copy"
     for family in ("llava", "blip2", "flamingo", "fuyu", "cogvlm"):
@@ -318,7 +322,8 @@ def test_json_boxes_rewrite_the_matched_boxes_of_json_answers_in_training_only(w
     train_ids = [r["id"] for r in iter_records(world, "train")]
     path.write_text("".join(json.dumps({"id": i, "boxes": [near]}) + "\n" for i in train_ids))
     recipe = load_recipe("quickstart-stage2", [f"data.source={json.dumps(str(world))}",
-                                               f"data.json_boxes={json.dumps(str(path))}"])  # fmt: skip
+                                               f"data.json_boxes={json.dumps(str(path))}",
+                                               'data.mix="instruct+caption"'])  # fmt: skip
     source, _ = source_from_spec(recipe.data, recipe.seed, loc_bins=LOC_BINS)
     json_q = {r["tasks"]["json"]["q"] for r in iter_records(world, "train")} | {
         r["tasks"]["json"]["q"] for r in iter_records(world, "val")}

@@ -123,9 +123,9 @@ def test_quickstart_runs_end_to_end_and_reuses_stages(tmp_path: Path):
         done = json.loads((run / stage / "done.json").read_text())
         assert (done["steps"], done["budget_steps"], done["steps_cut"]) == (steps, steps, 0), stage
     done = json.loads((run / "stage2" / "done.json").read_text())
-    assert done["data"]["name"] == "instruct+caption" and done["data"]["independent_turns"] is True
+    assert done["data"]["name"] == "instruct+caption+prefixes" and done["data"]["independent_turns"] is True
     data = card_section(run / "checkpoint", "data")["mix"]
-    assert (data["name"], data["independent_turns"]) == ("instruct+caption", True)
+    assert (data["name"], data["independent_turns"]) == ("instruct+caption+prefixes", True)
     assert data["tasks"] == ["vqa", "ground", "refdesc", "ocr", "json", "caption"]
     assert card_section(run / "stage1" / "checkpoint", "data")["mix"]["name"] == "look+copy"
     # Stage 2's JSON answers write the boxes the frozen detector finds (copy_json's script
@@ -231,7 +231,8 @@ def test_bad_budgets_are_user_errors(tmp_path, capsys):
     assert main(["compare", "--out", str(tmp_path / "c"), "--steps", "-3"]) == 2
     assert "--steps must be at least 1, got -3" in capsys.readouterr().err
     assert main(["quickstart", "--out", str(tmp_path / "q"), "--stage1-mix", "nope"]) == 2
-    assert ("--stage1-mix must be one of captions, look, bind, look+copy, instruct, instruct+caption, tools, "
+    assert ("--stage1-mix must be one of captions, look, bind, look+copy, instruct, instruct+caption, "
+            "instruct+caption+prefixes, tools, "
             "got 'nope'") in capsys.readouterr().err
     # Read slots are <focus> slots after the box's: without the focus (or its box slots) a
     # quickstart has none, whatever --read-slots says (the default is 8).

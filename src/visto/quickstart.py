@@ -8,7 +8,7 @@ every stage whose settings did not change (and `--fresh` redoes them all):
     RUN/world/             the synthetic world (data step)
     RUN/vision/            dense pretraining of the ViT (metrics.jsonl, checkpoint/)
     RUN/stage1/            LLaVA stage 1 (a `visto.train` run of recipe quickstart-stage1: mix "captions")
-    RUN/stage2/            LLaVA stage 2 (a `visto.train` run of recipe quickstart-stage2: mix "instruct+caption")
+    RUN/stage2/            LLaVA stage 2 (a `visto.train` run of recipe quickstart-stage2: mix "instruct+caption+prefixes")
     RUN/checkpoint/        the final model (a copy of stage2/checkpoint)
     RUN/eval.json          flat figures, test split and `heldout.` split
     RUN/predictions.jsonl  every question asked at evaluation, with the answer and its score
@@ -138,12 +138,21 @@ class QuickstartConfig:
     max_length: int = 512
     # 16: four times the steps of 64 for the same images (bench/README.md, "Quickstart")
     vision_batch: int = 16
-    # Stage 1's training mix (visto.data.synth.mixes); stage 2 reads "instruct+caption". "look+copy":
+    # Stage 1's training mix (visto.data.synth.mixes); stage 2's is stage2_mix. "look+copy":
     # short questions that name objects, plus a grounding and the OCR question whose answers copy
     # the focus slots, at 400 x 16 (bench/README.md, "Read slots, copies in stage 1").
     stage1_mix: str = "look+copy"
     stage1_batch: int = 16
     stage2_batch: int = 16
+    # Stage 2's mix and truncation length (processor.max_length): "instruct+caption+prefixes" puts
+    # system turns and instruction lines (short ones, JSON-schema format instructions, prose up
+    # to ~900 tokens) in front of the questions of a share of the samples, so text in front of
+    # a question does not turn its answer into the world's JSON (bench/README.md, "Text in
+    # front of the question"); 1024 tokens holds a long prefix and a few exchanges. Long ones
+    # come in blocks of 16 samples (data.synth.prefixes.PromptMix.block), one batch each at
+    # stage2_batch 16; the others keep to 512 tokens as before.
+    stage2_mix: str = "instruct+caption+prefixes"
+    stage2_max_length: int = 1024
     vision_lr: float = 2e-3
     stage1_lr: float = 2e-3
     stage2_lr: float = 2e-3
@@ -180,6 +189,10 @@ class QuickstartConfig:
 
         if self.stage1_mix not in MIXES:
             problems.append(f"--stage1-mix must be one of {', '.join(MIXES)}, got {self.stage1_mix!r}")
+        if self.stage2_mix not in MIXES:
+            problems.append(f"stage2_mix must be one of {', '.join(MIXES)}, got {self.stage2_mix!r}")
+        if self.stage2_max_length < 1:
+            problems.append(f"stage2_max_length must be at least 1, got {self.stage2_max_length}")
         if self.eval_images < 1:
             problems.append(f"eval_images must be at least 1, got {self.eval_images}")
         if problems:
@@ -204,8 +217,9 @@ class QuickstartConfig:
             return {k: d[k] for k in keys[stage]}
         d.pop("workers")
         d.pop("threads")
-        if stage == "stage1":  # stage 1 asks no JSON question
-            d.pop("detector_json_boxes")
+        if stage == "stage1":  # stage 1 asks no JSON question, and reads neither stage-2 setting
+            for k in ("detector_json_boxes", "stage2_mix", "stage2_max_length"):
+                d.pop(k)
         if stage != "eval":
             for k in ("eval_images", "eval_batch", "constrain_json", "json_max_tokens"):
                 d.pop(k)
@@ -546,6 +560,8 @@ def run_llava_stage(
             f"optim.lr={lr}",
             f"seed={cfg.seed}",
             *([f"data.mix={json.dumps(cfg.stage1_mix)}"] if stage == "stage1" else []),
+            *([f"data.mix={json.dumps(cfg.stage2_mix)}",
+               f"processor.max_length={cfg.stage2_max_length}"] if stage == "stage2" else []),
             *([f"data.json_boxes={json.dumps(str(boxes))}"] if boxes is not None else []),
         ],
     )

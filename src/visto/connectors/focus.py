@@ -109,6 +109,7 @@ class Objects(NamedTuple):
 def answer_questions(
     input_ids: Tensor, user_id: int, assistant_id: int, focus_id: int, first_text_id: int,
     segment_ids: Tensor | None = None, tool_result_ids: Sequence[int] = (), end_id: int | None = None,
+    newline_ids: Sequence[int] = (),
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Every `<|assistant|>` token's question: (rows (P,), columns (P,), the positions of its
     text tokens (P, L), and which of those L are real (P, L)). A question is the text (ids from
@@ -120,7 +121,13 @@ def answer_questions(
     `tool_result_prefix`) and `end_id`, a user turn that holds a tool's result is not a
     question: the answer after a result has the question of the user turn before its call,
     and a question ends at its turn's end (so it leaves out the call and the result). Without
-    them, or in a conversation without tool results, the questions are as before."""
+    them, or in a conversation without tool results, the questions are as before.
+
+    With `newline_ids` (the ids whose text holds a line break), a question is its turn's last
+    line: text in front of it on lines of its own (format instructions, a task description)
+    is not read as the question. A line break counts only after a word of the turn (not the
+    one after `<image>`) and only when a word follows it before the answer, so a question on
+    one line is as before."""
     B, T = input_ids.shape
     is_text = (input_ids >= first_text_id) & (input_ids != focus_id)  # (B, T)
     position = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -140,11 +147,32 @@ def answer_questions(
         # the question's turn ends at the first `<|end|>` from its first position on
         ends = torch.where(input_ids == end_id, position, T).flip(1).cummin(1).values.flip(1)
         stop = torch.minimum(cols, ends[rows, first.clamp(max=T - 1)])
+    if len(newline_ids):
+        first = last_line(input_ids, is_text, position, begin, rows, first, stop, newline_ids)
     width = int((stop - first).clamp(min=0).max()) if rows.numel() else 0
     at = first[:, None] + torch.arange(width, device=input_ids.device)  # (P, L)
     inside = at < stop[:, None]
     at = at.clamp(max=T - 1)
     return rows, cols, at, inside & is_text[rows[:, None], at]
+
+
+def last_line(
+    input_ids: Tensor, is_text: Tensor, position: Tensor, begin: Tensor, rows: Tensor,
+    first: Tensor, stop: Tensor, newline_ids: Sequence[int],
+) -> Tensor:  # fmt: skip
+    """(P,) where each question's last line begins (`answer_questions`' `newline_ids`): after
+    the last line break in [first, stop) that follows a word of the turn, if a word comes
+    after it before `stop`; else `first`."""
+    newline = torch.isin(input_ids, torch.tensor(list(newline_ids), device=input_ids.device))
+    words = (is_text & ~newline).long().cumsum(1)  # (B, T) words up to and including t
+    before = torch.cat([words.new_zeros(words.shape[0], 1), words[:, :-1]], 1)  # words before t
+    since = words - before.gather(1, begin.clamp(max=words.shape[1] - 1))  # words of t's turn up to t
+    breaks = newline & (since > 0)
+    after = torch.where(breaks, position + 1, 0).cummax(1).values  # (B, T)
+    line = torch.maximum(first, after[rows, (stop - 1).clamp(min=0)])
+    total = words[rows, (stop - 1).clamp(min=0)]
+    worded = total - before[rows, line.clamp(max=words.shape[1] - 1)] > 0
+    return torch.where(worded & (line < stop), line, first)
 
 
 def starts_with(input_ids: Tensor, position: Tensor, prefix: Sequence[int]) -> Tensor:
@@ -234,6 +262,7 @@ class QuestionFocus(nn.Module):
         self.first_text_id = 0  # ids below this are special tokens (roles, image, padding)
         # the ids a tool result's user turn starts with: such a turn is not a question (spans)
         self.tool_result_ids: tuple[int, ...] = ()
+        self.newline_ids: tuple[int, ...] = ()  # ids whose text holds a line break (spans)
         self.slots = 0  # <focus> slots before each answer (the processor's focus_tokens)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -275,6 +304,8 @@ class QuestionFocus(nn.Module):
                    tokenizer.end_id, *tokenizer.role_ids.values()]  # fmt: skip
         self.first_text_id = max(special) + 1
         self.tool_result_ids = tool_result_prefix(tokenizer)
+        self.newline_ids = tuple(i for i in range(self.first_text_id, tokenizer.vocab_size)
+                                 if "\n" in tokenizer.decode([i]))  # fmt: skip
         if self.named:
             self.words = AttributeWords(tokenizer)
 
@@ -287,10 +318,11 @@ class QuestionFocus(nn.Module):
         exchanges are packed (`segment_ids`: later exchanges share the first one's `<|user|>`
         token, in the prefix, but must not read its question). The answer after a tool's
         result has the question of the user turn before the call (`answer_questions`'
-        `tool_result_ids`): the result turn is the tool's, not a question."""
+        `tool_result_ids`): the result turn is the tool's, not a question. A question is its
+        turn's last line (`newline_ids`): instructions on lines in front of it are not read."""
         return answer_questions(input_ids, self.user_id, self.assistant_id, self.focus_id,
                                 self.first_text_id, segment_ids, self.tool_result_ids,
-                                self.end_id)  # fmt: skip
+                                self.end_id, self.newline_ids)  # fmt: skip
 
     def questions(
         self, input_ids: Tensor, embed: nn.Embedding, segment_ids: Tensor | None = None

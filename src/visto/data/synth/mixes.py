@@ -15,6 +15,11 @@ the quickstart and `visto compare` build the same batches from the same world:
     instruct          every question of the image: VQA, grounding, box -> description, OCR,
                       JSON (LLaVA stage 2)
     instruct+caption  `instruct` plus one caption (every family in `visto compare`)
+    instruct+caption+prefixes
+                      `instruct+caption` with text in front of the questions in a share of the
+                      samples (data.synth.prefixes: a system turn, or instruction lines in front
+                      of one question; short ones, JSON-schema format instructions, prose up to
+                      ~2k tokens), the answers unchanged (the quickstart's stage 2)
 
 A mix that asks several questions of one image packs them with `independent_turns`
 (shared-prefix packing): one image prefix, and each exchange hidden from the others. A plain
@@ -31,6 +36,7 @@ own (bench/README.md, "Detector boxes in the JSON labels").
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -38,7 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from visto.data.sample import Sample, exchanges, with_image
+from visto.data.sample import Sample, Turn, exchanges, with_image
+from visto.data.synth.prefixes import PromptMix, with_prompts
 from visto.data.synth.tasks import with_json_boxes
 from visto.data.synth.tool_mix import TOOLS_MIX
 from visto.data.tokenizer import boxes_to_loc
@@ -84,9 +91,14 @@ def caption_qa(record: dict, rng: random.Random) -> QA:
     return CAPTION_PROMPTS[k % len(CAPTION_PROMPTS)], captions[k]
 
 
-def conversation(image: Any, qas: list[QA], sample_id: str, *, independent_turns: bool) -> Sample:
-    """The exchanges about one image as a Sample: the image leads the first question."""
-    return Sample(id=sample_id, images=[image], turns=with_image(exchanges(qas)), source="synth",
+def conversation(image: Any, qas: list[QA], sample_id: str, *, independent_turns: bool,
+                 system: str | None = None) -> Sample:  # fmt: skip
+    """The exchanges about one image as a Sample: the image leads the first question, after
+    the system turn `system` if one is given."""
+    turns = with_image(exchanges(qas))
+    if system is not None:
+        turns = [Turn("system", system), *turns]
+    return Sample(id=sample_id, images=[image], turns=turns, source="synth",
                   independent_turns=independent_turns)  # fmt: skip
 
 
@@ -174,6 +186,8 @@ class Mix:
     # Several exchanges per image, each hidden from the others (shared-prefix packing).
     independent_turns: bool
     exchanges: Callable[[dict, int, random.Random], list[QA]]  # (record, loc_bins, rng) -> qas
+    # text in front of the questions in a share of the samples (data.synth.prefixes); None: none
+    prefixes: PromptMix | None = None
 
     def samples(self, world_dir: str | Path, split: str, *, seed: int, epoch: int,
                 loc_bins: int, json_boxes: dict[str, list[list[int]]] | None = None) -> Iterator[Sample]:  # fmt: skip
@@ -183,18 +197,26 @@ class Mix:
         from visto.data.synth.reader import iter_records
 
         world_dir = Path(world_dir)
-        for record in iter_records(world_dir, split):
+        for k, record in enumerate(iter_records(world_dir, split)):
             rng = random.Random(f"visto-mix/{self.name}/{seed}/{epoch}/{record['id']}")
             if json_boxes and record["id"] in json_boxes:
                 record = with_json_boxes(record, json_boxes[record["id"]])
             qas = self.exchanges(record, loc_bins, rng)
+            system = None
+            if self.prefixes is not None:  # drawn after the exchanges: those stay as they were
+                block = k // self.prefixes.block
+                long = random.Random(f"visto-mix/{self.name}/{seed}/{epoch}/block{block}").random()
+                system, qas = with_prompts(qas, rng, self.prefixes, long=long < self.prefixes.long_share)
             yield conversation(open_image(world_dir / record["image"]), qas, record["id"],
-                               independent_turns=self.independent_turns)  # fmt: skip
+                               independent_turns=self.independent_turns, system=system)  # fmt: skip
 
     def card(self) -> dict[str, Any]:
         """What a checkpoint card records about the data it was trained on."""
-        return {"name": self.name, "independent_turns": self.independent_turns,
+        card = {"name": self.name, "independent_turns": self.independent_turns,
                 "tasks": list(self.tasks), "description": self.description}  # fmt: skip
+        if self.prefixes is not None:
+            card["prefixes"] = dataclasses.asdict(self.prefixes)
+        return card
 
 
 MIXES: dict[str, Mix] = {
@@ -219,6 +241,11 @@ MIXES: dict[str, Mix] = {
             INSTRUCT_TASKS, independent_turns=True, exchanges=_instruct),
         Mix("instruct+caption", "the instruct mix plus one caption, as independent turns",
             (*INSTRUCT_TASKS, "caption"), independent_turns=True, exchanges=_instruct_caption),
+        Mix("instruct+caption+prefixes", "the instruct+caption mix with text in front of the "
+            "questions in a share of the samples (a system turn, or instruction lines in front of "
+            "one question: short ones, JSON-schema format instructions, prose up to ~2k tokens), "
+            "the answers unchanged", (*INSTRUCT_TASKS, "caption"), independent_turns=True,
+            exchanges=_instruct_caption, prefixes=PromptMix()),
         TOOLS_MIX,  # reading through the ocr tool, the rest directly (tool_mix.py)
     )
 }  # fmt: skip
