@@ -12,9 +12,12 @@ world's test-split VQA questions, drawn with --seed. System turns in front: none
 instructions of LangChain's PydanticOutputParser for a world Scene (bench/langchain_chains.py),
 which ask for JSON; "Answer briefly."; and neutral prose (PROSE: how to answer, none of the
 world's words) repeated until the prompt is about 722 tokens (the instructions' length) and about
---long, as a system turn and in the user turn before the question. Figures per prefix: VQA accuracy
-(`visto.eval.metrics.vqa_accuracy`), the same with the image swapped (blind), and the median
-prompt tokens (usage.prompt_tokens).
+--long, as a system turn and in the user turn before the question; "Answer briefly." and the format
+instructions in the user turn (the latter also after the question), and both turns at once.
+Figures per prefix: VQA accuracy
+(`visto.eval.metrics.vqa_accuracy`), the same with the image swapped (blind), the median
+prompt tokens (usage.prompt_tokens), the answers that run on into JSON (a "{") and the VQA
+figure of what was said before the first "{". --only NAME ... asks with those rows alone.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,6 +55,7 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=1900, help="prompt tokens of the long prefix")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--only", nargs="*", help="the prefixes (row names) to ask with; all by default")
     args = ap.parse_args()
 
     import base64
@@ -85,12 +90,14 @@ def main() -> None:
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0,
                                timeout=600)  # fmt: skip
 
-        def ask(prefix: tuple[str | None, str] | None, k: int, question: str) -> tuple[str, int]:
+        def ask(prefix: tuple[str | None, Any] | None, k: int, question: str) -> tuple[str, int]:
             system, before = prefix or (None, "")
+            # `before`: text in front of the question, or (in front, after) it
+            before, after = before if isinstance(before, tuple) else (before, "")
             messages = [{"role": "system", "content": system}] if system else []
             messages.append({"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": url(k)}},
-                {"type": "text", "text": before + question}]})  # fmt: skip
+                {"type": "text", "text": before + question + after}]})  # fmt: skip
             reply = client.chat.completions.create(model=card["id"], messages=messages,
                                                    max_tokens=16, temperature=0)  # fmt: skip
             return reply.choices[0].message.content or "", reply.usage.prompt_tokens
@@ -109,7 +116,16 @@ def main() -> None:
                     "system: prose ~722": (prose(722), ""),
                     f"system: prose ~{args.long}": (prose(args.long), ""),
                     "user turn: prose ~722": (None, prose(722) + "\n\n"),
-                    f"user turn: prose ~{args.long}": (None, prose(args.long) + "\n\n")}  # fmt: skip
+                    f"user turn: prose ~{args.long}": (None, prose(args.long) + "\n\n"),
+                    # added with the stage-2 prefixes (bench/README.md, "Text in front of the
+                    # question"): a short instruction and the format instructions in the user
+                    # turn, and the format instructions after the question
+                    "user turn: Answer briefly.": (None, "Answer briefly.\n\n"),
+                    "user turn: json instructions": (None, instructions + "\n\n"),
+                    "user turn: json instructions after": (None, ("", "\n\n" + instructions)),
+                    "system json + user prose ~722": (instructions, prose(722) + "\n\n")}  # fmt: skip
+        if args.only:
+            prefixes = {k: v for k, v in prefixes.items() if k in args.only}
         with ThreadPoolExecutor(8) as pool:
             for name, system in prefixes.items():
                 row: dict = {}
@@ -121,9 +137,15 @@ def main() -> None:
                     if not blind:
                         row["prompt_tokens_median"] = statistics.median(t for _, t in said)
                         row["answers"] = [s for s, _ in said]
+                        # answers that run on into the world's JSON, and the figure of what
+                        # was said before its first "{"
+                        row["run_on"] = sum("{" in s for s, _ in said)
+                        row["vqa_before_brace"] = round(statistics.mean(
+                            vqa_accuracy(s.split("{")[0], [q["a"]]) for (s, _), (_, q) in zip(said, picked, strict=True)), 3)  # fmt: skip
                 out["prefixes"][name] = row
-                print(f"{name:28s} prompt tokens {row['prompt_tokens_median']:6.0f}  "
-                      f"VQA {row['vqa']:.3f}  blind {row['blind']:.3f}", flush=True)
+                print(f"{name:36s} prompt tokens {row['prompt_tokens_median']:6.0f}  "
+                      f"VQA {row['vqa']:.3f}  blind {row['blind']:.3f}  run on {row['run_on']}"
+                      f"  before {{ {row['vqa_before_brace']:.3f}", flush=True)
     out["seconds"] = round(time.perf_counter() - start, 1)
     out["load_after"] = os.getloadavg()[0]
     if args.json:
