@@ -52,9 +52,13 @@ unchanged; --fresh redoes everything):
               count, relate; a box the question writes, the kind of text it asks for,
               twins told apart by side) and hands on the count and whether the relation
               holds: RUN/stage1
-  4. stage2   LLaVA stage 2 (recipe quickstart-stage2, mix "instruct+caption"): every question of
-              an image (VQA, counting, grounding with box tokens, OCR, JSON) in one sample
-              as independent turns, none of which can see another; a JSON answer copies
+  4. stage2   LLaVA stage 2 (recipe quickstart-stage2, mix "instruct+caption+prefixes"): every
+              question of an image (VQA, counting, grounding with box tokens, OCR, JSON) in
+              one sample as independent turns, none of which can see another; in a share of
+              the samples a system turn or instruction lines (up to ~900 tokens) stand in
+              front of a question, so a prompt with text before its question (a chat
+              client's system message, format instructions) is answered as a bare one,
+              measured to 1,888 tokens; a JSON answer copies
               the JSON the connector writes from its detections, and its labels write the
               boxes the frozen detector finds (--detector-json-boxes): RUN/stage2
   5. eval     test split and held-out colour-shape pairs, every figure beside a blind
