@@ -91,13 +91,9 @@ class VistoForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_sample_index: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None, image_sample_index: torch.Tensor | None = None, **kwargs: Any,
+    ) -> dict[str, Any]:  # fmt: skip
         # No cache: every step reads the whole sequence and the images again.
         return {"input_ids": input_ids, "attention_mask": attention_mask,
                 "pixel_values": pixel_values, "image_sample_index": image_sample_index}  # fmt: skip
