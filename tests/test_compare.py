@@ -9,7 +9,7 @@ from visto.compare import (
     CompareConfig,
     markdown_tables,
     parameter_counts,
-    plot_accuracy_vs_time,
+    plot_accuracy_curves,
     task_rows,
     winner,
 )
@@ -89,10 +89,10 @@ def test_blind_twins_stand_beside_each_family_and_do_not_decide_the_winner():
 
 def test_plot_one_line_per_family(tmp_path):
     summaries = {
-        "llava": summary(probe_curve=[{"minutes": 0.5, "vqa": 0.3}, {"minutes": 1.0, "vqa": 0.6}]),
-        "fuyu": summary(probe_curve=[{"minutes": 0.5, "vqa": 0.2}]),
+        "llava": summary(probe_curve=[{"step": 20, "minutes": 0.5, "vqa": 0.3}, {"step": 40, "minutes": 1.0, "vqa": 0.6}]),
+        "fuyu": summary(probe_curve=[{"step": 28, "minutes": 0.5, "vqa": 0.2}]),
     }
-    path = plot_accuracy_vs_time(summaries, tmp_path / "plots" / "acc.png")
+    path = plot_accuracy_curves(summaries, tmp_path / "plots" / "acc.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -70,7 +70,7 @@ def test_compare_two_families_end_to_end(tmp_path):
     assert any("blank grey image" in n for n in data["families"]["llava"]["notes"])
     assert all("blind.vqa.overall" in s["metrics"] for s in data["families"].values())
     assert "| VQA overall |" in report and "Held-out colour-shape combinations" in report
-    assert (tmp_path / "plots" / "accuracy_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "plots" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
     # Resumable: the same settings again train and evaluate nothing.
     console = Console(record=True, width=120)

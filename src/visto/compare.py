@@ -7,7 +7,7 @@ compute budget, evaluated the same way, reported side by side.
     OUT/<family>/eval.json       the `visto eval` figures (test + `heldout.`), predictions.jsonl
     OUT/<family>/summary.json    parameters, visual tokens, throughput, latency, probe curve
     OUT/compare.json             every family's summary + one row per task with its winner
-    OUT/report.md, OUT/plots/accuracy_vs_time.png
+    OUT/report.md, OUT/plots/accuracy.png
 
 What is held equal (so that the architecture is what differs):
 - data: the mix "instruct+caption" (`visto.data.synth.mixes`, named by the recipes'
@@ -248,24 +248,30 @@ def markdown_tables(families: list[str], rows: list[dict[str, Any]],
     return lines
 
 
-def plot_accuracy_vs_time(summaries: dict[str, dict[str, Any]], out: Path) -> Path:
-    """Probe VQA accuracy of every family against minutes of training, one line each."""
+def plot_accuracy_curves(summaries: dict[str, dict[str, Any]], out: Path) -> Path:
+    """Probe VQA accuracy of every family, one line each, against training steps (the budget,
+    the same on any machine) and against minutes of training (this machine, at its load)."""
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig, (by_step, by_minute) = plt.subplots(1, 2, figsize=(10, 4), dpi=100, sharey=True)
     for family, s in summaries.items():
         points = s.get("probe_curve") or []
         if points:
-            ax.plot([p["minutes"] for p in points], [p["vqa"] for p in points], marker="o", label=family)
-    ax.set_xlabel("minutes of training")
-    ax.set_ylabel("probe VQA accuracy (test images)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
+            vqa = [p["vqa"] for p in points]
+            if all("step" in p for p in points):
+                by_step.plot([p["step"] for p in points], vqa, marker="o", label=family)
+            by_minute.plot([p["minutes"] for p in points], vqa, marker="o", label=family)
+    by_step.set_xlabel("training steps")
+    by_minute.set_xlabel("minutes of training (this machine)")
+    by_step.set_ylabel("probe VQA accuracy (test images)")
+    by_step.set_ylim(0, 1)
+    for ax in (by_step, by_minute):
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     return save_figure(fig, out)
 
@@ -569,10 +575,10 @@ def budget_sentence(cfg: CompareConfig) -> str:
 
 def write_compare_report(cfg: CompareConfig, out: Path, summaries: dict[str, dict[str, Any]],
                          vision_seconds: float, load: str) -> Path:  # fmt: skip
-    """OUT/compare.json, OUT/plots/accuracy_vs_time.png and OUT/report.md."""
+    """OUT/compare.json, OUT/plots/accuracy.png and OUT/report.md."""
     families = list(summaries)
     rows = task_rows({f: s["metrics"] for f, s in summaries.items()})
-    plot = plot_accuracy_vs_time(summaries, out / "plots" / "accuracy_vs_time.png")
+    plot = plot_accuracy_curves(summaries, out / "plots" / "accuracy.png")
     wins: dict[str, int] = {f: 0 for f in families}
     for r in rows:
         if r["winner"] in wins:
@@ -652,6 +658,6 @@ def run_compare(cfg: CompareConfig, out: str | Path, console: Any = None) -> Com
 
 __all__ = [
     "CompareConfig", "CompareResult", "family_budget", "markdown_tables", "parameter_counts",
-    "plot_accuracy_vs_time", "run_compare", "task_rows", "visual_tokens", "winner",
+    "plot_accuracy_curves", "run_compare", "task_rows", "visual_tokens", "winner",
     "write_compare_report",
 ]  # fmt: skip

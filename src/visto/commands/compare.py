@@ -38,10 +38,10 @@ Writes into OUT (default runs/compare):
   <family>/train/                      the training run (recipe compare-<family>)
   <family>/eval.json, predictions.jsonl   the `visto eval` figures and answers
   compare.json                         every figure, the winner of every task
-  report.md, plots/accuracy_vs_time.png   tables per task (test, held-out), parameters,
+  report.md, plots/accuracy.png        tables per task (test, held-out), parameters,
                                        visual tokens, samples/s, time to first token,
                                        decode tokens/s, and VQA accuracy against
-                                       training time for every family on one plot
+                                       training steps and minutes, every family a line
 A family already done with the same settings is reused: re-running adds what is missing.
 
 Examples:
