@@ -11,7 +11,7 @@ tokenizer trained on a small corpus and random weights (std 0.08 for matrices, s
 not flat). Random weights say nothing about accuracy: give a trained checkpoint for that.
 
 Figures (int8 / fp32 ratios, both measured in this process, alternating fp32 and int8 each
-round so that load drift hits both; medians of --rounds):
+round so that load drift hits both; medians of --rounds, each round the median of --repeats generations per side):
 - weights: bytes of model.safetensors of the checkpoint and of its int8 export (what
   `visto export --int8` writes), fp32 / int8 (> 1: int8 smaller);
 - peak RSS of a fresh process that loads the checkpoint, or the int8 export, and generates;
@@ -96,15 +96,19 @@ def load(checkpoint: Path, int8: bool):
     return quantize_int8(model) if int8 else model
 
 
-def timed(engine, model, samples: list, tokens: int) -> tuple[float, float]:
-    """(median TTFT s, decode tokens/s) of one generation of `samples` as one batch."""
+def timed(engine, model, samples: list, tokens: int, repeats: int = 1) -> tuple[float, float]:
+    """(TTFT s, decode tokens/s) of generating `samples` as one batch, `repeats` times in a
+    row: the medians (the rows' median TTFT, and the batch's decode rate, per generation)."""
     from visto.infer import SamplingParams
 
     batch = model.prompt_batch(samples)
-    completions = engine.generate_batch(batch, SamplingParams(tokens, ignore_eos=True))
-    ttft = statistics.median(c.timing.ttft_s for c in completions)
-    decode_s = max(c.timing.decode_s for c in completions)
-    return ttft, sum(c.timing.decode_tokens for c in completions) / decode_s
+    ttfts, rates = [], []
+    for _ in range(repeats):
+        completions = engine.generate_batch(batch, SamplingParams(tokens, ignore_eos=True))
+        ttfts.append(statistics.median(c.timing.ttft_s for c in completions))
+        decode_s = max(c.timing.decode_s for c in completions)
+        rates.append(sum(c.timing.decode_tokens for c in completions) / decode_s)
+    return statistics.median(ttfts), statistics.median(rates)
 
 
 def worker(checkpoint: Path, tokens: int, threads: int) -> None:
@@ -167,6 +171,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="a LLaVA checkpoint (default: build a random one)")
     ap.add_argument("--rounds", type=int, default=5, help="alternated fp32/int8 rounds")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="generations per side in a round (its figure: their median; a 32-token "
+                         "batch-1 decode is ~60 ms, short enough for one scheduler hiccup to move it)")
     ap.add_argument("--tokens", type=int, default=32, help="tokens per answer")
     ap.add_argument("--batch", type=int, default=8, help="the batched figure's batch size")
     ap.add_argument("--prompts", type=int, default=16, help="prompts for the accuracy figures")
@@ -179,8 +186,8 @@ def main() -> int:
     if args.worker:
         worker(args.model, args.tokens, args.threads)
         return 0
-    if args.rounds < 1 or args.batch < 1 or args.prompts < 1 or args.tokens < 2:
-        ap.error("--rounds, --batch, --prompts must be at least 1 and --tokens at least 2")
+    if min(args.rounds, args.repeats, args.batch, args.prompts) < 1 or args.tokens < 2:
+        ap.error("--rounds, --repeats, --batch, --prompts must be at least 1 and --tokens at least 2")
 
     import torch
 
@@ -213,7 +220,7 @@ def main() -> int:
                 for k in order:
                     group = samples[(r * batch) % len(samples):][:batch] or samples[:batch]
                     runs.setdefault((k, batch), []).append(
-                        timed(engines[k], models[k], group, args.tokens))
+                        timed(engines[k], models[k], group, args.tokens, args.repeats))
     speed = {}
     for batch in (1, args.batch):
         fp32, int8 = runs[("fp32", batch)], runs[("int8", batch)]
@@ -240,7 +247,7 @@ def main() -> int:
         print(f"batch {batch:>2}: TTFT fp32 {s['fp32_ttft_ms']:.1f} ms, int8 {s['int8_ttft_ms']:.1f} "
               f"ms (fp32/int8 {s['ttft_ratio']:.2f}x); decode fp32 {s['fp32_decode_tok_s']:.0f}, "
               f"int8 {s['int8_decode_tok_s']:.0f} tok/s (int8/fp32 {s['decode_ratio']:.2f}x); "
-              f"medians of {args.rounds}")
+              f"medians of {args.rounds} rounds of {args.repeats}")
     print(f"first-token logits: max |int8 - fp32| {accuracy['max_logit_diff']:.4f} (fp32 range "
           f"{accuracy['fp32_logit_range']:.2f}); argmax equal {accuracy['first_token_equal']:.2f}; "
           f"{args.tokens}-token greedy answers equal {accuracy['greedy_equal']:.2f}, first "
@@ -253,7 +260,7 @@ def main() -> int:
     print(f"uptime: {load_after}")
     if args.json:
         figures = {
-            "model": str(checkpoint), "threads": args.threads, "rounds": args.rounds,
+            "model": str(checkpoint), "threads": args.threads, "rounds": args.rounds, "repeats": args.repeats,
             "tokens": args.tokens, "cpus": os.cpu_count(),
             "weights_bytes": weights, "weights_ratio": weights["fp32"] / weights["int8"],
             "peak_rss_mb": rss, "rss_ratio": rss["fp32"] / rss["int8"],

@@ -21,6 +21,7 @@ from visto.data.sample import Sample, Turn
 from visto.data.synth import iter_records
 from visto.errors import UserError
 from visto.infer import Engine, SamplingParams
+from visto.models import build_model
 from visto.nn.quantize import int8_summary, is_int8, is_int8_linear, quantize_int8
 from visto.tasks.runner import AnswerTokenizer
 
@@ -61,17 +62,23 @@ def saved_bytes(model: nn.Module) -> int:
     return buf.tell()
 
 
-def test_the_towers_and_decoder_blocks_go_int8_the_embeddings_and_head_stay_fp32(random_tiny):
+def test_the_towers_decoder_blocks_and_head_go_int8_the_embeddings_stay_fp32(random_tiny):
     fp32, int8, _, _ = engines(random_tiny)
     quantized = {n for n, m in int8.named_modules() if is_int8_linear(m)}
     plain = {n for n, m in fp32.named_modules() if type(m) is nn.Linear}
-    assert quantized == plain - {"language_model.lm_head"}
+    assert quantized == plain and "language_model.lm_head" in quantized
     assert any(n.startswith("vision_tower.") for n in quantized)
     assert any(n.startswith("multi_modal_projector.") for n in quantized)
-    lm = int8.language_model
-    assert lm.lm_head.weight is lm.model.embed_tokens.weight  # still tied, still fp32
+    lm, lm32 = int8.language_model, fp32.language_model
+    # the embeddings stay fp32 (a lookup reads rows); the head tied to them is their int8 rows
+    assert torch.equal(lm.model.embed_tokens.weight, lm32.model.embed_tokens.weight)
+    head = lm.lm_head.weight()
+    assert head.dtype == torch.qint8
+    step = lm32.lm_head.weight.abs().amax(1, keepdim=True) / 127
+    assert ((head.dequantize() - lm32.lm_head.weight).abs() <= step).all()
     assert saved_bytes(int8) < 0.65 * saved_bytes(fp32)  # tiny: the embeddings weigh a lot
     assert int8_summary(int8).startswith(f"int8: {len(quantized)} Linear layers quantized")
+    assert "language_model.lm_head" in int8_summary(int8)
     assert quantize_int8(int8) is int8 and is_int8(int8) and not is_int8(fp32)
 
 
@@ -162,10 +169,44 @@ def test_an_int8_checkpoint_is_smaller_and_loads_back_in_int8(random_tiny, tmp_p
     with pytest.raises(UserError, match="runs on the CPU: pass --device cpu"):
         visto.load(out, device="cuda")
     tensors = load_file(out / WEIGHTS_FILE)
+    # the head tied to the fp32 embeddings is made again from them at load, not stored
+    assert not [k for k in tensors if k.startswith("language_model.lm_head")]
     del tensors["language_model.model.layers.0.mlp.up_proj.weight_scale"]
     save_file(tensors, out / WEIGHTS_FILE)
     with pytest.raises(UserError, match="no int8 weights for language_model.model.layers.0.mlp"):
         visto.load(out)
+
+
+def test_an_untied_head_is_stored_in_int8_and_an_older_fp32_one_still_loads(tmp_path):
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+
+    from visto.checkpoint import WEIGHTS_FILE, save_checkpoint
+
+    source = make_llava_checkpoint(tmp_path / "tied" / "checkpoint")
+    model = visto.load(source)
+    decoder = dataclasses.replace(model.config.decoder, tie_word_embeddings=False)
+    untied = build_model("llava", dataclasses.replace(model.config, decoder=decoder), seed=1)
+    untied.processor = model.processor
+    fp32_out = save_checkpoint(untied, tmp_path / "untied")
+    int8 = quantize_int8(visto.load(fp32_out))
+    out = save_checkpoint(int8, tmp_path / "untied-int8")
+    tensors = load_file(out / WEIGHTS_FILE)
+    assert tensors["language_model.lm_head.weight"].dtype == torch.int8
+    reference = Engine(int8, AnswerTokenizer(int8.processor.tokenizer))
+    with torch.inference_mode():
+        expected = reference.prefill(batch(int8), room=1)[0]
+    # An export made before heads went int8 stored an untied head as fp32: it loads, in int8.
+    del tensors["language_model.lm_head.weight"], tensors["language_model.lm_head.weight_scale"]
+    tensors["language_model.lm_head.weight"] = visto.load(fp32_out).language_model.lm_head.weight.detach()
+    save_file(tensors, out / WEIGHTS_FILE)
+    for path in (tmp_path / "untied-int8",):
+        loaded = visto.load(path)
+        assert is_int8_linear(loaded.language_model.lm_head)
+        again = Engine(loaded, AnswerTokenizer(loaded.processor.tokenizer))
+        with torch.inference_mode():
+            torch.testing.assert_close(again.prefill(batch(loaded), room=1)[0], expected, rtol=0, atol=0)
 
 
 def test_export_int8_then_chat_answers_as_fp32_does(trained_tiny, capsys, tmp_path):

@@ -285,7 +285,7 @@ class DecoderRunner:
         if self._table is None or self._table.shape[0] < length:
             n = max(length, self.lm.config.max_position_embeddings)
             positions = torch.arange(n, device=device)[None]  # (1, n)
-            cos, sin = self.lm.model.rotary(positions, dtype=self.lm.lm_head.weight.dtype)
+            cos, sin = self.lm.model.rotary(positions, dtype=self.lm.model.embed_tokens.weight.dtype)
             table = torch.stack([cos[0], sin[0]], dim=1)  # (n, 2, hd)
             table[:, 1, : table.shape[2] // 2] *= -1
             self._table = table
@@ -460,7 +460,8 @@ class DecoderRunner:
         """Logits (B, V) from the last hidden states (B, C) at the positions of `tokens` (B,)
         (None: the prompt's last), through the model's `output_logits` hook if it has one."""
         hidden = self._rms(last, self.lm.model.norm.weight)
-        logits = F.linear(hidden, self.lm.lm_head.weight)  # (B, V)
+        head = self.lm.lm_head
+        logits = head(hidden) if is_int8_linear(head) else F.linear(hidden, head.weight)  # (B, V)
         if self.output_logits is None or context is None:
             return logits
         return self.output_logits(hidden, logits, context, tokens)
@@ -477,7 +478,7 @@ class DecoderRunner:
             f"attention_mask {tuple(attention_mask.shape)} must be (B, T) = {(B, T)}"
         )
         self._refresh()
-        w0 = self.lm.lm_head.weight
+        w0 = self.lm.model.embed_tokens.weight
         # Every prompt column [0, T) is written below for every row (padding positions too),
         # except after a shared prefix, whose window is narrower: those are zeroed there.
         state = RunnerState.allocate(
@@ -614,9 +615,9 @@ def _projections(lm: DecoderLM) -> list[nn.Module]:
 
 def _fusable_linears(lm: DecoderLM) -> bool:
     """Whether every projection of the decoder is exactly `nn.Linear` or int8 (quantize.py),
-    and the output head a plain `nn.Linear`: the runner reads their weights, which for a
-    wrapped layer (LoRA) would silently drop the wrapper's part."""
-    return type(lm.lm_head) is nn.Linear and all(
+    and the output head a plain `nn.Linear` or int8: the runner reads their weights, which
+    for a wrapped layer (LoRA) would silently drop the wrapper's part."""
+    return (type(lm.lm_head) is nn.Linear or is_int8_linear(lm.lm_head)) and all(
         type(m) is nn.Linear or is_int8_linear(m) for m in _projections(lm)
     )
 

@@ -444,7 +444,7 @@ class Flamingo(common.ConversationFamily, nn.Module):
         )
         r, width = self.config.image_tokens, self.config.visual_width
         m = max(1, int(per_row.max()) if b else 1)
-        dtype = self.language_model.lm_head.weight.dtype
+        dtype = self.language_model.model.embed_tokens.weight.dtype
         rows = torch.zeros(b, m, r, width, device=input_ids.device, dtype=dtype)  # (B, M, R, D)
         if pixel_values.shape[0]:
             tokens = self.visual_tokens(pixel_values.to(dtype), states)  # (N_img, R, D_v)
@@ -493,7 +493,7 @@ class Flamingo(common.ConversationFamily, nn.Module):
         embeds = self.language_model.embed(input_ids)  # (B, T, C)
         connector, states, copies = self.question_focus, None, None
         if connector is not None and pixel_values.shape[0]:
-            pixel_values = pixel_values.to(self.language_model.lm_head.weight.dtype)
+            pixel_values = pixel_values.to(self.language_model.model.embed_tokens.weight.dtype)
             states = self.image_states(pixel_values)  # one tower pass for both paths
             patches = self.image_states(pixel_values, keep_cls=False) if self.config.vision_cls_token else states
             embed = self.language_model.model.embed_tokens
@@ -544,7 +544,7 @@ class Flamingo(common.ConversationFamily, nn.Module):
         """A left-padded batch (processor `Batch` or dict) -> what the decoder runs on: token
         embeddings, the gated blocks reading each token's image, and the `ImageContext` that
         decoding steps read (every block's keys and values of the images, computed here)."""
-        device = self.language_model.lm_head.weight.device
+        device = self.language_model.model.embed_tokens.weight.device
         input_ids = common.batch_field(batch, "input_ids").to(device)
         with torch.inference_mode():
             embeds, copies, visual = self.embed_with_copies(

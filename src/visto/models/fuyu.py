@@ -323,7 +323,7 @@ class Fuyu(common.CopyingDecoding, common.ConversationFamily, nn.Module):
         (B, T, C) and attention mask (B, T); the engine's fast path runs the decoder on them.
         With a pointer head, `DecoderInputs` whose per-row context is what the answer being
         generated (the prompt's last `<|assistant|>`) may copy (`output_logits` mixes it in)."""
-        device = self.language_model.lm_head.weight.device
+        device = self.language_model.model.embed_tokens.weight.device
         with torch.inference_mode():
             embeds, copies = self._embed_batch_with_copies(batch, device)
         mask = common.batch_field(batch, "attention_mask").to(device)

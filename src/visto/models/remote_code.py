@@ -208,7 +208,7 @@ def sequence_logits(
         attention_mask = torch.ones_like(input_ids)
     if pixel_values is None:
         pixel_values = torch.zeros(0, 3, 1, 1)
-    weight = model.language_model.lm_head.weight
+    weight = model.language_model.model.embed_tokens.weight  # fp32 also in an int8 model
     pixel_values = pixel_values.to(weight.device, weight.dtype)
     if image_sample_index is not None:
         image_sample_index = image_sample_index.to(input_ids.device)

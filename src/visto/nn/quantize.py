@@ -9,9 +9,12 @@ weights as int8 with one scale per output channel; its input is quantized per ca
 own range (dynamic quantization: no calibration data), and the int8 matmul accumulates in
 int32 (`torch.ao.quantization.quantize_dynamic`, fbgemm/x86 kernels). Weights take a quarter
 of the memory, and on a CPU a small model's decode step, which is bound by reading weights,
-runs faster. Not quantized: the token embeddings and the output head tied to them (one fp32
-matrix serves both: an int8 copy for the head would add memory, and the head's logits are
-what sampling reads), norms, convolutions and position embeddings (few parameters).
+runs faster. The output head goes int8 too (per vocabulary row: at batch 1 the fp32 head was
+a tenth of a decode step, bench/README.md "int8 inference"); where it is tied to the token
+embeddings, the embeddings stay fp32 (a lookup reads a row, not the matrix) and the head's
+int8 copy is made from them (+0.25 bytes per fp32 weight in memory), so an int8 checkpoint
+does not store it: loading makes it again, the same numbers. Not quantized: the token
+embeddings, norms, convolutions and position embeddings (few parameters).
 
 Per-channel scales make the engine's fused projections exact: quantizing q, k and v apart and
 concatenating their int8 rows and scales gives the same numbers as one fused layer
@@ -55,6 +58,8 @@ QUANTIZED_PARTS = (
     "language_model.model.layers",  # a VLM's decoder blocks (not its tied output head)
     "model.layers",  # a DecoderLM on its own
 )
+# The decoder's output head, where there is one: quantized as a Linear layer of its own.
+HEAD_PATHS = ("language_model.lm_head", "lm_head")
 
 
 def _int8_linear_type() -> type:
@@ -116,10 +121,11 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         )
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    heads = [path for path in HEAD_PATHS if type(_part(model, path)) is nn.Linear]
     with _quiet_deprecation():
         quantize_dynamic(
             model,
-            {path: per_channel_dynamic_qconfig for path in parts},
+            {path: per_channel_dynamic_qconfig for path in parts + heads[:1]},
             dtype=torch.qint8,
             mapping={nn.Linear: _int8_linear_type()},  # Linear only: not the position embeddings
             inplace=True,
@@ -204,7 +210,32 @@ def int8_summary(model: nn.Module) -> str:
     """One line for a command to print: how many layers run in int8, and where."""
     names = [n for n, m in model.named_modules() if is_int8_linear(m)]
     parts = [p for p in QUANTIZED_PARTS if any(n.startswith(p + ".") for n in names)]
+    parts += [p for p in HEAD_PATHS if p in names]
     return f"int8: {len(names)} Linear layers quantized ({', '.join(parts)}); the rest fp32"
+
+
+def _tied_head_sources(model: nn.Module) -> dict[str, str]:
+    """int8 output heads tied to their decoder's token embeddings -> the embeddings' state-dict
+    name: such a head is not stored, but made again from the embeddings at load."""
+    out = {}
+    for path in HEAD_PATHS:
+        head, lm = _part(model, path), _part(model, path.rpartition(".")[0]) if "." in path else model
+        config = getattr(lm, "config", None)
+        if head is not None and is_int8_linear(head) and getattr(config, "tie_word_embeddings", False):
+            prefix = path[: -len("lm_head")]
+            out[path] = f"{prefix}model.embed_tokens.weight"
+    return out
+
+
+def _int8_weight(weight: Tensor) -> Tensor:
+    """A float (out, in) weight as the per-channel int8 tensor that `quantize_int8` makes of a
+    Linear layer's (the same observer, so the same numbers)."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    observer = per_channel_dynamic_qconfig.weight()
+    observer(weight.detach().float())
+    scales, zero_points = observer.calculate_qparams()
+    return torch.quantize_per_channel(weight.detach().float(), scales.double(), zero_points, 0, torch.qint8)
 
 
 def int8_tensors(model: nn.Module) -> dict[str, Tensor]:
@@ -212,6 +243,7 @@ def int8_tensors(model: nn.Module) -> dict[str, Tensor]:
     NAME.weight (int8), NAME.weight_scale (fp32) and NAME.bias; one name per shared tensor
     (tied weights), as safetensors wants."""
     int8 = {name: m for name, m in model.named_modules() if is_int8_linear(m)}
+    tied_heads = _tied_head_sources(model)  # made again from the embeddings at load
     rows = set(stored_int8_names(model))
     out: dict[str, Tensor] = {}
     seen: set[int] = set()
@@ -227,6 +259,8 @@ def int8_tensors(model: nn.Module) -> dict[str, Tensor]:
         out[key] = value.detach().contiguous()
     with _quiet_deprecation():
         for name, layer in int8.items():
+            if name in tied_heads:
+                continue
             weight = layer.weight()
             assert weight.qscheme() == torch.per_channel_affine
             assert not weight.q_per_channel_zero_points().any(), "int8 weights are symmetric"
@@ -241,6 +275,7 @@ def load_int8_tensors(model: nn.Module, tensors: dict[str, Tensor]) -> None:
     """Load `int8_tensors` output into a model already made int8 by `quantize_int8` (its
     structure; the values are overwritten). Raises ValueError naming what does not match."""
     int8 = {name: m for name, m in model.named_modules() if is_int8_linear(m)}
+    tied_heads = _tied_head_sources(model)
     rest = dict(tensors)
     for key in [k for k in rest if k.endswith(INT8_SUFFIX)]:
         name = key[: -len(INT8_SUFFIX)]
@@ -250,6 +285,12 @@ def load_int8_tensors(model: nn.Module, tensors: dict[str, Tensor]) -> None:
         rest[name] = _rows_from_int8(values, scale, values.shape)
     with _quiet_deprecation(), torch.no_grad():
         for name, layer in int8.items():
+            if name in tied_heads and f"{name}.weight" not in rest:
+                continue  # made from the loaded embeddings below
+            if name in HEAD_PATHS and rest.get(f"{name}.weight", torch.empty(0, dtype=torch.int8)).is_floating_point():
+                # an export made before heads went int8 stored an untied head in fp32
+                layer.set_weight_bias(_int8_weight(rest.pop(f"{name}.weight")), rest.pop(f"{name}.bias", None))
+                continue
             try:
                 values = rest.pop(f"{name}.weight")
                 scales = rest.pop(f"{name}.weight_scale")
@@ -275,6 +316,10 @@ def load_int8_tensors(model: nn.Module, tensors: dict[str, Tensor]) -> None:
         raise ValueError(f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     state.update(rest)  # in place: state_dict()'s own mapping carries the module versions
     model.load_state_dict(state, strict=True)
+    with _quiet_deprecation(), torch.no_grad():
+        for name, embeddings in tied_heads.items():
+            if f"{name}.weight" not in tensors:
+                int8[name].set_weight_bias(_int8_weight(model.state_dict()[embeddings]), None)
 
 
 # How int8_tensors names a float matrix stored as int8 rows: NAME__int8 and NAME__scale.
