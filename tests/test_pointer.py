@@ -369,3 +369,48 @@ def test_the_loss_on_scored_positions_equals_the_loss_on_every_position(tokenize
     for n, p in model.named_parameters():
         if p.grad is not None:
             assert torch.allclose(fast_grads[n], p.grad, atol=1e-6), n
+
+
+@pytest.mark.parametrize("question", [False, True])
+def test_decoding_rows_mix_the_copies_as_the_training_forward_does_bit_for_bit(question):
+    """`PointerHead.decode` (the engine's hook) caches what does not change between steps and
+    moves the script cursors in Python; over a generation it must give `forward`'s numbers
+    exactly, and the cursors `advance_cursor` gives, including a row whose token is off the
+    script (it resyncs ahead, or waits) and a row past its script's end."""
+    from visto.connectors.pointer import advance_cursor, script_token
+
+    g = torch.Generator().manual_seed(0)
+    N, M, V, C = 3, 5, 40, 16
+    pointer = PointerHead(C, runs=(4, 2), script=True, question=question)
+    pointer.start_id = 1
+    with torch.no_grad():
+        for p in pointer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    K = pointer.slots
+    weights = torch.rand(N, K, M, generator=g) * (torch.rand(N, K, 1, generator=g) > 0.3)
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-9)
+    script = torch.randint(2, V, (N, 9), generator=g)
+    script[2, 4:] = -1  # a shorter script, padded
+    slots = CopySlots(torch.randint(2, V, (N, K, M), generator=g), weights, torch.tensor([1, 1, 1]),
+                      script, None, torch.randn(N, C, generator=g) if question else None)
+    reference = CopySlots(slots.ids, slots.weights, slots.prompt_last, script, None, slots.question)
+    tokens = None
+    for step in range(12):
+        hidden, logits = torch.randn(N, C, generator=g), torch.randn(N, V, generator=g)
+        fast = pointer.decode(hidden, logits, slots, tokens)
+        # the reference: the tensor cursor move and the training forward
+        if tokens is None:
+            reference.cursor = script.new_zeros(N)
+        else:
+            reference.cursor = advance_cursor(script, reference.cursor, tokens)
+        with torch.inference_mode():
+            slow = pointer(hidden, logits, reference, slots.prompt_last if tokens is None else tokens,
+                           script_token(script, reference.cursor))
+        assert torch.equal(fast, slow), step
+        assert torch.equal(slots.cursor, reference.cursor), step
+        # row 0 follows its script, row 1 writes a token three ahead (a resync), row 2 an
+        # off-script token (its cursor waits) until past its script's end
+        at = reference.cursor
+        tokens = torch.stack([script[0, at[0].clamp(max=8)], script[1, (at[1] + 3).clamp(max=8)],
+                              torch.tensor(0) if step % 3 else script[2, at[2].clamp(max=8)].clamp(min=0)])
+    assert slots.cursor[0] == 9  # row 0 wrote its whole script

@@ -322,7 +322,7 @@ def prompt_embeds(model: Any, batch: Any, embed: Any = None) -> tuple[Any, Tenso
     (B, T, C) by the family's `embed_inputs(input_ids, pixel_values, image_sample_index)` (or
     whatever `embed`, taking the same, returns), and the attention mask (B, T), on the
     decoder's device (pixels in its dtype)."""
-    weight = model.language_model.lm_head.weight
+    weight = model.language_model.model.embed_tokens.weight  # fp32 also in an int8 model
     with torch.inference_mode():
         embeds = (embed or model.embed_inputs)(
             batch_field(batch, "input_ids").to(weight.device),
@@ -500,9 +500,7 @@ def pointer_output_logits(
     """The engine's hook after the LM head with a pointer: hidden (B, C) after the final norm,
     logits (B, V), the rows' slots, and the tokens at these positions (B,) (None: the prompt's
     last) -> log-probabilities with the slots' tokens mixed in."""
-    script_next = slots.script_next(tokens)  # moves each row's script cursor past `tokens`
-    tokens = slots.prompt_last if tokens is None else tokens
-    return pointer(hidden, logits, slots, tokens, script_next).to(logits.dtype)
+    return pointer.decode(hidden, logits, slots, tokens).to(logits.dtype)  # moves the script cursors
 
 
 def question_focus_problems(focus: Any, slots: int) -> list[str]:
