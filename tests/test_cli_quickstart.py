@@ -16,7 +16,7 @@ from visto.quickstart import QuickstartConfig
 # none may go or be renamed.
 FLAGS = [
     "--out", "--vision-steps", "--box-tokens", "--text-slots", "--focus", "--no-focus", "--focus-slots",
-    "--read-slots", "--pointer", "--no-pointer", "--named", "--no-named", "--box-nms", "--count-width", "--object-order", "--copy-answers", "--no-copy-answers", "--copy-json", "--no-copy-json", "--detector-json-boxes", "--no-detector-json-boxes", "--reader-steps", "--stage1-steps",
+    "--read-slots", "--pointer", "--no-pointer", "--named", "--no-named", "--box-nms", "--count-width", "--object-order", "--copy-answers", "--no-copy-answers", "--copy-verdicts", "--no-copy-verdicts", "--question-pointer", "--no-question-pointer", "--copy-json", "--no-copy-json", "--detector-json-boxes", "--no-detector-json-boxes", "--reader-steps", "--stage1-steps",
     "--stage2-steps", "--minutes", "--n", "--size", "--seed", "--workers", "--threads",
     "--eval-images", "--stage1-mix", "--stage1-batch", "--stage2-batch", "--vision-stem",
     "--vision-batch", "--until", "--fresh",

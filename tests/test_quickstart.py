@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +268,94 @@ def test_a_stage_stopped_by_ctrl_c_is_not_marked_done(tmp_path: Path, monkeypatc
     assert not (tmp_path / "stage1" / "done.json").exists()
     out = console.export_text()
     assert "stage1: stopped by Ctrl-C at step 3; not marked done" in out and "--minutes" not in out
+
+
+def _tiny(**options) -> QuickstartConfig:
+    sizes = dict(
+        n=60, size=64, workers=1, threads=1, vision_width=32, vision_layers=1, decoder_width=64,
+        decoder_layers=1, vocab_size=600, max_length=320, vision_batch=16, stage1_batch=8,
+        stage2_batch=4, reader_steps=5, read_slots=4,
+    )  # fmt: skip
+    return QuickstartConfig(**{**sizes, **options})
+
+
+def test_stage1_options_change_stages_1_and_2_not_the_vision_stage():
+    off, on = QuickstartConfig(), QuickstartConfig(question_pointer=True, copy_verdicts=True)
+    for stage in ("data", "vision"):
+        assert on.stage_settings(stage) == off.stage_settings(stage), stage
+    for stage in ("stage1", "stage2", "eval"):
+        assert on.stage_settings(stage) != off.stage_settings(stage), stage
+        # off leaves the stamp as runs stamped before the options existed have it
+        assert not {"question_pointer", "copy_verdicts"} & set(off.stage_settings(stage)), stage
+        assert on.stage_settings(stage)["question_pointer"] is True, stage
+
+
+def test_stage1_starts_from_the_vision_checkpoint_with_the_options(tmp_path: Path, monkeypatch):
+    """--question-pointer and --copy-verdicts reach the model stage 1 trains: a copy of the
+    vision stage's checkpoint (built without them) with their parameters added and every
+    weight it holds kept; off, stage 1 starts from the vision checkpoint itself."""
+    from rich.console import Console
+
+    import visto.train.loop as loop
+    from visto.checkpoint import save_checkpoint
+    from visto.data.processor import Processor
+    from visto.data.tokenizer import with_focus_token
+    from visto.models.llava import Llava
+    from visto.quickstart import llava_config, run_llava_stage
+    from visto.train.loop import TrainResult
+
+    started: list = []
+
+    def train(recipe, run_dir, **_):
+        started.append(recipe.model.init_from)
+        run_dir.mkdir(parents=True)
+        return TrainResult(run_dir, 2, None, {}, {})
+
+    monkeypatch.setattr(loop, "train", train)
+    config = llava_config(_tiny(), 600)
+    texts = ["Is there a large red star left of the blue circle? yes", "How many squares? 2"] * 20
+    tokenizer = with_focus_token(Processor.train(texts, replace(config.processor, focus_tokens=0)).tokenizer)
+    cfg = _tiny(stage1_steps=2, vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    vision = Llava(llava_config(cfg, tokenizer.vocab_size))
+    vision.processor = Processor(vision.config.processor, tokenizer)
+    save_checkpoint(vision, tmp_path / "vision" / "checkpoint")
+    console = Console(record=True, width=200)
+
+    run_llava_stage("stage1", cfg, tmp_path, tmp_path / "world", tmp_path / "vision" / "checkpoint", console, fresh=True)
+    assert started[-1] == str(tmp_path / "vision" / "checkpoint")
+    assert not (tmp_path / "stage1-init").exists()
+
+    on = replace(cfg, question_pointer=True, copy_verdicts=True)
+    run_llava_stage("stage1", on, tmp_path, tmp_path / "world", tmp_path / "vision" / "checkpoint", console, fresh=False)
+    assert started[-1] == str(tmp_path / "stage1-init")
+    model = visto.load(started[-1])
+    projector = model.config.projector
+    assert projector.question_pointer and projector.copy_verdicts
+    connector = model.multi_modal_projector
+    assert connector.focus.question_pointer and connector.focus.copy_verdicts
+    assert connector.pointer.question is not None and not connector.pointer.question.any()  # W_u starts at 0
+    before, after = vision.state_dict(), model.state_dict()
+    assert set(after) - set(before) == {"multi_modal_projector.pointer.question"}
+    keys = "multi_modal_projector.pointer.keys"
+    assert len(after[keys]) == len(before[keys]) + 2  # the verdict run and its end slot
+    assert torch.equal(after[keys][: len(before[keys])], before[keys])
+    for name, value in before.items():
+        if name != keys:
+            assert torch.equal(after[name], value), name
+    # Turned off again, stage 1 starts from the vision checkpoint and the copy is gone.
+    run_llava_stage("stage1", cfg, tmp_path, tmp_path / "world", tmp_path / "vision" / "checkpoint", console, fresh=False)
+    assert started[-1] == str(tmp_path / "vision" / "checkpoint") and not (tmp_path / "stage1-init").exists()
+
+
+@pytest.mark.slow
+def test_stage1_options_reuse_the_vision_stage(tmp_path: Path):
+    run = tmp_path / "qs"
+    run_quickstart(_tiny(vision_steps=10, stage1_steps=2), run, until="stage1")
+    stamp = (run / "vision" / "checkpoint" / "model.safetensors").stat().st_mtime_ns
+    first = (run / "stage1" / "checkpoint" / "model.safetensors").stat().st_mtime_ns
+    run_quickstart(_tiny(vision_steps=10, stage1_steps=2, question_pointer=True, copy_verdicts=True), run, until="stage1")
+    assert (run / "vision" / "checkpoint" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (run / "stage1" / "checkpoint" / "model.safetensors").stat().st_mtime_ns != first
+    config = json.loads((run / "stage1" / "checkpoint" / "config.json").read_text())["config"]["projector"]
+    assert config["question_pointer"] is True and config["copy_verdicts"] is True

@@ -7,6 +7,8 @@ every stage whose settings did not change (and `--fresh` redoes them all):
     RUN/config.json        the resolved QuickstartConfig
     RUN/world/             the synthetic world (data step)
     RUN/vision/            dense pretraining of the ViT (metrics.jsonl, checkpoint/)
+    RUN/stage1-init/       with --copy-verdicts or --question-pointer only: the vision checkpoint
+                           with those connector options' parameters added (stage1_init)
     RUN/stage1/            LLaVA stage 1 (a `visto.train` run of recipe quickstart-stage1: mix "captions")
     RUN/stage2/            LLaVA stage 2 (a `visto.train` run of recipe quickstart-stage2: mix "instruct+caption+prefixes")
     RUN/checkpoint/        the final model (a copy of stage2/checkpoint)
@@ -35,7 +37,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,9 @@ from visto.errors import UserError
 from visto.utils.io import atomic_directory, atomic_write_json, atomic_write_text
 
 STAGES = ("data", "vision", "stage1", "stage2", "eval")
+# Connector options that stage 1 adds to the vision stage's checkpoint (`stage1_init`): not in
+# the vision stage's settings, so a change reruns stages 1 and 2 only.
+STAGE1_OPTIONS = ("copy_verdicts", "question_pointer")
 
 
 @dataclass
@@ -120,6 +125,17 @@ class QuickstartConfig:
     # size, colour and shape words and its count (ProjectorConfig.copy_answers; measured in
     # bench/README.md, "Copied answers")
     copy_answers: bool = True
+    # with copy_answers: the pointer may also copy the executed yes/no of an existence or
+    # relation question as one more run (ProjectorConfig.copy_verdicts); and with the pointer,
+    # its slot scores also read the answer's question, pooled, through a zero-initialised map
+    # (ProjectorConfig.question_pointer): which run an answer copies is then one linear read of
+    # the question's words. `visto compare` ships both (bench/README.md, "compare: yes/no
+    # verdicts through the pointer"). Stage-1 options: the vision stage's checkpoint is built
+    # without them and stage 1 adds their parameters to it (`stage1_init`), so turning one on
+    # reruns stages 1 and 2, not the vision stage. Off for now (bench/README.md, "Question
+    # pointer and verdicts in the quickstart").
+    copy_verdicts: bool = False
+    question_pointer: bool = False
     # with the pointer: a JSON answer may copy, token by token, the JSON the connector writes
     # from its detections and what it read (ProjectorConfig.copy_json; connectors.script;
     # measured in bench/README.md, "Copied JSON" and "Detector boxes in the JSON labels")
@@ -215,6 +231,9 @@ class QuickstartConfig:
         }  # fmt: skip
         if stage in keys:
             return {k: d[k] for k in keys[stage]}
+        for k in STAGE1_OPTIONS:  # off is what runs stamped before these options ran with
+            if not d[k]:
+                d.pop(k)
         d.pop("workers")
         d.pop("threads")
         if stage == "stage1":  # stage 1 asks no JSON question, and reads neither stage-2 setting
@@ -337,6 +356,8 @@ def llava_config(cfg: QuickstartConfig, vocab_size: int) -> Any:
         box_nms=cfg.box_nms if cfg.projector == "regions" else 0.0,
         count_width=cfg.count_width, object_order=cfg.object_order,
         copy_answers=cfg.copy_answers and named and pointer,
+        copy_verdicts=cfg.copy_verdicts and cfg.copy_answers and named and pointer,
+        question_pointer=cfg.question_pointer and pointer,
         copy_json=cfg.copy_json and pointer and cfg.projector == "regions",
     )  # fmt: skip
     patches = vision.num_patches
@@ -428,7 +449,9 @@ def run_vision(cfg: QuickstartConfig, run_dir: Path, world_dir: Path, console: A
     stage_dir.mkdir(parents=True)
     t0 = time.perf_counter()
     tokenizer = build_processor(cfg, world_dir)
-    config = llava_config(cfg, tokenizer.vocab_size)
+    # Without the stage-1 options, whatever they are: the checkpoint depends on this stage's
+    # settings alone, and stage 1 adds them (stage1_init).
+    config = llava_config(replace(cfg, **dict.fromkeys(STAGE1_OPTIONS, False)), tokenizer.vocab_size)
     grid = cfg.size // cfg.patch_size
     cap = cfg.stage_cap("vision")
     console.print(
@@ -523,6 +546,55 @@ def write_detector_boxes(checkpoint: Path, world_dir: Path, out: Path, console: 
     return out
 
 
+def stage1_init(cfg: QuickstartConfig, run_dir: Path, vision_ckpt: Path, console: Any) -> Path:
+    """The checkpoint stage 1 starts from: the vision stage's (`vision_ckpt`), or, where its
+    connector's stage-1 options (STAGE1_OPTIONS) are not `cfg`'s, a copy with them set ->
+    RUN/stage1-init. The copy keeps every weight the vision checkpoint holds (the trained tower,
+    detector and reader, and the fresh connector and decoder: the same start as without the
+    options); what the options add (the pointer's question map W_u, zero; the verdict run's
+    keys, rows appended after the others') takes Llava's draw under `cfg.seed`. So the vision
+    stage is not rerun for them, and a run gives the same model whether its vision stage was
+    reused or not."""
+    import torch
+
+    from visto.checkpoint import load, read_config, save_checkpoint
+    from visto.models.llava import Llava
+
+    out = run_dir / "stage1-init"
+    if out.exists():
+        shutil.rmtree(out)
+    if not (vision_ckpt / "config.json").is_file():
+        return vision_ckpt  # nothing to read (the trainer says so)
+    want = {k: getattr(llava_config(cfg, cfg.vocab_size).projector, k) for k in STAGE1_OPTIONS}
+    projector = read_config(vision_ckpt)["config"].get("projector", {})
+    if want == {k: projector.get(k, False) for k in STAGE1_OPTIONS}:
+        return vision_ckpt
+    old = load(vision_ckpt)
+    config = replace(old.config, projector=replace(old.config.projector, **want))
+    torch.manual_seed(cfg.seed)
+    model = Llava(config)
+    state, kept = model.state_dict(), old.state_dict()
+    for name, value in state.items():
+        if name not in kept:
+            continue  # added by an option: the fresh draw
+        if value.shape == kept[name].shape:
+            value.copy_(kept[name])
+        elif name.endswith("pointer.keys"):  # runs appended after the old ones: their rows fresh
+            rows = min(len(value), len(kept[name]))
+            old_runs, new_runs = old.multi_modal_projector.pointer.runs, model.multi_modal_projector.pointer.runs
+            assert old_runs[: len(new_runs)] == new_runs[: len(old_runs)], (old_runs, new_runs)
+            value[:rows].copy_(kept[name][:rows])
+        else:
+            raise UserError(f"stage1_init: {name} is {tuple(kept[name].shape)} in {vision_ckpt} but "
+                            f"{tuple(value.shape)} with {want}")  # fmt: skip
+    model.processor = getattr(old, "processor", None)
+    on = ", ".join(k for k, v in want.items() if v) or "none"
+    card = {"training": {"stage": f"{vision_ckpt} with the stage-1 connector options {want}"}}
+    save_checkpoint(model, out, card=card)
+    console.print(f"[bold]stage1[/]: starts from {vision_ckpt} with the connector options on: {on} ({out})")
+    return out
+
+
 def run_llava_stage(
     stage: str, cfg: QuickstartConfig, run_dir: Path, world_dir: Path, init: Path,
     console: Any, fresh: bool,
@@ -542,6 +614,8 @@ def run_llava_stage(
     if stage_dir.exists():
         shutil.rmtree(stage_dir)
     t0 = time.perf_counter()  # the stage's seconds include writing its JSON boxes
+    if stage == "stage1":
+        init = stage1_init(cfg, run_dir, init, console)
     boxes = None
     if stage == "stage2" and cfg.detector_json_boxes and cfg.copy_json and cfg.pointer and cfg.projector == "regions":
         boxes = write_detector_boxes(init, world_dir, run_dir / "stage2-boxes" / "train.jsonl", console)

@@ -115,6 +115,15 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
                      "detected size, colour and shape words and its count through the pointer, "
                      "as a box is copied (a colour word the decoder never wrote for that shape "
                      "comes from the detector); bench/README.md, 'Copied answers'", None),
+    "copy_verdicts": ("with --copy-answers: the pointer may also copy the executed yes/no of an "
+                      "existence or relation question (what --named computed: whether the relation "
+                      "holds, else whether the named object is there), as one more run after the "
+                      "answer runs; visto compare's recipes have it (bench/README.md, 'compare: "
+                      "yes/no verdicts through the pointer')", None),
+    "question_pointer": ("with --pointer: its slot scores also read the answer's question (its words "
+                         "pooled by the focus, through a zero-initialised map), so which run an answer "
+                         "copies (a colour word, a shape word, the box) is one linear read of the "
+                         "question's words; visto compare's recipes have it", None),
     "copy_json": ("with --pointer: a JSON answer may copy, token by token, the JSON the connector "
                   "writes from its detected objects and what it read (connectors/script.py)", None),
     "detector_json_boxes": ("with --copy-json: stage 2's JSON answers write each object's box as "
@@ -153,14 +162,22 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
 }  # fmt: skip
 
 
+# Switches whose default may change: `--no-name` exists while they are off too, so a command
+# line can pin either setting whatever the default becomes.
+BOTH_WAYS = ("copy_verdicts", "question_pointer")
+
+
 def add_config_option(p: argparse.ArgumentParser, field: dataclasses.Field, help: str,
                       metavar: str | None, hint: Any) -> None:  # fmt: skip
     """`--field-name` with the field's type and default; a bool field is a switch (`--name`
-    when it is off by default, `--no-name` too when it is on)."""
+    when it is off by default, `--no-name` too when it is on or in BOTH_WAYS)."""
     flag, default = "--" + field.name.replace("_", "-"), field.default
     help = help.replace("%", "%%")  # argparse formats help with %
     if hint is bool:
-        if default:
+        if field.name in BOTH_WAYS:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                           help=f"{help} (default {'on' if default else 'off'})")  # fmt: skip
+        elif default:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=True,
                            help=f"{help} (default on)")  # fmt: skip
         else:
