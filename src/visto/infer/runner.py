@@ -209,6 +209,7 @@ class DecoderRunner:
         self.eps = cfg.rms_norm_eps
         self._watch: InferenceWatch | None = None
         self._layers: list[dict[str, Any]] = []
+        self._head: _Linear | None = None  # the output head as a fused layer (fp32); None: int8
         self._table: Tensor | None = None
         self._eps: dict[torch.device, Tensor] = {}
         self._rows_independent = True
@@ -243,6 +244,10 @@ class DecoderRunner:
         if self._unchanged():
             return
         self._layers = [self._fuse(layer) for layer in self.lm.model.layers]
+        # The output head in the projections' layout (a (in, out) copy on the CPU: at decode's
+        # rows MKL reads it as it lies instead of packing the (out, in) matrix at every step).
+        head = self.lm.lm_head
+        self._head = None if is_int8_linear(head) else _Linear((head,))
         # int8 layers quantize their input with one scale over all its rows, so a row's
         # numbers depend on the other rows: those run the last layer on every position.
         self._rows_independent = not any(is_int8_linear(m) for m in _projections(self.lm))
@@ -460,8 +465,7 @@ class DecoderRunner:
         """Logits (B, V) from the last hidden states (B, C) at the positions of `tokens` (B,)
         (None: the prompt's last), through the model's `output_logits` hook if it has one."""
         hidden = self._rms(last, self.lm.model.norm.weight)
-        head = self.lm.lm_head
-        logits = head(hidden) if is_int8_linear(head) else F.linear(hidden, head.weight)  # (B, V)
+        logits = self.lm.lm_head(hidden) if self._head is None else self._head(hidden)  # (B, V)
         if self.output_logits is None or context is None:
             return logits
         return self.output_logits(hidden, logits, context, tokens)
