@@ -42,20 +42,23 @@ QUESTIONS = ["what is in the image?", "how many squares are there?", "what colou
              "read the text.", "what shape is left of the circle?"]  # fmt: skip
 
 
-def make_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A LLaVA of the quickstart's sizes with a trained tokenizer and random weights."""
+def make_checkpoint(path: Path, seed: int = 0, width: int | None = None, layers: int | None = None) -> Path:
+    """A LLaVA of the quickstart's sizes (its decoder `width` x `layers` if given) with a
+    trained tokenizer and random weights."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_serve_support import corpus
     from visto.checkpoint import save_checkpoint
     from visto.data.processor import Processor
-    from visto.data.tokenizer import train_tokenizer
+    from visto.data.tokenizer import train_tokenizer, with_focus_token
     from visto.models import build_model
-    from visto.quickstart import QuickstartConfig, llava_config
+    from visto.quickstart import QuickstartConfig, focus_slots, llava_config
 
-    cfg = QuickstartConfig()
+    cfg = QuickstartConfig(decoder_width=width or QuickstartConfig.decoder_width,
+                           decoder_layers=layers or QuickstartConfig.decoder_layers)
     tokenizer = train_tokenizer(corpus() + QUESTIONS, cfg.vocab_size, loc_bins=cfg.loc_bins)
+    tokenizer = with_focus_token(tokenizer) if focus_slots(cfg) else tokenizer  # as the quickstart's
     config = llava_config(cfg, max(cfg.vocab_size, tokenizer.vocab_size))
     model = build_model("llava", config, seed=seed)
     model.processor = Processor(config.processor, tokenizer)
@@ -178,6 +181,10 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8, help="the batched figure's batch size")
     ap.add_argument("--prompts", type=int, default=16, help="prompts for the accuracy figures")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--decoder-width", type=int, help="without --model: the random model's decoder width "
+                    "(default the quickstart's 256; 512 with --decoder-layers 8 gives 100 MB of fp32 "
+                    "decoder weights, beyond a CPU's last-level cache)")
+    ap.add_argument("--decoder-layers", type=int, help="without --model: the random model's decoder layers (default 4)")
     ap.add_argument("--world", type=Path, help="the model's synthetic world: VQA delta on its test split")
     ap.add_argument("--eval-images", type=int, default=50, help="test images for the VQA delta")
     ap.add_argument("--json", type=Path, help="write the figures to this JSON file")
@@ -196,7 +203,10 @@ def main() -> int:
     from visto.infer import Engine
     from visto.tasks.runner import AnswerTokenizer
 
-    checkpoint = args.model or make_checkpoint(Path(tempfile.mkdtemp()) / "qs-llava" / "checkpoint")
+    if args.model is not None and (args.decoder_width or args.decoder_layers):
+        ap.error("--decoder-width and --decoder-layers size the random model: not with --model")
+    checkpoint = args.model or make_checkpoint(Path(tempfile.mkdtemp()) / "qs-llava" / "checkpoint",
+                                               width=args.decoder_width, layers=args.decoder_layers)
     load_before = os.popen("uptime").read().strip()
     print(f"model {checkpoint} | torch threads {args.threads} | cpus {os.cpu_count()}")
     print(f"uptime: {load_before}")
