@@ -123,6 +123,9 @@ def main() -> None:
                     "user turn: Answer briefly.": (None, "Answer briefly.\n\n"),
                     "user turn: json instructions": (None, instructions + "\n\n"),
                     "user turn: json instructions after": (None, ("", "\n\n" + instructions)),
+                    # a short instruction after the question, on its line and on the next
+                    "user turn: Answer in one word. after, same line": (None, ("", " Answer in one word.")),
+                    "user turn: Answer in one word. after, next line": (None, ("", "\nAnswer in one word.")),
                     "system json + user prose ~722": (instructions, prose(722) + "\n\n")}  # fmt: skip
         if args.only:
             prefixes = {k: v for k, v in prefixes.items() if k in args.only}

@@ -578,3 +578,33 @@ def test_instruction_lines_in_front_of_a_question_are_not_its_question(tokenizer
     _, _, at, real = answer_questions(batch["input_ids"], focus.user_id, focus.assistant_id, focus.focus_id,
                                       focus.first_text_id, batch["segment_ids"])  # fmt: skip
     assert "blue circle" in tok.decode(batch["input_ids"][0, at[0][real[0]]].tolist())
+
+
+def test_instructions_after_a_question_are_not_its_question(tokenizer_dir):
+    # A turn that asks with a "?" has as its question the line of its last "?", up to it:
+    # instructions after it, on its line or on lines of their own (with attribute words of
+    # their own), are not read; a turn without a "?" keeps its last line.
+    from PIL import Image
+
+    from visto.data.sample import Sample, Turn
+
+    model = focus_llava(tokenizer_dir).eval()
+    focus = model.multi_modal_projector.focus
+    image = Image.new("RGB", (40, 40), (200, 30, 30))
+    tok = model.processor.tokenizer
+    assert focus.question_ids
+
+    def questions(*texts: str) -> list[str]:
+        turns = []
+        for k, text in enumerate(texts):
+            turns += [Turn("user", ("<image>\n" if k == 0 else "") + text), Turn("assistant", "red")]
+        batch = model.collate([Sample("p", [image], turns, independent_turns=True)])
+        rows, cols, at, real = focus.spans(batch["input_ids"], batch["segment_ids"])
+        ids = batch["input_ids"]
+        return [tok.decode(ids[0, at[k][real[k]]].tolist()).strip() for k in range(len(cols))]
+
+    q = "Which colour does the star have?"
+    assert questions(q, f"{q} Answer about the blue circle.", f"{q}\nReply about the blue circle.\n\nBe brief.",
+                     f"Be brief.\n{q}\nUse the green words.") == [q, q, q, q]  # fmt: skip
+    # no "?": the last line, as before
+    assert questions("Describe the image.\nUse the green words.") == ["Use the green words."]

@@ -109,7 +109,7 @@ class Objects(NamedTuple):
 def answer_questions(
     input_ids: Tensor, user_id: int, assistant_id: int, focus_id: int, first_text_id: int,
     segment_ids: Tensor | None = None, tool_result_ids: Sequence[int] = (), end_id: int | None = None,
-    newline_ids: Sequence[int] = (),
+    newline_ids: Sequence[int] = (), question_ids: Sequence[int] = (),
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Every `<|assistant|>` token's question: (rows (P,), columns (P,), the positions of its
     text tokens (P, L), and which of those L are real (P, L)). A question is the text (ids from
@@ -127,7 +127,13 @@ def answer_questions(
     line: text in front of it on lines of its own (format instructions, a task description)
     is not read as the question. A line break counts only after a word of the turn (not the
     one after `<image>`) and only when a word follows it before the answer, so a question on
-    one line is as before."""
+    one line is as before.
+
+    With `question_ids` too (the ids whose text holds a "?"), a turn that asks with a question
+    mark has as its question the line of its last "?", up to that "?": instructions after the
+    question, on its line ("... circle? Answer in one word.") or on lines of their own (format
+    instructions), are not read either. A turn without a "?" ("Describe the image.") keeps its
+    last line; a world question, which ends at its "?", is as before."""
     B, T = input_ids.shape
     is_text = (input_ids >= first_text_id) & (input_ids != focus_id)  # (B, T)
     position = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -147,6 +153,8 @@ def answer_questions(
         # the question's turn ends at the first `<|end|>` from its first position on
         ends = torch.where(input_ids == end_id, position, T).flip(1).cummin(1).values.flip(1)
         stop = torch.minimum(cols, ends[rows, first.clamp(max=T - 1)])
+    if len(question_ids):
+        stop = up_to_last_mark(input_ids, is_text, position, rows, first, stop, question_ids)
     if len(newline_ids):
         first = last_line(input_ids, is_text, position, begin, rows, first, stop, newline_ids)
     width = int((stop - first).clamp(min=0).max()) if rows.numel() else 0
@@ -173,6 +181,18 @@ def last_line(
     total = words[rows, (stop - 1).clamp(min=0)]
     worded = total - before[rows, line.clamp(max=words.shape[1] - 1)] > 0
     return torch.where(worded & (line < stop), line, first)
+
+
+def up_to_last_mark(
+    input_ids: Tensor, is_text: Tensor, position: Tensor, rows: Tensor, first: Tensor,
+    stop: Tensor, mark_ids: Sequence[int],
+) -> Tensor:  # fmt: skip
+    """(P,) each question's end (`answer_questions`' `question_ids`): just after the last text
+    token in [first, stop) whose text holds a mark ("?"); `stop` where there is none."""
+    marks = torch.isin(input_ids, torch.tensor(list(mark_ids), device=input_ids.device)) & is_text
+    last = torch.where(marks, position, -1).cummax(1).values  # (B, T) the last mark at or before t
+    at = last[rows, (stop - 1).clamp(min=0)]
+    return torch.where((at >= first) & (stop > first), at + 1, stop)
 
 
 def starts_with(input_ids: Tensor, position: Tensor, prefix: Sequence[int]) -> Tensor:
@@ -263,6 +283,7 @@ class QuestionFocus(nn.Module):
         # the ids a tool result's user turn starts with: such a turn is not a question (spans)
         self.tool_result_ids: tuple[int, ...] = ()
         self.newline_ids: tuple[int, ...] = ()  # ids whose text holds a line break (spans)
+        self.question_ids: tuple[int, ...] = ()  # ids whose text holds a "?" (spans)
         self.slots = 0  # <focus> slots before each answer (the processor's focus_tokens)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -304,8 +325,9 @@ class QuestionFocus(nn.Module):
                    tokenizer.end_id, *tokenizer.role_ids.values()]  # fmt: skip
         self.first_text_id = max(special) + 1
         self.tool_result_ids = tool_result_prefix(tokenizer)
-        self.newline_ids = tuple(i for i in range(self.first_text_id, tokenizer.vocab_size)
-                                 if "\n" in tokenizer.decode([i]))  # fmt: skip
+        texts = {i: tokenizer.decode([i]) for i in range(self.first_text_id, tokenizer.vocab_size)}
+        self.newline_ids = tuple(i for i, text in texts.items() if "\n" in text)
+        self.question_ids = tuple(i for i, text in texts.items() if "?" in text)
         if self.named:
             self.words = AttributeWords(tokenizer)
 
@@ -319,10 +341,11 @@ class QuestionFocus(nn.Module):
         token, in the prefix, but must not read its question). The answer after a tool's
         result has the question of the user turn before the call (`answer_questions`'
         `tool_result_ids`): the result turn is the tool's, not a question. A question is its
-        turn's last line (`newline_ids`): instructions on lines in front of it are not read."""
+        turn's last line (`newline_ids`), or where it asks with a "?", the line of its last "?"
+        up to it (`question_ids`): instructions in front of it or after it are not read."""
         return answer_questions(input_ids, self.user_id, self.assistant_id, self.focus_id,
                                 self.first_text_id, segment_ids, self.tool_result_ids,
-                                self.end_id, self.newline_ids)  # fmt: skip
+                                self.end_id, self.newline_ids, self.question_ids)  # fmt: skip
 
     def questions(
         self, input_ids: Tensor, embed: nn.Embedding, segment_ids: Tensor | None = None
