@@ -85,11 +85,8 @@ def test_the_answers_and_questions_are_those_of_the_mix_without_prefixes(world):
             asked = []
             for q, a in zip(turns[::2], turns[1::2], strict=True):
                 text = q.content.removeprefix("<image>\n")
-                # the question: up to its "?" on its own line, else after the text in front
-                head, mark, _ = text.rpartition("?")
-                question = (head + mark).rsplit("\n", 1)[-1] if mark else text.rsplit("\n\n", 1)[-1]
-                prefixed += question != text
-                asked.append((question, a.content))
+                prefixed += "\n\n" in text
+                asked.append((text.rsplit("\n\n", 1)[-1], a.content))
             # the exchanges that fit (PromptMix.fit), each question with its own answer
             captions = [qa for qa in asked if qa[1] in record["tasks"]["captions"]]
             assert len(captions) <= 1 and asked
@@ -108,26 +105,3 @@ def test_prefix_texts_name_none_of_the_worlds_words_and_reach_their_lengths():
         said = {w.strip(".,:;\"'`{}[]()?!").lower() for w in text.split()}
         assert not said & words, text
     assert len(prose(rng, 1400)) >= 1400
-
-
-def test_some_texts_come_after_a_question_that_asks_with_a_question_mark(world):
-    # after the question: on its line (a short text) or on lines of its own, only where the
-    # question ends with "?" (the focus reads such a question up to its "?")
-    mix = stage2_mix()
-    before = same_line = own_lines = 0
-    for epoch in range(60):
-        for sample in mix.samples(world, "train", seed=0, epoch=epoch, loc_bins=LOC_BINS):
-            for turn in sample.turns:
-                if turn.role != "user":
-                    continue
-                text = turn.content.removeprefix("<image>\n")
-                head, mark, tail = text.partition("?")
-                if mark and tail.strip():
-                    assert "\n" not in head  # the question is the first line here
-                    same_line += not tail.startswith("\n")
-                    own_lines += tail.startswith("\n")
-                    assert not tail.startswith(" ") or ("\n" not in tail and len(tail) < 125)
-                elif "\n" in text:
-                    before += 1
-    assert before and same_line and own_lines
-    assert 0.15 < (same_line + own_lines) / (before + same_line + own_lines) < 0.6

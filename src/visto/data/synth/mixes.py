@@ -18,9 +18,9 @@ the quickstart and `visto compare` build the same batches from the same world:
     instruct+caption+prefixes
                       `instruct+caption` with text in front of the questions in a share of the
                       samples (data.synth.prefixes: a system turn, or instruction lines in front
-                      of one question or after it; short ones, JSON-schema format instructions,
-                      prose; long ones, up to ~900 tokens, in blocks of 16 samples), the answers
-                      unchanged (the quickstart's stage 2)
+                      of one question; short ones, JSON-schema format instructions, prose; long
+                      ones, up to ~900 tokens, in blocks of 16 samples), the answers unchanged
+                      (the quickstart's stage 2)
 
 A mix that asks several questions of one image packs them with `independent_turns`
 (shared-prefix packing): one image prefix, and each exchange hidden from the others. A plain
@@ -244,8 +244,8 @@ MIXES: dict[str, Mix] = {
             (*INSTRUCT_TASKS, "caption"), independent_turns=True, exchanges=_instruct_caption),
         Mix("instruct+caption+prefixes", "the instruct+caption mix with text in front of the "
             "questions in a share of the samples (a system turn, or instruction lines in front of "
-            "one question or after it: short ones, JSON-schema format instructions, prose; long ones, "
-            "up to ~900 tokens, in whole batches), "
+            "one question: short ones, JSON-schema format instructions, prose; long ones, up to ~900 "
+            "tokens, in whole batches), "
             "the answers unchanged", (*INSTRUCT_TASKS, "caption"), independent_turns=True,
             exchanges=_instruct_caption, prefixes=PromptMix()),
         TOOLS_MIX,  # reading through the ocr tool, the rest directly (tool_mix.py)

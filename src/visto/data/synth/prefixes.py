@@ -1,4 +1,4 @@
-"""Text around a question: system turns and instructions a client puts in the prompt.
+"""Text in front of a question: system turns and instructions a client puts in the prompt.
 
 Clients put text around a question that has nothing to do with the image: a system turn
 ("Answer briefly.", "You are a helpful assistant."), LangChain's PydanticOutputParser format
@@ -6,9 +6,8 @@ instructions (~600 tokens of JSON schema), a task description. A model trained o
 asked alone reads that text as part of what it must answer (bench/README.md, "The quickstart
 model with a long prompt": VQA 0.967 -> 0.000 with ~650 tokens in front). `with_prompts`
 puts such text, built here in code from a seed (no downloads), in front of a share of a mix's
-samples (the mix `instruct+caption+prefixes`, the quickstart's stage 2), or after a question
-that asks with a "?"; the answers stay the same, so the model learns to answer the question
-whatever stands around it.
+samples (the mix `instruct+caption+prefixes`, the quickstart's stage 2); the answers stay the same, so the model learns to answer the question whatever
+stands before it.
 
     short     one of SHORT_SYSTEM
     schema    format instructions for a JSON schema drawn at random (LangChain's wording and
@@ -152,16 +151,12 @@ class PromptMix:
     the processor's truncation at `length` did without prefixes. Batches are padded to their
     longest sample and a step at 1,024 tokens costs ~4.8x one at 512 (bench/README.md, "Text in
     front of the question"), so long samples come together, in few batches. A text is a system
-    turn (`system_share`) or lines in front of one question of the sample, or after it
-    (`after_share` of those, only for a question that asks with a "?", which the question focus
-    reads up to its "?": a short text on the question's line or on lines of its own, a long
-    one on lines of its own), as clients put format instructions after a question too."""
+    turn (`system_share`) or lines in front of one question of the sample."""
 
     block: int = 16  # the quickstart's stage-2 batch
     long_share: float = 0.08
     short_share: float = 0.4
     system_share: float = 0.6
-    after_share: float = 0.5
     length: int = 512
     long_length: int = 1024
     long_tokens: int = 900
@@ -198,8 +193,8 @@ class PromptMix:
 
 def with_prompts(qas: list[tuple[str, str]], rng: random.Random, mix: PromptMix, *, long: bool) -> tuple[str | None, list[tuple[str, str]]]:  # fmt: skip
     """(system turn or None, the exchanges that fit, with instruction lines in front of one
-    of them, or after it, where the text is not a system turn); every answer unchanged.
-    `long`: the sample is in a long block (`PromptMix`)."""
+    of them where the text is not a system turn); every answer unchanged. `long`: the sample
+    is in a long block (`PromptMix`)."""
     if long:
         text, budget = mix.long_text(rng), mix.long_length
     elif rng.random() < mix.short_share:
@@ -211,9 +206,6 @@ def with_prompts(qas: list[tuple[str, str]], rng: random.Random, mix: PromptMix,
         return text, qas
     k = rng.randrange(len(qas))
     q, a = qas[k]
-    if q.rstrip().endswith("?") and rng.random() < mix.after_share:
-        gap = " " if len(text) < 120 and "\n" not in text and rng.random() < 0.7 else rng.choice(("\n", "\n\n"))
-        return None, [*qas[:k], (q + gap + text, a), *qas[k + 1 :]]
     return None, [*qas[:k], (text + "\n\n" + q, a), *qas[k + 1 :]]
 
 
