@@ -280,7 +280,8 @@ def _tiny(**options) -> QuickstartConfig:
 
 
 def test_stage1_options_change_stages_1_and_2_not_the_vision_stage():
-    off, on = QuickstartConfig(), QuickstartConfig(question_pointer=True, copy_verdicts=True)
+    off, on = QuickstartConfig(question_pointer=False, copy_verdicts=False), QuickstartConfig()
+    assert on.question_pointer and on.copy_verdicts  # the default since runs/qp19
     for stage in ("data", "vision"):
         assert on.stage_settings(stage) == off.stage_settings(stage), stage
     for stage in ("stage1", "stage2", "eval"):
@@ -315,7 +316,7 @@ def test_stage1_starts_from_the_vision_checkpoint_with_the_options(tmp_path: Pat
     config = llava_config(_tiny(), 600)
     texts = ["Is there a large red star left of the blue circle? yes", "How many squares? 2"] * 20
     tokenizer = with_focus_token(Processor.train(texts, replace(config.processor, focus_tokens=0)).tokenizer)
-    cfg = _tiny(stage1_steps=2, vocab_size=tokenizer.vocab_size)
+    cfg = _tiny(stage1_steps=2, vocab_size=tokenizer.vocab_size, question_pointer=False, copy_verdicts=False)
     torch.manual_seed(0)
     vision = Llava(llava_config(cfg, tokenizer.vocab_size))
     vision.processor = Processor(vision.config.processor, tokenizer)
@@ -351,7 +352,7 @@ def test_stage1_starts_from_the_vision_checkpoint_with_the_options(tmp_path: Pat
 @pytest.mark.slow
 def test_stage1_options_reuse_the_vision_stage(tmp_path: Path):
     run = tmp_path / "qs"
-    run_quickstart(_tiny(vision_steps=10, stage1_steps=2), run, until="stage1")
+    run_quickstart(_tiny(vision_steps=10, stage1_steps=2, question_pointer=False, copy_verdicts=False), run, until="stage1")
     stamp = (run / "vision" / "checkpoint" / "model.safetensors").stat().st_mtime_ns
     first = (run / "stage1" / "checkpoint" / "model.safetensors").stat().st_mtime_ns
     run_quickstart(_tiny(vision_steps=10, stage1_steps=2, question_pointer=True, copy_verdicts=True), run, until="stage1")
