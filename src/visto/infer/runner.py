@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visto.infer.scripted import scripted
 from visto.nn.experts import Expert
 from visto.nn.language import Conditioning, DecoderInputs, DecoderLM
 from visto.nn.quantize import fuse_int8_linears, is_int8_linear
@@ -210,6 +211,9 @@ class DecoderRunner:
         self._watch: InferenceWatch | None = None
         self._layers: list[dict[str, Any]] = []
         self._head: _Linear | None = None  # the output head as a fused layer (fp32); None: int8
+        # The decode step's layers as TorchScript (`infer/scripted.py`) and their weights; None:
+        # this decoder runs them in Python (biases, another dtype, a device other than the CPU).
+        self._scripted: tuple[Any, dict[str, Any]] | None = None
         self._table: Tensor | None = None
         self._eps: dict[torch.device, Tensor] = {}
         self._rows_independent = True
@@ -248,6 +252,7 @@ class DecoderRunner:
         # rows MKL reads it as it lies instead of packing the (out, in) matrix at every step).
         head = self.lm.lm_head
         self._head = None if is_int8_linear(head) else _Linear((head,))
+        self._scripted = self._scripted_layers()
         # int8 layers quantize their input with one scale over all its rows, so a row's
         # numbers depend on the other rows: those run the last layer on every position.
         self._rows_independent = not any(is_int8_linear(m) for m in _projections(self.lm))
@@ -258,6 +263,26 @@ class DecoderRunner:
         # parent's entry), and each parameter's and buffer's storage and version (in-place
         # changes; a cast or a move gives a new storage).
         self._watch = InferenceWatch(self.lm)
+
+    def _scripted_layers(self) -> tuple[Any, dict[str, Any]] | None:
+        """The TorchScript decode layers and their arguments, when every fused projection is
+        fp32 without a bias (on the CPU) or every one is int8; else None."""
+        weight = self.lm.model.embed_tokens.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not self._layers:
+            return None
+        names = ("qkv", "o", "gate_up", "down")
+        fused = [w[n] for w in self._layers for n in names]
+        if all(f.int8 is not None for f in fused):
+            kind, weights = "int8", {n: [w[n].int8.packed for w in self._layers] for n in names}
+        elif all(f.int8 is None and f.cpu and f.bias is None for f in fused):
+            kind, weights = "fp32", {n: [w[n].weight for w in self._layers] for n in names}
+        else:
+            return None
+        function = scripted(kind)
+        if function is None:
+            return None
+        return function, {**weights, "ln1": [w["ln1"] for w in self._layers],
+                          "ln2": [w["ln2"] for w in self._layers]}  # fmt: skip
 
     def _unchanged(self) -> bool:
         return self._watch is not None and self._watch.current()
@@ -331,6 +356,8 @@ class DecoderRunner:
         causal = mask is True
         mask = None if causal else mask
         B, T, C = x.shape
+        if T == 1 and conditioning is None and self._scripted is not None:
+            return self._scripted_step(x.reshape(B, C), positions, state, mask)
         H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
         n_q, n_qk = H * hd, (H + Hkv) * hd
         lo, hi = state.start, state.end + T
@@ -405,6 +432,19 @@ class DecoderRunner:
             x = self._routed(w["down"], F.silu(gate) * up, i, expert, "mlp", ("down_proj",),
                              residual=x)  # fmt: skip
         return x if T == 1 else x.view(B, T, C)[:, -1]  # (B, C)
+
+    def _scripted_step(self, x: Tensor, positions: Tensor | None, state: RunnerState,
+                       mask: Tensor | None) -> Tensor:  # fmt: skip
+        """`_forward` for one position per row without conditioning, its layers in TorchScript
+        (the same operators in the same order): x (B, C) -> last hidden (B, C)."""
+        function, weights = self._scripted
+        cos, sin = self._rope_rows(positions, state.end, x.shape[0], 1, x.device)
+        eps = self._eps.get(x.device)
+        if eps is None:
+            eps = self._eps[x.device] = torch.tensor(self.eps, device=x.device)
+        return function(x, cos, sin, mask, eps, weights["ln1"], weights["ln2"], weights["qkv"],
+                        weights["o"], weights["gate_up"], weights["down"], state.k, state.v,
+                        state.end, state.start, self.n_heads, self.n_kv, self.head_dim)  # fmt: skip
 
     def _rope_rows(self, positions: Tensor | None, end: int, B: int, T: int,
                    device: torch.device) -> tuple[Tensor, Tensor]:  # fmt: skip

@@ -203,6 +203,7 @@ def fuse_int8_linears(linears: Sequence[nn.Module]) -> Callable[[Tensor], Tensor
         # fbgemm's accumulation on CPUs without VNNI.
         return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=True)
 
+    linear.packed = packed  # the engine's TorchScript decode layers call the op with it
     return linear
 
 
