@@ -27,7 +27,11 @@ the same numbers with fewer ops (the ideas of vLLM / gpt-fast, without custom ke
   are concatenated into one int8 matmul;
 - at prefill the last layer computes keys and values for every position (the cache) but its
   queries, attention, output projection and MLP for the last position only, the one whose
-  logits are read (fp32 decoders: an int8 layer's input scale spans all rows).
+  logits are read (fp32 decoders: an int8 layer's input scale spans all rows);
+- a decode step's layers (one token per row, no conditioning) run as TorchScript
+  (`infer/scripted.py`): the same operators in the same order, the same logits bit for bit,
+  without Python between ~200 small operators (an int8 matmul called from Python cost more in
+  the call than in fbgemm).
 
 Numbers equal the model's forward up to float rounding (tests compare greedy tokens with the
 model's own decode and with transformers'). Exactness in the last bit is not promised: a fused
