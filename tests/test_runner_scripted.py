@@ -84,3 +84,21 @@ def test_a_decoder_with_biases_runs_the_python_path():
     runner = DecoderRunner.for_model(DecoderLM(cfg).eval())
     runner._refresh()
     assert runner._scripted is None
+
+
+def test_a_torch_that_cannot_script_them_runs_the_python_path(monkeypatch):
+    from visto.infer import scripted as scripted_module
+
+    def refuse(fn):
+        raise RuntimeError("no TorchScript in this torch")
+
+    monkeypatch.setattr(scripted_module, "_SCRIPTED", {})
+    monkeypatch.setattr(scripted_module.torch.jit, "script", refuse)
+    torch.manual_seed(0)
+    cfg = DecoderConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                        intermediate_size=128, max_position_embeddings=256)  # fmt: skip
+    runner = DecoderRunner.for_model(DecoderLM(cfg).eval())
+    logits, state = runner.prefill(PromptBatch.left_padded([[5, 6, 7]]), room=2)
+    assert runner._scripted is None
+    logits, state = runner.decode_step(logits.argmax(-1), state)
+    assert logits.shape == (1, 300) and torch.isfinite(logits).all()
