@@ -162,22 +162,14 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
 }  # fmt: skip
 
 
-# Switches whose default may change: `--no-name` exists while they are off too, so a command
-# line can pin either setting whatever the default becomes.
-BOTH_WAYS = ("copy_verdicts", "question_pointer")
-
-
 def add_config_option(p: argparse.ArgumentParser, field: dataclasses.Field, help: str,
                       metavar: str | None, hint: Any) -> None:  # fmt: skip
     """`--field-name` with the field's type and default; a bool field is a switch (`--name`
-    when it is off by default, `--no-name` too when it is on or in BOTH_WAYS)."""
+    when it is off by default, `--no-name` too when it is on)."""
     flag, default = "--" + field.name.replace("_", "-"), field.default
     help = help.replace("%", "%%")  # argparse formats help with %
     if hint is bool:
-        if field.name in BOTH_WAYS:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                           help=f"{help} (default {'on' if default else 'off'})")  # fmt: skip
-        elif default:
+        if default:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=True,
                            help=f"{help} (default on)")  # fmt: skip
         else:

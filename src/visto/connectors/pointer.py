@@ -109,26 +109,22 @@ class CopySlots:
                                   for s in slots])  # fmt: skip
         return CopySlots(ids, weights, last, script, cursor, question)
 
+    def decoding_cache(self) -> dict[str, Any]:
+        """What `PointerHead.decode` keeps for these rows between steps (made on first use)."""
+        if self.decoding is None:
+            self.decoding = {}
+        return self.decoding
+
     def script_next(self, tokens: Tensor | None) -> Tensor | None:
         """For generating rows: move each row's cursor past `tokens` (N,), what it wrote last
         (None: nothing yet, at prefill), and return the script token each row may copy next
-        (N,) (-1: none). Called once per decode step (Llava.output_logits)."""
+        (N,) (-1: none). Called once per decode step (`PointerHead.decode`). The cursors move
+        in Python on the script's token lists: the cursors `advance_cursor` and `script_token`
+        give teacher-forced training, without ~17 small tensor operators per step (about
+        50 us of a batch-1 step)."""
         if self.script is None:
             return None
-        if self.cursor is None:
-            self.cursor = self.script.new_zeros(self.script.shape[0])
-        if tokens is not None:
-            self.cursor = advance_cursor(self.script, self.cursor, tokens)
-        return script_token(self.script, self.cursor)
-
-    def script_next_few(self, tokens: Tensor | None) -> Tensor | None:
-        """`script_next` for the few rows of a decode step, moved in Python on the script's
-        token lists (kept in `decoding`): the same cursors and tokens, without the ~17 small
-        tensor operators that cost a batch-1 step more than the arithmetic (about 50 us)."""
-        if self.script is None:
-            return None
-        cache = self.decoding if self.decoding is not None else {}
-        self.decoding = cache
+        cache = self.decoding_cache()
         if "script" not in cache:  # padded with -1 as the tensor is: the same positions
             cache["script"] = self.script.tolist()
         scripts = cache["script"]
@@ -190,19 +186,24 @@ class PointerHead(nn.Module):
         (N,), and with a script the token each may copy from it (N,) (-1: none) ->
         log-probabilities (N, V) of the next token."""
         weights = slots.weights.to(logits.dtype)
-        # A copy goes on in order: the slot after the one that holds the current token (a
-        # run's first slot when the current token opens the answer), weighted by how much it
-        # holds it (box slots are spread over objects). With learned keys alone the decoder
-        # had to count where it was, and lost its place in words of several tokens.
-        holds = ((slots.ids == tokens[:, None, None]) * weights).sum(-1)  # (N, K)
-        successor = torch.cat([torch.zeros_like(holds[:, :1]), holds[:, :-1]], 1)
-        successor[:, self.run_starts()] = (tokens == self.start_id).to(holds.dtype)[:, None]
-        eligible = (successor > 0) & (weights.sum(-1) > 0)  # (N, K)
+        successor, eligible = self._successor(slots.ids, weights, weights.sum(-1) > 0, self.run_starts(), tokens)
         query = self.query(hidden.to(self.keys.dtype))
         if self.question is not None and slots.question is not None:
             query = query + slots.question.to(self.question.dtype) @ self.question
         return self._mixed(query, successor, eligible, logits, weights, slots.ids.flatten(1), script_next)
 
+    def _successor(self, ids: Tensor, weights: Tensor, held: Tensor, starts: Any,
+                   tokens: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """How much each slot's predecessor holds the current token, and which slots may be
+        copied now ((N, K) each; `held`: the slots that hold a token). A copy goes on in order:
+        the slot after the one that holds the current token (a run's first slot when the
+        current token opens the answer), weighted by how much it holds it (box slots are
+        spread over objects). With learned keys alone the decoder had to count where it was,
+        and lost its place in words of several tokens."""
+        holds = ((ids == tokens[:, None, None]) * weights).sum(-1)  # (N, K)
+        successor = torch.cat([torch.zeros_like(holds[:, :1]), holds[:, :-1]], 1)
+        successor[:, starts] = (tokens == self.start_id).to(holds.dtype)[:, None]
+        return successor, (successor > 0) & held
 
     @torch.inference_mode()
     def decode(self, hidden: Tensor, logits: Tensor, slots: CopySlots, tokens: Tensor | None) -> Tensor:
@@ -212,10 +213,9 @@ class PointerHead(nn.Module):
         next (the slots' weights and which are held, their ids flattened, the question's term
         in the query) computed once per rows' slots, and the cursors moved in Python. At
         batch 1 `forward` is ~65 small operators, a tenth of a decode step."""
-        script_next = slots.script_next_few(tokens)
+        script_next = slots.script_next(tokens)
         tokens = slots.prompt_last if tokens is None else tokens
-        cache = slots.decoding if slots.decoding is not None else {}
-        slots.decoding = cache
+        cache = slots.decoding_cache()
         if "weights" not in cache or cache["weights"].dtype != logits.dtype:
             weights = slots.weights.to(logits.dtype)
             cache["weights"] = weights
@@ -226,10 +226,7 @@ class PointerHead(nn.Module):
             if self.question is not None and slots.question is not None:
                 cache["question"] = slots.question.to(self.question.dtype) @ self.question
         weights = cache["weights"]
-        holds = ((slots.ids == tokens[:, None, None]) * weights).sum(-1)  # (N, K)
-        successor = torch.cat([torch.zeros_like(holds[:, :1]), holds[:, :-1]], 1)
-        successor[:, cache["starts"]] = (tokens == self.start_id).to(holds.dtype)[:, None]
-        eligible = (successor > 0) & cache["held"]
+        successor, eligible = self._successor(slots.ids, weights, cache["held"], cache["starts"], tokens)
         query = self.query(hidden.to(self.keys.dtype))
         if cache["question"] is not None:
             query = query + cache["question"]
@@ -311,7 +308,7 @@ def script_cursors(script: Tensor, written: Tensor, real: Tensor) -> Tensor:
     """Teacher forcing: for A answers' scripts (A, L) and the tokens each answer wrote (A, T)
     (its `<|assistant|>` token first; `real` (A, T) marks them), the cursor at each of those
     positions (A, T): 0 at the `<|assistant|>` token, then moved past each token written, as
-    generation moves it (`CopySlots.script_next`)."""
+    generation moves it (`CopySlots.script_next`, on token lists)."""
     A, T = written.shape
     cursors = written.new_zeros(A, T)
     cursor = written.new_zeros(A)

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visto.infer.scripted import scripted
+from visto.infer.scripted import rms_rows, scripted
 from visto.nn.experts import Expert
 from visto.nn.language import Conditioning, DecoderInputs, DecoderLM
 from visto.nn.quantize import fuse_int8_linears, is_int8_linear
@@ -335,16 +335,18 @@ class DecoderRunner:
         rsqrt, mul and casts); its sums may round differently in the last bit. Other dtypes:
         Llama's op sequence, in fp32."""
         if x.dtype == torch.float32:
-            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (N, 1)
-            eps = self._eps.get(x.device)
-            if eps is None:
-                eps = self._eps[x.device] = torch.tensor(self.eps, device=x.device)
-            scale = torch.addcmul(eps, norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
-            return torch.mul(x, scale) if weight is None else torch.mul(x, scale).mul_(weight)
+            return rms_rows(x, self._eps_on(x.device), weight)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return x.to(dtype) if weight is None else weight * x.to(dtype)
+
+    def _eps_on(self, device: torch.device) -> Tensor:
+        """The norms' epsilon as a tensor on `device` (made once: addcmul adds it as a tensor)."""
+        eps = self._eps.get(device)
+        if eps is None:
+            eps = self._eps[device] = torch.tensor(self.eps, device=device)
+        return eps
 
     def _forward(self, x: Tensor, positions: Tensor | None, state: RunnerState,
                  mask: Tensor | bool | None, conditioning: Conditioning | None) -> Tensor:  # fmt: skip
@@ -443,10 +445,7 @@ class DecoderRunner:
         (the same operators in the same order): x (B, C) -> last hidden (B, C)."""
         function, weights = self._scripted
         cos, sin = self._rope_rows(positions, state.end, x.shape[0], 1, x.device)
-        eps = self._eps.get(x.device)
-        if eps is None:
-            eps = self._eps[x.device] = torch.tensor(self.eps, device=x.device)
-        return function(x, cos, sin, mask, eps, weights["ln1"], weights["ln2"], weights["qkv"],
+        return function(x, cos, sin, mask, self._eps_on(x.device), weights["ln1"], weights["ln2"], weights["qkv"],
                         weights["o"], weights["gate_up"], weights["down"], state.k, state.v,
                         state.end, state.start, self.n_heads, self.n_kv, self.head_dim)  # fmt: skip
 

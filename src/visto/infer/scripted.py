@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _rms(x: Tensor, eps: Tensor, weight: Optional[Tensor]) -> Tensor:
-    # as DecoderRunner._rms for fp32 rows (x * rsqrt(|x|^2 / C + eps), weight if not folded)
+def rms_rows(x: Tensor, eps: Tensor, weight: Optional[Tensor]) -> Tensor:
+    """RMSNorm of fp32 rows x (N, C) as x * rsqrt(|x|^2 / C + eps), times `weight` unless it
+    was folded into the next matmul (None); the runner's Python path calls it too."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     scale = torch.addcmul(eps, norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
     if weight is None:
@@ -67,11 +68,11 @@ def fp32_layers(x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor], eps
     `one`: addmm's alpha and beta as an argument, not a constant: with constants the graph
     executor splits addmm into mm + add, which rounds the sum differently."""
     for i in range(len(qkv)):
-        h = _rms(x, eps, ln1[i])
+        h = rms_rows(x, eps, ln1[i])
         y = _attend(torch.mm(h, qkv[i]), cos, sin, k_cache[i], v_cache[i], end, lo, mask,
                     heads, kv_heads, head_dim)  # fmt: skip
         x = torch.addmm(x, y, o[i], beta=one, alpha=one)
-        h = _rms(x, eps, ln2[i])
+        h = rms_rows(x, eps, ln2[i])
         gate, up = torch.mm(h, gate_up[i]).chunk(2, -1)
         x = torch.addmm(x, F.silu(gate) * up, down[i], beta=one, alpha=one)
     return x
@@ -87,11 +88,11 @@ def int8_layers(x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor], eps
                 kv_heads: int, head_dim: int) -> Tensor:  # fmt: skip
     """`fp32_layers` for int8 projections (`nn.quantize.fuse_int8_linears`' packed weights)."""
     for i in range(len(qkv)):
-        h = _rms(x, eps, ln1[i])
+        h = rms_rows(x, eps, ln1[i])
         fused = torch.ops.quantized.linear_dynamic(h, qkv[i], True)
         y = _attend(fused, cos, sin, k_cache[i], v_cache[i], end, lo, mask, heads, kv_heads, head_dim)
         x = x + torch.ops.quantized.linear_dynamic(y, o[i], True)
-        h = _rms(x, eps, ln2[i])
+        h = rms_rows(x, eps, ln2[i])
         gate, up = torch.ops.quantized.linear_dynamic(h, gate_up[i], True).chunk(2, -1)
         x = x + torch.ops.quantized.linear_dynamic(F.silu(gate) * up, down[i], True)
     return x
@@ -118,4 +119,4 @@ def scripted(kind: str) -> torch.jit.ScriptFunction | None:
     return _SCRIPTED[kind]
 
 
-__all__ = ["fp32_layers", "int8_layers", "scripted"]
+__all__ = ["fp32_layers", "int8_layers", "rms_rows", "scripted"]
